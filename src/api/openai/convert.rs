@@ -1,0 +1,249 @@
+//! Parse, don't validate: an OpenAI request body becomes a [`Valid`] request (every field
+//! checked, with the offending field named) and then the engine's [`GenerateRequest`].
+
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::types::{ChatCompletionRequest, CommonParams, CompletionRequest};
+use crate::api::body::JsonBody;
+use crate::engine::{ChatMessage, GenerateRequest, Role, SamplingOverrides};
+use crate::models::ModelHandle;
+
+/// Most stop strings per request.
+pub(crate) const MAX_STOP: usize = 16;
+
+/// What the model should read.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Input {
+    /// A conversation, rendered by the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Raw text, used as is.
+    Text(String),
+}
+
+/// A checked request, independent of the endpoint it came from.
+#[derive(Debug, Clone)]
+pub(crate) struct Valid {
+    pub(crate) model: String,
+    pub(crate) stream: bool,
+    pub(crate) include_usage: bool,
+    pub(crate) input: Input,
+    pub(crate) sampling: SamplingOverrides,
+    pub(crate) max_tokens: Option<u32>,
+    pub(crate) stop: Option<Vec<String>>,
+}
+
+fn model_name(model: Option<String>) -> Result<String, ApiError> {
+    match model {
+        Some(m) if !m.trim().is_empty() => Ok(m),
+        _ => Err(ApiError::invalid("model", "you must provide a model parameter")),
+    }
+}
+
+fn role(name: &str, index: usize) -> Result<Role, ApiError> {
+    match name {
+        "system" | "developer" => Ok(Role::System),
+        "user" => Ok(Role::User),
+        "assistant" => Ok(Role::Assistant),
+        "tool" => Ok(Role::Tool),
+        other => Err(ApiError::invalid(
+            format!("messages[{index}].role"),
+            format!("unknown role `{other}`; expected system, developer, user, assistant or tool"),
+        )),
+    }
+}
+
+/// A message's content: a string, or a list of `{"type": "text", "text": ...}` parts.
+fn content(value: &Value, role: Role, index: usize) -> Result<String, ApiError> {
+    let param = || format!("messages[{index}].content");
+    match value {
+        Value::String(s) => Ok(s.clone()),
+        Value::Null if role == Role::Assistant => Ok(String::new()),
+        Value::Array(parts) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for (j, part) in parts.iter().enumerate() {
+                match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => texts.push(t.as_str()),
+                    (Some("text"), _) => {
+                        return Err(ApiError::invalid(format!("{}[{j}].text", param()), "a text part needs a string `text`"))
+                    }
+                    (Some(kind), _) => {
+                        return Err(ApiError::invalid(
+                            format!("{}[{j}].type", param()),
+                            format!("content parts of type `{kind}` are not supported: this server accepts text only"),
+                        ))
+                    }
+                    (None, _) => {
+                        return Err(ApiError::invalid(format!("{}[{j}]", param()), "each content part needs a `type`"))
+                    }
+                }
+            }
+            Ok(texts.join("\n"))
+        }
+        _ => Err(ApiError::invalid(param(), "content must be a string or a list of text parts")),
+    }
+}
+
+fn stop_list(value: &Value) -> Result<Option<Vec<String>>, ApiError> {
+    let list = match value {
+        Value::Null => return Ok(None),
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ApiError::invalid("stop", "stop must be a string or a list of strings"))?,
+        _ => return Err(ApiError::invalid("stop", "stop must be a string or a list of strings")),
+    };
+    if list.len() > MAX_STOP {
+        return Err(ApiError::invalid("stop", format!("at most {MAX_STOP} stop strings are allowed, got {}", list.len())));
+    }
+    Ok(Some(list))
+}
+
+fn common(c: CommonParams) -> Result<(SamplingOverrides, Option<u32>, Option<Vec<String>>), ApiError> {
+    if let Some(n) = c.n {
+        if n != 1 {
+            return Err(ApiError::invalid("n", format!("only n=1 is supported, got {n}")));
+        }
+    }
+    let sampling = SamplingOverrides {
+        temperature: c.temperature,
+        top_k: c.top_k,
+        top_p: c.top_p,
+        min_p: c.min_p,
+        repeat_penalty: c.repeat_penalty,
+        repeat_last_n: None,
+        presence_penalty: c.presence_penalty,
+        frequency_penalty: c.frequency_penalty,
+        seed: c.seed,
+    };
+    sampling.validate()?;
+    Ok((sampling, c.max_tokens, stop_list(&c.stop)?))
+}
+
+fn unsupported(param: &str, what: &str) -> ApiError {
+    ApiError::invalid(param, format!("{what} is not supported by this server yet"))
+}
+
+/// Checks a `/v1/chat/completions` body.
+pub(crate) fn chat(body: &JsonBody) -> Result<Valid, ApiError> {
+    let req: ChatCompletionRequest = body.typed()?;
+    let (sampling, max_tokens, stop) = common(body.typed()?)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must contain at least one message"));
+    }
+    if req.logprobs == Some(true) {
+        return Err(unsupported("logprobs", "logprobs"));
+    }
+    match req.response_format.get("type").and_then(Value::as_str) {
+        None | Some("text") => {}
+        Some(_) => return Err(unsupported("response_format", "structured output (response_format)")),
+    }
+    if req.tools.as_array().is_some_and(|t| !t.is_empty()) {
+        return Err(unsupported("tools", "tool calling"));
+    }
+    let messages = req
+        .messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = role(&m.role, i)?;
+            Ok(ChatMessage {
+                role,
+                content: content(&m.content, role, i)?,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(Valid {
+        model: model_name(req.model)?,
+        stream: req.stream.unwrap_or(false),
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+        input: Input::Chat(messages),
+        sampling,
+        max_tokens: req.max_completion_tokens.or(max_tokens),
+        stop,
+    })
+}
+
+/// Checks a `/v1/completions` body.
+pub(crate) fn completion(body: &JsonBody) -> Result<Valid, ApiError> {
+    let req: CompletionRequest = body.typed()?;
+    let (sampling, max_tokens, stop) = common(body.typed()?)?;
+    let prompt = match &req.prompt {
+        Value::String(s) => s.clone(),
+        Value::Array(items) if items.len() == 1 && items[0].is_string() => {
+            items[0].as_str().unwrap_or_default().to_owned()
+        }
+        Value::Array(items) if items.len() > 1 && items.iter().all(Value::is_string) => {
+            return Err(ApiError::invalid("prompt", "one prompt per request is supported; send several requests"))
+        }
+        _ => return Err(ApiError::invalid("prompt", "prompt must be a string")),
+    };
+    if req.echo == Some(true) {
+        return Err(unsupported("echo", "echo"));
+    }
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(unsupported("suffix", "suffix (fill-in-the-middle)"));
+    }
+    if req.best_of.is_some_and(|b| b != 1) {
+        return Err(unsupported("best_of", "best_of other than 1"));
+    }
+    if !req.logprobs.is_null() {
+        return Err(unsupported("logprobs", "logprobs"));
+    }
+    Ok(Valid {
+        model: model_name(req.model)?,
+        stream: req.stream.unwrap_or(false),
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+        input: Input::Text(prompt),
+        sampling,
+        max_tokens,
+        stop,
+    })
+}
+
+/// Applies the model's defaults and renders the prompt.
+pub(crate) fn generate_request(valid: &Valid, model: &ModelHandle) -> Result<GenerateRequest, ApiError> {
+    let defaults = &model.defaults;
+    let info = model.engine.info();
+    let max_tokens = valid.max_tokens.or(defaults.max_tokens);
+    if let Some(n) = max_tokens {
+        if n == 0 || n > info.ctx_per_slot {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!(
+                    "max_tokens must be between 1 and {} (this model's context per request), got {n}",
+                    info.ctx_per_slot
+                ),
+            ));
+        }
+    }
+    let prompt = match &valid.input {
+        Input::Text(t) => t.clone(),
+        Input::Chat(messages) => {
+            let mut with_system;
+            let messages = match &defaults.system {
+                Some(system) if !messages.iter().any(|m| m.role == Role::System) => {
+                    with_system = Vec::with_capacity(messages.len() + 1);
+                    with_system.push(ChatMessage {
+                        role: Role::System,
+                        content: system.clone(),
+                    });
+                    with_system.extend_from_slice(messages);
+                    &with_system
+                }
+                _ => messages,
+            };
+            info.template.render(messages, true).map_err(|e| {
+                ApiError::invalid("messages", format!("the model's chat template rejected these messages: {e}"))
+            })?
+        }
+    };
+    Ok(GenerateRequest {
+        prompt,
+        sampling: valid.sampling.or(&defaults.sampling).resolve()?,
+        max_tokens,
+        stop: valid.stop.clone().unwrap_or_else(|| defaults.stop.clone()),
+    })
+}

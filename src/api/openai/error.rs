@@ -1,0 +1,138 @@
+//! Every failure of the OpenAI API, mapped in this one place to OpenAI's status codes and
+//! error body `{"error": {"message", "type", "param", "code"}}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::api::body::BodyError;
+use crate::engine::{EngineError, InvalidField};
+use crate::models::LookupError;
+
+/// Seconds a client should wait before retrying a 503.
+const RETRY_AFTER_SECS: u64 = 1;
+
+/// An error in OpenAI's shape.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<String>,
+    code: Option<&'static str>,
+}
+
+impl ApiError {
+    /// 400 for a bad field value.
+    pub(crate) fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: Some(param.into()),
+            code: None,
+        }
+    }
+
+    /// 404 for an unknown route.
+    pub(crate) fn no_route(path: &str) -> Self {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("unknown path {path}"),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("unknown_url"),
+        }
+    }
+
+    /// A body for a stream that already sent its headers.
+    pub(crate) fn event_json(&self) -> String {
+        self.body().to_string()
+    }
+
+    fn body(&self) -> serde_json::Value {
+        json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        resp
+    }
+}
+
+impl From<BodyError> for ApiError {
+    fn from(e: BodyError) -> Self {
+        let (status, param, code) = match &e {
+            BodyError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, None, Some("request_too_large")),
+            BodyError::Field { path, .. } => (StatusCode::BAD_REQUEST, Some(path.clone()), None),
+            _ => (StatusCode::BAD_REQUEST, None, None),
+        };
+        ApiError {
+            status,
+            message: e.to_string(),
+            kind: "invalid_request_error",
+            param,
+            code,
+        }
+    }
+}
+
+impl From<InvalidField> for ApiError {
+    fn from(e: InvalidField) -> Self {
+        ApiError::invalid(e.field, e.to_string())
+    }
+}
+
+impl From<LookupError> for ApiError {
+    fn from(e: LookupError) -> Self {
+        let (status, kind, code) = match &e {
+            LookupError::Unknown(_) => (StatusCode::NOT_FOUND, "invalid_request_error", "model_not_found"),
+            LookupError::Loading(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "model_loading"),
+            LookupError::Failed { .. } => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "model_unavailable"),
+        };
+        ApiError {
+            status,
+            message: e.to_string(),
+            kind,
+            param: Some("model".into()),
+            code: Some(code),
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let (status, kind, param, code) = match &e {
+            EngineError::QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None, Some("queue_full")),
+            EngineError::PromptTooLong { .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                Some("messages"),
+                Some("context_length_exceeded"),
+            ),
+            EngineError::EmptyPrompt => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("prompt"), None),
+            EngineError::Decode(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None),
+            EngineError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None, Some("shutting_down")),
+        };
+        ApiError {
+            status,
+            message: e.to_string(),
+            kind,
+            param: param.map(str::to_owned),
+            code,
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! Token events to OpenAI stream chunks: a small pure translator, unit-tested without a
+//! model, plus the SSE stream that drives it.
+
+use std::convert::Infallible;
+
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures_util::stream::{self, Stream, StreamExt};
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::types::WireUsage;
+use crate::engine::{EngineError, FinishReason, Generation, TokenEvent, Usage};
+
+/// Which endpoint's chunk shape to produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// `chat.completion.chunk` with `delta`.
+    Chat,
+    /// `text_completion` with `text`.
+    Text,
+}
+
+/// Builds the chunks of one streamed answer.
+#[derive(Debug, Clone)]
+pub(crate) struct Chunker {
+    kind: Kind,
+    id: String,
+    created: i64,
+    model: String,
+    include_usage: bool,
+}
+
+/// Shown as `system_fingerprint`, so clients can tell which build answered.
+pub(crate) const FINGERPRINT: &str = concat!("backstop-", env!("CARGO_PKG_VERSION"));
+
+impl Chunker {
+    /// A chunker for one response.
+    pub(crate) fn new(kind: Kind, id: String, created: i64, model: String, include_usage: bool) -> Self {
+        Self {
+            kind,
+            id,
+            created,
+            model,
+            include_usage,
+        }
+    }
+
+    fn chunk(&self, choice: Value) -> Value {
+        let (object, choices) = match self.kind {
+            Kind::Chat => ("chat.completion.chunk", json!([choice])),
+            Kind::Text => ("text_completion", json!([choice])),
+        };
+        let mut c = json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+        });
+        if self.include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    }
+
+    fn choice(&self, content: Option<&str>, role: bool, finish: Option<FinishReason>) -> Value {
+        let finish = finish.map(FinishReason::as_str);
+        match self.kind {
+            Kind::Chat => {
+                let mut delta = json!({});
+                if role {
+                    delta["role"] = json!("assistant");
+                }
+                if let Some(t) = content {
+                    delta["content"] = json!(t);
+                }
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+            Kind::Text => {
+                json!({"index": 0, "text": content.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+            }
+        }
+    }
+
+    /// The opening chunk: chat streams announce the assistant role with empty content.
+    pub(crate) fn start(&self) -> Option<String> {
+        (self.kind == Kind::Chat).then(|| self.chunk(self.choice(Some(""), true, None)).to_string())
+    }
+
+    /// A chunk carrying generated text.
+    pub(crate) fn text(&self, text: &str) -> String {
+        self.chunk(self.choice(Some(text), false, None)).to_string()
+    }
+
+    /// The closing chunks: the finish reason, then (if asked for) usage with no choices.
+    pub(crate) fn finish(&self, finish: FinishReason, usage: Usage) -> Vec<String> {
+        let mut out = vec![self.chunk(self.choice(None, false, Some(finish))).to_string()];
+        if self.include_usage {
+            let mut u = self.chunk(Value::Null);
+            u["choices"] = json!([]);
+            u["usage"] = json!(WireUsage::from(usage));
+            out.push(u.to_string());
+        }
+        out
+    }
+}
+
+/// The data lines that one engine event becomes, and whether the stream ends after them.
+pub(crate) fn translate(chunker: &Chunker, event: Option<TokenEvent>) -> (Vec<String>, bool) {
+    match event {
+        Some(TokenEvent::Queued { .. }) => (vec![], false),
+        Some(TokenEvent::Token(t)) => (vec![chunker.text(&t)], false),
+        Some(TokenEvent::Done { finish, usage, .. }) => {
+            let mut lines = chunker.finish(finish, usage);
+            lines.push("[DONE]".to_owned());
+            (lines, true)
+        }
+        // An error after the headers went out: a JSON error event, then the stream ends
+        // (no [DONE], so clients cannot mistake it for a complete answer).
+        Some(TokenEvent::Error(e)) => (vec![ApiError::from(e).event_json()], true),
+        None => (vec![ApiError::from(EngineError::Stopped).event_json()], true),
+    }
+}
+
+/// The SSE response for a generation that has been queued.
+pub(crate) fn sse(
+    generation: Generation,
+    chunker: Chunker,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let head = stream::iter(chunker.start());
+    let body = stream::unfold(Some((generation, chunker)), |state| async move {
+        let (mut generation, chunker) = state?;
+        let (lines, end) = translate(&chunker, generation.next().await);
+        let next = (!end).then_some((generation, chunker));
+        Some((stream::iter(lines), next))
+    })
+    .flatten();
+    let events = head
+        .chain(body)
+        .map(|data| Ok::<_, Infallible>(Event::default().data(data)));
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(include_usage: bool) -> Chunker {
+        Chunker::new(Kind::Chat, "chatcmpl-1".into(), 7, "m".into(), include_usage)
+    }
+
+    fn parse(s: &str) -> Value {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn chat_stream_opens_with_the_assistant_role() {
+        let c = parse(&chat(false).start().unwrap());
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+        assert_eq!(c["choices"][0]["finish_reason"], Value::Null);
+        assert!(c.get("usage").is_none());
+    }
+
+    #[test]
+    fn text_chunks_carry_only_content() {
+        let c = parse(&chat(false).text("Hel"));
+        assert_eq!(c["choices"][0]["delta"], json!({"content": "Hel"}));
+        assert_eq!(c["id"], "chatcmpl-1");
+    }
+
+    #[test]
+    fn done_gives_finish_then_usage_then_done_marker() {
+        let usage = Usage { prompt_tokens: 5, completion_tokens: 3, cached_tokens: 0 };
+        let (lines, end) = translate(
+            &chat(true),
+            Some(TokenEvent::Done { finish: FinishReason::Length, usage, timings: Default::default() }),
+        );
+        assert!(end);
+        assert_eq!(lines.len(), 3);
+        let fin = parse(&lines[0]);
+        assert_eq!(fin["choices"][0]["finish_reason"], "length");
+        assert_eq!(fin["choices"][0]["delta"], json!({}));
+        assert_eq!(fin["usage"], Value::Null);
+        let u = parse(&lines[1]);
+        assert_eq!(u["choices"], json!([]));
+        assert_eq!(u["usage"]["total_tokens"], 8);
+        assert_eq!(lines[2], "[DONE]");
+    }
+
+    #[test]
+    fn without_include_usage_there_is_no_usage_chunk() {
+        let (lines, _) = translate(
+            &chat(false),
+            Some(TokenEvent::Done { finish: FinishReason::Stop, usage: Usage::default(), timings: Default::default() }),
+        );
+        assert_eq!(lines.len(), 2);
+    }
+
+    #[test]
+    fn an_error_mid_stream_is_an_error_object_and_ends_without_done() {
+        let (lines, end) = translate(&chat(false), Some(TokenEvent::Error(EngineError::Decode("boom".into()))));
+        assert!(end);
+        assert_eq!(lines.len(), 1);
+        assert_eq!(parse(&lines[0])["error"]["type"], "server_error");
+    }
+
+    #[test]
+    fn queued_events_produce_nothing() {
+        let (lines, end) = translate(&chat(false), Some(TokenEvent::Queued { prompt_tokens: 3 }));
+        assert!(lines.is_empty());
+        assert!(!end);
+    }
+
+    #[test]
+    fn text_completion_chunks_use_text_and_have_no_role_chunk() {
+        let t = Chunker::new(Kind::Text, "cmpl-1".into(), 7, "m".into(), false);
+        assert!(t.start().is_none());
+        let c = parse(&t.text("abc"));
+        assert_eq!(c["object"], "text_completion");
+        assert_eq!(c["choices"][0]["text"], "abc");
+    }
+}

@@ -1,0 +1,168 @@
+//! OpenAI wire types. Requests ignore fields we do not know (clients send many optional
+//! ones) but are strict about the types of the fields we do use.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// `stream_options`.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct StreamOptions {
+    /// Send a final chunk with token usage.
+    #[serde(default)]
+    pub(crate) include_usage: bool,
+}
+
+/// One message of `messages`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct WireMessage {
+    pub(crate) role: String,
+    /// A string, or a list of content parts; null for assistant turns with tool calls.
+    #[serde(default)]
+    pub(crate) content: Value,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ChatCompletionRequest {
+    pub(crate) model: Option<String>,
+    pub(crate) messages: Vec<WireMessage>,
+    #[serde(default)]
+    pub(crate) stream: Option<bool>,
+    pub(crate) stream_options: Option<StreamOptions>,
+    pub(crate) max_completion_tokens: Option<u32>,
+    pub(crate) logprobs: Option<bool>,
+    #[serde(default)]
+    pub(crate) response_format: Value,
+    #[serde(default)]
+    pub(crate) tools: Value,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct CompletionRequest {
+    pub(crate) model: Option<String>,
+    /// A string or a one-element list of strings.
+    #[serde(default)]
+    pub(crate) prompt: Value,
+    #[serde(default)]
+    pub(crate) stream: Option<bool>,
+    pub(crate) stream_options: Option<StreamOptions>,
+    pub(crate) echo: Option<bool>,
+    pub(crate) suffix: Option<String>,
+    pub(crate) best_of: Option<u32>,
+    #[serde(default)]
+    pub(crate) logprobs: Value,
+}
+
+/// Fields shared by both endpoints, read from the same body as the endpoint's own struct
+/// (not `#[serde(flatten)]`, which would lose the field path in type errors). `top_k`,
+/// `min_p` and `repeat_penalty` are llama.cpp server extensions that many clients send.
+#[derive(Debug, Deserialize)]
+pub(crate) struct CommonParams {
+    pub(crate) max_tokens: Option<u32>,
+    pub(crate) temperature: Option<f32>,
+    pub(crate) top_p: Option<f32>,
+    pub(crate) top_k: Option<i32>,
+    pub(crate) min_p: Option<f32>,
+    pub(crate) presence_penalty: Option<f32>,
+    pub(crate) frequency_penalty: Option<f32>,
+    pub(crate) repeat_penalty: Option<f32>,
+    pub(crate) seed: Option<i64>,
+    /// A string or a list of strings.
+    #[serde(default)]
+    pub(crate) stop: Value,
+    pub(crate) n: Option<u32>,
+}
+
+/// Token counts.
+#[derive(Debug, Serialize, Clone, Copy)]
+pub(crate) struct WireUsage {
+    pub(crate) prompt_tokens: u32,
+    pub(crate) completion_tokens: u32,
+    pub(crate) total_tokens: u32,
+    pub(crate) prompt_tokens_details: PromptTokensDetails,
+}
+
+/// Cached-prompt detail, as OpenAI reports prompt caching.
+#[derive(Debug, Serialize, Clone, Copy)]
+pub(crate) struct PromptTokensDetails {
+    pub(crate) cached_tokens: u32,
+}
+
+impl From<crate::engine::Usage> for WireUsage {
+    fn from(u: crate::engine::Usage) -> Self {
+        WireUsage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: u.cached_tokens,
+            },
+        }
+    }
+}
+
+/// The assistant's message in a non-streamed answer.
+#[derive(Debug, Serialize)]
+pub(crate) struct AssistantMessage {
+    pub(crate) role: &'static str,
+    pub(crate) content: String,
+}
+
+/// One choice of a non-streamed chat answer.
+#[derive(Debug, Serialize)]
+pub(crate) struct ChatChoice {
+    pub(crate) index: u32,
+    pub(crate) message: AssistantMessage,
+    pub(crate) logprobs: Option<()>,
+    pub(crate) finish_reason: &'static str,
+}
+
+/// A non-streamed chat answer.
+#[derive(Debug, Serialize)]
+pub(crate) struct ChatCompletion {
+    pub(crate) id: String,
+    pub(crate) object: &'static str,
+    pub(crate) created: i64,
+    pub(crate) model: String,
+    pub(crate) system_fingerprint: &'static str,
+    pub(crate) choices: Vec<ChatChoice>,
+    pub(crate) usage: WireUsage,
+}
+
+/// One choice of a non-streamed text completion.
+#[derive(Debug, Serialize)]
+pub(crate) struct TextChoice {
+    pub(crate) index: u32,
+    pub(crate) text: String,
+    pub(crate) logprobs: Option<()>,
+    pub(crate) finish_reason: &'static str,
+}
+
+/// A non-streamed text completion.
+#[derive(Debug, Serialize)]
+pub(crate) struct TextCompletion {
+    pub(crate) id: String,
+    pub(crate) object: &'static str,
+    pub(crate) created: i64,
+    pub(crate) model: String,
+    pub(crate) system_fingerprint: &'static str,
+    pub(crate) choices: Vec<TextChoice>,
+    pub(crate) usage: WireUsage,
+}
+
+/// An entry of `GET /v1/models`.
+#[derive(Debug, Serialize)]
+pub(crate) struct ModelObject {
+    pub(crate) id: String,
+    pub(crate) object: &'static str,
+    pub(crate) created: i64,
+    pub(crate) owned_by: &'static str,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Serialize)]
+pub(crate) struct ModelList {
+    pub(crate) object: &'static str,
+    pub(crate) data: Vec<ModelObject>,
+}

@@ -1,0 +1,69 @@
+//! Command-line interface. Flags win over `BACKSTOP_*` variables, which win over the
+//! config file, which wins over built-in defaults.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// backstop: local GGUF models over the OpenAI and Ollama APIs.
+#[derive(Debug, Parser)]
+#[command(name = "backstop", version, about, long_about = None)]
+pub struct Cli {
+    /// Log output format.
+    #[arg(long, global = true, value_enum, env = "BACKSTOP_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve models over HTTP (OpenAI-compatible API).
+    Serve(ServeArgs),
+}
+
+/// `backstop serve` options. Each is optional so that the config file can supply it.
+#[derive(Debug, Default, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:11434].
+    #[arg(long, env = "BACKSTOP_HOST", value_name = "ADDR:PORT")]
+    pub host: Option<String>,
+    /// A model to serve as NAME=PATH, or a bare PATH named after its file stem. Repeatable.
+    #[arg(long = "model", short = 'm', value_name = "NAME=PATH")]
+    pub models: Vec<String>,
+    /// A models.toml catalogue: `[models.NAME] path = ...` plus per-model defaults.
+    #[arg(long, short = 'c', env = "BACKSTOP_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Parallel request slots per model [default: 4].
+    #[arg(long, env = "BACKSTOP_NUM_PARALLEL", value_name = "N")]
+    pub parallel: Option<u32>,
+    /// Context tokens per slot (prompt plus answer) [default: 4096, at most the model's].
+    #[arg(long, env = "BACKSTOP_CONTEXT_LENGTH", value_name = "N")]
+    pub ctx: Option<u32>,
+    /// CPU threads per model [default: physical cores].
+    #[arg(long, env = "BACKSTOP_THREADS", value_name = "N")]
+    pub threads: Option<u32>,
+    /// Requests that may wait for a slot; beyond that the answer is 503 [default: 512].
+    #[arg(long, env = "BACKSTOP_MAX_QUEUE", value_name = "N")]
+    pub max_queue: Option<usize>,
+    /// Most prompt tokens read per step while other requests generate [default: 128].
+    #[arg(long, env = "BACKSTOP_PREFILL_CHUNK", value_name = "N")]
+    pub prefill_chunk: Option<u32>,
+    /// Largest accepted request body in bytes; larger ones get 413 [default: 8 MiB].
+    #[arg(long, env = "BACKSTOP_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Allow listening on a non-loopback address without authentication.
+    #[arg(long, env = "BACKSTOP_INSECURE")]
+    pub insecure: bool,
+}

@@ -1,0 +1,186 @@
+//! Loading a GGUF into llama.cpp: the process-wide backend, file checks that turn a bad file
+//! into a clear error, the model, its context, and what clients may learn about it.
+
+use std::io::Read;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+
+use super::{ChatTemplate, EngineOptions, LoadError};
+
+/// Context per slot when none is configured: what Ollama uses, and plenty for chat.
+const DEFAULT_CTX_PER_SLOT: u32 = 4096;
+
+/// Facts about a loaded model that handlers need (names, limits, the chat template).
+#[derive(Debug)]
+pub struct ModelInfo {
+    /// The name clients use.
+    pub name: String,
+    /// The GGUF file.
+    pub path: PathBuf,
+    /// `general.architecture`, e.g. `llama`, `gemma3`.
+    pub architecture: String,
+    /// Parameter count.
+    pub parameters: u64,
+    /// Size of the GGUF file in bytes.
+    pub file_size: u64,
+    /// Context length the model was trained with.
+    pub context_train: u32,
+    /// Context tokens each request may use (prompt plus answer).
+    pub ctx_per_slot: u32,
+    /// Parallel slots.
+    pub slots: u32,
+    /// Requests that may wait beyond the busy slots.
+    pub max_queue: usize,
+    /// How chat messages become a prompt.
+    pub template: ChatTemplate,
+}
+
+/// llama.cpp may be initialised once per process; every engine thread shares this.
+pub(crate) fn backend() -> Result<&'static LlamaBackend, LoadError> {
+    static BACKEND: OnceLock<Option<LlamaBackend>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            match LlamaBackend::init() {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::error!(error = %e, "llama.cpp backend failed to initialise");
+                    None
+                }
+            }
+        })
+        .as_ref()
+        .ok_or(LoadError::Thread)
+}
+
+/// Cheap checks before llama.cpp sees the file, so the common mistakes (wrong path, not a
+/// GGUF) get a precise message instead of a generic load failure.
+pub(crate) fn check_file(path: &Path) -> Result<u64, LoadError> {
+    let open_err = |source| LoadError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(open_err)?;
+    let size = file.metadata().map_err(open_err)?.len();
+    let mut magic = [0u8; 4];
+    if file.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
+        return Err(LoadError::NotGguf {
+            path: path.to_owned(),
+        });
+    }
+    Ok(size)
+}
+
+/// Loads the model weights (memory-mapped). Call [`check_file`] first.
+pub(crate) fn load_model(
+    backend: &LlamaBackend,
+    options: &EngineOptions,
+) -> Result<LlamaModel, LoadError> {
+    let mut params = LlamaModelParams::default();
+    if let Some(n) = options.gpu_layers {
+        params = params.with_n_gpu_layers(n);
+    }
+    LlamaModel::load_from_file(backend, &options.path, &params).map_err(|e| {
+        tracing::debug!(error = %e, "llama_model_load_from_file failed");
+        LoadError::Rejected {
+            path: options.path.clone(),
+        }
+    })
+}
+
+/// Context tokens per slot: the configured value, or the default capped at what the model
+/// was trained for.
+pub(crate) fn ctx_per_slot(model: &LlamaModel, options: &EngineOptions) -> u32 {
+    let trained = model.n_ctx_train().max(1);
+    match options.ctx_per_slot {
+        Some(n) => {
+            if n > trained {
+                tracing::warn!(
+                    model = %options.name,
+                    requested = n,
+                    trained,
+                    "context per slot exceeds the model's training context; quality may drop"
+                );
+            }
+            n
+        }
+        None => DEFAULT_CTX_PER_SLOT.min(trained),
+    }
+}
+
+/// One context shared by all slots: `n_seq_max` sequences, each with its own
+/// `ctx_per_slot` cells (no unified KV cache, so one long conversation cannot starve the
+/// others).
+pub(crate) fn new_context<'m>(
+    backend: &LlamaBackend,
+    model: &'m LlamaModel,
+    options: &EngineOptions,
+    ctx_per_slot: u32,
+) -> Result<LlamaContext<'m>, LoadError> {
+    let n_ctx = ctx_per_slot.saturating_mul(options.slots);
+    let threads = i32::try_from(options.threads).unwrap_or(i32::MAX);
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_seq_max(options.slots)
+        .with_n_batch(options.batch)
+        .with_n_ubatch(options.batch)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads)
+        .with_kv_unified(false);
+    model
+        .new_context(backend, params)
+        .map_err(|e| LoadError::Context {
+            n_ctx,
+            slots: options.slots,
+            reason: e.to_string(),
+        })
+}
+
+/// Reads the template and metadata clients will see.
+pub(crate) fn describe(
+    model: &LlamaModel,
+    options: &EngineOptions,
+    ctx_per_slot: u32,
+    file_size: u64,
+) -> Result<ModelInfo, LoadError> {
+    let architecture = model
+        .meta_val_str("general.architecture")
+        .unwrap_or_else(|_| "unknown".to_owned());
+    let vocab = model.vocab();
+    let piece = |t| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned();
+    let gguf_template = model
+        .chat_template(None)
+        .ok()
+        .and_then(|t| t.to_string().ok());
+    let template = ChatTemplate::new(
+        gguf_template,
+        &architecture,
+        piece(vocab.bos()),
+        piece(vocab.eos()),
+    )
+    .map_err(|e| LoadError::Template(e.to_string()))?;
+    tracing::info!(
+        model = %options.name,
+        source = ?template.source(),
+        "chat template"
+    );
+    Ok(ModelInfo {
+        name: options.name.clone(),
+        path: options.path.clone(),
+        architecture,
+        parameters: model.n_params(),
+        file_size,
+        context_train: model.n_ctx_train(),
+        ctx_per_slot,
+        slots: options.slots,
+        max_queue: options.max_queue,
+        template,
+    })
+}

@@ -1,0 +1,42 @@
+//! The engine's own figures, registered once per model so the decode loop only bumps
+//! atomics. Exported by the `/metrics` endpoint.
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+
+/// Handles for one model's metrics.
+pub(crate) struct EngineMetrics {
+    /// `llama_decode` calls.
+    pub(crate) steps: Counter,
+    /// Sequences evaluated per decode call: the proof of continuous batching.
+    pub(crate) batch_sequences: Histogram,
+    /// Prompt tokens evaluated (reused prefix tokens are not counted).
+    pub(crate) prompt_tokens: Counter,
+    /// Tokens generated.
+    pub(crate) completion_tokens: Counter,
+    /// Slots with a request.
+    pub(crate) busy_slots: Gauge,
+    /// Requests waiting for a slot.
+    pub(crate) queue_depth: Gauge,
+    /// Requests whose client went away before the end.
+    pub(crate) cancelled: Counter,
+    /// Decode calls that failed.
+    pub(crate) decode_errors: Counter,
+}
+
+impl EngineMetrics {
+    /// Registers the metrics under the model's name.
+    pub(crate) fn new(model: &str, slots: u32) -> Self {
+        let label = ("model", model.to_owned());
+        gauge!("backstop_slots", &[label.clone()]).set(f64::from(slots));
+        Self {
+            steps: counter!("backstop_decode_steps_total", &[label.clone()]),
+            batch_sequences: histogram!("backstop_decode_batch_sequences", &[label.clone()]),
+            prompt_tokens: counter!("backstop_prompt_tokens_evaluated_total", &[label.clone()]),
+            completion_tokens: counter!("backstop_completion_tokens_total", &[label.clone()]),
+            busy_slots: gauge!("backstop_slots_busy", &[label.clone()]),
+            queue_depth: gauge!("backstop_queue_depth", &[label.clone()]),
+            cancelled: counter!("backstop_requests_cancelled_total", &[label.clone()]),
+            decode_errors: counter!("backstop_decode_errors_total", &[label]),
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Scheduling policy, kept pure so it can be tested without a model: which waiting request
+//! gets which slot, and how one decode step's token budget is split between sequences that
+//! generate and prompts that are still being read.
+
+/// A slot as the policy sees it at the start of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SlotState {
+    /// No request.
+    Free,
+    /// Prompt tokens still to be evaluated. `admitted` orders slots: lower came first.
+    Prefill {
+        /// Prompt tokens not yet in the KV cache.
+        remaining: usize,
+        /// Admission sequence number.
+        admitted: u64,
+    },
+    /// Generating one token per step.
+    Decode {
+        /// False while the client's channel is full: the sequence sits this step out instead
+        /// of making every other sequence wait for a slow reader.
+        can_emit: bool,
+    },
+}
+
+/// Token budget of one step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Budget {
+    /// Most tokens one `llama_decode` call may take (the context's `n_batch`).
+    pub(crate) batch: usize,
+    /// Most prompt tokens per step while other sequences are generating, so a long prompt
+    /// is read in chunks between their tokens instead of freezing them.
+    pub(crate) prefill_chunk: usize,
+}
+
+/// What one step evaluates.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct StepPlan {
+    /// Slots that decode their last sampled token.
+    pub(crate) decode: Vec<usize>,
+    /// Slots that evaluate this many more prompt tokens, oldest admission first.
+    pub(crate) prefill: Vec<(usize, usize)>,
+}
+
+impl StepPlan {
+    /// True when there is nothing to evaluate.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.decode.is_empty() && self.prefill.is_empty()
+    }
+}
+
+/// Splits one step's budget. Every generating sequence that can emit advances by one token;
+/// what is left goes to prompts first-come first-served, so the oldest prompt finishes
+/// (and shows its first token) soonest. While anything is generating, prompt tokens are
+/// capped at `prefill_chunk` per step.
+pub(crate) fn plan_step(slots: &[SlotState], budget: Budget) -> StepPlan {
+    let mut plan = StepPlan::default();
+    for (i, s) in slots.iter().enumerate() {
+        if let SlotState::Decode { can_emit: true } = s {
+            plan.decode.push(i);
+        }
+    }
+    let decoding = slots
+        .iter()
+        .any(|s| matches!(s, SlotState::Decode { .. }));
+    let cap = if decoding {
+        budget.prefill_chunk
+    } else {
+        budget.batch
+    };
+    let mut left = budget.batch.saturating_sub(plan.decode.len()).min(cap);
+
+    let mut prefilling: Vec<(u64, usize, usize)> = slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| match *s {
+            SlotState::Prefill {
+                remaining,
+                admitted,
+            } if remaining > 0 => Some((admitted, i, remaining)),
+            _ => None,
+        })
+        .collect();
+    prefilling.sort_unstable();
+    for (_, i, remaining) in prefilling {
+        if left == 0 {
+            break;
+        }
+        let n = remaining.min(left);
+        plan.prefill.push((i, n));
+        left -= n;
+    }
+    plan
+}
+
+/// A free slot offered to a waiting request: what its KV cache holds and when it was last
+/// used.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FreeSlot<'a, T> {
+    /// Slot index.
+    pub(crate) index: usize,
+    /// Tokens whose KV entries the slot still holds from its last request.
+    pub(crate) cached: &'a [T],
+    /// Step counter value when the slot was last released; lower is older.
+    pub(crate) last_used: u64,
+}
+
+/// Chooses a slot for a prompt: the one whose cache shares the longest prefix with it
+/// (multi-turn chats and shared system prompts skip re-reading that prefix); without any
+/// shared prefix, the least recently used slot, so recent conversations keep their cache.
+/// Returns the slot index and how many prompt tokens can be reused; at least one prompt
+/// token is always left to evaluate, because sampling needs fresh logits.
+pub(crate) fn choose_slot<T: PartialEq>(free: &[FreeSlot<'_, T>], prompt: &[T]) -> Option<(usize, usize)> {
+    let max_reuse = prompt.len().saturating_sub(1);
+    free.iter()
+        .map(|s| {
+            let shared = s
+                .cached
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(max_reuse);
+            (s, shared)
+        })
+        .max_by(|(a, sa), (b, sb)| sa.cmp(sb).then(b.last_used.cmp(&a.last_used)))
+        .map(|(s, shared)| (s.index, shared))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUDGET: Budget = Budget {
+        batch: 512,
+        prefill_chunk: 64,
+    };
+
+    fn decode() -> SlotState {
+        SlotState::Decode { can_emit: true }
+    }
+
+    fn prefill(remaining: usize, admitted: u64) -> SlotState {
+        SlotState::Prefill {
+            remaining,
+            admitted,
+        }
+    }
+
+    #[test]
+    fn all_generating_slots_advance_together_in_one_step() {
+        let plan = plan_step(&[decode(), decode(), SlotState::Free, decode()], BUDGET);
+        assert_eq!(plan.decode, vec![0, 1, 3]);
+        assert!(plan.prefill.is_empty());
+    }
+
+    #[test]
+    fn a_lone_prompt_gets_the_whole_batch() {
+        let plan = plan_step(&[prefill(2000, 1), SlotState::Free], BUDGET);
+        assert_eq!(plan.prefill, vec![(0, 512)]);
+    }
+
+    #[test]
+    fn a_long_prompt_is_chunked_while_others_generate() {
+        let plan = plan_step(&[decode(), prefill(2000, 7), decode()], BUDGET);
+        assert_eq!(plan.decode, vec![0, 2]);
+        assert_eq!(plan.prefill, vec![(1, 64)]);
+    }
+
+    #[test]
+    fn the_oldest_prompt_is_read_first() {
+        let plan = plan_step(&[prefill(300, 9), prefill(400, 3)], BUDGET);
+        assert_eq!(plan.prefill, vec![(1, 400), (0, 112)]);
+    }
+
+    #[test]
+    fn a_slot_whose_client_is_not_reading_sits_out() {
+        let plan = plan_step(&[SlotState::Decode { can_emit: false }, decode()], BUDGET);
+        assert_eq!(plan.decode, vec![1]);
+    }
+
+    #[test]
+    fn a_stalled_reader_still_counts_as_generating_for_the_chunk_cap() {
+        let plan = plan_step(
+            &[SlotState::Decode { can_emit: false }, prefill(1000, 1)],
+            BUDGET,
+        );
+        assert_eq!(plan.prefill, vec![(1, 64)]);
+    }
+
+    #[test]
+    fn decode_tokens_never_exceed_the_batch() {
+        let slots = vec![decode(); 8];
+        let plan = plan_step(
+            &slots,
+            Budget {
+                batch: 8,
+                prefill_chunk: 4,
+            },
+        );
+        assert_eq!(plan.decode.len(), 8);
+        assert!(plan.prefill.is_empty());
+    }
+
+    #[test]
+    fn nothing_to_do_is_an_empty_plan() {
+        assert!(plan_step(&[SlotState::Free, SlotState::Free], BUDGET).is_empty());
+    }
+
+    #[test]
+    fn the_slot_sharing_the_longest_prefix_is_chosen() {
+        let a = [1, 2, 3, 9];
+        let b = [1, 2, 3, 4, 5];
+        let free = [
+            FreeSlot { index: 0, cached: &a[..], last_used: 1 },
+            FreeSlot { index: 1, cached: &b[..], last_used: 5 },
+        ];
+        assert_eq!(choose_slot(&free, &[1, 2, 3, 4, 5, 6]), Some((1, 5)));
+    }
+
+    #[test]
+    fn without_shared_prefix_the_least_recently_used_slot_is_chosen() {
+        let a = [7, 7];
+        let b = [8, 8];
+        let free = [
+            FreeSlot { index: 0, cached: &a[..], last_used: 9 },
+            FreeSlot { index: 1, cached: &b[..], last_used: 2 },
+        ];
+        assert_eq!(choose_slot(&free, &[1, 2, 3]), Some((1, 0)));
+    }
+
+    #[test]
+    fn an_identical_prompt_still_evaluates_its_last_token() {
+        let a = [1, 2, 3];
+        let free = [FreeSlot { index: 0, cached: &a[..], last_used: 0 }];
+        assert_eq!(choose_slot(&free, &[1, 2, 3]), Some((0, 2)));
+    }
+
+    #[test]
+    fn no_free_slot_means_no_choice() {
+        let free: [FreeSlot<'_, i32>; 0] = [];
+        assert_eq!(choose_slot(&free, &[1]), None);
+    }
+}

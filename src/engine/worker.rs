@@ -1,0 +1,582 @@
+//! The decode loop: one OS thread per model owns the llama.cpp model and context. Each step
+//! takes new requests, admits them to free slots, evaluates one batch holding a token of
+//! every generating sequence plus a chunk of pending prompts, then samples and streams.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
+use tokio::sync::{mpsc, oneshot};
+
+use super::loader::{self, ModelInfo};
+use super::metrics::EngineMetrics;
+use super::policy::{choose_slot, plan_step, Budget, FreeSlot, SlotState, StepPlan};
+use super::text::{StopMatcher, StopScan, Utf8Stream};
+use super::{
+    sampler, EngineError, EngineOptions, FinishReason, Job, LoadError, Timings, TokenEvent, Usage,
+};
+
+/// A sequence emits at most a token and its final event per step; it only runs when its
+/// channel has room for both, so sends never find the channel full.
+const EVENTS_PER_STEP: usize = 2;
+
+/// How long to wait before re-planning when every busy sequence waits on a slow reader.
+const STALLED_POLL: Duration = Duration::from_millis(2);
+
+/// Thread entry point: load, report readiness (or the load error), then serve until every
+/// handle is dropped and the remaining work is done.
+pub(crate) fn engine_worker(
+    options: EngineOptions,
+    jobs: mpsc::UnboundedReceiver<Job>,
+    ready: oneshot::Sender<Result<ModelInfo, LoadError>>,
+) {
+    let started = Instant::now();
+    let loaded = loader::backend().and_then(|backend| {
+        let size = loader::check_file(&options.path)?;
+        let model = loader::load_model(backend, &options)?;
+        Ok((backend, model, size))
+    });
+    let (backend, model, size) = match loaded {
+        Ok(l) => l,
+        Err(e) => {
+            // The receiver only disappears if the server is already shutting down.
+            if ready.send(Err(e)).is_err() {
+                tracing::debug!("load result had no receiver");
+            }
+            return;
+        }
+    };
+    let per_slot = loader::ctx_per_slot(&model, &options);
+    let ctx = match loader::new_context(backend, &model, &options, per_slot) {
+        Ok(c) => c,
+        Err(e) => {
+            if ready.send(Err(e)).is_err() {
+                tracing::debug!("load result had no receiver");
+            }
+            return;
+        }
+    };
+    let per_slot = ctx.n_ctx() / options.slots.max(1);
+    let info = match loader::describe(&model, &options, per_slot, size) {
+        Ok(i) => i,
+        Err(e) => {
+            if ready.send(Err(e)).is_err() {
+                tracing::debug!("load result had no receiver");
+            }
+            return;
+        }
+    };
+    tracing::info!(
+        model = %options.name,
+        path = %options.path.display(),
+        architecture = %info.architecture,
+        slots = options.slots,
+        ctx_per_slot = per_slot,
+        threads = options.threads,
+        load_ms = started.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    let bos_text = info.template.bos_token().to_owned();
+    if ready.send(Ok(info)).is_err() {
+        return;
+    }
+    Worker::new(&model, ctx, &options, per_slot, bos_text).run(jobs);
+    tracing::info!(model = %options.name, "engine stopped");
+}
+
+/// A request whose prompt is tokenized and waits for a slot.
+struct Pending {
+    job: Job,
+    tokens: Vec<LlamaToken>,
+}
+
+/// One parallel sequence of the shared context.
+struct Slot {
+    /// llama.cpp sequence id.
+    seq: i32,
+    /// Tokens whose KV entries this sequence holds, in position order.
+    cached: Vec<LlamaToken>,
+    /// Step number when it was last released (for least-recently-used choice).
+    last_used: u64,
+    /// The request it serves, if any.
+    active: Option<Active>,
+}
+
+/// Per-request state inside a slot.
+struct Active {
+    events: mpsc::Sender<TokenEvent>,
+    prompt: Vec<LlamaToken>,
+    sampler: LlamaSampler,
+    max_tokens: usize,
+    generated: usize,
+    /// Sampled but not yet evaluated; it is fed back next step.
+    next: Option<LlamaToken>,
+    utf8: Utf8Stream,
+    stops: StopMatcher,
+    admitted: u64,
+    reused: usize,
+    submitted: Instant,
+    admitted_at: Instant,
+    first_token_at: Option<Instant>,
+    /// Batch index whose logits belong to this sequence after the current decode.
+    logits_at: Option<i32>,
+}
+
+impl Active {
+    fn can_emit(&self) -> bool {
+        self.events.capacity() >= EVENTS_PER_STEP
+    }
+
+    /// Sends an event; false if the client is gone.
+    fn send(&self, event: TokenEvent) -> bool {
+        match self.events.try_send(event) {
+            Ok(()) => true,
+            Err(TrySendError::Closed(_)) => false,
+            Err(TrySendError::Full(_)) => {
+                // Unreachable by construction (see EVENTS_PER_STEP); treat like a gone client
+                // rather than block every other sequence.
+                tracing::error!("event channel unexpectedly full; dropping the request");
+                false
+            }
+        }
+    }
+}
+
+/// What to restore if a decode fails: slot, its cache length before, its pending token.
+type Undo = (usize, usize, Option<LlamaToken>);
+
+struct Worker<'m> {
+    model: &'m LlamaModel,
+    ctx: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+    slots: Vec<Slot>,
+    waiting: VecDeque<Pending>,
+    budget: Budget,
+    ctx_per_slot: usize,
+    n_vocab: i32,
+    bos_text: String,
+    admissions: u64,
+    step_no: u64,
+    piece: Vec<u8>,
+    metrics: EngineMetrics,
+    name: String,
+}
+
+impl<'m> Worker<'m> {
+    fn new(
+        model: &'m LlamaModel,
+        ctx: LlamaContext<'m>,
+        options: &EngineOptions,
+        ctx_per_slot: u32,
+        bos_text: String,
+    ) -> Self {
+        let batch_size = ctx.n_batch() as usize;
+        let slots = (0..options.slots)
+            .map(|s| Slot {
+                seq: s as i32,
+                cached: Vec::new(),
+                last_used: 0,
+                active: None,
+            })
+            .collect();
+        Self {
+            model,
+            ctx,
+            batch: LlamaBatch::new(batch_size, 1),
+            slots,
+            waiting: VecDeque::new(),
+            budget: Budget {
+                batch: batch_size,
+                prefill_chunk: (options.prefill_chunk as usize).clamp(1, batch_size),
+            },
+            ctx_per_slot: ctx_per_slot as usize,
+            n_vocab: model.n_vocab(),
+            bos_text,
+            admissions: 0,
+            step_no: 0,
+            piece: Vec::with_capacity(32),
+            metrics: EngineMetrics::new(&options.name, options.slots),
+            name: options.name.clone(),
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.slots.iter().all(|s| s.active.is_none())
+    }
+
+    fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Job>) {
+        let mut open = true;
+        loop {
+            if self.is_idle() {
+                self.metrics.busy_slots.set(0.0);
+                self.metrics.queue_depth.set(0.0);
+                if !open {
+                    break;
+                }
+                match jobs.blocking_recv() {
+                    Some(job) => self.intake(job),
+                    None => break,
+                }
+            }
+            while open {
+                match jobs.try_recv() {
+                    Ok(job) => self.intake(job),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => open = false,
+                }
+            }
+            self.drop_cancelled();
+            self.admit();
+            let busy = self.slots.iter().filter(|s| s.active.is_some()).count();
+            self.metrics.busy_slots.set(busy as f64);
+            self.metrics.queue_depth.set(self.waiting.len() as f64);
+
+            let plan = plan_step(&self.slot_states(), self.budget);
+            if plan.is_empty() {
+                if !self.is_idle() {
+                    std::thread::sleep(STALLED_POLL);
+                }
+                continue;
+            }
+            self.step(&plan);
+        }
+    }
+
+    /// Tokenizes a new request and either queues it or answers with its error at once.
+    fn intake(&mut self, job: Job) {
+        let prompt = job.request.prompt.as_bytes();
+        // Add BOS only if the model wants one and the template did not already write it.
+        let add_special = self.bos_text.is_empty() || !job.request.prompt.starts_with(&self.bos_text);
+        let tokens = self.model.vocab().tokenize(prompt, add_special, true);
+        let verdict = if tokens.is_empty() {
+            Err(EngineError::EmptyPrompt)
+        } else if tokens.len() >= self.ctx_per_slot {
+            Err(EngineError::PromptTooLong {
+                tokens: tokens.len(),
+                limit: self.ctx_per_slot,
+            })
+        } else {
+            Ok(())
+        };
+        let event = match &verdict {
+            Ok(()) => TokenEvent::Queued {
+                prompt_tokens: tokens.len() as u32,
+            },
+            Err(e) => TokenEvent::Error(e.clone()),
+        };
+        if job.events.try_send(event).is_err() || verdict.is_err() {
+            return;
+        }
+        self.waiting.push_back(Pending { job, tokens });
+    }
+
+    /// Frees the slots (and queue places) of clients that went away.
+    fn drop_cancelled(&mut self) {
+        self.waiting.retain(|p| !p.job.events.is_closed());
+        for i in 0..self.slots.len() {
+            let gone = self.slots[i]
+                .active
+                .as_ref()
+                .is_some_and(|a| a.events.is_closed());
+            if gone {
+                self.metrics.cancelled.increment(1);
+                self.release(i);
+            }
+        }
+    }
+
+    /// Gives waiting requests free slots, reusing cached prompt prefixes where possible.
+    fn admit(&mut self) {
+        while let Some(front) = self.waiting.front() {
+            let free: Vec<FreeSlot<'_, LlamaToken>> = self
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.active.is_none())
+                .map(|(index, s)| FreeSlot {
+                    index,
+                    cached: &s.cached,
+                    last_used: s.last_used,
+                })
+                .collect();
+            let Some((index, reuse)) = choose_slot(&free, &front.tokens) else {
+                break;
+            };
+            if let Some(pending) = self.waiting.pop_front() {
+                self.start(index, reuse, pending);
+            }
+        }
+    }
+
+    /// Puts a request into a slot, trimming the slot's KV cache to the reusable prefix.
+    fn start(&mut self, index: usize, reuse: usize, pending: Pending) {
+        let seq = self.slots[index].seq;
+        let mut keep = reuse;
+        if keep > 0 {
+            let trimmed = self.ctx.kv_cache_seq_rm(seq, Some(keep as u32), None).is_ok();
+            // A sliding-window cache may have dropped early positions; then the prefix is
+            // not really there and must be recomputed.
+            if !trimmed || self.ctx.kv_cache_seq_pos_min(seq) != 0 {
+                keep = 0;
+            }
+        }
+        if keep == 0 {
+            self.clear_seq(seq);
+        }
+        let slot = &mut self.slots[index];
+        slot.cached.truncate(keep);
+
+        let Pending { job, tokens } = pending;
+        let sampler = sampler::build(&job.request.sampling, self.n_vocab, &tokens);
+        let mut stops = job.request.stop.clone();
+        stops.retain(|s| !s.is_empty());
+        self.admissions += 1;
+        slot.active = Some(Active {
+            events: job.events,
+            prompt: tokens,
+            sampler,
+            max_tokens: job.request.max_tokens.map_or(usize::MAX, |n| n as usize),
+            generated: 0,
+            next: None,
+            utf8: Utf8Stream::default(),
+            stops: StopMatcher::new(&stops),
+            admitted: self.admissions,
+            reused: keep,
+            submitted: job.submitted,
+            admitted_at: Instant::now(),
+            first_token_at: None,
+            logits_at: None,
+        });
+    }
+
+    fn clear_seq(&mut self, seq: i32) {
+        if let Err(e) = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None) {
+            tracing::warn!(model = %self.name, seq, error = %e, "could not clear KV sequence");
+        }
+    }
+
+    fn slot_states(&self) -> Vec<SlotState> {
+        self.slots
+            .iter()
+            .map(|s| match &s.active {
+                None => SlotState::Free,
+                Some(a) if a.next.is_none() => SlotState::Prefill {
+                    remaining: a.prompt.len() - s.cached.len(),
+                    admitted: a.admitted,
+                },
+                Some(a) => SlotState::Decode {
+                    can_emit: a.can_emit(),
+                },
+            })
+            .collect()
+    }
+
+    /// Evaluates one planned batch. If llama.cpp rejects a batch of several sequences, each
+    /// is retried alone so only the one at fault fails.
+    fn step(&mut self, plan: &StepPlan) {
+        self.step_no += 1;
+        match self.evaluate(plan) {
+            Ok(()) => self.sample(plan),
+            Err(e) if plan.decode.len() + plan.prefill.len() > 1 => {
+                tracing::warn!(model = %self.name, error = %e, "batch failed; retrying each sequence alone");
+                let singles = plan
+                    .decode
+                    .iter()
+                    .map(|&i| StepPlan {
+                        decode: vec![i],
+                        prefill: vec![],
+                    })
+                    .chain(plan.prefill.iter().map(|&p| StepPlan {
+                        decode: vec![],
+                        prefill: vec![p],
+                    }));
+                for single in singles.collect::<Vec<_>>() {
+                    match self.evaluate(&single) {
+                        Ok(()) => self.sample(&single),
+                        Err(e) => self.fail(&single, e),
+                    }
+                }
+            }
+            Err(e) => self.fail(plan, e),
+        }
+    }
+
+    /// Fills the batch from the plan and runs `llama_decode`; on failure the slots are left
+    /// exactly as before.
+    fn evaluate(&mut self, plan: &StepPlan) -> Result<(), EngineError> {
+        self.batch.clear();
+        let mut undo: Vec<Undo> = Vec::with_capacity(plan.decode.len() + plan.prefill.len());
+        for &i in &plan.decode {
+            let slot = &mut self.slots[i];
+            let Some(active) = slot.active.as_mut() else {
+                continue;
+            };
+            let Some(token) = active.next.take() else {
+                continue;
+            };
+            undo.push((i, slot.cached.len(), Some(token)));
+            let pos = slot.cached.len() as i32;
+            self.batch
+                .add(token, pos, &[slot.seq], true)
+                .map_err(|e| EngineError::Decode(e.to_string()))?;
+            slot.cached.push(token);
+            active.logits_at = Some(self.batch.n_tokens() - 1);
+        }
+        for &(i, n) in &plan.prefill {
+            let slot = &mut self.slots[i];
+            let Some(active) = slot.active.as_mut() else {
+                continue;
+            };
+            undo.push((i, slot.cached.len(), None));
+            let start = slot.cached.len();
+            let end = (start + n).min(active.prompt.len());
+            for (pos, &token) in (start..end).zip(&active.prompt[start..end]) {
+                let last = pos + 1 == active.prompt.len();
+                self.batch
+                    .add(token, pos as i32, &[slot.seq], last)
+                    .map_err(|e| EngineError::Decode(e.to_string()))?;
+                slot.cached.push(token);
+            }
+            active.logits_at = (end == active.prompt.len()).then(|| self.batch.n_tokens() - 1);
+            self.metrics.prompt_tokens.increment((end - start) as u64);
+        }
+        self.metrics.steps.increment(1);
+        self.metrics.batch_sequences.record(undo.len() as f64);
+        match self.ctx.decode(&mut self.batch) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.metrics.decode_errors.increment(1);
+                for (i, len, next) in undo {
+                    let seq = self.slots[i].seq;
+                    if self.ctx.kv_cache_seq_rm(seq, Some(len as u32), None).is_err() {
+                        self.clear_seq(seq);
+                        self.slots[i].cached.clear();
+                    }
+                    let slot = &mut self.slots[i];
+                    slot.cached.truncate(len);
+                    if let Some(a) = slot.active.as_mut() {
+                        a.next = next;
+                        a.logits_at = None;
+                    }
+                }
+                Err(EngineError::Decode(e.to_string()))
+            }
+        }
+    }
+
+    /// Ends the requests of a failed plan with the error.
+    fn fail(&mut self, plan: &StepPlan, error: EngineError) {
+        tracing::error!(model = %self.name, error = %error, "decode failed");
+        let slots = plan.decode.iter().copied().chain(plan.prefill.iter().map(|p| p.0));
+        for i in slots.collect::<Vec<_>>() {
+            if let Some(a) = self.slots[i].active.as_ref() {
+                if !a.send(TokenEvent::Error(error.clone())) {
+                    tracing::debug!("client gone before the error reached it");
+                }
+            }
+            self.release(i);
+        }
+    }
+
+    /// Samples the next token for every sequence whose logits were computed this step.
+    fn sample(&mut self, plan: &StepPlan) {
+        let slots = plan.decode.iter().copied().chain(plan.prefill.iter().map(|p| p.0));
+        for i in slots.collect::<Vec<_>>() {
+            let Some(active) = self.slots[i].active.as_mut() else {
+                continue;
+            };
+            let Some(idx) = active.logits_at.take() else {
+                continue;
+            };
+            let token = active.sampler.sample(&self.ctx, idx);
+            active.first_token_at.get_or_insert_with(Instant::now);
+            self.on_token(i, token);
+        }
+    }
+
+    /// Turns a sampled token into output and decides whether the request goes on.
+    fn on_token(&mut self, i: usize, token: LlamaToken) {
+        let vocab = self.model.vocab();
+        if vocab.is_eog(token) {
+            self.finish(i, FinishReason::Stop);
+            return;
+        }
+        self.metrics.completion_tokens.increment(1);
+        self.piece.clear();
+        vocab.token_to_piece_into(token, &mut self.piece, false, None);
+        let full_context = self.slots[i].cached.len() >= self.ctx_per_slot;
+        let Some(active) = self.slots[i].active.as_mut() else {
+            return;
+        };
+        active.generated += 1;
+        let text = active.utf8.push(&self.piece);
+        let (out, stopped) = match active.stops.push(&text) {
+            StopScan::Emit(t) => (t, false),
+            StopScan::Stopped(t) => (t, true),
+        };
+        if !out.is_empty() && !active.send(TokenEvent::Token(out)) {
+            self.metrics.cancelled.increment(1);
+            self.release(i);
+            return;
+        }
+        if stopped {
+            self.finish(i, FinishReason::Stop);
+        } else if active.generated >= active.max_tokens || full_context {
+            self.finish(i, FinishReason::Length);
+        } else {
+            active.next = Some(token);
+        }
+    }
+
+    /// Sends the last text and the final event, then frees the slot (keeping its cache).
+    fn finish(&mut self, i: usize, mut finish: FinishReason) {
+        let prompt_len;
+        let Some(active) = self.slots[i].active.as_mut() else {
+            return;
+        };
+        // Text held back for a possible stop string (or a dangling partial character)
+        // belongs to the answer after all; it may still complete a stop string.
+        let tail = active.utf8.finish();
+        let mut out = match active.stops.push(&tail) {
+            StopScan::Emit(t) => t,
+            StopScan::Stopped(t) => {
+                finish = FinishReason::Stop;
+                t
+            }
+        };
+        out.push_str(&active.stops.finish());
+        prompt_len = active.prompt.len();
+        let now = Instant::now();
+        let first = active.first_token_at.unwrap_or(now);
+        let done = TokenEvent::Done {
+            finish,
+            usage: Usage {
+                prompt_tokens: prompt_len as u32,
+                completion_tokens: active.generated as u32,
+                cached_tokens: active.reused as u32,
+            },
+            timings: Timings {
+                queued: active.admitted_at.saturating_duration_since(active.submitted),
+                prompt_eval: first.saturating_duration_since(active.admitted_at),
+                eval: now.saturating_duration_since(first),
+            },
+        };
+        let delivered = (out.is_empty() || active.send(TokenEvent::Token(out))) && active.send(done);
+        if !delivered {
+            self.metrics.cancelled.increment(1);
+        }
+        self.release(i);
+    }
+
+    /// Frees a slot. Its KV cache stays for prefix reuse by a later request.
+    fn release(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        slot.active = None;
+        slot.last_used = self.step_no;
+    }
+}

@@ -1,0 +1,44 @@
+//! backstop: one binary that serves GGUF models in-process through llama.cpp over the
+//! OpenAI API, with a parallel-slot scheduler.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod models;
+pub mod ops;
+pub mod server;
+
+use cli::{Cli, Command, LogFormat};
+
+/// Sets up logging. `BACKSTOP_LOG` (or `RUST_LOG`) filters; llama.cpp's own chatter is
+/// kept to warnings unless asked for.
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("BACKSTOP_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info,llama-cpp-2=warn,tower_http=warn".to_owned());
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs a parsed command line; the returned error is printed by `main`.
+pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = config::Config::load(&args)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(server::serve(config))?;
+            Ok(())
+        }
+    }
+}

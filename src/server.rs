@@ -1,0 +1,131 @@
+//! `backstop serve`: bind, load the models in the background, serve until a signal, then
+//! drain streams and stop the engine threads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::engine::LoadError;
+use crate::models::Registry;
+use crate::ops;
+
+/// How long in-flight streams get to finish after SIGTERM/SIGINT.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why serving ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A configured model could not be loaded; it is never served.
+    #[error("model `{0}` was not served: {1}")]
+    Load(String, LoadError),
+    /// The HTTP server failed.
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+async fn signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Serves until a shutdown signal, or until a model fails to load.
+pub async fn serve(config: Config) -> Result<(), ServeError> {
+    let metrics = ops::metrics::install();
+    let addr = config.server.listen;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let local = listener.local_addr()?;
+    tracing::info!("listening on http://{local}");
+
+    let models = Arc::new(Registry::new(config.models));
+    let state = AppState {
+        models: Arc::clone(&models),
+        metrics,
+        started_at: chrono::Utc::now().timestamp(),
+    };
+    let app = api::router(state, config.server.max_body_bytes);
+
+    // Stop reasons: a signal, or a model that failed to load.
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let loader = {
+        let models = Arc::clone(&models);
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            let result = models.load_all().await;
+            if result.is_err() && stop_tx.send(true).is_err() {
+                tracing::debug!("server already stopped");
+            }
+            result
+        })
+    };
+    let signalled = {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            signal().await;
+            tracing::info!("shutdown requested; finishing in-flight requests");
+            if stop_tx.send(true).is_err() {
+                tracing::debug!("server already stopped");
+            }
+        })
+    };
+
+    let mut drain_rx = stop_rx.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        // Err means every sender is gone, which is also a reason to stop.
+        let _stopped = stop_rx.wait_for(|s| *s).await;
+    });
+    tokio::select! {
+        r = server => r?,
+        _ = async {
+            let _stopped = drain_rx.wait_for(|s| *s).await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } => tracing::warn!("streams did not finish within {DRAIN_TIMEOUT:?}; closing them"),
+    }
+    signalled.abort();
+
+    let load_result = if loader.is_finished() {
+        loader.await.ok()
+    } else {
+        loader.abort();
+        None
+    };
+    let engines = Arc::clone(&models);
+    if tokio::task::spawn_blocking(move || engines.shutdown()).await.is_err() {
+        tracing::error!("engine shutdown panicked");
+    }
+    match load_result {
+        Some(Err((name, e))) => Err(ServeError::Load(name, e)),
+        _ => Ok(()),
+    }
+}
