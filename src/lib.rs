@@ -20,8 +20,10 @@ pub fn init_logging(format: LogFormat) {
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "info,llama-cpp-2=warn,tower_http=warn".to_owned());
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -67,6 +67,8 @@ pub struct GenerateRequest {
     pub max_tokens: Option<u32>,
     /// Strings that end generation; they never appear in the output.
     pub stop: Vec<String>,
+    /// Never sample end-of-generation tokens, so exactly `max_tokens` come out (benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// Why a generation ended, as the APIs report it.

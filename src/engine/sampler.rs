@@ -1,6 +1,7 @@
 //! Builds llama.cpp's sampler chain from validated [`SamplingParams`].
 
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::token::LlamaToken;
 
 use super::SamplingParams;
@@ -11,8 +12,22 @@ const RANDOM_SEED: u32 = u32::MAX;
 /// The chain, in llama.cpp server's order: penalties, then the truncations (top-k, top-p,
 /// min-p), then temperature, then the random draw. Temperature 0 is plain argmax, so the
 /// output does not depend on the seed at all.
-pub(crate) fn build(params: &SamplingParams, n_vocab: i32, prompt: &[LlamaToken]) -> LlamaSampler {
-    let mut chain = Vec::with_capacity(6);
+/// `banned` tokens (end-of-generation ones, for `ignore_eos`) get a logit of minus infinity
+/// before anything else runs.
+pub(crate) fn build(
+    params: &SamplingParams,
+    n_vocab: i32,
+    prompt: &[LlamaToken],
+    banned: &[LlamaToken],
+) -> LlamaSampler {
+    let mut chain = Vec::with_capacity(7);
+    if !banned.is_empty() {
+        let biases: Vec<LlamaLogitBias> = banned
+            .iter()
+            .map(|&t| LlamaLogitBias::new(t, f32::NEG_INFINITY))
+            .collect();
+        chain.push(LlamaSampler::logit_bias(n_vocab, &biases));
+    }
     if params.has_penalties() {
         chain.push(LlamaSampler::penalties(
             n_vocab,

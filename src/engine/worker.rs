@@ -159,6 +159,8 @@ struct Worker<'m> {
     budget: Budget,
     ctx_per_slot: usize,
     n_vocab: i32,
+    /// End-of-generation tokens, banned for `ignore_eos` requests.
+    eog: Vec<LlamaToken>,
     bos_text: String,
     admissions: u64,
     step_no: u64,
@@ -196,6 +198,10 @@ impl<'m> Worker<'m> {
             },
             ctx_per_slot: ctx_per_slot as usize,
             n_vocab: model.n_vocab(),
+            eog: {
+                let vocab = model.vocab();
+                vocab.tokens().filter(|&t| vocab.is_eog(t)).collect()
+            },
             bos_text,
             admissions: 0,
             step_no: 0,
@@ -332,7 +338,8 @@ impl<'m> Worker<'m> {
         slot.cached.truncate(keep);
 
         let Pending { job, tokens } = pending;
-        let sampler = sampler::build(&job.request.sampling, self.n_vocab, &tokens);
+        let banned: &[LlamaToken] = if job.request.ignore_eos { &self.eog } else { &[] };
+        let sampler = sampler::build(&job.request.sampling, self.n_vocab, &tokens, banned);
         let mut stops = job.request.stop.clone();
         stops.retain(|s| !s.is_empty());
         self.admissions += 1;
@@ -509,7 +516,9 @@ impl<'m> Worker<'m> {
         self.metrics.completion_tokens.increment(1);
         self.piece.clear();
         vocab.token_to_piece_into(token, &mut self.piece, false, None);
-        let full_context = self.slots[i].cached.len() >= self.ctx_per_slot;
+        // Prompt plus answer may use the whole context: this token is the last if counting
+        // it fills the slot.
+        let full_context = self.slots[i].cached.len() + 1 >= self.ctx_per_slot;
         let Some(active) = self.slots[i].active.as_mut() else {
             return;
         };

@@ -31,6 +31,7 @@ pub(crate) struct Valid {
     pub(crate) sampling: SamplingOverrides,
     pub(crate) max_tokens: Option<u32>,
     pub(crate) stop: Option<Vec<String>>,
+    pub(crate) ignore_eos: bool,
 }
 
 fn model_name(model: Option<String>) -> Result<String, ApiError> {
@@ -101,7 +102,15 @@ fn stop_list(value: &Value) -> Result<Option<Vec<String>>, ApiError> {
     Ok(Some(list))
 }
 
-fn common(c: CommonParams) -> Result<(SamplingOverrides, Option<u32>, Option<Vec<String>>), ApiError> {
+/// The checked shared fields.
+struct Common {
+    sampling: SamplingOverrides,
+    max_tokens: Option<u32>,
+    stop: Option<Vec<String>>,
+    ignore_eos: bool,
+}
+
+fn common(c: CommonParams) -> Result<Common, ApiError> {
     if let Some(n) = c.n {
         if n != 1 {
             return Err(ApiError::invalid("n", format!("only n=1 is supported, got {n}")));
@@ -119,7 +128,12 @@ fn common(c: CommonParams) -> Result<(SamplingOverrides, Option<u32>, Option<Vec
         seed: c.seed,
     };
     sampling.validate()?;
-    Ok((sampling, c.max_tokens, stop_list(&c.stop)?))
+    Ok(Common {
+        sampling,
+        max_tokens: c.max_tokens,
+        stop: stop_list(&c.stop)?,
+        ignore_eos: c.ignore_eos.unwrap_or(false),
+    })
 }
 
 fn unsupported(param: &str, what: &str) -> ApiError {
@@ -129,7 +143,7 @@ fn unsupported(param: &str, what: &str) -> ApiError {
 /// Checks a `/v1/chat/completions` body.
 pub(crate) fn chat(body: &JsonBody) -> Result<Valid, ApiError> {
     let req: ChatCompletionRequest = body.typed()?;
-    let (sampling, max_tokens, stop) = common(body.typed()?)?;
+    let common = common(body.typed()?)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must contain at least one message"));
     }
@@ -160,16 +174,17 @@ pub(crate) fn chat(body: &JsonBody) -> Result<Valid, ApiError> {
         stream: req.stream.unwrap_or(false),
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
         input: Input::Chat(messages),
-        sampling,
-        max_tokens: req.max_completion_tokens.or(max_tokens),
-        stop,
+        sampling: common.sampling,
+        max_tokens: req.max_completion_tokens.or(common.max_tokens),
+        stop: common.stop,
+        ignore_eos: common.ignore_eos,
     })
 }
 
 /// Checks a `/v1/completions` body.
 pub(crate) fn completion(body: &JsonBody) -> Result<Valid, ApiError> {
     let req: CompletionRequest = body.typed()?;
-    let (sampling, max_tokens, stop) = common(body.typed()?)?;
+    let common = common(body.typed()?)?;
     let prompt = match &req.prompt {
         Value::String(s) => s.clone(),
         Value::Array(items) if items.len() == 1 && items[0].is_string() => {
@@ -197,9 +212,10 @@ pub(crate) fn completion(body: &JsonBody) -> Result<Valid, ApiError> {
         stream: req.stream.unwrap_or(false),
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
         input: Input::Text(prompt),
-        sampling,
-        max_tokens,
-        stop,
+        sampling: common.sampling,
+        max_tokens: common.max_tokens,
+        stop: common.stop,
+        ignore_eos: common.ignore_eos,
     })
 }
 
@@ -245,5 +261,6 @@ pub(crate) fn generate_request(valid: &Valid, model: &ModelHandle) -> Result<Gen
         sampling: valid.sampling.or(&defaults.sampling).resolve()?,
         max_tokens,
         stop: valid.stop.clone().unwrap_or_else(|| defaults.stop.clone()),
+        ignore_eos: valid.ignore_eos,
     })
 }

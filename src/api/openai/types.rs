@@ -72,6 +72,8 @@ pub(crate) struct CommonParams {
     #[serde(default)]
     pub(crate) stop: Value,
     pub(crate) n: Option<u32>,
+    /// llama.cpp server extension: generate exactly `max_tokens` (benchmarks).
+    pub(crate) ignore_eos: Option<bool>,
 }
 
 /// Token counts.

@@ -1,0 +1,293 @@
+//! Chat and text completions against the real model: determinism, streaming, limits,
+//! stop strings and exact usage.
+
+mod common;
+
+use common::{answer, chat_text, Server};
+use serde_json::{json, Value};
+
+fn ask(question: &str) -> Value {
+    json!([{"role": "user", "content": question}])
+}
+
+#[tokio::test]
+async fn stream_and_non_stream_give_identical_text_for_the_same_seed() {
+    let s = Server::start(&[]).await;
+    let body = json!({
+        "model": "smollm2",
+        "messages": ask("Tell me about the sea."),
+        "temperature": 0.9,
+        "seed": 1234,
+        "max_tokens": 40,
+    });
+    let whole = s.chat(body.clone()).await;
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let payloads = s.stream("/v1/chat/completions", &streamed).await.collect().await;
+    assert_eq!(payloads.last().unwrap(), "[DONE]");
+    assert_eq!(chat_text(&payloads), answer(&whole));
+    let last: Value = serde_json::from_str(&payloads[payloads.len() - 2]).unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"]);
+}
+
+#[tokio::test]
+async fn the_same_seed_gives_the_same_text_and_another_seed_does_not() {
+    let s = Server::start(&[]).await;
+    let run = |seed: u64| {
+        let s = &s;
+        async move {
+            answer(
+                &s.chat(json!({
+                    "model": "smollm2",
+                    "messages": ask("Write a short poem about rain."),
+                    "temperature": 1.0,
+                    "top_p": 1.0,
+                    "top_k": 0,
+                    "min_p": 0.0,
+                    "seed": seed,
+                    "max_tokens": 24,
+                }))
+                .await,
+            )
+        }
+    };
+    let a = run(7).await;
+    assert_eq!(a, run(7).await);
+    let others = [run(8).await, run(9).await, run(10).await];
+    assert!(others.iter().any(|o| *o != a), "three other seeds all gave {a:?}");
+}
+
+#[tokio::test]
+async fn temperature_zero_is_greedy_whatever_the_seed() {
+    let s = Server::start(&[]).await;
+    let run = |seed: u64| {
+        let s = &s;
+        async move {
+            answer(
+                &s.chat(json!({"model": "smollm2", "messages": ask("Name a color."), "temperature": 0, "seed": seed, "max_tokens": 16}))
+                    .await,
+            )
+        }
+    };
+    assert_eq!(run(1).await, run(99999).await);
+}
+
+#[tokio::test]
+async fn max_tokens_cuts_the_answer_and_says_length() {
+    let s = Server::start(&[]).await;
+    for field in ["max_tokens", "max_completion_tokens"] {
+        let mut body = json!({"model": "smollm2", "messages": ask("Tell me a long story."), "temperature": 0});
+        body[field] = json!(5);
+        let r = s.chat(body).await;
+        assert_eq!(r["usage"]["completion_tokens"], 5, "{field}");
+        assert_eq!(r["choices"][0]["finish_reason"], "length", "{field}");
+        assert_eq!(
+            r["usage"]["total_tokens"].as_u64().unwrap(),
+            r["usage"]["prompt_tokens"].as_u64().unwrap() + 5
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_natural_end_says_stop() {
+    let s = Server::start(&[]).await;
+    let r = s
+        .chat(json!({"model": "smollm2", "messages": ask("Say hi."), "temperature": 0, "max_tokens": 200}))
+        .await;
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    assert!(r["usage"]["completion_tokens"].as_u64().unwrap() < 200);
+}
+
+/// Picks a stop string from the middle of the greedy answer: a few words, so it spans
+/// several tokens.
+fn stop_from(text: &str) -> (String, String) {
+    let words: Vec<&str> = text.split(' ').collect();
+    assert!(words.len() > 6, "answer too short to pick a stop from: {text:?}");
+    let stop = format!(" {} {}", words[4], words[5]);
+    let at = text.find(&stop).unwrap();
+    (stop, text[..at].to_owned())
+}
+
+#[tokio::test]
+async fn a_stop_string_spanning_tokens_ends_the_answer_and_never_leaks() {
+    let s = Server::start(&[]).await;
+    let base = json!({"model": "smollm2", "messages": ask("Describe a forest in detail."), "temperature": 0, "max_tokens": 40});
+    let full = answer(&s.chat(base.clone()).await);
+    let (stop, expected) = stop_from(&full);
+
+    let mut body = base.clone();
+    body["stop"] = json!([stop.clone(), "never-appears"]);
+    let r = s.chat(body.clone()).await;
+    assert_eq!(answer(&r), expected);
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+
+    body["stream"] = json!(true);
+    let payloads = s.stream("/v1/chat/completions", &body).await.collect().await;
+    assert_eq!(chat_text(&payloads), expected);
+    assert!(payloads.iter().all(|p| !p.contains(stop.trim())), "stop text leaked in {payloads:?}");
+}
+
+#[tokio::test]
+async fn a_single_stop_string_works_too() {
+    let s = Server::start(&[]).await;
+    let r = s
+        .post(
+            "/v1/completions",
+            &json!({"model": "smollm2", "prompt": "1, 2, 3, 4, 5,", "temperature": 0, "max_tokens": 30, "stop": " 8"}),
+        )
+        .await;
+    assert_eq!(r.0, 200, "{}", r.1);
+    assert_eq!(r.1["choices"][0]["text"], " 6, 7,");
+    assert_eq!(r.1["choices"][0]["finish_reason"], "stop");
+}
+
+#[tokio::test]
+async fn include_usage_ends_the_stream_with_exact_counts() {
+    let s = Server::start(&[]).await;
+    let body = json!({"model": "smollm2", "messages": ask("What is rain?"), "temperature": 0, "max_tokens": 20});
+    let whole = s.chat(body.clone()).await;
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let payloads = s.stream("/v1/chat/completions", &streamed).await.collect().await;
+    let usage_chunk: Value = serde_json::from_str(&payloads[payloads.len() - 2]).unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"]["prompt_tokens"], whole["usage"]["prompt_tokens"]);
+    assert_eq!(usage_chunk["usage"]["completion_tokens"], whole["usage"]["completion_tokens"]);
+    // Every chunk before the usage chunk carries "usage": null, as OpenAI does.
+    for p in &payloads[..payloads.len() - 2] {
+        let v: Value = serde_json::from_str(p).unwrap();
+        assert_eq!(v["usage"], Value::Null);
+    }
+    let mut plain = body.clone();
+    plain["stream"] = json!(true);
+    let payloads = s.stream("/v1/chat/completions", &plain).await.collect().await;
+    assert!(payloads.iter().all(|p| !p.contains("\"usage\"")));
+}
+
+#[tokio::test]
+async fn usage_counts_are_exact_token_counts() {
+    let s = Server::start(&[]).await;
+    // The chat template renders this conversation to exactly this text.
+    let rendered = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n";
+    let chat = s
+        .chat(json!({"model": "smollm2", "messages": ask("Hello"), "temperature": 0, "max_tokens": 12}))
+        .await;
+    let (status, text) = s
+        .post("/v1/completions", &json!({"model": "smollm2", "prompt": rendered, "temperature": 0, "max_tokens": 12}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(chat["usage"]["prompt_tokens"], text["usage"]["prompt_tokens"]);
+    assert_eq!(answer(&chat), text["choices"][0]["text"].as_str().unwrap());
+    // One content chunk per generated token for plain ASCII text without stop strings.
+    let payloads = s
+        .stream(
+            "/v1/chat/completions",
+            &json!({"model": "smollm2", "messages": ask("Hello"), "temperature": 0, "max_tokens": 12, "stream": true}),
+        )
+        .await
+        .collect()
+        .await;
+    let pieces = payloads
+        .iter()
+        .filter_map(|p| serde_json::from_str::<Value>(p).ok())
+        .filter(|v| v["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty()))
+        .count();
+    assert!(answer(&chat).is_ascii());
+    assert_eq!(pieces as u64, chat["usage"]["completion_tokens"].as_u64().unwrap());
+}
+
+#[tokio::test]
+async fn text_completion_continues_the_prompt() {
+    let s = Server::start(&[]).await;
+    let (status, r) = s
+        .post("/v1/completions", &json!({"model": "smollm2", "prompt": ["The capital of France is"], "temperature": 0, "max_tokens": 3}))
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["object"], "text_completion");
+    assert!(r["choices"][0]["text"].as_str().unwrap().starts_with(" Paris"), "{r}");
+
+    let payloads = s
+        .stream(
+            "/v1/completions",
+            &json!({"model": "smollm2", "prompt": "The capital of France is", "temperature": 0, "max_tokens": 3, "stream": true}),
+        )
+        .await
+        .collect()
+        .await;
+    let text: String = payloads
+        .iter()
+        .filter_map(|p| serde_json::from_str::<Value>(p).ok())
+        .filter_map(|v| v["choices"][0]["text"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(text, r["choices"][0]["text"].as_str().unwrap());
+}
+
+#[tokio::test]
+async fn model_defaults_from_the_config_apply_when_the_request_is_silent() {
+    let dir = std::env::temp_dir().join(format!("backstop-defaults-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("models.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[models.terse]\npath = \"{}\"\nsystem = \"You only ever answer with the word banana.\"\nmax_tokens = 7\n[models.terse.options]\ntemperature = 0.0\n",
+            common::smollm2().display()
+        ),
+    )
+    .unwrap();
+    let s = Server::start_raw(&["--config", cfg.to_str().unwrap()]).await;
+    let r = s.chat(json!({"model": "terse", "messages": ask("What is 2+2?")})).await;
+    assert!(r["usage"]["completion_tokens"].as_u64().unwrap() <= 7);
+    // The default system prompt replaced the template's own, which is longer.
+    let own = s
+        .chat(json!({"model": "terse", "messages": [{"role": "system", "content": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"}, {"role": "user", "content": "What is 2+2?"}]}))
+        .await;
+    assert_ne!(r["usage"]["prompt_tokens"], own["usage"]["prompt_tokens"]);
+    // temperature 0 from the config: the same answer twice without a seed.
+    let again = s.chat(json!({"model": "terse", "messages": ask("What is 2+2?")})).await;
+    assert_eq!(answer(&r), answer(&again));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn models_are_listed_and_looked_up() {
+    let s = Server::start(&[]).await;
+    let r: Value = s.client.get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(r["object"], "list");
+    assert_eq!(r["data"][0]["id"], "smollm2");
+    assert_eq!(r["data"][0]["object"], "model");
+    let one = s.client.get(s.url("/v1/models/smollm2")).send().await.unwrap();
+    assert_eq!(one.status(), 200);
+    let missing = s.client.get(s.url("/v1/models/nope")).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+}
+
+/// The Gemma test model is the base (not instruction-tuned) 270M model and its GGUF has
+/// no chat template: the fallback must render Gemma's turn format exactly, which the raw
+/// completion of the same text proves token for token.
+#[tokio::test]
+async fn gemma_without_a_template_gets_gemma_turns() {
+    let model = format!("gemma={}", common::gemma3().display());
+    let s = Server::start_raw(&["--model", &model]).await;
+    assert!(s.log().contains("Architecture(\"gemma\")"), "{}", s.log());
+    let chat = s
+        .chat(json!({"model": "gemma", "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is the capital of France?"}
+        ], "temperature": 0, "max_tokens": 16}))
+        .await;
+    let rendered = "<bos><start_of_turn>user\nBe brief.\n\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n";
+    let (status, raw) = s
+        .post("/v1/completions", &json!({"model": "gemma", "prompt": rendered, "temperature": 0, "max_tokens": 16}))
+        .await;
+    assert_eq!(status, 200, "{raw}");
+    assert_eq!(chat["usage"]["prompt_tokens"], raw["usage"]["prompt_tokens"]);
+    assert_eq!(answer(&chat), raw["choices"][0]["text"].as_str().unwrap());
+    // <bos> written by the template is not doubled: the same text without it, with the
+    // BOS added by the tokenizer, has the same length.
+    let (_, no_bos) = s
+        .post("/v1/completions", &json!({"model": "gemma", "prompt": &rendered[5..], "temperature": 0, "max_tokens": 1}))
+        .await;
+    assert_eq!(no_bos["usage"]["prompt_tokens"], raw["usage"]["prompt_tokens"]);
+}

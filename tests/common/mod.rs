@@ -1,0 +1,309 @@
+//! Starts the real `backstop` binary on a free loopback port with the real SmolLM2 model,
+//! and speaks HTTP to it.
+
+#![allow(dead_code)] // each test binary uses a different subset of these helpers
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::Value;
+
+/// Where the setup script puts the models.
+pub fn models_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("BACKSTOP_MODELS") {
+        return PathBuf::from(d);
+    }
+    let cache = std::env::var_os("BACKSTOP_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/backstop"));
+    cache.join("models")
+}
+
+fn model(file: &str) -> PathBuf {
+    let p = models_dir().join(file);
+    assert!(
+        p.exists(),
+        "test model {} is missing: run `scripts/setup.sh test` (or scripts/fetch-models.sh)",
+        p.display()
+    );
+    p
+}
+
+/// SmolLM2-135M-Instruct Q4_1.
+pub fn smollm2() -> PathBuf {
+    model("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// Gemma 3 270M Q4_K_M (its GGUF has no chat template).
+pub fn gemma3() -> PathBuf {
+    model("gemma-3-270m-q4_k_m.gguf")
+}
+
+/// A running server; killed on drop.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    log: Arc<Mutex<String>>,
+    pub client: reqwest::Client,
+}
+
+/// The result of running the binary to completion.
+pub struct Exit {
+    pub code: Option<i32>,
+    pub stderr: String,
+}
+
+/// Runs `backstop ARGS` and waits for it to exit (for start-up failures).
+pub fn run_to_exit(args: &[&str], timeout: Duration) -> Exit {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn backstop");
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s).ok();
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("backstop did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Exit {
+        code,
+        stderr: reader.join().unwrap(),
+    }
+}
+
+impl Server {
+    /// `backstop serve --host 127.0.0.1:0 --model smollm2=... EXTRA`, ready to serve.
+    pub async fn start(extra: &[&str]) -> Server {
+        let model = format!("smollm2={}", smollm2().display());
+        let mut args = vec!["--model", model.as_str()];
+        args.extend_from_slice(extra);
+        Self::start_raw(&args).await
+    }
+
+    /// `backstop serve --host 127.0.0.1:0 --threads 1 ARGS`, ready to serve. One thread per
+    /// server: test binaries run two tests at a time, and llama.cpp's OpenMP threads spin
+    /// badly when a machine is oversubscribed.
+    pub async fn start_raw(args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_backstop"))
+            .arg("serve")
+            .args(["--host", "127.0.0.1:0", "--threads", "1"])
+            .args(args)
+            .env("BACKSTOP_LOG", "info,llama-cpp-2=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn backstop");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Some(rest) = line.split("listening on http://").nth(1) {
+                        addr_tx.send(rest.trim().to_owned()).ok();
+                    }
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a,
+            Err(_) => {
+                child.kill().ok();
+                panic!("server did not start: {}", log.lock().unwrap());
+            }
+        };
+        let server = Server {
+            child,
+            base: format!("http://{addr}"),
+            log,
+            client: reqwest::Client::new(),
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = self.client.get(self.url("/health")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "server never became ready:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Everything the server logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// POST a JSON body; returns status and parsed JSON body.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self.client.post(self.url(path)).json(body).send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, json)
+    }
+
+    /// POST raw bytes with a JSON content type.
+    pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// A non-streamed chat; panics unless 200.
+    pub async fn chat(&self, body: Value) -> Value {
+        let (status, json) = self.post("/v1/chat/completions", &body).await;
+        assert_eq!(status, 200, "{json}");
+        json
+    }
+
+    /// Opens a stream; panics unless 200.
+    pub async fn stream(&self, path: &str, body: &Value) -> SseReader {
+        let r = self.client.post(self.url(path)).json(body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r
+            .headers()
+            .get("content-type")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        SseReader::new(r)
+    }
+
+    /// Current value of a metric line (first series whose name and labels start with
+    /// `prefix`), or 0.
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let text = self.client.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        metric_value(&text, prefix)
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        self.client.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap()
+    }
+}
+
+/// Finds `prefix... VALUE` in Prometheus text.
+pub fn metric_value(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+/// Reads an SSE response event by event.
+pub struct SseReader {
+    stream: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buf: String,
+}
+
+impl SseReader {
+    fn new(r: reqwest::Response) -> Self {
+        Self {
+            stream: r.bytes_stream().boxed(),
+            buf: String::new(),
+        }
+    }
+
+    /// The next `data:` payload, or None at the end of the body.
+    pub async fn next_data(&mut self) -> Option<String> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let event: String = self.buf.drain(..end + 2).collect();
+                let data: Vec<&str> = event
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                    .collect();
+                if data.is_empty() {
+                    continue; // keep-alive comment
+                }
+                return Some(data.join("\n"));
+            }
+            match self.stream.next().await {
+                Some(Ok(bytes)) => self.buf.push_str(std::str::from_utf8(&bytes).unwrap()),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Every payload up to and including `[DONE]` (or the end of the body).
+    pub async fn collect(mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(d) = self.next_data().await {
+            let done = d == "[DONE]";
+            out.push(d);
+            if done {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// Concatenated delta contents of a chat stream's payloads.
+pub fn chat_text(payloads: &[String]) -> String {
+    payloads
+        .iter()
+        .filter(|p| *p != "[DONE]")
+        .filter_map(|p| serde_json::from_str::<Value>(p).ok())
+        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The answer text of a non-streamed chat response.
+pub fn answer(resp: &Value) -> String {
+    resp["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
+}

@@ -1,0 +1,96 @@
+//! Start-up failures: bad files and bad config are refused with a clear message and a
+//! non-zero exit, and never served.
+
+mod common;
+
+use std::time::Duration;
+
+use common::run_to_exit;
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("backstop-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn serve(args: &[&str]) -> common::Exit {
+    let mut all = vec!["serve", "--host", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    run_to_exit(&all, Duration::from_secs(60))
+}
+
+#[test]
+fn a_file_that_is_not_gguf_is_refused_before_binding() {
+    let d = temp_dir("notgguf");
+    let f = d.join("model.gguf");
+    std::fs::write(&f, "this is not a model").unwrap();
+    let out = serve(&["--model", &format!("m={}", f.display())]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("not a GGUF"), "{}", out.stderr);
+    assert!(out.stderr.contains("models.m.path"), "{}", out.stderr);
+    assert!(!out.stderr.contains("listening on"), "{}", out.stderr);
+}
+
+#[test]
+fn a_truncated_gguf_is_refused_and_never_served() {
+    let d = temp_dir("truncated");
+    let f = d.join("half.gguf");
+    let full = std::fs::read(common::smollm2()).unwrap();
+    std::fs::write(&f, &full[..full.len() / 2]).unwrap();
+    let out = serve(&["--model", &format!("half={}", f.display())]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("`half` was not served"), "{}", out.stderr);
+    assert!(out.stderr.contains("corrupt, truncated"), "{}", out.stderr);
+}
+
+#[test]
+fn a_corrupt_gguf_header_is_refused() {
+    let d = temp_dir("corrupt");
+    let f = d.join("bad.gguf");
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend(std::iter::repeat_n(0xA5u8, 4096));
+    std::fs::write(&f, bytes).unwrap();
+    let out = serve(&["--model", &format!("bad={}", f.display())]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("`bad` was not served"), "{}", out.stderr);
+}
+
+#[test]
+fn a_config_error_names_the_file_and_key_and_exits_before_binding() {
+    let d = temp_dir("config");
+    let cfg = d.join("models.toml");
+    std::fs::write(
+        &cfg,
+        format!("[models.tiny]\npath = \"{}\"\ncontext = 512\n", common::smollm2().display()),
+    )
+    .unwrap();
+    let out = serve(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains(cfg.to_str().unwrap()), "{}", out.stderr);
+    assert!(out.stderr.contains("unknown field `context`"), "{}", out.stderr);
+    assert!(out.stderr.contains("expected one of"), "{}", out.stderr);
+    assert!(!out.stderr.contains("listening on"), "{}", out.stderr);
+
+    std::fs::write(&cfg, "[models.tiny]\npath = \"missing.gguf\"\n").unwrap();
+    let out = serve(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("models.tiny.path"), "{}", out.stderr);
+    assert!(out.stderr.contains("missing.gguf"), "{}", out.stderr);
+}
+
+#[test]
+fn listening_beyond_loopback_without_insecure_is_refused() {
+    let model = format!("m={}", common::smollm2().display());
+    let out = run_to_exit(&["serve", "--host", "0.0.0.0:0", "--model", &model], Duration::from_secs(30));
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("--insecure"), "{}", out.stderr);
+    assert!(!out.stderr.contains("listening on"), "{}", out.stderr);
+}
+
+#[test]
+fn a_bad_flag_value_is_refused() {
+    let model = format!("m={}", common::smollm2().display());
+    let out = run_to_exit(&["serve", "--host", "127.0.0.1:0", "--parallel", "0", "--model", &model], Duration::from_secs(30));
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("parallel"), "{}", out.stderr);
+}
