@@ -121,7 +121,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         None
     };
     let engines = Arc::clone(&models);
-    if tokio::task::spawn_blocking(move || engines.shutdown()).await.is_err() {
+    if tokio::task::spawn_blocking(move || engines.shutdown())
+        .await
+        .is_err()
+    {
         tracing::error!("engine shutdown panicked");
     }
     match load_result {

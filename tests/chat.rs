@@ -23,11 +23,18 @@ async fn stream_and_non_stream_give_identical_text_for_the_same_seed() {
     let whole = s.chat(body.clone()).await;
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
-    let payloads = s.stream("/v1/chat/completions", &streamed).await.collect().await;
+    let payloads = s
+        .stream("/v1/chat/completions", &streamed)
+        .await
+        .collect()
+        .await;
     assert_eq!(payloads.last().unwrap(), "[DONE]");
     assert_eq!(chat_text(&payloads), answer(&whole));
     let last: Value = serde_json::from_str(&payloads[payloads.len() - 2]).unwrap();
-    assert_eq!(last["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"]);
+    assert_eq!(
+        last["choices"][0]["finish_reason"],
+        whole["choices"][0]["finish_reason"]
+    );
 }
 
 #[tokio::test]
@@ -54,7 +61,10 @@ async fn the_same_seed_gives_the_same_text_and_another_seed_does_not() {
     let a = run(7).await;
     assert_eq!(a, run(7).await);
     let others = [run(8).await, run(9).await, run(10).await];
-    assert!(others.iter().any(|o| *o != a), "three other seeds all gave {a:?}");
+    assert!(
+        others.iter().any(|o| *o != a),
+        "three other seeds all gave {a:?}"
+    );
 }
 
 #[tokio::test]
@@ -76,7 +86,8 @@ async fn temperature_zero_is_greedy_whatever_the_seed() {
 async fn max_tokens_cuts_the_answer_and_says_length() {
     let s = Server::start(&[]).await;
     for field in ["max_tokens", "max_completion_tokens"] {
-        let mut body = json!({"model": "smollm2", "messages": ask("Tell me a long story."), "temperature": 0});
+        let mut body =
+            json!({"model": "smollm2", "messages": ask("Tell me a long story."), "temperature": 0});
         body[field] = json!(5);
         let r = s.chat(body).await;
         assert_eq!(r["usage"]["completion_tokens"], 5, "{field}");
@@ -102,7 +113,10 @@ async fn a_natural_end_says_stop() {
 /// several tokens.
 fn stop_from(text: &str) -> (String, String) {
     let words: Vec<&str> = text.split(' ').collect();
-    assert!(words.len() > 6, "answer too short to pick a stop from: {text:?}");
+    assert!(
+        words.len() > 6,
+        "answer too short to pick a stop from: {text:?}"
+    );
     let stop = format!(" {} {}", words[4], words[5]);
     let at = text.find(&stop).unwrap();
     (stop, text[..at].to_owned())
@@ -122,9 +136,16 @@ async fn a_stop_string_spanning_tokens_ends_the_answer_and_never_leaks() {
     assert_eq!(r["choices"][0]["finish_reason"], "stop");
 
     body["stream"] = json!(true);
-    let payloads = s.stream("/v1/chat/completions", &body).await.collect().await;
+    let payloads = s
+        .stream("/v1/chat/completions", &body)
+        .await
+        .collect()
+        .await;
     assert_eq!(chat_text(&payloads), expected);
-    assert!(payloads.iter().all(|p| !p.contains(stop.trim())), "stop text leaked in {payloads:?}");
+    assert!(
+        payloads.iter().all(|p| !p.contains(stop.trim())),
+        "stop text leaked in {payloads:?}"
+    );
 }
 
 #[tokio::test]
@@ -149,11 +170,21 @@ async fn include_usage_ends_the_stream_with_exact_counts() {
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
     streamed["stream_options"] = json!({"include_usage": true});
-    let payloads = s.stream("/v1/chat/completions", &streamed).await.collect().await;
+    let payloads = s
+        .stream("/v1/chat/completions", &streamed)
+        .await
+        .collect()
+        .await;
     let usage_chunk: Value = serde_json::from_str(&payloads[payloads.len() - 2]).unwrap();
     assert_eq!(usage_chunk["choices"], json!([]));
-    assert_eq!(usage_chunk["usage"]["prompt_tokens"], whole["usage"]["prompt_tokens"]);
-    assert_eq!(usage_chunk["usage"]["completion_tokens"], whole["usage"]["completion_tokens"]);
+    assert_eq!(
+        usage_chunk["usage"]["prompt_tokens"],
+        whole["usage"]["prompt_tokens"]
+    );
+    assert_eq!(
+        usage_chunk["usage"]["completion_tokens"],
+        whole["usage"]["completion_tokens"]
+    );
     // Every chunk before the usage chunk carries "usage": null, as OpenAI does.
     for p in &payloads[..payloads.len() - 2] {
         let v: Value = serde_json::from_str(p).unwrap();
@@ -161,7 +192,11 @@ async fn include_usage_ends_the_stream_with_exact_counts() {
     }
     let mut plain = body.clone();
     plain["stream"] = json!(true);
-    let payloads = s.stream("/v1/chat/completions", &plain).await.collect().await;
+    let payloads = s
+        .stream("/v1/chat/completions", &plain)
+        .await
+        .collect()
+        .await;
     assert!(payloads.iter().all(|p| !p.contains("\"usage\"")));
 }
 
@@ -174,10 +209,16 @@ async fn usage_counts_are_exact_token_counts() {
         .chat(json!({"model": "smollm2", "messages": ask("Hello"), "temperature": 0, "max_tokens": 12}))
         .await;
     let (status, text) = s
-        .post("/v1/completions", &json!({"model": "smollm2", "prompt": rendered, "temperature": 0, "max_tokens": 12}))
+        .post(
+            "/v1/completions",
+            &json!({"model": "smollm2", "prompt": rendered, "temperature": 0, "max_tokens": 12}),
+        )
         .await;
     assert_eq!(status, 200);
-    assert_eq!(chat["usage"]["prompt_tokens"], text["usage"]["prompt_tokens"]);
+    assert_eq!(
+        chat["usage"]["prompt_tokens"],
+        text["usage"]["prompt_tokens"]
+    );
     assert_eq!(answer(&chat), text["choices"][0]["text"].as_str().unwrap());
     // One content chunk per generated token for plain ASCII text without stop strings.
     let payloads = s
@@ -191,10 +232,17 @@ async fn usage_counts_are_exact_token_counts() {
     let pieces = payloads
         .iter()
         .filter_map(|p| serde_json::from_str::<Value>(p).ok())
-        .filter(|v| v["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty()))
+        .filter(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+        })
         .count();
     assert!(answer(&chat).is_ascii());
-    assert_eq!(pieces as u64, chat["usage"]["completion_tokens"].as_u64().unwrap());
+    assert_eq!(
+        pieces as u64,
+        chat["usage"]["completion_tokens"].as_u64().unwrap()
+    );
 }
 
 #[tokio::test]
@@ -205,7 +253,13 @@ async fn text_completion_continues_the_prompt() {
         .await;
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["object"], "text_completion");
-    assert!(r["choices"][0]["text"].as_str().unwrap().starts_with(" Paris"), "{r}");
+    assert!(
+        r["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with(" Paris"),
+        "{r}"
+    );
 
     let payloads = s
         .stream(
@@ -237,7 +291,9 @@ async fn model_defaults_from_the_config_apply_when_the_request_is_silent() {
     )
     .unwrap();
     let s = Server::start_raw(&["--config", cfg.to_str().unwrap()]).await;
-    let r = s.chat(json!({"model": "terse", "messages": ask("What is 2+2?")})).await;
+    let r = s
+        .chat(json!({"model": "terse", "messages": ask("What is 2+2?")}))
+        .await;
     assert!(r["usage"]["completion_tokens"].as_u64().unwrap() <= 7);
     // The default system prompt replaced the template's own, which is longer.
     let own = s
@@ -245,7 +301,9 @@ async fn model_defaults_from_the_config_apply_when_the_request_is_silent() {
         .await;
     assert_ne!(r["usage"]["prompt_tokens"], own["usage"]["prompt_tokens"]);
     // temperature 0 from the config: the same answer twice without a seed.
-    let again = s.chat(json!({"model": "terse", "messages": ask("What is 2+2?")})).await;
+    let again = s
+        .chat(json!({"model": "terse", "messages": ask("What is 2+2?")}))
+        .await;
     assert_eq!(answer(&r), answer(&again));
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -253,11 +311,24 @@ async fn model_defaults_from_the_config_apply_when_the_request_is_silent() {
 #[tokio::test]
 async fn models_are_listed_and_looked_up() {
     let s = Server::start(&[]).await;
-    let r: Value = s.client.get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let r: Value = s
+        .client
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(r["object"], "list");
     assert_eq!(r["data"][0]["id"], "smollm2");
     assert_eq!(r["data"][0]["object"], "model");
-    let one = s.client.get(s.url("/v1/models/smollm2")).send().await.unwrap();
+    let one = s
+        .client
+        .get(s.url("/v1/models/smollm2"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(one.status(), 200);
     let missing = s.client.get(s.url("/v1/models/nope")).send().await.unwrap();
     assert_eq!(missing.status(), 404);
@@ -279,15 +350,56 @@ async fn gemma_without_a_template_gets_gemma_turns() {
         .await;
     let rendered = "<bos><start_of_turn>user\nBe brief.\n\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n";
     let (status, raw) = s
-        .post("/v1/completions", &json!({"model": "gemma", "prompt": rendered, "temperature": 0, "max_tokens": 16}))
+        .post(
+            "/v1/completions",
+            &json!({"model": "gemma", "prompt": rendered, "temperature": 0, "max_tokens": 16}),
+        )
         .await;
     assert_eq!(status, 200, "{raw}");
-    assert_eq!(chat["usage"]["prompt_tokens"], raw["usage"]["prompt_tokens"]);
+    assert_eq!(
+        chat["usage"]["prompt_tokens"],
+        raw["usage"]["prompt_tokens"]
+    );
     assert_eq!(answer(&chat), raw["choices"][0]["text"].as_str().unwrap());
     // <bos> written by the template is not doubled: the same text without it, with the
     // BOS added by the tokenizer, has the same length.
     let (_, no_bos) = s
-        .post("/v1/completions", &json!({"model": "gemma", "prompt": &rendered[5..], "temperature": 0, "max_tokens": 1}))
+        .post(
+            "/v1/completions",
+            &json!({"model": "gemma", "prompt": &rendered[5..], "temperature": 0, "max_tokens": 1}),
+        )
         .await;
-    assert_eq!(no_bos["usage"]["prompt_tokens"], raw["usage"]["prompt_tokens"]);
+    assert_eq!(
+        no_bos["usage"]["prompt_tokens"],
+        raw["usage"]["prompt_tokens"]
+    );
+}
+
+#[tokio::test]
+async fn the_example_catalogue_serves_both_models() {
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/models.toml");
+    let s = Server::start_raw(&["--config", cfg]).await;
+    let r: Value = s
+        .client
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = r["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["gemma3", "smollm2"]);
+    for model in ids {
+        let r = s
+            .chat(json!({"model": model, "messages": ask("Hi"), "max_tokens": 3, "temperature": 0}))
+            .await;
+        assert_eq!(r["model"], model);
+        assert!(r["usage"]["completion_tokens"].as_u64().unwrap() <= 3);
+    }
 }

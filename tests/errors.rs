@@ -9,9 +9,15 @@ use serde_json::{json, Value};
 fn error_of(status: u16, body: &Value, expected_status: u16) -> Value {
     assert_eq!(status, expected_status, "{body}");
     let e = &body["error"];
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     assert!(e["type"].is_string(), "{body}");
-    assert!(e.get("param").is_some() && e.get("code").is_some(), "{body}");
+    assert!(
+        e.get("param").is_some() && e.get("code").is_some(),
+        "{body}"
+    );
     e.clone()
 }
 
@@ -24,8 +30,16 @@ async fn malformed_requests_get_400_naming_the_field_and_the_server_keeps_servin
     let s = Server::start(&[]).await;
     let baseline = answer(&s.chat(chat_body()).await);
 
-    let (st, b) = s.post_raw("/v1/chat/completions", b"{\"model\": \"smollm2\", \"messages\": [".to_vec()).await;
-    assert!(error_of(st, &b, 400)["message"].as_str().unwrap().contains("not valid JSON"));
+    let (st, b) = s
+        .post_raw(
+            "/v1/chat/completions",
+            b"{\"model\": \"smollm2\", \"messages\": [".to_vec(),
+        )
+        .await;
+    assert!(error_of(st, &b, 400)["message"]
+        .as_str()
+        .unwrap()
+        .contains("not valid JSON"));
 
     let (st, b) = s.post_raw("/v1/chat/completions", b"[1, 2]".to_vec()).await;
     error_of(st, &b, 400);
@@ -35,24 +49,75 @@ async fn malformed_requests_get_400_naming_the_field_and_the_server_keeps_servin
 
     let cases: Vec<(Value, &str)> = vec![
         (json!({"model": "smollm2", "messages": "hello"}), "messages"),
-        (json!({"model": "smollm2", "messages": [{"role": 7, "content": "x"}]}), "messages[0].role"),
+        (
+            json!({"model": "smollm2", "messages": [{"role": 7, "content": "x"}]}),
+            "messages[0].role",
+        ),
         (json!({"model": "smollm2", "messages": []}), "messages"),
-        (json!({"model": "smollm2", "messages": [{"role": "wizard", "content": "x"}]}), "messages[0].role"),
-        (json!({"model": "smollm2", "messages": [{"role": "user"}]}), "messages[0].content"),
-        (json!({"model": "smollm2", "messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
-        (json!({"model": "smollm2", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}), "messages[0].content[0].type"),
-        (json!({"messages": [{"role": "user", "content": "x"}]}), "model"),
-        (json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "temperature": 5}), "temperature"),
-        (json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}), "temperature"),
-        (json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "top_p": -0.5}), "top_p"),
-        (json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 3}), "presence_penalty"),
-        (json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "n": 2}), "n"),
-        (json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), "max_tokens"),
-        (json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1_000_000_000u64}), "max_tokens"),
-        (json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "max_tokens": -3}), "max_tokens"),
-        (json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "stop": 5}), "stop"),
-        (json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "stop": vec!["a"; 17]}), "stop"),
-        (json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}), "stream"),
+        (
+            json!({"model": "smollm2", "messages": [{"role": "wizard", "content": "x"}]}),
+            "messages[0].role",
+        ),
+        (
+            json!({"model": "smollm2", "messages": [{"role": "user"}]}),
+            "messages[0].content",
+        ),
+        (
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": 5}]}),
+            "messages[0].content",
+        ),
+        (
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}),
+            "messages[0].content[0].type",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}]}),
+            "model",
+        ),
+        (
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "temperature": 5}),
+            "temperature",
+        ),
+        (
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}),
+            "temperature",
+        ),
+        (
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "top_p": -0.5}),
+            "top_p",
+        ),
+        (
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 3}),
+            "presence_penalty",
+        ),
+        (
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "n": 2}),
+            "n",
+        ),
+        (
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1_000_000_000u64}),
+            "max_tokens",
+        ),
+        (
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "max_tokens": -3}),
+            "max_tokens",
+        ),
+        (
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "stop": 5}),
+            "stop",
+        ),
+        (
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "stop": vec!["a"; 17]}),
+            "stop",
+        ),
+        (
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}),
+            "stream",
+        ),
     ];
     for (body, param) in cases {
         let (st, b) = s.post("/v1/chat/completions", &body).await;
@@ -61,11 +126,26 @@ async fn malformed_requests_get_400_naming_the_field_and_the_server_keeps_servin
         assert_eq!(e["type"], "invalid_request_error");
     }
 
-    let (st, b) = s.post("/v1/completions", &json!({"model": "smollm2", "prompt": 42})).await;
+    let (st, b) = s
+        .post(
+            "/v1/completions",
+            &json!({"model": "smollm2", "prompt": 42}),
+        )
+        .await;
     assert_eq!(error_of(st, &b, 400)["param"], "prompt");
-    let (st, b) = s.post("/v1/completions", &json!({"model": "smollm2", "prompt": ["a", "b"]})).await;
+    let (st, b) = s
+        .post(
+            "/v1/completions",
+            &json!({"model": "smollm2", "prompt": ["a", "b"]}),
+        )
+        .await;
     assert_eq!(error_of(st, &b, 400)["param"], "prompt");
-    let (st, b) = s.post("/v1/completions", &json!({"model": "smollm2", "prompt": ""})).await;
+    let (st, b) = s
+        .post(
+            "/v1/completions",
+            &json!({"model": "smollm2", "prompt": ""}),
+        )
+        .await;
     assert_eq!(error_of(st, &b, 400)["param"], "prompt");
 
     // Nothing was disturbed: the same request gives the same answer as before.
@@ -82,10 +162,18 @@ async fn unknown_model_is_404_and_unknown_path_is_404() {
     assert_eq!(e["code"], "model_not_found");
     assert!(e["message"].as_str().unwrap().contains("gpt-9"));
 
-    let r = s.client.get(s.url("/v1/nothing-here")).send().await.unwrap();
+    let r = s
+        .client
+        .get(s.url("/v1/nothing-here"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     let b: Value = r.json().await.unwrap();
-    assert!(b["error"]["message"].as_str().unwrap().contains("/v1/nothing-here"));
+    assert!(b["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/v1/nothing-here"));
 }
 
 #[tokio::test]
@@ -122,7 +210,8 @@ async fn a_prompt_longer_than_the_context_is_422_for_streams_too() {
     assert_eq!(error_of(st, &b, 400)["param"], "max_tokens");
     // A prompt that fits still works, and generation stops at the end of the context.
     let mut fits = chat_body();
-    fits["messages"][0]["content"] = json!("the quick brown fox jumps over the lazy dog ".repeat(20));
+    fits["messages"][0]["content"] =
+        json!("the quick brown fox jumps over the lazy dog ".repeat(20));
     fits["max_tokens"] = json!(256);
     let r = s.chat(fits).await;
     let used = r["usage"]["total_tokens"].as_u64().unwrap();
@@ -138,7 +227,10 @@ async fn unsupported_features_are_refused_clearly() {
     for (field, value) in [
         ("logprobs", json!(true)),
         ("response_format", json!({"type": "json_object"})),
-        ("tools", json!([{"type": "function", "function": {"name": "f", "parameters": {}}}])),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ),
     ] {
         let mut body = chat_body();
         body[field] = value;

@@ -26,10 +26,16 @@ fn long_completion(max_tokens: u32, stream: bool) -> Value {
 
 /// Decode steps that evaluated at least `n` sequences (from the histogram buckets).
 fn steps_with_at_least(metrics: &str, n: u32) -> f64 {
-    let count = metric_value(metrics, &format!("backstop_decode_batch_sequences_count{MODEL}"));
+    let count = metric_value(
+        metrics,
+        &format!("backstop_decode_batch_sequences_count{MODEL}"),
+    );
     let below = metric_value(
         metrics,
-        &format!("backstop_decode_batch_sequences_bucket{MODEL},le=\"{}\"}}", n - 1),
+        &format!(
+            "backstop_decode_batch_sequences_bucket{MODEL},le=\"{}\"}}",
+            n - 1
+        ),
     );
     count - below
 }
@@ -77,51 +83,89 @@ async fn four_concurrent_requests_share_decode_steps() {
     let shared = steps_with_at_least(&s.metrics_text().await, 4) - before;
     // 4 x 40 tokens: if the requests ran one after another no step would hold 4
     // sequences; with continuous batching nearly all 40 decode steps do.
-    assert!(shared >= 30.0, "only {shared} decode steps held all 4 sequences");
+    assert!(
+        shared >= 30.0,
+        "only {shared} decode steps held all 4 sequences"
+    );
 }
 
 #[tokio::test]
 async fn a_client_that_disconnects_mid_stream_frees_its_slot() {
     let s = Server::start(&["--parallel", "1"]).await;
-    let mut stream = s.stream("/v1/completions", &long_completion(3000, true)).await;
+    let mut stream = s
+        .stream("/v1/completions", &long_completion(3000, true))
+        .await;
     for _ in 0..3 {
         assert!(stream.next_data().await.is_some());
     }
     drop(stream);
-    assert_eq!(wait_for_metric(&s, &format!("backstop_requests_cancelled_total{MODEL}"), |v| v >= 1.0).await, 1.0);
+    assert_eq!(
+        wait_for_metric(
+            &s,
+            &format!("backstop_requests_cancelled_total{MODEL}"),
+            |v| v >= 1.0
+        )
+        .await,
+        1.0
+    );
     // The only slot is free again: a new request is served, and the abandoned generation
     // stopped long before its 3000 tokens.
     let (status, body) = s.post("/v1/completions", &long_completion(5, false)).await;
     assert_eq!(status, 200, "{body}");
-    let generated = s.metric(&format!("backstop_completion_tokens_total{MODEL}")).await;
+    let generated = s
+        .metric(&format!("backstop_completion_tokens_total{MODEL}"))
+        .await;
     assert!(generated < 300.0, "{generated} tokens generated");
-    assert_eq!(wait_for_metric(&s, &format!("backstop_slots_busy{MODEL}"), |v| v == 0.0).await, 0.0);
+    assert_eq!(
+        wait_for_metric(&s, &format!("backstop_slots_busy{MODEL}"), |v| v == 0.0).await,
+        0.0
+    );
 }
 
 #[tokio::test]
 async fn a_client_that_gives_up_on_a_non_streamed_answer_frees_its_slot() {
     let s = Server::start(&["--parallel", "1"]).await;
-    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(800)).build().unwrap();
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(800))
+        .build()
+        .unwrap();
     let r = impatient
         .post(s.url("/v1/completions"))
         .json(&long_completion(3000, false))
         .send()
         .await;
     assert!(r.is_err(), "expected the client to time out");
-    assert_eq!(wait_for_metric(&s, &format!("backstop_requests_cancelled_total{MODEL}"), |v| v >= 1.0).await, 1.0);
+    assert_eq!(
+        wait_for_metric(
+            &s,
+            &format!("backstop_requests_cancelled_total{MODEL}"),
+            |v| v >= 1.0
+        )
+        .await,
+        1.0
+    );
     let (status, _) = s.post("/v1/completions", &long_completion(5, false)).await;
     assert_eq!(status, 200);
-    let generated = s.metric(&format!("backstop_completion_tokens_total{MODEL}")).await;
+    let generated = s
+        .metric(&format!("backstop_completion_tokens_total{MODEL}"))
+        .await;
     assert!(generated < 500.0, "{generated} tokens generated");
 }
 
 #[tokio::test]
 async fn a_full_queue_answers_503_with_retry_after_and_recovers() {
     let s = Server::start(&["--parallel", "1", "--max-queue", "1"]).await;
-    let mut running = s.stream("/v1/completions", &long_completion(3000, true)).await;
+    let mut running = s
+        .stream("/v1/completions", &long_completion(3000, true))
+        .await;
     assert!(running.next_data().await.is_some());
-    let waiting = s.stream("/v1/completions", &long_completion(3000, true)).await;
-    assert_eq!(wait_for_metric(&s, &format!("backstop_queue_depth{MODEL}"), |v| v >= 1.0).await, 1.0);
+    let waiting = s
+        .stream("/v1/completions", &long_completion(3000, true))
+        .await;
+    assert_eq!(
+        wait_for_metric(&s, &format!("backstop_queue_depth{MODEL}"), |v| v >= 1.0).await,
+        1.0
+    );
 
     let r = s
         .client
@@ -131,7 +175,11 @@ async fn a_full_queue_answers_503_with_retry_after_and_recovers() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
-    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(retry >= 1);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "queue_full");
@@ -146,7 +194,9 @@ async fn a_full_queue_answers_503_with_retry_after_and_recovers() {
 async fn a_long_prompt_is_read_in_chunks_while_another_stream_keeps_generating() {
     let s = Server::start(&["--parallel", "2", "--prefill-chunk", "32"]).await;
     let received = Arc::new(AtomicUsize::new(0));
-    let mut stream = s.stream("/v1/completions", &long_completion(2000, true)).await;
+    let mut stream = s
+        .stream("/v1/completions", &long_completion(2000, true))
+        .await;
     let reader = {
         let received = Arc::clone(&received);
         tokio::spawn(async move {
@@ -164,7 +214,10 @@ async fn a_long_prompt_is_read_in_chunks_while_another_stream_keeps_generating()
     let long_prompt = "The history of the world is long and full of surprises. ".repeat(60);
     let at_submit = received.load(Ordering::SeqCst);
     let (status, body) = s
-        .post("/v1/completions", &json!({"model": "smollm2", "prompt": long_prompt, "max_tokens": 1, "temperature": 0}))
+        .post(
+            "/v1/completions",
+            &json!({"model": "smollm2", "prompt": long_prompt, "max_tokens": 1, "temperature": 0}),
+        )
         .await;
     let during = received.load(Ordering::SeqCst) - at_submit;
     assert_eq!(status, 200, "{body}");
@@ -173,6 +226,9 @@ async fn a_long_prompt_is_read_in_chunks_while_another_stream_keeps_generating()
     // Read 32 tokens per step, the prompt took at least prompt_tokens/32 steps, and the
     // running stream got a token in each of them.
     let chunks = prompt_tokens as usize / 32;
-    assert!(during + 2 >= chunks, "the stream got {during} tokens while a {prompt_tokens}-token prompt was read");
+    assert!(
+        during + 2 >= chunks,
+        "the stream got {during} tokens while a {prompt_tokens}-token prompt was read"
+    );
     reader.abort();
 }

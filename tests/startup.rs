@@ -39,7 +39,11 @@ fn a_truncated_gguf_is_refused_and_never_served() {
     std::fs::write(&f, &full[..full.len() / 2]).unwrap();
     let out = serve(&["--model", &format!("half={}", f.display())]);
     assert_eq!(out.code, Some(1), "{}", out.stderr);
-    assert!(out.stderr.contains("`half` was not served"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("`half` was not served"),
+        "{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("corrupt, truncated"), "{}", out.stderr);
 }
 
@@ -52,7 +56,11 @@ fn a_corrupt_gguf_header_is_refused() {
     std::fs::write(&f, bytes).unwrap();
     let out = serve(&["--model", &format!("bad={}", f.display())]);
     assert_eq!(out.code, Some(1), "{}", out.stderr);
-    assert!(out.stderr.contains("`bad` was not served"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("`bad` was not served"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -61,13 +69,20 @@ fn a_config_error_names_the_file_and_key_and_exits_before_binding() {
     let cfg = d.join("models.toml");
     std::fs::write(
         &cfg,
-        format!("[models.tiny]\npath = \"{}\"\ncontext = 512\n", common::smollm2().display()),
+        format!(
+            "[models.tiny]\npath = \"{}\"\ncontext = 512\n",
+            common::smollm2().display()
+        ),
     )
     .unwrap();
     let out = serve(&["--config", cfg.to_str().unwrap()]);
     assert_eq!(out.code, Some(1), "{}", out.stderr);
     assert!(out.stderr.contains(cfg.to_str().unwrap()), "{}", out.stderr);
-    assert!(out.stderr.contains("unknown field `context`"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("unknown field `context`"),
+        "{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("expected one of"), "{}", out.stderr);
     assert!(!out.stderr.contains("listening on"), "{}", out.stderr);
 
@@ -81,7 +96,10 @@ fn a_config_error_names_the_file_and_key_and_exits_before_binding() {
 #[test]
 fn listening_beyond_loopback_without_insecure_is_refused() {
     let model = format!("m={}", common::smollm2().display());
-    let out = run_to_exit(&["serve", "--host", "0.0.0.0:0", "--model", &model], Duration::from_secs(30));
+    let out = run_to_exit(
+        &["serve", "--host", "0.0.0.0:0", "--model", &model],
+        Duration::from_secs(30),
+    );
     assert_eq!(out.code, Some(1), "{}", out.stderr);
     assert!(out.stderr.contains("--insecure"), "{}", out.stderr);
     assert!(!out.stderr.contains("listening on"), "{}", out.stderr);
@@ -90,7 +108,18 @@ fn listening_beyond_loopback_without_insecure_is_refused() {
 #[test]
 fn a_bad_flag_value_is_refused() {
     let model = format!("m={}", common::smollm2().display());
-    let out = run_to_exit(&["serve", "--host", "127.0.0.1:0", "--parallel", "0", "--model", &model], Duration::from_secs(30));
+    let out = run_to_exit(
+        &[
+            "serve",
+            "--host",
+            "127.0.0.1:0",
+            "--parallel",
+            "0",
+            "--model",
+            &model,
+        ],
+        Duration::from_secs(30),
+    );
     assert_eq!(out.code, Some(1), "{}", out.stderr);
     assert!(out.stderr.contains("parallel"), "{}", out.stderr);
 }

@@ -79,6 +79,10 @@ impl axum::response::IntoResponse for BodyError {
             BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::BAD_REQUEST,
         };
-        (status, axum::Json(serde_json::json!({"error": self.to_string()}))).into_response()
+        (
+            status,
+            axum::Json(serde_json::json!({"error": self.to_string()})),
+        )
+            .into_response()
     }
 }

@@ -151,7 +151,11 @@ pub fn parse_host(text: &str) -> Result<SocketAddr, String> {
         return Ok(SocketAddr::new(ip, DEFAULT_PORT));
     }
     let (host, port) = match t.rsplit_once(':') {
-        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("`{p}` is not a port number"))?),
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("`{p}` is not a port number"))?,
+        ),
         None => (t, DEFAULT_PORT),
     };
     match host {
@@ -202,7 +206,11 @@ impl Config {
                     .unwrap_or_else(|| PathBuf::from("."));
                 (raw, path.display().to_string(), base)
             }
-            None => (RawConfig::default(), "command line / environment".to_owned(), PathBuf::from(".")),
+            None => (
+                RawConfig::default(),
+                "command line / environment".to_owned(),
+                PathBuf::from("."),
+            ),
         };
         let flags = "command line / environment";
         let invalid = |origin: &str, key: &str, message: String| ConfigError::Invalid {
@@ -233,12 +241,13 @@ impl Config {
             tracing::warn!(%listen, "listening beyond loopback WITHOUT authentication (--insecure)");
         }
 
-        let positive = |v: Option<u32>, key: &str, from: &str| -> Result<Option<u32>, ConfigError> {
-            match v {
-                Some(0) => Err(invalid(from, key, "must be at least 1".into())),
-                other => Ok(other),
-            }
-        };
+        let positive =
+            |v: Option<u32>, key: &str, from: &str| -> Result<Option<u32>, ConfigError> {
+                match v {
+                    Some(0) => Err(invalid(from, key, "must be at least 1".into())),
+                    other => Ok(other),
+                }
+            };
         // Flag/env values override both the [server] section and per-model values.
         let parallel_flag = positive(args.parallel, "parallel", flags)?;
         let ctx_flag = positive(args.ctx, "ctx", flags)?;
@@ -248,7 +257,11 @@ impl Config {
         let server_threads = positive(raw.server.threads, "server.threads", &origin)?;
         let batch = positive(raw.server.batch, "server.batch", &origin)?.unwrap_or(DEFAULT_BATCH);
         let prefill_chunk = positive(args.prefill_chunk, "prefill-chunk", flags)?
-            .or(positive(raw.server.prefill_chunk, "server.prefill_chunk", &origin)?)
+            .or(positive(
+                raw.server.prefill_chunk,
+                "server.prefill_chunk",
+                &origin,
+            )?)
             .unwrap_or(DEFAULT_PREFILL_CHUNK)
             .min(batch);
         let max_queue = args
@@ -289,7 +302,12 @@ impl Config {
                     ),
                 ));
             }
-            entries.push((DEFAULT_MODEL_NAME.to_owned(), RawModel::default(), flags.to_owned(), path));
+            entries.push((
+                DEFAULT_MODEL_NAME.to_owned(),
+                RawModel::default(),
+                flags.to_owned(),
+                path,
+            ));
         }
 
         let mut models = Vec::with_capacity(entries.len());
@@ -302,12 +320,17 @@ impl Config {
                     "model names may use letters, digits and . _ : - / (at most 128)".into(),
                 ));
             }
-            engine::check_model_file(&path).map_err(|e| invalid(&from, &key("path"), e.to_string()))?;
-            m.options
-                .validate()
-                .map_err(|e| invalid(&from, &key(&format!("options.{}", e.field)), e.to_string()))?;
+            engine::check_model_file(&path)
+                .map_err(|e| invalid(&from, &key("path"), e.to_string()))?;
+            m.options.validate().map_err(|e| {
+                invalid(&from, &key(&format!("options.{}", e.field)), e.to_string())
+            })?;
             if m.stop.len() > MAX_STOP_STRINGS {
-                return Err(invalid(&from, &key("stop"), format!("at most {MAX_STOP_STRINGS} stop strings")));
+                return Err(invalid(
+                    &from,
+                    &key("stop"),
+                    format!("at most {MAX_STOP_STRINGS} stop strings"),
+                ));
             }
             let slots = parallel_flag
                 .or(positive(m.parallel, &key("parallel"), &from)?)
@@ -359,9 +382,15 @@ mod tests {
     fn host_accepts_the_forms_ollama_host_takes() {
         assert_eq!(parse_host("").unwrap().to_string(), "127.0.0.1:11434");
         assert_eq!(parse_host("0.0.0.0").unwrap().to_string(), "0.0.0.0:11434");
-        assert_eq!(parse_host("http://127.0.0.1:8080/").unwrap().to_string(), "127.0.0.1:8080");
+        assert_eq!(
+            parse_host("http://127.0.0.1:8080/").unwrap().to_string(),
+            "127.0.0.1:8080"
+        );
         assert_eq!(parse_host(":9000").unwrap().to_string(), "127.0.0.1:9000");
-        assert_eq!(parse_host("localhost:1234").unwrap().to_string(), "127.0.0.1:1234");
+        assert_eq!(
+            parse_host("localhost:1234").unwrap().to_string(),
+            "127.0.0.1:1234"
+        );
         assert_eq!(parse_host("[::1]:5").unwrap().to_string(), "[::1]:5");
         assert!(parse_host("example.com:80").is_err());
         assert!(parse_host("127.0.0.1:99999").is_err());
@@ -378,8 +407,14 @@ mod tests {
 
     #[test]
     fn relative_paths_resolve_against_the_config_file() {
-        assert_eq!(resolve_path("m.gguf", Path::new("/etc/backstop")), PathBuf::from("/etc/backstop/m.gguf"));
-        assert_eq!(resolve_path("/abs.gguf", Path::new("/x")), PathBuf::from("/abs.gguf"));
+        assert_eq!(
+            resolve_path("m.gguf", Path::new("/etc/backstop")),
+            PathBuf::from("/etc/backstop/m.gguf")
+        );
+        assert_eq!(
+            resolve_path("/abs.gguf", Path::new("/x")),
+            PathBuf::from("/abs.gguf")
+        );
     }
 
     fn load_toml(text: &str) -> Result<Config, ConfigError> {
@@ -407,7 +442,8 @@ mod tests {
 
     #[test]
     fn out_of_range_option_names_the_key() {
-        let err = load_toml("[models.a]\npath = \"model.gguf\"\n[models.a.options]\ntop_p = 3.0\n").unwrap_err();
+        let err = load_toml("[models.a]\npath = \"model.gguf\"\n[models.a.options]\ntop_p = 3.0\n")
+            .unwrap_err();
         assert!(err.to_string().contains("models.a.options.top_p"), "{err}");
     }
 
@@ -419,7 +455,9 @@ mod tests {
 
     #[test]
     fn public_bind_without_insecure_is_refused() {
-        let err = load_toml("[server]\nhost = \"0.0.0.0:8080\"\n[models.a]\npath = \"model.gguf\"\n").unwrap_err();
+        let err =
+            load_toml("[server]\nhost = \"0.0.0.0:8080\"\n[models.a]\npath = \"model.gguf\"\n")
+                .unwrap_err();
         assert!(err.to_string().contains("--insecure"), "{err}");
     }
 

@@ -26,17 +26,18 @@ pub(crate) struct EngineMetrics {
 impl EngineMetrics {
     /// Registers the metrics under the model's name.
     pub(crate) fn new(model: &str, slots: u32) -> Self {
-        let label = ("model", model.to_owned());
-        gauge!("backstop_slots", &[label.clone()]).set(f64::from(slots));
+        let labels = [("model", model.to_owned())];
+        let labels = &labels[..];
+        gauge!("backstop_slots", labels).set(f64::from(slots));
         Self {
-            steps: counter!("backstop_decode_steps_total", &[label.clone()]),
-            batch_sequences: histogram!("backstop_decode_batch_sequences", &[label.clone()]),
-            prompt_tokens: counter!("backstop_prompt_tokens_evaluated_total", &[label.clone()]),
-            completion_tokens: counter!("backstop_completion_tokens_total", &[label.clone()]),
-            busy_slots: gauge!("backstop_slots_busy", &[label.clone()]),
-            queue_depth: gauge!("backstop_queue_depth", &[label.clone()]),
-            cancelled: counter!("backstop_requests_cancelled_total", &[label.clone()]),
-            decode_errors: counter!("backstop_decode_errors_total", &[label]),
+            steps: counter!("backstop_decode_steps_total", labels),
+            batch_sequences: histogram!("backstop_decode_batch_sequences", labels),
+            prompt_tokens: counter!("backstop_prompt_tokens_evaluated_total", labels),
+            completion_tokens: counter!("backstop_completion_tokens_total", labels),
+            busy_slots: gauge!("backstop_slots_busy", labels),
+            queue_depth: gauge!("backstop_queue_depth", labels),
+            cancelled: counter!("backstop_requests_cancelled_total", labels),
+            decode_errors: counter!("backstop_decode_errors_total", labels),
         }
     }
 }

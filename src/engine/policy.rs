@@ -59,9 +59,7 @@ pub(crate) fn plan_step(slots: &[SlotState], budget: Budget) -> StepPlan {
             plan.decode.push(i);
         }
     }
-    let decoding = slots
-        .iter()
-        .any(|s| matches!(s, SlotState::Decode { .. }));
+    let decoding = slots.iter().any(|s| matches!(s, SlotState::Decode { .. }));
     let cap = if decoding {
         budget.prefill_chunk
     } else {
@@ -109,7 +107,10 @@ pub(crate) struct FreeSlot<'a, T> {
 /// shared prefix, the least recently used slot, so recent conversations keep their cache.
 /// Returns the slot index and how many prompt tokens can be reused; at least one prompt
 /// token is always left to evaluate, because sampling needs fresh logits.
-pub(crate) fn choose_slot<T: PartialEq>(free: &[FreeSlot<'_, T>], prompt: &[T]) -> Option<(usize, usize)> {
+pub(crate) fn choose_slot<T: PartialEq>(
+    free: &[FreeSlot<'_, T>],
+    prompt: &[T],
+) -> Option<(usize, usize)> {
     let max_reuse = prompt.len().saturating_sub(1);
     free.iter()
         .map(|s| {
@@ -211,8 +212,16 @@ mod tests {
         let a = [1, 2, 3, 9];
         let b = [1, 2, 3, 4, 5];
         let free = [
-            FreeSlot { index: 0, cached: &a[..], last_used: 1 },
-            FreeSlot { index: 1, cached: &b[..], last_used: 5 },
+            FreeSlot {
+                index: 0,
+                cached: &a[..],
+                last_used: 1,
+            },
+            FreeSlot {
+                index: 1,
+                cached: &b[..],
+                last_used: 5,
+            },
         ];
         assert_eq!(choose_slot(&free, &[1, 2, 3, 4, 5, 6]), Some((1, 5)));
     }
@@ -222,8 +231,16 @@ mod tests {
         let a = [7, 7];
         let b = [8, 8];
         let free = [
-            FreeSlot { index: 0, cached: &a[..], last_used: 9 },
-            FreeSlot { index: 1, cached: &b[..], last_used: 2 },
+            FreeSlot {
+                index: 0,
+                cached: &a[..],
+                last_used: 9,
+            },
+            FreeSlot {
+                index: 1,
+                cached: &b[..],
+                last_used: 2,
+            },
         ];
         assert_eq!(choose_slot(&free, &[1, 2, 3]), Some((1, 0)));
     }
@@ -231,7 +248,11 @@ mod tests {
     #[test]
     fn an_identical_prompt_still_evaluates_its_last_token() {
         let a = [1, 2, 3];
-        let free = [FreeSlot { index: 0, cached: &a[..], last_used: 0 }];
+        let free = [FreeSlot {
+            index: 0,
+            cached: &a[..],
+            last_used: 0,
+        }];
         assert_eq!(choose_slot(&free, &[1, 2, 3]), Some((0, 2)));
     }
 

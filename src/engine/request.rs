@@ -208,15 +208,40 @@ impl SamplingOverrides {
     /// Checks every given value's range.
     pub fn validate(&self) -> Result<(), InvalidField> {
         let unit = |v: f32| (0.0..=1.0).contains(&v);
-        check("temperature", self.temperature, |v| (0.0..=2.0).contains(&v), "between 0 and 2")?;
+        check(
+            "temperature",
+            self.temperature,
+            |v| (0.0..=2.0).contains(&v),
+            "between 0 and 2",
+        )?;
         check("top_k", self.top_k, |v| v >= 0, "0 (off) or more")?;
         check("top_p", self.top_p, unit, "between 0 and 1")?;
         check("min_p", self.min_p, unit, "between 0 and 1")?;
-        check("repeat_penalty", self.repeat_penalty, |v| v > 0.0 && v <= 10.0, "above 0 and at most 10")?;
-        check("repeat_last_n", self.repeat_last_n, |v| v >= -1, "-1 (whole context) or more")?;
+        check(
+            "repeat_penalty",
+            self.repeat_penalty,
+            |v| v > 0.0 && v <= 10.0,
+            "above 0 and at most 10",
+        )?;
+        check(
+            "repeat_last_n",
+            self.repeat_last_n,
+            |v| v >= -1,
+            "-1 (whole context) or more",
+        )?;
         let pen = |v: f32| (-2.0..=2.0).contains(&v);
-        check("presence_penalty", self.presence_penalty, pen, "between -2 and 2")?;
-        check("frequency_penalty", self.frequency_penalty, pen, "between -2 and 2")?;
+        check(
+            "presence_penalty",
+            self.presence_penalty,
+            pen,
+            "between -2 and 2",
+        )?;
+        check(
+            "frequency_penalty",
+            self.frequency_penalty,
+            pen,
+            "between -2 and 2",
+        )?;
         Ok(())
     }
 
@@ -277,7 +302,15 @@ mod tests {
 
     #[test]
     fn negative_seed_means_random_and_big_seeds_stay_deterministic() {
-        let s = |seed| SamplingOverrides { seed: Some(seed), ..Default::default() }.resolve().unwrap().seed;
+        let s = |seed| {
+            SamplingOverrides {
+                seed: Some(seed),
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap()
+            .seed
+        };
         assert_eq!(s(-1), None);
         assert_eq!(s(42), Some(42));
         assert_eq!(s(i64::MAX), s(i64::MAX));

@@ -110,9 +110,12 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_function("strftime_now", |fmt: String| {
             chrono::Local::now().format(&fmt).to_string()
         });
@@ -168,7 +171,13 @@ mod tests {
 
     #[test]
     fn gguf_template_renders_exactly_including_its_default_system_prompt() {
-        let t = ChatTemplate::new(Some(SMOLLM2.into()), "llama", "<|im_start|>".into(), "<|im_end|>".into()).unwrap();
+        let t = ChatTemplate::new(
+            Some(SMOLLM2.into()),
+            "llama",
+            "<|im_start|>".into(),
+            "<|im_end|>".into(),
+        )
+        .unwrap();
         let out = t.render(&[msg(Role::User, "Hi")], true).unwrap();
         assert_eq!(
             out,
@@ -202,7 +211,10 @@ mod tests {
         let t = ChatTemplate::new(None, "mystery", String::new(), String::new()).unwrap();
         assert_eq!(t.source(), TemplateSource::DefaultChatml);
         let out = t.render(&[msg(Role::User, "Hi")], true).unwrap();
-        assert_eq!(out, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]
@@ -214,7 +226,10 @@ mod tests {
             String::new(),
         )
         .unwrap();
-        assert_eq!(t.render(&[msg(Role::User, " abc ")], false).unwrap(), "ABC!");
+        assert_eq!(
+            t.render(&[msg(Role::User, " abc ")], false).unwrap(),
+            "ABC!"
+        );
     }
 
     #[test]

@@ -157,7 +157,10 @@ mod tests {
     #[test]
     fn stop_string_inside_one_piece_cuts_there() {
         let mut m = stops(&["END"]);
-        assert_eq!(m.push("hello END world"), StopScan::Stopped("hello ".into()));
+        assert_eq!(
+            m.push("hello END world"),
+            StopScan::Stopped("hello ".into())
+        );
     }
 
     #[test]

@@ -257,7 +257,8 @@ impl<'m> Worker<'m> {
     fn intake(&mut self, job: Job) {
         let prompt = job.request.prompt.as_bytes();
         // Add BOS only if the model wants one and the template did not already write it.
-        let add_special = self.bos_text.is_empty() || !job.request.prompt.starts_with(&self.bos_text);
+        let add_special =
+            self.bos_text.is_empty() || !job.request.prompt.starts_with(&self.bos_text);
         let tokens = self.model.vocab().tokenize(prompt, add_special, true);
         let verdict = if tokens.is_empty() {
             Err(EngineError::EmptyPrompt)
@@ -324,7 +325,10 @@ impl<'m> Worker<'m> {
         let seq = self.slots[index].seq;
         let mut keep = reuse;
         if keep > 0 {
-            let trimmed = self.ctx.kv_cache_seq_rm(seq, Some(keep as u32), None).is_ok();
+            let trimmed = self
+                .ctx
+                .kv_cache_seq_rm(seq, Some(keep as u32), None)
+                .is_ok();
             // A sliding-window cache may have dropped early positions; then the prefix is
             // not really there and must be recomputed.
             if !trimmed || self.ctx.kv_cache_seq_pos_min(seq) != 0 {
@@ -338,7 +342,11 @@ impl<'m> Worker<'m> {
         slot.cached.truncate(keep);
 
         let Pending { job, tokens } = pending;
-        let banned: &[LlamaToken] = if job.request.ignore_eos { &self.eog } else { &[] };
+        let banned: &[LlamaToken] = if job.request.ignore_eos {
+            &self.eog
+        } else {
+            &[]
+        };
         let sampler = sampler::build(&job.request.sampling, self.n_vocab, &tokens, banned);
         let mut stops = job.request.stop.clone();
         stops.retain(|s| !s.is_empty());
@@ -460,7 +468,11 @@ impl<'m> Worker<'m> {
                 self.metrics.decode_errors.increment(1);
                 for (i, len, next) in undo {
                     let seq = self.slots[i].seq;
-                    if self.ctx.kv_cache_seq_rm(seq, Some(len as u32), None).is_err() {
+                    if self
+                        .ctx
+                        .kv_cache_seq_rm(seq, Some(len as u32), None)
+                        .is_err()
+                    {
                         self.clear_seq(seq);
                         self.slots[i].cached.clear();
                     }
@@ -479,7 +491,11 @@ impl<'m> Worker<'m> {
     /// Ends the requests of a failed plan with the error.
     fn fail(&mut self, plan: &StepPlan, error: EngineError) {
         tracing::error!(model = %self.name, error = %error, "decode failed");
-        let slots = plan.decode.iter().copied().chain(plan.prefill.iter().map(|p| p.0));
+        let slots = plan
+            .decode
+            .iter()
+            .copied()
+            .chain(plan.prefill.iter().map(|p| p.0));
         for i in slots.collect::<Vec<_>>() {
             if let Some(a) = self.slots[i].active.as_ref() {
                 if !a.send(TokenEvent::Error(error.clone())) {
@@ -492,7 +508,11 @@ impl<'m> Worker<'m> {
 
     /// Samples the next token for every sequence whose logits were computed this step.
     fn sample(&mut self, plan: &StepPlan) {
-        let slots = plan.decode.iter().copied().chain(plan.prefill.iter().map(|p| p.0));
+        let slots = plan
+            .decode
+            .iter()
+            .copied()
+            .chain(plan.prefill.iter().map(|p| p.0));
         for i in slots.collect::<Vec<_>>() {
             let Some(active) = self.slots[i].active.as_mut() else {
                 continue;
@@ -544,7 +564,6 @@ impl<'m> Worker<'m> {
 
     /// Sends the last text and the final event, then frees the slot (keeping its cache).
     fn finish(&mut self, i: usize, mut finish: FinishReason) {
-        let prompt_len;
         let Some(active) = self.slots[i].active.as_mut() else {
             return;
         };
@@ -559,7 +578,7 @@ impl<'m> Worker<'m> {
             }
         };
         out.push_str(&active.stops.finish());
-        prompt_len = active.prompt.len();
+        let prompt_len = active.prompt.len();
         let now = Instant::now();
         let first = active.first_token_at.unwrap_or(now);
         let done = TokenEvent::Done {
@@ -570,12 +589,15 @@ impl<'m> Worker<'m> {
                 cached_tokens: active.reused as u32,
             },
             timings: Timings {
-                queued: active.admitted_at.saturating_duration_since(active.submitted),
+                queued: active
+                    .admitted_at
+                    .saturating_duration_since(active.submitted),
                 prompt_eval: first.saturating_duration_since(active.admitted_at),
                 eval: now.saturating_duration_since(first),
             },
         };
-        let delivered = (out.is_empty() || active.send(TokenEvent::Token(out))) && active.send(done);
+        let delivered =
+            (out.is_empty() || active.send(TokenEvent::Token(out))) && active.send(done);
         if !delivered {
             self.metrics.cancelled.increment(1);
         }

@@ -12,6 +12,9 @@ pub(crate) async fn health(State(state): State<AppState>) -> (StatusCode, Json<V
     if state.models.all_ready() {
         (StatusCode::OK, Json(json!({"status": "ok"})))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "loading"})))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "loading"})),
+        )
     }
 }

@@ -155,7 +155,11 @@ impl Server {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "server never became ready:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "server never became ready:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -171,7 +175,13 @@ impl Server {
 
     /// POST a JSON body; returns status and parsed JSON body.
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self.client.post(self.url(path)).json(body).send().await.unwrap();
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
         let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
@@ -190,7 +200,10 @@ impl Server {
             .unwrap();
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// A non-streamed chat; panics unless 200.
@@ -202,7 +215,13 @@ impl Server {
 
     /// Opens a stream; panics unless 200.
     pub async fn stream(&self, path: &str, body: &Value) -> SseReader {
-        let r = self.client.post(self.url(path)).json(body).send().await.unwrap();
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         assert!(r
             .headers()
@@ -217,12 +236,27 @@ impl Server {
     /// Current value of a metric line (first series whose name and labels start with
     /// `prefix`), or 0.
     pub async fn metric(&self, prefix: &str) -> f64 {
-        let text = self.client.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let text = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         metric_value(&text, prefix)
     }
 
     pub async fn metrics_text(&self) -> String {
-        self.client.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap()
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 }
 
@@ -299,11 +333,18 @@ pub fn chat_text(payloads: &[String]) -> String {
         .iter()
         .filter(|p| *p != "[DONE]")
         .filter_map(|p| serde_json::from_str::<Value>(p).ok())
-        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
         .collect()
 }
 
 /// The answer text of a non-streamed chat response.
 pub fn answer(resp: &Value) -> String {
-    resp["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
+    resp["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }

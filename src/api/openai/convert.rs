@@ -37,7 +37,10 @@ pub(crate) struct Valid {
 fn model_name(model: Option<String>) -> Result<String, ApiError> {
     match model {
         Some(m) if !m.trim().is_empty() => Ok(m),
-        _ => Err(ApiError::invalid("model", "you must provide a model parameter")),
+        _ => Err(ApiError::invalid(
+            "model",
+            "you must provide a model parameter",
+        )),
     }
 }
 
@@ -81,7 +84,10 @@ fn content(value: &Value, role: Role, index: usize) -> Result<String, ApiError> 
             }
             Ok(texts.join("\n"))
         }
-        _ => Err(ApiError::invalid(param(), "content must be a string or a list of text parts")),
+        _ => Err(ApiError::invalid(
+            param(),
+            "content must be a string or a list of text parts",
+        )),
     }
 }
 
@@ -93,11 +99,24 @@ fn stop_list(value: &Value) -> Result<Option<Vec<String>>, ApiError> {
             .iter()
             .map(|v| v.as_str().map(str::to_owned))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| ApiError::invalid("stop", "stop must be a string or a list of strings"))?,
-        _ => return Err(ApiError::invalid("stop", "stop must be a string or a list of strings")),
+            .ok_or_else(|| {
+                ApiError::invalid("stop", "stop must be a string or a list of strings")
+            })?,
+        _ => {
+            return Err(ApiError::invalid(
+                "stop",
+                "stop must be a string or a list of strings",
+            ))
+        }
     };
     if list.len() > MAX_STOP {
-        return Err(ApiError::invalid("stop", format!("at most {MAX_STOP} stop strings are allowed, got {}", list.len())));
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "at most {MAX_STOP} stop strings are allowed, got {}",
+                list.len()
+            ),
+        ));
     }
     Ok(Some(list))
 }
@@ -113,7 +132,10 @@ struct Common {
 fn common(c: CommonParams) -> Result<Common, ApiError> {
     if let Some(n) = c.n {
         if n != 1 {
-            return Err(ApiError::invalid("n", format!("only n=1 is supported, got {n}")));
+            return Err(ApiError::invalid(
+                "n",
+                format!("only n=1 is supported, got {n}"),
+            ));
         }
     }
     let sampling = SamplingOverrides {
@@ -145,14 +167,22 @@ pub(crate) fn chat(body: &JsonBody) -> Result<Valid, ApiError> {
     let req: ChatCompletionRequest = body.typed()?;
     let common = common(body.typed()?)?;
     if req.messages.is_empty() {
-        return Err(ApiError::invalid("messages", "messages must contain at least one message"));
+        return Err(ApiError::invalid(
+            "messages",
+            "messages must contain at least one message",
+        ));
     }
     if req.logprobs == Some(true) {
         return Err(unsupported("logprobs", "logprobs"));
     }
     match req.response_format.get("type").and_then(Value::as_str) {
         None | Some("text") => {}
-        Some(_) => return Err(unsupported("response_format", "structured output (response_format)")),
+        Some(_) => {
+            return Err(unsupported(
+                "response_format",
+                "structured output (response_format)",
+            ))
+        }
     }
     if req.tools.as_array().is_some_and(|t| !t.is_empty()) {
         return Err(unsupported("tools", "tool calling"));
@@ -191,7 +221,10 @@ pub(crate) fn completion(body: &JsonBody) -> Result<Valid, ApiError> {
             items[0].as_str().unwrap_or_default().to_owned()
         }
         Value::Array(items) if items.len() > 1 && items.iter().all(Value::is_string) => {
-            return Err(ApiError::invalid("prompt", "one prompt per request is supported; send several requests"))
+            return Err(ApiError::invalid(
+                "prompt",
+                "one prompt per request is supported; send several requests",
+            ))
         }
         _ => return Err(ApiError::invalid("prompt", "prompt must be a string")),
     };
@@ -220,7 +253,10 @@ pub(crate) fn completion(body: &JsonBody) -> Result<Valid, ApiError> {
 }
 
 /// Applies the model's defaults and renders the prompt.
-pub(crate) fn generate_request(valid: &Valid, model: &ModelHandle) -> Result<GenerateRequest, ApiError> {
+pub(crate) fn generate_request(
+    valid: &Valid,
+    model: &ModelHandle,
+) -> Result<GenerateRequest, ApiError> {
     let defaults = &model.defaults;
     let info = model.engine.info();
     let max_tokens = valid.max_tokens.or(defaults.max_tokens);
@@ -252,7 +288,10 @@ pub(crate) fn generate_request(valid: &Valid, model: &ModelHandle) -> Result<Gen
                 _ => messages,
             };
             info.template.render(messages, true).map_err(|e| {
-                ApiError::invalid("messages", format!("the model's chat template rejected these messages: {e}"))
+                ApiError::invalid(
+                    "messages",
+                    format!("the model's chat template rejected these messages: {e}"),
+                )
             })?
         }
     };

@@ -76,7 +76,11 @@ impl IntoResponse for ApiError {
 impl From<BodyError> for ApiError {
     fn from(e: BodyError) -> Self {
         let (status, param, code) = match &e {
-            BodyError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, None, Some("request_too_large")),
+            BodyError::TooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                None,
+                Some("request_too_large"),
+            ),
             BodyError::Field { path, .. } => (StatusCode::BAD_REQUEST, Some(path.clone()), None),
             _ => (StatusCode::BAD_REQUEST, None, None),
         };
@@ -99,9 +103,21 @@ impl From<InvalidField> for ApiError {
 impl From<LookupError> for ApiError {
     fn from(e: LookupError) -> Self {
         let (status, kind, code) = match &e {
-            LookupError::Unknown(_) => (StatusCode::NOT_FOUND, "invalid_request_error", "model_not_found"),
-            LookupError::Loading(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "model_loading"),
-            LookupError::Failed { .. } => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "model_unavailable"),
+            LookupError::Unknown(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+            ),
+            LookupError::Loading(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "model_loading",
+            ),
+            LookupError::Failed { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "model_unavailable",
+            ),
         };
         ApiError {
             status,
@@ -116,16 +132,36 @@ impl From<LookupError> for ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let (status, kind, param, code) = match &e {
-            EngineError::QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None, Some("queue_full")),
+            EngineError::QueueFull { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                None,
+                Some("queue_full"),
+            ),
             EngineError::PromptTooLong { .. } => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_request_error",
                 Some("messages"),
                 Some("context_length_exceeded"),
             ),
-            EngineError::EmptyPrompt => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("prompt"), None),
-            EngineError::Decode(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None),
-            EngineError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None, Some("shutting_down")),
+            EngineError::EmptyPrompt => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("prompt"),
+                None,
+            ),
+            EngineError::Decode(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                None,
+                None,
+            ),
+            EngineError::Stopped => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                None,
+                Some("shutting_down"),
+            ),
         };
         ApiError {
             status,

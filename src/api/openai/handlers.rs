@@ -8,7 +8,8 @@ use super::convert::{self, Valid};
 use super::error::ApiError;
 use super::sse::{self, Chunker, Kind, FINGERPRINT};
 use super::types::{
-    AssistantMessage, ChatChoice, ChatCompletion, ModelList, ModelObject, TextChoice, TextCompletion,
+    AssistantMessage, ChatChoice, ChatCompletion, ModelList, ModelObject, TextChoice,
+    TextCompletion,
 };
 use crate::api::body::{BodyError, JsonBody};
 use crate::api::AppState;
@@ -20,7 +21,11 @@ fn now_secs() -> i64 {
 
 /// Submits and waits until the engine has tokenized and queued the prompt, so that errors
 /// such as a too-long prompt still get a real status code, even for streams.
-async fn start(engine: &Engine, valid: &Valid, handle: &crate::models::ModelHandle) -> Result<Generation, ApiError> {
+async fn start(
+    engine: &Engine,
+    valid: &Valid,
+    handle: &crate::models::ModelHandle,
+) -> Result<Generation, ApiError> {
     let request = convert::generate_request(valid, handle)?;
     let mut generation = engine.submit(request)?;
     match generation.next().await {
@@ -129,7 +134,11 @@ pub(crate) async fn list_models(State(state): State<AppState>) -> Json<ModelList
     let created = state.started_at;
     Json(ModelList {
         object: "list",
-        data: state.models.names().map(|n| model_object(n, created)).collect(),
+        data: state
+            .models
+            .names()
+            .map(|n| model_object(n, created))
+            .collect(),
     })
 }
 

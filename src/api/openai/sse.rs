@@ -35,7 +35,13 @@ pub(crate) const FINGERPRINT: &str = concat!("backstop-", env!("CARGO_PKG_VERSIO
 
 impl Chunker {
     /// A chunker for one response.
-    pub(crate) fn new(kind: Kind, id: String, created: i64, model: String, include_usage: bool) -> Self {
+    pub(crate) fn new(
+        kind: Kind,
+        id: String,
+        created: i64,
+        model: String,
+        include_usage: bool,
+    ) -> Self {
         Self {
             kind,
             id,
@@ -95,7 +101,9 @@ impl Chunker {
 
     /// The closing chunks: the finish reason, then (if asked for) usage with no choices.
     pub(crate) fn finish(&self, finish: FinishReason, usage: Usage) -> Vec<String> {
-        let mut out = vec![self.chunk(self.choice(None, false, Some(finish))).to_string()];
+        let mut out = vec![self
+            .chunk(self.choice(None, false, Some(finish)))
+            .to_string()];
         if self.include_usage {
             let mut u = self.chunk(Value::Null);
             u["choices"] = json!([]);
@@ -119,7 +127,10 @@ pub(crate) fn translate(chunker: &Chunker, event: Option<TokenEvent>) -> (Vec<St
         // An error after the headers went out: a JSON error event, then the stream ends
         // (no [DONE], so clients cannot mistake it for a complete answer).
         Some(TokenEvent::Error(e)) => (vec![ApiError::from(e).event_json()], true),
-        None => (vec![ApiError::from(EngineError::Stopped).event_json()], true),
+        None => (
+            vec![ApiError::from(EngineError::Stopped).event_json()],
+            true,
+        ),
     }
 }
 
@@ -147,7 +158,13 @@ mod tests {
     use super::*;
 
     fn chat(include_usage: bool) -> Chunker {
-        Chunker::new(Kind::Chat, "chatcmpl-1".into(), 7, "m".into(), include_usage)
+        Chunker::new(
+            Kind::Chat,
+            "chatcmpl-1".into(),
+            7,
+            "m".into(),
+            include_usage,
+        )
     }
 
     fn parse(s: &str) -> Value {
@@ -158,7 +175,10 @@ mod tests {
     fn chat_stream_opens_with_the_assistant_role() {
         let c = parse(&chat(false).start().unwrap());
         assert_eq!(c["object"], "chat.completion.chunk");
-        assert_eq!(c["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+        assert_eq!(
+            c["choices"][0]["delta"],
+            json!({"role": "assistant", "content": ""})
+        );
         assert_eq!(c["choices"][0]["finish_reason"], Value::Null);
         assert!(c.get("usage").is_none());
     }
@@ -172,10 +192,18 @@ mod tests {
 
     #[test]
     fn done_gives_finish_then_usage_then_done_marker() {
-        let usage = Usage { prompt_tokens: 5, completion_tokens: 3, cached_tokens: 0 };
+        let usage = Usage {
+            prompt_tokens: 5,
+            completion_tokens: 3,
+            cached_tokens: 0,
+        };
         let (lines, end) = translate(
             &chat(true),
-            Some(TokenEvent::Done { finish: FinishReason::Length, usage, timings: Default::default() }),
+            Some(TokenEvent::Done {
+                finish: FinishReason::Length,
+                usage,
+                timings: Default::default(),
+            }),
         );
         assert!(end);
         assert_eq!(lines.len(), 3);
@@ -193,14 +221,21 @@ mod tests {
     fn without_include_usage_there_is_no_usage_chunk() {
         let (lines, _) = translate(
             &chat(false),
-            Some(TokenEvent::Done { finish: FinishReason::Stop, usage: Usage::default(), timings: Default::default() }),
+            Some(TokenEvent::Done {
+                finish: FinishReason::Stop,
+                usage: Usage::default(),
+                timings: Default::default(),
+            }),
         );
         assert_eq!(lines.len(), 2);
     }
 
     #[test]
     fn an_error_mid_stream_is_an_error_object_and_ends_without_done() {
-        let (lines, end) = translate(&chat(false), Some(TokenEvent::Error(EngineError::Decode("boom".into()))));
+        let (lines, end) = translate(
+            &chat(false),
+            Some(TokenEvent::Error(EngineError::Decode("boom".into()))),
+        );
         assert!(end);
         assert_eq!(lines.len(), 1);
         assert_eq!(parse(&lines[0])["error"]["type"], "server_error");

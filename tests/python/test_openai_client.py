@@ -1,0 +1,115 @@
+"""The official `openai` Python package against backstop: it must work unchanged."""
+
+import asyncio
+
+import openai
+import pytest
+
+MODEL = "smollm2"
+
+
+@pytest.fixture()
+def client(base_url):
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="not-needed", max_retries=0)
+
+
+def ask(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_chat_completion_has_exact_length_and_usage(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=ask("Tell me a story."), max_tokens=8, temperature=0
+    )
+    assert r.object == "chat.completion"
+    assert r.model == MODEL
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+
+
+def test_streaming_matches_the_non_streamed_answer_and_reports_usage(client):
+    kwargs = dict(model=MODEL, messages=ask("What is the sun?"), max_tokens=24, temperature=0.8, seed=11)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(
+        client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_stop_strings_cut_the_answer(client):
+    full = client.chat.completions.create(
+        model=MODEL, messages=ask("Describe a cat."), max_tokens=30, temperature=0
+    ).choices[0].message.content
+    words = full.split(" ")
+    stop = " " + words[3]
+    cut = client.chat.completions.create(
+        model=MODEL, messages=ask("Describe a cat."), max_tokens=30, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_text_completion(client):
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0)
+    assert r.choices[0].text.startswith(" Paris")
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0, stream=True
+        )
+    )
+    assert streamed == r.choices[0].text
+
+
+def test_models_list_and_retrieve(client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_errors_raise_the_matching_exception_types(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-nope", messages=ask("hi"))
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ask("hi"), temperature=5)
+    assert e.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[], stream=True)
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.chat.completions.create(model=MODEL, messages=ask("word " * 5000), max_tokens=1)
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_concurrent_async_streams_each_match_their_own_answer(base_url):
+    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="not-needed", max_retries=0)
+    prompts = ["Name a fruit.", "Name a city.", "Name an animal.", "Name a color."]
+
+    async def stream(prompt):
+        out = []
+        async for c in await client.chat.completions.create(
+            model=MODEL, messages=ask(prompt), max_tokens=16, temperature=0, stream=True
+        ):
+            if c.choices and c.choices[0].delta.content:
+                out.append(c.choices[0].delta.content)
+        return "".join(out)
+
+    async def whole(prompt):
+        r = await client.chat.completions.create(model=MODEL, messages=ask(prompt), max_tokens=16, temperature=0)
+        return r.choices[0].message.content
+
+    async def main():
+        together = await asyncio.gather(*(stream(p) for p in prompts))
+        alone = [await whole(p) for p in prompts]
+        return together, alone
+
+    together, alone = asyncio.run(main())
+    assert together == alone
