@@ -232,3 +232,34 @@ async fn a_long_prompt_is_read_in_chunks_while_another_stream_keeps_generating()
     );
     reader.abort();
 }
+
+#[tokio::test]
+async fn sigterm_lets_a_running_stream_finish_then_exits_cleanly() {
+    let mut s = Server::start(&[]).await;
+    let mut stream = s
+        .stream("/v1/completions", &long_completion(48, true))
+        .await;
+    assert!(stream.next_data().await.is_some());
+    s.terminate();
+    let mut tokens = 1;
+    let mut done = false;
+    while let Some(d) = stream.next_data().await {
+        if d == "[DONE]" {
+            done = true;
+            break;
+        }
+        let v: Value = serde_json::from_str(&d).unwrap();
+        if v["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+        {
+            tokens += 1;
+        }
+    }
+    assert!(done, "the stream was cut off after {tokens} tokens");
+    assert!(tokens >= 40, "{tokens}");
+    assert_eq!(s.wait_exit(Duration::from_secs(15)).await, Some(0));
+    assert!(s.log().contains("engine stopped"), "{}", s.log());
+    // Nothing listens any more.
+    assert!(s.client.get(s.url("/health")).send().await.is_err());
+}
