@@ -36,6 +36,10 @@ struct Args {
     /// Sequences decoded together for the aggregate figure.
     #[arg(long, default_value_t = 4)]
     seqs: usize,
+    /// Context cells per sequence [default: just enough for the run]; set it to the
+    /// server's `--ctx` to compare like with like.
+    #[arg(long)]
+    ctx: Option<u32>,
     /// Repetitions after one warm-up.
     #[arg(long, default_value_t = 5)]
     reps: usize,
@@ -156,7 +160,7 @@ fn main() {
     backend.void_logs();
     let model = LlamaModel::load_from_file(&backend, &args.model, &LlamaModelParams::default())
         .expect("load model");
-    let per_seq = (args.prompt + args.gen + 16) as u32;
+    let per_seq = args.ctx.unwrap_or((args.prompt + args.gen + 16) as u32);
     let seqs = args.seqs.max(1) as u32;
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(per_seq * seqs))

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Build the llama-server peer (see /work/shared/BENCH.md): llama.cpp's own C++ `llama-server`
+# and `llama-bench`, CPU only, from the llama.cpp that llama-cpp-python's source distribution
+# on PyPI vendors under vendor/llama.cpp. (The llama-cpp-sys-2 crate strips llama.cpp's tools,
+# so its copy cannot build them.)
+#
+# Everything lives outside the repository, under ${BACKSTOP_CACHE:-$HOME/.cache/backstop}/peers/:
+#   src/llama_cpp_python-X.tar.gz   the sdist          src/llama_cpp_python-X/   its unpacked tree
+#   build-X/                        the cmake build    bin/llama-server, bin/llama-bench, bin/STAMP
+#
+# Idempotent: when bin/ holds both binaries and its stamp names the pinned version, it does
+# nothing. About 9 minutes on 2 cores the first time (plus ~1.5 min for pip to fetch the sdist).
+#
+#   scripts/build-peers.sh           # build if needed
+#   scripts/build-peers.sh --force   # rebuild (incremental cmake build, binaries re-copied)
+set -euo pipefail
+
+# Pinned llama-cpp-python release; its CHANGELOG names the llama.cpp commit it vendors.
+LLAMA_CPP_PYTHON_VERSION=0.3.36
+
+cache="${BACKSTOP_CACHE:-$HOME/.cache/backstop}"
+peers="$cache/peers"
+src_root="$peers/src"
+bin="$peers/bin"
+stamp="$bin/STAMP"
+build="$peers/build-$LLAMA_CPP_PYTHON_VERSION"
+python="${BACKSTOP_PYTHON:-$cache/venv/bin/python}"
+[ -x "$python" ] || python=python3
+
+force=0
+case "${1:-}" in
+  --force) force=1 ;;
+  "") ;;
+  -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+  *) echo "usage: $0 [--force]" >&2; exit 2 ;;
+esac
+
+want_stamp="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+
+if [ "$force" = 0 ] && [ -x "$bin/llama-server" ] && [ -x "$bin/llama-bench" ] \
+   && [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$want_stamp" ]; then
+  echo "ok      peers already built ($want_stamp)"
+  sed -n '2,$p' "$stamp"
+  echo "        $bin/llama-server"
+  echo "        $bin/llama-bench"
+  exit 0
+fi
+
+for tool in cmake make cc c++ tar; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "error: '$tool' not found; install it (cmake, build-essential)" >&2; exit 1; }
+done
+
+mkdir -p "$src_root" "$bin"
+start=$(date +%s)
+
+# 1. The sdist (pip prepares its metadata, which fetches build requirements: ~1.5 min, once).
+sdist=$(ls "$src_root"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION".tar.gz 2>/dev/null | head -n1 || true)
+if [ -z "$sdist" ]; then
+  if ! "$python" -m pip --version >/dev/null 2>&1; then
+    echo "error: '$python -m pip' is not available; run scripts/setup.sh first" >&2
+    exit 1
+  fi
+  echo "fetch   llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION (sdist)"
+  "$python" -m pip download --quiet --disable-pip-version-check --no-deps \
+    --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$src_root"
+  sdist="$src_root/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
+  [ -f "$sdist" ] || { echo "error: pip did not leave $sdist" >&2; exit 1; }
+fi
+
+# 2. Unpack (into a temporary folder first, so an interrupted run never leaves half a tree).
+tree="$src_root/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION"
+llama="$tree/vendor/llama.cpp"
+if [ ! -f "$llama/CMakeLists.txt" ]; then
+  echo "unpack  $sdist"
+  tmp="$src_root/.unpack.$$"
+  rm -rf "$tmp" "$tree"
+  mkdir -p "$tmp"
+  tar -xzf "$sdist" -C "$tmp"
+  mv "$tmp/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION" "$tree"
+  rm -rf "$tmp"
+  [ -f "$llama/CMakeLists.txt" ] || { echo "error: no vendor/llama.cpp in $sdist" >&2; exit 1; }
+fi
+
+# 3. Which llama.cpp is this? The sdist has no .git, so take the commit from the CHANGELOG entry
+#    of the pinned release ("update llama.cpp to ggml-org/llama.cpp@<sha>") and hand it to cmake,
+#    so that `llama-server --version` reports it (otherwise "unknown", or worse, the commit of
+#    whatever git repository happens to enclose the cache).
+commit=$(awk -v v="## [$LLAMA_CPP_PYTHON_VERSION]" '
+  $0 == v { on = 1; next }
+  on && /^## \[/ { exit }
+  on && match($0, /llama\.cpp@[0-9a-f]+/) { print substr($0, RSTART + 10, RLENGTH - 10); exit }
+' "$tree/CHANGELOG.md" 2>/dev/null || true)
+commit=${commit:-unknown}
+# The sdist also carries llama.cpp's (shallow, depth 1) git metadata; when present, take the full
+# hash from it, but only if the repository is the vendored tree itself, not an enclosing one.
+# (llama.cpp's cmake counts that shallow history, so `--version` says "build 1": ignore that.)
+full_commit=""
+if command -v git >/dev/null 2>&1 \
+   && [ "$(git -C "$llama" rev-parse --show-toplevel 2>/dev/null)" = "$(cd "$llama" && pwd -P)" ]; then
+  full_commit=$(git -C "$llama" rev-parse HEAD 2>/dev/null || true)
+  if [ -n "$full_commit" ] && [ "${full_commit#"$commit"}" = "$full_commit" ]; then
+    [ "$commit" = unknown ] || echo "warning: CHANGELOG says llama.cpp@$commit, vendored git says $full_commit; using the latter" >&2
+    commit=${full_commit:0:9}
+  fi
+fi
+llama_version=$(sed -n 's/^set(LLAMA_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\))/\2/p' "$llama/CMakeLists.txt" | paste -sd. -)
+ggml_version=$(sed -n 's/^set(GGML_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\))/\2/p' "$llama/ggml/CMakeLists.txt" | paste -sd. -)
+echo "source  llama.cpp commit $commit (LLAMA_VERSION ${llama_version:-?}, ggml ${ggml_version:-?})"
+
+# 4. Configure and build just the two targets. Static libraries so the copied binaries stand
+#    alone (the default shared build leaves them needing libllama.so/libggml*.so beside them).
+#    No web UI: the default would try to download prebuilt assets from Hugging Face.
+echo "build   $build (-j$(nproc))"
+cmake -S "$llama" -B "$build" \
+  -DCMAKE_BUILD_TYPE=Release \
+  -DBUILD_SHARED_LIBS=OFF \
+  -DGGML_NATIVE=ON \
+  -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF \
+  -DLLAMA_CURL=OFF \
+  -DLLAMA_OPENSSL=OFF \
+  -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF \
+  -DLLAMA_BUILD_TOOLS=ON \
+  -DLLAMA_BUILD_SERVER=ON \
+  -DLLAMA_BUILD_APP=OFF \
+  -DLLAMA_BUILD_UI=OFF \
+  -DLLAMA_USE_PREBUILT_UI=OFF \
+  -DLLAMA_BUILD_COMMIT="$commit" \
+  -Wno-dev >"$peers/cmake-configure.log" 2>&1 \
+  || { tail -n 40 "$peers/cmake-configure.log" >&2; echo "error: cmake configure failed (log: $peers/cmake-configure.log)" >&2; exit 1; }
+cmake --build "$build" --config Release -j"$(nproc)" --target llama-server llama-bench
+
+# 5. Install the binaries (copy then rename, so a reader never sees half a file) and check them.
+for b in llama-server llama-bench; do
+  cp "$build/bin/$b" "$bin/.$b.tmp"
+  mv -f "$bin/.$b.tmp" "$bin/$b"
+done
+"$bin/llama-bench" --help >/dev/null 2>&1 || { echo "error: $bin/llama-bench --help failed" >&2; exit 1; }
+server_version=$("$bin/llama-server" --version 2>&1) || { echo "error: $bin/llama-server --version failed:" >&2; echo "$server_version" >&2; exit 1; }
+
+{
+  echo "$want_stamp"
+  echo "llama.cpp commit: $commit${full_commit:+ ($full_commit)} (LLAMA_VERSION ${llama_version:-?}, ggml ${ggml_version:-?})"
+  echo "llama-server --version: $(echo "$server_version" | tr '\n' ' ' | sed 's/ *$//')"
+  echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(nproc) cores in $(( $(date +%s) - start )) s"
+} >"$stamp.tmp"
+mv -f "$stamp.tmp" "$stamp"
+
+echo "ok      built peers ($want_stamp)"
+sed -n '2,$p' "$stamp"
+echo "        $bin/llama-server"
+echo "        $bin/llama-bench"
