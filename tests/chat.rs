@@ -403,3 +403,35 @@ async fn the_example_catalogue_serves_both_models() {
         assert!(r["usage"]["completion_tokens"].as_u64().unwrap() <= 3);
     }
 }
+
+/// The next turn of a chat shares its whole history with the slot that answered the
+/// previous turn: only the new suffix is read, and the answer is what a cold server gives.
+#[tokio::test]
+async fn a_follow_up_turn_reuses_the_cached_history_and_answers_like_a_cold_server() {
+    let s = Server::start(&["--parallel", "2"]).await;
+    let first = ask("Name three fruits.");
+    let r1 = s
+        .chat(json!({"model": "smollm2", "messages": first, "temperature": 0, "max_tokens": 24}))
+        .await;
+    let follow = json!([
+        {"role": "user", "content": "Name three fruits."},
+        {"role": "assistant", "content": answer(&r1)},
+        {"role": "user", "content": "Which one is yellow?"}
+    ]);
+    let body = json!({"model": "smollm2", "messages": follow, "temperature": 0, "max_tokens": 24});
+    let warm = s.chat(body.clone()).await;
+    let cached = warm["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    let prompt = warm["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        cached >= r1["usage"]["prompt_tokens"].as_u64().unwrap(),
+        "{warm}"
+    );
+    assert!(cached < prompt);
+
+    let cold_server = Server::start(&["--parallel", "2"]).await;
+    let cold = cold_server.chat(body).await;
+    assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(answer(&warm), answer(&cold));
+}
