@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 
@@ -141,6 +142,24 @@ pub(crate) fn new_context<'m>(
             slots: options.slots,
             reason: e.to_string(),
         })
+}
+
+/// Evaluates one token and forgets it, as llama.cpp's own server does at start: the weights
+/// are paged in and the compute buffers allocated now, so the first request does not pay
+/// for it. A failure here is harmless (the first request will simply be slower).
+pub(crate) fn warm_up(model: &LlamaModel, ctx: &mut LlamaContext<'_>) {
+    let vocab = model.vocab();
+    let token = if vocab.should_add_bos() {
+        vocab.bos()
+    } else {
+        vocab.eos()
+    };
+    let mut batch = LlamaBatch::new(1, 1);
+    let ok = batch.add(token, 0, &[0], true).is_ok() && ctx.decode(&mut batch).is_ok();
+    if !ok {
+        tracing::debug!("warm-up decode failed");
+    }
+    ctx.clear_kv_cache();
 }
 
 /// Reads the template and metadata clients will see.

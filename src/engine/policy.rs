@@ -46,6 +46,15 @@ impl StepPlan {
     pub(crate) fn is_empty(&self) -> bool {
         self.decode.is_empty() && self.prefill.is_empty()
     }
+
+    /// Every slot the step touches: generating ones first, then prompts.
+    pub(crate) fn slots(&self) -> Vec<usize> {
+        self.decode
+            .iter()
+            .copied()
+            .chain(self.prefill.iter().map(|p| p.0))
+            .collect()
+    }
 }
 
 /// Splits one step's budget. Every generating sequence that can emit advances by one token;

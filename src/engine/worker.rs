@@ -52,7 +52,7 @@ pub(crate) fn engine_worker(
         }
     };
     let per_slot = loader::ctx_per_slot(&model, &options);
-    let ctx = match loader::new_context(backend, &model, &options, per_slot) {
+    let mut ctx = match loader::new_context(backend, &model, &options, per_slot) {
         Ok(c) => c,
         Err(e) => {
             if ready.send(Err(e)).is_err() {
@@ -61,6 +61,7 @@ pub(crate) fn engine_worker(
             return;
         }
     };
+    loader::warm_up(&model, &mut ctx);
     let per_slot = ctx.n_ctx() / options.slots.max(1);
     let info = match loader::describe(&model, &options, per_slot, size) {
         Ok(i) => i,
@@ -491,12 +492,7 @@ impl<'m> Worker<'m> {
     /// Ends the requests of a failed plan with the error.
     fn fail(&mut self, plan: &StepPlan, error: EngineError) {
         tracing::error!(model = %self.name, error = %error, "decode failed");
-        let slots = plan
-            .decode
-            .iter()
-            .copied()
-            .chain(plan.prefill.iter().map(|p| p.0));
-        for i in slots.collect::<Vec<_>>() {
+        for i in plan.slots() {
             if let Some(a) = self.slots[i].active.as_ref() {
                 if !a.send(TokenEvent::Error(error.clone())) {
                     tracing::debug!("client gone before the error reached it");
@@ -508,12 +504,7 @@ impl<'m> Worker<'m> {
 
     /// Samples the next token for every sequence whose logits were computed this step.
     fn sample(&mut self, plan: &StepPlan) {
-        let slots = plan
-            .decode
-            .iter()
-            .copied()
-            .chain(plan.prefill.iter().map(|p| p.0));
-        for i in slots.collect::<Vec<_>>() {
+        for i in plan.slots() {
             let Some(active) = self.slots[i].active.as_mut() else {
                 continue;
             };

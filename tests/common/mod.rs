@@ -200,20 +200,11 @@ impl Server {
 
     /// POST a JSON body; returns status and parsed JSON body.
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self
-            .client
-            .post(self.url(path))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let text = r.text().await.unwrap();
-        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        (status, json)
+        self.post_raw(path, serde_json::to_vec(body).unwrap()).await
     }
 
-    /// POST raw bytes with a JSON content type.
+    /// POST raw bytes with a JSON content type; returns status and the body, parsed as JSON
+    /// where it is JSON.
     pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
         let r = self
             .client
@@ -223,6 +214,15 @@ impl Server {
             .send()
             .await
             .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, json)
+    }
+
+    /// GET a JSON document; returns status and body.
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let r = self.client.get(self.url(path)).send().await.unwrap();
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
         (
