@@ -170,7 +170,10 @@ def main() -> int:
 
     runs: dict[str, list[dict]] = {"backstop": [], "llama-server": []}
     for rep in range(args.reps):
-        for kind in ("backstop", "llama-server"):
+        # ABBA order, so whichever server runs first in a pair (a warmer or cooler
+        # machine) does not bias the comparison.
+        order = ("backstop", "llama-server") if rep % 2 == 0 else ("llama-server", "backstop")
+        for kind in order:
             log(f"==> rep {rep + 1}/{args.reps}: {kind}")
             s = start(kind, 4)
             try:

@@ -9,7 +9,8 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::{Extension, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tracing::Level;
 
 use crate::models::Registry;
 use crate::ops;
@@ -35,6 +36,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .fallback(openai::fallback)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(Extension(BodyLimit(max_body_bytes)))
-        .layer(TraceLayer::new_for_http())
+        // 5xx answers are already explained where they arise (a 503 while loading is
+        // expected); the access log proper arrives with the operations work.
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
         .with_state(state)
 }

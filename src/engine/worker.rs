@@ -463,7 +463,17 @@ impl<'m> Worker<'m> {
         }
         self.metrics.steps.increment(1);
         self.metrics.batch_sequences.record(undo.len() as f64);
-        match self.ctx.decode(&mut self.batch) {
+        let started = Instant::now();
+        let result = self.ctx.decode(&mut self.batch);
+        tracing::trace!(
+            step = self.step_no,
+            decode = plan.decode.len(),
+            prefill = ?plan.prefill,
+            tokens = self.batch.n_tokens(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "step"
+        );
+        match result {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.metrics.decode_errors.increment(1);
