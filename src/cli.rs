@@ -66,4 +66,29 @@ pub struct ServeArgs {
     /// Allow listening on a non-loopback address without authentication.
     #[arg(long, env = "BACKSTOP_INSECURE")]
     pub insecure: bool,
+    /// How long an idle model stays loaded: `5m`, `1h`, `0` (unload at once), `-1` (never)
+    /// [default: 5m; also OLLAMA_KEEP_ALIVE].
+    #[arg(
+        long,
+        env = "BACKSTOP_KEEP_ALIVE",
+        value_name = "DURATION",
+        allow_hyphen_values = true
+    )]
+    pub keep_alive: Option<String>,
+    /// Most models loaded at once; the least recently used idle one makes room
+    /// [default: 3; also OLLAMA_MAX_LOADED_MODELS].
+    #[arg(long, env = "BACKSTOP_MAX_LOADED_MODELS", value_name = "N")]
+    pub max_loaded: Option<usize>,
+    /// The model store, in Ollama's layout [default: ~/.cache/backstop/models; also OLLAMA_MODELS].
+    #[arg(long, env = "BACKSTOP_MODELS", value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// Flash attention: 1/true or 0/false [default: llama.cpp decides; also OLLAMA_FLASH_ATTENTION].
+    #[arg(long, env = "BACKSTOP_FLASH_ATTENTION", value_name = "BOOL")]
+    pub flash_attention: Option<String>,
+    /// KV cache type: f16, q8_0 or q4_0 [default: f16; also OLLAMA_KV_CACHE_TYPE].
+    #[arg(long, env = "BACKSTOP_KV_CACHE_TYPE", value_name = "TYPE")]
+    pub kv_cache_type: Option<String>,
+    /// Extra browser origins allowed to call the API, comma separated [also OLLAMA_ORIGINS].
+    #[arg(long, env = "BACKSTOP_ORIGINS", value_name = "ORIGINS")]
+    pub origins: Option<String>,
 }

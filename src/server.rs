@@ -9,8 +9,7 @@ use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
-use crate::engine::LoadError;
-use crate::models::Registry;
+use crate::models::Models;
 use crate::ops;
 
 /// How long in-flight streams get to finish after SIGTERM/SIGINT.
@@ -29,7 +28,7 @@ pub enum ServeError {
     },
     /// A configured model could not be loaded; it is never served.
     #[error("model `{0}` was not served: {1}")]
-    Load(String, LoadError),
+    Load(String, String),
     /// The HTTP server failed.
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
@@ -68,13 +67,15 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let local = listener.local_addr()?;
     tracing::info!("listening on http://{local}");
 
-    let models = Arc::new(Registry::new(config.models));
+    let models = Models::new(&config);
+    tracing::info!(store = %models.store().root().display(), max_loaded = config.lifecycle.max_loaded, "model store");
+    let reaper = tokio::spawn(Arc::clone(&models).reaper_task());
     let state = AppState {
         models: Arc::clone(&models),
         metrics,
         started_at: chrono::Utc::now().timestamp(),
     };
-    let app = api::router(state, config.server.max_body_bytes);
+    let app = api::router(state, &config.server);
 
     // Stop reasons: a signal, or a model that failed to load.
     let (stop_tx, mut stop_rx) = watch::channel(false);
@@ -82,7 +83,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         let models = Arc::clone(&models);
         let stop_tx = stop_tx.clone();
         tokio::spawn(async move {
-            let result = models.load_all().await;
+            let result = models.preload().await;
             if result.is_err() && stop_tx.send(true).is_err() {
                 tracing::debug!("server already stopped");
             }
@@ -113,6 +114,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         } => tracing::warn!("streams did not finish within {DRAIN_TIMEOUT:?}; closing them"),
     }
     signalled.abort();
+    reaper.abort();
 
     let load_result = if loader.is_finished() {
         loader.await.ok()

@@ -313,7 +313,7 @@ async fn models_are_listed_and_looked_up() {
     let s = Server::start(&[]).await;
     let (_, r) = s.get_json("/v1/models").await;
     assert_eq!(r["object"], "list");
-    assert_eq!(r["data"][0]["id"], "smollm2");
+    assert_eq!(r["data"][0]["id"], "smollm2:latest");
     assert_eq!(r["data"][0]["object"], "model");
     let one = s
         .client
@@ -378,7 +378,7 @@ async fn the_example_catalogue_serves_both_models() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["gemma3", "smollm2"]);
+    assert_eq!(ids, ["gemma3:latest", "smollm2:latest"]);
     for model in ids {
         let r = s
             .chat(json!({"model": model, "messages": ask("Hi"), "max_tokens": 3, "temperature": 0}))

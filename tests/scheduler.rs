@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::{metric_value, Server};
 use serde_json::{json, Value};
 
-const MODEL: &str = "{model=\"smollm2\"";
+const MODEL: &str = "{model=\"smollm2:latest\"";
 
 fn long_completion(max_tokens: u32, stream: bool) -> Value {
     json!({

@@ -5,13 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::run_to_exit;
-
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("backstop-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use common::{run_to_exit, temp_dir};
 
 fn serve(args: &[&str]) -> common::Exit {
     let mut all = vec!["serve", "--host", "127.0.0.1:0"];
@@ -40,7 +34,7 @@ fn a_truncated_gguf_is_refused_and_never_served() {
     let out = serve(&["--model", &format!("half={}", f.display())]);
     assert_eq!(out.code, Some(1), "{}", out.stderr);
     assert!(
-        out.stderr.contains("`half` was not served"),
+        out.stderr.contains("`half:latest` was not served"),
         "{}",
         out.stderr
     );
@@ -57,7 +51,7 @@ fn a_corrupt_gguf_header_is_refused() {
     let out = serve(&["--model", &format!("bad={}", f.display())]);
     assert_eq!(out.code, Some(1), "{}", out.stderr);
     assert!(
-        out.stderr.contains("`bad` was not served"),
+        out.stderr.contains("`bad:latest` was not served"),
         "{}",
         out.stderr
     );

@@ -1,26 +1,32 @@
 //! HTTP surface: shared state, the router, and the parts both APIs use.
 
 pub(crate) mod body;
+pub(crate) mod guard;
+pub(crate) mod ollama;
 pub(crate) mod openai;
+pub(crate) mod request;
 
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
+use axum::http::Uri;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
-use crate::models::Registry;
+use crate::config::ServerConfig;
+use crate::models::Models;
 use crate::ops;
 use body::BodyLimit;
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
-    /// The served models.
-    pub models: Arc<Registry>,
+    /// The servable models and the loaded ones.
+    pub models: Arc<Models>,
     /// Renders `/metrics`.
     pub metrics: Option<PrometheusHandle>,
     /// Unix time the server started (the `created` of listed models).
@@ -28,16 +34,34 @@ pub struct AppState {
 }
 
 /// The whole application.
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+pub fn router(state: AppState, server: &ServerConfig) -> Router {
+    let max_body_bytes = server.max_body_bytes;
+    let host_guard = Arc::new(guard::HostGuard::new(server.listen));
     Router::new()
         .merge(openai::routes())
+        .merge(ollama::routes())
         .route("/health", get(ops::health::health))
         .route("/metrics", get(ops::metrics::render))
-        .fallback(openai::fallback)
+        .fallback(fallback)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(Extension(BodyLimit(max_body_bytes)))
         // 5xx answers are already explained where they arise (a 503 while loading is
         // expected); the access log proper arrives with the operations work.
         .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
+        .layer(guard::cors(server.origins.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            host_guard,
+            guard::host_guard,
+        ))
         .with_state(state)
+}
+
+/// Unknown paths answer in the shape of the API they look like.
+async fn fallback(uri: Uri) -> Response {
+    if uri.path().starts_with("/api/") {
+        ollama::OllamaError::not_found(format!("404 page not found: {}", uri.path()))
+            .into_response()
+    } else {
+        openai::fallback(uri).await.into_response()
+    }
 }

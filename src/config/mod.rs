@@ -2,14 +2,17 @@
 //! validated [`Config`]. Every error names where the bad value came from, the key, and what
 //! was expected, and is reported before any port is bound.
 
+mod duration;
 mod raw;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use crate::cli::ServeArgs;
-use crate::engine::{self, EngineOptions, SamplingOverrides};
-use raw::{RawConfig, RawModel};
+use crate::engine::{self, EngineOptions, KvCacheType, SamplingOverrides};
+use crate::models::{Digest, ModelName};
+pub use duration::{parse_go_duration, parse_timeout, KeepAlive};
+use raw::{RawConfig, RawDuration, RawModel};
 
 /// The port Ollama uses; clients default to it.
 pub const DEFAULT_PORT: u16 = 11434;
@@ -23,7 +26,10 @@ const DEFAULT_MAX_QUEUE: usize = 512;
 const DEFAULT_BATCH: u32 = 512;
 const DEFAULT_PREFILL_CHUNK: u32 = 128;
 const DEFAULT_MAX_BODY: usize = 8 * 1024 * 1024;
+/// Ollama's default for CPU machines (three models resident).
+const DEFAULT_MAX_LOADED: usize = 3;
 const MAX_STOP_STRINGS: usize = 16;
+const FLAGS: &str = "command line / environment";
 
 /// A configuration problem, reported before serving.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +69,59 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Listening beyond loopback without authentication was explicitly allowed.
+    pub insecure: bool,
+    /// Browser origins allowed by CORS beyond the loopback ones (OLLAMA_ORIGINS).
+    pub origins: Vec<String>,
+}
+
+/// How models come and go.
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    /// How long an idle model stays loaded when neither the request nor the model says.
+    pub keep_alive: KeepAlive,
+    /// Most models resident at once; the least recently used idle one makes room.
+    pub max_loaded: usize,
+}
+
+/// Engine settings for models that do not set their own (every store model).
+#[derive(Debug, Clone)]
+pub struct EngineDefaults {
+    /// Parallel slots.
+    pub slots: u32,
+    /// Context per slot; `None` = 4096 capped at the model's training context.
+    pub ctx_per_slot: Option<u32>,
+    /// CPU threads.
+    pub threads: u32,
+    /// Tokens per decode call.
+    pub batch: u32,
+    /// Prompt tokens per step while others generate.
+    pub prefill_chunk: u32,
+    /// Waiting requests beyond the busy slots.
+    pub max_queue: usize,
+    /// Flash attention: forced on/off, or llama.cpp's automatic choice.
+    pub flash_attention: Option<bool>,
+    /// KV cache element type.
+    pub kv_cache_type: KvCacheType,
+}
+
+impl EngineDefaults {
+    /// Engine options for a model file, with this model's own overrides.
+    pub fn options(&self, name: &ModelName, path: PathBuf, ctx: Option<u32>) -> EngineOptions {
+        EngineOptions {
+            name: name.to_string(),
+            path,
+            slots: self.slots,
+            ctx_per_slot: ctx.or(self.ctx_per_slot),
+            threads: self.threads,
+            batch: self.batch,
+            prefill_chunk: self.prefill_chunk,
+            max_queue: self.max_queue,
+            gpu_layers: None,
+            flash_attention: self.flash_attention,
+            kv_cache_type: self.kv_cache_type,
+        }
+    }
 }
 
 /// Per-model request defaults, like an Ollama Modelfile's PARAMETER and SYSTEM lines.
@@ -76,15 +135,23 @@ pub struct ModelDefaults {
     pub max_tokens: Option<u32>,
     /// Stop strings when a request sets none.
     pub stop: Vec<String>,
+    /// How long the model stays loaded when idle, unless the request says.
+    pub keep_alive: Option<KeepAlive>,
 }
 
-/// One model to serve.
+/// One model named in the configuration (flags or models.toml).
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
+    /// Its name.
+    pub name: ModelName,
+    /// Other names that mean it.
+    pub aliases: Vec<ModelName>,
     /// How to run it.
     pub engine: EngineOptions,
     /// Request defaults.
     pub defaults: ModelDefaults,
+    /// The pinned sha256 of the file, if the configuration gives one.
+    pub sha256: Option<Digest>,
 }
 
 /// Everything `serve` needs, validated.
@@ -92,7 +159,13 @@ pub struct ModelConfig {
 pub struct Config {
     /// Server settings.
     pub server: ServerConfig,
-    /// Models, in name order.
+    /// Model lifecycle.
+    pub lifecycle: Lifecycle,
+    /// Engine settings for store models.
+    pub engine: EngineDefaults,
+    /// The model store (Ollama's layout).
+    pub store_dir: PathBuf,
+    /// Configured models, in the order they are preloaded (name order).
     pub models: Vec<ModelConfig>,
 }
 
@@ -105,10 +178,19 @@ pub fn cache_dir() -> PathBuf {
     home().join(".cache").join("backstop")
 }
 
-/// Where model files live: `BACKSTOP_MODELS` or `<cache>/models`.
-pub fn models_dir() -> PathBuf {
+/// Where the setup step puts the test models: `BACKSTOP_MODELS` or `<cache>/models`.
+pub fn fetched_models_dir() -> PathBuf {
     std::env::var_os("BACKSTOP_MODELS")
         .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("models"))
+}
+
+/// The model store: `BACKSTOP_MODELS`, else `OLLAMA_MODELS` (so an existing Ollama store is
+/// served as it is), else `<cache>/models`.
+pub fn default_store_dir() -> PathBuf {
+    std::env::var_os("BACKSTOP_MODELS")
+        .or_else(|| std::env::var_os("OLLAMA_MODELS"))
+        .map(|d| resolve_path(&d.to_string_lossy(), Path::new(".")))
         .unwrap_or_else(|| cache_dir().join("models"))
 }
 
@@ -179,12 +261,58 @@ fn parse_model_flag(flag: &str) -> Result<(String, PathBuf), String> {
     Ok((stem.to_owned(), path))
 }
 
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._:-/".contains(c))
+/// An `OLLAMA_*` variable, the fallback below flags and `BACKSTOP_*` variables.
+fn ollama_env(name: &str) -> Option<(String, String)> {
+    let key = format!("OLLAMA_{name}");
+    std::env::var(&key)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| (v, key))
+}
+
+fn parse_env<T: std::str::FromStr>(name: &str) -> Result<Option<T>, ConfigError> {
+    match ollama_env(name) {
+        None => Ok(None),
+        Some((v, key)) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| ConfigError::Invalid {
+                origin: "environment".into(),
+                key,
+                message: format!("`{v}` is not a valid number"),
+            }),
+    }
+}
+
+/// Ollama's boolean spelling: 1/true/yes/on and 0/false/no/off.
+fn parse_bool(text: &str) -> Option<bool> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+fn keep_alive_of(raw: &RawDuration) -> Result<KeepAlive, String> {
+    match raw {
+        RawDuration::Seconds(s) => KeepAlive::from_seconds(*s),
+        RawDuration::Text(t) => KeepAlive::parse(t),
+    }
+}
+
+/// A flag or `BACKSTOP_*` value, else the `OLLAMA_*` one, else the file's, with where it came from.
+fn layered<T>(
+    flag: Option<T>,
+    ollama: Option<T>,
+    file: Option<T>,
+    origin: &str,
+) -> (Option<T>, String) {
+    match (flag, ollama, file) {
+        (Some(v), _, _) => (Some(v), FLAGS.to_owned()),
+        (None, Some(v), _) => (Some(v), "environment (OLLAMA_*)".to_owned()),
+        (None, None, v) => (v, origin.to_owned()),
+    }
 }
 
 impl Config {
@@ -206,29 +334,34 @@ impl Config {
                     .unwrap_or_else(|| PathBuf::from("."));
                 (raw, path.display().to_string(), base)
             }
-            None => (
-                RawConfig::default(),
-                "command line / environment".to_owned(),
-                PathBuf::from("."),
-            ),
+            None => (RawConfig::default(), FLAGS.to_owned(), PathBuf::from(".")),
         };
-        let flags = "command line / environment";
         let invalid = |origin: &str, key: &str, message: String| ConfigError::Invalid {
             origin: origin.to_owned(),
             key: key.to_owned(),
             message,
         };
+        let positive =
+            |v: Option<u32>, key: &str, from: &str| -> Result<Option<u32>, ConfigError> {
+                match v {
+                    Some(0) => Err(invalid(from, key, "must be at least 1".into())),
+                    other => Ok(other),
+                }
+            };
 
-        let (host_text, host_origin) = match (&args.host, &raw.server.host) {
-            (Some(h), _) => (h.clone(), flags),
-            (None, Some(h)) => (h.clone(), origin.as_str()),
-            (None, None) => (String::new(), flags),
-        };
-        let listen = parse_host(&host_text).map_err(|m| invalid(host_origin, "host", m))?;
+        // Listening address and the safety rule that goes with it.
+        let (host_text, host_origin) = layered(
+            args.host.clone(),
+            ollama_env("HOST").map(|v| v.0),
+            raw.server.host.clone(),
+            &origin,
+        );
+        let listen = parse_host(host_text.as_deref().unwrap_or(""))
+            .map_err(|m| invalid(&host_origin, "host", m))?;
         let insecure = args.insecure || raw.server.insecure.unwrap_or(false);
         if !listen.ip().is_loopback() && !insecure {
             return Err(invalid(
-                host_origin,
+                &host_origin,
                 "host",
                 format!(
                     "refusing to listen on {listen}, which is reachable from other machines, \
@@ -237,26 +370,29 @@ impl Config {
                 ),
             ));
         }
-        if !listen.ip().is_loopback() {
-            tracing::warn!(%listen, "listening beyond loopback WITHOUT authentication (--insecure)");
-        }
 
-        let positive =
-            |v: Option<u32>, key: &str, from: &str| -> Result<Option<u32>, ConfigError> {
-                match v {
-                    Some(0) => Err(invalid(from, key, "must be at least 1".into())),
-                    other => Ok(other),
-                }
-            };
-        // Flag/env values override both the [server] section and per-model values.
-        let parallel_flag = positive(args.parallel, "parallel", flags)?;
-        let ctx_flag = positive(args.ctx, "ctx", flags)?;
-        let threads_flag = positive(args.threads, "threads", flags)?;
-        let server_parallel = positive(raw.server.parallel, "server.parallel", &origin)?;
-        let server_ctx = positive(raw.server.ctx, "server.ctx", &origin)?;
-        let server_threads = positive(raw.server.threads, "server.threads", &origin)?;
+        // Engine defaults: flag/BACKSTOP_* > OLLAMA_* > [server] > built-in.
+        let (parallel, from) = layered(
+            args.parallel,
+            parse_env("NUM_PARALLEL")?,
+            raw.server.parallel,
+            &origin,
+        );
+        let slots = positive(parallel, "parallel", &from)?;
+        let (ctx, from) = layered(
+            args.ctx,
+            parse_env("CONTEXT_LENGTH")?,
+            raw.server.ctx,
+            &origin,
+        );
+        let ctx = positive(ctx, "ctx", &from)?;
+        let threads = positive(args.threads, "threads", FLAGS)?.or(positive(
+            raw.server.threads,
+            "server.threads",
+            &origin,
+        )?);
         let batch = positive(raw.server.batch, "server.batch", &origin)?.unwrap_or(DEFAULT_BATCH);
-        let prefill_chunk = positive(args.prefill_chunk, "prefill-chunk", flags)?
+        let prefill_chunk = positive(args.prefill_chunk, "prefill-chunk", FLAGS)?
             .or(positive(
                 raw.server.prefill_chunk,
                 "server.prefill_chunk",
@@ -264,62 +400,192 @@ impl Config {
             )?)
             .unwrap_or(DEFAULT_PREFILL_CHUNK)
             .min(batch);
-        let max_queue = args
-            .max_queue
-            .or(raw.server.max_queue)
-            .unwrap_or(DEFAULT_MAX_QUEUE);
+        let (max_queue, _) = layered(
+            args.max_queue,
+            parse_env("MAX_QUEUE")?,
+            raw.server.max_queue,
+            &origin,
+        );
         let max_body_bytes = args
             .max_body_bytes
             .or(raw.server.max_body_bytes)
             .unwrap_or(DEFAULT_MAX_BODY);
+        let fa_env = match ollama_env("FLASH_ATTENTION") {
+            Some((v, key)) => Some(parse_bool(&v).ok_or_else(|| {
+                invalid(
+                    "environment",
+                    &key,
+                    format!("`{v}` is not a boolean (1/0, true/false)"),
+                )
+            })?),
+            None => None,
+        };
+        let fa_flag = match &args.flash_attention {
+            Some(v) => Some(parse_bool(v).ok_or_else(|| {
+                invalid(
+                    FLAGS,
+                    "flash-attention",
+                    format!("`{v}` is not a boolean (1/0, true/false)"),
+                )
+            })?),
+            None => None,
+        };
+        let (flash_attention, _) = layered(fa_flag, fa_env, raw.server.flash_attention, &origin);
+        let (kv_text, kv_from) = layered(
+            args.kv_cache_type.clone(),
+            ollama_env("KV_CACHE_TYPE").map(|v| v.0),
+            raw.server.kv_cache_type.clone(),
+            &origin,
+        );
+        let kv_cache_type = match kv_text {
+            Some(t) => KvCacheType::parse(&t).ok_or_else(|| {
+                invalid(
+                    &kv_from,
+                    "kv_cache_type",
+                    format!("`{t}` is not one of f16, q8_0, q4_0"),
+                )
+            })?,
+            None => KvCacheType::F16,
+        };
+        if kv_cache_type != KvCacheType::F16 && flash_attention == Some(false) {
+            return Err(invalid(
+                &kv_from,
+                "kv_cache_type",
+                "a quantized KV cache needs flash attention; do not turn it off".into(),
+            ));
+        }
         let physical = u32::try_from(num_cpus::get_physical()).unwrap_or(1).max(1);
+        let engine_defaults = EngineDefaults {
+            slots: slots.unwrap_or(DEFAULT_PARALLEL),
+            ctx_per_slot: ctx,
+            threads: threads.unwrap_or(physical),
+            batch,
+            prefill_chunk,
+            max_queue: max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
+            flash_attention,
+            kv_cache_type,
+        };
 
-        let mut entries: Vec<(String, RawModel, String, PathBuf)> = raw
-            .models
-            .into_iter()
-            .map(|(name, m)| {
-                let path = resolve_path(&m.path, &base);
-                (name, m, origin.clone(), path)
-            })
-            .collect();
+        // Lifecycle.
+        let ka_env = match ollama_env("KEEP_ALIVE") {
+            Some((v, key)) => {
+                Some(KeepAlive::parse(&v).map_err(|m| invalid("environment", &key, m))?)
+            }
+            None => None,
+        };
+        let ka_flag = match &args.keep_alive {
+            Some(v) => Some(KeepAlive::parse(v).map_err(|m| invalid(FLAGS, "keep-alive", m))?),
+            None => None,
+        };
+        let ka_file = match &raw.server.keep_alive {
+            Some(r) => {
+                Some(keep_alive_of(r).map_err(|m| invalid(&origin, "server.keep_alive", m))?)
+            }
+            None => None,
+        };
+        let (keep_alive, _) = layered(ka_flag, ka_env, ka_file, &origin);
+        let (max_loaded, from) = layered(
+            args.max_loaded,
+            parse_env("MAX_LOADED_MODELS")?,
+            raw.server.max_loaded,
+            &origin,
+        );
+        if max_loaded == Some(0) {
+            return Err(invalid(&from, "max_loaded", "must be at least 1".into()));
+        }
+        let lifecycle = Lifecycle {
+            keep_alive: keep_alive.unwrap_or(KeepAlive::DEFAULT),
+            max_loaded: max_loaded.unwrap_or(DEFAULT_MAX_LOADED),
+        };
+
+        let store_dir = match (&args.models_dir, &raw.server.models_dir) {
+            (Some(d), _) => resolve_path(&d.to_string_lossy(), Path::new(".")),
+            (None, Some(d)) if std::env::var_os("OLLAMA_MODELS").is_none() => {
+                resolve_path(d, &base)
+            }
+            _ => default_store_dir(),
+        };
+
+        let mut origins: Vec<String> = raw.server.origins.clone().unwrap_or_default();
+        if let Some(list) = args
+            .origins
+            .clone()
+            .or_else(|| ollama_env("ORIGINS").map(|v| v.0))
+        {
+            origins = list
+                .split(',')
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect();
+        }
+
+        // The models: the file's, then the flags' (which replace a file entry of the same name).
+        let mut entries: Vec<(String, RawModel, String, Option<PathBuf>)> = Vec::new();
+        for (name, m) in raw.models {
+            let path = m.path.as_deref().map(|p| resolve_path(p, &base));
+            entries.push((name, m, origin.clone(), path));
+        }
         for flag in &args.models {
-            let (name, path) = parse_model_flag(flag).map_err(|m| invalid(flags, "model", m))?;
+            let (name, path) = parse_model_flag(flag).map_err(|m| invalid(FLAGS, "model", m))?;
             entries.retain(|(n, ..)| *n != name);
             let path = resolve_path(&path.to_string_lossy(), Path::new("."));
-            entries.push((name, RawModel::default(), flags.to_owned(), path));
+            entries.push((name, RawModel::default(), FLAGS.to_owned(), Some(path)));
         }
-        if entries.is_empty() {
-            let path = models_dir().join(DEFAULT_MODEL_FILE);
-            if !path.exists() {
+        let store = crate::models::Store::new(store_dir.clone());
+        if entries.is_empty() && args.config.is_none() {
+            let path = fetched_models_dir().join(DEFAULT_MODEL_FILE);
+            if path.exists() {
+                entries.push((
+                    DEFAULT_MODEL_NAME.to_owned(),
+                    RawModel::default(),
+                    FLAGS.to_owned(),
+                    Some(path),
+                ));
+            } else if store.list().is_empty() {
                 return Err(invalid(
-                    flags,
+                    FLAGS,
                     "model",
                     format!(
-                        "no model given and the default model is not at {}; run \
-                         `scripts/setup.sh serve` (or `scripts/fetch-models.sh`) to fetch it, \
-                         or pass --model NAME=PATH",
+                        "no model given, the store at {} is empty, and the default model is not \
+                         at {}; run `scripts/setup.sh serve` (or `scripts/fetch-models.sh`) to \
+                         fetch it, pull one with `backstop pull`, or pass --model NAME=PATH",
+                        store_dir.display(),
                         path.display()
                     ),
                 ));
             }
-            entries.push((
-                DEFAULT_MODEL_NAME.to_owned(),
-                RawModel::default(),
-                flags.to_owned(),
-                path,
-            ));
         }
 
-        let mut models = Vec::with_capacity(entries.len());
-        for (name, m, from, path) in entries {
-            let key = |k: &str| format!("models.{name}.{k}");
-            if !valid_name(&name) {
-                return Err(invalid(
-                    &from,
-                    &format!("models.{name}"),
-                    "model names may use letters, digits and . _ : - / (at most 128)".into(),
-                ));
-            }
+        let mut models: Vec<ModelConfig> = Vec::with_capacity(entries.len());
+        for (name_text, m, from, path) in entries {
+            let key = |k: &str| format!("models.{name_text}.{k}");
+            let name = ModelName::parse(&name_text)
+                .map_err(|e| invalid(&from, &format!("models.{name_text}"), e.reason.to_owned()))?;
+            let sha256 = match &m.sha256 {
+                Some(s) => Some(
+                    Digest::parse(s).map_err(|e| invalid(&from, &key("sha256"), e.to_string()))?,
+                ),
+                None => None,
+            };
+            let path = match (path, &m.repo) {
+                (Some(p), None) => p,
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        &from,
+                        &key("repo"),
+                        "give either `path` or `repo` + `file`, not both".into(),
+                    ))
+                }
+                (None, Some(repo)) => hub_path(&store, repo, &m, sha256.as_ref())
+                    .map_err(|msg| invalid(&from, &key("repo"), msg))?,
+                (None, None) => {
+                    return Err(invalid(
+                        &from,
+                        &key("path"),
+                        "each model needs `path`, or `repo` + `file`".into(),
+                    ))
+                }
+            };
             engine::check_model_file(&path)
                 .map_err(|e| invalid(&from, &key("path"), e.to_string()))?;
             m.options.validate().map_err(|e| {
@@ -332,46 +598,108 @@ impl Config {
                     format!("at most {MAX_STOP_STRINGS} stop strings"),
                 ));
             }
-            let slots = parallel_flag
-                .or(positive(m.parallel, &key("parallel"), &from)?)
-                .or(server_parallel)
-                .unwrap_or(DEFAULT_PARALLEL);
-            let ctx = ctx_flag
-                .or(positive(m.ctx, &key("ctx"), &from)?)
-                .or(server_ctx);
-            let threads = threads_flag
-                .or(positive(m.threads, &key("threads"), &from)?)
-                .or(server_threads)
-                .unwrap_or(physical);
+            let keep_alive = match &m.keep_alive {
+                Some(r) => {
+                    Some(keep_alive_of(r).map_err(|msg| invalid(&from, &key("keep_alive"), msg))?)
+                }
+                None => None,
+            };
+            let mut aliases = Vec::with_capacity(m.aliases.len());
+            for a in &m.aliases {
+                aliases.push(
+                    ModelName::parse(a)
+                        .map_err(|e| invalid(&from, &key("aliases"), e.to_string()))?,
+                );
+            }
+            let mut engine = engine_defaults.options(&name, path, None);
+            // A flag or variable beats the model's own value, which beats [server].
+            if args.parallel.is_none() {
+                if let Some(p) = positive(m.parallel, &key("parallel"), &from)? {
+                    engine.slots = p;
+                }
+            }
+            if args.ctx.is_none() {
+                if let Some(c) = positive(m.ctx, &key("ctx"), &from)? {
+                    engine.ctx_per_slot = Some(c);
+                }
+            }
+            if args.threads.is_none() {
+                if let Some(t) = positive(m.threads, &key("threads"), &from)? {
+                    engine.threads = t;
+                }
+            }
+            engine.gpu_layers = m.gpu_layers;
             models.push(ModelConfig {
-                engine: EngineOptions {
-                    name: name.clone(),
-                    path,
-                    slots,
-                    ctx_per_slot: ctx,
-                    threads,
-                    batch,
-                    prefill_chunk,
-                    max_queue,
-                    gpu_layers: m.gpu_layers,
-                },
+                name,
+                aliases,
+                engine,
                 defaults: ModelDefaults {
                     system: m.system,
                     sampling: m.options,
                     max_tokens: positive(m.max_tokens, &key("max_tokens"), &from)?,
                     stop: m.stop,
+                    keep_alive,
                 },
+                sha256,
             });
         }
-        models.sort_by(|a, b| a.engine.name.cmp(&b.engine.name));
+        models.sort_by(|a, b| a.name.cmp(&b.name));
+        for (i, m) in models.iter().enumerate() {
+            for other in &models[i + 1..] {
+                let clash = std::iter::once(&m.name)
+                    .chain(&m.aliases)
+                    .any(|n| *n == other.name || other.aliases.contains(n));
+                if clash {
+                    return Err(invalid(
+                        &origin,
+                        &format!("models.{}", other.name),
+                        format!("its name or an alias is also used by `{}`", m.name),
+                    ));
+                }
+            }
+        }
         Ok(Config {
             server: ServerConfig {
                 listen,
                 max_body_bytes,
+                insecure,
+                origins,
             },
+            lifecycle,
+            engine: engine_defaults,
+            store_dir,
             models,
         })
     }
+}
+
+/// Where a pinned Hugging Face file lives in the store, or how to get it there.
+fn hub_path(
+    store: &crate::models::Store,
+    repo: &str,
+    m: &RawModel,
+    sha256: Option<&Digest>,
+) -> Result<PathBuf, String> {
+    let file = m
+        .file
+        .as_deref()
+        .ok_or("a `repo` entry also needs `file` (the .gguf file in that repository)")?;
+    let name = ModelName::for_hub_file(repo, file).map_err(|e| e.to_string())?;
+    let found = match sha256 {
+        Some(d) => Some(store.blob_path(d)).filter(|p| p.is_file()),
+        None => store.get(&name).ok().flatten().map(|s| s.model_path),
+    };
+    found.ok_or_else(|| {
+        let revision = m
+            .revision
+            .as_deref()
+            .map(|r| format!(" --revision {r}"))
+            .unwrap_or_default();
+        format!(
+            "{repo}/{file} is not in the model store at {}; fetch it with `backstop pull {repo} --file {file}{revision}`",
+            store.root().display()
+        )
+    })
 }
 
 #[cfg(test)]

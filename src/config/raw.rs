@@ -17,6 +17,14 @@ pub(crate) struct RawConfig {
     pub(crate) models: BTreeMap<String, RawModel>,
 }
 
+/// A duration written as a string (`"5m"`) or a number of seconds (`-1`, `300`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawDuration {
+    Seconds(f64),
+    Text(String),
+}
+
 /// `[server]`: process-wide settings and defaults for every model.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,17 +38,40 @@ pub(crate) struct RawServer {
     pub(crate) prefill_chunk: Option<u32>,
     pub(crate) max_body_bytes: Option<usize>,
     pub(crate) insecure: Option<bool>,
+    /// How long an idle model stays loaded.
+    pub(crate) keep_alive: Option<RawDuration>,
+    /// Most models resident at once.
+    pub(crate) max_loaded: Option<usize>,
+    /// The model store (Ollama's layout).
+    pub(crate) models_dir: Option<String>,
+    /// llama.cpp flash attention: true, false, or absent for llama.cpp's automatic choice.
+    pub(crate) flash_attention: Option<bool>,
+    /// KV cache element type: f16, q8_0 or q4_0.
+    pub(crate) kv_cache_type: Option<String>,
+    /// Extra browser origins allowed by CORS, like OLLAMA_ORIGINS.
+    pub(crate) origins: Option<Vec<String>>,
 }
 
 /// `[models.NAME]`: one served model, like an Ollama Modelfile.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawModel {
-    pub(crate) path: String,
+    /// A local GGUF file.
+    pub(crate) path: Option<String>,
+    /// Or a Hugging Face file, pinned: `repo` + `file`, optionally `revision` and `sha256`.
+    pub(crate) repo: Option<String>,
+    pub(crate) file: Option<String>,
+    pub(crate) revision: Option<String>,
+    pub(crate) sha256: Option<String>,
+    /// Other names that mean this model (e.g. `gpt-4o-mini`).
+    #[serde(default)]
+    pub(crate) aliases: Vec<String>,
     pub(crate) parallel: Option<u32>,
     pub(crate) ctx: Option<u32>,
     pub(crate) threads: Option<u32>,
     pub(crate) gpu_layers: Option<u32>,
+    /// How long this model stays loaded when idle.
+    pub(crate) keep_alive: Option<RawDuration>,
     /// System prompt used when a chat request brings none.
     pub(crate) system: Option<String>,
     /// Default answer length limit.

@@ -13,7 +13,7 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 
-use super::{ChatTemplate, EngineOptions, LoadError};
+use super::{ChatTemplate, EngineOptions, KvCacheType, LoadError};
 
 /// Context per slot when none is configured: what Ollama uses, and plenty for chat.
 const DEFAULT_CTX_PER_SLOT: u32 = 4096;
@@ -41,6 +41,21 @@ pub struct ModelInfo {
     pub max_queue: usize,
     /// How chat messages become a prompt.
     pub template: ChatTemplate,
+    /// Fill-in-the-middle token texts, if the model has them.
+    pub fim: Option<Fim>,
+    /// Bytes the KV cache of all slots takes (an estimate from the model's shape).
+    pub kv_bytes: u64,
+}
+
+/// The special tokens of fill-in-the-middle prompts: `{prefix}code{suffix}code{middle}`.
+#[derive(Debug, Clone)]
+pub struct Fim {
+    /// Comes before the text preceding the gap.
+    pub prefix: String,
+    /// Comes before the text following the gap.
+    pub suffix: String,
+    /// Asks for the gap.
+    pub middle: String,
 }
 
 /// llama.cpp may be initialised once per process; every engine thread shares this.
@@ -127,8 +142,21 @@ pub(crate) fn new_context<'m>(
 ) -> Result<LlamaContext<'m>, LoadError> {
     let n_ctx = ctx_per_slot.saturating_mul(options.slots);
     let threads = i32::try_from(options.threads).unwrap_or(i32::MAX);
+    let kv = match options.kv_cache_type {
+        KvCacheType::F16 => llama_cpp_2::context::params::KvCacheType::F16,
+        KvCacheType::Q8_0 => llama_cpp_2::context::params::KvCacheType::Q8_0,
+        KvCacheType::Q4_0 => llama_cpp_2::context::params::KvCacheType::Q4_0,
+    };
+    let flash = match options.flash_attention {
+        None => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
+        Some(true) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        Some(false) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    };
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_flash_attention_policy(flash)
+        .with_type_k(kv)
+        .with_type_v(kv)
         .with_n_seq_max(options.slots)
         .with_n_batch(options.batch)
         .with_n_ubatch(options.batch)
@@ -190,7 +218,26 @@ pub(crate) fn describe(
         source = ?template.source(),
         "chat template"
     );
+    let fim = {
+        let (p, s, m) = (vocab.fim_pre(), vocab.fim_suf(), vocab.fim_mid());
+        (p.0 >= 0 && s.0 >= 0 && m.0 >= 0).then(|| Fim {
+            prefix: piece(p),
+            suffix: piece(s),
+            middle: piece(m),
+        })
+    };
+    // K and V per layer per cell: n_head_kv * head_dim elements each.
+    let head_dim = u64::from(model.n_embd().unsigned_abs()) / u64::from(model.n_head().max(1));
+    let per_cell = 2 * u64::from(model.n_layer()) * u64::from(model.n_head_kv()) * head_dim;
+    let (num, den) = match options.kv_cache_type {
+        KvCacheType::F16 => (2, 1),
+        KvCacheType::Q8_0 => (34, 32),
+        KvCacheType::Q4_0 => (18, 32),
+    };
+    let kv_bytes = per_cell * u64::from(ctx_per_slot) * u64::from(options.slots) * num / den;
     Ok(ModelInfo {
+        fim,
+        kv_bytes,
         name: options.name.clone(),
         path: options.path.clone(),
         architecture,

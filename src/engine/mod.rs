@@ -18,12 +18,12 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 pub use error::{EngineError, LoadError};
-pub use loader::ModelInfo;
+pub use loader::{Fim, ModelInfo};
 pub use request::{
-    FinishReason, GenerateRequest, InvalidField, SamplingOverrides, SamplingParams, Timings,
-    TokenEvent, Usage,
+    FinishReason, GenerateRequest, InvalidField, Overflow, SamplingOverrides, SamplingParams,
+    Timings, TokenEvent, Usage,
 };
-pub use template::{ChatMessage, ChatTemplate, Role, TemplateSource};
+pub use template::{fallback_for, ChatMessage, ChatTemplate, Role, TemplateSource};
 
 /// Room for this many undelivered events per request. A generating sequence whose client
 /// lets this fill up skips decode steps until it reads again.
@@ -50,6 +50,33 @@ pub struct EngineOptions {
     pub max_queue: usize,
     /// Layers to offload to a GPU; `None` lets llama.cpp decide.
     pub gpu_layers: Option<u32>,
+    /// Flash attention forced on or off; `None` lets llama.cpp choose.
+    pub flash_attention: Option<bool>,
+    /// Element type of the KV cache (a quantized one halves or quarters its memory).
+    pub kv_cache_type: KvCacheType,
+}
+
+/// KV cache element types Ollama's `OLLAMA_KV_CACHE_TYPE` offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvCacheType {
+    /// 16-bit floats: llama.cpp's default, full quality.
+    F16,
+    /// 8-bit: half the memory, hardly any quality loss.
+    Q8_0,
+    /// 4-bit: a quarter of the memory, some quality loss.
+    Q4_0,
+}
+
+impl KvCacheType {
+    /// Parses `f16`, `q8_0` or `q4_0` (any case).
+    pub fn parse(text: &str) -> Option<KvCacheType> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "f16" => Some(KvCacheType::F16),
+            "q8_0" => Some(KvCacheType::Q8_0),
+            "q4_0" => Some(KvCacheType::Q4_0),
+            _ => None,
+        }
+    }
 }
 
 /// A job for the engine thread.
@@ -72,16 +99,30 @@ pub struct Engine {
 
 /// A running generation: a stream of [`TokenEvent`]s. Holding it holds a place in the
 /// model's admission bound; dropping it cancels the generation within one decode step.
-#[derive(Debug)]
 pub struct Generation {
     events: mpsc::Receiver<TokenEvent>,
     _permit: OwnedSemaphorePermit,
+    /// Whatever must live exactly as long as the generation (the model's lease, which
+    /// keeps it from being unloaded under a running answer).
+    _guard: Option<Box<dyn Send>>,
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation").finish_non_exhaustive()
+    }
 }
 
 impl Generation {
     /// The next event; `None` only if the engine vanished without a final event.
     pub async fn next(&mut self) -> Option<TokenEvent> {
         self.events.recv().await
+    }
+
+    /// Keeps `guard` alive until the generation is dropped.
+    pub fn holding(mut self, guard: Box<dyn Send>) -> Generation {
+        self._guard = Some(guard);
+        self
     }
 }
 
@@ -135,6 +176,7 @@ impl Engine {
         Ok(Generation {
             events: rx,
             _permit: permit,
+            _guard: None,
         })
     }
 

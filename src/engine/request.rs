@@ -69,6 +69,47 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Never sample end-of-generation tokens, so exactly `max_tokens` come out (benchmarks).
     pub ignore_eos: bool,
+    /// Context tokens this request may use (prompt plus answer), when less than a slot's.
+    pub ctx_limit: Option<u32>,
+    /// What to do with a prompt that does not fit.
+    pub overflow: Overflow,
+}
+
+/// What happens to a prompt longer than the context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Refuse the request (OpenAI's behaviour: HTTP 422).
+    Refuse,
+    /// Keep the first `keep` tokens and as many of the latest as fit, leaving room for the
+    /// answer (Ollama's behaviour, its `num_keep`).
+    Truncate {
+        /// Tokens kept from the start of the prompt.
+        keep: usize,
+    },
+}
+
+/// Shortens a prompt that does not fit into `limit` context tokens: the first `keep` tokens
+/// stay, then the latest ones, so that a quarter of the context (or `max_tokens`, if less;
+/// at most half) remains for the answer.
+pub(crate) fn truncate<T: Copy>(
+    tokens: &[T],
+    limit: usize,
+    keep: usize,
+    max_tokens: Option<u32>,
+) -> Vec<T> {
+    if tokens.len() < limit {
+        return tokens.to_vec();
+    }
+    let reserve = max_tokens
+        .map_or(limit / 4, |m| m as usize)
+        .clamp(1, (limit / 2).max(1));
+    let room = limit.saturating_sub(reserve).max(1);
+    let keep = keep.min(room / 2);
+    let tail = room - keep;
+    let mut out = Vec::with_capacity(room);
+    out.extend_from_slice(&tokens[..keep]);
+    out.extend_from_slice(&tokens[tokens.len() - tail..]);
+    out
 }
 
 /// Why a generation ended, as the APIs report it.
@@ -270,6 +311,23 @@ impl SamplingOverrides {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truncation_keeps_the_start_and_the_latest_tokens_and_leaves_room_to_answer() {
+        let tokens: Vec<u32> = (0..100).collect();
+        let t = truncate(&tokens, 40, 4, None);
+        assert_eq!(t.len(), 30, "a quarter of the context stays free");
+        assert_eq!(&t[..4], &[0, 1, 2, 3]);
+        assert_eq!(*t.last().unwrap(), 99);
+        assert_eq!(t[4], 74);
+        let t = truncate(&tokens, 40, 4, Some(5));
+        assert_eq!(t.len(), 35);
+        assert_eq!(
+            truncate(&tokens[..10], 40, 4, None).len(),
+            10,
+            "short prompts are untouched"
+        );
+    }
 
     #[test]
     fn request_values_win_over_model_defaults_field_by_field() {

@@ -81,8 +81,8 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
-/// Picks the fallback for a GGUF without a template.
-fn fallback_for(architecture: &str) -> (TemplateSource, &'static str) {
+/// Picks the fallback for a GGUF without a template (also what `/api/show` prints for it).
+pub fn fallback_for(architecture: &str) -> (TemplateSource, &'static str) {
     if architecture.starts_with("gemma") {
         (TemplateSource::Architecture("gemma"), GEMMA)
     } else {

@@ -16,9 +16,11 @@ use tokio::sync::{mpsc, oneshot};
 use super::loader::{self, ModelInfo};
 use super::metrics::EngineMetrics;
 use super::policy::{choose_slot, plan_step, Budget, FreeSlot, SlotState, StepPlan};
+use super::request::truncate;
 use super::text::{StopMatcher, StopScan, Utf8Stream};
 use super::{
-    sampler, EngineError, EngineOptions, FinishReason, Job, LoadError, Timings, TokenEvent, Usage,
+    sampler, EngineError, EngineOptions, FinishReason, Job, LoadError, Overflow, Timings,
+    TokenEvent, Usage,
 };
 
 /// A sequence emits at most a token and its final event per step; it only runs when its
@@ -94,6 +96,8 @@ pub(crate) fn engine_worker(
 struct Pending {
     job: Job,
     tokens: Vec<LlamaToken>,
+    /// Context tokens the request may use.
+    limit: usize,
 }
 
 /// One parallel sequence of the shared context.
@@ -119,6 +123,8 @@ struct Active {
     next: Option<LlamaToken>,
     utf8: Utf8Stream,
     stops: StopMatcher,
+    /// Context tokens the request may use (prompt plus answer).
+    limit: usize,
     admitted: u64,
     reused: usize,
     submitted: Instant,
@@ -260,13 +266,23 @@ impl<'m> Worker<'m> {
         // Add BOS only if the model wants one and the template did not already write it.
         let add_special =
             self.bos_text.is_empty() || !job.request.prompt.starts_with(&self.bos_text);
-        let tokens = self.model.vocab().tokenize(prompt, add_special, true);
+        let mut tokens = self.model.vocab().tokenize(prompt, add_special, true);
+        let limit = job.request.ctx_limit.map_or(self.ctx_per_slot, |c| {
+            (c as usize).clamp(2, self.ctx_per_slot)
+        });
+        if tokens.len() >= limit {
+            if let Overflow::Truncate { keep } = job.request.overflow {
+                let before = tokens.len();
+                tokens = truncate(&tokens, limit, keep, job.request.max_tokens);
+                tracing::warn!(model = %self.name, prompt_tokens = before, kept = tokens.len(), limit, "prompt longer than the context: input truncated");
+            }
+        }
         let verdict = if tokens.is_empty() {
             Err(EngineError::EmptyPrompt)
-        } else if tokens.len() >= self.ctx_per_slot {
+        } else if tokens.len() >= limit {
             Err(EngineError::PromptTooLong {
                 tokens: tokens.len(),
-                limit: self.ctx_per_slot,
+                limit,
             })
         } else {
             Ok(())
@@ -280,7 +296,7 @@ impl<'m> Worker<'m> {
         if job.events.try_send(event).is_err() || verdict.is_err() {
             return;
         }
-        self.waiting.push_back(Pending { job, tokens });
+        self.waiting.push_back(Pending { job, tokens, limit });
     }
 
     /// Frees the slots (and queue places) of clients that went away.
@@ -342,7 +358,7 @@ impl<'m> Worker<'m> {
         let slot = &mut self.slots[index];
         slot.cached.truncate(keep);
 
-        let Pending { job, tokens } = pending;
+        let Pending { job, tokens, limit } = pending;
         let banned: &[LlamaToken] = if job.request.ignore_eos {
             &self.eog
         } else {
@@ -361,6 +377,7 @@ impl<'m> Worker<'m> {
             next: None,
             utf8: Utf8Stream::default(),
             stops: StopMatcher::new(&stops),
+            limit,
             admitted: self.admissions,
             reused: keep,
             submitted: job.submitted,
@@ -537,12 +554,13 @@ impl<'m> Worker<'m> {
         self.metrics.completion_tokens.increment(1);
         self.piece.clear();
         vocab.token_to_piece_into(token, &mut self.piece, false, None);
-        // Prompt plus answer may use the whole context: this token is the last if counting
-        // it fills the slot.
-        let full_context = self.slots[i].cached.len() + 1 >= self.ctx_per_slot;
+        let cached = self.slots[i].cached.len();
         let Some(active) = self.slots[i].active.as_mut() else {
             return;
         };
+        // Prompt plus answer may use the whole context: this token is the last if counting
+        // it fills the request's share.
+        let full_context = cached + 1 >= active.limit;
         active.generated += 1;
         let text = active.utf8.push(&self.piece);
         let (out, stopped) = match active.stops.push(&text) {

@@ -50,6 +50,26 @@ pub struct Server {
     pub base: String,
     log: Arc<Mutex<String>>,
     pub client: reqwest::Client,
+    /// The server's own model store (removed on drop), unless the test gave one.
+    pub store: Option<PathBuf>,
+}
+
+/// A fresh folder under the system's temporary folder.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("backstop-test-{name}-{}", uuid_like()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        Instant::now().elapsed().as_nanos()
+    )
 }
 
 /// The result of running the binary to completion.
@@ -104,10 +124,26 @@ impl Server {
     /// server: test binaries run two tests at a time, and llama.cpp's OpenMP threads spin
     /// badly when a machine is oversubscribed.
     pub async fn start_raw(args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_backstop"))
-            .arg("serve")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_backstop"));
+        cmd.arg("serve")
             .args(["--host", "127.0.0.1:0", "--threads", "1"])
-            .args(args)
+            .args(args);
+        // Each server gets an empty store of its own unless the test brings one, so what one
+        // test pulls or creates never shows up in another's listings.
+        let store = if args.contains(&"--models-dir") {
+            None
+        } else {
+            let dir = temp_dir("store");
+            cmd.arg("--models-dir").arg(&dir);
+            Some(dir)
+        };
+        // The developer's own Ollama settings must not leak into the tests.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("OLLAMA_") || (k.starts_with("BACKSTOP_") && k != "BACKSTOP_CACHE" && k != "BACKSTOP_MODELS") {
+                cmd.env_remove(k);
+            }
+        }
+        let mut child = cmd
             .env("BACKSTOP_LOG", "info,llama-cpp-2=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -142,6 +178,7 @@ impl Server {
             base: format!("http://{addr}"),
             log,
             client: reqwest::Client::new(),
+            store,
         };
         server.wait_ready().await;
         server
@@ -299,6 +336,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.child.kill().ok();
         self.child.wait().ok();
+        if let Some(d) = &self.store {
+            std::fs::remove_dir_all(d).ok();
+        }
     }
 }
 

@@ -1,38 +1,13 @@
-//! Parse, don't validate: an OpenAI request body becomes a [`Valid`] request (every field
-//! checked, with the offending field named) and then the engine's [`GenerateRequest`].
+//! Parse, don't validate: an OpenAI request body becomes the shared [`Valid`] request, every
+//! field checked, with the offending field named.
 
 use serde_json::Value;
 
 use super::error::ApiError;
 use super::types::{ChatCompletionRequest, CommonParams, CompletionRequest};
 use crate::api::body::JsonBody;
-use crate::engine::{ChatMessage, GenerateRequest, Role, SamplingOverrides};
-use crate::models::ModelHandle;
-
-/// Most stop strings per request.
-pub(crate) const MAX_STOP: usize = 16;
-
-/// What the model should read.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Input {
-    /// A conversation, rendered by the model's chat template.
-    Chat(Vec<ChatMessage>),
-    /// Raw text, used as is.
-    Text(String),
-}
-
-/// A checked request, independent of the endpoint it came from.
-#[derive(Debug, Clone)]
-pub(crate) struct Valid {
-    pub(crate) model: String,
-    pub(crate) stream: bool,
-    pub(crate) include_usage: bool,
-    pub(crate) input: Input,
-    pub(crate) sampling: SamplingOverrides,
-    pub(crate) max_tokens: Option<u32>,
-    pub(crate) stop: Option<Vec<String>>,
-    pub(crate) ignore_eos: bool,
-}
+use crate::api::request::{check_stop, Input, Valid};
+use crate::engine::{ChatMessage, Role, SamplingOverrides};
 
 fn model_name(model: Option<String>) -> Result<String, ApiError> {
     match model {
@@ -109,15 +84,7 @@ fn stop_list(value: &Value) -> Result<Option<Vec<String>>, ApiError> {
             ))
         }
     };
-    if list.len() > MAX_STOP {
-        return Err(ApiError::invalid(
-            "stop",
-            format!(
-                "at most {MAX_STOP} stop strings are allowed, got {}",
-                list.len()
-            ),
-        ));
-    }
+    check_stop(&list, "stop")?;
     Ok(Some(list))
 }
 
@@ -200,14 +167,13 @@ pub(crate) fn chat(body: &JsonBody) -> Result<Valid, ApiError> {
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(Valid {
-        model: model_name(req.model)?,
         stream: req.stream.unwrap_or(false),
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
-        input: Input::Chat(messages),
         sampling: common.sampling,
         max_tokens: req.max_completion_tokens.or(common.max_tokens),
         stop: common.stop,
         ignore_eos: common.ignore_eos,
+        ..Valid::new(model_name(req.model)?, Input::Chat(messages))
     })
 }
 
@@ -241,65 +207,12 @@ pub(crate) fn completion(body: &JsonBody) -> Result<Valid, ApiError> {
         return Err(unsupported("logprobs", "logprobs"));
     }
     Ok(Valid {
-        model: model_name(req.model)?,
         stream: req.stream.unwrap_or(false),
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
-        input: Input::Text(prompt),
         sampling: common.sampling,
         max_tokens: common.max_tokens,
         stop: common.stop,
         ignore_eos: common.ignore_eos,
-    })
-}
-
-/// Applies the model's defaults and renders the prompt.
-pub(crate) fn generate_request(
-    valid: &Valid,
-    model: &ModelHandle,
-) -> Result<GenerateRequest, ApiError> {
-    let defaults = &model.defaults;
-    let info = model.engine.info();
-    let max_tokens = valid.max_tokens.or(defaults.max_tokens);
-    if let Some(n) = max_tokens {
-        if n == 0 || n > info.ctx_per_slot {
-            return Err(ApiError::invalid(
-                "max_tokens",
-                format!(
-                    "max_tokens must be between 1 and {} (this model's context per request), got {n}",
-                    info.ctx_per_slot
-                ),
-            ));
-        }
-    }
-    let prompt = match &valid.input {
-        Input::Text(t) => t.clone(),
-        Input::Chat(messages) => {
-            let mut with_system;
-            let messages = match &defaults.system {
-                Some(system) if !messages.iter().any(|m| m.role == Role::System) => {
-                    with_system = Vec::with_capacity(messages.len() + 1);
-                    with_system.push(ChatMessage {
-                        role: Role::System,
-                        content: system.clone(),
-                    });
-                    with_system.extend_from_slice(messages);
-                    &with_system
-                }
-                _ => messages,
-            };
-            info.template.render(messages, true).map_err(|e| {
-                ApiError::invalid(
-                    "messages",
-                    format!("the model's chat template rejected these messages: {e}"),
-                )
-            })?
-        }
-    };
-    Ok(GenerateRequest {
-        prompt,
-        sampling: valid.sampling.or(&defaults.sampling).resolve()?,
-        max_tokens,
-        stop: valid.stop.clone().unwrap_or_else(|| defaults.stop.clone()),
-        ignore_eos: valid.ignore_eos,
+        ..Valid::new(model_name(req.model)?, Input::Text(prompt))
     })
 }

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::api::body::BodyError;
+use crate::api::request::Invalid;
 use crate::engine::{EngineError, InvalidField};
 use crate::models::LookupError;
 
@@ -103,20 +104,25 @@ impl From<InvalidField> for ApiError {
 impl From<LookupError> for ApiError {
     fn from(e: LookupError) -> Self {
         let (status, kind, code) = match &e {
+            LookupError::InvalidName(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_model_name",
+            ),
             LookupError::Unknown(_) => (
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 "model_not_found",
             ),
-            LookupError::Loading(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "model_loading",
-            ),
             LookupError::Failed { .. } => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "model_load_failed",
+            ),
+            LookupError::Busy { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
-                "model_unavailable",
+                "model_capacity",
             ),
         };
         ApiError {
@@ -126,6 +132,12 @@ impl From<LookupError> for ApiError {
             param: Some("model".into()),
             code: Some(code),
         }
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        ApiError::invalid(e.param, e.message)
     }
 }
 

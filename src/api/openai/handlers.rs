@@ -4,7 +4,7 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::convert::{self, Valid};
+use super::convert;
 use super::error::ApiError;
 use super::sse::{self, Chunker, Kind, FINGERPRINT};
 use super::types::{
@@ -12,46 +12,16 @@ use super::types::{
     TextCompletion,
 };
 use crate::api::body::{BodyError, JsonBody};
+use crate::api::request::{collect, start, Collected, Valid};
 use crate::api::AppState;
-use crate::engine::{Engine, EngineError, FinishReason, Generation, TokenEvent, Usage};
 
 fn now_secs() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-/// Submits and waits until the engine has tokenized and queued the prompt, so that errors
-/// such as a too-long prompt still get a real status code, even for streams.
-async fn start(
-    engine: &Engine,
-    valid: &Valid,
-    handle: &crate::models::ModelHandle,
-) -> Result<Generation, ApiError> {
-    let request = convert::generate_request(valid, handle)?;
-    let mut generation = engine.submit(request)?;
-    match generation.next().await {
-        Some(TokenEvent::Queued { .. }) => Ok(generation),
-        Some(TokenEvent::Error(e)) => Err(e.into()),
-        _ => Err(EngineError::Stopped.into()),
-    }
-}
-
-/// Reads a generation to its end.
-async fn collect(mut generation: Generation) -> Result<(String, FinishReason, Usage), ApiError> {
-    let mut text = String::new();
-    loop {
-        match generation.next().await {
-            Some(TokenEvent::Token(t)) => text.push_str(&t),
-            Some(TokenEvent::Done { finish, usage, .. }) => return Ok((text, finish, usage)),
-            Some(TokenEvent::Error(e)) => return Err(e.into()),
-            Some(TokenEvent::Queued { .. }) => {}
-            None => return Err(EngineError::Stopped.into()),
-        }
-    }
-}
-
 async fn respond(state: &AppState, valid: Valid, kind: Kind) -> Result<Response, ApiError> {
-    let handle = state.models.get(&valid.model)?;
-    let generation = start(&handle.engine, &valid, &handle).await?;
+    let lease = state.models.acquire(&valid.model, valid.keep_alive).await?;
+    let generation = start::<ApiError>(&valid, lease).await?;
     let prefix = match kind {
         Kind::Chat => "chatcmpl-",
         Kind::Text => "cmpl-",
@@ -62,7 +32,12 @@ async fn respond(state: &AppState, valid: Valid, kind: Kind) -> Result<Response,
         let chunker = Chunker::new(kind, id, created, valid.model, valid.include_usage);
         return Ok(sse::sse(generation, chunker).into_response());
     }
-    let (text, finish, usage) = collect(generation).await?;
+    let Collected {
+        text,
+        finish,
+        usage,
+        ..
+    } = collect(generation).await?;
     let finish_reason = finish.as_str();
     let response = match kind {
         Kind::Chat => Json(ChatCompletion {
@@ -120,25 +95,28 @@ pub(crate) async fn completions(
     respond(&state, valid, Kind::Text).await
 }
 
-fn model_object(name: &str, created: i64) -> ModelObject {
+fn model_object(listed: &crate::models::Listed) -> ModelObject {
+    let created = listed
+        .modified
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
     ModelObject {
-        id: name.to_owned(),
+        id: listed.spec.name.to_string(),
         object: "model",
         created,
         owned_by: "backstop",
     }
 }
 
-/// `GET /v1/models`.
+/// `GET /v1/models`: every servable model, loaded or not.
 pub(crate) async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
-    let created = state.started_at;
+    let models = state.models.clone();
+    let listed = tokio::task::spawn_blocking(move || models.list())
+        .await
+        .unwrap_or_default();
     Json(ModelList {
         object: "list",
-        data: state
-            .models
-            .names()
-            .map(|n| model_object(n, created))
-            .collect(),
+        data: listed.iter().map(model_object).collect(),
     })
 }
 
@@ -147,8 +125,14 @@ pub(crate) async fn get_model(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<ModelObject>, ApiError> {
-    match state.models.names().find(|n| *n == id) {
-        Some(name) => Ok(Json(model_object(name, state.started_at))),
-        None => Err(crate::models::LookupError::Unknown(id).into()),
-    }
+    let spec = state.models.resolve(&id)?;
+    let models = state.models.clone();
+    let listed = tokio::task::spawn_blocking(move || models.list())
+        .await
+        .unwrap_or_default();
+    listed
+        .iter()
+        .find(|l| l.spec.name == spec.name)
+        .map(|l| Json(model_object(l)))
+        .ok_or_else(|| crate::models::LookupError::Unknown(id).into())
 }

@@ -1,0 +1,542 @@
+//! Reads a GGUF file's header: its metadata keys and the shapes of its tensors, without
+//! touching the weights. `/api/tags`, `/api/show` and `backstop list` describe models that
+//! are not loaded, so this has to be cheap and must never bring the process down.
+//!
+//! Hand-rolled rather than going through ggml's `gguf_init_from_file`: the header is a short,
+//! documented little-endian format (github.com/ggml-org/ggml/blob/master/docs/gguf.md), and
+//! ggml asserts (aborting the process) when a getter is called with the wrong value type,
+//! which a corrupt or hostile file could provoke. Here every malformed header is an error.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::Path;
+
+/// Longest string accepted in a header; chat templates are the long ones (a few KiB).
+const MAX_STRING: u64 = 16 * 1024 * 1024;
+/// Arrays longer than this are counted, not kept (token lists have ~10^5 entries).
+const KEEP_ARRAY: u64 = 64;
+/// More keys or tensors than this means the header is not real.
+const MAX_ENTRIES: u64 = 1 << 24;
+/// Most dimensions a tensor may have (ggml's GGML_MAX_DIMS).
+const MAX_DIMS: u32 = 4;
+
+/// Why a header could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    /// The file could not be opened or read.
+    #[error("cannot read {0}")]
+    Io(#[from] std::io::Error),
+    /// Not a GGUF file.
+    #[error("not a GGUF file (bad magic bytes)")]
+    Magic,
+    /// A GGUF version this reader does not know.
+    #[error("unsupported GGUF version {0}")]
+    Version(u32),
+    /// The header contradicts itself (a length or type that cannot be right).
+    #[error("corrupt GGUF header: {0}")]
+    Corrupt(String),
+}
+
+/// One metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GgufValue {
+    /// Any unsigned integer type.
+    Uint(u64),
+    /// Any signed integer type.
+    Int(i64),
+    /// `f32` or `f64`.
+    Float(f64),
+    /// A boolean.
+    Bool(bool),
+    /// A UTF-8 string (invalid bytes replaced).
+    Str(String),
+    /// An array: its length, and its items when it is short enough to keep.
+    Array {
+        /// Number of elements in the file.
+        len: u64,
+        /// The elements, if `len` is at most 64.
+        items: Option<Vec<GgufValue>>,
+    },
+}
+
+impl GgufValue {
+    /// As JSON, the way Ollama's `model_info` shows values (long arrays as null).
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value;
+        match self {
+            GgufValue::Uint(v) => Value::from(*v),
+            GgufValue::Int(v) => Value::from(*v),
+            GgufValue::Float(v) => Value::from(*v),
+            GgufValue::Bool(v) => Value::from(*v),
+            GgufValue::Str(v) => Value::from(v.as_str()),
+            GgufValue::Array {
+                items: Some(items), ..
+            } => Value::Array(items.iter().map(GgufValue::to_json).collect()),
+            GgufValue::Array { items: None, .. } => Value::Null,
+        }
+    }
+
+    fn as_u64(&self) -> Option<u64> {
+        match *self {
+            GgufValue::Uint(v) => Some(v),
+            GgufValue::Int(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// What a GGUF header says about its model.
+#[derive(Debug, Clone, Default)]
+pub struct GgufHeader {
+    /// Format version (2 or 3).
+    pub version: u32,
+    /// Every metadata key and value, in key order.
+    pub metadata: BTreeMap<String, GgufValue>,
+    /// Number of tensors.
+    pub tensor_count: u64,
+    /// Total elements over all tensors: the parameter count.
+    pub parameter_count: u64,
+}
+
+impl GgufHeader {
+    /// A string value.
+    pub fn str(&self, key: &str) -> Option<&str> {
+        match self.metadata.get(key) {
+            Some(GgufValue::Str(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// An integer value.
+    pub fn uint(&self, key: &str) -> Option<u64> {
+        self.metadata.get(key).and_then(GgufValue::as_u64)
+    }
+
+    /// `general.architecture`, e.g. `llama` or `gemma3`.
+    pub fn architecture(&self) -> &str {
+        self.str("general.architecture").unwrap_or("unknown")
+    }
+
+    /// The training context length (`<arch>.context_length`).
+    pub fn context_length(&self) -> Option<u64> {
+        self.uint(&format!("{}.context_length", self.architecture()))
+    }
+
+    /// The quantization, named as llama.cpp's quantizer names it (`Q4_K_M`), from
+    /// `general.file_type`.
+    pub fn quantization(&self) -> String {
+        match self.uint("general.file_type") {
+            Some(t) => file_type_name(t).map_or_else(|| format!("type {t}"), str::to_owned),
+            None => "unknown".to_owned(),
+        }
+    }
+
+    /// The parameter count in Ollama's short form: `134.52M`, `8.0B`.
+    pub fn parameter_size(&self) -> String {
+        human_count(self.parameter_count)
+    }
+}
+
+/// llama.cpp's `llama_ftype` names (include/llama.h).
+pub fn file_type_name(t: u64) -> Option<&'static str> {
+    Some(match t {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        19 => "IQ2_XXS",
+        20 => "IQ2_XS",
+        21 => "Q2_K_S",
+        22 => "IQ3_XS",
+        23 => "IQ3_XXS",
+        24 => "IQ1_S",
+        25 => "IQ4_NL",
+        26 => "IQ3_S",
+        27 => "IQ3_M",
+        28 => "IQ2_S",
+        29 => "IQ2_M",
+        30 => "IQ4_XS",
+        31 => "IQ1_M",
+        32 => "BF16",
+        36 => "TQ1_0",
+        37 => "TQ2_0",
+        38 => "MXFP4_MOE",
+        _ => return None,
+    })
+}
+
+/// `134515008` → `134.52M`; `8030261248` → `8.0B`; small counts as they are.
+pub fn human_count(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.1}B", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.2}M", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.2}K", n / 1e3)
+    } else {
+        format!("{n}")
+    }
+}
+
+/// Reads the header of the GGUF file at `path`.
+pub fn read(path: &Path) -> Result<GgufHeader, GgufError> {
+    let file = File::open(path)?;
+    parse(&mut BufReader::with_capacity(64 * 1024, file))
+}
+
+/// Reads a header from any byte stream positioned at the start of a GGUF file.
+pub fn parse(r: &mut impl Read) -> Result<GgufHeader, GgufError> {
+    let mut magic = [0u8; 4];
+    r.read_exact(&mut magic).map_err(|_| GgufError::Magic)?;
+    if &magic != b"GGUF" {
+        return Err(GgufError::Magic);
+    }
+    let mut h = Header { r };
+    let version = h.u32()?;
+    if !(2..=3).contains(&version) {
+        return Err(GgufError::Version(version));
+    }
+    let tensor_count = h.count("tensor count")?;
+    let kv_count = h.count("metadata count")?;
+    let mut metadata = BTreeMap::new();
+    for _ in 0..kv_count {
+        let key = h.string()?;
+        let kind = h.u32()?;
+        let value = h.value(kind, 0)?;
+        metadata.insert(key, value);
+    }
+    let mut parameter_count: u64 = 0;
+    for _ in 0..tensor_count {
+        h.skip_string()?;
+        let dims = h.u32()?;
+        if dims > MAX_DIMS {
+            return Err(GgufError::Corrupt(format!(
+                "a tensor with {dims} dimensions"
+            )));
+        }
+        let mut elements: u64 = 1;
+        for _ in 0..dims {
+            elements = elements.saturating_mul(h.u64()?);
+        }
+        let _ggml_type = h.u32()?;
+        let _offset = h.u64()?;
+        parameter_count = parameter_count.saturating_add(elements);
+    }
+    Ok(GgufHeader {
+        version,
+        metadata,
+        tensor_count,
+        parameter_count,
+    })
+}
+
+/// The little-endian primitives of the header.
+struct Header<'a, R: Read> {
+    r: &'a mut R,
+}
+
+impl<R: Read> Header<'_, R> {
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], GgufError> {
+        let mut b = [0u8; N];
+        self.r.read_exact(&mut b).map_err(truncated)?;
+        Ok(b)
+    }
+
+    fn u32(&mut self) -> Result<u32, GgufError> {
+        Ok(u32::from_le_bytes(self.bytes()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, GgufError> {
+        Ok(u64::from_le_bytes(self.bytes()?))
+    }
+
+    fn count(&mut self, what: &str) -> Result<u64, GgufError> {
+        let n = self.u64()?;
+        if n > MAX_ENTRIES {
+            return Err(GgufError::Corrupt(format!("{what} of {n}")));
+        }
+        Ok(n)
+    }
+
+    fn string_len(&mut self) -> Result<u64, GgufError> {
+        let len = self.u64()?;
+        if len > MAX_STRING {
+            return Err(GgufError::Corrupt(format!("a string of {len} bytes")));
+        }
+        Ok(len)
+    }
+
+    fn string(&mut self) -> Result<String, GgufError> {
+        let len = self.string_len()?;
+        let mut buf = Vec::with_capacity(len as usize);
+        self.r
+            .by_ref()
+            .take(len)
+            .read_to_end(&mut buf)
+            .map_err(truncated)?;
+        if buf.len() as u64 != len {
+            return Err(truncated_err());
+        }
+        Ok(String::from_utf8(buf)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+    }
+
+    fn skip(&mut self, n: u64) -> Result<(), GgufError> {
+        let skipped =
+            std::io::copy(&mut self.r.by_ref().take(n), &mut std::io::sink()).map_err(truncated)?;
+        if skipped != n {
+            return Err(truncated_err());
+        }
+        Ok(())
+    }
+
+    fn skip_string(&mut self) -> Result<(), GgufError> {
+        let len = self.string_len()?;
+        self.skip(len)
+    }
+
+    /// Reads a value of GGUF type `kind`. `depth` guards against nested arrays without end.
+    fn value(&mut self, kind: u32, depth: u8) -> Result<GgufValue, GgufError> {
+        Ok(match kind {
+            0 => GgufValue::Uint(u64::from(u8::from_le_bytes(self.bytes()?))),
+            1 => GgufValue::Int(i64::from(i8::from_le_bytes(self.bytes()?))),
+            2 => GgufValue::Uint(u64::from(u16::from_le_bytes(self.bytes()?))),
+            3 => GgufValue::Int(i64::from(i16::from_le_bytes(self.bytes()?))),
+            4 => GgufValue::Uint(u64::from(self.u32()?)),
+            5 => GgufValue::Int(i64::from(i32::from_le_bytes(self.bytes()?))),
+            6 => GgufValue::Float(f64::from(f32::from_le_bytes(self.bytes()?))),
+            7 => GgufValue::Bool(self.bytes::<1>()?[0] != 0),
+            8 => GgufValue::Str(self.string()?),
+            9 => {
+                if depth > 2 {
+                    return Err(GgufError::Corrupt("arrays nested too deeply".into()));
+                }
+                let item = self.u32()?;
+                let len = self.count("array length")?;
+                if len <= KEEP_ARRAY {
+                    let items = (0..len)
+                        .map(|_| self.value(item, depth + 1))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    GgufValue::Array {
+                        len,
+                        items: Some(items),
+                    }
+                } else {
+                    match fixed_size(item) {
+                        Some(size) => self.skip(len.saturating_mul(size))?,
+                        None => {
+                            for _ in 0..len {
+                                self.value(item, depth + 1)?;
+                            }
+                        }
+                    }
+                    GgufValue::Array { len, items: None }
+                }
+            }
+            10 => GgufValue::Uint(self.u64()?),
+            11 => GgufValue::Int(i64::from_le_bytes(self.bytes()?)),
+            12 => GgufValue::Float(f64::from_le_bytes(self.bytes()?)),
+            other => return Err(GgufError::Corrupt(format!("unknown value type {other}"))),
+        })
+    }
+}
+
+/// Byte size of a fixed-size GGUF value type.
+fn fixed_size(kind: u32) -> Option<u64> {
+    match kind {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    }
+}
+
+fn truncated_err() -> GgufError {
+    GgufError::Corrupt("the header ends early (truncated file)".into())
+}
+
+fn truncated(e: std::io::Error) -> GgufError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        truncated_err()
+    } else {
+        GgufError::Io(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a small GGUF header in memory.
+    struct Builder {
+        kv: Vec<u8>,
+        kv_count: u64,
+        tensors: Vec<u8>,
+        tensor_count: u64,
+    }
+
+    impl Builder {
+        fn new() -> Self {
+            Self {
+                kv: vec![],
+                kv_count: 0,
+                tensors: vec![],
+                tensor_count: 0,
+            }
+        }
+        fn str_bytes(out: &mut Vec<u8>, s: &str) {
+            out.extend((s.len() as u64).to_le_bytes());
+            out.extend(s.as_bytes());
+        }
+        fn key(&mut self, k: &str, kind: u32) {
+            Self::str_bytes(&mut self.kv, k);
+            self.kv.extend(kind.to_le_bytes());
+            self.kv_count += 1;
+        }
+        fn string(mut self, k: &str, v: &str) -> Self {
+            self.key(k, 8);
+            Self::str_bytes(&mut self.kv, v);
+            self
+        }
+        fn u32(mut self, k: &str, v: u32) -> Self {
+            self.key(k, 4);
+            self.kv.extend(v.to_le_bytes());
+            self
+        }
+        fn f32(mut self, k: &str, v: f32) -> Self {
+            self.key(k, 6);
+            self.kv.extend(v.to_le_bytes());
+            self
+        }
+        fn str_array(mut self, k: &str, items: &[&str]) -> Self {
+            self.key(k, 9);
+            self.kv.extend(8u32.to_le_bytes());
+            self.kv.extend((items.len() as u64).to_le_bytes());
+            for i in items {
+                Self::str_bytes(&mut self.kv, i);
+            }
+            self
+        }
+        fn tensor(mut self, name: &str, dims: &[u64]) -> Self {
+            Self::str_bytes(&mut self.tensors, name);
+            self.tensors.extend((dims.len() as u32).to_le_bytes());
+            for d in dims {
+                self.tensors.extend(d.to_le_bytes());
+            }
+            self.tensors.extend(0u32.to_le_bytes());
+            self.tensors.extend(0u64.to_le_bytes());
+            self.tensor_count += 1;
+            self
+        }
+        fn build(self) -> Vec<u8> {
+            let mut out = b"GGUF".to_vec();
+            out.extend(3u32.to_le_bytes());
+            out.extend(self.tensor_count.to_le_bytes());
+            out.extend(self.kv_count.to_le_bytes());
+            out.extend(self.kv);
+            out.extend(self.tensors);
+            out
+        }
+    }
+
+    #[test]
+    fn metadata_and_parameter_count_are_read() {
+        let bytes = Builder::new()
+            .string("general.architecture", "llama")
+            .u32("general.file_type", 3)
+            .u32("llama.context_length", 8192)
+            .f32("llama.rope.freq_base", 10000.0)
+            .tensor("token_embd.weight", &[576, 49152])
+            .tensor("output_norm.weight", &[576])
+            .build();
+        let h = parse(&mut bytes.as_slice()).unwrap();
+        assert_eq!(h.architecture(), "llama");
+        assert_eq!(h.quantization(), "Q4_1");
+        assert_eq!(h.context_length(), Some(8192));
+        assert_eq!(h.parameter_count, 576 * 49152 + 576);
+        assert_eq!(h.parameter_size(), "28.31M");
+        assert_eq!(h.metadata["llama.rope.freq_base"].to_json(), 10000.0);
+    }
+
+    #[test]
+    fn long_arrays_are_counted_not_kept() {
+        let many: Vec<String> = (0..100).map(|i| format!("tok{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let bytes = Builder::new()
+            .str_array("tokenizer.ggml.tokens", &many)
+            .str_array("general.tags", &["a", "b"])
+            .u32("after", 7)
+            .build();
+        let h = parse(&mut bytes.as_slice()).unwrap();
+        assert_eq!(
+            h.metadata["tokenizer.ggml.tokens"],
+            GgufValue::Array {
+                len: 100,
+                items: None
+            }
+        );
+        assert_eq!(
+            h.metadata["general.tags"].to_json(),
+            serde_json::json!(["a", "b"])
+        );
+        assert_eq!(h.uint("after"), Some(7));
+    }
+
+    #[test]
+    fn a_truncated_header_is_an_error_not_a_panic() {
+        let bytes = Builder::new()
+            .string("general.architecture", "llama")
+            .tensor("t", &[4, 4])
+            .build();
+        for cut in 0..bytes.len() {
+            assert!(parse(&mut &bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn absurd_lengths_are_refused_without_allocating() {
+        let mut bytes = b"GGUF".to_vec();
+        bytes.extend(3u32.to_le_bytes());
+        bytes.extend(0u64.to_le_bytes());
+        bytes.extend(1u64.to_le_bytes());
+        bytes.extend(u64::MAX.to_le_bytes()); // key length
+        let err = parse(&mut bytes.as_slice()).unwrap_err();
+        assert!(err.to_string().contains("corrupt"), "{err}");
+    }
+
+    #[test]
+    fn wrong_magic_and_version_are_named() {
+        assert!(matches!(
+            parse(&mut &b"GGML...."[..]),
+            Err(GgufError::Magic)
+        ));
+        let mut bytes = b"GGUF".to_vec();
+        bytes.extend(9u32.to_le_bytes());
+        assert!(matches!(
+            parse(&mut bytes.as_slice()),
+            Err(GgufError::Version(9))
+        ));
+    }
+
+    #[test]
+    fn human_counts_match_ollamas_style() {
+        assert_eq!(human_count(134_515_008), "134.52M");
+        assert_eq!(human_count(8_030_261_248), "8.0B");
+        assert_eq!(human_count(999), "999");
+    }
+}

@@ -1,0 +1,751 @@
+//! The model store, laid out exactly as Ollama lays out its own (`OLLAMA_MODELS`):
+//! `manifests/<host>/<namespace>/<model>/<tag>` JSON files whose layers point at
+//! content-addressed `blobs/sha256-<hex>` files. So a store Ollama filled is served as it is,
+//! and what backstop pulls or creates, Ollama can read.
+//!
+//! Every write goes to a temporary name and is renamed into place, so a crash never leaves a
+//! half-written manifest or blob under its final name.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::gguf;
+use super::name::{ModelName, NameError};
+use super::params::Parameters;
+
+/// Layer media types Ollama writes (and reads).
+pub(crate) mod media {
+    /// The GGUF weights.
+    pub const MODEL: &str = "application/vnd.ollama.image.model";
+    /// Default request options, as JSON.
+    pub const PARAMS: &str = "application/vnd.ollama.image.params";
+    /// The default system prompt, as text.
+    pub const SYSTEM: &str = "application/vnd.ollama.image.system";
+    /// Ollama's Go prompt template (kept for Ollama; backstop renders the GGUF's Jinja one).
+    pub const TEMPLATE: &str = "application/vnd.ollama.image.template";
+    /// The manifest itself.
+    pub const MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+    /// The image config blob.
+    pub const CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file system error, with the path it happened on.
+    #[error("{path}: {source}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A manifest or config that is not what Ollama writes.
+    #[error("{path}: not a valid manifest: {message}")]
+    BadManifest {
+        /// Which file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// No such model in the store.
+    #[error("model '{0}' not found")]
+    NotFound(String),
+    /// A blob's content does not have the digest it should.
+    #[error("sha256 mismatch: expected {expected}, got {actual}")]
+    DigestMismatch {
+        /// What was promised.
+        expected: Digest,
+        /// What the bytes hash to.
+        actual: Digest,
+    },
+    /// A digest written in a bad form.
+    #[error("invalid digest `{0}`: expected sha256:<64 hex digits>")]
+    BadDigest(String),
+    /// A referenced blob is missing.
+    #[error("blob {0} is not in the store")]
+    MissingBlob(Digest),
+    /// The weights are not a readable GGUF.
+    #[error("{0}")]
+    NotGguf(String),
+    /// A name was refused.
+    #[error(transparent)]
+    Name(#[from] NameError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A sha256 content digest, 64 lower-case hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(String);
+
+impl Digest {
+    /// Parses `sha256:<hex>`, `sha256-<hex>` or bare hex.
+    pub fn parse(text: &str) -> Result<Digest, StoreError> {
+        let hex = text
+            .strip_prefix("sha256:")
+            .or_else(|| text.strip_prefix("sha256-"))
+            .unwrap_or(text);
+        if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            Ok(Digest(hex.to_ascii_lowercase()))
+        } else {
+            Err(StoreError::BadDigest(text.to_owned()))
+        }
+    }
+
+    /// The digest of these bytes.
+    pub fn of(bytes: &[u8]) -> Digest {
+        Digest(hex(&Sha256::digest(bytes)))
+    }
+
+    /// Hashes a file (blocking; 1 GB takes a few seconds).
+    pub fn of_file(path: &Path) -> Result<Digest, StoreError> {
+        let mut file = std::fs::File::open(path).map_err(io_err(path))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf).map_err(io_err(path))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(Digest(hex(&hasher.finalize())))
+    }
+
+    /// The 64 hex digits.
+    pub fn hex(&self) -> &str {
+        &self.0
+    }
+
+    /// Wraps hex digits already known to be a valid digest (from a hasher).
+    pub fn from_hasher(hasher: Sha256) -> Digest {
+        Digest(hex(&hasher.finalize()))
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.0)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _infallible = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// One layer of a manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Layer {
+    pub(crate) media_type: String,
+    pub(crate) digest: String,
+    pub(crate) size: u64,
+}
+
+/// An Ollama (OCI-style) manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Manifest {
+    pub(crate) schema_version: u32,
+    #[serde(default)]
+    pub(crate) media_type: String,
+    pub(crate) config: Layer,
+    pub(crate) layers: Vec<Layer>,
+}
+
+/// The config blob Ollama writes beside the layers; `ollama show` reads the family and
+/// quantization from it.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub(crate) struct ImageConfig {
+    #[serde(default)]
+    pub(crate) model_format: String,
+    #[serde(default)]
+    pub(crate) model_family: String,
+    #[serde(default)]
+    pub(crate) model_families: Vec<String>,
+    #[serde(default)]
+    pub(crate) model_type: String,
+    #[serde(default)]
+    pub(crate) file_type: String,
+    #[serde(default)]
+    pub(crate) architecture: String,
+    #[serde(default)]
+    pub(crate) os: String,
+}
+
+/// A model found in the store, ready to be described or loaded.
+#[derive(Debug, Clone)]
+pub struct StoredModel {
+    /// Its name.
+    pub name: ModelName,
+    /// The GGUF blob.
+    pub model_path: PathBuf,
+    /// Digest of the manifest file (what Ollama lists as the model's digest).
+    pub digest: Digest,
+    /// Digest of the GGUF blob.
+    pub model_digest: Digest,
+    /// Total size of all layers, in bytes.
+    pub size: u64,
+    /// When the manifest was written.
+    pub modified: SystemTime,
+    /// Default request options.
+    pub params: Parameters,
+    /// Default system prompt.
+    pub system: Option<String>,
+    /// Ollama's Go template, if the manifest has one (shown, not used).
+    pub template: Option<String>,
+}
+
+/// What a new store entry is made of, besides its weights.
+#[derive(Debug, Clone, Default)]
+pub struct NewModel {
+    /// Default request options.
+    pub params: Parameters,
+    /// Default system prompt.
+    pub system: Option<String>,
+    /// A Go template to keep for Ollama's sake.
+    pub template: Option<String>,
+}
+
+/// The store rooted at one folder.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// A store at `root` (created on first write).
+    pub fn new(root: PathBuf) -> Store {
+        Store { root }
+    }
+
+    /// The folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn manifests(&self) -> PathBuf {
+        self.root.join("manifests")
+    }
+
+    fn blobs(&self) -> PathBuf {
+        self.root.join("blobs")
+    }
+
+    /// Where a blob lives (whether or not it exists).
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.blobs().join(format!("sha256-{}", digest.hex()))
+    }
+
+    /// A temporary path inside the blob folder (same file system, so the final rename is
+    /// atomic). Ollama uses the `-partial` suffix for the same purpose and ignores such files.
+    pub fn partial_path(&self, label: &str) -> Result<PathBuf, StoreError> {
+        let dir = self.blobs();
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let safe: String = label
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .take(80)
+            .collect();
+        Ok(dir.join(format!("sha256-{safe}-partial")))
+    }
+
+    fn manifest_path(&self, name: &ModelName) -> PathBuf {
+        let [host, namespace, model] = name.parts();
+        self.manifests()
+            .join(host)
+            .join(namespace)
+            .join(model)
+            .join(name.tag())
+    }
+
+    /// Every model in the store, in name order. A manifest that cannot be read is logged and
+    /// skipped, so one broken entry never hides the others.
+    pub fn list(&self) -> Vec<StoredModel> {
+        let mut out = Vec::new();
+        for path in self.manifest_files() {
+            match self.read_entry(&path) {
+                Ok(m) => out.push(m),
+                Err(e) => tracing::warn!(error = %e, "skipping a store entry"),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// The entry for `name`, if the store has it. Names match without regard to case.
+    pub fn get(&self, name: &ModelName) -> Result<Option<StoredModel>, StoreError> {
+        let exact = self.manifest_path(name);
+        if exact.is_file() {
+            return self.read_entry(&exact).map(Some);
+        }
+        Ok(self.list().into_iter().find(|m| m.name == *name))
+    }
+
+    /// Paths of all manifest files: exactly four folders deep, as Ollama writes them.
+    fn manifest_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        let mut level = vec![self.manifests()];
+        for depth in 0..4 {
+            let mut next = Vec::new();
+            for dir in level {
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+                    if depth < 3 && is_dir {
+                        next.push(path);
+                    } else if depth == 3 && !is_dir {
+                        files.push(path);
+                    }
+                }
+            }
+            level = next;
+        }
+        files
+    }
+
+    fn name_of(&self, path: &Path) -> Result<ModelName, StoreError> {
+        let rel = path.strip_prefix(self.manifests()).unwrap_or(path);
+        let parts: Vec<&str> = rel.iter().filter_map(|p| p.to_str()).collect();
+        match parts.as_slice() {
+            [host, ns, model, tag] => Ok(ModelName::from_parts(host, ns, model, tag)?),
+            _ => Err(StoreError::BadManifest {
+                path: path.to_owned(),
+                message: "not at manifests/<host>/<namespace>/<model>/<tag>".into(),
+            }),
+        }
+    }
+
+    fn read_entry(&self, path: &Path) -> Result<StoredModel, StoreError> {
+        let name = self.name_of(path)?;
+        let bytes = std::fs::read(path).map_err(io_err(path))?;
+        let modified = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let bad = |message: String| StoreError::BadManifest {
+            path: path.to_owned(),
+            message,
+        };
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+        let mut model = None;
+        let mut params = Parameters::default();
+        let mut system = None;
+        let mut template = None;
+        for layer in &manifest.layers {
+            let digest = Digest::parse(&layer.digest)?;
+            match layer.media_type.as_str() {
+                media::MODEL => model = Some(digest),
+                media::PARAMS => {
+                    let text = self.read_small_blob(&digest)?;
+                    params = serde_json::from_str(&text)
+                        .map_err(|e| bad(format!("params layer: {e}")))?;
+                }
+                media::SYSTEM => system = Some(self.read_small_blob(&digest)?),
+                media::TEMPLATE => template = Some(self.read_small_blob(&digest)?),
+                _ => {}
+            }
+        }
+        let model_digest = model.ok_or_else(|| bad("no model layer".into()))?;
+        let model_path = self.blob_path(&model_digest);
+        if !model_path.is_file() {
+            return Err(StoreError::MissingBlob(model_digest));
+        }
+        Ok(StoredModel {
+            name,
+            model_path,
+            digest: Digest::of(&bytes),
+            model_digest,
+            size: manifest.layers.iter().map(|l| l.size).sum(),
+            modified,
+            params,
+            system,
+            template,
+        })
+    }
+
+    fn read_small_blob(&self, digest: &Digest) -> Result<String, StoreError> {
+        let path = self.blob_path(digest);
+        let mut text = String::new();
+        std::fs::File::open(&path)
+            .map_err(io_err(&path))?
+            .take(1 << 20)
+            .read_to_string(&mut text)
+            .map_err(io_err(&path))?;
+        Ok(text)
+    }
+
+    /// Writes `bytes` as a blob (if not already there) and returns its layer.
+    fn put_blob(&self, media_type: &str, bytes: &[u8]) -> Result<Layer, StoreError> {
+        let digest = Digest::of(bytes);
+        let path = self.blob_path(&digest);
+        if !path.is_file() {
+            write_atomically(&path, bytes)?;
+        }
+        Ok(Layer {
+            media_type: media_type.to_owned(),
+            digest: digest.to_string(),
+            size: bytes.len() as u64,
+        })
+    }
+
+    /// Moves a fully written temporary file into the store as a blob, after checking that it
+    /// hashes to `expected` (when given). On a mismatch the file is deleted: nothing is left.
+    pub fn import_blob(
+        &self,
+        temp: &Path,
+        expected: Option<&Digest>,
+    ) -> Result<Digest, StoreError> {
+        let actual = match Digest::of_file(temp) {
+            Ok(d) => d,
+            Err(e) => {
+                remove_quietly(temp);
+                return Err(e);
+            }
+        };
+        if let Some(expected) = expected {
+            if *expected != actual {
+                remove_quietly(temp);
+                return Err(StoreError::DigestMismatch {
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+        }
+        self.adopt_blob(temp, &actual)?;
+        Ok(actual)
+    }
+
+    /// Renames a file already known to hash to `digest` into place.
+    pub fn adopt_blob(&self, temp: &Path, digest: &Digest) -> Result<(), StoreError> {
+        let dest = self.blob_path(digest);
+        let dir = self.blobs();
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        std::fs::rename(temp, &dest).map_err(io_err(&dest))
+    }
+
+    /// Whether a blob is present.
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.blob_path(digest).is_file()
+    }
+
+    /// Records `name` as the model in blob `model`, with its defaults. Replaces an existing
+    /// entry of that name.
+    pub fn create(
+        &self,
+        name: &ModelName,
+        model: &Digest,
+        extra: &NewModel,
+    ) -> Result<StoredModel, StoreError> {
+        let model_path = self.blob_path(model);
+        let size = std::fs::metadata(&model_path)
+            .map_err(|_| StoreError::MissingBlob(model.clone()))?
+            .len();
+        let header =
+            gguf::read(&model_path).map_err(|e| StoreError::NotGguf(format!("{model}: {e}")))?;
+        let mut layers = vec![Layer {
+            media_type: media::MODEL.to_owned(),
+            digest: model.to_string(),
+            size,
+        }];
+        if let Some(t) = &extra.template {
+            layers.push(self.put_blob(media::TEMPLATE, t.as_bytes())?);
+        }
+        if let Some(s) = &extra.system {
+            layers.push(self.put_blob(media::SYSTEM, s.as_bytes())?);
+        }
+        if !extra.params.is_empty() {
+            let json = serde_json::to_vec(&extra.params).unwrap_or_default();
+            layers.push(self.put_blob(media::PARAMS, &json)?);
+        }
+        let family = header.architecture().to_owned();
+        let config = ImageConfig {
+            model_format: "gguf".into(),
+            model_families: vec![family.clone()],
+            model_family: family,
+            model_type: header.parameter_size(),
+            file_type: header.quantization(),
+            architecture: std::env::consts::ARCH.into(),
+            os: std::env::consts::OS.into(),
+        };
+        let config = self.put_blob(
+            media::CONFIG,
+            &serde_json::to_vec(&config).unwrap_or_default(),
+        )?;
+        let manifest = Manifest {
+            schema_version: 2,
+            media_type: media::MANIFEST.to_owned(),
+            config,
+            layers,
+        };
+        self.write_manifest(name, &manifest)?;
+        self.get(name)?
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))
+    }
+
+    fn write_manifest(&self, name: &ModelName, manifest: &Manifest) -> Result<(), StoreError> {
+        // Replace an entry spelled with other capitals, so one name has one manifest.
+        if let Some(old) = self.find_manifest(name) {
+            if old != self.manifest_path(name) {
+                remove_quietly(&old);
+            }
+        }
+        let bytes = serde_json::to_vec(manifest).unwrap_or_default();
+        write_atomically(&self.manifest_path(name), &bytes)
+    }
+
+    fn find_manifest(&self, name: &ModelName) -> Option<PathBuf> {
+        let exact = self.manifest_path(name);
+        if exact.is_file() {
+            return Some(exact);
+        }
+        self.manifest_files()
+            .into_iter()
+            .find(|p| self.name_of(p).is_ok_and(|n| n == *name))
+    }
+
+    /// Gives the model `from` a second name `to` (the blobs are shared).
+    pub fn copy(&self, from: &ModelName, to: &ModelName) -> Result<(), StoreError> {
+        let src = self
+            .find_manifest(from)
+            .ok_or_else(|| StoreError::NotFound(from.to_string()))?;
+        let bytes = std::fs::read(&src).map_err(io_err(&src))?;
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| StoreError::BadManifest {
+                path: src.clone(),
+                message: e.to_string(),
+            })?;
+        self.write_manifest(to, &manifest)
+    }
+
+    /// Removes a name, then every blob no remaining manifest refers to.
+    pub fn delete(&self, name: &ModelName) -> Result<(), StoreError> {
+        let path = self
+            .find_manifest(name)
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        std::fs::remove_file(&path).map_err(io_err(&path))?;
+        // Tidy the now-empty folders (best effort; a folder still in use stays).
+        let mut dir = path.parent().map(Path::to_path_buf);
+        while let Some(d) = dir {
+            if d == self.manifests() || std::fs::remove_dir(&d).is_err() {
+                break;
+            }
+            dir = d.parent().map(Path::to_path_buf);
+        }
+        self.prune_blobs();
+        Ok(())
+    }
+
+    /// Deletes blobs that no manifest refers to (never partial downloads in progress).
+    fn prune_blobs(&self) {
+        let mut used = BTreeSet::new();
+        for path in self.manifest_files() {
+            let Ok(bytes) = std::fs::read(&path) else {
+                // Unreadable manifest: keep everything rather than guess.
+                return;
+            };
+            let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else {
+                return;
+            };
+            for layer in m.layers.iter().chain(std::iter::once(&m.config)) {
+                if let Ok(d) = Digest::parse(&layer.digest) {
+                    used.insert(d);
+                }
+            }
+        }
+        let Ok(entries) = std::fs::read_dir(self.blobs()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let file = entry.file_name();
+            let Some(file) = file.to_str() else { continue };
+            if file.ends_with("-partial") {
+                continue;
+            }
+            if let Ok(d) = Digest::parse(file) {
+                if !used.contains(&d) {
+                    remove_quietly(&entry.path());
+                }
+            }
+        }
+    }
+}
+
+/// Writes a whole file under a temporary name in the same folder, then renames it.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|f| f.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()));
+    if let Err(e) = written {
+        remove_quietly(&tmp);
+        return Err(io_err(&tmp)(e));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        remove_quietly(&tmp);
+        io_err(path)(e)
+    })
+}
+
+fn remove_quietly(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove a temporary file");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_store() -> Store {
+        let dir = std::env::temp_dir().join(format!("backstop-store-{}", uuid::Uuid::new_v4()));
+        Store::new(dir)
+    }
+
+    /// A tiny valid GGUF (header only).
+    fn tiny_gguf() -> Vec<u8> {
+        let mut out = b"GGUF".to_vec();
+        out.extend(3u32.to_le_bytes());
+        out.extend(0u64.to_le_bytes());
+        out.extend(1u64.to_le_bytes());
+        let key = "general.architecture";
+        out.extend((key.len() as u64).to_le_bytes());
+        out.extend(key.as_bytes());
+        out.extend(8u32.to_le_bytes());
+        out.extend(5u64.to_le_bytes());
+        out.extend(b"llama");
+        out
+    }
+
+    fn add_blob(store: &Store, bytes: &[u8]) -> Digest {
+        let tmp = store.partial_path("test").unwrap();
+        std::fs::write(&tmp, bytes).unwrap();
+        store.import_blob(&tmp, None).unwrap()
+    }
+
+    fn name(s: &str) -> ModelName {
+        ModelName::parse(s).unwrap()
+    }
+
+    #[test]
+    fn created_models_are_listed_with_their_defaults_in_ollamas_layout() {
+        let store = temp_store();
+        let d = add_blob(&store, &tiny_gguf());
+        let extra = NewModel {
+            system: Some("Be brief.".into()),
+            params: Parameters {
+                temperature: Some(0.1),
+                stop: vec!["END".into()],
+                ..Default::default()
+            },
+            template: None,
+        };
+        store.create(&name("tiny"), &d, &extra).unwrap();
+        assert!(store
+            .root()
+            .join("manifests/registry.ollama.ai/library/tiny/latest")
+            .is_file());
+        let list = store.list();
+        assert_eq!(list.len(), 1);
+        let m = &list[0];
+        assert_eq!(m.name.to_string(), "tiny:latest");
+        assert_eq!(m.system.as_deref(), Some("Be brief."));
+        assert_eq!(m.params.temperature, Some(0.1));
+        assert_eq!(m.params.stop, vec!["END".to_string()]);
+        assert_eq!(m.model_digest, d);
+        std::fs::remove_dir_all(store.root()).ok();
+    }
+
+    #[test]
+    fn copy_shares_blobs_and_delete_keeps_them_until_the_last_name_goes() {
+        let store = temp_store();
+        let d = add_blob(&store, &tiny_gguf());
+        store.create(&name("a"), &d, &NewModel::default()).unwrap();
+        store.copy(&name("A:latest"), &name("team/b:v1")).unwrap();
+        assert_eq!(store.list().len(), 2);
+        store.delete(&name("a")).unwrap();
+        assert!(store.has_blob(&d), "blob still used by team/b:v1");
+        assert!(store.get(&name("a")).unwrap().is_none());
+        store.delete(&name("team/b:v1")).unwrap();
+        assert!(!store.has_blob(&d), "unused blob removed");
+        assert!(matches!(
+            store.delete(&name("a")),
+            Err(StoreError::NotFound(_))
+        ));
+        std::fs::remove_dir_all(store.root()).ok();
+    }
+
+    #[test]
+    fn a_blob_with_the_wrong_digest_is_refused_and_nothing_is_left() {
+        let store = temp_store();
+        let tmp = store.partial_path("x").unwrap();
+        std::fs::write(&tmp, b"corrupted").unwrap();
+        let wanted = Digest::of(b"the real thing");
+        let err = store.import_blob(&tmp, Some(&wanted)).unwrap_err();
+        assert!(matches!(err, StoreError::DigestMismatch { .. }));
+        assert!(!tmp.exists());
+        assert!(!store.has_blob(&Digest::of(b"corrupted")));
+        std::fs::remove_dir_all(store.root()).ok();
+    }
+
+    #[test]
+    fn a_manifest_with_a_missing_blob_is_skipped_not_fatal() {
+        let store = temp_store();
+        let d = add_blob(&store, &tiny_gguf());
+        store
+            .create(&name("good"), &d, &NewModel::default())
+            .unwrap();
+        let bad = Manifest {
+            schema_version: 2,
+            media_type: media::MANIFEST.into(),
+            config: Layer {
+                media_type: media::CONFIG.into(),
+                digest: Digest::of(b"x").to_string(),
+                size: 1,
+            },
+            layers: vec![Layer {
+                media_type: media::MODEL.into(),
+                digest: Digest::of(b"gone").to_string(),
+                size: 4,
+            }],
+        };
+        store.write_manifest(&name("broken"), &bad).unwrap();
+        let names: Vec<String> = store.list().iter().map(|m| m.name.to_string()).collect();
+        assert_eq!(names, vec!["good:latest"]);
+        std::fs::remove_dir_all(store.root()).ok();
+    }
+
+    #[test]
+    fn digests_parse_in_every_spelling() {
+        let hex = "a".repeat(64);
+        assert_eq!(Digest::parse(&format!("sha256:{hex}")).unwrap().hex(), hex);
+        assert_eq!(Digest::parse(&format!("sha256-{hex}")).unwrap().hex(), hex);
+        assert!(Digest::parse("sha256:xyz").is_err());
+        assert!(Digest::parse("../../etc/passwd").is_err());
+    }
+}
