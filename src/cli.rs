@@ -26,11 +26,131 @@ pub enum LogFormat {
     Json,
 }
 
-/// The subcommands.
+/// The subcommands. All but `serve` talk to a running server, as Ollama's do.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve models over HTTP (OpenAI-compatible API).
+    /// Serve models over HTTP (OpenAI and Ollama APIs).
     Serve(ServeArgs),
+    /// Chat with a model: one answer to PROMPT, or an interactive session without one.
+    Run(RunArgs),
+    /// List the models the server can serve.
+    #[command(alias = "ls")]
+    List(ClientArgs),
+    /// List the models loaded now.
+    Ps(ClientArgs),
+    /// Show a model's details, parameters, template or Modelfile.
+    Show(ShowArgs),
+    /// Download a model into the store (Hugging Face: hf.co/OWNER/REPO:QUANT, or OWNER/REPO --file F).
+    Pull(PullArgs),
+    /// Remove models from the store.
+    Rm(RmArgs),
+    /// Copy a model under a new name.
+    Cp(CpArgs),
+    /// Unload a model now.
+    Stop(ModelArgs),
+}
+
+/// Where the server is.
+#[derive(Debug, Default, Clone, Args)]
+pub struct ClientArgs {
+    /// The server [default: BACKSTOP_HOST, else OLLAMA_HOST, else 127.0.0.1:11434].
+    #[arg(long, value_name = "URL", global = true)]
+    pub host: Option<String>,
+}
+
+/// `backstop run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// The model.
+    pub model: String,
+    /// A prompt: answer it and exit. Without one, chat until `/bye`.
+    pub prompt: Vec<String>,
+    /// How long the model stays loaded afterwards (e.g. 5m, 0, -1).
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
+    pub keepalive: Option<String>,
+    /// Print timings and tokens per second after each answer.
+    #[arg(long)]
+    pub verbose: bool,
+    /// Server.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `backstop show`.
+#[derive(Debug, Clone, Args)]
+pub struct ShowArgs {
+    /// The model.
+    pub model: String,
+    /// Print the Modelfile.
+    #[arg(long)]
+    pub modelfile: bool,
+    /// Print the parameters.
+    #[arg(long)]
+    pub parameters: bool,
+    /// Print the chat template.
+    #[arg(long)]
+    pub template: bool,
+    /// Print the system prompt.
+    #[arg(long)]
+    pub system: bool,
+    /// Print the license.
+    #[arg(long)]
+    pub license: bool,
+    /// Server.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `backstop pull`.
+#[derive(Debug, Clone, Args)]
+pub struct PullArgs {
+    /// hf.co/OWNER/REPO[:QUANT], or OWNER/REPO with --file.
+    pub model: String,
+    /// The .gguf file in the repository.
+    #[arg(long)]
+    pub file: Option<String>,
+    /// A commit, branch or tag of the repository [default: main].
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// The file's expected sha256; the download is refused if it differs.
+    #[arg(long)]
+    pub sha256: Option<String>,
+    /// Server.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `backstop rm`.
+#[derive(Debug, Clone, Args)]
+pub struct RmArgs {
+    /// The models.
+    #[arg(required = true)]
+    pub models: Vec<String>,
+    /// Server.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `backstop cp`.
+#[derive(Debug, Clone, Args)]
+pub struct CpArgs {
+    /// The model to copy.
+    pub source: String,
+    /// Its new name.
+    pub destination: String,
+    /// Server.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// A command that takes one model.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// The model.
+    pub model: String,
+    /// Server.
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 /// `backstop serve` options. Each is optional so that the config file can supply it.

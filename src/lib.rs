@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod models;
@@ -33,14 +34,30 @@ pub fn init_logging(format: LogFormat) {
 
 /// Runs a parsed command line; the returned error is printed by `main`.
 pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
-    match cli.command {
-        Command::Serve(args) => {
-            let config = config::Config::load(&args)?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(server::serve(config))?;
-            Ok(())
-        }
+    if let Command::Serve(args) = cli.command {
+        let config = config::Config::load(&args)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(server::serve(config))?;
+        return Ok(());
     }
+    // The client verbs do one thing at a time: a single-threaded runtime is enough.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(_) => Ok(()),
+            Command::Run(a) => client::run(a).await,
+            Command::List(a) => client::list(a).await,
+            Command::Ps(a) => client::ps(a).await,
+            Command::Show(a) => client::show(a).await,
+            Command::Pull(a) => client::pull(a).await,
+            Command::Rm(a) => client::rm(a).await,
+            Command::Cp(a) => client::cp(a).await,
+            Command::Stop(a) => client::stop(a).await,
+        }
+    })?;
+    Ok(())
 }

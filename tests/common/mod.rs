@@ -124,13 +124,22 @@ impl Server {
     /// server: test binaries run two tests at a time, and llama.cpp's OpenMP threads spin
     /// badly when a machine is oversubscribed.
     pub async fn start_raw(args: &[&str]) -> Server {
+        Self::start_with_env(args, &[]).await
+    }
+
+    /// Like [`Server::start_raw`], with extra environment variables.
+    pub async fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_backstop"));
         cmd.arg("serve")
             .args(["--host", "127.0.0.1:0", "--threads", "1"])
             .args(args);
         // Each server gets an empty store of its own unless the test brings one, so what one
         // test pulls or creates never shows up in another's listings.
-        let store = if args.contains(&"--models-dir") {
+        let store = if args.contains(&"--models-dir")
+            || envs
+                .iter()
+                .any(|(k, _)| *k == "OLLAMA_MODELS" || *k == "BACKSTOP_MODELS")
+        {
             None
         } else {
             let dir = temp_dir("store");
@@ -139,10 +148,13 @@ impl Server {
         };
         // The developer's own Ollama settings must not leak into the tests.
         for (k, _) in std::env::vars() {
-            if k.starts_with("OLLAMA_") || (k.starts_with("BACKSTOP_") && k != "BACKSTOP_CACHE" && k != "BACKSTOP_MODELS") {
+            if k.starts_with("OLLAMA_")
+                || (k.starts_with("BACKSTOP_") && k != "BACKSTOP_CACHE" && k != "BACKSTOP_MODELS")
+            {
                 cmd.env_remove(k);
             }
         }
+        cmd.envs(envs.iter().copied());
         let mut child = cmd
             .env("BACKSTOP_LOG", "info,llama-cpp-2=warn")
             .stdin(Stdio::null())
@@ -255,6 +267,41 @@ impl Server {
         let text = r.text().await.unwrap();
         let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
         (status, json)
+    }
+
+    /// POST a JSON body and read an NDJSON answer: status, content type, and every object.
+    pub async fn ndjson(&self, path: &str, body: &Value) -> (u16, String, Vec<Value>) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let ctype = r
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let text = r.text().await.unwrap();
+        let objects = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+            .collect();
+        (status, ctype, objects)
+    }
+
+    /// Names of the loaded models, from `/api/ps`.
+    pub async fn running(&self) -> Vec<String> {
+        let (_, ps) = self.get_json("/api/ps").await;
+        ps["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap().to_owned())
+            .collect()
     }
 
     /// GET a JSON document; returns status and body.

@@ -87,6 +87,8 @@ impl Framer {
     pub(crate) fn lifecycle(&self, reason: &str) -> Value {
         let mut o = self.object("", true);
         o["done_reason"] = json!(reason);
+        o["total_duration"] = json!(nanos(self.started.elapsed()));
+        o["load_duration"] = json!(nanos(self.load));
         o
     }
 }

@@ -1,0 +1,262 @@
+//! `list`, `ps`, `show`, `pull`, `rm`, `cp`, `stop`.
+
+use std::io::Write;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use super::format::{relative, size, table};
+use super::http::{Client, ClientError};
+use crate::cli::{ClientArgs, CpArgs, ModelArgs, PullArgs, RmArgs, ShowArgs};
+
+fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("")
+}
+
+fn short_digest(v: &Value) -> String {
+    str_of(v, "digest").chars().take(12).collect()
+}
+
+/// `backstop list`: NAME, ID, SIZE, MODIFIED.
+pub async fn list(args: ClientArgs) -> Result<(), ClientError> {
+    let tags = Client::new(&args).get("/api/tags").await?;
+    let now = chrono::Utc::now();
+    let rows: Vec<Vec<String>> = tags["models"]
+        .as_array()
+        .map(|m| m.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|m| {
+            vec![
+                str_of(m, "name").to_owned(),
+                short_digest(m),
+                size(m["size"].as_u64().unwrap_or(0)),
+                relative(str_of(m, "modified_at"), now),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["NAME", "ID", "SIZE", "MODIFIED"], &rows));
+    Ok(())
+}
+
+/// `backstop ps`: NAME, ID, SIZE, PROCESSOR, CONTEXT, UNTIL.
+pub async fn ps(args: ClientArgs) -> Result<(), ClientError> {
+    let ps = Client::new(&args).get("/api/ps").await?;
+    let now = chrono::Utc::now();
+    let rows: Vec<Vec<String>> = ps["models"]
+        .as_array()
+        .map(|m| m.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|m| {
+            let total = m["size"].as_u64().unwrap_or(0);
+            let vram = m["size_vram"].as_u64().unwrap_or(0);
+            let processor = match (vram, total) {
+                (0, _) => "100% CPU".to_owned(),
+                (v, t) if v >= t => "100% GPU".to_owned(),
+                (v, t) => {
+                    let gpu = v * 100 / t.max(1);
+                    format!("{}%/{gpu}% CPU/GPU", 100 - gpu)
+                }
+            };
+            vec![
+                str_of(m, "name").to_owned(),
+                short_digest(m),
+                size(total),
+                processor,
+                m["context_length"].as_u64().unwrap_or(0).to_string(),
+                relative(str_of(m, "expires_at"), now),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"],
+            &rows
+        )
+    );
+    Ok(())
+}
+
+/// `backstop show`: a summary, or one part with a flag.
+pub async fn show(args: ShowArgs) -> Result<(), ClientError> {
+    let s = Client::new(&args.client)
+        .send(Method::POST, "/api/show", &json!({"model": args.model}))
+        .await?;
+    let part = if args.modelfile {
+        Some("modelfile")
+    } else if args.parameters {
+        Some("parameters")
+    } else if args.template {
+        Some("template")
+    } else if args.system {
+        Some("system")
+    } else if args.license {
+        Some("license")
+    } else {
+        None
+    };
+    if let Some(part) = part {
+        println!("{}", str_of(&s, part));
+        return Ok(());
+    }
+    let info = &s["model_info"];
+    let arch = info["general.architecture"].as_str().unwrap_or("unknown");
+    let num = |key: &str| info.get(format!("{arch}.{key}")).and_then(Value::as_u64);
+    let mut out = String::from("  Model\n");
+    let mut row = |k: &str, v: String| out.push_str(&format!("    {k:<20}{v}\n"));
+    row("architecture", arch.to_owned());
+    row(
+        "parameters",
+        str_of(&s["details"], "parameter_size").to_owned(),
+    );
+    if let Some(c) = num("context_length") {
+        row("context length", c.to_string());
+    }
+    if let Some(e) = num("embedding_length") {
+        row("embedding length", e.to_string());
+    }
+    row(
+        "quantization",
+        str_of(&s["details"], "quantization_level").to_owned(),
+    );
+    out.push_str("\n  Capabilities\n");
+    for c in s["capabilities"]
+        .as_array()
+        .map(|c| c.as_slice())
+        .unwrap_or_default()
+    {
+        out.push_str(&format!("    {}\n", c.as_str().unwrap_or("")));
+    }
+    let params = str_of(&s, "parameters");
+    if !params.is_empty() {
+        out.push_str("\n  Parameters\n");
+        for line in params.lines() {
+            out.push_str(&format!("    {line}\n"));
+        }
+    }
+    if let Some(system) = s.get("system").and_then(Value::as_str) {
+        out.push_str("\n  System\n");
+        for line in system.lines() {
+            out.push_str(&format!("    {line}\n"));
+        }
+    }
+    print!("{out}");
+    Ok(())
+}
+
+/// `backstop pull`, with a progress bar.
+pub async fn pull(args: PullArgs) -> Result<(), ClientError> {
+    let mut body = json!({"model": args.model, "stream": true});
+    if let Some(f) = &args.file {
+        body["file"] = json!(f);
+    }
+    if let Some(r) = &args.revision {
+        body["revision"] = json!(r);
+    }
+    if let Some(s) = &args.sha256 {
+        body["sha256"] = json!(s);
+    }
+    let bar = ProgressBar::hidden();
+    let mut current: Option<String> = None;
+    let result = Client::new(&args.client)
+        .stream("/api/pull", &body, |v| {
+            let status = str_of(&v, "status");
+            match (
+                v.get("total").and_then(Value::as_u64),
+                v.get("completed").and_then(Value::as_u64),
+            ) {
+                (Some(total), completed) => {
+                    if current.as_deref() != Some(status) {
+                        current = Some(status.to_owned());
+                        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                        bar.set_style(
+                            ProgressStyle::with_template(
+                                "{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                            )
+                            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                        );
+                        bar.set_message(status.to_owned());
+                        bar.set_length(total);
+                    }
+                    bar.set_position(completed.unwrap_or(0));
+                }
+                (None, _) => {
+                    if !bar.is_hidden() {
+                        bar.finish();
+                    }
+                    eprintln!("{status}");
+                }
+            }
+            Ok(())
+        })
+        .await;
+    if !bar.is_finished() && !bar.is_hidden() {
+        bar.abandon();
+    }
+    result
+}
+
+/// `backstop rm`.
+pub async fn rm(args: RmArgs) -> Result<(), ClientError> {
+    let client = Client::new(&args.client);
+    for model in &args.models {
+        client
+            .send(Method::DELETE, "/api/delete", &json!({"model": model}))
+            .await?;
+        println!("deleted '{model}'");
+    }
+    Ok(())
+}
+
+/// `backstop cp`.
+pub async fn cp(args: CpArgs) -> Result<(), ClientError> {
+    Client::new(&args.client)
+        .send(
+            Method::POST,
+            "/api/copy",
+            &json!({"source": args.source, "destination": args.destination}),
+        )
+        .await?;
+    println!("copied '{}' to '{}'", args.source, args.destination);
+    Ok(())
+}
+
+/// `backstop stop`: unloads the model now (Ollama's `keep_alive: 0`).
+pub async fn stop(args: ModelArgs) -> Result<(), ClientError> {
+    let client = Client::new(&args.client);
+    let running = client.get("/api/ps").await?;
+    let loaded = running["models"]
+        .as_array()
+        .is_some_and(|m| m.iter().any(|m| same_model(str_of(m, "name"), &args.model)));
+    if !loaded {
+        return Err(ClientError::Usage(format!(
+            "model '{}' is not running",
+            args.model
+        )));
+    }
+    client
+        .send(
+            Method::POST,
+            "/api/generate",
+            &json!({"model": args.model, "keep_alive": 0}),
+        )
+        .await?;
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+/// `name` and `name:latest` are the same model.
+fn same_model(listed: &str, asked: &str) -> bool {
+    let norm = |s: &str| {
+        let s = s.to_ascii_lowercase();
+        if s.rsplit('/').next().is_some_and(|last| last.contains(':')) {
+            s
+        } else {
+            format!("{s}:latest")
+        }
+    };
+    norm(listed) == norm(asked)
+}

@@ -1,0 +1,11 @@
+//! The CLI verbs that talk to a running server over its Ollama API, as Ollama's own CLI does:
+//! `run`, `list`, `ps`, `show`, `pull`, `rm`, `cp`, `stop`.
+
+mod commands;
+mod format;
+mod http;
+mod run;
+
+pub use commands::{cp, list, ps, pull, rm, show, stop};
+pub use http::ClientError;
+pub use run::run;
