@@ -71,8 +71,9 @@ def test_text_completion(client):
 
 
 def test_models_list_and_retrieve(client):
-    assert [m.id for m in client.models.list()] == [MODEL]
-    assert client.models.retrieve(MODEL).id == MODEL
+    # Listed the way Ollama lists them: with their tag.
+    assert [m.id for m in client.models.list()] == [MODEL + ":latest"]
+    assert client.models.retrieve(MODEL).id == MODEL + ":latest"
 
 
 def test_errors_raise_the_matching_exception_types(client):
