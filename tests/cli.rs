@@ -44,7 +44,13 @@ async fn list_ps_show_cp_rm_and_stop_manage_a_running_server() {
     let text = stdout(&out);
     let mut lines = text.lines();
     assert!(lines.next().unwrap().starts_with("NAME"), "{text}");
-    assert!(lines.next().unwrap().starts_with("smollm2:latest   b179c9523d0e   98.4 MB"), "{text}");
+    assert!(
+        lines
+            .next()
+            .unwrap()
+            .starts_with("smollm2:latest   b179c9523d0e   98.4 MB"),
+        "{text}"
+    );
 
     let out = cli(&s, &["show", "smollm2"], "");
     let text = stdout(&out);
@@ -54,14 +60,22 @@ async fn list_ps_show_cp_rm_and_stop_manage_a_running_server() {
     assert!(stdout(&out).contains("<|im_start|>"));
 
     let out = cli(&s, &["cp", "smollm2", "mine"], "");
-    assert_eq!(stdout(&out), "copied 'smollm2' to 'mine'\n", "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "copied 'smollm2' to 'mine'\n",
+        "{}",
+        stderr(&out)
+    );
     assert!(stdout(&cli(&s, &["ls"], "")).contains("mine:latest"));
     let out = cli(&s, &["rm", "mine"], "");
     assert_eq!(stdout(&out), "deleted 'mine'\n");
     assert!(!stdout(&cli(&s, &["list"], "")).contains("mine:latest"));
 
     let ps = stdout(&cli(&s, &["ps"], ""));
-    assert!(ps.contains("smollm2:latest") && ps.contains("100% CPU") && ps.contains("minutes from now"), "{ps}");
+    assert!(
+        ps.contains("smollm2:latest") && ps.contains("100% CPU") && ps.contains("minutes from now"),
+        "{ps}"
+    );
     let out = cli(&s, &["stop", "smollm2"], "");
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(s.running().await.is_empty());
@@ -91,7 +105,11 @@ async fn errors_are_clear_and_exit_non_zero() {
     let s = Server::start(&[]).await;
     let out = cli(&s, &["run", "nope", "hi"], "");
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("model 'nope' not found"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("model 'nope' not found"),
+        "{}",
+        stderr(&out)
+    );
     let out = cli(&s, &["rm", "smollm2"], "");
     assert!(!out.status.success());
     assert!(stderr(&out).contains("configuration"), "{}", stderr(&out));
@@ -102,7 +120,11 @@ async fn errors_are_clear_and_exit_non_zero() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("could not reach backstop at http://127.0.0.1:1"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("could not reach backstop at http://127.0.0.1:1"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// The interactive session needs a terminal: `script` (util-linux, on every Debian) gives the
@@ -129,7 +151,10 @@ async fn run_without_a_prompt_chats_on_a_terminal_until_bye() {
     let out = child.wait_with_output().unwrap();
     let text = stdout(&out);
     assert!(out.status.success(), "{text}");
-    assert!(text.matches(">>> ").count() >= 4, "one prompt per message: {text}");
+    assert!(
+        text.matches(">>> ").count() >= 4,
+        "one prompt per message: {text}"
+    );
     assert!(text.contains("Cleared session context"), "{text}");
     assert!(text.contains("Unknown command '/wat'"), "{text}");
 }

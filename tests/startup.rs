@@ -117,3 +117,59 @@ fn a_bad_flag_value_is_refused() {
     assert_eq!(out.code, Some(1), "{}", out.stderr);
     assert!(out.stderr.contains("parallel"), "{}", out.stderr);
 }
+
+#[test]
+fn a_pinned_hub_model_missing_from_the_store_says_how_to_pull_it() {
+    let d = temp_dir("pinned");
+    let cfg = d.join("models.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nmodels_dir = \"{}\"\n[models.smol]\nrepo = \"HuggingFaceTB/SmolLM2-135M-Instruct-GGUF\"\nfile = \"smollm2-135m-instruct-q4_k_m.gguf\"\nrevision = \"main\"\nsha256 = \"{}\"\n",
+            d.join("store").display(),
+            "ab".repeat(32)
+        ),
+    )
+    .unwrap();
+    let out = serve(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("models.smol.repo"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("backstop pull HuggingFaceTB/SmolLM2-135M-Instruct-GGUF --file smollm2-135m-instruct-q4_k_m.gguf --revision main"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("listening on"), "{}", out.stderr);
+}
+
+#[test]
+fn ollama_host_is_honoured_and_backstop_host_wins_over_it() {
+    let model = format!("m={}", common::smollm2().display());
+    // OLLAMA_HOST alone: a public address, refused without --insecure, proves it was read.
+    let out = common::run_to_exit_with_env(
+        &["serve", "--model", &model],
+        &[("OLLAMA_HOST", "0.0.0.0:0")],
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("0.0.0.0"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("environment (OLLAMA_*)"),
+        "{}",
+        out.stderr
+    );
+    // BACKSTOP_HOST beats it: here a loopback port already taken, so binding fails there.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = common::run_to_exit_with_env(
+        &["serve", "--model", &model],
+        &[("OLLAMA_HOST", "0.0.0.0:0"), ("BACKSTOP_HOST", &addr)],
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!("cannot listen on {addr}")),
+        "{}",
+        out.stderr
+    );
+}

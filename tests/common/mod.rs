@@ -80,7 +80,22 @@ pub struct Exit {
 
 /// Runs `backstop ARGS` and waits for it to exit (for start-up failures).
 pub fn run_to_exit(args: &[&str], timeout: Duration) -> Exit {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_backstop"))
+    run_to_exit_with_env(args, &[], timeout)
+}
+
+/// [`run_to_exit`] with extra environment variables (and none of the developer's own
+/// `OLLAMA_*` / `BACKSTOP_*` settings).
+pub fn run_to_exit_with_env(args: &[&str], envs: &[(&str, &str)], timeout: Duration) -> Exit {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_backstop"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("OLLAMA_")
+            || (k.starts_with("BACKSTOP_") && k != "BACKSTOP_CACHE" && k != "BACKSTOP_MODELS")
+        {
+            cmd.env_remove(k);
+        }
+    }
+    let mut child = cmd
+        .envs(envs.iter().copied())
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
