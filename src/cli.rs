@@ -46,6 +46,8 @@ pub enum Command {
     Rm(RmArgs),
     /// Copy a model under a new name.
     Cp(CpArgs),
+    /// Create a model from a Modelfile (FROM a GGUF file or a model, PARAMETER, SYSTEM).
+    Create(CreateArgs),
     /// Unload a model now.
     Stop(ModelArgs),
 }
@@ -138,6 +140,19 @@ pub struct CpArgs {
     pub source: String,
     /// Its new name.
     pub destination: String,
+    /// Server.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `backstop create`.
+#[derive(Debug, Clone, Args)]
+pub struct CreateArgs {
+    /// The new model's name.
+    pub model: String,
+    /// The Modelfile.
+    #[arg(short, long, default_value = "Modelfile")]
+    pub file: PathBuf,
     /// Server.
     #[command(flatten)]
     pub client: ClientArgs,

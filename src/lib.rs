@@ -56,6 +56,7 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Command::Pull(a) => client::pull(a).await,
             Command::Rm(a) => client::rm(a).await,
             Command::Cp(a) => client::cp(a).await,
+            Command::Create(a) => client::create(a).await,
             Command::Stop(a) => client::stop(a).await,
         }
     })?;

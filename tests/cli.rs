@@ -158,3 +158,74 @@ async fn run_without_a_prompt_chats_on_a_terminal_until_bye() {
     assert!(text.contains("Cleared session context"), "{text}");
     assert!(text.contains("Unknown command '/wat'"), "{text}");
 }
+
+#[tokio::test]
+async fn create_builds_a_model_from_a_modelfile() {
+    let s = Server::start(&[]).await;
+    let dir = common::temp_dir("modelfile");
+    // FROM a GGUF file next to the Modelfile: uploaded as a blob, then created.
+    std::fs::copy(common::smollm2(), dir.join("weights.gguf")).unwrap();
+    std::fs::write(
+        dir.join("Modelfile"),
+        "FROM ./weights.gguf\nPARAMETER temperature 0\nPARAMETER num_predict 8\nSYSTEM \"\"\"\nYou are a pirate.\n\"\"\"\n",
+    )
+    .unwrap();
+    let out = cli(
+        &s,
+        &[
+            "create",
+            "pirate",
+            "-f",
+            dir.join("Modelfile").to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (_, show) = s
+        .post("/api/show", &serde_json::json!({"model": "pirate"}))
+        .await;
+    assert_eq!(show["system"], "You are a pirate.\n");
+    assert!(
+        show["parameters"].as_str().unwrap().contains("num_predict"),
+        "{show}"
+    );
+    // FROM a model name: no upload, the defaults layered on top.
+    std::fs::write(
+        dir.join("Modelfile2"),
+        "FROM pirate\nPARAMETER num_predict 3\n",
+    )
+    .unwrap();
+    let out = cli(
+        &s,
+        &[
+            "create",
+            "short-pirate",
+            "-f",
+            dir.join("Modelfile2").to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (_, r) = s
+        .post(
+            "/api/generate",
+            &serde_json::json!({"model": "short-pirate", "prompt": "Hello", "stream": false}),
+        )
+        .await;
+    assert_eq!(r["eval_count"], 3, "{r}");
+    // An instruction backstop cannot honour is refused, not dropped.
+    std::fs::write(dir.join("Modelfile3"), "FROM pirate\nADAPTER ./lora.gguf\n").unwrap();
+    let out = cli(
+        &s,
+        &[
+            "create",
+            "x",
+            "-f",
+            dir.join("Modelfile3").to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("ADAPTER"), "{}", stderr(&out));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -683,3 +683,60 @@ async fn ollama_models_points_at_the_store() {
     drop(s);
     std::fs::remove_dir_all(&store).ok();
 }
+
+#[tokio::test]
+async fn ollama_flash_attention_and_kv_cache_type_reach_llama_cpp() {
+    let model = format!("smollm2={}", common::smollm2().display());
+    let s = Server::start_with_env(
+        &["--model", &model],
+        &[
+            ("OLLAMA_FLASH_ATTENTION", "1"),
+            ("OLLAMA_KV_CACHE_TYPE", "q8_0"),
+            ("BACKSTOP_LOG", "info,llama-cpp-2=info"),
+        ],
+    )
+    .await;
+    let (status, r) = s
+        .post("/api/generate", &json!({"model": "smollm2", "prompt": "Hi", "stream": false, "options": {"num_predict": 4}}))
+        .await;
+    assert_eq!(status, 200, "{r}");
+    let log = s.log();
+    assert!(
+        log.contains("K (q8_0)") && log.contains("V (q8_0)"),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("flash_attn") && l.contains("= enabled")),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn create_from_a_gguf_path_on_the_server_imports_it() {
+    let s = Server::start(&[]).await;
+    let path = common::smollm2();
+    let (status, r) = s
+        .post(
+            "/api/create",
+            &json!({"model": "local-file", "from": path.to_str().unwrap(), "stream": false}),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    let (_, tags) = s.get_json("/api/tags").await;
+    let entry = tags["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "local-file:latest")
+        .cloned()
+        .unwrap();
+    assert_eq!(entry["size"], std::fs::metadata(&path).unwrap().len());
+    let (status, r) = s
+        .post(
+            "/api/create",
+            &json!({"model": "nope", "from": "/etc/hostname"}),
+        )
+        .await;
+    assert_eq!(status, 400, "a file that is not a GGUF is refused: {r}");
+}

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::format::{relative, size, table};
 use super::http::{Client, ClientError};
-use crate::cli::{ClientArgs, CpArgs, ModelArgs, PullArgs, RmArgs, ShowArgs};
+use crate::cli::{ClientArgs, CpArgs, CreateArgs, ModelArgs, PullArgs, RmArgs, ShowArgs};
 
 fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key).and_then(Value::as_str).unwrap_or("")
@@ -259,4 +259,56 @@ fn same_model(listed: &str, asked: &str) -> bool {
         }
     };
     norm(listed) == norm(asked)
+}
+
+/// `backstop create NAME -f Modelfile`: a `FROM` file is uploaded as a blob (skipped when the
+/// server already has it), a `FROM` model name is used as it is.
+pub async fn create(args: CreateArgs) -> Result<(), ClientError> {
+    let text = std::fs::read_to_string(&args.file)
+        .map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", args.file.display())))?;
+    let m = super::modelfile::parse(&text)
+        .map_err(|e| ClientError::Usage(format!("{}: {e}", args.file.display())))?;
+    let client = Client::new(&args.client);
+    let mut body = json!({"model": args.model, "stream": false});
+    let base = args.file.parent().unwrap_or(std::path::Path::new("."));
+    let from_path = {
+        let p = std::path::Path::new(&m.from);
+        let p = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        };
+        (m.from.ends_with(".gguf") || p.is_file()).then_some(p)
+    };
+    match from_path {
+        Some(path) => {
+            let digest = tokio::task::spawn_blocking({
+                let path = path.clone();
+                move || crate::models::Digest::of_file(&path)
+            })
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .map_err(|e| ClientError::Usage(e.to_string()))?;
+            client.upload_blob(&digest.to_string(), &path).await?;
+            let file = path
+                .file_name()
+                .and_then(|f| f.to_str())
+                .unwrap_or("model.gguf");
+            body["files"] = json!({ file: digest.to_string() });
+        }
+        None => body["from"] = json!(m.from),
+    }
+    if !m.parameters.is_empty() {
+        body["parameters"] = Value::Object(m.parameters);
+    }
+    if let Some(s) = m.system {
+        body["system"] = json!(s);
+    }
+    if let Some(t) = m.template {
+        eprintln!("note: backstop renders prompts with the GGUF's own chat template; TEMPLATE is stored for Ollama's sake only");
+        body["template"] = json!(t);
+    }
+    client.send(Method::POST, "/api/create", &body).await?;
+    println!("success");
+    Ok(())
 }

@@ -155,6 +155,35 @@ impl Client {
         Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
+    /// Uploads a file as a blob unless the server already has it.
+    pub(crate) async fn upload_blob(
+        &self,
+        digest: &str,
+        path: &std::path::Path,
+    ) -> Result<(), ClientError> {
+        let url = format!("{}/api/blobs/{digest}", self.base);
+        let head = self
+            .http
+            .head(&url)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if head.status().is_success() {
+            return Ok(());
+        }
+        let file = tokio::fs::File::open(path).await?;
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+        let resp = self
+            .http
+            .post(&url)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        self.check(resp).await?;
+        Ok(())
+    }
+
     /// `POST path` with a JSON body, calling `each` for every object of the NDJSON answer.
     /// An `{"error": ...}` object ends the stream with that error.
     pub(crate) async fn stream(

@@ -4,8 +4,9 @@
 mod commands;
 mod format;
 mod http;
+mod modelfile;
 mod run;
 
-pub use commands::{cp, list, ps, pull, rm, show, stop};
+pub use commands::{cp, create, list, ps, pull, rm, show, stop};
 pub use http::ClientError;
 pub use run::run;

@@ -169,9 +169,9 @@ impl Server {
                 cmd.env_remove(k);
             }
         }
+        cmd.env("BACKSTOP_LOG", "info,llama-cpp-2=warn");
         cmd.envs(envs.iter().copied());
         let mut child = cmd
-            .env("BACKSTOP_LOG", "info,llama-cpp-2=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

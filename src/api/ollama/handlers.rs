@@ -345,12 +345,20 @@ fn blob_of(models: &Models, spec: &ModelSpec) -> Result<Digest, OllamaError> {
             return Ok(d.clone());
         }
     }
+    import_file(store, spec.path())
+}
+
+/// Copies a GGUF file into the store as a blob (temporary name, hashed, renamed).
+fn import_file(
+    store: &crate::models::Store,
+    path: &std::path::Path,
+) -> Result<Digest, OllamaError> {
     let temp = store.partial_path(&format!("import-{}", uuid::Uuid::new_v4().simple()))?;
-    if let Err(e) = std::fs::copy(spec.path(), &temp) {
+    if let Err(e) = std::fs::copy(path, &temp) {
         std::fs::remove_file(&temp).ok();
-        return Err(OllamaError::internal(format!(
+        return Err(OllamaError::bad_request(format!(
             "cannot copy {}: {e}",
-            spec.path().display()
+            path.display()
         )));
     }
     Ok(store.import_blob(&temp, None)?)
@@ -438,11 +446,22 @@ pub(crate) async fn create(
             })?,
         Some(_) => return Err(OllamaError::bad_request("`files` must be an object")),
     };
-    let base = match &from {
-        Some(f) => Some(state.models.resolve(f)?),
-        None => None,
+    // `from` names a model, or (a backstop extension, for admins on the server's own
+    // machine) an absolute path to a GGUF file, which is copied into the store.
+    let local_file = from
+        .as_deref()
+        .filter(|f| f.starts_with('/'))
+        .map(std::path::PathBuf::from);
+    let base = match (&from, &local_file) {
+        (Some(_), Some(path)) => {
+            crate::engine::check_model_file(path)
+                .map_err(|e| OllamaError::bad_request(e.to_string()))?;
+            None
+        }
+        (Some(f), None) => Some(state.models.resolve(f)?),
+        (None, _) => None,
     };
-    if base.is_none() && files.is_empty() {
+    if base.is_none() && files.is_empty() && local_file.is_none() {
         return Err(OllamaError::bad_request(
             "neither 'from' or 'files' was specified",
         ));
@@ -460,8 +479,8 @@ pub(crate) async fn create(
     let target = name.clone();
     let created = tokio::task::spawn_blocking(move || -> Result<(), OllamaError> {
         let store = models.store();
-        let digest = match (&upload, &base) {
-            (Some(d), _) => {
+        let digest = match (&upload, &base, &local_file) {
+            (Some(d), _, _) => {
                 if !store.has_blob(d) {
                     return Err(OllamaError::bad_request(format!(
                         "blob {d} was not uploaded (POST /api/blobs/{d} first)"
@@ -469,8 +488,9 @@ pub(crate) async fn create(
                 }
                 d.clone()
             }
-            (None, Some(spec)) => blob_of(&models, spec)?,
-            (None, None) => return Err(OllamaError::bad_request("nothing to create from")),
+            (None, Some(spec), _) => blob_of(&models, spec)?,
+            (None, None, Some(path)) => import_file(store, path)?,
+            (None, None, None) => return Err(OllamaError::bad_request("nothing to create from")),
         };
         // What the base model has, the new one inherits unless the request says otherwise.
         let (mut params, mut base_system) = (Parameters::default(), None);
