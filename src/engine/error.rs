@@ -66,6 +66,26 @@ pub enum EngineError {
     /// The prompt tokenized to nothing.
     #[error("the prompt is empty")]
     EmptyPrompt,
+    /// An embedding input is empty (or tokenized to nothing).
+    #[error("input {index} is empty")]
+    EmptyInput {
+        /// Position of the input in the request (0 for a single one).
+        index: usize,
+    },
+    /// An embedding input is longer than the model embeds, and truncation was not allowed.
+    #[error("input {index} is {tokens} tokens long, but this model embeds at most {limit} tokens per input; shorten it or allow truncation")]
+    InputTooLong {
+        /// Position of the input in the request.
+        index: usize,
+        /// Its length in tokens.
+        tokens: usize,
+        /// Most tokens per input.
+        limit: usize,
+    },
+    /// The embedding context could not be created or was asked for something it was not
+    /// built for.
+    #[error("cannot compute embeddings: {0}")]
+    Embeddings(String),
     /// llama.cpp failed to evaluate this request's tokens.
     #[error("llama.cpp failed to evaluate this request: {0}")]
     Decode(String),

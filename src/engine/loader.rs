@@ -45,6 +45,11 @@ pub struct ModelInfo {
     pub fim: Option<Fim>,
     /// Bytes the KV cache of all slots takes (an estimate from the model's shape).
     pub kv_bytes: u64,
+    /// Length of the model's embedding vectors, so the APIs can check a requested
+    /// `dimensions` before any work is done.
+    pub embedding_length: u32,
+    /// Most tokens one embedding input may have (see [`super::EmbedShape`]).
+    pub embedding_tokens: u32,
 }
 
 /// The special tokens of fill-in-the-middle prompts: `{prefix}code{suffix}code{middle}`.
@@ -141,6 +146,25 @@ pub(crate) fn new_context<'m>(
     ctx_per_slot: u32,
 ) -> Result<LlamaContext<'m>, LoadError> {
     let n_ctx = ctx_per_slot.saturating_mul(options.slots);
+    let params = shared_params(options)
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_seq_max(options.slots)
+        .with_n_batch(options.batch)
+        .with_n_ubatch(options.batch)
+        .with_kv_unified(false);
+    model
+        .new_context(backend, params)
+        .map_err(|e| LoadError::Context {
+            n_ctx,
+            slots: options.slots,
+            reason: e.to_string(),
+        })
+}
+
+/// What every context of a model shares, whatever it is for: threads, the KV cache's element
+/// type and the flash-attention policy (a quantized V cache needs flash attention, so both
+/// contexts must agree for the operator's settings to work in either).
+pub(crate) fn shared_params(options: &EngineOptions) -> LlamaContextParams {
     let threads = i32::try_from(options.threads).unwrap_or(i32::MAX);
     let kv = match options.kv_cache_type {
         KvCacheType::F16 => llama_cpp_2::context::params::KvCacheType::F16,
@@ -152,24 +176,12 @@ pub(crate) fn new_context<'m>(
         Some(true) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
         Some(false) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
     };
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx))
+    LlamaContextParams::default()
         .with_flash_attention_policy(flash)
         .with_type_k(kv)
         .with_type_v(kv)
-        .with_n_seq_max(options.slots)
-        .with_n_batch(options.batch)
-        .with_n_ubatch(options.batch)
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
-        .with_kv_unified(false);
-    model
-        .new_context(backend, params)
-        .map_err(|e| LoadError::Context {
-            n_ctx,
-            slots: options.slots,
-            reason: e.to_string(),
-        })
 }
 
 /// Evaluates one token and forgets it, as llama.cpp's own server does at start: the weights
@@ -238,6 +250,8 @@ pub(crate) fn describe(
     Ok(ModelInfo {
         fim,
         kv_bytes,
+        embedding_length: u32::try_from(model.n_embd_out()).unwrap_or(0),
+        embedding_tokens: super::embed::EmbedShape::new(ctx_per_slot, options.batch).tokens,
         name: options.name.clone(),
         path: options.path.clone(),
         architecture,

@@ -1,6 +1,7 @@
 //! The llama.cpp engine: one OS thread per loaded model owns the model and its context and
 //! runs the decode loop; async handlers talk to it only through channels.
 
+mod embed;
 mod error;
 mod loader;
 mod metrics;
@@ -17,6 +18,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+pub use embed::{l2_normalize, shorten, EmbedShape, Embeddings};
 pub use error::{EngineError, LoadError};
 pub use loader::{Fim, ModelInfo};
 pub use request::{
@@ -79,11 +81,20 @@ impl KvCacheType {
     }
 }
 
-/// A job for the engine thread.
+/// A generation for the engine thread.
 pub(crate) struct Job {
     request: GenerateRequest,
     events: mpsc::Sender<TokenEvent>,
     submitted: std::time::Instant,
+}
+
+/// What handlers send to the engine thread: both kinds share one channel so that the
+/// thread has a single place to wait while idle.
+pub(crate) enum Work {
+    /// A generation, streamed token by token.
+    Generate(Job),
+    /// Embedding vectors, answered once.
+    Embed(embed::EmbedJob),
 }
 
 /// Handle to a loaded model's engine thread. Dropping the last handle lets the thread
@@ -91,7 +102,7 @@ pub(crate) struct Job {
 #[derive(Debug)]
 pub struct Engine {
     /// Taken (and so closed) by [`Engine::shutdown`].
-    jobs: std::sync::Mutex<Option<mpsc::UnboundedSender<Job>>>,
+    jobs: std::sync::Mutex<Option<mpsc::UnboundedSender<Work>>>,
     admission: Arc<Semaphore>,
     info: Arc<ModelInfo>,
     worker: std::sync::Mutex<Option<JoinHandle<()>>>,
@@ -166,18 +177,50 @@ impl Engine {
             events: tx,
             submitted: std::time::Instant::now(),
         };
-        let sent = match self.jobs.lock() {
-            Ok(jobs) => jobs.as_ref().is_some_and(|j| j.send(job).is_ok()),
-            Err(_) => false,
-        };
-        if !sent {
-            return Err(EngineError::Stopped);
-        }
+        self.send(Work::Generate(job))?;
         Ok(Generation {
             events: rx,
             _permit: permit,
             _guard: None,
         })
+    }
+
+    /// Pooled embedding vectors (not normalized) of `inputs`, computed on the engine thread
+    /// between decode steps, so running generations keep streaming. Each input must be
+    /// non-empty; one longer than [`ModelInfo::embedding_tokens`] is cut to that length when
+    /// `truncate` is set and refused otherwise. An embedding request takes a place in the
+    /// same admission bound as a generation ([`EngineError::QueueFull`] when it is full);
+    /// dropping the future abandons the work.
+    pub async fn embed(
+        &self,
+        inputs: Vec<String>,
+        truncate: bool,
+    ) -> Result<Embeddings, EngineError> {
+        let _permit = Arc::clone(&self.admission)
+            .try_acquire_owned()
+            .map_err(|_| EngineError::QueueFull {
+                slots: self.info.slots as usize,
+                queued: self.info.max_queue,
+            })?;
+        let (reply, answer) = oneshot::channel();
+        self.send(Work::Embed(embed::EmbedJob {
+            inputs,
+            truncate,
+            reply,
+        }))?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    fn send(&self, work: Work) -> Result<(), EngineError> {
+        let sent = match self.jobs.lock() {
+            Ok(jobs) => jobs.as_ref().is_some_and(|j| j.send(work).is_ok()),
+            Err(_) => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            Err(EngineError::Stopped)
+        }
     }
 
     /// Stops accepting work and waits for the thread to finish what it has. Blocks: call it

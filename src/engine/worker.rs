@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
@@ -13,6 +14,7 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 use tokio::sync::{mpsc, oneshot};
 
+use super::embed::{self, EmbedJob, EmbedShape, EmbedTask, Embedder, Pooling};
 use super::loader::{self, ModelInfo};
 use super::metrics::EngineMetrics;
 use super::policy::{choose_slot, plan_step, Budget, FreeSlot, SlotState, StepPlan};
@@ -20,7 +22,7 @@ use super::request::truncate;
 use super::text::{StopMatcher, StopScan, Utf8Stream};
 use super::{
     sampler, EngineError, EngineOptions, FinishReason, Job, LoadError, Overflow, Timings,
-    TokenEvent, Usage,
+    TokenEvent, Usage, Work,
 };
 
 /// A sequence emits at most a token and its final event per step; it only runs when its
@@ -34,7 +36,7 @@ const STALLED_POLL: Duration = Duration::from_millis(2);
 /// handle is dropped and the remaining work is done.
 pub(crate) fn engine_worker(
     options: EngineOptions,
-    jobs: mpsc::UnboundedReceiver<Job>,
+    jobs: mpsc::UnboundedReceiver<Work>,
     ready: oneshot::Sender<Result<ModelInfo, LoadError>>,
 ) {
     let started = Instant::now();
@@ -88,7 +90,7 @@ pub(crate) fn engine_worker(
     if ready.send(Ok(info)).is_err() {
         return;
     }
-    Worker::new(&model, ctx, &options, per_slot, bos_text).run(jobs);
+    Worker::new(backend, &model, ctx, &options, per_slot, bos_text).run(jobs);
     tracing::info!(model = %options.name, "engine stopped");
 }
 
@@ -158,8 +160,16 @@ impl Active {
 type Undo = (usize, usize, Option<LlamaToken>);
 
 struct Worker<'m> {
+    backend: &'static LlamaBackend,
     model: &'m LlamaModel,
     ctx: LlamaContext<'m>,
+    /// The embedding context, created by the first embedding request.
+    embedder: Option<Embedder<'m>>,
+    /// Embedding requests in arrival order; the front one advances by one decode per loop.
+    embeds: VecDeque<EmbedTask<LlamaToken>>,
+    embed_shape: EmbedShape,
+    pooling: Pooling,
+    options: EngineOptions,
     batch: LlamaBatch<'static>,
     slots: Vec<Slot>,
     waiting: VecDeque<Pending>,
@@ -178,6 +188,7 @@ struct Worker<'m> {
 
 impl<'m> Worker<'m> {
     fn new(
+        backend: &'static LlamaBackend,
         model: &'m LlamaModel,
         ctx: LlamaContext<'m>,
         options: &EngineOptions,
@@ -194,8 +205,14 @@ impl<'m> Worker<'m> {
             })
             .collect();
         Self {
+            backend,
             model,
             ctx,
+            embedder: None,
+            embeds: VecDeque::new(),
+            embed_shape: EmbedShape::new(ctx_per_slot, options.batch),
+            pooling: Pooling::of(model),
+            options: options.clone(),
             batch: LlamaBatch::new(batch_size, 1),
             slots,
             waiting: VecDeque::new(),
@@ -219,10 +236,19 @@ impl<'m> Worker<'m> {
     }
 
     fn is_idle(&self) -> bool {
-        self.waiting.is_empty() && self.slots.iter().all(|s| s.active.is_none())
+        self.waiting.is_empty()
+            && self.embeds.is_empty()
+            && self.slots.iter().all(|s| s.active.is_none())
     }
 
-    fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    fn take(&mut self, work: Work) {
+        match work {
+            Work::Generate(job) => self.intake(job),
+            Work::Embed(job) => self.intake_embed(job),
+        }
+    }
+
+    fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Work>) {
         let mut open = true;
         loop {
             if self.is_idle() {
@@ -232,13 +258,13 @@ impl<'m> Worker<'m> {
                     break;
                 }
                 match jobs.blocking_recv() {
-                    Some(job) => self.intake(job),
+                    Some(work) => self.take(work),
                     None => break,
                 }
             }
             while open {
                 match jobs.try_recv() {
-                    Ok(job) => self.intake(job),
+                    Ok(work) => self.take(work),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => open = false,
                 }
@@ -249,14 +275,129 @@ impl<'m> Worker<'m> {
             self.metrics.busy_slots.set(busy as f64);
             self.metrics.queue_depth.set(self.waiting.len() as f64);
 
+            // One embedding decode per loop at most, then a generation step: embedding
+            // requests and running streams take turns.
+            let embedded = self.embed_step();
             let plan = plan_step(&self.slot_states(), self.budget);
             if plan.is_empty() {
-                if !self.is_idle() {
+                if !embedded && !self.is_idle() {
                     std::thread::sleep(STALLED_POLL);
                 }
                 continue;
             }
             self.step(&plan);
+        }
+    }
+
+    /// Tokenizes and checks every input of an embedding request before any of them is
+    /// evaluated, answering at once if one is empty or too long (or there are none).
+    fn intake_embed(&mut self, job: EmbedJob) {
+        let EmbedJob {
+            inputs,
+            truncate,
+            reply,
+        } = job;
+        let limit = self.embed_shape.tokens as usize;
+        let vocab = self.model.vocab();
+        let tokens = match inputs.iter().position(|i| i.is_empty()) {
+            Some(index) => Err(EngineError::EmptyInput { index }),
+            None => embed::fit(
+                inputs
+                    .iter()
+                    .map(|i| vocab.tokenize(i.as_bytes(), true, true))
+                    .collect(),
+                limit,
+                truncate,
+            ),
+        };
+        let mut task = match tokens {
+            Ok(tokens) => EmbedTask {
+                vectors: Vec::with_capacity(tokens.len()),
+                tokens,
+                reply,
+            },
+            Err(e) => {
+                if reply.send(Err(e)).is_err() {
+                    tracing::debug!("embedding client gone before its error");
+                }
+                return;
+            }
+        };
+        if let Some(done) = task.result() {
+            if task.reply.send(Ok(done)).is_err() {
+                tracing::debug!("embedding client gone before its answer");
+            }
+            return;
+        }
+        self.embeds.push_back(task);
+    }
+
+    /// Evaluates the next batch of inputs of the oldest embedding request; true if a decode
+    /// ran. Requests whose client is gone are dropped first.
+    fn embed_step(&mut self) -> bool {
+        self.embeds.retain(|t| !t.reply.is_closed());
+        let Some(task) = self.embeds.front_mut() else {
+            return false;
+        };
+        if self.embedder.is_none() {
+            match Embedder::new(
+                self.backend,
+                self.model,
+                &self.options,
+                self.embed_shape,
+                self.pooling,
+            ) {
+                Ok(e) => self.embedder = Some(e),
+                Err(e) => {
+                    tracing::error!(model = %self.name, error = %e, "no embedding context");
+                    self.answer_embed(Err(e));
+                    return false;
+                }
+            }
+        }
+        let Some(embedder) = self.embedder.as_mut() else {
+            return false;
+        };
+        // While answers stream, pack no more than a prefill chunk, as for prompts; an input
+        // longer than that still goes in one piece (pooling needs it in one ubatch).
+        let generating = self.slots.iter().any(|s| s.active.is_some());
+        let budget = if generating {
+            self.budget.prefill_chunk
+        } else {
+            self.embed_shape.tokens as usize
+        };
+        let lens: Vec<usize> = task.tokens.iter().map(Vec::len).collect();
+        let start = task.vectors.len();
+        let end = start + embed::next_batch(&lens, start, self.embed_shape, budget);
+        let started = Instant::now();
+        let result = embedder.decode(&task.tokens[start..end]);
+        tracing::trace!(
+            inputs = end - start,
+            tokens = lens[start..end].iter().sum::<usize>(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "embedding step"
+        );
+        match result {
+            Ok(vectors) => {
+                task.vectors.extend(vectors);
+                if let Some(done) = task.result() {
+                    self.answer_embed(Ok(done));
+                }
+            }
+            Err(e) => {
+                tracing::error!(model = %self.name, error = %e, "embedding decode failed");
+                self.answer_embed(Err(e));
+            }
+        }
+        true
+    }
+
+    /// Sends the oldest embedding request its answer and forgets it.
+    fn answer_embed(&mut self, answer: Result<embed::Embeddings, EngineError>) {
+        if let Some(task) = self.embeds.pop_front() {
+            if task.reply.send(answer).is_err() {
+                tracing::debug!("embedding client gone before its answer");
+            }
         }
     }
 

@@ -127,8 +127,12 @@ impl From<EngineError> for OllamaError {
         let status = match &e {
             EngineError::QueueFull { .. } | EngineError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
             EngineError::PromptTooLong { .. } => StatusCode::BAD_REQUEST,
-            EngineError::EmptyPrompt => StatusCode::BAD_REQUEST,
-            EngineError::Decode(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            EngineError::EmptyPrompt
+            | EngineError::EmptyInput { .. }
+            | EngineError::InputTooLong { .. } => StatusCode::BAD_REQUEST,
+            EngineError::Decode(_) | EngineError::Embeddings(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         OllamaError {
             status,

@@ -1,6 +1,7 @@
 //! Ollama's native API under `/api`, so Ollama's clients and tools work unchanged.
 
 mod convert;
+mod embed;
 mod error;
 mod handlers;
 mod ndjson;
@@ -22,6 +23,8 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/tags", get(handlers::tags))
         .route("/api/ps", get(handlers::ps))
         .route("/api/show", post(handlers::show))
+        .route("/api/embed", post(embed::embed))
+        .route("/api/embeddings", post(embed::embeddings))
         .route("/api/delete", delete(handlers::delete))
         .route("/api/copy", post(handlers::copy))
         .route("/api/create", post(handlers::create))

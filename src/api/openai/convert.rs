@@ -9,7 +9,7 @@ use crate::api::body::JsonBody;
 use crate::api::request::{check_stop, Input, Valid};
 use crate::engine::{ChatMessage, Role, SamplingOverrides};
 
-fn model_name(model: Option<String>) -> Result<String, ApiError> {
+pub(super) fn model_name(model: Option<String>) -> Result<String, ApiError> {
     match model {
         Some(m) if !m.trim().is_empty() => Ok(m),
         _ => Err(ApiError::invalid(

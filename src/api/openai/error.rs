@@ -162,7 +162,20 @@ impl From<EngineError> for ApiError {
                 Some("prompt"),
                 None,
             ),
-            EngineError::Decode(_) => (
+            EngineError::EmptyInput { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("input"),
+                None,
+            ),
+            // OpenAI answers an over-long embedding input with 400, not 422.
+            EngineError::InputTooLong { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("input"),
+                Some("context_length_exceeded"),
+            ),
+            EngineError::Decode(_) | EngineError::Embeddings(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 None,

@@ -1,6 +1,7 @@
 //! The OpenAI-compatible API under `/v1`.
 
 mod convert;
+mod embeddings;
 mod error;
 mod handlers;
 mod sse;
@@ -18,6 +19,7 @@ pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/models/{*id}", get(handlers::get_model))
 }

@@ -168,3 +168,51 @@ pub(crate) struct ModelList {
     pub(crate) object: &'static str,
     pub(crate) data: Vec<ModelObject>,
 }
+
+/// `POST /v1/embeddings`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct EmbeddingRequest {
+    pub(crate) model: Option<String>,
+    /// A string, a list of strings, or token arrays (refused).
+    #[serde(default)]
+    pub(crate) input: Value,
+    /// `float` (default) or `base64`.
+    pub(crate) encoding_format: Option<String>,
+    /// Signed, so that a negative value gets a range error rather than a type error.
+    pub(crate) dimensions: Option<i64>,
+    /// An end-user id for abuse monitoring: type-checked, then unused.
+    #[serde(rename = "user")]
+    pub(crate) _user: Option<String>,
+}
+
+/// An embedding as sent: numbers, or little-endian f32 bytes in base64.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(untagged)]
+pub(crate) enum EmbeddingData {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+/// One entry of `data`.
+#[derive(Debug, Serialize)]
+pub(crate) struct EmbeddingObject {
+    pub(crate) object: &'static str,
+    pub(crate) index: u32,
+    pub(crate) embedding: EmbeddingData,
+}
+
+/// Token counts of an embedding request (there is no completion).
+#[derive(Debug, Serialize)]
+pub(crate) struct EmbeddingUsage {
+    pub(crate) prompt_tokens: u32,
+    pub(crate) total_tokens: u32,
+}
+
+/// The answer of `POST /v1/embeddings`.
+#[derive(Debug, Serialize)]
+pub(crate) struct EmbeddingList {
+    pub(crate) object: &'static str,
+    pub(crate) data: Vec<EmbeddingObject>,
+    pub(crate) model: String,
+    pub(crate) usage: EmbeddingUsage,
+}
