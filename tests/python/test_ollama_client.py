@@ -122,3 +122,22 @@ def test_errors_arrive_as_response_errors(client):
     with pytest.raises(ollama.ResponseError) as e:
         client.show("../../etc/passwd")
     assert e.value.status_code == 400
+
+
+def _cos(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / ((sum(x * x for x in a) ** 0.5) * (sum(y * y for y in b) ** 0.5))
+
+
+def test_embed_gives_unit_vectors_where_similar_texts_are_closer(client):
+    r = client.embed(
+        model="smollm2",
+        input=["The cat sat on the mat", "A cat is sitting on a mat", "Quarterly revenue grew 5%"],
+    )
+    a, b, c = r.embeddings
+    assert len(a) == 576
+    assert abs(sum(x * x for x in a) - 1.0) < 1e-4
+    assert _cos(a, b) > _cos(a, c)
+    legacy = client.embeddings(model="smollm2", prompt="The cat sat on the mat").embedding
+    assert abs(_cos(legacy, a) - 1.0) < 1e-4
+    assert abs(sum(x * x for x in legacy) - 1.0) > 1e-3, "the legacy endpoint is not normalized"

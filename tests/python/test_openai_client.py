@@ -114,3 +114,14 @@ def test_concurrent_async_streams_each_match_their_own_answer(base_url):
 
     together, alone = asyncio.run(main())
     assert together == alone
+
+
+def test_embeddings_come_back_as_unit_vectors_in_input_order(client):
+    # The openai package asks for base64 by default and decodes it itself.
+    r = client.embeddings.create(model=MODEL, input=["first text", "second text"])
+    assert [d.index for d in r.data] == [0, 1]
+    assert all(len(d.embedding) == 576 for d in r.data)
+    assert abs(sum(x * x for x in r.data[0].embedding) - 1.0) < 1e-4
+    floats = client.embeddings.create(model=MODEL, input="first text", encoding_format="float")
+    assert max(abs(x - y) for x, y in zip(floats.data[0].embedding, r.data[0].embedding)) < 1e-5
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens
