@@ -17,8 +17,9 @@ pub(crate) struct Counter(Arc<Shared>);
 struct Shared {
     total: AtomicU64,
     completed: AtomicU64,
-    /// Set once hf-hub starts writing its partial file: a failure after that point is an
-    /// interruption that the next pull resumes, not a failure to reach the hub.
+    /// Set once hf-hub has opened its partial file and reported where it resumes from: a
+    /// failure after that point is an interruption that the next pull resumes, not a failure
+    /// to reach the hub.
     started: AtomicBool,
 }
 
@@ -40,11 +41,13 @@ impl Counter {
 impl hf_hub::api::tokio::Progress for Counter {
     async fn init(&mut self, size: usize, _filename: &str) {
         self.0.total.store(size as u64, Ordering::Relaxed);
-        self.0.started.store(true, Ordering::Relaxed);
     }
 
+    /// hf-hub's first call, right after it opened its partial file, reports the bytes it
+    /// resumes from; only from then on is a reading worth showing.
     async fn update(&mut self, size: usize) {
         self.0.completed.fetch_add(size as u64, Ordering::Relaxed);
+        self.0.started.store(true, Ordering::Relaxed);
     }
 
     async fn finish(&mut self) {}
