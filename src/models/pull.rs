@@ -1,22 +1,31 @@
-//! `backstop pull` and `POST /api/pull`: fetch a GGUF model from Hugging Face into the store.
+//! `backstop pull` and `POST /api/pull`: fetch a model into the store, either one GGUF file
+//! from Hugging Face (`hf.co/OWNER/REPO:QUANT`, through the `hf-hub` crate) or a model from an
+//! Ollama registry (`llama3.2:1b`, its manifest and every layer, kept exactly as received,
+//! since the store is Ollama's own layout).
 //!
 //! The guarantees, whatever goes wrong:
 //! * bytes land under a temporary name inside the store's `blobs/` folder and are renamed to
 //!   `blobs/sha256-<hex>` only after their sha256 matched every digest known for them (the
-//!   pinned one, the hub's LFS digest from the listing and from the download's `x-linked-etag`);
+//!   pinned one, the hub's LFS digest from the listing and from the download's `x-linked-etag`;
+//!   a registry layer's own digest);
 //! * a refused download leaves no file behind; an interrupted one leaves only its resumable
-//!   partial file, and the next pull continues from it;
+//!   partial file (and, from a registry, the layers already verified), and the next pull
+//!   continues from there;
 //! * offline (`HF_HUB_OFFLINE=1`) nothing touches the network.
 
 mod hub;
 mod progress;
+mod registry;
 mod select;
 mod spec;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub use hub::HubConfig;
 pub use spec::PullSpec;
+
+use spec::Source;
 
 use super::store::{Digest, Store, StoreError, StoredModel};
 
@@ -120,6 +129,41 @@ pub enum PullError {
         /// The model's store name.
         name: String,
     },
+    /// The registry has no such model or tag.
+    #[error("{name} was not found in the registry at {registry}")]
+    ModelNotFound {
+        /// The model asked for.
+        name: String,
+        /// The registry asked.
+        registry: String,
+    },
+    /// The registry wants credentials backstop does not have.
+    #[error(
+        "the registry refused {name} (HTTP {status}); pulling private models from an \
+         Ollama registry is not supported"
+    )]
+    RegistryRefused {
+        /// The model asked for.
+        name: String,
+        /// The HTTP status.
+        status: u16,
+    },
+    /// A registry manifest backstop cannot use.
+    #[error("the manifest of {name} is not usable: {reason}")]
+    BadManifest {
+        /// The model asked for.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// More bytes arrived than the manifest announced; nothing was kept.
+    #[error("{file}: expected {expected} bytes, got more; nothing was kept")]
+    TooLong {
+        /// The blob.
+        file: String,
+        /// The size the manifest gave.
+        expected: u64,
+    },
     /// The connection broke during the download; what arrived is kept for the next pull.
     #[error(
         "download of {file} from {repo} was interrupted ({message}); pull again to resume \
@@ -197,6 +241,35 @@ fn list_ggufs(files: &[String]) -> String {
     text
 }
 
+/// A download that receives nothing for this long is abandoned (neither hf-hub nor the
+/// registry client would ever time out on a silent connection); what arrived is kept for the
+/// next pull.
+const STALL: Duration = Duration::from_secs(60);
+
+/// An error with its causes, `a: b: c`, for messages shown to users.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// Removes a download leftover; one already gone is fine.
+fn remove_quietly(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove a download leftover");
+        }
+    }
+}
+
 /// Pulls `spec` into `store` and records it under `spec.name()`, reporting progress through
 /// `progress`. Returns the new store entry. See the module docs for what is guaranteed when
 /// it fails.
@@ -207,5 +280,8 @@ pub async fn pull(
     progress: impl FnMut(PullEvent) + Send,
 ) -> Result<StoredModel, PullError> {
     spec.check()?;
-    hub::pull(store, spec, hub, progress).await
+    match spec.source() {
+        Source::Hub(file) => hub::pull(store, spec, file, hub, progress).await,
+        Source::Registry => registry::pull(store, spec, hub, progress).await,
+    }
 }

@@ -4,19 +4,22 @@
 //! (`blobs/.hf-partial/`), so its files are on the store's file system and the final move is a
 //! rename. It downloads in chunks into `<etag>.sync.part` with the committed offset in an
 //! 8-byte trailer, and continues from that offset when the same file is downloaded again:
-//! that is our resume. Once it reports the file complete we hash it (off the async runtime),
-//! compare with every digest we know, check the GGUF header, and only then rename it to
-//! `blobs/sha256-<hex>`.
+//! that is our resume. Before it starts, we ask for the file's metadata ourselves: the
+//! `x-linked-etag` is the hub's sha256 claim, and hf-hub turns the etag and the commit into
+//! file names, so both must be plain hex. Once it reports the file complete we hash it (off
+//! the async runtime), compare with every digest we know, check the GGUF header, and only then
+//! rename it to `blobs/sha256-<hex>`.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hf_hub::api::tokio::{Api, ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 use serde::Deserialize;
 
 use super::progress::{Counter, Throttle, TICK};
-use super::{select, PullError, PullEvent, PullSpec};
+use super::spec::HubFile;
+use super::{chain, remove_quietly, select, PullError, PullEvent, PullSpec, STALL};
 use crate::models::gguf;
 use crate::models::name::ModelName;
 use crate::models::store::{Digest, NewModel, Store, StoreError, StoredModel};
@@ -24,12 +27,11 @@ use crate::models::store::{Digest, NewModel, Store, StoreError, StoredModel};
 /// The public hub.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 
+/// Ollama's public registry, where plain names (`llama3.2`) come from.
+pub const DEFAULT_REGISTRY: &str = "https://registry.ollama.ai";
+
 /// hf-hub's own chunk size: the granularity of resuming.
 const DEFAULT_CHUNK: usize = 10_000_000;
-
-/// A download that receives nothing for this long is abandoned (hf-hub sets no timeouts);
-/// what arrived is kept for the next pull.
-const STALL: Duration = Duration::from_secs(60);
 
 /// The folder inside `blobs/` that holds hf-hub's cache (partial downloads).
 const HF_CACHE: &str = ".hf-partial";
@@ -47,6 +49,9 @@ pub struct HubConfig {
     /// Bytes per ranged request. Resuming restarts at the last whole chunk, so smaller chunks
     /// lose less on a broken connection and cost more requests.
     pub chunk_size: usize,
+    /// Base URL of the Ollama registry that names without a host come from
+    /// (`BACKSTOP_REGISTRY` or `OLLAMA_REGISTRY`): a mirror, or a fake one in tests.
+    pub registry: String,
 }
 
 impl Default for HubConfig {
@@ -56,6 +61,7 @@ impl Default for HubConfig {
             token: None,
             offline: false,
             chunk_size: DEFAULT_CHUNK,
+            registry: DEFAULT_REGISTRY.to_owned(),
         }
     }
 }
@@ -68,13 +74,15 @@ impl std::fmt::Debug for HubConfig {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("offline", &self.offline)
             .field("chunk_size", &self.chunk_size)
+            .field("registry", &self.registry)
             .finish()
     }
 }
 
 impl HubConfig {
     /// From the environment: `HF_ENDPOINT`, `HF_TOKEN` (or `HUGGING_FACE_HUB_TOKEN`, or the
-    /// token file `huggingface-cli login` writes), `HF_HUB_OFFLINE`.
+    /// token file `huggingface-cli login` writes), `HF_HUB_OFFLINE` (which also keeps registry
+    /// pulls off the network), `BACKSTOP_REGISTRY` / `OLLAMA_REGISTRY`.
     pub fn from_env() -> HubConfig {
         let mut hub = HubConfig::from_vars(|k| std::env::var(k).ok());
         if hub.token.is_none() {
@@ -106,6 +114,10 @@ impl HubConfig {
                     .any(|t| v.eq_ignore_ascii_case(t))
             }),
             chunk_size: DEFAULT_CHUNK,
+            registry: set("BACKSTOP_REGISTRY")
+                .or_else(|| set("OLLAMA_REGISTRY"))
+                .map(|e| e.trim_end_matches('/').to_owned())
+                .unwrap_or_else(|| DEFAULT_REGISTRY.to_owned()),
         }
     }
 }
@@ -124,8 +136,6 @@ fn token_file() -> Option<PathBuf> {
 /// The repository listing with `?blobs=true`: file names with their LFS digests.
 #[derive(Debug, Deserialize)]
 struct Listing {
-    #[serde(default)]
-    sha: Option<String>,
     #[serde(default)]
     siblings: Vec<Sibling>,
 }
@@ -149,6 +159,7 @@ struct Lfs {
 pub(super) async fn pull(
     store: &Store,
     spec: &PullSpec,
+    src: &HubFile,
     hub: &HubConfig,
     mut on: impl FnMut(PullEvent) + Send,
 ) -> Result<StoredModel, PullError> {
@@ -172,44 +183,42 @@ pub(super) async fn pull(
     let cache_dir = store.partial_path("probe")?.with_file_name(HF_CACHE);
     let api = build_api(hub, cache_dir.clone())?;
     let repo = Repo::with_revision(
-        spec.repo().to_owned(),
+        src.repo.clone(),
         RepoType::Model,
-        spec.revision_or_main().to_owned(),
+        src.revision_or_main().to_owned(),
     );
-    let listing = list(&api.repo(repo.clone()), spec, hub).await?;
+    let listing = list(&api.repo(repo.clone()), src, hub).await?;
     let names: Vec<String> = listing
         .siblings
         .iter()
         .map(|s| s.rfilename.clone())
         .collect();
-    let file = select::choose(spec.repo(), &names, spec.file(), spec.quant())?;
+    let file = select::choose(&src.repo, &names, src.file.as_deref(), src.quant.as_deref())?;
     let entry = listing.siblings.iter().find(|s| s.rfilename == file);
     let listed = entry
         .and_then(|e| e.lfs.as_ref())
         .and_then(|l| Digest::parse(&l.sha256).ok());
-    if let (Some(pin), Some(listed)) = (spec.sha256(), &listed) {
-        if pin != listed {
-            // The hub says the file has other bytes than pinned: no point downloading it.
-            return Err(PullError::Sha256Mismatch {
-                file,
-                expected: pin.clone(),
-                actual: listed.clone(),
-            });
-        }
-    }
-    let known = spec.sha256().cloned().or_else(|| listed.clone());
-    if let Some(d) = known.as_ref().filter(|d| store.has_blob(d)) {
+    // Every digest anyone promised must match: the pin, the listing's LFS digest, and the
+    // download's `x-linked-etag`. When they already disagree (a pin that is not what the hub
+    // has), nothing is downloaded.
+    let mut claims: Vec<Digest> = spec.sha256().into_iter().cloned().collect();
+    claims.extend(listed);
+    agree(&claims, &file)?;
+    if let Some(d) = claims.first().filter(|d| store.has_blob(d)) {
         report_present(store, d, &mut on);
         return finish(store, spec.name(), d, false, &mut on).await;
     }
-    let mut files = HfFiles::new(&cache_dir, &repo, listing.sha.as_deref(), &file);
+    let repo_api = api.repo(repo.clone());
+    let probe = probe(&api, &repo_api, src, hub, &file).await?;
+    claims.extend(probe.sha256);
+    agree(&claims, &file)?;
+    let mut files = HfFiles::new(&cache_dir, &repo, &probe.commit, &file);
     files.remove_stale_pointer();
     let size = entry.and_then(|e| e.lfs.as_ref().map(|l| l.size).or(e.size));
-    let label = known
-        .as_ref()
+    let label = claims
+        .first()
         .map_or_else(|| "sha256:pending".to_owned(), Digest::to_string);
-    let repo_api = api.repo(repo);
-    let downloaded = download(&repo_api, spec, hub, &file, &label, size, &mut on).await;
+    let downloaded = download(&repo_api, src, hub, &file, &label, size, &mut on).await;
     let blob = match downloaded {
         Ok(pointer) => {
             let blob = files.blob_of(&pointer).await;
@@ -231,10 +240,8 @@ pub(super) async fn pull(
         }
     };
     on(PullEvent::Status("verifying sha256 digest".into()));
-    // Every digest anyone promised must match: the pin, the listing's LFS digest, and the
-    // download's own `x-linked-etag` (hf-hub names the file after it).
-    let mut claims: Vec<Digest> = spec.sha256().into_iter().cloned().collect();
-    claims.extend(listed);
+    // hf-hub names the file after the etag it saw, which may differ from the probe's if the
+    // hub changed in between: that claim counts too.
     claims.extend(
         blob.file_name()
             .and_then(|n| n.to_str())
@@ -256,6 +263,18 @@ pub(super) async fn pull(
     finish(store, spec.name(), &digest, true, &mut on).await
 }
 
+/// Refuses claims that disagree with each other: at least one of them is wrong.
+fn agree(claims: &[Digest], file: &str) -> Result<(), PullError> {
+    match claims.iter().find(|c| **c != claims[0]) {
+        Some(other) => Err(PullError::Sha256Mismatch {
+            file: file.to_owned(),
+            expected: claims[0].clone(),
+            actual: other.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
 fn build_api(hub: &HubConfig, cache_dir: PathBuf) -> Result<Api, PullError> {
     ApiBuilder::from_cache(Cache::new(cache_dir))
         .with_endpoint(hub.endpoint.clone())
@@ -274,7 +293,7 @@ fn build_api(hub: &HubConfig, cache_dir: PathBuf) -> Result<Api, PullError> {
 }
 
 /// Asks for the repository's file list, with LFS digests.
-async fn list(repo: &ApiRepo, spec: &PullSpec, hub: &HubConfig) -> Result<Listing, PullError> {
+async fn list(repo: &ApiRepo, src: &HubFile, hub: &HubConfig) -> Result<Listing, PullError> {
     let network = |message: String| PullError::Network {
         endpoint: hub.endpoint.clone(),
         message,
@@ -289,14 +308,14 @@ async fn list(repo: &ApiRepo, spec: &PullSpec, hub: &HubConfig) -> Result<Listin
         200..=299 => {}
         401 | 404 => {
             return Err(PullError::RepoNotFound {
-                repo: spec.repo().to_owned(),
-                revision: spec.revision_or_main().to_owned(),
+                repo: src.repo.clone(),
+                revision: src.revision_or_main().to_owned(),
                 endpoint: hub.endpoint.clone(),
             })
         }
         403 => {
             return Err(PullError::Forbidden {
-                repo: spec.repo().to_owned(),
+                repo: src.repo.clone(),
                 status,
             })
         }
@@ -318,7 +337,7 @@ async fn list(repo: &ApiRepo, spec: &PullSpec, hub: &HubConfig) -> Result<Listin
 /// without a byte. Returns hf-hub's pointer to the finished file.
 async fn download(
     repo: &ApiRepo,
-    spec: &PullSpec,
+    src: &HubFile,
     hub: &HubConfig,
     file: &str,
     label: &str,
@@ -333,7 +352,7 @@ async fn download(
     let mut throttle = Throttle::default();
     let mut last_bytes = (Instant::now(), 0);
     let interrupted = |message: String| PullError::Interrupted {
-        repo: spec.repo().to_owned(),
+        repo: src.repo.clone(),
         file: file.to_owned(),
         message,
     };
@@ -371,32 +390,85 @@ async fn download(
             });
             Ok(pointer)
         }
-        Err(ApiError::LockAcquisition(_)) => Err(PullError::Busy {
+        Err(e) => Err(api_error(e, src, hub, file, counter.started())),
+    }
+}
+
+/// What the hub says about the file before hf-hub downloads it.
+struct Probe {
+    /// The commit the revision resolves to (`x-repo-commit`).
+    commit: String,
+    /// The sha256 the hub claims (`x-linked-etag`), for files stored with LFS.
+    sha256: Option<Digest>,
+}
+
+/// Asks for the file's metadata as hf-hub will, and refuses an etag or commit that is not
+/// plain hex: hf-hub uses both as file names in its cache, so a hostile mirror could
+/// otherwise make it write outside the store.
+async fn probe(
+    api: &Api,
+    repo: &ApiRepo,
+    src: &HubFile,
+    hub: &HubConfig,
+    file: &str,
+) -> Result<Probe, PullError> {
+    let url = repo.url(file);
+    let meta = tokio::time::timeout(STALL, api.metadata(&url))
+        .await
+        .map_err(|_| PullError::Network {
+            endpoint: hub.endpoint.clone(),
+            message: format!("no answer within {} s", STALL.as_secs()),
+        })?
+        .map_err(|e| api_error(e, src, hub, file, false))?;
+    let hex = |t: &str| !t.is_empty() && t.len() <= 128 && t.chars().all(|c| c.is_ascii_hexdigit());
+    if !hex(meta.etag()) || !hex(meta.commit_hash()) {
+        return Err(PullError::Network {
+            endpoint: hub.endpoint.clone(),
+            message: format!(
+                "the hub sent an etag `{}` or commit `{}` that is not a hash",
+                meta.etag().escape_default(),
+                meta.commit_hash().escape_default()
+            ),
+        });
+    }
+    Ok(Probe {
+        commit: meta.commit_hash().to_owned(),
+        sha256: (meta.etag().len() == 64)
+            .then(|| Digest::parse(meta.etag()).ok())
+            .flatten(),
+    })
+}
+
+/// Turns an hf-hub error into ours; `started` says whether the partial file already existed.
+fn api_error(e: ApiError, src: &HubFile, hub: &HubConfig, file: &str, started: bool) -> PullError {
+    if let ApiError::LockAcquisition(_) = e {
+        return PullError::Busy {
             file: file.to_owned(),
-        }),
-        Err(e) => {
-            let status = http_status(&e);
-            Err(match status {
-                Some(s @ (401 | 403)) => PullError::Forbidden {
-                    repo: spec.repo().to_owned(),
-                    status: s,
-                },
-                _ if counter.started() => interrupted(chain(&e)),
-                Some(404) => PullError::Network {
-                    endpoint: hub.endpoint.clone(),
-                    message: format!("{file} is listed but its download answered HTTP 404"),
-                },
-                _ => PullError::Network {
-                    endpoint: hub.endpoint.clone(),
-                    message: match e {
-                        ApiError::MissingHeader(h) => format!(
-                            "the hub's answer lacks the `{h}` header; is HF_ENDPOINT a Hugging Face hub?"
-                        ),
-                        other => chain(&other),
-                    },
-                },
-            })
-        }
+        };
+    }
+    match http_status(&e) {
+        Some(status @ (401 | 403)) => PullError::Forbidden {
+            repo: src.repo.clone(),
+            status,
+        },
+        _ if started => PullError::Interrupted {
+            repo: src.repo.clone(),
+            file: file.to_owned(),
+            message: chain(&e),
+        },
+        Some(404) => PullError::Network {
+            endpoint: hub.endpoint.clone(),
+            message: format!("{file} is listed but its download answered HTTP 404"),
+        },
+        _ => PullError::Network {
+            endpoint: hub.endpoint.clone(),
+            message: match e {
+                ApiError::MissingHeader(h) => format!(
+                    "the hub's answer lacks the `{h}` header; is HF_ENDPOINT a Hugging Face hub?"
+                ),
+                other => chain(&other),
+            },
+        },
     }
 }
 
@@ -407,21 +479,6 @@ fn http_status(e: &ApiError) -> Option<u16> {
         ApiError::TooManyRetries(inner) => http_status(inner),
         _ => None,
     }
-}
-
-/// An error with its causes, `a: b: c`.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// Hashes the finished download off the runtime and checks it against every claim and as a
@@ -502,16 +559,16 @@ struct HfFiles {
     repo_dir: PathBuf,
     /// `refs/<revision>`: the commit the revision pointed at.
     refs: PathBuf,
-    /// `snapshots/<commit>/<file>`, when the commit is known from the listing.
+    /// `snapshots/<commit>/<file>`: hf-hub's symlink to the downloaded file.
     pointer: Option<PathBuf>,
 }
 
 impl HfFiles {
-    fn new(cache_dir: &Path, repo: &Repo, commit: Option<&str>, file: &str) -> HfFiles {
+    fn new(cache_dir: &Path, repo: &Repo, commit: &str, file: &str) -> HfFiles {
         let repo_dir = cache_dir.join(repo.folder_name());
         HfFiles {
             refs: repo_dir.join("refs").join(repo.revision()),
-            pointer: commit.map(|c| repo_dir.join("snapshots").join(c).join(file)),
+            pointer: Some(repo_dir.join("snapshots").join(commit).join(file)),
             repo_dir,
         }
     }
@@ -591,14 +648,6 @@ fn remove_empty_dirs(dir: &Path) {
     let _still_in_use = std::fs::remove_dir(dir);
 }
 
-fn remove_quietly(path: &Path) {
-    if let Err(e) = std::fs::remove_file(path) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(path = %path.display(), error = %e, "could not remove a download leftover");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -618,6 +667,11 @@ mod tests {
         assert_eq!(h.endpoint, "https://huggingface.co");
         assert_eq!(h.token, None);
         assert!(!h.offline);
+        assert_eq!(h.registry, "https://registry.ollama.ai");
+        assert_eq!(
+            vars(&[("OLLAMA_REGISTRY", "http://127.0.0.1:5000/")]).registry,
+            "http://127.0.0.1:5000"
+        );
         let h = vars(&[
             ("HF_ENDPOINT", "http://mirror.local:8080/"),
             ("HUGGING_FACE_HUB_TOKEN", "old"),

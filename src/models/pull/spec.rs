@@ -18,24 +18,42 @@ const MAX_REPO_PART: usize = 96;
 /// Longest file path or revision accepted.
 const MAX_PATH: usize = 512;
 
-/// A validated request to pull one GGUF file from a Hugging Face repository into the store.
-/// Built only through [`PullSpec::from_model`] or [`PullSpec::from_file`], so every spec that
-/// reaches [`super::pull`] has already been checked.
+/// A validated request to pull a model into the store: one GGUF file from a Hugging Face
+/// repository, or a model from an Ollama registry. Built only through
+/// [`PullSpec::from_model`] or [`PullSpec::from_file`], so every spec that reaches
+/// [`super::pull`] has already been checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PullSpec {
-    repo: String,
-    file: Option<String>,
-    quant: Option<String>,
-    revision: Option<String>,
+    source: Source,
     sha256: Option<Digest>,
     name: ModelName,
 }
 
+/// Where the model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// A file in a Hugging Face repository.
+    Hub(HubFile),
+    /// An Ollama registry: the manifest of `name`, pulled as it is.
+    Registry,
+}
+
+/// Which file of which repository, at which revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HubFile {
+    pub(crate) repo: String,
+    pub(crate) file: Option<String>,
+    pub(crate) quant: Option<String>,
+    pub(crate) revision: Option<String>,
+}
+
 impl PullSpec {
-    /// Parses an Ollama-style hub reference: `hf.co/OWNER/REPO:QUANT`, `hf.co/OWNER/REPO`
-    /// (then the quantization defaults to Q4_K_M, as in Ollama) or the same with
-    /// `huggingface.co` and an optional `https://`. The store name is the reference itself,
-    /// so `run hf.co/OWNER/REPO` finds what `pull hf.co/OWNER/REPO` fetched.
+    /// Parses a model reference as `ollama pull` takes it. `hf.co/OWNER/REPO:QUANT`,
+    /// `hf.co/OWNER/REPO` (the quantization then defaults to Q4_K_M, as in Ollama) or the same
+    /// with `huggingface.co` and an optional `https://` come from Hugging Face; any other
+    /// model name (`llama3.2`, `llama3.2:1b`, `team/model:tag`, `host/team/model:tag`) from
+    /// that name's Ollama registry. The store name is the reference itself, so
+    /// `run hf.co/OWNER/REPO` finds what `pull hf.co/OWNER/REPO` fetched.
     pub fn from_model(model: &str) -> Result<PullSpec, PullError> {
         let invalid = |reason: &str| PullError::InvalidSpec {
             input: model.to_owned(),
@@ -46,15 +64,18 @@ impl PullSpec {
             .strip_prefix("https://")
             .or_else(|| text.strip_prefix("http://"))
             .unwrap_or(text);
-        let (host, rest) = text.split_once('/').ok_or_else(|| {
-            invalid("expected hf.co/OWNER/REPO[:QUANT] (a Hugging Face repository)")
-        })?;
+        let hub = text
+            .split_once('/')
+            .filter(|(host, _)| HUB_HOSTS.contains(&host.to_ascii_lowercase().as_str()));
+        let Some((host, rest)) = hub else {
+            let name = ModelName::parse(text).map_err(|e| invalid(e.reason))?;
+            return Ok(PullSpec {
+                source: Source::Registry,
+                sha256: None,
+                name,
+            });
+        };
         let host = host.to_ascii_lowercase();
-        if !HUB_HOSTS.contains(&host.as_str()) {
-            return Err(invalid(
-                "expected hf.co/OWNER/REPO[:QUANT] (a Hugging Face repository)",
-            ));
-        }
         let (repo, tag) = match rest.rsplit_once(':') {
             Some((repo, tag)) => (repo, Some(tag)),
             None => (rest, None),
@@ -78,10 +99,12 @@ impl PullSpec {
         let name = ModelName::parse(&format!("{host}/{repo}:{}", tag.unwrap_or("latest")))
             .map_err(|e| invalid(e.reason))?;
         Ok(PullSpec {
-            repo: repo.to_owned(),
-            file: None,
-            quant,
-            revision: None,
+            source: Source::Hub(HubFile {
+                repo: repo.to_owned(),
+                file: None,
+                quant,
+                revision: None,
+            }),
             sha256: None,
             name,
         })
@@ -116,10 +139,12 @@ impl PullSpec {
         let name = ModelName::for_hub_file(repo, file)
             .map_err(|e| invalid(&format!("{repo}/{file}"), e.reason.to_owned()))?;
         Ok(PullSpec {
-            repo: repo.to_owned(),
-            file: Some(file.to_owned()),
-            quant: None,
-            revision: revision.map(str::to_owned),
+            source: Source::Hub(HubFile {
+                repo: repo.to_owned(),
+                file: Some(file.to_owned()),
+                quant: None,
+                revision: revision.map(str::to_owned),
+            }),
             sha256,
             name,
         })
@@ -131,24 +156,24 @@ impl PullSpec {
         self
     }
 
-    /// `OWNER/REPO`.
-    pub fn repo(&self) -> &str {
-        &self.repo
+    /// `OWNER/REPO` for a Hugging Face pull; `None` for a registry pull.
+    pub fn repo(&self) -> Option<&str> {
+        self.hub().map(|h| h.repo.as_str())
     }
 
     /// The exact file asked for, if one was.
     pub fn file(&self) -> Option<&str> {
-        self.file.as_deref()
+        self.hub().and_then(|h| h.file.as_deref())
     }
 
     /// The quantization asked for; `None` means the default (Q4_K_M) unless a file is named.
     pub fn quant(&self) -> Option<&str> {
-        self.quant.as_deref()
+        self.hub().and_then(|h| h.quant.as_deref())
     }
 
     /// The branch, tag or commit; `None` means `main`.
     pub fn revision(&self) -> Option<&str> {
-        self.revision.as_deref()
+        self.hub().and_then(|h| h.revision.as_deref())
     }
 
     /// The digest the file must have, when pinned.
@@ -156,14 +181,20 @@ impl PullSpec {
         self.sha256.as_ref()
     }
 
-    /// The name the model gets in the store.
+    /// The name the model gets in the store (for a registry pull, also what is asked for).
     pub fn name(&self) -> &ModelName {
         &self.name
     }
 
-    /// The revision to ask the hub for.
-    pub(crate) fn revision_or_main(&self) -> &str {
-        self.revision.as_deref().unwrap_or("main")
+    pub(crate) fn source(&self) -> &Source {
+        &self.source
+    }
+
+    fn hub(&self) -> Option<&HubFile> {
+        match &self.source {
+            Source::Hub(h) => Some(h),
+            Source::Registry => None,
+        }
     }
 
     /// Checks the parts again: a spec is cheap to re-check, and [`super::pull`] must never
@@ -173,14 +204,25 @@ impl PullSpec {
             input: input.to_owned(),
             reason,
         };
-        check_repo(&self.repo).map_err(|r| invalid(&self.repo, r))?;
-        if let Some(f) = &self.file {
+        let Some(h) = self.hub() else {
+            // Registry names were checked by `ModelName::parse`, which refuses traversal.
+            return Ok(());
+        };
+        check_repo(&h.repo).map_err(|r| invalid(&h.repo, r))?;
+        if let Some(f) = &h.file {
             check_file(f).map_err(|r| invalid(f, r))?;
         }
-        if let Some(r) = &self.revision {
+        if let Some(r) = &h.revision {
             check_revision(r).map_err(|e| invalid(r, e))?;
         }
         Ok(())
+    }
+}
+
+impl HubFile {
+    /// The revision to ask the hub for.
+    pub(crate) fn revision_or_main(&self) -> &str {
+        self.revision.as_deref().unwrap_or("main")
     }
 }
 
@@ -262,10 +304,10 @@ mod tests {
     #[test]
     fn a_hub_reference_with_a_quant_names_repo_quant_and_store_name() {
         let s = PullSpec::from_model("hf.co/bartowski/SmolLM2-135M-Instruct-GGUF:q4_k_m").unwrap();
-        assert_eq!(s.repo(), "bartowski/SmolLM2-135M-Instruct-GGUF");
+        assert_eq!(s.repo(), Some("bartowski/SmolLM2-135M-Instruct-GGUF"));
         assert_eq!(s.quant(), Some("q4_k_m"));
         assert_eq!(s.file(), None);
-        assert_eq!(s.revision_or_main(), "main");
+        assert_eq!(s.revision(), None);
         assert_eq!(
             s.name().to_string(),
             "hf.co/bartowski/SmolLM2-135M-Instruct-GGUF:q4_k_m"
@@ -290,10 +332,22 @@ mod tests {
     }
 
     #[test]
-    fn references_that_are_not_hub_repositories_are_refused() {
+    fn other_names_come_from_their_ollama_registry() {
+        let s = PullSpec::from_model("llama3.2:1b").unwrap();
+        assert_eq!(s.source(), &Source::Registry);
+        assert_eq!(s.repo(), None);
+        assert_eq!(s.name().to_string(), "llama3.2:1b");
+        let s = PullSpec::from_model("example.com:5000/team/m").unwrap();
+        assert_eq!(s.source(), &Source::Registry);
+        assert_eq!(s.name().parts(), ["example.com:5000", "team", "m"]);
+    }
+
+    #[test]
+    fn malformed_references_are_refused() {
         for bad in [
-            "llama3.2",
-            "example.com/o/r",
+            "../etc/passwd",
+            "a/b/c/d",
+            "library/../x",
             "hf.co/o",
             "hf.co/o/r/extra",
             "hf.co/o/r:",
@@ -324,7 +378,7 @@ mod tests {
             Some(&format!("sha256:{hex}")),
         )
         .unwrap();
-        assert_eq!(s.repo(), "o/r");
+        assert_eq!(s.repo(), Some("o/r"));
         assert_eq!(s.file(), Some("sub/model-Q5_K_M.gguf"));
         assert_eq!(s.revision(), Some("refs/pr/1"));
         assert_eq!(s.sha256().map(Digest::hex), Some(hex.as_str()));
