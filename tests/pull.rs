@@ -17,8 +17,30 @@ fn hub(fake: &FakeHub) -> HubConfig {
     HubConfig {
         endpoint: fake.base.clone(),
         chunk_size: CHUNK,
+        registry: fake.base.clone(),
         ..HubConfig::default()
     }
+}
+
+/// The layers of a small Ollama model: weights, template, params, system prompt.
+fn ollama_layers(weights: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("application/vnd.ollama.image.model", weights.to_vec()),
+        (
+            "application/vnd.ollama.image.template",
+            b"{{ .Prompt }}".to_vec(),
+        ),
+        (
+            "application/vnd.ollama.image.params",
+            br#"{"temperature":0.2,"stop":["<end>"]}"#.to_vec(),
+        ),
+        ("application/vnd.ollama.image.system", b"Be brief.".to_vec()),
+    ]
+}
+
+fn publish(fake: &FakeHub, name: &str, tag: &str, layers: &[(&'static str, Vec<u8>)]) -> Vec<u8> {
+    let refs: Vec<(&str, &[u8])> = layers.iter().map(|(m, b)| (*m, b.as_slice())).collect();
+    fake.add_ollama_model(name, tag, &refs)
 }
 
 /// An empty store in a fresh folder, removed when dropped.
@@ -152,8 +174,8 @@ async fn pulling_a_quant_from_the_hub_puts_a_verified_model_in_the_store() {
     );
     assert_eq!(
         fake.body_bytes(),
-        size + 1,
-        "the file once, plus hf-hub's 1-byte probe"
+        size + 2,
+        "the file once, plus two 1-byte metadata probes (ours and hf-hub's)"
     );
     // Only the weights, the config blob and the manifest: no partial files, no hf-hub cache.
     let blobs = tmp.files_under("blobs");
@@ -233,7 +255,7 @@ async fn an_interrupted_download_resumes() {
     let resent = fake.body_bytes();
     // Three whole chunks arrived before the cut; only the rest is sent again.
     assert!(
-        resent <= len - 3 * CHUNK as u64 + 1,
+        resent <= len - 3 * CHUNK as u64 + 2,
         "{resent} of {len} bytes were sent again"
     );
     let first_progress = events.iter().find_map(|e| match e {
@@ -389,8 +411,27 @@ async fn a_hub_etag_that_does_not_match_the_bytes_is_refused() {
 
     let err = result.unwrap_err();
     assert!(matches!(err, PullError::Sha256Mismatch { .. }), "{err:?}");
+    assert!(fake.body_bytes() <= 1, "refused before the download");
     assert_eq!(tmp.files_under("blobs"), Vec::<String>::new());
     assert_eq!(tmp.files_under("manifests"), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_hub_etag_that_is_a_path_is_refused_before_anything_is_written() {
+    let fake = FakeHub::start().await;
+    fake.add("o/r", "m-Q8_0.gguf", tiny_gguf(40_000));
+    fake.etag_text("../../../../escaped");
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("hf.co/o/r:Q8_0").unwrap();
+
+    let (result, _) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+
+    let err = result.unwrap_err();
+    assert!(matches!(err, PullError::Network { .. }), "{err:?}");
+    assert!(err.to_string().contains("not a hash"), "{err}");
+    assert_eq!(fake.body_bytes(), 1, "only the metadata probe");
+    assert_eq!(tmp.files_under(""), Vec::<String>::new());
+    assert!(!tmp.root().parent().unwrap().join("escaped").exists());
 }
 
 #[tokio::test]
@@ -529,4 +570,165 @@ async fn path_traversal_in_repo_or_file_is_refused() {
     }
     assert_eq!(fake.requests(), 0);
     assert_eq!(tmp.files_under(""), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn pulling_an_ollama_model_stores_its_manifest_and_every_layer_as_received() {
+    let fake = FakeHub::start().await;
+    let layers = ollama_layers(&tiny_gguf(200_000));
+    let manifest = publish(&fake, "library/smol", "1b", &layers);
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("smol:1b").unwrap();
+
+    let (result, events) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+
+    let model = result.unwrap();
+    assert_eq!(model.name.to_string(), "smol:1b");
+    assert_eq!(model.system.as_deref(), Some("Be brief."));
+    assert_eq!(model.template.as_deref(), Some("{{ .Prompt }}"));
+    assert_eq!(model.params.temperature, Some(0.2));
+    assert_eq!(model.model_digest, Digest::of(&layers[0].1));
+    let stored = std::fs::read(
+        tmp.root()
+            .join("manifests/registry.ollama.ai/library/smol/1b"),
+    )
+    .unwrap();
+    assert_eq!(stored, manifest, "the manifest is kept byte for byte");
+    assert_eq!(model.digest, Digest::of(&manifest));
+    for (_, bytes) in &layers {
+        assert!(tmp.store.has_blob(&Digest::of(bytes)));
+    }
+    assert_eq!(
+        tmp.files_under("blobs").len(),
+        layers.len() + 1,
+        "the layers and the config, no partial files: {:?}",
+        tmp.files_under("blobs")
+    );
+    assert_eq!(
+        statuses(&events),
+        [
+            "pulling manifest",
+            "verifying sha256 digest",
+            "writing manifest",
+            "success"
+        ]
+    );
+    assert!(tmp
+        .store
+        .list()
+        .iter()
+        .any(|m| m.name.to_string() == "smol:1b"));
+
+    // Offline, the same name is served from the store without a request.
+    fake.reset_counters();
+    let offline = HubConfig {
+        offline: true,
+        ..hub(&fake)
+    };
+    pull_events(&tmp.store, &spec, &offline).await.0.unwrap();
+    let missing = PullSpec::from_model("other").unwrap();
+    let err = pull_events(&tmp.store, &missing, &offline)
+        .await
+        .0
+        .unwrap_err();
+    assert!(matches!(err, PullError::Offline { .. }), "{err:?}");
+    assert_eq!(fake.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_corrupted_registry_layer_is_rejected_and_leaves_nothing_behind() {
+    let fake = FakeHub::start().await;
+    publish(
+        &fake,
+        "library/smol",
+        "latest",
+        &ollama_layers(&tiny_gguf(200_000)),
+    );
+    fake.corrupt(true);
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("smol").unwrap();
+
+    let (result, _) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+
+    let err = result.unwrap_err();
+    assert!(matches!(err, PullError::Sha256Mismatch { .. }), "{err:?}");
+    assert_eq!(tmp.files_under("blobs"), Vec::<String>::new());
+    assert_eq!(tmp.files_under("manifests"), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn an_interrupted_registry_pull_resumes() {
+    let fake = FakeHub::start().await;
+    let layers = ollama_layers(&tiny_gguf(400_000));
+    let total: u64 = layers.iter().map(|(_, b)| b.len() as u64).sum();
+    publish(&fake, "library/smol", "latest", &layers);
+    fake.drop_after(150_000);
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("smol").unwrap();
+
+    let err = pull_events(&tmp.store, &spec, &hub(&fake))
+        .await
+        .0
+        .unwrap_err();
+
+    assert!(matches!(err, PullError::Interrupted { .. }), "{err:?}");
+    let partial = tmp.files_under("blobs");
+    assert!(
+        partial.iter().all(|f| f.ends_with("-partial")),
+        "only partial files: {partial:?}"
+    );
+    assert_eq!(tmp.files_under("manifests"), Vec::<String>::new());
+    fake.wait_quiet().await;
+    fake.heal();
+    fake.reset_counters();
+
+    let model = pull_events(&tmp.store, &spec, &hub(&fake)).await.0.unwrap();
+
+    assert_eq!(model.model_digest, Digest::of(&layers[0].1));
+    let resent = fake.body_bytes();
+    assert!(
+        resent + 150_000 <= total + 1000,
+        "{resent} bytes sent again of {total}"
+    );
+    assert!(
+        !tmp.files_under("blobs")
+            .iter()
+            .any(|f| f.ends_with("-partial")),
+        "{:?}",
+        tmp.files_under("blobs")
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_registry_model_is_reported_as_not_found() {
+    let fake = FakeHub::start().await;
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("nosuchmodel:7b").unwrap();
+
+    let err = pull_events(&tmp.store, &spec, &hub(&fake))
+        .await
+        .0
+        .unwrap_err();
+
+    assert!(matches!(err, PullError::ModelNotFound { .. }), "{err:?}");
+    assert!(err.to_string().contains("nosuchmodel:7b"), "{err}");
+}
+
+#[tokio::test]
+async fn a_registry_model_without_gguf_weights_is_refused_and_removed() {
+    let fake = FakeHub::start().await;
+    let mut layers = ollama_layers(b"not a gguf at all");
+    layers.truncate(2);
+    publish(&fake, "library/bad", "latest", &layers);
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("bad").unwrap();
+
+    let err = pull_events(&tmp.store, &spec, &hub(&fake))
+        .await
+        .0
+        .unwrap_err();
+
+    assert!(matches!(err, PullError::NotGguf { .. }), "{err:?}");
+    assert_eq!(tmp.files_under("blobs"), Vec::<String>::new());
+    assert_eq!(tmp.files_under("manifests"), Vec::<String>::new());
 }

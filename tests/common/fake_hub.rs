@@ -10,6 +10,10 @@
 //! * `GET /cdn/{sha256}`: the bytes, honouring `Range: bytes=a-b` with `206` and
 //!   `Content-Range: bytes a-b/len`.
 //!
+//! It is also a fake Ollama registry (`GET /v2/{ns}/{model}/manifests/{tag}` with
+//! `Docker-Content-Digest`, `GET /v2/{ns}/{model}/blobs/{digest}` redirecting with a 307 to the
+//! same CDN), for names without a hub host.
+//!
 //! A test can make it corrupt what it serves, cut connections after N bytes, answer every
 //! request with one status, or claim a wrong `x-linked-etag`; it counts requests and body
 //! bytes so tests can prove what was (not) downloaded.
@@ -60,6 +64,8 @@ struct Faults {
     drop_after: Option<u64>,
     answer: Option<StatusCode>,
     wrong_etag: bool,
+    /// Sent as `x-linked-etag` instead of the digest, verbatim.
+    etag_text: Option<String>,
 }
 
 struct Hub {
@@ -71,6 +77,8 @@ struct Hub {
     cdn: OnceLock<String>,
     authorization: Mutex<Option<String>>,
     paths: Mutex<Vec<String>>,
+    /// Registry manifests by `ns/model:tag`.
+    manifests: Mutex<Vec<(String, Bytes)>>,
 }
 
 impl Hub {
@@ -140,6 +148,7 @@ impl FakeHub {
             cdn: OnceLock::new(),
             authorization: Mutex::new(None),
             paths: Mutex::new(Vec::new()),
+            manifests: Mutex::new(Vec::new()),
         });
         let hub_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let cdn_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -150,6 +159,8 @@ impl FakeHub {
         let hub_app = Router::new()
             .route("/api/models/{owner}/{name}/revision/{rev}", get(listing))
             .route("/{owner}/{name}/resolve/{rev}/{*path}", get(resolve))
+            .route("/v2/{ns}/{model}/manifests/{tag}", get(registry_manifest))
+            .route("/v2/{ns}/{model}/blobs/{digest}", get(registry_blob))
             .layer(count.clone())
             .with_state(Arc::clone(&state));
         let cdn_app = Router::new()
@@ -189,6 +200,40 @@ impl FakeHub {
         self.add_file(repo, path, bytes.into(), false)
     }
 
+    /// Publishes an Ollama model (`library/smol`, `latest`) made of these `(media type,
+    /// bytes)` layers plus a config blob; returns the manifest bytes as served.
+    pub fn add_ollama_model(&self, name: &str, tag: &str, layers: &[(&str, &[u8])]) -> Vec<u8> {
+        let entry = |bytes: &[u8], media_type: &str| {
+            let sha = self.add_file(
+                "",
+                &format!("blob-{}", sha256_hex(bytes)),
+                Bytes::copy_from_slice(bytes),
+                true,
+            );
+            serde_json::json!({
+                "mediaType": media_type,
+                "digest": format!("sha256:{sha}"),
+                "size": bytes.len(),
+            })
+        };
+        let config = br#"{"model_format":"gguf","model_family":"llama","model_type":"1M","file_type":"Q8_0"}"#;
+        let config = entry(config, "application/vnd.docker.container.image.v1+json");
+        let layers: Vec<serde_json::Value> = layers.iter().map(|(m, b)| entry(b, m)).collect();
+        let manifest = serde_json::to_vec_pretty(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": config,
+            "layers": layers,
+        }))
+        .unwrap();
+        self.state
+            .manifests
+            .lock()
+            .unwrap()
+            .push((format!("{name}:{tag}"), Bytes::from(manifest.clone())));
+        manifest
+    }
+
     /// Flips a byte in the middle of every file served.
     pub fn corrupt(&self, on: bool) {
         self.state.faults.lock().unwrap().corrupt = on;
@@ -202,6 +247,11 @@ impl FakeHub {
     /// Claims a wrong sha256 in `x-linked-etag` (the listing stays right).
     pub fn wrong_etag(&self, on: bool) {
         self.state.faults.lock().unwrap().wrong_etag = on;
+    }
+
+    /// Sends this text as `x-linked-etag` (a hostile mirror's path, say).
+    pub fn etag_text(&self, text: &str) {
+        self.state.faults.lock().unwrap().etag_text = Some(text.to_owned());
     }
 
     /// Answers every request with this status.
@@ -373,10 +423,13 @@ async fn resolve(
         );
         return r;
     }
-    let etag = if hub.faults.lock().unwrap().wrong_etag {
-        sha256_hex(b"not the file")
-    } else {
-        file.sha256.clone()
+    let etag = {
+        let faults = hub.faults.lock().unwrap();
+        match (&faults.etag_text, faults.wrong_etag) {
+            (Some(text), _) => text.clone(),
+            (None, true) => sha256_hex(b"not the file"),
+            (None, false) => file.sha256.clone(),
+        }
     };
     let location = format!("{}/cdn/{}", hub.cdn.get().unwrap(), file.sha256);
     Response::builder()
@@ -407,6 +460,58 @@ async fn cdn_file(
         }
         None => StatusCode::NOT_FOUND.into_response(),
     }
+}
+
+async fn registry_manifest(
+    State(hub): State<Arc<Hub>>,
+    Path((ns, model, tag)): Path<(String, String, String)>,
+) -> Response {
+    let key = format!("{ns}/{model}:{tag}");
+    let found = hub
+        .manifests
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, b)| b.clone());
+    match found {
+        Some(bytes) => Response::builder()
+            .header(
+                header::CONTENT_TYPE,
+                "application/vnd.docker.distribution.manifest.v2+json",
+            )
+            .header(
+                "docker-content-digest",
+                format!("sha256:{}", sha256_hex(&bytes)),
+            )
+            .body(Body::from(bytes))
+            .unwrap(),
+        None => (
+            StatusCode::NOT_FOUND,
+            axum::Json(serde_json::json!({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]})),
+        )
+            .into_response(),
+    }
+}
+
+async fn registry_blob(
+    State(hub): State<Arc<Hub>>,
+    Path((_ns, _model, digest)): Path<(String, String, String)>,
+) -> Response {
+    let Some(sha) = digest.strip_prefix("sha256:") else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    if hub.find_sha(sha).is_none() {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    Response::builder()
+        .status(StatusCode::TEMPORARY_REDIRECT)
+        .header(
+            header::LOCATION,
+            format!("{}/cdn/{sha}", hub.cdn.get().unwrap()),
+        )
+        .body(Body::empty())
+        .unwrap()
 }
 
 /// `bytes=a-b` / `bytes=a-`, clamped to the file; `Err` when unsatisfiable.
@@ -474,6 +579,9 @@ fn serve(hub: &Arc<Hub>, file: &FakeFile, headers: &HeaderMap) -> Response {
             }
             hub.touch();
             if n == 0 {
+                // Give the server a moment to flush what it buffered, as a real connection
+                // would have delivered it, before cutting.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 let cut: Result<Bytes, std::io::Error> = Err(std::io::Error::new(
                     std::io::ErrorKind::ConnectionReset,
                     "fault injected: connection cut",
