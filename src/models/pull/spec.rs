@@ -41,9 +41,13 @@ pub(crate) enum Source {
 /// Which file of which repository, at which revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct HubFile {
+    /// `OWNER/REPO`, checked.
     pub(crate) repo: String,
+    /// The exact file, when named (`--file`); else chosen by quantization.
     pub(crate) file: Option<String>,
+    /// The quantization to choose by; `None` means Q4_K_M (or the only GGUF there is).
     pub(crate) quant: Option<String>,
+    /// Branch, tag or commit; `None` means `main`.
     pub(crate) revision: Option<String>,
 }
 
