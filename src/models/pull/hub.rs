@@ -25,10 +25,10 @@ use crate::models::name::ModelName;
 use crate::models::store::{Digest, NewModel, Store, StoreError, StoredModel};
 
 /// The public hub.
-pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+pub(crate) const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 
 /// Ollama's public registry, where plain names (`llama3.2`) come from.
-pub const DEFAULT_REGISTRY: &str = "https://registry.ollama.ai";
+pub(crate) const DEFAULT_REGISTRY: &str = "https://registry.ollama.ai";
 
 /// hf-hub's own chunk size: the granularity of resuming.
 const DEFAULT_CHUNK: usize = 10_000_000;
