@@ -4,11 +4,13 @@
 pub mod gguf;
 pub mod name;
 mod params;
+pub mod pull;
 mod registry;
 pub mod store;
 
 pub use gguf::GgufHeader;
 pub use name::{ModelName, NameError};
 pub use params::Parameters;
+pub use pull::{HubConfig, PullError, PullEvent, PullSpec};
 pub use registry::{Lease, Listed, Loaded, LookupError, ModelSpec, Models, Origin};
 pub use store::{Digest, NewModel, Store, StoreError, StoredModel};

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 
+pub mod fake_hub;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

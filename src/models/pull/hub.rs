@@ -1,0 +1,694 @@
+//! Pulling from a Hugging Face hub through the `hf-hub` crate.
+//!
+//! hf-hub downloads into its own cache, which we place inside the store's `blobs/` folder
+//! (`blobs/.hf-partial/`), so its files are on the store's file system and the final move is a
+//! rename. It downloads in chunks into `<etag>.sync.part` with the committed offset in an
+//! 8-byte trailer, and continues from that offset when the same file is downloaded again:
+//! that is our resume. Before it starts, we ask for the file's metadata ourselves: the
+//! `x-linked-etag` is the hub's sha256 claim, and hf-hub turns the etag and the commit into
+//! file names, so both must be plain hex. Once it reports the file complete we hash it (off
+//! the async runtime), compare with every digest we know, check the GGUF header, and only then
+//! rename it to `blobs/sha256-<hex>`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use hf_hub::api::tokio::{Api, ApiBuilder, ApiError, ApiRepo};
+use hf_hub::{Cache, Repo, RepoType};
+use serde::Deserialize;
+
+use super::progress::{Counter, Throttle, TICK};
+use super::spec::HubFile;
+use super::{chain, remove_quietly, select, PullError, PullEvent, PullSpec, STALL};
+use crate::models::gguf;
+use crate::models::name::ModelName;
+use crate::models::store::{Digest, NewModel, Store, StoreError, StoredModel};
+
+/// The public hub.
+pub(crate) const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
+/// Ollama's public registry, where plain names (`llama3.2`) come from.
+pub(crate) const DEFAULT_REGISTRY: &str = "https://registry.ollama.ai";
+
+/// hf-hub's own chunk size: the granularity of resuming.
+const DEFAULT_CHUNK: usize = 10_000_000;
+
+/// The folder inside `blobs/` that holds hf-hub's cache (partial downloads).
+const HF_CACHE: &str = ".hf-partial";
+
+/// Where and how to reach the hub. Read from the same variables `huggingface_hub` reads, so a
+/// machine already set up for Hugging Face works unchanged.
+#[derive(Clone)]
+pub struct HubConfig {
+    /// The hub's base URL (`HF_ENDPOINT`): a mirror, or a fake one in tests.
+    pub endpoint: String,
+    /// Bearer token for private and gated repositories (`HF_TOKEN`).
+    pub token: Option<String>,
+    /// `HF_HUB_OFFLINE=1`: never touch the network; only what the store has can be "pulled".
+    pub offline: bool,
+    /// Bytes per ranged request. Resuming restarts at the last whole chunk, so smaller chunks
+    /// lose less on a broken connection and cost more requests.
+    pub chunk_size: usize,
+    /// Base URL of the Ollama registry that names without a host come from
+    /// (`BACKSTOP_REGISTRY` or `OLLAMA_REGISTRY`): a mirror, or a fake one in tests.
+    pub registry: String,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            endpoint: DEFAULT_ENDPOINT.to_owned(),
+            token: None,
+            offline: false,
+            chunk_size: DEFAULT_CHUNK,
+            registry: DEFAULT_REGISTRY.to_owned(),
+        }
+    }
+}
+
+/// The token is a secret: never printed.
+impl std::fmt::Debug for HubConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubConfig")
+            .field("endpoint", &self.endpoint)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("offline", &self.offline)
+            .field("chunk_size", &self.chunk_size)
+            .field("registry", &self.registry)
+            .finish()
+    }
+}
+
+impl HubConfig {
+    /// From the environment: `HF_ENDPOINT`, `HF_TOKEN` (or `HUGGING_FACE_HUB_TOKEN`, or the
+    /// token file `huggingface-cli login` writes), `HF_HUB_OFFLINE` (which also keeps registry
+    /// pulls off the network), `BACKSTOP_REGISTRY` / `OLLAMA_REGISTRY`.
+    pub fn from_env() -> HubConfig {
+        let mut hub = HubConfig::from_vars(|k| std::env::var(k).ok());
+        if hub.token.is_none() {
+            hub.token = token_file()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .and_then(|t| {
+                    let t = t.trim();
+                    (!t.is_empty()).then(|| t.to_owned())
+                });
+        }
+        hub
+    }
+
+    /// From a variable lookup (the environment, or a map in tests); no files are read.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> HubConfig {
+        let set = |k: &str| {
+            var(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        HubConfig {
+            endpoint: set("HF_ENDPOINT")
+                .map(|e| e.trim_end_matches('/').to_owned())
+                .unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned()),
+            token: set("HF_TOKEN").or_else(|| set("HUGGING_FACE_HUB_TOKEN")),
+            offline: set("HF_HUB_OFFLINE").is_some_and(|v| {
+                ["1", "true", "yes", "on"]
+                    .iter()
+                    .any(|t| v.eq_ignore_ascii_case(t))
+            }),
+            chunk_size: DEFAULT_CHUNK,
+            registry: set("BACKSTOP_REGISTRY")
+                .or_else(|| set("OLLAMA_REGISTRY"))
+                .map(|e| e.trim_end_matches('/').to_owned())
+                .unwrap_or_else(|| DEFAULT_REGISTRY.to_owned()),
+        }
+    }
+}
+
+/// `HF_TOKEN_PATH`, else `$HF_HOME/token`, else `~/.cache/huggingface/token`.
+fn token_file() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HF_TOKEN_PATH") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(home) = std::env::var_os("HF_HOME") {
+        return Some(PathBuf::from(home).join("token"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/token"))
+}
+
+/// The repository listing with `?blobs=true`: file names with their LFS digests.
+#[derive(Debug, Deserialize)]
+struct Listing {
+    #[serde(default)]
+    siblings: Vec<Sibling>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Sibling {
+    rfilename: String,
+    #[serde(default)]
+    size: Option<u64>,
+    #[serde(default)]
+    lfs: Option<Lfs>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Lfs {
+    sha256: String,
+    size: u64,
+}
+
+/// Pulls a hub file into the store (see the module docs).
+pub(super) async fn pull(
+    store: &Store,
+    spec: &PullSpec,
+    src: &HubFile,
+    hub: &HubConfig,
+    mut on: impl FnMut(PullEvent) + Send,
+) -> Result<StoredModel, PullError> {
+    on(PullEvent::Status("pulling manifest".into()));
+    // A pinned blob already in the store needs no network at all.
+    if let Some(pin) = spec.sha256().filter(|d| store.has_blob(d)) {
+        report_present(store, pin, &mut on);
+        return finish(store, spec.name(), pin, false, &mut on).await;
+    }
+    if hub.offline {
+        return match store.get(spec.name())? {
+            Some(m) if spec.sha256().is_none_or(|d| *d == m.model_digest) => {
+                on(PullEvent::Status("success".into()));
+                Ok(m)
+            }
+            _ => Err(PullError::Offline {
+                name: spec.name().to_string(),
+            }),
+        };
+    }
+    let cache_dir = store.partial_path("probe")?.with_file_name(HF_CACHE);
+    let api = build_api(hub, cache_dir.clone())?;
+    let repo = Repo::with_revision(
+        src.repo.clone(),
+        RepoType::Model,
+        src.revision_or_main().to_owned(),
+    );
+    let listing = list(&api.repo(repo.clone()), src, hub).await?;
+    let names: Vec<String> = listing
+        .siblings
+        .iter()
+        .map(|s| s.rfilename.clone())
+        .collect();
+    let file = select::choose(&src.repo, &names, src.file.as_deref(), src.quant.as_deref())?;
+    let entry = listing.siblings.iter().find(|s| s.rfilename == file);
+    let listed = entry
+        .and_then(|e| e.lfs.as_ref())
+        .and_then(|l| Digest::parse(&l.sha256).ok());
+    // Every digest anyone promised must match: the pin, the listing's LFS digest, and the
+    // download's `x-linked-etag`. When they already disagree (a pin that is not what the hub
+    // has), nothing is downloaded.
+    let mut claims: Vec<Digest> = spec.sha256().into_iter().cloned().collect();
+    claims.extend(listed);
+    agree(&claims, &file)?;
+    if let Some(d) = claims.first().filter(|d| store.has_blob(d)) {
+        report_present(store, d, &mut on);
+        return finish(store, spec.name(), d, false, &mut on).await;
+    }
+    let repo_api = api.repo(repo.clone());
+    let probe = probe(&api, &repo_api, src, hub, &file).await?;
+    claims.extend(probe.sha256);
+    agree(&claims, &file)?;
+    let mut files = HfFiles::new(&cache_dir, &repo, &probe.commit, &file);
+    files.remove_stale_pointer();
+    let size = entry.and_then(|e| e.lfs.as_ref().map(|l| l.size).or(e.size));
+    let label = claims
+        .first()
+        .map_or_else(|| "sha256:pending".to_owned(), Digest::to_string);
+    let downloaded = download(&repo_api, src, hub, &file, &label, size, &mut on).await;
+    let blob = match downloaded {
+        Ok(pointer) => {
+            let blob = files.blob_of(&pointer).await;
+            files.pointer = Some(pointer);
+            blob
+        }
+        Err(e) => {
+            if !matches!(e, PullError::Interrupted { .. } | PullError::Busy { .. }) {
+                files.prune_dirs();
+            }
+            return Err(e);
+        }
+    };
+    let blob = match blob {
+        Ok(b) => b,
+        Err(e) => {
+            files.remove_all(None);
+            return Err(e);
+        }
+    };
+    on(PullEvent::Status("verifying sha256 digest".into()));
+    // hf-hub names the file after the etag it saw, which may differ from the probe's if the
+    // hub changed in between: that claim counts too.
+    claims.extend(
+        blob.file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| n.len() == 64)
+            .and_then(|n| Digest::parse(n).ok()),
+    );
+    let digest = match verify(&blob, &file, claims).await {
+        Ok(d) => d,
+        Err(e) => {
+            files.remove_all(Some(&blob));
+            return Err(e);
+        }
+    };
+    if let Err(e) = store.adopt_blob(&blob, &digest) {
+        files.remove_all(Some(&blob));
+        return Err(e.into());
+    }
+    files.remove_all(None);
+    finish(store, spec.name(), &digest, true, &mut on).await
+}
+
+/// Refuses claims that disagree with each other: at least one of them is wrong.
+fn agree(claims: &[Digest], file: &str) -> Result<(), PullError> {
+    match claims.iter().find(|c| **c != claims[0]) {
+        Some(other) => Err(PullError::Sha256Mismatch {
+            file: file.to_owned(),
+            expected: claims[0].clone(),
+            actual: other.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn build_api(hub: &HubConfig, cache_dir: PathBuf) -> Result<Api, PullError> {
+    ApiBuilder::from_cache(Cache::new(cache_dir))
+        .with_endpoint(hub.endpoint.clone())
+        .with_token(hub.token.clone())
+        .with_progress(false)
+        .with_chunk_size(Some(hub.chunk_size.max(1)))
+        .with_user_agent("backstop", env!("CARGO_PKG_VERSION"))
+        .build()
+        .map_err(|e| PullError::Network {
+            endpoint: hub.endpoint.clone(),
+            message: match e {
+                ApiError::InvalidHeaderValue(_) => "HF_TOKEN is not a valid header value".into(),
+                other => chain(&other),
+            },
+        })
+}
+
+/// Asks for the repository's file list, with LFS digests.
+async fn list(repo: &ApiRepo, src: &HubFile, hub: &HubConfig) -> Result<Listing, PullError> {
+    let network = |message: String| PullError::Network {
+        endpoint: hub.endpoint.clone(),
+        message,
+    };
+    let request = repo.info_request().query(&[("blobs", "true")]).send();
+    let response = tokio::time::timeout(STALL, request)
+        .await
+        .map_err(|_| network(format!("no answer within {} s", STALL.as_secs())))?
+        .map_err(|e| network(chain(&e)))?;
+    let status = response.status().as_u16();
+    match status {
+        200..=299 => {}
+        401 | 404 => {
+            return Err(PullError::RepoNotFound {
+                repo: src.repo.clone(),
+                revision: src.revision_or_main().to_owned(),
+                endpoint: hub.endpoint.clone(),
+            })
+        }
+        403 => {
+            return Err(PullError::Forbidden {
+                repo: src.repo.clone(),
+                status,
+            })
+        }
+        _ => {
+            return Err(network(format!(
+                "the repository listing answered HTTP {status}"
+            )))
+        }
+    }
+    response.json::<Listing>().await.map_err(|e| {
+        network(format!(
+            "the repository listing is not what a hub sends: {}",
+            chain(&e)
+        ))
+    })
+}
+
+/// Runs hf-hub's download, reporting progress every [`TICK`] and giving up after [`STALL`]
+/// without a byte. Returns hf-hub's pointer to the finished file.
+async fn download(
+    repo: &ApiRepo,
+    src: &HubFile,
+    hub: &HubConfig,
+    file: &str,
+    label: &str,
+    size: Option<u64>,
+    on: &mut (impl FnMut(PullEvent) + Send),
+) -> Result<PathBuf, PullError> {
+    let counter = Counter::default();
+    let transfer = repo.download_with_progress(file, counter.clone());
+    tokio::pin!(transfer);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut throttle = Throttle::default();
+    let mut last_bytes = (Instant::now(), 0);
+    let interrupted = |message: String| PullError::Interrupted {
+        repo: src.repo.clone(),
+        file: file.to_owned(),
+        message,
+    };
+    let outcome = loop {
+        tokio::select! {
+            done = &mut transfer => break done,
+            _ = tick.tick() => {
+                let (total, completed) = counter.get();
+                if counter.started() {
+                    if let Some((total, completed)) = throttle.next((total, completed)) {
+                        on(PullEvent::Progress { digest: label.to_owned(), total, completed });
+                    }
+                }
+                if completed != last_bytes.1 {
+                    last_bytes = (Instant::now(), completed);
+                } else if last_bytes.0.elapsed() > STALL {
+                    let message = format!("no data for {} s", STALL.as_secs());
+                    return Err(if counter.started() {
+                        interrupted(message)
+                    } else {
+                        PullError::Network { endpoint: hub.endpoint.clone(), message }
+                    });
+                }
+            }
+        }
+    };
+    match outcome {
+        Ok(pointer) => {
+            let total = counter.get().0;
+            let total = if total == 0 { size.unwrap_or(0) } else { total };
+            on(PullEvent::Progress {
+                digest: label.to_owned(),
+                total,
+                completed: total,
+            });
+            Ok(pointer)
+        }
+        Err(e) => Err(api_error(e, src, hub, file, counter.started())),
+    }
+}
+
+/// What the hub says about the file before hf-hub downloads it.
+struct Probe {
+    /// The commit the revision resolves to (`x-repo-commit`).
+    commit: String,
+    /// The sha256 the hub claims (`x-linked-etag`), for files stored with LFS.
+    sha256: Option<Digest>,
+}
+
+/// Asks for the file's metadata as hf-hub will, and refuses an etag or commit that is not
+/// plain hex: hf-hub uses both as file names in its cache, so a hostile mirror could
+/// otherwise make it write outside the store.
+async fn probe(
+    api: &Api,
+    repo: &ApiRepo,
+    src: &HubFile,
+    hub: &HubConfig,
+    file: &str,
+) -> Result<Probe, PullError> {
+    let url = repo.url(file);
+    let meta = tokio::time::timeout(STALL, api.metadata(&url))
+        .await
+        .map_err(|_| PullError::Network {
+            endpoint: hub.endpoint.clone(),
+            message: format!("no answer within {} s", STALL.as_secs()),
+        })?
+        .map_err(|e| api_error(e, src, hub, file, false))?;
+    let hex = |t: &str| !t.is_empty() && t.len() <= 128 && t.chars().all(|c| c.is_ascii_hexdigit());
+    if !hex(meta.etag()) || !hex(meta.commit_hash()) {
+        return Err(PullError::Network {
+            endpoint: hub.endpoint.clone(),
+            message: format!(
+                "the hub sent an etag `{}` or commit `{}` that is not a hash",
+                meta.etag().escape_default(),
+                meta.commit_hash().escape_default()
+            ),
+        });
+    }
+    Ok(Probe {
+        commit: meta.commit_hash().to_owned(),
+        sha256: (meta.etag().len() == 64)
+            .then(|| Digest::parse(meta.etag()).ok())
+            .flatten(),
+    })
+}
+
+/// Turns an hf-hub error into ours; `started` says whether the partial file already existed.
+fn api_error(e: ApiError, src: &HubFile, hub: &HubConfig, file: &str, started: bool) -> PullError {
+    if let ApiError::LockAcquisition(_) = e {
+        return PullError::Busy {
+            file: file.to_owned(),
+        };
+    }
+    match http_status(&e) {
+        Some(status @ (401 | 403)) => PullError::Forbidden {
+            repo: src.repo.clone(),
+            status,
+        },
+        _ if started => PullError::Interrupted {
+            repo: src.repo.clone(),
+            file: file.to_owned(),
+            message: chain(&e),
+        },
+        Some(404) => PullError::Network {
+            endpoint: hub.endpoint.clone(),
+            message: format!("{file} is listed but its download answered HTTP 404"),
+        },
+        _ => PullError::Network {
+            endpoint: hub.endpoint.clone(),
+            message: match e {
+                ApiError::MissingHeader(h) => format!(
+                    "the hub's answer lacks the `{h}` header; is HF_ENDPOINT a Hugging Face hub?"
+                ),
+                other => chain(&other),
+            },
+        },
+    }
+}
+
+/// The HTTP status behind an hf-hub error, if it was one.
+fn http_status(e: &ApiError) -> Option<u16> {
+    match e {
+        ApiError::RequestError(r) => r.status().map(|s| s.as_u16()),
+        ApiError::TooManyRetries(inner) => http_status(inner),
+        _ => None,
+    }
+}
+
+/// Hashes the finished download off the runtime and checks it against every claim and as a
+/// GGUF header. The caller removes the file when this fails.
+async fn verify(blob: &Path, file: &str, claims: Vec<Digest>) -> Result<Digest, PullError> {
+    let blob = blob.to_owned();
+    let file = file.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let actual = Digest::of_file(&blob)?;
+        if let Some(expected) = claims.iter().find(|c| **c != actual) {
+            return Err(PullError::Sha256Mismatch {
+                file,
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        if claims.is_empty() {
+            tracing::warn!(
+                %file, digest = %actual,
+                "the hub gave no sha256 for this file (not stored with LFS) and none was pinned: \
+                 accepting the downloaded bytes as they are"
+            );
+        }
+        gguf::read(&blob).map_err(|e| PullError::NotGguf {
+            file,
+            reason: e.to_string(),
+        })?;
+        Ok(actual)
+    })
+    .await
+    .map_err(|e| PullError::Internal(format!("hashing task failed: {e}")))?
+}
+
+/// Emits the progress line for a blob the store already has.
+fn report_present(store: &Store, digest: &Digest, on: &mut impl FnMut(PullEvent)) {
+    let size = std::fs::metadata(store.blob_path(digest)).map_or(0, |m| m.len());
+    on(PullEvent::Progress {
+        digest: digest.to_string(),
+        total: size,
+        completed: size,
+    });
+}
+
+/// Writes the manifest. A blob this pull imported that turns out not to be a GGUF is removed.
+async fn finish(
+    store: &Store,
+    name: &ModelName,
+    digest: &Digest,
+    imported: bool,
+    on: &mut (impl FnMut(PullEvent) + Send),
+) -> Result<StoredModel, PullError> {
+    on(PullEvent::Status("writing manifest".into()));
+    let (s, n, d) = (store.clone(), name.clone(), digest.clone());
+    let created = tokio::task::spawn_blocking(move || s.create(&n, &d, &NewModel::default()))
+        .await
+        .map_err(|e| PullError::Internal(format!("manifest task failed: {e}")))?;
+    match created {
+        Ok(model) => {
+            on(PullEvent::Status("success".into()));
+            Ok(model)
+        }
+        Err(StoreError::NotGguf(reason)) => {
+            if imported {
+                remove_quietly(&store.blob_path(digest));
+            }
+            Err(PullError::NotGguf {
+                file: name.to_string(),
+                reason,
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The files hf-hub writes for one download, so a pull can tidy them away.
+struct HfFiles {
+    /// `models--OWNER--REPO` inside the hf-hub cache.
+    repo_dir: PathBuf,
+    /// `refs/<revision>`: the commit the revision pointed at.
+    refs: PathBuf,
+    /// `snapshots/<commit>/<file>`: hf-hub's symlink to the downloaded file.
+    pointer: Option<PathBuf>,
+}
+
+impl HfFiles {
+    fn new(cache_dir: &Path, repo: &Repo, commit: &str, file: &str) -> HfFiles {
+        let repo_dir = cache_dir.join(repo.folder_name());
+        HfFiles {
+            refs: repo_dir.join("refs").join(repo.revision()),
+            pointer: Some(repo_dir.join("snapshots").join(commit).join(file)),
+            repo_dir,
+        }
+    }
+
+    /// A pointer left by an earlier pull whose file has since moved into the store dangles,
+    /// and hf-hub fails when it tries to create it again; remove it first.
+    fn remove_stale_pointer(&self) {
+        if let Some(p) = &self.pointer {
+            if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) {
+                remove_quietly(p);
+            }
+        }
+    }
+
+    /// The downloaded file behind hf-hub's pointer (a symlink; the file itself on systems
+    /// without symlinks).
+    async fn blob_of(&self, pointer: &Path) -> Result<PathBuf, PullError> {
+        tokio::fs::canonicalize(pointer)
+            .await
+            .map_err(|source| PullError::Io {
+                path: pointer.to_owned(),
+                source,
+            })
+    }
+
+    /// Removes what hf-hub left for this file (and `blob`, when given), then empty folders.
+    fn remove_all(&self, blob: Option<&Path>) {
+        if let Some(b) = blob {
+            remove_quietly(b);
+            let mut lock = b.to_owned();
+            lock.set_extension("lock");
+            remove_quietly(&lock);
+        }
+        if let Some(p) = &self.pointer {
+            if std::fs::symlink_metadata(p).is_ok() {
+                remove_quietly(p);
+            }
+        }
+        remove_quietly(&self.refs);
+        self.remove_locks();
+        self.prune_dirs();
+    }
+
+    /// hf-hub never deletes its `<etag>.lock` files; drop those of finished downloads (a lock
+    /// beside a `.sync.part` still belongs to a resumable download).
+    fn remove_locks(&self) {
+        let blobs = self.repo_dir.join("blobs");
+        let Ok(entries) = std::fs::read_dir(&blobs) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "lock")
+                && !path.with_extension("sync.part").exists()
+            {
+                remove_quietly(&path);
+            }
+        }
+    }
+
+    /// Removes the repository's empty folders (never a file).
+    fn prune_dirs(&self) {
+        remove_empty_dirs(&self.repo_dir);
+    }
+}
+
+/// Removes `dir` and its subfolders, deepest first, where they are empty.
+fn remove_empty_dirs(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty_dirs(&entry.path());
+            }
+        }
+    }
+    // Fails, as it should, while anything is left inside.
+    let _still_in_use = std::fs::remove_dir(dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn vars(pairs: &[(&str, &str)]) -> HubConfig {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        HubConfig::from_vars(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn the_hub_settings_follow_huggingface_hubs_variables() {
+        let h = vars(&[]);
+        assert_eq!(h.endpoint, "https://huggingface.co");
+        assert_eq!(h.token, None);
+        assert!(!h.offline);
+        assert_eq!(h.registry, "https://registry.ollama.ai");
+        assert_eq!(
+            vars(&[("OLLAMA_REGISTRY", "http://127.0.0.1:5000/")]).registry,
+            "http://127.0.0.1:5000"
+        );
+        let h = vars(&[
+            ("HF_ENDPOINT", "http://mirror.local:8080/"),
+            ("HUGGING_FACE_HUB_TOKEN", "old"),
+            ("HF_HUB_OFFLINE", "1"),
+        ]);
+        assert_eq!(h.endpoint, "http://mirror.local:8080");
+        assert_eq!(h.token.as_deref(), Some("old"));
+        assert!(h.offline);
+        let h = vars(&[("HF_TOKEN", "new"), ("HUGGING_FACE_HUB_TOKEN", "old")]);
+        assert_eq!(h.token.as_deref(), Some("new"));
+        assert!(vars(&[("HF_HUB_OFFLINE", "TRUE")]).offline);
+        assert!(!vars(&[("HF_HUB_OFFLINE", "0")]).offline);
+    }
+
+    #[test]
+    fn the_token_never_appears_in_debug_output() {
+        let h = vars(&[("HF_TOKEN", "hf_secret")]);
+        assert!(!format!("{h:?}").contains("hf_secret"));
+    }
+}

@@ -1,0 +1,734 @@
+//! Pulling GGUF files from a (fake, in-process) Hugging Face hub into the store: what lands in
+//! the store, what never does, resuming, offline mode and refusals.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use backstop::models::pull::{pull, HubConfig, PullError, PullEvent, PullSpec};
+use backstop::models::{Digest, Store, StoredModel};
+use common::fake_hub::{tiny_gguf, FakeHub};
+use serde_json::json;
+
+/// Small chunks, so a few hundred kilobytes are enough to resume mid-file.
+const CHUNK: usize = 64 * 1024;
+
+fn hub(fake: &FakeHub) -> HubConfig {
+    HubConfig {
+        endpoint: fake.base.clone(),
+        chunk_size: CHUNK,
+        registry: fake.base.clone(),
+        ..HubConfig::default()
+    }
+}
+
+/// The layers of a small Ollama model: weights, template, params, system prompt.
+fn ollama_layers(weights: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("application/vnd.ollama.image.model", weights.to_vec()),
+        (
+            "application/vnd.ollama.image.template",
+            b"{{ .Prompt }}".to_vec(),
+        ),
+        (
+            "application/vnd.ollama.image.params",
+            br#"{"temperature":0.2,"stop":["<end>"]}"#.to_vec(),
+        ),
+        ("application/vnd.ollama.image.system", b"Be brief.".to_vec()),
+    ]
+}
+
+fn publish(fake: &FakeHub, name: &str, tag: &str, layers: &[(&'static str, Vec<u8>)]) -> Vec<u8> {
+    let refs: Vec<(&str, &[u8])> = layers.iter().map(|(m, b)| (*m, b.as_slice())).collect();
+    fake.add_ollama_model(name, tag, &refs)
+}
+
+/// An empty store in a fresh folder, removed when dropped.
+struct TempStore {
+    store: Store,
+}
+
+impl TempStore {
+    fn new() -> TempStore {
+        TempStore {
+            store: Store::new(common::temp_dir("pull")),
+        }
+    }
+
+    fn root(&self) -> &Path {
+        self.store.root()
+    }
+
+    /// Every file under `dir` (relative to the store), folders not counted.
+    fn files_under(&self, dir: &str) -> Vec<String> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                if e.file_type().unwrap().is_dir() {
+                    walk(&p, out);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.root().join(dir), &mut out);
+        let mut names: Vec<String> = out
+            .iter()
+            .map(|p| p.strip_prefix(self.root()).unwrap().display().to_string())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for TempStore {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(self.root()).ok();
+    }
+}
+
+/// Runs a pull, collecting its events.
+async fn pull_events(
+    store: &Store,
+    spec: &PullSpec,
+    hub: &HubConfig,
+) -> (Result<StoredModel, PullError>, Vec<PullEvent>) {
+    let mut events = Vec::new();
+    let result = pull(store, spec, hub, |e| events.push(e)).await;
+    (result, events)
+}
+
+fn statuses(events: &[PullEvent]) -> Vec<&str> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            PullEvent::Status(s) => Some(s.as_str()),
+            PullEvent::Progress { .. } => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn pulling_a_quant_from_the_hub_puts_a_verified_model_in_the_store() {
+    let fake = FakeHub::start().await;
+    let repo = "test-org/SmolLM2-135M-Instruct-GGUF";
+    let real = std::fs::read(common::smollm2()).unwrap();
+    let size = real.len() as u64;
+    let sha = fake.add(repo, "SmolLM2-135M-Instruct.Q4_1.gguf", real);
+    fake.add(repo, "SmolLM2-135M-Instruct.Q8_0.gguf", tiny_gguf(1000));
+    fake.add_plain(repo, "README.md", "# SmolLM2");
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model(&format!("hf.co/{repo}:q4_1")).unwrap();
+    let config = HubConfig {
+        endpoint: fake.base.clone(),
+        ..HubConfig::default()
+    };
+
+    // On a task of its own, as the API handler will run it.
+    let (store, s, c) = (tmp.store.clone(), spec.clone(), config.clone());
+    let (model, events) = tokio::spawn(async move {
+        let mut events = Vec::new();
+        let model = pull(&store, &s, &c, |e| events.push(e)).await;
+        (model, events)
+    })
+    .await
+    .unwrap();
+    let model = model.unwrap();
+
+    assert_eq!(
+        model.name.to_string(),
+        format!("hf.co/{repo}:q4_1"),
+        "stored under the name it was pulled by"
+    );
+    assert_eq!(model.model_digest.hex(), sha);
+    assert_eq!(
+        model.model_digest,
+        Digest::of_file(&common::smollm2()).unwrap()
+    );
+    assert_eq!(
+        model.model_path,
+        tmp.root().join(format!("blobs/sha256-{sha}"))
+    );
+    assert_eq!(model.size, size);
+    assert_eq!(
+        statuses(&events),
+        [
+            "pulling manifest",
+            "verifying sha256 digest",
+            "writing manifest",
+            "success"
+        ]
+    );
+    let last = events
+        .iter()
+        .rev()
+        .find(|e| matches!(e, PullEvent::Progress { .. }));
+    assert_eq!(
+        last,
+        Some(&PullEvent::Progress {
+            digest: format!("sha256:{sha}"),
+            total: size,
+            completed: size,
+        })
+    );
+    assert_eq!(
+        fake.body_bytes(),
+        size + 2,
+        "the file once, plus two 1-byte metadata probes (ours and hf-hub's)"
+    );
+    // Only the weights, the config blob and the manifest: no partial files, no hf-hub cache.
+    let blobs = tmp.files_under("blobs");
+    assert_eq!(blobs.len(), 2, "{blobs:?}");
+    assert!(blobs.contains(&format!("blobs/sha256-{sha}")), "{blobs:?}");
+    assert_eq!(
+        tmp.files_under("manifests"),
+        ["manifests/hf.co/test-org/SmolLM2-135M-Instruct-GGUF/q4_1"]
+    );
+
+    // The store entry is a model the server loads and answers with.
+    let store_dir = tmp.root().display().to_string();
+    let server = common::Server::start_raw(&["--models-dir", &store_dir]).await;
+    let reply = server
+        .chat(json!({
+            "model": format!("hf.co/{repo}:Q4_1"),
+            "messages": [{"role": "user", "content": "Say hi."}],
+            "max_tokens": 4,
+        }))
+        .await;
+    assert!(!common::answer(&reply).is_empty(), "{reply}");
+}
+
+#[tokio::test]
+async fn a_corrupted_download_is_rejected_and_leaves_nothing_behind() {
+    let fake = FakeHub::start().await;
+    fake.add("o/r", "m-Q4_K_M.gguf", tiny_gguf(300_000));
+    fake.corrupt(true);
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("hf.co/o/r").unwrap();
+
+    let (result, events) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+
+    let err = result.unwrap_err();
+    assert!(matches!(err, PullError::Sha256Mismatch { .. }), "{err:?}");
+    assert!(err.to_string().contains("sha256 mismatch"), "{err}");
+    assert!(statuses(&events).contains(&"verifying sha256 digest"));
+    assert!(!statuses(&events).contains(&"success"));
+    assert_eq!(tmp.files_under("blobs"), Vec::<String>::new());
+    assert_eq!(tmp.files_under("manifests"), Vec::<String>::new());
+    assert!(tmp.store.list().is_empty());
+}
+
+#[tokio::test]
+async fn an_interrupted_download_resumes() {
+    let fake = FakeHub::start().await;
+    let bytes = tiny_gguf(512 * 1024);
+    let len = bytes.len() as u64;
+    let sha = fake.add("o/r", "m-Q4_K_M.gguf", bytes);
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("hf.co/o/r:Q4_K_M").unwrap();
+    fake.drop_after(200_000);
+
+    let (first, _) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+
+    let err = first.unwrap_err();
+    assert!(matches!(err, PullError::Interrupted { .. }), "{err:?}");
+    assert!(err.to_string().contains("resume"), "{err}");
+    fake.wait_quiet().await;
+    let partial = tmp.files_under("blobs");
+    assert!(
+        partial.iter().any(|f| f.ends_with(".sync.part")),
+        "the partial download is kept: {partial:?}"
+    );
+    assert!(
+        !partial.iter().any(|f| f.starts_with("blobs/sha256-")),
+        "nothing under a final name: {partial:?}"
+    );
+    assert!(tmp.store.list().is_empty());
+
+    fake.heal();
+    fake.reset_counters();
+    let (second, events) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+
+    let model = second.unwrap();
+    assert_eq!(model.model_digest.hex(), sha);
+    let resent = fake.body_bytes();
+    // Three whole chunks arrived before the cut; only the rest is sent again.
+    assert!(
+        resent <= len - 3 * CHUNK as u64 + 2,
+        "{resent} of {len} bytes were sent again"
+    );
+    let first_progress = events.iter().find_map(|e| match e {
+        PullEvent::Progress { completed, .. } => Some(*completed),
+        PullEvent::Status(_) => None,
+    });
+    assert!(
+        first_progress.is_some_and(|c| c >= 3 * CHUNK as u64),
+        "progress starts at the resumed offset: {first_progress:?}"
+    );
+    assert_eq!(
+        tmp.files_under("blobs").len(),
+        2,
+        "no partial files left: {:?}",
+        tmp.files_under("blobs")
+    );
+}
+
+#[tokio::test]
+async fn a_missing_quant_names_the_files_that_exist() {
+    let fake = FakeHub::start().await;
+    fake.add("o/r", "model-Q8_0.gguf", tiny_gguf(10));
+    fake.add("o/r", "model-Q4_K.gguf", tiny_gguf(20));
+    fake.add_plain("o/r", "README.md", "readme");
+    let tmp = TempStore::new();
+
+    for (model, quant) in [("hf.co/o/r:Q2_K", "Q2_K"), ("hf.co/o/r", "Q4_K_M")] {
+        let spec = PullSpec::from_model(model).unwrap();
+        let (result, _) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+        let err = result.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, PullError::QuantNotFound { .. }),
+            "{model}: {err:?}"
+        );
+        assert!(text.contains(quant), "{text}");
+        assert!(text.contains("model-Q8_0.gguf"), "{text}");
+        assert!(text.contains("model-Q4_K.gguf"), "{text}");
+        assert!(!text.contains("README.md"), "{text}");
+    }
+    assert!(
+        fake.paths().iter().all(|p| p.starts_with("/api/")),
+        "nothing was downloaded: {:?}",
+        fake.paths()
+    );
+    assert_eq!(tmp.files_under("blobs"), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_missing_file_names_the_files_that_exist() {
+    let fake = FakeHub::start().await;
+    fake.add("o/r", "model-Q8_0.gguf", tiny_gguf(10));
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_file("o/r", "model-Q4_0.gguf", None, None).unwrap();
+
+    let (result, _) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+
+    let err = result.unwrap_err();
+    assert!(matches!(err, PullError::FileNotFound { .. }), "{err:?}");
+    assert!(err.to_string().contains("model-Q8_0.gguf"), "{err}");
+}
+
+#[tokio::test]
+async fn a_missing_repository_or_revision_is_reported_as_not_found() {
+    let fake = FakeHub::start().await;
+    fake.add("o/r", "model-Q8_0.gguf", tiny_gguf(10));
+    let tmp = TempStore::new();
+
+    for spec in [
+        PullSpec::from_model("hf.co/o/nope:Q8_0").unwrap(),
+        PullSpec::from_file("o/r", "model-Q8_0.gguf", Some("v9"), None).unwrap(),
+    ] {
+        let (result, _) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+        let err = result.unwrap_err();
+        assert!(matches!(err, PullError::RepoNotFound { .. }), "{err:?}");
+        assert!(err.to_string().contains("HF_TOKEN"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn offline_mode_never_touches_the_network() {
+    let fake = FakeHub::start().await;
+    let bytes = tiny_gguf(50_000);
+    let sha = fake.add("o/r", "m-Q8_0.gguf", bytes);
+    let tmp = TempStore::new();
+    let offline = HubConfig {
+        offline: true,
+        ..hub(&fake)
+    };
+    let by_name = PullSpec::from_model("hf.co/o/r:Q8_0").unwrap();
+    let pinned = PullSpec::from_file("o/r", "m-Q8_0.gguf", None, Some(&sha)).unwrap();
+
+    // Nothing in the store: a clear error, and not one request.
+    for spec in [&by_name, &pinned] {
+        let (result, _) = pull_events(&tmp.store, spec, &offline).await;
+        let err = result.unwrap_err();
+        assert!(matches!(err, PullError::Offline { .. }), "{err:?}");
+        assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
+    }
+    assert_eq!(fake.requests(), 0);
+
+    // Once pulled (online), both succeed offline from the store alone.
+    pull_events(&tmp.store, &by_name, &hub(&fake))
+        .await
+        .0
+        .unwrap();
+    fake.reset_counters();
+    for spec in [&by_name, &pinned] {
+        let (result, events) = pull_events(&tmp.store, spec, &offline).await;
+        let model = result.unwrap();
+        assert_eq!(model.model_digest.hex(), sha);
+        assert_eq!(statuses(&events).last(), Some(&"success"));
+    }
+    assert_eq!(fake.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_pinned_sha256_that_does_not_match_is_refused() {
+    let fake = FakeHub::start().await;
+    fake.add("o/r", "lfs-Q8_0.gguf", tiny_gguf(40_000));
+    fake.add_plain("o/r", "plain-Q4_0.gguf", tiny_gguf(30_000));
+    let tmp = TempStore::new();
+    let wrong = Digest::of(b"something else").hex().to_owned();
+
+    // Against the hub's LFS digest: refused before a byte is downloaded.
+    let spec = PullSpec::from_file("o/r", "lfs-Q8_0.gguf", None, Some(&wrong)).unwrap();
+    let (result, _) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+    let err = result.unwrap_err();
+    assert!(matches!(err, PullError::Sha256Mismatch { .. }), "{err:?}");
+    assert!(err.to_string().contains(&wrong), "{err}");
+    assert_eq!(fake.body_bytes(), 0);
+
+    // A file the hub has no digest for: downloaded, hashed, refused, removed.
+    let spec = PullSpec::from_file("o/r", "plain-Q4_0.gguf", None, Some(&wrong)).unwrap();
+    let (result, _) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+    let err = result.unwrap_err();
+    assert!(matches!(err, PullError::Sha256Mismatch { .. }), "{err:?}");
+    assert!(fake.body_bytes() > 0);
+
+    assert_eq!(tmp.files_under("blobs"), Vec::<String>::new());
+    assert_eq!(tmp.files_under("manifests"), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_hub_etag_that_does_not_match_the_bytes_is_refused() {
+    let fake = FakeHub::start().await;
+    fake.add("o/r", "m-Q8_0.gguf", tiny_gguf(40_000));
+    fake.wrong_etag(true);
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("hf.co/o/r:Q8_0").unwrap();
+
+    let (result, _) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+
+    let err = result.unwrap_err();
+    assert!(matches!(err, PullError::Sha256Mismatch { .. }), "{err:?}");
+    assert!(fake.body_bytes() <= 1, "refused before the download");
+    assert_eq!(tmp.files_under("blobs"), Vec::<String>::new());
+    assert_eq!(tmp.files_under("manifests"), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_hub_etag_that_is_a_path_is_refused_before_anything_is_written() {
+    let fake = FakeHub::start().await;
+    fake.add("o/r", "m-Q8_0.gguf", tiny_gguf(40_000));
+    fake.etag_text("../../../../escaped");
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("hf.co/o/r:Q8_0").unwrap();
+
+    let (result, _) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+
+    let err = result.unwrap_err();
+    assert!(matches!(err, PullError::Network { .. }), "{err:?}");
+    assert!(err.to_string().contains("not a hash"), "{err}");
+    assert_eq!(fake.body_bytes(), 1, "only the metadata probe");
+    assert_eq!(tmp.files_under(""), Vec::<String>::new());
+    assert!(!tmp.root().parent().unwrap().join("escaped").exists());
+}
+
+#[tokio::test]
+async fn a_file_without_any_digest_is_accepted_under_its_computed_digest() {
+    let fake = FakeHub::start().await;
+    let sha = fake.add_plain("o/r", "weights.gguf", tiny_gguf(20_000));
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_file("o/r", "weights.gguf", None, None).unwrap();
+
+    let (result, events) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+
+    let model = result.unwrap();
+    assert_eq!(model.model_digest.hex(), sha);
+    assert_eq!(model.name.to_string(), "hf.co/o/r:weights");
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, PullEvent::Progress { digest, .. } if digest == "sha256:pending")));
+}
+
+#[tokio::test]
+async fn a_model_already_in_the_store_is_not_downloaded_again() {
+    let fake = FakeHub::start().await;
+    let bytes = tiny_gguf(100_000);
+    let size = bytes.len() as u64;
+    let sha = fake.add("o/r", "m-Q4_K_M.gguf", bytes);
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("hf.co/o/r").unwrap();
+    pull_events(&tmp.store, &spec, &hub(&fake)).await.0.unwrap();
+    fake.reset_counters();
+
+    let (result, events) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+
+    assert_eq!(result.unwrap().model_digest.hex(), sha);
+    assert_eq!(fake.body_bytes(), 0);
+    assert!(events.contains(&PullEvent::Progress {
+        digest: format!("sha256:{sha}"),
+        total: size,
+        completed: size,
+    }));
+
+    // With the digest pinned, the hub is not even asked.
+    fake.reset_counters();
+    let pinned = PullSpec::from_file("o/r", "m-Q4_K_M.gguf", None, Some(&sha)).unwrap();
+    pull_events(&tmp.store, &pinned, &hub(&fake))
+        .await
+        .0
+        .unwrap();
+    assert_eq!(fake.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_a_gguf_is_refused_and_removed() {
+    let fake = FakeHub::start().await;
+    fake.add("o/r", "fake-Q4_K_M.gguf", vec![7u8; 5000]);
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("hf.co/o/r").unwrap();
+
+    let (result, _) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+
+    let err = result.unwrap_err();
+    assert!(matches!(err, PullError::NotGguf { .. }), "{err:?}");
+    assert_eq!(tmp.files_under("blobs"), Vec::<String>::new());
+    assert_eq!(tmp.files_under("manifests"), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn the_token_is_sent_to_the_hub() {
+    let fake = FakeHub::start().await;
+    fake.add("o/r", "m-Q4_K_M.gguf", tiny_gguf(1000));
+    let tmp = TempStore::new();
+    let config = HubConfig {
+        token: Some("hf_test_token".into()),
+        ..hub(&fake)
+    };
+    let spec = PullSpec::from_model("hf.co/o/r").unwrap();
+
+    pull_events(&tmp.store, &spec, &config).await.0.unwrap();
+
+    assert!(!format!("{config:?}").contains("hf_test_token"));
+    // The last request went to the CDN, where the token must not follow; check the listing.
+    fake.reset_counters();
+    fake.answer_with(404);
+    pull_events(&tmp.store, &spec, &config).await.0.unwrap_err();
+    assert_eq!(
+        fake.last_authorization().as_deref(),
+        Some("Bearer hf_test_token")
+    );
+}
+
+#[tokio::test]
+async fn a_hub_that_refuses_access_says_how_to_get_it() {
+    let fake = FakeHub::start().await;
+    fake.add("o/r", "m-Q4_K_M.gguf", tiny_gguf(1000));
+    fake.answer_with(403);
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("hf.co/o/r").unwrap();
+
+    let (result, _) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+
+    let err = result.unwrap_err();
+    assert!(matches!(err, PullError::Forbidden { .. }), "{err:?}");
+    assert!(err.to_string().contains("HF_TOKEN"), "{err}");
+}
+
+#[tokio::test]
+async fn path_traversal_in_repo_or_file_is_refused() {
+    let fake = FakeHub::start().await;
+    fake.add("o/r", "m-Q4_K_M.gguf", tiny_gguf(1000));
+    let tmp = TempStore::new();
+
+    for model in [
+        "hf.co/../r",
+        "hf.co/o/..",
+        "hf.co/o/../../etc:Q4_K_M",
+        "hf.co/o/r:Q4_K_M/../../x",
+    ] {
+        let err = PullSpec::from_model(model).unwrap_err();
+        assert!(
+            matches!(err, PullError::InvalidSpec { .. }),
+            "{model}: {err:?}"
+        );
+    }
+    for (repo, file, rev) in [
+        ("../../etc", "m.gguf", None),
+        ("/abs/path", "m.gguf", None),
+        ("o/r", "../../../etc/passwd.gguf", None),
+        ("o/r", "/etc/m.gguf", None),
+        ("o/r", "sub/../../m.gguf", None),
+        ("o/r", "m-Q4_K_M.gguf", Some("../../refs")),
+    ] {
+        let err = PullSpec::from_file(repo, file, rev, None).unwrap_err();
+        assert!(
+            matches!(err, PullError::InvalidSpec { .. }),
+            "{repo} {file} {rev:?}: {err:?}"
+        );
+    }
+    assert_eq!(fake.requests(), 0);
+    assert_eq!(tmp.files_under(""), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn pulling_an_ollama_model_stores_its_manifest_and_every_layer_as_received() {
+    let fake = FakeHub::start().await;
+    let layers = ollama_layers(&tiny_gguf(200_000));
+    let manifest = publish(&fake, "library/smol", "1b", &layers);
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("smol:1b").unwrap();
+
+    let (result, events) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+
+    let model = result.unwrap();
+    assert_eq!(model.name.to_string(), "smol:1b");
+    assert_eq!(model.system.as_deref(), Some("Be brief."));
+    assert_eq!(model.template.as_deref(), Some("{{ .Prompt }}"));
+    assert_eq!(model.params.temperature, Some(0.2));
+    assert_eq!(model.model_digest, Digest::of(&layers[0].1));
+    let stored = std::fs::read(
+        tmp.root()
+            .join("manifests/registry.ollama.ai/library/smol/1b"),
+    )
+    .unwrap();
+    assert_eq!(stored, manifest, "the manifest is kept byte for byte");
+    assert_eq!(model.digest, Digest::of(&manifest));
+    for (_, bytes) in &layers {
+        assert!(tmp.store.has_blob(&Digest::of(bytes)));
+    }
+    assert_eq!(
+        tmp.files_under("blobs").len(),
+        layers.len() + 1,
+        "the layers and the config, no partial files: {:?}",
+        tmp.files_under("blobs")
+    );
+    assert_eq!(
+        statuses(&events),
+        [
+            "pulling manifest",
+            "verifying sha256 digest",
+            "writing manifest",
+            "success"
+        ]
+    );
+    assert!(tmp
+        .store
+        .list()
+        .iter()
+        .any(|m| m.name.to_string() == "smol:1b"));
+
+    // Offline, the same name is served from the store without a request.
+    fake.reset_counters();
+    let offline = HubConfig {
+        offline: true,
+        ..hub(&fake)
+    };
+    pull_events(&tmp.store, &spec, &offline).await.0.unwrap();
+    let missing = PullSpec::from_model("other").unwrap();
+    let err = pull_events(&tmp.store, &missing, &offline)
+        .await
+        .0
+        .unwrap_err();
+    assert!(matches!(err, PullError::Offline { .. }), "{err:?}");
+    assert_eq!(fake.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_corrupted_registry_layer_is_rejected_and_leaves_nothing_behind() {
+    let fake = FakeHub::start().await;
+    publish(
+        &fake,
+        "library/smol",
+        "latest",
+        &ollama_layers(&tiny_gguf(200_000)),
+    );
+    fake.corrupt(true);
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("smol").unwrap();
+
+    let (result, _) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+
+    let err = result.unwrap_err();
+    assert!(matches!(err, PullError::Sha256Mismatch { .. }), "{err:?}");
+    assert_eq!(tmp.files_under("blobs"), Vec::<String>::new());
+    assert_eq!(tmp.files_under("manifests"), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn an_interrupted_registry_pull_resumes() {
+    let fake = FakeHub::start().await;
+    let layers = ollama_layers(&tiny_gguf(400_000));
+    let total: u64 = layers.iter().map(|(_, b)| b.len() as u64).sum();
+    publish(&fake, "library/smol", "latest", &layers);
+    fake.drop_after(150_000);
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("smol").unwrap();
+
+    let err = pull_events(&tmp.store, &spec, &hub(&fake))
+        .await
+        .0
+        .unwrap_err();
+
+    assert!(matches!(err, PullError::Interrupted { .. }), "{err:?}");
+    let partial = tmp.files_under("blobs");
+    assert!(
+        partial.iter().all(|f| f.ends_with("-partial")),
+        "only partial files: {partial:?}"
+    );
+    assert_eq!(tmp.files_under("manifests"), Vec::<String>::new());
+    fake.wait_quiet().await;
+    fake.heal();
+    fake.reset_counters();
+
+    let model = pull_events(&tmp.store, &spec, &hub(&fake)).await.0.unwrap();
+
+    assert_eq!(model.model_digest, Digest::of(&layers[0].1));
+    let resent = fake.body_bytes();
+    assert!(
+        resent + 150_000 <= total + 1000,
+        "{resent} bytes sent again of {total}"
+    );
+    assert!(
+        !tmp.files_under("blobs")
+            .iter()
+            .any(|f| f.ends_with("-partial")),
+        "{:?}",
+        tmp.files_under("blobs")
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_registry_model_is_reported_as_not_found() {
+    let fake = FakeHub::start().await;
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("nosuchmodel:7b").unwrap();
+
+    let err = pull_events(&tmp.store, &spec, &hub(&fake))
+        .await
+        .0
+        .unwrap_err();
+
+    assert!(matches!(err, PullError::ModelNotFound { .. }), "{err:?}");
+    assert!(err.to_string().contains("nosuchmodel:7b"), "{err}");
+}
+
+#[tokio::test]
+async fn a_registry_model_without_gguf_weights_is_refused_and_removed() {
+    let fake = FakeHub::start().await;
+    let mut layers = ollama_layers(b"not a gguf at all");
+    layers.truncate(2);
+    publish(&fake, "library/bad", "latest", &layers);
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("bad").unwrap();
+
+    let err = pull_events(&tmp.store, &spec, &hub(&fake))
+        .await
+        .0
+        .unwrap_err();
+
+    assert!(matches!(err, PullError::NotGguf { .. }), "{err:?}");
+    assert_eq!(tmp.files_under("blobs"), Vec::<String>::new());
+    assert_eq!(tmp.files_under("manifests"), Vec::<String>::new());
+}
