@@ -732,3 +732,174 @@ async fn a_registry_model_without_gguf_weights_is_refused_and_removed() {
     assert_eq!(tmp.files_under("blobs"), Vec::<String>::new());
     assert_eq!(tmp.files_under("manifests"), Vec::<String>::new());
 }
+
+// Through the server: `POST /api/pull` and `backstop pull`, as Ollama's clients use them.
+
+async fn serve_with_hub(fake: &FakeHub) -> common::Server {
+    let model = format!("smollm2={}", common::smollm2().display());
+    common::Server::start_with_env(
+        &["--model", &model],
+        &[
+            ("HF_ENDPOINT", fake.base.as_str()),
+            ("BACKSTOP_REGISTRY", fake.base.as_str()),
+        ],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn api_pull_streams_progress_and_the_model_is_served_at_once() {
+    let fake = FakeHub::start().await;
+    let weights = std::fs::read(common::smollm2()).unwrap();
+    let sha = fake.add("team/smol-GGUF", "smol-Q4_1.gguf", weights.clone());
+    let s = serve_with_hub(&fake).await;
+    let (status, ctype, objects) = s
+        .ndjson("/api/pull", &json!({"model": "hf.co/team/smol-GGUF:Q4_1"}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(ctype, "application/x-ndjson");
+    let statuses: Vec<&str> = objects
+        .iter()
+        .map(|o| o["status"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(statuses.first(), Some(&"pulling manifest"), "{objects:?}");
+    assert_eq!(statuses.last(), Some(&"success"), "{objects:?}");
+    assert!(statuses.contains(&"verifying sha256 digest"));
+    let progress: Vec<&serde_json::Value> = objects
+        .iter()
+        .filter(|o| o.get("total").is_some())
+        .collect();
+    assert!(!progress.is_empty());
+    let last = progress.last().unwrap();
+    assert_eq!(last["total"], weights.len() as u64);
+    assert_eq!(last["completed"], weights.len() as u64);
+    assert!(last["status"].as_str().unwrap().starts_with("pulling "));
+    // Listed with the file's digest, and it answers.
+    let (_, tags) = s.get_json("/api/tags").await;
+    let entry = tags["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "hf.co/team/smol-GGUF:Q4_1")
+        .cloned();
+    assert!(entry.is_some(), "{tags}");
+    let (status, r) = s
+        .post("/api/generate", &json!({"model": "hf.co/team/smol-GGUF:Q4_1", "prompt": "Hi", "stream": false, "options": {"num_predict": 3}}))
+        .await;
+    assert_eq!(status, 200, "{r}");
+    let store = s.store.clone().unwrap();
+    assert!(store.join(format!("blobs/sha256-{sha}")).is_file());
+}
+
+#[tokio::test]
+async fn a_failed_api_pull_ends_with_an_error_object_and_leaves_nothing() {
+    let fake = FakeHub::start().await;
+    fake.add("team/bad-GGUF", "bad-Q8_0.gguf", tiny_gguf(300_000));
+    fake.corrupt(true);
+    let s = serve_with_hub(&fake).await;
+    let (status, _, objects) = s
+        .ndjson("/api/pull", &json!({"model": "hf.co/team/bad-GGUF:Q8_0"}))
+        .await;
+    assert_eq!(status, 200, "the stream had started");
+    let last = objects.last().unwrap();
+    assert!(last["error"].as_str().unwrap().contains("sha256"), "{last}");
+    let store = s.store.clone().unwrap();
+    assert!(
+        files_under(&store.join("blobs"))
+            .iter()
+            .all(|p| p.to_string_lossy().contains(".hf-partial") && p.is_dir()),
+        "{:?}",
+        files_under(&store.join("blobs"))
+    );
+    assert!(!store.join("manifests").exists() || files_under(&store.join("manifests")).is_empty());
+    // Without streaming, the failure is the answer's status, in Ollama's shape.
+    let (status, r) = s
+        .post(
+            "/api/pull",
+            &json!({"model": "hf.co/team/bad-GGUF:Q2_K", "stream": false}),
+        )
+        .await;
+    assert_eq!(status, 404, "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("bad-Q8_0.gguf"),
+        "names what exists: {r}"
+    );
+    let (status, _) = s
+        .post(
+            "/api/pull",
+            &json!({"model": "../../etc/passwd", "stream": false}),
+        )
+        .await;
+    assert_eq!(status, 400);
+}
+
+/// Every file and folder below `dir`.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            let inner = files_under(&p);
+            if inner.is_empty() {
+                out.push(p);
+            } else {
+                out.extend(inner);
+            }
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+// The CLI runs as a blocking child process while the fake hub lives on this runtime: the
+// hub needs threads of its own meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_pulls_through_the_server_or_straight_into_the_store() {
+    let fake = FakeHub::start().await;
+    fake.add("team/tiny-GGUF", "tiny-Q8_0.gguf", tiny_gguf(200_000));
+    fake.add("team/tiny-GGUF", "tiny-Q4_0.gguf", tiny_gguf(100_000));
+    let s = serve_with_hub(&fake).await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["pull", "hf.co/team/tiny-GGUF:Q8_0"])
+        .env("BACKSTOP_HOST", s.base.trim_start_matches("http://"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("pulling manifest") && err.contains("success"),
+        "{err}"
+    );
+    assert!(s
+        .store
+        .as_ref()
+        .unwrap()
+        .join("manifests/hf.co/team/tiny-GGUF/Q8_0")
+        .is_file());
+
+    // No server: the CLI pulls into the store itself (BACKSTOP_MODELS), pinned to one file.
+    let store = common::temp_dir("cli-pull");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args([
+            "pull",
+            "team/tiny-GGUF",
+            "--file",
+            "tiny-Q4_0.gguf",
+            "--revision",
+            "main",
+        ])
+        .env("BACKSTOP_HOST", "127.0.0.1:1")
+        .env("BACKSTOP_MODELS", &store)
+        .env("HF_ENDPOINT", &fake.base)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("no server at"), "{err}");
+    assert!(store.join("manifests/hf.co/team/tiny-GGUF/Q4_0").is_file());
+    std::fs::remove_dir_all(&store).ok();
+}

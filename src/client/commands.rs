@@ -147,7 +147,54 @@ pub async fn show(args: ShowArgs) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// `backstop pull`, with a progress bar.
+/// Draws pull progress: a byte bar while a blob downloads, a line per step.
+struct PullView {
+    bar: ProgressBar,
+    current: Option<String>,
+}
+
+impl PullView {
+    fn new() -> Self {
+        PullView {
+            bar: ProgressBar::hidden(),
+            current: None,
+        }
+    }
+
+    fn show(&mut self, status: &str, total: Option<u64>, completed: Option<u64>) {
+        match total {
+            Some(total) => {
+                if self.current.as_deref() != Some(status) {
+                    self.current = Some(status.to_owned());
+                    self.bar = ProgressBar::new(total);
+                    self.bar.set_style(
+                        ProgressStyle::with_template(
+                            "{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                    self.bar.set_message(status.to_owned());
+                }
+                self.bar.set_position(completed.unwrap_or(0));
+            }
+            None => {
+                if !self.bar.is_hidden() && !self.bar.is_finished() {
+                    self.bar.finish();
+                }
+                eprintln!("{status}");
+            }
+        }
+    }
+
+    fn done(&self) {
+        if !self.bar.is_hidden() && !self.bar.is_finished() {
+            self.bar.abandon();
+        }
+    }
+}
+
+/// `backstop pull`, with a progress bar. Through the running server when there is one (so it
+/// serves the model at once); with no server, straight into the local store.
 pub async fn pull(args: PullArgs) -> Result<(), ClientError> {
     let mut body = json!({"model": args.model, "stream": true});
     if let Some(f) = &args.file {
@@ -159,44 +206,65 @@ pub async fn pull(args: PullArgs) -> Result<(), ClientError> {
     if let Some(s) = &args.sha256 {
         body["sha256"] = json!(s);
     }
-    let bar = ProgressBar::hidden();
-    let mut current: Option<String> = None;
+    let mut view = PullView::new();
     let result = Client::new(&args.client)
         .stream("/api/pull", &body, |v| {
-            let status = str_of(&v, "status");
-            match (
+            view.show(
+                str_of(&v, "status"),
                 v.get("total").and_then(Value::as_u64),
                 v.get("completed").and_then(Value::as_u64),
-            ) {
-                (Some(total), completed) => {
-                    if current.as_deref() != Some(status) {
-                        current = Some(status.to_owned());
-                        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-                        bar.set_style(
-                            ProgressStyle::with_template(
-                                "{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-                            )
-                            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-                        );
-                        bar.set_message(status.to_owned());
-                        bar.set_length(total);
-                    }
-                    bar.set_position(completed.unwrap_or(0));
-                }
-                (None, _) => {
-                    if !bar.is_hidden() {
-                        bar.finish();
-                    }
-                    eprintln!("{status}");
-                }
-            }
+            );
             Ok(())
         })
         .await;
-    if !bar.is_finished() && !bar.is_hidden() {
-        bar.abandon();
+    view.done();
+    match result {
+        Err(ClientError::Unreachable { url, .. }) => {
+            let store = crate::models::Store::new(crate::config::default_store_dir());
+            eprintln!(
+                "no server at {url}; pulling straight into the store at {}",
+                store.root().display()
+            );
+            pull_direct(&args, &store).await
+        }
+        other => other,
     }
-    result
+}
+
+async fn pull_direct(args: &PullArgs, store: &crate::models::Store) -> Result<(), ClientError> {
+    use crate::models::pull::{pull, HubConfig, PullEvent, PullSpec};
+    let spec = match &args.file {
+        Some(file) => PullSpec::from_file(
+            &args.model,
+            file,
+            args.revision.as_deref(),
+            args.sha256.as_deref(),
+        ),
+        None => PullSpec::from_model(&args.model),
+    }
+    .map_err(|e| ClientError::Usage(e.to_string()))?;
+    let mut view = PullView::new();
+    let result = pull(store, &spec, &HubConfig::from_env(), |e| match e {
+        PullEvent::Status(s) => view.show(&s, None, None),
+        PullEvent::Progress {
+            digest,
+            total,
+            completed,
+        } => {
+            let short: String = digest
+                .trim_start_matches("sha256:")
+                .chars()
+                .take(12)
+                .collect();
+            view.show(&format!("pulling {short}"), Some(total), Some(completed));
+        }
+    })
+    .await;
+    view.done();
+    result.map(|_| ()).map_err(|e| ClientError::Server {
+        status: 0,
+        message: e.to_string(),
+    })
 }
 
 /// `backstop rm`.

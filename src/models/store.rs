@@ -502,14 +502,18 @@ impl Store {
     }
 
     fn write_manifest(&self, name: &ModelName, manifest: &Manifest) -> Result<(), StoreError> {
-        // Replace an entry spelled with other capitals, so one name has one manifest.
+        self.import_manifest(name, &serde_json::to_vec(manifest).unwrap_or_default())
+    }
+
+    /// Writes a manifest exactly as received (a registry's bytes, so its digest is kept),
+    /// replacing an entry of the same name spelled with other capitals.
+    pub fn import_manifest(&self, name: &ModelName, bytes: &[u8]) -> Result<(), StoreError> {
         if let Some(old) = self.find_manifest(name) {
             if old != self.manifest_path(name) {
                 remove_quietly(&old);
             }
         }
-        let bytes = serde_json::to_vec(manifest).unwrap_or_default();
-        write_atomically(&self.manifest_path(name), &bytes)
+        write_atomically(&self.manifest_path(name), bytes)
     }
 
     fn find_manifest(&self, name: &ModelName) -> Option<PathBuf> {

@@ -31,6 +31,30 @@ def model(file: str) -> pathlib.Path:
     return path
 
 
+def fake_hub_binary() -> str:
+    """The test suite's fake Hugging Face hub (examples/fake_hub.rs), built by `cargo test`."""
+    path = pathlib.Path(binary()).parent / "examples" / "fake_hub"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `cargo test --release` (it builds the examples) first")
+    return str(path)
+
+
+class FakeHub:
+    """A stand-in for huggingface.co on loopback, serving the given local files."""
+
+    def __init__(self, files):
+        args = [f"{repo}={name}={path}" for repo, name, path in files]
+        self.proc = subprocess.Popen([fake_hub_binary(), *args], stdout=subprocess.PIPE, text=True)
+        self.url = self.proc.stdout.readline().strip()
+        if not self.url.startswith("http://"):
+            self.stop()
+            pytest.fail("the fake hub did not start")
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3 = "gemma-3-270m-q4_k_m.gguf"
 

@@ -7,20 +7,23 @@ import hashlib
 import ollama
 import pytest
 
-from conftest import GEMMA3, SMOLLM2, Backstop, model
+from conftest import GEMMA3, SMOLLM2, Backstop, FakeHub, model
 
 
 @pytest.fixture(scope="module")
 def server():
+    hub = FakeHub([("test/smol-GGUF", "smol-Q4_1.gguf", model(SMOLLM2))])
     s = Backstop(
         [
             "--model", f"smollm2={model(SMOLLM2)}",
             "--model", f"gemma3={model(GEMMA3)}",
             "--max-loaded", "1",
-        ]
+        ],
+        env={"HF_ENDPOINT": hub.url},
     )
     yield s
     s.stop()
+    hub.stop()
 
 
 @pytest.fixture()
@@ -141,3 +144,18 @@ def test_embed_gives_unit_vectors_where_similar_texts_are_closer(client):
     legacy = client.embeddings(model="smollm2", prompt="The cat sat on the mat").embedding
     assert abs(_cos(legacy, a) - 1.0) < 1e-4
     assert abs(sum(x * x for x in legacy) - 1.0) > 1e-3, "the legacy endpoint is not normalized"
+
+
+def test_pull_from_the_hub_streams_progress_and_serves_the_model(client):
+    name = "hf.co/test/smol-GGUF:Q4_1"
+    events = list(client.pull(name, stream=True))
+    assert events[0].status == "pulling manifest"
+    assert events[-1].status == "success"
+    sized = [e for e in events if e.total]
+    assert sized and sized[-1].completed == sized[-1].total == model(SMOLLM2).stat().st_size
+    assert name in [m.model for m in client.list().models]
+    r = client.generate(model=name, prompt="Name a planet.", options=GREEDY)
+    assert r.response == client.generate(model="smollm2", prompt="Name a planet.", options=GREEDY).response
+    assert client.delete(name).status == "success"
+    with pytest.raises(ollama.ResponseError):
+        list(client.pull("hf.co/test/smol-GGUF:Q2_K", stream=True))

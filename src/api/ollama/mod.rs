@@ -5,6 +5,7 @@ mod embed;
 mod error;
 mod handlers;
 mod ndjson;
+mod pull;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, head, post};
@@ -28,6 +29,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/delete", delete(handlers::delete))
         .route("/api/copy", post(handlers::copy))
         .route("/api/create", post(handlers::create))
+        .route("/api/pull", post(pull::pull))
         .route(
             "/api/blobs/{digest}",
             head(handlers::blob_exists)

@@ -18,9 +18,7 @@ use super::progress::TICK;
 use super::{chain, remove_quietly, PullError, PullEvent, PullSpec, STALL};
 use crate::models::gguf;
 use crate::models::name::{ModelName, DEFAULT_HOST};
-use crate::models::store::{
-    media, write_atomically, Digest, Manifest, Store, StoreError, StoredModel,
-};
+use crate::models::store::{media, Digest, Manifest, Store, StoreError, StoredModel};
 
 /// Largest manifest accepted (real ones are under 2 KB).
 const MANIFEST_LIMIT: usize = 4 << 20;
@@ -97,8 +95,7 @@ pub(super) async fn pull(
         }
     };
     on(PullEvent::Status("writing manifest".into()));
-    let path = manifest_path(store, name);
-    if let Err(e) = write_atomically(&path, &received.bytes) {
+    if let Err(e) = store.import_manifest(name, &received.bytes) {
         remove_all(store, &[], &imported);
         return Err(e.into());
     }
@@ -159,18 +156,6 @@ fn remove_all(store: &Store, pending: &[(Digest, PathBuf)], imported: &[Digest])
     for digest in imported {
         remove_quietly(&store.blob_path(digest));
     }
-}
-
-/// Where the store keeps `name`'s manifest: `manifests/<host>/<namespace>/<model>/<tag>`.
-fn manifest_path(store: &Store, name: &ModelName) -> PathBuf {
-    let [host, namespace, model] = name.parts();
-    store
-        .root()
-        .join("manifests")
-        .join(host)
-        .join(namespace)
-        .join(model)
-        .join(name.tag())
 }
 
 /// One model in one registry.
