@@ -161,8 +161,11 @@ impl PullView {
         }
     }
 
-    fn show(&mut self, status: &str, total: Option<u64>, completed: Option<u64>) {
-        match total {
+    /// One progress object of Ollama's pull stream.
+    fn event(&mut self, v: &Value) {
+        let status = str_of(v, "status");
+        let completed = v.get("completed").and_then(Value::as_u64);
+        match v.get("total").and_then(Value::as_u64) {
             Some(total) => {
                 if self.current.as_deref() != Some(status) {
                     self.current = Some(status.to_owned());
@@ -209,11 +212,7 @@ pub async fn pull(args: PullArgs) -> Result<(), ClientError> {
     let mut view = PullView::new();
     let result = Client::new(&args.client)
         .stream("/api/pull", &body, |v| {
-            view.show(
-                str_of(&v, "status"),
-                v.get("total").and_then(Value::as_u64),
-                v.get("completed").and_then(Value::as_u64),
-            );
+            view.event(&v);
             Ok(())
         })
         .await;
@@ -232,7 +231,7 @@ pub async fn pull(args: PullArgs) -> Result<(), ClientError> {
 }
 
 async fn pull_direct(args: &PullArgs, store: &crate::models::Store) -> Result<(), ClientError> {
-    use crate::models::pull::{pull, HubConfig, PullEvent, PullSpec};
+    use crate::models::pull::{pull, HubConfig, PullSpec};
     let spec = match &args.file {
         Some(file) => PullSpec::from_file(
             &args.model,
@@ -244,20 +243,8 @@ async fn pull_direct(args: &PullArgs, store: &crate::models::Store) -> Result<()
     }
     .map_err(|e| ClientError::Usage(e.to_string()))?;
     let mut view = PullView::new();
-    let result = pull(store, &spec, &HubConfig::from_env(), |e| match e {
-        PullEvent::Status(s) => view.show(&s, None, None),
-        PullEvent::Progress {
-            digest,
-            total,
-            completed,
-        } => {
-            let short: String = digest
-                .trim_start_matches("sha256:")
-                .chars()
-                .take(12)
-                .collect();
-            view.show(&format!("pulling {short}"), Some(total), Some(completed));
-        }
+    let result = pull(store, &spec, &HubConfig::from_env(), |e| {
+        view.event(&e.to_json())
     })
     .await;
     view.done();

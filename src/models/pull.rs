@@ -46,6 +46,33 @@ pub enum PullEvent {
     },
 }
 
+impl PullEvent {
+    /// The event as Ollama's `/api/pull` streams it: `{"status"}`, or for progress
+    /// `{"status": "pulling <12 hex>", "digest", "total", "completed"}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            PullEvent::Status(s) => serde_json::json!({ "status": s }),
+            PullEvent::Progress {
+                digest,
+                total,
+                completed,
+            } => {
+                let short: String = digest
+                    .trim_start_matches("sha256:")
+                    .chars()
+                    .take(12)
+                    .collect();
+                serde_json::json!({
+                    "status": format!("pulling {short}"),
+                    "digest": digest,
+                    "total": total,
+                    "completed": completed,
+                })
+            }
+        }
+    }
+}
+
 /// Why a pull failed. Each message says what to do next, because the CLI and the API show it
 /// to the user as it is.
 #[derive(Debug, thiserror::Error)]

@@ -80,14 +80,9 @@ pub struct Exit {
     pub stderr: String,
 }
 
-/// Runs `backstop ARGS` and waits for it to exit (for start-up failures).
-pub fn run_to_exit(args: &[&str], timeout: Duration) -> Exit {
-    run_to_exit_with_env(args, &[], timeout)
-}
-
-/// [`run_to_exit`] with extra environment variables (and none of the developer's own
-/// `OLLAMA_*` / `BACKSTOP_*` settings).
-pub fn run_to_exit_with_env(args: &[&str], envs: &[(&str, &str)], timeout: Duration) -> Exit {
+/// The binary, without the developer's own `OLLAMA_*` / `BACKSTOP_*` settings (only where
+/// the test models live is kept), so they never leak into a test.
+pub fn backstop_command() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_backstop"));
     for (k, _) in std::env::vars() {
         if k.starts_with("OLLAMA_")
@@ -96,6 +91,18 @@ pub fn run_to_exit_with_env(args: &[&str], envs: &[(&str, &str)], timeout: Durat
             cmd.env_remove(k);
         }
     }
+    cmd
+}
+
+/// Runs `backstop ARGS` and waits for it to exit (for start-up failures).
+pub fn run_to_exit(args: &[&str], timeout: Duration) -> Exit {
+    run_to_exit_with_env(args, &[], timeout)
+}
+
+/// [`run_to_exit`] with extra environment variables (and none of the developer's own
+/// `OLLAMA_*` / `BACKSTOP_*` settings).
+pub fn run_to_exit_with_env(args: &[&str], envs: &[(&str, &str)], timeout: Duration) -> Exit {
+    let mut cmd = backstop_command();
     let mut child = cmd
         .envs(envs.iter().copied())
         .args(args)
@@ -146,7 +153,7 @@ impl Server {
 
     /// Like [`Server::start_raw`], with extra environment variables.
     pub async fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_backstop"));
+        let mut cmd = backstop_command();
         cmd.arg("serve")
             .args(["--host", "127.0.0.1:0", "--threads", "1"])
             .args(args);
@@ -163,14 +170,6 @@ impl Server {
             cmd.arg("--models-dir").arg(&dir);
             Some(dir)
         };
-        // The developer's own Ollama settings must not leak into the tests.
-        for (k, _) in std::env::vars() {
-            if k.starts_with("OLLAMA_")
-                || (k.starts_with("BACKSTOP_") && k != "BACKSTOP_CACHE" && k != "BACKSTOP_MODELS")
-            {
-                cmd.env_remove(k);
-            }
-        }
         cmd.env("BACKSTOP_LOG", "info,llama-cpp-2=warn");
         cmd.envs(envs.iter().copied());
         let mut child = cmd

@@ -16,31 +16,7 @@ use super::error::OllamaError;
 use super::ndjson;
 use crate::api::body::{BodyError, JsonBody};
 use crate::api::AppState;
-use crate::models::pull::{pull as pull_model, HubConfig, PullError, PullEvent, PullSpec};
-
-/// One progress event as Ollama writes it.
-pub(crate) fn event_json(event: &PullEvent) -> Value {
-    match event {
-        PullEvent::Status(s) => json!({ "status": s }),
-        PullEvent::Progress {
-            digest,
-            total,
-            completed,
-        } => {
-            let short: String = digest
-                .trim_start_matches("sha256:")
-                .chars()
-                .take(12)
-                .collect();
-            json!({
-                "status": format!("pulling {short}"),
-                "digest": digest,
-                "total": total,
-                "completed": completed,
-            })
-        }
-    }
-}
+use crate::models::pull::{pull as pull_model, HubConfig, PullError, PullSpec};
 
 /// Status code of a failed pull answered without streaming.
 fn status_of(e: &PullError) -> StatusCode {
@@ -129,7 +105,7 @@ pub(crate) async fn pull(
         let events = tx.clone();
         let result = pull_model(&store, &spec, &HubConfig::from_env(), move |e| {
             // A failed send means the client went away; the task is aborted with it.
-            let _gone = events.send(Ok(event_json(&e)));
+            let _gone = events.send(Ok(e.to_json()));
         })
         .await;
         let last = match result {
@@ -173,19 +149,21 @@ pub(crate) async fn pull(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::pull::PullEvent;
 
     #[test]
     fn progress_reads_like_ollamas() {
-        let v = event_json(&PullEvent::Progress {
+        let v = PullEvent::Progress {
             digest: format!("sha256:{}", "ab".repeat(32)),
             total: 100,
             completed: 40,
-        });
+        }
+        .to_json();
         assert_eq!(v["status"], "pulling abababababab");
         assert_eq!(v["total"], 100);
         assert_eq!(v["completed"], 40);
         assert_eq!(
-            event_json(&PullEvent::Status("success".into())),
+            PullEvent::Status("success".into()).to_json(),
             json!({"status": "success"})
         );
     }
