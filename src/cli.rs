@@ -50,14 +50,34 @@ pub enum Command {
     Create(CreateArgs),
     /// Unload a model now.
     Stop(ModelArgs),
+    /// Failover drill against a running server: cloud path off, answers must come from the
+    /// local model; cloud path on, the cloud must answer again. Exit 0 only if all held.
+    Drill(DrillArgs),
 }
 
-/// Where the server is.
+/// `backstop drill`.
+#[derive(Debug, Clone, Args)]
+pub struct DrillArgs {
+    /// Requests to send while the cloud path is off.
+    #[arg(long, default_value_t = 3)]
+    pub requests: u32,
+    /// The cloud model to ask for [default: the first one an upstream serves].
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Server.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Where the server is, and the key to use.
 #[derive(Debug, Default, Clone, Args)]
 pub struct ClientArgs {
     /// The server [default: BACKSTOP_HOST, else OLLAMA_HOST, else 127.0.0.1:11434].
-    #[arg(long, value_name = "URL", global = true)]
+    #[arg(long, alias = "url", value_name = "URL", global = true)]
     pub host: Option<String>,
+    /// API key for a server that requires one [default: BACKSTOP_API_KEY].
+    #[arg(long, value_name = "KEY", global = true)]
+    pub api_key: Option<String>,
 }
 
 /// `backstop run`.

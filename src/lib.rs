@@ -8,6 +8,7 @@ pub mod config;
 pub mod engine;
 pub mod models;
 pub mod ops;
+pub mod router;
 pub mod server;
 
 use cli::{Cli, Command, LogFormat};
@@ -58,6 +59,11 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Command::Cp(a) => client::cp(a).await,
             Command::Create(a) => client::create(a).await,
             Command::Stop(a) => client::stop(a).await,
+            Command::Drill(a) => match client::drill(a).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(client::ClientError::Failed("the drill failed".into())),
+                Err(e) => Err(e),
+            },
         }
     })?;
     Ok(())

@@ -29,6 +29,9 @@ pub enum ServeError {
     /// A configured model could not be loaded; it is never served.
     #[error("model `{0}` was not served: {1}")]
     Load(String, String),
+    /// The router could not be set up.
+    #[error("router: {0}")]
+    Router(String),
     /// The HTTP server failed.
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
@@ -70,7 +73,15 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let models = Models::new(&config);
     tracing::info!(store = %models.store().root().display(), max_loaded = config.lifecycle.max_loaded, "model store");
     let reaper = tokio::spawn(Arc::clone(&models).reaper_task());
+    let router = Arc::new(crate::router::Router::new(&config.router).map_err(ServeError::Router)?);
+    for u in router.status() {
+        tracing::info!(upstream = %u.name, kind = u.kind, models = ?u.models, fallback = ?u.fallback, "cloud upstream");
+    }
+    if router.contingency().enabled {
+        tracing::warn!(source = %router.contingency().source, "contingency mode: every request is answered locally");
+    }
     let state = AppState {
+        router,
         models: Arc::clone(&models),
         metrics,
         started_at: chrono::Utc::now().timestamp(),

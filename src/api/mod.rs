@@ -1,10 +1,12 @@
 //! HTTP surface: shared state, the router, and the parts both APIs use.
 
+pub(crate) mod admin;
 pub(crate) mod body;
 pub(crate) mod guard;
 pub(crate) mod ollama;
 pub(crate) mod openai;
 pub(crate) mod request;
+pub(crate) mod routed;
 
 use std::sync::Arc;
 
@@ -31,6 +33,8 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// Unix time the server started (the `created` of listed models).
     pub started_at: i64,
+    /// Cloud upstreams and failover.
+    pub router: Arc<crate::router::Router>,
 }
 
 /// The whole application.
@@ -42,6 +46,11 @@ pub fn router(state: AppState, server: &ServerConfig) -> Router {
         .merge(ollama::routes())
         .route("/health", get(ops::health::health))
         .route("/metrics", get(ops::metrics::render))
+        .route(
+            "/admin/contingency",
+            get(admin::contingency).post(admin::set_contingency),
+        )
+        .route("/admin/router", get(admin::router))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(Extension(BodyLimit(max_body_bytes)))

@@ -34,6 +34,9 @@ pub enum ClientError {
     /// A bad command-line value.
     #[error("{0}")]
     Usage(String),
+    /// The command ran and its check failed (the report says why).
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// The server's base URL: the flag, else `BACKSTOP_HOST`, else `OLLAMA_HOST`, else the
@@ -78,6 +81,7 @@ pub(crate) fn base_url(args: &ClientArgs) -> String {
 pub(crate) struct Client {
     pub(crate) base: String,
     http: reqwest::Client,
+    api_key: Option<String>,
 }
 
 impl Client {
@@ -85,6 +89,20 @@ impl Client {
         Client {
             base: base_url(args),
             http: reqwest::Client::new(),
+            api_key: args
+                .api_key
+                .clone()
+                .or_else(|| std::env::var("BACKSTOP_API_KEY").ok())
+                .filter(|k| !k.is_empty()),
+        }
+    }
+
+    /// A request to `path`, with the API key when one is set.
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.base));
+        match &self.api_key {
+            Some(k) => r.bearer_auth(k),
+            None => r,
         }
     }
 
@@ -120,8 +138,7 @@ impl Client {
     /// `GET path` → JSON.
     pub(crate) async fn get(&self, path: &str) -> Result<Value, ClientError> {
         let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
+            .request(reqwest::Method::GET, path)
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;
@@ -140,8 +157,7 @@ impl Client {
         body: &Value,
     ) -> Result<Value, ClientError> {
         let resp = self
-            .http
-            .request(method, format!("{}{path}", self.base))
+            .request(method, path)
             .json(body)
             .send()
             .await
@@ -153,6 +169,28 @@ impl Client {
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Like [`Client::send`], also returning the answer's headers.
+    pub(crate) async fn send_with_headers(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &Value,
+    ) -> Result<(reqwest::header::HeaderMap, Value), ClientError> {
+        let resp = self
+            .request(method, path)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let resp = self.check(resp).await?;
+        let headers = resp.headers().clone();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok((headers, serde_json::from_str(&text).unwrap_or(Value::Null)))
     }
 
     /// Uploads a file as a blob unless the server already has it.
@@ -193,8 +231,7 @@ impl Client {
         mut each: impl FnMut(Value) -> Result<(), ClientError>,
     ) -> Result<(), ClientError> {
         let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
+            .request(reqwest::Method::POST, path)
             .json(body)
             .send()
             .await
@@ -234,6 +271,7 @@ mod tests {
     fn url(host: Option<&str>) -> String {
         base_url(&ClientArgs {
             host: host.map(str::to_owned),
+            api_key: None,
         })
     }
 

@@ -2,11 +2,13 @@
 //! `run`, `list`, `ps`, `show`, `pull`, `rm`, `cp`, `stop`.
 
 mod commands;
+mod drill;
 mod format;
 mod http;
 mod modelfile;
 mod run;
 
 pub use commands::{cp, create, list, ps, pull, rm, show, stop};
+pub use drill::drill;
 pub use http::ClientError;
 pub use run::run;

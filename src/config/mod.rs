@@ -4,6 +4,7 @@
 
 mod duration;
 mod raw;
+pub mod router;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use crate::engine::{self, EngineOptions, KvCacheType, SamplingOverrides};
 use crate::models::{Digest, ModelName};
 pub use duration::{parse_go_duration, parse_timeout, KeepAlive};
 use raw::{RawConfig, RawDuration, RawModel};
+pub use router::{BreakerConfig, RouteMode, RouterConfig, UpstreamConfig, UpstreamKind};
 
 /// The port Ollama uses; clients default to it.
 pub const DEFAULT_PORT: u16 = 11434;
@@ -165,8 +167,11 @@ pub struct Config {
     pub engine: EngineDefaults,
     /// The model store (Ollama's layout).
     pub store_dir: PathBuf,
-    /// Configured models, in the order they are preloaded (name order).
+    /// Configured models, in the order they are preloaded (fallbacks of the router first,
+    /// then name order).
     pub models: Vec<ModelConfig>,
+    /// Cloud upstreams and failover.
+    pub router: RouterConfig,
 }
 
 /// Where backstop keeps its cache (models, downloads): `BACKSTOP_CACHE` or
@@ -658,6 +663,34 @@ impl Config {
                 }
             }
         }
+        let router = router::load(
+            raw.router,
+            &origin,
+            |k| std::env::var(k).ok(),
+            |name| {
+                ModelName::parse(name)
+                    .is_ok_and(|n| models.iter().any(|m| m.name == n || m.aliases.contains(&n)))
+            },
+        )?;
+        // The models the cloud falls over to are the reason backstop exists: they load first
+        // and stay loaded unless their configuration says otherwise.
+        let fallbacks: Vec<ModelName> = router
+            .upstreams
+            .iter()
+            .filter_map(|u| u.fallback.as_deref())
+            .filter_map(|f| ModelName::parse(f).ok())
+            .collect();
+        let is_fallback = |m: &ModelConfig| {
+            fallbacks
+                .iter()
+                .any(|f| *f == m.name || m.aliases.contains(f))
+        };
+        for m in &mut models {
+            if is_fallback(m) && m.defaults.keep_alive.is_none() {
+                m.defaults.keep_alive = Some(KeepAlive::Forever);
+            }
+        }
+        models.sort_by_key(|m| !is_fallback(m));
         Ok(Config {
             server: ServerConfig {
                 listen,
@@ -669,6 +702,7 @@ impl Config {
             engine: engine_defaults,
             store_dir,
             models,
+            router,
         })
     }
 }

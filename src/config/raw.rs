@@ -15,6 +15,8 @@ pub(crate) struct RawConfig {
     pub(crate) server: RawServer,
     #[serde(default)]
     pub(crate) models: BTreeMap<String, RawModel>,
+    #[serde(default)]
+    pub(crate) router: super::router::RawRouter,
 }
 
 /// A duration written as a string (`"5m"`) or a number of seconds (`-1`, `300`).

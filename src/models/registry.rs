@@ -507,10 +507,15 @@ impl Models {
         if resident.len() < self.lifecycle.max_loaded {
             return Room::Free;
         }
+        // Models pinned by their configuration (`keep_alive = -1`, the router's fallbacks)
+        // are never evicted to make room.
         let victim = resident
             .iter()
             .filter_map(|(k, r)| match r {
-                Resident::Ready(l) if l.in_flight() == 0 => {
+                Resident::Ready(l)
+                    if l.in_flight() == 0
+                        && l.spec.defaults.keep_alive != Some(KeepAlive::Forever) =>
+                {
                     Some((k.clone(), l.activity().last_used))
                 }
                 _ => None,

@@ -64,6 +64,7 @@ mod tests {
                 sha256: None,
             }],
             engine,
+            router: Default::default(),
         }
     }
 
@@ -73,6 +74,7 @@ mod tests {
             models: Models::new(&config("/nonexistent.gguf")),
             metrics: None,
             started_at: 0,
+            router: std::sync::Arc::new(crate::router::Router::new(&Default::default()).unwrap()),
         };
         let server = config("/nonexistent.gguf").server;
         let app = router(state, &server);

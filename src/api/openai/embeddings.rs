@@ -183,7 +183,7 @@ mod tests {
 
     fn param_of(body: Value) -> String {
         let e = check(body).unwrap_err();
-        let v: Value = serde_json::from_str(&e.event_json()).unwrap();
+        let v = e.to_json();
         v["error"]["param"].as_str().unwrap_or_default().to_owned()
     }
 

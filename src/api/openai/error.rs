@@ -46,9 +46,29 @@ impl ApiError {
         }
     }
 
-    /// A body for a stream that already sent its headers.
-    pub(crate) fn event_json(&self) -> String {
-        self.body().to_string()
+    /// The message.
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// OpenAI's error `type`.
+    pub(crate) fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// OpenAI's error `code`.
+    pub(crate) fn code(&self) -> Option<&'static str> {
+        self.code
+    }
+
+    /// The HTTP status.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The error body, `{"error": {...}}`.
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        self.body()
     }
 
     fn body(&self) -> serde_json::Value {

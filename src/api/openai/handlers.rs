@@ -1,6 +1,7 @@
 //! The `/v1/*` handlers: check the body, find the model, submit, then stream or collect.
 
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
@@ -14,14 +15,22 @@ use super::types::{
 use crate::api::body::{BodyError, JsonBody};
 use crate::api::request::{collect, start, Collected, Valid};
 use crate::api::AppState;
+use crate::router::reply::Reply;
 
 fn now_secs() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-async fn respond(state: &AppState, valid: Valid, kind: Kind) -> Result<Response, ApiError> {
-    let lease = state.models.acquire(&valid.model, valid.keep_alive).await?;
-    let generation = start::<ApiError>(&valid, lease).await?;
+/// The local model's answer, in OpenAI's dialect. `valid.model` is echoed back; the model
+/// that answers is `local` (the same, unless the router fell over to a fallback).
+pub(crate) async fn local_reply(
+    state: &AppState,
+    valid: &Valid,
+    kind: Kind,
+    local: &str,
+) -> Result<Reply, ApiError> {
+    let lease = state.models.acquire(local, valid.keep_alive).await?;
+    let generation = start::<ApiError>(valid, lease).await?;
     let prefix = match kind {
         Kind::Chat => "chatcmpl-",
         Kind::Text => "cmpl-",
@@ -29,8 +38,8 @@ async fn respond(state: &AppState, valid: Valid, kind: Kind) -> Result<Response,
     let id = format!("{prefix}{}", uuid::Uuid::new_v4().simple());
     let created = now_secs();
     if valid.stream {
-        let chunker = Chunker::new(kind, id, created, valid.model, valid.include_usage);
-        return Ok(sse::sse(generation, chunker).into_response());
+        let chunker = Chunker::new(kind, id, created, valid.model.clone(), valid.include_usage);
+        return Ok(Reply::Stream(sse::chunks(generation, chunker)));
     }
     let Collected {
         text,
@@ -39,12 +48,13 @@ async fn respond(state: &AppState, valid: Valid, kind: Kind) -> Result<Response,
         ..
     } = collect(generation).await?;
     let finish_reason = finish.as_str();
-    let response = match kind {
-        Kind::Chat => Json(ChatCompletion {
+    let model = valid.model.clone();
+    let body = match kind {
+        Kind::Chat => serde_json::to_value(ChatCompletion {
             id,
             object: "chat.completion",
             created,
-            model: valid.model,
+            model,
             system_fingerprint: FINGERPRINT,
             choices: vec![ChatChoice {
                 index: 0,
@@ -56,13 +66,12 @@ async fn respond(state: &AppState, valid: Valid, kind: Kind) -> Result<Response,
                 finish_reason,
             }],
             usage: usage.into(),
-        })
-        .into_response(),
-        Kind::Text => Json(TextCompletion {
+        }),
+        Kind::Text => serde_json::to_value(TextCompletion {
             id,
             object: "text_completion",
             created,
-            model: valid.model,
+            model,
             system_fingerprint: FINGERPRINT,
             choices: vec![TextChoice {
                 index: 0,
@@ -71,18 +80,38 @@ async fn respond(state: &AppState, valid: Valid, kind: Kind) -> Result<Response,
                 finish_reason,
             }],
             usage: usage.into(),
-        })
-        .into_response(),
+        }),
     };
-    Ok(response)
+    body.map(Reply::Whole)
+        .map_err(|e| ApiError::from(crate::engine::EngineError::Decode(e.to_string())))
+}
+
+/// An answer as an OpenAI response: JSON, or SSE.
+pub(crate) fn render(reply: Reply) -> Response {
+    match reply {
+        Reply::Whole(v) => Json(v).into_response(),
+        Reply::Stream(chunks) => sse::render(chunks).into_response(),
+    }
+}
+
+async fn respond(state: &AppState, valid: Valid, kind: Kind) -> Result<Response, ApiError> {
+    let reply = local_reply(state, &valid, kind, &valid.model).await?;
+    Ok(render(reply))
 }
 
 /// `POST /v1/chat/completions`.
 pub(crate) async fn chat_completions(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<JsonBody, BodyError>,
 ) -> Result<Response, ApiError> {
-    let valid = convert::chat(&body?)?;
+    let body = body?;
+    if let Some(model) = body.0.get("model").and_then(serde_json::Value::as_str) {
+        if state.router.serves(model) {
+            return Ok(crate::api::routed::openai_chat(&state, &headers, &body.0, model).await);
+        }
+    }
+    let valid = convert::chat(&body)?;
     respond(&state, valid, Kind::Chat).await
 }
 

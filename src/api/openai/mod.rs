@@ -1,9 +1,9 @@
 //! The OpenAI-compatible API under `/v1`.
 
-mod convert;
+pub(crate) mod convert;
 mod embeddings;
 mod error;
-mod handlers;
+pub(crate) mod handlers;
 mod sse;
 mod types;
 
@@ -13,6 +13,7 @@ use axum::Router;
 
 use super::AppState;
 pub(crate) use error::ApiError;
+pub(crate) use sse::Kind;
 
 /// Routes for `/v1/*`.
 pub(crate) fn routes() -> Router<AppState> {

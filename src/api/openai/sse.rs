@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::types::WireUsage;
 use crate::engine::{EngineError, FinishReason, Generation, TokenEvent, Usage};
+use crate::router::reply::{ChunkStream, StreamFault};
 
 /// Which endpoint's chunk shape to produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,42 +115,58 @@ impl Chunker {
     }
 }
 
-/// The data lines that one engine event becomes, and whether the stream ends after them.
-pub(crate) fn translate(chunker: &Chunker, event: Option<TokenEvent>) -> (Vec<String>, bool) {
+/// The chunks one engine event becomes, and whether the stream ends after them.
+pub(crate) fn translate(
+    chunker: &Chunker,
+    event: Option<TokenEvent>,
+) -> (Vec<Result<String, StreamFault>>, bool) {
     match event {
         Some(TokenEvent::Queued { .. }) => (vec![], false),
-        Some(TokenEvent::Token(t)) => (vec![chunker.text(&t)], false),
-        Some(TokenEvent::Done { finish, usage, .. }) => {
-            let mut lines = chunker.finish(finish, usage);
-            lines.push("[DONE]".to_owned());
-            (lines, true)
-        }
-        // An error after the headers went out: a JSON error event, then the stream ends
-        // (no [DONE], so clients cannot mistake it for a complete answer).
-        Some(TokenEvent::Error(e)) => (vec![ApiError::from(e).event_json()], true),
-        None => (
-            vec![ApiError::from(EngineError::Stopped).event_json()],
+        Some(TokenEvent::Token(t)) => (vec![Ok(chunker.text(&t))], false),
+        Some(TokenEvent::Done { finish, usage, .. }) => (
+            chunker.finish(finish, usage).into_iter().map(Ok).collect(),
             true,
         ),
+        // An error after the headers went out ends the stream with an error event.
+        Some(TokenEvent::Error(e)) => (vec![Err(fault(ApiError::from(e)))], true),
+        None => (vec![Err(fault(ApiError::from(EngineError::Stopped)))], true),
     }
 }
 
-/// The SSE response for a generation that has been queued.
-pub(crate) fn sse(
-    generation: Generation,
-    chunker: Chunker,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let head = stream::iter(chunker.start());
+fn fault(e: ApiError) -> StreamFault {
+    StreamFault {
+        message: e.message().to_owned(),
+        kind: e.kind(),
+        code: e.code(),
+    }
+}
+
+/// The chunks of a generation that has been queued.
+pub(crate) fn chunks(generation: Generation, chunker: Chunker) -> ChunkStream {
+    let head = stream::iter(chunker.start().map(Ok));
     let body = stream::unfold(Some((generation, chunker)), |state| async move {
         let (mut generation, chunker) = state?;
-        let (lines, end) = translate(&chunker, generation.next().await);
+        let (items, end) = translate(&chunker, generation.next().await);
         let next = (!end).then_some((generation, chunker));
-        Some((stream::iter(lines), next))
+        Some((stream::iter(items), next))
     })
     .flatten();
-    let events = head
-        .chain(body)
-        .map(|data| Ok::<_, Infallible>(Event::default().data(data)));
+    head.chain(body).boxed()
+}
+
+/// An OpenAI SSE response: one `data:` event per chunk, `data: [DONE]` after a complete
+/// answer, or an error event (and no `[DONE]`, so clients cannot mistake it for a complete
+/// answer) when the stream broke off.
+pub(crate) fn render(chunks: ChunkStream) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let events = stream::unfold(Some(chunks), |state| async move {
+        let mut chunks = state?;
+        match chunks.next().await {
+            Some(Ok(data)) => Some((data, Some(chunks))),
+            Some(Err(f)) => Some((f.to_json().to_string(), None)),
+            None => Some(("[DONE]".to_owned(), None)),
+        }
+    })
+    .map(|data| Ok::<_, Infallible>(Event::default().data(data)));
     Sse::new(events).keep_alive(KeepAlive::default())
 }
 
@@ -206,7 +223,12 @@ mod tests {
             }),
         );
         assert!(end);
-        assert_eq!(lines.len(), 3);
+        let lines: Vec<String> = lines.into_iter().map(Result::unwrap).collect();
+        assert_eq!(
+            lines.len(),
+            2,
+            "finish, then usage; [DONE] is the renderer's"
+        );
         let fin = parse(&lines[0]);
         assert_eq!(fin["choices"][0]["finish_reason"], "length");
         assert_eq!(fin["choices"][0]["delta"], json!({}));
@@ -214,7 +236,6 @@ mod tests {
         let u = parse(&lines[1]);
         assert_eq!(u["choices"], json!([]));
         assert_eq!(u["usage"]["total_tokens"], 8);
-        assert_eq!(lines[2], "[DONE]");
     }
 
     #[test]
@@ -227,7 +248,7 @@ mod tests {
                 timings: Default::default(),
             }),
         );
-        assert_eq!(lines.len(), 2);
+        assert_eq!(lines.len(), 1, "only the finish chunk");
     }
 
     #[test]
@@ -238,7 +259,9 @@ mod tests {
         );
         assert!(end);
         assert_eq!(lines.len(), 1);
-        assert_eq!(parse(&lines[0])["error"]["type"], "server_error");
+        let fault = lines[0].clone().unwrap_err();
+        assert_eq!(fault.kind, "server_error");
+        assert!(fault.message.contains("boom"));
     }
 
     #[test]

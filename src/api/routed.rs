@@ -1,0 +1,164 @@
+//! Chat requests for models a cloud upstream serves: the cloud first, in the configured
+//! order, skipping upstreams whose breaker is open, then the local fallback. Every answer
+//! says who gave it (`x-backstop-backend`, `x-backstop-upstream`, and `x-backstop-failover`
+//! with the reason when the local model stood in).
+
+use std::time::Instant;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::openai::{self, ApiError};
+use super::AppState;
+use crate::router::breaker::Admit;
+use crate::router::failure::FailReason;
+use crate::router::reply::Reply;
+use crate::router::upstream::Outcome;
+use crate::router::RouteOverride;
+
+/// Which backend answered, for the transparency headers.
+#[derive(Debug, Clone)]
+pub(crate) enum Served {
+    /// A cloud upstream, by name.
+    Cloud(String),
+    /// The local model, by name.
+    Local(String),
+}
+
+/// `x-backstop-backend`, `x-backstop-upstream` and, when the local model stood in for the
+/// cloud, `x-backstop-failover`.
+pub(crate) fn mark(mut resp: Response, served: &Served, failover: Option<FailReason>) -> Response {
+    let (backend, name) = match served {
+        Served::Cloud(n) => ("cloud", n.as_str()),
+        Served::Local(n) => ("local", n.as_str()),
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        HeaderName::from_static("x-backstop-backend"),
+        HeaderValue::from_static(backend),
+    );
+    if let Ok(v) = HeaderValue::from_str(name) {
+        h.insert(HeaderName::from_static("x-backstop-upstream"), v);
+    }
+    if let Some(reason) = failover {
+        if let Ok(v) = HeaderValue::from_str(&reason.label()) {
+            h.insert(HeaderName::from_static("x-backstop-failover"), v);
+        }
+    }
+    resp
+}
+
+/// Reads `x-backstop-route`; an unknown value is the caller's mistake.
+pub(crate) fn route_override(headers: &HeaderMap) -> Result<Option<RouteOverride>, ApiError> {
+    match headers.get("x-backstop-route") {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(RouteOverride::parse)
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "x-backstop-route",
+                    "the x-backstop-route header must be `local` or `cloud`",
+                )
+            }),
+    }
+}
+
+/// The answer to a routed chat request, as a reply (OpenAI's dialect) plus who served it.
+/// Errors are in OpenAI's shape with their status.
+pub(crate) async fn chat(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Value,
+    model: &str,
+) -> Result<(Reply, Served, Option<FailReason>), (StatusCode, Value, Option<Served>)> {
+    let over = route_override(headers).map_err(|e| (e.status(), e.to_json(), None))?;
+    let plan = state.router.plan(model, over);
+    let started = Instant::now();
+    let mut reason = plan.skipped;
+    if let Some(r) = plan.skipped {
+        metrics::counter!("backstop_failovers_total", "upstream" => "-", "reason" => r.label())
+            .increment(1);
+    }
+    for up in &plan.cloud {
+        let name = up.config.name.clone();
+        let (admit, probe) = up.admit();
+        if admit == Admit::Skip {
+            reason = Some(FailReason::BreakerOpen);
+            metrics::counter!("backstop_failovers_total", "upstream" => name, "reason" => "breaker_open").increment(1);
+            continue;
+        }
+        let outcome = up.chat(body).await;
+        if let Some(p) = probe {
+            p.disarm();
+        }
+        match outcome {
+            Outcome::Answer(reply) => {
+                if up.succeeded() {
+                    tracing::info!(upstream = %name, "circuit breaker closed: the upstream answered again");
+                }
+                state.router.publish();
+                metrics::counter!("backstop_routed_requests_total", "backend" => "cloud", "upstream" => name.clone()).increment(1);
+                return Ok((reply, Served::Cloud(name), None));
+            }
+            Outcome::Refused { status, body } => {
+                // The upstream is up; the request was the caller's problem.
+                up.succeeded();
+                state.router.publish();
+                return Err((status, body, Some(Served::Cloud(name))));
+            }
+            Outcome::Failed { reason: r, detail } => {
+                let opened = up.failed();
+                state.router.publish();
+                tracing::warn!(upstream = %name, reason = %r, detail = %detail, elapsed_ms = started.elapsed().as_millis() as u64, "upstream failed; failing over");
+                if opened {
+                    tracing::warn!(upstream = %name, "circuit breaker opened: requests skip this upstream until a probe succeeds");
+                }
+                metrics::counter!("backstop_failovers_total", "upstream" => name, "reason" => r.label()).increment(1);
+                reason = Some(r);
+            }
+        }
+    }
+    let Some(local) = plan.fallback else {
+        let why = reason.map_or_else(|| "no upstream".to_owned(), |r| r.label());
+        let e = json!({"error": {
+            "message": format!("no upstream could answer for model `{model}` ({why}) and it has no local fallback"),
+            "type": "server_error",
+            "param": "model",
+            "code": "upstream_unavailable",
+        }});
+        return Err((StatusCode::BAD_GATEWAY, e, None));
+    };
+    let served = Served::Local(local.clone());
+    let valid = openai::convert::chat(&crate::api::body::JsonBody(body.clone()))
+        .map_err(|e| (e.status(), e.to_json(), Some(served.clone())))?;
+    let reply = openai::handlers::local_reply(state, &valid, openai::Kind::Chat, &local)
+        .await
+        .map_err(|e| (e.status(), e.to_json(), Some(served.clone())))?;
+    metrics::counter!("backstop_routed_requests_total", "backend" => "local", "upstream" => local)
+        .increment(1);
+    Ok((reply, served, reason))
+}
+
+/// `POST /v1/chat/completions` for a routed model, answered in OpenAI's shape.
+pub(crate) async fn openai_chat(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Value,
+    model: &str,
+) -> Response {
+    match chat(state, headers, body, model).await {
+        Ok((reply, served, reason)) => mark(openai::handlers::render(reply), &served, reason),
+        Err((status, body, served)) => {
+            let resp = (status, Json(body)).into_response();
+            match served {
+                Some(s) => mark(resp, &s, None),
+                None => resp,
+            }
+        }
+    }
+}
