@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 
+pub mod fake_cloud;
 pub mod fake_hub;
 
 use std::io::{BufRead, BufReader};
