@@ -333,7 +333,7 @@ async fn whole_json(resp: reqwest::Response, deadline: Instant) -> Result<Value,
         Err(_) => {
             return Err(failed(
                 FailReason::TotalTimeout,
-                format!("no whole answer within the total timeout"),
+                "no whole answer within the total timeout",
             ))
         }
         Ok(Err(e)) => return Err(failed(FailReason::Broken, e.to_string())),
