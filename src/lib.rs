@@ -8,6 +8,7 @@ pub mod config;
 pub mod engine;
 pub mod models;
 pub mod ops;
+pub(crate) mod router;
 pub mod server;
 
 use cli::{Cli, Command, LogFormat};
