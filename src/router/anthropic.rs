@@ -14,6 +14,9 @@
 //! the other side gave (`chatcmpl-X` ↔ `msg_X`), so one exchange can be followed through the
 //! logs of both sides, and `created` timestamps are passed in.
 
+pub(crate) mod client_reply;
+pub(crate) mod client_request;
+pub(crate) mod client_stream;
 pub(crate) mod sse;
 
 use serde_json::{json, Value};
