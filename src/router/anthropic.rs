@@ -18,6 +18,9 @@ pub(crate) mod client_reply;
 pub(crate) mod client_request;
 pub(crate) mod client_stream;
 pub(crate) mod sse;
+pub(crate) mod upstream_reply;
+pub(crate) mod upstream_request;
+pub(crate) mod upstream_stream;
 
 use serde_json::{json, Value};
 
@@ -160,7 +163,180 @@ mod tests {
     //! The directions composed: what a client sends or receives survives the trip through
     //! the other API and back.
 
+    use super::client_reply::openai_response_to_anthropic;
+    use super::client_request::anthropic_request_to_openai;
+    use super::client_stream::OpenAiToAnthropic;
+    use super::upstream_reply::anthropic_response_to_openai;
+    use super::upstream_request::openai_request_to_anthropic;
+    use super::upstream_stream::AnthropicToOpenAi;
     use super::*;
+
+    fn anthropic_request() -> Value {
+        json!({
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 1024,
+            "system": "You are a terse weather assistant.",
+            "temperature": 0.3,
+            "stop_sequences": ["\n\nHuman:"],
+            "tools": [{
+                "name": "get_weather",
+                "description": "Current weather for a city",
+                "input_schema": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"]
+                }
+            }],
+            "tool_choice": {"type": "auto"},
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "Let me check."},
+                    {"type": "tool_use", "id": "toolu_01A09q90qw90lq917835lq9",
+                     "name": "get_weather", "input": {"city": "Paris"}}
+                ]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_01A09q90qw90lq917835lq9",
+                     "content": "15°C, light rain"},
+                    {"type": "text", "text": "Thanks. Umbrella?"}
+                ]}
+            ]
+        })
+    }
+
+    #[test]
+    fn a_system_prompt_and_tool_round_trip_survive_both_translations() {
+        let original = anthropic_request();
+        let openai = anthropic_request_to_openai(&original).unwrap();
+        let back = openai_request_to_anthropic(&openai, "claude-sonnet-4-5", 4096).unwrap();
+        assert_eq!(back.json_tool, None);
+        let body = back.body;
+        assert_eq!(body["system"], original["system"]);
+        assert_eq!(body["max_tokens"], 1024);
+        assert_eq!(body["stop_sequences"], original["stop_sequences"]);
+        assert_eq!(body["temperature"], 0.3);
+        assert_eq!(body["tools"], original["tools"]);
+        assert_eq!(body["tool_choice"], json!({"type": "auto"}));
+        assert_eq!(
+            body["messages"][0],
+            json!({"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]})
+        );
+        assert_eq!(
+            body["messages"][1]["content"],
+            original["messages"][1]["content"]
+        );
+        assert_eq!(
+            body["messages"][2]["content"],
+            json!([
+                {"type": "tool_result", "tool_use_id": "toolu_01A09q90qw90lq917835lq9",
+                 "content": "15°C, light rain"},
+                {"type": "text", "text": "Thanks. Umbrella?"}
+            ])
+        );
+        assert_eq!(body["messages"].as_array().map(Vec::len), Some(3));
+    }
+
+    #[test]
+    fn an_answer_with_a_tool_call_survives_both_reply_translations() {
+        let openai = json!({
+            "id": "chatcmpl-9xYz",
+            "object": "chat.completion",
+            "created": 1_700_000_000,
+            "model": "qwen2.5-7b-instruct",
+            "choices": [{
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": "Checking the forecast.",
+                    "tool_calls": [{"id": "call_abc", "type": "function",
+                        "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]
+                },
+                "finish_reason": "tool_calls"
+            }],
+            "usage": {"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52}
+        });
+        let anthropic = openai_response_to_anthropic(&openai).unwrap();
+        let back = anthropic_response_to_openai(&anthropic, None, 1_700_000_000).unwrap();
+        assert_eq!(back["id"], "chatcmpl-msg_9xYz");
+        assert_eq!(
+            back["choices"][0]["message"]["content"],
+            "Checking the forecast."
+        );
+        assert_eq!(
+            back["choices"][0]["message"]["tool_calls"],
+            openai["choices"][0]["message"]["tool_calls"]
+        );
+        assert_eq!(back["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(back["usage"]["prompt_tokens"], 40);
+        assert_eq!(back["usage"]["completion_tokens"], 12);
+        assert_eq!(back["usage"]["total_tokens"], 52);
+    }
+
+    #[test]
+    fn a_stream_translated_to_anthropic_and_back_carries_the_same_text_and_arguments() {
+        let chunk = |delta: Value, finish: Value| {
+            json!({"id": "chatcmpl-s1", "object": "chat.completion.chunk", "created": 1,
+                   "model": "m", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        };
+        let chunks = [
+            chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+            chunk(json!({"content": "Let me "}), Value::Null),
+            chunk(json!({"content": "look."}), Value::Null),
+            chunk(
+                json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""}}]}),
+                Value::Null,
+            ),
+            chunk(
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}),
+                Value::Null,
+            ),
+            chunk(
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Oslo\"}"}}]}),
+                Value::Null,
+            ),
+            chunk(json!({}), json!("tool_calls")),
+            json!({"id": "chatcmpl-s1", "object": "chat.completion.chunk", "created": 1,
+                   "model": "m", "choices": [],
+                   "usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16}}),
+        ];
+        let mut to_anthropic = OpenAiToAnthropic::new("claude-haiku-4-5");
+        let mut to_openai = AnthropicToOpenAi::new("gpt-4o-mini", 5, true, None);
+        let mut out = Vec::new();
+        for c in &chunks {
+            for (name, data) in to_anthropic.push(c).unwrap() {
+                out.extend(to_openai.push(name, &data).unwrap());
+            }
+        }
+        for (name, data) in to_anthropic.finish() {
+            out.extend(to_openai.push(name, &data).unwrap());
+        }
+        assert!(to_openai.is_done());
+        let text: String = out
+            .iter()
+            .filter_map(|c| {
+                c.pointer("/choices/0/delta/content")
+                    .and_then(Value::as_str)
+            })
+            .collect();
+        assert_eq!(text, "Let me look.");
+        let args: String = out
+            .iter()
+            .filter_map(|c| {
+                c.pointer("/choices/0/delta/tool_calls/0/function/arguments")
+                    .and_then(Value::as_str)
+            })
+            .collect();
+        assert_eq!(args, "{\"city\":\"Oslo\"}");
+        let finish: Vec<&Value> = out
+            .iter()
+            .filter_map(|c| c.pointer("/choices/0/finish_reason"))
+            .filter(|f| !f.is_null())
+            .collect();
+        assert_eq!(finish, [&json!("tool_calls")]);
+        let usage = out.last().and_then(|c| c.get("usage")).cloned();
+        assert_eq!(usage.map(|u| u["total_tokens"].clone()), Some(json!(16)));
+    }
 
     #[test]
     fn finish_and_stop_reasons_map_both_ways() {
