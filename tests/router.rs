@@ -386,3 +386,169 @@ async fn the_drill_passes_when_failover_and_recovery_work_and_fails_when_they_do
     let (_, c) = s.get_json("/admin/contingency").await;
     assert_eq!(c["enabled"], false);
 }
+
+/// A server whose upstream speaks Anthropic's Messages API.
+async fn routed_anthropic(fake: &FakeCloud) -> Server {
+    let dir = common::temp_dir("router-anthropic");
+    let cfg = dir.join("models.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[models.smollm2]\npath = \"{}\"\n[router.breaker]\nfailures = 1000\n[[router.upstreams]]\nname = \"claude\"\nkind = \"anthropic\"\nbase_url = \"{}/v1\"\napi_key_env = \"FAKE_ANTHROPIC_KEY\"\nmodels = [\"claude-sonnet\"]\nfallback = \"smollm2\"\nfirst_byte_timeout = \"400ms\"\ntotal_timeout = \"1500ms\"\nmodel_map = {{ \"claude-sonnet\" = \"claude-sonnet-4-5\" }}\n",
+            common::smollm2().display(),
+            fake.base
+        ),
+    )
+    .unwrap();
+    Server::start_with_env(
+        &["--config", cfg.to_str().unwrap()],
+        &[("FAKE_ANTHROPIC_KEY", "ak-fake")],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn an_anthropic_upstream_is_spoken_to_in_its_own_api_and_answers_in_openais() {
+    let fake = FakeCloud::start().await;
+    let s = routed_anthropic(&fake).await;
+    let body = |stream: bool| {
+        json!({"model": "claude-sonnet", "stream": stream, "temperature": 1.5, "stop": ["END"], "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hello there"}
+        ]})
+    };
+    for stream in [false, true] {
+        let (status, marks, text, events) = ask(&s, &body(stream), &[]).await;
+        assert_eq!(status, 200, "{events:?}");
+        assert_eq!(marks, [some("cloud"), some("claude"), None]);
+        assert_eq!(text, "cloud says: hello there");
+        if stream {
+            assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        }
+        let sent = fake.last_request().unwrap();
+        assert_eq!(sent.path, "/v1/messages");
+        assert_eq!(sent.header("x-api-key"), Some("ak-fake"));
+        assert!(sent.header("anthropic-version").is_some());
+        assert_eq!(sent.body["model"], "claude-sonnet-4-5");
+        assert_eq!(sent.body["system"], "Be brief.");
+        assert_eq!(sent.body["stop_sequences"], json!(["END"]));
+        assert_eq!(
+            sent.body["temperature"], 1.0,
+            "OpenAI's 0..2 clamped to Anthropic's 0..1"
+        );
+        assert!(
+            sent.body["max_tokens"].as_u64().unwrap() > 0,
+            "Anthropic requires max_tokens"
+        );
+    }
+    // Its failures fail over like any other.
+    for (mode, reason) in [
+        (Mode::Status(529), "overloaded"),
+        (Mode::Garbage, "malformed"),
+    ] {
+        fake.set_mode(mode);
+        for stream in [false, true] {
+            let (status, marks, _, _) = ask(&s, &body(stream), &[]).await;
+            assert_eq!(status, 200);
+            assert_eq!(
+                marks,
+                [some("local"), some("smollm2"), some(reason)],
+                "stream={stream}"
+            );
+        }
+    }
+}
+
+/// Anthropic's named SSE events of a `/v1/messages` stream: (event, data).
+fn anthropic_events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let mut name = None;
+            let mut data = None;
+            for line in block.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = Some(n.to_owned());
+                }
+                if let Some(d) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(d).ok();
+                }
+            }
+            Some((name?, data?))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn anthropic_clients_get_anthropic_answers_from_the_cloud_the_local_model_and_a_failover() {
+    let fake = FakeCloud::start().await;
+    let s = routed(&fake, 1000, "", &[]).await;
+    let message = |model: &str, stream: bool| json!({"model": model, "max_tokens": 8, "stream": stream, "temperature": 0, "system": "Be brief.", "messages": [{"role": "user", "content": "hello there"}]});
+    let post = |body: Value| {
+        let s = &s;
+        async move {
+            let r = s
+                .client
+                .post(s.url("/v1/messages"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let backend = r
+                .headers()
+                .get("x-backstop-backend")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (r.status().as_u16(), backend, r.text().await.unwrap())
+        }
+    };
+    // A cloud (OpenAI) upstream, answered in Anthropic's shape.
+    let (status, backend, text) = post(message("gpt-4o-mini", false)).await;
+    assert_eq!((status, backend.as_deref()), (200, Some("cloud")));
+    let m: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(m["type"], "message");
+    assert_eq!(m["role"], "assistant");
+    assert_eq!(m["content"][0]["text"], "cloud says: hello there");
+    assert_eq!(m["stop_reason"], "end_turn");
+    assert!(m["usage"]["output_tokens"].as_u64().unwrap() > 0);
+    // The local model directly, streamed: Anthropic's events in Anthropic's order.
+    let (status, backend, text) = post(message("smollm2", true)).await;
+    assert_eq!((status, backend), (200, None));
+    let events = anthropic_events(&text);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.first(), Some(&"message_start"), "{names:?}");
+    assert_eq!(names.last(), Some(&"message_stop"), "{names:?}");
+    assert!(names.contains(&"content_block_delta") && names.contains(&"message_delta"));
+    let streamed: String = events
+        .iter()
+        .filter(|(n, _)| n == "content_block_delta")
+        .map(|(_, d)| d["delta"]["text"].as_str().unwrap_or_default())
+        .collect();
+    let (_, _, whole) = post(message("smollm2", false)).await;
+    let whole: Value = serde_json::from_str(&whole).unwrap();
+    assert_eq!(
+        streamed,
+        whole["content"][0]["text"].as_str().unwrap(),
+        "streamed and whole agree"
+    );
+    // The cloud down: the same request is answered locally, still in Anthropic's shape.
+    fake.set_mode(Mode::Status(503));
+    let (status, backend, text) = post(message("gpt-4o-mini", true)).await;
+    assert_eq!((status, backend.as_deref()), (200, Some("local")));
+    let names: Vec<String> = anthropic_events(&text)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(names.last().map(String::as_str), Some("message_stop"));
+    // Bad requests get Anthropic's error shape.
+    let (status, _, text) =
+        post(json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]})).await;
+    assert_eq!(status, 400, "max_tokens is required");
+    let e: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(e["type"], "error");
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    let (status, _, text) = post(message("nope", false)).await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["error"]["type"],
+        "not_found_error"
+    );
+}

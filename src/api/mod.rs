@@ -1,6 +1,7 @@
 //! HTTP surface: shared state, the router, and the parts both APIs use.
 
 pub(crate) mod admin;
+pub(crate) mod anthropic;
 pub(crate) mod body;
 pub(crate) mod guard;
 pub(crate) mod ollama;
@@ -51,6 +52,7 @@ pub fn router(state: AppState, server: &ServerConfig) -> Router {
             get(admin::contingency).post(admin::set_contingency),
         )
         .route("/admin/router", get(admin::router))
+        .route("/v1/messages", axum::routing::post(anthropic::messages))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(Extension(BodyLimit(max_body_bytes)))

@@ -2,6 +2,7 @@
 //! fall over to the local model when the cloud is down, slow or refusing. Contingency mode
 //! (configuration, `BACKSTOP_CONTINGENCY`, the admin API) sends everything local.
 
+pub(crate) mod anthropic;
 pub(crate) mod breaker;
 pub(crate) mod failure;
 pub(crate) mod reply;

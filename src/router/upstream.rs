@@ -13,6 +13,9 @@ use axum::http::StatusCode;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use serde_json::{json, Value};
 
+use super::anthropic::upstream_reply::anthropic_response_to_openai;
+use super::anthropic::upstream_request::openai_request_to_anthropic;
+use super::anthropic::upstream_stream::AnthropicToOpenAi;
 use super::breaker::{Admit, Breaker, State};
 use super::failure::FailReason;
 use super::reply::{ChunkStream, Reply, StreamFault};
@@ -299,12 +302,135 @@ impl Upstream {
         Outcome::Answer(Reply::Stream(chunks))
     }
 
-    async fn anthropic(&self, _body: &Value, _deadline: Instant) -> Outcome {
-        failed(
-            FailReason::Malformed,
-            "anthropic upstreams are wired with the translation",
-        )
+    /// Anthropic's Messages API: the OpenAI request is translated on the way out, and the
+    /// answer (whole or streamed) translated back, so callers never see the difference.
+    async fn anthropic(&self, body: &Value, deadline: Instant) -> Outcome {
+        let model = body
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let translated = match openai_request_to_anthropic(
+            body,
+            self.config.upstream_model(model),
+            self.config.default_max_tokens,
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                return Outcome::Refused {
+                    status: StatusCode::BAD_REQUEST,
+                    body: json!({"error": {"message": e.message, "type": "invalid_request_error", "param": e.param, "code": null}}),
+                }
+            }
+        };
+        let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let include_usage = body["stream_options"]["include_usage"]
+            .as_bool()
+            .unwrap_or(false);
+        let mut request = self
+            .client
+            .post(format!("{}/messages", self.config.base_url))
+            .header("anthropic-version", ANTHROPIC_VERSION)
+            .json(&translated.body);
+        if let Some(key) = &self.config.api_key {
+            request = request.header("x-api-key", key);
+        }
+        let resp = match self.send(request, deadline, anthropic_refusal).await {
+            Ok(r) => r,
+            Err(outcome) => return outcome,
+        };
+        let created = chrono::Utc::now().timestamp();
+        if !stream {
+            return match whole_json(resp, deadline).await {
+                Ok(v) => {
+                    match anthropic_response_to_openai(&v, translated.json_tool.as_deref(), created)
+                    {
+                        Ok(openai) => Outcome::Answer(Reply::Whole(openai)),
+                        Err(e) => failed(FailReason::Malformed, e.to_string()),
+                    }
+                }
+                Err(outcome) => outcome,
+            };
+        }
+        if !is_event_stream(&resp) {
+            return failed(
+                FailReason::Malformed,
+                "a stream answered without text/event-stream",
+            );
+        }
+        let mut events = EventStream::new(resp, deadline);
+        let mut translator =
+            AnthropicToOpenAi::new(model, created, include_usage, translated.json_tool);
+        let mut held: Vec<String> = Vec::new();
+        // Hold chunks back until the first token (or the end): until then, fail over.
+        while !translator.emitted_content() && !translator.is_done() {
+            match events.next().await {
+                Err(fault) => return fault.into_failure(),
+                Ok(None) => {
+                    return failed(FailReason::Broken, "the stream ended before any token");
+                }
+                Ok(Some(ev)) => match translator.push_sse(&ev) {
+                    Ok(chunks) => held.extend(chunks.into_iter().map(|c| c.to_string())),
+                    Err(e) if e.is_overloaded() => {
+                        return failed(FailReason::Overloaded, e.to_string())
+                    }
+                    Err(e) => return failed(FailReason::Malformed, e.to_string()),
+                },
+            }
+        }
+        let rest = stream::unfold(Some((events, translator)), |state| async move {
+            let (mut events, mut translator) = state?;
+            loop {
+                if translator.is_done() {
+                    return None;
+                }
+                match events.next().await {
+                    Ok(Some(ev)) => match translator.push_sse(&ev) {
+                        Ok(chunks) if chunks.is_empty() => continue,
+                        Ok(chunks) => {
+                            let items: Vec<Result<String, StreamFault>> =
+                                chunks.into_iter().map(|c| Ok(c.to_string())).collect();
+                            return Some((stream::iter(items), Some((events, translator))));
+                        }
+                        Err(e) => {
+                            let fault =
+                                StreamFault::server(format!("the upstream's stream failed: {e}"));
+                            return Some((stream::iter(vec![Err(fault)]), None));
+                        }
+                    },
+                    Ok(None) => {
+                        return match translator.finish() {
+                            Ok(()) => None,
+                            Err(e) => Some((
+                                stream::iter(vec![Err(StreamFault::server(e.to_string()))]),
+                                None,
+                            )),
+                        }
+                    }
+                    Err(fault) => {
+                        return Some((stream::iter(vec![Err(fault.into_stream_fault())]), None))
+                    }
+                }
+            }
+        })
+        .flatten();
+        let chunks: ChunkStream = stream::iter(held.into_iter().map(Ok)).chain(rest).boxed();
+        Outcome::Answer(Reply::Stream(chunks))
     }
+}
+
+/// The Messages API version backstop speaks.
+const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// The caller's error from an Anthropic upstream, in OpenAI's error shape.
+fn anthropic_refusal(status: StatusCode, body: &[u8]) -> Value {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let message = v["error"]["message"]
+        .as_str()
+        .map_or_else(|| String::from_utf8_lossy(body).into_owned(), str::to_owned);
+    let kind = v["error"]["type"]
+        .as_str()
+        .unwrap_or("invalid_request_error");
+    json!({"error": {"message": message, "type": kind, "param": null, "code": status.as_u16().to_string()}})
 }
 
 /// Whether an OpenAI chunk is (or ends) the answer proper: text, a tool call, a finish reason,
@@ -411,7 +537,7 @@ impl EventStream {
     pub(crate) fn new(resp: reqwest::Response, deadline: Instant) -> Self {
         EventStream {
             bytes: resp.bytes_stream().boxed(),
-            parser: SseParser::default(),
+            parser: SseParser::new(),
             pending: Default::default(),
             deadline,
             done: false,
@@ -435,14 +561,17 @@ impl EventStream {
             match tokio::time::timeout(left, self.bytes.next()).await {
                 Err(_) => return Err(EventFault::Timeout),
                 Ok(None) => {
-                    if self.parser.is_mid_event() {
+                    if self.parser.has_partial() {
                         return Err(EventFault::Broken("the stream was cut mid-event".into()));
                     }
                     return Ok(None);
                 }
                 Ok(Some(Err(e))) => return Err(EventFault::Broken(e.to_string())),
                 Ok(Some(Ok(bytes))) => {
-                    let events = self.parser.push(&bytes).map_err(EventFault::Malformed)?;
+                    let events = self
+                        .parser
+                        .push(&bytes)
+                        .map_err(|e| EventFault::Malformed(e.to_string()))?;
                     self.pending.extend(events);
                 }
             }
