@@ -324,7 +324,7 @@ impl AnthropicToOpenAi {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::anthropic::sse::SseParser;
+    use crate::router::sse::SseParser;
 
     /// A real-shaped Anthropic text stream, as the wire carries it.
     const TEXT_STREAM: &str = "event: message_start\n\
