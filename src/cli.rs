@@ -53,6 +53,51 @@ pub enum Command {
     /// Failover drill against a running server: cloud path off, answers must come from the
     /// local model; cloud path on, the cloud must answer again. Exit 0 only if all held.
     Drill(DrillArgs),
+    /// API keys: `backstop keys new --name NAME` prints a fresh secret and its TOML.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// The configuration: `backstop config check` validates it without serving.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `backstop keys ...`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a new key: the secret is printed once, with the `[[security.keys]]` entry (which
+    /// holds only its sha256) to paste into models.toml.
+    New(NewKeyArgs),
+}
+
+/// `backstop keys new`.
+#[derive(Debug, Clone, Args)]
+pub struct NewKeyArgs {
+    /// Its name, shown in the audit log.
+    #[arg(long)]
+    pub name: String,
+    /// `inference` (default) and/or `admin`; repeatable.
+    #[arg(long = "scope", value_name = "SCOPE")]
+    pub scopes: Vec<String>,
+    /// Models it may use (default all); repeatable.
+    #[arg(long = "model", value_name = "MODEL")]
+    pub models: Vec<String>,
+    /// Its requests never leave this machine.
+    #[arg(long)]
+    pub local_only: bool,
+    /// Requests per minute.
+    #[arg(long)]
+    pub rpm: Option<u32>,
+    /// Prompt plus completion tokens per minute.
+    #[arg(long)]
+    pub tpm: Option<u32>,
+}
+
+/// `backstop config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration (file, environment, flags) as `serve` would, without
+    /// serving; exit 1 with the error otherwise.
+    Check(ServeArgs),
 }
 
 /// `backstop drill`.
@@ -246,4 +291,13 @@ pub struct ServeArgs {
     /// Extra browser origins allowed to call the API, comma separated [also OLLAMA_ORIGINS].
     #[arg(long, env = "BACKSTOP_ORIGINS", value_name = "ORIGINS")]
     pub origins: Option<String>,
+    /// TLS certificate chain (PEM); with --tls-key, the server speaks HTTPS.
+    #[arg(long, env = "BACKSTOP_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<String>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "BACKSTOP_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<String>,
+    /// CA bundle (PEM): clients must present a certificate it signed (mTLS).
+    #[arg(long, env = "BACKSTOP_CLIENT_CA", value_name = "FILE")]
+    pub client_ca: Option<String>,
 }

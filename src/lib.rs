@@ -9,6 +9,7 @@ pub mod engine;
 pub mod models;
 pub mod ops;
 pub mod router;
+pub mod security;
 pub mod server;
 
 use cli::{Cli, Command, LogFormat};
@@ -35,6 +36,21 @@ pub fn init_logging(format: LogFormat) {
 
 /// Runs a parsed command line; the returned error is printed by `main`.
 pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match &cli.command {
+        Command::Keys(cli::KeysCommand::New(a)) => return new_key(a),
+        Command::Config(cli::ConfigCommand::Check(args)) => {
+            let config = config::Config::load(args)?;
+            println!(
+                "configuration ok: {} model(s), {} upstream(s), {} key(s), listening on {}",
+                config.models.len(),
+                config.router.upstreams.len(),
+                config.security.keys.len(),
+                config.server.listen
+            );
+            return Ok(());
+        }
+        _ => {}
+    }
     if let Command::Serve(args) = cli.command {
         let config = config::Config::load(&args)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -49,7 +65,7 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve(_) => Ok(()),
+            Command::Serve(_) | Command::Keys(_) | Command::Config(_) => Ok(()),
             Command::Run(a) => client::run(a).await,
             Command::List(a) => client::list(a).await,
             Command::Ps(a) => client::ps(a).await,
@@ -66,5 +82,50 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             },
         }
     })?;
+    Ok(())
+}
+
+/// `backstop keys new`: a fresh secret, printed once, and its `[[security.keys]]` entry.
+fn new_key(a: &cli::NewKeyArgs) -> Result<(), Box<dyn std::error::Error>> {
+    for s in &a.scopes {
+        if s != "inference" && s != "admin" {
+            return Err(format!("--scope `{s}` is not one of inference, admin").into());
+        }
+    }
+    for m in &a.models {
+        models::ModelName::parse(m)?;
+    }
+    let secret = security::keys::new_secret()?;
+    let scopes = if a.scopes.is_empty() {
+        vec!["inference".to_owned()]
+    } else {
+        a.scopes.clone()
+    };
+    let quote = |v: &[String]| {
+        v.iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("Secret for key {:?} (shown only now; give it to the client, keep it out of files you share):\n\n  {secret}\n", a.name);
+    println!(
+        "Add this to the [security] part of models.toml (only the secret's sha256 is stored):\n"
+    );
+    println!("[[security.keys]]");
+    println!("name = {:?}", a.name);
+    println!("sha256 = {:?}", security::keys::digest_of(&secret));
+    println!("scopes = [{}]", quote(&scopes));
+    if !a.models.is_empty() {
+        println!("models = [{}]", quote(&a.models));
+    }
+    if a.local_only {
+        println!("local_only = true");
+    }
+    if let Some(n) = a.rpm {
+        println!("rpm = {n}");
+    }
+    if let Some(n) = a.tpm {
+        println!("tpm = {n}");
+    }
     Ok(())
 }

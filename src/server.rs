@@ -11,6 +11,7 @@ use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::models::Models;
 use crate::ops;
+use crate::security::{listener, Security};
 
 /// How long in-flight streams get to finish after SIGTERM/SIGINT.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,6 +30,9 @@ pub enum ServeError {
     /// A configured model could not be loaded; it is never served.
     #[error("model `{0}` was not served: {1}")]
     Load(String, String),
+    /// The TLS files could not be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The router could not be set up.
     #[error("router: {0}")]
     Router(String),
@@ -68,7 +72,24 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
     let local = listener.local_addr()?;
-    tracing::info!("listening on http://{local}");
+    let tls = match &config.security.tls {
+        Some(t) => Some(listener::tls_config(t).map_err(ServeError::Tls)?),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!("listening on {scheme}://{local}");
+    let security = Arc::new(Security::new(
+        &config.security,
+        config.server.max_body_bytes,
+        config.server.insecure,
+    ));
+    if !local.ip().is_loopback() && !security.keys_enabled() {
+        tracing::warn!(%local, "INSECURE: listening beyond loopback WITHOUT authentication (--insecure); anyone who can reach this address can use and change this server");
+    }
+    if security.keys_enabled() {
+        tracing::info!(keys = config.security.keys.len(), "API keys required");
+    }
+    let housekeeping = tokio::spawn(Arc::clone(&security).housekeeping_task());
 
     let models = Models::new(&config);
     tracing::info!(store = %models.store().root().display(), max_loaded = config.lifecycle.max_loaded, "model store");
@@ -81,12 +102,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tracing::warn!(source = %router.contingency().source, "contingency mode: every request is answered locally");
     }
     let state = AppState {
+        security: Arc::clone(&security),
         router,
         models: Arc::clone(&models),
         metrics,
         started_at: chrono::Utc::now().timestamp(),
     };
-    let app = api::router(state, &config.server);
+    let app = api::router(state, &config.server, &config.security);
 
     // Stop reasons: a signal, or a model that failed to load.
     let (stop_tx, mut stop_rx) = watch::channel(false);
@@ -112,20 +134,20 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         })
     };
 
-    let mut drain_rx = stop_rx.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let listener_config = listener::ListenerConfig {
+        tls,
+        max_connections: config.security.max_connections,
+        header_timeout: config.security.header_timeout,
+        drain_timeout: DRAIN_TIMEOUT,
+    };
+    listener::serve(listener, app, listener_config, async move {
         // Err means every sender is gone, which is also a reason to stop.
         let _stopped = stop_rx.wait_for(|s| *s).await;
-    });
-    tokio::select! {
-        r = server => r?,
-        _ = async {
-            let _stopped = drain_rx.wait_for(|s| *s).await;
-            tokio::time::sleep(DRAIN_TIMEOUT).await;
-        } => tracing::warn!("streams did not finish within {DRAIN_TIMEOUT:?}; closing them"),
-    }
+    })
+    .await;
     signalled.abort();
     reaper.abort();
+    housekeeping.abort();
 
     let load_result = if loader.is_finished() {
         loader.await.ok()

@@ -35,6 +35,10 @@ pub(crate) async fn set_contingency(
     };
     match body.0.get("enabled").and_then(Value::as_bool) {
         Some(enabled) => {
+            crate::security::audit::note(|r| {
+                r.event = Some("contingency".into());
+                r.detail = Some(format!("enabled={enabled}"));
+            });
             Json(json!(state.router.set_contingency(enabled, "admin"))).into_response()
         }
         None => bad("expected {\"enabled\": true | false}"),

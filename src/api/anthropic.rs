@@ -57,6 +57,7 @@ fn from_openai(status: StatusCode, body: &Value) -> Response {
 pub(crate) async fn messages(
     State(state): State<AppState>,
     headers: HeaderMap,
+    local_only: Option<axum::Extension<crate::security::LocalOnly>>,
     body: Result<JsonBody, BodyError>,
 ) -> Response {
     let body = match body {
@@ -77,7 +78,7 @@ pub(crate) async fn messages(
     };
     let model = request["model"].as_str().unwrap_or_default().to_owned();
     let answer = if state.router.serves(&model) {
-        routed::chat(&state, &headers, &request, &model)
+        routed::chat(&state, &headers, &request, &model, local_only.is_some())
             .await
             .map_err(|(status, body, served)| (from_openai(status, &body), served))
     } else {

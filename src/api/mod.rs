@@ -6,6 +6,8 @@ pub(crate) mod body;
 pub(crate) mod guard;
 pub(crate) mod ollama;
 pub(crate) mod openai;
+#[cfg(test)]
+mod prop_tests;
 pub(crate) mod request;
 pub(crate) mod routed;
 
@@ -20,6 +22,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
+use crate::config::security::SecurityConfig;
 use crate::config::ServerConfig;
 use crate::models::Models;
 use crate::ops;
@@ -36,13 +39,16 @@ pub struct AppState {
     pub started_at: i64,
     /// Cloud upstreams and failover.
     pub router: Arc<crate::router::Router>,
+    /// Keys, limits, audit.
+    pub security: Arc<crate::security::Security>,
 }
 
 /// The whole application.
-pub fn router(state: AppState, server: &ServerConfig) -> Router {
+pub fn router(state: AppState, server: &ServerConfig, security: &SecurityConfig) -> Router {
     let max_body_bytes = server.max_body_bytes;
     let host_guard = Arc::new(guard::HostGuard::new(server.listen));
-    Router::new()
+    let rules = Arc::clone(&state.security);
+    let mut app = Router::new()
         .merge(openai::routes())
         .merge(ollama::routes())
         .route("/health", get(ops::health::health))
@@ -58,13 +64,25 @@ pub fn router(state: AppState, server: &ServerConfig) -> Router {
         .layer(Extension(BodyLimit(max_body_bytes)))
         // 5xx answers are already explained where they arise (a 503 while loading is
         // expected); the access log proper arrives with the operations work.
-        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
-        .layer(guard::cors(server.origins.clone()))
-        .layer(axum::middleware::from_fn_with_state(
-            host_guard,
-            guard::host_guard,
-        ))
-        .with_state(state)
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)));
+    if let Some(t) = security.request_timeout {
+        // Until the response starts; a stream then runs on (its length is bounded by
+        // max_tokens).
+        app = app.layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            t,
+        ));
+    }
+    app.layer(axum::middleware::from_fn_with_state(
+        rules,
+        crate::security::guard,
+    ))
+    .layer(guard::cors(server.origins.clone()))
+    .layer(axum::middleware::from_fn_with_state(
+        host_guard,
+        guard::host_guard,
+    ))
+    .with_state(state)
 }
 
 /// Unknown paths answer in the shape of the API they look like.

@@ -189,6 +189,18 @@ where
 {
     let request = generate_request(valid, &lease)?;
     let mut generation = lease.submit(request)?;
+    if let Some(ticket) = crate::security::audit::current() {
+        let model = valid.model.clone();
+        ticket.update(|r| r.model = Some(model));
+        generation = generation.observe(move |e| {
+            if let TokenEvent::Done { usage, .. } = e {
+                ticket.update(|r| {
+                    r.prompt_tokens = Some(usage.prompt_tokens);
+                    r.completion_tokens = Some(usage.completion_tokens);
+                });
+            }
+        });
+    }
     match generation.next().await {
         Some(TokenEvent::Queued { .. }) => Ok(generation),
         Some(TokenEvent::Error(e)) => Err(e.into()),

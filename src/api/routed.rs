@@ -75,9 +75,92 @@ pub(crate) async fn chat(
     headers: &HeaderMap,
     body: &Value,
     model: &str,
+    local_only: bool,
 ) -> Result<(Reply, Served, Option<FailReason>), (StatusCode, Value, Option<Served>)> {
     let over = route_override(headers).map_err(|e| (e.status(), e.to_json(), None))?;
+    // A key that must stay local wins over the header.
+    let over = if local_only {
+        Some(RouteOverride::Local)
+    } else {
+        over
+    };
     let plan = state.router.plan(model, over);
+    let result = serve(state, body, model, plan).await;
+    let noted = match &result {
+        Ok((_, served, reason)) => Some((served.clone(), *reason)),
+        Err((_, _, served)) => served.clone().map(|s| (s, None)),
+    };
+    if let Some((served, reason)) = noted {
+        crate::security::audit::note(|r| {
+            let (backend, name) = match &served {
+                Served::Cloud(n) => ("cloud", n.clone()),
+                Served::Local(n) => ("local", n.clone()),
+            };
+            r.backend = Some(backend.to_owned());
+            r.upstream = Some(name);
+            r.failover = reason.map(|f| f.label());
+        });
+    }
+    match result {
+        Ok((Reply::Whole(v), served, reason)) if matches!(served, Served::Cloud(_)) => {
+            note_usage(&v);
+            Ok((Reply::Whole(v), served, reason))
+        }
+        Ok((Reply::Stream(chunks), served, reason)) if matches!(served, Served::Cloud(_)) => {
+            Ok((Reply::Stream(watch_usage(chunks)), served, reason))
+        }
+        other => other,
+    }
+}
+
+/// Token counts of a cloud answer, for the audit log and the key's token budget.
+fn note_usage(v: &Value) {
+    let (p, c) = (
+        v["usage"]["prompt_tokens"].as_u64(),
+        v["usage"]["completion_tokens"].as_u64(),
+    );
+    if p.is_some() || c.is_some() {
+        crate::security::audit::note(|r| {
+            r.prompt_tokens = p.and_then(|n| u32::try_from(n).ok());
+            r.completion_tokens = c.and_then(|n| u32::try_from(n).ok());
+        });
+    }
+}
+
+/// Reads the usage chunk of a cloud stream as it passes.
+fn watch_usage(chunks: crate::router::reply::ChunkStream) -> crate::router::reply::ChunkStream {
+    use futures_util::StreamExt;
+    let Some(ticket) = crate::security::audit::current() else {
+        return chunks;
+    };
+    chunks
+        .inspect(move |c| {
+            if let Ok(text) = c {
+                if text.contains("\"usage\"") {
+                    if let Ok(v) = serde_json::from_str::<Value>(text) {
+                        if let (Some(p), Some(n)) = (
+                            v["usage"]["prompt_tokens"].as_u64(),
+                            v["usage"]["completion_tokens"].as_u64(),
+                        ) {
+                            ticket.update(|r| {
+                                r.prompt_tokens = u32::try_from(p).ok();
+                                r.completion_tokens = u32::try_from(n).ok();
+                            });
+                        }
+                    }
+                }
+            }
+        })
+        .boxed()
+}
+
+/// Tries the plan: the cloud in order, then the local fallback.
+async fn serve(
+    state: &AppState,
+    body: &Value,
+    model: &str,
+    plan: crate::router::Plan,
+) -> Result<(Reply, Served, Option<FailReason>), (StatusCode, Value, Option<Served>)> {
     let started = Instant::now();
     let mut reason = plan.skipped;
     if let Some(r) = plan.skipped {
@@ -150,8 +233,9 @@ pub(crate) async fn openai_chat(
     headers: &HeaderMap,
     body: &Value,
     model: &str,
+    local_only: bool,
 ) -> Response {
-    match chat(state, headers, body, model).await {
+    match chat(state, headers, body, model, local_only).await {
         Ok((reply, served, reason)) => mark(openai::handlers::render(reply), &served, reason),
         Err((status, body, served)) => {
             let resp = (status, Json(body)).into_response();

@@ -5,6 +5,7 @@
 mod duration;
 mod raw;
 pub mod router;
+pub mod security;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -172,6 +173,8 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     /// Cloud upstreams and failover.
     pub router: RouterConfig,
+    /// Keys, limits, TLS, audit.
+    pub security: security::SecurityConfig,
 }
 
 /// Where backstop keeps its cache (models, downloads): `BACKSTOP_CACHE` or
@@ -323,7 +326,7 @@ fn layered<T>(
 impl Config {
     /// Builds the configuration for `serve` from flags/environment and the optional file.
     pub fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
-        let (raw, origin, base) = match &args.config {
+        let (mut raw, origin, base) = match &args.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.clone(),
@@ -341,6 +344,7 @@ impl Config {
             }
             None => (RawConfig::default(), FLAGS.to_owned(), PathBuf::from(".")),
         };
+        let security_origins = raw.security.cors_origins.take();
         let invalid = |origin: &str, key: &str, message: String| ConfigError::Invalid {
             origin: origin.to_owned(),
             key: key.to_owned(),
@@ -364,17 +368,6 @@ impl Config {
         let listen = parse_host(host_text.as_deref().unwrap_or(""))
             .map_err(|m| invalid(&host_origin, "host", m))?;
         let insecure = args.insecure || raw.server.insecure.unwrap_or(false);
-        if !listen.ip().is_loopback() && !insecure {
-            return Err(invalid(
-                &host_origin,
-                "host",
-                format!(
-                    "refusing to listen on {listen}, which is reachable from other machines, \
-                     without authentication; bind a loopback address, or pass --insecure if \
-                     this network is trusted"
-                ),
-            ));
-        }
 
         // Engine defaults: flag/BACKSTOP_* > OLLAMA_* > [server] > built-in.
         let (parallel, from) = layered(
@@ -511,7 +504,35 @@ impl Config {
             _ => default_store_dir(),
         };
 
-        let mut origins: Vec<String> = raw.server.origins.clone().unwrap_or_default();
+        let security = security::load(
+            raw.security,
+            (
+                args.tls_cert.clone().or(raw.server.tls_cert.clone()),
+                args.tls_key.clone().or(raw.server.tls_key.clone()),
+                args.client_ca.clone().or(raw.server.client_ca.clone()),
+            ),
+            &origin,
+            &base,
+            resolve_path,
+        )?;
+        if !listen.ip().is_loopback() && security.keys.is_empty() && !insecure {
+            return Err(invalid(
+                &host_origin,
+                "host",
+                format!(
+                    "refusing to listen on {listen}, which is reachable from other machines, \
+                     without authentication; configure API keys ([[security.keys]], see \
+                     `backstop keys new`), bind a loopback address, or pass --insecure if this \
+                     network is trusted"
+                ),
+            ));
+        }
+        let mut origins: Vec<String> = raw
+            .server
+            .origins
+            .clone()
+            .or_else(|| security_origins.clone())
+            .unwrap_or_default();
         if let Some(list) = args
             .origins
             .clone()
@@ -703,6 +724,7 @@ impl Config {
             store_dir,
             models,
             router,
+            security,
         })
     }
 }

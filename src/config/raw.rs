@@ -17,6 +17,8 @@ pub(crate) struct RawConfig {
     pub(crate) models: BTreeMap<String, RawModel>,
     #[serde(default)]
     pub(crate) router: super::router::RawRouter,
+    #[serde(default)]
+    pub(crate) security: super::security::RawSecurity,
 }
 
 /// A duration written as a string (`"5m"`) or a number of seconds (`-1`, `300`).
@@ -52,6 +54,12 @@ pub(crate) struct RawServer {
     pub(crate) kv_cache_type: Option<String>,
     /// Extra browser origins allowed by CORS, like OLLAMA_ORIGINS.
     pub(crate) origins: Option<Vec<String>>,
+    /// PEM certificate chain for TLS.
+    pub(crate) tls_cert: Option<String>,
+    /// PEM private key for TLS.
+    pub(crate) tls_key: Option<String>,
+    /// PEM CA bundle: client certificates required (mTLS).
+    pub(crate) client_ca: Option<String>,
 }
 
 /// `[models.NAME]`: one served model, like an Ollama Modelfile.

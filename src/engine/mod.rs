@@ -116,7 +116,12 @@ pub struct Generation {
     /// Whatever must live exactly as long as the generation (the model's lease, which
     /// keeps it from being unloaded under a running answer).
     _guard: Option<Box<dyn Send>>,
+    /// Sees every event as it is read (the audit log learns the token counts this way).
+    observer: Option<Observer>,
 }
+
+/// A function that sees a generation's events as they are read.
+type Observer = Box<dyn FnMut(&TokenEvent) + Send>;
 
 impl std::fmt::Debug for Generation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -127,7 +132,17 @@ impl std::fmt::Debug for Generation {
 impl Generation {
     /// The next event; `None` only if the engine vanished without a final event.
     pub async fn next(&mut self) -> Option<TokenEvent> {
-        self.events.recv().await
+        let event = self.events.recv().await;
+        if let (Some(e), Some(o)) = (&event, self.observer.as_mut()) {
+            o(e);
+        }
+        event
+    }
+
+    /// Lets `f` see every event as it is read.
+    pub fn observe(mut self, f: impl FnMut(&TokenEvent) + Send + 'static) -> Generation {
+        self.observer = Some(Box::new(f));
+        self
     }
 
     /// Keeps `guard` alive until the generation is dropped.
@@ -182,6 +197,7 @@ impl Engine {
             events: rx,
             _permit: permit,
             _guard: None,
+            observer: None,
         })
     }
 

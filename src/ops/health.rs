@@ -65,6 +65,7 @@ mod tests {
             }],
             engine,
             router: Default::default(),
+            security: Default::default(),
         }
     }
 
@@ -75,9 +76,14 @@ mod tests {
             metrics: None,
             started_at: 0,
             router: std::sync::Arc::new(crate::router::Router::new(&Default::default()).unwrap()),
+            security: std::sync::Arc::new(crate::security::Security::new(
+                &Default::default(),
+                1024,
+                false,
+            )),
         };
-        let server = config("/nonexistent.gguf").server;
-        let app = router(state, &server);
+        let config = config("/nonexistent.gguf");
+        let app = router(state, &config.server, &config.security);
         let resp = app
             .clone()
             .oneshot(Request::get("/health").body(Body::empty()).unwrap())

@@ -155,9 +155,11 @@ impl Server {
     /// Like [`Server::start_raw`], with extra environment variables.
     pub async fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Server {
         let mut cmd = backstop_command();
-        cmd.arg("serve")
-            .args(["--host", "127.0.0.1:0", "--threads", "1"])
-            .args(args);
+        cmd.arg("serve").args(["--threads", "1"]);
+        if !args.contains(&"--host") {
+            cmd.args(["--host", "127.0.0.1:0"]);
+        }
+        cmd.args(args);
         // Each server gets an empty store of its own unless the test brings one, so what one
         // test pulls or creates never shows up in another's listings.
         let store = if args.contains(&"--models-dir")
@@ -186,8 +188,11 @@ impl Server {
             let log = Arc::clone(&log);
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Some(rest) = line.split("listening on http://").nth(1) {
-                        addr_tx.send(rest.trim().to_owned()).ok();
+                    // `listening on http://ADDR` (or https:// with TLS).
+                    if let Some(rest) = line.split("listening on ").nth(1) {
+                        if rest.starts_with("http") {
+                            addr_tx.send(rest.trim().to_owned()).ok();
+                        }
                     }
                     let mut l = log.lock().unwrap();
                     l.push_str(&line);
@@ -204,7 +209,7 @@ impl Server {
         };
         let server = Server {
             child,
-            base: format!("http://{addr}"),
+            base: addr,
             log,
             client: reqwest::Client::new(),
             store,
@@ -215,9 +220,23 @@ impl Server {
 
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
+        if self.base.starts_with("https://") {
+            // The harness has no client certificate for mTLS servers: the log says when the
+            // configured models are loaded.
+            while !self.log().contains("model ready") {
+                assert!(
+                    Instant::now() < deadline,
+                    "server never became ready:\n{}",
+                    self.log()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            return;
+        }
         loop {
             if let Ok(r) = self.client.get(self.url("/health")).send().await {
-                if r.status() == 200 {
+                // 403: a client allowlist that excludes the harness; the log tells instead.
+                if r.status() == 200 || (r.status() == 403 && self.log().contains("model ready")) {
                     return;
                 }
             }

@@ -139,6 +139,7 @@ pub(crate) async fn embed(
         (Vec::new(), 0)
     } else {
         let e = lease.engine().embed(req.inputs, req.truncate).await?;
+        crate::security::audit::note(|r| r.prompt_tokens = Some(e.prompt_tokens));
         (e.vectors, e.prompt_tokens)
     };
     let vectors: Vec<Vec<f32>> = vectors

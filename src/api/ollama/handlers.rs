@@ -62,11 +62,12 @@ pub(crate) async fn chat(
 
 async fn answer(
     state: &AppState,
-    valid: Valid,
+    mut valid: Valid,
     extras: Extras,
     kind: Kind,
     started: Instant,
 ) -> Result<Response, OllamaError> {
+    state.security.cap_tokens(&mut valid.max_tokens)?;
     if extras.load_only {
         // Ollama's idioms: an empty request loads the model; with keep_alive 0 it unloads.
         if valid.keep_alive == Some(KeepAlive::For(Duration::ZERO)) {
@@ -330,6 +331,7 @@ pub(crate) async fn delete(
         })?;
     state.models.invalidate(&name).await;
     tracing::info!(model = %name, "model deleted");
+    crate::security::audit::note(|r| r.event = Some("delete".into()));
     Ok(StatusCode::OK)
 }
 
@@ -405,6 +407,10 @@ pub(crate) async fn copy(
     .map_err(|e| OllamaError::internal(e.to_string()))??;
     state.models.invalidate(&to).await;
     tracing::info!(from = %source, to = %to, "model copied");
+    crate::security::audit::note(|r| {
+        r.event = Some("copy".into());
+        r.detail = Some(format!("{source} -> {to}"));
+    });
     Ok(StatusCode::OK)
 }
 
@@ -522,6 +528,7 @@ pub(crate) async fn create(
     created?;
     state.models.invalidate(&name).await;
     tracing::info!(model = %name, "model created");
+    crate::security::audit::note(|r| r.event = Some("create".into()));
     let statuses = vec![
         json!({"status": "using existing layer"}).to_string(),
         json!({"status": "writing manifest"}).to_string(),

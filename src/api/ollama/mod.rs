@@ -1,6 +1,6 @@
 //! Ollama's native API under `/api`, so Ollama's clients and tools work unchanged.
 
-mod convert;
+pub(crate) mod convert;
 mod embed;
 mod error;
 mod handlers;

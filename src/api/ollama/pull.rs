@@ -96,6 +96,10 @@ pub(crate) async fn pull(
         )));
     }
     let streamed = map.get("stream").and_then(Value::as_bool).unwrap_or(true);
+    crate::security::audit::note(|r| {
+        r.event = Some("pull".into());
+        r.detail = Some(spec.name().to_string());
+    });
     let (tx, rx) = mpsc::unbounded_channel::<Result<Value, (StatusCode, String)>>();
     let models = Arc::clone(&state.models);
     let task = tokio::spawn(async move {

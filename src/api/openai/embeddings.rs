@@ -161,6 +161,7 @@ pub(crate) async fn embeddings(
             }
         })
         .collect();
+    crate::security::audit::note(|r| r.prompt_tokens = Some(e.prompt_tokens));
     Ok(Json(EmbeddingList {
         object: "list",
         data,

@@ -3,6 +3,7 @@
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 
 use super::convert;
@@ -16,6 +17,7 @@ use crate::api::body::{BodyError, JsonBody};
 use crate::api::request::{collect, start, Collected, Valid};
 use crate::api::AppState;
 use crate::router::reply::Reply;
+use crate::security::LocalOnly;
 
 fn now_secs() -> i64 {
     chrono::Utc::now().timestamp()
@@ -29,6 +31,9 @@ pub(crate) async fn local_reply(
     kind: Kind,
     local: &str,
 ) -> Result<Reply, ApiError> {
+    let mut capped = valid.clone();
+    state.security.cap_tokens(&mut capped.max_tokens)?;
+    let valid = &capped;
     let lease = state.models.acquire(local, valid.keep_alive).await?;
     let generation = start::<ApiError>(valid, lease).await?;
     let prefix = match kind {
@@ -103,12 +108,20 @@ async fn respond(state: &AppState, valid: Valid, kind: Kind) -> Result<Response,
 pub(crate) async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
+    local_only: Option<Extension<LocalOnly>>,
     body: Result<JsonBody, BodyError>,
 ) -> Result<Response, ApiError> {
     let body = body?;
     if let Some(model) = body.0.get("model").and_then(serde_json::Value::as_str) {
         if state.router.serves(model) {
-            return Ok(crate::api::routed::openai_chat(&state, &headers, &body.0, model).await);
+            return Ok(crate::api::routed::openai_chat(
+                &state,
+                &headers,
+                &body.0,
+                model,
+                local_only.is_some(),
+            )
+            .await);
         }
     }
     let valid = convert::chat(&body)?;
