@@ -73,7 +73,7 @@ def rss(pid: int) -> dict:
 class Server:
     """One server process: started, timed to ready, measured, stopped."""
 
-    def __init__(self, name: str, argv: list[str], port: int, env: dict | None = None):
+    def __init__(self, name: str, argv: list[str], port: int, env: dict | None = None, ready: str = "/health"):
         self.name, self.port = name, port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = pathlib.Path(f"/tmp/bench-{name}-{port}.log")
@@ -84,7 +84,7 @@ class Server:
         )
         while True:
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                with urllib.request.urlopen(self.url + ready, timeout=1) as r:
                     if r.status == 200:
                         break
             except Exception:
@@ -163,7 +163,7 @@ def main() -> int:
         if kind == "backstop":
             argv = [str(backstop), "serve", "--host", f"127.0.0.1:{port}", "--model", f"m={model}",
                     "--threads", str(args.threads), "--parallel", str(slots), "--ctx", str(args.ctx)]
-            return Server(kind, argv, port, {"BACKSTOP_LOG": "info,llama-cpp-2=info"})
+            return Server(kind, argv, port, {"BACKSTOP_LOG": "info,llama-cpp-2=info"}, ready="/health/ready")
         argv = [str(llama_server), "-m", str(model), "-t", str(args.threads), "-np", str(slots),
                 "-c", str(args.ctx * slots), "--host", "127.0.0.1", "--port", str(port), "--alias", "m"]
         return Server(kind, argv, port)
@@ -237,7 +237,7 @@ def main() -> int:
          b["ttft_1_ms"] / p["ttft_1_ms"], "<= 0.8", b["ttft_1_ms"] / p["ttft_1_ms"] <= 0.8),
         ("P10 RSS minus model file and KV cache", f"{b['overhead_mib']:.1f} MiB", f"{p['overhead_mib']:.1f} MiB",
          b["overhead_mib"] / p["overhead_mib"], "<= 64 MB", b["overhead_mib"] * MIB <= 64e6),
-        ("P11 start to /health ready", f"{b['ready_s'] * 1e3:.0f} ms", f"{p['ready_s'] * 1e3:.0f} ms",
+        ("P11 start to ready (/health/ready; llama-server /health)", f"{b['ready_s'] * 1e3:.0f} ms", f"{p['ready_s'] * 1e3:.0f} ms",
          b["ready_s"] / p["ready_s"], "<= 1 s", b["ready_s"] <= 1.0),
     ]
     info = [

@@ -101,7 +101,33 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     if router.contingency().enabled {
         tracing::warn!(source = %router.contingency().source, "contingency mode: every request is answered locally");
     }
+    let compute = match tokio::task::spawn_blocking(crate::engine::compute).await {
+        Ok(Ok(c)) => {
+            for d in &c.devices {
+                tracing::info!(
+                    device = %d.name,
+                    kind = d.kind,
+                    backend = %d.backend,
+                    description = %d.description,
+                    memory_mib = d.memory_total / (1024 * 1024),
+                    free_mib = d.memory_free / (1024 * 1024),
+                    "compute device"
+                );
+            }
+            tracing::info!(backend = %c.backend, gpu_build = c.gpu_build, "compute backend");
+            if c.gpu_missing() {
+                tracing::warn!("this is a GPU build, but llama.cpp found no GPU: models run on the CPU, much more slowly (check the driver and the device nodes)");
+            }
+            Some(Arc::new(c))
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "llama.cpp backend unavailable");
+            None
+        }
+        Err(_) => None,
+    };
     let state = AppState {
+        compute,
         security: Arc::clone(&security),
         router,
         models: Arc::clone(&models),

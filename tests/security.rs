@@ -657,8 +657,14 @@ async fn the_audit_log_records_who_what_and_how_much_but_never_prompts_or_secret
 #[tokio::test]
 async fn bad_input_never_disturbs_the_server() {
     let s = serve("[security]\n").await;
+    // A fresh connection each time: after refusing a body unread (413), the server closes the
+    // connection, and a pooled client could pick that dead connection for the next request.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let send = |body: Vec<u8>, ctype: &'static str| {
-        s.client
+        fresh
             .post(s.url("/v1/chat/completions"))
             .bearer_auth(USER)
             .header("content-type", ctype)

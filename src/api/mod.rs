@@ -41,6 +41,8 @@ pub struct AppState {
     pub router: Arc<crate::router::Router>,
     /// Keys, limits, audit.
     pub security: Arc<crate::security::Security>,
+    /// The compute backend and its devices (`None` if llama.cpp could not say).
+    pub compute: Option<Arc<crate::engine::Compute>>,
 }
 
 /// The whole application.
@@ -52,6 +54,7 @@ pub fn router(state: AppState, server: &ServerConfig, security: &SecurityConfig)
         .merge(openai::routes())
         .merge(ollama::routes())
         .route("/health", get(ops::health::health))
+        .route("/health/ready", get(ops::health::ready))
         .route("/metrics", get(ops::metrics::render))
         .route(
             "/admin/contingency",

@@ -50,6 +50,13 @@ pub struct ModelInfo {
     pub embedding_length: u32,
     /// Most tokens one embedding input may have (see [`super::EmbedShape`]).
     pub embedding_tokens: u32,
+    /// Repeating layers of the model.
+    pub layers: u32,
+    /// Layers offloaded to a GPU (0 without one).
+    pub gpu_layers: u32,
+    /// Bytes of GPU memory the model and its KV cache take (an estimate: the offloaded share
+    /// of the weights, plus the KV cache when any layer is offloaded).
+    pub vram_bytes: u64,
 }
 
 /// The special tokens of fill-in-the-middle prompts: `{prefix}code{suffix}code{middle}`.
@@ -247,9 +254,34 @@ pub(crate) fn describe(
         KvCacheType::Q4_0 => (18, 32),
     };
     let kv_bytes = per_cell * u64::from(ctx_per_slot) * u64::from(options.slots) * num / den;
+    let layers = model.n_layer();
+    let has_gpu = llama_cpp_2::list_llama_ggml_backend_devices()
+        .iter()
+        .any(|d| d.device_type != llama_cpp_2::LlamaBackendDeviceType::Cpu);
+    // llama.cpp offloads every layer (and the output layer) unless told fewer.
+    let gpu_layers = if has_gpu {
+        options.gpu_layers.map_or(layers, |n| n.min(layers))
+    } else {
+        0
+    };
+    let vram_bytes = if gpu_layers == 0 {
+        0
+    } else {
+        file_size * u64::from(gpu_layers) / u64::from(layers.max(1)) + kv_bytes
+    };
+    tracing::info!(
+        model = %options.name,
+        gpu_layers,
+        layers,
+        vram_mib = vram_bytes / (1024 * 1024),
+        "layers offloaded to the GPU"
+    );
     Ok(ModelInfo {
         fim,
         kv_bytes,
+        layers,
+        gpu_layers,
+        vram_bytes,
         embedding_length: u32::try_from(model.n_embd_out()).unwrap_or(0),
         embedding_tokens: super::embed::EmbedShape::new(ctx_per_slot, options.batch).tokens,
         name: options.name.clone(),

@@ -21,6 +21,10 @@ pub(crate) struct EngineMetrics {
     pub(crate) cancelled: Counter,
     /// Decode calls that failed.
     pub(crate) decode_errors: Counter,
+    /// From submission to the first generated token, in seconds.
+    pub(crate) time_to_first_token: Histogram,
+    /// Each answer's decode speed, tokens per second of one stream.
+    pub(crate) decode_rate: Histogram,
 }
 
 impl EngineMetrics {
@@ -38,6 +42,8 @@ impl EngineMetrics {
             queue_depth: gauge!("backstop_queue_depth", labels),
             cancelled: counter!("backstop_requests_cancelled_total", labels),
             decode_errors: counter!("backstop_decode_errors_total", labels),
+            time_to_first_token: histogram!("backstop_time_to_first_token_seconds", labels),
+            decode_rate: histogram!("backstop_decode_tokens_per_second", labels),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The llama.cpp engine: one OS thread per loaded model owns the model and its context and
 //! runs the decode loop; async handlers talk to it only through channels.
 
+mod compute;
 mod embed;
 mod error;
 mod loader;
@@ -18,6 +19,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+pub use compute::{compute, Compute, Device};
 pub use embed::{l2_normalize, shorten, EmbedShape, Embeddings};
 pub use error::{EngineError, LoadError};
 pub use loader::{Fim, ModelInfo};

@@ -680,7 +680,14 @@ impl<'m> Worker<'m> {
                 continue;
             };
             let token = active.sampler.sample(&self.ctx, idx);
-            active.first_token_at.get_or_insert_with(Instant::now);
+            if active.first_token_at.is_none() {
+                let now = Instant::now();
+                active.first_token_at = Some(now);
+                self.metrics.time_to_first_token.record(
+                    now.saturating_duration_since(active.submitted)
+                        .as_secs_f64(),
+                );
+            }
             self.on_token(i, token);
         }
     }
@@ -741,6 +748,13 @@ impl<'m> Worker<'m> {
         let prompt_len = active.prompt.len();
         let now = Instant::now();
         let first = active.first_token_at.unwrap_or(now);
+        let decoding = now.saturating_duration_since(first).as_secs_f64();
+        if active.generated >= 2 && decoding > 0.0 {
+            // Intervals between tokens: one fewer than the tokens.
+            self.metrics
+                .decode_rate
+                .record((active.generated - 1) as f64 / decoding);
+        }
         let done = TokenEvent::Done {
             finish,
             usage: Usage {

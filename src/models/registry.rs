@@ -547,6 +547,11 @@ impl Models {
             match result {
                 Ok(engine) => {
                     let load_duration = started.elapsed();
+                    let label = spec.name.to_string();
+                    metrics::counter!("backstop_model_loads_total", "model" => label.clone())
+                        .increment(1);
+                    metrics::histogram!("backstop_model_load_seconds", "model" => label)
+                        .record(load_duration.as_secs_f64());
                     tracing::info!(model = %spec.name, load_ms = load_duration.as_millis() as u64, "model ready");
                     let now = Instant::now();
                     resident.insert(
@@ -575,6 +580,7 @@ impl Models {
             }
         };
         done.send_replace(Some(outcome));
+        self.publish();
         self.changed.notify_waiters();
     }
 
@@ -591,6 +597,16 @@ impl Models {
         }
         self.started.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Updates the gauge of loaded models.
+    fn publish(&self) {
+        let loaded = self
+            .resident()
+            .values()
+            .filter(|r| matches!(r, Resident::Ready(_)))
+            .count();
+        metrics::gauge!("backstop_models_loaded").set(loaded as f64);
     }
 
     /// The loaded models, most recently used first.
@@ -638,6 +654,7 @@ impl Models {
         if let Some(l) = idle {
             tracing::info!(model = %l.spec.name, reason = "requested", "unloading model");
             unload(l).await;
+            self.publish();
         }
         self.changed.notify_waiters();
         true
@@ -650,9 +667,13 @@ impl Models {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let (expired, next) = self.take_expired();
+            let any = !expired.is_empty();
             for l in expired {
                 tracing::info!(model = %l.spec.name, reason = "keep_alive", "unloading idle model");
                 unload(l).await;
+            }
+            if any {
+                self.publish();
             }
             match next {
                 Some(at) => {
@@ -722,6 +743,7 @@ impl Models {
 /// Stops an engine thread (it has no work: the model is idle) without blocking the runtime.
 async fn unload(loaded: Arc<Loaded>) {
     let name = loaded.spec.name.to_string();
+    metrics::counter!("backstop_model_unloads_total", "model" => name.clone()).increment(1);
     if tokio::task::spawn_blocking(move || loaded.engine.shutdown())
         .await
         .is_err()

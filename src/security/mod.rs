@@ -28,6 +28,11 @@ use limits::{retry_after_secs, IpLimits};
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LocalOnly;
 
+/// Marks a request that presented a valid key (public endpoints see it too, so readiness
+/// can show details to key holders only).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Authenticated;
+
 /// The per-request rules and their state.
 pub struct Security {
     keys: KeyRing,
@@ -113,7 +118,7 @@ enum Need {
 fn need(method: &Method, path: &str, metrics_public: bool) -> Need {
     let read = method == Method::GET || method == Method::HEAD;
     match path {
-        "/" | "/health" if read => Need::Public,
+        "/" | "/health" | "/health/ready" if read => Need::Public,
         "/metrics" if metrics_public => Need::Public,
         "/metrics" | "/api/pull" | "/api/delete" | "/api/copy" | "/api/create" => {
             Need::Scope(Scope::Admin)
@@ -215,18 +220,21 @@ pub(crate) async fn guard(
     let response = match check(&sec, request, &path, &method, ip, &mut record).await {
         Ok((request, key)) => {
             let ticket = Ticket::new(record, auditor);
-            if let Some(key) = key {
-                ticket.on_done(move |r| {
+            let route = route_label(&path);
+            ticket.on_done(move |r| {
+                if let Some(key) = &key {
                     let tokens = r.prompt_tokens.unwrap_or(0) + r.completion_tokens.unwrap_or(0);
                     key.limits.charge(tokens);
-                });
-            }
+                }
+                access(route, r);
+            });
             let resp = audit::scope(Arc::clone(&ticket), next.run(request)).await;
             ticket.update(|r| r.status = resp.status().as_u16());
             hold_until_sent(resp, ticket)
         }
         Err(resp) => {
             record.status = resp.status().as_u16();
+            access(route_label(&path), &record);
             if let Some(a) = &auditor {
                 a.submit(record);
             }
@@ -238,6 +246,102 @@ pub(crate) async fn guard(
         response.headers_mut().insert("x-request-id", v);
     }
     response
+}
+
+/// The route a path belongs to, for metrics: a fixed set, so clients cannot make up labels.
+fn route_label(path: &str) -> &'static str {
+    const ROUTES: &[&str] = &[
+        "/",
+        "/health",
+        "/health/ready",
+        "/metrics",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/v1/messages",
+        "/api/version",
+        "/api/generate",
+        "/api/chat",
+        "/api/tags",
+        "/api/ps",
+        "/api/show",
+        "/api/embed",
+        "/api/embeddings",
+        "/api/pull",
+        "/api/delete",
+        "/api/copy",
+        "/api/create",
+        "/admin/contingency",
+        "/admin/router",
+    ];
+    if let Some(r) = ROUTES.iter().find(|r| **r == path) {
+        return r;
+    }
+    if path.starts_with("/v1/models/") {
+        "/v1/models/{id}"
+    } else if path.starts_with("/api/blobs/") {
+        "/api/blobs/{digest}"
+    } else {
+        "other"
+    }
+}
+
+/// The access log line and the request metrics of a finished request. Never the prompt.
+fn access(route: &'static str, r: &Record) {
+    let ok = (200..400).contains(&r.status);
+    // Only names that were served become labels: a client cannot invent series.
+    let model = if ok {
+        r.model.clone().unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let backend = r.backend.clone().unwrap_or_else(|| "local".to_owned());
+    metrics::counter!(
+        "backstop_requests_total",
+        "route" => route,
+        "model" => model,
+        "backend" => backend,
+        "status" => r.status.to_string()
+    )
+    .increment(1);
+    metrics::histogram!("backstop_request_duration_seconds", "route" => route)
+        .record(r.duration_ms as f64 / 1e3);
+    if let Some(t) = r.prompt_tokens {
+        metrics::counter!("backstop_request_prompt_tokens_total", "route" => route)
+            .increment(u64::from(t));
+    }
+    if let Some(t) = r.completion_tokens {
+        metrics::counter!("backstop_request_completion_tokens_total", "route" => route)
+            .increment(u64::from(t));
+    }
+    macro_rules! line {
+        ($level:ident) => {
+            tracing::$level!(
+                target: "backstop::access",
+                request_id = %r.request_id,
+                method = %r.method,
+                path = %r.path,
+                status = r.status,
+                duration_ms = r.duration_ms,
+                model = r.model.as_deref().unwrap_or(""),
+                backend = r.backend.as_deref().unwrap_or(""),
+                upstream = r.upstream.as_deref().unwrap_or(""),
+                failover = r.failover.as_deref().unwrap_or(""),
+                prompt_tokens = r.prompt_tokens.unwrap_or(0),
+                completion_tokens = r.completion_tokens.unwrap_or(0),
+                key = r.key.as_deref().unwrap_or(""),
+                client_ip = %r.client_ip,
+                "request"
+            )
+        };
+    }
+    // Probes poll every few seconds: their lines only at debug level.
+    if route == "/health" || route == "/health/ready" || route == "/metrics" {
+        line!(debug);
+    } else {
+        line!(info);
+    }
 }
 
 /// Keeps the ticket until the response body has been sent (or dropped): a stream's record is
@@ -271,6 +375,10 @@ async fn check(
     }
     let need = need(method, path, sec.metrics_public);
     let mut key = None;
+    if sec.keys.is_enabled() && need == Need::Public {
+        // Not required here, but a valid key still identifies the caller.
+        key = sec.keys.authenticate(request.headers()).ok();
+    }
     if sec.keys.is_enabled() && need != Need::Public {
         match sec.keys.authenticate(request.headers()) {
             Ok(k) => key = Some(k),
@@ -371,6 +479,9 @@ async fn check(
     }
     if key.as_ref().is_some_and(|k| k.local_only) {
         request.extensions_mut().insert(LocalOnly);
+    }
+    if key.is_some() {
+        request.extensions_mut().insert(Authenticated);
     }
     Ok((request, key))
 }

@@ -234,7 +234,7 @@ impl Server {
             return;
         }
         loop {
-            if let Ok(r) = self.client.get(self.url("/health")).send().await {
+            if let Ok(r) = self.client.get(self.url("/health/ready")).send().await {
                 // 403: a client allowlist that excludes the harness; the log tells instead.
                 if r.status() == 200 || (r.status() == 403 && self.log().contains("model ready")) {
                     return;

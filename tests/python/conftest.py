@@ -93,7 +93,7 @@ class Backstop:
         deadline = time.time() + 60
         while True:
             try:
-                with urllib.request.urlopen(self.url + "/health") as r:
+                with urllib.request.urlopen(self.url + "/health/ready") as r:
                     if r.status == 200:
                         break
             except Exception:

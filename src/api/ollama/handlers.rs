@@ -171,7 +171,7 @@ fn running_entry(models: &Models, l: &Loaded) -> Value {
         "digest": digest_hex(models, &l.spec),
         "details": details(header.as_deref()),
         "expires_at": rfc3339(expires),
-        "size_vram": 0,
+        "size_vram": info.vram_bytes,
         "context_length": info.ctx_per_slot,
     })
 }
