@@ -53,12 +53,44 @@ pub enum Command {
     /// Failover drill against a running server: cloud path off, answers must come from the
     /// local model; cloud path on, the cloud must answer again. Exit 0 only if all held.
     Drill(DrillArgs),
+    /// Monitor a running server: API up, models present, breakers closed, a real inference
+    /// above --min-tps. Exit 0 healthy, 1 degraded, 2 down; --webhook alerts.
+    Check(CheckArgs),
     /// API keys: `backstop keys new --name NAME` prints a fresh secret and its TOML.
     #[command(subcommand)]
     Keys(KeysCommand),
     /// The configuration: `backstop config check` validates it without serving.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+/// `backstop check`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// A model that must be present (and the one the test inference uses); repeatable.
+    #[arg(long = "model", value_name = "MODEL")]
+    pub models: Vec<String>,
+    /// Degraded when the test inference decodes slower than this, in tokens per second.
+    #[arg(long, value_name = "TPS")]
+    pub min_tps: Option<f64>,
+    /// Tokens the test inference generates.
+    #[arg(long, default_value_t = 24)]
+    pub tokens: u32,
+    /// POST a Slack/Teams-compatible `{"text": ...}` message here when not healthy.
+    #[arg(long, value_name = "URL")]
+    pub webhook: Option<String>,
+    /// Alert only when the state changes (recovery included), remembering it in --state.
+    #[arg(long)]
+    pub on_change: bool,
+    /// Where --on-change keeps the last state [default: ~/.local/state/backstop/check-state.json].
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Server.
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 /// `backstop keys ...`.

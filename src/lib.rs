@@ -34,10 +34,11 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
-/// Runs a parsed command line; the returned error is printed by `main`.
-pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+/// Runs a parsed command line and returns the process exit code; the returned error is
+/// printed by `main` (exit 1).
+pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
     match &cli.command {
-        Command::Keys(cli::KeysCommand::New(a)) => return new_key(a),
+        Command::Keys(cli::KeysCommand::New(a)) => return new_key(a).map(|()| 0),
         Command::Config(cli::ConfigCommand::Check(args)) => {
             let config = config::Config::load(args)?;
             println!(
@@ -47,7 +48,7 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 config.security.keys.len(),
                 config.server.listen
             );
-            return Ok(());
+            return Ok(0);
         }
         _ => {}
     }
@@ -57,15 +58,18 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             .enable_all()
             .build()?;
         runtime.block_on(server::serve(config))?;
-        return Ok(());
+        return Ok(0);
     }
     // The client verbs do one thing at a time: a single-threaded runtime is enough.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    if let Command::Check(a) = cli.command {
+        return Ok(runtime.block_on(ops::check::check(a))?);
+    }
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve(_) | Command::Keys(_) | Command::Config(_) => Ok(()),
+            Command::Serve(_) | Command::Keys(_) | Command::Config(_) | Command::Check(_) => Ok(()),
             Command::Run(a) => client::run(a).await,
             Command::List(a) => client::list(a).await,
             Command::Ps(a) => client::ps(a).await,
@@ -82,7 +86,7 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             },
         }
     })?;
-    Ok(())
+    Ok(0)
 }
 
 /// `backstop keys new`: a fresh secret, printed once, and its `[[security.keys]]` entry.

@@ -47,3 +47,78 @@ fn systemd_accepts_the_unit_when_it_is_installed() {
     assert!(out.status.success() && text.trim().is_empty(), "{text}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn the_check_timer_and_service_are_valid() {
+    let service = include_str!("../scripts/backstop-check.service");
+    let timer = include_str!("../scripts/backstop-check.timer");
+    assert!(service.contains("backstop check") && service.contains("--on-change"));
+    assert!(timer.contains("OnUnitActiveSec="));
+    let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
+        return;
+    };
+    assert!(out.status.success());
+    let dir = std::env::temp_dir().join(format!("backstop-check-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("backstop-check.service"), service).unwrap();
+    std::fs::write(dir.join("backstop-check.timer"), timer).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.join("backstop-check.timer"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Every metric the Grafana dashboard draws is one backstop exports (no typos, no renames
+/// left behind).
+#[test]
+fn the_dashboard_only_uses_metrics_backstop_exports() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../scripts/grafana-dashboard.json")).unwrap();
+    let mut sources = String::new();
+    for dir in [
+        "src",
+        "src/engine",
+        "src/models",
+        "src/router",
+        "src/security",
+        "src/ops",
+        "src/api",
+    ] {
+        for e in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/").to_owned() + dir)
+            .unwrap()
+            .flatten()
+        {
+            if e.path().extension().is_some_and(|x| x == "rs") {
+                sources.push_str(&std::fs::read_to_string(e.path()).unwrap());
+            }
+        }
+    }
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if let Some(name) = word.strip_prefix("backstop_") {
+                    let base = ["_bucket", "_count", "_sum"]
+                        .iter()
+                        .fold(name.to_owned(), |n, s| {
+                            n.strip_suffix(s).map_or(n.clone(), str::to_owned)
+                        });
+                    assert!(
+                        sources.contains(&format!("\"backstop_{base}\"")),
+                        "backstop_{base} is not exported"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 20);
+}

@@ -149,6 +149,21 @@ impl Client {
             .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
+    /// `GET path` → status and JSON, whatever the status.
+    pub(crate) async fn get_any(&self, path: &str) -> Result<(u16, Value), ClientError> {
+        let resp = self
+            .request(reqwest::Method::GET, path)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
     /// `METHOD path` with a JSON body; the answer's body is returned as JSON when it is JSON.
     pub(crate) async fn send(
         &self,

@@ -4,7 +4,7 @@
 mod commands;
 mod drill;
 mod format;
-mod http;
+pub(crate) mod http;
 mod modelfile;
 mod run;
 

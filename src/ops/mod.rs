@@ -1,4 +1,5 @@
 //! Operations: health and metrics.
 
+pub mod check;
 pub(crate) mod health;
 pub(crate) mod metrics;

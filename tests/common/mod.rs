@@ -191,7 +191,9 @@ impl Server {
                     // `listening on http://ADDR` (or https:// with TLS).
                     if let Some(rest) = line.split("listening on ").nth(1) {
                         if rest.starts_with("http") {
-                            addr_tx.send(rest.trim().to_owned()).ok();
+                            // Text logs end the line there; JSON logs close a string.
+                            let url = rest.split(['"', ' ']).next().unwrap_or(rest);
+                            addr_tx.send(url.trim().to_owned()).ok();
                         }
                     }
                     let mut l = log.lock().unwrap();
