@@ -53,6 +53,11 @@ pub enum Command {
     /// Failover drill against a running server: cloud path off, answers must come from the
     /// local model; cloud path on, the cloud must answer again. Exit 0 only if all held.
     Drill(DrillArgs),
+    /// Tokens per second for prompt processing and generation, per GGUF (quantizations side
+    /// by side), in this process with no server.
+    Bench(BenchArgs),
+    /// Quantize a GGUF with llama.cpp's quantizer: `backstop quantize IN OUT TYPE`.
+    Quantize(QuantizeArgs),
     /// Monitor a running server: API up, models present, breakers closed, a real inference
     /// above --min-tps. Exit 0 healthy, 1 degraded, 2 down; --webhook alerts.
     Check(CheckArgs),
@@ -62,6 +67,68 @@ pub enum Command {
     /// The configuration: `backstop config check` validates it without serving.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+/// `backstop bench`'s output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchFormat {
+    /// A markdown table.
+    Table,
+    /// JSON.
+    Json,
+    /// CSV.
+    Csv,
+}
+
+/// `backstop bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// GGUF files or store model names.
+    #[arg(required = true, value_name = "FILE_OR_MODEL")]
+    pub models: Vec<String>,
+    /// Prompt tokens for prompt processing.
+    #[arg(short = 'p', long, default_value_t = 512)]
+    pub prompt: usize,
+    /// Tokens generated.
+    #[arg(short = 'n', long = "gen", default_value_t = 128)]
+    pub generate: usize,
+    /// Repetitions after one warm-up.
+    #[arg(short = 'r', long, default_value_t = 5)]
+    pub reps: usize,
+    /// CPU threads [default: physical cores].
+    #[arg(short = 't', long)]
+    pub threads: Option<u32>,
+    /// Also aggregate generation over N sequences sharing each decode, e.g. 1,4,8.
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    pub parallel: Vec<usize>,
+    /// Layers to offload to a GPU [default: llama.cpp's, all with a GPU].
+    #[arg(long)]
+    pub gpu_layers: Option<u32>,
+    /// Context cells per sequence [default: just enough]; a server's --ctx compares like
+    /// with like.
+    #[arg(long)]
+    pub ctx: Option<u32>,
+    /// Flash attention on (true) or off (false) [default: as `serve` decides for this machine].
+    #[arg(long, value_name = "BOOL")]
+    pub flash_attention: Option<bool>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
+    pub format: BenchFormat,
+}
+
+/// `backstop quantize`.
+#[derive(Debug, Clone, Args)]
+pub struct QuantizeArgs {
+    /// The GGUF to read (F16/BF16 ideally; an already quantized one is requantized, with a warning).
+    pub input: PathBuf,
+    /// The GGUF to write.
+    pub output: PathBuf,
+    /// Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q4_0, Q4_1, Q3_K_M, Q2_K, IQ4_XS, F16, ...
+    #[arg(value_name = "TYPE")]
+    pub kind: String,
+    /// CPU threads [default: physical cores].
+    #[arg(short = 't', long)]
+    pub threads: Option<u32>,
 }
 
 /// `backstop check`.

@@ -2,6 +2,7 @@
 //! OpenAI API, with a parallel-slot scheduler.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -39,6 +40,19 @@ pub fn init_logging(format: LogFormat) {
 pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
     match &cli.command {
         Command::Keys(cli::KeysCommand::New(a)) => return new_key(a).map(|()| 0),
+        Command::Bench(a) => return bench::run(a).map(|()| 0),
+        Command::Quantize(a) => {
+            let threads = a
+                .threads
+                .unwrap_or_else(|| u32::try_from(num_cpus::get_physical()).unwrap_or(1).max(1));
+            bench::quantize::quantize(&a.input, &a.output, &a.kind, threads)?;
+            println!(
+                "wrote {} ({})",
+                a.output.display(),
+                a.kind.to_ascii_uppercase()
+            );
+            return Ok(0);
+        }
         Command::Config(cli::ConfigCommand::Check(args)) => {
             let config = config::Config::load(args)?;
             println!(
@@ -69,7 +83,12 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
     }
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve(_) | Command::Keys(_) | Command::Config(_) | Command::Check(_) => Ok(()),
+            Command::Serve(_)
+            | Command::Keys(_)
+            | Command::Config(_)
+            | Command::Check(_)
+            | Command::Bench(_)
+            | Command::Quantize(_) => Ok(()),
             Command::Run(a) => client::run(a).await,
             Command::List(a) => client::list(a).await,
             Command::Ps(a) => client::ps(a).await,

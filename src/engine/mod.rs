@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 pub use compute::{compute, Compute, Device};
 pub use embed::{l2_normalize, shorten, EmbedShape, Embeddings};
 pub use error::{EngineError, LoadError};
+pub(crate) use loader::{backend, flash_attention};
 pub use loader::{Fim, ModelInfo};
 pub use request::{
     FinishReason, GenerateRequest, InvalidField, Overflow, SamplingOverrides, SamplingParams,

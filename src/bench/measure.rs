@@ -1,0 +1,202 @@
+//! The measurements of `backstop bench`, llama-bench style, in this process through
+//! `llama-cpp-2` with no HTTP: prompt processing (a prompt of `-p` tokens evaluated in
+//! batches), generation (`-n` tokens, one sequence, greedy, each fed back), and with
+//! `--parallel`, aggregate generation of N sequences sharing each decode (the continuous
+//! batching the server does). The same context layout as the server: one context, one
+//! sequence of cells per slot.
+
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::time::Instant;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Prompt tokens for prompt processing.
+    pub prompt: usize,
+    /// Tokens generated per sequence.
+    pub generate: usize,
+    /// Repetitions (after one warm-up, which is not counted).
+    pub reps: usize,
+    /// CPU threads.
+    pub threads: u32,
+    /// Sequence counts for aggregate generation (1 is the single-stream figure).
+    pub parallel: Vec<usize>,
+    /// Layers to offload to a GPU (`None`: llama.cpp's default, all when there is a GPU).
+    pub gpu_layers: Option<u32>,
+    /// Context cells per sequence (`None`: just enough for the run); the server's `--ctx`
+    /// compares like with like.
+    pub ctx: Option<u32>,
+    /// Flash attention on or off (`None`: the server's default for this machine).
+    pub flash_attention: Option<bool>,
+}
+
+/// Why a model could not be measured.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// llama.cpp would not load it.
+    #[error("llama.cpp could not load {0}")]
+    Load(String),
+    /// A context or decode failed.
+    #[error("llama.cpp failed: {0}")]
+    Llama(String),
+}
+
+/// One repetition's figures, tokens per second.
+#[derive(Debug, Clone, Default)]
+pub struct Rep {
+    /// Prompt processing.
+    pub pp: f64,
+    /// Single-sequence generation.
+    pub tg: f64,
+    /// Aggregate generation per sequence count (same order as `Plan::parallel`).
+    pub parallel: Vec<f64>,
+}
+
+fn llama(e: impl std::fmt::Display) -> BenchError {
+    BenchError::Llama(e.to_string())
+}
+
+/// A prompt of exactly `n` tokens.
+fn prompt_tokens(model: &LlamaModel, n: usize) -> Vec<LlamaToken> {
+    let text = "The quick brown fox jumps over the lazy dog while the river runs to the sea. ";
+    let piece = model.vocab().tokenize(text.as_bytes(), false, false);
+    let mut tokens = Vec::with_capacity(n + piece.len());
+    while tokens.len() < n && !piece.is_empty() {
+        tokens.extend_from_slice(&piece);
+    }
+    tokens.truncate(n);
+    tokens
+}
+
+/// Evaluates `tokens` of sequence `seq` from position `pos`, in `n_batch` chunks.
+fn prefill(
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch<'_>,
+    tokens: &[LlamaToken],
+    seq: i32,
+    pos: usize,
+) -> Result<(), BenchError> {
+    let n_batch = ctx.n_batch() as usize;
+    for (c, chunk) in tokens.chunks(n_batch).enumerate() {
+        batch.clear();
+        for (i, &t) in chunk.iter().enumerate() {
+            let p = pos + c * n_batch + i;
+            batch
+                .add(t, p as i32, &[seq], p + 1 == pos + tokens.len())
+                .map_err(llama)?;
+        }
+        ctx.decode(batch).map_err(llama)?;
+    }
+    Ok(())
+}
+
+/// `n` sequences advancing together for `generate` tokens; tokens per second in all.
+fn generate_together(
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch<'_>,
+    prompt: &[LlamaToken],
+    n: usize,
+    generate: usize,
+) -> Result<f64, BenchError> {
+    ctx.clear_kv_cache();
+    let short = &prompt[..prompt.len().clamp(1, 16)];
+    batch.clear();
+    for s in 0..n {
+        for (i, &t) in short.iter().enumerate() {
+            batch
+                .add(t, i as i32, &[s as i32], i + 1 == short.len())
+                .map_err(llama)?;
+        }
+    }
+    ctx.decode(batch).map_err(llama)?;
+    let mut samplers: Vec<LlamaSampler> = (0..n).map(|_| LlamaSampler::greedy()).collect();
+    let mut idx: Vec<i32> = (0..n).map(|s| ((s + 1) * short.len() - 1) as i32).collect();
+    let started = Instant::now();
+    for step in 0..generate {
+        let tokens: Vec<LlamaToken> = samplers
+            .iter_mut()
+            .zip(&idx)
+            .map(|(sm, &i)| sm.sample(ctx, i))
+            .collect();
+        batch.clear();
+        for (s, &tok) in tokens.iter().enumerate() {
+            batch
+                .add(tok, (short.len() + step) as i32, &[s as i32], true)
+                .map_err(llama)?;
+        }
+        ctx.decode(batch).map_err(llama)?;
+        idx = (0..n as i32).collect();
+    }
+    Ok((n * generate) as f64 / started.elapsed().as_secs_f64())
+}
+
+fn one(
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch<'_>,
+    prompt: &[LlamaToken],
+    plan: &Plan,
+) -> Result<Rep, BenchError> {
+    ctx.clear_kv_cache();
+    let started = Instant::now();
+    prefill(ctx, batch, prompt, 0, 0)?;
+    let pp = prompt.len() as f64 / started.elapsed().as_secs_f64();
+    let tg = generate_together(ctx, batch, prompt, 1, plan.generate)?;
+    let parallel = plan
+        .parallel
+        .iter()
+        .map(|&n| generate_together(ctx, batch, prompt, n, plan.generate))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Rep { pp, tg, parallel })
+}
+
+/// Measures one GGUF file: a warm-up, then `plan.reps` repetitions; `tick` after each.
+pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<Rep>, BenchError> {
+    let backend = crate::engine::backend().map_err(llama)?;
+    let mut params = LlamaModelParams::default();
+    if let Some(n) = plan.gpu_layers {
+        params = params.with_n_gpu_layers(n);
+    }
+    let model = LlamaModel::load_from_file(backend, path, &params)
+        .map_err(|_| BenchError::Load(path.display().to_string()))?;
+    let seqs = plan.parallel.iter().copied().max().unwrap_or(1).max(1);
+    let needed = (plan.prompt.max(16) + plan.generate + 16) as u32;
+    let per_seq = plan.ctx.map_or(needed, |c| c.max(needed));
+    let threads = i32::try_from(plan.threads).unwrap_or(i32::MAX);
+    let ctx_params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(per_seq * seqs as u32))
+        .with_n_seq_max(seqs as u32)
+        .with_n_batch(512)
+        .with_n_ubatch(512)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads)
+        .with_kv_unified(false)
+        .with_flash_attention_policy(crate::engine::flash_attention(
+            plan.flash_attention,
+            crate::engine::KvCacheType::F16,
+            plan.gpu_layers,
+        ));
+    let mut ctx = model.new_context(backend, ctx_params).map_err(llama)?;
+    let mut batch = LlamaBatch::new(512.max(seqs * 16), 1);
+    let prompt = prompt_tokens(&model, plan.prompt.max(1));
+    let warm = Plan {
+        generate: plan.generate.min(8),
+        ..plan.clone()
+    };
+    one(&mut ctx, &mut batch, &prompt, &warm)?;
+    tick();
+    let mut reps = Vec::with_capacity(plan.reps);
+    for _ in 0..plan.reps {
+        reps.push(one(&mut ctx, &mut batch, &prompt, plan)?);
+        tick();
+    }
+    Ok(reps)
+}

@@ -1,0 +1,106 @@
+//! `backstop bench` and `backstop quantize`: tokens per second across models and
+//! quantizations, measured in-process, and the quantizer that builds the ladder.
+
+mod measure;
+pub mod quantize;
+mod report;
+
+use std::path::PathBuf;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub use measure::{measure, BenchError, Plan, Rep};
+pub use report::{csv, table, Aggregate, Figure, Meta, ModelResult};
+
+use crate::cli::{BenchArgs, BenchFormat};
+use crate::models::{gguf, ModelName, Store};
+
+/// A file path, or the name of a model in the store.
+fn locate(arg: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(arg);
+    if path.is_file() {
+        return Ok(path);
+    }
+    let name =
+        ModelName::parse(arg).map_err(|_| format!("`{arg}` is neither a file nor a model name"))?;
+    let store = Store::new(crate::config::default_store_dir());
+    match store.get(&name) {
+        Ok(Some(m)) => Ok(m.model_path),
+        _ => Err(format!(
+            "`{arg}` is neither a file nor a model in the store at {}",
+            store.root().display()
+        )),
+    }
+}
+
+/// Runs `backstop bench` and prints its results.
+pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let threads = args
+        .threads
+        .unwrap_or_else(|| u32::try_from(num_cpus::get_physical()).unwrap_or(1).max(1));
+    let mut parallel: Vec<usize> = args.parallel.iter().copied().filter(|&n| n > 1).collect();
+    parallel.sort_unstable();
+    parallel.dedup();
+    let plan = Plan {
+        prompt: args.prompt,
+        generate: args.generate.max(2),
+        reps: args.reps.max(1),
+        threads,
+        parallel: parallel.clone(),
+        gpu_layers: args.gpu_layers,
+        ctx: args.ctx,
+        flash_attention: args.flash_attention,
+    };
+    let files = args
+        .models
+        .iter()
+        .map(|m| locate(m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let backend = crate::engine::compute()?.backend;
+    let bar = ProgressBar::new((files.len() * (plan.reps + 1)) as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} runs, {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut results = Vec::with_capacity(files.len());
+    for file in &files {
+        let header = gguf::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let name = file.file_name().map_or_else(
+            || file.display().to_string(),
+            |f| f.to_string_lossy().into_owned(),
+        );
+        bar.set_message(name.clone());
+        let reps = measure(file, &plan, || bar.inc(1))?;
+        results.push(ModelResult::new(
+            Meta {
+                file: name,
+                size: std::fs::metadata(file).map(|m| m.len()).unwrap_or(0),
+                quantization: header.quantization(),
+                parameters: header.parameter_size(),
+                architecture: header.architecture().to_owned(),
+                backend: backend.clone(),
+            },
+            &parallel,
+            &reps,
+        ));
+    }
+    bar.finish_and_clear();
+    match args.format {
+        BenchFormat::Table => {
+            print!("{}", table(&results, plan.prompt, plan.generate));
+            println!("{threads} threads, {} repetitions", plan.reps);
+        }
+        BenchFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "threads": threads,
+                "prompt": plan.prompt,
+                "generate": plan.generate,
+                "reps": plan.reps,
+                "results": results,
+            }))?
+        ),
+        BenchFormat::Csv => print!("{}", csv(&results)),
+    }
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! `backstop quantize IN OUT TYPE`: llama.cpp's own quantizer (`llama_model_quantize`, which
+//! the `llama-cpp-sys-2` crate exposes and `llama-cpp-2` does not wrap), so a quantization
+//! ladder can be built from one model and benchmarked without any download. The output is
+//! written under a temporary name and renamed only when the quantizer succeeded.
+
+use std::ffi::CString;
+use std::path::Path;
+
+use crate::models::gguf;
+
+/// Why quantizing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QuantizeError {
+    /// A type llama.cpp's quantizer does not offer.
+    #[error("`{0}` is not a quantization type; one of: {1}")]
+    UnknownType(String, String),
+    /// The input is not a readable GGUF.
+    #[error("{0}")]
+    Input(String),
+    /// The quantizer failed.
+    #[error("llama.cpp's quantizer failed (code {0}); its log above says why")]
+    Failed(u32),
+    /// The output could not be written.
+    #[error("{0}")]
+    Output(String),
+}
+
+/// The target types (llama.cpp's `llama_ftype` numbers, include/llama.h).
+const TYPES: &[(&str, u32)] = &[
+    ("F32", 0),
+    ("F16", 1),
+    ("Q4_0", 2),
+    ("Q4_1", 3),
+    ("Q8_0", 7),
+    ("Q5_0", 8),
+    ("Q5_1", 9),
+    ("Q2_K", 10),
+    ("Q3_K_S", 11),
+    ("Q3_K_M", 12),
+    ("Q3_K_L", 13),
+    ("Q4_K_S", 14),
+    ("Q4_K_M", 15),
+    ("Q5_K_S", 16),
+    ("Q5_K_M", 17),
+    ("Q6_K", 18),
+    ("Q2_K_S", 21),
+    ("IQ4_NL", 25),
+    ("IQ4_XS", 30),
+    ("BF16", 32),
+];
+
+/// The `llama_ftype` of a type name (any case).
+pub fn ftype(name: &str) -> Result<u32, QuantizeError> {
+    TYPES
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, t)| *t)
+        .ok_or_else(|| {
+            QuantizeError::UnknownType(
+                name.to_owned(),
+                TYPES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
+            )
+        })
+}
+
+/// Quantizes `input` to `output` as `kind`, on `threads` threads. Requantizing an already
+/// quantized model is allowed, with a warning: quality drops more than quantizing from F16.
+pub fn quantize(
+    input: &Path,
+    output: &Path,
+    kind: &str,
+    threads: u32,
+) -> Result<(), QuantizeError> {
+    let target = ftype(kind)?;
+    let header =
+        gguf::read(input).map_err(|e| QuantizeError::Input(format!("{}: {e}", input.display())))?;
+    let source = header.uint("general.file_type").unwrap_or(0);
+    let requantize = !matches!(source, 0 | 1 | 32);
+    if requantize {
+        tracing::warn!(
+            from = %header.quantization(),
+            to = kind,
+            "requantizing an already quantized model: quality drops more than quantizing from F16/BF16"
+        );
+    }
+    crate::engine::backend().map_err(|e| QuantizeError::Input(e.to_string()))?;
+    let dir = output
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let temp = dir.join(format!(
+        ".{}.partial-{}",
+        output
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or("out.gguf"),
+        std::process::id()
+    ));
+    let c = |p: &Path| {
+        CString::new(p.to_string_lossy().as_bytes())
+            .map_err(|_| QuantizeError::Output(format!("{}: a path with a NUL byte", p.display())))
+    };
+    let (inp, tmp) = (c(input)?, c(&temp)?);
+    // SAFETY: both strings are valid NUL-terminated paths that outlive the call, and the
+    // parameters come from llama.cpp's own defaults with plain fields changed; the call
+    // reads the input file and writes the output file, and touches nothing of ours.
+    let code = unsafe {
+        let mut params = llama_cpp_sys_2::llama_model_quantize_default_params();
+        params.ftype = target as llama_cpp_sys_2::llama_ftype;
+        params.nthread = i32::try_from(threads).unwrap_or(1);
+        params.allow_requantize = requantize;
+        llama_cpp_sys_2::llama_model_quantize(inp.as_ptr(), tmp.as_ptr(), &params)
+    };
+    if code != 0 {
+        let _ = std::fs::remove_file(&temp);
+        return Err(QuantizeError::Failed(code));
+    }
+    std::fs::rename(&temp, output).map_err(|e| {
+        let _ = std::fs::remove_file(&temp);
+        QuantizeError::Output(format!("{}: {e}", output.display()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_names_map_to_llama_cpps_numbers() {
+        assert_eq!(ftype("Q4_K_M").unwrap(), 15);
+        assert_eq!(ftype("q8_0").unwrap(), 7);
+        let e = ftype("Q9_X").unwrap_err().to_string();
+        assert!(e.contains("Q6_K"), "{e}");
+        // Every name here is one the GGUF reader reports back the same way.
+        for (n, t) in TYPES {
+            assert_eq!(gguf::file_type_name(u64::from(*t)), Some(*n));
+        }
+    }
+}

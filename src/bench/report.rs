@@ -1,0 +1,218 @@
+//! `backstop bench`'s results: median and spread per figure, as a markdown table, JSON or CSV.
+
+use serde::Serialize;
+
+use super::measure::Rep;
+
+/// A figure over the repetitions.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Figure {
+    /// Median tokens per second.
+    pub median: f64,
+    /// Lowest.
+    pub min: f64,
+    /// Highest.
+    pub max: f64,
+}
+
+impl Figure {
+    /// Median and spread of some samples.
+    pub fn of(mut v: Vec<f64>) -> Figure {
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return Figure {
+                median: 0.0,
+                min: 0.0,
+                max: 0.0,
+            };
+        }
+        let mid = v.len() / 2;
+        let median = if v.len() % 2 == 1 {
+            v[mid]
+        } else {
+            (v[mid - 1] + v[mid]) / 2.0
+        };
+        Figure {
+            median,
+            min: v[0],
+            max: v[v.len() - 1],
+        }
+    }
+
+    fn cell(&self) -> String {
+        format!("{:.1} ({:.1}–{:.1})", self.median, self.min, self.max)
+    }
+}
+
+/// One model's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelResult {
+    /// The file.
+    pub file: String,
+    /// File size in bytes.
+    pub size: u64,
+    /// Quantization (`Q4_K_M`).
+    pub quantization: String,
+    /// Parameter count, short (`134.52M`).
+    pub parameters: String,
+    /// Architecture.
+    pub architecture: String,
+    /// Compute backend.
+    pub backend: String,
+    /// Prompt-processing tokens/s.
+    pub pp: Figure,
+    /// Single-stream generation tokens/s.
+    pub tg: Figure,
+    /// Aggregate generation tokens/s per sequence count.
+    pub parallel: Vec<Aggregate>,
+}
+
+/// Aggregate generation over several sequences sharing each decode.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Aggregate {
+    /// Sequences decoded together.
+    pub sequences: usize,
+    /// Tokens per second, all sequences together.
+    #[serde(flatten)]
+    pub figure: Figure,
+}
+
+impl ModelResult {
+    /// Summarizes the repetitions.
+    pub fn new(meta: Meta, parallel: &[usize], reps: &[Rep]) -> ModelResult {
+        ModelResult {
+            file: meta.file,
+            size: meta.size,
+            quantization: meta.quantization,
+            parameters: meta.parameters,
+            architecture: meta.architecture,
+            backend: meta.backend,
+            pp: Figure::of(reps.iter().map(|r| r.pp).collect()),
+            tg: Figure::of(reps.iter().map(|r| r.tg).collect()),
+            parallel: parallel
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| Aggregate {
+                    sequences: n,
+                    figure: Figure::of(reps.iter().map(|r| r.parallel[i]).collect()),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What is known about a file before measuring it.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub(crate) file: String,
+    pub(crate) size: u64,
+    pub(crate) quantization: String,
+    pub(crate) parameters: String,
+    pub(crate) architecture: String,
+    pub(crate) backend: String,
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// A markdown table, one row per model.
+pub fn table(results: &[ModelResult], prompt: usize, generate: usize) -> String {
+    let parallel: Vec<usize> = results
+        .first()
+        .map(|r| r.parallel.iter().map(|p| p.sequences).collect())
+        .unwrap_or_default();
+    let mut head = vec![
+        "model".to_owned(),
+        "quant".to_owned(),
+        "size".to_owned(),
+        "params".to_owned(),
+        "backend".to_owned(),
+        format!("pp{prompt} tok/s"),
+        format!("tg{generate} tok/s"),
+    ];
+    head.extend(
+        parallel
+            .iter()
+            .map(|n| format!("tg{generate} x{n} aggregate")),
+    );
+    let mut out = format!(
+        "| {} |\n|{}\n",
+        head.join(" | "),
+        " --- |".repeat(head.len())
+    );
+    for r in results {
+        let mut row = vec![
+            r.file.clone(),
+            r.quantization.clone(),
+            mib(r.size),
+            r.parameters.clone(),
+            r.backend.clone(),
+            r.pp.cell(),
+            r.tg.cell(),
+        ];
+        row.extend(r.parallel.iter().map(|a| a.figure.cell()));
+        out.push_str(&format!("| {} |\n", row.join(" | ")));
+    }
+    out.push_str("\nmedian (min–max) tokens per second over the repetitions, warm-up excluded\n");
+    out
+}
+
+/// CSV, one row per model and figure.
+pub fn csv(results: &[ModelResult]) -> String {
+    let mut out =
+        String::from("file,quantization,size,parameters,backend,figure,sequences,median,min,max\n");
+    for r in results {
+        let mut row = |figure: &str, n: usize, f: &Figure| {
+            out.push_str(&format!(
+                "{},{},{},{},{},{figure},{n},{:.3},{:.3},{:.3}\n",
+                r.file, r.quantization, r.size, r.parameters, r.backend, f.median, f.min, f.max
+            ));
+        };
+        row("pp", 1, &r.pp);
+        row("tg", 1, &r.tg);
+        for a in &r.parallel {
+            row("tg_aggregate", a.sequences, &a.figure);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_spreads() {
+        let f = Figure::of(vec![3.0, 1.0, 2.0]);
+        assert_eq!((f.median, f.min, f.max), (2.0, 1.0, 3.0));
+        assert_eq!(Figure::of(vec![1.0, 2.0, 3.0, 10.0]).median, 2.5);
+    }
+
+    fn result() -> ModelResult {
+        ModelResult {
+            file: "m.gguf".into(),
+            size: 1024 * 1024,
+            quantization: "Q4_0".into(),
+            parameters: "1.00M".into(),
+            architecture: "llama".into(),
+            backend: "CPU".into(),
+            pp: Figure::of(vec![100.0]),
+            tg: Figure::of(vec![10.0]),
+            parallel: vec![Aggregate {
+                sequences: 4,
+                figure: Figure::of(vec![30.0]),
+            }],
+        }
+    }
+
+    #[test]
+    fn the_table_and_csv_carry_every_figure() {
+        let t = table(&[result()], 512, 128);
+        assert!(t.contains("| m.gguf | Q4_0 | 1.0 MiB | 1.00M | CPU | 100.0 (100.0–100.0) | 10.0 (10.0–10.0) | 30.0 (30.0–30.0) |"), "{t}");
+        assert!(t.contains("tg128 x4 aggregate"));
+        let c = csv(&[result()]);
+        assert_eq!(c.lines().count(), 4);
+        assert!(c.contains("m.gguf,Q4_0,1048576,1.00M,CPU,tg_aggregate,4,30.000,30.000,30.000"));
+    }
+}

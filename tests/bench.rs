@@ -1,0 +1,202 @@
+//! `backstop quantize` and `backstop bench` against the real SmolLM2 model: a small
+//! quantization ladder built without any download, then benchmarked in every output format.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use serde_json::Value;
+
+fn backstop(args: &[&str]) -> Output {
+    common::backstop_command()
+        .args(args)
+        .output()
+        .expect("run backstop")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Removes the folder when the test ends, passed or not (quantized models are large).
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn quantize(input: &Path, output: &Path, kind: &str) -> Output {
+    backstop(&[
+        "quantize",
+        input.to_str().unwrap(),
+        output.to_str().unwrap(),
+        kind,
+    ])
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_quantization_ladder_is_built_and_benchmarked_in_every_format() {
+    let dir = common::temp_dir("ladder");
+    let _cleanup = Cleanup(dir.clone());
+    let source = common::smollm2();
+    let q8 = dir.join("smollm2-q8_0.gguf");
+    let q4 = dir.join("smollm2-q4_0.gguf");
+
+    for (out, kind) in [(&q8, "Q8_0"), (&q4, "q4_0")] {
+        let o = quantize(&source, out, kind);
+        assert!(o.status.success(), "quantize {kind}: {}", text(&o.stderr));
+        // The source is already Q4_1: requantizing is allowed, and said.
+        assert!(
+            text(&o.stderr).contains("requantizing"),
+            "{}",
+            text(&o.stderr)
+        );
+    }
+    // Only the two outputs, no temporary files left beside them.
+    assert_eq!(entries(&dir), ["smollm2-q4_0.gguf", "smollm2-q8_0.gguf"]);
+    let (q8_size, q4_size) = (
+        std::fs::metadata(&q8).unwrap().len(),
+        std::fs::metadata(&q4).unwrap().len(),
+    );
+    // 8.5 bits per weight against 4.5: the Q8_0 file is much larger.
+    assert!(q8_size > q4_size * 3 / 2, "{q8_size} vs {q4_size}");
+
+    let files = [q8.to_str().unwrap(), q4.to_str().unwrap()];
+    let common_args = [
+        "bench",
+        "-p",
+        "32",
+        "-n",
+        "8",
+        "-t",
+        "2",
+        "--parallel",
+        "1,2,2",
+    ];
+
+    let json = backstop(
+        &[
+            &common_args[..],
+            &["-r", "2", "--format", "json"],
+            &files[..],
+        ]
+        .concat(),
+    );
+    assert!(json.status.success(), "{}", text(&json.stderr));
+    let report: Value = serde_json::from_slice(&json.stdout).expect("bench JSON");
+    assert_eq!(report["threads"], 2);
+    assert_eq!(report["prompt"], 32);
+    assert_eq!(report["generate"], 8);
+    assert_eq!(report["reps"], 2);
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for (r, (kind, size)) in results.iter().zip([("Q8_0", q8_size), ("Q4_0", q4_size)]) {
+        assert_eq!(r["quantization"], kind, "{r}");
+        assert_eq!(r["size"].as_u64(), Some(size), "{r}");
+        assert_eq!(r["architecture"], "llama");
+        assert_eq!(r["backend"], "CPU");
+        assert!(r["parameters"].as_str().unwrap().ends_with('M'), "{r}");
+        for fig in [&r["pp"], &r["tg"]] {
+            let (min, med, max) = (
+                fig["min"].as_f64().unwrap(),
+                fig["median"].as_f64().unwrap(),
+                fig["max"].as_f64().unwrap(),
+            );
+            assert!(min > 0.0 && min <= med && med <= max, "{fig}");
+        }
+        // `1` is the single-stream figure and duplicates collapse: one aggregate, for 2.
+        let parallel = r["parallel"].as_array().unwrap();
+        assert_eq!(parallel.len(), 1, "{r}");
+        assert_eq!(parallel[0]["sequences"], 2);
+        assert!(parallel[0]["median"].as_f64().unwrap() > 0.0);
+    }
+
+    let csv = backstop(
+        &[
+            &common_args[..],
+            &["-r", "1", "--format", "csv"],
+            &files[..],
+        ]
+        .concat(),
+    );
+    assert!(csv.status.success(), "{}", text(&csv.stderr));
+    let csv = text(&csv.stdout);
+    let lines: Vec<&str> = csv.lines().collect();
+    // A header, then pp, tg and the x2 aggregate for each model.
+    assert_eq!(lines.len(), 7, "{csv}");
+    assert!(lines[0].starts_with("file,"), "{csv}");
+    assert!(lines[1].starts_with("smollm2-q8_0.gguf,Q8_0,"), "{csv}");
+    assert!(lines[1].contains(",pp,1,"), "{csv}");
+    assert!(lines[3].contains(",tg_aggregate,2,"), "{csv}");
+    assert!(lines[4].starts_with("smollm2-q4_0.gguf,Q4_0,"), "{csv}");
+    let columns = lines[0].split(',').count();
+    assert!(
+        lines.iter().all(|l| l.split(',').count() == columns),
+        "{csv}"
+    );
+
+    let table = backstop(&[&common_args[..], &["-r", "1"], &files[..1]].concat());
+    assert!(table.status.success(), "{}", text(&table.stderr));
+    let table = text(&table.stdout);
+    assert!(table.starts_with('|'), "a markdown table:\n{table}");
+    assert!(table.contains("pp32") && table.contains("tg8"), "{table}");
+    assert!(table.contains("Q8_0"), "{table}");
+}
+
+#[test]
+fn quantize_refuses_unknown_types_and_bad_inputs_and_leaves_nothing_behind() {
+    let dir = common::temp_dir("quantize-bad");
+    let _cleanup = Cleanup(dir.clone());
+    let out = dir.join("out.gguf");
+
+    let o = quantize(&common::smollm2(), &out, "Q9_X");
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("Q9_X") && err.contains("Q4_K_M"), "{err}");
+
+    let not_gguf = dir.join("notes.gguf");
+    std::fs::write(&not_gguf, b"this is not a model").unwrap();
+    let o = quantize(&not_gguf, &out, "Q8_0");
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("notes.gguf"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    let o = quantize(&dir.join("missing.gguf"), &out, "Q8_0");
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("missing.gguf"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert_eq!(entries(&dir), ["notes.gguf"]);
+
+    let o = backstop(&["bench", "-r", "1", not_gguf.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("notes.gguf"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = backstop(&["bench", "-r", "1", "no-such-model:latest"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("no-such-model"),
+        "{}",
+        text(&o.stderr)
+    );
+}
