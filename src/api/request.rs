@@ -48,6 +48,8 @@ pub(crate) struct Valid {
     pub(crate) ctx_limit: Option<u32>,
     /// What to do with a prompt longer than the context.
     pub(crate) overflow: Overflow,
+    /// A grammar (GBNF) the answer must follow: structured output.
+    pub(crate) grammar: Option<String>,
 }
 
 impl Valid {
@@ -65,6 +67,7 @@ impl Valid {
             keep_alive: None,
             ctx_limit: None,
             overflow: Overflow::Refuse,
+            grammar: None,
         }
     }
 }
@@ -169,6 +172,7 @@ pub(crate) fn generate_request(valid: &Valid, lease: &Lease) -> Result<GenerateR
         ignore_eos: valid.ignore_eos,
         ctx_limit: valid.ctx_limit,
         overflow: valid.overflow,
+        grammar: valid.grammar.clone(),
     })
 }
 

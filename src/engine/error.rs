@@ -66,6 +66,9 @@ pub enum EngineError {
     /// The prompt tokenized to nothing.
     #[error("the prompt is empty")]
     EmptyPrompt,
+    /// The grammar of a structured-output request could not be used.
+    #[error("the output grammar was refused: {0}")]
+    Grammar(String),
     /// An embedding input is empty (or tokenized to nothing).
     #[error("input {index} is empty")]
     EmptyInput {

@@ -73,6 +73,8 @@ pub struct GenerateRequest {
     pub ctx_limit: Option<u32>,
     /// What to do with a prompt that does not fit.
     pub overflow: Overflow,
+    /// A llama.cpp grammar (GBNF, root rule `root`) the answer must follow: structured output.
+    pub grammar: Option<String>,
 }
 
 /// What happens to a prompt longer than the context.

@@ -13,14 +13,17 @@ const RANDOM_SEED: u32 = u32::MAX;
 /// min-p), then temperature, then the random draw. Temperature 0 is plain argmax, so the
 /// output does not depend on the seed at all.
 /// `banned` tokens (end-of-generation ones, for `ignore_eos`) get a logit of minus infinity
-/// before anything else runs.
+/// before anything else runs but the grammar of structured output.
 pub(crate) fn build(
     params: &SamplingParams,
     n_vocab: i32,
     prompt: &[LlamaToken],
     banned: &[LlamaToken],
+    grammar: Option<LlamaSampler>,
 ) -> LlamaSampler {
-    let mut chain = Vec::with_capacity(7);
+    let mut chain = Vec::with_capacity(8);
+    // The grammar goes first: tokens it forbids never reach the other samplers.
+    chain.extend(grammar);
     if !banned.is_empty() {
         let biases: Vec<LlamaLogitBias> = banned
             .iter()

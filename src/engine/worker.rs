@@ -100,6 +100,8 @@ struct Pending {
     tokens: Vec<LlamaToken>,
     /// Context tokens the request may use.
     limit: usize,
+    /// The structured-output grammar, checked at intake.
+    grammar: Option<LlamaSampler>,
 }
 
 /// One parallel sequence of the shared context.
@@ -418,7 +420,20 @@ impl<'m> Worker<'m> {
                 tracing::warn!(model = %self.name, prompt_tokens = before, kept = tokens.len(), limit, "prompt longer than the context: input truncated");
             }
         }
-        let verdict = if tokens.is_empty() {
+        // A grammar is parsed now, so a bad one is refused before the request waits.
+        let grammar = match job.request.grammar.as_deref() {
+            None => Ok(None),
+            Some(g) => LlamaSampler::grammar(self.model, g, "root")
+                .map(Some)
+                .map_err(|e| EngineError::Grammar(e.to_string())),
+        };
+        let (grammar, grammar_error) = match grammar {
+            Ok(g) => (g, None),
+            Err(e) => (None, Some(e)),
+        };
+        let verdict = if let Some(e) = grammar_error {
+            Err(e)
+        } else if tokens.is_empty() {
             Err(EngineError::EmptyPrompt)
         } else if tokens.len() >= limit {
             Err(EngineError::PromptTooLong {
@@ -437,7 +452,12 @@ impl<'m> Worker<'m> {
         if job.events.try_send(event).is_err() || verdict.is_err() {
             return;
         }
-        self.waiting.push_back(Pending { job, tokens, limit });
+        self.waiting.push_back(Pending {
+            job,
+            tokens,
+            limit,
+            grammar,
+        });
     }
 
     /// Frees the slots (and queue places) of clients that went away.
@@ -499,13 +519,24 @@ impl<'m> Worker<'m> {
         let slot = &mut self.slots[index];
         slot.cached.truncate(keep);
 
-        let Pending { job, tokens, limit } = pending;
+        let Pending {
+            job,
+            tokens,
+            limit,
+            grammar,
+        } = pending;
         let banned: &[LlamaToken] = if job.request.ignore_eos {
             &self.eog
         } else {
             &[]
         };
-        let sampler = sampler::build(&job.request.sampling, self.n_vocab, &tokens, banned);
+        let sampler = sampler::build(
+            &job.request.sampling,
+            self.n_vocab,
+            &tokens,
+            banned,
+            grammar,
+        );
         let mut stops = job.request.stop.clone();
         stops.retain(|s| !s.is_empty());
         self.admissions += 1;

@@ -129,7 +129,8 @@ impl From<EngineError> for OllamaError {
             EngineError::PromptTooLong { .. } => StatusCode::BAD_REQUEST,
             EngineError::EmptyPrompt
             | EngineError::EmptyInput { .. }
-            | EngineError::InputTooLong { .. } => StatusCode::BAD_REQUEST,
+            | EngineError::InputTooLong { .. }
+            | EngineError::Grammar(_) => StatusCode::BAD_REQUEST,
             EngineError::Decode(_) | EngineError::Embeddings(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

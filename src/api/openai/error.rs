@@ -182,6 +182,12 @@ impl From<EngineError> for ApiError {
                 Some("prompt"),
                 None,
             ),
+            EngineError::Grammar(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("response_format"),
+                Some("invalid_schema"),
+            ),
             EngineError::EmptyInput { .. } => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
