@@ -57,22 +57,44 @@ pub struct Server {
     pub store: Option<PathBuf>,
 }
 
-/// A fresh folder under the system's temporary folder.
+/// A fresh folder under the system's temporary folder. Test binaries exit without running
+/// destructors of what they leave there, so the first call also sweeps the folders of earlier
+/// runs whose process is gone (found through /proc; elsewhere nothing is swept).
 pub fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("backstop-test-{name}-{}", uuid_like()));
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    static N: AtomicU64 = AtomicU64::new(0);
+    let root = std::env::temp_dir();
+    SWEEP.call_once(|| sweep_earlier_runs(&root));
+    let d = root.join(format!(
+        "backstop-test-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
 
-fn uuid_like() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        Instant::now().elapsed().as_nanos()
-    )
+fn sweep_earlier_runs(root: &std::path::Path) {
+    if !std::path::Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("backstop-test-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// The result of running the binary to completion.
