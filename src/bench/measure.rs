@@ -179,11 +179,7 @@ pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<R
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
         .with_kv_unified(false)
-        .with_flash_attention_policy(crate::engine::flash_attention(
-            plan.flash_attention,
-            crate::engine::KvCacheType::F16,
-            plan.gpu_layers,
-        ));
+        .with_flash_attention_policy(crate::engine::flash_attention(plan.flash_attention));
     let mut ctx = model.new_context(backend, ctx_params).map_err(llama)?;
     let mut batch = LlamaBatch::new(512.max(seqs * 16), 1);
     let prompt = prompt_tokens(&model, plan.prompt.max(1));

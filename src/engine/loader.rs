@@ -179,34 +179,23 @@ pub(crate) fn shared_params(options: &EngineOptions) -> LlamaContextParams {
         KvCacheType::Q4_0 => llama_cpp_2::context::params::KvCacheType::Q4_0,
     };
     LlamaContextParams::default()
-        .with_flash_attention_policy(flash_attention(
-            options.flash_attention,
-            options.kv_cache_type,
-            options.gpu_layers,
-        ))
+        .with_flash_attention_policy(flash_attention(options.flash_attention))
         .with_type_k(kv)
         .with_type_v(kv)
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
 }
 
-/// llama.cpp's flash-attention setting for the operator's choice. When they did not choose:
-/// on a GPU llama.cpp decides; on the CPU it is off unless a quantized KV cache needs it, as
-/// llama.cpp's CPU flash-attention kernel decodes far slower once the context fills
-/// (llama-bench 0c1e57098, SmolLM2 Q4_1, 2 threads: tg64 at depth 1024 is 37 tok/s with it,
-/// 79 without; at depth 0, 117 vs 124), which costs more than the ~13% it gains in prompt
-/// processing. Ollama's default is off as well.
-pub(crate) fn flash_attention(
-    choice: Option<bool>,
-    kv: KvCacheType,
-    gpu_layers: Option<u32>,
-) -> llama_cpp_sys_2::llama_flash_attn_type {
-    let on_gpu = gpu_layers != Some(0) && super::compute().is_ok_and(|c| c.has_gpu());
-    let choice = choice.or(if on_gpu {
-        None
-    } else {
-        Some(kv != KvCacheType::F16)
-    });
+/// llama.cpp's flash-attention setting for the operator's choice; when they did not choose,
+/// llama.cpp decides (on wherever the backend supports it, the CPU included).
+///
+/// Off would decode faster on the CPU once the context fills (llama-bench 0c1e57098, SmolLM2
+/// Q4_1, 2 threads: tg64 at depth 1024 is 37 tok/s with it, 79 without), but without it the
+/// logits of a prompt whose prefix came from the cache differ in the last bits from a cold
+/// prefill of the same prompt, so a seeded answer would change with what the slot happened to
+/// hold. Answers must not depend on the cache, so the default keeps it; `--flash-attention 0`
+/// trades that for speed.
+pub(crate) fn flash_attention(choice: Option<bool>) -> llama_cpp_sys_2::llama_flash_attn_type {
     match choice {
         None => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
         Some(true) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
