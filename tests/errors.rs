@@ -226,7 +226,6 @@ async fn unsupported_features_are_refused_clearly() {
     let s = Server::start(&[]).await;
     for (field, value) in [
         ("logprobs", json!(true)),
-        ("response_format", json!({"type": "json_object"})),
         (
             "tools",
             json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),

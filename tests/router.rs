@@ -552,3 +552,39 @@ async fn anthropic_clients_get_anthropic_answers_from_the_cloud_the_local_model_
         "not_found_error"
     );
 }
+
+#[tokio::test]
+async fn structured_output_reaches_the_cloud_intact_and_the_local_model_honours_it_on_failover() {
+    let fake = FakeCloud::start().await;
+    let s = routed(&fake, 1000, "", &[]).await;
+    let schema = json!({"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "population": {"type": "integer", "minimum": 0, "maximum": 100000000}},
+        "required": ["city", "population"], "additionalProperties": false});
+    let format = json!({"type": "json_schema",
+                        "json_schema": {"name": "city", "strict": true, "schema": schema}});
+    let body = |stream: bool| {
+        json!({"model": "gpt-4o-mini", "stream": stream, "temperature": 0, "max_tokens": 120,
+               "messages": [{"role": "user", "content": "Name a big city, as JSON."}],
+               "response_format": format})
+    };
+    let (status, marks, _, _) = ask(&s, &body(false), &[]).await;
+    assert_eq!((status, &marks[0]), (200, &some("cloud")));
+    assert_eq!(
+        fake.last_request().unwrap().body["response_format"],
+        format,
+        "the cloud sees the request's own response_format"
+    );
+    fake.set_mode(Mode::Status(503));
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let mut answers = Vec::new();
+    for stream in [false, true] {
+        let (status, marks, text, _) = ask(&s, &body(stream), &[]).await;
+        assert_eq!(status, 200);
+        assert_eq!(marks, [some("local"), some("smollm2"), some("http_503")]);
+        let value: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert!(validator.is_valid(&value), "{text}");
+        answers.push(text);
+    }
+    assert_eq!(answers[0], answers[1]);
+}

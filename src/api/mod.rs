@@ -10,6 +10,7 @@ pub(crate) mod openai;
 mod prop_tests;
 pub(crate) mod request;
 pub(crate) mod routed;
+pub(crate) mod structured;
 
 use std::sync::Arc;
 

@@ -159,3 +159,27 @@ def test_pull_from_the_hub_streams_progress_and_serves_the_model(client):
     assert client.delete(name).status == "success"
     with pytest.raises(ollama.ResponseError):
         list(client.pull("hf.co/test/smol-GGUF:Q2_K", stream=True))
+
+
+def test_format_with_a_pydantic_schema_gives_a_validated_object(client):
+    from pydantic import BaseModel, Field
+
+    class Fruit(BaseModel):
+        name: str = Field(max_length=20)
+        colour: str = Field(max_length=20)
+
+    class Basket(BaseModel):
+        fruits: list[Fruit] = Field(min_length=1, max_length=3)
+        total: int = Field(ge=1, le=3)
+
+    r = client.chat(
+        model="smollm2", messages=[{"role": "user", "content": "Fill a basket with fruit."}],
+        format=Basket.model_json_schema(), options={"temperature": 0, "num_predict": 300},
+    )
+    assert r.done_reason == "stop"
+    basket = Basket.model_validate_json(r.message.content)
+    assert 1 <= len(basket.fruits) <= 3
+
+    r = client.generate(model="smollm2", prompt="A cat, as JSON.", format="json",
+                        options={"temperature": 0, "num_predict": 200})
+    assert r.response.startswith("{")

@@ -125,3 +125,40 @@ def test_embeddings_come_back_as_unit_vectors_in_input_order(client):
     floats = client.embeddings.create(model=MODEL, input="first text", encoding_format="float")
     assert max(abs(x - y) for x, y in zip(floats.data[0].embedding, r.data[0].embedding)) < 1e-5
     assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens
+
+
+def test_parse_with_a_pydantic_model_gives_a_validated_object(client):
+    # The SDK turns the model into a strict json_schema response_format and validates the
+    # answer itself: constrained decoding makes it parse every time, even with a 135M model.
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Address(BaseModel):
+        city: str = Field(max_length=24)
+        zip: str = Field(pattern=r"^[0-9]{5}$")
+
+    class Person(BaseModel):
+        name: str = Field(min_length=1, max_length=24)
+        age: int = Field(ge=0, le=120)
+        mood: Literal["happy", "sad", "calm"]
+        address: Address
+
+    r = client.chat.completions.parse(
+        model=MODEL, messages=ask("Invent a person."), response_format=Person,
+        temperature=0, max_tokens=200,
+    )
+    assert r.choices[0].finish_reason == "stop"
+    person = r.choices[0].message.parsed
+    assert isinstance(person, Person)
+    assert 0 <= person.age <= 120 and len(person.address.zip) == 5
+
+
+def test_an_invalid_schema_is_a_bad_request_naming_the_parameter(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=MODEL, messages=ask("hi"),
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strnig"}}},
+        )
+    assert e.value.status_code == 400
+    assert e.value.body["param"] == "response_format.json_schema.schema"

@@ -6,6 +6,7 @@
 use serde_json::{Map, Value};
 
 use crate::api::request::{check_stop, Input, Invalid, Valid};
+use crate::api::structured;
 use crate::config::KeepAlive;
 use crate::engine::{ChatMessage, Overflow, Role, SamplingOverrides};
 use crate::models::Parameters;
@@ -194,16 +195,18 @@ fn common(body: &Map<String, Value>, valid: &mut Valid) -> Result<(), Invalid> {
     valid.overflow = Overflow::Truncate {
         keep: o.num_keep.unwrap_or(DEFAULT_NUM_KEEP),
     };
-    match body.get("format") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) if s.is_empty() => {}
-        Some(_) => {
+    valid.grammar = match body.get("format") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) if s == "json" => Some(structured::json_object()?),
+        Some(Value::String(s)) => {
             return Err(Invalid::new(
                 "format",
-                "structured output (format) is not supported by this server yet",
+                format!("`{s}` is not a format: use \"json\" or a JSON schema object"),
             ))
         }
-    }
+        Some(schema) => Some(structured::json_schema(schema, "format")?),
+    };
     match body.get("think") {
         None | Some(Value::Null) | Some(Value::Bool(false)) => {}
         Some(_) => {

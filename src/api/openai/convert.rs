@@ -7,6 +7,7 @@ use super::error::ApiError;
 use super::types::{ChatCompletionRequest, CommonParams, CompletionRequest};
 use crate::api::body::JsonBody;
 use crate::api::request::{check_stop, Input, Valid};
+use crate::api::structured;
 use crate::engine::{ChatMessage, Role, SamplingOverrides};
 
 pub(super) fn model_name(model: Option<String>) -> Result<String, ApiError> {
@@ -129,6 +130,59 @@ fn unsupported(param: &str, what: &str) -> ApiError {
     ApiError::invalid(param, format!("{what} is not supported by this server yet"))
 }
 
+/// `response_format`: `text` (or none), `json_object`, or `json_schema` with its schema; the
+/// grammar that constrains the answer.
+fn response_format(format: &Value) -> Result<Option<String>, ApiError> {
+    if format.is_null() {
+        return Ok(None);
+    }
+    let kind = format.get("type").and_then(Value::as_str).ok_or_else(|| {
+        ApiError::invalid(
+            "response_format.type",
+            "response_format must be an object with a `type`",
+        )
+    })?;
+    match kind {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(structured::json_object()?)),
+        "json_schema" => {
+            let spec = format
+                .get("json_schema")
+                .filter(|s| s.is_object())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "response_format.json_schema",
+                        "response_format of type json_schema needs a `json_schema` object",
+                    )
+                })?;
+            if let Some(name) = spec.get("name") {
+                let ok = name.as_str().is_some_and(|n| {
+                    (1..=64).contains(&n.len())
+                        && n.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                });
+                if !ok {
+                    return Err(ApiError::invalid(
+                        "response_format.json_schema.name",
+                        "the name must be 1 to 64 letters, digits, underscores or dashes",
+                    ));
+                }
+            }
+            match spec.get("schema") {
+                None | Some(Value::Null) => Ok(Some(structured::json_object()?)),
+                Some(schema) => Ok(Some(structured::json_schema(
+                    schema,
+                    "response_format.json_schema.schema",
+                )?)),
+            }
+        }
+        other => Err(ApiError::invalid(
+            "response_format.type",
+            format!("`{other}` is not one of text, json_object, json_schema"),
+        )),
+    }
+}
+
 /// Checks a `/v1/chat/completions` body.
 pub(crate) fn chat(body: &JsonBody) -> Result<Valid, ApiError> {
     let req: ChatCompletionRequest = body.typed()?;
@@ -142,15 +196,7 @@ pub(crate) fn chat(body: &JsonBody) -> Result<Valid, ApiError> {
     if req.logprobs == Some(true) {
         return Err(unsupported("logprobs", "logprobs"));
     }
-    match req.response_format.get("type").and_then(Value::as_str) {
-        None | Some("text") => {}
-        Some(_) => {
-            return Err(unsupported(
-                "response_format",
-                "structured output (response_format)",
-            ))
-        }
-    }
+    let grammar = response_format(&req.response_format)?;
     if req.tools.as_array().is_some_and(|t| !t.is_empty()) {
         return Err(unsupported("tools", "tool calling"));
     }
@@ -173,6 +219,7 @@ pub(crate) fn chat(body: &JsonBody) -> Result<Valid, ApiError> {
         max_tokens: req.max_completion_tokens.or(common.max_tokens),
         stop: common.stop,
         ignore_eos: common.ignore_eos,
+        grammar,
         ..Valid::new(model_name(req.model)?, Input::Chat(messages))
     })
 }
