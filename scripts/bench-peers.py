@@ -1,23 +1,34 @@
 #!/usr/bin/env python3
-"""backstop side by side with its peers, in one run, on one model (BENCH.md, targets P1-P5,
+"""backstop side by side with its peers, in one run, on one model (BENCH.md, targets P1-P7,
 P10, P11).
 
-Peers: the raw engine (llama.cpp through llama-cpp-2 with no HTTP: benches/raw_engine.rs)
-and llama.cpp's own llama-server (scripts/build-peers.sh). Both servers get the same model,
-threads, slots, per-slot context and requests (unique prompts, so no prefix cache helps
-either side; greedy; ignore_eos, so every request generates exactly --max-tokens). Server
-runs are interleaved (backstop, llama-server, backstop, ...) so drift in a noisy machine hits
-both alike; every figure is the median over --reps after a warm-up.
+Peers: the raw engine (`backstop bench`: llama.cpp through llama-cpp-2 with no HTTP), llama.cpp's
+own llama-server, and llama-cpp-python's server (both from scripts/build-peers.sh --python; the
+latter is skipped with a note when it is not installed). Every server gets the same model,
+threads, per-slot context and requests (unique prompts, so no prefix cache helps anyone; greedy;
+ignore_eos where the server honours it). Each of 1, 4 and 8 streaming clients measures decode
+tok/s per stream, TTFT p50/p95 and aggregate tok/s; servers with slots get 4 slots for 1 and 4
+clients and 8 for 8 (llama-cpp-python serves one request at a time whatever it is given).
+Server runs rotate order (backstop, llama-server, llama-cpp-python; then the next order, ...)
+so drift on a noisy machine hits all alike; every figure is the median over --reps after a
+warm-up.
 
-    scripts/bench-peers.py [--model PATH] [--threads 2] [--reps 5] [--max-tokens 128]
+P6 (prompt-prefix reuse): a chat whose first user turn carries ~1,000 tokens of history, then a
+second turn on top of it; TTFT of the second over the first (unique history per rep).
+P7 (chunked prefill): 4 streams decode; once all are under way a ~2,000-token prompt arrives;
+the 4 streams' worst inter-token gap over their median gap.
 
-Prints a markdown table of ratios against the targets and writes
-bench-results/peers-<timestamp>.json.
+    scripts/bench-peers.py [--model PATH] [--threads 2] [--reps 5] [--max-tokens 128] [--ctx 4096]
+
+Prints a markdown table of ratios against the targets and writes bench-results/peers-<time>.json
+and, when matplotlib is importable, bench-results/peers-<time>.png (run it with
+~/.cache/backstop/venv/bin/python after `pip install matplotlib` there for the chart).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import pathlib
@@ -27,6 +38,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -116,23 +128,119 @@ def client(url: str, model: str, clients: int, requests: int, args, warmup: int 
     return json.loads(out)
 
 
-def build() -> pathlib.Path:
-    log("==> building backstop and the raw-engine bench (release)")
+def stream(url: str, messages: list[dict], max_tokens: int, started: threading.Event | None = None) -> dict:
+    """One streamed chat request; the time of every content delta (perf_counter seconds)."""
+    u = url.removeprefix("http://")
+    host, port = u.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=300)
+    body = json.dumps({"model": "m", "messages": messages, "stream": True, "temperature": 0,
+                       "max_tokens": max_tokens, "ignore_eos": True})
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"{url}: HTTP {resp.status}: {resp.read()[:300]!r}")
+    times, text = [], []
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data:") or line == "data: [DONE]":
+            continue
+        for ch in json.loads(line[5:]).get("choices") or []:
+            piece = (ch.get("delta") or {}).get("content")
+            if piece:
+                times.append(time.perf_counter())
+                text.append(piece)
+                if started is not None and len(times) == 2:
+                    started.set()
+    conn.close()
+    return {"t0": t0, "times": times, "text": "".join(text),
+            "ttft_ms": (times[0] - t0) * 1e3 if times else None}
+
+
+def history(tokens: int, nonce: str) -> str:
+    """About `tokens` tokens of text that no earlier request has sent (the nonce leads it)."""
+    words = ("the keeper climbed the stairs of the old lighthouse each night and wrote in his log "
+             "what ships had passed the point and what the sea had brought to the shore ").split()
+    return f"[{nonce}] Here are my notes so far: " + " ".join(words[i % len(words)] for i in range(tokens))
+
+
+def prefix_reuse(url: str, nonce: str) -> dict:
+    """P6: TTFT of a first turn carrying ~1,000 tokens of history, then of the second turn."""
+    first = [{"role": "user", "content": history(1000, nonce) + "\nSummarize my notes."}]
+    a = stream(url, first, 16)
+    second = first + [{"role": "assistant", "content": a["text"]},
+                      {"role": "user", "content": "Now give them a title."}]
+    b = stream(url, second, 16)
+    return {"first_ms": a["ttft_ms"], "second_ms": b["ttft_ms"]}
+
+
+def prefill_fairness(url: str, nonce: str, max_tokens: int) -> dict:
+    """P7: 4 streams decode; a ~2,000-token prompt arrives; their worst gap over their median."""
+    results: list[dict] = [{} for _ in range(4)]
+    started = [threading.Event() for _ in range(4)]
+
+    def run(i: int) -> None:
+        msg = [{"role": "user", "content": f"[{nonce}-{i}] Write a long story about a lighthouse."}]
+        results[i] = stream(url, msg, max_tokens, started[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for e in started:
+        e.wait(120)
+    time.sleep(0.3)  # all four are in steady decoding
+    long = stream(url, [{"role": "user", "content": history(2000, nonce + "-long") + "\nOne word?"}], 1)
+    arrived = long["t0"]
+    for t in threads:
+        t.join()
+    gaps, during = [], []
+    for r in results:
+        ts = r["times"]
+        for a, b in zip(ts, ts[1:]):
+            gaps.append(b - a)
+            if b > arrived and a < long["times"][-1] + 0.5:
+                during.append(b - a)
+    median = statistics.median(gaps)
+    return {"median_gap_ms": median * 1e3, "worst_gap_ms": max(gaps) * 1e3,
+            "worst_while_prefilling_ms": max(during) * 1e3 if during else None,
+            "long_prompt_ttft_ms": long["ttft_ms"], "ratio": max(gaps) / median}
+
+
+def build(with_python: bool) -> None:
+    log("==> building backstop (release)")
     subprocess.run(["cargo", "build", "--release", "--locked"], cwd=ROOT, check=True)
-    out = subprocess.run(
-        ["cargo", "bench", "--bench", "raw_engine", "--no-run", "--locked", "--message-format=json"],
-        cwd=ROOT, check=True, capture_output=True, text=True,
-    ).stdout
-    raw = None
-    for line in out.splitlines():
-        msg = json.loads(line)
-        if msg.get("reason") == "compiler-artifact" and msg["target"]["name"] == "raw_engine" and msg.get("executable"):
-            raw = pathlib.Path(msg["executable"])
-    if raw is None:
-        sys.exit("could not find the raw_engine bench binary")
-    log("==> building llama-server (cached after the first time)")
-    subprocess.run([str(ROOT / "scripts" / "build-peers.sh")], check=True)
-    return raw
+    log("==> building the peers (cached after the first time)")
+    argv = [str(ROOT / "scripts" / "build-peers.sh")] + (["--python"] if with_python else [])
+    subprocess.run(argv, check=True)
+
+
+PY_PEER = CACHE / "peers" / "llama-cpp-python-venv"
+
+
+def chart(path: pathlib.Path, fig: dict, title: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    kinds = list(fig)
+    clients = [1, 4, 8]
+    f, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(kinds)
+    for i, k in enumerate(kinds):
+        xs = [c + (i - (len(kinds) - 1) / 2) * width for c in range(len(clients))]
+        ax1.bar(xs, [fig[k][f"agg_{c}"] for c in clients], width, label=k)
+        ax2.bar(xs, [fig[k][f"ttft_{c}_p50_ms"] for c in clients], width, label=k)
+    for ax, ylabel in ((ax1, "aggregate decode tok/s"), (ax2, "time to first token p50, ms")):
+        ax.set_xticks(range(len(clients)), [f"{c} client{'s' if c > 1 else ''}" for c in clients])
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend()
+    f.suptitle(title, fontsize=9)
+    f.tight_layout()
+    f.savefig(path, dpi=120)
+    return True
 
 
 def main() -> int:
@@ -141,22 +249,24 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--ctx", type=int, default=4096, help="context per slot, both servers")
+    ap.add_argument("--ctx", type=int, default=4096, help="context per slot, every server")
+    ap.add_argument("--no-python-peer", action="store_true", help="leave llama-cpp-python's server out")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
     args = ap.parse_args()
     model = pathlib.Path(args.model)
-    raw_bin = build()
+    build(not args.no_python_peer)
     backstop = TARGET / "release" / "backstop"
     llama_server = PEERS / "llama-server"
     version = subprocess.run([str(llama_server), "--version"], capture_output=True, text=True)
     peer_version = (version.stdout + version.stderr).strip().splitlines()[0]
+    kinds = ["backstop", "llama-server"] + ([] if args.no_python_peer else ["llama-cpp-python"])
 
-    log("==> raw engine")
+    log("==> raw engine (backstop bench)")
     raw = json.loads(subprocess.run(
-        [str(raw_bin), "--model", str(model), "--threads", str(args.threads), "--gen", str(args.max_tokens),
-         "--seqs", "4", "--reps", str(args.reps), "--json"],
+        [str(backstop), "bench", "--format", "json", "-p", "128", "-n", str(args.max_tokens),
+         "-r", str(args.reps), "-t", str(args.threads), "--parallel", "4", "--ctx", str(args.ctx), str(model)],
         check=True, capture_output=True, text=True,
-    ).stdout)
+    ).stdout)["results"][0]
 
     def start(kind: str, slots: int) -> Server:
         port = free_port()
@@ -164,39 +274,55 @@ def main() -> int:
             argv = [str(backstop), "serve", "--host", f"127.0.0.1:{port}", "--model", f"m={model}",
                     "--threads", str(args.threads), "--parallel", str(slots), "--ctx", str(args.ctx)]
             return Server(kind, argv, port, {"BACKSTOP_LOG": "info,llama-cpp-2=info"}, ready="/health/ready")
-        argv = [str(llama_server), "-m", str(model), "-t", str(args.threads), "-np", str(slots),
-                "-c", str(args.ctx * slots), "--host", "127.0.0.1", "--port", str(port), "--alias", "m"]
-        return Server(kind, argv, port)
+        if kind == "llama-server":
+            argv = [str(llama_server), "-m", str(model), "-t", str(args.threads), "-np", str(slots),
+                    "-c", str(args.ctx * slots), "--host", "127.0.0.1", "--port", str(port), "--alias", "m"]
+            return Server(kind, argv, port)
+        argv = [str(PY_PEER / "bin" / "python"), "-m", "llama_cpp.server", "--model", str(model),
+                "--model_alias", "m", "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
+                "--n_ctx", str(args.ctx), "--host", "127.0.0.1", "--port", str(port),
+                # by default a new request interrupts the one in flight; queue them instead
+                "--interrupt_requests", "False"]
+        return Server(kind, argv, port, ready="/v1/models")
 
-    runs: dict[str, list[dict]] = {"backstop": [], "llama-server": []}
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for rep in range(args.reps):
-        # ABBA order, so whichever server runs first in a pair (a warmer or cooler
-        # machine) does not bias the comparison.
-        order = ("backstop", "llama-server") if rep % 2 == 0 else ("llama-server", "backstop")
+        # Rotate the order, so whichever server runs first (on a warmer or cooler machine)
+        # does not bias the comparison.
+        order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
         for kind in order:
             log(f"==> rep {rep + 1}/{args.reps}: {kind}")
+            nonce = f"{kind}-{rep}-{os.urandom(3).hex()}"
             s = start(kind, 4)
             try:
                 one = client(s.url, "m", 1, 2, args, warmup=1)
                 four = client(s.url, "m", 4, 1, args)
                 mem = rss(s.proc.pid)
                 ready = s.ready_s
+                p6 = prefix_reuse(s.url, nonce) if kind != "llama-cpp-python" else None
+                eight = client(s.url, "m", 8, 1, args) if kind == "llama-cpp-python" else None
             finally:
                 s.stop()
             kv = None
             if kind == "backstop":
                 m = re.findall(r"KV buffer size =\s+([\d.]+) MiB", s.log_path.read_text())
                 kv = sum(float(x) for x in m) * MIB if m else None
-            log(f"    {kind} with 8 slots")
-            s8 = start(kind, 8)
-            try:
-                eight = client(s8.url, "m", 8, 1, args)
-            finally:
-                s8.stop()
-            runs[kind].append({"ready_s": ready, "one": one, "four": four, "eight": eight, "rss": mem, "kv_bytes": kv})
+            p7 = None
+            if kind != "llama-cpp-python":
+                log(f"    {kind} with 8 slots")
+                s8 = start(kind, 8)
+                try:
+                    eight = client(s8.url, "m", 8, 1, args)
+                    p7 = prefill_fairness(s8.url, nonce, args.max_tokens)
+                finally:
+                    s8.stop()
+            runs[kind].append({"ready_s": ready, "one": one, "four": four, "eight": eight, "rss": mem,
+                               "kv_bytes": kv, "p6": p6, "p7": p7})
 
-    def med(kind: str, f) -> float:
-        return statistics.median(f(r) for r in runs[kind])
+    def med(kind: str, f) -> float | None:
+        v = [f(r) for r in runs[kind]]
+        v = [x for x in v if x is not None]
+        return statistics.median(v) if v else None
 
     def spread(kind: str, f) -> list[float]:
         v = [f(r) for r in runs[kind]]
@@ -209,12 +335,14 @@ def main() -> int:
         fig[kind] = {
             "decode_1": med(kind, lambda r: r["one"]["decode_tok_s_per_stream"]["median"]),
             "ttft_1_ms": med(kind, lambda r: r["one"]["ttft_ms"]["p50"]),
-            "agg_1": med(kind, lambda r: r["one"]["aggregate_tok_s"]),
-            "agg_4": med(kind, lambda r: r["four"]["aggregate_tok_s"]),
-            "agg_8": med(kind, lambda r: r["eight"]["aggregate_tok_s"]),
-            "ttft_4_p95_ms": med(kind, lambda r: r["four"]["ttft_ms"]["p95"]),
             "ready_s": med(kind, lambda r: r["ready_s"]),
             "overhead_mib": med(kind, lambda r: (r["rss"]["VmRSS"] - size - kv) / MIB),
+            "p6_first_ms": med(kind, lambda r: r["p6"] and r["p6"]["first_ms"]),
+            "p6_second_ms": med(kind, lambda r: r["p6"] and r["p6"]["second_ms"]),
+            "p6_ratio": med(kind, lambda r: r["p6"] and r["p6"]["second_ms"] / r["p6"]["first_ms"]),
+            "p7_ratio": med(kind, lambda r: r["p7"] and r["p7"]["ratio"]),
+            "p7_median_gap_ms": med(kind, lambda r: r["p7"] and r["p7"]["median_gap_ms"]),
+            "p7_worst_gap_ms": med(kind, lambda r: r["p7"] and r["p7"]["worst_gap_ms"]),
             "spread": {
                 "decode_1": spread(kind, lambda r: r["one"]["decode_tok_s_per_stream"]["median"]),
                 "ttft_1_ms": spread(kind, lambda r: r["one"]["ttft_ms"]["p50"]),
@@ -222,8 +350,13 @@ def main() -> int:
                 "agg_8": spread(kind, lambda r: r["eight"]["aggregate_tok_s"]),
             },
         }
+        for n, key in ((1, "one"), (4, "four"), (8, "eight")):
+            fig[kind][f"agg_{n}"] = med(kind, lambda r: r[key]["aggregate_tok_s"])
+            fig[kind][f"ttft_{n}_p50_ms"] = med(kind, lambda r: r[key]["ttft_ms"]["p50"])
+            fig[kind][f"ttft_{n}_p95_ms"] = med(kind, lambda r: r[key]["ttft_ms"]["p95"])
+            fig[kind][f"decode_{n}_per_stream"] = med(kind, lambda r: r[key]["decode_tok_s_per_stream"]["median"])
     b, p = fig["backstop"], fig["llama-server"]
-    raw_tg = raw["tg_tps"]["median"]
+    raw_tg = raw["tg"]["median"]
     rows = [
         ("P1 single-stream decode vs raw engine", f"{b['decode_1']:.1f} tok/s", f"{raw_tg:.1f} tok/s (raw)",
          b["decode_1"] / raw_tg, ">= 0.95", b["decode_1"] / raw_tg >= 0.95),
@@ -235,6 +368,10 @@ def main() -> int:
          b["agg_8"] / b["agg_1"], ">= 1.5", b["agg_8"] / b["agg_1"] >= 1.5),
         ("P5 time to first token vs llama-server", f"{b['ttft_1_ms']:.0f} ms", f"{p['ttft_1_ms']:.0f} ms",
          b["ttft_1_ms"] / p["ttft_1_ms"], "<= 0.8", b["ttft_1_ms"] / p["ttft_1_ms"] <= 0.8),
+        ("P6 second turn on a 1,000-token history: TTFT vs first turn", f"{b['p6_second_ms']:.0f} ms",
+         f"{b['p6_first_ms']:.0f} ms (first turn)", b["p6_ratio"], "<= 0.25", b["p6_ratio"] <= 0.25),
+        ("P7 4 streams + a 2,000-token prompt: worst gap vs median", f"{b['p7_worst_gap_ms']:.0f} ms",
+         f"{b['p7_median_gap_ms']:.0f} ms (median)", b["p7_ratio"], "<= 4", b["p7_ratio"] <= 4),
         ("P10 RSS minus model file and KV cache", f"{b['overhead_mib']:.1f} MiB", f"{p['overhead_mib']:.1f} MiB",
          b["overhead_mib"] / p["overhead_mib"], "<= 64 MB", b["overhead_mib"] * MIB <= 64e6),
         ("P11 start to ready (/health/ready; llama-server /health)", f"{b['ready_s'] * 1e3:.0f} ms", f"{p['ready_s'] * 1e3:.0f} ms",
@@ -243,29 +380,51 @@ def main() -> int:
     info = [
         ("aggregate, 8 clients (llama-server -np 8)", f"{b['agg_8']:.1f} tok/s", f"{p['agg_8']:.1f} tok/s", b["agg_8"] / p["agg_8"]),
         ("TTFT p95 with 4 clients", f"{b['ttft_4_p95_ms']:.0f} ms", f"{p['ttft_4_p95_ms']:.0f} ms", b["ttft_4_p95_ms"] / p["ttft_4_p95_ms"]),
-        ("raw engine: 4 sequences in one batch", f"{raw['batched_tps']['median']:.1f} tok/s", "", None),
-        ("raw engine: pp" + str(raw["prompt"]), f"{raw['pp_tps']['median']:.1f} tok/s", "", None),
+        ("P6 ratio, llama-server (its own prompt cache)", f"{b['p6_ratio']:.2f}", f"{p['p6_ratio']:.2f}", b["p6_ratio"] / p["p6_ratio"]),
+        ("P7 ratio, llama-server", f"{b['p7_ratio']:.2f}", f"{p['p7_ratio']:.2f}", b["p7_ratio"] / p["p7_ratio"]),
+        ("raw engine: 4 sequences in one batch", f"{raw['parallel'][0]['median']:.1f} tok/s", "", None),
+        ("raw engine: pp128", f"{raw['pp']['median']:.1f} tok/s", "", None),
     ]
+    if "llama-cpp-python" in fig:
+        q = fig["llama-cpp-python"]
+        for n in (1, 4, 8):
+            info.append((f"aggregate, {n} client{'s' if n > 1 else ''} vs llama-cpp-python", f"{b[f'agg_{n}']:.1f} tok/s",
+                         f"{q[f'agg_{n}']:.1f} tok/s", b[f"agg_{n}"] / q[f"agg_{n}"]))
+        info.append(("TTFT p50 with 4 clients vs llama-cpp-python", f"{b['ttft_4_p50_ms']:.0f} ms",
+                     f"{q['ttft_4_p50_ms']:.0f} ms", b["ttft_4_p50_ms"] / q["ttft_4_p50_ms"]))
     machine = {"nproc": os.cpu_count(), "cpu": cpu_model(), "threads": args.threads}
-    print(f"\nmachine: {machine['nproc']} cores, {machine['cpu']}; threads {args.threads}; "
-          f"model {model.name}; {args.max_tokens} tokens per request; median of {args.reps} interleaved runs")
-    print(f"peer: llama-server {peer_version}\n")
+    title = (f"{machine['nproc']} cores, {machine['cpu']}; threads {args.threads}; model {model.name}; "
+             f"{args.max_tokens} tokens per request; median of {args.reps} rotated runs")
+    print(f"\nmachine: {title}")
+    print(f"peers: llama-server {peer_version}" + ("" if args.no_python_peer else
+          f"; llama-cpp-python {(PY_PEER / 'STAMP').read_text().strip()}") + "\n")
     print("| measure | backstop | peer | ratio | target | pass |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, bv, pv, ratio, target, ok in rows:
         print(f"| {name} | {bv} | {pv} | {ratio:.2f}x | {target} | {'pass' if ok else 'FAIL'} |")
     for name, bv, pv, ratio in info:
         print(f"| {name} | {bv} | {pv} | {'' if ratio is None else f'{ratio:.2f}x'} | (info) | |")
+    print("\n| server | clients | decode tok/s per stream | TTFT p50 | TTFT p95 | aggregate tok/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for kind in fig:
+        for n in (1, 4, 8):
+            f = fig[kind]
+            print(f"| {kind} | {n} | {f[f'decode_{n}_per_stream']:.1f} | {f[f'ttft_{n}_p50_ms']:.0f} ms "
+                  f"| {f[f'ttft_{n}_p95_ms']:.0f} ms | {f[f'agg_{n}']:.1f} |")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"peers-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({
+    stem = out / f"peers-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem.with_suffix(".json").write_text(json.dumps({
         "machine": machine, "model": str(model), "max_tokens": args.max_tokens, "reps": args.reps,
         "peer_version": peer_version, "raw": raw, "figures": fig,
         "targets": [{"measure": r[0], "backstop": r[1], "peer": r[2], "ratio": r[3], "target": r[4], "pass": r[5]} for r in rows],
         "runs": runs,
     }, indent=1))
-    print(f"\nwrote {path}")
+    print(f"\nwrote {stem.with_suffix('.json')}")
+    if chart(stem.with_suffix(".png"), fig, title):
+        print(f"wrote {stem.with_suffix('.png')}")
+    else:
+        print("no chart: matplotlib is not importable by this python")
     return 0
 
 

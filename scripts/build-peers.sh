@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Build the llama-server peer (see /work/shared/BENCH.md): llama.cpp's own C++ `llama-server`
-# and `llama-bench`, CPU only, from the llama.cpp that llama-cpp-python's source distribution
-# on PyPI vendors under vendor/llama.cpp. (The llama-cpp-sys-2 crate strips llama.cpp's tools,
-# so its copy cannot build them.)
+# Build the peers (see /work/shared/BENCH.md): llama.cpp's own C++ `llama-server` and
+# `llama-bench`, CPU only, from the llama.cpp that llama-cpp-python's source distribution on
+# PyPI vendors under vendor/llama.cpp (the llama-cpp-sys-2 crate strips llama.cpp's tools, so
+# its copy cannot build them); and, with --python, llama-cpp-python's own server installed from
+# that same source distribution into a venv (about 8 more minutes).
 #
 # Everything lives outside the repository, under ${BACKSTOP_CACHE:-$HOME/.cache/backstop}/peers/:
 #   src/llama_cpp_python-X.tar.gz   the sdist          src/llama_cpp_python-X/   its unpacked tree
 #   build-X/                        the cmake build    bin/llama-server, bin/llama-bench, bin/STAMP
+#   llama-cpp-python-venv/          llama-cpp-python[server] (--python only)
 #
 # Idempotent: when bin/ holds both binaries and its stamp names the pinned version, it does
 # nothing. About 9 minutes on 2 cores the first time (plus ~1.5 min for pip to fetch the sdist).
 #
 #   scripts/build-peers.sh           # build if needed
+#   scripts/build-peers.sh --python  # also llama-cpp-python's server, if not installed yet
 #   scripts/build-peers.sh --force   # rebuild (incremental cmake build, binaries re-copied)
 set -euo pipefail
 
@@ -28,14 +31,35 @@ python="${BACKSTOP_PYTHON:-$cache/venv/bin/python}"
 [ -x "$python" ] || python=python3
 
 force=0
-case "${1:-}" in
-  --force) force=1 ;;
-  "") ;;
-  -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
-  *) echo "usage: $0 [--force]" >&2; exit 2 ;;
-esac
+with_python=0
+for arg in "$@"; do
+  case "$arg" in
+    --force) force=1 ;;
+    --python) with_python=1 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "usage: $0 [--force] [--python]" >&2; exit 2 ;;
+  esac
+done
 
 want_stamp="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+
+# llama-cpp-python's server, from the cached sdist, in its own venv (idempotent through a stamp).
+python_peer() {
+  local venv="$peers/llama-cpp-python-venv" sdist="$src_root/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
+  if [ -f "$venv/STAMP" ] && [ "$(cat "$venv/STAMP")" = "$want_stamp" ]; then
+    echo "ok      llama-cpp-python server already installed ($venv)"
+    return
+  fi
+  [ -f "$sdist" ] || { echo "error: $sdist is missing" >&2; exit 1; }
+  echo "install llama-cpp-python[server] from $sdist into $venv (about 8 minutes)"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$sdist[server]"
+  "$venv/bin/python" -c "import llama_cpp.server" || { echo "error: llama_cpp.server does not import" >&2; exit 1; }
+  echo "$want_stamp" >"$venv/STAMP"
+  echo "ok      llama-cpp-python server installed ($venv)"
+}
 
 if [ "$force" = 0 ] && [ -x "$bin/llama-server" ] && [ -x "$bin/llama-bench" ] \
    && [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$want_stamp" ]; then
@@ -43,6 +67,7 @@ if [ "$force" = 0 ] && [ -x "$bin/llama-server" ] && [ -x "$bin/llama-bench" ] \
   sed -n '2,$p' "$stamp"
   echo "        $bin/llama-server"
   echo "        $bin/llama-bench"
+  [ "$with_python" = 0 ] || python_peer
   exit 0
 fi
 
@@ -150,3 +175,4 @@ echo "ok      built peers ($want_stamp)"
 sed -n '2,$p' "$stamp"
 echo "        $bin/llama-server"
 echo "        $bin/llama-bench"
+[ "$with_python" = 0 ] || python_peer

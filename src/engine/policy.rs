@@ -99,6 +99,59 @@ pub(crate) fn plan_step(slots: &[SlotState], budget: Budget) -> StepPlan {
     plan
 }
 
+/// Paces prompt chunks by measured cost: while sequences generate, a step may hold only as
+/// many prompt tokens as keep it within [`GAP_FACTOR`] times a plain decode step, so their
+/// inter-token gaps stay bounded whatever the hardware (on a 2-core CPU a 128-token chunk
+/// costs ten decode steps; on a GPU hundreds of tokens cost almost nothing). The configured
+/// `prefill_chunk` stays the upper bound, and until both costs have been seen it is the chunk.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Pace {
+    /// Seconds per step that only decodes (moving average).
+    decode_step: Option<f64>,
+    /// Seconds per prompt token, beyond the decode work of the same step (moving average).
+    prompt_token: Option<f64>,
+}
+
+/// How much longer than a plain decode step a step with a prompt chunk may take.
+pub(crate) const GAP_FACTOR: f64 = 3.0;
+/// The smallest chunk, so a long prompt always makes headway.
+pub(crate) const MIN_CHUNK: usize = 16;
+/// Weight of the newest sample in the moving averages.
+const SMOOTHING: f64 = 0.2;
+
+fn blend(old: Option<f64>, new: f64) -> f64 {
+    old.map_or(new, |o| o + SMOOTHING * (new - o))
+}
+
+impl Pace {
+    /// Learns from one step: `decoded` generating sequences and `prompt` prompt tokens took
+    /// `secs`.
+    pub(crate) fn record(&mut self, decoded: usize, prompt: usize, secs: f64) {
+        if prompt == 0 && decoded > 0 {
+            self.decode_step = Some(blend(self.decode_step, secs));
+        } else if prompt >= MIN_CHUNK {
+            let decode_part = if decoded > 0 {
+                self.decode_step.unwrap_or(0.0)
+            } else {
+                0.0
+            };
+            let per_token = ((secs - decode_part) / prompt as f64).max(1e-7);
+            self.prompt_token = Some(blend(self.prompt_token, per_token));
+        }
+    }
+
+    /// The prompt-chunk cap for a step while sequences generate, at most `max`.
+    pub(crate) fn chunk(&self, max: usize) -> usize {
+        match (self.decode_step, self.prompt_token) {
+            (Some(d), Some(p)) => {
+                let fit = ((GAP_FACTOR - 1.0) * d / p) as usize;
+                fit.clamp(MIN_CHUNK.min(max), max)
+            }
+            _ => max,
+        }
+    }
+}
+
 /// A free slot offered to a waiting request: what its KV cache holds and when it was last
 /// used.
 #[derive(Debug, Clone, Copy)]
@@ -138,6 +191,29 @@ pub(crate) fn choose_slot<T: PartialEq>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn chunks_are_paced_to_keep_decode_gaps_bounded() {
+        let mut pace = Pace::default();
+        assert_eq!(pace.chunk(128), 128, "nothing measured yet");
+        // A 2-core CPU: 40 ms to decode four sequences, 3.3 ms per prompt token.
+        pace.record(4, 0, 0.040);
+        pace.record(4, 128, 0.040 + 128.0 * 0.0033);
+        let n = pace.chunk(128);
+        assert!((20..=26).contains(&n), "{n}");
+        assert!(0.040 + n as f64 * 0.0033 <= GAP_FACTOR * 0.040 + 1e-9);
+        // A GPU: prompt tokens are nearly free, so the configured cap holds.
+        let mut gpu = Pace::default();
+        gpu.record(4, 0, 0.010);
+        gpu.record(0, 512, 0.020);
+        assert_eq!(gpu.chunk(128), 128);
+        // A very slow prompt still makes headway.
+        let mut slow = Pace::default();
+        slow.record(1, 0, 0.010);
+        slow.record(0, 64, 64.0);
+        assert_eq!(slow.chunk(128), MIN_CHUNK);
+        assert_eq!(slow.chunk(4), 4, "never above the configured cap");
+    }
+
     use super::*;
 
     const BUDGET: Budget = Budget {

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::embed::{self, EmbedJob, EmbedShape, EmbedTask, Embedder, Pooling};
 use super::loader::{self, ModelInfo};
 use super::metrics::EngineMetrics;
-use super::policy::{choose_slot, plan_step, Budget, FreeSlot, SlotState, StepPlan};
+use super::policy::{choose_slot, plan_step, Budget, FreeSlot, Pace, SlotState, StepPlan};
 use super::request::truncate;
 use super::text::{StopMatcher, StopScan, Utf8Stream};
 use super::{
@@ -176,6 +176,8 @@ struct Worker<'m> {
     slots: Vec<Slot>,
     waiting: VecDeque<Pending>,
     budget: Budget,
+    /// Measured step costs that size prompt chunks while others generate.
+    pace: Pace,
     ctx_per_slot: usize,
     n_vocab: i32,
     /// End-of-generation tokens, banned for `ignore_eos` requests.
@@ -218,6 +220,7 @@ impl<'m> Worker<'m> {
             batch: LlamaBatch::new(batch_size, 1),
             slots,
             waiting: VecDeque::new(),
+            pace: Pace::default(),
             budget: Budget {
                 batch: batch_size,
                 prefill_chunk: (options.prefill_chunk as usize).clamp(1, batch_size),
@@ -280,7 +283,11 @@ impl<'m> Worker<'m> {
             // One embedding decode per loop at most, then a generation step: embedding
             // requests and running streams take turns.
             let embedded = self.embed_step();
-            let plan = plan_step(&self.slot_states(), self.budget);
+            let budget = Budget {
+                prefill_chunk: self.pace.chunk(self.budget.prefill_chunk),
+                ..self.budget
+            };
+            let plan = plan_step(&self.slot_states(), budget);
             if plan.is_empty() {
                 if !embedded && !self.is_idle() {
                     std::thread::sleep(STALLED_POLL);
@@ -654,6 +661,12 @@ impl<'m> Worker<'m> {
         self.metrics.batch_sequences.record(undo.len() as f64);
         let started = Instant::now();
         let result = self.ctx.decode(&mut self.batch);
+        if result.is_ok() {
+            let decoded = undo.iter().filter(|u| u.2.is_some()).count();
+            let prompt = (self.batch.n_tokens() as usize).saturating_sub(decoded);
+            self.pace
+                .record(decoded, prompt, started.elapsed().as_secs_f64());
+        }
         tracing::trace!(
             step = self.step_no,
             decode = plan.decode.len(),
