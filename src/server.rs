@@ -138,15 +138,22 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     // Stop reasons: a signal, or a model that failed to load.
     let (stop_tx, mut stop_rx) = watch::channel(false);
+    // A failed preload is recorded before it stops the server, so the exit status never
+    // depends on whether the loader task had returned by the time the listener stopped.
+    let load_failure: Arc<std::sync::Mutex<Option<(String, String)>>> = Arc::default();
     let loader = {
         let models = Arc::clone(&models);
         let stop_tx = stop_tx.clone();
+        let load_failure = Arc::clone(&load_failure);
         tokio::spawn(async move {
-            let result = models.preload().await;
-            if result.is_err() && stop_tx.send(true).is_err() {
-                tracing::debug!("server already stopped");
+            if let Err(failure) = models.preload().await {
+                if let Ok(mut slot) = load_failure.lock() {
+                    *slot = Some(failure);
+                }
+                if stop_tx.send(true).is_err() {
+                    tracing::debug!("server already stopped");
+                }
             }
-            result
         })
     };
     let signalled = {
@@ -175,12 +182,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     reaper.abort();
     housekeeping.abort();
 
-    let load_result = if loader.is_finished() {
-        loader.await.ok()
-    } else {
-        loader.abort();
-        None
-    };
+    loader.abort();
+    let load_result = load_failure.lock().ok().and_then(|mut f| f.take());
     let engines = Arc::clone(&models);
     if tokio::task::spawn_blocking(move || engines.shutdown())
         .await
@@ -189,7 +192,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tracing::error!("engine shutdown panicked");
     }
     match load_result {
-        Some(Err((name, e))) => Err(ServeError::Load(name, e)),
-        _ => Ok(()),
+        Some((name, e)) => Err(ServeError::Load(name, e)),
+        None => Ok(()),
     }
 }
