@@ -588,3 +588,38 @@ async fn structured_output_reaches_the_cloud_intact_and_the_local_model_honours_
     }
     assert_eq!(answers[0], answers[1]);
 }
+
+#[tokio::test]
+async fn tools_reach_the_cloud_intact_and_a_forced_call_survives_failover() {
+    let fake = FakeCloud::start().await;
+    let s = routed(&fake, 1000, "", &[]).await;
+    let tools = json!([{"type": "function", "function": {"name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                       "required": ["zone"], "additionalProperties": false}}}]);
+    let choice = json!({"type": "function", "function": {"name": "get_time"}});
+    let body = |stream: bool| {
+        json!({"model": "gpt-4o-mini", "stream": stream, "temperature": 0, "max_tokens": 60,
+               "messages": [{"role": "user", "content": "What time is it in Berlin?"}],
+               "tools": tools, "tool_choice": choice})
+    };
+    let (status, marks, _, _) = ask(&s, &body(false), &[]).await;
+    assert_eq!((status, &marks[0]), (200, &some("cloud")));
+    let sent = fake.last_request().unwrap().body;
+    assert_eq!((&sent["tools"], &sent["tool_choice"]), (&tools, &choice));
+    fake.set_mode(Mode::Status(503));
+    let (status, marks, _, raw) = ask(&s, &body(false), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(marks, [some("local"), some("smollm2"), some("http_503")]);
+    let v: Value = serde_json::from_str(&raw[0]).unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    let call = &v["choices"][0]["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "get_time");
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["zone"] == "UTC" || args["zone"] == "CET", "{args}");
+    let (status, marks, _, events) = ask(&s, &body(true), &[]).await;
+    assert_eq!((status, &marks[0]), (200, &some("local")));
+    assert!(
+        events.iter().any(|e| e.contains("\"tool_calls\"")),
+        "{events:?}"
+    );
+}

@@ -11,6 +11,7 @@ mod prop_tests;
 pub(crate) mod request;
 pub(crate) mod routed;
 pub(crate) mod structured;
+pub(crate) mod tools;
 
 use std::sync::Arc;
 

@@ -50,6 +50,17 @@ pub(crate) struct Valid {
     pub(crate) overflow: Overflow,
     /// A grammar (GBNF) the answer must follow: structured output.
     pub(crate) grammar: Option<String>,
+    /// When set, the grammar applies only from this text on (a lazy grammar).
+    pub(crate) grammar_trigger: Option<String>,
+    /// Tools were offered: the answer is parsed for calls.
+    pub(crate) tools: Option<ToolUse>,
+}
+
+/// How an answer may call the tools it was offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ToolUse {
+    /// The answer is a call (its JSON, constrained by a grammar), not text.
+    pub(crate) forced: bool,
 }
 
 impl Valid {
@@ -68,6 +79,8 @@ impl Valid {
             ctx_limit: None,
             overflow: Overflow::Refuse,
             grammar: None,
+            grammar_trigger: None,
+            tools: None,
         }
     }
 }
@@ -173,6 +186,7 @@ pub(crate) fn generate_request(valid: &Valid, lease: &Lease) -> Result<GenerateR
         ctx_limit: valid.ctx_limit,
         overflow: valid.overflow,
         grammar: valid.grammar.clone(),
+        grammar_trigger: valid.grammar_trigger.clone(),
     })
 }
 

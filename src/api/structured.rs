@@ -21,8 +21,8 @@ pub(crate) fn json_object() -> Result<String, Invalid> {
     convert(&serde_json::json!({"type": "object"}), "format")
 }
 
-/// The grammar for answers that validate against `schema`; `param` names the field in errors.
-pub(crate) fn json_schema(schema: &Value, param: &str) -> Result<String, Invalid> {
+/// Checks that `schema` is a JSON schema that refers to nothing outside itself.
+pub(crate) fn check_schema(schema: &Value, param: &str) -> Result<(), Invalid> {
     if !schema.is_object() && !schema.is_boolean() {
         return Err(Invalid::new(param, "a JSON schema must be an object"));
     }
@@ -38,6 +38,12 @@ pub(crate) fn json_schema(schema: &Value, param: &str) -> Result<String, Invalid
         .with_retriever(NoRemote)
         .build(schema)
         .map_err(|e| Invalid::new(param, format!("invalid JSON schema: {e}")))?;
+    Ok(())
+}
+
+/// The grammar for answers that validate against `schema`; `param` names the field in errors.
+pub(crate) fn json_schema(schema: &Value, param: &str) -> Result<String, Invalid> {
+    check_schema(schema, param)?;
     enforceable(schema, "")
         .map_err(|(at, why)| Invalid::new(param, format!("at `{}`: {why}", display(&at))))?;
     convert(schema, param)

@@ -75,6 +75,9 @@ pub struct GenerateRequest {
     pub overflow: Overflow,
     /// A llama.cpp grammar (GBNF, root rule `root`) the answer must follow: structured output.
     pub grammar: Option<String>,
+    /// When set, the grammar applies only once the answer contains this text (a lazy
+    /// grammar: free text until a tool call opens).
+    pub grammar_trigger: Option<String>,
 }
 
 /// What happens to a prompt longer than the context.

@@ -430,9 +430,12 @@ impl<'m> Worker<'m> {
         // A grammar is parsed now, so a bad one is refused before the request waits.
         let grammar = match job.request.grammar.as_deref() {
             None => Ok(None),
-            Some(g) => LlamaSampler::grammar(self.model, g, "root")
-                .map(Some)
-                .map_err(|e| EngineError::Grammar(e.to_string())),
+            Some(g) => match job.request.grammar_trigger.as_deref() {
+                None => LlamaSampler::grammar(self.model, g, "root"),
+                Some(trigger) => LlamaSampler::grammar_lazy(self.model, g, "root", [trigger], &[]),
+            }
+            .map(Some)
+            .map_err(|e| EngineError::Grammar(e.to_string())),
         };
         let (grammar, grammar_error) = match grammar {
             Ok(g) => (g, None),

@@ -183,3 +183,26 @@ def test_format_with_a_pydantic_schema_gives_a_validated_object(client):
     r = client.generate(model="smollm2", prompt="A cat, as JSON.", format="json",
                         options={"temperature": 0, "num_predict": 200})
     assert r.response.startswith("{")
+
+
+def test_tools_are_accepted_and_calls_round_trip(client):
+    def add(a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+          a: the first
+          b: the second
+        """
+        return a + b
+
+    messages = [{"role": "user", "content": "What is 2 plus 3? Use the add tool."}]
+    r = client.chat(model="smollm2", messages=messages, tools=[add], options={"temperature": 0, "num_predict": 60})
+    assert r.done
+    for call in r.message.tool_calls or []:
+        assert isinstance(call.function.arguments, dict)
+    messages += [
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+        {"role": "tool", "content": "5"},
+    ]
+    r = client.chat(model="smollm2", messages=messages, tools=[add], options={"temperature": 0, "num_predict": 16})
+    assert r.done

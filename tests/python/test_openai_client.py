@@ -162,3 +162,48 @@ def test_an_invalid_schema_is_a_bad_request_naming_the_parameter(client):
         )
     assert e.value.status_code == 400
     assert e.value.body["param"] == "response_format.json_schema.schema"
+
+
+WEATHER = [{
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30},
+                           "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}]
+
+
+def test_a_forced_tool_call_round_trips_through_the_sdk(client):
+    import json
+
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    messages = ask("What is the weather in Paris?")
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=WEATHER, tool_choice=choice, temperature=0, max_tokens=80,
+    )
+    assert r.choices[0].finish_reason == "tool_calls"
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    args = json.loads(call.function.arguments)
+    assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit")
+
+    # Streamed: the SDK's own accumulation gives the same call.
+    with client.chat.completions.stream(
+        model=MODEL, messages=messages, tools=WEATHER, tool_choice=choice, temperature=0, max_tokens=80,
+    ) as stream:
+        final = stream.get_final_completion()
+    streamed = final.choices[0].message.tool_calls[0]
+    assert (streamed.function.name, json.loads(streamed.function.arguments)) == ("get_weather", args)
+
+    # The result goes back as a `tool` message; the model answers in text.
+    follow = messages + [r.choices[0].message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"}]
+    answer = client.chat.completions.create(model=MODEL, messages=follow, tools=WEATHER, temperature=0, max_tokens=24)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")

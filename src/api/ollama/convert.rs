@@ -5,8 +5,8 @@
 
 use serde_json::{Map, Value};
 
-use crate::api::request::{check_stop, Input, Invalid, Valid};
-use crate::api::structured;
+use crate::api::request::{check_stop, Input, Invalid, ToolUse, Valid};
+use crate::api::{structured, tools};
 use crate::config::KeepAlive;
 use crate::engine::{ChatMessage, Overflow, Role, SamplingOverrides};
 use crate::models::Parameters;
@@ -300,16 +300,8 @@ pub(crate) fn chat(body: &Value) -> Result<(Valid, Extras), Invalid> {
         Some(Value::Array(m)) => m.as_slice(),
         Some(_) => return Err(type_err("messages", "a list of messages")),
     };
-    match body.get("tools") {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(t)) if t.is_empty() => {}
-        Some(_) => {
-            return Err(Invalid::new(
-                "tools",
-                "tool calling is not supported by this server yet",
-            ))
-        }
-    }
+    // Ollama has no tool_choice: the model decides.
+    let toolbox = tools::parse(body.get("tools").unwrap_or(&Value::Null), &Value::Null)?;
     let mut messages = Vec::with_capacity(raw_messages.len());
     for (i, m) in raw_messages.iter().enumerate() {
         let path = |f: &str| format!("messages[{i}].{f}");
@@ -335,11 +327,33 @@ pub(crate) fn chat(body: &Value) -> Result<(Valid, Extras), Invalid> {
             Some(_) => return Err(type_err(&path("content"), "a string")),
         };
         no_images(m.get("images"), &path("images"))?;
+        let content = if role == Role::Assistant {
+            let calls = tools::calls_of_message(
+                m.get("tool_calls").unwrap_or(&Value::Null),
+                &path("tool_calls"),
+            )?;
+            tools::render_calls(&content, &calls)
+        } else {
+            content
+        };
         messages.push(ChatMessage { role, content });
     }
     let load_only = messages.is_empty();
+    if let Some(toolbox) = &toolbox {
+        if !load_only {
+            tools::describe(&mut messages, toolbox);
+        }
+    }
     let mut valid = Valid::new(model, Input::Chat(messages));
     common(body, &mut valid)?;
+    if let Some((lazy, trigger)) = toolbox.as_ref().and_then(tools::Toolbox::lazy_grammar) {
+        // A `format` grammar governs the whole answer; it wins over tool calls.
+        if valid.grammar.is_none() {
+            valid.grammar = Some(lazy);
+            valid.grammar_trigger = Some(trigger);
+        }
+    }
+    valid.tools = toolbox.map(|t| ToolUse { forced: t.forced() });
     Ok((valid, Extras { load_only }))
 }
 

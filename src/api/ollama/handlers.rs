@@ -19,6 +19,7 @@ use super::error::OllamaError;
 use super::ndjson::{self, Framer, Kind};
 use crate::api::body::{BodyError, JsonBody};
 use crate::api::request::{collect, start, Valid};
+use crate::api::tools;
 use crate::api::AppState;
 use crate::config::KeepAlive;
 use crate::engine::fallback_for;
@@ -84,12 +85,39 @@ async fn answer(
     let load = lease.load_duration;
     let generation = start::<OllamaError>(&valid, lease).await?;
     let framer = Framer::new(kind, valid.model.clone(), started, load);
-    if valid.stream {
+    if valid.stream && valid.tools.is_none() {
         return Ok(ndjson::stream(generation, framer));
     }
     let c = collect(generation).await?;
-    let done = framer.done(&c.text, ndjson::finish_name(c.finish), c.usage, c.timings);
-    Ok(Json(done).into_response())
+    let finish = ndjson::finish_name(c.finish);
+    let Some(tool_use) = valid.tools else {
+        let done = framer.done(&c.text, finish, c.usage, c.timings);
+        return Ok(Json(done).into_response());
+    };
+    // With tools the answer is read whole: a call is known to be one only at its end.
+    let (rest, calls) = tools::extract(&c.text, tool_use.forced);
+    let text = if calls.is_empty() { &c.text } else { &rest };
+    let calls: Vec<Value> = calls
+        .iter()
+        .map(|c| json!({"function": {"name": c.name, "arguments": c.arguments}}))
+        .collect();
+    if !valid.stream {
+        let mut done = framer.done(text, finish, c.usage, c.timings);
+        if !calls.is_empty() {
+            done["message"]["tool_calls"] = json!(calls);
+        }
+        return Ok(Json(done).into_response());
+    }
+    // As Ollama streams it: the message (text and calls) in one object, then the last one.
+    let mut message = framer.text(text);
+    if !calls.is_empty() {
+        message["message"]["tool_calls"] = json!(calls);
+    }
+    let done = framer.done("", finish, c.usage, c.timings);
+    Ok(ndjson::lines_response(futures_util::stream::iter([
+        message.to_string(),
+        done.to_string(),
+    ])))
 }
 
 fn rfc3339(t: SystemTime) -> String {

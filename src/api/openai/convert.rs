@@ -6,8 +6,8 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::types::{ChatCompletionRequest, CommonParams, CompletionRequest};
 use crate::api::body::JsonBody;
-use crate::api::request::{check_stop, Input, Valid};
-use crate::api::structured;
+use crate::api::request::{check_stop, Input, ToolUse, Valid};
+use crate::api::{structured, tools};
 use crate::engine::{ChatMessage, Role, SamplingOverrides};
 
 pub(super) fn model_name(model: Option<String>) -> Result<String, ApiError> {
@@ -197,21 +197,50 @@ pub(crate) fn chat(body: &JsonBody) -> Result<Valid, ApiError> {
         return Err(unsupported("logprobs", "logprobs"));
     }
     let grammar = response_format(&req.response_format)?;
-    if req.tools.as_array().is_some_and(|t| !t.is_empty()) {
-        return Err(unsupported("tools", "tool calling"));
-    }
-    let messages = req
+    let toolbox = tools::parse(&req.tools, &req.tool_choice)?;
+    let mut messages = req
         .messages
         .iter()
         .enumerate()
         .map(|(i, m)| {
             let role = role(&m.role, i)?;
+            let mut text = content(&m.content, role, i)?;
+            if role == Role::Assistant {
+                let calls =
+                    tools::calls_of_message(&m.tool_calls, &format!("messages[{i}].tool_calls"))?;
+                text = tools::render_calls(&text, &calls);
+            }
             Ok(ChatMessage {
                 role,
-                content: content(&m.content, role, i)?,
+                content: text,
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
+    let mut grammar = grammar;
+    let mut tool_use = None;
+    if let Some(toolbox) = &toolbox {
+        tools::describe(&mut messages, toolbox);
+        if let Some(g) = toolbox.grammar()? {
+            if grammar.is_some() {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    "a forced tool call cannot be combined with response_format",
+                ));
+            }
+            grammar = Some(g);
+        }
+        tool_use = Some(ToolUse {
+            forced: toolbox.forced(),
+        });
+    }
+    let mut grammar_trigger = None;
+    if let Some((lazy, trigger)) = toolbox.as_ref().and_then(tools::Toolbox::lazy_grammar) {
+        // A response_format grammar governs the whole answer; it wins over tool calls.
+        if grammar.is_none() {
+            grammar = Some(lazy);
+            grammar_trigger = Some(trigger);
+        }
+    }
     Ok(Valid {
         stream: req.stream.unwrap_or(false),
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
@@ -220,6 +249,8 @@ pub(crate) fn chat(body: &JsonBody) -> Result<Valid, ApiError> {
         stop: common.stop,
         ignore_eos: common.ignore_eos,
         grammar,
+        grammar_trigger,
+        tools: tool_use,
         ..Valid::new(model_name(req.model)?, Input::Chat(messages))
     })
 }

@@ -15,6 +15,7 @@ use super::types::{
 };
 use crate::api::body::{BodyError, JsonBody};
 use crate::api::request::{collect, start, Collected, Valid};
+use crate::api::tools;
 use crate::api::AppState;
 use crate::router::reply::Reply;
 use crate::security::LocalOnly;
@@ -42,9 +43,22 @@ pub(crate) async fn local_reply(
     };
     let id = format!("{prefix}{}", uuid::Uuid::new_v4().simple());
     let created = now_secs();
-    if valid.stream {
-        let chunker = Chunker::new(kind, id, created, valid.model.clone(), valid.include_usage);
+    let chunker = Chunker::new(
+        kind,
+        id.clone(),
+        created,
+        valid.model.clone(),
+        valid.include_usage,
+    );
+    if valid.stream && valid.tools.is_none() {
         return Ok(Reply::Stream(sse::chunks(generation, chunker)));
+    }
+    if valid.stream {
+        // With tools, the answer is read whole and then streamed: a call is only known to
+        // be one (and its arguments to be complete JSON) at the end.
+        let forced = valid.tools.is_some_and(|t| t.forced);
+        let collected = collect(generation).await?;
+        return Ok(Reply::Stream(sse::tool_chunks(collected, forced, chunker)));
     }
     let Collected {
         text,
@@ -52,7 +66,20 @@ pub(crate) async fn local_reply(
         usage,
         ..
     } = collect(generation).await?;
-    let finish_reason = finish.as_str();
+    let mut finish_reason = finish.as_str();
+    let (content, tool_calls) = match valid.tools {
+        Some(t) => {
+            let (rest, calls) = tools::extract(&text, t.forced);
+            if calls.is_empty() {
+                (Some(text), None)
+            } else {
+                finish_reason = "tool_calls";
+                let content = (!rest.is_empty()).then_some(rest);
+                (content, Some(sse::wire_calls(&calls)))
+            }
+        }
+        None => (Some(text), None),
+    };
     let model = valid.model.clone();
     let body = match kind {
         Kind::Chat => serde_json::to_value(ChatCompletion {
@@ -65,7 +92,8 @@ pub(crate) async fn local_reply(
                 index: 0,
                 message: AssistantMessage {
                     role: "assistant",
-                    content: text,
+                    content,
+                    tool_calls,
                 },
                 logprobs: None,
                 finish_reason,
@@ -80,7 +108,7 @@ pub(crate) async fn local_reply(
             system_fingerprint: FINGERPRINT,
             choices: vec![TextChoice {
                 index: 0,
-                text,
+                text: content.unwrap_or_default(),
                 logprobs: None,
                 finish_reason,
             }],

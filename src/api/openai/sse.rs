@@ -9,6 +9,8 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::types::WireUsage;
+use crate::api::request::Collected;
+use crate::api::tools;
 use crate::engine::{EngineError, FinishReason, Generation, TokenEvent, Usage};
 use crate::router::reply::{ChunkStream, StreamFault};
 
@@ -157,6 +159,52 @@ pub(crate) fn chunks(generation: Generation, chunker: Chunker) -> ChunkStream {
 /// An OpenAI SSE response: one `data:` event per chunk, `data: [DONE]` after a complete
 /// answer, or an error event (and no `[DONE]`, so clients cannot mistake it for a complete
 /// answer) when the stream broke off.
+/// Calls in OpenAI's shape: `{id, type, function: {name, arguments}}`, arguments as a JSON
+/// string.
+pub(crate) fn wire_calls(calls: &[tools::Call]) -> Vec<Value> {
+    calls
+        .iter()
+        .map(|c| {
+            json!({"id": format!("call_{}", uuid::Uuid::new_v4().simple()),
+                   "type": "function",
+                   "function": {"name": c.name, "arguments": c.arguments.to_string()}})
+        })
+        .collect()
+}
+
+/// A whole answer to a request that offered tools, as stream chunks: the role, the text (if
+/// any), each call as a `tool_calls` delta with its index, then the finish and usage.
+pub(crate) fn tool_chunks(collected: Collected, forced: bool, chunker: Chunker) -> ChunkStream {
+    let (rest, calls) = tools::extract(&collected.text, forced);
+    let mut out: Vec<Result<String, StreamFault>> = chunker.start().into_iter().map(Ok).collect();
+    let text = if calls.is_empty() {
+        collected.text.as_str()
+    } else {
+        rest.as_str()
+    };
+    if !text.is_empty() {
+        out.push(Ok(chunker.text(text)));
+    }
+    for (i, call) in wire_calls(&calls).into_iter().enumerate() {
+        let mut call = call;
+        call["index"] = json!(i);
+        let delta = json!({"index": 0, "delta": {"tool_calls": [call]},
+                           "logprobs": null, "finish_reason": null});
+        out.push(Ok(chunker.chunk(delta).to_string()));
+    }
+    let finish = chunker.finish(collected.finish, collected.usage);
+    for (i, line) in finish.into_iter().enumerate() {
+        if i == 0 && !calls.is_empty() {
+            let mut v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            v["choices"][0]["finish_reason"] = json!("tool_calls");
+            out.push(Ok(v.to_string()));
+        } else {
+            out.push(Ok(line));
+        }
+    }
+    stream::iter(out).boxed()
+}
+
 pub(crate) fn render(chunks: ChunkStream) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let events = stream::unfold(Some(chunks), |state| async move {
         let mut chunks = state?;

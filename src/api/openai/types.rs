@@ -19,6 +19,9 @@ pub(crate) struct WireMessage {
     /// A string, or a list of content parts; null for assistant turns with tool calls.
     #[serde(default)]
     pub(crate) content: Value,
+    /// An assistant turn's calls.
+    #[serde(default)]
+    pub(crate) tool_calls: Value,
 }
 
 /// `POST /v1/chat/completions`.
@@ -35,6 +38,8 @@ pub(crate) struct ChatCompletionRequest {
     pub(crate) response_format: Value,
     #[serde(default)]
     pub(crate) tools: Value,
+    #[serde(default)]
+    pub(crate) tool_choice: Value,
 }
 
 /// `POST /v1/completions`.
@@ -108,7 +113,10 @@ impl From<crate::engine::Usage> for WireUsage {
 #[derive(Debug, Serialize)]
 pub(crate) struct AssistantMessage {
     pub(crate) role: &'static str,
-    pub(crate) content: String,
+    /// Null when the answer is only tool calls.
+    pub(crate) content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) tool_calls: Option<Vec<Value>>,
 }
 
 /// One choice of a non-streamed chat answer.
