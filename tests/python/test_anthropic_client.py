@@ -35,3 +35,22 @@ def test_errors_raise_the_sdks_exception_types(client):
     assert e.value.body["error"]["type"] == "not_found_error"
     with pytest.raises(anthropic.BadRequestError):
         client.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "robot", "content": "x"}])
+
+
+def test_a_forced_tool_gives_a_tool_use_block_streamed_or_not(client):
+    tools = [{"name": "get_weather", "description": "Current weather in a city",
+              "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                               "required": ["city"], "additionalProperties": False}}]
+    kwargs = dict(model=MODEL, max_tokens=60, tools=tools, tool_choice={"type": "tool", "name": "get_weather"},
+                  messages=[{"role": "user", "content": "What is the weather in Rome?"}], extra_body={"temperature": 0})
+    m = client.messages.create(**kwargs)
+    assert m.stop_reason == "tool_use"
+    use = [b for b in m.content if b.type == "tool_use"][0]
+    assert use.name == "get_weather" and isinstance(use.input["city"], str)
+    with client.messages.stream(**kwargs) as s:
+        final = s.get_final_message()
+    assert final.stop_reason == "tool_use"
+    streamed = [b for b in final.content if b.type == "tool_use"][0]
+    # The second request reuses the first one's cached prompt; llama.cpp does not promise
+    # bit-identical logits across batch shapes, so only the call's shape is compared.
+    assert streamed.name == "get_weather" and isinstance(streamed.input["city"], str)
