@@ -2,6 +2,7 @@
 //! [`GenerateRequest`] once the model is known: the model's defaults fill what the request
 //! left out, and its chat template renders the conversation.
 
+use crate::api::tools::{self, Toolbox};
 use crate::config::KeepAlive;
 use crate::engine::{
     ChatMessage, EngineError, FinishReason, GenerateRequest, Generation, InvalidField, Overflow,
@@ -57,10 +58,12 @@ pub(crate) struct Valid {
 }
 
 /// How an answer may call the tools it was offered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ToolUse {
     /// The answer is a call (its JSON, constrained by a grammar), not text.
     pub(crate) forced: bool,
+    /// The tools, for the prompt.
+    pub(crate) toolbox: Toolbox,
 }
 
 impl Valid {
@@ -169,7 +172,24 @@ pub(crate) fn generate_request(valid: &Valid, lease: &Lease) -> Result<GenerateR
                 }
                 _ => messages,
             };
-            info.template.render(messages, true).map_err(|e| {
+            // A template that knows about tools renders them itself (Qwen, Hermes, ...);
+            // for the others they are described in a system message.
+            let described;
+            let (messages, tools): (&[ChatMessage], _) = match &valid.tools {
+                Some(t) if info.template.handles_tools() => {
+                    (messages, Some(t.toolbox.definitions()))
+                }
+                Some(t) => {
+                    described = {
+                        let mut m = messages.to_vec();
+                        tools::describe(&mut m, &t.toolbox);
+                        m
+                    };
+                    (&described[..], None)
+                }
+                None => (messages, None),
+            };
+            info.template.render(messages, tools, true).map_err(|e| {
                 Invalid::new(
                     "messages",
                     format!("the model's chat template rejected these messages: {e}"),

@@ -170,6 +170,11 @@ impl Toolbox {
         self.choice != Choice::Auto
     }
 
+    /// The tool definitions, as a template's `tools` variable expects them.
+    pub(crate) fn definitions(&self) -> &[Value] {
+        &self.tools
+    }
+
     /// The system message that describes the tools (appended to the request's own).
     pub(crate) fn system_prompt(&self) -> String {
         let list: Vec<String> = self.tools.iter().map(Value::to_string).collect();

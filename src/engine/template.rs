@@ -68,6 +68,7 @@ const CHATML: &str = r#"{%- for m in messages -%}
 /// A compiled chat template plus the special-token texts it may refer to.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    handles_tools: bool,
     source: TemplateSource,
     bos_token: String,
     eos_token: String,
@@ -120,7 +121,14 @@ impl ChatTemplate {
             chrono::Local::now().format(&fmt).to_string()
         });
         env.add_template_owned("chat", text)?;
+        // Templates written for tool calling read a `tools` variable; the parser knows which
+        // names a template reads, so a comment or a string mentioning tools does not count.
+        let handles_tools = env
+            .get_template("chat")?
+            .undeclared_variables(false)
+            .contains("tools");
         Ok(Self {
+            handles_tools,
             env,
             source,
             bos_token,
@@ -138,16 +146,23 @@ impl ChatTemplate {
         &self.bos_token
     }
 
-    /// Renders a conversation, ending with the assistant's turn header when
-    /// `add_generation_prompt` is set.
+    /// Whether the template renders tool definitions itself (its `tools` variable).
+    pub fn handles_tools(&self) -> bool {
+        self.handles_tools
+    }
+
+    /// Renders a conversation, with the tools offered to it (for templates that handle
+    /// them), ending with the assistant's turn header when `add_generation_prompt` is set.
     pub fn render(
         &self,
         messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
         add_generation_prompt: bool,
     ) -> Result<String, minijinja::Error> {
         let tmpl = self.env.get_template("chat")?;
         tmpl.render(minijinja::context! {
             messages => messages,
+            tools => tools.map(minijinja::Value::from_serialize),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
@@ -178,7 +193,7 @@ mod tests {
             "<|im_end|>".into(),
         )
         .unwrap();
-        let out = t.render(&[msg(Role::User, "Hi")], true).unwrap();
+        let out = t.render(&[msg(Role::User, "Hi")], None, true).unwrap();
         assert_eq!(
             out,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -197,6 +212,7 @@ mod tests {
                     msg(Role::Assistant, "Hello!"),
                     msg(Role::User, "Bye"),
                 ],
+                None,
                 true,
             )
             .unwrap();
@@ -210,7 +226,7 @@ mod tests {
     fn unknown_architecture_without_template_uses_chatml() {
         let t = ChatTemplate::new(None, "mystery", String::new(), String::new()).unwrap();
         assert_eq!(t.source(), TemplateSource::DefaultChatml);
-        let out = t.render(&[msg(Role::User, "Hi")], true).unwrap();
+        let out = t.render(&[msg(Role::User, "Hi")], None, true).unwrap();
         assert_eq!(
             out,
             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -227,7 +243,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            t.render(&[msg(Role::User, " abc ")], false).unwrap(),
+            t.render(&[msg(Role::User, " abc ")], None, false).unwrap(),
             "ABC!"
         );
     }
@@ -241,7 +257,38 @@ mod tests {
             String::new(),
         )
         .unwrap();
-        let err = t.render(&[msg(Role::User, "x")], true).unwrap_err();
+        let err = t.render(&[msg(Role::User, "x")], None, true).unwrap_err();
         assert!(err.to_string().contains("roles must alternate"));
+    }
+
+    #[test]
+    fn a_template_that_knows_tools_renders_them() {
+        let qwen_like = "{%- if tools %}<|im_start|>system\n# Tools\n<tools>\n{%- for t in tools %}\n{{ t | tojson }}{%- endfor %}\n</tools><|im_end|>\n{%- endif %}{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}";
+        let t = ChatTemplate::new(
+            Some(qwen_like.into()),
+            "qwen2",
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        assert!(t.handles_tools());
+        let tool = serde_json::json!({"type": "function", "function": {"name": "add"}});
+        let with = t
+            .render(&[msg(Role::User, "Hi")], Some(&[tool]), true)
+            .unwrap();
+        assert!(
+            with.contains(r#"<tools>{"function":{"name":"add"},"type":"function"}</tools>"#),
+            "{with}"
+        );
+        let without = t.render(&[msg(Role::User, "Hi")], None, true).unwrap();
+        assert!(!without.contains("<tools>"), "{without}");
+        let plain = ChatTemplate::new(None, "llama", String::new(), String::new()).unwrap();
+        assert!(!plain.handles_tools());
+        let mentions =
+            "{# no tools here #}{{ 'tools' }}{% for m in messages %}{{ m.content }}{% endfor %}";
+        let mentions =
+            ChatTemplate::new(Some(mentions.into()), "llama", String::new(), String::new())
+                .unwrap();
+        assert!(!mentions.handles_tools());
     }
 }

@@ -339,11 +339,6 @@ pub(crate) fn chat(body: &Value) -> Result<(Valid, Extras), Invalid> {
         messages.push(ChatMessage { role, content });
     }
     let load_only = messages.is_empty();
-    if let Some(toolbox) = &toolbox {
-        if !load_only {
-            tools::describe(&mut messages, toolbox);
-        }
-    }
     let mut valid = Valid::new(model, Input::Chat(messages));
     common(body, &mut valid)?;
     if let Some((lazy, trigger)) = toolbox.as_ref().and_then(tools::Toolbox::lazy_grammar) {
@@ -353,7 +348,10 @@ pub(crate) fn chat(body: &Value) -> Result<(Valid, Extras), Invalid> {
             valid.grammar_trigger = Some(trigger);
         }
     }
-    valid.tools = toolbox.map(|t| ToolUse { forced: t.forced() });
+    valid.tools = toolbox.map(|t| ToolUse {
+        forced: t.forced(),
+        toolbox: t,
+    });
     Ok((valid, Extras { load_only }))
 }
 

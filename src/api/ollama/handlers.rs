@@ -90,7 +90,7 @@ async fn answer(
     }
     let c = collect(generation).await?;
     let finish = ndjson::finish_name(c.finish);
-    let Some(tool_use) = valid.tools else {
+    let Some(tool_use) = &valid.tools else {
         let done = framer.done(&c.text, finish, c.usage, c.timings);
         return Ok(Json(done).into_response());
     };

@@ -198,7 +198,7 @@ pub(crate) fn chat(body: &JsonBody) -> Result<Valid, ApiError> {
     }
     let grammar = response_format(&req.response_format)?;
     let toolbox = tools::parse(&req.tools, &req.tool_choice)?;
-    let mut messages = req
+    let messages = req
         .messages
         .iter()
         .enumerate()
@@ -219,7 +219,6 @@ pub(crate) fn chat(body: &JsonBody) -> Result<Valid, ApiError> {
     let mut grammar = grammar;
     let mut tool_use = None;
     if let Some(toolbox) = &toolbox {
-        tools::describe(&mut messages, toolbox);
         if let Some(g) = toolbox.grammar()? {
             if grammar.is_some() {
                 return Err(ApiError::invalid(
@@ -231,6 +230,7 @@ pub(crate) fn chat(body: &JsonBody) -> Result<Valid, ApiError> {
         }
         tool_use = Some(ToolUse {
             forced: toolbox.forced(),
+            toolbox: toolbox.clone(),
         });
     }
     let mut grammar_trigger = None;

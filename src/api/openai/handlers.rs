@@ -56,7 +56,7 @@ pub(crate) async fn local_reply(
     if valid.stream {
         // With tools, the answer is read whole and then streamed: a call is only known to
         // be one (and its arguments to be complete JSON) at the end.
-        let forced = valid.tools.is_some_and(|t| t.forced);
+        let forced = valid.tools.as_ref().is_some_and(|t| t.forced);
         let collected = collect(generation).await?;
         return Ok(Reply::Stream(sse::tool_chunks(collected, forced, chunker)));
     }
@@ -67,7 +67,7 @@ pub(crate) async fn local_reply(
         ..
     } = collect(generation).await?;
     let mut finish_reason = finish.as_str();
-    let (content, tool_calls) = match valid.tools {
+    let (content, tool_calls) = match &valid.tools {
         Some(t) => {
             let (rest, calls) = tools::extract(&text, t.forced);
             if calls.is_empty() {
