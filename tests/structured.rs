@@ -183,6 +183,12 @@ async fn bad_schemas_are_400s_naming_the_problem_and_the_server_carries_on() {
         ),
         (
             json!({"type": "json_schema", "json_schema": {"name": "x",
+                "schema": {"type": "object", "properties": {"mail": {"type": "string", "format": "email"}}}}}),
+            "response_format.json_schema.schema",
+            "format \"email\" cannot be enforced",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "x",
                 "schema": {"type": "string", "pattern": "abc"}}}),
             "response_format.json_schema.schema",
             "must be anchored",
@@ -250,4 +256,43 @@ async fn bad_schemas_are_400s_naming_the_problem_and_the_server_carries_on() {
         .chat(json!({"model": "smollm2", "messages": msgs, "max_tokens": 4}))
         .await;
     assert_eq!(r["object"], "chat.completion");
+}
+
+#[tokio::test]
+async fn grammars_work_together_with_penalties_and_ignore_eos() {
+    // The penalties see the prompt's last tokens; a grammar must never be fed them (llama.cpp
+    // aborts the whole process when a grammar accepts a token it cannot take).
+    let s = Server::start(&[]).await;
+    let schema = &schemas()[0].1;
+    let mut body = openai_body("person", schema);
+    body["presence_penalty"] = json!(0.5);
+    body["frequency_penalty"] = json!(0.3);
+    body["repeat_penalty"] = json!(1.1);
+    let r = s.chat(body).await;
+    assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+    assert_valid(schema, &answer(&r));
+
+    let (status, r) = s
+        .post(
+            "/api/chat",
+            &json!({"model": "smollm2", "format": "json", "stream": false,
+                    "messages": [{"role": "user", "content": "A cat, as JSON."}],
+                    "options": {"temperature": 0, "num_predict": 120,
+                                "repeat_penalty": 1.1, "repeat_last_n": -1}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert!(
+        r["message"]["content"].as_str().unwrap().starts_with('{'),
+        "{r}"
+    );
+
+    // ignore_eos asks to generate past the end; with a grammar the end of the JSON is the end.
+    let mut body = openai_body("person", schema);
+    body["ignore_eos"] = json!(true);
+    let r = s.chat(body).await;
+    assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+    assert_valid(schema, &answer(&r));
+    let (status, _) = s.get_json("/health").await;
+    assert_eq!(status, 200, "the server died:\n{}", s.log());
 }

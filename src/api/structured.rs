@@ -83,6 +83,19 @@ const ENFORCED: &[&str] = &[
     "exclusiveMaximum",
 ];
 
+/// String formats the converter enforces.
+const ENFORCED_FORMATS: &[&str] = &[
+    "date",
+    "time",
+    "date-time",
+    "uuid",
+    "uuid1",
+    "uuid2",
+    "uuid3",
+    "uuid4",
+    "uuid5",
+];
+
 /// Keywords that constrain nothing (annotations, definitions to refer to).
 const ANNOTATIONS: &[&str] = &[
     "$schema",
@@ -119,6 +132,19 @@ fn enforceable(schema: &Value, path: &str) -> Result<(), (String, String)> {
         if map.contains_key(bound) && !integer_only {
             return fail(format!(
                 "`{bound}` can be enforced only on `\"type\": \"integer\"`"
+            ));
+        }
+    }
+    if let Some(format) = map.get("format") {
+        // The formats llama.cpp's converter turns into rules (common/json-schema.cpp); any
+        // other would be accepted and silently not enforced.
+        let known = format
+            .as_str()
+            .is_some_and(|f| ENFORCED_FORMATS.contains(&f));
+        if !known {
+            return fail(format!(
+                "format {format} cannot be enforced by constrained decoding; supported formats: {}",
+                ENFORCED_FORMATS.join(", ")
             ));
         }
     }
