@@ -393,57 +393,119 @@ async fn the_example_catalogue_serves_both_models() {
 /// one at a time while they were generated, which llama.cpp does not guarantee to be
 /// bit-identical to evaluating them in one batch, so the answer itself is compared with a
 /// cold server only in the shared-system-prompt test below, where both paths batch alike.)
+/// A system prompt long enough for its reuse to matter (prefixes are reused only when at
+/// least 64 prompt tokens are left to read).
+const GARDEN: &str = "You are a meticulous assistant for a botanical garden. You answer questions about \
+    plants, flowers, trees and gardening with short, precise, friendly sentences, and you never make \
+    things up. If you do not know something, you say so plainly. Visitors come from many countries, \
+    so you avoid slang and explain any Latin plant names you use. When asked about opening hours, \
+    tickets or events, you tell visitors to check the garden's notice board at the main gate, \
+    because those details change with the seasons. You are patient with children and with people \
+    who are new to gardening, and you enjoy sharing small, surprising facts about the plants.";
+
+fn garden(turns: &[(&str, &str)]) -> Value {
+    let mut messages = vec![json!({"role": "system", "content": GARDEN})];
+    for (role, content) in turns {
+        messages.push(json!({"role": role, "content": content}));
+    }
+    Value::Array(messages)
+}
+
 #[tokio::test]
-async fn a_follow_up_turn_reads_only_what_is_new() {
+async fn a_follow_up_turn_reuses_the_conversation_and_answers_as_a_cold_server_does() {
     let s = Server::start(&["--parallel", "2"]).await;
+    let first = garden(&[("user", "Name three fruits.")]);
     let r1 = s
-        .chat(json!({"model": "smollm2", "messages": ask("Name three fruits."), "temperature": 0, "max_tokens": 24}))
+        .chat(json!({"model": "smollm2", "messages": first, "temperature": 0, "max_tokens": 24}))
         .await;
-    let follow = json!([
-        {"role": "user", "content": "Name three fruits."},
-        {"role": "assistant", "content": answer(&r1)},
-        {"role": "user", "content": "Which one is yellow?"}
+    let first_prompt = r1["usage"]["prompt_tokens"].as_u64().unwrap();
+    let follow = garden(&[
+        ("user", "Name three fruits."),
+        ("assistant", &answer(&r1)),
+        ("user", "Which one is yellow?"),
     ]);
-    let warm = s
-        .chat(json!({"model": "smollm2", "messages": follow, "temperature": 0, "max_tokens": 24}))
-        .await;
-    let cached = warm["usage"]["prompt_tokens_details"]["cached_tokens"]
-        .as_u64()
-        .unwrap();
-    let prompt = warm["usage"]["prompt_tokens"].as_u64().unwrap();
-    // The first turn's prompt and (almost all of) its answer are reused; the new question
-    // and the template around it are read.
-    let first_turn = r1["usage"]["total_tokens"].as_u64().unwrap();
-    assert!(cached + 2 >= first_turn, "{cached} of {first_turn}: {warm}");
-    assert!(cached < prompt);
-    assert!(!answer(&warm).is_empty());
+    for body in [
+        json!({"model": "smollm2", "messages": follow, "temperature": 0, "max_tokens": 24}),
+        json!({"model": "smollm2", "messages": follow, "temperature": 0.8, "seed": 7, "max_tokens": 24}),
+    ] {
+        let warm = s.chat(body.clone()).await;
+        let cached = warm["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        let prompt = warm["usage"]["prompt_tokens"].as_u64().unwrap();
+        // The first turn's prompt is reused, up to the last 64 tokens of this one; what
+        // follows it (the answer, the new question) is read.
+        assert_eq!(cached, first_prompt.min(prompt - 64), "{warm}");
+        assert!(cached > 100, "{warm}");
+        // Reading only the new part changes nothing: a server that never saw the first turn
+        // answers the same, greedy or seeded.
+        let cold = Server::start(&["--parallel", "2"])
+            .await
+            .chat(body.clone())
+            .await;
+        assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+        assert_eq!(answer(&warm), answer(&cold), "{body}");
+    }
 }
 
 /// Requests sharing a long system prompt reuse its KV entries, and the answer is exactly
-/// what a server that never saw the first request gives.
+/// what a server that never saw the first request gives, greedy or seeded.
 #[tokio::test]
 async fn a_shared_system_prompt_is_reused_and_the_answer_matches_a_cold_server() {
-    let system = "You are a meticulous assistant for a botanical garden. You answer questions about plants, \
-                  flowers, trees and gardening with short, precise, friendly sentences, and you never make \
-                  things up. If you do not know something, you say so plainly.";
-    let asking = |q: &str| {
-        json!({"model": "smollm2", "temperature": 0, "max_tokens": 24, "messages": [
-            {"role": "system", "content": system},
-            {"role": "user", "content": q}
-        ]})
+    let asking = |q: &str, temperature: f64| {
+        json!({"model": "smollm2", "temperature": temperature, "seed": 11, "max_tokens": 24,
+               "messages": garden(&[("user", q)])})
     };
     let s = Server::start(&["--parallel", "2"]).await;
-    s.chat(asking("What is a rose?")).await;
-    let warm = s.chat(asking("How tall do oak trees grow?")).await;
-    let cached = warm["usage"]["prompt_tokens_details"]["cached_tokens"]
-        .as_u64()
-        .unwrap();
-    assert!(cached >= 40, "only {cached} tokens reused: {warm}");
+    s.chat(asking("What is a rose?", 0.0)).await;
+    for temperature in [0.0, 0.9] {
+        let warm = s
+            .chat(asking("How tall do oak trees grow?", temperature))
+            .await;
+        let cached = warm["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        assert!(cached >= 60, "only {cached} tokens reused: {warm}");
 
-    let cold_server = Server::start(&["--parallel", "2"]).await;
-    let cold = cold_server
-        .chat(asking("How tall do oak trees grow?"))
-        .await;
-    assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
-    assert_eq!(answer(&warm), answer(&cold));
+        let cold_server = Server::start(&["--parallel", "2"]).await;
+        let cold = cold_server
+            .chat(asking("How tall do oak trees grow?", temperature))
+            .await;
+        assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+        assert_eq!(answer(&warm), answer(&cold));
+    }
+}
+
+/// Each penalty really reaches the sampler: a greedy answer that repeats itself changes.
+#[tokio::test]
+async fn penalties_change_a_repetitive_greedy_answer() {
+    let s = Server::start(&[]).await;
+    let question = "Write the word apple twenty times, separated by spaces.";
+    let base =
+        json!({"model": "smollm2", "messages": ask(question), "temperature": 0, "max_tokens": 40});
+    let plain = answer(&s.chat(base.clone()).await);
+    for field in ["repeat_penalty", "presence_penalty", "frequency_penalty"] {
+        let mut b = base.clone();
+        b[field] = json!(1.5);
+        let penalised = answer(&s.chat(b).await);
+        assert_ne!(penalised, plain, "{field} changed nothing");
+    }
+    // Ollama's window: 0 switches the penalty off, -1 is the whole context (not "off").
+    let ollama = |last_n: i64, penalty: f64| {
+        json!({"model": "smollm2", "messages": ask(question), "stream": false,
+               "options": {"temperature": 0, "num_predict": 40,
+                           "repeat_penalty": penalty, "repeat_last_n": last_n}})
+    };
+    let text = |r: Value| r["message"]["content"].as_str().unwrap().to_owned();
+    let (_, off) = s.post("/api/chat", &ollama(64, 1.0)).await;
+    let (_, window_zero) = s.post("/api/chat", &ollama(0, 1.5)).await;
+    let (_, whole) = s.post("/api/chat", &ollama(-1, 1.5)).await;
+    let off = text(off);
+    assert_eq!(off, plain);
+    assert_eq!(text(window_zero), off);
+    assert_ne!(
+        text(whole),
+        off,
+        "repeat_last_n -1 switched the penalty off"
+    );
 }

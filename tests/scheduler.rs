@@ -26,18 +26,20 @@ fn long_completion(max_tokens: u32, stream: bool) -> Value {
 
 /// Decode steps that evaluated at least `n` sequences (from the histogram buckets).
 fn steps_with_at_least(metrics: &str, n: u32) -> f64 {
-    let count = metric_value(
-        metrics,
-        &format!("backstop_decode_batch_sequences_count{MODEL}"),
+    let count_line = format!("backstop_decode_batch_sequences_count{MODEL}");
+    if !metrics.lines().any(|l| l.starts_with(&count_line)) {
+        return 0.0; // no step yet
+    }
+    let bucket = format!(
+        "backstop_decode_batch_sequences_bucket{MODEL},le=\"{}\"}}",
+        n - 1
     );
-    let below = metric_value(
-        metrics,
-        &format!(
-            "backstop_decode_batch_sequences_bucket{MODEL},le=\"{}\"}}",
-            n - 1
-        ),
+    // A renamed bucket must fail the test, not read as "no step below n".
+    assert!(
+        metrics.lines().any(|l| l.starts_with(&bucket)),
+        "no {bucket} in:\n{metrics}"
     );
-    count - below
+    metric_value(metrics, &count_line) - metric_value(metrics, &bucket)
 }
 
 /// Polls a metric until `done` holds for it (or 20 s pass) and returns its last value.

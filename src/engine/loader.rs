@@ -156,8 +156,10 @@ pub(crate) fn new_context<'m>(
     let params = shared_params(options)
         .with_n_ctx(NonZeroU32::new(n_ctx))
         .with_n_seq_max(options.slots)
-        .with_n_batch(options.batch)
-        .with_n_ubatch(options.batch)
+        // Every slot decodes one token per step: a batch smaller than the slots could not
+        // hold one step (the scheduler would have to leave sequences out of every step).
+        .with_n_batch(options.batch.max(options.slots))
+        .with_n_ubatch(options.batch.max(options.slots))
         .with_kv_unified(false);
     model
         .new_context(backend, params)
@@ -179,23 +181,35 @@ pub(crate) fn shared_params(options: &EngineOptions) -> LlamaContextParams {
         KvCacheType::Q4_0 => llama_cpp_2::context::params::KvCacheType::Q4_0,
     };
     LlamaContextParams::default()
-        .with_flash_attention_policy(flash_attention(options.flash_attention))
+        .with_flash_attention_policy(flash_attention(
+            options.flash_attention,
+            options.kv_cache_type,
+            options.gpu_layers,
+        ))
         .with_type_k(kv)
         .with_type_v(kv)
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
 }
 
-/// llama.cpp's flash-attention setting for the operator's choice; when they did not choose,
-/// llama.cpp decides (on wherever the backend supports it, the CPU included).
-///
-/// Off would decode faster on the CPU once the context fills (llama-bench 0c1e57098, SmolLM2
-/// Q4_1, 2 threads: tg64 at depth 1024 is 37 tok/s with it, 79 without), but without it the
-/// logits of a prompt whose prefix came from the cache differ in the last bits from a cold
-/// prefill of the same prompt, so a seeded answer would change with what the slot happened to
-/// hold. Answers must not depend on the cache, so the default keeps it; `--flash-attention 0`
-/// trades that for speed.
-pub(crate) fn flash_attention(choice: Option<bool>) -> llama_cpp_sys_2::llama_flash_attn_type {
+/// llama.cpp's flash-attention setting for the operator's choice. When they did not choose:
+/// on a GPU llama.cpp decides; on the CPU it is off unless a quantized KV cache needs it, as
+/// llama.cpp's CPU flash-attention kernel decodes far slower once the context fills
+/// (llama-bench 0c1e57098, SmolLM2 Q4_1, 2 threads: tg64 at depth 1024 is 37 tok/s with it,
+/// 79 without; at depth 0, 117 vs 124), which costs more than the ~13% it gains in prompt
+/// processing. Ollama's default is off as well. Either way a seeded answer does not depend on
+/// the slot's cache (see `policy::EXACT_ROWS`).
+pub(crate) fn flash_attention(
+    choice: Option<bool>,
+    kv: KvCacheType,
+    gpu_layers: Option<u32>,
+) -> llama_cpp_sys_2::llama_flash_attn_type {
+    let on_gpu = gpu_layers != Some(0) && super::compute().is_ok_and(|c| c.has_gpu());
+    let choice = choice.or(if on_gpu {
+        None
+    } else {
+        Some(kv != KvCacheType::F16)
+    });
     match choice {
         None => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
         Some(true) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,

@@ -32,6 +32,15 @@ pub(crate) struct Budget {
     pub(crate) prefill_chunk: usize,
 }
 
+/// The fewest prompt rows of one sequence that llama.cpp's CPU kernels compute exactly as
+/// they would in any larger batch. Flash attention switches to its tiled kernel at 64 query
+/// rows (`GGML_FA_TILE_Q`) and matrix products switch from vector dot products to tiled GEMM
+/// at 2; each kernel rounds its own way. So a prompt is read in chunks of at least this many
+/// rows where the budget allows, and a cached prefix is reused only when it leaves at least
+/// this many rows to read: the rows of a warm request then go through the same kernels as a
+/// cold one, and a seeded answer does not depend on what the slot held before.
+pub(crate) const EXACT_ROWS: usize = 64;
+
 /// What one step evaluates.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct StepPlan {
@@ -92,11 +101,24 @@ pub(crate) fn plan_step(slots: &[SlotState], budget: Budget) -> StepPlan {
         if left == 0 {
             break;
         }
-        let n = remaining.min(left);
+        let n = exact_chunk(remaining, remaining.min(left));
         plan.prefill.push((i, n));
         left -= n;
     }
     plan
+}
+
+/// Shortens a chunk of `n` prompt rows so that it does not leave fewer than [`EXACT_ROWS`]
+/// behind, as long as it keeps at least that many itself; the last chunk of a long prompt is
+/// then as exact as the others.
+fn exact_chunk(remaining: usize, n: usize) -> usize {
+    let rest = remaining.saturating_sub(n);
+    let shorter = remaining.saturating_sub(EXACT_ROWS);
+    if rest > 0 && rest < EXACT_ROWS && shorter >= EXACT_ROWS {
+        shorter
+    } else {
+        n
+    }
 }
 
 /// Paces prompt chunks by measured cost: while sequences generate, a step may hold only as
@@ -167,13 +189,14 @@ pub(crate) struct FreeSlot<'a, T> {
 /// Chooses a slot for a prompt: the one whose cache shares the longest prefix with it
 /// (multi-turn chats and shared system prompts skip re-reading that prefix); without any
 /// shared prefix, the least recently used slot, so recent conversations keep their cache.
-/// Returns the slot index and how many prompt tokens can be reused; at least one prompt
-/// token is always left to evaluate, because sampling needs fresh logits.
+/// Returns the slot index and how many prompt tokens can be reused: at least
+/// [`EXACT_ROWS`] prompt tokens are always left to evaluate, so they are computed as a cold
+/// request computes them (and sampling needs fresh logits anyway).
 pub(crate) fn choose_slot<T: PartialEq>(
     free: &[FreeSlot<'_, T>],
     prompt: &[T],
 ) -> Option<(usize, usize)> {
-    let max_reuse = prompt.len().saturating_sub(1);
+    let max_reuse = prompt.len().saturating_sub(EXACT_ROWS);
     free.iter()
         .map(|s| {
             let shared = s
@@ -181,12 +204,11 @@ pub(crate) fn choose_slot<T: PartialEq>(
                 .iter()
                 .zip(prompt)
                 .take_while(|(a, b)| a == b)
-                .count()
-                .min(max_reuse);
+                .count();
             (s, shared)
         })
         .max_by(|(a, sa), (b, sb)| sa.cmp(sb).then(b.last_used.cmp(&a.last_used)))
-        .map(|(s, shared)| (s.index, shared))
+        .map(|(s, shared)| (s.index, shared.min(max_reuse)))
 }
 
 #[cfg(test)]
@@ -293,9 +315,32 @@ mod tests {
     }
 
     #[test]
+    fn a_long_prompt_never_leaves_a_short_last_chunk() {
+        // Alone: 512 then 18 would read the last 18 rows with other kernels; 466 then 64.
+        assert_eq!(
+            plan_step(&[prefill(530, 1)], BUDGET).prefill,
+            vec![(0, 466)]
+        );
+        assert_eq!(plan_step(&[prefill(64, 1)], BUDGET).prefill, vec![(0, 64)]);
+        // A chunk that cannot keep 64 rows itself is left as the budget made it.
+        let plan = plan_step(&[decode(), prefill(100, 1)], BUDGET);
+        assert_eq!(plan.prefill, vec![(1, 64)]);
+        for remaining in 1..200 {
+            let plan = plan_step(&[decode(), prefill(remaining, 1)], BUDGET);
+            let n = plan.prefill[0].1;
+            assert!(n >= 1 && n <= remaining.min(64), "{remaining}: {n}");
+        }
+    }
+
+    fn tokens(range: std::ops::RangeInclusive<i32>) -> Vec<i32> {
+        range.collect()
+    }
+
+    #[test]
     fn the_slot_sharing_the_longest_prefix_is_chosen() {
-        let a = [1, 2, 3, 9];
-        let b = [1, 2, 3, 4, 5];
+        let mut a = tokens(1..=100);
+        a.push(999);
+        let b = tokens(1..=150);
         let free = [
             FreeSlot {
                 index: 0,
@@ -308,7 +353,17 @@ mod tests {
                 last_used: 5,
             },
         ];
-        assert_eq!(choose_slot(&free, &[1, 2, 3, 4, 5, 6]), Some((1, 5)));
+        assert_eq!(choose_slot(&free, &tokens(1..=300)), Some((1, 150)));
+        // At least EXACT_ROWS tokens are left to read, so less of the prefix is reused.
+        assert_eq!(
+            choose_slot(&free, &tokens(1..=180)),
+            Some((1, 180 - EXACT_ROWS))
+        );
+        // A shorter prompt reuses less; one of EXACT_ROWS tokens or fewer reuses nothing.
+        assert_eq!(choose_slot(&free, &tokens(1..=120)), Some((1, 56)));
+        let mut short = tokens(1..=60);
+        short[59] = 77;
+        assert_eq!(choose_slot(&free, &short), Some((0, 0)));
     }
 
     #[test]
@@ -331,14 +386,14 @@ mod tests {
     }
 
     #[test]
-    fn an_identical_prompt_still_evaluates_its_last_token() {
-        let a = [1, 2, 3];
+    fn an_identical_prompt_still_evaluates_its_last_rows() {
+        let a = tokens(1..=200);
         let free = [FreeSlot {
             index: 0,
             cached: &a[..],
             last_used: 0,
         }];
-        assert_eq!(choose_slot(&free, &[1, 2, 3]), Some((0, 2)));
+        assert_eq!(choose_slot(&free, &a), Some((0, 200 - EXACT_ROWS)));
     }
 
     #[test]

@@ -17,7 +17,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::embed::{self, EmbedJob, EmbedShape, EmbedTask, Embedder, Pooling};
 use super::loader::{self, ModelInfo};
 use super::metrics::EngineMetrics;
-use super::policy::{choose_slot, plan_step, Budget, FreeSlot, Pace, SlotState, StepPlan};
+use super::policy::{
+    choose_slot, plan_step, Budget, FreeSlot, Pace, SlotState, StepPlan, EXACT_ROWS,
+};
 use super::request::truncate;
 use super::text::{StopMatcher, StopScan, Utf8Stream};
 use super::{
@@ -25,9 +27,10 @@ use super::{
     TokenEvent, Usage, Work,
 };
 
-/// A sequence emits at most a token and its final event per step; it only runs when its
-/// channel has room for both, so sends never find the channel full.
-const EVENTS_PER_STEP: usize = 2;
+/// A sequence emits at most three events per step (its token; then, when that token ends
+/// the answer, the text held back for stop strings and the final event); it only runs when
+/// its channel has room for all three, so sends never find the channel full.
+const EVENTS_PER_STEP: usize = 3;
 
 /// How long to wait before re-planning when every busy sequence waits on a slow reader.
 const STALLED_POLL: Duration = Duration::from_millis(2);
@@ -110,6 +113,11 @@ struct Slot {
     seq: i32,
     /// Tokens whose KV entries this sequence holds, in position order.
     cached: Vec<LlamaToken>,
+    /// How many leading `cached` tokens were read as prompt, and so may be reused. Tokens
+    /// generated one step at a time went through llama.cpp's matrix-vector kernels, which
+    /// round differently from the batched ones a cold prompt goes through; reusing them would
+    /// make a follow-up turn answer differently from the same conversation sent fresh.
+    prefilled: usize,
     /// Step number when it was last released (for least-recently-used choice).
     last_used: u64,
     /// The request it serves, if any.
@@ -204,6 +212,7 @@ impl<'m> Worker<'m> {
             .map(|s| Slot {
                 seq: s as i32,
                 cached: Vec::new(),
+                prefilled: 0,
                 last_used: 0,
                 active: None,
             })
@@ -495,7 +504,7 @@ impl<'m> Worker<'m> {
                 .filter(|(_, s)| s.active.is_none())
                 .map(|(index, s)| FreeSlot {
                     index,
-                    cached: &s.cached,
+                    cached: &s.cached[..s.prefilled],
                     last_used: s.last_used,
                 })
                 .collect();
@@ -528,6 +537,7 @@ impl<'m> Worker<'m> {
         }
         let slot = &mut self.slots[index];
         slot.cached.truncate(keep);
+        slot.prefilled = keep;
 
         let Pending {
             job,
@@ -535,7 +545,7 @@ impl<'m> Worker<'m> {
             limit,
             grammar,
         } = pending;
-        let banned: &[LlamaToken] = if job.request.ignore_eos {
+        let banned: &[LlamaToken] = if job.request.ignore_eos && grammar.is_none() {
             &self.eog
         } else {
             &[]
@@ -543,6 +553,7 @@ impl<'m> Worker<'m> {
         let sampler = sampler::build(
             &job.request.sampling,
             self.n_vocab,
+            limit,
             &tokens,
             banned,
             grammar,
@@ -626,6 +637,7 @@ impl<'m> Worker<'m> {
     fn evaluate(&mut self, plan: &StepPlan) -> Result<(), EngineError> {
         self.batch.clear();
         let mut undo: Vec<Undo> = Vec::with_capacity(plan.decode.len() + plan.prefill.len());
+        let shared_step = plan.decode.len() + plan.prefill.len() > 1;
         for &i in &plan.decode {
             let slot = &mut self.slots[i];
             let Some(active) = slot.active.as_mut() else {
@@ -650,12 +662,20 @@ impl<'m> Worker<'m> {
             undo.push((i, slot.cached.len(), None));
             let start = slot.cached.len();
             let end = (start + n).min(active.prompt.len());
+            // Rows read in a chunk of their own too short for the batched kernels would give
+            // a later request other numbers than a cold read; they are not offered for reuse.
+            // Beside other sequences nothing is bit-exact anyway (llama.cpp splits such a
+            // batch into equal per-sequence parts), so there speed wins and they are.
+            let reusable = end - start >= EXACT_ROWS || shared_step;
             for (pos, &token) in (start..end).zip(&active.prompt[start..end]) {
                 let last = pos + 1 == active.prompt.len();
                 self.batch
                     .add(token, pos as i32, &[slot.seq], last)
                     .map_err(|e| EngineError::Decode(e.to_string()))?;
                 slot.cached.push(token);
+            }
+            if reusable && slot.prefilled == start {
+                slot.prefilled = slot.cached.len();
             }
             active.logits_at = (end == active.prompt.len()).then(|| self.batch.n_tokens() - 1);
             self.metrics.prompt_tokens.increment((end - start) as u64);
@@ -694,6 +714,7 @@ impl<'m> Worker<'m> {
                     }
                     let slot = &mut self.slots[i];
                     slot.cached.truncate(len);
+                    slot.prefilled = slot.prefilled.min(slot.cached.len());
                     if let Some(a) = slot.active.as_mut() {
                         a.next = next;
                         a.logits_at = None;
