@@ -108,12 +108,17 @@ pub struct BenchArgs {
     /// with like.
     #[arg(long)]
     pub ctx: Option<u32>,
-    /// Flash attention on (true) or off (false) [default: as `serve` decides for this machine].
-    #[arg(long, value_name = "BOOL")]
+    /// Flash attention: 1/true or 0/false [default: as `serve` decides for this machine].
+    #[arg(long, value_name = "BOOL", value_parser = parse_flag_bool)]
     pub flash_attention: Option<bool>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
     pub format: BenchFormat,
+}
+
+/// The boolean spellings `serve` accepts (1/true/yes/on, 0/false/no/off).
+fn parse_flag_bool(text: &str) -> Result<bool, String> {
+    crate::config::parse_bool(text).ok_or_else(|| format!("`{text}` is not 1/true or 0/false"))
 }
 
 /// `backstop quantize`.
@@ -281,6 +286,10 @@ pub struct PullArgs {
     /// The file's expected sha256; the download is refused if it differs.
     #[arg(long)]
     pub sha256: Option<String>,
+    /// The store to pull into when no server is running (a running server pulls into its
+    /// own) [default: $BACKSTOP_MODELS, $OLLAMA_MODELS, ~/.cache/backstop/models].
+    #[arg(long, value_name = "DIR")]
+    pub models_dir: Option<std::path::PathBuf>,
     /// Server.
     #[command(flatten)]
     pub client: ClientArgs,

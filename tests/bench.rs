@@ -200,3 +200,41 @@ fn quantize_refuses_unknown_types_and_bad_inputs_and_leaves_nothing_behind() {
         text(&o.stderr)
     );
 }
+
+#[test]
+fn many_parallel_sequences_are_measured_and_too_many_are_refused() {
+    let model = common::smollm2();
+    let model = model.to_str().unwrap();
+    // 40 sequences start with one decode of 640 tokens: more than llama.cpp's default batch.
+    let o = backstop(&[
+        "bench",
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-r",
+        "1",
+        "-t",
+        "2",
+        "--parallel",
+        "40",
+        "--flash-attention",
+        "0",
+        "--format",
+        "json",
+        model,
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let report: Value = serde_json::from_slice(&o.stdout).expect("bench JSON");
+    let parallel = &report["results"][0]["parallel"][0];
+    assert_eq!(parallel["sequences"], 40, "{report}");
+    assert!(parallel["median"].as_f64().unwrap() > 0.0, "{report}");
+
+    let o = backstop(&["bench", "-r", "1", "--parallel", "300", model]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("--parallel 300") && err.contains("256"),
+        "{err}"
+    );
+}

@@ -99,6 +99,9 @@ fn prefill(
     Ok(())
 }
 
+/// Prompt tokens each sequence of the parallel measurement starts from.
+const PARALLEL_PROMPT: usize = 16;
+
 /// `n` sequences advancing together for `generate` tokens; tokens per second in all.
 fn generate_together(
     ctx: &mut LlamaContext<'_>,
@@ -108,7 +111,7 @@ fn generate_together(
     generate: usize,
 ) -> Result<f64, BenchError> {
     ctx.clear_kv_cache();
-    let short = &prompt[..prompt.len().clamp(1, 16)];
+    let short = &prompt[..prompt.len().clamp(1, PARALLEL_PROMPT)];
     batch.clear();
     for s in 0..n {
         for (i, &t) in short.iter().enumerate() {
@@ -171,17 +174,25 @@ pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<R
     let needed = (plan.prompt.max(16) + plan.generate + 16) as u32;
     let per_seq = plan.ctx.map_or(needed, |c| c.max(needed));
     let threads = i32::try_from(plan.threads).unwrap_or(i32::MAX);
+    // The parallel measurement starts every sequence with one decode of 16 tokens each;
+    // llama.cpp aborts the process when a decode holds more tokens than `n_batch`.
+    let n_batch = (seqs * PARALLEL_PROMPT).max(512);
+    let n_batch_u32 = u32::try_from(n_batch).unwrap_or(u32::MAX);
     let ctx_params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(per_seq * seqs as u32))
         .with_n_seq_max(seqs as u32)
-        .with_n_batch(512)
-        .with_n_ubatch(512)
+        .with_n_batch(n_batch_u32)
+        .with_n_ubatch(n_batch_u32)
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
         .with_kv_unified(false)
-        .with_flash_attention_policy(crate::engine::flash_attention(plan.flash_attention));
+        .with_flash_attention_policy(crate::engine::flash_attention(
+            plan.flash_attention,
+            crate::engine::KvCacheType::F16,
+            plan.gpu_layers,
+        ));
     let mut ctx = model.new_context(backend, ctx_params).map_err(llama)?;
-    let mut batch = LlamaBatch::new(512.max(seqs * 16), 1);
+    let mut batch = LlamaBatch::new(n_batch, 1);
     let prompt = prompt_tokens(&model, plan.prompt.max(1));
     let warm = Plan {
         generate: plan.generate.min(8),

@@ -15,6 +15,9 @@ pub use report::{csv, table, Aggregate, Figure, Meta, ModelResult};
 use crate::cli::{BenchArgs, BenchFormat};
 use crate::models::{gguf, ModelName, Store};
 
+/// llama.cpp's `LLAMA_MAX_SEQ`: a context with more sequences is refused.
+const MAX_PARALLEL: usize = 256;
+
 /// A file path, or the name of a model in the store.
 fn locate(arg: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(arg);
@@ -41,6 +44,12 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut parallel: Vec<usize> = args.parallel.iter().copied().filter(|&n| n > 1).collect();
     parallel.sort_unstable();
     parallel.dedup();
+    if let Some(&n) = parallel.last().filter(|&&n| n > MAX_PARALLEL) {
+        return Err(format!(
+            "--parallel {n}: llama.cpp runs at most {MAX_PARALLEL} sequences in one context"
+        )
+        .into());
+    }
     let plan = Plan {
         prompt: args.prompt,
         generate: args.generate.max(2),
