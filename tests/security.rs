@@ -334,6 +334,75 @@ async fn a_local_only_key_never_reaches_the_cloud() {
     assert_eq!(headers["x-backstop-backend"], "cloud");
 }
 
+/// The cloud path obeys the same budget as the local one: the max_tokens cap, token counts
+/// charged to the key's tpm even when the client did not ask for usage, and the model in
+/// the request metrics.
+#[tokio::test]
+async fn cloud_answers_are_capped_counted_and_charged_like_local_ones() {
+    let fake = FakeCloud::start().await;
+    let s = serve(&format!(
+        "[security]\nmax_tokens = 50\nmetrics_public = true\n[[router.upstreams]]\nname = \"cloud\"\nkind = \"openai\"\nbase_url = \"{}/v1\"\nmodels = [\"gpt-4o-mini\"]\nfallback = \"smollm2\"\n[[security.keys]]\nname = \"thrifty\"\nsha256 = \"{}\"\ntpm = 20\n",
+        fake.base,
+        sha256_hex(SMOL),
+    ))
+    .await;
+    let words = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen \
+                 fifteen sixteen seventeen eighteen nineteen twenty twenty-one twenty-two";
+    let over = json!({"model": "gpt-4o-mini", "max_tokens": 51,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let (status, body, _) = call(
+        &s,
+        reqwest::Method::POST,
+        "/v1/chat/completions",
+        Some(SMOL),
+        Some(over),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "max_tokens", "{body}");
+    assert_eq!(fake.request_count(), 0, "refused before the cloud");
+
+    let streamed = json!({"model": "gpt-4o-mini", "stream": true,
+                          "messages": [{"role": "user", "content": words}]});
+    let (status, body, headers) = call(
+        &s,
+        reqwest::Method::POST,
+        "/v1/chat/completions",
+        Some(SMOL),
+        Some(streamed),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["x-backstop-backend"], "cloud");
+    let text = body.as_str().unwrap();
+    assert!(text.contains("cloud says: one two"), "{text}");
+    assert!(
+        !text.contains("usage"),
+        "the client did not ask for usage: {text}"
+    );
+    let sent = fake.last_request().unwrap().body;
+    assert_eq!(sent["max_tokens"], 50, "the cap goes to the cloud: {sent}");
+    assert_eq!(sent["stream_options"]["include_usage"], true, "{sent}");
+    // The 22 prompt words and the answer went over the 20-token minute.
+    let (status, body, _) = call(
+        &s,
+        reqwest::Method::POST,
+        "/v1/chat/completions",
+        Some(SMOL),
+        Some(chat("gpt-4o-mini")),
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(fake.request_count(), 1);
+    assert!(
+        s.metric("backstop_requests_total{route=\"/v1/chat/completions\",model=\"gpt-4o-mini\",backend=\"cloud\",status=\"200\"}")
+            .await
+            >= 1.0,
+        "{}",
+        s.metrics_text().await
+    );
+}
+
 #[tokio::test]
 async fn clients_outside_the_allowlist_get_403() {
     let s = serve("[security]\nallow_cidrs = [\"10.0.0.0/8\"]\n").await;

@@ -84,6 +84,8 @@ pub(crate) async fn chat(
     } else {
         over
     };
+    let capped = cap_tokens(state, body).map_err(|e| (e.status(), e.to_json(), None))?;
+    let body = &capped;
     let plan = state.router.plan(model, over);
     let result = serve(state, body, model, plan).await;
     let noted = match &result {
@@ -98,6 +100,10 @@ pub(crate) async fn chat(
             };
             r.backend = Some(backend.to_owned());
             r.upstream = Some(name);
+            // The local engine names the model it ran; a cloud answer is for the one asked.
+            if r.model.is_none() {
+                r.model = Some(model.to_owned());
+            }
             r.failover = reason.map(|f| f.label());
         });
     }
@@ -107,10 +113,43 @@ pub(crate) async fn chat(
             Ok((Reply::Whole(v), served, reason))
         }
         Ok((Reply::Stream(chunks), served, reason)) if matches!(served, Served::Cloud(_)) => {
-            Ok((Reply::Stream(watch_usage(chunks)), served, reason))
+            let wants_usage = body["stream_options"]["include_usage"]
+                .as_bool()
+                .unwrap_or(false);
+            Ok((
+                Reply::Stream(watch_usage(chunks, wants_usage)),
+                served,
+                reason,
+            ))
         }
         other => other,
     }
+}
+
+/// The server's `max_tokens` cap holds for the cloud too (it bounds cost as much as time):
+/// more is refused, and a request that names no limit gets the cap.
+fn cap_tokens(state: &AppState, body: &Value) -> Result<Value, ApiError> {
+    let mut body = body.clone();
+    let field = ["max_completion_tokens", "max_tokens"]
+        .into_iter()
+        .find(|f| !body[*f].is_null())
+        .unwrap_or("max_tokens");
+    let mut asked = match &body[field] {
+        Value::Null => None,
+        v => Some(
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| {
+                    ApiError::invalid(field, format!("{field} must be a positive integer"))
+                })?,
+        ),
+    };
+    let before = asked;
+    state.security.cap_tokens(&mut asked)?;
+    if asked != before {
+        body[field] = json!(asked);
+    }
+    Ok(body)
 }
 
 /// Token counts of a cloud answer, for the audit log and the key's token budget.
@@ -127,29 +166,45 @@ fn note_usage(v: &Value) {
     }
 }
 
-/// Reads the usage chunk of a cloud stream as it passes.
-fn watch_usage(chunks: crate::router::reply::ChunkStream) -> crate::router::reply::ChunkStream {
+/// Reads the usage of a cloud stream as it passes (upstreams are always asked for it), and
+/// drops it again when the client did not ask for it: a chunk with no choices goes, a usage
+/// field riding on another chunk is removed.
+fn watch_usage(
+    chunks: crate::router::reply::ChunkStream,
+    wants_usage: bool,
+) -> crate::router::reply::ChunkStream {
     use futures_util::StreamExt;
-    let Some(ticket) = crate::security::audit::current() else {
-        return chunks;
-    };
+    let ticket = crate::security::audit::current();
     chunks
-        .inspect(move |c| {
-            if let Ok(text) = c {
-                if text.contains("\"usage\"") {
-                    if let Ok(v) = serde_json::from_str::<Value>(text) {
-                        if let (Some(p), Some(n)) = (
-                            v["usage"]["prompt_tokens"].as_u64(),
-                            v["usage"]["completion_tokens"].as_u64(),
-                        ) {
-                            ticket.update(|r| {
-                                r.prompt_tokens = u32::try_from(p).ok();
-                                r.completion_tokens = u32::try_from(n).ok();
-                            });
-                        }
-                    }
-                }
+        .filter_map(move |c| {
+            let text = match c {
+                Ok(text) if text.contains("\"usage\"") => text,
+                other => return std::future::ready(Some(other)),
+            };
+            let mut v = match serde_json::from_str::<Value>(&text) {
+                Ok(v) if v.get("usage").is_some() => v,
+                _ => return std::future::ready(Some(Ok(text))),
+            };
+            if let (Some(ticket), Some(p), Some(n)) = (
+                &ticket,
+                v["usage"]["prompt_tokens"].as_u64(),
+                v["usage"]["completion_tokens"].as_u64(),
+            ) {
+                ticket.update(|r| {
+                    r.prompt_tokens = u32::try_from(p).ok();
+                    r.completion_tokens = u32::try_from(n).ok();
+                });
             }
+            if wants_usage {
+                return std::future::ready(Some(Ok(text)));
+            }
+            if v["choices"].as_array().is_some_and(Vec::is_empty) {
+                return std::future::ready(None);
+            }
+            if let Some(o) = v.as_object_mut() {
+                o.remove("usage");
+            }
+            std::future::ready(Some(Ok(v.to_string())))
         })
         .boxed()
 }
@@ -176,8 +231,12 @@ async fn serve(
             continue;
         }
         let outcome = up.chat(body).await;
-        if let Some(p) = probe {
-            p.disarm();
+        // When nothing was sent, a probe stays undecided: its guard, dropped armed, gives it
+        // back.
+        if !matches!(outcome, Outcome::Untranslatable { .. }) {
+            if let Some(p) = probe {
+                p.disarm();
+            }
         }
         match outcome {
             Outcome::Answer(reply) => {
@@ -193,6 +252,9 @@ async fn serve(
                 up.succeeded();
                 state.router.publish();
                 return Err((status, body, Some(Served::Cloud(name))));
+            }
+            Outcome::Untranslatable { body } => {
+                return Err((StatusCode::BAD_REQUEST, body, Some(Served::Cloud(name))))
             }
             Outcome::Failed { reason: r, detail } => {
                 let opened = up.failed();

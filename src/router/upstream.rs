@@ -35,6 +35,13 @@ pub(crate) enum Outcome {
         /// `{"error": {...}}`.
         body: Value,
     },
+    /// The request could not be put in this upstream's terms (an Anthropic upstream and
+    /// something its API cannot express): the caller's problem, and no news about the
+    /// upstream's health, since nothing was sent.
+    Untranslatable {
+        /// `{"error": {...}}`, in OpenAI's shape.
+        body: Value,
+    },
     /// Try the next upstream, or the local model.
     Failed {
         /// The failure class.
@@ -68,10 +75,12 @@ impl std::fmt::Debug for Upstream {
 
 /// Classifies a transport error.
 fn transport(e: &reqwest::Error) -> FailReason {
-    if e.is_timeout() {
-        FailReason::FirstByteTimeout
-    } else if e.is_connect() {
+    // A connect timeout is both; it is a connection failure (the first byte never had a
+    // chance), so `connect` is asked first.
+    if e.is_connect() {
         FailReason::Connect
+    } else if e.is_timeout() {
+        FailReason::FirstByteTimeout
     } else {
         FailReason::Broken
     }
@@ -214,6 +223,11 @@ impl Upstream {
             req["model"] = json!(self.config.upstream_model(m));
         }
         let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        if stream {
+            // Always ask for the closing usage chunk: token budgets and the audit log need
+            // the counts; the router drops it again for a client that did not ask.
+            req["stream_options"]["include_usage"] = json!(true);
+        }
         let mut request = self
             .client
             .post(format!("{}/chat/completions", self.config.base_url))
@@ -316,16 +330,12 @@ impl Upstream {
         ) {
             Ok(t) => t,
             Err(e) => {
-                return Outcome::Refused {
-                    status: StatusCode::BAD_REQUEST,
+                return Outcome::Untranslatable {
                     body: json!({"error": {"message": e.message, "type": "invalid_request_error", "param": e.param, "code": null}}),
                 }
             }
         };
         let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-        let include_usage = body["stream_options"]["include_usage"]
-            .as_bool()
-            .unwrap_or(false);
         let mut request = self
             .client
             .post(format!("{}/messages", self.config.base_url))
@@ -359,7 +369,8 @@ impl Upstream {
         }
         let mut events = EventStream::new(resp, deadline);
         let mut translator =
-            AnthropicToOpenAi::new(model, created, include_usage, translated.json_tool);
+            // The usage chunk always comes (see `openai` above).
+            AnthropicToOpenAi::new(model, created, true, translated.json_tool);
         let mut held: Vec<String> = Vec::new();
         // Hold chunks back until the first token (or the end): until then, fail over.
         while !translator.emitted_content() && !translator.is_done() {

@@ -93,7 +93,14 @@ pub(crate) async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_timeout);
-    builder.http2().timer(TokioTimer::new());
+    // HTTP/2 has no header timeout in hyper; pings find peers that went silent (a dead or
+    // stalled client holding a connection permit) and the stream cap bounds one connection.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(config.header_timeout.max(Duration::from_secs(1))))
+        .keep_alive_timeout(config.header_timeout.max(Duration::from_secs(1)))
+        .max_concurrent_streams(256);
     let builder = Arc::new(builder);
     tokio::pin!(shutdown);
     loop {
