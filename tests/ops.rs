@@ -173,6 +173,29 @@ async fn the_webhook_hears_about_failures_and_with_on_change_only_about_changes(
     let msgs = got.lock().unwrap();
     assert_eq!(msgs.len(), 3, "recovery is news");
     assert!(msgs[2]["text"].as_str().unwrap().contains("HEALTHY"));
+    drop(msgs);
+    // A change whose alert could not be delivered is not forgotten: the next run sends it.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/hook", l.local_addr().unwrap())
+    };
+    let (code, _, err) = check(&[
+        "--url",
+        &s.base,
+        "--min-tps",
+        "1000000",
+        "--webhook",
+        &dead,
+        "--state",
+        state,
+        "--on-change",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("not delivered"), "{err}");
+    assert_eq!(on_change("1000000"), Some(1));
+    let msgs = got.lock().unwrap();
+    assert_eq!(msgs.len(), 4, "the lost alert came the second time");
+    assert!(msgs[3]["text"].as_str().unwrap().contains("DEGRADED"));
 }
 
 #[tokio::test]

@@ -291,13 +291,27 @@ fn state_file(args: &CheckArgs) -> PathBuf {
     base.join("backstop").join("check-state.json")
 }
 
-/// Decides whether to alert, and remembers the status.
+/// Decides whether to alert: on every failure, or with `--on-change` when the status
+/// differs from the one last delivered.
 fn should_alert(args: &CheckArgs, report: &Report) -> bool {
-    let path = state_file(args);
-    let before: Option<Remembered> = std::fs::read(&path)
+    let before: Option<Remembered> = std::fs::read(state_file(args))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .filter(|r: &Remembered| r.url == report.url);
+    if args.on_change {
+        // The first run alerts only if something is wrong.
+        before.map_or(report.status != Status::Healthy, |b| {
+            b.status != report.status
+        })
+    } else {
+        report.status != Status::Healthy
+    }
+}
+
+/// Remembers the status for `--on-change`; only once any alert for it was delivered, so a
+/// lost alert is sent again by the next run.
+fn remember(args: &CheckArgs, report: &Report) {
+    let path = state_file(args);
     let now = Remembered {
         url: report.url.clone(),
         status: report.status,
@@ -310,14 +324,6 @@ fn should_alert(args: &CheckArgs, report: &Report) -> bool {
             "warning: cannot keep the check state in {}: {e}",
             path.display()
         );
-    }
-    if args.on_change {
-        // The first run alerts only if something is wrong.
-        before.map_or(report.status != Status::Healthy, |b| {
-            b.status != report.status
-        })
-    } else {
-        report.status != Status::Healthy
     }
 }
 
@@ -351,10 +357,19 @@ pub async fn check(args: CheckArgs) -> Result<u8, ClientError> {
         print!("{}", report.text());
     }
     if let Some(webhook) = &args.webhook {
-        if should_alert(&args, &report) {
-            if let Err(e) = alert(webhook, &report).await {
-                eprintln!("error: the alert was not delivered: {e}");
+        let delivered = if should_alert(&args, &report) {
+            match alert(webhook, &report).await {
+                Ok(()) => true,
+                Err(e) => {
+                    eprintln!("error: the alert was not delivered: {e}");
+                    false
+                }
             }
+        } else {
+            true
+        };
+        if delivered {
+            remember(&args, &report);
         }
     }
     Ok(report.status.exit_code())
