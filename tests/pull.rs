@@ -903,3 +903,65 @@ async fn the_cli_pulls_through_the_server_or_straight_into_the_store() {
     assert!(store.join("manifests/hf.co/team/tiny-GGUF/Q4_0").is_file());
     std::fs::remove_dir_all(&store).ok();
 }
+
+/// `serve` refuses a pinned model missing from the configured store and says which command
+/// fetches it; that command, run as printed with no server up, puts it where the config
+/// looks, pinned hash and all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pull_command_a_missing_pinned_model_suggests_fetches_it_into_the_configured_store() {
+    use sha2::{Digest as _, Sha256};
+    let fake = FakeHub::start().await;
+    let weights = tiny_gguf(100_000);
+    let sha: String = Sha256::digest(&weights)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    fake.add("team/tiny-GGUF", "tiny-Q4_0.gguf", weights);
+    let dir = common::temp_dir("pinned-pull");
+    let store = dir.join("store");
+    let cfg = dir.join("models.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nmodels_dir = \"{}\"\n[models.tiny]\nrepo = \"team/tiny-GGUF\"\nfile = \"tiny-Q4_0.gguf\"\nrevision = \"main\"\nsha256 = \"{sha}\"\n",
+            store.display()
+        ),
+    )
+    .unwrap();
+    let config_check = || {
+        common::backstop_command()
+            .args(["config", "check", "--config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let refused = config_check();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr).into_owned();
+    let hint = err
+        .split("fetch it with `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .unwrap_or_else(|| panic!("no command in: {err}"));
+    assert!(hint.contains(&format!("--sha256 {sha}")), "{hint}");
+    assert!(hint.contains("--models-dir"), "{hint}");
+    let words: Vec<&str> = hint.split_whitespace().collect();
+    assert_eq!(words[..2], ["backstop", "pull"]);
+    let out = common::backstop_command()
+        .args(&words[1..])
+        .env("BACKSTOP_HOST", "127.0.0.1:1")
+        .env("HF_ENDPOINT", &fake.base)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ok = config_check();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

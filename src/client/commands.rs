@@ -219,7 +219,11 @@ pub async fn pull(args: PullArgs) -> Result<(), ClientError> {
     view.done();
     match result {
         Err(ClientError::Unreachable { url, .. }) => {
-            let store = crate::models::Store::new(crate::config::default_store_dir());
+            let dir = args
+                .models_dir
+                .clone()
+                .unwrap_or_else(crate::config::default_store_dir);
+            let store = crate::models::Store::new(dir);
             eprintln!(
                 "no server at {url}; pulling straight into the store at {}",
                 store.root().display()

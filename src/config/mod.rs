@@ -294,7 +294,7 @@ fn parse_env<T: std::str::FromStr>(name: &str) -> Result<Option<T>, ConfigError>
 }
 
 /// Ollama's boolean spelling: 1/true/yes/on and 0/false/no/off.
-fn parse_bool(text: &str) -> Option<bool> {
+pub(crate) fn parse_bool(text: &str) -> Option<bool> {
     match text.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Some(true),
         "0" | "false" | "no" | "off" => Some(false),
@@ -746,13 +746,18 @@ fn hub_path(
         None => store.get(&name).ok().flatten().map(|s| s.model_path),
     };
     found.ok_or_else(|| {
-        let revision = m
-            .revision
-            .as_deref()
-            .map(|r| format!(" --revision {r}"))
-            .unwrap_or_default();
+        let mut flags = String::new();
+        if let Some(r) = &m.revision {
+            flags.push_str(&format!(" --revision {r}"));
+        }
+        if let Some(d) = sha256 {
+            flags.push_str(&format!(" --sha256 {}", d.hex()));
+        }
+        if store.root() != default_store_dir() {
+            flags.push_str(&format!(" --models-dir {}", store.root().display()));
+        }
         format!(
-            "{repo}/{file} is not in the model store at {}; fetch it with `backstop pull {repo} --file {file}{revision}`",
+            "{repo}/{file} is not in the model store at {}; fetch it with `backstop pull {repo} --file {file}{flags}`",
             store.root().display()
         )
     })
