@@ -95,12 +95,8 @@ async fn answer(
         return Ok(Json(done).into_response());
     };
     // With tools the answer is read whole: a call is known to be one only at its end.
-    let (rest, calls) = tools::extract(&c.text, tool_use.forced);
-    let text = if calls.is_empty() { &c.text } else { &rest };
-    let calls: Vec<Value> = calls
-        .iter()
-        .map(|c| json!({"function": {"name": c.name, "arguments": c.arguments}}))
-        .collect();
+    let (text, calls) = tool_message(&c.text, tool_use.forced);
+    let text = text.as_str();
     if !valid.stream {
         let mut done = framer.done(text, finish, c.usage, c.timings);
         if !calls.is_empty() {
@@ -118,6 +114,22 @@ async fn answer(
         message.to_string(),
         done.to_string(),
     ])))
+}
+
+/// An answer to a request with tools, in Ollama's terms: the text around the calls (all of
+/// it when there are none), and the calls with their arguments as objects.
+fn tool_message(answer: &str, forced: bool) -> (String, Vec<Value>) {
+    let (rest, calls) = tools::extract(answer, forced);
+    let text = if calls.is_empty() {
+        answer.to_owned()
+    } else {
+        rest
+    };
+    let calls = calls
+        .iter()
+        .map(|c| json!({"function": {"name": c.name, "arguments": c.arguments}}))
+        .collect();
+    (text, calls)
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -642,4 +654,29 @@ pub(crate) async fn blob_upload(
         tokio::fs::remove_file(&temp).await.ok();
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_calls_come_back_in_ollamas_shape_with_object_arguments() {
+        let answer = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"celsius\"}}\n</tool_call>";
+        let (text, calls) = tool_message(answer, false);
+        assert_eq!(text, "Let me check.");
+        assert_eq!(
+            calls,
+            vec![json!({"function": {"name": "get_weather",
+                                     "arguments": {"city": "Paris", "unit": "celsius"}}})]
+        );
+        // A forced answer is the call's JSON itself.
+        let (text, calls) = tool_message(r#"{"name": "add", "arguments": {"a": 2, "b": 3}}"#, true);
+        assert_eq!(text, "");
+        assert_eq!(calls[0]["function"]["arguments"], json!({"a": 2, "b": 3}));
+        // No call: the text is the answer, untouched.
+        let (text, calls) = tool_message("  It is sunny.  ", false);
+        assert_eq!(text, "  It is sunny.  ");
+        assert!(calls.is_empty());
+    }
 }
