@@ -80,6 +80,22 @@ async fn call(
     )
 }
 
+/// `POST /v1/chat/completions` with `key`.
+async fn post_chat(
+    s: &Server,
+    key: Option<&str>,
+    body: Value,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    call(
+        s,
+        reqwest::Method::POST,
+        "/v1/chat/completions",
+        key,
+        Some(body),
+    )
+    .await
+}
+
 fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
 }
@@ -119,14 +135,7 @@ async fn every_endpoint_but_health_and_root_needs_a_valid_key_in_each_apis_shape
         let (status, _, _) = call(&s, reqwest::Method::GET, path, None, None).await;
         assert_eq!(status, 200, "{path}");
     }
-    let (status, body, _) = call(
-        &s,
-        reqwest::Method::POST,
-        "/v1/chat/completions",
-        None,
-        Some(chat("smollm2")),
-    )
-    .await;
+    let (status, body, _) = post_chat(&s, None, chat("smollm2")).await;
     assert_eq!(status, 401);
     assert_eq!(body["error"]["code"], "missing_api_key");
     let (status, body, _) = call(
@@ -160,14 +169,7 @@ async fn every_endpoint_but_health_and_root_needs_a_valid_key_in_each_apis_shape
         assert_eq!(status, 401, "{path}");
     }
     // Bearer and x-api-key both work; a near miss does not.
-    let (status, _, _) = call(
-        &s,
-        reqwest::Method::POST,
-        "/v1/chat/completions",
-        Some(USER),
-        Some(chat("smollm2")),
-    )
-    .await;
+    let (status, _, _) = post_chat(&s, Some(USER), chat("smollm2")).await;
     assert_eq!(status, 200);
     let r = s
         .client
@@ -223,14 +225,7 @@ async fn every_endpoint_but_health_and_root_needs_a_valid_key_in_each_apis_shape
     let (status, _, _) = call(&s, reqwest::Method::GET, "/admin/router", Some(ADMIN), None).await;
     assert_eq!(status, 200);
     // A key limited to one model gets 403 for another, whichever API asks.
-    let (status, body, _) = call(
-        &s,
-        reqwest::Method::POST,
-        "/v1/chat/completions",
-        Some(SMOL),
-        Some(chat("gemma3")),
-    )
-    .await;
+    let (status, body, _) = post_chat(&s, Some(SMOL), chat("gemma3")).await;
     assert_eq!(status, 403);
     assert_eq!(body["error"]["code"], "model_not_allowed");
     let (status, _, _) = call(
@@ -273,16 +268,9 @@ async fn rate_limits_answer_429_with_retry_after_per_key_per_token_and_per_ip() 
     let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=30).contains(&retry), "{retry}");
     // Tokens: one answer of ~30 prompt + 16 completion tokens uses up a 40-token minute.
-    let (status, _, _) = call(&s, reqwest::Method::POST, "/v1/chat/completions", Some(SMOL), Some(json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, "ignore_eos": true}))).await;
+    let (status, _, _) = post_chat(&s, Some(SMOL), json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, "ignore_eos": true})).await;
     assert_eq!(status, 200);
-    let (status, body, _) = call(
-        &s,
-        reqwest::Method::POST,
-        "/v1/chat/completions",
-        Some(SMOL),
-        Some(chat("smollm2")),
-    )
-    .await;
+    let (status, body, _) = post_chat(&s, Some(SMOL), chat("smollm2")).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"]["code"], "key_rate_limited");
     // Per client IP, across keys: 6 per minute in all (2 + 1 + 1 + 1 so far, then 1 more).
@@ -312,25 +300,11 @@ async fn a_local_only_key_never_reaches_the_cloud() {
         sha256_hex(USER)
     ))
     .await;
-    let (status, _, headers) = call(
-        &s,
-        reqwest::Method::POST,
-        "/v1/chat/completions",
-        Some(SMOL),
-        Some(chat("gpt-4o-mini")),
-    )
-    .await;
+    let (status, _, headers) = post_chat(&s, Some(SMOL), chat("gpt-4o-mini")).await;
     assert_eq!(status, 200);
     assert_eq!(headers["x-backstop-backend"], "local");
     assert_eq!(fake.request_count(), 0);
-    let (_, _, headers) = call(
-        &s,
-        reqwest::Method::POST,
-        "/v1/chat/completions",
-        Some(USER),
-        Some(chat("gpt-4o-mini")),
-    )
-    .await;
+    let (_, _, headers) = post_chat(&s, Some(USER), chat("gpt-4o-mini")).await;
     assert_eq!(headers["x-backstop-backend"], "cloud");
 }
 
@@ -350,28 +324,14 @@ async fn cloud_answers_are_capped_counted_and_charged_like_local_ones() {
                  fifteen sixteen seventeen eighteen nineteen twenty twenty-one twenty-two";
     let over = json!({"model": "gpt-4o-mini", "max_tokens": 51,
                       "messages": [{"role": "user", "content": "hi"}]});
-    let (status, body, _) = call(
-        &s,
-        reqwest::Method::POST,
-        "/v1/chat/completions",
-        Some(SMOL),
-        Some(over),
-    )
-    .await;
+    let (status, body, _) = post_chat(&s, Some(SMOL), over).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["param"], "max_tokens", "{body}");
     assert_eq!(fake.request_count(), 0, "refused before the cloud");
 
     let streamed = json!({"model": "gpt-4o-mini", "stream": true,
                           "messages": [{"role": "user", "content": words}]});
-    let (status, body, headers) = call(
-        &s,
-        reqwest::Method::POST,
-        "/v1/chat/completions",
-        Some(SMOL),
-        Some(streamed),
-    )
-    .await;
+    let (status, body, headers) = post_chat(&s, Some(SMOL), streamed).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(headers["x-backstop-backend"], "cloud");
     let text = body.as_str().unwrap();
@@ -384,14 +344,7 @@ async fn cloud_answers_are_capped_counted_and_charged_like_local_ones() {
     assert_eq!(sent["max_tokens"], 50, "the cap goes to the cloud: {sent}");
     assert_eq!(sent["stream_options"]["include_usage"], true, "{sent}");
     // The 22 prompt words and the answer went over the 20-token minute.
-    let (status, body, _) = call(
-        &s,
-        reqwest::Method::POST,
-        "/v1/chat/completions",
-        Some(SMOL),
-        Some(chat("gpt-4o-mini")),
-    )
-    .await;
+    let (status, body, _) = post_chat(&s, Some(SMOL), chat("gpt-4o-mini")).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(fake.request_count(), 1);
     assert!(
@@ -419,7 +372,7 @@ async fn clients_outside_the_allowlist_get_403() {
 #[tokio::test]
 async fn the_max_tokens_cap_and_the_request_timeout_hold() {
     let s = serve("[security]\nmax_tokens = 5\n").await;
-    let (status, body, _) = call(&s, reqwest::Method::POST, "/v1/chat/completions", Some(USER), Some(json!({"model": "smollm2", "messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": 6}))).await;
+    let (status, body, _) = post_chat(&s, Some(USER), json!({"model": "smollm2", "messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": 6})).await;
     assert_eq!(status, 400);
     assert!(
         body["error"]["message"]
@@ -428,7 +381,7 @@ async fn the_max_tokens_cap_and_the_request_timeout_hold() {
             .contains("at most 5"),
         "{body}"
     );
-    let (status, body, _) = call(&s, reqwest::Method::POST, "/v1/chat/completions", Some(USER), Some(json!({"model": "smollm2", "messages": [{"role": "user", "content": "Tell a long story."}], "ignore_eos": true}))).await;
+    let (status, body, _) = post_chat(&s, Some(USER), json!({"model": "smollm2", "messages": [{"role": "user", "content": "Tell a long story."}], "ignore_eos": true})).await;
     assert_eq!(status, 200);
     assert_eq!(
         body["usage"]["completion_tokens"], 5,
@@ -445,7 +398,7 @@ async fn the_max_tokens_cap_and_the_request_timeout_hold() {
     assert!(body["eval_count"].as_u64().unwrap() <= 5, "{body}");
     drop(s);
     let s = serve("[security]\nrequest_timeout = \"50ms\"\n").await;
-    let (status, _, _) = call(&s, reqwest::Method::POST, "/v1/chat/completions", Some(USER), Some(json!({"model": "smollm2", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 200, "ignore_eos": true}))).await;
+    let (status, _, _) = post_chat(&s, Some(USER), json!({"model": "smollm2", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 200, "ignore_eos": true})).await;
     assert_eq!(status, 408);
     let (status, _, _) = call(&s, reqwest::Method::GET, "/api/version", Some(USER), None).await;
     assert_eq!(status, 200, "the server carries on");
@@ -635,14 +588,10 @@ async fn the_audit_log_records_who_what_and_how_much_but_never_prompts_or_secret
     let log = dir.join("audit.jsonl");
     let s = serve(&format!("[security]\naudit_log = \"{}\"\n", log.display())).await;
     let messages = json!([{"role": "user", "content": "The secret plan is blue."}]);
-    let (status, _, headers) = call(
+    let (status, _, headers) = post_chat(
         &s,
-        reqwest::Method::POST,
-        "/v1/chat/completions",
         Some(USER),
-        Some(
-            json!({"model": "smollm2", "messages": messages, "max_tokens": 4, "ignore_eos": true}),
-        ),
+        json!({"model": "smollm2", "messages": messages, "max_tokens": 4, "ignore_eos": true}),
     )
     .await;
     assert_eq!(status, 200);
@@ -803,13 +752,6 @@ async fn bad_input_never_disturbs_the_server() {
         "too many headers: 431 or closed"
     );
     // After all that, a normal request is answered.
-    let (status, body, _) = call(
-        &s,
-        reqwest::Method::POST,
-        "/v1/chat/completions",
-        Some(USER),
-        Some(chat("smollm2")),
-    )
-    .await;
+    let (status, body, _) = post_chat(&s, Some(USER), chat("smollm2")).await;
     assert_eq!(status, 200, "{body}");
 }
