@@ -312,6 +312,61 @@ async fn max_loaded_one_evicts_the_least_recently_used_model() {
 }
 
 #[tokio::test]
+async fn with_room_for_two_the_least_recently_used_of_three_makes_way() {
+    let gemma = format!("gemma3={}", common::gemma3().display());
+    let twin = format!("twin={}", common::smollm2().display());
+    let s = Server::start(&["--model", &gemma, "--model", &twin, "--max-loaded", "2"]).await;
+    let ask = |model: &str| json!({"model": model, "prompt": "Hi", "stream": false, "options": {"num_predict": 2}});
+    let running = || async {
+        let mut r = s.running().await;
+        r.sort();
+        r
+    };
+    for model in ["smollm2", "gemma3", "smollm2"] {
+        let (status, r) = s.post("/api/generate", &ask(model)).await;
+        assert_eq!(status, 200, "{r}");
+    }
+    assert_eq!(running().await, ["gemma3:latest", "smollm2:latest"]);
+    // gemma3 was used longest ago, so it goes, though smollm2 was loaded first.
+    let (status, r) = s.post("/api/generate", &ask("twin")).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(running().await, ["smollm2:latest", "twin:latest"]);
+}
+
+#[tokio::test]
+async fn a_models_own_keep_alive_applies_and_a_negative_one_keeps_it_loaded() {
+    let dir = common::temp_dir("keep-alive");
+    let cfg = dir.join("models.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[models.smollm2]\npath = \"{}\"\nkeep_alive = \"1s\"\n",
+            common::smollm2().display()
+        ),
+    )
+    .unwrap();
+    let s = Server::start_raw(&["--config", cfg.to_str().unwrap()]).await;
+    let ask = |keep_alive: Value| json!({"model": "smollm2", "prompt": "Hi", "stream": false, "keep_alive": keep_alive, "options": {"num_predict": 2}});
+    let (_, r) = s.post("/api/generate", &ask(Value::Null)).await;
+    assert_eq!(r["done"], true, "{r}");
+    let started = std::time::Instant::now();
+    wait_until(|| async { s.running().await.is_empty() }).await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "the model's 1s, not the 5m default"
+    );
+    let (_, r) = s.post("/api/generate", &ask(json!(-1))).await;
+    assert_eq!(r["done"], true, "{r}");
+    let (_, ps) = s.get_json("/api/ps").await;
+    let year: u32 = ps["models"][0]["expires_at"].as_str().unwrap()[..4]
+        .parse()
+        .unwrap();
+    assert!(year > 2200, "never expires, as Ollama shows it: {ps}");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(s.running().await, ["smollm2:latest"]);
+}
+
+#[tokio::test]
 async fn a_model_answering_a_request_is_never_unloaded_under_it() {
     let gemma = format!("gemma3={}", common::gemma3().display());
     let s = Server::start(&["--model", &gemma, "--max-loaded", "1"]).await;
@@ -739,4 +794,31 @@ async fn create_from_a_gguf_path_on_the_server_imports_it() {
         )
         .await;
     assert_eq!(status, 400, "a file that is not a GGUF is refused: {r}");
+}
+
+/// Neither test model has fill-in-the-middle tokens: `suffix` is refused by name, as Ollama
+/// does for such models, and the server carries on (the prompt layout for models that have
+/// them is unit-tested in src/api/ollama/convert.rs).
+#[tokio::test]
+async fn suffix_on_a_model_without_fill_in_the_middle_is_a_400() {
+    let s = Server::start(&[]).await;
+    let (status, r) = s
+        .post(
+            "/api/generate",
+            &json!({"model": "smollm2", "prompt": "def add(a, b):\n    ", "suffix": "\n\nprint(add(1, 2))", "stream": false}),
+        )
+        .await;
+    assert_eq!(status, 400, "{r}");
+    let message = r["error"].as_str().unwrap();
+    assert!(
+        message.contains("suffix") && message.contains("does not support insert"),
+        "{message}"
+    );
+    let (status, r) = s
+        .post(
+            "/api/generate",
+            &json!({"model": "smollm2", "prompt": "Hi", "stream": false, "options": {"num_predict": 2}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
 }

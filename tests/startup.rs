@@ -1,5 +1,5 @@
-//! Start-up failures: bad files and bad config are refused with a clear message and a
-//! non-zero exit, and never served.
+//! Start-up: bad files and bad config are refused with a clear message and a non-zero exit,
+//! and never served; with nothing given, the default model is.
 
 mod common;
 
@@ -172,4 +172,24 @@ fn ollama_host_is_honoured_and_backstop_host_wins_over_it() {
         "{}",
         out.stderr
     );
+}
+
+/// `backstop serve` with nothing given serves the default model the setup step fetched.
+#[tokio::test]
+async fn with_nothing_given_the_fetched_default_model_is_served() {
+    let s = common::Server::start_raw(&[]).await;
+    let (status, models) = s.get_json("/v1/models").await;
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["smollm2:latest"], "{models}");
+    let r = s
+        .chat(serde_json::json!({"model": "smollm2", "max_tokens": 4, "temperature": 0, "ignore_eos": true,
+                                 "messages": [{"role": "user", "content": "Hi"}]}))
+        .await;
+    assert_eq!(r["usage"]["completion_tokens"], 4, "{r}");
 }
