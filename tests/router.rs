@@ -179,6 +179,50 @@ async fn every_failure_class_fails_over_to_the_local_model_streamed_or_not() {
     let (_, marks, text, _) = ask(&s, &chat(true), &[]).await;
     assert_eq!(marks[2], some("total_timeout"));
     assert_eq!(text, local);
+    // Not streamed: half the JSON, then nothing until the total timeout.
+    let (status, marks, text, _) = ask(&s, &chat(false), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        marks,
+        [some("local"), some("smollm2"), some("total_timeout")]
+    );
+    assert_eq!(text, local);
+}
+
+#[tokio::test]
+async fn upstreams_are_tried_in_order_before_the_local_model() {
+    let first = FakeCloud::start().await;
+    let backup = FakeCloud::start().await;
+    let s = routed(
+        &first,
+        1000,
+        &format!(
+            "[[router.upstreams]]\nname = \"backup\"\nkind = \"openai\"\nbase_url = \"{}/v1\"\nmodels = [\"gpt-4o-mini\"]\nfallback = \"smollm2\"\n",
+            backup.base
+        ),
+        &[],
+    )
+    .await;
+    let (_, marks, text, _) = ask(&s, &chat(false), &[]).await;
+    assert_eq!(marks, [some("cloud"), some("fakeai"), None]);
+    assert_eq!(text, "cloud says: hello there");
+    assert_eq!(backup.request_count(), 0);
+    first.set_mode(Mode::Status(503));
+    for stream in [false, true] {
+        let (status, marks, text, _) = ask(&s, &chat(stream), &[]).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            marks,
+            [some("cloud"), some("backup"), None],
+            "stream={stream}"
+        );
+        assert_eq!(text, "cloud says: hello there");
+    }
+    backup.set_mode(Mode::Refuse);
+    let (status, marks, text, _) = ask(&s, &chat(false), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(marks, [some("local"), some("smollm2"), some("connect")]);
+    assert!(!text.starts_with("cloud says"), "{text}");
 }
 
 #[tokio::test]
