@@ -126,6 +126,67 @@ async fn with_keys_a_public_address_serves_and_insecure_is_loud() {
     let model = format!("smollm2={}", common::smollm2().display());
     let s = Server::start_raw(&["--model", &model, "--host", "0.0.0.0:0", "--insecure"]).await;
     assert!(s.log().contains("INSECURE"), "{}", s.log());
+    let (status, ready) = s.get_json("/health/ready").await;
+    assert_eq!(status, 200);
+    assert_eq!(ready["insecure"], true, "{ready}");
+}
+
+/// `backstop keys new` prints a secret once and the entry to paste; pasted as printed, the
+/// secret opens what its scopes and models allow, and nothing else.
+#[tokio::test]
+async fn a_key_made_by_keys_new_and_pasted_as_printed_works() {
+    let out = common::backstop_command()
+        .args([
+            "keys",
+            "new",
+            "--name",
+            "ci",
+            "--scope",
+            "admin",
+            "--scope",
+            "inference",
+        ])
+        .args(["--model", "smollm2", "--rpm", "100"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let secret = printed
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("bsk_"))
+        .unwrap_or_else(|| panic!("no secret in:\n{printed}"))
+        .to_owned();
+    assert!(secret.len() >= 40, "{secret}");
+    let entry = &printed[printed.find("[[security.keys]]").unwrap()..];
+    assert!(
+        !entry.contains(&secret),
+        "only the digest goes into the file"
+    );
+    assert!(entry.contains(&sha256_hex(&secret)), "{entry}");
+    let cfg = config(entry);
+    let s = Server::start_raw(&["--config", cfg.to_str().unwrap()]).await;
+    let (status, _, _) = post_chat(&s, Some(&secret), chat("smollm2")).await;
+    assert_eq!(status, 200);
+    let (status, _, _) = call(
+        &s,
+        reqwest::Method::GET,
+        "/admin/router",
+        Some(&secret),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "the admin scope");
+    let (status, _, _) = post_chat(&s, Some(&secret), chat("gemma3")).await;
+    assert_eq!(status, 403, "not its model");
+    let (status, _, _) = post_chat(&s, Some(&secret[..secret.len() - 1]), chat("smollm2")).await;
+    assert_eq!(status, 401);
+    // Two keys never come out the same.
+    let again = common::backstop_command()
+        .args(["keys", "new", "--name", "ci"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&again.stdout).contains(&secret));
 }
 
 #[tokio::test]
