@@ -208,7 +208,9 @@ def prefill_fairness(url: str, nonce: str, max_tokens: int) -> dict:
 
 def build(with_python: bool) -> None:
     log("==> building backstop (release)")
-    subprocess.run(["cargo", "build", "--release", "--locked"], cwd=ROOT, check=True)
+    # Into the same target folder the binary is then taken from (setup.sh's, by default).
+    env = dict(os.environ, CARGO_TARGET_DIR=str(TARGET))
+    subprocess.run(["cargo", "build", "--release", "--locked"], cwd=ROOT, check=True, env=env)
     log("==> building the peers (cached after the first time)")
     argv = [str(ROOT / "scripts" / "build-peers.sh")] + (["--python"] if with_python else [])
     subprocess.run(argv, check=True)

@@ -33,12 +33,15 @@ pub(crate) struct Budget {
 }
 
 /// The fewest prompt rows of one sequence that llama.cpp's CPU kernels compute exactly as
-/// they would in any larger batch. Flash attention switches to its tiled kernel at 64 query
-/// rows (`GGML_FA_TILE_Q`) and matrix products switch from vector dot products to tiled GEMM
-/// at 2; each kernel rounds its own way. So a prompt is read in chunks of at least this many
-/// rows where the budget allows, and a cached prefix is reused only when it leaves at least
-/// this many rows to read: the rows of a warm request then go through the same kernels as a
-/// cold one, and a seeded answer does not depend on what the slot held before.
+/// they would in any larger batch, and the grain of prompt chunks. Flash attention switches
+/// to its tiled kernel at 64 query rows (`GGML_FA_TILE_Q`), matrix products switch from
+/// vector dot products to tiled GEMM at 2, and repacked weights (Q4_0, Q4_K, ... on AVX2)
+/// multiply rows in groups of 4 or 8 counted from a chunk's first row; each path rounds its
+/// own way. So prompt chunks start at multiples of this many positions and hold at least
+/// this many rows where the budget allows, and a cached prefix is reused up to such a
+/// boundary that leaves at least this many rows to read: the rows of a warm request then go
+/// through the same kernels, in the same groups, as a cold one, and a seeded answer does not
+/// depend on what the slot held before.
 pub(crate) const EXACT_ROWS: usize = 64;
 
 /// What one step evaluates.
@@ -109,11 +112,11 @@ pub(crate) fn plan_step(slots: &[SlotState], budget: Budget) -> StepPlan {
 }
 
 /// Shortens a chunk of `n` prompt rows so that it does not leave fewer than [`EXACT_ROWS`]
-/// behind, as long as it keeps at least that many itself; the last chunk of a long prompt is
-/// then as exact as the others.
+/// behind (and ends on a multiple of it), as long as it keeps at least that many itself; the
+/// last chunk of a long prompt is then as exact as the others.
 fn exact_chunk(remaining: usize, n: usize) -> usize {
     let rest = remaining.saturating_sub(n);
-    let shorter = remaining.saturating_sub(EXACT_ROWS);
+    let shorter = remaining.saturating_sub(EXACT_ROWS) / EXACT_ROWS * EXACT_ROWS;
     if rest > 0 && rest < EXACT_ROWS && shorter >= EXACT_ROWS {
         shorter
     } else {
@@ -208,7 +211,7 @@ pub(crate) fn choose_slot<T: PartialEq>(
             (s, shared)
         })
         .max_by(|(a, sa), (b, sb)| sa.cmp(sb).then(b.last_used.cmp(&a.last_used)))
-        .map(|(s, shared)| (s.index, shared.min(max_reuse)))
+        .map(|(s, shared)| (s.index, shared.min(max_reuse) / EXACT_ROWS * EXACT_ROWS))
 }
 
 #[cfg(test)]
@@ -316,10 +319,10 @@ mod tests {
 
     #[test]
     fn a_long_prompt_never_leaves_a_short_last_chunk() {
-        // Alone: 512 then 18 would read the last 18 rows with other kernels; 466 then 64.
+        // Alone: 512 then 18 would read the last 18 rows with other kernels; 448 then 82.
         assert_eq!(
             plan_step(&[prefill(530, 1)], BUDGET).prefill,
-            vec![(0, 466)]
+            vec![(0, 448)]
         );
         assert_eq!(plan_step(&[prefill(64, 1)], BUDGET).prefill, vec![(0, 64)]);
         // A chunk that cannot keep 64 rows itself is left as the budget made it.
@@ -353,14 +356,12 @@ mod tests {
                 last_used: 5,
             },
         ];
-        assert_eq!(choose_slot(&free, &tokens(1..=300)), Some((1, 150)));
-        // At least EXACT_ROWS tokens are left to read, so less of the prefix is reused.
-        assert_eq!(
-            choose_slot(&free, &tokens(1..=180)),
-            Some((1, 180 - EXACT_ROWS))
-        );
-        // A shorter prompt reuses less; one of EXACT_ROWS tokens or fewer reuses nothing.
-        assert_eq!(choose_slot(&free, &tokens(1..=120)), Some((1, 56)));
+        // Reuse ends on a multiple of EXACT_ROWS and leaves at least that many to read.
+        assert_eq!(choose_slot(&free, &tokens(1..=300)), Some((1, 128)));
+        assert_eq!(choose_slot(&free, &tokens(1..=200)), Some((1, 128)));
+        assert_eq!(choose_slot(&free, &tokens(1..=180)), Some((1, 64)));
+        // A prompt under two grains reuses nothing.
+        assert_eq!(choose_slot(&free, &tokens(1..=120)), Some((1, 0)));
         let mut short = tokens(1..=60);
         short[59] = 77;
         assert_eq!(choose_slot(&free, &short), Some((0, 0)));
@@ -393,7 +394,7 @@ mod tests {
             cached: &a[..],
             last_used: 0,
         }];
-        assert_eq!(choose_slot(&free, &a), Some((0, 200 - EXACT_ROWS)));
+        assert_eq!(choose_slot(&free, &a), Some((0, 128)));
     }
 
     #[test]
