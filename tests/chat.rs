@@ -338,13 +338,13 @@ async fn gemma_without_a_template_gets_gemma_turns() {
         .chat(json!({"model": "gemma", "messages": [
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": "What is the capital of France?"}
-        ], "temperature": 0, "max_tokens": 16}))
+        ], "temperature": 0, "seed": 1, "max_tokens": 16}))
         .await;
     let rendered = "<bos><start_of_turn>user\nBe brief.\n\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n";
     let (status, raw) = s
         .post(
             "/v1/completions",
-            &json!({"model": "gemma", "prompt": rendered, "temperature": 0, "max_tokens": 16}),
+            &json!({"model": "gemma", "prompt": rendered, "temperature": 0, "seed": 1, "max_tokens": 16}),
         )
         .await;
     assert_eq!(status, 200, "{raw}");
@@ -417,8 +417,9 @@ async fn two_slots(name: &str, path: &std::path::Path) -> Server {
     Server::start_raw(&["--model", &model, "--parallel", "2"]).await
 }
 
-/// A follow-up turn reuses the first turn's cache, and answers exactly what a server that
-/// never saw the first turn answers, greedy and seeded.
+/// A greedy or seeded follow-up turn reuses the first turn's cache, and answers exactly what
+/// a server that never saw the first turn answers; a sampled one without a seed (different
+/// every time anyway) reuses all it can.
 async fn follow_up_answers_as_a_cold_server_does(name: &str, path: &std::path::Path) {
     let s = two_slots(name, path).await;
     let first = garden(&[("user", "Name three fruits.")]);
@@ -450,6 +451,17 @@ async fn follow_up_answers_as_a_cold_server_does(name: &str, path: &std::path::P
         assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
         assert_eq!(answer(&warm), answer(&cold), "{name}: {body}");
     }
+    // Sampling without a seed reuses the whole shared prefix, but for the token that gives
+    // fresh logits (here the whole conversation, which a slot still holds).
+    let unseeded = s
+        .chat(json!({"model": name, "messages": follow, "temperature": 0.8, "max_tokens": 4}))
+        .await;
+    let prompt = unseeded["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(
+        unseeded["usage"]["prompt_tokens_details"]["cached_tokens"],
+        prompt - 1,
+        "{unseeded}"
+    );
 }
 
 #[tokio::test]

@@ -41,8 +41,23 @@ pub(crate) struct Budget {
 /// this many rows where the budget allows, and a cached prefix is reused up to such a
 /// boundary that leaves at least this many rows to read: the rows of a warm request then go
 /// through the same kernels, in the same groups, as a cold one, and a seeded answer does not
-/// depend on what the slot held before.
+/// depend on what the slot held before. Sampled requests without a seed reuse all they can
+/// instead (see [`Reuse`]).
 pub(crate) const EXACT_ROWS: usize = 64;
+
+/// How much of a slot's cache a request may reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reuse {
+    /// A seeded or greedy request asks for a reproducible answer: only prefix rows read
+    /// exactly (in [`EXACT_ROWS`] grains), up to a grain boundary that leaves at least a grain
+    /// to read.
+    Exact,
+    /// A sampled answer without a seed is different every time anyway: it takes the longest
+    /// shared prefix, leaving one token to read for fresh logits, as llama.cpp's own server
+    /// does, so its first token comes sooner (a shared system prompt or the previous turns are
+    /// never read twice).
+    Fast,
+}
 
 /// What one step evaluates.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -183,8 +198,10 @@ impl Pace {
 pub(crate) struct FreeSlot<'a, T> {
     /// Slot index.
     pub(crate) index: usize,
-    /// Tokens whose KV entries the slot still holds from its last request.
+    /// Prompt tokens whose KV entries the slot still holds from its last request.
     pub(crate) cached: &'a [T],
+    /// How many of those were read exactly (in whole grains).
+    pub(crate) exact: usize,
     /// Step counter value when the slot was last released; lower is older.
     pub(crate) last_used: u64,
 }
@@ -192,14 +209,13 @@ pub(crate) struct FreeSlot<'a, T> {
 /// Chooses a slot for a prompt: the one whose cache shares the longest prefix with it
 /// (multi-turn chats and shared system prompts skip re-reading that prefix); without any
 /// shared prefix, the least recently used slot, so recent conversations keep their cache.
-/// Returns the slot index and how many prompt tokens can be reused: at least
-/// [`EXACT_ROWS`] prompt tokens are always left to evaluate, so they are computed as a cold
-/// request computes them (and sampling needs fresh logits anyway).
+/// Returns the slot index and how many prompt tokens can be reused under `reuse`; at least
+/// one prompt token is always left to evaluate, since sampling needs fresh logits.
 pub(crate) fn choose_slot<T: PartialEq>(
     free: &[FreeSlot<'_, T>],
     prompt: &[T],
+    reuse: Reuse,
 ) -> Option<(usize, usize)> {
-    let max_reuse = prompt.len().saturating_sub(EXACT_ROWS);
     free.iter()
         .map(|s| {
             let shared = s
@@ -211,7 +227,18 @@ pub(crate) fn choose_slot<T: PartialEq>(
             (s, shared)
         })
         .max_by(|(a, sa), (b, sb)| sa.cmp(sb).then(b.last_used.cmp(&a.last_used)))
-        .map(|(s, shared)| (s.index, shared.min(max_reuse) / EXACT_ROWS * EXACT_ROWS))
+        .map(|(s, shared)| {
+            let n = match reuse {
+                Reuse::Fast => shared.min(prompt.len().saturating_sub(1)),
+                Reuse::Exact => {
+                    let most = shared
+                        .min(s.exact)
+                        .min(prompt.len().saturating_sub(EXACT_ROWS));
+                    most / EXACT_ROWS * EXACT_ROWS
+                }
+            };
+            (s.index, n)
+        })
 }
 
 #[cfg(test)]
@@ -348,23 +375,31 @@ mod tests {
             FreeSlot {
                 index: 0,
                 cached: &a[..],
+                exact: a.len(),
                 last_used: 1,
             },
             FreeSlot {
                 index: 1,
                 cached: &b[..],
+                exact: b.len(),
                 last_used: 5,
             },
         ];
-        // Reuse ends on a multiple of EXACT_ROWS and leaves at least that many to read.
-        assert_eq!(choose_slot(&free, &tokens(1..=300)), Some((1, 128)));
-        assert_eq!(choose_slot(&free, &tokens(1..=200)), Some((1, 128)));
-        assert_eq!(choose_slot(&free, &tokens(1..=180)), Some((1, 64)));
-        // A prompt under two grains reuses nothing.
-        assert_eq!(choose_slot(&free, &tokens(1..=120)), Some((1, 0)));
+        let exact = |p: &[i32]| choose_slot(&free, p, Reuse::Exact);
+        let fast = |p: &[i32]| choose_slot(&free, p, Reuse::Fast);
+        // Exact reuse ends on a multiple of EXACT_ROWS and leaves at least that many to read.
+        assert_eq!(exact(&tokens(1..=300)), Some((1, 128)));
+        assert_eq!(exact(&tokens(1..=200)), Some((1, 128)));
+        assert_eq!(exact(&tokens(1..=180)), Some((1, 64)));
+        // A prompt under two grains reuses nothing exactly...
+        assert_eq!(exact(&tokens(1..=120)), Some((1, 0)));
+        // ...and all but its last token otherwise.
+        assert_eq!(fast(&tokens(1..=120)), Some((1, 119)));
+        assert_eq!(fast(&tokens(1..=300)), Some((1, 150)));
         let mut short = tokens(1..=60);
         short[59] = 77;
-        assert_eq!(choose_slot(&free, &short), Some((0, 0)));
+        assert_eq!(exact(&short), Some((0, 0)));
+        assert_eq!(fast(&short), Some((0, 59)));
     }
 
     #[test]
@@ -375,15 +410,17 @@ mod tests {
             FreeSlot {
                 index: 0,
                 cached: &a[..],
+                exact: 0,
                 last_used: 9,
             },
             FreeSlot {
                 index: 1,
                 cached: &b[..],
+                exact: 0,
                 last_used: 2,
             },
         ];
-        assert_eq!(choose_slot(&free, &[1, 2, 3]), Some((1, 0)));
+        assert_eq!(choose_slot(&free, &[1, 2, 3], Reuse::Fast), Some((1, 0)));
     }
 
     #[test]
@@ -392,14 +429,24 @@ mod tests {
         let free = [FreeSlot {
             index: 0,
             cached: &a[..],
+            exact: 192,
             last_used: 0,
         }];
-        assert_eq!(choose_slot(&free, &a), Some((0, 128)));
+        assert_eq!(choose_slot(&free, &a, Reuse::Exact), Some((0, 128)));
+        assert_eq!(choose_slot(&free, &a, Reuse::Fast), Some((0, 199)));
+        // Only rows read exactly count for an exact request.
+        let partly = [FreeSlot {
+            index: 0,
+            cached: &a[..],
+            exact: 100,
+            last_used: 0,
+        }];
+        assert_eq!(choose_slot(&partly, &a, Reuse::Exact), Some((0, 64)));
     }
 
     #[test]
     fn no_free_slot_means_no_choice() {
         let free: [FreeSlot<'_, i32>; 0] = [];
-        assert_eq!(choose_slot(&free, &[1]), None);
+        assert_eq!(choose_slot(&free, &[1], Reuse::Exact), None);
     }
 }

@@ -18,7 +18,7 @@ use super::embed::{self, EmbedJob, EmbedShape, EmbedTask, Embedder, Pooling};
 use super::loader::{self, ModelInfo};
 use super::metrics::EngineMetrics;
 use super::policy::{
-    choose_slot, plan_step, Budget, FreeSlot, Pace, SlotState, StepPlan, EXACT_ROWS,
+    choose_slot, plan_step, Budget, FreeSlot, Pace, Reuse, SlotState, StepPlan, EXACT_ROWS,
 };
 use super::request::truncate;
 use super::text::{StopMatcher, StopScan, Utf8Stream};
@@ -113,11 +113,12 @@ struct Slot {
     seq: i32,
     /// Tokens whose KV entries this sequence holds, in position order.
     cached: Vec<LlamaToken>,
-    /// How many leading `cached` tokens were read as prompt, and so may be reused. Tokens
-    /// generated one step at a time went through llama.cpp's matrix-vector kernels, which
-    /// round differently from the batched ones a cold prompt goes through; reusing them would
-    /// make a follow-up turn answer differently from the same conversation sent fresh.
-    prefilled: usize,
+    /// How many leading `cached` tokens were read exactly: as prompt, in whole
+    /// [`EXACT_ROWS`] grains. Only these are reused for a seeded or greedy request, so its answer is
+    /// the one a cold read gives; tokens generated one step at a time went through llama.cpp's
+    /// matrix-vector kernels, which round differently from the batched ones a cold prompt goes
+    /// through.
+    exact: usize,
     /// Step number when it was last released (for least-recently-used choice).
     last_used: u64,
     /// The request it serves, if any.
@@ -212,7 +213,7 @@ impl<'m> Worker<'m> {
             .map(|s| Slot {
                 seq: s as i32,
                 cached: Vec::new(),
-                prefilled: 0,
+                exact: 0,
                 last_used: 0,
                 active: None,
             })
@@ -504,11 +505,20 @@ impl<'m> Worker<'m> {
                 .filter(|(_, s)| s.active.is_none())
                 .map(|(index, s)| FreeSlot {
                     index,
-                    cached: &s.cached[..s.prefilled],
+                    cached: &s.cached,
+                    exact: s.exact,
                     last_used: s.last_used,
                 })
                 .collect();
-            let Some((index, reuse)) = choose_slot(&free, &front.tokens) else {
+            // A seed or greedy decoding asks for a reproducible answer, whatever the slot held
+            // before; a sampled answer without a seed differs every time anyway.
+            let sampling = &front.job.request.sampling;
+            let reuse = if sampling.seed.is_some() || sampling.temperature <= 0.0 {
+                Reuse::Exact
+            } else {
+                Reuse::Fast
+            };
+            let Some((index, reuse)) = choose_slot(&free, &front.tokens, reuse) else {
                 break;
             };
             if let Some(pending) = self.waiting.pop_front() {
@@ -537,7 +547,7 @@ impl<'m> Worker<'m> {
         }
         let slot = &mut self.slots[index];
         slot.cached.truncate(keep);
-        slot.prefilled = keep;
+        slot.exact = slot.exact.min(keep);
 
         let Pending {
             job,
@@ -662,11 +672,10 @@ impl<'m> Worker<'m> {
             undo.push((i, slot.cached.len(), None));
             let start = slot.cached.len();
             let end = (start + n).min(active.prompt.len());
-            // Rows read in a chunk of their own too short for the batched kernels would give
-            // a later request other numbers than a cold read; they are not offered for reuse.
-            // Beside other sequences nothing is bit-exact anyway (llama.cpp splits such a
-            // batch into equal per-sequence parts), so there speed wins and they are.
-            let reusable = end - start >= EXACT_ROWS || shared_step;
+            // Rows read alone, from a grain boundary, in a chunk the batched kernels take whole
+            // are what a cold read computes. Beside other sequences llama.cpp splits the batch
+            // into equal per-sequence parts, so those rows are not exact.
+            let exact = end - start >= EXACT_ROWS && start % EXACT_ROWS == 0 && !shared_step;
             for (pos, &token) in (start..end).zip(&active.prompt[start..end]) {
                 let last = pos + 1 == active.prompt.len();
                 self.batch
@@ -674,8 +683,8 @@ impl<'m> Worker<'m> {
                     .map_err(|e| EngineError::Decode(e.to_string()))?;
                 slot.cached.push(token);
             }
-            if reusable && slot.prefilled == start {
-                slot.prefilled = slot.cached.len();
+            if exact && slot.exact == start {
+                slot.exact = slot.cached.len();
             }
             active.logits_at = (end == active.prompt.len()).then(|| self.batch.n_tokens() - 1);
             self.metrics.prompt_tokens.increment((end - start) as u64);
@@ -714,7 +723,7 @@ impl<'m> Worker<'m> {
                     }
                     let slot = &mut self.slots[i];
                     slot.cached.truncate(len);
-                    slot.prefilled = slot.prefilled.min(slot.cached.len());
+                    slot.exact = slot.exact.min(slot.cached.len());
                     if let Some(a) = slot.active.as_mut() {
                         a.next = next;
                         a.logits_at = None;
