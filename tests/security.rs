@@ -351,12 +351,20 @@ async fn rate_limits_answer_429_with_retry_after_per_key_per_token_and_per_ip() 
     );
 }
 
+/// One OpenAI upstream at the fake cloud, serving `gpt-4o-mini` with SmolLM2 as fallback.
+fn cloud_upstream(fake: &FakeCloud) -> String {
+    format!(
+        "[[router.upstreams]]\nname = \"cloud\"\nkind = \"openai\"\nbase_url = \"{}/v1\"\nmodels = [\"gpt-4o-mini\"]\nfallback = \"smollm2\"\n",
+        fake.base
+    )
+}
+
 #[tokio::test]
 async fn a_local_only_key_never_reaches_the_cloud() {
     let fake = FakeCloud::start().await;
     let s = serve(&format!(
-        "[[router.upstreams]]\nname = \"cloud\"\nkind = \"openai\"\nbase_url = \"{}/v1\"\nmodels = [\"gpt-4o-mini\"]\nfallback = \"smollm2\"\n[[security.keys]]\nname = \"inside\"\nsha256 = \"{}\"\nlocal_only = true\n[[security.keys]]\nname = \"outside\"\nsha256 = \"{}\"\n",
-        fake.base,
+        "{}[[security.keys]]\nname = \"inside\"\nsha256 = \"{}\"\nlocal_only = true\n[[security.keys]]\nname = \"outside\"\nsha256 = \"{}\"\n",
+        cloud_upstream(&fake),
         sha256_hex(SMOL),
         sha256_hex(USER)
     ))
@@ -376,8 +384,8 @@ async fn a_local_only_key_never_reaches_the_cloud() {
 async fn cloud_answers_are_capped_counted_and_charged_like_local_ones() {
     let fake = FakeCloud::start().await;
     let s = serve(&format!(
-        "[security]\nmax_tokens = 50\nmetrics_public = true\n[[router.upstreams]]\nname = \"cloud\"\nkind = \"openai\"\nbase_url = \"{}/v1\"\nmodels = [\"gpt-4o-mini\"]\nfallback = \"smollm2\"\n[[security.keys]]\nname = \"thrifty\"\nsha256 = \"{}\"\ntpm = 20\n",
-        fake.base,
+        "[security]\nmax_tokens = 50\nmetrics_public = true\n{}[[security.keys]]\nname = \"thrifty\"\nsha256 = \"{}\"\ntpm = 20\n",
+        cloud_upstream(&fake),
         sha256_hex(SMOL),
     ))
     .await;

@@ -53,17 +53,8 @@ pub(crate) struct Valid {
     pub(crate) grammar: Option<String>,
     /// When set, the grammar applies only from this text on (a lazy grammar).
     pub(crate) grammar_trigger: Option<String>,
-    /// Tools were offered: the answer is parsed for calls.
-    pub(crate) tools: Option<ToolUse>,
-}
-
-/// How an answer may call the tools it was offered.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct ToolUse {
-    /// The answer is a call (its JSON, constrained by a grammar), not text.
-    pub(crate) forced: bool,
-    /// The tools, for the prompt.
-    pub(crate) toolbox: Toolbox,
+    /// Tools were offered: they go into the prompt, and the answer is parsed for calls.
+    pub(crate) tools: Option<Toolbox>,
 }
 
 impl Valid {
@@ -176,13 +167,11 @@ pub(crate) fn generate_request(valid: &Valid, lease: &Lease) -> Result<GenerateR
             // for the others they are described in a system message.
             let described;
             let (messages, tools): (&[ChatMessage], _) = match &valid.tools {
-                Some(t) if info.template.handles_tools() => {
-                    (messages, Some(t.toolbox.definitions()))
-                }
+                Some(t) if info.template.handles_tools() => (messages, Some(t.definitions())),
                 Some(t) => {
                     described = {
                         let mut m = messages.to_vec();
-                        tools::describe(&mut m, &t.toolbox);
+                        tools::describe(&mut m, t);
                         m
                     };
                     (&described[..], None)

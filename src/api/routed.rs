@@ -3,6 +3,7 @@
 //! says who gave it (`x-backstop-backend`, `x-backstop-upstream`, and `x-backstop-failover`
 //! with the reason when the local model stood in).
 
+use std::borrow::Cow;
 use std::time::Instant;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -85,7 +86,7 @@ pub(crate) async fn chat(
         over
     };
     let capped = cap_tokens(state, body).map_err(|e| (e.status(), e.to_json(), None))?;
-    let body = &capped;
+    let body = capped.as_ref();
     let plan = state.router.plan(model, over);
     let result = serve(state, body, model, plan).await;
     let noted = match &result {
@@ -127,9 +128,9 @@ pub(crate) async fn chat(
 }
 
 /// The server's `max_tokens` cap holds for the cloud too (it bounds cost as much as time):
-/// more is refused, and a request that names no limit gets the cap.
-fn cap_tokens(state: &AppState, body: &Value) -> Result<Value, ApiError> {
-    let mut body = body.clone();
+/// more is refused, and a request that names no limit gets the cap (the body is copied only
+/// then).
+fn cap_tokens<'b>(state: &AppState, body: &'b Value) -> Result<Cow<'b, Value>, ApiError> {
     let field = ["max_completion_tokens", "max_tokens"]
         .into_iter()
         .find(|f| !body[*f].is_null())
@@ -146,23 +147,32 @@ fn cap_tokens(state: &AppState, body: &Value) -> Result<Value, ApiError> {
     };
     let before = asked;
     state.security.cap_tokens(&mut asked)?;
-    if asked != before {
-        body[field] = json!(asked);
+    if asked == before {
+        return Ok(Cow::Borrowed(body));
     }
-    Ok(body)
+    let mut body = body.clone();
+    body[field] = json!(asked);
+    Ok(Cow::Owned(body))
+}
+
+/// The prompt and completion token counts in a cloud answer's (or chunk's) `usage`, when it
+/// has either.
+fn usage_counts(v: &Value) -> Option<(Option<u32>, Option<u32>)> {
+    let count = |k: &str| v["usage"][k].as_u64().and_then(|n| u32::try_from(n).ok());
+    let (p, c) = (count("prompt_tokens"), count("completion_tokens"));
+    (p.is_some() || c.is_some()).then_some((p, c))
+}
+
+/// Puts token counts into the request's record, for the audit log and the key's budget.
+fn record_usage(r: &mut crate::security::audit::Record, (p, c): (Option<u32>, Option<u32>)) {
+    r.prompt_tokens = p;
+    r.completion_tokens = c;
 }
 
 /// Token counts of a cloud answer, for the audit log and the key's token budget.
 fn note_usage(v: &Value) {
-    let (p, c) = (
-        v["usage"]["prompt_tokens"].as_u64(),
-        v["usage"]["completion_tokens"].as_u64(),
-    );
-    if p.is_some() || c.is_some() {
-        crate::security::audit::note(|r| {
-            r.prompt_tokens = p.and_then(|n| u32::try_from(n).ok());
-            r.completion_tokens = c.and_then(|n| u32::try_from(n).ok());
-        });
+    if let Some(counts) = usage_counts(v) {
+        crate::security::audit::note(|r| record_usage(r, counts));
     }
 }
 
@@ -185,15 +195,8 @@ fn watch_usage(
                 Ok(v) if v.get("usage").is_some() => v,
                 _ => return std::future::ready(Some(Ok(text))),
             };
-            if let (Some(ticket), Some(p), Some(n)) = (
-                &ticket,
-                v["usage"]["prompt_tokens"].as_u64(),
-                v["usage"]["completion_tokens"].as_u64(),
-            ) {
-                ticket.update(|r| {
-                    r.prompt_tokens = u32::try_from(p).ok();
-                    r.completion_tokens = u32::try_from(n).ok();
-                });
+            if let (Some(ticket), Some(counts)) = (&ticket, usage_counts(&v)) {
+                ticket.update(|r| record_usage(r, counts));
             }
             if wants_usage {
                 return std::future::ready(Some(Ok(text)));

@@ -153,13 +153,14 @@ pub(crate) fn new_context<'m>(
     ctx_per_slot: u32,
 ) -> Result<LlamaContext<'m>, LoadError> {
     let n_ctx = ctx_per_slot.saturating_mul(options.slots);
+    // Every slot decodes one token per step: a batch smaller than the slots could not hold
+    // one step (the scheduler would have to leave sequences out of every step).
+    let batch = options.batch.max(options.slots);
     let params = shared_params(options)
         .with_n_ctx(NonZeroU32::new(n_ctx))
         .with_n_seq_max(options.slots)
-        // Every slot decodes one token per step: a batch smaller than the slots could not
-        // hold one step (the scheduler would have to leave sequences out of every step).
-        .with_n_batch(options.batch.max(options.slots))
-        .with_n_ubatch(options.batch.max(options.slots))
+        .with_n_batch(batch)
+        .with_n_ubatch(batch)
         .with_kv_unified(false);
     model
         .new_context(backend, params)

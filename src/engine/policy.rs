@@ -45,6 +45,11 @@ pub(crate) struct Budget {
 /// instead (see [`Reuse`]).
 pub(crate) const EXACT_ROWS: usize = 64;
 
+/// `n` rounded down to whole [`EXACT_ROWS`] grains.
+fn whole_grains(n: usize) -> usize {
+    n / EXACT_ROWS * EXACT_ROWS
+}
+
 /// How much of a slot's cache a request may reuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Reuse {
@@ -131,7 +136,7 @@ pub(crate) fn plan_step(slots: &[SlotState], budget: Budget) -> StepPlan {
 /// last chunk of a long prompt is then as exact as the others.
 fn exact_chunk(remaining: usize, n: usize) -> usize {
     let rest = remaining.saturating_sub(n);
-    let shorter = remaining.saturating_sub(EXACT_ROWS) / EXACT_ROWS * EXACT_ROWS;
+    let shorter = whole_grains(remaining.saturating_sub(EXACT_ROWS));
     if rest > 0 && rest < EXACT_ROWS && shorter >= EXACT_ROWS {
         shorter
     } else {
@@ -230,12 +235,11 @@ pub(crate) fn choose_slot<T: PartialEq>(
         .map(|(s, shared)| {
             let n = match reuse {
                 Reuse::Fast => shared.min(prompt.len().saturating_sub(1)),
-                Reuse::Exact => {
-                    let most = shared
+                Reuse::Exact => whole_grains(
+                    shared
                         .min(s.exact)
-                        .min(prompt.len().saturating_sub(EXACT_ROWS));
-                    most / EXACT_ROWS * EXACT_ROWS
-                }
+                        .min(prompt.len().saturating_sub(EXACT_ROWS)),
+                ),
             };
             (s.index, n)
         })

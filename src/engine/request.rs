@@ -48,6 +48,12 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Whether the same request must give the same answer: greedy decoding or a fixed seed
+    /// (a sampled answer without a seed differs every time anyway).
+    pub fn reproducible(&self) -> bool {
+        self.seed.is_some() || self.temperature <= 0.0
+    }
+
     /// Whether any penalty is active, so the sampler needs the recent-token history.
     pub fn has_penalties(&self) -> bool {
         self.repeat_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0

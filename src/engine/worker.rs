@@ -510,10 +510,8 @@ impl<'m> Worker<'m> {
                     last_used: s.last_used,
                 })
                 .collect();
-            // A seed or greedy decoding asks for a reproducible answer, whatever the slot held
-            // before; a sampled answer without a seed differs every time anyway.
-            let sampling = &front.job.request.sampling;
-            let reuse = if sampling.seed.is_some() || sampling.temperature <= 0.0 {
+            // A reproducible answer must not depend on what the slot held before.
+            let reuse = if front.job.request.sampling.reproducible() {
                 Reuse::Exact
             } else {
                 Reuse::Fast

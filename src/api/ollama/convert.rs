@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::api::request::{check_stop, Input, Invalid, ToolUse, Valid};
+use crate::api::request::{check_stop, Input, Invalid, Valid};
 use crate::api::{structured, tools};
 use crate::config::KeepAlive;
 use crate::engine::{ChatMessage, Overflow, Role, SamplingOverrides};
@@ -348,10 +348,7 @@ pub(crate) fn chat(body: &Value) -> Result<(Valid, Extras), Invalid> {
             valid.grammar_trigger = Some(trigger);
         }
     }
-    valid.tools = toolbox.map(|t| ToolUse {
-        forced: t.forced(),
-        toolbox: t,
-    });
+    valid.tools = toolbox;
     Ok((valid, Extras { load_only }))
 }
 

@@ -90,12 +90,12 @@ async fn answer(
     }
     let c = collect(generation).await?;
     let finish = ndjson::finish_name(c.finish);
-    let Some(tool_use) = &valid.tools else {
+    let Some(toolbox) = &valid.tools else {
         let done = framer.done(&c.text, finish, c.usage, c.timings);
         return Ok(Json(done).into_response());
     };
     // With tools the answer is read whole: a call is known to be one only at its end.
-    let (text, calls) = tool_message(&c.text, tool_use.forced);
+    let (text, calls) = tool_message(&c.text, toolbox.forced());
     let text = text.as_str();
     if !valid.stream {
         let mut done = framer.done(text, finish, c.usage, c.timings);

@@ -6,7 +6,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::types::{ChatCompletionRequest, CommonParams, CompletionRequest};
 use crate::api::body::JsonBody;
-use crate::api::request::{check_stop, Input, ToolUse, Valid};
+use crate::api::request::{check_stop, Input, Valid};
 use crate::api::{structured, tools};
 use crate::engine::{ChatMessage, Role, SamplingOverrides};
 
@@ -217,7 +217,6 @@ pub(crate) fn chat(body: &JsonBody) -> Result<Valid, ApiError> {
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
     let mut grammar = grammar;
-    let mut tool_use = None;
     if let Some(toolbox) = &toolbox {
         if let Some(g) = toolbox.grammar()? {
             if grammar.is_some() {
@@ -228,10 +227,6 @@ pub(crate) fn chat(body: &JsonBody) -> Result<Valid, ApiError> {
             }
             grammar = Some(g);
         }
-        tool_use = Some(ToolUse {
-            forced: toolbox.forced(),
-            toolbox: toolbox.clone(),
-        });
     }
     let mut grammar_trigger = None;
     if let Some((lazy, trigger)) = toolbox.as_ref().and_then(tools::Toolbox::lazy_grammar) {
@@ -250,7 +245,7 @@ pub(crate) fn chat(body: &JsonBody) -> Result<Valid, ApiError> {
         ignore_eos: common.ignore_eos,
         grammar,
         grammar_trigger,
-        tools: tool_use,
+        tools: toolbox,
         ..Valid::new(model_name(req.model)?, Input::Chat(messages))
     })
 }

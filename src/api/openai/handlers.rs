@@ -56,7 +56,7 @@ pub(crate) async fn local_reply(
     if valid.stream {
         // With tools, the answer is read whole and then streamed: a call is only known to
         // be one (and its arguments to be complete JSON) at the end.
-        let forced = valid.tools.as_ref().is_some_and(|t| t.forced);
+        let forced = valid.tools.as_ref().is_some_and(tools::Toolbox::forced);
         let collected = collect(generation).await?;
         return Ok(Reply::Stream(sse::tool_chunks(collected, forced, chunker)));
     }
@@ -69,7 +69,7 @@ pub(crate) async fn local_reply(
     let mut finish_reason = finish.as_str();
     let (content, tool_calls) = match &valid.tools {
         Some(t) => {
-            let (rest, calls) = tools::extract(&text, t.forced);
+            let (rest, calls) = tools::extract(&text, t.forced());
             if calls.is_empty() {
                 (Some(text), None)
             } else {

@@ -32,7 +32,8 @@ pub(crate) struct AnthropicToOpenAi {
     model: String,
     /// `created` of every chunk (Unix seconds).
     created: i64,
-    /// The client asked for `stream_options.include_usage`.
+    /// Emit the closing usage chunk (`stream_options.include_usage`); the router always asks
+    /// for it and drops it again for a client that did not.
     include_usage: bool,
     /// See [`Translated::json_tool`](super::upstream_request::Translated::json_tool).
     json_tool: Option<String>,
