@@ -432,19 +432,27 @@ async fn follow_up_answers_as_a_cold_server_does(name: &str, path: &std::path::P
         ("assistant", &answer(&r1)),
         ("user", "Which one is yellow?"),
     ]);
-    for body in [
+    for (i, body) in [
         json!({"model": name, "messages": follow, "temperature": 0, "max_tokens": 24}),
         json!({"model": name, "messages": follow, "temperature": 0.8, "seed": 7, "max_tokens": 24}),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let warm = s.chat(body.clone()).await;
         let cached = warm["usage"]["prompt_tokens_details"]["cached_tokens"]
             .as_u64()
             .unwrap();
         let prompt = warm["usage"]["prompt_tokens"].as_u64().unwrap();
-        // The first turn's prompt is reused in 64-token grains, leaving at least the last 64
-        // tokens of this one; what follows it (the answer, the new question) is read.
-        assert_eq!(cached, first_prompt.min(prompt - 64) / 64 * 64, "{warm}");
-        assert!(cached >= 64, "{warm}");
+        if i == 0 {
+            // The first turn's prompt is reused in 64-token grains, leaving at least the last
+            // 64 tokens of this one; what follows it (the answer, the new question) is read.
+            assert_eq!(cached, first_prompt.min(prompt - 64) / 64 * 64, "{warm}");
+            assert!(cached >= 64, "{warm}");
+        } else {
+            // The same conversation again: read exactly just now, nothing is read.
+            assert_eq!(cached, prompt, "{warm}");
+        }
         // Reading only the new part changes nothing: a server that never saw the first turn
         // answers the same, greedy or seeded.
         let cold = two_slots(name, path).await.chat(body.clone()).await;
@@ -452,14 +460,13 @@ async fn follow_up_answers_as_a_cold_server_does(name: &str, path: &std::path::P
         assert_eq!(answer(&warm), answer(&cold), "{name}: {body}");
     }
     // Sampling without a seed reuses the whole shared prefix, but for the token that gives
-    // fresh logits (here the whole conversation, which a slot still holds).
+    // fresh logits (here the first turn, which the slot holding the conversation starts with).
     let unseeded = s
-        .chat(json!({"model": name, "messages": follow, "temperature": 0.8, "max_tokens": 4}))
+        .chat(json!({"model": name, "messages": first, "temperature": 0.8, "max_tokens": 4}))
         .await;
-    let prompt = unseeded["usage"]["prompt_tokens"].as_u64().unwrap();
     assert_eq!(
         unseeded["usage"]["prompt_tokens_details"]["cached_tokens"],
-        prompt - 1,
+        first_prompt - 1,
         "{unseeded}"
     );
 }
@@ -502,6 +509,91 @@ async fn a_shared_system_prompt_is_reused_and_the_answer_matches_a_cold_server()
         assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
         assert_eq!(answer(&warm), answer(&cold));
     }
+}
+
+/// A prompt the server has just read is not read again: its first token comes from the
+/// logits kept from that read, and the answer is the one a cold read gives, greedy, seeded
+/// or (whole-prompt hits serve it too) sampled without a seed.
+#[tokio::test]
+async fn the_same_prompt_again_reads_nothing_and_answers_the_same() {
+    let s = Server::start(&["--parallel", "2"]).await;
+    let body = |temperature: f64, seed: Option<u64>| {
+        let mut b = json!({"model": "smollm2", "temperature": temperature, "max_tokens": 24,
+                           "messages": garden(&[("user", "Which flowers smell sweetest?")])});
+        if let Some(seed) = seed {
+            b["seed"] = json!(seed);
+        }
+        b
+    };
+    let prompt_read = "backstop_prompt_tokens_evaluated_total";
+    for (temperature, seed) in [(0.0, None), (0.9, Some(5))] {
+        let cold = Server::start(&[]).await.chat(body(temperature, seed)).await;
+        let first = s.chat(body(temperature, seed)).await;
+        assert_eq!(answer(&first), answer(&cold));
+        let prompt = first["usage"]["prompt_tokens"].as_u64().unwrap();
+        let read_before = s.metric(prompt_read).await;
+        let again = s.chat(body(temperature, seed)).await;
+        assert_eq!(
+            again["usage"]["prompt_tokens_details"]["cached_tokens"], prompt,
+            "{again}"
+        );
+        assert_eq!(
+            s.metric(prompt_read).await,
+            read_before,
+            "the prompt was read again"
+        );
+        assert_eq!(answer(&again), answer(&cold), "temperature {temperature}");
+    }
+    let unseeded = s.chat(body(0.9, None)).await;
+    assert_eq!(
+        unseeded["usage"]["prompt_tokens_details"]["cached_tokens"],
+        unseeded["usage"]["prompt_tokens"],
+        "{unseeded}"
+    );
+}
+
+/// A request whose prompt a busy slot holds gets a copy of that slot's cache instead of
+/// reading the prompt: concurrent requests with the same system prompt or question. The
+/// copy is the very KV entries, so the answer is still a cold read's.
+#[tokio::test]
+async fn a_prompt_held_by_a_busy_slot_is_copied_not_read() {
+    let s = Server::start(&["--parallel", "2"]).await;
+    let body = |max_tokens: u32, stream: bool| {
+        json!({"model": "smollm2", "temperature": 0, "max_tokens": max_tokens, "stream": stream,
+               "messages": garden(&[("user", "Describe a walk through the rose garden.")])})
+    };
+    let cold = s.chat(body(24, false)).await;
+    let prompt = cold["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    // The same prompt, streaming a long answer, takes the slot that read it...
+    let mut busy = s.stream("/v1/chat/completions", &body(400, true)).await;
+    assert!(busy.next_data().await.is_some());
+    let read_before = s.metric("backstop_prompt_tokens_evaluated_total").await;
+    // ...so the next one goes to the other slot, which copies the cache.
+    let copied = s.chat(body(24, false)).await;
+    assert_eq!(
+        copied["usage"]["prompt_tokens_details"]["cached_tokens"], prompt,
+        "{copied}"
+    );
+    assert_eq!(
+        s.metric("backstop_prompt_tokens_evaluated_total").await,
+        read_before,
+        "the prompt was read again"
+    );
+    assert_eq!(answer(&copied), answer(&cold));
+    // A different question under the same long system prompt copies the system prompt (in
+    // whole grains) and reads the rest.
+    let other = s
+        .chat(
+            json!({"model": "smollm2", "temperature": 0, "max_tokens": 8,
+                     "messages": garden(&[("user", "Is the cafe open?")])}),
+        )
+        .await;
+    let cached = other["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached >= 64, "{other}");
+    drop(busy);
 }
 
 /// Each penalty really reaches the sampler: a greedy answer that repeats itself changes.

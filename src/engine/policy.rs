@@ -197,52 +197,112 @@ impl Pace {
     }
 }
 
-/// A free slot offered to a waiting request: what its KV cache holds and when it was last
-/// used.
+/// A slot as placement sees it: what its KV cache holds and when it was last used.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct FreeSlot<'a, T> {
+pub(crate) struct CachedSlot<'a, T> {
     /// Slot index.
     pub(crate) index: usize,
-    /// Prompt tokens whose KV entries the slot still holds from its last request.
+    /// Tokens whose KV entries the slot holds, in position order.
     pub(crate) cached: &'a [T],
     /// How many of those were read exactly (in whole grains).
     pub(crate) exact: usize,
+    /// The prompt whose last logits the slot kept, if `cached` still starts with it: its
+    /// length, and whether every row of it was read as a cold read reads them.
+    pub(crate) end: Option<(usize, bool)>,
     /// Step counter value when the slot was last released; lower is older.
     pub(crate) last_used: u64,
+    /// Serving a request: not a place for a new one, but its cache can still be copied.
+    pub(crate) busy: bool,
 }
 
-/// Chooses a slot for a prompt: the one whose cache shares the longest prefix with it
-/// (multi-turn chats and shared system prompts skip re-reading that prefix); without any
-/// shared prefix, the least recently used slot, so recent conversations keep their cache.
-/// Returns the slot index and how many prompt tokens can be reused under `reuse`; at least
-/// one prompt token is always left to evaluate, since sampling needs fresh logits.
-pub(crate) fn choose_slot<T: PartialEq>(
-    free: &[FreeSlot<'_, T>],
+/// Where a waiting request goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Placement {
+    /// The free slot that takes the request.
+    pub(crate) slot: usize,
+    /// Prompt tokens whose KV entries are reused; all of them when the slot kept the
+    /// prompt's last logits (nothing is read: the first token is sampled from them).
+    pub(crate) reuse: usize,
+    /// A busy slot whose cache is copied into `slot` first, because it shares more of the
+    /// prompt than any free slot.
+    pub(crate) copy_from: Option<usize>,
+}
+
+/// The least a copy from a busy slot must save, in prompt tokens. llama.cpp copies a slot's
+/// whole KV buffer (about a tenth of a 64-token prefill for SmolLM2 on a 2-core CPU, with a
+/// 4,096-token slot); a few tokens are cheaper to read again.
+pub(crate) const COPY_GAIN: usize = 32;
+
+/// How many prompt tokens a slot's cache spares under `reuse`.
+fn reusable<T: PartialEq>(s: &CachedSlot<'_, T>, prompt: &[T], reuse: Reuse) -> (usize, usize) {
+    let shared = s
+        .cached
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count();
+    // The very prompt the slot read last, with its logits kept: nothing to read at all.
+    let whole = s.end.is_some_and(|(len, exact)| {
+        len == prompt.len() && shared >= len && (exact || reuse == Reuse::Fast)
+    });
+    let n = if whole {
+        prompt.len()
+    } else {
+        match reuse {
+            Reuse::Fast => shared.min(prompt.len().saturating_sub(1)),
+            Reuse::Exact => whole_grains(
+                shared
+                    .min(s.exact)
+                    .min(prompt.len().saturating_sub(EXACT_ROWS)),
+            ),
+        }
+    };
+    (n, shared)
+}
+
+/// Places a prompt. Among free slots, the one whose cache spares the most of it (multi-turn
+/// chats and shared system prompts skip re-reading that prefix); without any, the least
+/// recently used, so recent conversations keep their cache. If a busy slot spares at least
+/// [`COPY_GAIN`] more (concurrent requests with the same system prompt or the same
+/// question), its cache is copied into the free slot whose cache is worth least.
+/// Without a whole-prompt hit at least one prompt token is left to read, for fresh logits.
+pub(crate) fn place<T: PartialEq>(
+    slots: &[CachedSlot<'_, T>],
     prompt: &[T],
     reuse: Reuse,
-) -> Option<(usize, usize)> {
-    free.iter()
+) -> Option<Placement> {
+    let scored: Vec<(&CachedSlot<'_, T>, usize, usize)> = slots
+        .iter()
         .map(|s| {
-            let shared = s
-                .cached
-                .iter()
-                .zip(prompt)
-                .take_while(|(a, b)| a == b)
-                .count();
-            (s, shared)
+            let (n, shared) = reusable(s, prompt, reuse);
+            (s, n, shared)
         })
-        .max_by(|(a, sa), (b, sb)| sa.cmp(sb).then(b.last_used.cmp(&a.last_used)))
-        .map(|(s, shared)| {
-            let n = match reuse {
-                Reuse::Fast => shared.min(prompt.len().saturating_sub(1)),
-                Reuse::Exact => whole_grains(
-                    shared
-                        .min(s.exact)
-                        .min(prompt.len().saturating_sub(EXACT_ROWS)),
-                ),
-            };
-            (s.index, n)
-        })
+        .collect();
+    let free = || scored.iter().filter(|(s, _, _)| !s.busy);
+    let (best_free, n_free, _) = free().max_by(|(a, na, sa), (b, nb, sb)| {
+        na.cmp(nb)
+            .then(sa.cmp(sb))
+            .then(b.last_used.cmp(&a.last_used))
+    })?;
+    let busy = scored
+        .iter()
+        .filter(|(s, _, _)| s.busy)
+        .max_by_key(|(_, n, _)| *n);
+    if let Some((source, n, _)) = busy {
+        if *n >= n_free + COPY_GAIN {
+            let (victim, _, _) = free().min_by_key(|(s, n, _)| (*n, s.last_used))?;
+            return Some(Placement {
+                slot: victim.index,
+                reuse: *n,
+                copy_from: Some(source.index),
+            });
+        }
+    }
+    Some(Placement {
+        slot: best_free.index,
+        reuse: *n_free,
+        copy_from: None,
+    })
 }
 
 #[cfg(test)]
@@ -370,27 +430,33 @@ mod tests {
         range.collect()
     }
 
+    fn slot(index: usize, cached: &[i32], exact: usize, last_used: u64) -> CachedSlot<'_, i32> {
+        CachedSlot {
+            index,
+            cached,
+            exact,
+            end: None,
+            last_used,
+            busy: false,
+        }
+    }
+
+    /// Slot and reuse of a placement without a copy.
+    fn at(slots: &[CachedSlot<'_, i32>], prompt: &[i32], reuse: Reuse) -> Option<(usize, usize)> {
+        place(slots, prompt, reuse).map(|p| {
+            assert_eq!(p.copy_from, None);
+            (p.slot, p.reuse)
+        })
+    }
+
     #[test]
     fn the_slot_sharing_the_longest_prefix_is_chosen() {
         let mut a = tokens(1..=100);
         a.push(999);
         let b = tokens(1..=150);
-        let free = [
-            FreeSlot {
-                index: 0,
-                cached: &a[..],
-                exact: a.len(),
-                last_used: 1,
-            },
-            FreeSlot {
-                index: 1,
-                cached: &b[..],
-                exact: b.len(),
-                last_used: 5,
-            },
-        ];
-        let exact = |p: &[i32]| choose_slot(&free, p, Reuse::Exact);
-        let fast = |p: &[i32]| choose_slot(&free, p, Reuse::Fast);
+        let free = [slot(0, &a, a.len(), 1), slot(1, &b, b.len(), 5)];
+        let exact = |p: &[i32]| at(&free, p, Reuse::Exact);
+        let fast = |p: &[i32]| at(&free, p, Reuse::Fast);
         // Exact reuse ends on a multiple of EXACT_ROWS and leaves at least that many to read.
         assert_eq!(exact(&tokens(1..=300)), Some((1, 128)));
         assert_eq!(exact(&tokens(1..=200)), Some((1, 128)));
@@ -408,49 +474,91 @@ mod tests {
 
     #[test]
     fn without_shared_prefix_the_least_recently_used_slot_is_chosen() {
-        let a = [7, 7];
-        let b = [8, 8];
-        let free = [
-            FreeSlot {
-                index: 0,
-                cached: &a[..],
-                exact: 0,
-                last_used: 9,
-            },
-            FreeSlot {
-                index: 1,
-                cached: &b[..],
-                exact: 0,
-                last_used: 2,
-            },
-        ];
-        assert_eq!(choose_slot(&free, &[1, 2, 3], Reuse::Fast), Some((1, 0)));
+        let free = [slot(0, &[7, 7], 0, 9), slot(1, &[8, 8], 0, 2)];
+        assert_eq!(at(&free, &[1, 2, 3], Reuse::Fast), Some((1, 0)));
     }
 
     #[test]
     fn an_identical_prompt_still_evaluates_its_last_rows() {
         let a = tokens(1..=200);
-        let free = [FreeSlot {
-            index: 0,
-            cached: &a[..],
-            exact: 192,
-            last_used: 0,
-        }];
-        assert_eq!(choose_slot(&free, &a, Reuse::Exact), Some((0, 128)));
-        assert_eq!(choose_slot(&free, &a, Reuse::Fast), Some((0, 199)));
+        let free = [slot(0, &a, 192, 0)];
+        assert_eq!(at(&free, &a, Reuse::Exact), Some((0, 128)));
+        assert_eq!(at(&free, &a, Reuse::Fast), Some((0, 199)));
         // Only rows read exactly count for an exact request.
-        let partly = [FreeSlot {
-            index: 0,
-            cached: &a[..],
-            exact: 100,
-            last_used: 0,
-        }];
-        assert_eq!(choose_slot(&partly, &a, Reuse::Exact), Some((0, 64)));
+        let partly = [slot(0, &a, 100, 0)];
+        assert_eq!(at(&partly, &a, Reuse::Exact), Some((0, 64)));
+    }
+
+    #[test]
+    fn the_very_prompt_read_last_is_not_read_again() {
+        let mut a = tokens(1..=50);
+        a.extend(tokens(500..=520)); // the answer after it
+        let read = |exact| CachedSlot {
+            end: Some((50, exact)),
+            ..slot(0, &a, 0, 0)
+        };
+        let prompt = tokens(1..=50);
+        assert_eq!(at(&[read(true)], &prompt, Reuse::Exact), Some((0, 50)));
+        assert_eq!(at(&[read(true)], &prompt, Reuse::Fast), Some((0, 50)));
+        // Logits from a read a cold one would not match serve only unseeded sampling.
+        assert_eq!(at(&[read(false)], &prompt, Reuse::Exact), Some((0, 0)));
+        assert_eq!(at(&[read(false)], &prompt, Reuse::Fast), Some((0, 50)));
+        // A longer or shorter prompt gets no whole hit.
+        assert_eq!(
+            at(&[read(true)], &tokens(1..=49), Reuse::Fast),
+            Some((0, 48))
+        );
+        assert_eq!(
+            at(&[read(true)], &tokens(1..=51), Reuse::Fast),
+            Some((0, 50))
+        );
+    }
+
+    #[test]
+    fn a_busy_slot_sharing_much_more_is_copied_into_the_least_valuable_free_one() {
+        let prompt = tokens(1..=300);
+        let busy = CachedSlot {
+            busy: true,
+            ..slot(2, &prompt[..260], 256, 0)
+        };
+        let some = slot(0, &prompt[..70], 64, 1);
+        let none = slot(1, &[9], 0, 7);
+        assert_eq!(
+            place(&[some, none, busy], &prompt, Reuse::Exact),
+            Some(Placement {
+                slot: 1,
+                reuse: 192,
+                copy_from: Some(2)
+            })
+        );
+        // A free slot within COPY_GAIN of it is used as it is.
+        let close = slot(0, &prompt[..200], 192, 1);
+        assert_eq!(
+            at(&[close, none, busy], &prompt, Reuse::Exact),
+            Some((0, 192))
+        );
+        // The busy slot's whole prompt, logits kept, serves a concurrent identical request.
+        let same = tokens(1..=40);
+        let twin = CachedSlot {
+            end: Some((40, true)),
+            busy: true,
+            ..slot(2, &same, 0, 0)
+        };
+        assert_eq!(
+            place(&[none, twin], &same, Reuse::Exact),
+            Some(Placement {
+                slot: 1,
+                reuse: 40,
+                copy_from: Some(2)
+            })
+        );
+        // Busy slots alone are no place.
+        assert_eq!(place(&[twin], &same, Reuse::Exact), None);
     }
 
     #[test]
     fn no_free_slot_means_no_choice() {
-        let free: [FreeSlot<'_, i32>; 0] = [];
-        assert_eq!(choose_slot(&free, &[1], Reuse::Exact), None);
+        let free: [CachedSlot<'_, i32>; 0] = [];
+        assert_eq!(place(&free, &[1], Reuse::Exact), None);
     }
 }

@@ -10,6 +10,8 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 use tokio::sync::{mpsc, oneshot};
@@ -18,7 +20,7 @@ use super::embed::{self, EmbedJob, EmbedShape, EmbedTask, Embedder, Pooling};
 use super::loader::{self, ModelInfo};
 use super::metrics::EngineMetrics;
 use super::policy::{
-    choose_slot, plan_step, Budget, FreeSlot, Pace, Reuse, SlotState, StepPlan, EXACT_ROWS,
+    place, plan_step, Budget, CachedSlot, Pace, Placement, Reuse, SlotState, StepPlan, EXACT_ROWS,
 };
 use super::request::truncate;
 use super::text::{StopMatcher, StopScan, Utf8Stream};
@@ -119,10 +121,35 @@ struct Slot {
     /// matrix-vector kernels, which round differently from the batched ones a cold prompt goes
     /// through.
     exact: usize,
+    /// Logits after the last token of the prompt this slot read last, while `cached` still
+    /// starts with that prompt: the same prompt again samples its first token from them.
+    end: Option<PromptEnd>,
     /// Step number when it was last released (for least-recently-used choice).
     last_used: u64,
     /// The request it serves, if any.
     active: Option<Active>,
+}
+
+impl Slot {
+    /// Forgets all but the first `n` cached tokens.
+    fn truncate(&mut self, n: usize) {
+        self.cached.truncate(n);
+        self.exact = self.exact.min(n);
+        if self.end.as_ref().is_some_and(|e| e.len > n) {
+            self.end = None;
+        }
+    }
+}
+
+/// The logits a prompt's last row produced.
+#[derive(Clone)]
+struct PromptEnd {
+    /// Prompt length: the logits follow `cached[..len]`.
+    len: usize,
+    logits: Vec<f32>,
+    /// Every row of the prompt was read as a cold read reads it (alone, from grain
+    /// boundaries), so a reproducible request may start from these logits.
+    exact: bool,
 }
 
 /// Per-request state inside a slot.
@@ -140,6 +167,8 @@ struct Active {
     limit: usize,
     admitted: u64,
     reused: usize,
+    /// So far the prompt was read exactly as a cold read reads it.
+    read_exact: bool,
     submitted: Instant,
     admitted_at: Instant,
     first_token_at: Option<Instant>,
@@ -214,6 +243,7 @@ impl<'m> Worker<'m> {
                 seq: s as i32,
                 cached: Vec::new(),
                 exact: 0,
+                end: None,
                 last_used: 0,
                 active: None,
             })
@@ -498,16 +528,17 @@ impl<'m> Worker<'m> {
     /// Gives waiting requests free slots, reusing cached prompt prefixes where possible.
     fn admit(&mut self) {
         while let Some(front) = self.waiting.front() {
-            let free: Vec<FreeSlot<'_, LlamaToken>> = self
+            let slots: Vec<CachedSlot<'_, LlamaToken>> = self
                 .slots
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| s.active.is_none())
-                .map(|(index, s)| FreeSlot {
+                .map(|(index, s)| CachedSlot {
                     index,
                     cached: &s.cached,
                     exact: s.exact,
+                    end: s.end.as_ref().map(|e| (e.len, e.exact)),
                     last_used: s.last_used,
+                    busy: s.active.is_some(),
                 })
                 .collect();
             // A reproducible answer must not depend on what the slot held before.
@@ -516,19 +547,50 @@ impl<'m> Worker<'m> {
             } else {
                 Reuse::Fast
             };
-            let Some((index, reuse)) = choose_slot(&free, &front.tokens, reuse) else {
+            let Some(placement) = place(&slots, &front.tokens, reuse) else {
                 break;
             };
             if let Some(pending) = self.waiting.pop_front() {
-                self.start(index, reuse, pending);
+                self.start(placement, pending);
             }
         }
     }
 
-    /// Puts a request into a slot, trimming the slot's KV cache to the reusable prefix.
-    fn start(&mut self, index: usize, reuse: usize, pending: Pending) {
+    /// Copies slot `from`'s cache into slot `to` (llama.cpp copies the whole KV buffer at the
+    /// next decode); false if it refused.
+    fn copy_slot(&mut self, from: usize, to: usize) -> bool {
+        let (src, dst) = (self.slots[from].seq, self.slots[to].seq);
+        if let Err(e) = self.ctx.kv_cache_seq_cp(src, dst, None, None) {
+            tracing::warn!(model = %self.name, src, dst, error = %e, "could not copy KV sequence");
+            return false;
+        }
+        let (cached, exact, end) = {
+            let s = &self.slots[from];
+            (s.cached.clone(), s.exact, s.end.clone())
+        };
+        let slot = &mut self.slots[to];
+        slot.cached = cached;
+        slot.exact = exact;
+        slot.end = end;
+        true
+    }
+
+    /// Puts a request into a slot, trimming the slot's KV cache to the reusable prefix (a
+    /// busy slot's cache copied in first, if placement says so). When the whole prompt is
+    /// cached with its last logits, the first token is sampled at once.
+    fn start(&mut self, placement: Placement, pending: Pending) {
+        let Placement {
+            slot: index,
+            reuse,
+            copy_from,
+        } = placement;
         let seq = self.slots[index].seq;
         let mut keep = reuse;
+        if let Some(from) = copy_from {
+            if !self.copy_slot(from, index) {
+                keep = 0;
+            }
+        }
         if keep > 0 {
             let trimmed = self
                 .ctx
@@ -544,15 +606,24 @@ impl<'m> Worker<'m> {
             self.clear_seq(seq);
         }
         let slot = &mut self.slots[index];
-        slot.cached.truncate(keep);
-        slot.exact = slot.exact.min(keep);
-
+        slot.truncate(keep);
         let Pending {
             job,
             tokens,
             limit,
             grammar,
         } = pending;
+        let whole_hit = keep == tokens.len() && slot.end.as_ref().is_some_and(|e| e.len == keep);
+        // Reused rows are as a cold read's if they were read in whole grains and the rest of
+        // the prompt starts on a grain boundary with at least a grain to read.
+        let read_exact = if whole_hit {
+            slot.end.as_ref().is_some_and(|e| e.exact)
+        } else {
+            keep == 0
+                || (keep % EXACT_ROWS == 0
+                    && slot.exact >= keep
+                    && tokens.len() >= keep + EXACT_ROWS)
+        };
         let banned: &[LlamaToken] = if job.request.ignore_eos && grammar.is_none() {
             &self.eog
         } else {
@@ -581,11 +652,15 @@ impl<'m> Worker<'m> {
             limit,
             admitted: self.admissions,
             reused: keep,
+            read_exact,
             submitted: job.submitted,
             admitted_at: Instant::now(),
             first_token_at: None,
             logits_at: None,
         });
+        if whole_hit {
+            self.sample_kept(index);
+        }
     }
 
     fn clear_seq(&mut self, seq: i32) {
@@ -673,7 +748,10 @@ impl<'m> Worker<'m> {
             // Rows read alone, from a grain boundary, in a chunk the batched kernels take whole
             // are what a cold read computes. Beside other sequences llama.cpp splits the batch
             // into equal per-sequence parts, so those rows are not exact.
-            let exact = end - start >= EXACT_ROWS && start % EXACT_ROWS == 0 && !shared_step;
+            let grained = start % EXACT_ROWS == 0 && !shared_step;
+            let exact = grained && end - start >= EXACT_ROWS;
+            // A cold read takes a short prompt in one piece: that chunk is as exact.
+            active.read_exact &= exact || (grained && start == 0 && end == active.prompt.len());
             for (pos, &token) in (start..end).zip(&active.prompt[start..end]) {
                 let last = pos + 1 == active.prompt.len();
                 self.batch
@@ -717,11 +795,10 @@ impl<'m> Worker<'m> {
                         .is_err()
                     {
                         self.clear_seq(seq);
-                        self.slots[i].cached.clear();
+                        self.slots[i].truncate(0);
                     }
                     let slot = &mut self.slots[i];
-                    slot.cached.truncate(len);
-                    slot.exact = slot.exact.min(slot.cached.len());
+                    slot.truncate(len);
                     if let Some(a) = slot.active.as_mut() {
                         a.next = next;
                         a.logits_at = None;
@@ -745,16 +822,69 @@ impl<'m> Worker<'m> {
         }
     }
 
-    /// Samples the next token for every sequence whose logits were computed this step.
+    /// Samples the next token for every sequence whose logits were computed this step. The
+    /// logits of a prompt's last row are kept, for a request with the same prompt.
     fn sample(&mut self, plan: &StepPlan) {
         for i in plan.slots() {
-            let Some(active) = self.slots[i].active.as_mut() else {
+            let slot = &mut self.slots[i];
+            let Some(active) = slot.active.as_mut() else {
                 continue;
             };
             let Some(idx) = active.logits_at.take() else {
                 continue;
             };
+            if slot.cached.len() == active.prompt.len() {
+                let mut logits = slot.end.take().map(|e| e.logits).unwrap_or_default();
+                logits.clear();
+                logits.extend_from_slice(self.ctx.get_logits_ith(idx));
+                slot.end = Some(PromptEnd {
+                    len: active.prompt.len(),
+                    logits,
+                    exact: active.read_exact,
+                });
+            }
             let token = active.sampler.sample(&self.ctx, idx);
+            self.first_token(i, token);
+        }
+    }
+
+    /// Samples a request's first token from the logits its slot kept for the same prompt,
+    /// as `llama_sampler_sample` does from a context's: the whole vocabulary, unsorted,
+    /// through the request's chain, which then accepts the token.
+    fn sample_kept(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        let (Some(active), Some(end)) = (slot.active.as_mut(), slot.end.as_ref()) else {
+            return;
+        };
+        let mut candidates = LlamaTokenDataArray::from_iter(
+            (0..)
+                .zip(&end.logits)
+                .map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id), logit, 0.0)),
+            false,
+        );
+        candidates.apply_sampler(&mut active.sampler);
+        match candidates.selected_token() {
+            Some(token) => {
+                active.sampler.accept(token);
+                self.first_token(i, token);
+            }
+            None => {
+                // Unreachable: every chain ends in a sampler that selects a token.
+                let error = EngineError::Decode("the sampler selected no token".into());
+                self.fail(
+                    &StepPlan {
+                        decode: vec![i],
+                        prefill: vec![],
+                    },
+                    error,
+                );
+            }
+        }
+    }
+
+    /// Records the time to a request's first token, if this is it, and hands the token on.
+    fn first_token(&mut self, i: usize, token: LlamaToken) {
+        if let Some(active) = self.slots[i].active.as_mut() {
             if active.first_token_at.is_none() {
                 let now = Instant::now();
                 active.first_token_at = Some(now);
@@ -763,8 +893,8 @@ impl<'m> Worker<'m> {
                         .as_secs_f64(),
                 );
             }
-            self.on_token(i, token);
         }
+        self.on_token(i, token);
     }
 
     /// Turns a sampled token into output and decides whether the request goes on.
