@@ -43,6 +43,8 @@ pub(crate) struct Valid {
     pub(crate) max_tokens: Option<u32>,
     pub(crate) stop: Option<Vec<String>>,
     pub(crate) ignore_eos: bool,
+    /// Reuse cached prompt prefixes (llama.cpp server's `cache_prompt`, default true).
+    pub(crate) cache_prompt: bool,
     /// How long the model should stay loaded afterwards (Ollama's `keep_alive`).
     pub(crate) keep_alive: Option<KeepAlive>,
     /// Context tokens this request may use, if less than the model's (Ollama's `num_ctx`).
@@ -69,6 +71,7 @@ impl Valid {
             max_tokens: None,
             stop: None,
             ignore_eos: false,
+            cache_prompt: true,
             keep_alive: None,
             ctx_limit: None,
             overflow: Overflow::Refuse,
@@ -192,6 +195,7 @@ pub(crate) fn generate_request(valid: &Valid, lease: &Lease) -> Result<GenerateR
         max_tokens,
         stop: valid.stop.clone().unwrap_or_else(|| defaults.stop.clone()),
         ignore_eos: valid.ignore_eos,
+        cache_prompt: valid.cache_prompt,
         ctx_limit: valid.ctx_limit,
         overflow: valid.overflow,
         grammar: valid.grammar.clone(),

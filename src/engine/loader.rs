@@ -13,7 +13,7 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 
-use super::{ChatTemplate, EngineOptions, KvCacheType, LoadError};
+use super::{policy, ChatTemplate, EngineOptions, KvCacheType, LoadError};
 
 /// Context per slot when none is configured: what Ollama uses, and plenty for chat.
 const DEFAULT_CTX_PER_SLOT: u32 = 4096;
@@ -199,7 +199,7 @@ pub(crate) fn shared_params(options: &EngineOptions) -> LlamaContextParams {
 /// (llama-bench 0c1e57098, SmolLM2 Q4_1, 2 threads: tg64 at depth 1024 is 37 tok/s with it,
 /// 79 without; at depth 0, 117 vs 124), which costs more than the ~13% it gains in prompt
 /// processing. Ollama's default is off as well. Either way a seeded answer does not depend on
-/// the slot's cache (see `policy::EXACT_ROWS`).
+/// the slot's cache (see [`exact_grain`]).
 pub(crate) fn flash_attention(
     choice: Option<bool>,
     kv: KvCacheType,
@@ -215,6 +215,21 @@ pub(crate) fn flash_attention(
         None => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
         Some(true) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
         Some(false) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    }
+}
+
+/// The grain of exact prompt reading for these settings: [`policy::MATMUL_GRAIN`] when flash
+/// attention is off, else [`policy::FLASH_GRAIN`] (also when llama.cpp decides).
+pub(crate) fn exact_grain(options: &EngineOptions) -> usize {
+    let fa = flash_attention(
+        options.flash_attention,
+        options.kv_cache_type,
+        options.gpu_layers,
+    );
+    if fa == llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED {
+        policy::MATMUL_GRAIN
+    } else {
+        policy::FLASH_GRAIN
     }
 }
 

@@ -30,38 +30,49 @@ pub(crate) struct Budget {
     /// Most prompt tokens per step while other sequences are generating, so a long prompt
     /// is read in chunks between their tokens instead of freezing them.
     pub(crate) prefill_chunk: usize,
+    /// Rows of exact prompt reading ([`MATMUL_GRAIN`] or [`FLASH_GRAIN`]).
+    pub(crate) grain: usize,
 }
 
-/// The fewest prompt rows of one sequence that llama.cpp's CPU kernels compute exactly as
-/// they would in any larger batch, and the grain of prompt chunks. Flash attention switches
-/// to its tiled kernel at 64 query rows (`GGML_FA_TILE_Q`), matrix products switch from
-/// vector dot products to tiled GEMM at 2, and repacked weights (Q4_0, Q4_K, ... on AVX2)
-/// multiply rows in groups of 4 or 8 counted from a chunk's first row; each path rounds its
-/// own way. So prompt chunks start at multiples of this many positions and hold at least
-/// this many rows where the budget allows, and a cached prefix is reused up to such a
-/// boundary that leaves at least this many rows to read: the rows of a warm request then go
-/// through the same kernels, in the same groups, as a cold one, and a seeded answer does not
-/// depend on what the slot held before. Sampled requests without a seed reuse all they can
-/// instead (see [`Reuse`]).
-pub(crate) const EXACT_ROWS: usize = 64;
+/// The grain of exact prompt reading: the fewest prompt rows of one sequence that
+/// llama.cpp's CPU kernels compute exactly as they would in any larger batch, counted from a
+/// chunk's first row. Prompt chunks start at multiples of it and hold at least that many rows
+/// where the budget allows, and a cached prefix is reused up to such a boundary that leaves
+/// at least a grain to read: the rows of a warm request then go through the same kernels, in
+/// the same groups, as a cold one, and a seeded answer does not depend on what the slot held
+/// before. Sampled requests without a seed reuse all they can instead (see [`Reuse`]).
+///
+/// Without flash attention, matrix products switch from vector dot products to tiled GEMM at
+/// 2 rows (`llamafile_sgemm` refuses one), and repacked weights (Q4_0, Q4_K, IQ4_NL on AVX2
+/// or NEON) multiply rows in groups of 4 from a chunk's first row, the rest one by one; every
+/// other operation is row by row. So 4 rows. Checked on this project's 2-core AVX2 machine by
+/// comparing 30 random warm answers per model with cold ones: grain 4 matched every one on
+/// SmolLM2 (Q4_1) and Gemma 3 (Q4_K, repacked); grain 1 changed 8 of 30 Gemma answers.
+pub(crate) const MATMUL_GRAIN: usize = 4;
 
-/// `n` rounded down to whole [`EXACT_ROWS`] grains.
-fn whole_grains(n: usize) -> usize {
-    n / EXACT_ROWS * EXACT_ROWS
+/// The grain with flash attention, whose CPU kernel switches to tiles at 64 query rows
+/// (`GGML_FA_TILE_Q`); also the grain when llama.cpp decides (on a GPU).
+pub(crate) const FLASH_GRAIN: usize = 64;
+
+/// `n` rounded down to whole grains.
+fn whole_grains(n: usize, grain: usize) -> usize {
+    n / grain * grain
 }
 
 /// How much of a slot's cache a request may reuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Reuse {
     /// A seeded or greedy request asks for a reproducible answer: only prefix rows read
-    /// exactly (in [`EXACT_ROWS`] grains), up to a grain boundary that leaves at least a grain
-    /// to read.
+    /// exactly (in whole grains), up to a grain boundary that leaves at least a grain to read.
     Exact,
     /// A sampled answer without a seed is different every time anyway: it takes the longest
     /// shared prefix, leaving one token to read for fresh logits, as llama.cpp's own server
     /// does, so its first token comes sooner (a shared system prompt or the previous turns are
     /// never read twice).
     Fast,
+    /// The client asked for no reuse (llama.cpp server's `cache_prompt: false`): the whole
+    /// prompt is read, as a fresh server reads it.
+    Cold,
 }
 
 /// What one step evaluates.
@@ -124,20 +135,20 @@ pub(crate) fn plan_step(slots: &[SlotState], budget: Budget) -> StepPlan {
         if left == 0 {
             break;
         }
-        let n = exact_chunk(remaining, remaining.min(left));
+        let n = exact_chunk(remaining, remaining.min(left), budget.grain);
         plan.prefill.push((i, n));
         left -= n;
     }
     plan
 }
 
-/// Shortens a chunk of `n` prompt rows so that it does not leave fewer than [`EXACT_ROWS`]
-/// behind (and ends on a multiple of it), as long as it keeps at least that many itself; the
-/// last chunk of a long prompt is then as exact as the others.
-fn exact_chunk(remaining: usize, n: usize) -> usize {
+/// Shortens a chunk of `n` prompt rows so that it does not leave fewer than a grain behind
+/// (and ends on a multiple of it), as long as it keeps at least that many itself; the last
+/// chunk of a long prompt is then as exact as the others.
+fn exact_chunk(remaining: usize, n: usize, grain: usize) -> usize {
     let rest = remaining.saturating_sub(n);
-    let shorter = whole_grains(remaining.saturating_sub(EXACT_ROWS));
-    if rest > 0 && rest < EXACT_ROWS && shorter >= EXACT_ROWS {
+    let shorter = whole_grains(remaining.saturating_sub(grain), grain);
+    if rest > 0 && rest < grain && shorter >= grain {
         shorter
     } else {
         n
@@ -204,7 +215,8 @@ pub(crate) struct CachedSlot<'a, T> {
     pub(crate) index: usize,
     /// Tokens whose KV entries the slot holds, in position order.
     pub(crate) cached: &'a [T],
-    /// How many of those were read exactly (in whole grains).
+    /// How many of those were read exactly (from grain boundaries, at least a grain at a
+    /// time).
     pub(crate) exact: usize,
     /// The prompt whose last logits the slot kept, if `cached` still starts with it: its
     /// length, and whether every row of it was read as a cold read reads them.
@@ -234,7 +246,12 @@ pub(crate) struct Placement {
 pub(crate) const COPY_GAIN: usize = 32;
 
 /// How many prompt tokens a slot's cache spares under `reuse`.
-fn reusable<T: PartialEq>(s: &CachedSlot<'_, T>, prompt: &[T], reuse: Reuse) -> (usize, usize) {
+fn reusable<T: PartialEq>(
+    s: &CachedSlot<'_, T>,
+    prompt: &[T],
+    reuse: Reuse,
+    grain: usize,
+) -> (usize, usize) {
     let shared = s
         .cached
         .iter()
@@ -243,17 +260,23 @@ fn reusable<T: PartialEq>(s: &CachedSlot<'_, T>, prompt: &[T], reuse: Reuse) -> 
         .count();
     // The very prompt the slot read last, with its logits kept: nothing to read at all.
     let whole = s.end.is_some_and(|(len, exact)| {
-        len == prompt.len() && shared >= len && (exact || reuse == Reuse::Fast)
+        len == prompt.len()
+            && shared >= len
+            && match reuse {
+                Reuse::Exact => exact,
+                Reuse::Fast => true,
+                Reuse::Cold => false,
+            }
     });
     let n = if whole {
         prompt.len()
     } else {
         match reuse {
+            Reuse::Cold => 0,
             Reuse::Fast => shared.min(prompt.len().saturating_sub(1)),
             Reuse::Exact => whole_grains(
-                shared
-                    .min(s.exact)
-                    .min(prompt.len().saturating_sub(EXACT_ROWS)),
+                shared.min(s.exact).min(prompt.len().saturating_sub(grain)),
+                grain,
             ),
         }
     };
@@ -270,11 +293,12 @@ pub(crate) fn place<T: PartialEq>(
     slots: &[CachedSlot<'_, T>],
     prompt: &[T],
     reuse: Reuse,
+    grain: usize,
 ) -> Option<Placement> {
     let scored: Vec<(&CachedSlot<'_, T>, usize, usize)> = slots
         .iter()
         .map(|s| {
-            let (n, shared) = reusable(s, prompt, reuse);
+            let (n, shared) = reusable(s, prompt, reuse, grain);
             (s, n, shared)
         })
         .collect();
@@ -335,6 +359,7 @@ mod tests {
     const BUDGET: Budget = Budget {
         batch: 512,
         prefill_chunk: 64,
+        grain: FLASH_GRAIN,
     };
 
     fn decode() -> SlotState {
@@ -397,6 +422,7 @@ mod tests {
             Budget {
                 batch: 8,
                 prefill_chunk: 4,
+                grain: MATMUL_GRAIN,
             },
         );
         assert_eq!(plan.decode.len(), 8);
@@ -424,6 +450,19 @@ mod tests {
             let n = plan.prefill[0].1;
             assert!(n >= 1 && n <= remaining.min(64), "{remaining}: {n}");
         }
+        // Without flash attention the grain is 4 rows: 512 then 18 is fine, 512 then 2 is not.
+        let matmul = Budget {
+            grain: MATMUL_GRAIN,
+            ..BUDGET
+        };
+        assert_eq!(
+            plan_step(&[prefill(530, 1)], matmul).prefill,
+            vec![(0, 512)]
+        );
+        assert_eq!(
+            plan_step(&[prefill(514, 1)], matmul).prefill,
+            vec![(0, 508)]
+        );
     }
 
     fn tokens(range: std::ops::RangeInclusive<i32>) -> Vec<i32> {
@@ -443,7 +482,7 @@ mod tests {
 
     /// Slot and reuse of a placement without a copy.
     fn at(slots: &[CachedSlot<'_, i32>], prompt: &[i32], reuse: Reuse) -> Option<(usize, usize)> {
-        place(slots, prompt, reuse).map(|p| {
+        place(slots, prompt, reuse, FLASH_GRAIN).map(|p| {
             assert_eq!(p.copy_from, None);
             (p.slot, p.reuse)
         })
@@ -457,7 +496,7 @@ mod tests {
         let free = [slot(0, &a, a.len(), 1), slot(1, &b, b.len(), 5)];
         let exact = |p: &[i32]| at(&free, p, Reuse::Exact);
         let fast = |p: &[i32]| at(&free, p, Reuse::Fast);
-        // Exact reuse ends on a multiple of EXACT_ROWS and leaves at least that many to read.
+        // Exact reuse ends on a multiple of the grain and leaves at least a grain to read.
         assert_eq!(exact(&tokens(1..=300)), Some((1, 128)));
         assert_eq!(exact(&tokens(1..=200)), Some((1, 128)));
         assert_eq!(exact(&tokens(1..=180)), Some((1, 64)));
@@ -490,6 +529,19 @@ mod tests {
     }
 
     #[test]
+    fn without_flash_attention_prefixes_are_reused_in_grains_of_four() {
+        let b = tokens(1..=150);
+        let free = [slot(0, &b, b.len(), 0)];
+        let exact = |p: &[i32]| place(&free, p, Reuse::Exact, MATMUL_GRAIN).map(|p| p.reuse);
+        assert_eq!(exact(&tokens(1..=300)), Some(148));
+        assert_eq!(exact(&tokens(1..=40)), Some(36));
+        assert_eq!(exact(&tokens(1..=7)), Some(0));
+        let mut diverging = tokens(1..=100);
+        diverging[30] = 0;
+        assert_eq!(exact(&diverging), Some(28));
+    }
+
+    #[test]
     fn the_very_prompt_read_last_is_not_read_again() {
         let mut a = tokens(1..=50);
         a.extend(tokens(500..=520)); // the answer after it
@@ -503,6 +555,8 @@ mod tests {
         // Logits from a read a cold one would not match serve only unseeded sampling.
         assert_eq!(at(&[read(false)], &prompt, Reuse::Exact), Some((0, 0)));
         assert_eq!(at(&[read(false)], &prompt, Reuse::Fast), Some((0, 50)));
+        // Asked not to, nothing is reused.
+        assert_eq!(at(&[read(true)], &prompt, Reuse::Cold), Some((0, 0)));
         // A longer or shorter prompt gets no whole hit.
         assert_eq!(
             at(&[read(true)], &tokens(1..=49), Reuse::Fast),
@@ -524,7 +578,7 @@ mod tests {
         let some = slot(0, &prompt[..70], 64, 1);
         let none = slot(1, &[9], 0, 7);
         assert_eq!(
-            place(&[some, none, busy], &prompt, Reuse::Exact),
+            place(&[some, none, busy], &prompt, Reuse::Exact, FLASH_GRAIN),
             Some(Placement {
                 slot: 1,
                 reuse: 192,
@@ -545,7 +599,7 @@ mod tests {
             ..slot(2, &same, 0, 0)
         };
         assert_eq!(
-            place(&[none, twin], &same, Reuse::Exact),
+            place(&[none, twin], &same, Reuse::Exact, FLASH_GRAIN),
             Some(Placement {
                 slot: 1,
                 reuse: 40,
@@ -553,12 +607,12 @@ mod tests {
             })
         );
         // Busy slots alone are no place.
-        assert_eq!(place(&[twin], &same, Reuse::Exact), None);
+        assert_eq!(place(&[twin], &same, Reuse::Exact, FLASH_GRAIN), None);
     }
 
     #[test]
     fn no_free_slot_means_no_choice() {
         let free: [CachedSlot<'_, i32>; 0] = [];
-        assert_eq!(place(&free, &[1], Reuse::Exact), None);
+        assert_eq!(place(&free, &[1], Reuse::Exact, FLASH_GRAIN), None);
     }
 }

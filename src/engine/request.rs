@@ -75,6 +75,8 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Never sample end-of-generation tokens, so exactly `max_tokens` come out (benchmarks).
     pub ignore_eos: bool,
+    /// Reuse cached prompt prefixes; false reads the whole prompt as a fresh server would.
+    pub cache_prompt: bool,
     /// Context tokens this request may use (prompt plus answer), when less than a slot's.
     pub ctx_limit: Option<u32>,
     /// What to do with a prompt that does not fit.

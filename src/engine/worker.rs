@@ -20,7 +20,7 @@ use super::embed::{self, EmbedJob, EmbedShape, EmbedTask, Embedder, Pooling};
 use super::loader::{self, ModelInfo};
 use super::metrics::EngineMetrics;
 use super::policy::{
-    place, plan_step, Budget, CachedSlot, Pace, Placement, Reuse, SlotState, StepPlan, EXACT_ROWS,
+    place, plan_step, Budget, CachedSlot, Pace, Placement, Reuse, SlotState, StepPlan,
 };
 use super::request::truncate;
 use super::text::{StopMatcher, StopScan, Utf8Stream};
@@ -115,8 +115,8 @@ struct Slot {
     seq: i32,
     /// Tokens whose KV entries this sequence holds, in position order.
     cached: Vec<LlamaToken>,
-    /// How many leading `cached` tokens were read exactly: as prompt, in whole
-    /// [`EXACT_ROWS`] grains. Only these are reused for a seeded or greedy request, so its answer is
+    /// How many leading `cached` tokens were read exactly: as prompt, from grain boundaries,
+    /// at least a grain at a time (see `policy::MATMUL_GRAIN`). Only these are reused for a seeded or greedy request, so its answer is
     /// the one a cold read gives; tokens generated one step at a time went through llama.cpp's
     /// matrix-vector kernels, which round differently from the batched ones a cold prompt goes
     /// through.
@@ -264,6 +264,7 @@ impl<'m> Worker<'m> {
             budget: Budget {
                 batch: batch_size,
                 prefill_chunk: (options.prefill_chunk as usize).clamp(1, batch_size),
+                grain: loader::exact_grain(options),
             },
             ctx_per_slot: ctx_per_slot as usize,
             n_vocab: model.n_vocab(),
@@ -542,12 +543,15 @@ impl<'m> Worker<'m> {
                 })
                 .collect();
             // A reproducible answer must not depend on what the slot held before.
-            let reuse = if front.job.request.sampling.reproducible() {
+            let request = &front.job.request;
+            let reuse = if !request.cache_prompt {
+                Reuse::Cold
+            } else if request.sampling.reproducible() {
                 Reuse::Exact
             } else {
                 Reuse::Fast
             };
-            let Some(placement) = place(&slots, &front.tokens, reuse) else {
+            let Some(placement) = place(&slots, &front.tokens, reuse, self.budget.grain) else {
                 break;
             };
             if let Some(pending) = self.waiting.pop_front() {
@@ -620,9 +624,9 @@ impl<'m> Worker<'m> {
             slot.end.as_ref().is_some_and(|e| e.exact)
         } else {
             keep == 0
-                || (keep % EXACT_ROWS == 0
+                || (keep % self.budget.grain == 0
                     && slot.exact >= keep
-                    && tokens.len() >= keep + EXACT_ROWS)
+                    && tokens.len() >= keep + self.budget.grain)
         };
         let banned: &[LlamaToken] = if job.request.ignore_eos && grammar.is_none() {
             &self.eog
@@ -748,8 +752,9 @@ impl<'m> Worker<'m> {
             // Rows read alone, from a grain boundary, in a chunk the batched kernels take whole
             // are what a cold read computes. Beside other sequences llama.cpp splits the batch
             // into equal per-sequence parts, so those rows are not exact.
-            let grained = start % EXACT_ROWS == 0 && !shared_step;
-            let exact = grained && end - start >= EXACT_ROWS;
+            let grain = self.budget.grain;
+            let grained = start % grain == 0 && !shared_step;
+            let exact = grained && end - start >= grain;
             // A cold read takes a short prompt in one piece: that chunk is as exact.
             active.read_exact &= exact || (grained && start == 0 && end == active.prompt.len());
             for (pos, &token) in (start..end).zip(&active.prompt[start..end]) {

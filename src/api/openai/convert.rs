@@ -95,6 +95,7 @@ struct Common {
     max_tokens: Option<u32>,
     stop: Option<Vec<String>>,
     ignore_eos: bool,
+    cache_prompt: bool,
 }
 
 fn common(c: CommonParams) -> Result<Common, ApiError> {
@@ -123,6 +124,7 @@ fn common(c: CommonParams) -> Result<Common, ApiError> {
         max_tokens: c.max_tokens,
         stop: stop_list(&c.stop)?,
         ignore_eos: c.ignore_eos.unwrap_or(false),
+        cache_prompt: c.cache_prompt.unwrap_or(true),
     })
 }
 
@@ -243,6 +245,7 @@ pub(crate) fn chat(body: &JsonBody) -> Result<Valid, ApiError> {
         max_tokens: req.max_completion_tokens.or(common.max_tokens),
         stop: common.stop,
         ignore_eos: common.ignore_eos,
+        cache_prompt: common.cache_prompt,
         grammar,
         grammar_trigger,
         tools: toolbox,
@@ -286,6 +289,7 @@ pub(crate) fn completion(body: &JsonBody) -> Result<Valid, ApiError> {
         max_tokens: common.max_tokens,
         stop: common.stop,
         ignore_eos: common.ignore_eos,
+        cache_prompt: common.cache_prompt,
         ..Valid::new(model_name(req.model)?, Input::Text(prompt))
     })
 }

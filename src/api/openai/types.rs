@@ -79,6 +79,8 @@ pub(crate) struct CommonParams {
     pub(crate) n: Option<u32>,
     /// llama.cpp server extension: generate exactly `max_tokens` (benchmarks).
     pub(crate) ignore_eos: Option<bool>,
+    /// llama.cpp server extension: `false` reads the whole prompt, reusing no cache.
+    pub(crate) cache_prompt: Option<bool>,
 }
 
 /// Token counts.
