@@ -411,27 +411,28 @@ fn garden(turns: &[(&str, &str)]) -> Value {
     Value::Array(messages)
 }
 
-/// Serves `name` from `path` with two slots, flash attention on or off.
-async fn two_slots(name: &str, path: &std::path::Path, flash: bool) -> Server {
+/// Serves `name` from `path` with two slots, flash attention as chosen (on by default).
+async fn two_slots(name: &str, path: &std::path::Path, flash: Option<bool>) -> Server {
     let model = format!("{name}={}", path.display());
-    let flash = if flash { "1" } else { "0" };
-    Server::start_raw(&[
-        "--model",
-        &model,
-        "--parallel",
-        "2",
-        "--flash-attention",
-        flash,
-    ])
-    .await
+    let mut args = vec!["--model", &model, "--parallel", "2"];
+    match flash {
+        Some(true) => args.extend(["--flash-attention", "1"]),
+        Some(false) => args.extend(["--flash-attention", "0"]),
+        None => {}
+    }
+    Server::start_raw(&args).await
 }
 
 /// A greedy or seeded follow-up turn reuses the first turn's cache, and answers exactly what
 /// a server that never saw the first turn answers; a sampled one without a seed (different
-/// every time anyway) reuses all it can. Reuse goes in grains of 4 positions without flash
-/// attention, 64 with it.
-async fn follow_up_answers_as_a_cold_server_does(name: &str, path: &std::path::Path, flash: bool) {
-    let grain = if flash { 64 } else { 4 };
+/// every time anyway) reuses all it can. Reuse ends on a multiple of 4 positions and leaves
+/// at least 64 tokens to read with flash attention (the default), 4 without.
+async fn follow_up_answers_as_a_cold_server_does(
+    name: &str,
+    path: &std::path::Path,
+    flash: Option<bool>,
+) {
+    let span = if flash == Some(false) { 4 } else { 64 };
     let s = two_slots(name, path, flash).await;
     let first = garden(&[("user", "Name three fruits.")]);
     let r1 = s
@@ -456,13 +457,9 @@ async fn follow_up_answers_as_a_cold_server_does(name: &str, path: &std::path::P
             .unwrap();
         let prompt = warm["usage"]["prompt_tokens"].as_u64().unwrap();
         if i == 0 {
-            // The first turn's prompt is reused in whole grains, leaving at least a grain of
-            // this one; what follows it (the answer, the new question) is read.
-            assert_eq!(
-                cached,
-                first_prompt.min(prompt - grain) / grain * grain,
-                "{warm}"
-            );
+            // The first turn's prompt is reused up to a multiple of 4, leaving at least a span
+            // of this one; what follows it (the answer, the new question) is read.
+            assert_eq!(cached, first_prompt.min(prompt - span) / 4 * 4, "{warm}");
             assert!(cached >= 64, "{warm}");
         } else {
             // The same conversation again: read exactly just now, nothing is read.
@@ -488,19 +485,19 @@ async fn follow_up_answers_as_a_cold_server_does(name: &str, path: &std::path::P
 
 #[tokio::test]
 async fn a_follow_up_turn_reuses_the_conversation_and_answers_as_a_cold_server_does() {
-    follow_up_answers_as_a_cold_server_does("smollm2", &common::smollm2(), false).await;
+    follow_up_answers_as_a_cold_server_does("smollm2", &common::smollm2(), None).await;
 }
 
 #[tokio::test]
-async fn with_flash_attention_a_follow_up_turn_still_answers_as_a_cold_server_does() {
-    follow_up_answers_as_a_cold_server_does("smollm2", &common::smollm2(), true).await;
+async fn without_flash_attention_a_follow_up_turn_still_answers_as_a_cold_server_does() {
+    follow_up_answers_as_a_cold_server_does("smollm2", &common::smollm2(), Some(false)).await;
 }
 
-/// Gemma's Q4_K weights are repacked for AVX2 and multiplied in row groups: reuse in whole
-/// grains keeps those groups as a cold read forms them.
+/// Gemma's Q4_K weights are repacked for AVX2 and multiplied in groups of 4 rows: reuse
+/// aligned to 4 positions keeps those groups as a cold read forms them.
 #[tokio::test]
 async fn a_follow_up_turn_on_gemma_answers_as_a_cold_server_does() {
-    follow_up_answers_as_a_cold_server_does("gemma", &common::gemma3(), false).await;
+    follow_up_answers_as_a_cold_server_does("gemma", &common::gemma3(), None).await;
 }
 
 /// Requests sharing a long system prompt reuse its KV entries, and the answer is exactly
@@ -532,10 +529,11 @@ async fn a_shared_system_prompt_is_reused_and_the_answer_matches_a_cold_server()
 }
 
 /// Warm answers are cold answers, on both models, for prompts that share prefixes of every
-/// length: a follow-up under the same system prompt reuses its cache in whole grains, and
-/// `cache_prompt: false` (llama.cpp server's switch) reads the same prompt afresh. Gemma's
-/// repacked Q4_K weights make about a quarter of such answers differ when the reuse is not
-/// grain-aligned.
+/// length: a follow-up under the same system prompt reuses its cache as `policy::Grain`
+/// allows, and `cache_prompt: false` (llama.cpp server's switch) reads the same prompt
+/// afresh. Gemma's repacked Q4_K weights make about a quarter of such answers differ when the
+/// reuse is not aligned to 4 positions; flash attention, most when fewer than 64 rows are
+/// left to read.
 #[tokio::test]
 async fn warm_answers_match_cold_reads_for_prefixes_of_every_length() {
     const WORDS: [&str; 16] = [
@@ -567,23 +565,41 @@ async fn warm_answers_match_cold_reads_for_prefixes_of_every_length() {
         }
         out.join(" ")
     };
-    for (name, path) in [("smollm2", common::smollm2()), ("gemma", common::gemma3())] {
-        let s = two_slots(name, &path, false).await;
+    let runs = [
+        ("smollm2", common::smollm2(), None),
+        ("gemma", common::gemma3(), None),
+        ("gemma", common::gemma3(), Some(false)),
+    ];
+    for (name, path, flash) in runs {
+        let s = two_slots(name, &path, flash).await;
+        let mut reused = 0;
         for case in 0..8u64 {
             let system = words(3 + case * 13);
             let ask = |q: &str, cache: bool| {
-                json!({"model": name, "temperature": 0, "max_tokens": 24, "cache_prompt": cache,
+                json!({"model": name, "temperature": 0, "max_tokens": 16, "cache_prompt": cache,
                        "messages": [{"role": "system", "content": system},
                                     {"role": "user", "content": q}]})
             };
-            s.chat(ask(&words(1 + case % 5), true)).await;
-            let question = words(2 + case * 3 % 11);
+            // Both questions are long enough to be read with flash attention's tiled kernel
+            // (64 rows or more), like the cold read; only rows read that way are reused.
+            s.chat(ask(&words(60 + case % 5), true)).await;
+            let question = words(60 + case * 7 % 30);
             let warm = s.chat(ask(&question, true)).await;
             let cold = s.chat(ask(&question, false)).await;
-            assert!(warm["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() > Some(0));
+            if warm["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() > Some(0) {
+                reused += 1;
+            }
             assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
-            assert_eq!(answer(&warm), answer(&cold), "{name}, case {case}: {warm}");
+            assert_eq!(
+                answer(&warm),
+                answer(&cold),
+                "{name} {flash:?}, case {case}: {warm}"
+            );
         }
+        assert!(
+            reused >= 7,
+            "{name} {flash:?}: only {reused} of 8 reused a prefix"
+        );
     }
 }
 

@@ -189,7 +189,6 @@ pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<R
         .with_flash_attention_policy(crate::engine::flash_attention(
             plan.flash_attention,
             crate::engine::KvCacheType::F16,
-            plan.gpu_layers,
         ));
     let mut ctx = model.new_context(backend, ctx_params).map_err(llama)?;
     let mut batch = LlamaBatch::new(n_batch, 1);

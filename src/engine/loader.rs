@@ -185,7 +185,6 @@ pub(crate) fn shared_params(options: &EngineOptions) -> LlamaContextParams {
         .with_flash_attention_policy(flash_attention(
             options.flash_attention,
             options.kv_cache_type,
-            options.gpu_layers,
         ))
         .with_type_k(kv)
         .with_type_v(kv)
@@ -193,24 +192,19 @@ pub(crate) fn shared_params(options: &EngineOptions) -> LlamaContextParams {
         .with_n_threads_batch(threads)
 }
 
-/// llama.cpp's flash-attention setting for the operator's choice. When they did not choose:
-/// on a GPU llama.cpp decides; on the CPU it is off unless a quantized KV cache needs it, as
-/// llama.cpp's CPU flash-attention kernel decodes far slower once the context fills
-/// (llama-bench 0c1e57098, SmolLM2 Q4_1, 2 threads: tg64 at depth 1024 is 37 tok/s with it,
-/// 79 without; at depth 0, 117 vs 124), which costs more than the ~13% it gains in prompt
-/// processing. Ollama's default is off as well. Either way a seeded answer does not depend on
-/// the slot's cache (see [`exact_grain`]).
+/// llama.cpp's flash-attention setting for the operator's choice. When they did not choose,
+/// llama.cpp decides, as its own server does (on the CPU it turns it on), except that a
+/// quantized KV cache, which needs it, always gets it. On this project's 2-core machine
+/// (llama-bench 0c1e57098, SmolLM2 Q4_1, 2 threads) it decodes faster up to about 1,000
+/// tokens of context: tg128 112 vs 101 tok/s at depth 0, 89 vs 76 at depth 1,024; about
+/// even at 3,500 (51 vs 48), slower at 2,048 (66 vs 78); Gemma 3 270M is faster with it
+/// everywhere (pp128 686 vs 629, tg64 at depth 1,024 63 vs 59). Either way a seeded answer
+/// does not depend on the slot's cache (see [`exact_grain`]).
 pub(crate) fn flash_attention(
     choice: Option<bool>,
     kv: KvCacheType,
-    gpu_layers: Option<u32>,
 ) -> llama_cpp_sys_2::llama_flash_attn_type {
-    let on_gpu = gpu_layers != Some(0) && super::compute().is_ok_and(|c| c.has_gpu());
-    let choice = choice.or(if on_gpu {
-        None
-    } else {
-        Some(kv != KvCacheType::F16)
-    });
+    let choice = choice.or((kv != KvCacheType::F16).then_some(true));
     match choice {
         None => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
         Some(true) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -218,14 +212,10 @@ pub(crate) fn flash_attention(
     }
 }
 
-/// The grain of exact prompt reading for these settings: [`policy::MATMUL_GRAIN`] when flash
-/// attention is off, else [`policy::FLASH_GRAIN`] (also when llama.cpp decides).
-pub(crate) fn exact_grain(options: &EngineOptions) -> usize {
-    let fa = flash_attention(
-        options.flash_attention,
-        options.kv_cache_type,
-        options.gpu_layers,
-    );
+/// How prompt rows are grouped for exact reuse under these settings: [`policy::MATMUL_GRAIN`]
+/// when flash attention is off, else [`policy::FLASH_GRAIN`] (also when llama.cpp decides).
+pub(crate) fn exact_grain(options: &EngineOptions) -> policy::Grain {
+    let fa = flash_attention(options.flash_attention, options.kv_cache_type);
     if fa == llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED {
         policy::MATMUL_GRAIN
     } else {

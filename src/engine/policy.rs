@@ -30,40 +30,48 @@ pub(crate) struct Budget {
     /// Most prompt tokens per step while other sequences are generating, so a long prompt
     /// is read in chunks between their tokens instead of freezing them.
     pub(crate) prefill_chunk: usize,
-    /// Rows of exact prompt reading ([`MATMUL_GRAIN`] or [`FLASH_GRAIN`]).
-    pub(crate) grain: usize,
+    /// How prompt rows are grouped ([`MATMUL_GRAIN`] or [`FLASH_GRAIN`]).
+    pub(crate) grain: Grain,
 }
 
-/// The grain of exact prompt reading: the fewest prompt rows of one sequence that
-/// llama.cpp's CPU kernels compute exactly as they would in any larger batch, counted from a
-/// chunk's first row. Prompt chunks start at multiples of it and hold at least that many rows
-/// where the budget allows, and a cached prefix is reused up to such a boundary that leaves
-/// at least a grain to read: the rows of a warm request then go through the same kernels, in
+/// How prompt rows are grouped so that a warm read computes what a cold read computes:
+/// llama.cpp's CPU kernels round differently for a handful of rows than for many. Prompt
+/// chunks start at multiples of `align` positions and hold at least `span` rows where the
+/// budget allows, and a cached prefix is reused up to an `align` boundary that leaves at
+/// least `span` rows to read: the rows of a warm request then go through the same kernels, in
 /// the same groups, as a cold one, and a seeded answer does not depend on what the slot held
 /// before. Sampled requests without a seed reuse all they can instead (see [`Reuse`]).
-///
-/// Without flash attention, matrix products switch from vector dot products to tiled GEMM at
-/// 2 rows (`llamafile_sgemm` refuses one), and repacked weights (Q4_0, Q4_K, IQ4_NL on AVX2
-/// or NEON) multiply rows in groups of 4 from a chunk's first row, the rest one by one; every
-/// other operation is row by row. So 4 rows. Checked on this project's 2-core AVX2 machine by
-/// comparing 30 random warm answers per model with cold ones: grain 4 matched every one on
-/// SmolLM2 (Q4_1) and Gemma 3 (Q4_K, repacked); grain 1 changed 8 of 30 Gemma answers.
-pub(crate) const MATMUL_GRAIN: usize = 4;
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Grain {
+    /// Repacked weights (Q4_0, Q4_K, IQ4_NL on AVX2 or NEON) multiply rows in groups of 4
+    /// counted from a batch's first row, the rest one by one.
+    pub(crate) align: usize,
+    /// Matrix products switch from vector dot products to tiled GEMM at 2 rows
+    /// (`llamafile_sgemm` refuses one); flash attention's CPU kernel switches to query tiles
+    /// at 64 (`GGML_FA_TILE_Q`). Every other operation works row by row.
+    pub(crate) span: usize,
+}
 
-/// The grain with flash attention, whose CPU kernel switches to tiles at 64 query rows
-/// (`GGML_FA_TILE_Q`); also the grain when llama.cpp decides (on a GPU).
-pub(crate) const FLASH_GRAIN: usize = 64;
+/// The grain without flash attention. Checked on this project's 2-core AVX2 machine by
+/// comparing 30 random warm answers per model with cold ones: it matched every one on SmolLM2
+/// (Q4_1) and Gemma 3 (Q4_K, repacked); with `align` 1, 8 of 30 Gemma answers changed.
+pub(crate) const MATMUL_GRAIN: Grain = Grain { align: 4, span: 4 };
 
-/// `n` rounded down to whole grains.
-fn whole_grains(n: usize, grain: usize) -> usize {
-    n / grain * grain
+/// The grain with flash attention (or when llama.cpp decides whether to use it). The same
+/// check, 40 random warm answers per model with flash attention on: all matched with a span
+/// of 64; with a span of 4, 17 of 30 Gemma answers and 23 of 30 SmolLM2 answers changed.
+pub(crate) const FLASH_GRAIN: Grain = Grain { align: 4, span: 64 };
+
+/// `n` rounded down to a multiple of the grain's alignment.
+fn aligned(n: usize, grain: Grain) -> usize {
+    n / grain.align * grain.align
 }
 
 /// How much of a slot's cache a request may reuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Reuse {
     /// A seeded or greedy request asks for a reproducible answer: only prefix rows read
-    /// exactly (in whole grains), up to a grain boundary that leaves at least a grain to read.
+    /// exactly, up to an aligned boundary that leaves at least a span to read (see [`Grain`]).
     Exact,
     /// A sampled answer without a seed is different every time anyway: it takes the longest
     /// shared prefix, leaving one token to read for fresh logits, as llama.cpp's own server
@@ -142,16 +150,20 @@ pub(crate) fn plan_step(slots: &[SlotState], budget: Budget) -> StepPlan {
     plan
 }
 
-/// Shortens a chunk of `n` prompt rows so that it does not leave fewer than a grain behind
-/// (and ends on a multiple of it), as long as it keeps at least that many itself; the last
-/// chunk of a long prompt is then as exact as the others.
-fn exact_chunk(remaining: usize, n: usize, grain: usize) -> usize {
-    let rest = remaining.saturating_sub(n);
-    let shorter = whole_grains(remaining.saturating_sub(grain), grain);
-    if rest > 0 && rest < grain && shorter >= grain {
-        shorter
-    } else {
-        n
+/// Shapes a chunk of `n` prompt rows out of `remaining`: unless it is the last, it ends on
+/// an aligned position, and it does not leave fewer than a span behind, as long as it keeps
+/// at least a span itself; the last chunk of a long prompt is then as exact as the others.
+fn exact_chunk(remaining: usize, n: usize, grain: Grain) -> usize {
+    if n >= remaining {
+        return n;
+    }
+    let shorter = aligned(remaining.saturating_sub(grain.span), grain);
+    if remaining - n < grain.span && shorter >= grain.span {
+        return shorter;
+    }
+    match aligned(n, grain) {
+        0 => n,
+        a => a,
     }
 }
 
@@ -215,8 +227,8 @@ pub(crate) struct CachedSlot<'a, T> {
     pub(crate) index: usize,
     /// Tokens whose KV entries the slot holds, in position order.
     pub(crate) cached: &'a [T],
-    /// How many of those were read exactly (from grain boundaries, at least a grain at a
-    /// time).
+    /// How many of those were read exactly (from aligned positions, at least a span at a
+    /// time; see [`Grain`]).
     pub(crate) exact: usize,
     /// The prompt whose last logits the slot kept, if `cached` still starts with it: its
     /// length, and whether every row of it was read as a cold read reads them.
@@ -250,7 +262,7 @@ fn reusable<T: PartialEq>(
     s: &CachedSlot<'_, T>,
     prompt: &[T],
     reuse: Reuse,
-    grain: usize,
+    grain: Grain,
 ) -> (usize, usize) {
     let shared = s
         .cached
@@ -274,8 +286,10 @@ fn reusable<T: PartialEq>(
         match reuse {
             Reuse::Cold => 0,
             Reuse::Fast => shared.min(prompt.len().saturating_sub(1)),
-            Reuse::Exact => whole_grains(
-                shared.min(s.exact).min(prompt.len().saturating_sub(grain)),
+            Reuse::Exact => aligned(
+                shared
+                    .min(s.exact)
+                    .min(prompt.len().saturating_sub(grain.span)),
                 grain,
             ),
         }
@@ -293,7 +307,7 @@ pub(crate) fn place<T: PartialEq>(
     slots: &[CachedSlot<'_, T>],
     prompt: &[T],
     reuse: Reuse,
-    grain: usize,
+    grain: Grain,
 ) -> Option<Placement> {
     let scored: Vec<(&CachedSlot<'_, T>, usize, usize)> = slots
         .iter()
@@ -436,10 +450,10 @@ mod tests {
 
     #[test]
     fn a_long_prompt_never_leaves_a_short_last_chunk() {
-        // Alone: 512 then 18 would read the last 18 rows with other kernels; 448 then 82.
+        // Alone: 512 then 18 would read the last 18 rows with other kernels; 464 then 66.
         assert_eq!(
             plan_step(&[prefill(530, 1)], BUDGET).prefill,
-            vec![(0, 448)]
+            vec![(0, 464)]
         );
         assert_eq!(plan_step(&[prefill(64, 1)], BUDGET).prefill, vec![(0, 64)]);
         // A chunk that cannot keep 64 rows itself is left as the budget made it.
@@ -496,13 +510,14 @@ mod tests {
         let free = [slot(0, &a, a.len(), 1), slot(1, &b, b.len(), 5)];
         let exact = |p: &[i32]| at(&free, p, Reuse::Exact);
         let fast = |p: &[i32]| at(&free, p, Reuse::Fast);
-        // Exact reuse ends on a multiple of the grain and leaves at least a grain to read.
-        assert_eq!(exact(&tokens(1..=300)), Some((1, 128)));
-        assert_eq!(exact(&tokens(1..=200)), Some((1, 128)));
-        assert_eq!(exact(&tokens(1..=180)), Some((1, 64)));
-        // A prompt under two grains reuses nothing exactly...
-        assert_eq!(exact(&tokens(1..=120)), Some((1, 0)));
-        // ...and all but its last token otherwise.
+        // With flash attention (the grain `at` uses):
+        // Exact reuse ends on an aligned position and leaves at least a span to read.
+        assert_eq!(exact(&tokens(1..=300)), Some((1, 148)));
+        assert_eq!(exact(&tokens(1..=200)), Some((1, 136)));
+        assert_eq!(exact(&tokens(1..=180)), Some((1, 116)));
+        assert_eq!(exact(&tokens(1..=120)), Some((1, 56)));
+        assert_eq!(exact(&tokens(1..=66)), Some((0, 0)));
+        // Sampling without a seed reuses all but the last token.
         assert_eq!(fast(&tokens(1..=120)), Some((1, 119)));
         assert_eq!(fast(&tokens(1..=300)), Some((1, 150)));
         let mut short = tokens(1..=60);
@@ -521,11 +536,11 @@ mod tests {
     fn an_identical_prompt_still_evaluates_its_last_rows() {
         let a = tokens(1..=200);
         let free = [slot(0, &a, 192, 0)];
-        assert_eq!(at(&free, &a, Reuse::Exact), Some((0, 128)));
+        assert_eq!(at(&free, &a, Reuse::Exact), Some((0, 136)));
         assert_eq!(at(&free, &a, Reuse::Fast), Some((0, 199)));
         // Only rows read exactly count for an exact request.
         let partly = [slot(0, &a, 100, 0)];
-        assert_eq!(at(&partly, &a, Reuse::Exact), Some((0, 64)));
+        assert_eq!(at(&partly, &a, Reuse::Exact), Some((0, 100)));
     }
 
     #[test]
@@ -581,15 +596,15 @@ mod tests {
             place(&[some, none, busy], &prompt, Reuse::Exact, FLASH_GRAIN),
             Some(Placement {
                 slot: 1,
-                reuse: 192,
+                reuse: 236,
                 copy_from: Some(2)
             })
         );
         // A free slot within COPY_GAIN of it is used as it is.
-        let close = slot(0, &prompt[..200], 192, 1);
+        let close = slot(0, &prompt[..220], 216, 1);
         assert_eq!(
             at(&[close, none, busy], &prompt, Reuse::Exact),
-            Some((0, 192))
+            Some((0, 216))
         );
         // The busy slot's whole prompt, logits kept, serves a concurrent identical request.
         let same = tokens(1..=40);

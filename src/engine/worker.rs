@@ -115,8 +115,8 @@ struct Slot {
     seq: i32,
     /// Tokens whose KV entries this sequence holds, in position order.
     cached: Vec<LlamaToken>,
-    /// How many leading `cached` tokens were read exactly: as prompt, from grain boundaries,
-    /// at least a grain at a time (see `policy::MATMUL_GRAIN`). Only these are reused for a seeded or greedy request, so its answer is
+    /// How many leading `cached` tokens were read exactly: as prompt, from aligned positions,
+    /// at least a span at a time (see `policy::Grain`). Only these are reused for a seeded or greedy request, so its answer is
     /// the one a cold read gives; tokens generated one step at a time went through llama.cpp's
     /// matrix-vector kernels, which round differently from the batched ones a cold prompt goes
     /// through.
@@ -624,9 +624,9 @@ impl<'m> Worker<'m> {
             slot.end.as_ref().is_some_and(|e| e.exact)
         } else {
             keep == 0
-                || (keep % self.budget.grain == 0
+                || (keep % self.budget.grain.align == 0
                     && slot.exact >= keep
-                    && tokens.len() >= keep + self.budget.grain)
+                    && tokens.len() >= keep + self.budget.grain.span)
         };
         let banned: &[LlamaToken] = if job.request.ignore_eos && grammar.is_none() {
             &self.eog
@@ -753,8 +753,8 @@ impl<'m> Worker<'m> {
             // are what a cold read computes. Beside other sequences llama.cpp splits the batch
             // into equal per-sequence parts, so those rows are not exact.
             let grain = self.budget.grain;
-            let grained = start % grain == 0 && !shared_step;
-            let exact = grained && end - start >= grain;
+            let grained = start % grain.align == 0 && !shared_step;
+            let exact = grained && end - start >= grain.span;
             // A cold read takes a short prompt in one piece: that chunk is as exact.
             active.read_exact &= exact || (grained && start == 0 && end == active.prompt.len());
             for (pos, &token) in (start..end).zip(&active.prompt[start..end]) {
