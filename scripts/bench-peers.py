@@ -117,13 +117,16 @@ class Server:
             self.proc.wait()
 
 
-def client(url: str, model: str, clients: int, requests: int, args, warmup: int = 0) -> dict:
+def client(url: str, model: str, clients: int, requests: int, args, warmup: int = 0,
+           unique: bool = True, extra: dict | None = None) -> dict:
+    """Runs bench_client.py: unique prompts per request unless `unique` is false (then every
+    request repeats the same prompt); `extra` is merged into each request body."""
     cmd = [
         sys.executable, str(ROOT / "scripts" / "bench_client.py"), "--url", url, "--model", model,
         "--clients", str(clients), "--requests-per-client", str(requests),
-        "--max-tokens", str(args.max_tokens), "--unique-prompts", "--warmup", str(warmup),
-        "--extra", json.dumps({"ignore_eos": True}), "--quiet", "--json", "/dev/stdout",
-    ]
+        "--max-tokens", str(args.max_tokens), "--warmup", str(warmup),
+        "--extra", json.dumps({"ignore_eos": True, **(extra or {})}), "--quiet", "--json", "/dev/stdout",
+    ] + (["--unique-prompts"] if unique else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 
@@ -302,6 +305,12 @@ def main() -> int:
                 mem = rss(s.proc.pid)
                 ready = s.ready_s
                 p6 = prefix_reuse(s.url, nonce) if kind != "llama-cpp-python" else None
+                # TTFT beside P5: every prompt read afresh (llama.cpp server's cache_prompt:
+                # false, which backstop accepts too), and the very same prompt again.
+                cold = again = None
+                if kind != "llama-cpp-python":
+                    cold = client(s.url, "m", 1, 2, args, extra={"cache_prompt": False})
+                    again = client(s.url, "m", 1, 2, args, warmup=1, unique=False)
                 eight = client(s.url, "m", 8, 1, args) if kind == "llama-cpp-python" else None
             finally:
                 s.stop()
@@ -319,7 +328,7 @@ def main() -> int:
                 finally:
                     s8.stop()
             runs[kind].append({"ready_s": ready, "one": one, "four": four, "eight": eight, "rss": mem,
-                               "kv_bytes": kv, "p6": p6, "p7": p7})
+                               "kv_bytes": kv, "p6": p6, "p7": p7, "cold": cold, "again": again})
 
     def med(kind: str, f) -> float | None:
         v = [f(r) for r in runs[kind]]
@@ -345,6 +354,8 @@ def main() -> int:
             "p7_ratio": med(kind, lambda r: r["p7"] and r["p7"]["ratio"]),
             "p7_median_gap_ms": med(kind, lambda r: r["p7"] and r["p7"]["median_gap_ms"]),
             "p7_worst_gap_ms": med(kind, lambda r: r["p7"] and r["p7"]["worst_gap_ms"]),
+            "ttft_cold_ms": med(kind, lambda r: r["cold"] and r["cold"]["ttft_ms"]["p50"]),
+            "ttft_again_ms": med(kind, lambda r: r["again"] and r["again"]["ttft_ms"]["p50"]),
             "spread": {
                 "decode_1": spread(kind, lambda r: r["one"]["decode_tok_s_per_stream"]["median"]),
                 "ttft_1_ms": spread(kind, lambda r: r["one"]["ttft_ms"]["p50"]),
@@ -384,6 +395,10 @@ def main() -> int:
         ("TTFT p95 with 4 clients", f"{b['ttft_4_p95_ms']:.0f} ms", f"{p['ttft_4_p95_ms']:.0f} ms", b["ttft_4_p95_ms"] / p["ttft_4_p95_ms"]),
         ("P6 ratio, llama-server (its own prompt cache)", f"{b['p6_ratio']:.2f}", f"{p['p6_ratio']:.2f}", b["p6_ratio"] / p["p6_ratio"]),
         ("P7 ratio, llama-server", f"{b['p7_ratio']:.2f}", f"{p['p7_ratio']:.2f}", b["p7_ratio"] / p["p7_ratio"]),
+        ("TTFT, prompt read afresh (cache_prompt: false)", f"{b['ttft_cold_ms']:.0f} ms", f"{p['ttft_cold_ms']:.0f} ms",
+         b["ttft_cold_ms"] / p["ttft_cold_ms"]),
+        ("TTFT, the same prompt again", f"{b['ttft_again_ms']:.1f} ms", f"{p['ttft_again_ms']:.1f} ms",
+         b["ttft_again_ms"] / p["ttft_again_ms"]),
         ("raw engine: 4 sequences in one batch", f"{raw['parallel'][0]['median']:.1f} tok/s", "", None),
         ("raw engine: pp128", f"{raw['pp']['median']:.1f} tok/s", "", None),
     ]
