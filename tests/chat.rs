@@ -657,11 +657,25 @@ async fn a_prompt_held_by_a_busy_slot_is_copied_not_read() {
     let cold = s.chat(body(24, false)).await;
     let prompt = cold["usage"]["prompt_tokens"].as_u64().unwrap();
     assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
-    // The same prompt, streaming a long answer, takes the slot that read it...
+    // The same prompt, streaming a long answer, takes the slot that read it; the other slot
+    // has held nothing yet.
     let mut busy = s.stream("/v1/chat/completions", &body(400, true)).await;
     assert!(busy.next_data().await.is_some());
+    // A different question under the same long system prompt goes to the empty slot, which
+    // copies the busy one's system prompt (up to an aligned position) and reads the rest.
+    let other = s
+        .chat(
+            json!({"model": "smollm2", "temperature": 0, "max_tokens": 8,
+                     "messages": garden(&[("user", "Is the cafe open?")])}),
+        )
+        .await;
+    let cached = other["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached >= 64, "{other}");
+    // The first prompt again: the free slot shares only the system prompt, the busy one the
+    // whole prompt with its logits, so that is copied and nothing is read.
     let read_before = s.metric("backstop_prompt_tokens_evaluated_total").await;
-    // ...so the next one goes to the other slot, which copies the cache.
     let copied = s.chat(body(24, false)).await;
     assert_eq!(
         copied["usage"]["prompt_tokens_details"]["cached_tokens"], prompt,
@@ -673,18 +687,6 @@ async fn a_prompt_held_by_a_busy_slot_is_copied_not_read() {
         "the prompt was read again"
     );
     assert_eq!(answer(&copied), answer(&cold));
-    // A different question under the same long system prompt copies the system prompt (in
-    // whole grains) and reads the rest.
-    let other = s
-        .chat(
-            json!({"model": "smollm2", "temperature": 0, "max_tokens": 8,
-                     "messages": garden(&[("user", "Is the cafe open?")])}),
-        )
-        .await;
-    let cached = other["usage"]["prompt_tokens_details"]["cached_tokens"]
-        .as_u64()
-        .unwrap();
-    assert!(cached >= 64, "{other}");
     drop(busy);
 }
 

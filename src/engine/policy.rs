@@ -67,6 +67,21 @@ fn aligned(n: usize, grain: Grain) -> usize {
     n / grain.align * grain.align
 }
 
+impl Grain {
+    /// The longest prefix of a `len`-token prompt a reproducible request may reuse, when it
+    /// shares `shared` tokens with a cache whose first `exact` were read exactly: up to an
+    /// aligned position that leaves at least a span to read.
+    pub(crate) fn exact_reuse(self, shared: usize, exact: usize, len: usize) -> usize {
+        aligned(shared.min(exact).min(len.saturating_sub(self.span)), self)
+    }
+
+    /// Rows `start..end`, read alone in their step, come out as a cold read's: the chunk
+    /// starts on an aligned position and holds at least a span.
+    pub(crate) fn reads_exactly(self, start: usize, end: usize) -> bool {
+        start % self.align == 0 && end - start >= self.span
+    }
+}
+
 /// How much of a slot's cache a request may reuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Reuse {
@@ -287,12 +302,7 @@ fn reusable<T: PartialEq>(
         match reuse {
             Reuse::Cold => 0,
             Reuse::Fast => shared.min(prompt.len().saturating_sub(1)),
-            Reuse::Exact => aligned(
-                shared
-                    .min(s.exact)
-                    .min(prompt.len().saturating_sub(grain.span)),
-                grain,
-            ),
+            Reuse::Exact => grain.exact_reuse(shared, s.exact, prompt.len()),
         }
     };
     (n, shared)

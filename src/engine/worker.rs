@@ -115,8 +115,8 @@ struct Slot {
     seq: i32,
     /// Tokens whose KV entries this sequence holds, in position order.
     cached: Vec<LlamaToken>,
-    /// How many leading `cached` tokens were read exactly: as prompt, from aligned positions,
-    /// at least a span at a time (see `policy::Grain`). Only these are reused for a seeded or greedy request, so its answer is
+    /// How many leading `cached` tokens were read exactly (`policy::Grain::reads_exactly`).
+    /// Only these are reused for a seeded or greedy request, so its answer is
     /// the one a cold read gives; tokens generated one step at a time went through llama.cpp's
     /// matrix-vector kernels, which round differently from the batched ones a cold prompt goes
     /// through.
@@ -618,15 +618,15 @@ impl<'m> Worker<'m> {
             grammar,
         } = pending;
         let whole_hit = keep == tokens.len() && slot.end.as_ref().is_some_and(|e| e.len == keep);
-        // Reused rows are as a cold read's if they were read in whole grains and the rest of
-        // the prompt starts on a grain boundary with at least a grain to read.
+        // Reused rows leave the read as a cold one only within what exact reuse allows (a
+        // sampled request without a seed may have reused more).
         let read_exact = if whole_hit {
             slot.end.as_ref().is_some_and(|e| e.exact)
         } else {
-            keep == 0
-                || (keep % self.budget.grain.align == 0
-                    && slot.exact >= keep
-                    && tokens.len() >= keep + self.budget.grain.span)
+            self.budget
+                .grain
+                .exact_reuse(keep, slot.exact, tokens.len())
+                == keep
         };
         let banned: &[LlamaToken] = if job.request.ignore_eos && grammar.is_none() {
             &self.eog
@@ -749,14 +749,12 @@ impl<'m> Worker<'m> {
             undo.push((i, slot.cached.len(), None));
             let start = slot.cached.len();
             let end = (start + n).min(active.prompt.len());
-            // Rows read alone, from a grain boundary, in a chunk the batched kernels take whole
-            // are what a cold read computes. Beside other sequences llama.cpp splits the batch
-            // into equal per-sequence parts, so those rows are not exact.
-            let grain = self.budget.grain;
-            let grained = start % grain.align == 0 && !shared_step;
-            let exact = grained && end - start >= grain.span;
+            // Beside other sequences llama.cpp splits the batch into equal per-sequence parts,
+            // so only rows read alone can be as a cold read's.
+            let exact = !shared_step && self.budget.grain.reads_exactly(start, end);
             // A cold read takes a short prompt in one piece: that chunk is as exact.
-            active.read_exact &= exact || (grained && start == 0 && end == active.prompt.len());
+            let whole = !shared_step && start == 0 && end == active.prompt.len();
+            active.read_exact &= exact || whole;
             for (pos, &token) in (start..end).zip(&active.prompt[start..end]) {
                 let last = pos + 1 == active.prompt.len();
                 self.batch
@@ -849,7 +847,7 @@ impl<'m> Worker<'m> {
                 });
             }
             let token = active.sampler.sample(&self.ctx, idx);
-            self.first_token(i, token);
+            self.on_sampled(i, token);
         }
     }
 
@@ -871,7 +869,7 @@ impl<'m> Worker<'m> {
         match candidates.selected_token() {
             Some(token) => {
                 active.sampler.accept(token);
-                self.first_token(i, token);
+                self.on_sampled(i, token);
             }
             None => {
                 // Unreachable: every chain ends in a sampler that selects a token.
@@ -888,7 +886,7 @@ impl<'m> Worker<'m> {
     }
 
     /// Records the time to a request's first token, if this is it, and hands the token on.
-    fn first_token(&mut self, i: usize, token: LlamaToken) {
+    fn on_sampled(&mut self, i: usize, token: LlamaToken) {
         if let Some(active) = self.slots[i].active.as_mut() {
             if active.first_token_at.is_none() {
                 let now = Instant::now();
