@@ -500,6 +500,68 @@ async fn a_follow_up_turn_on_gemma_answers_as_a_cold_server_does() {
     follow_up_answers_as_a_cold_server_does("gemma", &common::gemma3(), None).await;
 }
 
+/// A prompt read while another request generates is read in calls of its own, as a cold read
+/// reads it: a greedy follow-up turn reuses it, and answers as a server that never saw the
+/// first turn. (Without flash attention: its grain lets the paced 16-token chunks of a busy
+/// 2-core machine be exact too; with it, exactness needs 64-row chunks.)
+#[tokio::test]
+async fn a_prompt_read_beside_a_running_stream_is_reused_by_a_greedy_follow_up() {
+    let path = common::smollm2();
+    let s = two_slots("smollm2", &path, Some(false)).await;
+    let mut running = s
+        .stream(
+            "/v1/completions",
+            &json!({"model": "smollm2", "prompt": "Once upon a time,", "max_tokens": 3000,
+                    "ignore_eos": true, "temperature": 0, "stream": true}),
+        )
+        .await;
+    // Keep reading, so the running stream takes part in every step.
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reader = {
+        let received = std::sync::Arc::clone(&received);
+        tokio::spawn(async move {
+            while running.next_data().await.is_some() {
+                received.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    };
+    while received.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let before = received.load(std::sync::atomic::Ordering::SeqCst);
+
+    let first = garden(&[("user", "Name three fruits.")]);
+    let greedy = |messages: &Value| json!({"model": "smollm2", "messages": messages, "temperature": 0, "max_tokens": 24});
+    let r1 = s.chat(greedy(&first)).await;
+    let first_prompt = r1["usage"]["prompt_tokens"].as_u64().unwrap();
+    let follow = garden(&[
+        ("user", "Name three fruits."),
+        ("assistant", &answer(&r1)),
+        ("user", "Which one is yellow?"),
+    ]);
+    let warm = s.chat(greedy(&follow)).await;
+    let during = received.load(std::sync::atomic::Ordering::SeqCst) - before;
+    // It kept going: the prompts were read beside its tokens.
+    assert!(
+        during >= 4,
+        "the other stream got only {during} tokens meanwhile"
+    );
+    let prompt = warm["usage"]["prompt_tokens"].as_u64().unwrap();
+    let cached = warm["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(cached, first_prompt.min(prompt - 4) / 4 * 4, "{warm}");
+    assert!(cached >= 64, "{warm}");
+    reader.abort();
+
+    let cold = two_slots("smollm2", &path, Some(false))
+        .await
+        .chat(greedy(&follow))
+        .await;
+    assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(answer(&warm), answer(&cold));
+}
+
 /// Requests sharing a long system prompt reuse its KV entries, and the answer is exactly
 /// what a server that never saw the first request gives, greedy or seeded.
 #[tokio::test]

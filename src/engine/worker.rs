@@ -689,10 +689,32 @@ impl<'m> Worker<'m> {
             .collect()
     }
 
-    /// Evaluates one planned batch. If llama.cpp rejects a batch of several sequences, each
-    /// is retried alone so only the one at fault fails.
+    /// Runs one planned step in parts: the generating sequences' tokens in one `llama_decode`
+    /// call, then every prompt chunk in a call of its own, oldest first, each sampled as soon
+    /// as it is evaluated. Beside other sequences llama.cpp would split a prompt chunk into
+    /// equal per-sequence parts (a non-unified cache takes one row per sequence into the
+    /// first), costing as many passes over the weights as separate calls do; alone, a chunk is
+    /// read as a cold read reads it, so a reproducible request can reuse it later, and a prompt
+    /// that ends shows its first token without waiting for the prompts read after it.
     fn step(&mut self, plan: &StepPlan) {
         self.step_no += 1;
+        if !plan.decode.is_empty() {
+            self.evaluate_and_sample(&StepPlan {
+                decode: plan.decode.clone(),
+                prefill: vec![],
+            });
+        }
+        for &chunk in &plan.prefill {
+            self.evaluate_and_sample(&StepPlan {
+                decode: vec![],
+                prefill: vec![chunk],
+            });
+        }
+    }
+
+    /// Evaluates one batch and samples from it. If llama.cpp rejects a batch of several
+    /// sequences, each is retried alone so only the one at fault fails.
+    fn evaluate_and_sample(&mut self, plan: &StepPlan) {
         match self.evaluate(plan) {
             Ok(()) => self.sample(plan),
             Err(e) if plan.decode.len() + plan.prefill.len() > 1 => {
