@@ -9,9 +9,9 @@ threads, per-slot context and requests (unique prompts, so no prefix cache helps
 ignore_eos where the server honours it). Each of 1, 4 and 8 streaming clients measures decode
 tok/s per stream, TTFT p50/p95 and aggregate tok/s; servers with slots get 4 slots for 1 and 4
 clients and 8 for 8 (llama-cpp-python serves one request at a time whatever it is given).
-Server runs rotate order (backstop, llama-server, llama-cpp-python; then the next order, ...)
-so drift on a noisy machine hits all alike; every figure is the median over --reps after a
-warm-up.
+Runs rotate order (the raw engine, backstop, llama-server, llama-cpp-python; then the next
+order, ...) so drift on a noisy machine hits all alike; every figure is the median over --reps
+after a warm-up.
 
 P6 (prompt-prefix reuse): a chat whose first user turn carries ~1,000 tokens of history, then a
 second turn on top of it; TTFT of the second over the first (unique history per rep).
@@ -266,12 +266,13 @@ def main() -> int:
     peer_version = (version.stdout + version.stderr).strip().splitlines()[0]
     kinds = ["backstop", "llama-server"] + ([] if args.no_python_peer else ["llama-cpp-python"])
 
-    log("==> raw engine (backstop bench)")
-    raw = json.loads(subprocess.run(
-        [str(backstop), "bench", "--format", "json", "-p", "128", "-n", str(args.max_tokens),
-         "-r", str(args.reps), "-t", str(args.threads), "--parallel", "4", "--ctx", str(args.ctx), str(model)],
-        check=True, capture_output=True, text=True,
-    ).stdout)["results"][0]
+    def raw_engine() -> dict:
+        """One repetition of `backstop bench` (after its warm-up): the raw engine's figures."""
+        return json.loads(subprocess.run(
+            [str(backstop), "bench", "--format", "json", "-p", "128", "-n", str(args.max_tokens),
+             "-r", "1", "-t", str(args.threads), "--parallel", "4", "--ctx", str(args.ctx), str(model)],
+            check=True, capture_output=True, text=True,
+        ).stdout)["results"][0]
 
     def start(kind: str, slots: int) -> Server:
         port = free_port()
@@ -291,12 +292,17 @@ def main() -> int:
         return Server(kind, argv, port, ready="/v1/models")
 
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    raws: list[dict] = []
     for rep in range(args.reps):
-        # Rotate the order, so whichever server runs first (on a warmer or cooler machine)
-        # does not bias the comparison.
-        order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
+        # Rotate the order, the raw engine included, so whichever runs first (on a warmer or
+        # cooler machine) does not bias the comparison.
+        every = ["raw"] + kinds
+        order = every[rep % len(every):] + every[:rep % len(every)]
         for kind in order:
             log(f"==> rep {rep + 1}/{args.reps}: {kind}")
+            if kind == "raw":
+                raws.append(raw_engine())
+                continue
             nonce = f"{kind}-{rep}-{os.urandom(3).hex()}"
             s = start(kind, 4)
             try:
@@ -369,6 +375,10 @@ def main() -> int:
             fig[kind][f"ttft_{n}_p95_ms"] = med(kind, lambda r: r[key]["ttft_ms"]["p95"])
             fig[kind][f"decode_{n}_per_stream"] = med(kind, lambda r: r[key]["decode_tok_s_per_stream"]["median"])
     b, p = fig["backstop"], fig["llama-server"]
+    raw = {key: {"median": statistics.median(r[key]["median"] for r in raws),
+                 "spread": [min(r[key]["median"] for r in raws), max(r[key]["median"] for r in raws)]}
+           for key in ("pp", "tg")}
+    raw["parallel"] = [{"median": statistics.median(r["parallel"][0]["median"] for r in raws)}]
     raw_tg = raw["tg"]["median"]
     rows = [
         ("P1 single-stream decode vs raw engine", f"{b['decode_1']:.1f} tok/s", f"{raw_tg:.1f} tok/s (raw)",
