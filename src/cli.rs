@@ -92,6 +92,9 @@ pub struct BenchArgs {
     /// Tokens generated.
     #[arg(short = 'n', long = "gen", default_value_t = 128)]
     pub generate: usize,
+    /// Tokens already in the cache when each measurement starts (llama-bench's depth).
+    #[arg(short = 'd', long, default_value_t = 0)]
+    pub depth: usize,
     /// Repetitions after one warm-up.
     #[arg(short = 'r', long, default_value_t = 5)]
     pub reps: usize,

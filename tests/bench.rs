@@ -238,3 +238,57 @@ fn many_parallel_sequences_are_measured_and_too_many_are_refused() {
         "{err}"
     );
 }
+
+/// `-d` measures from that many tokens already in the cache, says so in every format, and a
+/// depth the model's context cannot hold is refused before a context is made for it.
+#[test]
+fn figures_at_a_depth_say_so_and_too_deep_is_refused() {
+    let model = common::smollm2();
+    let model = model.to_str().unwrap();
+    let run = |format: &str, depth: &str| {
+        backstop(&[
+            "bench",
+            "-p",
+            "16",
+            "-n",
+            "8",
+            "-d",
+            depth,
+            "-r",
+            "1",
+            "-t",
+            "2",
+            "--parallel",
+            "2",
+            "--format",
+            format,
+            model,
+        ])
+    };
+    let o = run("json", "256");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let report: Value = serde_json::from_slice(&o.stdout).expect("bench JSON");
+    assert_eq!(report["depth"], 256, "{report}");
+    let r = &report["results"][0];
+    for fig in [&r["pp"], &r["tg"], &r["parallel"][0]] {
+        assert!(fig["median"].as_f64().unwrap() > 0.0, "{report}");
+    }
+    let o = run("table", "256");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let table = text(&o.stdout);
+    assert!(
+        table.contains("| pp16 @ d256 tok/s | tg8 @ d256 tok/s | tg8 @ d256 x2 aggregate |"),
+        "{table}"
+    );
+
+    // SmolLM2 was trained on 8,192 tokens: 8,153 + 16 + 8 + the 16 each generation starts
+    // from is one too many.
+    let o = run("json", "8153");
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("-d 8153") && err.contains("8193") && err.contains("8192"),
+        "{err}"
+    );
+    assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
+}

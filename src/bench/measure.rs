@@ -2,8 +2,9 @@
 //! `llama-cpp-2` with no HTTP: prompt processing (a prompt of `-p` tokens evaluated in
 //! batches), generation (`-n` tokens, one sequence, greedy, each fed back), and with
 //! `--parallel`, aggregate generation of N sequences sharing each decode (the continuous
-//! batching the server does). The same context layout as the server: one context, one
-//! sequence of cells per slot.
+//! batching the server does). With `-d`, every measurement starts from that many tokens
+//! already in each sequence's cache (llama-bench's depth): speed deep into a conversation.
+//! The same context layout as the server: one context, one sequence of cells per slot.
 
 use std::num::NonZeroU32;
 use std::path::Path;
@@ -22,6 +23,8 @@ use llama_cpp_2::token::LlamaToken;
 pub struct Plan {
     /// Prompt tokens for prompt processing.
     pub prompt: usize,
+    /// Tokens already in each sequence's cache when a measurement starts.
+    pub depth: usize,
     /// Tokens generated per sequence.
     pub generate: usize,
     /// Repetitions (after one warm-up, which is not counted).
@@ -45,6 +48,15 @@ pub enum BenchError {
     /// llama.cpp would not load it.
     #[error("llama.cpp could not load {0}")]
     Load(String),
+    /// The depth, prompt and generated tokens do not fit the model's context.
+    #[error("-d {depth} with -p {prompt} and -n {generate} needs {needed} tokens of context; the model holds {train}")]
+    TooDeep {
+        depth: usize,
+        prompt: usize,
+        generate: usize,
+        needed: usize,
+        train: usize,
+    },
     /// A context or decode failed.
     #[error("llama.cpp failed: {0}")]
     Llama(String),
@@ -102,21 +114,55 @@ fn prefill(
 /// Prompt tokens each sequence of the parallel measurement starts from.
 const PARALLEL_PROMPT: usize = 16;
 
-/// `n` sequences advancing together for `generate` tokens; tokens per second in all.
+/// Fills sequence 0 with the `context` tokens (the depth) and copies them to sequences
+/// `1..n`; later measurements cut back to them with [`rewind`].
+fn fill(
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch<'_>,
+    context: &[LlamaToken],
+    n: usize,
+) -> Result<(), BenchError> {
+    ctx.clear_kv_cache();
+    if context.is_empty() {
+        return Ok(());
+    }
+    prefill(ctx, batch, context, 0, 0)?;
+    for s in 1..n {
+        ctx.copy_kv_cache_seq(0, s as i32, None, None)
+            .map_err(llama)?;
+    }
+    Ok(())
+}
+
+/// Drops every sequence's cells after the first `depth` positions.
+fn rewind(ctx: &mut LlamaContext<'_>, depth: usize) -> Result<(), BenchError> {
+    let p0 = u32::try_from(depth).map_err(llama)?;
+    match ctx.clear_kv_cache_seq(None, Some(p0), None) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(BenchError::Llama(format!(
+            "could not cut the cache back to {depth} tokens"
+        ))),
+        Err(e) => Err(llama(e)),
+    }
+}
+
+/// `n` sequences advancing together for `generate` tokens from `depth` cached tokens;
+/// tokens per second in all.
 fn generate_together(
     ctx: &mut LlamaContext<'_>,
     batch: &mut LlamaBatch<'_>,
     prompt: &[LlamaToken],
+    depth: usize,
     n: usize,
     generate: usize,
 ) -> Result<f64, BenchError> {
-    ctx.clear_kv_cache();
+    rewind(ctx, depth)?;
     let short = &prompt[..prompt.len().clamp(1, PARALLEL_PROMPT)];
     batch.clear();
     for s in 0..n {
         for (i, &t) in short.iter().enumerate() {
             batch
-                .add(t, i as i32, &[s as i32], i + 1 == short.len())
+                .add(t, (depth + i) as i32, &[s as i32], i + 1 == short.len())
                 .map_err(llama)?;
         }
     }
@@ -133,7 +179,7 @@ fn generate_together(
         batch.clear();
         for (s, &tok) in tokens.iter().enumerate() {
             batch
-                .add(tok, (short.len() + step) as i32, &[s as i32], true)
+                .add(tok, (depth + short.len() + step) as i32, &[s as i32], true)
                 .map_err(llama)?;
         }
         ctx.decode(batch).map_err(llama)?;
@@ -148,15 +194,15 @@ fn one(
     prompt: &[LlamaToken],
     plan: &Plan,
 ) -> Result<Rep, BenchError> {
-    ctx.clear_kv_cache();
+    rewind(ctx, plan.depth)?;
     let started = Instant::now();
-    prefill(ctx, batch, prompt, 0, 0)?;
+    prefill(ctx, batch, prompt, 0, plan.depth)?;
     let pp = prompt.len() as f64 / started.elapsed().as_secs_f64();
-    let tg = generate_together(ctx, batch, prompt, 1, plan.generate)?;
+    let tg = generate_together(ctx, batch, prompt, plan.depth, 1, plan.generate)?;
     let parallel = plan
         .parallel
         .iter()
-        .map(|&n| generate_together(ctx, batch, prompt, n, plan.generate))
+        .map(|&n| generate_together(ctx, batch, prompt, plan.depth, n, plan.generate))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Rep { pp, tg, parallel })
 }
@@ -171,7 +217,21 @@ pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<R
     let model = LlamaModel::load_from_file(backend, path, &params)
         .map_err(|_| BenchError::Load(path.display().to_string()))?;
     let seqs = plan.parallel.iter().copied().max().unwrap_or(1).max(1);
-    let needed = (plan.prompt.max(16) + plan.generate + 16) as u32;
+    let needed = plan
+        .depth
+        .saturating_add(plan.prompt.max(16))
+        .saturating_add(plan.generate + PARALLEL_PROMPT);
+    let train = usize::try_from(model.n_ctx_train()).unwrap_or(usize::MAX);
+    if needed > train {
+        return Err(BenchError::TooDeep {
+            depth: plan.depth,
+            prompt: plan.prompt,
+            generate: plan.generate,
+            needed,
+            train,
+        });
+    }
+    let needed = u32::try_from(needed).unwrap_or(u32::MAX);
     let per_seq = plan.ctx.map_or(needed, |c| c.max(needed));
     let threads = i32::try_from(plan.threads).unwrap_or(i32::MAX);
     // The parallel measurement starts every sequence with one decode of 16 tokens each;
@@ -193,6 +253,13 @@ pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<R
     let mut ctx = model.new_context(backend, ctx_params).map_err(llama)?;
     let mut batch = LlamaBatch::new(n_batch, 1);
     let prompt = prompt_tokens(&model, plan.prompt.max(1));
+    // The depth is read once; every measurement cuts back to it.
+    fill(
+        &mut ctx,
+        &mut batch,
+        &prompt_tokens(&model, plan.depth),
+        seqs,
+    )?;
     let warm = Plan {
         generate: plan.generate.min(8),
         ..plan.clone()

@@ -52,6 +52,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     let plan = Plan {
         prompt: args.prompt,
+        depth: args.depth,
         generate: args.generate.max(2),
         reps: args.reps.max(1),
         threads,
@@ -96,7 +97,10 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     bar.finish_and_clear();
     match args.format {
         BenchFormat::Table => {
-            print!("{}", table(&results, plan.prompt, plan.generate));
+            print!(
+                "{}",
+                table(&results, plan.prompt, plan.generate, plan.depth)
+            );
             println!("{threads} threads, {} repetitions", plan.reps);
         }
         BenchFormat::Json => println!(
@@ -105,11 +109,12 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 "threads": threads,
                 "prompt": plan.prompt,
                 "generate": plan.generate,
+                "depth": plan.depth,
                 "reps": plan.reps,
                 "results": results,
             }))?
         ),
-        BenchFormat::Csv => print!("{}", csv(&results)),
+        BenchFormat::Csv => print!("{}", csv(&results, plan.depth)),
     }
     Ok(())
 }

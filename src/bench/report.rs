@@ -116,8 +116,13 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
-/// A markdown table, one row per model.
-pub fn table(results: &[ModelResult], prompt: usize, generate: usize) -> String {
+/// A markdown table, one row per model; figures measured at a depth say so (`pp512 @ d1024`).
+pub fn table(results: &[ModelResult], prompt: usize, generate: usize, depth: usize) -> String {
+    let at = if depth > 0 {
+        format!(" @ d{depth}")
+    } else {
+        String::new()
+    };
     let parallel: Vec<usize> = results
         .first()
         .map(|r| r.parallel.iter().map(|p| p.sequences).collect())
@@ -128,13 +133,13 @@ pub fn table(results: &[ModelResult], prompt: usize, generate: usize) -> String 
         "size".to_owned(),
         "params".to_owned(),
         "backend".to_owned(),
-        format!("pp{prompt} tok/s"),
-        format!("tg{generate} tok/s"),
+        format!("pp{prompt}{at} tok/s"),
+        format!("tg{generate}{at} tok/s"),
     ];
     head.extend(
         parallel
             .iter()
-            .map(|n| format!("tg{generate} x{n} aggregate")),
+            .map(|n| format!("tg{generate}{at} x{n} aggregate")),
     );
     let mut out = format!(
         "| {} |\n|{}\n",
@@ -158,14 +163,15 @@ pub fn table(results: &[ModelResult], prompt: usize, generate: usize) -> String 
     out
 }
 
-/// CSV, one row per model and figure.
-pub fn csv(results: &[ModelResult]) -> String {
-    let mut out =
-        String::from("file,quantization,size,parameters,backend,figure,sequences,median,min,max\n");
+/// CSV, one row per model and figure, with the depth it was measured at.
+pub fn csv(results: &[ModelResult], depth: usize) -> String {
+    let mut out = String::from(
+        "file,quantization,size,parameters,backend,figure,sequences,depth,median,min,max\n",
+    );
     for r in results {
         let mut row = |figure: &str, n: usize, f: &Figure| {
             out.push_str(&format!(
-                "{},{},{},{},{},{figure},{n},{:.3},{:.3},{:.3}\n",
+                "{},{},{},{},{},{figure},{n},{depth},{:.3},{:.3},{:.3}\n",
                 r.file, r.quantization, r.size, r.parameters, r.backend, f.median, f.min, f.max
             ));
         };
@@ -208,11 +214,26 @@ mod tests {
 
     #[test]
     fn the_table_and_csv_carry_every_figure() {
-        let t = table(&[result()], 512, 128);
+        let t = table(&[result()], 512, 128, 0);
         assert!(t.contains("| m.gguf | Q4_0 | 1.0 MiB | 1.00M | CPU | 100.0 (100.0–100.0) | 10.0 (10.0–10.0) | 30.0 (30.0–30.0) |"), "{t}");
-        assert!(t.contains("tg128 x4 aggregate"));
-        let c = csv(&[result()]);
+        assert!(
+            t.contains("| pp512 tok/s | tg128 tok/s | tg128 x4 aggregate |"),
+            "{t}"
+        );
+        let deep = table(&[result()], 512, 128, 1024);
+        assert!(
+            deep.contains(
+                "| pp512 @ d1024 tok/s | tg128 @ d1024 tok/s | tg128 @ d1024 x4 aggregate |"
+            ),
+            "{deep}"
+        );
+        let c = csv(&[result()], 1024);
         assert_eq!(c.lines().count(), 4);
-        assert!(c.contains("m.gguf,Q4_0,1048576,1.00M,CPU,tg_aggregate,4,30.000,30.000,30.000"));
+        assert!(c.starts_with(
+            "file,quantization,size,parameters,backend,figure,sequences,depth,median,min,max\n"
+        ));
+        assert!(
+            c.contains("m.gguf,Q4_0,1048576,1.00M,CPU,tg_aggregate,4,1024,30.000,30.000,30.000")
+        );
     }
 }
