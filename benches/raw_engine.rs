@@ -55,6 +55,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     backstop::bench::run(&BenchArgs {
         models: vec![model.display().to_string()],
         prompt: args.prompt,
+        depth: 0,
         generate: args.gen,
         reps: args.reps,
         threads: args.threads,
