@@ -9,8 +9,11 @@ pub(crate) enum SlotState {
     Free,
     /// Prompt tokens still to be evaluated. `admitted` orders slots: lower came first.
     Prefill {
-        /// Prompt tokens not yet in the KV cache.
+        /// Prompt tokens of the segment being read (see [`segment_starts`]) not yet in the KV
+        /// cache: a chunk never runs into the next segment.
         remaining: usize,
+        /// Rows a chunk of this segment holds, unless it is the rest of it ([`Grain`]).
+        least: usize,
         /// Admission sequence number.
         admitted: u64,
     },
@@ -35,32 +38,96 @@ pub(crate) struct Budget {
 }
 
 /// How prompt rows are grouped so that a warm read computes what a cold read computes:
-/// llama.cpp's CPU kernels round differently for a handful of rows than for many. Prompt
-/// chunks start at multiples of `align` positions and hold at least `span` rows where the
-/// budget allows, and a cached prefix is reused up to an `align` boundary that leaves at
-/// least `span` rows to read: the rows of a warm request then go through the same kernels, in
-/// the same groups, as a cold one, and a seeded answer does not depend on what the slot held
-/// before. Sampled requests without a seed reuse all they can instead (see [`Reuse`]).
+/// llama.cpp's CPU kernels round differently for a handful of rows than for many. A cold
+/// read takes a prompt segment by segment (see [`segment_starts`]), each in chunks that start
+/// on multiples of `align` positions from the segment's start; a segment of at least `tile`
+/// rows is read with flash attention's query tiles, in chunks of at least `tile` rows, and a
+/// shorter one row by row, in chunks of at least `span` rows (or whole). A warm read reuses a
+/// cached prefix only where its rows went through the same kernels, in the same groups, and
+/// reads the rest as the cold read would: a seeded answer does not depend on what the slot
+/// held before. Sampled requests without a seed reuse all they can instead (see [`Reuse`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Grain {
-    /// Repacked weights (Q4_0, Q4_K, IQ4_NL on AVX2 or NEON) multiply rows in groups of 4
-    /// counted from a batch's first row, the rest one by one.
+    /// Repacked weights (Q4_0, Q4_K, IQ4_NL on AVX2, AVX-512 or NEON) multiply rows in groups
+    /// counted from a batch's first row: 16 at a time with AVX-512 (`ggml_gemm_q4_K_8x8_q8_K`
+    /// on x86), then 4 at a time, the rest one by one. Chunks and reuse keep to multiples of
+    /// 16 from a segment's start, so every row lands in the same kind of group.
     pub(crate) align: usize,
     /// Matrix products switch from vector dot products to tiled GEMM at 2 rows
-    /// (`llamafile_sgemm` refuses one); flash attention's CPU kernel switches to query tiles
-    /// at 64 (`GGML_FA_TILE_Q`). Every other operation works row by row.
+    /// (`llamafile_sgemm` refuses one); a chunk holds at least this many rows.
     pub(crate) span: usize,
+    /// Flash attention's CPU kernel switches to query tiles at 64 rows (`GGML_FA_TILE_Q`),
+    /// and computes each row alike in either kernel whatever else the chunk holds; `None`
+    /// without flash attention, where every other operation works row by row.
+    pub(crate) tile: Option<usize>,
 }
 
-/// The grain without flash attention. Checked on this project's 2-core AVX2 machine by
-/// comparing 30 random warm answers per model with cold ones: it matched every one on SmolLM2
-/// (Q4_1) and Gemma 3 (Q4_K, repacked); with `align` 1, 8 of 30 Gemma answers changed.
-pub(crate) const MATMUL_GRAIN: Grain = Grain { align: 4, span: 4 };
+/// The grain without flash attention. Checked on this project's 2-core AVX-512 machine by
+/// comparing 30 random greedy warm answers per model with cold ones: with `align` 4 it matched
+/// every one on SmolLM2 (Q4_1) and Gemma 3 (Q4_K, repacked); with `align` 1, 8 of 30 Gemma
+/// answers changed. A sampled Gemma follow-up whose reuse ended 4 rows into a segment (rows a
+/// 5-row chunk had multiplied 4 at a time, a cold read 16 at a time) did not match its cold
+/// answer; with `align` 16 it does.
+pub(crate) const MATMUL_GRAIN: Grain = Grain {
+    align: 16,
+    span: 4,
+    tile: None,
+};
 
 /// The grain with flash attention (or when llama.cpp decides whether to use it). The same
-/// check, 40 random warm answers per model with flash attention on: all matched with a span
-/// of 64; with a span of 4, 17 of 30 Gemma answers and 23 of 30 SmolLM2 answers changed.
-pub(crate) const FLASH_GRAIN: Grain = Grain { align: 4, span: 64 };
+/// check, 40 random warm answers per model with flash attention on: all matched when warm
+/// chunks kept the cold read's kernel; with a 4-row chunk where the cold read had tiles, 17
+/// of 30 Gemma answers and 23 of 30 SmolLM2 answers changed.
+pub(crate) const FLASH_GRAIN: Grain = Grain {
+    align: 16,
+    span: 4,
+    tile: Some(64),
+};
+
+/// The shortest segment: a control token closer than this to the previous segment's start
+/// starts no new one (a chat turn's end and the next one's start stay together), so a cold
+/// read takes few extra passes over the weights.
+pub(crate) const MIN_SEGMENT: usize = 16;
+
+/// Where a cold read of a prompt starts a new chunk whatever the budget: position 0 and
+/// every control token (a chat template's turn markers, `control[i]` for token `i`) at least
+/// [`MIN_SEGMENT`] positions after the previous start. The starts below any position depend
+/// only on the tokens before it, so two prompts agree on them up to where they differ: a
+/// follow-up turn, or another question under the same system prompt, reuses the segments
+/// before its own, and reads its question in a short segment, row by row, instead of
+/// leaving a whole tile to read.
+pub(crate) fn segment_starts(control: impl IntoIterator<Item = bool>) -> Vec<usize> {
+    let mut starts = vec![0];
+    for (i, c) in control.into_iter().enumerate() {
+        if c && i >= starts[starts.len() - 1] + MIN_SEGMENT {
+            starts.push(i);
+        }
+    }
+    starts
+}
+
+/// A prompt's segments: their starts (0 first) and the prompt's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Layout<'a> {
+    /// Ascending segment starts, from [`segment_starts`].
+    pub(crate) starts: &'a [usize],
+    /// Prompt tokens.
+    pub(crate) len: usize,
+}
+
+impl Layout<'_> {
+    /// The segment holding row `r`: its start and end.
+    pub(crate) fn segment(&self, r: usize) -> (usize, usize) {
+        let i = self.starts.partition_point(|&s| s <= r).max(1) - 1;
+        let start = self.starts.get(i).copied().unwrap_or(0);
+        let end = self.starts.get(i + 1).copied().unwrap_or(self.len);
+        (start, end)
+    }
+
+    fn starts_at(&self, r: usize) -> bool {
+        self.starts.binary_search(&r).is_ok()
+    }
+}
 
 /// `n` rounded down to a multiple of the grain's alignment.
 fn aligned(n: usize, grain: Grain) -> usize {
@@ -68,17 +135,69 @@ fn aligned(n: usize, grain: Grain) -> usize {
 }
 
 impl Grain {
-    /// The longest prefix of a `len`-token prompt a reproducible request may reuse, when it
-    /// shares `shared` tokens with a cache whose first `exact` were read exactly: up to an
-    /// aligned position that leaves at least a span to read.
-    pub(crate) fn exact_reuse(self, shared: usize, exact: usize, len: usize) -> usize {
-        aligned(shared.min(exact).min(len.saturating_sub(self.span)), self)
+    /// A segment of `rows` rows is read with flash attention's query tiles.
+    fn tiled(self, rows: usize) -> bool {
+        self.tile.is_some_and(|t| rows >= t)
     }
 
-    /// Rows `start..end`, read alone in their step, come out as a cold read's: the chunk
-    /// starts on an aligned position and holds at least a span.
-    pub(crate) fn reads_exactly(self, start: usize, end: usize) -> bool {
-        start % self.align == 0 && end - start >= self.span
+    /// Rows a chunk of a segment of `rows` rows holds, unless it is the whole segment.
+    pub(crate) fn least(self, rows: usize) -> usize {
+        match self.tile {
+            Some(t) if rows >= t => t,
+            _ => self.span,
+        }
+    }
+
+    /// The longest prefix of the `new` prompt a reproducible request may reuse, when it shares
+    /// `shared` tokens with a cache whose first `exact` rows were read as a cold read of the
+    /// `cached` prompt reads them: up to a segment start both prompts have, or inside a
+    /// segment both start at and read with the same kernel, on an aligned position that
+    /// leaves the rest of the segment as many rows as a chunk of it holds. At least one row is
+    /// left to read, for fresh logits.
+    pub(crate) fn exact_reuse(
+        self,
+        cached: Layout<'_>,
+        new: Layout<'_>,
+        shared: usize,
+        exact: usize,
+    ) -> usize {
+        let limit = shared
+            .min(exact)
+            .min(cached.len)
+            .min(new.len.saturating_sub(1));
+        let mut best = 0;
+        for &s in new.starts.iter().take_while(|&&s| s <= limit) {
+            if !cached.starts_at(s) {
+                continue;
+            }
+            // Every segment before `s` ends at `s` in both prompts.
+            best = best.max(s);
+            let (_, end_new) = new.segment(s);
+            let (_, end_cached) = cached.segment(s);
+            if self.tiled(end_new - s) != self.tiled(end_cached - s) {
+                continue;
+            }
+            let room = end_new.saturating_sub(self.least(end_new - s));
+            let top = limit.min(end_cached).min(room);
+            if top > s {
+                best = best.max(s + aligned(top - s, self));
+            }
+        }
+        best
+    }
+
+    /// Rows `start..end` of a prompt laid out as `layout`, read alone in their step, come out
+    /// as a cold read's: the chunk stays in one segment, starts and ends on aligned positions
+    /// from the segment's start (or ends with it), and uses the segment's kernel with enough
+    /// rows.
+    pub(crate) fn reads_exactly(self, layout: Layout<'_>, start: usize, end: usize) -> bool {
+        let (s, e) = layout.segment(start);
+        let rows = end.saturating_sub(start);
+        let whole = start == s && end == e;
+        end <= e
+            && (start - s) % self.align == 0
+            && (end == e || (end - s) % self.align == 0)
+            && (rows >= self.least(e - s) || whole)
     }
 }
 
@@ -142,38 +261,40 @@ pub(crate) fn plan_step(slots: &[SlotState], budget: Budget) -> StepPlan {
     };
     let mut left = budget.batch.saturating_sub(plan.decode.len()).min(cap);
 
-    let mut prefilling: Vec<(u64, usize, usize)> = slots
+    let mut prefilling: Vec<(u64, usize, usize, usize)> = slots
         .iter()
         .enumerate()
         .filter_map(|(i, s)| match *s {
             SlotState::Prefill {
                 remaining,
+                least,
                 admitted,
-            } if remaining > 0 => Some((admitted, i, remaining)),
+            } if remaining > 0 => Some((admitted, i, remaining, least)),
             _ => None,
         })
         .collect();
     prefilling.sort_unstable();
-    for (_, i, remaining) in prefilling {
+    for (_, i, remaining, least) in prefilling {
         if left == 0 {
             break;
         }
-        let n = exact_chunk(remaining, remaining.min(left), budget.grain);
+        let n = exact_chunk(remaining, remaining.min(left), least, budget.grain);
         plan.prefill.push((i, n));
         left -= n;
     }
     plan
 }
 
-/// Shapes a chunk of `n` prompt rows out of `remaining`: unless it is the last, it ends on
-/// an aligned position, and it does not leave fewer than a span behind, as long as it keeps
-/// at least a span itself; the last chunk of a long prompt is then as exact as the others.
-fn exact_chunk(remaining: usize, n: usize, grain: Grain) -> usize {
+/// Shapes a chunk of `n` prompt rows out of the `remaining` rows of a segment whose chunks
+/// hold at least `least`: unless it is the last, it ends on an aligned position, and it does
+/// not leave fewer than `least` behind, as long as it keeps that many itself; the last chunk
+/// of a long segment is then as exact as the others.
+fn exact_chunk(remaining: usize, n: usize, least: usize, grain: Grain) -> usize {
     if n >= remaining {
         return n;
     }
-    let shorter = aligned(remaining.saturating_sub(grain.span), grain);
-    if remaining - n < grain.span && shorter >= grain.span {
+    let shorter = aligned(remaining.saturating_sub(least), grain);
+    if remaining - n < least && shorter >= least {
         return shorter;
     }
     match aligned(n, grain) {
@@ -242,9 +363,11 @@ pub(crate) struct CachedSlot<'a, T> {
     pub(crate) index: usize,
     /// Tokens whose KV entries the slot holds, in position order.
     pub(crate) cached: &'a [T],
-    /// How many of those were read exactly (from aligned positions, at least a span at a
-    /// time; see [`Grain`]).
+    /// How many of those were read as a cold read of the prompt laid out as `layout` reads
+    /// them (see [`Grain`]).
     pub(crate) exact: usize,
+    /// The segments of the prompt the `exact` rows belong to.
+    pub(crate) layout: Layout<'a>,
     /// The prompt whose last logits the slot kept, if `cached` still starts with it: its
     /// length, and whether every row of it was read as a cold read reads them.
     pub(crate) end: Option<(usize, bool)>,
@@ -277,6 +400,7 @@ pub(crate) const COPY_GAIN: usize = 32;
 fn reusable<T: PartialEq>(
     s: &CachedSlot<'_, T>,
     prompt: &[T],
+    layout: Layout<'_>,
     reuse: Reuse,
     grain: Grain,
 ) -> (usize, usize) {
@@ -302,7 +426,7 @@ fn reusable<T: PartialEq>(
         match reuse {
             Reuse::Cold => 0,
             Reuse::Fast => shared.min(prompt.len().saturating_sub(1)),
-            Reuse::Exact => grain.exact_reuse(shared, s.exact, prompt.len()),
+            Reuse::Exact => grain.exact_reuse(s.layout, layout, shared, s.exact),
         }
     };
     (n, shared)
@@ -317,13 +441,14 @@ fn reusable<T: PartialEq>(
 pub(crate) fn place<T: PartialEq>(
     slots: &[CachedSlot<'_, T>],
     prompt: &[T],
+    layout: Layout<'_>,
     reuse: Reuse,
     grain: Grain,
 ) -> Option<Placement> {
     let scored: Vec<(&CachedSlot<'_, T>, usize, usize)> = slots
         .iter()
         .map(|s| {
-            let (n, shared) = reusable(s, prompt, reuse, grain);
+            let (n, shared) = reusable(s, prompt, layout, reuse, grain);
             (s, n, shared)
         })
         .collect();
@@ -391,9 +516,15 @@ mod tests {
         SlotState::Decode { can_emit: true }
     }
 
+    /// A prompt (or its last segment) of `remaining` rows, with flash attention.
     fn prefill(remaining: usize, admitted: u64) -> SlotState {
+        prefill_in(FLASH_GRAIN, remaining, admitted)
+    }
+
+    fn prefill_in(grain: Grain, remaining: usize, admitted: u64) -> SlotState {
         SlotState::Prefill {
             remaining,
+            least: grain.least(remaining),
             admitted,
         }
     }
@@ -475,18 +606,19 @@ mod tests {
             let n = plan.prefill[0].1;
             assert!(n >= 1 && n <= remaining.min(64), "{remaining}: {n}");
         }
-        // Without flash attention the grain is 4 rows: 512 then 18 is fine, 512 then 2 is not.
+        // Without flash attention a chunk holds 4 rows: 512 then 18 is fine, 512 then 2 is not
+        // (496 then 18 instead, ending on a multiple of 16).
         let matmul = Budget {
             grain: MATMUL_GRAIN,
             ..BUDGET
         };
         assert_eq!(
-            plan_step(&[prefill(530, 1)], matmul).prefill,
+            plan_step(&[prefill_in(MATMUL_GRAIN, 530, 1)], matmul).prefill,
             vec![(0, 512)]
         );
         assert_eq!(
-            plan_step(&[prefill(514, 1)], matmul).prefill,
-            vec![(0, 508)]
+            plan_step(&[prefill_in(MATMUL_GRAIN, 514, 1)], matmul).prefill,
+            vec![(0, 496)]
         );
     }
 
@@ -494,11 +626,25 @@ mod tests {
         range.collect()
     }
 
+    fn whole(prompt: &[i32]) -> Layout<'static> {
+        Layout {
+            starts: WHOLE,
+            len: prompt.len(),
+        }
+    }
+
+    /// One segment, the whole of `cached`.
+    const WHOLE: &[usize] = &[0];
+
     fn slot(index: usize, cached: &[i32], exact: usize, last_used: u64) -> CachedSlot<'_, i32> {
         CachedSlot {
             index,
             cached,
             exact,
+            layout: Layout {
+                starts: WHOLE,
+                len: cached.len(),
+            },
             end: None,
             last_used,
             busy: false,
@@ -507,7 +653,7 @@ mod tests {
 
     /// Slot and reuse of a placement without a copy.
     fn at(slots: &[CachedSlot<'_, i32>], prompt: &[i32], reuse: Reuse) -> Option<(usize, usize)> {
-        place(slots, prompt, reuse, FLASH_GRAIN).map(|p| {
+        place(slots, prompt, whole(prompt), reuse, FLASH_GRAIN).map(|p| {
             assert_eq!(p.copy_from, None);
             (p.slot, p.reuse)
         })
@@ -523,10 +669,10 @@ mod tests {
         let fast = |p: &[i32]| at(&free, p, Reuse::Fast);
         // With flash attention (the grain `at` uses):
         // Exact reuse ends on an aligned position and leaves at least a span to read.
-        assert_eq!(exact(&tokens(1..=300)), Some((1, 148)));
-        assert_eq!(exact(&tokens(1..=200)), Some((1, 136)));
-        assert_eq!(exact(&tokens(1..=180)), Some((1, 116)));
-        assert_eq!(exact(&tokens(1..=120)), Some((1, 56)));
+        assert_eq!(exact(&tokens(1..=300)), Some((1, 144)));
+        assert_eq!(exact(&tokens(1..=200)), Some((1, 128)));
+        assert_eq!(exact(&tokens(1..=180)), Some((1, 112)));
+        assert_eq!(exact(&tokens(1..=120)), Some((1, 48)));
         assert_eq!(exact(&tokens(1..=66)), Some((0, 0)));
         // Sampling without a seed reuses all but the last token.
         assert_eq!(fast(&tokens(1..=120)), Some((1, 119)));
@@ -547,24 +693,25 @@ mod tests {
     fn an_identical_prompt_still_evaluates_its_last_rows() {
         let a = tokens(1..=200);
         let free = [slot(0, &a, 192, 0)];
-        assert_eq!(at(&free, &a, Reuse::Exact), Some((0, 136)));
+        assert_eq!(at(&free, &a, Reuse::Exact), Some((0, 128)));
         assert_eq!(at(&free, &a, Reuse::Fast), Some((0, 199)));
         // Only rows read exactly count for an exact request.
         let partly = [slot(0, &a, 100, 0)];
-        assert_eq!(at(&partly, &a, Reuse::Exact), Some((0, 100)));
+        assert_eq!(at(&partly, &a, Reuse::Exact), Some((0, 96)));
     }
 
     #[test]
-    fn without_flash_attention_prefixes_are_reused_in_grains_of_four() {
+    fn without_flash_attention_prefixes_are_reused_in_grains_of_sixteen() {
         let b = tokens(1..=150);
         let free = [slot(0, &b, b.len(), 0)];
-        let exact = |p: &[i32]| place(&free, p, Reuse::Exact, MATMUL_GRAIN).map(|p| p.reuse);
-        assert_eq!(exact(&tokens(1..=300)), Some(148));
-        assert_eq!(exact(&tokens(1..=40)), Some(36));
+        let exact =
+            |p: &[i32]| place(&free, p, whole(p), Reuse::Exact, MATMUL_GRAIN).map(|p| p.reuse);
+        assert_eq!(exact(&tokens(1..=300)), Some(144));
+        assert_eq!(exact(&tokens(1..=40)), Some(32));
         assert_eq!(exact(&tokens(1..=7)), Some(0));
         let mut diverging = tokens(1..=100);
         diverging[30] = 0;
-        assert_eq!(exact(&diverging), Some(28));
+        assert_eq!(exact(&diverging), Some(16));
     }
 
     #[test]
@@ -604,10 +751,16 @@ mod tests {
         let some = slot(0, &prompt[..70], 64, 1);
         let none = slot(1, &[9], 0, 7);
         assert_eq!(
-            place(&[some, none, busy], &prompt, Reuse::Exact, FLASH_GRAIN),
+            place(
+                &[some, none, busy],
+                &prompt,
+                whole(&prompt),
+                Reuse::Exact,
+                FLASH_GRAIN
+            ),
             Some(Placement {
                 slot: 1,
-                reuse: 236,
+                reuse: 224,
                 copy_from: Some(2)
             })
         );
@@ -615,7 +768,7 @@ mod tests {
         let close = slot(0, &prompt[..220], 216, 1);
         assert_eq!(
             at(&[close, none, busy], &prompt, Reuse::Exact),
-            Some((0, 216))
+            Some((0, 208))
         );
         // The busy slot's whole prompt, logits kept, serves a concurrent identical request.
         let same = tokens(1..=40);
@@ -625,7 +778,13 @@ mod tests {
             ..slot(2, &same, 0, 0)
         };
         assert_eq!(
-            place(&[none, twin], &same, Reuse::Exact, FLASH_GRAIN),
+            place(
+                &[none, twin],
+                &same,
+                whole(&same),
+                Reuse::Exact,
+                FLASH_GRAIN
+            ),
             Some(Placement {
                 slot: 1,
                 reuse: 40,
@@ -633,12 +792,123 @@ mod tests {
             })
         );
         // Busy slots alone are no place.
-        assert_eq!(place(&[twin], &same, Reuse::Exact, FLASH_GRAIN), None);
+        assert_eq!(
+            place(&[twin], &same, whole(&same), Reuse::Exact, FLASH_GRAIN),
+            None
+        );
+    }
+
+    #[test]
+    fn segments_start_at_control_tokens_at_least_min_segment_apart() {
+        fn marks(at: &[usize], len: usize) -> Vec<bool> {
+            (0..len).map(|i| at.contains(&i)).collect()
+        }
+        // SmolLM2's chat template with its default system prompt: <|im_start|> at 0,
+        // <|im_end|> at 19, <|im_start|> at 21, and the same again around the question.
+        assert_eq!(
+            segment_starts(marks(&[0, 19, 21, 77, 79], 82)),
+            vec![0, 19, 77]
+        );
+        assert_eq!(segment_starts(marks(&[], 40)), vec![0]);
+        assert_eq!(segment_starts(marks(&[15], 40)), vec![0]);
+        assert_eq!(segment_starts(marks(&[16, 31, 32], 40)), vec![0, 16, 32]);
+        // The starts below a position depend only on the tokens before it.
+        let long = segment_starts(marks(&[0, 19, 21, 77, 79, 130], 140));
+        assert_eq!(&long[..3], &[0, 19, 77]);
+    }
+
+    #[test]
+    fn a_question_under_a_shared_head_reads_only_its_own_segment() {
+        // The last request, and a new one sharing its first 36 tokens (the system turn and
+        // the start of the question).
+        let cached = Layout {
+            starts: &[0, 19, 77],
+            len: 82,
+        };
+        let new = Layout {
+            starts: &[0, 19, 75],
+            len: 80,
+        };
+        // Inside the question's segment (56 rows, read row by row): aligned from its start.
+        assert_eq!(FLASH_GRAIN.exact_reuse(cached, new, 36, 82), 35);
+        // Only the system turn shared: up to its end, unaligned as it is.
+        assert_eq!(FLASH_GRAIN.exact_reuse(cached, new, 21, 82), 19);
+        // Rows not read exactly are not reused.
+        assert_eq!(FLASH_GRAIN.exact_reuse(cached, new, 36, 10), 0);
+        // Without segments the 80 rows are one tile-read segment: 64 are left to read.
+        let one = |len| Layout { starts: WHOLE, len };
+        assert_eq!(FLASH_GRAIN.exact_reuse(one(82), one(80), 36, 82), 16);
+        // Without flash attention a chunk's kernel does not depend on its length.
+        assert_eq!(MATMUL_GRAIN.exact_reuse(one(82), one(80), 36, 82), 32);
+        // A short prompt read row by row reuses rows of another read row by row...
+        assert_eq!(FLASH_GRAIN.exact_reuse(one(50), one(60), 50, 50), 48);
+        // ...but not rows read with tiles, nor the other way round.
+        assert_eq!(FLASH_GRAIN.exact_reuse(one(70), one(60), 58, 70), 0);
+        assert_eq!(FLASH_GRAIN.exact_reuse(one(60), one(200), 60, 60), 0);
+        // A segment the cached prompt does not have (it runs on past it) is no boundary.
+        let split = Layout {
+            starts: &[0, 30],
+            len: 100,
+        };
+        assert_eq!(FLASH_GRAIN.exact_reuse(one(100), split, 100, 100), 0);
+        // A follow-up turn: the first turn's segments, then its answer and a new question.
+        let first = Layout {
+            starts: &[0, 19, 1017],
+            len: 1022,
+        };
+        let second = Layout {
+            starts: &[0, 19, 1017, 1150, 1190],
+            len: 1195,
+        };
+        // The answer joined the last segment of the first turn (now 133 rows, read with
+        // tiles where those 5 rows were read one by one): reuse ends where it starts.
+        assert_eq!(FLASH_GRAIN.exact_reuse(first, second, 1100, 1022), 1017);
+    }
+
+    #[test]
+    fn chunks_keep_to_their_segment_and_its_kernel() {
+        let layout = Layout {
+            starts: &[0, 19, 77],
+            len: 82,
+        };
+        let g = FLASH_GRAIN;
+        assert!(g.reads_exactly(layout, 0, 19), "a whole segment");
+        assert!(g.reads_exactly(layout, 19, 77));
+        assert!(
+            g.reads_exactly(layout, 35, 77),
+            "aligned from its start, 42 rows"
+        );
+        assert!(g.reads_exactly(layout, 77, 82));
+        assert!(
+            !g.reads_exactly(layout, 0, 40),
+            "runs into the next segment"
+        );
+        assert!(!g.reads_exactly(layout, 20, 77), "not aligned from 19");
+        assert!(!g.reads_exactly(layout, 19, 30), "ends unaligned inside it");
+        assert!(!g.reads_exactly(layout, 75, 77), "not aligned, and 2 rows");
+        assert!(g.reads_exactly(layout, 67, 77), "48 rows in, 10 rows");
+        let long = Layout {
+            starts: &[0],
+            len: 300,
+        };
+        assert!(g.reads_exactly(long, 0, 64));
+        assert!(g.reads_exactly(long, 64, 300));
+        assert!(
+            !g.reads_exactly(long, 64, 80),
+            "16 rows where a cold read uses tiles"
+        );
+        assert!(MATMUL_GRAIN.reads_exactly(long, 64, 80));
+        // The plan reads a segment's rest, not past it.
+        let plan = plan_step(&[prefill(58, 1)], BUDGET);
+        assert_eq!(plan.prefill, vec![(0, 58)]);
     }
 
     #[test]
     fn no_free_slot_means_no_choice() {
         let free: [CachedSlot<'_, i32>; 0] = [];
-        assert_eq!(place(&free, &[1], Reuse::Exact, FLASH_GRAIN), None);
+        assert_eq!(
+            place(&free, &[1], whole(&[1]), Reuse::Exact, FLASH_GRAIN),
+            None
+        );
     }
 }

@@ -20,7 +20,8 @@ use super::embed::{self, EmbedJob, EmbedShape, EmbedTask, Embedder, Pooling};
 use super::loader::{self, ModelInfo};
 use super::metrics::EngineMetrics;
 use super::policy::{
-    place, plan_step, Budget, CachedSlot, Pace, Placement, Reuse, SlotState, StepPlan,
+    place, plan_step, segment_starts, Budget, CachedSlot, Layout, Pace, Placement, Reuse,
+    SlotState, StepPlan,
 };
 use super::request::truncate;
 use super::text::{StopMatcher, StopScan, Utf8Stream};
@@ -103,6 +104,8 @@ pub(crate) fn engine_worker(
 struct Pending {
     job: Job,
     tokens: Vec<LlamaToken>,
+    /// Where a cold read of the prompt starts new chunks (`policy::segment_starts`).
+    starts: Vec<usize>,
     /// Context tokens the request may use.
     limit: usize,
     /// The structured-output grammar, checked at intake.
@@ -121,6 +124,9 @@ struct Slot {
     /// matrix-vector kernels, which round differently from the batched ones a cold prompt goes
     /// through.
     exact: usize,
+    /// Segment starts and length of the prompt whose cold read the `exact` rows match.
+    layout: Vec<usize>,
+    layout_len: usize,
     /// Logits after the last token of the prompt this slot read last, while `cached` still
     /// starts with that prompt: the same prompt again samples its first token from them.
     end: Option<PromptEnd>,
@@ -156,6 +162,8 @@ struct PromptEnd {
 struct Active {
     events: mpsc::Sender<TokenEvent>,
     prompt: Vec<LlamaToken>,
+    /// The prompt's segment starts (`policy::segment_starts`).
+    starts: Vec<usize>,
     sampler: LlamaSampler,
     max_tokens: usize,
     generated: usize,
@@ -243,6 +251,8 @@ impl<'m> Worker<'m> {
                 seq: s as i32,
                 cached: Vec::new(),
                 exact: 0,
+                layout: vec![0],
+                layout_len: 0,
                 end: None,
                 last_used: 0,
                 active: None,
@@ -503,9 +513,17 @@ impl<'m> Worker<'m> {
         if job.events.try_send(event).is_err() || verdict.is_err() {
             return;
         }
+        // Segments matter only where chunk sizes pick kernels (flash attention).
+        let starts = if self.budget.grain.tile.is_some() {
+            let vocab = self.model.vocab();
+            segment_starts(tokens.iter().map(|&t| vocab.is_control(t)))
+        } else {
+            vec![0]
+        };
         self.waiting.push_back(Pending {
             job,
             tokens,
+            starts,
             limit,
             grammar,
         });
@@ -537,6 +555,10 @@ impl<'m> Worker<'m> {
                     index,
                     cached: &s.cached,
                     exact: s.exact,
+                    layout: Layout {
+                        starts: &s.layout,
+                        len: s.layout_len,
+                    },
                     end: s.end.as_ref().map(|e| (e.len, e.exact)),
                     last_used: s.last_used,
                     busy: s.active.is_some(),
@@ -551,7 +573,12 @@ impl<'m> Worker<'m> {
             } else {
                 Reuse::Fast
             };
-            let Some(placement) = place(&slots, &front.tokens, reuse, self.budget.grain) else {
+            let layout = Layout {
+                starts: &front.starts,
+                len: front.tokens.len(),
+            };
+            let Some(placement) = place(&slots, &front.tokens, layout, reuse, self.budget.grain)
+            else {
                 break;
             };
             if let Some(pending) = self.waiting.pop_front() {
@@ -568,13 +595,22 @@ impl<'m> Worker<'m> {
             tracing::warn!(model = %self.name, src, dst, error = %e, "could not copy KV sequence");
             return false;
         }
-        let (cached, exact, end) = {
+        let (cached, exact, layout, layout_len, end) = {
             let s = &self.slots[from];
-            (s.cached.clone(), s.exact, s.end.clone())
+            let layout = s.layout.clone();
+            (
+                s.cached.clone(),
+                s.exact,
+                layout,
+                s.layout_len,
+                s.end.clone(),
+            )
         };
         let slot = &mut self.slots[to];
         slot.cached = cached;
         slot.exact = exact;
+        slot.layout = layout;
+        slot.layout_len = layout_len;
         slot.end = end;
         true
     }
@@ -614,20 +650,34 @@ impl<'m> Worker<'m> {
         let Pending {
             job,
             tokens,
+            starts,
             limit,
             grammar,
         } = pending;
         let whole_hit = keep == tokens.len() && slot.end.as_ref().is_some_and(|e| e.len == keep);
         // Reused rows leave the read as a cold one only within what exact reuse allows (a
-        // sampled request without a seed may have reused more).
+        // sampled request without a seed may have reused more); the rows that stay exact are
+        // now counted against this prompt's segments.
         let read_exact = if whole_hit {
             slot.end.as_ref().is_some_and(|e| e.exact)
         } else {
-            self.budget
-                .grain
-                .exact_reuse(keep, slot.exact, tokens.len())
-                == keep
+            let exact = self.budget.grain.exact_reuse(
+                Layout {
+                    starts: &slot.layout,
+                    len: slot.layout_len,
+                },
+                Layout {
+                    starts: &starts,
+                    len: tokens.len(),
+                },
+                keep,
+                slot.exact,
+            );
+            slot.exact = exact;
+            exact == keep
         };
+        slot.layout.clone_from(&starts);
+        slot.layout_len = tokens.len();
         let banned: &[LlamaToken] = if job.request.ignore_eos && grammar.is_none() {
             &self.eog
         } else {
@@ -647,6 +697,7 @@ impl<'m> Worker<'m> {
         slot.active = Some(Active {
             events: job.events,
             prompt: tokens,
+            starts,
             sampler,
             max_tokens: job.request.max_tokens.map_or(usize::MAX, |n| n as usize),
             generated: 0,
@@ -678,10 +729,19 @@ impl<'m> Worker<'m> {
             .iter()
             .map(|s| match &s.active {
                 None => SlotState::Free,
-                Some(a) if a.next.is_none() => SlotState::Prefill {
-                    remaining: a.prompt.len() - s.cached.len(),
-                    admitted: a.admitted,
-                },
+                Some(a) if a.next.is_none() => {
+                    let at = s.cached.len();
+                    let (start, end) = Layout {
+                        starts: &a.starts,
+                        len: a.prompt.len(),
+                    }
+                    .segment(at);
+                    SlotState::Prefill {
+                        remaining: end.saturating_sub(at),
+                        least: self.budget.grain.least(end - start),
+                        admitted: a.admitted,
+                    }
+                }
                 Some(a) => SlotState::Decode {
                     can_emit: a.can_emit(),
                 },
@@ -773,10 +833,12 @@ impl<'m> Worker<'m> {
             let end = (start + n).min(active.prompt.len());
             // Beside other sequences llama.cpp splits the batch into equal per-sequence parts,
             // so only rows read alone can be as a cold read's.
-            let exact = !shared_step && self.budget.grain.reads_exactly(start, end);
-            // A cold read takes a short prompt in one piece: that chunk is as exact.
-            let whole = !shared_step && start == 0 && end == active.prompt.len();
-            active.read_exact &= exact || whole;
+            let layout = Layout {
+                starts: &active.starts,
+                len: active.prompt.len(),
+            };
+            let exact = !shared_step && self.budget.grain.reads_exactly(layout, start, end);
+            active.read_exact &= exact;
             for (pos, &token) in (start..end).zip(&active.prompt[start..end]) {
                 let last = pos + 1 == active.prompt.len();
                 self.batch
