@@ -2,18 +2,21 @@
 //! gets which slot, and how one decode step's token budget is split between sequences that
 //! generate and prompts that are still being read.
 
+/// A prompt segment still to read: its rows left, and the rows a chunk of it holds unless
+/// it is the rest of it.
+pub(crate) type Segment = (usize, usize);
+
 /// A slot as the policy sees it at the start of a step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum SlotState {
     /// No request.
     Free,
     /// Prompt tokens still to be evaluated. `admitted` orders slots: lower came first.
     Prefill {
-        /// Prompt tokens of the segment being read (see [`segment_starts`]) not yet in the KV
-        /// cache: a chunk never runs into the next segment.
-        remaining: usize,
-        /// Rows a chunk of this segment holds, unless it is the rest of it ([`Grain`]).
-        least: usize,
+        /// The prompt's segments not yet wholly in the KV cache (see [`segment_starts`]), in
+        /// order: the rows each has left to read, and the rows a chunk of it holds unless it
+        /// is the rest of it ([`Grain`]). A chunk never runs into the next segment.
+        segments: Vec<Segment>,
         /// Admission sequence number.
         admitted: u64,
     },
@@ -222,7 +225,8 @@ pub(crate) enum Reuse {
 pub(crate) struct StepPlan {
     /// Slots that decode their last sampled token.
     pub(crate) decode: Vec<usize>,
-    /// Slots that evaluate this many more prompt tokens, oldest admission first.
+    /// Slots that evaluate this many more prompt tokens, oldest admission first; a slot
+    /// appears once per segment it reads this step, in order.
     pub(crate) prefill: Vec<(usize, usize)>,
 }
 
@@ -261,26 +265,29 @@ pub(crate) fn plan_step(slots: &[SlotState], budget: Budget) -> StepPlan {
     };
     let mut left = budget.batch.saturating_sub(plan.decode.len()).min(cap);
 
-    let mut prefilling: Vec<(u64, usize, usize, usize)> = slots
+    let mut prefilling: Vec<(u64, usize, &[Segment])> = slots
         .iter()
         .enumerate()
-        .filter_map(|(i, s)| match *s {
-            SlotState::Prefill {
-                remaining,
-                least,
-                admitted,
-            } if remaining > 0 => Some((admitted, i, remaining, least)),
+        .filter_map(|(i, s)| match s {
+            SlotState::Prefill { segments, admitted } => Some((*admitted, i, segments.as_slice())),
             _ => None,
         })
         .collect();
-    prefilling.sort_unstable();
-    for (_, i, remaining, least) in prefilling {
-        if left == 0 {
-            break;
+    prefilling.sort_unstable_by_key(|&(admitted, i, _)| (admitted, i));
+    // A prompt goes on into its next segment while the budget lasts, so the oldest one
+    // finishes (and shows its first token) before the next starts.
+    'prompts: for (_, i, segments) in prefilling {
+        for &(remaining, least) in segments.iter().filter(|s| s.0 > 0) {
+            if left == 0 {
+                break 'prompts;
+            }
+            let n = exact_chunk(remaining, remaining.min(left), least, budget.grain);
+            plan.prefill.push((i, n));
+            left -= n;
+            if n < remaining {
+                continue 'prompts;
+            }
         }
-        let n = exact_chunk(remaining, remaining.min(left), least, budget.grain);
-        plan.prefill.push((i, n));
-        left -= n;
     }
     plan
 }
@@ -523,8 +530,7 @@ mod tests {
 
     fn prefill_in(grain: Grain, remaining: usize, admitted: u64) -> SlotState {
         SlotState::Prefill {
-            remaining,
-            least: grain.least(remaining),
+            segments: vec![(remaining, grain.least(remaining))],
             admitted,
         }
     }
@@ -898,9 +904,19 @@ mod tests {
             "16 rows where a cold read uses tiles"
         );
         assert!(MATMUL_GRAIN.reads_exactly(long, 64, 80));
-        // The plan reads a segment's rest, not past it.
+        // The plan reads a segment's rest, not past it, then the next segments while the
+        // budget lasts, before another prompt.
         let plan = plan_step(&[prefill(58, 1)], BUDGET);
         assert_eq!(plan.prefill, vec![(0, 58)]);
+        let question = SlotState::Prefill {
+            segments: vec![(19, 4), (58, 4), (5, 4)],
+            admitted: 2,
+        };
+        let plan = plan_step(&[prefill(600, 3), question.clone()], BUDGET);
+        assert_eq!(plan.prefill, vec![(1, 19), (1, 58), (1, 5), (0, 416)]);
+        // While others generate, the chunk cap still bounds the step.
+        let plan = plan_step(&[decode(), question], BUDGET);
+        assert_eq!(plan.prefill, vec![(1, 19), (1, 32)]);
     }
 
     #[test]

@@ -731,14 +731,22 @@ impl<'m> Worker<'m> {
                 None => SlotState::Free,
                 Some(a) if a.next.is_none() => {
                     let at = s.cached.len();
-                    let (start, end) = Layout {
+                    let layout = Layout {
                         starts: &a.starts,
                         len: a.prompt.len(),
-                    }
-                    .segment(at);
+                    };
+                    let (first, _) = layout.segment(at);
+                    let segments = a
+                        .starts
+                        .iter()
+                        .filter(|&&st| st >= first)
+                        .map(|&st| {
+                            let (start, end) = layout.segment(st);
+                            (end - start.max(at), self.budget.grain.least(end - start))
+                        })
+                        .collect();
                     SlotState::Prefill {
-                        remaining: end.saturating_sub(at),
-                        least: self.budget.grain.least(end - start),
+                        segments,
                         admitted: a.admitted,
                     }
                 }
@@ -851,6 +859,9 @@ impl<'m> Worker<'m> {
             }
             active.logits_at = (end == active.prompt.len()).then(|| self.batch.n_tokens() - 1);
             self.metrics.prompt_tokens.increment((end - start) as u64);
+        }
+        if self.batch.n_tokens() == 0 {
+            return Ok(()); // every slot of the plan was released meanwhile
         }
         self.metrics.steps.increment(1);
         self.metrics.batch_sequences.record(undo.len() as f64);
