@@ -135,6 +135,20 @@ impl Layout<'_> {
     fn starts_at(&self, r: usize) -> bool {
         self.starts.binary_search(&r).is_ok()
     }
+
+    /// The segments a read that has reached row `at` has left, for [`SlotState::Prefill`]:
+    /// the rows each still has to read and the rows a chunk of it holds.
+    pub(crate) fn rest(&self, at: usize, grain: Grain) -> Vec<Segment> {
+        let first = self.segment(at).0;
+        self.starts
+            .iter()
+            .filter(|&&s| s >= first)
+            .map(|&s| {
+                let (start, end) = self.segment(s);
+                (end - start.max(at), grain.least(end - start))
+            })
+            .collect()
+    }
 }
 
 /// `n` rounded down to a multiple of the grain's alignment.

@@ -104,8 +104,8 @@ pub(crate) fn engine_worker(
 struct Pending {
     job: Job,
     tokens: Vec<LlamaToken>,
-    /// Where a cold read of the prompt starts new chunks (`policy::segment_starts`).
-    starts: Vec<usize>,
+    /// Where a cold read of the prompt starts new chunks.
+    segments: Segments,
     /// Context tokens the request may use.
     limit: usize,
     /// The structured-output grammar, checked at intake.
@@ -124,9 +124,9 @@ struct Slot {
     /// matrix-vector kernels, which round differently from the batched ones a cold prompt goes
     /// through.
     exact: usize,
-    /// Segment starts and length of the prompt whose cold read the `exact` rows match.
-    layout: Vec<usize>,
-    layout_len: usize,
+    /// The segments of the prompt whose cold read the `exact` rows match: while a request is
+    /// active, its prompt's.
+    segments: Segments,
     /// Logits after the last token of the prompt this slot read last, while `cached` still
     /// starts with that prompt: the same prompt again samples its first token from them.
     end: Option<PromptEnd>,
@@ -134,6 +134,22 @@ struct Slot {
     last_used: u64,
     /// The request it serves, if any.
     active: Option<Active>,
+}
+
+/// A prompt's segment starts (`policy::segment_starts`) and length.
+#[derive(Clone, Default)]
+struct Segments {
+    starts: Vec<usize>,
+    len: usize,
+}
+
+impl Segments {
+    fn layout(&self) -> Layout<'_> {
+        Layout {
+            starts: &self.starts,
+            len: self.len,
+        }
+    }
 }
 
 impl Slot {
@@ -162,8 +178,6 @@ struct PromptEnd {
 struct Active {
     events: mpsc::Sender<TokenEvent>,
     prompt: Vec<LlamaToken>,
-    /// The prompt's segment starts (`policy::segment_starts`).
-    starts: Vec<usize>,
     sampler: LlamaSampler,
     max_tokens: usize,
     generated: usize,
@@ -251,8 +265,7 @@ impl<'m> Worker<'m> {
                 seq: s as i32,
                 cached: Vec::new(),
                 exact: 0,
-                layout: vec![0],
-                layout_len: 0,
+                segments: Segments::default(),
                 end: None,
                 last_used: 0,
                 active: None,
@@ -345,7 +358,7 @@ impl<'m> Worker<'m> {
                 }
                 continue;
             }
-            self.step(&plan);
+            self.step(plan);
         }
     }
 
@@ -520,10 +533,14 @@ impl<'m> Worker<'m> {
         } else {
             vec![0]
         };
+        let segments = Segments {
+            starts,
+            len: tokens.len(),
+        };
         self.waiting.push_back(Pending {
             job,
             tokens,
-            starts,
+            segments,
             limit,
             grammar,
         });
@@ -555,10 +572,7 @@ impl<'m> Worker<'m> {
                     index,
                     cached: &s.cached,
                     exact: s.exact,
-                    layout: Layout {
-                        starts: &s.layout,
-                        len: s.layout_len,
-                    },
+                    layout: s.segments.layout(),
                     end: s.end.as_ref().map(|e| (e.len, e.exact)),
                     last_used: s.last_used,
                     busy: s.active.is_some(),
@@ -573,10 +587,7 @@ impl<'m> Worker<'m> {
             } else {
                 Reuse::Fast
             };
-            let layout = Layout {
-                starts: &front.starts,
-                len: front.tokens.len(),
-            };
+            let layout = front.segments.layout();
             let Some(placement) = place(&slots, &front.tokens, layout, reuse, self.budget.grain)
             else {
                 break;
@@ -595,22 +606,13 @@ impl<'m> Worker<'m> {
             tracing::warn!(model = %self.name, src, dst, error = %e, "could not copy KV sequence");
             return false;
         }
-        let (cached, exact, layout, layout_len, end) = {
-            let s = &self.slots[from];
-            let layout = s.layout.clone();
-            (
-                s.cached.clone(),
-                s.exact,
-                layout,
-                s.layout_len,
-                s.end.clone(),
-            )
-        };
+        let s = &self.slots[from];
+        let (cached, exact, segments, end) =
+            (s.cached.clone(), s.exact, s.segments.clone(), s.end.clone());
         let slot = &mut self.slots[to];
         slot.cached = cached;
         slot.exact = exact;
-        slot.layout = layout;
-        slot.layout_len = layout_len;
+        slot.segments = segments;
         slot.end = end;
         true
     }
@@ -650,7 +652,7 @@ impl<'m> Worker<'m> {
         let Pending {
             job,
             tokens,
-            starts,
+            segments,
             limit,
             grammar,
         } = pending;
@@ -662,22 +664,15 @@ impl<'m> Worker<'m> {
             slot.end.as_ref().is_some_and(|e| e.exact)
         } else {
             let exact = self.budget.grain.exact_reuse(
-                Layout {
-                    starts: &slot.layout,
-                    len: slot.layout_len,
-                },
-                Layout {
-                    starts: &starts,
-                    len: tokens.len(),
-                },
+                slot.segments.layout(),
+                segments.layout(),
                 keep,
                 slot.exact,
             );
             slot.exact = exact;
             exact == keep
         };
-        slot.layout.clone_from(&starts);
-        slot.layout_len = tokens.len();
+        slot.segments = segments;
         let banned: &[LlamaToken] = if job.request.ignore_eos && grammar.is_none() {
             &self.eog
         } else {
@@ -697,7 +692,6 @@ impl<'m> Worker<'m> {
         slot.active = Some(Active {
             events: job.events,
             prompt: tokens,
-            starts,
             sampler,
             max_tokens: job.request.max_tokens.map_or(usize::MAX, |n| n as usize),
             generated: 0,
@@ -729,27 +723,10 @@ impl<'m> Worker<'m> {
             .iter()
             .map(|s| match &s.active {
                 None => SlotState::Free,
-                Some(a) if a.next.is_none() => {
-                    let at = s.cached.len();
-                    let layout = Layout {
-                        starts: &a.starts,
-                        len: a.prompt.len(),
-                    };
-                    let (first, _) = layout.segment(at);
-                    let segments = a
-                        .starts
-                        .iter()
-                        .filter(|&&st| st >= first)
-                        .map(|&st| {
-                            let (start, end) = layout.segment(st);
-                            (end - start.max(at), self.budget.grain.least(end - start))
-                        })
-                        .collect();
-                    SlotState::Prefill {
-                        segments,
-                        admitted: a.admitted,
-                    }
-                }
+                Some(a) if a.next.is_none() => SlotState::Prefill {
+                    segments: s.segments.layout().rest(s.cached.len(), self.budget.grain),
+                    admitted: a.admitted,
+                },
                 Some(a) => SlotState::Decode {
                     can_emit: a.can_emit(),
                 },
@@ -764,15 +741,16 @@ impl<'m> Worker<'m> {
     /// first), costing as many passes over the weights as separate calls do; alone, a chunk is
     /// read as a cold read reads it, so a reproducible request can reuse it later, and a prompt
     /// that ends shows its first token without waiting for the prompts read after it.
-    fn step(&mut self, plan: &StepPlan) {
+    fn step(&mut self, plan: StepPlan) {
         self.step_no += 1;
-        if !plan.decode.is_empty() {
+        let StepPlan { decode, prefill } = plan;
+        if !decode.is_empty() {
             self.evaluate_and_sample(&StepPlan {
-                decode: plan.decode.clone(),
+                decode,
                 prefill: vec![],
             });
         }
-        for &chunk in &plan.prefill {
+        for chunk in prefill {
             self.evaluate_and_sample(&StepPlan {
                 decode: vec![],
                 prefill: vec![chunk],
@@ -841,10 +819,7 @@ impl<'m> Worker<'m> {
             let end = (start + n).min(active.prompt.len());
             // Beside other sequences llama.cpp splits the batch into equal per-sequence parts,
             // so only rows read alone can be as a cold read's.
-            let layout = Layout {
-                starts: &active.starts,
-                len: active.prompt.len(),
-            };
+            let layout = slot.segments.layout();
             let exact = !shared_step && self.budget.grain.reads_exactly(layout, start, end);
             active.read_exact &= exact;
             for (pos, &token) in (start..end).zip(&active.prompt[start..end]) {
