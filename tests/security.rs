@@ -517,6 +517,143 @@ async fn slow_clients_are_cut_off_and_connections_are_bounded() {
     assert_eq!(r.status(), 200);
 }
 
+/// Reads until the server closes the connection (or `limit` passes); how long that took.
+fn time_to_close(c: &mut std::net::TcpStream, limit: Duration) -> Duration {
+    c.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    while started.elapsed() < limit {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break,
+        }
+    }
+    started.elapsed()
+}
+
+/// An HTTP/2 client (prior knowledge, no TLS) that opens no stream but answers every ping,
+/// as a live but idle peer does; returns how long until the server closed the connection and
+/// whether it said `GOAWAY` first.
+fn idle_http2_client(addr: &str, limit: Duration) -> (Duration, bool) {
+    const PING: u8 = 0x6;
+    const GOAWAY: u8 = 0x7;
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    c.write_all(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]).unwrap(); // empty SETTINGS
+    c.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (mut pending, mut goaway) = (Vec::new(), false);
+    let mut buf = [0u8; 4096];
+    while started.elapsed() < limit {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(_) => break,
+        }
+        // Whole frames: 3-byte length, type, flags, 4-byte stream id, payload.
+        while pending.len() >= 9 {
+            let len = (usize::from(pending[0]) << 16)
+                | (usize::from(pending[1]) << 8)
+                | usize::from(pending[2]);
+            if pending.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (pending[3], pending[4]);
+            if kind == PING && flags & 0x1 == 0 {
+                let mut ack = vec![0, 0, 8, PING, 0x1, 0, 0, 0, 0];
+                ack.extend_from_slice(&pending[9..17]);
+                let _ = c.write_all(&ack);
+            }
+            goaway |= kind == GOAWAY;
+            pending.drain(..9 + len);
+        }
+    }
+    (started.elapsed(), goaway)
+}
+
+/// Streams a long answer, reading it slowly (a pause longer than the header timeout after the
+/// first chunk); the whole answer's text.
+async fn slow_reader(client: &reqwest::Client, s: &Server) -> String {
+    use futures_util::StreamExt;
+    let r = client
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(USER)
+        .json(&json!({"model": "smollm2", "stream": true, "max_tokens": 40, "ignore_eos": true, "temperature": 0,
+                      "messages": [{"role": "user", "content": "Tell a long story."}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    while let Some(chunk) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_request_are_closed_but_slow_answers_are_not() {
+    let s = serve("[security]\nheader_timeout = \"1s\"\nmax_connections = 2\n").await;
+    let addr = s.base.trim_start_matches("http://").to_owned();
+    // A client that connects and sends nothing (so not even its HTTP version is known).
+    let mut silent = std::net::TcpStream::connect(&addr).unwrap();
+    let took = time_to_close(&mut silent, Duration::from_secs(5));
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    // Two silent clients take both connections only until the header timeout.
+    let _a = std::net::TcpStream::connect(&addr).unwrap();
+    let _b = std::net::TcpStream::connect(&addr).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let patient = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let r = patient.get(s.url("/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(700),
+        "{:?}: served while both connections were held",
+        started.elapsed()
+    );
+    // An HTTP/2 connection that answers pings but never asks anything is told GOAWAY.
+    let (took, goaway) = idle_http2_client(&addr, Duration::from_secs(5));
+    assert!(goaway, "no GOAWAY");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    // A request in flight keeps its connection, however long its answer takes to read, on
+    // HTTP/1.1 and on HTTP/2.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for client in [&s.client, &h2] {
+        let text = slow_reader(client, &s).await;
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        // The role chunk, then the 40 tokens.
+        assert_eq!(text.matches("\"content\":").count(), 41, "{text}");
+    }
+}
+
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files.
 struct Pki {
     dir: std::path::PathBuf,

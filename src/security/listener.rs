@@ -2,25 +2,34 @@
 //! certificates for mTLS), speaks HTTP/1.1 and HTTP/2 on each, and holds the limits that
 //! protect the process before any request exists: at most `max_connections` at once (more
 //! wait in the kernel's backlog), and `header_timeout` for the request headers and the TLS
-//! handshake, so slow-loris clients cannot pin connections. Each request carries its peer
+//! handshake, so slow-loris clients cannot pin connections; a connection with no request in
+//! flight gets the same time to start one, on HTTP/1 and HTTP/2 alike. Each request carries its peer
 //! address (`ConnectInfo`) for the allowlist, rate limits and audit log.
 //!
 //! A loop of our own rather than `axum::serve`, which offers neither TLS nor these limits;
-//! the pieces are hyper-util's connection builder and graceful shutdown, and tokio-rustls.
+//! the pieces are hyper-util's connection builder, tokio-util's task tracker (to drain) and
+//! tokio-rustls.
 
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::ConnectInfo;
 use axum::Router;
+use futures_util::FutureExt;
+use hyper::body::{Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::either::Either;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::config::security::TlsConfig;
@@ -86,15 +95,16 @@ pub(crate) async fn serve(
     config: ListenerConfig,
     shutdown: impl Future<Output = ()>,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = TaskTracker::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_timeout);
-    // HTTP/2 has no header timeout in hyper; pings find peers that went silent (a dead or
-    // stalled client holding a connection permit) and the stream cap bounds one connection.
+    // Pings find HTTP/2 peers that went silent mid-request; the stream cap bounds one
+    // connection. (hyper has no header timeout for HTTP/2: `Idle` closes idle connections.)
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -126,32 +136,31 @@ pub(crate) async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        let service = TowerToHyperService::new(app.clone().map_request(
-            move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                req
-            },
-        ));
-        let watcher = graceful.watcher();
+        let idle = Arc::new(Idle::new());
+        let service = {
+            let (app, idle) = (app.clone(), Arc::clone(&idle));
+            TowerToHyperService::new(tower::service_fn(
+                move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    let busy = Busy::new(Arc::clone(&idle));
+                    app.clone().oneshot(req).map(move |res| {
+                        res.map(|res| res.map(|body| Body::new(Tracked { body, _busy: busy })))
+                    })
+                },
+            ))
+        };
         let builder = Arc::clone(&builder);
         let tls = config.tls.clone();
-        let handshake = config.header_timeout;
-        tokio::spawn(async move {
+        let timeout = config.header_timeout;
+        let mut stop = stop_rx.clone();
+        connections.spawn(async move {
             let _permit = permit;
-            match tls {
-                None => {
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    if let Err(e) = watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                }
+            let io = match tls {
+                None => Either::Left(stream),
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-                    let stream = match tokio::time::timeout(handshake, acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(s)) => s,
+                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => Either::Right(s),
                         Ok(Err(e)) => {
                             metrics::counter!("backstop_rejections_total", "reason" => "tls_handshake").increment(1);
                             tracing::info!(%peer, error = %e, "TLS handshake refused");
@@ -161,21 +170,130 @@ pub(crate) async fn serve(
                             tracing::info!(%peer, "TLS handshake timed out");
                             return;
                         }
-                    };
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    if let Err(e) = watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+            };
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            tokio::pin!(conn);
+            let mut closing = false;
+            loop {
+                let check = idle.next_check(timeout);
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = stop.wait_for(|s| *s), if !closing => {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    () = tokio::time::sleep_until(check.into()), if !closing => {
+                        if idle.idle_for().is_some_and(|d| d >= timeout) {
+                            tracing::debug!(%peer, "closing a connection with no request for {timeout:?}");
+                            conn.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
                     }
                 }
             }
         });
     }
     drop(listener);
+    if stop_tx.send(true).is_err() {
+        tracing::debug!("no connection was open");
+    }
+    connections.close();
     tokio::select! {
-        () = graceful.shutdown() => {}
+        () = connections.wait() => {}
         () = tokio::time::sleep(config.drain_timeout) => {
             tracing::warn!("requests did not finish within {:?}; closing them", config.drain_timeout);
         }
+    }
+}
+
+/// When a connection last had a request in flight. A connection without one must bring the
+/// next request's headers within the header timeout, or it is closed (HTTP/2: `GOAWAY`).
+/// hyper enforces that for HTTP/1 once a request has begun, but not for a connection that
+/// sends nothing at all (the version is never detected) nor for HTTP/2, where a client that
+/// answers pings could otherwise hold a connection permit forever.
+struct Idle {
+    /// Requests in flight, and since when there have been none.
+    state: Mutex<(usize, Instant)>,
+}
+
+impl Idle {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new((0, Instant::now())),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (usize, Instant)> {
+        // The state is two plain values, valid whatever a panicking holder did.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How long the connection has been without a request; `None` while one is in flight.
+    fn idle_for(&self) -> Option<Duration> {
+        let (busy, since) = *self.lock();
+        (busy == 0).then(|| since.elapsed())
+    }
+
+    /// When to look again: when the connection will have been idle for `timeout`, or a
+    /// `timeout` from now while a request is in flight.
+    fn next_check(&self, timeout: Duration) -> Instant {
+        let (busy, since) = *self.lock();
+        if busy == 0 {
+            since + timeout
+        } else {
+            Instant::now() + timeout
+        }
+    }
+}
+
+/// A request in flight, from the moment the service is called until its response body has
+/// been sent (or dropped).
+struct Busy(Arc<Idle>);
+
+impl Busy {
+    fn new(idle: Arc<Idle>) -> Self {
+        idle.lock().0 += 1;
+        Self(idle)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.0 = state.0.saturating_sub(1);
+        state.1 = Instant::now();
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is gone.
+struct Tracked {
+    body: Body,
+    _busy: Busy,
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
