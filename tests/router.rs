@@ -359,6 +359,78 @@ async fn contingency_by_environment_admin_api_and_header() {
 }
 
 #[tokio::test]
+async fn contingency_switched_on_for_a_while_ends_by_itself() {
+    let fake = FakeCloud::start().await;
+    let s = routed(&fake, 3, "", &[]).await;
+    let (status, c) = s
+        .post("/admin/contingency", &json!({"enabled": true, "for": "1s"}))
+        .await;
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(
+        (c["enabled"].clone(), c["source"].clone()),
+        (json!(true), json!("admin"))
+    );
+    let until = chrono::DateTime::parse_from_rfc3339(c["until"].as_str().unwrap()).unwrap();
+    let ahead = until
+        .signed_duration_since(chrono::Utc::now())
+        .num_milliseconds();
+    assert!(
+        (-1000..=1500).contains(&ahead),
+        "until is about a second ahead: {ahead} ms"
+    );
+    let (_, marks, _, _) = ask(&s, &chat(false), &[]).await;
+    assert_eq!(marks[2], some("contingency"));
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (_, c) = s.get_json("/admin/contingency").await;
+    assert_eq!(
+        (
+            c["enabled"].clone(),
+            c["source"].clone(),
+            c["until"].clone()
+        ),
+        (json!(false), json!("expiry"), Value::Null)
+    );
+    let (_, marks, _, _) = ask(&s, &chat(false), &[]).await;
+    assert_eq!(marks[0], some("cloud"));
+    assert_eq!(s.metric("backstop_contingency").await, 0.0);
+    // Switched on again without `for`, it stays, whatever time it had before.
+    s.post("/admin/contingency", &json!({"enabled": true, "for": "1s"}))
+        .await;
+    let (_, c) = s
+        .post("/admin/contingency", &json!({"enabled": true}))
+        .await;
+    assert_eq!(
+        (c["enabled"].clone(), c["until"].clone()),
+        (json!(true), Value::Null)
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (_, c) = s.get_json("/admin/contingency").await;
+    assert_eq!(c["enabled"], true);
+    // `for` is a positive duration, and only for switching on.
+    for bad in [
+        json!({"enabled": false, "for": "1s"}),
+        json!({"enabled": true, "for": "soon"}),
+        json!({"enabled": true, "for": "-5m"}),
+        json!({"enabled": true, "for": "0s"}),
+        json!({"enabled": true, "for": 30}),
+        json!({"enabled": true, "for": "99999999999999999999h"}),
+    ] {
+        let (status, v) = s.post("/admin/contingency", &bad).await;
+        assert_eq!(status, 400, "{bad} -> {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("for"),
+            "{v}"
+        );
+    }
+    let (_, c) = s.get_json("/admin/contingency").await;
+    assert_eq!(
+        (c["enabled"].clone(), c["until"].clone()),
+        (json!(true), Value::Null),
+        "a refused switch changes nothing"
+    );
+}
+
+#[tokio::test]
 async fn local_only_mode_and_a_missing_fallback() {
     let fake = FakeCloud::start().await;
     let s = routed(&fake, 3, "", &[]).await;
@@ -429,6 +501,57 @@ async fn the_drill_passes_when_failover_and_recovery_work_and_fails_when_they_do
     assert!(text.contains("[FAIL] the cloud answers again"), "{text}");
     let (_, c) = s.get_json("/admin/contingency").await;
     assert_eq!(c["enabled"], false);
+}
+
+/// A drill interrupted with Ctrl-C switches the cloud path back on before it exits, and one
+/// killed outright leaves contingency on only for the drill's bounded time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_drill_switches_the_cloud_path_back_on() {
+    let fake = FakeCloud::start().await;
+    let s = routed(&fake, 3, "", &[]).await;
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["drill", "--url", &s.base, "--requests", "1000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut on = Value::Null;
+    for _ in 0..100 {
+        let (_, c) = s.get_json("/admin/contingency").await;
+        if c["enabled"] == true {
+            on = c;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(on["enabled"], true, "the drill switched contingency on");
+    // Bounded: a minute and half a minute per request, so a killed drill cannot leave it on.
+    let until = chrono::DateTime::parse_from_rfc3339(on["until"].as_str().unwrap()).unwrap();
+    let ahead = until
+        .signed_duration_since(chrono::Utc::now())
+        .num_seconds();
+    assert!((30_000..=30_060).contains(&ahead), "{on}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("drill interrupted"), "{text}");
+    assert!(
+        text.contains("[pass] cloud path switched back on"),
+        "{text}"
+    );
+    let (_, c) = s.get_json("/admin/contingency").await;
+    assert_eq!(
+        (c["enabled"].clone(), c["until"].clone()),
+        (json!(false), Value::Null)
+    );
+    let (_, marks, _, _) = ask(&s, &chat(false), &[]).await;
+    assert_eq!(marks[0], some("cloud"));
 }
 
 /// A server whose upstream speaks Anthropic's Messages API.

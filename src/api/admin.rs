@@ -7,9 +7,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
+use std::time::SystemTime;
 
 use super::body::{BodyError, JsonBody};
 use super::AppState;
+use crate::config::parse_timeout;
 
 fn bad(message: impl Into<String>) -> Response {
     (
@@ -24,7 +26,8 @@ pub(crate) async fn contingency(State(state): State<AppState>) -> Json<Value> {
     Json(json!(state.router.contingency()))
 }
 
-/// `POST /admin/contingency {"enabled": bool}`.
+/// `POST /admin/contingency {"enabled": bool, "for": "30m"}`: `for` (switching on only) ends
+/// contingency by itself after that long.
 pub(crate) async fn set_contingency(
     State(state): State<AppState>,
     body: Result<JsonBody, BodyError>,
@@ -33,16 +36,31 @@ pub(crate) async fn set_contingency(
         Ok(b) => b,
         Err(e) => return bad(e.to_string()),
     };
-    match body.0.get("enabled").and_then(Value::as_bool) {
-        Some(enabled) => {
-            crate::security::audit::note(|r| {
-                r.event = Some("contingency".into());
-                r.detail = Some(format!("enabled={enabled}"));
-            });
-            Json(json!(state.router.set_contingency(enabled, "admin"))).into_response()
+    let Some(enabled) = body.0.get("enabled").and_then(Value::as_bool) else {
+        return bad("expected {\"enabled\": true | false} (and, switching on, \"for\": \"30m\")");
+    };
+    let until = match body.0.get("for") {
+        None | Some(Value::Null) => None,
+        Some(_) if !enabled => {
+            return bad("`for` says how long contingency stays on: it goes with \"enabled\": true")
         }
-        None => bad("expected {\"enabled\": true | false}"),
-    }
+        Some(Value::String(text)) => match parse_timeout(text) {
+            Ok(d) => match SystemTime::now().checked_add(d) {
+                Some(t) => Some(t),
+                None => return bad(format!("`for`: {text} is too long")),
+            },
+            Err(e) => return bad(format!("`for`: {e}")),
+        },
+        Some(other) => return bad(format!("`for` is a duration such as \"30m\", not {other}")),
+    };
+    crate::security::audit::note(|r| {
+        r.event = Some("contingency".into());
+        r.detail = Some(match body.0.get("for").and_then(Value::as_str) {
+            Some(d) if enabled => format!("enabled=true for={d}"),
+            _ => format!("enabled={enabled}"),
+        });
+    });
+    Json(json!(state.router.set_contingency(enabled, "admin", until))).into_response()
 }
 
 /// `GET /admin/router`: the mode, contingency and every upstream's breaker.

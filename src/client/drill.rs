@@ -1,6 +1,8 @@
 //! `backstop drill`: proves, on demand, that failover and recovery work on a running server.
 //! It switches contingency on (the cloud path off), checks that requests for a cloud model are
 //! answered locally, switches it back, checks that the cloud answers again, and reports.
+//! Contingency is switched on for a bounded time ([`hold`]), and Ctrl-C switches it back at
+//! once: a drill that is interrupted or killed cannot leave the cloud path off.
 
 use std::time::Instant;
 
@@ -48,11 +50,12 @@ pub async fn drill(args: DrillArgs) -> Result<bool, ClientError> {
         args.requests, client.base
     );
 
+    let hold = hold(args.requests);
     let switched = client
         .send(
             Method::POST,
             "/admin/contingency",
-            &json!({"enabled": true}),
+            &json!({"enabled": true, "for": format!("{}s", hold.as_secs())}),
         )
         .await;
     steps.push(Step {
@@ -63,20 +66,27 @@ pub async fn drill(args: DrillArgs) -> Result<bool, ClientError> {
             Err(e) => e.to_string(),
         },
     });
+    let mut interrupted = false;
     if switched.is_ok() {
-        for i in 1..=args.requests {
-            let (ok, detail) = match ask(&client, &model).await {
-                Ok((backend, upstream, ms)) => (
-                    backend == "local",
-                    format!("answered by {backend} ({upstream}) in {ms} ms"),
-                ),
-                Err(e) => (false, e.to_string()),
-            };
-            steps.push(Step {
-                what: format!("request {i} answered locally"),
-                ok,
-                detail,
-            });
+        let local = async {
+            for i in 1..=args.requests {
+                let (ok, detail) = match ask(&client, &model).await {
+                    Ok((backend, upstream, ms)) => (
+                        backend == "local",
+                        format!("answered by {backend} ({upstream}) in {ms} ms"),
+                    ),
+                    Err(e) => (false, e.to_string()),
+                };
+                steps.push(Step {
+                    what: format!("request {i} answered locally"),
+                    ok,
+                    detail,
+                });
+            }
+        };
+        tokio::select! {
+            () = local => {}
+            _ = tokio::signal::ctrl_c() => interrupted = true,
         }
     }
     // Whatever happened above, the cloud path is switched back on.
@@ -95,6 +105,11 @@ pub async fn drill(args: DrillArgs) -> Result<bool, ClientError> {
             Err(e) => e.to_string(),
         },
     });
+    if interrupted {
+        report(&steps);
+        println!("drill interrupted");
+        return Ok(false);
+    }
     let (ok, detail) = match ask(&client, &model).await {
         Ok((backend, upstream, ms)) => {
             let mut d = format!("answered by {backend} ({upstream}) in {ms} ms");
@@ -112,8 +127,21 @@ pub async fn drill(args: DrillArgs) -> Result<bool, ClientError> {
         detail,
     });
 
-    let all = steps.iter().all(|s| s.ok);
-    for s in &steps {
+    let all = report(&steps);
+    println!("drill {}", if all { "passed" } else { "FAILED" });
+    Ok(all)
+}
+
+/// How long the drill switches contingency on for: enough for its requests to a slow local
+/// model (a minute, and half a minute each), after which the server switches it off by itself
+/// should the drill be killed.
+fn hold(requests: u32) -> std::time::Duration {
+    std::time::Duration::from_secs(60 + 30 * u64::from(requests))
+}
+
+/// Prints the steps; whether every one held.
+fn report(steps: &[Step]) -> bool {
+    for s in steps {
         println!(
             "  [{}] {}{}",
             if s.ok { "pass" } else { "FAIL" },
@@ -125,8 +153,7 @@ pub async fn drill(args: DrillArgs) -> Result<bool, ClientError> {
             }
         );
     }
-    println!("drill {}", if all { "passed" } else { "FAILED" });
-    Ok(all)
+    steps.iter().all(|s| s.ok)
 }
 
 /// One short chat; returns who answered and how long it took.

@@ -55,8 +55,22 @@ pub struct ContingencyState {
     pub enabled: bool,
     /// When it last changed (RFC 3339).
     pub since: String,
-    /// What set it: `config`, `environment`, `admin`.
+    /// What set it: `config`, `environment`, `admin`, or `expiry` when it ended by itself.
     pub source: String,
+    /// When it switches itself off (RFC 3339); `null` when it stays until switched.
+    pub until: Option<String>,
+}
+
+/// Who last switched contingency mode, when, and until when it holds.
+#[derive(Debug, Clone)]
+struct Switch {
+    since: SystemTime,
+    source: String,
+    until: Option<SystemTime>,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// One upstream as readiness and the admin API show it.
@@ -81,7 +95,7 @@ pub struct Router {
     upstreams: Vec<Arc<Upstream>>,
     mode: RouteMode,
     contingency: AtomicBool,
-    contingency_meta: Mutex<(SystemTime, String)>,
+    switch: Mutex<Switch>,
 }
 
 impl std::fmt::Debug for Router {
@@ -110,7 +124,11 @@ impl Router {
             upstreams,
             mode: config.mode,
             contingency: AtomicBool::new(enabled),
-            contingency_meta: Mutex::new((SystemTime::now(), source.to_owned())),
+            switch: Mutex::new(Switch {
+                since: SystemTime::now(),
+                source: source.to_owned(),
+                until: None,
+            }),
         };
         router.publish();
         Ok(router)
@@ -130,7 +148,7 @@ impl Router {
             .cloned()
             .collect();
         let fallback = chain.iter().find_map(|u| u.config.fallback.clone());
-        if self.contingency.load(Ordering::Acquire) {
+        if self.in_contingency() {
             return Plan {
                 cloud: vec![],
                 fallback,
@@ -158,28 +176,63 @@ impl Router {
 
     /// Contingency mode now.
     pub fn contingency(&self) -> ContingencyState {
-        let meta = self
-            .contingency_meta
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let enabled = self.in_contingency();
+        let switch = self.switch().clone();
         ContingencyState {
-            enabled: self.contingency.load(Ordering::Acquire),
-            since: chrono::DateTime::<chrono::Utc>::from(meta.0)
-                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            source: meta.1,
+            enabled,
+            since: rfc3339(switch.since),
+            source: switch.source,
+            until: switch.until.filter(|_| enabled).map(rfc3339),
         }
     }
 
-    /// Switches contingency mode; returns the new state.
-    pub fn set_contingency(&self, enabled: bool, source: &str) -> ContingencyState {
-        let was = self.contingency.swap(enabled, Ordering::AcqRel);
-        if was != enabled {
-            *self
-                .contingency_meta
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = (SystemTime::now(), source.to_owned());
-            tracing::warn!(enabled, source, "contingency mode changed");
+    fn switch(&self) -> std::sync::MutexGuard<'_, Switch> {
+        // Plain values, valid whatever a panicking holder did.
+        self.switch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether everything goes local now; a contingency whose time is up ends here.
+    fn in_contingency(&self) -> bool {
+        if !self.contingency.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut switch = self.switch();
+        match switch.until {
+            Some(until) if SystemTime::now() >= until => {
+                // Under the lock, so it ends once, however many requests see it end.
+                if self.contingency.swap(false, Ordering::AcqRel) {
+                    *switch = Switch {
+                        since: until,
+                        source: "expiry".into(),
+                        until: None,
+                    };
+                    tracing::warn!("contingency mode ended: its time was up");
+                    metrics::gauge!("backstop_contingency").set(0.0);
+                }
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Switches contingency mode; returns the new state. Switched on with `until`, it switches
+    /// itself off then (so an operator or a drill that goes away cannot leave the cloud path
+    /// off); switched on without, it stays until switched off, whatever `until` it had.
+    pub fn set_contingency(
+        &self,
+        enabled: bool,
+        source: &str,
+        until: Option<SystemTime>,
+    ) -> ContingencyState {
+        {
+            let mut switch = self.switch();
+            let was = self.contingency.swap(enabled, Ordering::AcqRel);
+            if was != enabled {
+                switch.since = SystemTime::now();
+                switch.source = source.to_owned();
+                tracing::warn!(enabled, source, until = ?until.map(rfc3339), "contingency mode changed");
+            }
+            switch.until = until.filter(|_| enabled);
         }
         self.publish();
         self.contingency()
@@ -215,11 +268,7 @@ impl Router {
 
     /// Updates the router's gauges.
     pub(crate) fn publish(&self) {
-        metrics::gauge!("backstop_contingency").set(if self.contingency.load(Ordering::Acquire) {
-            1.0
-        } else {
-            0.0
-        });
+        metrics::gauge!("backstop_contingency").set(if self.in_contingency() { 1.0 } else { 0.0 });
         for u in &self.upstreams {
             metrics::gauge!("backstop_breaker_state", "upstream" => u.config.name.clone())
                 .set(u.state().gauge());
