@@ -300,7 +300,7 @@ mod tests {
                    "usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16}}),
         ];
         let mut to_anthropic = OpenAiToAnthropic::new("claude-haiku-4-5");
-        let mut to_openai = AnthropicToOpenAi::new("gpt-4o-mini", 5, true, None);
+        let mut to_openai = AnthropicToOpenAi::new("gpt-4o-mini", 5, None);
         let mut out = Vec::new();
         for c in &chunks {
             for (name, data) in to_anthropic.push(c).unwrap() {

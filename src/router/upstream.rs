@@ -370,7 +370,7 @@ impl Upstream {
         let mut events = EventStream::new(resp, deadline);
         let mut translator =
             // The usage chunk always comes (see `openai` above).
-            AnthropicToOpenAi::new(model, created, true, translated.json_tool);
+            AnthropicToOpenAi::new(model, created, translated.json_tool);
         let mut held: Vec<String> = Vec::new();
         // Hold chunks back until the first token (or the end): until then, fail over.
         while !translator.emitted_content() && !translator.is_done() {

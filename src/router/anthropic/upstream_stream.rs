@@ -26,15 +26,16 @@ enum Block {
 /// Nothing is emitted until the first content (the role chunk goes out with it), so while
 /// [`emitted_content`](Self::emitted_content) is false the router can fail over to another
 /// backend as if this stream had never started.
+///
+/// The chunks are those of an OpenAI stream asked for `stream_options.include_usage` (a null
+/// `usage` on each, and a closing chunk with the counts): the router needs the counts for
+/// every answer and drops them again for a client that did not ask.
 #[derive(Debug, Clone)]
 pub(crate) struct AnthropicToOpenAi {
     /// The model name to report: the one the client asked for.
     model: String,
     /// `created` of every chunk (Unix seconds).
     created: i64,
-    /// Emit the closing usage chunk (`stream_options.include_usage`); the router always asks
-    /// for it and drops it again for a client that did not.
-    include_usage: bool,
     /// See [`Translated::json_tool`](super::upstream_request::Translated::json_tool).
     json_tool: Option<String>,
     /// The chunk id, from `message_start`.
@@ -57,16 +58,10 @@ pub(crate) struct AnthropicToOpenAi {
 
 impl AnthropicToOpenAi {
     /// A translator for one answer. `json_tool` comes from the translated request.
-    pub(crate) fn new(
-        model: impl Into<String>,
-        created: i64,
-        include_usage: bool,
-        json_tool: Option<String>,
-    ) -> Self {
+    pub(crate) fn new(model: impl Into<String>, created: i64, json_tool: Option<String>) -> Self {
         Self {
             model: model.into(),
             created,
-            include_usage,
             json_tool,
             id: None,
             blocks: HashMap::new(),
@@ -180,12 +175,10 @@ impl AnthropicToOpenAi {
                     ));
                 }
                 self.done = true;
-                if self.include_usage {
-                    let mut chunk = self.chunk(Value::Null, None);
-                    chunk["choices"] = json!([]);
-                    chunk["usage"] = self.tokens.openai();
-                    out.push(chunk);
-                }
+                let mut chunk = self.chunk(Value::Null, None);
+                chunk["choices"] = json!([]);
+                chunk["usage"] = self.tokens.openai();
+                out.push(chunk);
             }
             // content_block_stop needs nothing; unknown events are ignored.
             _ => {}
@@ -315,9 +308,7 @@ impl AnthropicToOpenAi {
             "model": self.model,
             "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
         });
-        if self.include_usage {
-            chunk["usage"] = Value::Null;
-        }
+        chunk["usage"] = Value::Null;
         chunk
     }
 }
@@ -357,11 +348,14 @@ data: {\"type\":\"message_stop\"}\n\n";
         (name.to_owned(), data)
     }
 
+    /// The chunks the events become, but for the closing usage chunk (no choices; see the
+    /// first test).
     fn feed(t: &mut AnthropicToOpenAi, events: &[(String, Value)]) -> Vec<Value> {
         let mut out = Vec::new();
         for (name, data) in events {
             out.extend(t.push(name, data).unwrap());
         }
+        out.retain(|c| c["choices"] != json!([]));
         out
     }
 
@@ -404,7 +398,7 @@ data: {\"type\":\"message_stop\"}\n\n";
 
     #[test]
     fn anthropic_stream_events_become_openai_chunks_in_order() {
-        let mut t = AnthropicToOpenAi::new("gpt-4o", 1_700_000_000, true, None);
+        let mut t = AnthropicToOpenAi::new("gpt-4o", 1_700_000_000, None);
         let out = run(&mut t, TEXT_STREAM).unwrap();
         let deltas: Vec<&Value> = out.iter().map(|c| &c["choices"][0]["delta"]).collect();
         assert_eq!(
@@ -440,16 +434,8 @@ data: {\"type\":\"message_stop\"}\n\n";
     }
 
     #[test]
-    fn without_include_usage_there_is_no_usage_chunk_or_usage_field() {
-        let mut t = AnthropicToOpenAi::new("gpt-4o", 0, false, None);
-        let out = run(&mut t, TEXT_STREAM).unwrap();
-        assert_eq!(out.len(), 4);
-        assert!(out.iter().all(|c| c.get("usage").is_none()));
-    }
-
-    #[test]
     fn a_tool_use_stream_becomes_tool_call_deltas() {
-        let mut t = AnthropicToOpenAi::new("gpt-4o", 0, false, None);
+        let mut t = AnthropicToOpenAi::new("gpt-4o", 0, None);
         let mut events = vec![
             start(),
             ev(
@@ -500,7 +486,7 @@ data: {\"type\":\"message_stop\"}\n\n";
 
     #[test]
     fn a_structured_output_stream_becomes_content_and_stops_normally() {
-        let mut t = AnthropicToOpenAi::new("gpt-4o", 0, false, Some("person".into()));
+        let mut t = AnthropicToOpenAi::new("gpt-4o", 0, Some("person".into()));
         let mut events = vec![
             start(),
             tool_start(0, "toolu_7", "person"),
@@ -523,7 +509,7 @@ data: {\"type\":\"message_stop\"}\n\n";
 
     #[test]
     fn an_error_event_before_any_text_is_reported_as_a_failure_that_can_fail_over() {
-        let mut t = AnthropicToOpenAi::new("gpt-4o", 0, false, None);
+        let mut t = AnthropicToOpenAi::new("gpt-4o", 0, None);
         assert!(t.push(&start().0, &start().1).unwrap().is_empty());
         let e = t
             .push(
@@ -540,7 +526,7 @@ data: {\"type\":\"message_stop\"}\n\n";
 
     #[test]
     fn an_error_event_after_text_is_reported_once_content_went_out() {
-        let mut t = AnthropicToOpenAi::new("gpt-4o", 0, false, None);
+        let mut t = AnthropicToOpenAi::new("gpt-4o", 0, None);
         let wire = TEXT_STREAM.split("event: content_block_stop").next().unwrap().to_owned()
             + "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"Internal server error\"}}\n\n";
         let e = run(&mut t, &wire).unwrap_err();
@@ -560,7 +546,7 @@ data: {\"type\":\"message_stop\"}\n\n";
 
     #[test]
     fn a_stream_cut_before_message_stop_is_malformed() {
-        let mut t = AnthropicToOpenAi::new("gpt-4o", 0, false, None);
+        let mut t = AnthropicToOpenAi::new("gpt-4o", 0, None);
         let cut = TEXT_STREAM.split("event: message_delta").next().unwrap();
         run(&mut t, cut).unwrap();
         assert!(!t.is_done());
@@ -569,7 +555,7 @@ data: {\"type\":\"message_stop\"}\n\n";
 
     #[test]
     fn events_out_of_order_or_with_bad_data_are_malformed() {
-        let mut t = AnthropicToOpenAi::new("gpt-4o", 0, false, None);
+        let mut t = AnthropicToOpenAi::new("gpt-4o", 0, None);
         let delta = json!({"type": "content_block_delta", "index": 0,
                            "delta": {"type": "text_delta", "text": "x"}});
         assert!(
@@ -606,7 +592,7 @@ data: {\"type\":\"message_stop\"}\n\n";
 
     #[test]
     fn pings_unknown_events_and_thinking_are_ignored() {
-        let mut t = AnthropicToOpenAi::new("gpt-4o", 0, false, None);
+        let mut t = AnthropicToOpenAi::new("gpt-4o", 0, None);
         let mut events = vec![
             start(),
             ev("ping", json!({"type": "ping"})),
