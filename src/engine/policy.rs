@@ -294,10 +294,15 @@ pub(crate) fn plan_step(slots: &[SlotState], budget: Budget) -> StepPlan {
         .collect();
     prefilling.sort_unstable_by_key(|&(admitted, i, _)| (admitted, i));
     // A prompt goes on into its next segment while the budget lasts, so the oldest one
-    // finishes (and shows its first token) before the next starts.
+    // finishes (and shows its first token) before the next starts. Only the step's first
+    // chunk is cut to the budget: a later segment that does not fit whole waits for the next
+    // step, which it starts, rather than being read in two calls. Every call costs flash
+    // attention whole query tiles where a chunk or a head ends mid-tile (and the threads a
+    // wait for the slower one), so on the 2-core machine a 1,692-token conversation read in
+    // 14 calls took about 20% longer than in the 4 calls of 512 rows it took before segments.
     'prompts: for (_, i, segments) in prefilling {
         for &(remaining, least) in segments.iter().filter(|s| s.0 > 0) {
-            if left == 0 {
+            if left == 0 || (remaining > left && !plan.prefill.is_empty()) {
                 break 'prompts;
             }
             let n = exact_chunk(remaining, remaining.min(left), least, budget.grain);
@@ -577,7 +582,43 @@ mod tests {
     #[test]
     fn the_oldest_prompt_is_read_first() {
         let plan = plan_step(&[prefill(300, 9), prefill(400, 3)], BUDGET);
-        assert_eq!(plan.prefill, vec![(1, 400), (0, 112)]);
+        assert_eq!(plan.prefill, vec![(1, 400)]);
+        let plan = plan_step(&[prefill(100, 9), prefill(400, 3)], BUDGET);
+        assert_eq!(plan.prefill, vec![(1, 400), (0, 100)]);
+    }
+
+    #[test]
+    fn only_the_first_chunk_of_a_step_is_cut_to_the_budget() {
+        // The 80-turn conversation's segments: 14 calls when the step's budget cut them
+        // (112 + 76, 160 + 258, 240 + 216), 11 when a segment that does not fit waits.
+        let mut segments: Vec<Segment> = [19, 18, 22, 40, 58, 80, 120, 188, 273, 418, 456]
+            .iter()
+            .map(|&r| (r, FLASH_GRAIN.least(r)))
+            .collect();
+        let mut calls = Vec::new();
+        while segments.iter().any(|s| s.0 > 0) {
+            let slot = SlotState::Prefill {
+                segments: segments.clone(),
+                admitted: 1,
+            };
+            for (_, n) in plan_step(&[slot], BUDGET).prefill {
+                let s = segments.iter_mut().find(|s| s.0 > 0).unwrap();
+                s.0 -= n;
+                calls.push(n);
+            }
+        }
+        assert_eq!(calls, [19, 18, 22, 40, 58, 80, 120, 188, 273, 418, 456]);
+        // A segment longer than the batch is still cut, when it is the first thing read.
+        let slot = SlotState::Prefill {
+            segments: vec![(10, 4), (2000, 64)],
+            admitted: 1,
+        };
+        assert_eq!(plan_step(&[slot], BUDGET).prefill, vec![(0, 10)]);
+        let slot = SlotState::Prefill {
+            segments: vec![(2000, 64)],
+            admitted: 1,
+        };
+        assert_eq!(plan_step(&[slot], BUDGET).prefill, vec![(0, 512)]);
     }
 
     #[test]
@@ -940,10 +981,17 @@ mod tests {
             admitted: 2,
         };
         let plan = plan_step(&[prefill(600, 3), question.clone()], BUDGET);
-        assert_eq!(plan.prefill, vec![(1, 19), (1, 58), (1, 5), (0, 416)]);
+        assert_eq!(plan.prefill, vec![(1, 19), (1, 58), (1, 5)]);
+        let plan = plan_step(&[prefill(400, 3), question.clone()], BUDGET);
+        assert_eq!(plan.prefill, vec![(1, 19), (1, 58), (1, 5), (0, 400)]);
         // While others generate, the chunk cap still bounds the step.
         let plan = plan_step(&[decode(), question], BUDGET);
-        assert_eq!(plan.prefill, vec![(1, 19), (1, 32)]);
+        assert_eq!(plan.prefill, vec![(1, 19)]);
+        let head = SlotState::Prefill {
+            segments: vec![(100, 64), (5, 4)],
+            admitted: 2,
+        };
+        assert_eq!(plan_step(&[decode(), head], BUDGET).prefill, vec![(1, 64)]);
     }
 
     #[test]
