@@ -3,8 +3,8 @@
 //! protect the process before any request exists: at most `max_connections` at once (more
 //! wait in the kernel's backlog), and `header_timeout` for the request headers and the TLS
 //! handshake, so slow-loris clients cannot pin connections; a connection with no request in
-//! flight gets the same time to start one, on HTTP/1 and HTTP/2 alike. Each request carries its peer
-//! address (`ConnectInfo`) for the allowlist, rate limits and audit log.
+//! flight gets the same time to start one, on HTTP/1 and HTTP/2 alike. Each request carries
+//! its peer address (`ConnectInfo`) for the allowlist, rate limits and audit log.
 //!
 //! A loop of our own rather than `axum::serve`, which offers neither TLS nor these limits;
 //! the pieces are hyper-util's connection builder, tokio-util's task tracker (to drain) and
