@@ -270,6 +270,8 @@ fn figures_at_a_depth_say_so_and_too_deep_is_refused() {
     let report: Value = serde_json::from_slice(&o.stdout).expect("bench JSON");
     assert_eq!(report["depth"], 256, "{report}");
     let r = &report["results"][0];
+    // What llama.cpp's cache held when each measurement started, every sequence of it.
+    assert_eq!(r["cached"], 256, "{report}");
     for fig in [&r["pp"], &r["tg"], &r["parallel"][0]] {
         assert!(fig["median"].as_f64().unwrap() > 0.0, "{report}");
     }

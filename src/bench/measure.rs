@@ -71,6 +71,9 @@ pub struct Rep {
     pub tg: f64,
     /// Aggregate generation per sequence count (same order as `Plan::parallel`).
     pub parallel: Vec<f64>,
+    /// The fewest tokens any measurement's sequences held when it started, as llama.cpp's
+    /// cache reports them (the depth, when it was read).
+    pub cached: usize,
 }
 
 fn llama(e: impl std::fmt::Display) -> BenchError {
@@ -134,16 +137,24 @@ fn fill(
     Ok(())
 }
 
-/// Drops every sequence's cells after the first `depth` positions.
-fn rewind(ctx: &mut LlamaContext<'_>, depth: usize) -> Result<(), BenchError> {
+/// Drops every sequence's cells after the first `depth` positions; the fewest tokens any of
+/// sequences `0..n` then holds, as llama.cpp reports it.
+fn rewind(ctx: &mut LlamaContext<'_>, depth: usize, n: usize) -> Result<usize, BenchError> {
     let p0 = u32::try_from(depth).map_err(llama)?;
     match ctx.clear_kv_cache_seq(None, Some(p0), None) {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(BenchError::Llama(format!(
-            "could not cut the cache back to {depth} tokens"
-        ))),
-        Err(e) => Err(llama(e)),
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(BenchError::Llama(format!(
+                "could not cut the cache back to {depth} tokens"
+            )))
+        }
+        Err(e) => return Err(llama(e)),
     }
+    // `llama_memory_seq_pos_max` is -1 for an empty sequence.
+    Ok((0..n)
+        .map(|s| usize::try_from(ctx.kv_cache_seq_pos_max(s as i32) + 1).unwrap_or(0))
+        .min()
+        .unwrap_or(0))
 }
 
 /// `n` sequences advancing together for `generate` tokens from `depth` cached tokens;
@@ -155,8 +166,8 @@ fn generate_together(
     depth: usize,
     n: usize,
     generate: usize,
-) -> Result<f64, BenchError> {
-    rewind(ctx, depth)?;
+) -> Result<(f64, usize), BenchError> {
+    let cached = rewind(ctx, depth, n)?;
     let short = &prompt[..prompt.len().clamp(1, PARALLEL_PROMPT)];
     batch.clear();
     for s in 0..n {
@@ -185,7 +196,10 @@ fn generate_together(
         ctx.decode(batch).map_err(llama)?;
         idx = (0..n as i32).collect();
     }
-    Ok((n * generate) as f64 / started.elapsed().as_secs_f64())
+    Ok((
+        (n * generate) as f64 / started.elapsed().as_secs_f64(),
+        cached,
+    ))
 }
 
 fn one(
@@ -194,17 +208,25 @@ fn one(
     prompt: &[LlamaToken],
     plan: &Plan,
 ) -> Result<Rep, BenchError> {
-    rewind(ctx, plan.depth)?;
+    let mut cached = rewind(ctx, plan.depth, 1)?;
     let started = Instant::now();
     prefill(ctx, batch, prompt, 0, plan.depth)?;
     let pp = prompt.len() as f64 / started.elapsed().as_secs_f64();
-    let tg = generate_together(ctx, batch, prompt, plan.depth, 1, plan.generate)?;
-    let parallel = plan
-        .parallel
-        .iter()
-        .map(|&n| generate_together(ctx, batch, prompt, plan.depth, n, plan.generate))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Rep { pp, tg, parallel })
+    let (tg, held) = generate_together(ctx, batch, prompt, plan.depth, 1, plan.generate)?;
+    cached = cached.min(held);
+    let mut parallel = Vec::with_capacity(plan.parallel.len());
+    for &n in &plan.parallel {
+        let (aggregate, held) =
+            generate_together(ctx, batch, prompt, plan.depth, n, plan.generate)?;
+        parallel.push(aggregate);
+        cached = cached.min(held);
+    }
+    Ok(Rep {
+        pp,
+        tg,
+        parallel,
+        cached,
+    })
 }
 
 /// Measures one GGUF file: a warm-up, then `plan.reps` repetitions; `tick` after each.

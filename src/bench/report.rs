@@ -65,6 +65,9 @@ pub struct ModelResult {
     pub tg: Figure,
     /// Aggregate generation tokens/s per sequence count.
     pub parallel: Vec<Aggregate>,
+    /// Tokens every measurement found in its sequences' cache when it started, as llama.cpp
+    /// reported it (the fewest over the repetitions): the depth actually measured at.
+    pub cached: usize,
 }
 
 /// Aggregate generation over several sequences sharing each decode.
@@ -97,6 +100,7 @@ impl ModelResult {
                     figure: Figure::of(reps.iter().map(|r| r.parallel[i]).collect()),
                 })
                 .collect(),
+            cached: reps.iter().map(|r| r.cached).min().unwrap_or(0),
         }
     }
 }
@@ -209,6 +213,7 @@ mod tests {
                 sequences: 4,
                 figure: Figure::of(vec![30.0]),
             }],
+            cached: 0,
         }
     }
 
