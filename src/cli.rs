@@ -51,7 +51,8 @@ pub enum Command {
     /// Unload a model now.
     Stop(ModelArgs),
     /// Failover drill against a running server: cloud path off, answers must come from the
-    /// local model; cloud path on, the cloud must answer again. Exit 0 only if all held.
+    /// local model; cloud path on, the cloud must answer again. Exit 0 only if all held. The
+    /// cloud path goes off for at most 60 s + 30 s per request; Ctrl-C switches it back on.
     Drill(DrillArgs),
     /// Tokens per second for prompt processing and generation, per GGUF (quantizations side
     /// by side), in this process with no server.
