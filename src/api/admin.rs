@@ -39,14 +39,15 @@ pub(crate) async fn set_contingency(
     let Some(enabled) = body.0.get("enabled").and_then(Value::as_bool) else {
         return bad("expected {\"enabled\": true | false} (and, switching on, \"for\": \"30m\")");
     };
-    let until = match body.0.get("for") {
+    // `for`, as given and as a deadline.
+    let hold = match body.0.get("for") {
         None | Some(Value::Null) => None,
         Some(_) if !enabled => {
             return bad("`for` says how long contingency stays on: it goes with \"enabled\": true")
         }
         Some(Value::String(text)) => match parse_timeout(text) {
             Ok(d) => match SystemTime::now().checked_add(d) {
-                Some(t) => Some(t),
+                Some(t) => Some((text.as_str(), t)),
                 None => return bad(format!("`for`: {text} is too long")),
             },
             Err(e) => return bad(format!("`for`: {e}")),
@@ -55,11 +56,12 @@ pub(crate) async fn set_contingency(
     };
     crate::security::audit::note(|r| {
         r.event = Some("contingency".into());
-        r.detail = Some(match body.0.get("for").and_then(Value::as_str) {
-            Some(d) if enabled => format!("enabled=true for={d}"),
-            _ => format!("enabled={enabled}"),
+        r.detail = Some(match hold {
+            Some((text, _)) => format!("enabled=true for={text}"),
+            None => format!("enabled={enabled}"),
         });
     });
+    let until = hold.map(|(_, t)| t);
     Json(json!(state.router.set_contingency(enabled, "admin", until))).into_response()
 }
 

@@ -139,14 +139,13 @@ impl Layout<'_> {
     /// The segments a read that has reached row `at` has left, for [`SlotState::Prefill`]:
     /// the rows each still has to read and the rows a chunk of it holds.
     pub(crate) fn rest(&self, at: usize, grain: Grain) -> Vec<Segment> {
-        let first = self.segment(at).0;
-        self.starts
+        let first = self.starts.partition_point(|&s| s <= at).max(1) - 1;
+        let starts = self.starts.get(first..).unwrap_or_default();
+        let ends = starts.iter().skip(1).chain([&self.len]);
+        starts
             .iter()
-            .filter(|&&s| s >= first)
-            .map(|&s| {
-                let (start, end) = self.segment(s);
-                (end - start.max(at), grain.least(end - start))
-            })
+            .zip(ends)
+            .map(|(&start, &end)| (end - start.max(at), grain.least(end - start)))
             .collect()
     }
 }

@@ -69,6 +69,11 @@ struct Switch {
     until: Option<SystemTime>,
 }
 
+/// The `backstop_contingency` gauge: 1 while everything goes local.
+fn publish_contingency(enabled: bool) {
+    metrics::gauge!("backstop_contingency").set(if enabled { 1.0 } else { 0.0 });
+}
+
 fn rfc3339(t: SystemTime) -> String {
     chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
@@ -207,7 +212,7 @@ impl Router {
                         until: None,
                     };
                     tracing::warn!("contingency mode ended: its time was up");
-                    metrics::gauge!("backstop_contingency").set(0.0);
+                    publish_contingency(false);
                 }
                 false
             }
@@ -268,7 +273,7 @@ impl Router {
 
     /// Updates the router's gauges.
     pub(crate) fn publish(&self) {
-        metrics::gauge!("backstop_contingency").set(if self.in_contingency() { 1.0 } else { 0.0 });
+        publish_contingency(self.in_contingency());
         for u in &self.upstreams {
             metrics::gauge!("backstop_breaker_state", "upstream" => u.config.name.clone())
                 .set(u.state().gauge());
