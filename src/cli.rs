@@ -87,10 +87,10 @@ pub struct BenchArgs {
     /// GGUF files or store model names.
     #[arg(required = true, value_name = "FILE_OR_MODEL")]
     pub models: Vec<String>,
-    /// Prompt tokens for prompt processing.
+    /// Prompt tokens for prompt processing (0 leaves the figure out).
     #[arg(short = 'p', long, default_value_t = 512)]
     pub prompt: usize,
-    /// Tokens generated.
+    /// Tokens generated (0 leaves generation out).
     #[arg(short = 'n', long = "gen", default_value_t = 128)]
     pub generate: usize,
     /// Tokens already in the cache when each measurement starts (llama-bench's depth).
@@ -100,7 +100,7 @@ pub struct BenchArgs {
     #[arg(short = 'r', long, default_value_t = 5)]
     pub reps: usize,
     /// CPU threads [default: physical cores].
-    #[arg(short = 't', long)]
+    #[arg(short = 't', long, value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Option<u32>,
     /// Also aggregate generation over N sequences sharing each decode, e.g. 1,4,8.
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
@@ -136,7 +136,7 @@ pub struct QuantizeArgs {
     #[arg(value_name = "TYPE")]
     pub kind: String,
     /// CPU threads [default: physical cores].
-    #[arg(short = 't', long)]
+    #[arg(short = 't', long, value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Option<u32>,
 }
 

@@ -283,14 +283,96 @@ fn figures_at_a_depth_say_so_and_too_deep_is_refused() {
         "{table}"
     );
 
-    // SmolLM2 was trained on 8,192 tokens: 8,153 + 16 + 8 + the 16 each generation starts
-    // from is one too many.
-    let o = run("json", "8153");
+    // SmolLM2 was trained on 8,192 tokens: 8,169 + the 8 generated + the 16 each generation
+    // starts from is one too many (the 16-token prompt is read at the depth too, but the
+    // cache is cut back to the depth before generating).
+    let o = run("json", "8169");
     assert!(!o.status.success());
     let err = text(&o.stderr);
     assert!(
-        err.contains("-d 8153") && err.contains("8193") && err.contains("8192"),
+        err.contains("-d 8169") && err.contains("8193") && err.contains("8192"),
         "{err}"
     );
     assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
+    let o = run("json", "8168");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+}
+
+/// Every number `bench` takes has its limit, said before anything is measured;
+/// `-p 0` and `-n 0` leave that figure out (llama-bench's convention) rather than measuring
+/// something else under its name, and `--ctx` is never silently raised.
+#[test]
+fn zero_leaves_a_figure_out_and_every_bench_limit_is_refused() {
+    let model = common::smollm2();
+    let model = model.to_str().unwrap();
+    let refused = |args: &[&str], says: &[&str]| {
+        let o = backstop(&[&["bench"], args, &[model]].concat());
+        let err = text(&o.stderr);
+        assert!(!o.status.success(), "{args:?} ran:\n{}", text(&o.stdout));
+        assert!(o.stdout.is_empty(), "{args:?}: {}", text(&o.stdout));
+        for s in says {
+            assert!(err.contains(s), "{args:?}: {err}");
+        }
+    };
+    refused(&["-r", "0"], &["-r 0"]);
+    refused(&["-p", "0", "-n", "0"], &["nothing to measure"]);
+    refused(&["--parallel", "0"], &["--parallel 0"]);
+    refused(&["--parallel", "4,0"], &["--parallel 0"]);
+    refused(&["-n", "0", "--parallel", "2"], &["--parallel", "-n"]);
+    refused(&["-t", "0"], &["--threads"]);
+    // 64 prompt tokens need 64 cells; 8 generated need 8 + the 16 generation starts from.
+    refused(
+        &["-p", "64", "-n", "8", "--ctx", "63"],
+        &["--ctx 63", "needs 64"],
+    );
+    refused(
+        &["-p", "8", "-n", "8", "--ctx", "23"],
+        &["--ctx 23", "needs 24"],
+    );
+
+    let run = |args: &[&str]| {
+        let o = backstop(&[&["bench", "-r", "1", "-t", "2"], args, &[model]].concat());
+        assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+        text(&o.stdout)
+    };
+    let json = |args: &[&str]| -> Value {
+        let out = run(&[args, &["--format", "json"]].concat());
+        serde_json::from_str(&out).expect("bench JSON")
+    };
+    let tg_only = json(&["-p", "0", "-n", "8", "--parallel", "2"]);
+    let r = &tg_only["results"][0];
+    assert!(r["pp"].is_null(), "{tg_only}");
+    assert!(r["tg"]["median"].as_f64().unwrap() > 0.0, "{tg_only}");
+    assert!(
+        r["parallel"][0]["median"].as_f64().unwrap() > 0.0,
+        "{tg_only}"
+    );
+    let pp_only = json(&["-p", "16", "-n", "0", "--ctx", "16"]);
+    let r = &pp_only["results"][0];
+    assert!(r["tg"].is_null(), "{pp_only}");
+    assert!(r["pp"]["median"].as_f64().unwrap() > 0.0, "{pp_only}");
+    let table = run(&["-p", "0", "-n", "8", "--ctx", "24"]);
+    assert!(
+        table.contains("| backend | tg8 tok/s |\n") && !table.contains("pp0"),
+        "{table}"
+    );
+    assert!(table.contains("2 threads, 1 repetition\n"), "{table}");
+    let csv = run(&["-p", "16", "-n", "0", "--format", "csv"]);
+    assert_eq!(csv.lines().count(), 2, "{csv}");
+    assert!(csv.lines().nth(1).unwrap().contains(",pp,1,0,"), "{csv}");
+
+    // `quantize` takes threads the same way.
+    let dir = common::temp_dir("quantize-threads");
+    let _cleanup = Cleanup(dir.clone());
+    let o = backstop(&[
+        "quantize",
+        "-t",
+        "0",
+        model,
+        dir.join("out.gguf").to_str().unwrap(),
+        "Q8_0",
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("--threads"), "{}", text(&o.stderr));
+    assert_eq!(entries(&dir), Vec::<String>::new());
 }

@@ -21,11 +21,11 @@ use llama_cpp_2::token::LlamaToken;
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// Prompt tokens for prompt processing.
+    /// Prompt tokens for prompt processing (0: not measured, as llama-bench's `-p 0`).
     pub prompt: usize,
     /// Tokens already in each sequence's cache when a measurement starts.
     pub depth: usize,
-    /// Tokens generated per sequence.
+    /// Tokens generated per sequence (0: generation not measured).
     pub generate: usize,
     /// Repetitions (after one warm-up, which is not counted).
     pub reps: usize,
@@ -35,8 +35,8 @@ pub struct Plan {
     pub parallel: Vec<usize>,
     /// Layers to offload to a GPU (`None`: llama.cpp's default, all when there is a GPU).
     pub gpu_layers: Option<u32>,
-    /// Context cells per sequence (`None`: just enough for the run); the server's `--ctx`
-    /// compares like with like.
+    /// Context cells per sequence (`None`: just enough for the run, see [`Plan::needed`]);
+    /// the server's `--ctx` compares like with like.
     pub ctx: Option<u32>,
     /// Flash attention on or off (`None`: the server's default for this machine).
     pub flash_attention: Option<bool>,
@@ -57,6 +57,15 @@ pub enum BenchError {
         needed: usize,
         train: usize,
     },
+    /// `--ctx` is smaller than the run needs.
+    #[error("--ctx {ctx}: -d {depth} with -p {prompt} and -n {generate} needs {needed} cells per sequence")]
+    SmallContext {
+        ctx: u32,
+        depth: usize,
+        prompt: usize,
+        generate: usize,
+        needed: usize,
+    },
     /// A context or decode failed.
     #[error("llama.cpp failed: {0}")]
     Llama(String),
@@ -65,15 +74,29 @@ pub enum BenchError {
 /// One repetition's figures, tokens per second.
 #[derive(Debug, Clone, Default)]
 pub struct Rep {
-    /// Prompt processing.
-    pub pp: f64,
-    /// Single-sequence generation.
-    pub tg: f64,
+    /// Prompt processing (`None` with `-p 0`).
+    pub pp: Option<f64>,
+    /// Single-sequence generation (`None` with `-n 0`).
+    pub tg: Option<f64>,
     /// Aggregate generation per sequence count (same order as `Plan::parallel`).
     pub parallel: Vec<f64>,
     /// The fewest tokens any measurement's sequences held when it started, as llama.cpp's
     /// cache reports them (the depth, when it was read).
     pub cached: usize,
+}
+
+impl Plan {
+    /// Context cells a sequence needs: the depth, then the longer of the prompt and a
+    /// generation (which starts from [`PARALLEL_PROMPT`] tokens); each measurement cuts the
+    /// cache back to the depth first, so the two never stand in it together.
+    pub fn needed(&self) -> usize {
+        let generation = if self.generate > 0 {
+            self.generate.saturating_add(PARALLEL_PROMPT)
+        } else {
+            0
+        };
+        self.depth.saturating_add(self.prompt.max(generation))
+    }
 }
 
 fn llama(e: impl std::fmt::Display) -> BenchError {
@@ -209,12 +232,25 @@ fn one(
     plan: &Plan,
 ) -> Result<Rep, BenchError> {
     let mut cached = rewind(ctx, plan.depth, 1)?;
-    let started = Instant::now();
-    prefill(ctx, batch, prompt, 0, plan.depth)?;
-    let pp = prompt.len() as f64 / started.elapsed().as_secs_f64();
-    let (tg, held) = generate_together(ctx, batch, prompt, plan.depth, 1, plan.generate)?;
-    cached = cached.min(held);
+    let mut pp = None;
+    if plan.prompt > 0 {
+        let started = Instant::now();
+        prefill(ctx, batch, &prompt[..plan.prompt], 0, plan.depth)?;
+        pp = Some(plan.prompt as f64 / started.elapsed().as_secs_f64());
+    }
+    let mut tg = None;
     let mut parallel = Vec::with_capacity(plan.parallel.len());
+    if plan.generate == 0 {
+        return Ok(Rep {
+            pp,
+            tg,
+            parallel,
+            cached,
+        });
+    }
+    let (single, held) = generate_together(ctx, batch, prompt, plan.depth, 1, plan.generate)?;
+    tg = Some(single);
+    cached = cached.min(held);
     for &n in &plan.parallel {
         let (aggregate, held) =
             generate_together(ctx, batch, prompt, plan.depth, n, plan.generate)?;
@@ -239,10 +275,7 @@ pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<R
     let model = LlamaModel::load_from_file(backend, path, &params)
         .map_err(|_| BenchError::Load(path.display().to_string()))?;
     let seqs = plan.parallel.iter().copied().max().unwrap_or(1).max(1);
-    let needed = plan
-        .depth
-        .saturating_add(plan.prompt.max(16))
-        .saturating_add(plan.generate + PARALLEL_PROMPT);
+    let needed = plan.needed();
     let train = usize::try_from(model.n_ctx_train()).unwrap_or(usize::MAX);
     if needed > train {
         return Err(BenchError::TooDeep {
@@ -253,8 +286,19 @@ pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<R
             train,
         });
     }
-    let needed = u32::try_from(needed).unwrap_or(u32::MAX);
-    let per_seq = plan.ctx.map_or(needed, |c| c.max(needed));
+    let per_seq = match plan.ctx {
+        Some(c) if (c as usize) < needed => {
+            return Err(BenchError::SmallContext {
+                ctx: c,
+                depth: plan.depth,
+                prompt: plan.prompt,
+                generate: plan.generate,
+                needed,
+            })
+        }
+        Some(c) => c,
+        None => u32::try_from(needed).unwrap_or(u32::MAX),
+    };
     let threads = i32::try_from(plan.threads).unwrap_or(i32::MAX);
     // The parallel measurement starts every sequence with one decode of 16 tokens each;
     // llama.cpp aborts the process when a decode holds more tokens than `n_batch`.
@@ -274,7 +318,9 @@ pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<R
         ));
     let mut ctx = model.new_context(backend, ctx_params).map_err(llama)?;
     let mut batch = LlamaBatch::new(n_batch, 1);
-    let prompt = prompt_tokens(&model, plan.prompt.max(1));
+    // Generation starts from the prompt's first tokens (at least PARALLEL_PROMPT of them, so
+    // `-p 0` and a short `-p` start it the same way).
+    let prompt = prompt_tokens(&model, plan.prompt.max(PARALLEL_PROMPT));
     // The depth is read once; every measurement cuts back to it.
     fill(
         &mut ctx,

@@ -36,25 +36,41 @@ fn locate(arg: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// The sequence counts of `--parallel`, checked, sorted and without 1 (the single-stream
+/// figure is always measured); the other numbers checked with them. As in llama-bench, `-p 0`
+/// or `-n 0` leaves that figure out; nothing else is silently raised or dropped.
+fn parallel_counts(args: &BenchArgs) -> Result<Vec<usize>, String> {
+    if args.reps == 0 {
+        return Err("-r 0: at least one repetition is needed".into());
+    }
+    if args.prompt == 0 && args.generate == 0 {
+        return Err("-p 0 and -n 0 leave nothing to measure".into());
+    }
+    if let Some(n) = args.parallel.iter().find(|&&n| n == 0 || n > MAX_PARALLEL) {
+        return Err(format!(
+            "--parallel {n}: from 1 to {MAX_PARALLEL} sequences (llama.cpp's most in one context)"
+        ));
+    }
+    if args.generate == 0 && !args.parallel.is_empty() {
+        return Err("--parallel measures generation: it needs -n above 0".into());
+    }
+    let mut parallel: Vec<usize> = args.parallel.iter().copied().filter(|&n| n > 1).collect();
+    parallel.sort_unstable();
+    parallel.dedup();
+    Ok(parallel)
+}
+
 /// Runs `backstop bench` and prints its results.
 pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let threads = args
         .threads
         .unwrap_or_else(|| u32::try_from(num_cpus::get_physical()).unwrap_or(1).max(1));
-    let mut parallel: Vec<usize> = args.parallel.iter().copied().filter(|&n| n > 1).collect();
-    parallel.sort_unstable();
-    parallel.dedup();
-    if let Some(&n) = parallel.last().filter(|&&n| n > MAX_PARALLEL) {
-        return Err(format!(
-            "--parallel {n}: llama.cpp runs at most {MAX_PARALLEL} sequences in one context"
-        )
-        .into());
-    }
+    let parallel = parallel_counts(args)?;
     let plan = Plan {
         prompt: args.prompt,
         depth: args.depth,
-        generate: args.generate.max(2),
-        reps: args.reps.max(1),
+        generate: args.generate,
+        reps: args.reps,
         threads,
         parallel: parallel.clone(),
         gpu_layers: args.gpu_layers,
@@ -101,7 +117,8 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 "{}",
                 table(&results, plan.prompt, plan.generate, plan.depth)
             );
-            println!("{threads} threads, {} repetitions", plan.reps);
+            let s = if plan.reps == 1 { "" } else { "s" };
+            println!("{threads} threads, {} repetition{s}", plan.reps);
         }
         BenchFormat::Json => println!(
             "{}",

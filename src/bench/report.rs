@@ -39,6 +39,11 @@ impl Figure {
         }
     }
 
+    /// Median and spread of a figure every repetition measured, `None` if none did.
+    fn over(samples: impl Iterator<Item = Option<f64>>) -> Option<Figure> {
+        samples.collect::<Option<Vec<f64>>>().map(Figure::of)
+    }
+
     fn cell(&self) -> String {
         format!("{:.1} ({:.1}–{:.1})", self.median, self.min, self.max)
     }
@@ -59,10 +64,10 @@ pub struct ModelResult {
     pub architecture: String,
     /// Compute backend.
     pub backend: String,
-    /// Prompt-processing tokens/s.
-    pub pp: Figure,
-    /// Single-stream generation tokens/s.
-    pub tg: Figure,
+    /// Prompt-processing tokens/s (`null` with `-p 0`).
+    pub pp: Option<Figure>,
+    /// Single-stream generation tokens/s (`null` with `-n 0`).
+    pub tg: Option<Figure>,
     /// Aggregate generation tokens/s per sequence count.
     pub parallel: Vec<Aggregate>,
     /// Tokens every measurement found in its sequences' cache when it started, as llama.cpp
@@ -90,8 +95,8 @@ impl ModelResult {
             parameters: meta.parameters,
             architecture: meta.architecture,
             backend: meta.backend,
-            pp: Figure::of(reps.iter().map(|r| r.pp).collect()),
-            tg: Figure::of(reps.iter().map(|r| r.tg).collect()),
+            pp: Figure::over(reps.iter().map(|r| r.pp)),
+            tg: Figure::over(reps.iter().map(|r| r.tg)),
             parallel: parallel
                 .iter()
                 .enumerate()
@@ -137,9 +142,14 @@ pub fn table(results: &[ModelResult], prompt: usize, generate: usize, depth: usi
         "size".to_owned(),
         "params".to_owned(),
         "backend".to_owned(),
-        format!("pp{prompt}{at} tok/s"),
-        format!("tg{generate}{at} tok/s"),
     ];
+    // `-p 0` and `-n 0` leave their column out.
+    if prompt > 0 {
+        head.push(format!("pp{prompt}{at} tok/s"));
+    }
+    if generate > 0 {
+        head.push(format!("tg{generate}{at} tok/s"));
+    }
     head.extend(
         parallel
             .iter()
@@ -157,9 +167,8 @@ pub fn table(results: &[ModelResult], prompt: usize, generate: usize, depth: usi
             mib(r.size),
             r.parameters.clone(),
             r.backend.clone(),
-            r.pp.cell(),
-            r.tg.cell(),
         ];
+        row.extend([&r.pp, &r.tg].into_iter().flatten().map(Figure::cell));
         row.extend(r.parallel.iter().map(|a| a.figure.cell()));
         out.push_str(&format!("| {} |\n", row.join(" | ")));
     }
@@ -179,8 +188,12 @@ pub fn csv(results: &[ModelResult], depth: usize) -> String {
                 r.file, r.quantization, r.size, r.parameters, r.backend, f.median, f.min, f.max
             ));
         };
-        row("pp", 1, &r.pp);
-        row("tg", 1, &r.tg);
+        if let Some(f) = &r.pp {
+            row("pp", 1, f);
+        }
+        if let Some(f) = &r.tg {
+            row("tg", 1, f);
+        }
         for a in &r.parallel {
             row("tg_aggregate", a.sequences, &a.figure);
         }
@@ -207,8 +220,8 @@ mod tests {
             parameters: "1.00M".into(),
             architecture: "llama".into(),
             backend: "CPU".into(),
-            pp: Figure::of(vec![100.0]),
-            tg: Figure::of(vec![10.0]),
+            pp: Some(Figure::of(vec![100.0])),
+            tg: Some(Figure::of(vec![10.0])),
             parallel: vec![Aggregate {
                 sequences: 4,
                 figure: Figure::of(vec![30.0]),
@@ -240,5 +253,34 @@ mod tests {
         assert!(
             c.contains("m.gguf,Q4_0,1048576,1.00M,CPU,tg_aggregate,4,1024,30.000,30.000,30.000")
         );
+    }
+
+    #[test]
+    fn a_figure_left_out_has_no_column_row_or_value() {
+        let mut only_tg = result();
+        only_tg.pp = None;
+        let t = table(&[only_tg.clone()], 0, 128, 0);
+        assert!(
+            t.contains("| backend | tg128 tok/s | tg128 x4 aggregate |")
+                && t.contains("| CPU | 10.0 (10.0–10.0) | 30.0 (30.0–30.0) |"),
+            "{t}"
+        );
+        assert!(!csv(&[only_tg.clone()], 0).contains(",pp,"));
+        let json = serde_json::to_value(&only_tg).unwrap();
+        assert!(
+            json["pp"].is_null() && json["tg"]["median"] == 10.0,
+            "{json}"
+        );
+
+        let mut only_pp = result();
+        only_pp.tg = None;
+        only_pp.parallel.clear();
+        let t = table(&[only_pp.clone()], 512, 0, 0);
+        assert!(
+            t.contains("| backend | pp512 tok/s |\n")
+                && t.contains("| CPU | 100.0 (100.0–100.0) |\n"),
+            "{t}"
+        );
+        assert_eq!(csv(&[only_pp], 0).lines().count(), 2);
     }
 }
