@@ -185,6 +185,32 @@ fn quantize_refuses_unknown_types_and_bad_inputs_and_leaves_nothing_behind() {
     );
     assert_eq!(entries(&dir), ["notes.gguf"]);
 
+    // Where the output cannot go is said before the quantizer runs (it takes minutes on a
+    // large model), and the model read is never replaced by its own requantized copy.
+    let model = common::smollm2();
+    let before = std::fs::metadata(&model).unwrap().len();
+    let refused = |out: &Path, says: &str| {
+        let started = std::time::Instant::now();
+        let o = quantize(&model, out, "Q8_0");
+        let err = text(&o.stderr);
+        assert!(!o.status.success(), "{} was written: {err}", out.display());
+        assert!(err.contains(says), "{err}");
+        assert!(!err.contains("requantizing"), "the quantizer ran: {err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    };
+    refused(
+        &dir.join("no-such-folder").join("out.gguf"),
+        "does not exist",
+    );
+    refused(&dir, "a folder");
+    let link = dir.join("link.gguf");
+    std::os::unix::fs::symlink(&model, &link).unwrap();
+    // Through a link, so that a regression replaces the link, not the shared test model.
+    refused(&link, "that is the input");
+    assert_eq!(std::fs::metadata(&model).unwrap().len(), before);
+    assert_eq!(entries(&dir), ["link.gguf", "notes.gguf"]);
+    std::fs::remove_file(&link).unwrap();
+
     let o = backstop(&["bench", "-r", "1", not_gguf.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(

@@ -74,20 +74,17 @@ pub fn quantize(
     let target = ftype(kind)?;
     let header =
         gguf::read(input).map_err(|e| QuantizeError::Input(format!("{}: {e}", input.display())))?;
+    let dir = check_output(input, output)?;
     let source = header.uint("general.file_type").unwrap_or(0);
     let requantize = !matches!(source, 0 | 1 | 32);
     if requantize {
         tracing::warn!(
             from = %header.quantization(),
-            to = kind,
+            to = gguf::file_type_name(u64::from(target)).unwrap_or(kind),
             "requantizing an already quantized model: quality drops more than quantizing from F16/BF16"
         );
     }
     crate::engine::backend().map_err(|e| QuantizeError::Input(e.to_string()))?;
-    let dir = output
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     let temp = dir.join(format!(
         ".{}.partial-{}",
         output
@@ -119,6 +116,37 @@ pub fn quantize(
         let _ = std::fs::remove_file(&temp);
         QuantizeError::Output(format!("{}: {e}", output.display()))
     })
+}
+
+/// The folder `output` goes in, once it is clear the quantizer's work can be kept: the
+/// folder exists, `output` is not a folder, and it is not `input` itself (the quantizer
+/// would otherwise run for minutes before the rename fails, or replace the model it read
+/// with a lossier copy).
+fn check_output<'a>(input: &Path, output: &'a Path) -> Result<&'a Path, QuantizeError> {
+    let dir = output
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let refuse = |why: &str| {
+        Err(QuantizeError::Output(format!(
+            "{}: {why}",
+            output.display()
+        )))
+    };
+    if !dir.is_dir() {
+        return refuse(&format!("the folder {} does not exist", dir.display()));
+    }
+    if output.is_dir() {
+        return refuse("a folder; name the file to write");
+    }
+    let same = match (std::fs::canonicalize(input), std::fs::canonicalize(output)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same {
+        return refuse("that is the input; write the quantized model to a new file");
+    }
+    Ok(dir)
 }
 
 #[cfg(test)]
