@@ -67,8 +67,10 @@ pub fn router(state: AppState, server: &ServerConfig, security: &SecurityConfig)
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(Extension(BodyLimit(max_body_bytes)))
-        // 5xx answers are already explained where they arise (a 503 while loading is
-        // expected); the access log proper arrives with the operations work.
+        // Request spans for `BACKSTOP_LOG=tower_http=debug`; the access log itself is
+        // `security::access` (one line per request at info). 5xx answers are already
+        // explained where they arise (a 503 while loading is expected), so failures here are
+        // debug lines too.
         .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)));
     if let Some(t) = security.request_timeout {
         // Until the response starts; a stream then runs on (its length is bounded by
