@@ -284,6 +284,18 @@ async fn readiness_shows_models_before_and_after_they_load() {
     assert_eq!((status, r), (200, json!({"status": "ok"})));
 }
 
+/// `Content-Length`, where the answer has one; `Transfer-Encoding: chunked` is none.
+fn content_length(r: &reqwest::Response) -> Option<usize> {
+    assert!(
+        r.headers().get("transfer-encoding").is_none(),
+        "{:?}",
+        r.headers()
+    );
+    r.headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+}
+
 #[tokio::test]
 async fn json_logs_carry_one_line_per_request_with_its_id_and_never_the_prompt() {
     let model = format!("smollm2={}", common::smollm2().display());
@@ -297,7 +309,15 @@ async fn json_logs_carry_one_line_per_request_with_its_id_and_never_the_prompt()
         .await
         .unwrap();
     assert_eq!(r.headers()["x-request-id"], "trace-me-42");
-    let _ = r.text().await.unwrap();
+    // The record is written once the body is sent, and holding it back does not turn a whole
+    // answer into a chunked one.
+    let length = content_length(&r);
+    assert_eq!(length, Some(r.text().await.unwrap().len()));
+    for path in ["/v1/models", "/api/tags", "/v1/no-such-route"] {
+        let r = s.client.get(s.url(path)).send().await.unwrap();
+        let length = content_length(&r);
+        assert_eq!(length, Some(r.text().await.unwrap().len()), "{path}");
+    }
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let log = s.log();
     let line: Value = log

@@ -71,12 +71,17 @@ async fn ask(
     let r = req.send().await.unwrap();
     let status = r.status().as_u16();
     let h = |n: &str| r.headers().get(n).map(|v| v.to_str().unwrap().to_owned());
+    // A whole answer, the cloud's or the local model's, goes out with its length.
+    let length = (body["stream"] != true).then(|| h("content-length").expect("Content-Length"));
     let marks = [
         h("x-backstop-backend"),
         h("x-backstop-upstream"),
         h("x-backstop-failover"),
     ];
     let text = r.text().await.unwrap();
+    if let Some(length) = length {
+        assert_eq!(length, text.len().to_string());
+    }
     if body["stream"] == true && status == 200 {
         let events: Vec<String> = text
             .split("\n\n")

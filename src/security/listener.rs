@@ -11,16 +11,12 @@
 //! tokio-rustls.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::ConnectInfo;
 use axum::Router;
 use futures_util::FutureExt;
-use hyper::body::{Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -143,9 +139,9 @@ pub(crate) async fn serve(
                 move |mut req: axum::http::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(ConnectInfo(peer));
                     let busy = Busy::new(Arc::clone(&idle));
-                    app.clone().oneshot(req).map(move |res| {
-                        res.map(|res| res.map(|body| Body::new(Tracked { body, _busy: busy })))
-                    })
+                    app.clone()
+                        .oneshot(req)
+                        .map(move |res| res.map(|res| super::held::hold(res, busy)))
                 },
             ))
         };
@@ -269,31 +265,5 @@ impl Drop for Busy {
         let mut state = self.0.lock();
         state.0 = state.0.saturating_sub(1);
         state.1 = Instant::now();
-    }
-}
-
-/// A response body that keeps its request counted as in flight until it is gone.
-struct Tracked {
-    body: Body,
-    _busy: Busy,
-}
-
-impl HttpBody for Tracked {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }

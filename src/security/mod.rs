@@ -4,6 +4,7 @@
 //! scope, rate limits, the key's model policy, then the audit ticket.
 
 pub(crate) mod audit;
+mod held;
 pub mod keys;
 pub(crate) mod limits;
 pub(crate) mod listener;
@@ -16,7 +17,6 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use crate::config::security::{Cidr, Scope, SecurityConfig};
@@ -230,7 +230,9 @@ pub(crate) async fn guard(
             });
             let resp = audit::scope(Arc::clone(&ticket), next.run(request)).await;
             ticket.update(|r| r.status = resp.status().as_u16());
-            hold_until_sent(resp, ticket)
+            // The ticket is kept until the body has been sent: a stream's record is written
+            // after its end, with its token counts.
+            held::hold(resp, ticket)
         }
         Err(resp) => {
             record.status = resp.status().as_u16();
@@ -342,17 +344,6 @@ fn access(route: &'static str, r: &Record) {
     } else {
         line!(info);
     }
-}
-
-/// Keeps the ticket until the response body has been sent (or dropped): a stream's record is
-/// written after its end, with its token counts.
-fn hold_until_sent(resp: Response, ticket: Arc<Ticket>) -> Response {
-    let (parts, body) = resp.into_parts();
-    let stream = body.into_data_stream().map(move |chunk| {
-        let _held = &ticket;
-        chunk
-    });
-    Response::from_parts(parts, Body::from_stream(stream))
 }
 
 /// Everything before the handler; `Err` is the refusal to send.
