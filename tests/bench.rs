@@ -365,6 +365,29 @@ fn zero_leaves_a_figure_out_and_every_bench_limit_is_refused() {
         let out = run(&[args, &["--format", "json"]].concat());
         serde_json::from_str(&out).expect("bench JSON")
     };
+    // The context is just enough, rounded the way llama.cpp splits it between sequences, so
+    // it has nothing to round down (and no warning to print) for any count of them.
+    let o = backstop(&[
+        "bench",
+        "-r",
+        "1",
+        "-p",
+        "0",
+        "-n",
+        "4",
+        "--parallel",
+        "2,3",
+        "--format",
+        "csv",
+        model,
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        !text(&o.stderr).contains("divisible"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert_eq!(text(&o.stdout).lines().count(), 4, "{}", text(&o.stdout));
     let tg_only = json(&["-p", "0", "-n", "8", "--parallel", "2"]);
     let r = &tg_only["results"][0];
     assert!(r["pp"].is_null(), "{tg_only}");

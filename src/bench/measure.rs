@@ -238,19 +238,17 @@ fn one(
         prefill(ctx, batch, &prompt[..plan.prompt], 0, plan.depth)?;
         pp = Some(plan.prompt as f64 / started.elapsed().as_secs_f64());
     }
-    let mut tg = None;
-    let mut parallel = Vec::with_capacity(plan.parallel.len());
     if plan.generate == 0 {
         return Ok(Rep {
             pp,
-            tg,
-            parallel,
+            tg: None,
+            parallel: Vec::new(),
             cached,
         });
     }
-    let (single, held) = generate_together(ctx, batch, prompt, plan.depth, 1, plan.generate)?;
-    tg = Some(single);
+    let (tg, held) = generate_together(ctx, batch, prompt, plan.depth, 1, plan.generate)?;
     cached = cached.min(held);
+    let mut parallel = Vec::with_capacity(plan.parallel.len());
     for &n in &plan.parallel {
         let (aggregate, held) =
             generate_together(ctx, batch, prompt, plan.depth, n, plan.generate)?;
@@ -259,7 +257,7 @@ fn one(
     }
     Ok(Rep {
         pp,
-        tg,
+        tg: Some(tg),
         parallel,
         cached,
     })
@@ -297,7 +295,12 @@ pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<R
             })
         }
         Some(c) => c,
-        None => u32::try_from(needed).unwrap_or(u32::MAX),
+        // Just enough, rounded up to llama.cpp's 256-cell padding (within the training
+        // context): it pads the whole context to that and splits it evenly between the
+        // sequences, warning when an odd total does not divide.
+        None => {
+            u32::try_from(needed.next_multiple_of(256).min(train.max(needed))).unwrap_or(u32::MAX)
+        }
     };
     let threads = i32::try_from(plan.threads).unwrap_or(i32::MAX);
     // The parallel measurement starts every sequence with one decode of 16 tokens each;

@@ -36,10 +36,10 @@ fn locate(arg: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// The sequence counts of `--parallel`, checked, sorted and without 1 (the single-stream
-/// figure is always measured); the other numbers checked with them. As in llama-bench, `-p 0`
-/// or `-n 0` leaves that figure out; nothing else is silently raised or dropped.
-fn parallel_counts(args: &BenchArgs) -> Result<Vec<usize>, String> {
+/// Checks the numbers given (as in llama-bench, `-p 0` or `-n 0` leaves that figure out;
+/// nothing else is silently raised or dropped) and returns the `--parallel` counts sorted and
+/// without 1 (the single-stream figure is always measured).
+fn check_args(args: &BenchArgs) -> Result<Vec<usize>, String> {
     if args.reps == 0 {
         return Err("-r 0: at least one repetition is needed".into());
     }
@@ -65,7 +65,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let threads = args
         .threads
         .unwrap_or_else(|| u32::try_from(num_cpus::get_physical()).unwrap_or(1).max(1));
-    let parallel = parallel_counts(args)?;
+    let parallel = check_args(args)?;
     let plan = Plan {
         prompt: args.prompt,
         depth: args.depth,
