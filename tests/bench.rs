@@ -218,6 +218,27 @@ fn quantize_refuses_unknown_types_and_bad_inputs_and_leaves_nothing_behind() {
         "{}",
         text(&o.stderr)
     );
+    // A bad file anywhere in the list is found before any model is loaded (llama.cpp's loader
+    // would log each model it reads at this level).
+    let o = common::backstop_command()
+        .env("BACKSTOP_LOG", "info,llama-cpp-2=info")
+        .args([
+            "bench",
+            "-r",
+            "1",
+            common::smollm2().to_str().unwrap(),
+            not_gguf.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("notes.gguf"), "{err}");
+    assert!(
+        !err.contains("load_from_file"),
+        "a model was loaded first: {err}"
+    );
+    assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
     let o = backstop(&["bench", "-r", "1", "no-such-model:latest"]);
     assert!(!o.status.success());
     assert!(

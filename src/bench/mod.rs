@@ -77,10 +77,16 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         ctx: args.ctx,
         flash_attention: args.flash_attention,
     };
+    // Every file is found and its header read before any is measured: a typo at the end of
+    // a quantization ladder fails at once, not after the models before it were measured.
     let files = args
         .models
         .iter()
-        .map(|m| locate(m))
+        .map(|m| {
+            let file = locate(m)?;
+            let header = gguf::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            Ok::<_, String>((file, header))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let backend = crate::engine::compute()?.backend;
     let bar = ProgressBar::new((files.len() * (plan.reps + 1)) as u64);
@@ -89,8 +95,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut results = Vec::with_capacity(files.len());
-    for file in &files {
-        let header = gguf::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    for (file, header) in &files {
         let name = file.file_name().map_or_else(
             || file.display().to_string(),
             |f| f.to_string_lossy().into_owned(),
