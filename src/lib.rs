@@ -42,9 +42,7 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
         Command::Keys(cli::KeysCommand::New(a)) => return new_key(a).map(|()| 0),
         Command::Bench(a) => return bench::run(a).map(|()| 0),
         Command::Quantize(a) => {
-            let threads = a
-                .threads
-                .unwrap_or_else(|| u32::try_from(num_cpus::get_physical()).unwrap_or(1).max(1));
+            let threads = a.threads.unwrap_or_else(config::default_threads);
             bench::quantize::quantize(&a.input, &a.output, &a.kind, threads)?;
             println!(
                 "wrote {} ({})",

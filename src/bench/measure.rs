@@ -265,6 +265,18 @@ fn one(
 
 /// Measures one GGUF file: a warm-up, then `plan.reps` repetitions; `tick` after each.
 pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<Rep>, BenchError> {
+    // A `--ctx` below the run's need is known from the plan alone: refused before any model
+    // is loaded.
+    let needed = plan.needed();
+    if let Some(c) = plan.ctx.filter(|&c| (c as usize) < needed) {
+        return Err(BenchError::SmallContext {
+            ctx: c,
+            depth: plan.depth,
+            prompt: plan.prompt,
+            generate: plan.generate,
+            needed,
+        });
+    }
     let backend = crate::engine::backend().map_err(llama)?;
     let mut params = LlamaModelParams::default();
     if let Some(n) = plan.gpu_layers {
@@ -273,7 +285,6 @@ pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<R
     let model = LlamaModel::load_from_file(backend, path, &params)
         .map_err(|_| BenchError::Load(path.display().to_string()))?;
     let seqs = plan.parallel.iter().copied().max().unwrap_or(1).max(1);
-    let needed = plan.needed();
     let train = usize::try_from(model.n_ctx_train()).unwrap_or(usize::MAX);
     if needed > train {
         return Err(BenchError::TooDeep {
@@ -285,15 +296,6 @@ pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<R
         });
     }
     let per_seq = match plan.ctx {
-        Some(c) if (c as usize) < needed => {
-            return Err(BenchError::SmallContext {
-                ctx: c,
-                depth: plan.depth,
-                prompt: plan.prompt,
-                generate: plan.generate,
-                needed,
-            })
-        }
         Some(c) => c,
         // Just enough, rounded up to llama.cpp's 256-cell padding (within the training
         // context): it pads the whole context to that and splits it evenly between the

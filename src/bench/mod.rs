@@ -62,9 +62,7 @@ fn check_args(args: &BenchArgs) -> Result<Vec<usize>, String> {
 
 /// Runs `backstop bench` and prints its results.
 pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let threads = args
-        .threads
-        .unwrap_or_else(|| u32::try_from(num_cpus::get_physical()).unwrap_or(1).max(1));
+    let threads = args.threads.unwrap_or_else(crate::config::default_threads);
     let parallel = check_args(args)?;
     let plan = Plan {
         prompt: args.prompt,

@@ -193,6 +193,12 @@ pub fn fetched_models_dir() -> PathBuf {
         .unwrap_or_else(|| cache_dir().join("models"))
 }
 
+/// llama.cpp threads when none are asked for: the physical cores (llama.cpp's own default is
+/// 4 whatever the machine).
+pub fn default_threads() -> u32 {
+    u32::try_from(num_cpus::get_physical()).unwrap_or(1).max(1)
+}
+
 /// The model store: `BACKSTOP_MODELS`, else `OLLAMA_MODELS` (so an existing Ollama store is
 /// served as it is), else `<cache>/models`.
 pub fn default_store_dir() -> PathBuf {
@@ -452,11 +458,10 @@ impl Config {
                 "a quantized KV cache needs flash attention; do not turn it off".into(),
             ));
         }
-        let physical = u32::try_from(num_cpus::get_physical()).unwrap_or(1).max(1);
         let engine_defaults = EngineDefaults {
             slots: slots.unwrap_or(DEFAULT_PARALLEL),
             ctx_per_slot: ctx,
-            threads: threads.unwrap_or(physical),
+            threads: threads.unwrap_or_else(default_threads),
             batch,
             prefill_chunk,
             max_queue: max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
