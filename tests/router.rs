@@ -107,10 +107,16 @@ async fn the_cloud_answers_while_it_is_up_and_says_so() {
     let fake = FakeCloud::start().await;
     let s = routed(&fake, 3, "", &[]).await;
     for stream in [false, true] {
-        let (status, marks, text, _) = ask(&s, &chat(stream), &[]).await;
+        let (status, marks, text, bodies) = ask(&s, &chat(stream), &[]).await;
         assert_eq!(status, 200);
         assert_eq!(marks, [some("cloud"), some("fakeai"), None]);
         assert_eq!(text, "cloud says: hello there");
+        if !stream {
+            // The whole answer is passed on as the cloud sent it: pretty-printed, as OpenAI
+            // (and the fake) send it, not parsed and written again.
+            let sent: Value = serde_json::from_str(&bodies[0]).unwrap();
+            assert_eq!(bodies[0], serde_json::to_string_pretty(&sent).unwrap());
+        }
     }
     let sent = fake.last_request().unwrap();
     assert_eq!(

@@ -116,11 +116,20 @@ async fn local(
 /// An answer in Anthropic's shape: a `message` object, or its event stream.
 fn render(reply: Reply, model: &str) -> Response {
     match reply {
-        Reply::Whole(v) => match openai_response_to_anthropic(&v) {
-            Ok(message) => Json(message).into_response(),
+        Reply::Whole(v) => whole(&v),
+        Reply::Forwarded(answer) => match answer.value() {
+            Ok(v) => whole(&v),
             Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
         },
         Reply::Stream(chunks) => stream_events(chunks, model).into_response(),
+    }
+}
+
+/// A whole OpenAI answer as an Anthropic `message`.
+fn whole(v: &Value) -> Response {
+    match openai_response_to_anthropic(v) {
+        Ok(message) => Json(message).into_response(),
+        Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
     }
 }
 

@@ -109,8 +109,14 @@ pub(crate) async fn chat(
         });
     }
     match result {
+        Ok((Reply::Forwarded(answer), served, reason)) => {
+            note_usage(&answer.usage);
+            Ok((Reply::Forwarded(answer), served, reason))
+        }
         Ok((Reply::Whole(v), served, reason)) if matches!(served, Served::Cloud(_)) => {
-            note_usage(&v);
+            if let Some(usage) = v.get("usage") {
+                note_usage(usage);
+            }
             Ok((Reply::Whole(v), served, reason))
         }
         Ok((Reply::Stream(chunks), served, reason)) if matches!(served, Served::Cloud(_)) => {
@@ -155,10 +161,10 @@ fn cap_tokens<'b>(state: &AppState, body: &'b Value) -> Result<Cow<'b, Value>, A
     Ok(Cow::Owned(body))
 }
 
-/// The prompt and completion token counts in a cloud answer's (or chunk's) `usage`, when it
-/// has either.
-fn usage_counts(v: &Value) -> Option<(Option<u32>, Option<u32>)> {
-    let count = |k: &str| v["usage"][k].as_u64().and_then(|n| u32::try_from(n).ok());
+/// The prompt and completion token counts in a cloud answer's (or chunk's) `usage` object,
+/// when it has either.
+fn usage_counts(usage: &Value) -> Option<(Option<u32>, Option<u32>)> {
+    let count = |k: &str| usage[k].as_u64().and_then(|n| u32::try_from(n).ok());
     let (p, c) = (count("prompt_tokens"), count("completion_tokens"));
     (p.is_some() || c.is_some()).then_some((p, c))
 }
@@ -169,9 +175,9 @@ fn record_usage(r: &mut crate::security::audit::Record, (p, c): (Option<u32>, Op
     r.completion_tokens = c;
 }
 
-/// Token counts of a cloud answer, for the audit log and the key's token budget.
-fn note_usage(v: &Value) {
-    if let Some(counts) = usage_counts(v) {
+/// Token counts of a cloud answer's `usage`, for the audit log and the key's token budget.
+fn note_usage(usage: &Value) {
+    if let Some(counts) = usage_counts(usage) {
         crate::security::audit::note(|r| record_usage(r, counts));
     }
 }
@@ -195,7 +201,7 @@ fn watch_usage(
                 Ok(v) if v.get("usage").is_some() => v,
                 _ => return std::future::ready(Some(Ok(text))),
             };
-            if let (Some(ticket), Some(counts)) = (&ticket, usage_counts(&v)) {
+            if let (Some(ticket), Some(counts)) = (&ticket, usage_counts(&v["usage"])) {
                 ticket.update(|r| record_usage(r, counts));
             }
             if wants_usage {

@@ -18,7 +18,7 @@ use super::anthropic::upstream_request::openai_request_to_anthropic;
 use super::anthropic::upstream_stream::AnthropicToOpenAi;
 use super::breaker::{Admit, Breaker, State};
 use super::failure::FailReason;
-use super::reply::{ChunkStream, Reply, StreamFault};
+use super::reply::{ChunkStream, Forwarded, Reply, StreamFault};
 use super::sse::{SseEvent, SseParser};
 use crate::config::{BreakerConfig, UpstreamConfig, UpstreamKind};
 
@@ -247,11 +247,9 @@ impl Upstream {
             Err(outcome) => return outcome,
         };
         if !stream {
-            return match whole_json(resp, deadline).await {
-                Ok(v) if v.get("choices").is_some_and(Value::is_array) => {
-                    Outcome::Answer(Reply::Whole(v))
-                }
-                Ok(_) => failed(FailReason::Malformed, "a 200 without `choices`"),
+            return match whole_body(resp, deadline).await.map(Forwarded::check) {
+                Ok(Ok(answer)) => Outcome::Answer(Reply::Forwarded(answer)),
+                Ok(Err(why)) => failed(FailReason::Malformed, why),
                 Err(outcome) => outcome,
             };
         }
@@ -472,19 +470,22 @@ fn is_event_stream(resp: &reqwest::Response) -> bool {
 
 /// Reads a whole JSON body before the deadline.
 async fn whole_json(resp: reqwest::Response, deadline: Instant) -> Result<Value, Outcome> {
-    let left = Upstream::left(deadline);
-    let bytes = match tokio::time::timeout(left, resp.bytes()).await {
-        Err(_) => {
-            return Err(failed(
-                FailReason::TotalTimeout,
-                "no whole answer within the total timeout",
-            ))
-        }
-        Ok(Err(e)) => return Err(failed(FailReason::Broken, e.to_string())),
-        Ok(Ok(b)) => b,
-    };
+    let bytes = whole_body(resp, deadline).await?;
     serde_json::from_slice(&bytes)
         .map_err(|_| failed(FailReason::Malformed, "a 200 whose body is not JSON"))
+}
+
+/// Reads a whole body before the deadline.
+async fn whole_body(resp: reqwest::Response, deadline: Instant) -> Result<Bytes, Outcome> {
+    let left = Upstream::left(deadline);
+    match tokio::time::timeout(left, resp.bytes()).await {
+        Err(_) => Err(failed(
+            FailReason::TotalTimeout,
+            "no whole answer within the total timeout",
+        )),
+        Ok(Err(e)) => Err(failed(FailReason::Broken, e.to_string())),
+        Ok(Ok(b)) => Ok(b),
+    }
 }
 
 /// The caller's error from an OpenAI-compatible upstream, as it was when it is OpenAI's

@@ -123,6 +123,14 @@ pub(crate) async fn local_reply(
 pub(crate) fn render(reply: Reply) -> Response {
     match reply {
         Reply::Whole(v) => Json(v).into_response(),
+        Reply::Forwarded(answer) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            )],
+            answer.body,
+        )
+            .into_response(),
         Reply::Stream(chunks) => sse::render(chunks).into_response(),
     }
 }

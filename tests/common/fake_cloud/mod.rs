@@ -575,7 +575,8 @@ fn deliver(reply: Reply, call: &Call) -> Response {
     let (ctype, open, pieces, close, split_json) = match reply {
         Reply::Done(r) => return r,
         Reply::Json(v) => {
-            let bytes = Bytes::from(serde_json::to_vec(&v).unwrap());
+            // Pretty-printed, as OpenAI's API sends a whole answer.
+            let bytes = Bytes::from(serde_json::to_vec_pretty(&v).unwrap());
             let half = bytes.slice(..bytes.len() / 2);
             let rest = bytes.slice(bytes.len() / 2..);
             ("application/json", vec![], vec![half, rest], vec![], true)
