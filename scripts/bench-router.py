@@ -811,6 +811,11 @@ def main() -> int:
                 wait_quiet(max(300.0, args.wait_idle))
 
         fake.set(mode="refuse")
+        # The fake resets the connections backstop keeps alive from P8 when it starts refusing,
+        # but each reset lands when that connection's task next runs: a request sent at once
+        # may still go out on one of them and fail as `broken` (the connection closed before
+        # an answer) instead of being refused. Let the resets land first.
+        time.sleep(0.5)
         log(f"==> P9 failover: fake cloud refusing; breaker closed (failures = 1e9), {ttft_n} requests per arm")
 
         def check_closed(arm: str, rec: dict) -> None:
