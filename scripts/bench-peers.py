@@ -297,8 +297,8 @@ def main() -> int:
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     raws: list[dict] = []
     for rep in range(args.reps):
-        # Rotate the order, the raw engine included, so whichever runs first (on a warmer or
-        # cooler machine) does not bias the comparison.
+        # Rotate the servers' order, so whichever runs first (on a warmer or cooler machine)
+        # does not bias the comparison; the raw engine goes with backstop (below).
         order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
         for kind in order:
             log(f"==> rep {rep + 1}/{args.reps}: {kind}")

@@ -79,6 +79,8 @@ wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}'
 EOF
+# The same request and upstream as bench-router.py's P8 (its P8_BODY and backstop_config),
+# so the counts here explain its figures; change both together.
 cat >"$work/backstop.toml" <<EOF
 [models.smollm2]
 path = "$model"

@@ -118,6 +118,15 @@ async fn the_cloud_answers_while_it_is_up_and_says_so() {
             assert_eq!(bodies[0], serde_json::to_string_pretty(&sent).unwrap());
         }
     }
+    // Both answers' token counts (the fake's usage: 2 in, 4 out) reach the request's record,
+    // the whole one's read from the forwarded bytes. The line is written once the body is
+    // sent, so it may trail the answer by a moment.
+    let counted = "prompt_tokens=2 completion_tokens=4";
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while s.log().matches(counted).count() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.log().matches(counted).count(), 2, "{}", s.log());
     let sent = fake.last_request().unwrap();
     assert_eq!(
         sent.body["model"], "gpt-4o-mini-2024-07-18",

@@ -117,10 +117,10 @@ async fn local(
 fn render(reply: Reply, model: &str) -> Response {
     match reply {
         Reply::Whole(v) => whole(&v),
-        Reply::Forwarded(answer) => match answer.value() {
-            Ok(v) => whole(&v),
-            Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
-        },
+        Reply::Forwarded(answer) => answer.value().map_or_else(
+            |e| error(StatusCode::BAD_GATEWAY, e.to_string()),
+            |v| whole(&v),
+        ),
         Reply::Stream(chunks) => stream_events(chunks, model).into_response(),
     }
 }

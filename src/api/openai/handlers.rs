@@ -124,10 +124,7 @@ pub(crate) fn render(reply: Reply) -> Response {
     match reply {
         Reply::Whole(v) => Json(v).into_response(),
         Reply::Forwarded(answer) => (
-            [(
-                axum::http::header::CONTENT_TYPE,
-                axum::http::HeaderValue::from_static("application/json"),
-            )],
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
             answer.body,
         )
             .into_response(),
