@@ -369,8 +369,8 @@ async fn gemma_without_a_template_gets_gemma_turns() {
 
 #[tokio::test]
 async fn the_example_catalogue_serves_both_models() {
-    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/models.toml");
-    let s = Server::start_raw(&["--config", cfg]).await;
+    let cfg = common::checkout().join("models.toml");
+    let s = Server::start_raw(&["--config", &cfg.to_string_lossy()]).await;
     let (_, r) = s.get_json("/v1/models").await;
     let ids: Vec<&str> = r["data"]
         .as_array()

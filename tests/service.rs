@@ -1,5 +1,7 @@
 //! The shipped systemd unit: hardened as the README says, and valid for systemd.
 
+mod common;
+
 use std::process::Command;
 
 const UNIT: &str = include_str!("../scripts/backstop.service");
@@ -91,7 +93,7 @@ fn the_dashboard_only_uses_metrics_backstop_exports() {
         "src/ops",
         "src/api",
     ] {
-        for e in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/").to_owned() + dir)
+        for e in std::fs::read_dir(common::checkout().join(dir))
             .unwrap()
             .flatten()
         {

@@ -15,6 +15,16 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::Value;
 
+/// The checkout under test. Cargo sets `CARGO_MANIFEST_DIR` when it runs a test as well as
+/// when it builds one; the runtime value wins, because a test binary built in another copy of
+/// the checkout sharing the build cache (the setup script keeps it outside the checkout) is
+/// not rebuilt, and would otherwise look for files where that copy was.
+pub fn checkout() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// Where the setup script puts the models.
 pub fn models_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("BACKSTOP_MODELS") {
