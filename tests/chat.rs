@@ -745,7 +745,7 @@ async fn a_prompt_held_by_a_busy_slot_is_copied_not_read() {
     // The same prompt, streaming a long answer, takes the slot that read it; the other slot
     // has held nothing yet.
     let mut busy = s.stream("/v1/chat/completions", &body(400, true)).await;
-    assert!(busy.next_data().await.is_some());
+    assert!(busy.first_text().await);
     // A different question under the same long system prompt goes to the empty slot, which
     // copies the busy one's system prompt (up to an aligned position) and reads the rest.
     let other = s
@@ -780,6 +780,87 @@ async fn a_prompt_held_by_a_busy_slot_is_copied_not_read() {
     );
     assert_eq!(answer(&copied), answer(&cold));
     drop(busy);
+}
+
+/// Requests that arrive together with the same long system prompt read it once: the first
+/// reads it, the others wait until it has and copy it, and every answer is still the one a
+/// cold read gives.
+#[tokio::test]
+async fn requests_arriving_together_read_a_shared_system_prompt_once() {
+    let s = Server::start(&["--parallel", "2"]).await;
+    let ask = |question: &str, cache: bool| {
+        json!({"model": "smollm2", "temperature": 0, "max_tokens": 12, "cache_prompt": cache,
+               "messages": garden(&[("user", question)])})
+    };
+    let questions = ["Is the cafe open on Mondays?", "Where do the tulips grow?"];
+    let mut cold = Vec::new();
+    for q in questions {
+        cold.push(answer(&s.chat(ask(q, false)).await));
+    }
+    // Both slots generate long unrelated answers, so the two requests queue together.
+    let hold = |i: usize| {
+        json!({"model": "smollm2", "temperature": 0, "max_tokens": 2000, "stream": true,
+               "ignore_eos": true,
+               "messages": [{"role": "user", "content": format!("Count from {i} to a million.")}]})
+    };
+    let mut held = Vec::new();
+    for i in 0..2 {
+        // Its prompt is read once it shows text, so nothing below counts it.
+        let mut h = s.stream("/v1/chat/completions", &hold(i)).await;
+        assert!(h.first_text().await);
+        held.push(h);
+    }
+    let burst: Vec<_> = questions
+        .iter()
+        .map(|q| {
+            let (client, url, body) = (
+                reqwest::Client::new(),
+                s.url("/v1/chat/completions"),
+                ask(q, true),
+            );
+            tokio::spawn(async move {
+                let resp = client.post(url).json(&body).send().await.unwrap();
+                resp.json::<Value>().await.unwrap()
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while s.metric("backstop_queue_depth").await < 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the requests never queued"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let read_before = s.metric("backstop_prompt_tokens_evaluated_total").await;
+    drop(held);
+    let mut answers = Vec::new();
+    for task in burst {
+        answers.push(task.await.unwrap());
+    }
+    let prompt: u64 = answers
+        .iter()
+        .map(|a| a["usage"]["prompt_tokens"].as_u64().unwrap())
+        .sum();
+    let cached: Vec<u64> = answers
+        .iter()
+        .map(|a| {
+            a["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    // The garden's system prompt is over 100 tokens; one request read it, the other copied
+    // it (up to an aligned position).
+    assert!(cached.iter().any(|&c| c >= 96), "{answers:?}");
+    let read = s.metric("backstop_prompt_tokens_evaluated_total").await - read_before;
+    assert!(
+        read <= (prompt - 96) as f64,
+        "read {read} of {prompt} prompt tokens, cached {cached:?}"
+    );
+    for (a, c) in answers.iter().zip(&cold) {
+        assert_eq!(&answer(a), c, "{a}");
+    }
 }
 
 /// Each penalty really reaches the sampler: a greedy answer that repeats itself changes.

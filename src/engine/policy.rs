@@ -405,6 +405,9 @@ pub(crate) struct CachedSlot<'a, T> {
     pub(crate) last_used: u64,
     /// Serving a request: not a place for a new one, but its cache can still be copied.
     pub(crate) busy: bool,
+    /// The whole prompt a busy slot is still reading, while every row it has read so far
+    /// was read as a cold read reads it (so, chunk by chunk, the rest will be too).
+    pub(crate) reading: Option<&'a [T]>,
 }
 
 /// Where a waiting request goes.
@@ -468,6 +471,13 @@ fn reusable<T: PartialEq>(
 /// [`COPY_GAIN`] more (concurrent requests with the same system prompt or the same
 /// question), its cache is copied into the free slot whose cache is worth least.
 /// Without a whole-prompt hit at least one prompt token is left to read, for fresh logits.
+///
+/// `None` when no slot is free, and also while a busy slot is still reading a prompt that
+/// will spare at least [`COPY_GAIN`] more than any placement now: requests that arrive
+/// together with the same long system prompt wait until the first has read it, then copy
+/// it, instead of each reading it again. The wait costs them nothing, since prompts get the
+/// step's budget in arrival order and the one being read came first; it ends once the
+/// shared rows are read, or when that slot's read stops being exact or it is released.
 pub(crate) fn place<T: PartialEq>(
     slots: &[CachedSlot<'_, T>],
     prompt: &[T],
@@ -492,15 +502,32 @@ pub(crate) fn place<T: PartialEq>(
         .iter()
         .filter(|(s, _, _)| s.busy)
         .max_by_key(|(_, n, _)| *n);
-    if let Some((source, n, _)) = busy {
-        if *n >= n_free + COPY_GAIN {
-            let (victim, _, _) = free().min_by_key(|(s, n, _)| (*n, s.last_used))?;
-            return Some(Placement {
-                slot: victim.index,
-                reuse: *n,
-                copy_from: Some(source.index),
-            });
-        }
+    let copy = busy.filter(|(_, n, _)| *n >= n_free + COPY_GAIN);
+    let now = copy.map_or(*n_free, |(_, n, _)| *n);
+    let ahead = slots
+        .iter()
+        .filter_map(|s| {
+            let whole = s.reading?;
+            let read = CachedSlot {
+                cached: whole,
+                exact: whole.len(),
+                end: None,
+                ..*s
+            };
+            Some(reusable(&read, prompt, layout, reuse, grain).0)
+        })
+        .max()
+        .unwrap_or(0);
+    if ahead >= now + COPY_GAIN {
+        return None;
+    }
+    if let Some((source, n, _)) = copy {
+        let (victim, _, _) = free().min_by_key(|(s, n, _)| (*n, s.last_used))?;
+        return Some(Placement {
+            slot: victim.index,
+            reuse: *n,
+            copy_from: Some(source.index),
+        });
     }
     Some(Placement {
         slot: best_free.index,
@@ -713,6 +740,7 @@ mod tests {
             end: None,
             last_used,
             busy: false,
+            reading: None,
         }
     }
 
@@ -860,6 +888,61 @@ mod tests {
         assert_eq!(
             place(&[twin], &same, whole(&same), Reuse::Exact, FLASH_GRAIN),
             None
+        );
+    }
+
+    #[test]
+    fn a_prompt_waits_for_a_busy_slot_still_reading_what_it_shares_then_copies_it() {
+        // Two requests arrive together on an idle server; both start with the same 60
+        // tokens. The first is being read: 10 rows so far, all exact.
+        let first = tokens(1..=100);
+        let mut second = tokens(1..=60);
+        second.extend(tokens(500..=539));
+        let reading = |read: usize, exact: usize| CachedSlot {
+            busy: true,
+            reading: (exact == read).then_some(first.as_slice()),
+            layout: whole(&first),
+            ..slot(0, &first[..read], exact, 0)
+        };
+        let empty = slot(1, &[], 0, 0);
+        let placed = |busy: CachedSlot<'_, i32>, reuse: Reuse| {
+            place(&[busy, empty], &second, whole(&second), reuse, MATMUL_GRAIN)
+        };
+        // It would spare 48 rows (60 shared, aligned), 10 now: the second waits.
+        assert_eq!(placed(reading(10, 10), Reuse::Exact), None);
+        assert_eq!(placed(reading(10, 10), Reuse::Fast), None);
+        // Once the first has read the shared rows, the second copies them.
+        let copy = Some(Placement {
+            slot: 1,
+            reuse: 48,
+            copy_from: Some(0),
+        });
+        assert_eq!(placed(reading(64, 64), Reuse::Exact), copy);
+        assert_eq!(placed(reading(100, 100), Reuse::Exact), copy);
+        // A read that is no longer exact is not waited for; nor by a request that wants
+        // nothing reused.
+        let plain = Some(Placement {
+            slot: 1,
+            reuse: 0,
+            copy_from: None,
+        });
+        assert_eq!(placed(reading(10, 0), Reuse::Exact), plain);
+        assert_eq!(placed(reading(10, 10), Reuse::Cold), plain);
+        // Nor when a free slot already spares within COPY_GAIN of it (32 of its 40 rows).
+        let warm = slot(1, &first[..40], 40, 0);
+        assert_eq!(
+            place(
+                &[reading(10, 10), warm],
+                &second,
+                whole(&second),
+                Reuse::Exact,
+                MATMUL_GRAIN
+            ),
+            Some(Placement {
+                slot: 1,
+                reuse: 32,
+                copy_from: None
+            })
         );
     }
 

@@ -576,6 +576,11 @@ impl<'m> Worker<'m> {
                     end: s.end.as_ref().map(|e| (e.len, e.exact)),
                     last_used: s.last_used,
                     busy: s.active.is_some(),
+                    reading: s
+                        .active
+                        .as_ref()
+                        .filter(|a| s.cached.len() < a.prompt.len() && s.exact == s.cached.len())
+                        .map(|a| a.prompt.as_slice()),
                 })
                 .collect();
             // A reproducible answer must not depend on what the slot held before.
@@ -741,16 +746,52 @@ impl<'m> Worker<'m> {
     /// first), costing as many passes over the weights as separate calls do; alone, a chunk is
     /// read as a cold read reads it, so a reproducible request can reuse it later, and a prompt
     /// that ends shows its first token without waiting for the prompts read after it.
+    ///
+    /// A step that began with nothing generating reads prompts up to the whole batch budget.
+    /// Requests that waited to copy a prefix one of its prompts was reading (see
+    /// [`place`]) are placed as soon as it is read, and what they have left to read is read
+    /// in the same step, before anything generates: requests arriving together with the same
+    /// long system prompt read it once and all start generating together.
     fn step(&mut self, plan: StepPlan) {
         self.step_no += 1;
         let StepPlan { decode, prefill } = plan;
+        let fresh = decode.is_empty();
+        let used: usize = prefill.iter().map(|p| p.1).sum();
         if !decode.is_empty() {
             self.evaluate_and_sample(&StepPlan {
                 decode,
                 prefill: vec![],
             });
         }
-        for chunk in prefill {
+        self.read_chunks(prefill);
+        let left = self.budget.batch.saturating_sub(used);
+        if !fresh || left == 0 || self.waiting.is_empty() {
+            return;
+        }
+        let admitted = self.admissions;
+        self.admit();
+        if self.admissions == admitted {
+            return;
+        }
+        // Sequences that got their first token in this step generate from the next one.
+        let states: Vec<SlotState> = self
+            .slot_states()
+            .into_iter()
+            .map(|s| match s {
+                SlotState::Decode { .. } => SlotState::Free,
+                other => other,
+            })
+            .collect();
+        let budget = Budget {
+            batch: left,
+            ..self.budget
+        };
+        self.read_chunks(plan_step(&states, budget).prefill);
+    }
+
+    /// Evaluates prompt chunks one `llama_decode` call each, in order.
+    fn read_chunks(&mut self, chunks: Vec<(usize, usize)>) {
+        for chunk in chunks {
             self.evaluate_and_sample(&StepPlan {
                 decode: vec![],
                 prefill: vec![chunk],

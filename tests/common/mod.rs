@@ -495,6 +495,18 @@ impl SseReader {
         }
     }
 
+    /// Reads up to the first payload that carries generated text, which comes once the
+    /// prompt has been read (a chat stream opens with an empty role chunk before that).
+    /// False if the body ended first.
+    pub async fn first_text(&mut self) -> bool {
+        while let Some(d) = self.next_data().await {
+            if chunk_text(&d).is_some_and(|t| !t.is_empty()) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Every payload up to and including `[DONE]` (or the end of the body).
     pub async fn collect(mut self) -> Vec<String> {
         let mut out = Vec::new();
@@ -511,16 +523,18 @@ impl SseReader {
 
 /// Concatenated delta contents of a chat stream's payloads.
 pub fn chat_text(payloads: &[String]) -> String {
-    payloads
-        .iter()
-        .filter(|p| *p != "[DONE]")
-        .filter_map(|p| serde_json::from_str::<Value>(p).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect()
+    payloads.iter().filter_map(|p| chunk_text(p)).collect()
+}
+
+/// The text one streamed payload carries: a chat chunk's delta content or a completion
+/// chunk's text; None for `[DONE]` and chunks without any.
+pub fn chunk_text(payload: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(payload).ok()?;
+    let choice = &v["choices"][0];
+    choice["delta"]["content"]
+        .as_str()
+        .or(choice["text"].as_str())
+        .map(str::to_owned)
 }
 
 /// The answer text of a non-streamed chat response.
