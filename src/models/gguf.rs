@@ -7,7 +7,7 @@
 //! ggml asserts (aborting the process) when a getter is called with the wrong value type,
 //! which a corrupt or hostile file could provoke. Here every malformed header is an error.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
@@ -97,6 +97,8 @@ pub struct GgufHeader {
     pub tensor_count: u64,
     /// Total elements over all tensors: the parameter count.
     pub parameter_count: u64,
+    /// The ggml element types its tensors use (`GGML_TYPE_*`).
+    pub tensor_types: BTreeSet<u32>,
 }
 
 impl GgufHeader {
@@ -220,6 +222,7 @@ pub fn parse(r: &mut impl Read) -> Result<GgufHeader, GgufError> {
         metadata.insert(key, value);
     }
     let mut parameter_count: u64 = 0;
+    let mut tensor_types = BTreeSet::new();
     for _ in 0..tensor_count {
         h.skip_string()?;
         let dims = h.u32()?;
@@ -232,7 +235,7 @@ pub fn parse(r: &mut impl Read) -> Result<GgufHeader, GgufError> {
         for _ in 0..dims {
             elements = elements.saturating_mul(h.u64()?);
         }
-        let _ggml_type = h.u32()?;
+        tensor_types.insert(h.u32()?);
         let _offset = h.u64()?;
         parameter_count = parameter_count.saturating_add(elements);
     }
@@ -241,6 +244,7 @@ pub fn parse(r: &mut impl Read) -> Result<GgufHeader, GgufError> {
         metadata,
         tensor_count,
         parameter_count,
+        tensor_types,
     })
 }
 
@@ -432,13 +436,13 @@ mod tests {
             }
             self
         }
-        fn tensor(mut self, name: &str, dims: &[u64]) -> Self {
+        fn tensor(mut self, name: &str, dims: &[u64], ggml_type: u32) -> Self {
             Self::str_bytes(&mut self.tensors, name);
             self.tensors.extend((dims.len() as u32).to_le_bytes());
             for d in dims {
                 self.tensors.extend(d.to_le_bytes());
             }
-            self.tensors.extend(0u32.to_le_bytes());
+            self.tensors.extend(ggml_type.to_le_bytes());
             self.tensors.extend(0u64.to_le_bytes());
             self.tensor_count += 1;
             self
@@ -461,15 +465,17 @@ mod tests {
             .u32("general.file_type", 3)
             .u32("llama.context_length", 8192)
             .f32("llama.rope.freq_base", 10000.0)
-            .tensor("token_embd.weight", &[576, 49152])
-            .tensor("output_norm.weight", &[576])
+            .tensor("token_embd.weight", &[576, 49152], 8)
+            .tensor("blk.0.attn_q.weight", &[576, 576], 3)
+            .tensor("output_norm.weight", &[576], 0)
             .build();
         let h = parse(&mut bytes.as_slice()).unwrap();
         assert_eq!(h.architecture(), "llama");
         assert_eq!(h.quantization(), "Q4_1");
         assert_eq!(h.context_length(), Some(8192));
-        assert_eq!(h.parameter_count, 576 * 49152 + 576);
-        assert_eq!(h.parameter_size(), "28.31M");
+        assert_eq!(h.parameter_count, 576 * 49152 + 576 * 576 + 576);
+        assert_eq!(h.parameter_size(), "28.64M");
+        assert_eq!(h.tensor_types, BTreeSet::from([0, 3, 8]));
         assert_eq!(h.metadata["llama.rope.freq_base"].to_json(), 10000.0);
     }
 
@@ -501,7 +507,7 @@ mod tests {
     fn a_truncated_header_is_an_error_not_a_panic() {
         let bytes = Builder::new()
             .string("general.architecture", "llama")
-            .tensor("t", &[4, 4])
+            .tensor("t", &[4, 4], 0)
             .build();
         for cut in 0..bytes.len() {
             assert!(parse(&mut &bytes[..cut]).is_err(), "cut at {cut}");
