@@ -863,6 +863,45 @@ async fn requests_arriving_together_read_a_shared_system_prompt_once() {
     }
 }
 
+/// SmolLM2's weights are not repacked, so each of its rows comes out alike whatever else its
+/// chunk holds (`policy::Grain::row_wise`): a question that shares the start of the previous
+/// one reuses every shared row, not a multiple of 16, reads the rest of itself and the
+/// closing turn markers in one `llama_decode` call, and still answers as a cold read does,
+/// greedy and seeded.
+#[tokio::test]
+async fn a_model_read_row_by_row_reuses_every_shared_row_and_reads_the_rest_in_one_call() {
+    let s = Server::start(&["--parallel", "1"]).await;
+    let ask = |q: &str, cache: bool, temperature: f64| {
+        json!({"model": "smollm2", "temperature": temperature, "seed": 7, "max_tokens": 16,
+               "ignore_eos": true, "cache_prompt": cache,
+               "messages": [{"role": "user", "content": q}]})
+    };
+    let head = "Tell me about the old greenhouse near the pond";
+    for temperature in [0.0, 1.0] {
+        s.chat(ask(&format!("{head} and the ducks?"), true, temperature))
+            .await;
+        let question = format!("{head} where the children feed the fish?");
+        let steps = s.metric("backstop_decode_steps_total").await;
+        let read = s.metric("backstop_prompt_tokens_evaluated_total").await;
+        let warm = s.chat(ask(&question, true, temperature)).await;
+        let steps = s.metric("backstop_decode_steps_total").await - steps;
+        let read = s.metric("backstop_prompt_tokens_evaluated_total").await - read;
+        let usage = &warm["usage"];
+        let prompt = usage["prompt_tokens"].as_u64().unwrap();
+        let cached = usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        // The default system turn (19 tokens) and the 14 the two questions share (16-row
+        // grouping would reuse only the 19).
+        assert_eq!(cached, 33, "{warm}");
+        assert_eq!(read, (prompt - cached) as f64);
+        // One call reads the prompt and gives the first token; 15 more give the rest.
+        assert_eq!(steps, 16.0, "{warm}");
+        let cold = s.chat(ask(&question, false, temperature)).await;
+        assert_eq!(answer(&warm), answer(&cold), "temperature {temperature}");
+    }
+}
+
 /// Each penalty really reaches the sampler: a greedy answer that repeats itself changes.
 #[tokio::test]
 async fn penalties_change_a_repetitive_greedy_answer() {

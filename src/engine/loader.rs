@@ -1,6 +1,7 @@
 //! Loading a GGUF into llama.cpp: the process-wide backend, file checks that turn a bad file
 //! into a clear error, the model, its context, and what clients may learn about it.
 
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -213,14 +214,49 @@ pub(crate) fn flash_attention(
 }
 
 /// How prompt rows are grouped for exact reuse under these settings: [`policy::MATMUL_GRAIN`]
-/// when flash attention is off, else [`policy::FLASH_GRAIN`] (also when llama.cpp decides).
-pub(crate) fn exact_grain(options: &EngineOptions) -> policy::Grain {
+/// when flash attention is off, else [`policy::FLASH_GRAIN`] (also when llama.cpp decides);
+/// row by row ([`policy::Grain::row_wise`]) when [`rows_stand_alone`].
+pub(crate) fn exact_grain(options: &EngineOptions, backend: &LlamaBackend) -> policy::Grain {
     let fa = flash_attention(options.flash_attention, options.kv_cache_type);
-    if fa == llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED {
+    let grain = if fa == llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED {
         policy::MATMUL_GRAIN
     } else {
         policy::FLASH_GRAIN
+    };
+    let tensor_types = crate::models::gguf::read(&options.path)
+        .map(|h| h.tensor_types)
+        .unwrap_or_default();
+    let cpu_only = !backend.supports_gpu_offload();
+    let row_wise =
+        cpu_only && options.kv_cache_type == KvCacheType::F16 && rows_stand_alone(&tensor_types);
+    tracing::debug!(model = %options.name, ?tensor_types, row_wise, "prompt row grouping");
+    if row_wise {
+        grain.row_wise()
+    } else {
+        grain
     }
+}
+
+/// Weight types llama.cpp's CPU backend repacks on x86 (`ggml_repack_get_optimal_repack_type`:
+/// Q4_0, Q4_K, IQ4_NL and MXFP4 with AVX2, Q2_K with AVX-512), whose products take rows in
+/// groups counted from a batch's first row.
+const REPACKED_ON_X86: [u32; 5] = [
+    llama_cpp_sys_2::GGML_TYPE_Q4_0,
+    llama_cpp_sys_2::GGML_TYPE_Q4_K,
+    llama_cpp_sys_2::GGML_TYPE_IQ4_NL,
+    llama_cpp_sys_2::GGML_TYPE_MXFP4,
+    llama_cpp_sys_2::GGML_TYPE_Q2_K,
+];
+
+/// On an x86 CPU, a model with none of those weights computes each prompt row alike whatever
+/// chunk it is read in, as long as the chunk picks the same kernels (the others multiply a
+/// row by vector dot products, or by `llamafile_sgemm`, whose tiles add up each element in
+/// the same order whatever their shape). Elsewhere (ARM repacks Q5_K, Q6_K and Q8_0 too, and
+/// multiplies two rows at once) rows stay grouped as on repacked weights.
+pub(crate) fn rows_stand_alone(tensor_types: &BTreeSet<u32>) -> bool {
+    cfg!(target_arch = "x86_64")
+        && !tensor_types.is_empty()
+        && tensor_types.iter().all(|t| !REPACKED_ON_X86.contains(t))
 }
 
 /// Evaluates one token and forgets it, as llama.cpp's own server does at start: the weights
@@ -327,4 +363,20 @@ pub(crate) fn describe(
         max_queue: options.max_queue,
         template,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llama_cpp_sys_2::{GGML_TYPE_F32, GGML_TYPE_Q4_1, GGML_TYPE_Q4_K, GGML_TYPE_Q6_K};
+
+    #[test]
+    fn only_models_without_repacked_weights_read_rows_alone() {
+        // SmolLM2's Q4_1 file and Gemma 3's Q4_K_M one.
+        let smollm2 = BTreeSet::from([GGML_TYPE_F32, GGML_TYPE_Q4_1]);
+        assert_eq!(rows_stand_alone(&smollm2), cfg!(target_arch = "x86_64"));
+        let gemma = BTreeSet::from([GGML_TYPE_F32, GGML_TYPE_Q4_K, GGML_TYPE_Q6_K]);
+        assert!(!rows_stand_alone(&gemma));
+        assert!(!rows_stand_alone(&BTreeSet::new()), "types unknown");
+    }
 }

@@ -63,6 +63,11 @@ pub(crate) struct Grain {
     /// and computes each row alike in either kernel whatever else the chunk holds; `None`
     /// without flash attention, where every other operation works row by row.
     pub(crate) tile: Option<usize>,
+    /// No weight is repacked ([`Grain::row_wise`]): beyond the kernel switches above, every
+    /// row comes out the same whatever else its chunk holds, so neighbouring segments read
+    /// with the same kernels are read as one (see [`join_segments`]) and reuse may end on
+    /// any row.
+    pub(crate) joins: bool,
 }
 
 /// The grain without flash attention. Checked on this project's 2-core AVX-512 machine by
@@ -75,6 +80,7 @@ pub(crate) const MATMUL_GRAIN: Grain = Grain {
     align: 16,
     span: 4,
     tile: None,
+    joins: false,
 };
 
 /// The grain with flash attention (or when llama.cpp decides whether to use it). The same
@@ -85,6 +91,7 @@ pub(crate) const FLASH_GRAIN: Grain = Grain {
     align: 16,
     span: 4,
     tile: Some(64),
+    joins: false,
 };
 
 /// The shortest segment: a control token closer than this to the previous segment's start
@@ -155,7 +162,44 @@ fn aligned(n: usize, grain: Grain) -> usize {
     n / grain.align * grain.align
 }
 
+/// Where a cold read starts a new chunk once neighbouring segments that the same kernels
+/// read are joined ([`Grain::joins`]): a segment of at least `span` rows that is not tiled
+/// joins the one before it when that one (with whatever it already joined) is not tiled
+/// either and the two together stay shorter than a tile, so no chunk of them is tiled. A
+/// chat prompt's last turn marker then goes with its question: on SmolLM2 a bench request
+/// (a 77-token prompt) is read in one call after its shared prefix, as llama.cpp's server
+/// reads it, instead of two. Whether a start is kept depends only on the segments up to the
+/// next one, so two prompts that agree up to a start agree on the joined starts before it.
+pub(crate) fn join_segments(starts: &[usize], len: usize, grain: Grain) -> Vec<usize> {
+    if !grain.joins {
+        return starts.to_vec();
+    }
+    let mut out = Vec::with_capacity(starts.len());
+    // The start of the group being built, while every segment in it may take another.
+    let mut open: Option<usize> = None;
+    let ends = starts.iter().skip(1).copied().chain([len]);
+    for (&start, end) in starts.iter().zip(ends) {
+        let joinable = end - start >= grain.span && !grain.tiled(end - start);
+        if joinable && open.is_some_and(|g| !grain.tiled(end - g)) {
+            continue;
+        }
+        out.push(start);
+        open = joinable.then_some(start);
+    }
+    out
+}
+
 impl Grain {
+    /// This grain for a model none of whose weights are repacked on this machine: reuse and
+    /// chunks may start on any row, and segments read with the same kernels join.
+    pub(crate) fn row_wise(self) -> Grain {
+        Grain {
+            align: 1,
+            joins: true,
+            ..self
+        }
+    }
+
     /// A segment of `rows` rows is read with flash attention's query tiles.
     fn tiled(self, rows: usize) -> bool {
         self.tile.is_some_and(|t| rows >= t)
@@ -186,6 +230,9 @@ impl Grain {
             .min(exact)
             .min(cached.len)
             .min(new.len.saturating_sub(1));
+        if self.joins {
+            return self.row_wise_reuse(cached, new, limit);
+        }
         let mut best = 0;
         for &s in new.starts.iter().take_while(|&&s| s <= limit) {
             if !cached.starts_at(s) {
@@ -205,6 +252,32 @@ impl Grain {
             }
         }
         best
+    }
+
+    /// [`Grain::exact_reuse`] when rows are independent of their chunk ([`Grain::joins`]): a
+    /// row is reused when both prompts' cold reads put it through the same kernels (a tiled
+    /// segment or not, a segment of at least `span` rows or not), every row before it too,
+    /// and the new prompt's read then goes on as its cold read would: from one of its segment
+    /// starts, or inside a segment leaving a chunk's worth of it. So a follow-up turn reuses
+    /// everything up to its own turn even where the previous prompt joined its last turn
+    /// marker with its question.
+    fn row_wise_reuse(self, cached: Layout<'_>, new: Layout<'_>, limit: usize) -> usize {
+        let kernel = |layout: Layout<'_>, r: usize| {
+            let (s, e) = layout.segment(r);
+            (self.tiled(e - s), e - s >= self.span)
+        };
+        // Kernels only change at segment starts: check the rows from each start of either.
+        let mut bounds: Vec<usize> = cached.starts.iter().chain(new.starts).copied().collect();
+        bounds.sort_unstable();
+        bounds.dedup();
+        let same = bounds
+            .iter()
+            .take_while(|&&r| r < limit)
+            .find(|&&r| kernel(cached, r) != kernel(new, r))
+            .map_or(limit, |&r| r);
+        let (start, end) = new.segment(same);
+        let inside = end.saturating_sub(self.least(end - start)).min(same);
+        inside.max(start)
     }
 
     /// Rows `start..end` of a prompt laid out as `layout`, read alone in their step, come out
@@ -1019,6 +1092,55 @@ mod tests {
         // The answer joined the last segment of the first turn (now 133 rows, read with
         // tiles where those 5 rows were read one by one): reuse ends where it starts.
         assert_eq!(FLASH_GRAIN.exact_reuse(first, second, 1100, 1022), 1017);
+    }
+
+    #[test]
+    fn row_wise_segments_join_and_reuse_ends_on_any_row() {
+        let g = FLASH_GRAIN.row_wise();
+        // A bench request on SmolLM2: the system turn (19 rows), the question (52), then the
+        // turn markers (6), which join the question (58 rows, under a tile); the system turn
+        // does not (71 would be).
+        assert_eq!(join_segments(&[0, 19, 71], 77, g), vec![0, 19]);
+        assert_eq!(
+            join_segments(&[0, 19, 71], 77, FLASH_GRAIN),
+            vec![0, 19, 71]
+        );
+        // A segment shorter than a span (read with another kernel) stays alone, as does a
+        // tiled one; a group takes segments as long as it stays under a tile.
+        assert_eq!(join_segments(&[0, 19, 71], 73, g), vec![0, 19, 71]);
+        assert_eq!(join_segments(&[0, 20, 40, 60], 130, g), vec![0, 60]);
+        assert_eq!(join_segments(&[0, 20, 40, 60], 70, g), vec![0, 60]);
+        assert_eq!(join_segments(&[0], 10, g), vec![0]);
+        // The joined question is read in one chunk from wherever reuse ended.
+        let first = Layout {
+            starts: &[0, 19],
+            len: 77,
+        };
+        assert!(g.reads_exactly(first, 40, 77));
+        assert!(!FLASH_GRAIN.reads_exactly(first, 40, 77));
+        // The next request shares 40 rows: all are reused (16-aligned grouping reuses 35).
+        assert_eq!(g.exact_reuse(first, first, 40, 77), 40);
+        assert_eq!(FLASH_GRAIN.exact_reuse(first, first, 40, 77), 35);
+        // A follow-up turn whose new segment is tiled: reuse ends where its kernel changes,
+        // at its own turn, though the first turn had joined its markers with its question.
+        let tiled = Layout {
+            starts: &[0, 19, 71],
+            len: 140,
+        };
+        assert_eq!(g.exact_reuse(first, tiled, 100, 77), 71);
+        // One whose new segment is not: the whole first prompt is reused.
+        let short = Layout {
+            starts: &[0, 19, 71],
+            len: 100,
+        };
+        assert_eq!(g.exact_reuse(first, short, 100, 77), 77);
+        // Rows read with another kernel are not reused, and a chunk's worth is left to read.
+        let one = |len| Layout { starts: WHOLE, len };
+        assert_eq!(g.exact_reuse(one(70), one(60), 58, 70), 0);
+        assert_eq!(g.exact_reuse(one(60), one(70), 60, 60), 0);
+        assert_eq!(g.exact_reuse(one(50), one(60), 50, 50), 50);
+        assert_eq!(g.exact_reuse(one(60), one(60), 58, 60), 56);
+        assert_eq!(g.exact_reuse(first, first, 77, 30), 30);
     }
 
     #[test]

@@ -20,8 +20,8 @@ use super::embed::{self, EmbedJob, EmbedShape, EmbedTask, Embedder, Pooling};
 use super::loader::{self, ModelInfo};
 use super::metrics::EngineMetrics;
 use super::policy::{
-    place, plan_step, segment_starts, Budget, CachedSlot, Layout, Pace, Placement, Reuse,
-    SlotState, StepPlan,
+    join_segments, place, plan_step, segment_starts, Budget, CachedSlot, Layout, Pace, Placement,
+    Reuse, SlotState, StepPlan,
 };
 use super::request::truncate;
 use super::text::{StopMatcher, StopScan, Utf8Stream};
@@ -287,7 +287,7 @@ impl<'m> Worker<'m> {
             budget: Budget {
                 batch: batch_size,
                 prefill_chunk: (options.prefill_chunk as usize).clamp(1, batch_size),
-                grain: loader::exact_grain(options),
+                grain: loader::exact_grain(options, backend),
             },
             ctx_per_slot: ctx_per_slot as usize,
             n_vocab: model.n_vocab(),
@@ -527,9 +527,11 @@ impl<'m> Worker<'m> {
             return;
         }
         // Segments matter only where chunk sizes pick kernels (flash attention).
-        let starts = if self.budget.grain.tile.is_some() {
+        let grain = self.budget.grain;
+        let starts = if grain.tile.is_some() {
             let vocab = self.model.vocab();
-            segment_starts(tokens.iter().map(|&t| vocab.is_control(t)))
+            let starts = segment_starts(tokens.iter().map(|&t| vocab.is_control(t)));
+            join_segments(&starts, tokens.len(), grain)
         } else {
             vec![0]
         };
