@@ -216,25 +216,34 @@ pub(crate) fn flash_attention(
 /// How prompt rows are grouped for exact reuse under these settings: [`policy::MATMUL_GRAIN`]
 /// when flash attention is off, else [`policy::FLASH_GRAIN`] (also when llama.cpp decides);
 /// row by row ([`policy::Grain::row_wise`]) when [`rows_stand_alone`].
-pub(crate) fn exact_grain(options: &EngineOptions, backend: &LlamaBackend) -> policy::Grain {
+pub(crate) fn exact_grain(
+    options: &EngineOptions,
+    backend: &LlamaBackend,
+    tensor_types: &BTreeSet<u32>,
+) -> policy::Grain {
     let fa = flash_attention(options.flash_attention, options.kv_cache_type);
     let grain = if fa == llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED {
         policy::MATMUL_GRAIN
     } else {
         policy::FLASH_GRAIN
     };
-    let tensor_types = crate::models::gguf::read(&options.path)
-        .map(|h| h.tensor_types)
-        .unwrap_or_default();
     let cpu_only = !backend.supports_gpu_offload();
     let row_wise =
-        cpu_only && options.kv_cache_type == KvCacheType::F16 && rows_stand_alone(&tensor_types);
+        cpu_only && options.kv_cache_type == KvCacheType::F16 && rows_stand_alone(tensor_types);
     tracing::debug!(model = %options.name, ?tensor_types, row_wise, "prompt row grouping");
     if row_wise {
         grain.row_wise()
     } else {
         grain
     }
+}
+
+/// The element types of the model file's tensors, from its GGUF header (read once, at load;
+/// empty if it cannot be read, which [`rows_stand_alone`] treats as unknown).
+pub(crate) fn tensor_types(path: &Path) -> BTreeSet<u32> {
+    crate::models::gguf::read(path)
+        .map(|h| h.tensor_types)
+        .unwrap_or_default()
 }
 
 /// Weight types llama.cpp's CPU backend repacks on x86 (`ggml_repack_get_optimal_repack_type`:

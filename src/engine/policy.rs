@@ -170,9 +170,9 @@ fn aligned(n: usize, grain: Grain) -> usize {
 /// (a 77-token prompt) is read in one call after its shared prefix, as llama.cpp's server
 /// reads it, instead of two. Whether a start is kept depends only on the segments up to the
 /// next one, so two prompts that agree up to a start agree on the joined starts before it.
-pub(crate) fn join_segments(starts: &[usize], len: usize, grain: Grain) -> Vec<usize> {
+pub(crate) fn join_segments(starts: Vec<usize>, len: usize, grain: Grain) -> Vec<usize> {
     if !grain.joins {
-        return starts.to_vec();
+        return starts;
     }
     let mut out = Vec::with_capacity(starts.len());
     // The start of the group being built, while every segment in it may take another.
@@ -792,10 +792,12 @@ mod tests {
     }
 
     fn whole(prompt: &[i32]) -> Layout<'static> {
-        Layout {
-            starts: WHOLE,
-            len: prompt.len(),
-        }
+        one(prompt.len())
+    }
+
+    /// A prompt of `len` rows in one segment.
+    fn one(len: usize) -> Layout<'static> {
+        Layout { starts: WHOLE, len }
     }
 
     /// One segment, the whole of `cached`.
@@ -1065,7 +1067,6 @@ mod tests {
         // Rows not read exactly are not reused.
         assert_eq!(FLASH_GRAIN.exact_reuse(cached, new, 36, 10), 0);
         // Without segments the 80 rows are one tile-read segment: 64 are left to read.
-        let one = |len| Layout { starts: WHOLE, len };
         assert_eq!(FLASH_GRAIN.exact_reuse(one(82), one(80), 36, 82), 16);
         // Without flash attention a chunk's kernel does not depend on its length.
         assert_eq!(MATMUL_GRAIN.exact_reuse(one(82), one(80), 36, 82), 32);
@@ -1100,17 +1101,17 @@ mod tests {
         // A bench request on SmolLM2: the system turn (19 rows), the question (52), then the
         // turn markers (6), which join the question (58 rows, under a tile); the system turn
         // does not (71 would be).
-        assert_eq!(join_segments(&[0, 19, 71], 77, g), vec![0, 19]);
+        assert_eq!(join_segments(vec![0, 19, 71], 77, g), vec![0, 19]);
         assert_eq!(
-            join_segments(&[0, 19, 71], 77, FLASH_GRAIN),
+            join_segments(vec![0, 19, 71], 77, FLASH_GRAIN),
             vec![0, 19, 71]
         );
         // A segment shorter than a span (read with another kernel) stays alone, as does a
         // tiled one; a group takes segments as long as it stays under a tile.
-        assert_eq!(join_segments(&[0, 19, 71], 73, g), vec![0, 19, 71]);
-        assert_eq!(join_segments(&[0, 20, 40, 60], 130, g), vec![0, 60]);
-        assert_eq!(join_segments(&[0, 20, 40, 60], 70, g), vec![0, 60]);
-        assert_eq!(join_segments(&[0], 10, g), vec![0]);
+        assert_eq!(join_segments(vec![0, 19, 71], 73, g), vec![0, 19, 71]);
+        assert_eq!(join_segments(vec![0, 20, 40, 60], 130, g), vec![0, 60]);
+        assert_eq!(join_segments(vec![0, 20, 40, 60], 70, g), vec![0, 60]);
+        assert_eq!(join_segments(vec![0], 10, g), vec![0]);
         // The joined question is read in one chunk from wherever reuse ended.
         let first = Layout {
             starts: &[0, 19],
@@ -1135,7 +1136,6 @@ mod tests {
         };
         assert_eq!(g.exact_reuse(first, short, 100, 77), 77);
         // Rows read with another kernel are not reused, and a chunk's worth is left to read.
-        let one = |len| Layout { starts: WHOLE, len };
         assert_eq!(g.exact_reuse(one(70), one(60), 58, 70), 0);
         assert_eq!(g.exact_reuse(one(60), one(70), 60, 60), 0);
         assert_eq!(g.exact_reuse(one(50), one(60), 50, 50), 50);

@@ -20,8 +20,8 @@ use super::embed::{self, EmbedJob, EmbedShape, EmbedTask, Embedder, Pooling};
 use super::loader::{self, ModelInfo};
 use super::metrics::EngineMetrics;
 use super::policy::{
-    join_segments, place, plan_step, segment_starts, Budget, CachedSlot, Layout, Pace, Placement,
-    Reuse, SlotState, StepPlan,
+    join_segments, place, plan_step, segment_starts, Budget, CachedSlot, Grain, Layout, Pace,
+    Placement, Reuse, SlotState, StepPlan,
 };
 use super::request::truncate;
 use super::text::{StopMatcher, StopScan, Utf8Stream};
@@ -93,10 +93,11 @@ pub(crate) fn engine_worker(
         "model loaded"
     );
     let bos_text = info.template.bos_token().to_owned();
+    let grain = loader::exact_grain(&options, backend, &loader::tensor_types(&options.path));
     if ready.send(Ok(info)).is_err() {
         return;
     }
-    Worker::new(backend, &model, ctx, &options, per_slot, bos_text).run(jobs);
+    Worker::new(backend, &model, ctx, &options, per_slot, bos_text, grain).run(jobs);
     tracing::info!(model = %options.name, "engine stopped");
 }
 
@@ -258,6 +259,7 @@ impl<'m> Worker<'m> {
         options: &EngineOptions,
         ctx_per_slot: u32,
         bos_text: String,
+        grain: Grain,
     ) -> Self {
         let batch_size = ctx.n_batch() as usize;
         let slots = (0..options.slots)
@@ -287,7 +289,7 @@ impl<'m> Worker<'m> {
             budget: Budget {
                 batch: batch_size,
                 prefill_chunk: (options.prefill_chunk as usize).clamp(1, batch_size),
-                grain: loader::exact_grain(options, backend),
+                grain,
             },
             ctx_per_slot: ctx_per_slot as usize,
             n_vocab: model.n_vocab(),
@@ -531,7 +533,7 @@ impl<'m> Worker<'m> {
         let starts = if grain.tile.is_some() {
             let vocab = self.model.vocab();
             let starts = segment_starts(tokens.iter().map(|&t| vocab.is_control(t)));
-            join_segments(&starts, tokens.len(), grain)
+            join_segments(starts, tokens.len(), grain)
         } else {
             vec![0]
         };
