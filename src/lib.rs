@@ -10,6 +10,7 @@ pub mod engine;
 pub mod models;
 pub mod ops;
 pub mod router;
+pub mod sched;
 pub mod security;
 pub mod server;
 
@@ -66,8 +67,11 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
     }
     if let Command::Serve(args) = cli.command {
         let config = config::Config::load(&args)?;
+        // HTTP work yields to the engines' threads, which put themselves back (src/sched.rs).
+        sched::background();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
+            .on_thread_start(sched::background)
             .build()?;
         runtime.block_on(server::serve(config))?;
         return Ok(0);

@@ -935,3 +935,45 @@ async fn penalties_change_a_repetitive_greedy_answer() {
         "repeat_last_n -1 switched the penalty off"
     );
 }
+
+/// The scheduling policy of each of a process's threads, by thread name (Linux's
+/// `/proc/PID/task/TID/stat`: the name is in parentheses, the policy is field 41).
+#[cfg(target_os = "linux")]
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(stat) = std::fs::read_to_string(task.unwrap().path().join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
+        let name = stat[open + 1..close].to_owned();
+        // Fields after the name start at 3 (state); the policy is the 41st.
+        let policy = stat[close + 2..].split(' ').nth(41 - 3).unwrap();
+        out.push((name, policy.parse().unwrap()));
+    }
+    out
+}
+
+/// HTTP threads run in SCHED_BATCH (3), so waking them for each token does not preempt the
+/// engine; the engine thread (and so llama.cpp's threads, which it spawns: tests use one
+/// thread, so there are none here) is back in SCHED_OTHER (0).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn http_threads_yield_to_the_engine_threads() {
+    let s = Server::start(&[]).await;
+    let body = json!({"model": "smollm2", "messages": ask("Hi"), "max_tokens": 2});
+    s.chat(body).await;
+    let threads = thread_policies(s.pid());
+    let engine: Vec<_> = threads
+        .iter()
+        .filter(|(name, _)| name.starts_with("engine_worker"))
+        .collect();
+    let http: Vec<_> = threads
+        .iter()
+        .filter(|(name, _)| name.starts_with("tokio-rt-worker"))
+        .collect();
+    assert!(!engine.is_empty(), "{threads:?}");
+    assert!(!http.is_empty(), "{threads:?}");
+    assert!(engine.iter().all(|t| t.1 == 0), "{threads:?}");
+    assert!(http.iter().all(|t| t.1 == 3), "{threads:?}");
+}

@@ -45,6 +45,8 @@ pub(crate) fn engine_worker(
     jobs: mpsc::UnboundedReceiver<Work>,
     ready: oneshot::Sender<Result<ModelInfo, LoadError>>,
 ) {
+    // Spawned from the HTTP runtime, whose threads run in the batch class.
+    crate::sched::foreground();
     let started = Instant::now();
     let loaded = loader::backend().and_then(|backend| {
         let size = loader::check_file(&options.path)?;
