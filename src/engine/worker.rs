@@ -10,8 +10,6 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
-use llama_cpp_2::token::data::LlamaTokenData;
-use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 use tokio::sync::{mpsc, oneshot};
@@ -181,7 +179,7 @@ struct PromptEnd {
 struct Active {
     events: mpsc::Sender<TokenEvent>,
     prompt: Vec<LlamaToken>,
-    sampler: LlamaSampler,
+    sampler: sampler::Sampler,
     max_tokens: usize,
     generated: usize,
     /// Sampled but not yet evaluated; it is fed back next step.
@@ -969,25 +967,14 @@ impl<'m> Worker<'m> {
     }
 
     /// Samples a request's first token from the logits its slot kept for the same prompt,
-    /// as `llama_sampler_sample` does from a context's: the whole vocabulary, unsorted,
-    /// through the request's chain, which then accepts the token.
+    /// as it would from a context's ([`sampler::Sampler::sample_logits`]).
     fn sample_kept(&mut self, i: usize) {
         let slot = &mut self.slots[i];
         let (Some(active), Some(end)) = (slot.active.as_mut(), slot.end.as_ref()) else {
             return;
         };
-        let mut candidates = LlamaTokenDataArray::from_iter(
-            (0..)
-                .zip(&end.logits)
-                .map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id), logit, 0.0)),
-            false,
-        );
-        candidates.apply_sampler(&mut active.sampler);
-        match candidates.selected_token() {
-            Some(token) => {
-                active.sampler.accept(token);
-                self.on_sampled(i, token);
-            }
+        match active.sampler.sample_logits(&end.logits) {
+            Some(token) => self.on_sampled(i, token),
             None => {
                 // Unreachable: every chain ends in a sampler that selects a token.
                 let error = EngineError::Decode("the sampler selected no token".into());
