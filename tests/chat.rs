@@ -977,3 +977,32 @@ async fn http_threads_yield_to_the_engine_threads() {
     assert!(engine.iter().all(|t| t.1 == 0), "{threads:?}");
     assert!(http.iter().all(|t| t.1 == 3), "{threads:?}");
 }
+
+/// `ignore_eos` on a greedy request bans the end token exactly where it would have won: the
+/// answer is the natural one, then goes on (the next best token) up to `max_tokens`.
+#[tokio::test]
+async fn a_greedy_answer_with_ignore_eos_goes_on_where_it_would_have_stopped() {
+    let s = Server::start(&[]).await;
+    let body = |extra: Value| {
+        let mut b = json!({"model": "smollm2", "messages": ask("Say hello."),
+                           "temperature": 0, "max_tokens": 200});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let natural = s.chat(body(json!({}))).await;
+    assert_eq!(natural["choices"][0]["finish_reason"], "stop", "{natural}");
+    let n = natural["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(n < 180, "{natural}");
+    let longer = s
+        .chat(body(json!({"ignore_eos": true, "max_tokens": n + 20})))
+        .await;
+    assert_eq!(longer["choices"][0]["finish_reason"], "length", "{longer}");
+    assert_eq!(longer["usage"]["completion_tokens"], n + 20, "{longer}");
+    let (natural, longer) = (answer(&natural), answer(&longer));
+    assert!(
+        longer.starts_with(&natural) && longer.len() > natural.len(),
+        "{natural:?} then {longer:?}"
+    );
+}

@@ -79,36 +79,27 @@ impl Sampler {
     }
 }
 
-/// llama.cpp's greedy pick over the logits with `banned` ones at minus infinity: the first
-/// index whose logit is greater than every earlier pick's, starting from index 0. The first
-/// strict maximum of the unmodified logits is that token unless it is banned, since banning
-/// only lowers logits; only then are the logits scanned again with the bans in place.
+/// llama.cpp's greedy pick over the logits with `banned` ones biased by minus infinity: the
+/// first index whose logit is greater than every earlier pick's, starting from index 0. The
+/// pick over the unmodified logits is that token unless it is banned, since a ban only lowers
+/// a logit; only then are the logits copied and biased (as llama.cpp adds a bias: a NaN logit
+/// stays NaN) and scanned again.
 fn argmax(logits: &[f32], banned: &[LlamaToken]) -> LlamaToken {
-    let scan = |value: &dyn Fn(usize) -> f32| {
-        let mut best = 0;
-        for i in 1..logits.len() {
-            if value(i) > value(best) {
-                best = i;
-            }
-        }
-        best
-    };
     let id = |i: usize| LlamaToken(i32::try_from(i).unwrap_or(i32::MAX));
     let plain = first_max(logits);
     if !banned.contains(&id(plain)) {
         return id(plain);
     }
-    // A bias is added, as llama.cpp adds it (a NaN logit stays NaN).
-    id(scan(&|i| {
-        if banned.contains(&id(i)) {
-            logits[i] + f32::NEG_INFINITY
-        } else {
-            logits[i]
+    let mut biased = logits.to_vec();
+    for b in banned {
+        if let Some(l) = usize::try_from(b.0).ok().and_then(|i| biased.get_mut(i)) {
+            *l += f32::NEG_INFINITY;
         }
-    }))
+    }
+    id(first_max(&biased))
 }
 
-/// The greedy scan over plain logits, kept free of closures so it compiles to a tight loop.
+/// llama.cpp's greedy scan: the first index whose value beats every earlier pick's.
 fn first_max(logits: &[f32]) -> usize {
     let Some(&first) = logits.first() else {
         return 0;
