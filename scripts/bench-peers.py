@@ -11,11 +11,12 @@ tok/s per stream, TTFT p50/p95 and aggregate tok/s; servers with slots get 4 slo
 clients and 8 for 8 (llama-cpp-python serves one request at a time whatever it is given).
 Runs rotate order (backstop, llama-server, llama-cpp-python; then the next order, ...) so
 drift on a noisy machine hits all alike; every figure is the median over --reps after a
-warm-up. The raw engine runs right before backstop in each repetition, and the two ratios
-within one side (P1: backstop's decode over the raw engine's; P4: backstop's 8 clients over
-its 1 client) and the ratios against llama-server that the targets name (P2, P3, P5) are the
-median of the per-repetition ratios: the host can move a whole repetition by 15% or more,
-which a ratio of medians taken many minutes apart does not cancel.
+warm-up. The raw engine runs right after backstop's single stream in each repetition, at the
+cache depth that stream decoded at, and the two ratios within one side (P1: backstop's decode
+over the raw engine's; P4: backstop's 8 clients over its 1 client) and the ratios against
+llama-server that the targets name (P2, P3, P5) are the median of the per-repetition ratios:
+the host can move a whole repetition by 15% or more, which a ratio of medians taken many
+minutes apart does not cancel.
 
 P6 (prompt-prefix reuse): a chat whose first user turn carries ~1,000 tokens of history, then a
 second turn on top of it; TTFT of the second over the first (unique history per rep).
@@ -270,13 +271,20 @@ def main() -> int:
     peer_version = (version.stdout + version.stderr).strip().splitlines()[0]
     kinds = ["backstop", "llama-server"] + ([] if args.no_python_peer else ["llama-cpp-python"])
 
-    def raw_engine() -> dict:
-        """One repetition of `backstop bench` (after its warm-up): the raw engine's figures."""
-        return json.loads(subprocess.run(
+    def raw_engine(prompt_tokens: int) -> dict:
+        """One repetition of `backstop bench` (after its warm-up): the raw engine's figures,
+        decoding at the cache depth the HTTP streams decode at. `backstop bench` generates after
+        a 16-token start, so `-d` is the streams' prompt less 16: on the 2-core machine decode
+        runs 2-3% slower 64 tokens deeper, which a raw engine decoding from an empty cache
+        would count against HTTP."""
+        depth = max(prompt_tokens - 16, 0)
+        out = json.loads(subprocess.run(
             [str(backstop), "bench", "--format", "json", "-p", "128", "-n", str(args.max_tokens),
-             "-r", "1", "-t", str(args.threads), "--parallel", "4", "--ctx", str(args.ctx), str(model)],
+             "-d", str(depth), "-r", "1", "-t", str(args.threads), "--parallel", "4",
+             "--ctx", str(args.ctx), str(model)],
             check=True, capture_output=True, text=True,
-        ).stdout)["results"][0]
+        ).stdout)
+        return {**out["results"][0], "depth": out["depth"]}
 
     def start(kind: str, slots: int) -> Server:
         port = free_port()
@@ -303,13 +311,14 @@ def main() -> int:
         order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
         for kind in order:
             log(f"==> rep {rep + 1}/{args.reps}: {kind}")
-            if kind == "backstop":
-                # Right before backstop's own single stream, for P1's per-repetition ratio.
-                raws.append(raw_engine())
             nonce = f"{kind}-{rep}-{os.urandom(3).hex()}"
             s = start(kind, 4)
             try:
                 one = client(s.url, "m", 1, 2, args, warmup=1)
+                if kind == "backstop":
+                    # Right after backstop's single stream (the server idles meanwhile), for
+                    # P1's per-repetition ratio, at the depth its stream decoded at.
+                    raws.append(raw_engine(one["prompt_tokens"] or 0))
                 four = client(s.url, "m", 4, 1, args)
                 mem = rss(s.proc.pid)
                 ready = s.ready_s
@@ -384,6 +393,7 @@ def main() -> int:
     # The raw engine's figures over the repetitions: prompt, one stream, 4 sequences together.
     raw = {key: summary([r[key]["median"] for r in raws]) for key in ("pp", "tg")}
     raw["x4"] = summary([r["parallel"][0]["median"] for r in raws])
+    raw["depth"] = statistics.median_low(r["depth"] for r in raws)
     raw_tg = raw["tg"]["median"]
     # Paired within each repetition (see the top of the file).
     bruns = runs["backstop"]
@@ -432,7 +442,7 @@ def main() -> int:
         ("TTFT, the same prompt again", f"{b['ttft_again_ms']:.1f} ms", f"{p['ttft_again_ms']:.1f} ms",
          b["ttft_again_ms"] / p["ttft_again_ms"]),
         ("raw engine: 4 sequences in one batch", f"{raw['x4']['median']:.1f} tok/s", "", None),
-        ("raw engine: pp128", f"{raw['pp']['median']:.1f} tok/s", "", None),
+        (f"raw engine: pp128 @ d{raw['depth']}", f"{raw['pp']['median']:.1f} tok/s", "", None),
     ]
     if "llama-cpp-python" in fig:
         q = fig["llama-cpp-python"]
