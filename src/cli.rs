@@ -366,6 +366,9 @@ pub struct ServeArgs {
     /// CPU threads per model [default: physical cores].
     #[arg(long, env = "BACKSTOP_THREADS", value_name = "N")]
     pub threads: Option<u32>,
+    /// Layers per model to offload to the GPU in a GPU build (0: none) [default: all].
+    #[arg(long, env = "BACKSTOP_GPU_LAYERS", value_name = "N")]
+    pub gpu_layers: Option<u32>,
     /// Requests that may wait for a slot; beyond that the answer is 503 [default: 512].
     #[arg(long, env = "BACKSTOP_MAX_QUEUE", value_name = "N")]
     pub max_queue: Option<usize>,

@@ -96,6 +96,8 @@ pub struct EngineDefaults {
     pub ctx_per_slot: Option<u32>,
     /// CPU threads.
     pub threads: u32,
+    /// Layers offloaded to the GPU; `None` = llama.cpp's default, all of them.
+    pub gpu_layers: Option<u32>,
     /// Tokens per decode call.
     pub batch: u32,
     /// Prompt tokens per step while others generate.
@@ -120,7 +122,7 @@ impl EngineDefaults {
             batch: self.batch,
             prefill_chunk: self.prefill_chunk,
             max_queue: self.max_queue,
-            gpu_layers: None,
+            gpu_layers: self.gpu_layers,
             flash_attention: self.flash_attention,
             kv_cache_type: self.kv_cache_type,
         }
@@ -395,6 +397,8 @@ impl Config {
             "server.threads",
             &origin,
         )?);
+        // 0 is a setting here (no layer on the GPU), so not `positive`.
+        let gpu_layers = args.gpu_layers.or(raw.server.gpu_layers);
         let batch = positive(raw.server.batch, "server.batch", &origin)?.unwrap_or(DEFAULT_BATCH);
         let prefill_chunk = positive(args.prefill_chunk, "prefill-chunk", FLAGS)?
             .or(positive(
@@ -462,6 +466,7 @@ impl Config {
             slots: slots.unwrap_or(DEFAULT_PARALLEL),
             ctx_per_slot: ctx,
             threads: threads.unwrap_or_else(default_threads),
+            gpu_layers,
             batch,
             prefill_chunk,
             max_queue: max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
@@ -659,7 +664,9 @@ impl Config {
                     engine.threads = t;
                 }
             }
-            engine.gpu_layers = m.gpu_layers;
+            if args.gpu_layers.is_none() {
+                engine.gpu_layers = m.gpu_layers.or(engine.gpu_layers);
+            }
             models.push(ModelConfig {
                 name,
                 aliases,
@@ -812,6 +819,11 @@ mod tests {
     }
 
     fn load_toml(text: &str) -> Result<Config, ConfigError> {
+        load_toml_with(text, ServeArgs::default())
+    }
+
+    /// `text` as models.toml (beside an empty `model.gguf`), with these flags.
+    fn load_toml_with(text: &str, flags: ServeArgs) -> Result<Config, ConfigError> {
         let dir = std::env::temp_dir().join(format!("backstop-cfg-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("model.gguf"), b"GGUF\x03\0\0\0").unwrap();
@@ -819,7 +831,7 @@ mod tests {
         std::fs::write(&file, text).unwrap();
         let args = ServeArgs {
             config: Some(file),
-            ..Default::default()
+            ..flags
         };
         let out = Config::load(&args);
         std::fs::remove_dir_all(&dir).ok();
@@ -866,5 +878,27 @@ mod tests {
         assert_eq!(m.engine.ctx_per_slot, Some(1024));
         assert_eq!(m.defaults.system.as_deref(), Some("Be brief."));
         assert_eq!(m.defaults.sampling.temperature, Some(0.1));
+    }
+
+    #[test]
+    fn gpu_layers_come_from_the_flag_then_the_model_then_the_server() {
+        let toml = "[server]\ngpu_layers = 10\n[models.a]\npath = \"model.gguf\"\ngpu_layers = 0\n[models.b]\npath = \"model.gguf\"\n";
+        let layers = |cfg: &Config| -> Vec<Option<u32>> {
+            cfg.models.iter().map(|m| m.engine.gpu_layers).collect()
+        };
+        let cfg = load_toml(toml).unwrap();
+        // The model's own 0 (CPU only) is kept; the other model takes [server]'s.
+        assert_eq!(layers(&cfg), [Some(0), Some(10)]);
+        assert_eq!(cfg.engine.gpu_layers, Some(10));
+        let flag = ServeArgs {
+            gpu_layers: Some(5),
+            ..Default::default()
+        };
+        let cfg = load_toml_with(toml, flag).unwrap();
+        assert_eq!(layers(&cfg), [Some(5), Some(5)]);
+        assert_eq!(cfg.engine.gpu_layers, Some(5));
+        // Nothing set anywhere: llama.cpp's default (every layer on a GPU when there is one).
+        let cfg = load_toml("[models.a]\npath = \"model.gguf\"\n").unwrap();
+        assert_eq!(layers(&cfg), [None]);
     }
 }

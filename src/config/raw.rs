@@ -37,6 +37,8 @@ pub(crate) struct RawServer {
     pub(crate) parallel: Option<u32>,
     pub(crate) ctx: Option<u32>,
     pub(crate) threads: Option<u32>,
+    /// Layers per model offloaded to the GPU (0: none; absent: all).
+    pub(crate) gpu_layers: Option<u32>,
     pub(crate) max_queue: Option<usize>,
     pub(crate) batch: Option<u32>,
     pub(crate) prefill_chunk: Option<u32>,

@@ -82,6 +82,7 @@ mod tests {
             slots: 1,
             ctx_per_slot: None,
             threads: 1,
+            gpu_layers: None,
             batch: 512,
             prefill_chunk: 128,
             max_queue: 1,
