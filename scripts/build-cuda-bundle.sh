@@ -96,6 +96,14 @@ cat > "$stage/backstop" <<'EOF'
 here=$(cd "$(dirname "$0")" && pwd)
 LD_LIBRARY_PATH="$here:${CUDA_PATH:+$CUDA_PATH/lib64:}/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LD_LIBRARY_PATH
+found=
+for dir in $(echo "$LD_LIBRARY_PATH" | tr ':' ' '); do
+  [ -e "$dir/libcudart.so.13" ] && found=1
+done
+if [ -z "$found" ] && ! { ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null | grep -q 'libcudart\.so\.13'; then
+  echo "backstop: CUDA 13's libcudart.so.13 and libcublas.so.13 are not on this machine's library" \
+    "path: set CUDA_PATH to a CUDA 13 toolkit, or add their folder to LD_LIBRARY_PATH" >&2
+fi
 exec "$here/backstop.bin" "$@"
 EOF
 chmod +x "$stage/backstop"
