@@ -86,8 +86,12 @@ gpu_toolchain() {
   for f in ${features//,/ }; do
     case "$f" in
       cuda)
+        # The first toolkit found goes first on PATH: $CUDA_PATH wins over /usr/local/cuda.
         for dir in ${CUDA_PATH:+"$CUDA_PATH/bin"} /usr/local/cuda/bin; do
-          [ -x "$dir/nvcc" ] && export PATH="$dir:$PATH"
+          if [ -x "$dir/nvcc" ]; then
+            export PATH="$dir:$PATH"
+            break
+          fi
         done
         if ! command -v nvcc >/dev/null 2>&1; then
           echo "BACKSTOP_FEATURES=cuda needs NVIDIA's CUDA toolkit (nvcc): install it (NVIDIA's" \
