@@ -84,8 +84,9 @@ stage="$cache/bundles/$name"
 step "packing $cache/bundles/$name.tar.xz"
 rm -rf "$stage"
 mkdir -p "$stage"
-# llama-cpp-sys-2 leaves the libraries it built in its CMake folder, under their soname.
-libs=$(ls -d "$CARGO_TARGET_DIR"/release/build/llama-cpp-sys-2-*/out/build/bin | head -n 1)
+# llama-cpp-sys-2 leaves the libraries it built in its CMake folder, under their soname; a
+# build folder left by an earlier configuration may sit beside it, so take the newest.
+libs=$(ls -dt "$CARGO_TARGET_DIR"/release/build/llama-cpp-sys-2-*/out/build/bin | head -n 1)
 strip -o "$stage/backstop.bin" "$CARGO_TARGET_DIR/release/backstop"
 for lib in "$libs"/lib*.so.0; do
   strip --strip-unneeded -o "$stage/$(basename "$lib")" "$lib"
