@@ -58,11 +58,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         depth: 0,
         generate: args.gen,
         reps: args.reps,
-        threads: args.threads,
+        threads: args.threads.into_iter().collect(),
         parallel: args.parallel,
-        gpu_layers: None,
+        gpu_layers: Vec::new(),
         ctx: None,
-        flash_attention: None,
+        flash_attention: Vec::new(),
+        kv_cache_type: Vec::new(),
         format: args.format,
     })
 }

@@ -99,22 +99,28 @@ pub struct BenchArgs {
     /// Repetitions after one warm-up.
     #[arg(short = 'r', long, default_value_t = 5)]
     pub reps: usize,
-    /// CPU threads [default: physical cores].
-    #[arg(short = 't', long, value_parser = clap::value_parser!(u32).range(1..))]
-    pub threads: Option<u32>,
+    /// CPU threads, or several to compare, e.g. 1,2,4 [default: physical cores].
+    #[arg(short = 't', long, value_delimiter = ',', value_name = "N,...",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub threads: Vec<u32>,
     /// Also aggregate generation over N sequences sharing each decode, e.g. 1,4,8.
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
     pub parallel: Vec<usize>,
-    /// Layers to offload to a GPU [default: llama.cpp's, all with a GPU].
-    #[arg(long)]
-    pub gpu_layers: Option<u32>,
+    /// Layers to offload to a GPU, or several to compare, e.g. 0,99 for CPU against GPU
+    /// [default: llama.cpp's, all with a GPU].
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    pub gpu_layers: Vec<u32>,
     /// Context cells per sequence [default: just enough]; a server's --ctx compares like
     /// with like.
     #[arg(long)]
     pub ctx: Option<u32>,
-    /// Flash attention: 1/true or 0/false [default: as `serve` decides for this machine].
-    #[arg(long, value_name = "BOOL", value_parser = parse_flag_bool)]
-    pub flash_attention: Option<bool>,
+    /// Flash attention: 1/true or 0/false, or 0,1 to compare [default: as `serve` decides
+    /// for this machine].
+    #[arg(long, value_delimiter = ',', value_name = "BOOL,...", value_parser = parse_flag_bool)]
+    pub flash_attention: Vec<bool>,
+    /// KV cache element type: f16, q8_0 or q4_0, or several to compare [default: f16].
+    #[arg(long, value_delimiter = ',', value_name = "TYPE,...", value_parser = parse_kv_type)]
+    pub kv_cache_type: Vec<crate::engine::KvCacheType>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
     pub format: BenchFormat,
@@ -123,6 +129,12 @@ pub struct BenchArgs {
 /// The boolean spellings `serve` accepts (1/true/yes/on, 0/false/no/off).
 fn parse_flag_bool(text: &str) -> Result<bool, String> {
     crate::config::parse_bool(text).ok_or_else(|| format!("`{text}` is not 1/true or 0/false"))
+}
+
+/// A KV cache element type, as `serve --kv-cache-type` spells it.
+fn parse_kv_type(text: &str) -> Result<crate::engine::KvCacheType, String> {
+    crate::engine::KvCacheType::parse(text)
+        .ok_or_else(|| format!("`{text}` is not f16, q8_0 or q4_0"))
 }
 
 /// `backstop quantize`.

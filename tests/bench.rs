@@ -96,7 +96,6 @@ fn a_quantization_ladder_is_built_and_benchmarked_in_every_format() {
     );
     assert!(json.status.success(), "{}", text(&json.stderr));
     let report: Value = serde_json::from_slice(&json.stdout).expect("bench JSON");
-    assert_eq!(report["threads"], 2);
     assert_eq!(report["prompt"], 32);
     assert_eq!(report["generate"], 8);
     assert_eq!(report["reps"], 2);
@@ -107,6 +106,13 @@ fn a_quantization_ladder_is_built_and_benchmarked_in_every_format() {
         assert_eq!(r["size"].as_u64(), Some(size), "{r}");
         assert_eq!(r["architecture"], "llama");
         assert_eq!(r["backend"], "CPU");
+        // The settings it ran with: those given, and llama.cpp's defaults as `null`.
+        assert_eq!(r["threads"], 2, "{r}");
+        assert!(
+            r["gpu_layers"].is_null() && r["flash_attention"].is_null(),
+            "{r}"
+        );
+        assert_eq!(r["kv_cache_type"], "f16", "{r}");
         assert!(r["parameters"].as_str().unwrap().ends_with('M'), "{r}");
         for fig in [&r["pp"], &r["tg"]] {
             let (min, med, max) = (
@@ -153,6 +159,143 @@ fn a_quantization_ladder_is_built_and_benchmarked_in_every_format() {
     assert!(table.starts_with('|'), "a markdown table:\n{table}");
     assert!(table.contains("pp32") && table.contains("tg8"), "{table}");
     assert!(table.contains("Q8_0"), "{table}");
+}
+
+/// Comma lists of settings are compared side by side, as llama-bench's are: one row per
+/// combination, each measured with what its row says (llama.cpp's own log of every context it
+/// makes is read back), and a combination llama.cpp cannot run is left out, or refused when
+/// nothing else is left.
+#[test]
+fn settings_given_as_lists_are_each_measured_and_reported() {
+    let model = common::smollm2();
+    let model = model.to_str().unwrap();
+    let o = common::backstop_command()
+        .env("BACKSTOP_LOG", "info,llama-cpp-2=info")
+        .args([
+            "bench",
+            "-p",
+            "16",
+            "-n",
+            "4",
+            "-r",
+            "1",
+            "-t",
+            "2,1,2",
+            "--flash-attention",
+            "0,1",
+            "--kv-cache-type",
+            "f16,q8_0",
+            "--gpu-layers",
+            "0",
+            "--format",
+            "json",
+            model,
+        ])
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("skipping --flash-attention 0 with --kv-cache-type q8_0"),
+        "{err}"
+    );
+    let report: Value = serde_json::from_slice(&o.stdout).expect("bench JSON");
+    let rows: Vec<(u64, bool, &str)> = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["gpu_layers"], 0, "{r}");
+            assert!(r["tg"]["median"].as_f64().unwrap() > 0.0, "{r}");
+            (
+                r["threads"].as_u64().unwrap(),
+                r["flash_attention"].as_bool().unwrap(),
+                r["kv_cache_type"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    // Threads innermost, each once; the impossible pair left out.
+    assert_eq!(
+        rows,
+        [
+            (2, false, "f16"),
+            (1, false, "f16"),
+            (2, true, "f16"),
+            (1, true, "f16"),
+            (2, true, "q8_0"),
+            (1, true, "q8_0"),
+        ]
+    );
+    // What llama.cpp says it made, context by context.
+    let made: Vec<String> = err
+        .lines()
+        .filter_map(|l| {
+            if l.contains("flash_attn ") && l.contains('=') {
+                Some(
+                    if l.contains("= enabled") {
+                        "fa on"
+                    } else {
+                        "fa off"
+                    }
+                    .to_owned(),
+                )
+            } else {
+                l.find(", K (")
+                    .map(|i| l[i + 2..].split(')').next().unwrap_or_default().to_owned() + ")")
+            }
+        })
+        .collect();
+    assert_eq!(
+        made,
+        [
+            "fa off", "K (f16)", "fa off", "K (f16)", "fa on", "K (f16)", "fa on", "K (f16)",
+            "fa on", "K (q8_0)", "fa on", "K (q8_0)"
+        ],
+        "{err}"
+    );
+
+    // In the table, what differs between rows is a column; the rest is said under it.
+    let o = backstop(&[
+        "bench",
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-r",
+        "1",
+        "-t",
+        "1,2",
+        "--kv-cache-type",
+        "q4_0",
+        model,
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let table = text(&o.stdout);
+    assert!(
+        table.contains("| backend | threads | pp16 tok/s | tg4 tok/s |")
+            && table.contains("| CPU | 1 |")
+            && table.contains("| CPU | 2 |")
+            && table.ends_with("\nq4_0 KV cache, 1 repetition\n"),
+        "{table}"
+    );
+
+    let o = backstop(&[
+        "bench",
+        "-r",
+        "1",
+        "--flash-attention",
+        "off",
+        "--kv-cache-type",
+        "q8_0",
+        model,
+    ]);
+    assert!(!o.status.success());
+    assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
+    assert!(
+        text(&o.stderr).contains("a quantized KV cache needs flash attention"),
+        "{}",
+        text(&o.stderr)
+    );
 }
 
 #[test]
@@ -367,6 +510,12 @@ fn zero_leaves_a_figure_out_and_every_bench_limit_is_refused() {
     refused(&["--parallel", "4,0"], &["--parallel 0"]);
     refused(&["-n", "0", "--parallel", "2"], &["--parallel", "-n"]);
     refused(&["-t", "0"], &["--threads"]);
+    refused(&["-t", "2,0"], &["--threads"]);
+    refused(
+        &["--kv-cache-type", "f16,q5_1"],
+        &["q5_1", "f16, q8_0 or q4_0"],
+    );
+    refused(&["--flash-attention", "1,maybe"], &["maybe"]);
     // 64 prompt tokens need 64 cells; 8 generated need 8 + the 16 generation starts from.
     refused(
         &["-p", "64", "-n", "8", "--ctx", "63"],

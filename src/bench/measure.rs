@@ -17,6 +17,9 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use serde::Serialize;
+
+use crate::engine::KvCacheType;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -29,17 +32,28 @@ pub struct Plan {
     pub generate: usize,
     /// Repetitions (after one warm-up, which is not counted).
     pub reps: usize,
-    /// CPU threads.
-    pub threads: u32,
     /// Sequence counts for aggregate generation (1 is the single-stream figure).
     pub parallel: Vec<usize>,
-    /// Layers to offload to a GPU (`None`: llama.cpp's default, all when there is a GPU).
-    pub gpu_layers: Option<u32>,
     /// Context cells per sequence (`None`: just enough for the run, see [`Plan::needed`]);
     /// the server's `--ctx` compares like with like.
     pub ctx: Option<u32>,
+    /// Threads, GPU layers, flash attention and KV cache type.
+    pub setting: Setting,
+}
+
+/// The engine settings one measurement runs with. `backstop bench` measures each model once
+/// per combination of the values given, as llama-bench does, so settings can be compared
+/// side by side (`--gpu-layers 0,99`: the CPU against the GPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Setting {
+    /// CPU threads.
+    pub threads: u32,
+    /// Layers to offload to a GPU (`None`: llama.cpp's default, all when there is a GPU).
+    pub gpu_layers: Option<u32>,
     /// Flash attention on or off (`None`: the server's default for this machine).
     pub flash_attention: Option<bool>,
+    /// The KV cache's element type.
+    pub kv_cache_type: KvCacheType,
 }
 
 /// Why a model could not be measured.
@@ -278,8 +292,9 @@ pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<R
         });
     }
     let backend = crate::engine::backend().map_err(llama)?;
+    let setting = plan.setting;
     let mut params = LlamaModelParams::default();
-    if let Some(n) = plan.gpu_layers {
+    if let Some(n) = setting.gpu_layers {
         params = params.with_n_gpu_layers(n);
     }
     let model = LlamaModel::load_from_file(backend, path, &params)
@@ -304,7 +319,7 @@ pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<R
             u32::try_from(needed.next_multiple_of(256).min(train.max(needed))).unwrap_or(u32::MAX)
         }
     };
-    let threads = i32::try_from(plan.threads).unwrap_or(i32::MAX);
+    let threads = i32::try_from(setting.threads).unwrap_or(i32::MAX);
     // The parallel measurement starts every sequence with one decode of 16 tokens each;
     // llama.cpp aborts the process when a decode holds more tokens than `n_batch`.
     let n_batch = (seqs * PARALLEL_PROMPT).max(512);
@@ -317,9 +332,11 @@ pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<R
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
         .with_kv_unified(false)
+        .with_type_k(crate::engine::kv_type(setting.kv_cache_type))
+        .with_type_v(crate::engine::kv_type(setting.kv_cache_type))
         .with_flash_attention_policy(crate::engine::flash_attention(
-            plan.flash_attention,
-            crate::engine::KvCacheType::F16,
+            setting.flash_attention,
+            setting.kv_cache_type,
         ));
     let mut ctx = model.new_context(backend, ctx_params).map_err(llama)?;
     let mut batch = LlamaBatch::new(n_batch, 1);

@@ -9,10 +9,12 @@ use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-pub use measure::{measure, BenchError, Plan, Rep};
+pub use measure::{measure, BenchError, Plan, Rep, Setting};
+use report::label;
 pub use report::{csv, table, Aggregate, Figure, Meta, ModelResult};
 
 use crate::cli::{BenchArgs, BenchFormat};
+use crate::engine::KvCacheType;
 use crate::models::{gguf, ModelName, Store};
 
 /// llama.cpp's `LLAMA_MAX_SEQ`: a context with more sequences is refused.
@@ -60,20 +62,84 @@ fn check_args(args: &BenchArgs) -> Result<Vec<usize>, String> {
     Ok(parallel)
 }
 
+/// The values given, each once, in the order given (the empty list: `default`).
+fn distinct<T: PartialEq + Copy>(given: &[T], default: T) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(given.len().max(1));
+    for &v in given {
+        if !out.contains(&v) {
+            out.push(v);
+        }
+    }
+    if out.is_empty() {
+        out.push(default);
+    }
+    out
+}
+
+/// Every combination of the settings given, as llama-bench sweeps its comma lists (GPU
+/// layers outermost, threads innermost), less those llama.cpp cannot run: a quantized KV
+/// cache needs flash attention. Those are named in the second list; when nothing is left
+/// the whole run is refused.
+fn settings(args: &BenchArgs) -> Result<(Vec<Setting>, Vec<String>), String> {
+    let threads = distinct(&args.threads, crate::config::default_threads());
+    let gpu_layers: Vec<Option<u32>> = distinct(&args.gpu_layers, u32::MAX)
+        .into_iter()
+        .map(|n| (!args.gpu_layers.is_empty()).then_some(n))
+        .collect();
+    let flash: Vec<Option<bool>> = if args.flash_attention.is_empty() {
+        vec![None]
+    } else {
+        distinct(&args.flash_attention, true)
+            .into_iter()
+            .map(Some)
+            .collect()
+    };
+    let kv = distinct(&args.kv_cache_type, KvCacheType::F16);
+    let mut runnable = Vec::new();
+    let mut skipped = Vec::new();
+    for &gpu_layers in &gpu_layers {
+        for &flash_attention in &flash {
+            for &kv_cache_type in &kv {
+                if kv_cache_type != KvCacheType::F16 && flash_attention == Some(false) {
+                    let pair = format!(
+                        "--flash-attention 0 with --kv-cache-type {}",
+                        kv_cache_type.as_str()
+                    );
+                    if !skipped.contains(&pair) {
+                        skipped.push(pair);
+                    }
+                    continue;
+                }
+                runnable.extend(threads.iter().map(|&threads| Setting {
+                    threads,
+                    gpu_layers,
+                    flash_attention,
+                    kv_cache_type,
+                }));
+            }
+        }
+    }
+    if runnable.is_empty() {
+        return Err(format!(
+            "{}: a quantized KV cache needs flash attention",
+            skipped.join("; ")
+        ));
+    }
+    Ok((runnable, skipped))
+}
+
 /// Runs `backstop bench` and prints its results.
 pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let threads = args.threads.unwrap_or_else(crate::config::default_threads);
     let parallel = check_args(args)?;
-    let plan = Plan {
+    let (settings, skipped) = settings(args)?;
+    let plan = |setting: Setting| Plan {
         prompt: args.prompt,
         depth: args.depth,
         generate: args.generate,
         reps: args.reps,
-        threads,
         parallel: parallel.clone(),
-        gpu_layers: args.gpu_layers,
         ctx: args.ctx,
-        flash_attention: args.flash_attention,
+        setting,
     };
     // Every file is found and its header read before any is measured: a typo at the end of
     // a quantization ladder fails at once, not after the models before it were measured.
@@ -86,55 +152,158 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             Ok::<_, String>((file, header))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let backend = crate::engine::compute()?.backend;
-    let bar = ProgressBar::new((files.len() * (plan.reps + 1)) as u64);
+    for pair in &skipped {
+        eprintln!("skipping {pair}: a quantized KV cache needs flash attention");
+    }
+    let compute = crate::engine::compute()?;
+    if !compute.gpu_build && args.gpu_layers.iter().any(|&n| n > 0) {
+        eprintln!("note: this build has no GPU backend, so --gpu-layers changes nothing");
+    }
+    let backend = compute.backend;
+    let runs = files.len() * settings.len();
+    let bar = ProgressBar::new((runs * (args.reps + 1)) as u64);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} runs, {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut results = Vec::with_capacity(files.len());
+    let mut results = Vec::with_capacity(runs);
     for (file, header) in &files {
         let name = file.file_name().map_or_else(
             || file.display().to_string(),
             |f| f.to_string_lossy().into_owned(),
         );
-        bar.set_message(name.clone());
-        let reps = measure(file, &plan, || bar.inc(1))?;
-        results.push(ModelResult::new(
-            Meta {
-                file: name,
-                size: std::fs::metadata(file).map(|m| m.len()).unwrap_or(0),
-                quantization: header.quantization(),
-                parameters: header.parameter_size(),
-                architecture: header.architecture().to_owned(),
-                backend: backend.clone(),
-            },
-            &parallel,
-            &reps,
-        ));
+        let meta = Meta {
+            file: name.clone(),
+            size: std::fs::metadata(file).map(|m| m.len()).unwrap_or(0),
+            quantization: header.quantization(),
+            parameters: header.parameter_size(),
+            architecture: header.architecture().to_owned(),
+            backend: backend.clone(),
+        };
+        for &setting in &settings {
+            bar.set_message(format!("{name}{}", label(&setting, &settings)));
+            let reps = measure(file, &plan(setting), || bar.inc(1))?;
+            results.push(ModelResult::new(meta.clone(), setting, &parallel, &reps));
+        }
     }
     bar.finish_and_clear();
     match args.format {
-        BenchFormat::Table => {
-            print!(
-                "{}",
-                table(&results, plan.prompt, plan.generate, plan.depth)
-            );
-            let s = if plan.reps == 1 { "" } else { "s" };
-            println!("{threads} threads, {} repetition{s}", plan.reps);
-        }
+        BenchFormat::Table => print!(
+            "{}",
+            table(&results, args.prompt, args.generate, args.depth, args.reps)
+        ),
         BenchFormat::Json => println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "threads": threads,
-                "prompt": plan.prompt,
-                "generate": plan.generate,
-                "depth": plan.depth,
-                "reps": plan.reps,
+                "prompt": args.prompt,
+                "generate": args.generate,
+                "depth": args.depth,
+                "reps": args.reps,
                 "results": results,
             }))?
         ),
-        BenchFormat::Csv => print!("{}", csv(&results, plan.depth)),
+        BenchFormat::Csv => print!("{}", csv(&results, args.depth)),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn args(flags: &[&str]) -> BenchArgs {
+        let argv = [&["backstop", "bench"], flags, &["m.gguf"]].concat();
+        match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Bench(a)) => a,
+            other => panic!("{flags:?}: {other:?}"),
+        }
+    }
+
+    fn row(threads: u32, gpu: Option<u32>, fa: Option<bool>, kv: KvCacheType) -> Setting {
+        Setting {
+            threads,
+            gpu_layers: gpu,
+            flash_attention: fa,
+            kv_cache_type: kv,
+        }
+    }
+
+    #[test]
+    fn every_combination_is_measured_once_in_llama_bench_order() {
+        let (all, skipped) = settings(&args(&[
+            "-t",
+            "1,2,1",
+            "--gpu-layers",
+            "0,99",
+            "--flash-attention",
+            "on",
+        ]))
+        .unwrap();
+        let on = Some(true);
+        let f16 = KvCacheType::F16;
+        assert_eq!(
+            all,
+            [
+                row(1, Some(0), on, f16),
+                row(2, Some(0), on, f16),
+                row(1, Some(99), on, f16),
+                row(2, Some(99), on, f16),
+            ]
+        );
+        assert!(skipped.is_empty());
+        // Nothing given: one setting, llama.cpp's defaults and the machine's threads.
+        let (one, _) = settings(&args(&[])).unwrap();
+        assert_eq!(
+            one,
+            [row(crate::config::default_threads(), None, None, f16)]
+        );
+    }
+
+    #[test]
+    fn a_quantized_cache_without_flash_attention_is_left_out_or_refused() {
+        let (all, skipped) = settings(&args(&[
+            "-t",
+            "2",
+            "--flash-attention",
+            "0,1",
+            "--kv-cache-type",
+            "f16,q8_0,Q4_0",
+        ]))
+        .unwrap();
+        let (off, on) = (Some(false), Some(true));
+        assert_eq!(
+            all,
+            [
+                row(2, None, off, KvCacheType::F16),
+                row(2, None, on, KvCacheType::F16),
+                row(2, None, on, KvCacheType::Q8_0),
+                row(2, None, on, KvCacheType::Q4_0),
+            ]
+        );
+        assert_eq!(
+            skipped,
+            [
+                "--flash-attention 0 with --kv-cache-type q8_0",
+                "--flash-attention 0 with --kv-cache-type q4_0"
+            ]
+        );
+        let refused = settings(&args(&[
+            "--flash-attention",
+            "off",
+            "--kv-cache-type",
+            "q4_0",
+        ]));
+        assert!(refused.is_err_and(|e| e.contains("needs flash attention") && e.contains("q4_0")),);
+        for bad in [
+            &["--kv-cache-type", "q5_1"][..],
+            &["-t", "2,0"],
+            &["--flash-attention", "maybe"],
+        ] {
+            let argv = [&["backstop", "bench"], bad, &["m.gguf"]].concat();
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
+        }
+    }
 }

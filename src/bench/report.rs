@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::measure::Rep;
+use super::measure::{Rep, Setting};
 
 /// A figure over the repetitions.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -64,6 +64,9 @@ pub struct ModelResult {
     pub architecture: String,
     /// Compute backend.
     pub backend: String,
+    /// The settings it was measured with.
+    #[serde(flatten)]
+    pub setting: Setting,
     /// Prompt-processing tokens/s (`null` with `-p 0`).
     pub pp: Option<Figure>,
     /// Single-stream generation tokens/s (`null` with `-n 0`).
@@ -87,7 +90,7 @@ pub struct Aggregate {
 
 impl ModelResult {
     /// Summarizes the repetitions.
-    pub fn new(meta: Meta, parallel: &[usize], reps: &[Rep]) -> ModelResult {
+    pub fn new(meta: Meta, setting: Setting, parallel: &[usize], reps: &[Rep]) -> ModelResult {
         ModelResult {
             file: meta.file,
             size: meta.size,
@@ -95,6 +98,7 @@ impl ModelResult {
             parameters: meta.parameters,
             architecture: meta.architecture,
             backend: meta.backend,
+            setting,
             pp: Figure::over(reps.iter().map(|r| r.pp)),
             tg: Figure::over(reps.iter().map(|r| r.tg)),
             parallel: parallel
@@ -125,8 +129,97 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
-/// A markdown table, one row per model; figures measured at a depth say so (`pp512 @ d1024`).
-pub fn table(results: &[ModelResult], prompt: usize, generate: usize, depth: usize) -> String {
+/// A setting `backstop bench` can compare: a column when the rows differ in it, else said
+/// once under the table.
+#[derive(Clone, Copy)]
+enum Knob {
+    Threads,
+    GpuLayers,
+    FlashAttention,
+    KvCache,
+}
+
+impl Knob {
+    const ALL: [Knob; 4] = [
+        Knob::Threads,
+        Knob::GpuLayers,
+        Knob::FlashAttention,
+        Knob::KvCache,
+    ];
+
+    fn head(self) -> &'static str {
+        match self {
+            Knob::Threads => "threads",
+            Knob::GpuLayers => "ngl",
+            Knob::FlashAttention => "fa",
+            Knob::KvCache => "kv cache",
+        }
+    }
+
+    /// Its short name, llama-bench's where it has one.
+    fn key(self) -> &'static str {
+        match self {
+            Knob::Threads => "t",
+            Knob::GpuLayers => "ngl",
+            Knob::FlashAttention => "fa",
+            Knob::KvCache => "kv",
+        }
+    }
+
+    /// The value in a cell; `None` where llama.cpp's default applies.
+    fn cell(self, s: &Setting) -> Option<String> {
+        match self {
+            Knob::Threads => Some(s.threads.to_string()),
+            Knob::GpuLayers => s.gpu_layers.map(|n| n.to_string()),
+            Knob::FlashAttention => s
+                .flash_attention
+                .map(|on| if on { "on" } else { "off" }.into()),
+            Knob::KvCache => Some(s.kv_cache_type.as_str().into()),
+        }
+    }
+
+    /// The value in the line under the table; `None` for a default not worth saying.
+    fn said(self, s: &Setting) -> Option<String> {
+        match self {
+            Knob::Threads => Some(format!("{} threads", s.threads)),
+            Knob::GpuLayers => s.gpu_layers.map(|n| format!("{n} GPU layers")),
+            Knob::FlashAttention => s
+                .flash_attention
+                .map(|on| format!("flash attention {}", if on { "on" } else { "off" })),
+            Knob::KvCache => (s.kv_cache_type != crate::engine::KvCacheType::F16)
+                .then(|| format!("{} KV cache", s.kv_cache_type.as_str())),
+        }
+    }
+
+    fn varies<'a>(self, mut settings: impl Iterator<Item = &'a Setting>) -> bool {
+        let first = settings.next().map(|s| self.cell(s));
+        settings.any(|s| Some(self.cell(s)) != first)
+    }
+}
+
+/// How a setting reads beside the file name in the progress bar: what differs between the
+/// settings measured (`ngl=99 fa=on`).
+pub(crate) fn label(setting: &Setting, all: &[Setting]) -> String {
+    Knob::ALL
+        .into_iter()
+        .filter(|k| k.varies(all.iter()))
+        .map(|k| {
+            let value = k.cell(setting).unwrap_or_else(|| "default".into());
+            format!(" {}={value}", k.key())
+        })
+        .collect()
+}
+
+/// A markdown table, one row per model and setting; figures measured at a depth say so
+/// (`pp512 @ d1024`). Settings that differ between rows get a column, the others are said
+/// under the table with the repetitions.
+pub fn table(
+    results: &[ModelResult],
+    prompt: usize,
+    generate: usize,
+    depth: usize,
+    reps: usize,
+) -> String {
     let at = if depth > 0 {
         format!(" @ d{depth}")
     } else {
@@ -136,6 +229,9 @@ pub fn table(results: &[ModelResult], prompt: usize, generate: usize, depth: usi
         .first()
         .map(|r| r.parallel.iter().map(|p| p.sequences).collect())
         .unwrap_or_default();
+    let (columns, fixed): (Vec<Knob>, Vec<Knob>) = Knob::ALL
+        .into_iter()
+        .partition(|k| k.varies(results.iter().map(|r| &r.setting)));
     let mut head = vec![
         "model".to_owned(),
         "quant".to_owned(),
@@ -143,6 +239,7 @@ pub fn table(results: &[ModelResult], prompt: usize, generate: usize, depth: usi
         "params".to_owned(),
         "backend".to_owned(),
     ];
+    head.extend(columns.iter().map(|k| k.head().to_owned()));
     // `-p 0` and `-n 0` leave their column out.
     if prompt > 0 {
         head.push(format!("pp{prompt}{at} tok/s"));
@@ -168,24 +265,56 @@ pub fn table(results: &[ModelResult], prompt: usize, generate: usize, depth: usi
             r.parameters.clone(),
             r.backend.clone(),
         ];
+        row.extend(
+            columns
+                .iter()
+                .map(|k| k.cell(&r.setting).unwrap_or_else(|| "default".into())),
+        );
         row.extend([&r.pp, &r.tg].into_iter().flatten().map(Figure::cell));
         row.extend(r.parallel.iter().map(|a| a.figure.cell()));
         out.push_str(&format!("| {} |\n", row.join(" | ")));
     }
     out.push_str("\nmedian (min–max) tokens per second over the repetitions, warm-up excluded\n");
+    let mut said: Vec<String> = results
+        .first()
+        .map(|r| fixed.iter().filter_map(|k| k.said(&r.setting)).collect())
+        .unwrap_or_default();
+    said.push(format!(
+        "{reps} repetition{}",
+        if reps == 1 { "" } else { "s" }
+    ));
+    out.push_str(&said.join(", "));
+    out.push('\n');
     out
 }
 
 /// CSV, one row per model and figure, with the depth it was measured at.
 pub fn csv(results: &[ModelResult], depth: usize) -> String {
     let mut out = String::from(
-        "file,quantization,size,parameters,backend,figure,sequences,depth,median,min,max\n",
+        "file,quantization,size,parameters,backend,threads,gpu_layers,flash_attention,kv_cache_type,\
+         figure,sequences,depth,median,min,max\n",
     );
     for r in results {
+        // A setting left to llama.cpp's default is an empty field.
+        let s = &r.setting;
+        let gpu_layers = s.gpu_layers.map(|n| n.to_string()).unwrap_or_default();
+        let fa = s
+            .flash_attention
+            .map(|on| on.to_string())
+            .unwrap_or_default();
         let mut row = |figure: &str, n: usize, f: &Figure| {
             out.push_str(&format!(
-                "{},{},{},{},{},{figure},{n},{depth},{:.3},{:.3},{:.3}\n",
-                r.file, r.quantization, r.size, r.parameters, r.backend, f.median, f.min, f.max
+                "{},{},{},{},{},{},{gpu_layers},{fa},{},{figure},{n},{depth},{:.3},{:.3},{:.3}\n",
+                r.file,
+                r.quantization,
+                r.size,
+                r.parameters,
+                r.backend,
+                s.threads,
+                s.kv_cache_type.as_str(),
+                f.median,
+                f.min,
+                f.max
             ));
         };
         if let Some(f) = &r.pp {
@@ -204,6 +333,7 @@ pub fn csv(results: &[ModelResult], depth: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::KvCacheType;
 
     #[test]
     fn medians_and_spreads() {
@@ -220,6 +350,12 @@ mod tests {
             parameters: "1.00M".into(),
             architecture: "llama".into(),
             backend: "CPU".into(),
+            setting: Setting {
+                threads: 2,
+                gpu_layers: None,
+                flash_attention: None,
+                kv_cache_type: KvCacheType::F16,
+            },
             pp: Some(Figure::of(vec![100.0])),
             tg: Some(Figure::of(vec![10.0])),
             parallel: vec![Aggregate {
@@ -232,26 +368,85 @@ mod tests {
 
     #[test]
     fn the_table_and_csv_carry_every_figure() {
-        let t = table(&[result()], 512, 128, 0);
+        let t = table(&[result()], 512, 128, 0, 5);
         assert!(t.contains("| m.gguf | Q4_0 | 1.0 MiB | 1.00M | CPU | 100.0 (100.0–100.0) | 10.0 (10.0–10.0) | 30.0 (30.0–30.0) |"), "{t}");
         assert!(
             t.contains("| pp512 tok/s | tg128 tok/s | tg128 x4 aggregate |"),
             "{t}"
         );
-        let deep = table(&[result()], 512, 128, 1024);
+        let deep = table(&[result()], 512, 128, 1024, 1);
         assert!(
             deep.contains(
                 "| pp512 @ d1024 tok/s | tg128 @ d1024 tok/s | tg128 @ d1024 x4 aggregate |"
             ),
             "{deep}"
         );
+        // One setting throughout: said under the table, no column for it.
+        assert!(
+            t.ends_with("warm-up excluded\n2 threads, 5 repetitions\n"),
+            "{t}"
+        );
+        assert!(deep.ends_with("\n2 threads, 1 repetition\n"), "{deep}");
         let c = csv(&[result()], 1024);
         assert_eq!(c.lines().count(), 4);
         assert!(c.starts_with(
-            "file,quantization,size,parameters,backend,figure,sequences,depth,median,min,max\n"
+            "file,quantization,size,parameters,backend,threads,gpu_layers,flash_attention,\
+             kv_cache_type,figure,sequences,depth,median,min,max\n"
         ));
+        assert!(c.contains(
+            "m.gguf,Q4_0,1048576,1.00M,CPU,2,,,f16,tg_aggregate,4,1024,30.000,30.000,30.000"
+        ));
+    }
+
+    #[test]
+    fn settings_that_differ_get_a_column_and_the_rest_are_said_once() {
+        let base = result();
+        let mut gpu = result();
+        gpu.setting.gpu_layers = Some(99);
+        gpu.backend = "CUDA".into();
+        let mut cpu = result();
+        cpu.setting.gpu_layers = Some(0);
+        cpu.backend = "CUDA".into();
+        for r in [&mut gpu, &mut cpu] {
+            r.setting.flash_attention = Some(true);
+            r.setting.kv_cache_type = KvCacheType::Q8_0;
+        }
+        let t = table(&[cpu.clone(), gpu.clone()], 512, 128, 0, 3);
         assert!(
-            c.contains("m.gguf,Q4_0,1048576,1.00M,CPU,tg_aggregate,4,1024,30.000,30.000,30.000")
+            t.contains("| backend | ngl | pp512 tok/s |")
+                && t.contains("| CUDA | 0 | 100.0 (100.0–100.0) |")
+                && t.contains("| CUDA | 99 | 100.0 (100.0–100.0) |"),
+            "{t}"
+        );
+        assert!(
+            t.ends_with("\n2 threads, flash attention on, q8_0 KV cache, 3 repetitions\n"),
+            "{t}"
+        );
+        // Left to llama.cpp in one row and set in another: the first reads `default`.
+        let t = table(&[base.clone(), gpu.clone()], 512, 128, 0, 1);
+        assert!(
+            t.contains("| backend | ngl | fa | kv cache | pp512")
+                && t.contains("| CPU | default | default | f16 | 100.0")
+                && t.contains("| CUDA | 99 | on | q8_0 | 100.0"),
+            "{t}"
+        );
+        assert!(t.ends_with("\n2 threads, 1 repetition\n"), "{t}");
+        let c = csv(&[cpu, gpu], 0);
+        assert!(
+            c.contains("\nm.gguf,Q4_0,1048576,1.00M,CUDA,2,0,true,q8_0,pp,1,0,"),
+            "{c}"
+        );
+        assert!(
+            c.contains("\nm.gguf,Q4_0,1048576,1.00M,CUDA,2,99,true,q8_0,pp,1,0,"),
+            "{c}"
+        );
+        let json = serde_json::to_value(&base).unwrap();
+        assert!(
+            json["threads"] == 2
+                && json["gpu_layers"].is_null()
+                && json["flash_attention"].is_null()
+                && json["kv_cache_type"] == "f16",
+            "{json}"
         );
     }
 
@@ -259,7 +454,7 @@ mod tests {
     fn a_figure_left_out_has_no_column_row_or_value() {
         let mut only_tg = result();
         only_tg.pp = None;
-        let t = table(&[only_tg.clone()], 0, 128, 0);
+        let t = table(&[only_tg.clone()], 0, 128, 0, 1);
         assert!(
             t.contains("| backend | tg128 tok/s | tg128 x4 aggregate |")
                 && t.contains("| CPU | 10.0 (10.0–10.0) | 30.0 (30.0–30.0) |"),
@@ -275,7 +470,7 @@ mod tests {
         let mut only_pp = result();
         only_pp.tg = None;
         only_pp.parallel.clear();
-        let t = table(&[only_pp.clone()], 512, 0, 0);
+        let t = table(&[only_pp.clone()], 512, 0, 0, 1);
         assert!(
             t.contains("| backend | pp512 tok/s |\n")
                 && t.contains("| CPU | 100.0 (100.0–100.0) |\n"),

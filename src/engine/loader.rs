@@ -177,11 +177,7 @@ pub(crate) fn new_context<'m>(
 /// contexts must agree for the operator's settings to work in either).
 pub(crate) fn shared_params(options: &EngineOptions) -> LlamaContextParams {
     let threads = i32::try_from(options.threads).unwrap_or(i32::MAX);
-    let kv = match options.kv_cache_type {
-        KvCacheType::F16 => llama_cpp_2::context::params::KvCacheType::F16,
-        KvCacheType::Q8_0 => llama_cpp_2::context::params::KvCacheType::Q8_0,
-        KvCacheType::Q4_0 => llama_cpp_2::context::params::KvCacheType::Q4_0,
-    };
+    let kv = kv_type(options.kv_cache_type);
     LlamaContextParams::default()
         .with_flash_attention_policy(flash_attention(
             options.flash_attention,
@@ -191,6 +187,15 @@ pub(crate) fn shared_params(options: &EngineOptions) -> LlamaContextParams {
         .with_type_v(kv)
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
+}
+
+/// llama.cpp's name for a KV cache element type.
+pub(crate) fn kv_type(kv: KvCacheType) -> llama_cpp_2::context::params::KvCacheType {
+    match kv {
+        KvCacheType::F16 => llama_cpp_2::context::params::KvCacheType::F16,
+        KvCacheType::Q8_0 => llama_cpp_2::context::params::KvCacheType::Q8_0,
+        KvCacheType::Q4_0 => llama_cpp_2::context::params::KvCacheType::Q4_0,
+    }
 }
 
 /// llama.cpp's flash-attention setting for the operator's choice. When they did not choose,

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 pub use compute::{compute, Compute, Device};
 pub use embed::{l2_normalize, shorten, EmbedShape, Embeddings};
 pub use error::{EngineError, LoadError};
-pub(crate) use loader::{backend, flash_attention};
+pub(crate) use loader::{backend, flash_attention, kv_type};
 pub use loader::{Fim, ModelInfo};
 pub use request::{
     FinishReason, GenerateRequest, InvalidField, Overflow, SamplingOverrides, SamplingParams,
@@ -81,6 +81,21 @@ impl KvCacheType {
             "q4_0" => Some(KvCacheType::Q4_0),
             _ => None,
         }
+    }
+
+    /// The name [`KvCacheType::parse`] reads.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvCacheType::F16 => "f16",
+            KvCacheType::Q8_0 => "q8_0",
+            KvCacheType::Q4_0 => "q4_0",
+        }
+    }
+}
+
+impl serde::Serialize for KvCacheType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 
