@@ -64,6 +64,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ctx: None,
         flash_attention: Vec::new(),
         kv_cache_type: Vec::new(),
+        quantize: Vec::new(),
+        quantize_dir: None,
         format: args.format,
     })
 }

@@ -118,6 +118,13 @@ pub struct BenchArgs {
     /// for this machine].
     #[arg(long, value_delimiter = ',', value_name = "BOOL,...", value_parser = parse_flag_bool)]
     pub flash_attention: Vec<bool>,
+    /// Also measure these quantizations of each model, e.g. Q8_0,Q6_K,Q4_K_M, built with
+    /// llama.cpp's quantizer into --quantize-dir (kept there, and reused by the next run).
+    #[arg(long, value_delimiter = ',', value_name = "TYPE,...")]
+    pub quantize: Vec<String>,
+    /// Where --quantize writes its files [default: ~/.cache/backstop/ladder].
+    #[arg(long, value_name = "DIR", requires = "quantize")]
+    pub quantize_dir: Option<PathBuf>,
     /// KV cache element type: f16, q8_0 or q4_0, or several to compare [default: f16].
     #[arg(long, value_delimiter = ',', value_name = "TYPE,...", value_parser = parse_kv_type)]
     pub kv_cache_type: Vec<crate::engine::KvCacheType>,

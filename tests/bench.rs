@@ -298,6 +298,133 @@ fn settings_given_as_lists_are_each_measured_and_reported() {
     );
 }
 
+/// `--quantize` builds a ladder from one model into a folder that keeps it, measures each rung
+/// right after the model, and the next run reuses the rungs unless they are stale or broken.
+#[test]
+fn bench_builds_a_quantization_ladder_and_reuses_it() {
+    let dir = common::temp_dir("bench-ladder");
+    let _cleanup = Cleanup(dir.clone());
+    let rungs = dir.join("rungs");
+    let model = common::smollm2();
+    let model = model.to_str().unwrap();
+    let run = |types: &str| {
+        let o = backstop(&[
+            "bench",
+            "-p",
+            "16",
+            "-n",
+            "4",
+            "-r",
+            "1",
+            "-t",
+            "2",
+            "--quantize",
+            types,
+            "--quantize-dir",
+            rungs.to_str().unwrap(),
+            "--format",
+            "json",
+            model,
+        ]);
+        let err = text(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        let report: Value = serde_json::from_slice(&o.stdout).expect("bench JSON");
+        let rows: Vec<(String, String)> = report["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                assert!(r["tg"]["median"].as_f64().unwrap() > 0.0, "{r}");
+                (
+                    r["file"].as_str().unwrap().to_owned(),
+                    r["quantization"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        (rows, err)
+    };
+    let q8 = "SmolLM2-135M-Instruct.Q4_1-Q8_0.gguf";
+    let k4 = "SmolLM2-135M-Instruct.Q4_1-Q4_K_M.gguf";
+    let expected = [
+        ("SmolLM2-135M-Instruct.Q4_1.gguf", "Q4_1"),
+        (q8, "Q8_0"),
+        (k4, "Q4_K_M"),
+    ]
+    .map(|(f, q)| (f.to_owned(), q.to_owned()));
+
+    // Any case, each type once; the model's own type is the model itself.
+    let (rows, err) = run("q8_0,Q4_1,q4_k_m,Q8_0");
+    assert_eq!(rows, expected, "{err}");
+    assert!(err.contains("is Q4_1 already"), "{err}");
+    assert_eq!(err.matches(": built ").count(), 2, "{err}");
+    // llama.cpp's per-tensor fallback warnings are summed up in one line, not repeated.
+    assert!(
+        err.contains("required fallback quantization") && !err.contains("not divisible"),
+        "{err}"
+    );
+    assert_eq!(entries(&rungs), [k4, q8]);
+    let mtime = |f: &str| {
+        std::fs::metadata(rungs.join(f))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let (q8_built, k4_built) = (mtime(q8), mtime(k4));
+
+    let (rows, err) = run("Q8_0,Q4_K_M");
+    assert_eq!(rows, expected[..], "{err}");
+    assert_eq!(err.matches(": reusing ").count(), 2, "{err}");
+    assert!(!err.contains(": built "), "{err}");
+    assert_eq!((mtime(q8), mtime(k4)), (q8_built, k4_built));
+
+    // A rung older than its model, or not a GGUF of its type, is built again.
+    std::fs::File::options()
+        .write(true)
+        .open(rungs.join(q8))
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH)
+        .unwrap();
+    std::fs::write(rungs.join(k4), b"not a model").unwrap();
+    let (rows, err) = run("Q8_0,Q4_K_M");
+    assert_eq!(rows, expected[..], "{err}");
+    assert_eq!(err.matches(": built ").count(), 2, "{err}");
+    assert_eq!(entries(&rungs), [k4, q8]);
+
+    // An unknown type is refused before anything is quantized or measured.
+    let elsewhere = dir.join("unused");
+    let o = backstop(&[
+        "bench",
+        "-r",
+        "1",
+        "--quantize",
+        "Q8_0,Q9_X",
+        "--quantize-dir",
+        elsewhere.to_str().unwrap(),
+        model,
+    ]);
+    assert!(!o.status.success());
+    assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
+    let err = text(&o.stderr);
+    assert!(err.contains("Q9_X") && err.contains("Q6_K"), "{err}");
+    assert!(!elsewhere.exists());
+    // A folder that cannot be one.
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let o = backstop(&[
+        "bench",
+        "-r",
+        "1",
+        "--quantize",
+        "Q8_0",
+        "--quantize-dir",
+        file.to_str().unwrap(),
+        model,
+    ]);
+    assert!(!o.status.success());
+    assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
+    assert!(text(&o.stderr).contains("a-file"), "{}", text(&o.stderr));
+}
+
 #[test]
 fn quantize_refuses_unknown_types_and_bad_inputs_and_leaves_nothing_behind() {
     let dir = common::temp_dir("quantize-bad");

@@ -1,6 +1,7 @@
 //! `backstop bench` and `backstop quantize`: tokens per second across models and
 //! quantizations, measured in-process, and the quantizer that builds the ladder.
 
+mod ladder;
 mod measure;
 pub mod quantize;
 mod report;
@@ -132,6 +133,7 @@ fn settings(args: &BenchArgs) -> Result<(Vec<Setting>, Vec<String>), String> {
 pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let parallel = check_args(args)?;
     let (settings, skipped) = settings(args)?;
+    let ladder = ladder::types(&args.quantize)?;
     let plan = |setting: Setting| Plan {
         prompt: args.prompt,
         depth: args.depth,
@@ -149,9 +151,26 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         .map(|m| {
             let file = locate(m)?;
             let header = gguf::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            Ok::<_, String>((file, header))
+            Ok::<_, String>((m, file, header))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // Each model's quantizations are measured right after it.
+    let mut files_and_rungs = Vec::with_capacity(files.len() * (ladder.len() + 1));
+    for (arg, file, header) in files {
+        let rungs = if ladder.is_empty() {
+            Vec::new()
+        } else {
+            let dir = args
+                .quantize_dir
+                .clone()
+                .unwrap_or_else(ladder::default_dir);
+            let stem = ladder::stem(arg, &file);
+            ladder::build(&file, &header, &stem, &ladder, &dir, settings[0].threads)?
+        };
+        files_and_rungs.push((file, header));
+        files_and_rungs.extend(rungs);
+    }
+    let files = files_and_rungs;
     for pair in &skipped {
         eprintln!("skipping {pair}: a quantized KV cache needs flash attention");
     }

@@ -3,8 +3,9 @@
 //! ladder can be built from one model and benchmarked without any download. The output is
 //! written under a temporary name and renamed only when the quantizer succeeded.
 
-use std::ffi::CString;
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::models::gguf;
 
@@ -49,18 +50,27 @@ const TYPES: &[(&str, u32)] = &[
     ("BF16", 32),
 ];
 
-/// The `llama_ftype` of a type name (any case).
-pub fn ftype(name: &str) -> Result<u32, QuantizeError> {
+/// A type's row of [`TYPES`] (any case).
+fn entry(name: &str) -> Result<&'static (&'static str, u32), QuantizeError> {
     TYPES
         .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, t)| *t)
+        .find(|(n, _)| n.eq_ignore_ascii_case(name.trim()))
         .ok_or_else(|| {
             QuantizeError::UnknownType(
                 name.to_owned(),
                 TYPES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
             )
         })
+}
+
+/// The `llama_ftype` of a type name (any case).
+pub fn ftype(name: &str) -> Result<u32, QuantizeError> {
+    entry(name).map(|e| e.1)
+}
+
+/// A type name as llama.cpp spells it (`q4_k_m` is `Q4_K_M`).
+pub fn canonical(name: &str) -> Result<&'static str, QuantizeError> {
+    entry(name).map(|e| e.0)
 }
 
 /// Quantizes `input` to `output` as `kind`, on `threads` threads. Requantizing an already
@@ -98,6 +108,7 @@ pub fn quantize(
             .map_err(|_| QuantizeError::Output(format!("{}: a path with a NUL byte", p.display())))
     };
     let (inp, tmp) = (c(input)?, c(&temp)?);
+    let _quiet = QuietTensorWarnings::install();
     // SAFETY: both strings are valid NUL-terminated paths that outlive the call, and the
     // parameters come from llama.cpp's own defaults with plain fields changed; the call
     // reads the input file and writes the output file, and touches nothing of ours.
@@ -116,6 +127,71 @@ pub fn quantize(
         let _ = std::fs::remove_file(&temp);
         QuantizeError::Output(format!("{}: {e}", output.display()))
     })
+}
+
+/// While it is held, llama.cpp's per-tensor fallback warnings are left out of the log.
+///
+/// The quantizer warns twice for each tensor whose rows do not fit the target type's blocks
+/// and then sums them up in one line (`180 of 272 tensor(s) required fallback quantization`,
+/// SmolLM2 to Q5_K_M); through `llama-cpp-2`'s log bridge that is over 500 lines. This keeps
+/// the sum and passes every other message on to the log at its own level. llama-cpp-2 has no
+/// per-message filter and `tracing`'s filters cannot see a message's text, so the callback is
+/// ours; dropping the guard hands llama.cpp's log back to llama-cpp-2's bridge.
+struct QuietTensorWarnings;
+
+/// Whether the fragment before was one of the dropped warnings, still without its newline.
+static DROPPING: AtomicBool = AtomicBool::new(false);
+
+impl QuietTensorWarnings {
+    fn install() -> QuietTensorWarnings {
+        // SAFETY: the callback is a plain function that only reads the string it is given,
+        // and takes no user data.
+        unsafe { llama_cpp_sys_2::llama_log_set(Some(quiet_log), std::ptr::null_mut()) };
+        QuietTensorWarnings
+    }
+}
+
+impl Drop for QuietTensorWarnings {
+    fn drop(&mut self) {
+        DROPPING.store(false, Ordering::Relaxed);
+        // Re-installs the bridge with the state it made the first time.
+        llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+    }
+}
+
+/// Whether a llama.cpp log fragment is part of a per-tensor fallback warning.
+fn per_tensor_fallback(text: &str) -> bool {
+    text.contains("not divisible by") || text.contains("falling back to")
+}
+
+unsafe extern "C" fn quiet_log(
+    level: llama_cpp_sys_2::ggml_log_level,
+    text: *const c_char,
+    _: *mut c_void,
+) {
+    if text.is_null() {
+        return;
+    }
+    // SAFETY: llama.cpp passes a NUL-terminated string that lives for the call.
+    let text = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+    let continues = level == llama_cpp_sys_2::GGML_LOG_LEVEL_CONT;
+    if per_tensor_fallback(&text) || (continues && DROPPING.load(Ordering::Relaxed)) {
+        DROPPING.store(!text.ends_with('\n'), Ordering::Relaxed);
+        return;
+    }
+    DROPPING.store(false, Ordering::Relaxed);
+    let message = text.trim();
+    if message.is_empty() {
+        return;
+    }
+    match level {
+        llama_cpp_sys_2::GGML_LOG_LEVEL_ERROR => {
+            tracing::error!(target: "llama-cpp-2", "{message}")
+        }
+        llama_cpp_sys_2::GGML_LOG_LEVEL_WARN => tracing::warn!(target: "llama-cpp-2", "{message}"),
+        llama_cpp_sys_2::GGML_LOG_LEVEL_INFO => tracing::info!(target: "llama-cpp-2", "{message}"),
+        _ => tracing::debug!(target: "llama-cpp-2", "{message}"),
+    }
 }
 
 /// The folder `output` goes in, once it is clear the quantizer's work can be kept: the

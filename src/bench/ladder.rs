@@ -1,0 +1,104 @@
+//! `backstop bench --quantize`: a model's quantization ladder, built with llama.cpp's
+//! quantizer into a folder that keeps it, so one download is enough to compare quantizations
+//! and a second run measures again without quantizing again.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::quantize::{self, QuantizeError};
+use crate::models::gguf::{self, GgufHeader};
+
+/// The folder `--quantize` writes to when `--quantize-dir` is not given.
+pub fn default_dir() -> PathBuf {
+    crate::config::cache_dir().join("ladder")
+}
+
+/// The types asked for, as llama.cpp spells them, each once; an unknown one is refused
+/// before anything is quantized or measured.
+pub fn types(given: &[String]) -> Result<Vec<&'static str>, QuantizeError> {
+    let mut out: Vec<&'static str> = Vec::with_capacity(given.len());
+    for name in given {
+        let t = quantize::canonical(name)?;
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    Ok(out)
+}
+
+/// The name a model's quantizations are filed under: its file name without `.gguf`, or for a
+/// store model its name with `:` and `/` made `-`.
+pub fn stem(arg: &str, file: &Path) -> String {
+    if Path::new(arg).is_file() {
+        return file
+            .file_stem()
+            .map_or_else(|| "model".to_owned(), |s| s.to_string_lossy().into_owned());
+    }
+    arg.replace([':', '/', '\\'], "-")
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// A quantization already in the folder is used again when it is the type asked for and no
+/// older than the model it was made from.
+fn reusable(path: &Path, kind: &str, source: &Path) -> Option<GgufHeader> {
+    let header = gguf::read(path).ok()?;
+    let fresh = match (modified(path), modified(source)) {
+        (Some(built), Some(from)) => built >= from,
+        _ => false,
+    };
+    (fresh && header.quantization() == kind).then_some(header)
+}
+
+/// Builds, or finds already built, each of `kinds` of `source` in `dir` (created if need be),
+/// saying on stderr what it did; the files in the order of `kinds`. A type the model already
+/// is, is left out with a note: the model itself is measured.
+pub fn build(
+    source: &Path,
+    header: &GgufHeader,
+    stem: &str,
+    kinds: &[&'static str],
+    dir: &Path,
+    threads: u32,
+) -> Result<Vec<(PathBuf, GgufHeader)>, QuantizeError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| QuantizeError::Output(format!("{}: {e}", dir.display())))?;
+    let mut out = Vec::with_capacity(kinds.len());
+    for &kind in kinds {
+        if header.quantization() == kind {
+            eprintln!("{stem} is {kind} already: measured as it is");
+            continue;
+        }
+        let path = dir.join(format!("{stem}-{kind}.gguf"));
+        if let Some(h) = reusable(&path, kind, source) {
+            eprintln!("{kind}: reusing {}", path.display());
+            out.push((path, h));
+            continue;
+        }
+        let spinner =
+            ProgressBar::new_spinner().with_message(format!("quantizing {stem} to {kind}"));
+        spinner.set_style(
+            ProgressStyle::with_template("{spinner} {msg}, {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        spinner.enable_steady_tick(Duration::from_millis(120));
+        let started = Instant::now();
+        let result = quantize::quantize(source, &path, kind, threads);
+        spinner.finish_and_clear();
+        result?;
+        let h = gguf::read(&path)
+            .map_err(|e| QuantizeError::Output(format!("{}: {e}", path.display())))?;
+        eprintln!(
+            "{kind}: built {} ({:.1} MiB) in {:.1} s",
+            path.display(),
+            std::fs::metadata(&path).map_or(0.0, |m| m.len() as f64 / 1048576.0),
+            started.elapsed().as_secs_f64()
+        );
+        out.push((path, h));
+    }
+    Ok(out)
+}
