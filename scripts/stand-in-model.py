@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""A stand-in for a GGUF model: its shape and scales kept, its quantized values made up.
+
+    scripts/stand-in-model.py [--shape] MODEL.gguf OUT.gguf
+
+The stand-in has the model's header (architecture, tokenizer, tensor shapes and types), its
+1-D float tensors (the norms) and the scales of every quantized block; the quantized values
+themselves are random, and so are any larger float tensors (small values). llama.cpp loads it
+and does the same work per token as for the model, with numbers of the same sizes; only its
+answers are nonsense. It is for speed figures on a machine the model cannot reach whole.
+
+On the 2-core machine, in four alternated pairs per model of `backstop bench -p 128 -n 64
+--parallel 4 -r 3`, stand-in over model ranged 0.84-1.25 from pair to pair, medians 1.05 (pp),
+1.11 (tg), 1.04 (x4) for SmolLM2 and 0.92, 1.03, 0.97 for Gemma 3 270M: no difference that
+machine's noise (10-20% per run) can show. Cruder stand-ins showed one: with all-zero weights
+both models decoded 20-30% faster in every run, and with plain random bytes (NaNs, huge
+scales) SmolLM2 came out 5-15% slower.
+
+`--shape` writes the part that is kept and zeroes the values, which compresses well
+(`xz -9`: SmolLM2's 98 MB to 9.9 MB, Gemma 3 270M's 253 MB to 13.8 MB): carry that,
+and run this script on it at the other end to make the stand-in there.
+
+Types with a known block layout only (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K-Q6_K).
+Only the standard library. The GGUF layout: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md;
+the block layouts: ggml's ggml-common.h.
+"""
+
+import os
+import struct
+import sys
+
+# Fixed sizes of GGUF's scalar value types; 8 is a string, 9 an array.
+SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+# ggml type: (name, elements per block, bytes per block, the byte ranges of a block that hold
+# its scales: kept from the model, the rest made up).
+BLOCKS = {
+    0: ("F32", 1, 4, []),
+    1: ("F16", 1, 2, []),
+    30: ("BF16", 1, 2, []),
+    2: ("Q4_0", 32, 18, [(0, 2)]),
+    3: ("Q4_1", 32, 20, [(0, 4)]),
+    6: ("Q5_0", 32, 22, [(0, 2)]),
+    7: ("Q5_1", 32, 24, [(0, 4)]),
+    8: ("Q8_0", 32, 34, [(0, 2)]),
+    10: ("Q2_K", 256, 84, [(0, 16), (80, 84)]),
+    11: ("Q3_K", 256, 110, [(96, 110)]),
+    12: ("Q4_K", 256, 144, [(0, 16)]),
+    13: ("Q5_K", 256, 176, [(0, 16)]),
+    14: ("Q6_K", 256, 210, [(192, 210)]),
+}
+FLOATS = ("F32", "F16", "BF16")
+
+
+class Header:
+    def __init__(self, f):
+        self.f = f
+
+    def read(self, n: int) -> bytes:
+        b = self.f.read(n)
+        if len(b) != n:
+            raise ValueError("the file ends inside its GGUF header")
+        return b
+
+    def u32(self) -> int:
+        return struct.unpack("<I", self.read(4))[0]
+
+    def u64(self) -> int:
+        return struct.unpack("<Q", self.read(8))[0]
+
+    def string(self) -> bytes:
+        return self.read(self.u64())
+
+    def value(self, kind: int):
+        if kind in SCALAR:
+            raw = self.read(SCALAR[kind])
+            return int.from_bytes(raw, "little") if kind in (4, 10) else raw
+        if kind == 8:
+            return self.string()
+        if kind == 9:
+            item, count = self.u32(), self.u64()
+            if item in SCALAR:
+                self.f.seek(SCALAR[item] * count, os.SEEK_CUR)
+            else:
+                for _ in range(count):
+                    self.value(item)
+            return None
+        raise ValueError(f"unknown GGUF value type {kind}")
+
+
+def layout(path: str):
+    """Where the tensor data starts, and each tensor's (name, dimensions, type, offset)."""
+    with open(path, "rb") as f:
+        h = Header(f)
+        if h.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        version = h.u32()
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not 2 or 3")
+        count, kvs = h.u64(), h.u64()
+        alignment = 32
+        for _ in range(kvs):
+            key = h.string()
+            value = h.value(h.u32())
+            if key == b"general.alignment" and isinstance(value, int):
+                alignment = value
+        tensors = []
+        for _ in range(count):
+            name = h.string().decode(errors="replace")
+            dims = [h.u64() for _ in range(h.u32())]
+            tensors.append((name, dims, h.u32(), h.u64()))
+        end = f.tell()
+    return -(-end // alignment) * alignment, tensors
+
+
+def small_floats(count: int, kind: str) -> bytes:
+    """`count` random floats of about 2**-6, either sign, little-endian."""
+    if kind == "F16":  # s eeeee mm: exponent 9 (2**-6), two random mantissa bits
+        data = bytearray(os.urandom(count * 2))
+        data[1::2] = data[1::2].translate(bytes((b & 0x83) | (9 << 2) for b in range(256)))
+        return bytes(data)
+    width = 4 if kind == "F32" else 2
+    data = bytearray(os.urandom(count * width))
+    # The top byte holds the sign and the exponent's top 7 bits; the next one's top bit is
+    # the exponent's lowest: 121 = 0b1111001 (2**-6).
+    top = bytes((b & 0x80) | (121 >> 1) for b in range(256))
+    data[width - 1::width] = data[width - 1::width].translate(top)
+    data[width - 2::width] = data[width - 2::width].translate(bytes(b | 0x80 for b in range(256)))
+    return bytes(data)
+
+
+def stand_in(source: bytes, dims: list[int], ggml_type: int, shape_only: bool) -> bytes:
+    """A tensor's data: the model's norms and block scales, the rest made up (or zero)."""
+    name, _, block_bytes, kept = BLOCKS[ggml_type]
+    if name in FLOATS:
+        if len(dims) == 1:
+            return source  # norms: tiny, and their sizes shape every activation
+        if shape_only:
+            return bytes(len(source))
+        return small_floats(len(source) // block_bytes, name)
+    data = bytearray(len(source)) if shape_only else bytearray(os.urandom(len(source)))
+    for start, end in kept:
+        for b in range(start, end):
+            data[b::block_bytes] = source[b::block_bytes]
+    return bytes(data)
+
+
+def tensor_bytes(dims: list[int], ggml_type: int) -> int:
+    _, per_block, block_bytes, _ = BLOCKS[ggml_type]
+    elements = 1
+    for d in dims:
+        elements *= d
+    return elements // per_block * block_bytes
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    shape_only = "--shape" in args
+    args = [a for a in args if a != "--shape"]
+    if len(args) != 2:
+        print("usage: scripts/stand-in-model.py [--shape] MODEL.gguf OUT.gguf", file=sys.stderr)
+        return 2
+    src, out = args
+    try:
+        start, tensors = layout(src)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    unknown = sorted({t for _, _, t, _ in tensors if t not in BLOCKS})
+    if unknown:
+        print(f"error: {src}: ggml tensor types {unknown} have no block layout here", file=sys.stderr)
+        return 1
+    size = os.path.getsize(src)
+    short = [n for n, dims, t, offset in tensors if start + offset + tensor_bytes(dims, t) > size]
+    if short:
+        print(f"error: {src} ends inside tensor {short[0]}: the file is truncated", file=sys.stderr)
+        return 1
+    tmp = out + ".partial"
+    with open(src, "rb") as f, open(tmp, "wb") as o:
+        o.write(f.read(start))
+        o.truncate(size)  # zeros that take no disk until written
+        for _, dims, ggml_type, offset in tensors:
+            f.seek(start + offset)
+            data = stand_in(f.read(tensor_bytes(dims, ggml_type)), dims, ggml_type, shape_only)
+            o.seek(start + offset)
+            o.write(data)
+    os.replace(tmp, out)
+    what = "its shape and scales" if shape_only else "a stand-in"
+    print(f"{out}: {what} ({len(tensors)} tensors after a {start}-byte header)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

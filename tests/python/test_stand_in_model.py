@@ -1,0 +1,86 @@
+"""scripts/stand-in-model.py: the stand-in keeps the model's header, norms and block scales, makes
+up the rest, and the real binary loads and measures it as it would the model."""
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from conftest import GEMMA3, SMOLLM2, binary, model
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "stand-in-model.py"
+spec = importlib.util.spec_from_file_location("stand_in_model", SCRIPT)
+stand_in_model = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(stand_in_model)
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+
+
+def parts(path: pathlib.Path):
+    """(header, norms, scales, values) of a GGUF file, each as one bytes object."""
+    start, tensors = stand_in_model.layout(str(path))
+    data = path.read_bytes()
+    norms, scales, values = bytearray(), bytearray(), bytearray()
+    for _, dims, ggml_type, offset in tensors:
+        name, _, block, kept = stand_in_model.BLOCKS[ggml_type]
+        t = data[start + offset:start + offset + stand_in_model.tensor_bytes(dims, ggml_type)]
+        if name in stand_in_model.FLOATS:
+            (norms if len(dims) == 1 else values).extend(t)
+            continue
+        keep = {b for s, e in kept for b in range(s, e)}
+        for b in range(block):
+            (scales if b in keep else values).extend(t[b::block])
+    return data[:start], bytes(norms), bytes(scales), bytes(values)
+
+
+@pytest.mark.parametrize("file", [SMOLLM2, GEMMA3])
+def test_a_stand_in_is_the_model_with_its_values_made_up(tmp_path, file):
+    real = model(file)
+    shape, stand_in = tmp_path / "shape.gguf", tmp_path / "stand-in.gguf"
+    assert run("--shape", str(real), str(shape)).returncode == 0
+    assert run(str(shape), str(stand_in)).returncode == 0
+    assert shape.stat().st_size == stand_in.stat().st_size == real.stat().st_size
+
+    header, norms, scales, values = parts(real)
+    assert len(norms) > 0 and len(scales) > 0 and len(values) > len(scales)
+    s_header, s_norms, s_scales, s_values = parts(shape)
+    assert (s_header, s_norms, s_scales) == (header, norms, scales)
+    assert s_values.count(0) == len(s_values)
+    i_header, i_norms, i_scales, i_values = parts(stand_in)
+    assert (i_header, i_norms, i_scales) == (header, norms, scales)
+    # Random bytes: about 1 in 256 matches the model's by chance.
+    same = sum(a == b for a, b in zip(i_values[:1 << 20], values[:1 << 20]))
+    assert same < (1 << 20) / 64, same
+    assert i_values.count(0) < len(i_values) / 64
+
+    out = subprocess.run([binary(), "bench", "-p", "16", "-n", "8", "-r", "1", "-t", "2",
+                          "--format", "json", str(real), str(stand_in)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)["results"]
+    for key in ("quantization", "parameters", "architecture", "size"):
+        assert got[0][key] == got[1][key], (key, got)
+    assert all(r["tg"]["median"] > 0 for r in got), got
+
+
+def test_what_is_not_a_gguf_model_is_refused_and_nothing_is_written(tmp_path):
+    notes = tmp_path / "notes.gguf"
+    notes.write_bytes(b"not a model at all")
+    out = tmp_path / "out.gguf"
+    r = run(str(notes), str(out))
+    assert r.returncode == 1 and "not a GGUF file" in r.stderr, r.stderr
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(model(SMOLLM2).read_bytes()[:4096])
+    r = run(str(truncated), str(out))
+    assert r.returncode == 1 and "ends inside its GGUF header" in r.stderr, r.stderr
+    # The header whole, the weights cut short.
+    truncated.write_bytes(model(SMOLLM2).read_bytes()[:50_000_000])
+    r = run(str(truncated), str(out))
+    assert r.returncode == 1 and "ends inside tensor" in r.stderr, r.stderr
+    assert run().returncode == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.gguf", "truncated.gguf"]
