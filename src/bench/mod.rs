@@ -63,16 +63,16 @@ fn check_args(args: &BenchArgs) -> Result<Vec<usize>, String> {
     Ok(parallel)
 }
 
-/// The values given, each once, in the order given (the empty list: `default`).
-fn distinct<T: PartialEq + Copy>(given: &[T], default: T) -> Vec<T> {
-    let mut out: Vec<T> = Vec::with_capacity(given.len().max(1));
+/// The values given, each once, in the order given; `[None]` when none were (the default).
+fn each<T: PartialEq + Copy>(given: &[T]) -> Vec<Option<T>> {
+    let mut out: Vec<Option<T>> = Vec::with_capacity(given.len().max(1));
     for &v in given {
-        if !out.contains(&v) {
-            out.push(v);
+        if !out.contains(&Some(v)) {
+            out.push(Some(v));
         }
     }
     if out.is_empty() {
-        out.push(default);
+        out.push(None);
     }
     out
 }
@@ -82,20 +82,15 @@ fn distinct<T: PartialEq + Copy>(given: &[T], default: T) -> Vec<T> {
 /// cache needs flash attention. Those are named in the second list; when nothing is left
 /// the whole run is refused.
 fn settings(args: &BenchArgs) -> Result<(Vec<Setting>, Vec<String>), String> {
-    let threads = distinct(&args.threads, crate::config::default_threads());
-    let gpu_layers: Vec<Option<u32>> = distinct(&args.gpu_layers, u32::MAX)
+    let threads: Vec<u32> = each(&args.threads)
         .into_iter()
-        .map(|n| (!args.gpu_layers.is_empty()).then_some(n))
+        .map(|t| t.unwrap_or_else(crate::config::default_threads))
         .collect();
-    let flash: Vec<Option<bool>> = if args.flash_attention.is_empty() {
-        vec![None]
-    } else {
-        distinct(&args.flash_attention, true)
-            .into_iter()
-            .map(Some)
-            .collect()
-    };
-    let kv = distinct(&args.kv_cache_type, KvCacheType::F16);
+    let kv: Vec<KvCacheType> = each(&args.kv_cache_type)
+        .into_iter()
+        .map(|k| k.unwrap_or(KvCacheType::F16))
+        .collect();
+    let (gpu_layers, flash) = (each(&args.gpu_layers), each(&args.flash_attention));
     let mut runnable = Vec::new();
     let mut skipped = Vec::new();
     for &gpu_layers in &gpu_layers {
