@@ -106,8 +106,8 @@ pub struct BenchArgs {
     /// Also aggregate generation over N sequences sharing each decode, e.g. 1,4,8.
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
     pub parallel: Vec<usize>,
-    /// Layers to offload to a GPU, or several to compare, e.g. 0,99 for CPU against GPU
-    /// [default: llama.cpp's, all with a GPU].
+    /// Layers to offload to a GPU, or several to compare, e.g. 0,99: every layer kept on the
+    /// CPU against every layer on the GPU [default: llama.cpp's, all with a GPU].
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
     pub gpu_layers: Vec<u32>,
     /// Context cells per sequence [default: just enough]; a server's --ctx compares like
