@@ -119,7 +119,8 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', value_name = "BOOL,...", value_parser = parse_flag_bool)]
     pub flash_attention: Vec<bool>,
     /// Also measure these quantizations of each model, e.g. Q8_0,Q6_K,Q4_K_M, built with
-    /// llama.cpp's quantizer into --quantize-dir (kept there, and reused by the next run).
+    /// llama.cpp's quantizer into --quantize-dir (kept there, and reused by a later run on the
+    /// same file).
     #[arg(long, value_delimiter = ',', value_name = "TYPE,...")]
     pub quantize: Vec<String>,
     /// Where --quantize writes its files [default: ~/.cache/backstop/ladder].

@@ -307,7 +307,7 @@ fn bench_builds_a_quantization_ladder_and_reuses_it() {
     let rungs = dir.join("rungs");
     let model = common::smollm2();
     let model = model.to_str().unwrap();
-    let run = |types: &str| {
+    let run = |model: &str, types: &str| {
         let o = backstop(&[
             "bench",
             "-p",
@@ -351,18 +351,33 @@ fn bench_builds_a_quantization_ladder_and_reuses_it() {
         (k4, "Q4_K_M"),
     ]
     .map(|(f, q)| (f.to_owned(), q.to_owned()));
+    let built = |err: &str| err.matches(": built ").count();
+    let reused = |err: &str| err.matches(": reusing ").count();
+    let listing = [
+        k4.to_owned(),
+        format!("{k4}.source"),
+        q8.to_owned(),
+        format!("{q8}.source"),
+    ];
 
     // Any case, each type once; the model's own type is the model itself.
-    let (rows, err) = run("q8_0,Q4_1,q4_k_m,Q8_0");
+    let (rows, err) = run(model, "q8_0,Q4_1,q4_k_m,Q8_0");
     assert_eq!(rows, expected, "{err}");
     assert!(err.contains("is Q4_1 already"), "{err}");
-    assert_eq!(err.matches(": built ").count(), 2, "{err}");
+    assert_eq!(built(&err), 2, "{err}");
     // llama.cpp's per-tensor fallback warnings are summed up in one line, not repeated.
     assert!(
         err.contains("required fallback quantization") && !err.contains("not divisible"),
         "{err}"
     );
-    assert_eq!(entries(&rungs), [k4, q8]);
+    assert_eq!(entries(&rungs), listing);
+    // Each rung names the file it was made from.
+    let note = std::fs::read_to_string(rungs.join(format!("{q8}.source"))).unwrap();
+    let canonical = std::fs::canonicalize(model).unwrap();
+    assert!(
+        note.starts_with(&format!("{}\n", canonical.display())),
+        "{note}"
+    );
     let mtime = |f: &str| {
         std::fs::metadata(rungs.join(f))
             .unwrap()
@@ -371,24 +386,37 @@ fn bench_builds_a_quantization_ladder_and_reuses_it() {
     };
     let (q8_built, k4_built) = (mtime(q8), mtime(k4));
 
-    let (rows, err) = run("Q8_0,Q4_K_M");
+    let (rows, err) = run(model, "Q8_0,Q4_K_M");
     assert_eq!(rows, expected[..], "{err}");
-    assert_eq!(err.matches(": reusing ").count(), 2, "{err}");
-    assert!(!err.contains(": built "), "{err}");
+    assert_eq!((reused(&err), built(&err)), (2, 0), "{err}");
     assert_eq!((mtime(q8), mtime(k4)), (q8_built, k4_built));
 
-    // A rung older than its model, or not a GGUF of its type, is built again.
+    // A rung that is not a GGUF of its type is built again.
+    std::fs::write(rungs.join(k4), b"not a model").unwrap();
+    let (rows, err) = run(model, "Q8_0,Q4_K_M");
+    assert_eq!(rows, expected[..], "{err}");
+    assert_eq!((reused(&err), built(&err)), (1, 1), "{err}");
+
+    // A model of the same file name in another folder shares the stem, not the rungs; and a
+    // model changed in place since is another model too.
+    let other = dir.join("other");
+    std::fs::create_dir(&other).unwrap();
+    let copy = other.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    std::fs::copy(model, &copy).unwrap();
+    let (rows, err) = run(copy.to_str().unwrap(), "Q8_0");
+    assert_eq!(rows, expected[..2], "{err}");
+    assert_eq!((reused(&err), built(&err)), (0, 1), "{err}");
+    let (_, err) = run(copy.to_str().unwrap(), "Q8_0");
+    assert_eq!((reused(&err), built(&err)), (1, 0), "{err}");
     std::fs::File::options()
         .write(true)
-        .open(rungs.join(q8))
+        .open(&copy)
         .unwrap()
-        .set_modified(std::time::UNIX_EPOCH)
+        .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(60))
         .unwrap();
-    std::fs::write(rungs.join(k4), b"not a model").unwrap();
-    let (rows, err) = run("Q8_0,Q4_K_M");
-    assert_eq!(rows, expected[..], "{err}");
-    assert_eq!(err.matches(": built ").count(), 2, "{err}");
-    assert_eq!(entries(&rungs), [k4, q8]);
+    let (_, err) = run(copy.to_str().unwrap(), "Q8_0");
+    assert_eq!((reused(&err), built(&err)), (0, 1), "{err}");
+    assert_eq!(entries(&rungs), listing);
 
     // An unknown type is refused before anything is quantized or measured.
     let elsewhere = dir.join("unused");

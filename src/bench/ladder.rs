@@ -1,9 +1,10 @@
 //! `backstop bench --quantize`: a model's quantization ladder, built with llama.cpp's
 //! quantizer into a folder that keeps it, so one download is enough to compare quantizations
-//! and a second run measures again without quantizing again.
+//! and a second run measures again without quantizing again. Each rung `<stem>-<TYPE>.gguf`
+//! has a note beside it, `<stem>-<TYPE>.gguf.source`, naming the file it was made from.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -39,19 +40,38 @@ pub fn stem(arg: &str, file: &Path) -> String {
     arg.replace([':', '/', '\\'], "-")
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// What identifies the model a rung was made from: its full path, size and modification time.
+/// Kept beside the rung (`<rung>.source`), so that a rung is reused only for the very file it
+/// was made from: two models with the same file name in different folders share a stem, and a
+/// model replaced in place keeps its name.
+fn identity(source: &Path) -> Option<String> {
+    let meta = std::fs::metadata(source).ok()?;
+    let since = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
+    let path = std::fs::canonicalize(source).ok()?;
+    Some(format!(
+        "{}\n{} bytes\nmodified {}.{:09}\n",
+        path.display(),
+        meta.len(),
+        since.as_secs(),
+        since.subsec_nanos()
+    ))
 }
 
-/// A quantization already in the folder is used again when it is the type asked for and no
-/// older than the model it was made from.
+fn sidecar(rung: &Path) -> PathBuf {
+    let mut name = rung.as_os_str().to_owned();
+    name.push(".source");
+    PathBuf::from(name)
+}
+
+/// A quantization already in the folder is used again when it reads as the type asked for and
+/// was made from this very file, as it is now.
 fn reusable(path: &Path, kind: &str, source: &Path) -> Option<GgufHeader> {
+    let made_from = std::fs::read_to_string(sidecar(path)).ok()?;
+    if Some(made_from) != identity(source) {
+        return None;
+    }
     let header = gguf::read(path).ok()?;
-    let fresh = match (modified(path), modified(source)) {
-        (Some(built), Some(from)) => built >= from,
-        _ => false,
-    };
-    (fresh && header.quantization() == kind).then_some(header)
+    (header.quantization() == kind).then_some(header)
 }
 
 /// Builds, or finds already built, each of `kinds` of `source` in `dir` (created if need be),
@@ -87,9 +107,16 @@ pub fn build(
         );
         spinner.enable_steady_tick(Duration::from_millis(120));
         let started = Instant::now();
+        // The old note goes first: a rung that is half replaced is never taken for the model's.
+        let note = sidecar(&path);
+        let _ = std::fs::remove_file(&note);
         let result = quantize::quantize(source, &path, kind, threads);
         spinner.finish_and_clear();
         result?;
+        if let Some(made_from) = identity(source) {
+            std::fs::write(&note, made_from)
+                .map_err(|e| QuantizeError::Output(format!("{}: {e}", note.display())))?;
+        }
         let h = gguf::read(&path)
             .map_err(|e| QuantizeError::Output(format!("{}: {e}", path.display())))?;
         eprintln!(
