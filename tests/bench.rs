@@ -99,6 +99,22 @@ fn a_quantization_ladder_is_built_and_benchmarked_in_every_format() {
     assert_eq!(report["prompt"], 32);
     assert_eq!(report["generate"], 8);
     assert_eq!(report["reps"], 2);
+    // The machine the figures are from: its processor, cores and llama.cpp's devices.
+    let machine = &report["machine"];
+    assert!(!machine["cpu"].as_str().unwrap().is_empty(), "{machine}");
+    let cores = machine["cores"].as_u64().unwrap();
+    assert!(
+        cores >= 1 && machine["logical"].as_u64().unwrap() >= cores,
+        "{machine}"
+    );
+    assert_eq!(machine["backstop"], env!("CARGO_PKG_VERSION"));
+    let devices = machine["devices"].as_array().unwrap();
+    assert!(
+        devices
+            .iter()
+            .any(|d| d["kind"] == "cpu" && d["memory_total"].as_u64().unwrap() > 0),
+        "{machine}"
+    );
     let results = report["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
     for (r, (kind, size)) in results.iter().zip([("Q8_0", q8_size), ("Q4_0", q4_size)]) {
@@ -159,6 +175,13 @@ fn a_quantization_ladder_is_built_and_benchmarked_in_every_format() {
     assert!(table.starts_with('|'), "a markdown table:\n{table}");
     assert!(table.contains("pp32") && table.contains("tg8"), "{table}");
     assert!(table.contains("Q8_0"), "{table}");
+    // Under it, the machine in one line.
+    let last = table.lines().last().unwrap();
+    assert!(
+        last.contains(" cores, ")
+            && last.ends_with(&format!("; backstop {}", env!("CARGO_PKG_VERSION"))),
+        "{table}"
+    );
 }
 
 /// Comma lists of settings are compared side by side, as llama-bench's are: one row per
@@ -275,7 +298,7 @@ fn settings_given_as_lists_are_each_measured_and_reported() {
         table.contains("| backend | threads | pp16 tok/s | tg4 tok/s |")
             && table.contains("| CPU | 1 |")
             && table.contains("| CPU | 2 |")
-            && table.ends_with("\nq4_0 KV cache, 1 repetition\n"),
+            && table.contains("\nq4_0 KV cache, 1 repetition\n"),
         "{table}"
     );
 

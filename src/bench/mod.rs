@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 pub use measure::{measure, BenchError, Plan, Rep, Setting};
 use report::label;
-pub use report::{csv, table, Aggregate, Figure, Meta, ModelResult};
+pub use report::{csv, table, Aggregate, Figure, Machine, Meta, ModelResult};
 
 use crate::cli::{BenchArgs, BenchFormat};
 use crate::engine::KvCacheType;
@@ -174,6 +174,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         eprintln!("note: this build has no GPU backend, so --gpu-layers changes nothing");
     }
     let backend = compute.backend;
+    let machine = Machine::here(compute.devices);
     let runs = files.len() * settings.len();
     let bar = ProgressBar::new((runs * (args.reps + 1)) as u64);
     bar.set_style(
@@ -202,9 +203,10 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     bar.finish_and_clear();
     match args.format {
-        BenchFormat::Table => print!(
-            "{}",
-            table(&results, args.prompt, args.generate, args.depth, args.reps)
+        BenchFormat::Table => println!(
+            "{}{}",
+            table(&results, args.prompt, args.generate, args.depth, args.reps),
+            machine.line()
         ),
         BenchFormat::Json => println!(
             "{}",
@@ -213,6 +215,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 "generate": args.generate,
                 "depth": args.depth,
                 "reps": args.reps,
+                "machine": machine,
                 "results": results,
             }))?
         ),

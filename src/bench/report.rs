@@ -114,6 +114,64 @@ impl ModelResult {
     }
 }
 
+/// The machine the figures were measured on, so that figures from different machines (a
+/// laptop, a GPU server) can be told apart once they are side by side.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// The processor, as the system names it (`/proc/cpuinfo`'s `model name` on Linux), or
+    /// the architecture where it does not.
+    pub cpu: String,
+    /// Physical cores.
+    pub cores: usize,
+    /// Logical processors.
+    pub logical: usize,
+    /// What llama.cpp can compute on: every CPU and GPU device, with its memory.
+    pub devices: Vec<crate::engine::Device>,
+    /// This program's version.
+    pub backstop: &'static str,
+}
+
+impl Machine {
+    /// This machine, with the devices llama.cpp reported.
+    pub fn here(devices: Vec<crate::engine::Device>) -> Machine {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, name)| name.trim().to_owned())
+            })
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
+        Machine {
+            cpu,
+            cores: num_cpus::get_physical(),
+            logical: num_cpus::get(),
+            devices,
+            backstop: env!("CARGO_PKG_VERSION"),
+        }
+    }
+
+    /// One line for under the table: the processor, and each GPU with its memory.
+    pub fn line(&self) -> String {
+        let mut line = format!(
+            "{} ({} cores, {} logical)",
+            self.cpu, self.cores, self.logical
+        );
+        for d in self.devices.iter().filter(|d| d.kind != "cpu") {
+            line.push_str(&format!(
+                "; {} {} ({:.1} GiB)",
+                d.name,
+                d.description,
+                d.memory_total as f64 / (1u64 << 30) as f64
+            ));
+        }
+        line.push_str(&format!("; backstop {}", self.backstop));
+        line
+    }
+}
+
 /// What is known about a file before measuring it.
 #[derive(Debug, Clone)]
 pub struct Meta {
@@ -396,6 +454,35 @@ mod tests {
         assert!(c.contains(
             "m.gguf,Q4_0,1048576,1.00M,CPU,2,,,f16,tg_aggregate,4,1024,30.000,30.000,30.000"
         ));
+    }
+
+    #[test]
+    fn the_machine_line_names_the_processor_and_every_gpu() {
+        let device =
+            |name: &str, description: &str, kind: &'static str, gib: u64| crate::engine::Device {
+                name: name.into(),
+                description: description.into(),
+                backend: name.trim_end_matches(char::is_numeric).into(),
+                kind,
+                memory_total: gib << 30,
+                memory_free: gib << 29,
+            };
+        let machine = Machine {
+            cpu: "AMD EPYC 9654".into(),
+            cores: 16,
+            logical: 32,
+            devices: vec![
+                device("CPU", "AMD EPYC 9654", "cpu", 128),
+                device("CUDA0", "NVIDIA H200", "gpu", 140),
+            ],
+            backstop: "9.9.9",
+        };
+        assert_eq!(
+            machine.line(),
+            "AMD EPYC 9654 (16 cores, 32 logical); CUDA0 NVIDIA H200 (140.0 GiB); backstop 9.9.9"
+        );
+        let json = serde_json::to_value(&machine).unwrap();
+        assert_eq!(json["devices"][1]["memory_total"], 140u64 << 30, "{json}");
     }
 
     #[test]
