@@ -19,6 +19,18 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// `backstop bench ARGS` was refused before anything was measured: it failed, printed
+/// nothing on stdout, and its error says each of `says`.
+fn bench_refused(args: &[&str], says: &[&str]) {
+    let o = backstop(&[&["bench"], args].concat());
+    let err = text(&o.stderr);
+    assert!(!o.status.success(), "{args:?} ran:\n{}", text(&o.stdout));
+    assert!(o.stdout.is_empty(), "{args:?}: {}", text(&o.stdout));
+    for s in says {
+        assert!(err.contains(s), "{args:?}: {err}");
+    }
+}
+
 /// Removes the folder when the test ends, passed or not (quantized models are large).
 struct Cleanup(PathBuf);
 
@@ -302,22 +314,17 @@ fn settings_given_as_lists_are_each_measured_and_reported() {
         "{table}"
     );
 
-    let o = backstop(&[
-        "bench",
-        "-r",
-        "1",
-        "--flash-attention",
-        "off",
-        "--kv-cache-type",
-        "q8_0",
-        model,
-    ]);
-    assert!(!o.status.success());
-    assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
-    assert!(
-        text(&o.stderr).contains("a quantized KV cache needs flash attention"),
-        "{}",
-        text(&o.stderr)
+    bench_refused(
+        &[
+            "-r",
+            "1",
+            "--flash-attention",
+            "off",
+            "--kv-cache-type",
+            "q8_0",
+            model,
+        ],
+        &["a quantized KV cache needs flash attention"],
     );
 }
 
@@ -443,37 +450,34 @@ fn bench_builds_a_quantization_ladder_and_reuses_it() {
 
     // An unknown type is refused before anything is quantized or measured.
     let elsewhere = dir.join("unused");
-    let o = backstop(&[
-        "bench",
-        "-r",
-        "1",
-        "--quantize",
-        "Q8_0,Q9_X",
-        "--quantize-dir",
-        elsewhere.to_str().unwrap(),
-        model,
-    ]);
-    assert!(!o.status.success());
-    assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
-    let err = text(&o.stderr);
-    assert!(err.contains("Q9_X") && err.contains("Q6_K"), "{err}");
+    bench_refused(
+        &[
+            "-r",
+            "1",
+            "--quantize",
+            "Q8_0,Q9_X",
+            "--quantize-dir",
+            elsewhere.to_str().unwrap(),
+            model,
+        ],
+        &["Q9_X", "Q6_K"],
+    );
     assert!(!elsewhere.exists());
     // A folder that cannot be one.
     let file = dir.join("a-file");
     std::fs::write(&file, b"").unwrap();
-    let o = backstop(&[
-        "bench",
-        "-r",
-        "1",
-        "--quantize",
-        "Q8_0",
-        "--quantize-dir",
-        file.to_str().unwrap(),
-        model,
-    ]);
-    assert!(!o.status.success());
-    assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
-    assert!(text(&o.stderr).contains("a-file"), "{}", text(&o.stderr));
+    bench_refused(
+        &[
+            "-r",
+            "1",
+            "--quantize",
+            "Q8_0",
+            "--quantize-dir",
+            file.to_str().unwrap(),
+            model,
+        ],
+        &["a-file"],
+    );
 }
 
 #[test]
@@ -673,15 +677,7 @@ fn figures_at_a_depth_say_so_and_too_deep_is_refused() {
 fn zero_leaves_a_figure_out_and_every_bench_limit_is_refused() {
     let model = common::smollm2();
     let model = model.to_str().unwrap();
-    let refused = |args: &[&str], says: &[&str]| {
-        let o = backstop(&[&["bench"], args, &[model]].concat());
-        let err = text(&o.stderr);
-        assert!(!o.status.success(), "{args:?} ran:\n{}", text(&o.stdout));
-        assert!(o.stdout.is_empty(), "{args:?}: {}", text(&o.stdout));
-        for s in says {
-            assert!(err.contains(s), "{args:?}: {err}");
-        }
-    };
+    let refused = |args: &[&str], says: &[&str]| bench_refused(&[args, &[model]].concat(), says);
     refused(&["-r", "0"], &["-r 0"]);
     refused(&["-p", "0", "-n", "0"], &["nothing to measure"]);
     refused(&["--parallel", "0"], &["--parallel 0"]);

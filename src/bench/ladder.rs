@@ -30,9 +30,10 @@ pub fn types(given: &[String]) -> Result<Vec<&'static str>, QuantizeError> {
 }
 
 /// The name a model's quantizations are filed under: its file name without `.gguf`, or for a
-/// store model its name with `:` and `/` made `-`.
+/// store model (found under another path than the one given) its name with `:`, `/` and `\`
+/// made `-`.
 pub fn stem(arg: &str, file: &Path) -> String {
-    if Path::new(arg).is_file() {
+    if file == Path::new(arg) {
         return file
             .file_stem()
             .map_or_else(|| "model".to_owned(), |s| s.to_string_lossy().into_owned());
@@ -64,10 +65,10 @@ fn sidecar(rung: &Path) -> PathBuf {
 }
 
 /// A quantization already in the folder is used again when it reads as the type asked for and
-/// was made from this very file, as it is now.
-fn reusable(path: &Path, kind: &str, source: &Path) -> Option<GgufHeader> {
+/// was made from this very file, as it is now (`source`: its [`identity`]).
+fn reusable(path: &Path, kind: &str, source: Option<&str>) -> Option<GgufHeader> {
     let made_from = std::fs::read_to_string(sidecar(path)).ok()?;
-    if Some(made_from) != identity(source) {
+    if Some(made_from.as_str()) != source {
         return None;
     }
     let header = gguf::read(path).ok()?;
@@ -87,6 +88,7 @@ pub fn build(
 ) -> Result<Vec<(PathBuf, GgufHeader)>, QuantizeError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| QuantizeError::Output(format!("{}: {e}", dir.display())))?;
+    let made_from = identity(source);
     let mut out = Vec::with_capacity(kinds.len());
     for &kind in kinds {
         if header.quantization() == kind {
@@ -94,7 +96,7 @@ pub fn build(
             continue;
         }
         let path = dir.join(format!("{stem}-{kind}.gguf"));
-        if let Some(h) = reusable(&path, kind, source) {
+        if let Some(h) = reusable(&path, kind, made_from.as_deref()) {
             eprintln!("{kind}: reusing {}", path.display());
             out.push((path, h));
             continue;
@@ -113,7 +115,7 @@ pub fn build(
         let result = quantize::quantize(source, &path, kind, threads);
         spinner.finish_and_clear();
         result?;
-        if let Some(made_from) = identity(source) {
+        if let Some(made_from) = &made_from {
             std::fs::write(&note, made_from)
                 .map_err(|e| QuantizeError::Output(format!("{}: {e}", note.display())))?;
         }

@@ -10,7 +10,6 @@ use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Instant;
 
-use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
@@ -319,25 +318,20 @@ pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<R
             u32::try_from(needed.next_multiple_of(256).min(train.max(needed))).unwrap_or(u32::MAX)
         }
     };
-    let threads = i32::try_from(setting.threads).unwrap_or(i32::MAX);
     // The parallel measurement starts every sequence with one decode of 16 tokens each;
     // llama.cpp aborts the process when a decode holds more tokens than `n_batch`.
     let n_batch = (seqs * PARALLEL_PROMPT).max(512);
     let n_batch_u32 = u32::try_from(n_batch).unwrap_or(u32::MAX);
-    let ctx_params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(per_seq * seqs as u32))
-        .with_n_seq_max(seqs as u32)
-        .with_n_batch(n_batch_u32)
-        .with_n_ubatch(n_batch_u32)
-        .with_n_threads(threads)
-        .with_n_threads_batch(threads)
-        .with_kv_unified(false)
-        .with_type_k(crate::engine::kv_type(setting.kv_cache_type))
-        .with_type_v(crate::engine::kv_type(setting.kv_cache_type))
-        .with_flash_attention_policy(crate::engine::flash_attention(
-            setting.flash_attention,
-            setting.kv_cache_type,
-        ));
+    let ctx_params = crate::engine::context_params(
+        setting.threads,
+        setting.flash_attention,
+        setting.kv_cache_type,
+    )
+    .with_n_ctx(NonZeroU32::new(per_seq * seqs as u32))
+    .with_n_seq_max(seqs as u32)
+    .with_n_batch(n_batch_u32)
+    .with_n_ubatch(n_batch_u32)
+    .with_kv_unified(false);
     let mut ctx = model.new_context(backend, ctx_params).map_err(llama)?;
     let mut batch = LlamaBatch::new(n_batch, 1);
     // Generation starts from the prompt's first tokens (at least PARALLEL_PROMPT of them, so

@@ -129,6 +129,9 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let parallel = check_args(args)?;
     let (settings, skipped) = settings(args)?;
     let ladder = ladder::types(&args.quantize)?;
+    for pair in &skipped {
+        eprintln!("skipping {pair}: a quantized KV cache needs flash attention");
+    }
     let plan = |setting: Setting| Plan {
         prompt: args.prompt,
         depth: args.depth,
@@ -166,9 +169,6 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         files_and_rungs.extend(rungs);
     }
     let files = files_and_rungs;
-    for pair in &skipped {
-        eprintln!("skipping {pair}: a quantized KV cache needs flash attention");
-    }
     let compute = crate::engine::compute()?;
     if !compute.gpu_build && args.gpu_layers.iter().any(|&n| n > 0) {
         eprintln!("note: this build has no GPU backend, so --gpu-layers changes nothing");

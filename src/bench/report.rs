@@ -238,14 +238,13 @@ impl Knob {
 
     /// The value in the line under the table; `None` for a default not worth saying.
     fn said(self, s: &Setting) -> Option<String> {
+        let value = self.cell(s)?;
         match self {
-            Knob::Threads => Some(format!("{} threads", s.threads)),
-            Knob::GpuLayers => s.gpu_layers.map(|n| format!("{n} GPU layers")),
-            Knob::FlashAttention => s
-                .flash_attention
-                .map(|on| format!("flash attention {}", if on { "on" } else { "off" })),
+            Knob::Threads => Some(format!("{value} threads")),
+            Knob::GpuLayers => Some(format!("{value} GPU layers")),
+            Knob::FlashAttention => Some(format!("flash attention {value}")),
             Knob::KvCache => (s.kv_cache_type != crate::engine::KvCacheType::F16)
-                .then(|| format!("{} KV cache", s.kv_cache_type.as_str())),
+                .then(|| format!("{value} KV cache")),
         }
     }
 

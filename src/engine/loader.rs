@@ -176,26 +176,32 @@ pub(crate) fn new_context<'m>(
 /// type and the flash-attention policy (a quantized V cache needs flash attention, so both
 /// contexts must agree for the operator's settings to work in either).
 pub(crate) fn shared_params(options: &EngineOptions) -> LlamaContextParams {
-    let threads = i32::try_from(options.threads).unwrap_or(i32::MAX);
-    let kv = kv_type(options.kv_cache_type);
+    context_params(
+        options.threads,
+        options.flash_attention,
+        options.kv_cache_type,
+    )
+}
+
+/// A context's threads, KV cache element type and flash-attention policy, as the server sets
+/// them; `backstop bench` builds its contexts from the same, so it measures what serving runs.
+pub(crate) fn context_params(
+    threads: u32,
+    flash: Option<bool>,
+    kv_cache_type: KvCacheType,
+) -> LlamaContextParams {
+    let threads = i32::try_from(threads).unwrap_or(i32::MAX);
+    let kv = match kv_cache_type {
+        KvCacheType::F16 => llama_cpp_2::context::params::KvCacheType::F16,
+        KvCacheType::Q8_0 => llama_cpp_2::context::params::KvCacheType::Q8_0,
+        KvCacheType::Q4_0 => llama_cpp_2::context::params::KvCacheType::Q4_0,
+    };
     LlamaContextParams::default()
-        .with_flash_attention_policy(flash_attention(
-            options.flash_attention,
-            options.kv_cache_type,
-        ))
+        .with_flash_attention_policy(flash_attention(flash, kv_cache_type))
         .with_type_k(kv)
         .with_type_v(kv)
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
-}
-
-/// llama.cpp's name for a KV cache element type.
-pub(crate) fn kv_type(kv: KvCacheType) -> llama_cpp_2::context::params::KvCacheType {
-    match kv {
-        KvCacheType::F16 => llama_cpp_2::context::params::KvCacheType::F16,
-        KvCacheType::Q8_0 => llama_cpp_2::context::params::KvCacheType::Q8_0,
-        KvCacheType::Q4_0 => llama_cpp_2::context::params::KvCacheType::Q4_0,
-    }
 }
 
 /// llama.cpp's flash-attention setting for the operator's choice. When they did not choose,

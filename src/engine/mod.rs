@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 pub use compute::{compute, Compute, Device};
 pub use embed::{l2_normalize, shorten, EmbedShape, Embeddings};
 pub use error::{EngineError, LoadError};
-pub(crate) use loader::{backend, flash_attention, kv_type};
+pub(crate) use loader::{backend, context_params};
 pub use loader::{Fim, ModelInfo};
 pub use request::{
     FinishReason, GenerateRequest, InvalidField, Overflow, SamplingOverrides, SamplingParams,
@@ -62,7 +62,8 @@ pub struct EngineOptions {
 }
 
 /// KV cache element types Ollama's `OLLAMA_KV_CACHE_TYPE` offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum KvCacheType {
     /// 16-bit floats: llama.cpp's default, full quality.
     F16,
@@ -75,12 +76,10 @@ pub enum KvCacheType {
 impl KvCacheType {
     /// Parses `f16`, `q8_0` or `q4_0` (any case).
     pub fn parse(text: &str) -> Option<KvCacheType> {
-        match text.trim().to_ascii_lowercase().as_str() {
-            "f16" => Some(KvCacheType::F16),
-            "q8_0" => Some(KvCacheType::Q8_0),
-            "q4_0" => Some(KvCacheType::Q4_0),
-            _ => None,
-        }
+        let text = text.trim();
+        [KvCacheType::F16, KvCacheType::Q8_0, KvCacheType::Q4_0]
+            .into_iter()
+            .find(|k| k.as_str().eq_ignore_ascii_case(text))
     }
 
     /// The name [`KvCacheType::parse`] reads.
@@ -90,12 +89,6 @@ impl KvCacheType {
             KvCacheType::Q8_0 => "q8_0",
             KvCacheType::Q4_0 => "q4_0",
         }
-    }
-}
-
-impl serde::Serialize for KvCacheType {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
     }
 }
 
