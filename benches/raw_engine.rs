@@ -54,6 +54,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     backstop::bench::run(&BenchArgs {
         models: vec![model.display().to_string()],
+        server: Vec::new(),
+        api_key: None,
         prompt: args.prompt,
         depth: 0,
         generate: args.gen,

@@ -55,7 +55,7 @@ pub enum Command {
     /// cloud path goes off for at most 60 s + 30 s per request; Ctrl-C switches it back on.
     Drill(DrillArgs),
     /// Tokens per second for prompt processing and generation, per GGUF (quantizations side
-    /// by side), in this process with no server.
+    /// by side), in this process with no server; or, with --server, of running servers.
     Bench(BenchArgs),
     /// Quantize a GGUF with llama.cpp's quantizer: `backstop quantize IN OUT TYPE`.
     Quantize(QuantizeArgs),
@@ -84,9 +84,20 @@ pub enum BenchFormat {
 /// `backstop bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// GGUF files or store model names.
+    /// GGUF files or store model names; with --server, the models as the servers name them.
     #[arg(required = true, value_name = "FILE_OR_MODEL")]
     pub models: Vec<String>,
+    /// Measure a running server instead, over the OpenAI API (backstop, Ollama, llama-server,
+    /// vLLM, ...): time to first token, each stream's decode rate and the aggregate, with one
+    /// client and each --parallel count of concurrent clients. Give it again to compare
+    /// servers side by side, each against the first.
+    #[arg(long, value_name = "URL", conflicts_with_all = [
+        "threads", "gpu_layers", "ctx", "flash_attention", "quantize", "kv_cache_type", "depth",
+    ])]
+    pub server: Vec<String>,
+    /// API key for --server [default: BACKSTOP_API_KEY].
+    #[arg(long, value_name = "KEY", requires = "server")]
+    pub api_key: Option<String>,
     /// Prompt tokens for prompt processing (0 leaves the figure out).
     #[arg(short = 'p', long, default_value_t = 512)]
     pub prompt: usize,
@@ -103,7 +114,8 @@ pub struct BenchArgs {
     #[arg(short = 't', long, value_delimiter = ',', value_name = "N,...",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Vec<u32>,
-    /// Also aggregate generation over N sequences sharing each decode, e.g. 1,4,8.
+    /// Also aggregate generation over N sequences sharing each decode, e.g. 1,4,8; with
+    /// --server, N concurrent streaming clients.
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
     pub parallel: Vec<usize>,
     /// Layers to offload to a GPU, or several to compare, e.g. 0,99: every layer kept on the

@@ -1,10 +1,12 @@
 //! `backstop bench` and `backstop quantize`: tokens per second across models and
-//! quantizations, measured in-process, and the quantizer that builds the ladder.
+//! quantizations, measured in-process or against running servers, and the quantizer that
+//! builds the ladder.
 
 mod ladder;
 mod measure;
 pub mod quantize;
 mod report;
+mod served;
 
 use std::path::PathBuf;
 
@@ -13,6 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub use measure::{measure, BenchError, Plan, Rep, Setting};
 use report::label;
 pub use report::{csv, table, Aggregate, Figure, Machine, Meta, ModelResult};
+pub use served::{Latency, ServedResult};
 
 use crate::cli::{BenchArgs, BenchFormat};
 use crate::engine::KvCacheType;
@@ -126,6 +129,9 @@ fn settings(args: &BenchArgs) -> Result<(Vec<Setting>, Vec<String>), String> {
 
 /// Runs `backstop bench` and prints its results.
 pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if !args.server.is_empty() {
+        return served::run(args);
+    }
     let parallel = check_args(args)?;
     let (settings, skipped) = settings(args)?;
     let ladder = ladder::types(&args.quantize)?;

@@ -48,6 +48,12 @@ pub(crate) fn base_url(args: &ClientArgs) -> String {
         .or_else(|| std::env::var("BACKSTOP_HOST").ok())
         .or_else(|| std::env::var("OLLAMA_HOST").ok())
         .unwrap_or_default();
+    server_url(&raw)
+}
+
+/// A server address in any of the forms `OLLAMA_HOST` accepts (`host`, `host:port`, `:port`,
+/// with or without a scheme; empty is this machine's default port) as a base URL.
+pub(crate) fn server_url(raw: &str) -> String {
     let raw = raw.trim().trim_end_matches('/');
     let (scheme, rest) = match raw.split_once("://") {
         Some((s, r)) => (s, r),
@@ -75,6 +81,21 @@ pub(crate) fn base_url(args: &ClientArgs) -> String {
         host = format!("127.0.0.1{host}");
     }
     format!("{scheme}://{host}")
+}
+
+/// The message of an error body in either API's shape (Ollama's `{"error": "..."}`, OpenAI's
+/// `{"error": {"message": "..."}}`), else the body as it is.
+pub(crate) fn error_message(body: String) -> String {
+    serde_json::from_str::<Value>(&body)
+        .ok()
+        .and_then(|v| {
+            v.get("error").and_then(|e| {
+                e.as_str()
+                    .map(str::to_owned)
+                    .or_else(|| e.get("message").and_then(Value::as_str).map(str::to_owned))
+            })
+        })
+        .unwrap_or(body)
 }
 
 /// A connection to one server.
@@ -119,19 +140,9 @@ impl Client {
             return Ok(resp);
         }
         let text = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| {
-                v.get("error").and_then(|e| {
-                    e.as_str()
-                        .map(str::to_owned)
-                        .or_else(|| e.get("message").and_then(Value::as_str).map(str::to_owned))
-                })
-            })
-            .unwrap_or(text);
         Err(ClientError::Server {
             status: status.as_u16(),
-            message,
+            message: error_message(text),
         })
     }
 

@@ -1,0 +1,807 @@
+//! `backstop bench --server URL`: what the clients of a running server see, over the OpenAI
+//! API that every server in this field speaks (backstop, Ollama, llama-server, vLLM, LiteLLM's
+//! proxy): time to first token, each stream's decode rate and the aggregate of all streams,
+//! with one client and with each `--parallel` count of concurrent streaming clients.
+//!
+//! Every request carries a prompt of its own, so no prefix cache answers for it and the time
+//! to first token includes reading it. Several servers are measured in turns within each
+//! repetition (the order rotating), so drift on a busy machine falls on all of them alike,
+//! and each is set against the first as the median of the per-repetition ratios (BENCH.md).
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::report::{Figure, Machine};
+use crate::cli::{BenchArgs, BenchFormat};
+use crate::client::http::{error_message, server_url};
+use crate::router::sse::SseParser;
+
+/// The most concurrent clients one level may have: each is a connection and a task here, and
+/// more than this is a different kind of test than a benchmark of tokens per second.
+const MAX_CLIENTS: usize = 1024;
+
+/// A server that accepts no connection within this long is taken to be unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The prompts are made of these: common English words that are one token each, with the
+/// space before them, in the vocabularies of the usual model families, so a prompt of N words
+/// is about N tokens on any model. The warm-up request then reads the server's own count and
+/// the prompts are sized by it.
+const WORDS: [&str; 64] = [
+    "the", "of", "and", "to", "in", "is", "was", "for", "on", "with", "as", "at", "by", "from",
+    "his", "her", "they", "one", "all", "were", "said", "there", "had", "some", "time", "day",
+    "sea", "ship", "light", "night", "house", "old", "new", "man", "water", "long", "down", "way",
+    "came", "made", "over", "city", "road", "town", "hand", "eye", "land", "home", "good", "small",
+    "great", "little", "work", "world", "year", "life", "tree", "sun", "fire", "stone", "wind",
+    "rain", "river", "door",
+];
+
+/// One server's figures for one model and one number of concurrent clients.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServedResult {
+    /// The server's base URL.
+    pub server: String,
+    /// The model, as the server names it.
+    pub model: String,
+    /// Concurrent streaming clients.
+    pub clients: usize,
+    /// Requests measured (clients × repetitions).
+    pub requests: usize,
+    /// Requests that failed.
+    pub errors: usize,
+    /// Prompt tokens per request as the server counted them (the median); `null` when it
+    /// does not report usage.
+    pub prompt_tokens: Option<usize>,
+    /// Tokens generated per request (the median): the server's count, else the deltas.
+    pub tokens: Option<usize>,
+    /// Time to first token, milliseconds, over every request.
+    pub ttft_ms: Option<Latency>,
+    /// Decode tokens per second of each stream, after its first token.
+    pub decode: Option<Figure>,
+    /// Tokens per second of all clients together, from the first request sent to the last
+    /// token received, over the repetitions.
+    pub aggregate: Option<Figure>,
+    /// The aggregate over the first server's in the same repetition (median and spread of
+    /// those ratios); only with several servers, and not for the first.
+    pub relative: Option<Figure>,
+}
+
+/// Percentiles of a latency.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 95th percentile (nearest rank).
+    pub p95: f64,
+    /// Lowest.
+    pub min: f64,
+    /// Highest.
+    pub max: f64,
+}
+
+impl Latency {
+    fn of(mut v: Vec<f64>) -> Option<Latency> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let rank = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        Some(Latency {
+            p50: Figure::of(v.clone()).median,
+            p95: rank(0.95),
+            min: *v.first()?,
+            max: *v.last()?,
+        })
+    }
+}
+
+/// What one streamed request gave.
+#[derive(Debug, Clone)]
+struct Sample {
+    /// Seconds from sending the request to the first token.
+    ttft: f64,
+    /// Tokens generated.
+    tokens: usize,
+    /// Tokens per second after the first; `None` with fewer than two tokens.
+    decode: Option<f64>,
+    /// Prompt tokens, as the server counted them.
+    prompt_tokens: Option<usize>,
+    /// When the last token came.
+    end: Instant,
+}
+
+/// A server and the way to talk to it.
+struct Target<'a> {
+    base: String,
+    http: &'a reqwest::Client,
+    key: Option<&'a str>,
+}
+
+impl Target<'_> {
+    /// Sends a request, and the time it was sent. A request that fails before any answer,
+    /// on a kept-alive connection the server closed meanwhile (llama-server closes them after
+    /// a stream, racing the next request onto it), is sent once more on a new connection.
+    async fn send(&self, body: &Value) -> Result<(reqwest::Response, Instant), String> {
+        let mut retried = false;
+        loop {
+            let mut request = self
+                .http
+                .post(format!("{}/v1/chat/completions", self.base))
+                .json(body);
+            if let Some(key) = self.key {
+                request = request.bearer_auth(key);
+            }
+            let sent = Instant::now();
+            match request.send().await {
+                Ok(resp) => return Ok((resp, sent)),
+                Err(e) if e.is_connect() || e.is_timeout() => {
+                    return Err(format!("could not reach it: {}", chain(&e)))
+                }
+                Err(e) if e.is_request() && !retried => retried = true,
+                Err(e) => return Err(format!("the request failed: {}", chain(&e))),
+            }
+        }
+    }
+
+    /// One streamed chat request of `generate` tokens, timed token by token from when it was
+    /// sent.
+    async fn request(
+        &self,
+        model: &str,
+        prompt: String,
+        generate: usize,
+    ) -> Result<Sample, String> {
+        let body = json!({
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "max_tokens": generate,
+            "temperature": 0,
+            // Servers that know it (backstop, llama-server, vLLM) generate all `max_tokens`;
+            // the others ignore it, and the tokens each request got are reported.
+            "ignore_eos": true,
+        });
+        let (resp, sent) = self.send(&body).await?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            return Err(format!("HTTP {}: {}", status.as_u16(), error_message(text)));
+        }
+        let mut parser = SseParser::new();
+        let mut body = resp.bytes_stream();
+        let (mut first, mut last, mut deltas, mut usage) = (None, None, 0, None::<Value>);
+        let mut done = false;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| format!("the stream broke: {}", chain(&e)))?;
+            let events = parser
+                .push(&chunk)
+                .map_err(|e| format!("the answer is not an event stream: {}", e.0))?;
+            for event in events {
+                if event.data == "[DONE]" {
+                    done = true;
+                    continue;
+                }
+                let v: Value = serde_json::from_str(&event.data)
+                    .map_err(|e| format!("an event that is not JSON ({e}): {}", event.data))?;
+                if let Some(error) = v.get("error") {
+                    return Err(format!(
+                        "error in the stream: {}",
+                        error_message(json!({ "error": error }).to_string())
+                    ));
+                }
+                if v.get("usage").is_some_and(Value::is_object) {
+                    usage = v.get("usage").cloned();
+                }
+                let choices = v.get("choices").and_then(Value::as_array);
+                if choices.is_some_and(|cs| cs.iter().any(|c| produced(&c["delta"]))) {
+                    let now = Instant::now();
+                    first.get_or_insert(now);
+                    last = Some(now);
+                    deltas += 1;
+                }
+            }
+        }
+        if !done {
+            return Err("the stream ended without `data: [DONE]`".into());
+        }
+        let (Some(first), Some(last)) = (first, last) else {
+            return Err("the server streamed no tokens".into());
+        };
+        let count = |key: &str| {
+            usage
+                .as_ref()
+                .and_then(|u| u.get(key))
+                .and_then(Value::as_u64)
+                .and_then(|n| usize::try_from(n).ok())
+        };
+        let tokens = count("completion_tokens").unwrap_or(deltas).max(1);
+        let span = last.duration_since(first).as_secs_f64();
+        Ok(Sample {
+            ttft: first.duration_since(sent).as_secs_f64(),
+            tokens,
+            decode: (tokens > 1 && span > 0.0).then(|| (tokens - 1) as f64 / span),
+            prompt_tokens: count("prompt_tokens"),
+            end: last,
+        })
+    }
+}
+
+/// An error with its causes (reqwest's own message names only the URL).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
+/// Whether a streamed delta carries output: text, reasoning text, or part of a tool call.
+fn produced(delta: &Value) -> bool {
+    let text = |k: &str| {
+        delta
+            .get(k)
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.is_empty())
+    };
+    text("content")
+        || text("reasoning_content")
+        || text("reasoning")
+        || delta
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .is_some_and(|t| !t.is_empty())
+}
+
+/// The prompts of one run: `words` words drawn from [`WORDS`] for each request, from a
+/// generator seeded by the run and the request. splitmix64, written out: picking words needs
+/// no more than this, and no random-number crate is otherwise needed.
+struct Prompts {
+    seed: u64,
+    next: u64,
+}
+
+impl Prompts {
+    fn new() -> Prompts {
+        let seed = getrandom::u64().unwrap_or_else(|_| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+        Prompts { seed, next: 0 }
+    }
+
+    fn next(&mut self, words: usize) -> String {
+        self.next += 1;
+        let mut x = self.seed ^ self.next.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut text = String::with_capacity(words * 6 + 48);
+        text.push_str("Notes:");
+        for _ in 0..words {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            text.push(' ');
+            text.push_str(WORDS[(z >> 58) as usize]);
+        }
+        text.push_str("\nWrite a long story from these notes.");
+        text
+    }
+}
+
+/// The words that make a prompt of about `prompt` tokens on a server that counted `counted`
+/// tokens for a prompt of `words` words: what is not the words (the chat template, the
+/// instruction) is taken as fixed, each word as one token. At least one word.
+fn calibrated(prompt: usize, words: usize, counted: Option<usize>) -> usize {
+    match counted {
+        Some(c) => (prompt + words).saturating_sub(c).max(1),
+        None => prompt.max(1),
+    }
+}
+
+/// Everything gathered for one server, model and number of clients.
+#[derive(Default)]
+struct Level {
+    samples: Vec<Sample>,
+    /// Aggregate tokens per second of each repetition (`None` when all its requests failed).
+    aggregate: Vec<Option<f64>>,
+    errors: Vec<String>,
+}
+
+/// `clients` requests at once; their samples, the aggregate, and the errors.
+async fn burst(
+    target: &Target<'_>,
+    model: &str,
+    prompts: Vec<String>,
+    generate: usize,
+) -> (Vec<Sample>, Option<f64>, Vec<String>) {
+    let start = Instant::now();
+    let results = futures_util::future::join_all(
+        prompts
+            .into_iter()
+            .map(|p| target.request(model, p, generate)),
+    )
+    .await;
+    let (mut samples, mut errors) = (Vec::new(), Vec::new());
+    for r in results {
+        match r {
+            Ok(s) => samples.push(s),
+            Err(e) => errors.push(e),
+        }
+    }
+    let tokens: usize = samples.iter().map(|s| s.tokens).sum();
+    let aggregate = samples
+        .iter()
+        .map(|s| s.end)
+        .max()
+        .map(|end| end.duration_since(start).as_secs_f64())
+        .filter(|&wall| wall > 0.0)
+        .map(|wall| tokens as f64 / wall);
+    (samples, aggregate, errors)
+}
+
+/// The client counts to measure: 1 and each `--parallel`, sorted, each once.
+fn levels(parallel: &[usize]) -> Result<Vec<usize>, String> {
+    if let Some(n) = parallel.iter().find(|&&n| n == 0 || n > MAX_CLIENTS) {
+        return Err(format!(
+            "--parallel {n}: from 1 to {MAX_CLIENTS} concurrent clients"
+        ));
+    }
+    let mut levels = vec![1];
+    levels.extend_from_slice(parallel);
+    levels.sort_unstable();
+    levels.dedup();
+    Ok(levels)
+}
+
+/// Runs `backstop bench --server ...` and prints its results.
+pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if args.reps == 0 {
+        return Err("-r 0: at least one repetition is needed".into());
+    }
+    if args.prompt == 0 || args.generate == 0 {
+        return Err("with --server, -p and -n must be above 0: each request has a prompt and streams tokens".into());
+    }
+    let levels = levels(&args.parallel)?;
+    let servers: Vec<String> = args.server.iter().map(|s| server_url(s)).collect();
+    for (i, s) in servers.iter().enumerate() {
+        if servers[..i].contains(s) {
+            return Err(format!("--server {s} is given twice").into());
+        }
+    }
+    let key = args
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("BACKSTOP_API_KEY").ok())
+        .filter(|k| !k.is_empty());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let results = runtime.block_on(measure(args, &servers, key.as_deref(), &levels))?;
+    let failed: usize = results.iter().map(|r| r.errors).sum();
+    let requests: usize = results.iter().map(|r| r.requests).sum();
+    let machine = Machine::here(Vec::new());
+    match args.format {
+        BenchFormat::Table => println!("{}", table(&results, args, &machine)),
+        BenchFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "servers": servers,
+                "prompt": args.prompt,
+                "generate": args.generate,
+                "reps": args.reps,
+                "client": machine,
+                "results": results,
+            }))?
+        ),
+        BenchFormat::Csv => print!("{}", csv(&results)),
+    }
+    if failed > 0 {
+        return Err(format!("{failed} of {requests} requests failed (said above)").into());
+    }
+    Ok(())
+}
+
+/// Warms every server and model up, then measures every level of each in turns.
+async fn measure(
+    args: &BenchArgs,
+    servers: &[String],
+    key: Option<&str>,
+    levels: &[usize],
+) -> Result<Vec<ServedResult>, String> {
+    let http = reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .build()
+        .map_err(|e| format!("no HTTP client: {e}"))?;
+    let targets: Vec<Target<'_>> = servers
+        .iter()
+        .map(|base| Target {
+            base: base.clone(),
+            http: &http,
+            key,
+        })
+        .collect();
+    let models = &args.models;
+    let bursts = args.reps * targets.len() * models.len() * levels.len();
+    let bar = ProgressBar::new((targets.len() * models.len() + bursts) as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} rounds, {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut prompts = Prompts::new();
+    // Warm-up: loads the model where the server loads on demand, and reads how many tokens
+    // the server counts for a prompt, to size the measured ones.
+    let mut words = vec![vec![0; models.len()]; targets.len()];
+    for (t, target) in targets.iter().enumerate() {
+        for (m, model) in models.iter().enumerate() {
+            bar.set_message(format!("warming up {model} on {}", target.base));
+            let first = args.prompt;
+            let sample = target
+                .request(model, prompts.next(first), args.generate.min(8))
+                .await
+                .map_err(|e| format!("{}: {model}: {e}", target.base))?;
+            words[t][m] = calibrated(args.prompt, first, sample.prompt_tokens);
+            if let Some(counted) = sample.prompt_tokens {
+                let overhead = counted.saturating_sub(first);
+                if overhead >= args.prompt {
+                    bar.suspend(|| {
+                        eprintln!(
+                            "note: {model} on {} takes about {overhead} tokens for the chat template and the instruction alone, so its prompts are longer than -p {}",
+                            target.base, args.prompt
+                        );
+                    });
+                }
+            }
+            bar.inc(1);
+        }
+    }
+    let mut gathered: Vec<Level> = (0..targets.len() * models.len() * levels.len())
+        .map(|_| Level::default())
+        .collect();
+    let at = |t: usize, m: usize, l: usize| (t * models.len() + m) * levels.len() + l;
+    for rep in 0..args.reps {
+        for k in 0..targets.len() {
+            let t = (rep + k) % targets.len();
+            for (m, model) in models.iter().enumerate() {
+                for (l, &n) in levels.iter().enumerate() {
+                    bar.set_message(format!("{model} on {}, {}", targets[t].base, clients(n)));
+                    let texts = (0..n).map(|_| prompts.next(words[t][m])).collect();
+                    let (samples, aggregate, errors) =
+                        burst(&targets[t], model, texts, args.generate).await;
+                    let level = &mut gathered[at(t, m, l)];
+                    level.samples.extend(samples);
+                    level.aggregate.push(aggregate);
+                    level.errors.extend(errors);
+                    bar.inc(1);
+                }
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let mut results = Vec::with_capacity(gathered.len());
+    for (t, target) in targets.iter().enumerate() {
+        for (m, model) in models.iter().enumerate() {
+            for (l, &clients) in levels.iter().enumerate() {
+                let level = &gathered[at(t, m, l)];
+                report_errors(&target.base, model, clients, level, args.reps);
+                let relative = (t > 0).then(|| {
+                    let first = &gathered[at(0, m, l)].aggregate;
+                    let ratios: Vec<f64> = level
+                        .aggregate
+                        .iter()
+                        .zip(first)
+                        .filter_map(|(a, b)| Some(a.as_ref()? / b.as_ref()?))
+                        .collect();
+                    (!ratios.is_empty()).then(|| Figure::of(ratios))
+                });
+                results.push(summarize(
+                    target.base.clone(),
+                    model,
+                    clients,
+                    level,
+                    relative.flatten(),
+                ));
+            }
+        }
+    }
+    Ok(results)
+}
+
+/// Says on stderr how many requests of a level failed, each distinct reason once.
+fn report_errors(server: &str, model: &str, n_clients: usize, level: &Level, reps: usize) {
+    let mut seen: Vec<(&str, usize)> = Vec::new();
+    for e in &level.errors {
+        match seen.iter_mut().find(|(m, _)| *m == e) {
+            Some((_, n)) => *n += 1,
+            None => seen.push((e, 1)),
+        }
+    }
+    for (message, n) in seen {
+        eprintln!(
+            "{server}: {model}, {}: {n} of {} requests failed: {message}",
+            clients(n_clients),
+            n_clients * reps
+        );
+    }
+}
+
+fn median_count(v: impl Iterator<Item = usize>) -> Option<usize> {
+    let mut v: Vec<usize> = v.collect();
+    v.sort_unstable();
+    v.get(v.len().checked_sub(1)? / 2).copied()
+}
+
+fn summarize(
+    server: String,
+    model: &str,
+    clients: usize,
+    level: &Level,
+    relative: Option<Figure>,
+) -> ServedResult {
+    let s = &level.samples;
+    let decode: Vec<f64> = s.iter().filter_map(|s| s.decode).collect();
+    let aggregate: Vec<f64> = level.aggregate.iter().flatten().copied().collect();
+    ServedResult {
+        server,
+        model: model.to_owned(),
+        clients,
+        requests: s.len() + level.errors.len(),
+        errors: level.errors.len(),
+        prompt_tokens: median_count(s.iter().filter_map(|s| s.prompt_tokens)),
+        tokens: median_count(s.iter().map(|s| s.tokens)),
+        ttft_ms: Latency::of(s.iter().map(|s| s.ttft * 1e3).collect()),
+        decode: (!decode.is_empty()).then(|| Figure::of(decode)),
+        aggregate: (!aggregate.is_empty()).then(|| Figure::of(aggregate)),
+        relative,
+    }
+}
+
+/// A figure's cell with `digits` decimals, or a dash.
+fn cell(f: Option<Figure>, digits: usize, unit: &str) -> String {
+    f.map_or_else(
+        || "—".into(),
+        |f| {
+            format!(
+                "{:.digits$}{unit} ({:.digits$}–{:.digits$})",
+                f.median, f.min, f.max
+            )
+        },
+    )
+}
+
+/// "1 client", "4 clients".
+fn clients(n: usize) -> String {
+    format!("{n} client{}", if n == 1 { "" } else { "s" })
+}
+
+/// A count that is the same in every row goes under the table; one that is not, in a column.
+fn uniform(
+    results: &[ServedResult],
+    f: impl Fn(&ServedResult) -> Option<usize>,
+) -> Option<Option<usize>> {
+    let first = f(results.first()?);
+    results.iter().all(|r| f(r) == first).then_some(first)
+}
+
+fn count_cell(n: Option<usize>) -> String {
+    n.map_or_else(|| "—".into(), |n| n.to_string())
+}
+
+/// The markdown table, and what every row shares in lines under it.
+fn table(results: &[ServedResult], args: &BenchArgs, machine: &Machine) -> String {
+    let servers: Vec<&str> = {
+        let mut v: Vec<&str> = Vec::new();
+        for r in results {
+            if !v.contains(&r.server.as_str()) {
+                v.push(&r.server);
+            }
+        }
+        v
+    };
+    let several = servers.len() > 1;
+    let prompt = uniform(results, |r| r.prompt_tokens);
+    let tokens = uniform(results, |r| r.tokens);
+    let errors = results.iter().any(|r| r.errors > 0);
+    let mut head: Vec<String> = Vec::new();
+    if several {
+        head.push("server".into());
+    }
+    head.extend(["model".into(), "clients".into()]);
+    if prompt.is_none() {
+        head.push("prompt tokens".into());
+    }
+    if tokens.is_none() {
+        head.push("generated".into());
+    }
+    head.extend([
+        "TTFT p50 ms".into(),
+        "TTFT p95 ms".into(),
+        "tg tok/s per stream".into(),
+        "aggregate tok/s".into(),
+    ]);
+    if several {
+        head.push(format!("vs {}", servers[0]));
+    }
+    if errors {
+        head.push("failed".into());
+    }
+    let mut out = format!(
+        "| {} |\n|{}\n",
+        head.join(" | "),
+        " --- |".repeat(head.len())
+    );
+    for r in results {
+        let mut row: Vec<String> = Vec::new();
+        if several {
+            row.push(r.server.clone());
+        }
+        row.extend([r.model.clone(), r.clients.to_string()]);
+        if prompt.is_none() {
+            row.push(count_cell(r.prompt_tokens));
+        }
+        if tokens.is_none() {
+            row.push(count_cell(r.tokens));
+        }
+        let ms = |f: fn(&Latency) -> f64| {
+            r.ttft_ms
+                .as_ref()
+                .map_or("—".into(), |l| format!("{:.0}", f(l)))
+        };
+        row.extend([
+            ms(|l| l.p50),
+            ms(|l| l.p95),
+            cell(r.decode, 1, ""),
+            cell(r.aggregate, 1, ""),
+        ]);
+        if several {
+            row.push(if r.server == servers[0] {
+                "1.00x".into()
+            } else {
+                cell(r.relative, 2, "x")
+            });
+        }
+        if errors {
+            row.push(format!("{} of {}", r.errors, r.requests));
+        }
+        out.push_str(&format!("| {} |\n", row.join(" | ")));
+    }
+    let mut shared = Vec::new();
+    match prompt {
+        Some(Some(n)) => shared.push(format!("{n} prompt tokens (as the server counted them)")),
+        Some(None) => shared.push(format!(
+            "about {} prompt tokens (the server reports no usage)",
+            args.prompt
+        )),
+        None => {}
+    }
+    if let Some(n) = tokens {
+        shared.push(format!("{} tokens generated per request", count_cell(n)));
+    }
+    shared.push(format!(
+        "{} repetition{}, a fresh prompt for every request",
+        args.reps,
+        if args.reps == 1 { "" } else { "s" }
+    ));
+    if !several {
+        shared.push(format!("server {}", servers.first().copied().unwrap_or("")));
+    }
+    out.push_str(&format!(
+        "\n{}\nclient: {}",
+        shared.join(", "),
+        machine.line()
+    ));
+    out
+}
+
+/// One CSV row per server, model and client count.
+fn csv(results: &[ServedResult]) -> String {
+    let mut out = String::from(
+        "server,model,clients,requests,errors,prompt_tokens,tokens,ttft_p50_ms,ttft_p95_ms,\
+         tg_median,tg_min,tg_max,aggregate_median,aggregate_min,aggregate_max,\
+         relative_median,relative_min,relative_max\n",
+    );
+    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
+    let fig = |f: Option<Figure>| {
+        format!(
+            "{},{},{}",
+            opt(f.map(|f| f.median)),
+            opt(f.map(|f| f.min)),
+            opt(f.map(|f| f.max))
+        )
+    };
+    let n = |v: Option<usize>| v.map_or(String::new(), |v| v.to_string());
+    for r in results {
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            r.server,
+            r.model.replace(',', " "),
+            r.clients,
+            r.requests,
+            r.errors,
+            n(r.prompt_tokens),
+            n(r.tokens),
+            opt(r.ttft_ms.map(|l| l.p50)),
+            opt(r.ttft_ms.map(|l| l.p95)),
+            fig(r.decode),
+            fig(r.aggregate),
+            fig(r.relative),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_differ_from_their_first_words_and_have_the_words_asked() {
+        let mut p = Prompts::new();
+        let (a, b) = (p.next(40), p.next(40));
+        assert_ne!(a, b);
+        let words = |s: &str| s.split_whitespace().count();
+        // "Notes:", the words, and the seven-word instruction.
+        assert_eq!(words(&a), 1 + 40 + 7);
+        assert_eq!(words(&b), 48);
+        // Requests differ from their first word on (so no prefix cache answers for them), in
+        // most cases: one word in 64 is the same by chance.
+        let firsts: std::collections::BTreeSet<String> = (0..200)
+            .map(|_| {
+                p.next(3)
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect();
+        assert!(firsts.len() > 40, "{firsts:?}");
+        // Another run draws other prompts.
+        assert_ne!(Prompts::new().next(40), Prompts::new().next(40));
+    }
+
+    #[test]
+    fn prompts_are_sized_by_the_servers_count() {
+        // 512 words counted as 545 tokens: 33 are the template and instruction.
+        assert_eq!(calibrated(512, 512, Some(545)), 479);
+        // A server that counts fewer (words merged into one token) gets more words.
+        assert_eq!(calibrated(100, 100, Some(90)), 110);
+        // A prompt smaller than the template alone still has one word.
+        assert_eq!(calibrated(8, 8, Some(40)), 1);
+        // No usage reported: a word per token asked.
+        assert_eq!(calibrated(64, 64, None), 64);
+    }
+
+    #[test]
+    fn levels_are_one_client_and_each_parallel_once() {
+        assert_eq!(levels(&[]).unwrap(), [1]);
+        assert_eq!(levels(&[8, 4, 1, 4]).unwrap(), [1, 4, 8]);
+        assert!(levels(&[0]).is_err());
+        assert!(levels(&[MAX_CLIENTS + 1]).is_err_and(|e| e.contains("1024")));
+    }
+
+    #[test]
+    fn latency_percentiles_are_nearest_rank() {
+        let l = Latency::of((1..=20).map(f64::from).collect()).unwrap();
+        assert_eq!((l.p50, l.p95, l.min, l.max), (10.5, 19.0, 1.0, 20.0));
+        let one = Latency::of(vec![7.0]).unwrap();
+        assert_eq!((one.p50, one.p95), (7.0, 7.0));
+        assert!(Latency::of(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn output_is_text_reasoning_or_a_tool_call() {
+        assert!(produced(&json!({"content": "a"})));
+        assert!(produced(&json!({"reasoning_content": "hm"})));
+        assert!(produced(&json!({"tool_calls": [{"index": 0}]})));
+        assert!(!produced(&json!({"role": "assistant", "content": ""})));
+        assert!(!produced(&json!({})));
+        assert!(!produced(&Value::Null));
+    }
+}

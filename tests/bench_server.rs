@@ -1,0 +1,383 @@
+//! `backstop bench --server`: the real binary measuring the real server with SmolLM2, and
+//! fake OpenAI-compatible servers (tests/common/fake_cloud) whose timing is set, to check
+//! the figures' arithmetic, the prompts sent, the comparison of servers, and every failure.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Output;
+use std::time::Duration;
+
+use common::fake_cloud::{refused_addr, FakeCloud, Mode};
+use common::Server;
+use serde_json::Value;
+
+/// `backstop bench ARGS` with extra environment variables, run to its end without blocking
+/// the runtime the fakes answer on.
+async fn bench_env(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = common::backstop_command();
+    cmd.arg("bench").args(args).envs(envs.iter().copied());
+    tokio::task::spawn_blocking(move || cmd.output().expect("run backstop bench"))
+        .await
+        .expect("the bench thread")
+}
+
+async fn bench(args: &[&str]) -> Output {
+    bench_env(args, &[]).await
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The JSON report of a run that succeeded.
+fn report(o: &Output) -> Value {
+    assert!(o.status.success(), "bench failed: {}", text(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o.stdout)))
+}
+
+/// The run failed before measuring anything, printed nothing on stdout, and said each of
+/// `says`.
+fn refused(o: &Output, says: &[&str]) {
+    let err = text(&o.stderr);
+    assert!(!o.status.success(), "it ran: {}", text(&o.stdout));
+    assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
+    for s in says {
+        assert!(err.contains(s), "wanted {s:?} in: {err}");
+    }
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_measures_a_running_server_at_each_client_count() {
+    let s = Server::start(&["--parallel", "2"]).await;
+    let url = s.url("");
+    let o = bench(&[
+        "--server",
+        &url,
+        "-p",
+        "48",
+        "-n",
+        "8",
+        "-r",
+        "2",
+        "--parallel",
+        "2",
+        "--format",
+        "json",
+        "smollm2",
+    ])
+    .await;
+    let r = report(&o);
+    assert_eq!(r["servers"], serde_json::json!([url]));
+    let rows = r["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{r:#}");
+    for (row, clients) in rows.iter().zip([1, 2]) {
+        assert_eq!(row["clients"], clients);
+        assert_eq!(row["requests"], 2 * clients, "{row}");
+        assert_eq!(row["errors"], 0);
+        // The server generated every token asked for (ignore_eos) and counted the prompt the
+        // warm-up sized: SmolLM2 reads each prompt word as one token.
+        assert_eq!(row["tokens"], 8, "{row}");
+        assert_eq!(row["prompt_tokens"], 48, "{row}");
+        let ttft = &row["ttft_ms"];
+        assert!(
+            f(&ttft["min"]) > 0.0 && f(&ttft["p50"]) <= f(&ttft["p95"]),
+            "{row}"
+        );
+        assert!(f(&ttft["p95"]) <= f(&ttft["max"]), "{row}");
+        for figure in ["decode", "aggregate"] {
+            let x = &row[figure];
+            assert!(f(&x["min"]) > 0.0, "{row}");
+            assert!(f(&x["min"]) <= f(&x["median"]) && f(&x["median"]) <= f(&x["max"]));
+        }
+        assert!(
+            row["relative"].is_null(),
+            "one server has nothing to compare with"
+        );
+        // Every stream decodes faster than the aggregate of a single client, which also
+        // waits for the prompt to be read.
+        if clients == 1 {
+            assert!(
+                f(&row["decode"]["median"]) > f(&row["aggregate"]["median"]),
+                "{row}"
+            );
+        }
+    }
+
+    // The table says what every row shares under it.
+    let o = bench(&[
+        "--server", &url, "-p", "48", "-n", "4", "-r", "1", "smollm2",
+    ])
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let table = text(&o.stdout);
+    assert!(
+        table.starts_with("| model | clients | TTFT p50 ms | TTFT p95 ms | tg tok/s per stream | aggregate tok/s |"),
+        "{table}"
+    );
+    assert!(table.contains("| smollm2 | 1 |"), "{table}");
+    assert!(
+        table.contains("48 prompt tokens (as the server counted them), 4 tokens generated per request, 1 repetition"),
+        "{table}"
+    );
+    assert!(table.contains(&format!("server {url}")), "{table}");
+
+    // A model the server does not have fails at the warm-up, in the server's words.
+    let o = bench(&[
+        "--server",
+        &url,
+        "-p",
+        "8",
+        "-n",
+        "2",
+        "-r",
+        "1",
+        "no-such-model",
+    ])
+    .await;
+    refused(&o, &[&url, "no-such-model", "HTTP 404"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_a_full_queue_turns_away_are_counted_and_fail_the_run() {
+    let s = Server::start(&["--parallel", "1", "--max-queue", "1"]).await;
+    let o = bench(&[
+        "--server",
+        &s.url(""),
+        "-p",
+        "16",
+        "-n",
+        "24",
+        "-r",
+        "1",
+        "--parallel",
+        "4",
+        "--format",
+        "json",
+        "smollm2",
+    ])
+    .await;
+    let err = text(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    // The results are still printed, with the failures counted.
+    let r: Value = serde_json::from_slice(&o.stdout).expect("the report is printed");
+    let four = &r["results"][1];
+    assert_eq!(four["clients"], 4);
+    assert_eq!(four["requests"], 4);
+    // One slot and one queue place: at least two of four arriving together are turned away,
+    // and the one in the slot is served.
+    let failed = four["errors"].as_u64().unwrap();
+    assert!((2..=3).contains(&failed), "{four}");
+    assert_eq!(four["tokens"], 24);
+    assert_eq!(r["results"][0]["errors"], 0);
+    assert!(
+        err.contains(&format!(
+            "smollm2, 4 clients: {failed} of 4 requests failed: HTTP 503"
+        )),
+        "{err}"
+    );
+    // Four and the one alone were measured (the warm-up is not counted).
+    assert!(
+        err.contains(&format!("{failed} of 5 requests failed")),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn figures_are_timed_from_the_stream_and_every_prompt_is_fresh() {
+    let fake = FakeCloud::start().await;
+    // Every answer: five tokens, the first 200 ms after the request, then one every 40 ms.
+    fake.set_chunks(5);
+    fake.set_answer_delay(Duration::from_millis(200));
+    fake.set_chunk_delay(Duration::from_millis(40));
+    let o = bench(&[
+        "--server",
+        &fake.base,
+        "-p",
+        "20",
+        "-n",
+        "5",
+        "-r",
+        "2",
+        "--parallel",
+        "3",
+        "--format",
+        "json",
+        "fake-model",
+    ])
+    .await;
+    let r = report(&o);
+    let rows = r["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        // The fake counts a token per word: the warm-up's count sized the prompts exactly.
+        assert_eq!(row["prompt_tokens"], 20, "{row}");
+        assert_eq!(row["tokens"], 5, "{row}");
+        assert!(f(&row["ttft_ms"]["min"]) >= 200.0, "{row}");
+        // Four tokens after the first in at least 160 ms: 25 tok/s at most. Counting the
+        // wait for the first token too would give under 14.
+        let decode = &row["decode"];
+        assert!(f(&decode["max"]) <= 25.01, "{row}");
+        assert!(f(&decode["median"]) > 15.0, "{row}");
+        // All clients' tokens over the time from sending to the last token (at least 360 ms).
+        let clients = f(&row["clients"]);
+        let aggregate = f(&row["aggregate"]["max"]);
+        assert!(aggregate <= clients * 5.0 / 0.36 + 0.01, "{row}");
+        assert!(aggregate > clients * 5.0 / 0.36 / 4.0, "{row}");
+    }
+    // One warm-up, then per repetition one request alone and three together.
+    let sent = fake.requests();
+    assert_eq!(sent.len(), 1 + 2 * (1 + 3));
+    let mut prompts = BTreeSet::new();
+    for req in &sent {
+        let b = &req.body;
+        assert_eq!(req.path, "/v1/chat/completions");
+        assert_eq!(b["model"], "fake-model");
+        assert_eq!(b["stream"], true);
+        assert_eq!(b["stream_options"]["include_usage"], true);
+        assert_eq!(b["max_tokens"], 5);
+        assert_eq!(b["temperature"], 0);
+        assert_eq!(b["ignore_eos"], true);
+        prompts.insert(b["messages"][0]["content"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(prompts.len(), sent.len(), "a prompt was sent twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_are_measured_side_by_side_against_the_first() {
+    let (fast, slow) = (FakeCloud::start().await, FakeCloud::start().await);
+    for (fake, ms) in [(&fast, 5), (&slow, 50)] {
+        fake.set_chunks(5);
+        fake.set_chunk_delay(Duration::from_millis(ms));
+    }
+    let o = bench(&[
+        "--server",
+        &fast.base,
+        "--server",
+        &slow.base,
+        "-p",
+        "10",
+        "-n",
+        "5",
+        "-r",
+        "3",
+        "--parallel",
+        "2",
+        "--format",
+        "json",
+        "m",
+    ])
+    .await;
+    let r = report(&o);
+    let rows = r["results"].as_array().unwrap();
+    let servers: Vec<(&str, u64)> = rows
+        .iter()
+        .map(|row| {
+            (
+                row["server"].as_str().unwrap(),
+                row["clients"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        servers,
+        [
+            (&*fast.base, 1),
+            (&*fast.base, 2),
+            (&*slow.base, 1),
+            (&*slow.base, 2)
+        ]
+    );
+    for row in &rows[..2] {
+        assert!(row["relative"].is_null(), "{row}");
+    }
+    // 200 ms of tokens against 20: the slow one's aggregate is a fraction of the fast one's.
+    for row in &rows[2..] {
+        assert!(f(&row["relative"]["max"]) < 0.7, "{row}");
+        assert!(f(&row["relative"]["min"]) > 0.0, "{row}");
+    }
+    assert_eq!(fast.request_count(), 1 + 3 * 3);
+    assert_eq!(slow.request_count(), 1 + 3 * 3);
+
+    let o = bench(&[
+        "--server", &fast.base, "--server", &slow.base, "-p", "10", "-n", "5", "-r", "1", "m",
+    ])
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let table = text(&o.stdout);
+    assert!(table.starts_with("| server | model | clients |"), "{table}");
+    assert!(table.contains(&format!("| vs {} |", fast.base)), "{table}");
+    assert!(
+        table.contains(&format!("| {} | m | 1 |", fast.base)),
+        "{table}"
+    );
+    assert!(table.contains("| 1.00x |"), "{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_went_wrong_with_a_server_is_said_and_bad_flags_are_refused() {
+    let args = |url: &str| -> Vec<String> {
+        ["--server", url, "-p", "8", "-n", "3", "-r", "1", "m"]
+            .map(str::to_owned)
+            .to_vec()
+    };
+    let run = |a: Vec<String>| async move {
+        bench(&a.iter().map(String::as_str).collect::<Vec<_>>()).await
+    };
+    let nobody = format!("http://{}", refused_addr());
+    refused(&run(args(&nobody)).await, &[&nobody, "could not reach it"]);
+
+    let fake = FakeCloud::start().await;
+    fake.set_chunks(3);
+    fake.set_mode(Mode::Status(503));
+    refused(&run(args(&fake.base)).await, &[&fake.base, ": m: HTTP 503"]);
+    fake.set_mode(Mode::CutMidStream { after_chunks: 1 });
+    refused(&run(args(&fake.base)).await, &["the stream broke"]);
+    fake.set_mode(Mode::Garbage);
+    refused(&run(args(&fake.base)).await, &[&fake.base, ": m: "]);
+
+    // A server that wants a key: refused without it, measured with it, from the flag or
+    // from BACKSTOP_API_KEY.
+    fake.set_mode(Mode::Ok);
+    fake.set_key(Some("sk-bench"));
+    refused(&run(args(&fake.base)).await, &["HTTP 401"]);
+    let mut keyed = args(&fake.base);
+    keyed.extend(["--api-key".into(), "sk-bench".into()]);
+    let o = run(keyed).await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let a = args(&fake.base);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let o = bench_env(&a, &[("BACKSTOP_API_KEY", "sk-bench")]).await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(
+        fake.last_request().unwrap().header("authorization"),
+        Some("Bearer sk-bench")
+    );
+    fake.set_key(None);
+
+    // Flags that mean nothing against a server, and limits: refused before anything is sent.
+    let before = fake.request_count();
+    let base = fake.base.as_str();
+    for (flags, says) in [
+        (&["--threads", "2"][..], "cannot be used with"),
+        (&["--gpu-layers", "99"], "cannot be used with"),
+        (&["--quantize", "Q8_0"], "cannot be used with"),
+        (&["-d", "64"], "cannot be used with"),
+        (&["-p", "0"], "-p and -n must be above 0"),
+        (&["-n", "0"], "-p and -n must be above 0"),
+        (&["-r", "0"], "at least one repetition"),
+        (&["--parallel", "0"], "from 1 to 1024 concurrent clients"),
+        (&["--parallel", "4,1025"], "--parallel 1025"),
+        (&["--server", base], "given twice"),
+    ] {
+        let o = bench(&[&["--server", base, "m"][..], flags].concat()).await;
+        refused(&o, &[says]);
+    }
+    let o = bench(&["--api-key", "k", "m.gguf"]).await;
+    refused(&o, &["--server"]);
+    assert_eq!(fake.request_count(), before, "a refused run sent a request");
+}
