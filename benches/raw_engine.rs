@@ -56,6 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         models: vec![model.display().to_string()],
         server: Vec::new(),
         api_key: None,
+        timeout: 300,
         prompt: args.prompt,
         depth: 0,
         generate: args.gen,

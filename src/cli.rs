@@ -98,6 +98,10 @@ pub struct BenchArgs {
     /// API key for --server [default: BACKSTOP_API_KEY].
     #[arg(long, value_name = "KEY", requires = "server")]
     pub api_key: Option<String>,
+    /// With --server, a request fails when the server sends nothing for this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300, requires = "server",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
     /// Prompt tokens for prompt processing (0 leaves the figure out).
     #[arg(short = 'p', long, default_value_t = 512)]
     pub prompt: usize,

@@ -340,6 +340,23 @@ async fn what_went_wrong_with_a_server_is_said_and_bad_flags_are_refused() {
     fake.set_mode(Mode::Garbage);
     refused(&run(args(&fake.base)).await, &[&fake.base, ": m: "]);
 
+    // A server that sends nothing for --timeout seconds, before its answer or within it.
+    let mut quick = args(&fake.base);
+    quick.extend(["--timeout".into(), "1".into()]);
+    fake.set_mode(Mode::StallBeforeFirstByte(Duration::from_secs(3)));
+    refused(
+        &run(quick.clone()).await,
+        &[": m: no answer: nothing came for 1 s (--timeout)"],
+    );
+    fake.set_mode(Mode::StallMidStream {
+        after_chunks: 1,
+        stall: Duration::from_secs(3),
+    });
+    refused(
+        &run(quick).await,
+        &[": m: the stream stalled: nothing came for 1 s"],
+    );
+
     // A server that wants a key: refused without it, measured with it, from the flag or
     // from BACKSTOP_API_KEY.
     fake.set_mode(Mode::Ok);
@@ -373,11 +390,14 @@ async fn what_went_wrong_with_a_server_is_said_and_bad_flags_are_refused() {
         (&["--parallel", "0"], "from 1 to 1024 concurrent clients"),
         (&["--parallel", "4,1025"], "--parallel 1025"),
         (&["--server", base], "given twice"),
+        (&["--timeout", "0"], "--timeout"),
     ] {
         let o = bench(&[&["--server", base, "m"][..], flags].concat()).await;
         refused(&o, &[says]);
     }
-    let o = bench(&["--api-key", "k", "m.gguf"]).await;
-    refused(&o, &["--server"]);
+    for flags in [["--api-key", "k"], ["--timeout", "5"]] {
+        let o = bench(&[&flags[..], &["m.gguf"]].concat()).await;
+        refused(&o, &["--server"]);
+    }
     assert_eq!(fake.request_count(), before, "a refused run sent a request");
 }

@@ -119,9 +119,19 @@ struct Target<'a> {
     base: String,
     http: &'a reqwest::Client,
     key: Option<&'a str>,
+    /// How long the server may send nothing before a request fails (`--timeout`).
+    timeout: Duration,
 }
 
 impl Target<'_> {
+    /// The error of a request the server sent nothing for within `--timeout`.
+    fn stalled(&self, what: &str) -> String {
+        format!(
+            "{what}: nothing came for {} s (--timeout)",
+            self.timeout.as_secs()
+        )
+    }
+
     /// Sends a request, and the time it was sent. A request that fails before any answer,
     /// on a kept-alive connection the server closed meanwhile (llama-server closes them after
     /// a stream, racing the next request onto it), is sent once more on a new connection.
@@ -138,9 +148,10 @@ impl Target<'_> {
             let sent = Instant::now();
             match request.send().await {
                 Ok(resp) => return Ok((resp, sent)),
-                Err(e) if e.is_connect() || e.is_timeout() => {
+                Err(e) if e.is_connect() => {
                     return Err(format!("could not reach it: {}", chain(&e)))
                 }
+                Err(e) if e.is_timeout() => return Err(self.stalled("no answer")),
                 Err(e) if e.is_request() && !retried => retried = true,
                 Err(e) => return Err(format!("the request failed: {}", chain(&e))),
             }
@@ -177,7 +188,13 @@ impl Target<'_> {
         let (mut first, mut last, mut deltas, mut usage) = (None, None, 0, None::<Value>);
         let mut done = false;
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| format!("the stream broke: {}", chain(&e)))?;
+            let chunk = chunk.map_err(|e| {
+                if e.is_timeout() {
+                    self.stalled("the stream stalled")
+                } else {
+                    format!("the stream broke: {}", chain(&e))
+                }
+            })?;
             let events = parser
                 .push(&chunk)
                 .map_err(|e| format!("the answer is not an event stream: {}", e.0))?;
@@ -416,8 +433,10 @@ async fn measure(
     key: Option<&str>,
     levels: &[usize],
 ) -> Result<Vec<ServedResult>, String> {
+    let timeout = Duration::from_secs(args.timeout);
     let http = reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
+        .read_timeout(timeout)
         .build()
         .map_err(|e| format!("no HTTP client: {e}"))?;
     let targets: Vec<Target<'_>> = servers
@@ -426,6 +445,7 @@ async fn measure(
             base: base.clone(),
             http: &http,
             key,
+            timeout,
         })
         .collect();
     let models = &args.models;
