@@ -57,6 +57,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         server: Vec::new(),
         api_key: None,
         timeout: 300,
+        shared_prefix: 0,
         prompt: args.prompt,
         depth: 0,
         generate: args.gen,

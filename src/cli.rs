@@ -98,6 +98,10 @@ pub struct BenchArgs {
     /// API key for --server [default: BACKSTOP_API_KEY].
     #[arg(long, value_name = "KEY", requires = "server")]
     pub api_key: Option<String>,
+    /// With --server, the first N of the -p prompt tokens are a system prompt that every
+    /// request shares (an agent's instructions, a RAG template): what a prefix cache saves.
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "server")]
+    pub shared_prefix: usize,
     /// With --server, a request fails when the server sends nothing for this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 300, requires = "server",
           value_parser = clap::value_parser!(u64).range(1..))]

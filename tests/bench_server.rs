@@ -248,6 +248,91 @@ async fn figures_are_timed_from_the_stream_and_every_prompt_is_fresh() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_prefix_is_one_system_prompt_ahead_of_fresh_messages() {
+    let fake = FakeCloud::start().await;
+    fake.set_chunks(2);
+    let o = bench(&[
+        "--server",
+        &fake.base,
+        "-p",
+        "40",
+        "--shared-prefix",
+        "25",
+        "-n",
+        "2",
+        "-r",
+        "2",
+        "--parallel",
+        "2",
+        "--format",
+        "json",
+        "m",
+    ])
+    .await;
+    let r = report(&o);
+    assert_eq!(r["shared_prefix"], 25);
+    for row in r["results"].as_array().unwrap() {
+        assert_eq!(row["prompt_tokens"], 40, "{row}");
+    }
+    let sent = fake.requests();
+    assert_eq!(sent.len(), 1 + 2 * (1 + 2));
+    let system = &sent[0].body["messages"][0];
+    assert_eq!(system["role"], "system");
+    assert_eq!(
+        system["content"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .count(),
+        25
+    );
+    let mut users = BTreeSet::new();
+    for req in &sent {
+        let messages = req.body["messages"].as_array().unwrap();
+        assert_eq!(messages.len(), 2);
+        assert_eq!(
+            &messages[0], system,
+            "every request shares the system prompt"
+        );
+        assert_eq!(messages[1]["role"], "user");
+        users.insert(messages[1]["content"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(users.len(), sent.len(), "a user message was sent twice");
+
+    // The table says so; a prefix that leaves nothing of the prompt fresh is refused.
+    let o = bench(&[
+        "--server",
+        &fake.base,
+        "-p",
+        "40",
+        "--shared-prefix",
+        "25",
+        "-n",
+        "2",
+        "-r",
+        "1",
+        "m",
+    ])
+    .await;
+    assert!(
+        text(&o.stdout).contains("a system prompt of about 25 tokens shared by every request"),
+        "{}",
+        text(&o.stdout)
+    );
+    let o = bench(&[
+        "--server",
+        &fake.base,
+        "-p",
+        "40",
+        "--shared-prefix",
+        "40",
+        "m",
+    ])
+    .await;
+    refused(&o, &["--shared-prefix 40 must be below -p 40"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_are_measured_side_by_side_against_the_first() {
     let (fast, slow) = (FakeCloud::start().await, FakeCloud::start().await);
     for (fake, ms) in [(&fast, 5), (&slow, 50)] {
@@ -395,7 +480,11 @@ async fn what_went_wrong_with_a_server_is_said_and_bad_flags_are_refused() {
         let o = bench(&[&["--server", base, "m"][..], flags].concat()).await;
         refused(&o, &[says]);
     }
-    for flags in [["--api-key", "k"], ["--timeout", "5"]] {
+    for flags in [
+        ["--api-key", "k"],
+        ["--timeout", "5"],
+        ["--shared-prefix", "8"],
+    ] {
         let o = bench(&[&flags[..], &["m.gguf"]].concat()).await;
         refused(&o, &["--server"]);
     }

@@ -163,12 +163,19 @@ impl Target<'_> {
     async fn request(
         &self,
         model: &str,
+        system: &str,
         prompt: String,
         generate: usize,
     ) -> Result<Sample, String> {
+        let user = json!({"role": "user", "content": prompt});
+        let messages = if system.is_empty() {
+            json!([user])
+        } else {
+            json!([{"role": "system", "content": system}, user])
+        };
         let body = json!({
             "model": model,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": messages,
             "stream": true,
             "stream_options": {"include_usage": true},
             "max_tokens": generate,
@@ -277,39 +284,57 @@ fn produced(delta: &Value) -> bool {
 }
 
 /// The prompts of one run: `words` words drawn from [`WORDS`] for each request, from a
-/// generator seeded by the run and the request. splitmix64, written out: picking words needs
-/// no more than this, and no random-number crate is otherwise needed.
+/// generator seeded by the run and the request, and the `--shared-prefix` system prompt every
+/// request of the run carries. splitmix64, written out: picking words needs no more than
+/// this, and no random-number crate is otherwise needed.
 struct Prompts {
     seed: u64,
     next: u64,
+    /// The shared system prompt (empty without `--shared-prefix`).
+    head: String,
 }
 
 impl Prompts {
-    fn new() -> Prompts {
+    fn new(shared: usize) -> Prompts {
         let seed = getrandom::u64().unwrap_or_else(|_| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64)
         });
-        Prompts { seed, next: 0 }
+        let mut head = String::new();
+        words(seed, &mut head, shared);
+        Prompts {
+            seed,
+            next: 0,
+            head: head.trim_start().to_owned(),
+        }
     }
 
-    fn next(&mut self, words: usize) -> String {
+    fn next(&mut self, n: usize) -> String {
         self.next += 1;
-        let mut x = self.seed ^ self.next.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let mut text = String::with_capacity(words * 6 + 48);
+        let mut text = String::with_capacity(n * 6 + 48);
         text.push_str("Notes:");
-        for _ in 0..words {
-            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            text.push(' ');
-            text.push_str(WORDS[(z >> 58) as usize]);
-        }
+        words(
+            self.seed ^ self.next.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            &mut text,
+            n,
+        );
         text.push_str("\nWrite a long story from these notes.");
         text
+    }
+}
+
+/// Appends `n` words from [`WORDS`], each after a space, drawn by splitmix64 from `seed`.
+fn words(seed: u64, text: &mut String, n: usize) {
+    let mut x = seed;
+    for _ in 0..n {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        text.push(' ');
+        text.push_str(WORDS[(z >> 58) as usize]);
     }
 }
 
@@ -336,6 +361,7 @@ struct Level {
 async fn burst(
     target: &Target<'_>,
     model: &str,
+    system: &str,
     prompts: Vec<String>,
     generate: usize,
 ) -> (Vec<Sample>, Option<f64>, Vec<String>) {
@@ -343,7 +369,7 @@ async fn burst(
     let results = futures_util::future::join_all(
         prompts
             .into_iter()
-            .map(|p| target.request(model, p, generate)),
+            .map(|p| target.request(model, system, p, generate)),
     )
     .await;
     let (mut samples, mut errors) = (Vec::new(), Vec::new());
@@ -386,6 +412,13 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     if args.prompt == 0 || args.generate == 0 {
         return Err("with --server, -p and -n must be above 0: each request has a prompt and streams tokens".into());
     }
+    if args.shared_prefix >= args.prompt {
+        return Err(format!(
+            "--shared-prefix {} must be below -p {}: the rest of each prompt is its own",
+            args.shared_prefix, args.prompt
+        )
+        .into());
+    }
     let levels = levels(&args.parallel)?;
     let servers: Vec<String> = args.server.iter().map(|s| server_url(s)).collect();
     for (i, s) in servers.iter().enumerate() {
@@ -412,6 +445,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             serde_json::to_string_pretty(&json!({
                 "servers": servers,
                 "prompt": args.prompt,
+                "shared_prefix": args.shared_prefix,
                 "generate": args.generate,
                 "reps": args.reps,
                 "client": machine,
@@ -455,26 +489,31 @@ async fn measure(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} rounds, {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut prompts = Prompts::new();
-    // Warm-up: loads the model where the server loads on demand, and reads how many tokens
-    // the server counts for a prompt, to size the measured ones.
+    let shared = args.shared_prefix;
+    let mut prompts = Prompts::new(shared);
+    // Warm-up: loads the model where the server loads on demand, reads how many tokens the
+    // server counts for a prompt, to size the measured ones, and leaves the shared system
+    // prompt in its cache, as a server in use would have it.
     let mut words = vec![vec![0; models.len()]; targets.len()];
     for (t, target) in targets.iter().enumerate() {
         for (m, model) in models.iter().enumerate() {
             bar.set_message(format!("warming up {model} on {}", target.base));
-            let first = args.prompt;
+            let first = args.prompt.saturating_sub(shared).max(1);
+            let prompt = prompts.next(first);
             let sample = target
-                .request(model, prompts.next(first), args.generate.min(8))
+                .request(model, &prompts.head, prompt, args.generate.min(8))
                 .await
                 .map_err(|e| format!("{}: {model}: {e}", target.base))?;
-            words[t][m] = calibrated(args.prompt, first, sample.prompt_tokens);
+            let total = calibrated(args.prompt, shared + first, sample.prompt_tokens);
+            words[t][m] = total.saturating_sub(shared).max(1);
             if let Some(counted) = sample.prompt_tokens {
-                let overhead = counted.saturating_sub(first);
-                if overhead >= args.prompt {
+                let overhead = counted.saturating_sub(shared + first);
+                if overhead + shared >= args.prompt {
                     bar.suspend(|| {
                         eprintln!(
-                            "note: {model} on {} takes about {overhead} tokens for the chat template and the instruction alone, so its prompts are longer than -p {}",
-                            target.base, args.prompt
+                            "note: {model} on {} takes about {overhead} tokens for the chat template and the instruction alone, so its prompts are longer than -p {}{}",
+                            target.base, args.prompt,
+                            if shared > 0 { " with --shared-prefix" } else { "" }
                         );
                     });
                 }
@@ -494,7 +533,7 @@ async fn measure(
                     bar.set_message(format!("{model} on {}, {}", targets[t].base, clients(n)));
                     let texts = (0..n).map(|_| prompts.next(words[t][m])).collect();
                     let (samples, aggregate, errors) =
-                        burst(&targets[t], model, texts, args.generate).await;
+                        burst(&targets[t], model, &prompts.head, texts, args.generate).await;
                     let level = &mut gathered[at(t, m, l)];
                     level.samples.extend(samples);
                     level.aggregate.push(aggregate);
@@ -705,9 +744,17 @@ fn table(results: &[ServedResult], args: &BenchArgs, machine: &Machine) -> Strin
         shared.push(format!("{} tokens generated per request", count_cell(n)));
     }
     shared.push(format!(
-        "{} repetition{}, a fresh prompt for every request",
+        "{} repetition{}, {}",
         args.reps,
-        if args.reps == 1 { "" } else { "s" }
+        if args.reps == 1 { "" } else { "s" },
+        if args.shared_prefix > 0 {
+            format!(
+                "a system prompt of about {} tokens shared by every request, the rest fresh",
+                args.shared_prefix
+            )
+        } else {
+            "a fresh prompt for every request".into()
+        }
     ));
     if !several {
         shared.push(format!("server {}", servers.first().copied().unwrap_or("")));
@@ -763,7 +810,7 @@ mod tests {
 
     #[test]
     fn prompts_differ_from_their_first_words_and_have_the_words_asked() {
-        let mut p = Prompts::new();
+        let mut p = Prompts::new(0);
         let (a, b) = (p.next(40), p.next(40));
         assert_ne!(a, b);
         let words = |s: &str| s.split_whitespace().count();
@@ -783,7 +830,12 @@ mod tests {
             .collect();
         assert!(firsts.len() > 40, "{firsts:?}");
         // Another run draws other prompts.
-        assert_ne!(Prompts::new().next(40), Prompts::new().next(40));
+        assert_ne!(Prompts::new(0).next(40), Prompts::new(0).next(40));
+        assert!(p.head.is_empty());
+        // The shared system prompt: the words asked, the same for every request of a run.
+        let shared = Prompts::new(30);
+        assert_eq!(shared.head.split_whitespace().count(), 30);
+        assert_ne!(shared.head, Prompts::new(30).head);
     }
 
     #[test]
