@@ -126,6 +126,24 @@ async fn bench_measures_a_running_server_at_each_client_count() {
     );
     assert!(table.contains(&format!("server {url}")), "{table}");
 
+    // A prompt shorter than SmolLM2's chat template (its default system prompt) cannot be
+    // had: the prompts come out longer, and a note says why.
+    let o = bench(&[
+        "--server", &url, "-p", "8", "-n", "2", "-r", "1", "--format", "json", "smollm2",
+    ])
+    .await;
+    let r = report(&o);
+    assert!(
+        r["results"][0]["prompt_tokens"].as_u64().unwrap() > 8,
+        "{r}"
+    );
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("the chat template and the instruction alone take about")
+            && err.contains("so its prompts are longer than -p 8"),
+        "{err}"
+    );
+
     // A model the server does not have fails at the warm-up, in the server's words.
     let o = bench(&[
         "--server",

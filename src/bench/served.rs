@@ -460,6 +460,37 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// One request that loads the model where the server loads on demand, reads how many tokens
+/// the server counts for a prompt, and leaves the shared system prompt in its cache, as a
+/// server in use would have it. Returns how many fresh words make a prompt of `-p` tokens
+/// there, and a note when the prompts cannot be that short.
+async fn warm_up(
+    target: &Target<'_>,
+    model: &str,
+    prompts: &mut Prompts,
+    args: &BenchArgs,
+) -> Result<(usize, Option<String>), String> {
+    let shared = args.shared_prefix;
+    let first = args.prompt.saturating_sub(shared).max(1);
+    let prompt = prompts.next(first);
+    let sample = target
+        .request(model, &prompts.head, prompt, args.generate.min(8))
+        .await?;
+    let words = calibrated(args.prompt, shared + first, sample.prompt_tokens)
+        .saturating_sub(shared)
+        .max(1);
+    let note = sample.prompt_tokens.and_then(|counted| {
+        let overhead = counted.saturating_sub(shared + first);
+        (overhead + shared >= args.prompt).then(|| {
+            format!(
+                "the chat template and the instruction alone take about {overhead} tokens, so its prompts are longer than -p {}",
+                args.prompt
+            )
+        })
+    });
+    Ok((words, note))
+}
+
 /// Warms every server and model up, then measures every level of each in turns.
 async fn measure(
     args: &BenchArgs,
@@ -489,35 +520,18 @@ async fn measure(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} rounds, {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let shared = args.shared_prefix;
-    let mut prompts = Prompts::new(shared);
-    // Warm-up: loads the model where the server loads on demand, reads how many tokens the
-    // server counts for a prompt, to size the measured ones, and leaves the shared system
-    // prompt in its cache, as a server in use would have it.
+    let mut prompts = Prompts::new(args.shared_prefix);
     let mut words = vec![vec![0; models.len()]; targets.len()];
     for (t, target) in targets.iter().enumerate() {
         for (m, model) in models.iter().enumerate() {
             bar.set_message(format!("warming up {model} on {}", target.base));
-            let first = args.prompt.saturating_sub(shared).max(1);
-            let prompt = prompts.next(first);
-            let sample = target
-                .request(model, &prompts.head, prompt, args.generate.min(8))
+            let (n, note) = warm_up(target, model, &mut prompts, args)
                 .await
                 .map_err(|e| format!("{}: {model}: {e}", target.base))?;
-            let total = calibrated(args.prompt, shared + first, sample.prompt_tokens);
-            words[t][m] = total.saturating_sub(shared).max(1);
-            if let Some(counted) = sample.prompt_tokens {
-                let overhead = counted.saturating_sub(shared + first);
-                if overhead + shared >= args.prompt {
-                    bar.suspend(|| {
-                        eprintln!(
-                            "note: {model} on {} takes about {overhead} tokens for the chat template and the instruction alone, so its prompts are longer than -p {}{}",
-                            target.base, args.prompt,
-                            if shared > 0 { " with --shared-prefix" } else { "" }
-                        );
-                    });
-                }
+            if let Some(note) = note {
+                bar.suspend(|| eprintln!("note: {model} on {}: {note}", target.base));
             }
+            words[t][m] = n;
             bar.inc(1);
         }
     }
@@ -547,9 +561,9 @@ async fn measure(
     let mut results = Vec::with_capacity(gathered.len());
     for (t, target) in targets.iter().enumerate() {
         for (m, model) in models.iter().enumerate() {
-            for (l, &clients) in levels.iter().enumerate() {
+            for (l, &n) in levels.iter().enumerate() {
                 let level = &gathered[at(t, m, l)];
-                report_errors(&target.base, model, clients, level, args.reps);
+                report_errors(&target.base, model, n, level, args.reps);
                 let relative = (t > 0).then(|| {
                     let first = &gathered[at(0, m, l)].aggregate;
                     let ratios: Vec<f64> = level
@@ -563,7 +577,7 @@ async fn measure(
                 results.push(summarize(
                     target.base.clone(),
                     model,
-                    clients,
+                    n,
                     level,
                     relative.flatten(),
                 ));
