@@ -47,6 +47,15 @@ fn refused(o: &Output, says: &[&str]) {
     }
 }
 
+/// The paths of the fake's other requests, and its chat requests.
+fn chats(fake: &FakeCloud) -> (Vec<String>, Vec<common::fake_cloud::RecordedRequest>) {
+    let (chats, others): (Vec<_>, Vec<_>) = fake
+        .requests()
+        .into_iter()
+        .partition(|r| r.method == "POST" && r.path == "/v1/chat/completions");
+    (others.into_iter().map(|r| r.path).collect(), chats)
+}
+
 fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
@@ -72,7 +81,12 @@ async fn bench_measures_a_running_server_at_each_client_count() {
     ])
     .await;
     let r = report(&o);
-    assert_eq!(r["servers"], serde_json::json!([url]));
+    // The server says what it runs.
+    let software = format!("backstop {}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        r["servers"],
+        serde_json::json!([{"url": url, "software": software}])
+    );
     let rows = r["results"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{r:#}");
     for (row, clients) in rows.iter().zip([1, 2]) {
@@ -124,7 +138,10 @@ async fn bench_measures_a_running_server_at_each_client_count() {
         table.contains("48 prompt tokens (as the server counted them), 4 tokens generated per request, 1 repetition"),
         "{table}"
     );
-    assert!(table.contains(&format!("server {url}")), "{table}");
+    assert!(
+        table.contains(&format!("\nserver: {url} ({software})\n")),
+        "{table}"
+    );
 
     // A prompt shorter than SmolLM2's chat template (its default system prompt) cannot be
     // had: the prompts come out longer, and a note says why.
@@ -247,8 +264,10 @@ async fn figures_are_timed_from_the_stream_and_every_prompt_is_fresh() {
         assert!(aggregate <= clients * 5.0 / 0.36 + 0.01, "{row}");
         assert!(aggregate > clients * 5.0 / 0.36 / 4.0, "{row}");
     }
-    // One warm-up, then per repetition one request alone and three together.
-    let sent = fake.requests();
+    // First the questions of what it runs (GETs the fake does not know), then one warm-up,
+    // then per repetition one request alone and three together.
+    let (asked, sent) = chats(&fake);
+    assert_eq!(asked, ["/api/version", "/props", "/version"]);
     assert_eq!(sent.len(), 1 + 2 * (1 + 3));
     let mut prompts = BTreeSet::new();
     for req in &sent {
@@ -292,7 +311,7 @@ async fn a_shared_prefix_is_one_system_prompt_ahead_of_fresh_messages() {
     for row in r["results"].as_array().unwrap() {
         assert_eq!(row["prompt_tokens"], 40, "{row}");
     }
-    let sent = fake.requests();
+    let (_, sent) = chats(&fake);
     assert_eq!(sent.len(), 1 + 2 * (1 + 2));
     let system = &sent[0].body["messages"][0];
     assert_eq!(system["role"], "system");
@@ -403,8 +422,8 @@ async fn servers_are_measured_side_by_side_against_the_first() {
         assert!(f(&row["relative"]["max"]) < 0.7, "{row}");
         assert!(f(&row["relative"]["min"]) > 0.0, "{row}");
     }
-    assert_eq!(fast.request_count(), 1 + 3 * 3);
-    assert_eq!(slow.request_count(), 1 + 3 * 3);
+    assert_eq!(chats(&fast).1.len(), 1 + 3 * 3);
+    assert_eq!(chats(&slow).1.len(), 1 + 3 * 3);
 
     let o = bench(&[
         "--server", &fast.base, "--server", &slow.base, "-p", "10", "-n", "5", "-r", "1", "m",
@@ -419,6 +438,15 @@ async fn servers_are_measured_side_by_side_against_the_first() {
         "{table}"
     );
     assert!(table.contains("| 1.00x |"), "{table}");
+    // The fakes say nothing of what they run.
+    assert!(
+        table.contains(&format!("\nservers: {}; {}\n", fast.base, slow.base)),
+        "{table}"
+    );
+    assert_eq!(
+        r["servers"],
+        serde_json::json!([{"url": fast.base, "software": null}, {"url": slow.base, "software": null}])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub use measure::{measure, BenchError, Plan, Rep, Setting};
 use report::label;
 pub use report::{csv, table, Aggregate, Figure, Machine, Meta, ModelResult};
-pub use served::{Latency, ServedResult};
+pub use served::{Latency, ServedResult, ServerInfo};
 
 use crate::cli::{BenchArgs, BenchFormat};
 use crate::engine::KvCacheType;

@@ -70,6 +70,16 @@ pub struct ServedResult {
     pub relative: Option<Figure>,
 }
 
+/// A server measured, and what it says it runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerInfo {
+    /// Its base URL.
+    pub url: String,
+    /// Its software and version, as it reports them (`backstop 0.1.0`, `Ollama 0.12.3`,
+    /// `llama.cpp b6490-…`), `null` when it reports neither way.
+    pub software: Option<String>,
+}
+
 /// Percentiles of a latency.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Latency {
@@ -124,6 +134,41 @@ struct Target<'a> {
 }
 
 impl Target<'_> {
+    /// What the server says it runs: backstop and Ollama answer `/api/version`, llama.cpp's
+    /// server `/props` (its build), vLLM and others `/version`.
+    async fn software(&self) -> Option<String> {
+        if let Some(v) = self.get("/api/version").await {
+            if let Some(b) = v.get("backstop").and_then(Value::as_str) {
+                return Some(format!("backstop {b}"));
+            }
+            if let Some(o) = v.get("version").and_then(Value::as_str) {
+                return Some(format!("Ollama {o}"));
+            }
+        }
+        let props = self.get("/props").await;
+        if let Some(build) = props.as_ref().and_then(|v| v.get("build_info")?.as_str()) {
+            return Some(format!("llama.cpp {build}"));
+        }
+        let v = self.get("/version").await?;
+        v.get("version")?.as_str().map(|v| format!("version {v}"))
+    }
+
+    /// `GET path` as JSON, `None` for anything but a JSON success.
+    async fn get(&self, path: &str) -> Option<Value> {
+        let mut request = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .timeout(CONNECT_TIMEOUT);
+        if let Some(key) = self.key {
+            request = request.bearer_auth(key);
+        }
+        let resp = request.send().await.ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        resp.json().await.ok()
+    }
+
     /// The error of a request the server sent nothing for within `--timeout`.
     fn stalled(&self, what: &str) -> String {
         format!(
@@ -434,12 +479,12 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let results = runtime.block_on(measure(args, &servers, key.as_deref(), &levels))?;
+    let (servers, results) = runtime.block_on(measure(args, &servers, key.as_deref(), &levels))?;
     let failed: usize = results.iter().map(|r| r.errors).sum();
     let requests: usize = results.iter().map(|r| r.requests).sum();
     let machine = Machine::here(Vec::new());
     match args.format {
-        BenchFormat::Table => println!("{}", table(&results, args, &machine)),
+        BenchFormat::Table => println!("{}", table(&servers, &results, args, &machine)),
         BenchFormat::Json => println!(
             "{}",
             serde_json::to_string_pretty(&json!({
@@ -497,7 +542,7 @@ async fn measure(
     servers: &[String],
     key: Option<&str>,
     levels: &[usize],
-) -> Result<Vec<ServedResult>, String> {
+) -> Result<(Vec<ServerInfo>, Vec<ServedResult>), String> {
     let timeout = Duration::from_secs(args.timeout);
     let http = reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
@@ -520,6 +565,13 @@ async fn measure(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} rounds, {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    let mut infos = Vec::with_capacity(targets.len());
+    for target in &targets {
+        infos.push(ServerInfo {
+            url: target.base.clone(),
+            software: target.software().await,
+        });
+    }
     let mut prompts = Prompts::new(args.shared_prefix);
     let mut words = vec![vec![0; models.len()]; targets.len()];
     for (t, target) in targets.iter().enumerate() {
@@ -584,7 +636,7 @@ async fn measure(
             }
         }
     }
-    Ok(results)
+    Ok((infos, results))
 }
 
 /// Says on stderr how many requests of a level failed, each distinct reason once.
@@ -668,17 +720,14 @@ fn count_cell(n: Option<usize>) -> String {
 }
 
 /// The markdown table, and what every row shares in lines under it.
-fn table(results: &[ServedResult], args: &BenchArgs, machine: &Machine) -> String {
-    let servers: Vec<&str> = {
-        let mut v: Vec<&str> = Vec::new();
-        for r in results {
-            if !v.contains(&r.server.as_str()) {
-                v.push(&r.server);
-            }
-        }
-        v
-    };
+fn table(
+    servers: &[ServerInfo],
+    results: &[ServedResult],
+    args: &BenchArgs,
+    machine: &Machine,
+) -> String {
     let several = servers.len() > 1;
+    let first = servers.first().map_or("", |s| s.url.as_str());
     let prompt = uniform(results, |r| r.prompt_tokens);
     let tokens = uniform(results, |r| r.tokens);
     let errors = results.iter().any(|r| r.errors > 0);
@@ -700,7 +749,7 @@ fn table(results: &[ServedResult], args: &BenchArgs, machine: &Machine) -> Strin
         "aggregate tok/s".into(),
     ]);
     if several {
-        head.push(format!("vs {}", servers[0]));
+        head.push(format!("vs {first}"));
     }
     if errors {
         head.push("failed".into());
@@ -734,7 +783,7 @@ fn table(results: &[ServedResult], args: &BenchArgs, machine: &Machine) -> Strin
             cell(r.aggregate, 1, ""),
         ]);
         if several {
-            row.push(if r.server == servers[0] {
+            row.push(if r.server == first {
                 "1.00x".into()
             } else {
                 cell(r.relative, 2, "x")
@@ -770,12 +819,16 @@ fn table(results: &[ServedResult], args: &BenchArgs, machine: &Machine) -> Strin
             "a fresh prompt for every request".into()
         }
     ));
-    if !several {
-        shared.push(format!("server {}", servers.first().copied().unwrap_or("")));
-    }
+    let named = |s: &ServerInfo| match &s.software {
+        Some(software) => format!("{} ({software})", s.url),
+        None => s.url.clone(),
+    };
+    let servers: Vec<String> = servers.iter().map(named).collect();
     out.push_str(&format!(
-        "\n{}\nclient: {}",
+        "\n{}\n{}: {}\nclient: {}",
         shared.join(", "),
+        if several { "servers" } else { "server" },
+        servers.join("; "),
         machine.line()
     ));
     out
