@@ -153,15 +153,18 @@ impl Target<'_> {
         v.get("version")?.as_str().map(|v| format!("version {v}"))
     }
 
+    /// A request to `path` on this server, with the API key when there is one.
+    fn to(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, format!("{}{path}", self.base));
+        match self.key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
+    }
+
     /// `GET path` as JSON, `None` for anything but a JSON success.
     async fn get(&self, path: &str) -> Option<Value> {
-        let mut request = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .timeout(CONNECT_TIMEOUT);
-        if let Some(key) = self.key {
-            request = request.bearer_auth(key);
-        }
+        let request = self.to(reqwest::Method::GET, path).timeout(CONNECT_TIMEOUT);
         let resp = request.send().await.ok()?;
         if !resp.status().is_success() {
             return None;
@@ -183,13 +186,9 @@ impl Target<'_> {
     async fn send(&self, body: &Value) -> Result<(reqwest::Response, Instant), String> {
         let mut retried = false;
         loop {
-            let mut request = self
-                .http
-                .post(format!("{}/v1/chat/completions", self.base))
+            let request = self
+                .to(reqwest::Method::POST, "/v1/chat/completions")
                 .json(body);
-            if let Some(key) = self.key {
-                request = request.bearer_auth(key);
-            }
             let sent = Instant::now();
             match request.send().await {
                 Ok(resp) => return Ok((resp, sent)),
