@@ -26,6 +26,11 @@ async fn bench(args: &[&str]) -> Output {
     bench_env(args, &[]).await
 }
 
+/// `backstop bench` with the arguments of a command line, split at spaces.
+async fn bench_line(line: &str) -> Output {
+    bench(&line.split_whitespace().collect::<Vec<_>>()).await
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -64,21 +69,9 @@ fn f(v: &Value) -> f64 {
 async fn bench_measures_a_running_server_at_each_client_count() {
     let s = Server::start(&["--parallel", "2"]).await;
     let url = s.url("");
-    let o = bench(&[
-        "--server",
-        &url,
-        "-p",
-        "48",
-        "-n",
-        "8",
-        "-r",
-        "2",
-        "--parallel",
-        "2",
-        "--format",
-        "json",
-        "smollm2",
-    ])
+    let o = bench_line(&format!(
+        "--server {url} -p 48 -n 8 -r 2 --parallel 2 --format json smollm2"
+    ))
     .await;
     let r = report(&o);
     // The server says what it runs.
@@ -123,10 +116,7 @@ async fn bench_measures_a_running_server_at_each_client_count() {
     }
 
     // The table says what every row shares under it.
-    let o = bench(&[
-        "--server", &url, "-p", "48", "-n", "4", "-r", "1", "smollm2",
-    ])
-    .await;
+    let o = bench_line(&format!("--server {url} -p 48 -n 4 -r 1 smollm2")).await;
     assert!(o.status.success(), "{}", text(&o.stderr));
     let table = text(&o.stdout);
     assert!(
@@ -145,9 +135,9 @@ async fn bench_measures_a_running_server_at_each_client_count() {
 
     // A prompt shorter than SmolLM2's chat template (its default system prompt) cannot be
     // had: the prompts come out longer, and a note says why.
-    let o = bench(&[
-        "--server", &url, "-p", "8", "-n", "2", "-r", "1", "--format", "json", "smollm2",
-    ])
+    let o = bench_line(&format!(
+        "--server {url} -p 8 -n 2 -r 1 --format json smollm2"
+    ))
     .await;
     let r = report(&o);
     assert!(
@@ -162,39 +152,17 @@ async fn bench_measures_a_running_server_at_each_client_count() {
     );
 
     // A model the server does not have fails at the warm-up, in the server's words.
-    let o = bench(&[
-        "--server",
-        &url,
-        "-p",
-        "8",
-        "-n",
-        "2",
-        "-r",
-        "1",
-        "no-such-model",
-    ])
-    .await;
+    let o = bench_line(&format!("--server {url} -p 8 -n 2 -r 1 no-such-model")).await;
     refused(&o, &[&url, "no-such-model", "HTTP 404"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_a_full_queue_turns_away_are_counted_and_fail_the_run() {
     let s = Server::start(&["--parallel", "1", "--max-queue", "1"]).await;
-    let o = bench(&[
-        "--server",
-        &s.url(""),
-        "-p",
-        "16",
-        "-n",
-        "24",
-        "-r",
-        "1",
-        "--parallel",
-        "4",
-        "--format",
-        "json",
-        "smollm2",
-    ])
+    let o = bench_line(&format!(
+        "--server {} -p 16 -n 24 -r 1 --parallel 4 --format json smollm2",
+        s.url("")
+    ))
     .await;
     let err = text(&o.stderr);
     assert!(!o.status.success(), "{err}");
@@ -229,21 +197,10 @@ async fn figures_are_timed_from_the_stream_and_every_prompt_is_fresh() {
     fake.set_chunks(5);
     fake.set_answer_delay(Duration::from_millis(200));
     fake.set_chunk_delay(Duration::from_millis(40));
-    let o = bench(&[
-        "--server",
-        &fake.base,
-        "-p",
-        "20",
-        "-n",
-        "5",
-        "-r",
-        "2",
-        "--parallel",
-        "3",
-        "--format",
-        "json",
-        "fake-model",
-    ])
+    let o = bench_line(&format!(
+        "--server {} -p 20 -n 5 -r 2 --parallel 3 --format json fake-model",
+        fake.base
+    ))
     .await;
     let r = report(&o);
     let rows = r["results"].as_array().unwrap();
@@ -288,23 +245,10 @@ async fn figures_are_timed_from_the_stream_and_every_prompt_is_fresh() {
 async fn a_shared_prefix_is_one_system_prompt_ahead_of_fresh_messages() {
     let fake = FakeCloud::start().await;
     fake.set_chunks(2);
-    let o = bench(&[
-        "--server",
-        &fake.base,
-        "-p",
-        "40",
-        "--shared-prefix",
-        "25",
-        "-n",
-        "2",
-        "-r",
-        "2",
-        "--parallel",
-        "2",
-        "--format",
-        "json",
-        "m",
-    ])
+    let o = bench_line(&format!(
+        "--server {} -p 40 --shared-prefix 25 -n 2 -r 2 --parallel 2 --format json m",
+        fake.base
+    ))
     .await;
     let r = report(&o);
     assert_eq!(r["shared_prefix"], 25);
@@ -337,34 +281,20 @@ async fn a_shared_prefix_is_one_system_prompt_ahead_of_fresh_messages() {
     assert_eq!(users.len(), sent.len(), "a user message was sent twice");
 
     // The table says so; a prefix that leaves nothing of the prompt fresh is refused.
-    let o = bench(&[
-        "--server",
-        &fake.base,
-        "-p",
-        "40",
-        "--shared-prefix",
-        "25",
-        "-n",
-        "2",
-        "-r",
-        "1",
-        "m",
-    ])
+    let o = bench_line(&format!(
+        "--server {} -p 40 --shared-prefix 25 -n 2 -r 1 m",
+        fake.base
+    ))
     .await;
     assert!(
         text(&o.stdout).contains("a system prompt of about 25 tokens shared by every request"),
         "{}",
         text(&o.stdout)
     );
-    let o = bench(&[
-        "--server",
-        &fake.base,
-        "-p",
-        "40",
-        "--shared-prefix",
-        "40",
-        "m",
-    ])
+    let o = bench_line(&format!(
+        "--server {} -p 40 --shared-prefix 40 m",
+        fake.base
+    ))
     .await;
     refused(&o, &["--shared-prefix 40 must be below -p 40"]);
 }
@@ -376,23 +306,10 @@ async fn servers_are_measured_side_by_side_against_the_first() {
         fake.set_chunks(5);
         fake.set_chunk_delay(Duration::from_millis(ms));
     }
-    let o = bench(&[
-        "--server",
-        &fast.base,
-        "--server",
-        &slow.base,
-        "-p",
-        "10",
-        "-n",
-        "5",
-        "-r",
-        "3",
-        "--parallel",
-        "2",
-        "--format",
-        "json",
-        "m",
-    ])
+    let o = bench_line(&format!(
+        "--server {} --server {} -p 10 -n 5 -r 3 --parallel 2 --format json m",
+        fast.base, slow.base
+    ))
     .await;
     let r = report(&o);
     let rows = r["results"].as_array().unwrap();
@@ -425,9 +342,10 @@ async fn servers_are_measured_side_by_side_against_the_first() {
     assert_eq!(chats(&fast).1.len(), 1 + 3 * 3);
     assert_eq!(chats(&slow).1.len(), 1 + 3 * 3);
 
-    let o = bench(&[
-        "--server", &fast.base, "--server", &slow.base, "-p", "10", "-n", "5", "-r", "1", "m",
-    ])
+    let o = bench_line(&format!(
+        "--server {} --server {} -p 10 -n 5 -r 1 m",
+        fast.base, slow.base
+    ))
     .await;
     assert!(o.status.success(), "{}", text(&o.stderr));
     let table = text(&o.stdout);
@@ -447,6 +365,36 @@ async fn servers_are_measured_side_by_side_against_the_first() {
         r["servers"],
         serde_json::json!([{"url": fast.base, "software": null}, {"url": slow.base, "software": null}])
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_take_turns_going_first_in_each_repetition() {
+    // One fake under two names: the Host header says which name each request went to.
+    let fake = FakeCloud::start().await;
+    fake.set_chunks(2);
+    let port = fake.addr.port();
+    let o = bench_line(&format!(
+        "--server 127.0.0.1:{port} --server localhost:{port} -p 8 -n 2 -r 3 --parallel 2 --format json m"
+    ))
+    .await;
+    report(&o);
+    let hosts: Vec<String> = chats(&fake)
+        .1
+        .iter()
+        .map(|r| {
+            r.header("host")
+                .unwrap()
+                .split(':')
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    // Both warm-ups, then in each repetition one server's 1 and 2 clients, then the other's;
+    // the first server leads the first and third repetitions, the second the second.
+    let (a, b) = (["127.0.0.1"; 3], ["localhost"; 3]);
+    let expected: Vec<&str> = [&["127.0.0.1", "localhost"][..], &a, &b, &b, &a, &a, &b].concat();
+    assert_eq!(hosts, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

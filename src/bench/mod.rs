@@ -46,9 +46,6 @@ fn locate(arg: &str) -> Result<PathBuf, String> {
 /// nothing else is silently raised or dropped) and returns the `--parallel` counts sorted and
 /// without 1 (the single-stream figure is always measured).
 fn check_args(args: &BenchArgs) -> Result<Vec<usize>, String> {
-    if args.reps == 0 {
-        return Err("-r 0: at least one repetition is needed".into());
-    }
     if args.prompt == 0 && args.generate == 0 {
         return Err("-p 0 and -n 0 leave nothing to measure".into());
     }
@@ -129,6 +126,9 @@ fn settings(args: &BenchArgs) -> Result<(Vec<Setting>, Vec<String>), String> {
 
 /// Runs `backstop bench` and prints its results.
 pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if args.reps == 0 {
+        return Err("-r 0: at least one repetition is needed".into());
+    }
     if !args.server.is_empty() {
         return served::run(args);
     }

@@ -45,7 +45,15 @@ impl Figure {
     }
 
     fn cell(&self) -> String {
-        format!("{:.1} ({:.1}–{:.1})", self.median, self.min, self.max)
+        self.cell_in(1, "")
+    }
+
+    /// `median (min–max)` with `digits` decimals, `unit` after the median.
+    pub(super) fn cell_in(&self, digits: usize, unit: &str) -> String {
+        format!(
+            "{:.digits$}{unit} ({:.digits$}–{:.digits$})",
+            self.median, self.min, self.max
+        )
     }
 }
 

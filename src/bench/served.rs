@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::report::{Figure, Machine};
 use crate::cli::{BenchArgs, BenchFormat};
-use crate::client::http::{error_message, server_url};
+use crate::client::http::{error_message, error_text, server_url};
 use crate::router::sse::SseParser;
 
 /// The most concurrent clients one level may have: each is a connection and a task here, and
@@ -256,11 +256,9 @@ impl Target<'_> {
                 }
                 let v: Value = serde_json::from_str(&event.data)
                     .map_err(|e| format!("an event that is not JSON ({e}): {}", event.data))?;
-                if let Some(error) = v.get("error") {
-                    return Err(format!(
-                        "error in the stream: {}",
-                        error_message(json!({ "error": error }).to_string())
-                    ));
+                if v.get("error").is_some() {
+                    let message = error_text(&v).unwrap_or_else(|| event.data.clone());
+                    return Err(format!("error in the stream: {message}"));
                 }
                 if v.get("usage").is_some_and(Value::is_object) {
                     usage = v.get("usage").cloned();
@@ -450,9 +448,6 @@ fn levels(parallel: &[usize]) -> Result<Vec<usize>, String> {
 
 /// Runs `backstop bench --server ...` and prints its results.
 pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
-    if args.reps == 0 {
-        return Err("-r 0: at least one repetition is needed".into());
-    }
     if args.prompt == 0 || args.generate == 0 {
         return Err("with --server, -p and -n must be above 0: each request has a prompt and streams tokens".into());
     }
@@ -689,15 +684,7 @@ fn summarize(
 
 /// A figure's cell with `digits` decimals, or a dash.
 fn cell(f: Option<Figure>, digits: usize, unit: &str) -> String {
-    f.map_or_else(
-        || "—".into(),
-        |f| {
-            format!(
-                "{:.digits$}{unit} ({:.digits$}–{:.digits$})",
-                f.median, f.min, f.max
-            )
-        },
-    )
+    f.map_or_else(|| "—".into(), |f| f.cell_in(digits, unit))
 }
 
 /// "1 client", "4 clients".

@@ -88,14 +88,16 @@ pub(crate) fn server_url(raw: &str) -> String {
 pub(crate) fn error_message(body: String) -> String {
     serde_json::from_str::<Value>(&body)
         .ok()
-        .and_then(|v| {
-            v.get("error").and_then(|e| {
-                e.as_str()
-                    .map(str::to_owned)
-                    .or_else(|| e.get("message").and_then(Value::as_str).map(str::to_owned))
-            })
-        })
+        .and_then(|v| error_text(&v))
         .unwrap_or(body)
+}
+
+/// The message of a JSON value in either API's error shape, `None` when it is not one.
+pub(crate) fn error_text(v: &Value) -> Option<String> {
+    let e = v.get("error")?;
+    e.as_str()
+        .or_else(|| e.get("message").and_then(Value::as_str))
+        .map(str::to_owned)
 }
 
 /// A connection to one server.
