@@ -70,6 +70,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         kv_cache_type: Vec::new(),
         quantize: Vec::new(),
         quantize_dir: None,
+        quality: false,
+        quality_text: None,
         format: args.format,
     })
 }

@@ -93,6 +93,7 @@ pub struct BenchArgs {
     /// servers side by side, each against the first.
     #[arg(long, value_name = "URL", conflicts_with_all = [
         "threads", "gpu_layers", "ctx", "flash_attention", "quantize", "kv_cache_type", "depth",
+        "quality", "quality_text",
     ])]
     pub server: Vec<String>,
     /// API key for --server [default: BACKSTOP_API_KEY].
@@ -146,6 +147,16 @@ pub struct BenchArgs {
     /// Where --quantize writes its files [default: ~/.cache/backstop/ladder].
     #[arg(long, value_name = "DIR", requires = "quantize")]
     pub quantize_dir: Option<PathBuf>,
+    /// Also measure output quality on a fixed text: each model's perplexity, and against the
+    /// first model of the same vocabulary (the source of a --quantize ladder), the mean KL
+    /// divergence of each next-token distribution and how often both put the same token
+    /// first. With -p 0 -n 0, only quality.
+    #[arg(long)]
+    pub quality: bool,
+    /// The text --quality scores, plain UTF-8 [default: about 1,100 words of English prose
+    /// built in].
+    #[arg(long, value_name = "FILE")]
+    pub quality_text: Option<PathBuf>,
     /// KV cache element type: f16, q8_0 or q4_0, or several to compare [default: f16].
     #[arg(long, value_delimiter = ',', value_name = "TYPE,...", value_parser = parse_kv_type)]
     pub kv_cache_type: Vec<crate::engine::KvCacheType>,

@@ -769,3 +769,218 @@ fn zero_leaves_a_figure_out_and_every_bench_limit_is_refused() {
     assert!(text(&o.stderr).contains("--threads"), "{}", text(&o.stderr));
     assert_eq!(entries(&dir), Vec::<String>::new());
 }
+
+/// `backstop bench ARGS --format json`, which must succeed.
+fn bench_json(args: &[&str]) -> Value {
+    let o = backstop(&[&["bench", "-t", "2", "--format", "json"], args].concat());
+    assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("bench JSON")
+}
+
+fn quality(result: &Value) -> &Value {
+    let q = &result["quality"];
+    assert!(q.is_object(), "no quality: {result}");
+    q
+}
+
+fn number(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is not a number: {v}"))
+}
+
+#[test]
+fn quality_is_scored_and_compared_with_the_first_model_of_each_vocabulary() {
+    let smol = common::smollm2();
+    let gemma = common::gemma3();
+    let (smol, gemma) = (smol.to_str().unwrap(), gemma.to_str().unwrap());
+    // Quality alone (-p 0 -n 0): SmolLM2 twice, then a model of another vocabulary.
+    let out = bench_json(&["--quality", "-p", "0", "-n", "0", smol, smol, gemma]);
+    assert_eq!(out["quality_text"], "the built-in text", "{out}");
+    let results = out["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3, "{out}");
+    for r in results {
+        assert!(
+            r["pp"].is_null() && r["tg"].is_null(),
+            "nothing but quality: {r}"
+        );
+    }
+    let first = quality(&results[0]);
+    // The first of its vocabulary is a reference.
+    assert!(
+        first["reference"].is_null() && first["kld"].is_null(),
+        "{first}"
+    );
+    assert!(first["same_top"].is_null(), "{first}");
+    // The built-in text is about 1,450 SmolLM2 tokens: two whole 512-token chunks, each
+    // scored from its middle (positions 256..=510 predict 257..=511).
+    assert_eq!(first["chunk"], 512, "{first}");
+    assert_eq!(first["scored"], 2 * 255, "{first}");
+    assert!(number(first, "text_tokens") >= 1024.0, "{first}");
+    // English prose to a small instruction model: far better than chance (a perplexity of
+    // 49,152, its vocabulary), far from certain.
+    let ppl = number(first, "ppl");
+    assert!((5.0..60.0).contains(&ppl), "{first}");
+    let error = number(first, "ppl_error");
+    assert!(error > 0.0 && error < ppl / 4.0, "{first}");
+    // The same model again: the same figures, bit for bit, and no divergence at all.
+    let again = quality(&results[1]);
+    assert_eq!(again["ppl"], first["ppl"], "{again}");
+    assert_eq!(
+        again["reference"], "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "{again}"
+    );
+    assert!(number(again, "kld").abs() < 1e-6, "{again}");
+    assert_eq!(number(again, "same_top"), 1.0, "{again}");
+    // Gemma reads other tokens: it is a reference of its own, not compared with SmolLM2.
+    let gemma = quality(&results[2]);
+    assert!(
+        gemma["reference"].is_null() && gemma["kld"].is_null(),
+        "{gemma}"
+    );
+    assert!((5.0..60.0).contains(&number(gemma, "ppl")), "{gemma}");
+
+    // A text of one's own: the same sentence over and over is easy to predict.
+    let dir = common::temp_dir("quality-text");
+    let _cleanup = Cleanup(dir.clone());
+    let file = dir.join("repeated.txt");
+    std::fs::write(
+        &file,
+        "The bridge over the river has five stone arches. ".repeat(60),
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let own = bench_json(&["--quality-text", file, "-p", "0", "-n", "0", smol]);
+    assert_eq!(own["quality_text"], file, "{own}");
+    let q = quality(&own["results"][0]);
+    assert!(number(q, "ppl") < 2.0, "{q}");
+    assert!(number(q, "ppl") < ppl / 5.0, "{q}");
+}
+
+#[test]
+fn a_quantization_ladder_shows_what_each_rung_costs_in_quality() {
+    let dir = common::temp_dir("quality-ladder");
+    let _cleanup = Cleanup(dir.clone());
+    let smol = common::smollm2();
+    let (dir, smol) = (dir.to_str().unwrap(), smol.to_str().unwrap());
+    // Quality alone in JSON and CSV; the table with speed beside it.
+    let run = |speed: &str, format: &str| {
+        let line = format!(
+            "bench --quality -t 2 {speed} -r 1 --quantize Q8_0,Q4_0 --quantize-dir {dir} \
+             --format {format} {smol}"
+        );
+        let o = backstop(&line.split(' ').collect::<Vec<_>>());
+        assert!(o.status.success(), "{line}: {}", text(&o.stderr));
+        text(&o.stdout)
+    };
+    let out: Value = serde_json::from_str(&run("-p 0 -n 0", "json")).expect("bench JSON");
+    let results = out["results"].as_array().unwrap();
+    let quants: Vec<&str> = results
+        .iter()
+        .map(|r| r["quantization"].as_str().unwrap())
+        .collect();
+    assert_eq!(quants, ["Q4_1", "Q8_0", "Q4_0"], "{out}");
+    let (source, q8, q4) = (
+        quality(&results[0]),
+        quality(&results[1]),
+        quality(&results[2]),
+    );
+    assert!(source["reference"].is_null(), "{source}");
+    for q in [q8, q4] {
+        assert_eq!(q["reference"], "SmolLM2-135M-Instruct.Q4_1.gguf", "{q}");
+        assert!(number(q, "kld") > 0.0, "{q}");
+    }
+    // Q8_0 holds Q4_1's weights almost exactly; Q4_0 loses each block's offset. So Q8_0
+    // stays closer, in every figure.
+    assert!(number(q8, "kld") < number(q4, "kld") / 10.0, "{q8} {q4}");
+    assert!(number(q8, "same_top") > number(q4, "same_top"), "{q8} {q4}");
+    assert!(number(q8, "same_top") > 0.85, "{q8}");
+    assert!(number(q4, "ppl") > number(source, "ppl"), "{q4} {source}");
+
+    // The table gives each its three cells beside the speed, and says what they are.
+    let table = run("-p 16 -n 4", "table");
+    assert!(
+        table.contains(" | tg4 tok/s | ppl | kld | same top |\n"),
+        "{table}"
+    );
+    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| Sm")).collect();
+    assert_eq!(rows.len(), 3, "{table}");
+    assert!(rows[0].ends_with(" | (ref) | (ref) |"), "{table}");
+    for row in &rows[1..] {
+        let cells: Vec<&str> = row.trim_matches('|').split(" | ").map(str::trim).collect();
+        // tg4, ppl ± error, kld, same top.
+        let [tg, ppl, kld, same] = cells[cells.len() - 4..] else {
+            panic!("{table}")
+        };
+        assert!(tg.contains('–') && ppl.contains(" ± "), "{row}");
+        assert!(kld.parse::<f64>().is_ok_and(|k| k > 0.0), "{row}");
+        assert!(same.ends_with('%'), "{row}");
+    }
+    assert!(
+        table.contains("ppl: perplexity of the built-in text"),
+        "{table}"
+    );
+    assert!(table.contains("kld: mean KL divergence"), "{table}");
+    let csv = run("-p 0 -n 0", "csv");
+    for figure in [",ppl,", ",ppl_error,"] {
+        assert_eq!(csv.matches(figure).count(), 3, "{csv}");
+    }
+    for figure in [",kld,", ",same_top,"] {
+        assert_eq!(csv.matches(figure).count(), 2, "{csv}");
+    }
+}
+
+#[test]
+fn a_quantized_kv_cache_is_compared_with_the_f16_one() {
+    let smol = common::smollm2();
+    let out = bench_json(&[
+        "--quality",
+        "-p",
+        "0",
+        "-n",
+        "0",
+        "--kv-cache-type",
+        "f16,q4_0",
+        "--flash-attention",
+        "1",
+        smol.to_str().unwrap(),
+    ]);
+    let results = out["results"].as_array().unwrap();
+    assert_eq!(results[1]["kv_cache_type"], "q4_0", "{out}");
+    let q = quality(&results[1]);
+    // The same file under another setting is compared with the first setting, named by it.
+    assert_eq!(
+        q["reference"], "SmolLM2-135M-Instruct.Q4_1.gguf kv=f16",
+        "{q}"
+    );
+    assert!(number(q, "kld") > 0.0, "{q}");
+}
+
+#[test]
+fn quality_refuses_texts_it_cannot_score() {
+    let smol = common::smollm2();
+    let model = smol.to_str().unwrap();
+    let dir = common::temp_dir("quality-refused");
+    let _cleanup = Cleanup(dir.clone());
+    let short = dir.join("short.txt");
+    std::fs::write(&short, "A few words are not enough.").unwrap();
+    let binary = dir.join("binary.txt");
+    std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x41]).unwrap();
+    let missing = dir.join("missing.txt");
+    for (file, says) in [
+        (&short, "needs a text of at least 64 tokens"),
+        (&binary, "not UTF-8 text"),
+        (&missing, "missing.txt"),
+    ] {
+        let file = file.to_str().unwrap();
+        bench_refused(
+            &["--quality-text", file, "-p", "0", "-n", "0", model],
+            &[file, says],
+        );
+    }
+    // Quality is scored in this process: not with --server.
+    bench_refused(
+        &["--server", "http://127.0.0.1:9", "--quality", "m"],
+        &["--quality"],
+    );
+}

@@ -79,6 +79,9 @@ pub enum BenchError {
         generate: usize,
         needed: usize,
     },
+    /// `--quality` cannot score its text with this model.
+    #[error("{0}")]
+    Quality(String),
     /// A context or decode failed.
     #[error("llama.cpp failed: {0}")]
     Llama(String),
@@ -99,6 +102,22 @@ pub struct Rep {
 }
 
 impl Plan {
+    /// Refuses a `--ctx` below the run's need, which the plan alone shows: before any model
+    /// is loaded.
+    pub fn check(&self) -> Result<(), BenchError> {
+        let needed = self.needed();
+        match self.ctx.filter(|&c| (c as usize) < needed) {
+            Some(ctx) => Err(BenchError::SmallContext {
+                ctx,
+                depth: self.depth,
+                prompt: self.prompt,
+                generate: self.generate,
+                needed,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Context cells a sequence needs: the depth, then the longer of the prompt and a
     /// generation (which starts from [`PARALLEL_PROMPT`] tokens); each measurement cuts the
     /// cache back to the depth first, so the two never stand in it together.
@@ -112,7 +131,7 @@ impl Plan {
     }
 }
 
-fn llama(e: impl std::fmt::Display) -> BenchError {
+pub(super) fn llama(e: impl std::fmt::Display) -> BenchError {
     BenchError::Llama(e.to_string())
 }
 
@@ -276,28 +295,31 @@ fn one(
     })
 }
 
-/// Measures one GGUF file: a warm-up, then `plan.reps` repetitions; `tick` after each.
-pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<Rep>, BenchError> {
-    // A `--ctx` below the run's need is known from the plan alone: refused before any model
-    // is loaded.
-    let needed = plan.needed();
-    if let Some(c) = plan.ctx.filter(|&c| (c as usize) < needed) {
-        return Err(BenchError::SmallContext {
-            ctx: c,
-            depth: plan.depth,
-            prompt: plan.prompt,
-            generate: plan.generate,
-            needed,
-        });
-    }
+/// Loads a GGUF file with a setting's GPU layers.
+pub fn load(path: &Path, setting: &Setting) -> Result<LlamaModel, BenchError> {
     let backend = crate::engine::backend().map_err(llama)?;
-    let setting = plan.setting;
     let mut params = LlamaModelParams::default();
     if let Some(n) = setting.gpu_layers {
         params = params.with_n_gpu_layers(n);
     }
-    let model = LlamaModel::load_from_file(backend, path, &params)
-        .map_err(|_| BenchError::Load(path.display().to_string()))?;
+    LlamaModel::load_from_file(backend, path, &params)
+        .map_err(|_| BenchError::Load(path.display().to_string()))
+}
+
+/// Measures a loaded model (after [`Plan::check`]): a warm-up, then `plan.reps`
+/// repetitions; `tick` after each. Nothing with `-p 0 -n 0` (a run that measures only
+/// quality).
+pub fn measure(
+    model: &LlamaModel,
+    plan: &Plan,
+    mut tick: impl FnMut(),
+) -> Result<Vec<Rep>, BenchError> {
+    if plan.prompt == 0 && plan.generate == 0 {
+        return Ok(Vec::new());
+    }
+    let backend = crate::engine::backend().map_err(llama)?;
+    let setting = plan.setting;
+    let needed = plan.needed();
     let seqs = plan.parallel.iter().copied().max().unwrap_or(1).max(1);
     let train = usize::try_from(model.n_ctx_train()).unwrap_or(usize::MAX);
     if needed > train {
@@ -336,12 +358,12 @@ pub fn measure(path: &Path, plan: &Plan, mut tick: impl FnMut()) -> Result<Vec<R
     let mut batch = LlamaBatch::new(n_batch, 1);
     // Generation starts from the prompt's first tokens (at least PARALLEL_PROMPT of them, so
     // `-p 0` and a short `-p` start it the same way).
-    let prompt = prompt_tokens(&model, plan.prompt.max(PARALLEL_PROMPT));
+    let prompt = prompt_tokens(model, plan.prompt.max(PARALLEL_PROMPT));
     // The depth is read once; every measurement cuts back to it.
     fill(
         &mut ctx,
         &mut batch,
-        &prompt_tokens(&model, plan.depth),
+        &prompt_tokens(model, plan.depth),
         seqs,
     )?;
     let warm = Plan {

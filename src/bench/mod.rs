@@ -4,6 +4,7 @@
 
 mod ladder;
 mod measure;
+mod quality;
 pub mod quantize;
 mod report;
 mod served;
@@ -12,7 +13,8 @@ use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-pub use measure::{measure, BenchError, Plan, Rep, Setting};
+pub use measure::{load, measure, BenchError, Plan, Rep, Setting};
+pub use quality::Quality;
 use report::label;
 pub use report::{csv, table, Aggregate, Figure, Machine, Meta, ModelResult};
 pub use served::{Latency, ServedResult, ServerInfo};
@@ -46,7 +48,7 @@ fn locate(arg: &str) -> Result<PathBuf, String> {
 /// nothing else is silently raised or dropped) and returns the `--parallel` counts sorted and
 /// without 1 (the single-stream figure is always measured).
 fn check_args(args: &BenchArgs) -> Result<Vec<usize>, String> {
-    if args.prompt == 0 && args.generate == 0 {
+    if args.prompt == 0 && args.generate == 0 && !quality_asked(args) {
         return Err("-p 0 and -n 0 leave nothing to measure".into());
     }
     if let Some(n) = args.parallel.iter().find(|&&n| n == 0 || n > MAX_PARALLEL) {
@@ -61,6 +63,11 @@ fn check_args(args: &BenchArgs) -> Result<Vec<usize>, String> {
     parallel.sort_unstable();
     parallel.dedup();
     Ok(parallel)
+}
+
+/// `--quality`, or a text for it.
+fn quality_asked(args: &BenchArgs) -> bool {
+    args.quality || args.quality_text.is_some()
 }
 
 /// The values given, each once, in the order given; `[None]` when none were (the default).
@@ -135,6 +142,9 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let parallel = check_args(args)?;
     let (settings, skipped) = settings(args)?;
     let ladder = ladder::types(&args.quantize)?;
+    let text = quality_asked(args)
+        .then(|| quality::Text::load(args.quality_text.as_deref()))
+        .transpose()?;
     for pair in &skipped {
         eprintln!("skipping {pair}: a quantized KV cache needs flash attention");
     }
@@ -182,12 +192,16 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let backend = compute.backend;
     let machine = Machine::here(compute.devices);
     let runs = files.len() * settings.len();
-    let bar = ProgressBar::new((runs * (args.reps + 1)) as u64);
+    // A warm-up and the repetitions when speed is measured, and the quality pass.
+    let speed = args.prompt > 0 || args.generate > 0;
+    let per_run = if speed { args.reps + 1 } else { 0 } + usize::from(text.is_some());
+    let bar = ProgressBar::new((runs * per_run) as u64);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} runs, {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut results = Vec::with_capacity(runs);
+    let mut references = Vec::new();
     for (file, header) in &files {
         let name = file.file_name().map_or_else(
             || file.display().to_string(),
@@ -202,16 +216,32 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             backend: backend.clone(),
         };
         for &setting in &settings {
-            bar.set_message(format!("{name}{}", label(&setting, &settings)));
-            let reps = measure(file, &plan(setting), || bar.inc(1))?;
-            results.push(ModelResult::new(meta.clone(), setting, &parallel, &reps));
+            let tag = label(&setting, &settings);
+            bar.set_message(format!("{name}{tag}"));
+            let plan = plan(setting);
+            plan.check()?;
+            let model = load(file, &setting)?;
+            let reps = measure(&model, &plan, || bar.inc(1))?;
+            let mut result = ModelResult::new(meta.clone(), setting, &parallel, &reps);
+            if let Some(text) = &text {
+                bar.set_message(format!("{name}{tag} quality"));
+                let (figures, reference) =
+                    quality::score(&model, &setting, text, &references, &format!("{name}{tag}"))?;
+                if figures.reference.is_none() {
+                    references.push(reference);
+                }
+                result.quality = Some(figures);
+                bar.inc(1);
+            }
+            results.push(result);
         }
     }
     bar.finish_and_clear();
     match args.format {
         BenchFormat::Table => println!(
-            "{}{}",
+            "{}{}{}",
             table(&results, args.prompt, args.generate, args.depth, args.reps),
+            text.as_ref().map(quality::said).unwrap_or_default(),
             machine.line()
         ),
         BenchFormat::Json => println!(
@@ -221,6 +251,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 "generate": args.generate,
                 "depth": args.depth,
                 "reps": args.reps,
+                "quality_text": text.as_ref().map(|t| &t.name),
                 "machine": machine,
                 "results": results,
             }))?

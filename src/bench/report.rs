@@ -3,6 +3,7 @@
 use serde::Serialize;
 
 use super::measure::{Rep, Setting};
+use super::quality::Quality;
 
 /// A figure over the repetitions.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -39,9 +40,13 @@ impl Figure {
         }
     }
 
-    /// Median and spread of a figure every repetition measured, `None` if none did.
+    /// Median and spread of a figure every repetition measured, `None` if none did (or
+    /// there were none: a run of quality alone).
     fn over(samples: impl Iterator<Item = Option<f64>>) -> Option<Figure> {
-        samples.collect::<Option<Vec<f64>>>().map(Figure::of)
+        samples
+            .collect::<Option<Vec<f64>>>()
+            .filter(|v| !v.is_empty())
+            .map(Figure::of)
     }
 
     fn cell(&self) -> String {
@@ -84,6 +89,9 @@ pub struct ModelResult {
     /// Tokens every measurement found in its sequences' cache when it started, as llama.cpp
     /// reported it (the fewest over the repetitions): the depth actually measured at.
     pub cached: usize,
+    /// Output quality, with `--quality`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quality: Option<Quality>,
 }
 
 /// Aggregate generation over several sequences sharing each decode.
@@ -118,6 +126,7 @@ impl ModelResult {
                 })
                 .collect(),
             cached: reps.iter().map(|r| r.cached).min().unwrap_or(0),
+            quality: None,
         }
     }
 }
@@ -317,6 +326,10 @@ pub fn table(
             .iter()
             .map(|n| format!("tg{generate}{at} x{n} aggregate")),
     );
+    let quality = results.iter().any(|r| r.quality.is_some());
+    if quality {
+        head.extend(["ppl", "kld", "same top"].map(String::from));
+    }
     let mut out = format!(
         "| {} |\n|{}\n",
         head.join(" | "),
@@ -337,20 +350,48 @@ pub fn table(
         );
         row.extend([&r.pp, &r.tg].into_iter().flatten().map(Figure::cell));
         row.extend(r.parallel.iter().map(|a| a.figure.cell()));
+        if quality {
+            row.extend(quality_cells(r.quality.as_ref()));
+        }
         out.push_str(&format!("| {} |\n", row.join(" | ")));
     }
-    out.push_str("\nmedian (min–max) tokens per second over the repetitions, warm-up excluded\n");
+    let speed = prompt > 0 || generate > 0;
+    if speed {
+        out.push_str(
+            "\nmedian (min–max) tokens per second over the repetitions, warm-up excluded\n",
+        );
+    } else {
+        out.push('\n');
+    }
     let mut said: Vec<String> = results
         .first()
         .map(|r| fixed.iter().filter_map(|k| k.said(&r.setting)).collect())
         .unwrap_or_default();
-    said.push(format!(
-        "{reps} repetition{}",
-        if reps == 1 { "" } else { "s" }
-    ));
-    out.push_str(&said.join(", "));
-    out.push('\n');
+    if speed {
+        said.push(format!(
+            "{reps} repetition{}",
+            if reps == 1 { "" } else { "s" }
+        ));
+    }
+    if !said.is_empty() {
+        out.push_str(&said.join(", "));
+        out.push('\n');
+    }
     out
+}
+
+/// The ppl, kld and same-top cells; a reference says so in the last two.
+fn quality_cells(q: Option<&Quality>) -> [String; 3] {
+    let Some(q) = q else {
+        return Default::default();
+    };
+    let reference = || "(ref)".to_owned();
+    [
+        format!("{:.2} ± {:.2}", q.ppl, q.ppl_error),
+        q.kld.map_or_else(reference, |k| format!("{k:.4}")),
+        q.same_top
+            .map_or_else(reference, |f| format!("{:.1}%", f * 100.0)),
+    ]
 }
 
 /// CSV, one row per model and figure, with the depth it was measured at.
@@ -362,34 +403,46 @@ pub fn csv(results: &[ModelResult], depth: usize) -> String {
     for r in results {
         // A setting left to llama.cpp's default is an empty field.
         let s = &r.setting;
-        let gpu_layers = s.gpu_layers.map(|n| n.to_string()).unwrap_or_default();
-        let fa = s
-            .flash_attention
-            .map(|on| on.to_string())
-            .unwrap_or_default();
-        let mut row = |figure: &str, n: usize, f: &Figure| {
-            out.push_str(&format!(
-                "{},{},{},{},{},{},{gpu_layers},{fa},{},{figure},{n},{depth},{:.3},{:.3},{:.3}\n",
-                r.file,
-                r.quantization,
-                r.size,
-                r.parameters,
-                r.backend,
-                s.threads,
-                s.kv_cache_type.as_str(),
-                f.median,
-                f.min,
-                f.max
-            ));
+        let lead = format!(
+            "{},{},{},{},{},{},{},{},{}",
+            r.file,
+            r.quantization,
+            r.size,
+            r.parameters,
+            r.backend,
+            s.threads,
+            s.gpu_layers.map(|n| n.to_string()).unwrap_or_default(),
+            s.flash_attention
+                .map(|on| on.to_string())
+                .unwrap_or_default(),
+            s.kv_cache_type.as_str(),
+        );
+        let mut row = |figure: &str, n: usize, values: &str| {
+            out.push_str(&format!("{lead},{figure},{n},{depth},{values}\n"));
         };
+        let spread = |f: &Figure| format!("{:.3},{:.3},{:.3}", f.median, f.min, f.max);
         if let Some(f) = &r.pp {
-            row("pp", 1, f);
+            row("pp", 1, &spread(f));
         }
         if let Some(f) = &r.tg {
-            row("tg", 1, f);
+            row("tg", 1, &spread(f));
         }
         for a in &r.parallel {
-            row("tg_aggregate", a.sequences, &a.figure);
+            row("tg_aggregate", a.sequences, &spread(&a.figure));
+        }
+        // Quality figures are one value each: in the median column, min and max empty.
+        if let Some(q) = &r.quality {
+            let values = [
+                ("ppl", Some(q.ppl)),
+                ("ppl_error", Some(q.ppl_error)),
+                ("kld", q.kld),
+                ("same_top", q.same_top),
+            ];
+            for (figure, value) in values {
+                if let Some(v) = value {
+                    row(figure, 1, &format!("{v:.6},,"));
+                }
+            }
         }
     }
     out
@@ -428,6 +481,7 @@ mod tests {
                 figure: Figure::of(vec![30.0]),
             }],
             cached: 0,
+            quality: None,
         }
     }
 

@@ -1,0 +1,422 @@
+//! `backstop bench --quality`: what a quantization (or a quantized KV cache) costs in output
+//! quality, beside what it gains in speed.
+//!
+//! Every model gets the perplexity of one fixed text. Every model after the first of the same
+//! vocabulary (the source of a `--quantize` ladder, or the first file given) is also compared
+//! with that first one, its reference, at each scored position: the KL divergence of its
+//! next-token distribution from the reference's, and whether both put the same token first.
+//!
+//! The method is that of llama.cpp's perplexity tool: the text is cut into chunks of
+//! [`CHUNK`] tokens, each read from an empty cache (starting with BOS where the model wants
+//! one), and only the second half of each chunk is scored, so every scored token has at least
+//! half a chunk before it.
+//!
+//! Written here rather than taken from a crate: what it computes per position is a
+//! log-softmax and a top-k over one row of llama.cpp's logits, which no crate offers for them.
+
+use std::num::NonZeroU32;
+use std::path::Path;
+
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use serde::Serialize;
+
+use super::measure::{llama, BenchError, Setting};
+
+/// The built-in text: about 1,100 words of plain English prose written for this purpose, so
+/// that figures from different runs and machines compare.
+const BUILT_IN: &str = include_str!("quality.txt");
+
+/// Tokens per chunk (fewer when the model's training context is shorter).
+const CHUNK: usize = 512;
+
+/// The fewest text tokens a chunk may have: below this a perplexity says little.
+const MIN_TOKENS: usize = 64;
+
+/// Positions scored per decode. Each needs a row of logits, and llama.cpp holds the rows of a
+/// whole decode at once: 128 rows of Gemma 3's 262,144-token vocabulary are 128 MiB.
+const BATCH: usize = 128;
+
+/// The reference's likeliest tokens kept per position for the KL divergence (8 KiB a
+/// position, where the whole distribution would be 192 KiB for SmolLM2 and 1 MiB for Gemma 3).
+/// The rest of its distribution is one more outcome, "any other token", so the figure is the
+/// exact divergence over those 1,025 outcomes: never more than over the whole vocabulary, and
+/// close to it. Measured on SmolLM2's built-in text against the whole-vocabulary figure:
+/// 0.2435 for 0.2497 (Q4_0 made from Q4_1) and 0.0054 for 0.0055 (Q8_0); 32 tokens gave only
+/// 0.1917 and 0.0043.
+const TOP: usize = 1024;
+
+/// The text to score.
+#[derive(Debug, Clone)]
+pub struct Text {
+    /// How the table names it.
+    pub name: String,
+    text: String,
+}
+
+impl Text {
+    /// The built-in text, or the one in `path`.
+    pub fn load(path: Option<&Path>) -> Result<Text, String> {
+        let Some(path) = path else {
+            return Ok(Text {
+                name: "the built-in text".into(),
+                text: BUILT_IN.into(),
+            });
+        };
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("--quality-text {}: {e}", path.display()))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| format!("--quality-text {}: not UTF-8 text", path.display()))?;
+        Ok(Text {
+            name: path.display().to_string(),
+            text,
+        })
+    }
+}
+
+/// One model's quality figures.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Quality {
+    /// Tokens of the text, in this model's vocabulary.
+    pub text_tokens: usize,
+    /// Tokens per chunk, BOS included.
+    pub chunk: usize,
+    /// Positions scored.
+    pub scored: usize,
+    /// Perplexity: e to the mean negative log-likelihood of each scored token.
+    pub ppl: f64,
+    /// Its standard error.
+    pub ppl_error: f64,
+    /// Mean KL divergence from the reference's next-token distribution, in nats (`None`
+    /// for a reference).
+    pub kld: Option<f64>,
+    /// How often the likeliest token is the reference's, from 0 to 1 (`None` for a
+    /// reference).
+    pub same_top: Option<f64>,
+    /// The model compared with (`None`: this one is a reference).
+    pub reference: Option<String>,
+}
+
+/// What a model predicted at each scored position, kept so that later models of the same
+/// vocabulary can be compared with it.
+pub struct Reference {
+    name: String,
+    /// Every chunk's tokens as read, and the chunks' length: a model is compared only when it
+    /// read the very same.
+    tokens: Vec<LlamaToken>,
+    chunk: usize,
+    n_vocab: usize,
+    /// Token ids kept per position: [`TOP`], or the whole vocabulary when smaller.
+    k: usize,
+    /// `k` token ids per scored position, likeliest first.
+    top: Vec<u32>,
+    /// Their log-probabilities.
+    top_logp: Vec<f32>,
+}
+
+/// The lines under the table that say what the quality columns are.
+pub fn said(text: &Text) -> String {
+    format!(
+        "ppl: perplexity of {}, in chunks of up to {CHUNK} tokens with the second half of each \
+         scored (± one standard error)\nkld: mean KL divergence in nats of each next-token \
+         distribution from the (ref) model's (over its {TOP} likeliest tokens and the rest as \
+         one); same top: how often both put the same token first\n",
+        text.name
+    )
+}
+
+/// Chunk length (BOS included) and number of chunks for `n` text tokens: whole chunks of
+/// [`CHUNK`], or of the training context when shorter; a text shorter than one chunk is one
+/// chunk of itself.
+fn layout(n: usize, bos: bool, train: usize) -> Result<(usize, usize), String> {
+    let bos = usize::from(bos);
+    let len = CHUNK.min(train).min(n + bos);
+    if len < MIN_TOKENS + bos {
+        return Err(format!(
+            "{n} tokens: --quality needs a text of at least {MIN_TOKENS} tokens"
+        ));
+    }
+    Ok((len, n / (len - bos)))
+}
+
+/// The log of the sum of `exp` over a row of logits, and the index of its (first) largest.
+fn log_sum_exp(logits: &[f32]) -> (f64, usize) {
+    let (mut best, mut max) = (0, f32::NEG_INFINITY);
+    for (i, &l) in logits.iter().enumerate() {
+        if l > max {
+            (best, max) = (i, l);
+        }
+    }
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    (f64::from(max) + sum.ln(), best)
+}
+
+/// The `k` largest logits' indices, largest first; `scratch` is reused between calls.
+fn top_k(logits: &[f32], k: usize, scratch: &mut Vec<u32>) -> Vec<u32> {
+    scratch.clear();
+    scratch.extend(0..logits.len() as u32);
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+    let k = k.min(scratch.len());
+    if k < scratch.len() {
+        scratch.select_nth_unstable_by(k, by_logit);
+    }
+    let mut top = scratch[..k].to_vec();
+    top.sort_by(by_logit);
+    top
+}
+
+/// KL(P‖Q) over the reference's top tokens and "any other token": `p_top` the reference's
+/// log-probabilities of `top`, `logits` and `lse` the other model's row.
+fn divergence(top: &[u32], p_top: &[f32], logits: &[f32], lse: f64) -> f64 {
+    let (mut kl, mut p_in, mut q_in) = (0.0, 0.0, 0.0);
+    for (&t, &lp) in top.iter().zip(p_top) {
+        let (lp, lq) = (f64::from(lp), f64::from(logits[t as usize]) - lse);
+        let p = lp.exp();
+        kl += p * (lp - lq);
+        p_in += p;
+        q_in += lq.exp();
+    }
+    let p_rest = (1.0 - p_in).max(0.0);
+    if p_rest > 0.0 {
+        // A model that puts (almost) nothing outside those tokens is charged as if it put
+        // e^-30 there, rather than infinitely.
+        let q_rest = (1.0 - q_in).max((-30.0f64).exp());
+        kl += p_rest * (p_rest.ln() - q_rest.ln());
+    }
+    kl.max(0.0)
+}
+
+/// Running sums over the scored positions.
+#[derive(Default)]
+struct Sums {
+    n: usize,
+    nll: f64,
+    nll_sq: f64,
+    kl: f64,
+    same: usize,
+}
+
+/// Scores `text` with a loaded model, and compares it with the first of `references` that
+/// read the same tokens. Returns its figures and what it predicted, which becomes a reference
+/// when none matched.
+pub fn score(
+    model: &LlamaModel,
+    setting: &Setting,
+    text: &Text,
+    references: &[Reference],
+    name: &str,
+) -> Result<(Quality, Reference), BenchError> {
+    let vocab = model.vocab();
+    let bos = vocab.should_add_bos();
+    let words = vocab.tokenize(text.text.as_bytes(), false, false);
+    let train = usize::try_from(model.n_ctx_train()).unwrap_or(usize::MAX);
+    let (len, chunks) = layout(words.len(), bos, train)
+        .map_err(|e| BenchError::Quality(format!("{}: {e}", text.name)))?;
+    let per = len - usize::from(bos);
+    let mut tokens = Vec::with_capacity(len * chunks);
+    for chunk in words.chunks_exact(per).take(chunks) {
+        if bos {
+            tokens.push(vocab.bos());
+        }
+        tokens.extend_from_slice(chunk);
+    }
+    let n_vocab = usize::try_from(model.n_vocab()).unwrap_or(0);
+    let reference = references
+        .iter()
+        .find(|r| r.n_vocab == n_vocab && r.chunk == len && r.tokens == tokens);
+
+    let backend = crate::engine::backend().map_err(llama)?;
+    let len_u32 = u32::try_from(len).map_err(llama)?;
+    let params = crate::engine::context_params(
+        setting.threads,
+        setting.flash_attention,
+        setting.kv_cache_type,
+    )
+    .with_n_ctx(NonZeroU32::new(len_u32))
+    .with_n_batch(len_u32)
+    .with_n_ubatch(len_u32)
+    .with_n_seq_max(1);
+    let mut ctx = model.new_context(backend, params).map_err(llama)?;
+    let mut batch = LlamaBatch::new(len, 1);
+    let first = len / 2;
+    let mut sums = Sums::default();
+    let mut mine = Reference {
+        name: name.to_owned(),
+        tokens: Vec::new(),
+        chunk: len,
+        n_vocab,
+        k: TOP.min(n_vocab),
+        top: Vec::new(),
+        top_logp: Vec::new(),
+    };
+    let mut scratch = Vec::new();
+    for chunk in tokens.chunks_exact(len) {
+        ctx.clear_kv_cache();
+        // The first half is context only; then the positions whose next token is scored,
+        // each with its row of logits.
+        let spans = std::iter::once((0, first, false)).chain(
+            (first..len - 1)
+                .step_by(BATCH)
+                .map(|s| (s, (s + BATCH).min(len - 1), true)),
+        );
+        for (start, end, scored) in spans {
+            batch.clear();
+            for (p, &t) in chunk.iter().enumerate().take(end).skip(start) {
+                batch.add(t, p as i32, &[0], scored).map_err(llama)?;
+            }
+            ctx.decode(&mut batch).map_err(llama)?;
+            if !scored {
+                continue;
+            }
+            for (i, p) in (start..end).enumerate() {
+                let logits = ctx.get_logits_ith(i as i32);
+                let (lse, best) = log_sum_exp(logits);
+                let target = chunk[p + 1].0 as usize;
+                let nll = lse - f64::from(logits.get(target).copied().unwrap_or(f32::MIN));
+                sums.n += 1;
+                sums.nll += nll;
+                sums.nll_sq += nll * nll;
+                let at = mine.top.len();
+                mine.top.extend(top_k(logits, mine.k, &mut scratch));
+                mine.top_logp.extend(
+                    mine.top[at..]
+                        .iter()
+                        .map(|&t| (f64::from(logits[t as usize]) - lse) as f32),
+                );
+                if let Some(r) = reference {
+                    let at = (sums.n - 1) * r.k;
+                    let (top, p_top) = (&r.top[at..at + r.k], &r.top_logp[at..at + r.k]);
+                    sums.kl += divergence(top, p_top, logits, lse);
+                    sums.same += usize::from(top[0] as usize == best);
+                }
+            }
+        }
+    }
+    mine.tokens = tokens;
+    let n = sums.n.max(1) as f64;
+    let mean = sums.nll / n;
+    let variance = (sums.nll_sq / n - mean * mean).max(0.0);
+    let ppl = mean.exp();
+    let quality = Quality {
+        text_tokens: words.len(),
+        chunk: len,
+        scored: sums.n,
+        ppl,
+        // The delta method: the error of the mean log-likelihood, carried through exp.
+        ppl_error: ppl * (variance / (n - 1.0).max(1.0)).sqrt(),
+        kld: reference.map(|_| sums.kl / n),
+        same_top: reference.map(|_| sums.same as f64 / n),
+        reference: reference.map(|r| r.name.clone()),
+    };
+    Ok((quality, mine))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exact KL divergence over the whole vocabulary.
+    fn exact(p: &[f32], q: &[f32]) -> f64 {
+        let (lp, lq) = (log_sum_exp(p).0, log_sum_exp(q).0);
+        p.iter()
+            .zip(q)
+            .map(|(&a, &b)| {
+                let (la, lb) = (f64::from(a) - lp, f64::from(b) - lq);
+                la.exp() * (la - lb)
+            })
+            .sum()
+    }
+
+    fn reference_row(p: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
+        let lse = log_sum_exp(p).0;
+        let top = top_k(p, k, &mut Vec::new());
+        let logp = top
+            .iter()
+            .map(|&t| (f64::from(p[t as usize]) - lse) as f32)
+            .collect();
+        (top, logp)
+    }
+
+    /// Two made-up rows of logits over a 1,000-token vocabulary: a peaked one, and one
+    /// nudged from it as a quantization nudges a model.
+    fn rows() -> (Vec<f32>, Vec<f32>) {
+        let p: Vec<f32> = (0..1000)
+            .map(|i| 12.0 * (-(i as f32) / 40.0).exp() + ((i * 7919) % 13) as f32 * 0.05)
+            .collect();
+        let q: Vec<f32> = p
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| l + ((i * 104_729) % 17) as f32 * 0.03 - 0.25)
+            .collect();
+        (p, q)
+    }
+
+    #[test]
+    fn log_sum_exp_and_argmax_match_the_definitions() {
+        let row = [1.0f32, 3.0, 3.0, -2.0];
+        let (lse, best) = log_sum_exp(&row);
+        let direct = row.iter().map(|&l| f64::from(l).exp()).sum::<f64>().ln();
+        assert!((lse - direct).abs() < 1e-12, "{lse} {direct}");
+        assert_eq!(best, 1, "the first of equal maxima");
+        // Large logits do not overflow.
+        let (lse, _) = log_sum_exp(&[1000.0, 1000.0]);
+        assert!((lse - (1000.0 + 2f64.ln())).abs() < 1e-9);
+    }
+
+    #[test]
+    fn top_k_is_the_largest_in_order() {
+        let row = [0.5f32, 9.0, -1.0, 7.0, 8.0, 7.5];
+        let mut scratch = Vec::new();
+        assert_eq!(top_k(&row, 3, &mut scratch), [1, 4, 5]);
+        assert_eq!(top_k(&row, 10, &mut scratch), [1, 4, 5, 3, 0, 2]);
+    }
+
+    #[test]
+    fn divergence_is_zero_for_the_same_model_and_close_to_the_exact_figure() {
+        let (p, q) = rows();
+        let (top, logp) = reference_row(&p, 32);
+        let same = divergence(&top, &logp, &p, log_sum_exp(&p).0);
+        assert!(same.abs() < 1e-6, "{same}");
+
+        let full = exact(&p, &q);
+        let bucketed = divergence(&top, &logp, &q, log_sum_exp(&q).0);
+        assert!(full > 1e-3, "the rows differ: {full}");
+        // Grouping outcomes never raises a divergence, and the top tokens hold most of it.
+        assert!(bucketed <= full + 1e-9, "{bucketed} > {full}");
+        assert!(bucketed > 0.8 * full, "{bucketed} vs {full}");
+        // Over the whole vocabulary it is the exact figure.
+        let (all, all_logp) = reference_row(&p, p.len());
+        let whole = divergence(&all, &all_logp, &q, log_sum_exp(&q).0);
+        assert!((whole - full).abs() < 1e-6, "{whole} vs {full}");
+    }
+
+    #[test]
+    fn a_model_that_rules_out_the_rest_is_charged_finitely() {
+        // The reference keeps 2 tokens of 3 in its top and puts mass on the third; the
+        // other model puts none there.
+        let p = [2.0f32, 1.5, 1.0];
+        let q = [5.0f32, 4.0, -1.0e9];
+        let (top, logp) = reference_row(&p, 2);
+        let kl = divergence(&top, &logp, &q, log_sum_exp(&q).0);
+        assert!(kl.is_finite() && kl > 1.0, "{kl}");
+    }
+
+    #[test]
+    fn texts_are_cut_into_whole_chunks_or_refused_when_short() {
+        assert_eq!(layout(1100, true, 8192), Ok((512, 2)));
+        assert_eq!(layout(1100, false, 8192), Ok((512, 2)));
+        assert_eq!(layout(1022, true, 8192), Ok((512, 2)));
+        assert_eq!(layout(1021, true, 8192), Ok((512, 1)));
+        // A short training context makes the chunks shorter.
+        assert_eq!(layout(1100, false, 256), Ok((256, 4)));
+        // A text shorter than a chunk is one chunk of itself.
+        assert_eq!(layout(300, true, 8192), Ok((301, 1)));
+        assert_eq!(layout(64, false, 8192), Ok((64, 1)));
+        let short = layout(63, false, 8192).unwrap_err();
+        assert!(
+            short.contains("63 tokens") && short.contains("at least 64"),
+            "{short}"
+        );
+    }
+}
