@@ -832,6 +832,8 @@ fn quality_is_scored_and_compared_with_the_first_model_of_each_vocabulary() {
     );
     assert!(number(again, "kld").abs() < 1e-6, "{again}");
     assert_eq!(number(again, "same_top"), 1.0, "{again}");
+    // Over the reference's 4,096 likeliest tokens: the built-in text is short.
+    assert_eq!(again["kld_top"], 4096, "{again}");
     // Gemma reads other tokens: it is a reference of its own, not compared with SmolLM2.
     let gemma = quality(&results[2]);
     assert!(

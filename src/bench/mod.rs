@@ -241,7 +241,9 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         BenchFormat::Table => println!(
             "{}{}{}",
             table(&results, args.prompt, args.generate, args.depth, args.reps),
-            text.as_ref().map(quality::said).unwrap_or_default(),
+            text.as_ref()
+                .map(|t| quality::said(t, results.iter().filter_map(|r| r.quality.as_ref())))
+                .unwrap_or_default(),
             machine.line()
         ),
         BenchFormat::Json => println!(

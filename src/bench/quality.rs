@@ -38,14 +38,25 @@ const MIN_TOKENS: usize = 64;
 /// whole decode at once: 128 rows of Gemma 3's 262,144-token vocabulary are 128 MiB.
 const BATCH: usize = 128;
 
-/// The reference's likeliest tokens kept per position for the KL divergence (8 KiB a
-/// position, where the whole distribution would be 192 KiB for SmolLM2 and 1 MiB for Gemma 3).
-/// The rest of its distribution is one more outcome, "any other token", so the figure is the
-/// exact divergence over those 1,025 outcomes: never more than over the whole vocabulary, and
-/// close to it. Measured on SmolLM2's built-in text against the whole-vocabulary figure:
-/// 0.2435 for 0.2497 (Q4_0 made from Q4_1) and 0.0054 for 0.0055 (Q8_0); 32 tokens gave only
-/// 0.1917 and 0.0043.
-const TOP: usize = 1024;
+/// The reference's likeliest tokens kept per position for the KL divergence, at most: 32 KiB a
+/// position, where the whole distribution is 192 KiB for SmolLM2 and 1 MiB for Gemma 3. The
+/// rest of its distribution is one more outcome, "any other token", so the figure is the exact
+/// divergence over those outcomes: never more than over the whole vocabulary, and close to it.
+/// Measured on SmolLM2's built-in text, Q4_0 made from Q4_1, against the whole vocabulary's
+/// 0.2497 (llama.cpp's perplexity tool says 0.249965): 0.2484 with 4,096 tokens, 0.2435 with
+/// 1,024, 0.1917 with 32. (Spreading the rest like the other model's tail did worse.)
+const TOP: usize = 4096;
+
+/// Fewer tokens per position for a long text, so that a reference holds at most this much.
+const REFERENCE_BYTES: usize = 256 << 20;
+
+/// Tokens kept per position for `positions` scored positions and a vocabulary of `n_vocab`.
+fn kept(positions: usize, n_vocab: usize) -> usize {
+    let per_token = std::mem::size_of::<u32>() + std::mem::size_of::<f32>();
+    (REFERENCE_BYTES / per_token / positions.max(1))
+        .clamp(64, TOP)
+        .min(n_vocab)
+}
 
 /// The text to score.
 #[derive(Debug, Clone)]
@@ -96,6 +107,9 @@ pub struct Quality {
     pub same_top: Option<f64>,
     /// The model compared with (`None`: this one is a reference).
     pub reference: Option<String>,
+    /// The reference's likeliest tokens the divergence was taken over, the rest counted as
+    /// one (`None` for a reference).
+    pub kld_top: Option<usize>,
 }
 
 /// What a model predicted at each scored position, kept so that later models of the same
@@ -107,7 +121,7 @@ pub struct Reference {
     tokens: Vec<LlamaToken>,
     chunk: usize,
     n_vocab: usize,
-    /// Token ids kept per position: [`TOP`], or the whole vocabulary when smaller.
+    /// Token ids kept per position: see [`kept`].
     k: usize,
     /// `k` token ids per scored position, likeliest first.
     top: Vec<u32>,
@@ -116,14 +130,27 @@ pub struct Reference {
 }
 
 /// The lines under the table that say what the quality columns are.
-pub fn said(text: &Text) -> String {
-    format!(
+pub fn said<'a>(text: &Text, figures: impl Iterator<Item = &'a Quality>) -> String {
+    let mut kept: Vec<String> = Vec::new();
+    for k in figures.filter_map(|q| q.kld_top) {
+        if !kept.contains(&k.to_string()) {
+            kept.push(k.to_string());
+        }
+    }
+    let mut out = format!(
         "ppl: perplexity of {}, in chunks of up to {CHUNK} tokens with the second half of each \
-         scored (± one standard error)\nkld: mean KL divergence in nats of each next-token \
-         distribution from the (ref) model's (over its {TOP} likeliest tokens and the rest as \
-         one); same top: how often both put the same token first\n",
+         scored (± one standard error)\n",
         text.name
-    )
+    );
+    if !kept.is_empty() {
+        out.push_str(&format!(
+            "kld: mean KL divergence in nats of each next-token distribution from the (ref) \
+             model's, over its {} likeliest tokens and the rest as one; same top: how often \
+             both put the same token first\n",
+            kept.join("/")
+        ));
+    }
+    out
 }
 
 /// Chunk length (BOS included) and number of chunks for `n` text tokens: whole chunks of
@@ -246,7 +273,7 @@ pub fn score(
         tokens: Vec::new(),
         chunk: len,
         n_vocab,
-        k: TOP.min(n_vocab),
+        k: kept(chunks * (len - 1 - first), n_vocab),
         top: Vec::new(),
         top_logp: Vec::new(),
     };
@@ -308,6 +335,7 @@ pub fn score(
         kld: reference.map(|_| sums.kl / n),
         same_top: reference.map(|_| sums.same as f64 / n),
         reference: reference.map(|r| r.name.clone()),
+        kld_top: reference.map(|r| r.k),
     };
     Ok((quality, mine))
 }
@@ -400,6 +428,18 @@ mod tests {
         let (top, logp) = reference_row(&p, 2);
         let kl = divergence(&top, &logp, &q, log_sum_exp(&q).0);
         assert!(kl.is_finite() && kl > 1.0, "{kl}");
+    }
+
+    #[test]
+    fn a_long_text_keeps_fewer_tokens_per_position() {
+        // The built-in text: 510 positions, 4,096 tokens each (16 MiB).
+        assert_eq!(kept(510, 49_152), TOP);
+        // A vocabulary smaller than that is kept whole.
+        assert_eq!(kept(510, 1000), 1000);
+        // 140,000 positions (a long corpus) would be 4.3 GiB at 4,096: 239 keep it to 256 MiB.
+        assert_eq!(kept(140_000, 262_144), 239);
+        assert!(kept(140_000, 262_144) * 8 * 140_000 <= REFERENCE_BYTES);
+        assert_eq!(kept(usize::MAX / 2, 262_144), 64);
     }
 
     #[test]
