@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Build the peers (see /work/shared/BENCH.md): llama.cpp's own C++ `llama-server` and
-# `llama-bench`, CPU only, from the llama.cpp that llama-cpp-python's source distribution on
+# Build the peers (see /work/shared/BENCH.md): llama.cpp's own C++ `llama-server`,
+# `llama-bench` and `llama-perplexity` (to check `backstop bench --quality`), CPU only, from the llama.cpp that llama-cpp-python's source distribution on
 # PyPI vendors under vendor/llama.cpp (the llama-cpp-sys-2 crate strips llama.cpp's tools, so
 # its copy cannot build them); and, with --python, llama-cpp-python's own server installed from
 # that same source distribution into a venv (about 8 more minutes).
 #
 # Everything lives outside the repository, under ${BACKSTOP_CACHE:-$HOME/.cache/backstop}/peers/:
 #   src/llama_cpp_python-X.tar.gz   the sdist          src/llama_cpp_python-X/   its unpacked tree
-#   build-X/                        the cmake build    bin/llama-server, bin/llama-bench, bin/STAMP
+#   build-X/                        the cmake build    bin/llama-{server,bench,perplexity}, bin/STAMP
 #   llama-cpp-python-venv/          llama-cpp-python[server] (--python only)
 #
-# Idempotent: when bin/ holds both binaries and its stamp names the pinned version, it does
+# Idempotent: when bin/ holds the three binaries and its stamp names the pinned version, it does
 # nothing. About 9 minutes on 2 cores the first time (plus ~1.5 min for pip to fetch the sdist).
 #
 #   scripts/build-peers.sh           # build if needed
@@ -62,11 +62,12 @@ python_peer() {
 }
 
 if [ "$force" = 0 ] && [ -x "$bin/llama-server" ] && [ -x "$bin/llama-bench" ] \
-   && [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$want_stamp" ]; then
+   && [ -x "$bin/llama-perplexity" ] && [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$want_stamp" ]; then
   echo "ok      peers already built ($want_stamp)"
   sed -n '2,$p' "$stamp"
   echo "        $bin/llama-server"
   echo "        $bin/llama-bench"
+  echo "        $bin/llama-perplexity"
   [ "$with_python" = 0 ] || python_peer
   exit 0
 fi
@@ -153,14 +154,16 @@ cmake -S "$llama" -B "$build" \
   -DLLAMA_BUILD_COMMIT="$commit" \
   -Wno-dev >"$peers/cmake-configure.log" 2>&1 \
   || { tail -n 40 "$peers/cmake-configure.log" >&2; echo "error: cmake configure failed (log: $peers/cmake-configure.log)" >&2; exit 1; }
-cmake --build "$build" --config Release -j"$(nproc)" --target llama-server llama-bench
+cmake --build "$build" --config Release -j"$(nproc)" --target llama-server llama-bench llama-perplexity
 
 # 5. Install the binaries (copy then rename, so a reader never sees half a file) and check them.
-for b in llama-server llama-bench; do
+for b in llama-server llama-bench llama-perplexity; do
   cp "$build/bin/$b" "$bin/.$b.tmp"
   mv -f "$bin/.$b.tmp" "$bin/$b"
 done
-"$bin/llama-bench" --help >/dev/null 2>&1 || { echo "error: $bin/llama-bench --help failed" >&2; exit 1; }
+for b in llama-bench llama-perplexity; do
+  "$bin/$b" --help >/dev/null 2>&1 || { echo "error: $bin/$b --help failed" >&2; exit 1; }
+done
 server_version=$("$bin/llama-server" --version 2>&1) || { echo "error: $bin/llama-server --version failed:" >&2; echo "$server_version" >&2; exit 1; }
 
 {
@@ -175,4 +178,5 @@ echo "ok      built peers ($want_stamp)"
 sed -n '2,$p' "$stamp"
 echo "        $bin/llama-server"
 echo "        $bin/llama-bench"
+echo "        $bin/llama-perplexity"
 [ "$with_python" = 0 ] || python_peer
