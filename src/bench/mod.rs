@@ -227,9 +227,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 bar.set_message(format!("{name}{tag} quality"));
                 let (figures, reference) =
                     quality::score(&model, &setting, text, &references, &format!("{name}{tag}"))?;
-                if figures.reference.is_none() {
-                    references.push(reference);
-                }
+                references.extend(reference);
                 result.quality = Some(figures);
                 bar.inc(1);
             }

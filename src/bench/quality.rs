@@ -225,15 +225,15 @@ struct Sums {
 }
 
 /// Scores `text` with a loaded model, and compares it with the first of `references` that
-/// read the same tokens. Returns its figures and what it predicted, which becomes a reference
-/// when none matched.
+/// read the same tokens. Returns its figures, and when none matched, what it predicted: a
+/// reference for the models after it.
 pub fn score(
     model: &LlamaModel,
     setting: &Setting,
     text: &Text,
     references: &[Reference],
     name: &str,
-) -> Result<(Quality, Reference), BenchError> {
+) -> Result<(Quality, Option<Reference>), BenchError> {
     let vocab = model.vocab();
     let bos = vocab.should_add_bos();
     let words = vocab.tokenize(text.text.as_bytes(), false, false);
@@ -304,18 +304,20 @@ pub fn score(
                 sums.n += 1;
                 sums.nll += nll;
                 sums.nll_sq += nll * nll;
-                let at = mine.top.len();
-                mine.top.extend(top_k(logits, mine.k, &mut scratch));
-                mine.top_logp.extend(
-                    mine.top[at..]
-                        .iter()
-                        .map(|&t| (f64::from(logits[t as usize]) - lse) as f32),
-                );
                 if let Some(r) = reference {
                     let at = (sums.n - 1) * r.k;
                     let (top, p_top) = (&r.top[at..at + r.k], &r.top_logp[at..at + r.k]);
                     sums.kl += divergence(top, p_top, logits, lse);
                     sums.same += usize::from(top[0] as usize == best);
+                } else {
+                    // What a later model will be compared with.
+                    let at = mine.top.len();
+                    mine.top.extend(top_k(logits, mine.k, &mut scratch));
+                    mine.top_logp.extend(
+                        mine.top[at..]
+                            .iter()
+                            .map(|&t| (f64::from(logits[t as usize]) - lse) as f32),
+                    );
                 }
             }
         }
@@ -337,7 +339,7 @@ pub fn score(
         reference: reference.map(|r| r.name.clone()),
         kld_top: reference.map(|r| r.k),
     };
-    Ok((quality, mine))
+    Ok((quality, reference.is_none().then_some(mine)))
 }
 
 #[cfg(test)]
