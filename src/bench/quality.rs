@@ -153,18 +153,18 @@ pub fn said<'a>(text: &Text, figures: impl Iterator<Item = &'a Quality>) -> Stri
     out
 }
 
-/// Chunk length (BOS included) and number of chunks for `n` text tokens: whole chunks of
-/// [`CHUNK`], or of the training context when shorter; a text shorter than one chunk is one
-/// chunk of itself.
+/// Chunk length and number of chunks for `n` text tokens, BOS first where the model wants
+/// one: whole chunks of [`CHUNK`], or of the training context when shorter; a text shorter
+/// than one chunk is one chunk of itself.
 fn layout(n: usize, bos: bool, train: usize) -> Result<(usize, usize), String> {
-    let bos = usize::from(bos);
-    let len = CHUNK.min(train).min(n + bos);
-    if len < MIN_TOKENS + bos {
+    if n < MIN_TOKENS {
         return Err(format!(
             "{n} tokens: --quality needs a text of at least {MIN_TOKENS} tokens"
         ));
     }
-    Ok((len, n / (len - bos)))
+    let all = n + usize::from(bos);
+    let len = CHUNK.min(train).min(all);
+    Ok((len, all / len))
 }
 
 /// The log of the sum of `exp` over a row of logits, and the index of its (first) largest.
@@ -240,13 +240,18 @@ pub fn score(
     let train = usize::try_from(model.n_ctx_train()).unwrap_or(usize::MAX);
     let (len, chunks) = layout(words.len(), bos, train)
         .map_err(|e| BenchError::Quality(format!("{}: {e}", text.name)))?;
-    let per = len - usize::from(bos);
+    // As llama.cpp's perplexity tool cuts it, so that the figures compare: BOS and the text
+    // in whole chunks, each chunk's first token made BOS (it has nothing before it).
     let mut tokens = Vec::with_capacity(len * chunks);
-    for chunk in words.chunks_exact(per).take(chunks) {
-        if bos {
-            tokens.push(vocab.bos());
+    if bos {
+        tokens.push(vocab.bos());
+    }
+    tokens.extend_from_slice(&words);
+    tokens.truncate(len * chunks);
+    if bos {
+        for chunk in tokens.chunks_exact_mut(len) {
+            chunk[0] = vocab.bos();
         }
-        tokens.extend_from_slice(chunk);
     }
     let n_vocab = usize::try_from(model.n_vocab()).unwrap_or(0);
     let reference = references
@@ -448,13 +453,16 @@ mod tests {
     fn texts_are_cut_into_whole_chunks_or_refused_when_short() {
         assert_eq!(layout(1100, true, 8192), Ok((512, 2)));
         assert_eq!(layout(1100, false, 8192), Ok((512, 2)));
-        assert_eq!(layout(1022, true, 8192), Ok((512, 2)));
-        assert_eq!(layout(1021, true, 8192), Ok((512, 1)));
+        // BOS counts in the first chunk.
+        assert_eq!(layout(1023, true, 8192), Ok((512, 2)));
+        assert_eq!(layout(1022, true, 8192), Ok((512, 1)));
+        assert_eq!(layout(1023, false, 8192), Ok((512, 1)));
         // A short training context makes the chunks shorter.
         assert_eq!(layout(1100, false, 256), Ok((256, 4)));
         // A text shorter than a chunk is one chunk of itself.
         assert_eq!(layout(300, true, 8192), Ok((301, 1)));
         assert_eq!(layout(64, false, 8192), Ok((64, 1)));
+        assert_eq!(layout(64, true, 8192), Ok((65, 1)));
         let short = layout(63, false, 8192).unwrap_err();
         assert!(
             short.contains("63 tokens") && short.contains("at least 64"),
