@@ -832,6 +832,8 @@ fn quality_is_scored_and_compared_with_the_first_model_of_each_vocabulary() {
     );
     assert!(number(again, "kld").abs() < 1e-6, "{again}");
     assert_eq!(number(again, "same_top"), 1.0, "{again}");
+    assert_eq!(number(again, "ppl_ratio"), 1.0, "{again}");
+    assert_eq!(number(again, "ppl_ratio_error"), 0.0, "{again}");
     // Over the reference's 4,096 likeliest tokens: the built-in text is short.
     assert_eq!(again["kld_top"], 4096, "{again}");
     // Gemma reads other tokens: it is a reference of its own, not compared with SmolLM2.
@@ -898,23 +900,36 @@ fn a_quantization_ladder_shows_what_each_rung_costs_in_quality() {
     assert!(number(q8, "same_top") > number(q4, "same_top"), "{q8} {q4}");
     assert!(number(q8, "same_top") > 0.85, "{q8}");
     assert!(number(q4, "ppl") > number(source, "ppl"), "{q4} {source}");
+    // Paired with the source token by token, Q4_0's loss stands well clear of its error,
+    // though the two perplexities' own errors overlap; Q8_0's does not.
+    let (ratio, error) = (number(q4, "ppl_ratio"), number(q4, "ppl_ratio_error"));
+    assert!(ratio - 1.0 > 2.0 * error && error > 0.0, "{q4}");
+    assert!(
+        number(q4, "ppl") - number(q4, "ppl_error")
+            < number(source, "ppl") + number(source, "ppl_error"),
+        "{q4} {source}"
+    );
+    assert!((number(q8, "ppl_ratio") - 1.0).abs() < 0.01, "{q8}");
 
     // The table gives each its three cells beside the speed, and says what they are.
     let table = run("-p 16 -n 4", "table");
     assert!(
-        table.contains(" | tg4 tok/s | ppl | kld | same top |\n"),
+        table.contains(" | tg4 tok/s | ppl | ppl ratio | kld | same top |\n"),
         "{table}"
     );
     let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| Sm")).collect();
     assert_eq!(rows.len(), 3, "{table}");
-    assert!(rows[0].ends_with(" | (ref) | (ref) |"), "{table}");
+    assert!(rows[0].ends_with(" | (ref) | (ref) | (ref) |"), "{table}");
     for row in &rows[1..] {
         let cells: Vec<&str> = row.trim_matches('|').split(" | ").map(str::trim).collect();
-        // tg4, ppl ± error, kld, same top.
-        let [tg, ppl, kld, same] = cells[cells.len() - 4..] else {
+        // tg4, ppl ± error, ppl ratio ± error, kld, same top.
+        let [tg, ppl, ratio, kld, same] = cells[cells.len() - 5..] else {
             panic!("{table}")
         };
-        assert!(tg.contains('–') && ppl.contains(" ± "), "{row}");
+        assert!(
+            tg.contains('–') && ppl.contains(" ± ") && ratio.contains(" ± "),
+            "{row}"
+        );
         assert!(kld.parse::<f64>().is_ok_and(|k| k > 0.0), "{row}");
         assert!(same.ends_with('%'), "{row}");
     }
@@ -927,7 +942,7 @@ fn a_quantization_ladder_shows_what_each_rung_costs_in_quality() {
     for figure in [",ppl,", ",ppl_error,"] {
         assert_eq!(csv.matches(figure).count(), 3, "{csv}");
     }
-    for figure in [",kld,", ",same_top,"] {
+    for figure in [",ppl_ratio,", ",ppl_ratio_error,", ",kld,", ",same_top,"] {
         assert_eq!(csv.matches(figure).count(), 2, "{csv}");
     }
 }

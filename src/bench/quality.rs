@@ -99,6 +99,12 @@ pub struct Quality {
     pub ppl: f64,
     /// Its standard error.
     pub ppl_error: f64,
+    /// PPL over the reference's PPL on the same positions (`None` for a reference): e to the
+    /// mean difference of their log-likelihoods, so its error is the paired one, far smaller
+    /// than the two perplexities' own.
+    pub ppl_ratio: Option<f64>,
+    /// Its standard error.
+    pub ppl_ratio_error: Option<f64>,
     /// Mean KL divergence from the reference's next-token distribution, in nats (`None`
     /// for a reference).
     pub kld: Option<f64>,
@@ -127,6 +133,8 @@ pub struct Reference {
     top: Vec<u32>,
     /// Their log-probabilities.
     top_logp: Vec<f32>,
+    /// The negative log-likelihood of the text's token at each scored position.
+    nll: Vec<f64>,
 }
 
 /// The lines under the table that say what the quality columns are.
@@ -144,7 +152,8 @@ pub fn said<'a>(text: &Text, figures: impl Iterator<Item = &'a Quality>) -> Stri
     );
     if !kept.is_empty() {
         out.push_str(&format!(
-            "kld: mean KL divergence in nats of each next-token distribution from the (ref) \
+            "ppl ratio: over the (ref) model's on the same tokens, ± the paired error; \
+             kld: mean KL divergence in nats of each next-token distribution from the (ref) \
              model's, over its {} likeliest tokens and the rest as one; same top: how often \
              both put the same token first\n",
             kept.join("/")
@@ -220,6 +229,9 @@ struct Sums {
     n: usize,
     nll: f64,
     nll_sq: f64,
+    /// Of the differences from the reference's negative log-likelihoods.
+    diff: f64,
+    diff_sq: f64,
     kl: f64,
     same: usize,
 }
@@ -281,6 +293,7 @@ pub fn score(
         k: kept(chunks * (len - 1 - first), n_vocab),
         top: Vec::new(),
         top_logp: Vec::new(),
+        nll: Vec::new(),
     };
     let mut scratch = Vec::new();
     for chunk in tokens.chunks_exact(len) {
@@ -310,12 +323,16 @@ pub fn score(
                 sums.nll += nll;
                 sums.nll_sq += nll * nll;
                 if let Some(r) = reference {
+                    let diff = nll - r.nll[sums.n - 1];
+                    sums.diff += diff;
+                    sums.diff_sq += diff * diff;
                     let at = (sums.n - 1) * r.k;
                     let (top, p_top) = (&r.top[at..at + r.k], &r.top_logp[at..at + r.k]);
                     sums.kl += divergence(top, p_top, logits, lse);
                     sums.same += usize::from(top[0] as usize == best);
                 } else {
                     // What a later model will be compared with.
+                    mine.nll.push(nll);
                     let at = mine.top.len();
                     mine.top.extend(top_k(logits, mine.k, &mut scratch));
                     mine.top_logp.extend(
@@ -329,16 +346,24 @@ pub fn score(
     }
     mine.tokens = tokens;
     let n = sums.n.max(1) as f64;
-    let mean = sums.nll / n;
-    let variance = (sums.nll_sq / n - mean * mean).max(0.0);
-    let ppl = mean.exp();
+    // The mean of some values and its standard error, from their sum and sum of squares.
+    let mean_and_error = |sum: f64, sum_sq: f64| {
+        let mean = sum / n;
+        let variance = (sum_sq / n - mean * mean).max(0.0);
+        (mean, (variance / (n - 1.0).max(1.0)).sqrt())
+    };
+    // e to a mean, and its error carried through exp (the delta method).
+    let exp_and_error = |(mean, error): (f64, f64)| (mean.exp(), mean.exp() * error);
+    let (ppl, ppl_error) = exp_and_error(mean_and_error(sums.nll, sums.nll_sq));
+    let ratio = reference.map(|_| exp_and_error(mean_and_error(sums.diff, sums.diff_sq)));
     let quality = Quality {
         text_tokens: words.len(),
         chunk: len,
         scored: sums.n,
         ppl,
-        // The delta method: the error of the mean log-likelihood, carried through exp.
-        ppl_error: ppl * (variance / (n - 1.0).max(1.0)).sqrt(),
+        ppl_error,
+        ppl_ratio: ratio.map(|r| r.0),
+        ppl_ratio_error: ratio.map(|r| r.1),
         kld: reference.map(|_| sums.kl / n),
         same_top: reference.map(|_| sums.same as f64 / n),
         reference: reference.map(|r| r.name.clone()),

@@ -328,7 +328,7 @@ pub fn table(
     );
     let quality = results.iter().any(|r| r.quality.is_some());
     if quality {
-        head.extend(["ppl", "kld", "same top"].map(String::from));
+        head.extend(["ppl", "ppl ratio", "kld", "same top"].map(String::from));
     }
     let mut out = format!(
         "| {} |\n|{}\n",
@@ -380,14 +380,17 @@ pub fn table(
     out
 }
 
-/// The ppl, kld and same-top cells; a reference says so in the last two.
-fn quality_cells(q: Option<&Quality>) -> [String; 3] {
+/// The ppl, ppl ratio, kld and same-top cells; a reference says so in the last three.
+fn quality_cells(q: Option<&Quality>) -> [String; 4] {
     let Some(q) = q else {
         return Default::default();
     };
     let reference = || "(ref)".to_owned();
     [
         format!("{:.2} ± {:.2}", q.ppl, q.ppl_error),
+        q.ppl_ratio
+            .zip(q.ppl_ratio_error)
+            .map_or_else(reference, |(r, e)| format!("{r:.4} ± {e:.4}")),
         q.kld.map_or_else(reference, |k| format!("{k:.4}")),
         q.same_top
             .map_or_else(reference, |f| format!("{:.1}%", f * 100.0)),
@@ -435,6 +438,8 @@ pub fn csv(results: &[ModelResult], depth: usize) -> String {
             let values = [
                 ("ppl", Some(q.ppl)),
                 ("ppl_error", Some(q.ppl_error)),
+                ("ppl_ratio", q.ppl_ratio),
+                ("ppl_ratio_error", q.ppl_ratio_error),
                 ("kld", q.kld),
                 ("same_top", q.same_top),
             ];
