@@ -2,14 +2,16 @@
 //! quality, beside what it gains in speed.
 //!
 //! Every model gets the perplexity of one fixed text. Every model after the first of the same
-//! vocabulary (the source of a `--quantize` ladder, or the first file given) is also compared
-//! with that first one, its reference, at each scored position: the KL divergence of its
-//! next-token distribution from the reference's, and whether both put the same token first.
+//! vocabulary (the source of a `--quantize` ladder, the first file given, or the first setting
+//! of a sweep) is also compared with that first one, its reference, at each scored position:
+//! the difference of their log-likelihoods (the perplexity ratio, with its paired error), the
+//! KL divergence of its next-token distribution from the reference's, and whether both put the
+//! same token first.
 //!
-//! The method is that of llama.cpp's perplexity tool: the text is cut into chunks of
-//! [`CHUNK`] tokens, each read from an empty cache (starting with BOS where the model wants
-//! one), and only the second half of each chunk is scored, so every scored token has at least
-//! half a chunk before it.
+//! The method is that of llama.cpp's perplexity tool, and its figures agree with that tool's
+//! (README): the text is cut into chunks of [`CHUNK`] tokens, each read from an empty cache
+//! (starting with BOS where the model wants one), and only the second half of each chunk is
+//! scored, so every scored token has at least half a chunk before it.
 //!
 //! Written here rather than taken from a crate: what it computes per position is a
 //! log-softmax and a top-k over one row of llama.cpp's logits, which no crate offers for them.
@@ -31,7 +33,7 @@ const BUILT_IN: &str = include_str!("quality.txt");
 /// Tokens per chunk (fewer when the model's training context is shorter).
 const CHUNK: usize = 512;
 
-/// The fewest text tokens a chunk may have: below this a perplexity says little.
+/// The fewest text tokens scored at all: below this a perplexity says little.
 const MIN_TOKENS: usize = 64;
 
 /// Positions scored per decode. Each needs a row of logits, and llama.cpp holds the rows of a
