@@ -33,7 +33,7 @@ const BUILT_IN: &str = include_str!("quality.txt");
 /// Tokens per chunk (fewer when the model's training context is shorter).
 const CHUNK: usize = 512;
 
-/// The fewest text tokens scored at all: below this a perplexity says little.
+/// The fewest text tokens `--quality` accepts: below this a perplexity says little.
 const MIN_TOKENS: usize = 64;
 
 /// Positions scored per decode. Each needs a row of logits, and llama.cpp holds the rows of a
