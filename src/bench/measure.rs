@@ -307,16 +307,12 @@ pub fn load(path: &Path, setting: &Setting) -> Result<LlamaModel, BenchError> {
 }
 
 /// Measures a loaded model (after [`Plan::check`]): a warm-up, then `plan.reps`
-/// repetitions; `tick` after each. Nothing with `-p 0 -n 0` (a run that measures only
-/// quality).
+/// repetitions; `tick` after each.
 pub fn measure(
     model: &LlamaModel,
     plan: &Plan,
     mut tick: impl FnMut(),
 ) -> Result<Vec<Rep>, BenchError> {
-    if plan.prompt == 0 && plan.generate == 0 {
-        return Ok(Vec::new());
-    }
     let backend = crate::engine::backend().map_err(llama)?;
     let setting = plan.setting;
     let needed = plan.needed();

@@ -157,6 +157,9 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         ctx: args.ctx,
         setting,
     };
+    // A `--ctx` too small for the run is known from the numbers alone (the same for every
+    // setting): refused before anything is quantized or loaded.
+    plan(settings[0]).check()?;
     // Every file is found and its header read before any is measured: a typo at the end of
     // a quantization ladder fails at once, not after the models before it were measured.
     let files = args
@@ -192,7 +195,8 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let backend = compute.backend;
     let machine = Machine::here(compute.devices);
     let runs = files.len() * settings.len();
-    // A warm-up and the repetitions when speed is measured, and the quality pass.
+    // A warm-up and the repetitions when speed is measured (`-p 0 -n 0` measures only
+    // quality), and the quality pass.
     let speed = args.prompt > 0 || args.generate > 0;
     let per_run = if speed { args.reps + 1 } else { 0 } + usize::from(text.is_some());
     let bar = ProgressBar::new((runs * per_run) as u64);
@@ -218,10 +222,12 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         for &setting in &settings {
             let tag = label(&setting, &settings);
             bar.set_message(format!("{name}{tag}"));
-            let plan = plan(setting);
-            plan.check()?;
             let model = load(file, &setting)?;
-            let reps = measure(&model, &plan, || bar.inc(1))?;
+            let reps = if speed {
+                measure(&model, &plan(setting), || bar.inc(1))?
+            } else {
+                Vec::new()
+            };
             let mut result = ModelResult::new(meta.clone(), setting, &parallel, &reps);
             if let Some(text) = &text {
                 bar.set_message(format!("{name}{tag} quality"));

@@ -141,10 +141,10 @@ pub struct Reference {
 
 /// The lines under the table that say what the quality columns are.
 pub fn said<'a>(text: &Text, figures: impl Iterator<Item = &'a Quality>) -> String {
-    let mut kept: Vec<String> = Vec::new();
+    let mut kept: Vec<usize> = Vec::new();
     for k in figures.filter_map(|q| q.kld_top) {
-        if !kept.contains(&k.to_string()) {
-            kept.push(k.to_string());
+        if !kept.contains(&k) {
+            kept.push(k);
         }
     }
     let mut out = format!(
@@ -158,7 +158,10 @@ pub fn said<'a>(text: &Text, figures: impl Iterator<Item = &'a Quality>) -> Stri
              kld: mean KL divergence in nats of each next-token distribution from the (ref) \
              model's, over its {} likeliest tokens and the rest as one; same top: how often \
              both put the same token first\n",
-            kept.join("/")
+            kept.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join("/")
         ));
     }
     out
@@ -190,8 +193,9 @@ fn log_sum_exp(logits: &[f32]) -> (f64, usize) {
     (f64::from(max) + sum.ln(), best)
 }
 
-/// The `k` largest logits' indices, largest first; `scratch` is reused between calls.
-fn top_k(logits: &[f32], k: usize, scratch: &mut Vec<u32>) -> Vec<u32> {
+/// The `k` largest logits' indices, largest first, in `scratch` (reused between calls, so
+/// no allocation per position).
+fn top_k<'s>(logits: &[f32], k: usize, scratch: &'s mut Vec<u32>) -> &'s [u32] {
     scratch.clear();
     scratch.extend(0..logits.len() as u32);
     let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
@@ -199,7 +203,7 @@ fn top_k(logits: &[f32], k: usize, scratch: &mut Vec<u32>) -> Vec<u32> {
     if k < scratch.len() {
         scratch.select_nth_unstable_by(k, by_logit);
     }
-    let mut top = scratch[..k].to_vec();
+    let top = &mut scratch[..k];
     top.sort_by(by_logit);
     top
 }
@@ -236,6 +240,45 @@ struct Sums {
     diff_sq: f64,
     kl: f64,
     same: usize,
+}
+
+impl Sums {
+    /// One scored position: the row of logits that predicts `target`. Compared with the
+    /// reference when there is one; otherwise kept in `mine`, for the models after it.
+    fn add(
+        &mut self,
+        logits: &[f32],
+        target: usize,
+        reference: Option<&Reference>,
+        mine: &mut Reference,
+        scratch: &mut Vec<u32>,
+    ) {
+        let (lse, best) = log_sum_exp(logits);
+        let nll = lse - f64::from(logits.get(target).copied().unwrap_or(f32::MIN));
+        let at = self.n;
+        self.n += 1;
+        self.nll += nll;
+        self.nll_sq += nll * nll;
+        if let Some(r) = reference {
+            let diff = nll - r.nll[at];
+            self.diff += diff;
+            self.diff_sq += diff * diff;
+            let (top, p_top) = (
+                &r.top[at * r.k..(at + 1) * r.k],
+                &r.top_logp[at * r.k..(at + 1) * r.k],
+            );
+            self.kl += divergence(top, p_top, logits, lse);
+            self.same += usize::from(top[0] as usize == best);
+        } else {
+            mine.nll.push(nll);
+            let top = top_k(logits, mine.k, scratch);
+            mine.top.extend_from_slice(top);
+            mine.top_logp.extend(
+                top.iter()
+                    .map(|&t| (f64::from(logits[t as usize]) - lse) as f32),
+            );
+        }
+    }
 }
 
 /// Scores `text` with a loaded model, and compares it with the first of `references` that
@@ -317,32 +360,14 @@ pub fn score(
                 continue;
             }
             for (i, p) in (start..end).enumerate() {
-                let logits = ctx.get_logits_ith(i as i32);
-                let (lse, best) = log_sum_exp(logits);
                 let target = chunk[p + 1].0 as usize;
-                let nll = lse - f64::from(logits.get(target).copied().unwrap_or(f32::MIN));
-                sums.n += 1;
-                sums.nll += nll;
-                sums.nll_sq += nll * nll;
-                if let Some(r) = reference {
-                    let diff = nll - r.nll[sums.n - 1];
-                    sums.diff += diff;
-                    sums.diff_sq += diff * diff;
-                    let at = (sums.n - 1) * r.k;
-                    let (top, p_top) = (&r.top[at..at + r.k], &r.top_logp[at..at + r.k]);
-                    sums.kl += divergence(top, p_top, logits, lse);
-                    sums.same += usize::from(top[0] as usize == best);
-                } else {
-                    // What a later model will be compared with.
-                    mine.nll.push(nll);
-                    let at = mine.top.len();
-                    mine.top.extend(top_k(logits, mine.k, &mut scratch));
-                    mine.top_logp.extend(
-                        mine.top[at..]
-                            .iter()
-                            .map(|&t| (f64::from(logits[t as usize]) - lse) as f32),
-                    );
-                }
+                sums.add(
+                    ctx.get_logits_ith(i as i32),
+                    target,
+                    reference,
+                    &mut mine,
+                    &mut scratch,
+                );
             }
         }
     }
@@ -392,7 +417,7 @@ mod tests {
 
     fn reference_row(p: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
         let lse = log_sum_exp(p).0;
-        let top = top_k(p, k, &mut Vec::new());
+        let top = top_k(p, k, &mut Vec::new()).to_vec();
         let logp = top
             .iter()
             .map(|&t| (f64::from(p[t as usize]) - lse) as f32)
