@@ -93,7 +93,7 @@ pub struct BenchArgs {
     /// servers side by side, each against the first.
     #[arg(long, value_name = "URL", conflicts_with_all = [
         "threads", "gpu_layers", "ctx", "flash_attention", "quantize", "kv_cache_type", "depth",
-        "quality", "quality_text",
+        "quality", "quality_text", "batch",
     ])]
     pub server: Vec<String>,
     /// API key for --server [default: BACKSTOP_API_KEY].
@@ -123,6 +123,12 @@ pub struct BenchArgs {
     #[arg(short = 't', long, value_delimiter = ',', value_name = "N,...",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Vec<u32>,
+    /// Most tokens in one decode (llama.cpp's n_batch and n_ubatch, `serve --batch`), or
+    /// several to compare, e.g. 64,128,512: the prompt is read in pieces this long, as a
+    /// server reads one with --prefill-chunk while others generate [default: 512, as `serve`].
+    #[arg(short = 'b', long, value_delimiter = ',', value_name = "N,...",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: Vec<u32>,
     /// Also aggregate generation over N sequences sharing each decode, e.g. 1,4,8; with
     /// --server, N concurrent streaming clients.
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
@@ -423,6 +429,11 @@ pub struct ServeArgs {
     /// Requests that may wait for a slot; beyond that the answer is 503 [default: 512].
     #[arg(long, env = "BACKSTOP_MAX_QUEUE", value_name = "N")]
     pub max_queue: Option<usize>,
+    /// Most tokens in one decode (llama.cpp's n_batch and n_ubatch): a prompt read while
+    /// nothing else runs goes in pieces this long, and no embedding input may be longer
+    /// [default: 512; at least --parallel].
+    #[arg(long, env = "BACKSTOP_BATCH", value_name = "N")]
+    pub batch: Option<u32>,
     /// Most prompt tokens read per step while other requests generate [default: 128].
     #[arg(long, env = "BACKSTOP_PREFILL_CHUNK", value_name = "N")]
     pub prefill_chunk: Option<u32>,

@@ -973,6 +973,102 @@ fn a_quantized_kv_cache_is_compared_with_the_f16_one() {
     assert!(number(q, "kld") > 0.0, "{q}");
 }
 
+/// `--batch` sweeps the most tokens one decode holds: each context is made with it (llama.cpp's
+/// own log of every context is read back), the prompt and the parallel start are read in
+/// pieces that size (a decode over it would abort the process), the quality pass too (which
+/// moves the figures' last bits), and a batch that cannot hold one step of every parallel
+/// sequence is refused.
+#[test]
+fn a_batch_sweep_makes_each_context_with_its_batch() {
+    let model = common::smollm2();
+    let model = model.to_str().unwrap();
+    let o = common::backstop_command()
+        .env("BACKSTOP_LOG", "info,llama-cpp-2=info")
+        .args(
+            "bench -p 64 -n 4 -r 1 -t 2 --parallel 8 -b 8,64 --format json"
+                .split(' ')
+                .chain([model]),
+        )
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let report: Value = serde_json::from_slice(&o.stdout).expect("bench JSON");
+    let rows: Vec<u64> = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert!(r["pp"]["median"].as_f64().unwrap() > 0.0, "{r}");
+            assert_eq!(r["parallel"][0]["sequences"], 8, "{r}");
+            assert!(r["parallel"][0]["median"].as_f64().unwrap() > 0.0, "{r}");
+            r["batch"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(rows, [8, 64]);
+    let made: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("n_batch ") || l.contains("n_ubatch "))
+        .filter_map(|l| l.split("= ").nth(1)?.split(' ').next())
+        .collect();
+    assert_eq!(made, ["8", "8", "64", "64"], "{err}");
+
+    // Quality read 8 tokens a decode against 512: the same model, so only rounding moves,
+    // but it does (flash attention sums a batch's queries in tiles).
+    let out = bench_json(&["--quality", "-p", "0", "-n", "0", "-b", "512,8", model]);
+    let results = out["results"].as_array().unwrap();
+    assert_eq!(results[1]["batch"], 8, "{out}");
+    let q = quality(&results[1]);
+    assert_eq!(
+        q["reference"], "SmolLM2-135M-Instruct.Q4_1.gguf b=512",
+        "{q}"
+    );
+    let kld = number(q, "kld");
+    assert!(kld > 0.0 && kld < 0.02, "{q}");
+    assert!(number(q, "same_top") > 0.9, "{q}");
+    assert!((number(q, "ppl_ratio") - 1.0).abs() < 0.02, "{q}");
+
+    // A batch that is not the default is a column when it varies, else said under the table;
+    // CSV gives it on every row.
+    let o = backstop(&[
+        "bench", "-p", "16", "-n", "0", "-r", "1", "-t", "2", "-b", "4,16", model,
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let table = text(&o.stdout);
+    assert!(
+        table.contains("| backend | batch | pp16 tok/s |")
+            && table.contains("| CPU | 4 |")
+            && table.contains("| CPU | 16 |"),
+        "{table}"
+    );
+    let o = backstop(&[
+        "bench", "-p", "16", "-n", "0", "-r", "1", "-t", "2", "-b", "64", model,
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let table = text(&o.stdout);
+    assert!(
+        table.contains("\n2 threads, batch 64, 1 repetition\n"),
+        "{table}"
+    );
+    let o = backstop(&[
+        "bench", "-p", "16", "-n", "0", "-r", "1", "-t", "2", "-b", "64", "--format", "csv", model,
+    ]);
+    let csv = text(&o.stdout);
+    assert!(
+        csv.starts_with(
+            "file,quantization,size,parameters,backend,threads,gpu_layers,\
+                         flash_attention,kv_cache_type,batch,figure,"
+        ) && csv.lines().nth(1).unwrap().contains(",f16,64,pp,1,0,"),
+        "{csv}"
+    );
+
+    bench_refused(
+        &["-r", "1", "--parallel", "8", "-b", "512,4", model],
+        &["--batch 4 with --parallel 8", "at least 8"],
+    );
+    bench_refused(&["-b", "0", model], &["--batch"]);
+}
+
 #[test]
 fn quality_refuses_texts_it_cannot_score() {
     let smol = common::smollm2();

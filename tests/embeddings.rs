@@ -296,6 +296,35 @@ async fn an_input_longer_than_the_context_is_truncated_or_refused_as_asked() {
 }
 
 #[tokio::test]
+async fn serve_batch_bounds_one_decode_and_so_an_embedding_input() {
+    let s = Server::start(&["--ctx", "256", "--parallel", "1", "--batch", "64"]).await;
+    let long = "one two three four five six seven eight nine ten ".repeat(40);
+    let (status, body) = s
+        .post("/api/embed", &json!({"model": "smollm2", "input": long}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Truncated to the batch, not to the slot's 256 tokens.
+    assert_eq!(body["prompt_eval_count"], 64, "{body}");
+    assert_eq!(context_length(&s).await, 256);
+    // A chat prompt several batches long is read whole, one batch per decode (a decode over
+    // the batch would abort llama.cpp).
+    let (status, body) = s
+        .post(
+            "/api/chat",
+            &json!({"model": "smollm2", "stream": false,
+                    "messages": [{"role": "user", "content": format!("{long}\nCount on.")}],
+                    "options": {"num_predict": 4, "temperature": 0}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["prompt_eval_count"].as_u64().unwrap() > 3 * 64,
+        "{body}"
+    );
+    assert_eq!(body["eval_count"], 4, "{body}");
+}
+
+#[tokio::test]
 async fn a_slot_count_that_would_crash_llama_cpp_does_not_shape_the_embedding_context() {
     // Three slots: an embedding context with mean pooling and as many sequences as slots
     // would abort the process inside llama.cpp, since its batch (256 tokens here) is not a

@@ -53,6 +53,9 @@ pub struct Setting {
     pub flash_attention: Option<bool>,
     /// The KV cache's element type.
     pub kv_cache_type: KvCacheType,
+    /// Most tokens in one decode (llama.cpp's `n_batch` and `n_ubatch`, as `serve --batch`
+    /// sets them); at least the most sequences generating together.
+    pub batch: u32,
 }
 
 /// Why a model could not be measured.
@@ -224,17 +227,34 @@ fn generate_together(
 ) -> Result<(f64, usize), BenchError> {
     let cached = rewind(ctx, depth, n)?;
     let short = &prompt[..prompt.len().clamp(1, PARALLEL_PROMPT)];
+    // Every sequence's start but its last token, in as many decodes as the batch needs;
+    // then the last tokens in one decode (n fits a batch), so that every sequence's logits
+    // come from the same call: a later decode replaces an earlier one's.
+    let (head, last) = short.split_at(short.len() - 1);
+    let n_batch = ctx.n_batch() as usize;
+    let rows: Vec<(LlamaToken, usize, usize)> = (0..n)
+        .flat_map(|s| {
+            head.iter()
+                .enumerate()
+                .map(move |(i, &t)| (t, depth + i, s))
+        })
+        .collect();
+    for piece in rows.chunks(n_batch) {
+        batch.clear();
+        for &(t, p, s) in piece {
+            batch.add(t, p as i32, &[s as i32], false).map_err(llama)?;
+        }
+        ctx.decode(batch).map_err(llama)?;
+    }
     batch.clear();
     for s in 0..n {
-        for (i, &t) in short.iter().enumerate() {
-            batch
-                .add(t, (depth + i) as i32, &[s as i32], i + 1 == short.len())
-                .map_err(llama)?;
-        }
+        batch
+            .add(last[0], (depth + head.len()) as i32, &[s as i32], true)
+            .map_err(llama)?;
     }
     ctx.decode(batch).map_err(llama)?;
     let mut samplers: Vec<LlamaSampler> = (0..n).map(|_| LlamaSampler::greedy()).collect();
-    let mut idx: Vec<i32> = (0..n).map(|s| ((s + 1) * short.len() - 1) as i32).collect();
+    let mut idx: Vec<i32> = (0..n as i32).collect();
     let started = Instant::now();
     for step in 0..generate {
         let tokens: Vec<LlamaToken> = samplers
@@ -336,10 +356,9 @@ pub fn measure(
             u32::try_from(needed.next_multiple_of(256).min(train.max(needed))).unwrap_or(u32::MAX)
         }
     };
-    // The parallel measurement starts every sequence with one decode of 16 tokens each;
-    // llama.cpp aborts the process when a decode holds more tokens than `n_batch`.
-    let n_batch = (seqs * PARALLEL_PROMPT).max(512);
-    let n_batch_u32 = u32::try_from(n_batch).unwrap_or(u32::MAX);
+    // llama.cpp aborts the process when a decode holds more tokens than `n_batch`: the
+    // settings refuse a batch below the sequences that generate together.
+    let n_batch_u32 = setting.batch.max(seqs as u32);
     let ctx_params = crate::engine::context_params(
         setting.threads,
         setting.flash_attention,
@@ -351,7 +370,8 @@ pub fn measure(
     .with_n_ubatch(n_batch_u32)
     .with_kv_unified(false);
     let mut ctx = model.new_context(backend, ctx_params).map_err(llama)?;
-    let mut batch = LlamaBatch::new(n_batch, 1);
+    // llama.cpp holds a batch to the context's cells.
+    let mut batch = LlamaBatch::new(ctx.n_batch() as usize, 1);
     // Generation starts from the prompt's first tokens (at least PARALLEL_PROMPT of them, so
     // `-p 0` and a short `-p` start it the same way).
     let prompt = prompt_tokens(model, plan.prompt.max(PARALLEL_PROMPT));

@@ -87,12 +87,24 @@ fn each<T: PartialEq + Copy>(given: &[T]) -> Vec<Option<T>> {
 /// Every combination of the settings given, as llama-bench sweeps its comma lists (GPU
 /// layers outermost, threads innermost), less those llama.cpp cannot run: a quantized KV
 /// cache needs flash attention. Those are named in the second list; when nothing is left
-/// the whole run is refused.
+/// the whole run is refused. A batch too small for one generation step of `--parallel`
+/// sequences refuses the run.
 fn settings(args: &BenchArgs) -> Result<(Vec<Setting>, Vec<String>), String> {
     let threads: Vec<u32> = each(&args.threads)
         .into_iter()
         .map(|t| t.unwrap_or_else(crate::config::default_threads))
         .collect();
+    let batches: Vec<u32> = each(&args.batch)
+        .into_iter()
+        .map(|b| b.unwrap_or(crate::config::DEFAULT_BATCH))
+        .collect();
+    let most = args.parallel.iter().copied().max().unwrap_or(1);
+    if let Some(b) = batches.iter().find(|&&b| (b as usize) < most) {
+        return Err(format!(
+            "--batch {b} with --parallel {most}: a generation step decodes one token of every \
+             sequence at once, so the batch must be at least {most}"
+        ));
+    }
     let kv: Vec<KvCacheType> = each(&args.kv_cache_type)
         .into_iter()
         .map(|k| k.unwrap_or(KvCacheType::F16))
@@ -113,12 +125,15 @@ fn settings(args: &BenchArgs) -> Result<(Vec<Setting>, Vec<String>), String> {
                     }
                     continue;
                 }
-                runnable.extend(threads.iter().map(|&threads| Setting {
-                    threads,
-                    gpu_layers,
-                    flash_attention,
-                    kv_cache_type,
-                }));
+                for &batch in &batches {
+                    runnable.extend(threads.iter().map(|&threads| Setting {
+                        threads,
+                        gpu_layers,
+                        flash_attention,
+                        kv_cache_type,
+                        batch,
+                    }));
+                }
             }
         }
     }
@@ -288,6 +303,7 @@ mod tests {
             gpu_layers: gpu,
             flash_attention: fa,
             kv_cache_type: kv,
+            batch: crate::config::DEFAULT_BATCH,
         }
     }
 
@@ -350,6 +366,14 @@ mod tests {
                 "--flash-attention 0 with --kv-cache-type q4_0"
             ]
         );
+        // Batches between KV cache types and threads, as llama-bench sweeps n_batch; one too
+        // small for a generation step of every --parallel sequence is refused.
+        let (all, _) = settings(&args(&["-t", "1,2", "-b", "64,8", "--parallel", "4,8"])).unwrap();
+        let batches: Vec<(u32, u32)> = all.iter().map(|s| (s.batch, s.threads)).collect();
+        assert_eq!(batches, [(64, 1), (64, 2), (8, 1), (8, 2)]);
+        let small = settings(&args(&["-b", "512,4", "--parallel", "1,8"]));
+        assert!(small
+            .is_err_and(|e| e.contains("--batch 4 with --parallel 8") && e.contains("at least 8")),);
         let refused = settings(&args(&[
             "--flash-attention",
             "off",
@@ -361,6 +385,8 @@ mod tests {
             &["--kv-cache-type", "q5_1"][..],
             &["-t", "2,0"],
             &["--flash-attention", "maybe"],
+            &["-b", "0"],
+            &["--server", "http://127.0.0.1:1", "--batch", "64"],
         ] {
             let argv = [&["backstop", "bench"], bad, &["m.gguf"]].concat();
             assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");

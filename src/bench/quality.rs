@@ -36,9 +36,10 @@ const CHUNK: usize = 512;
 /// The fewest text tokens `--quality` accepts: below this a perplexity says little.
 const MIN_TOKENS: usize = 64;
 
-/// Positions scored per decode. Each needs a row of logits, and llama.cpp holds the rows of a
-/// whole decode at once: 128 rows of Gemma 3's 262,144-token vocabulary are 128 MiB.
-const BATCH: usize = 128;
+/// Positions scored per decode, at most (fewer with a smaller `--batch`). Each needs a row of
+/// logits, and llama.cpp holds the rows of a whole decode at once: 128 rows of Gemma 3's
+/// 262,144-token vocabulary are 128 MiB.
+const SCORED_PER_DECODE: usize = 128;
 
 /// The reference's likeliest tokens kept per position for the KL divergence, at most: 32 KiB a
 /// position, where the whole distribution is 192 KiB for SmolLM2 and 1 MiB for Gemma 3. The
@@ -317,17 +318,22 @@ pub fn score(
 
     let backend = crate::engine::backend().map_err(llama)?;
     let len_u32 = u32::try_from(len).map_err(llama)?;
+    // No decode holds more than `--batch` tokens: the batch shapes some of llama.cpp's
+    // kernels (repacked weights are multiplied in tiles of rows), and so the figures.
+    let n_batch = setting.batch.min(len_u32);
     let params = crate::engine::context_params(
         setting.threads,
         setting.flash_attention,
         setting.kv_cache_type,
     )
     .with_n_ctx(NonZeroU32::new(len_u32))
-    .with_n_batch(len_u32)
-    .with_n_ubatch(len_u32)
+    .with_n_batch(n_batch)
+    .with_n_ubatch(n_batch)
     .with_n_seq_max(1);
     let mut ctx = model.new_context(backend, params).map_err(llama)?;
-    let mut batch = LlamaBatch::new(len, 1);
+    let n_batch = n_batch as usize;
+    let mut batch = LlamaBatch::new(n_batch, 1);
+    let per_decode = SCORED_PER_DECODE.min(n_batch);
     let first = len / 2;
     let mut sums = Sums::default();
     let mut mine = Reference {
@@ -345,11 +351,14 @@ pub fn score(
         ctx.clear_kv_cache();
         // The first half is context only; then the positions whose next token is scored,
         // each with its row of logits.
-        let spans = std::iter::once((0, first, false)).chain(
-            (first..len - 1)
-                .step_by(BATCH)
-                .map(|s| (s, (s + BATCH).min(len - 1), true)),
-        );
+        let spans = (0..first)
+            .step_by(n_batch)
+            .map(|s| (s, (s + n_batch).min(first), false))
+            .chain(
+                (first..len - 1)
+                    .step_by(per_decode)
+                    .map(|s| (s, (s + per_decode).min(len - 1), true)),
+            );
         for (start, end, scored) in spans {
             batch.clear();
             for (p, &t) in chunk.iter().enumerate().take(end).skip(start) {

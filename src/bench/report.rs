@@ -212,14 +212,16 @@ enum Knob {
     GpuLayers,
     FlashAttention,
     KvCache,
+    Batch,
 }
 
 impl Knob {
-    const ALL: [Knob; 4] = [
+    const ALL: [Knob; 5] = [
         Knob::Threads,
         Knob::GpuLayers,
         Knob::FlashAttention,
         Knob::KvCache,
+        Knob::Batch,
     ];
 
     fn head(self) -> &'static str {
@@ -228,6 +230,7 @@ impl Knob {
             Knob::GpuLayers => "ngl",
             Knob::FlashAttention => "fa",
             Knob::KvCache => "kv cache",
+            Knob::Batch => "batch",
         }
     }
 
@@ -238,6 +241,7 @@ impl Knob {
             Knob::GpuLayers => "ngl",
             Knob::FlashAttention => "fa",
             Knob::KvCache => "kv",
+            Knob::Batch => "b",
         }
     }
 
@@ -250,6 +254,7 @@ impl Knob {
                 .flash_attention
                 .map(|on| if on { "on" } else { "off" }.into()),
             Knob::KvCache => Some(s.kv_cache_type.as_str().into()),
+            Knob::Batch => Some(s.batch.to_string()),
         }
     }
 
@@ -262,6 +267,9 @@ impl Knob {
             Knob::FlashAttention => Some(format!("flash attention {value}")),
             Knob::KvCache => (s.kv_cache_type != crate::engine::KvCacheType::F16)
                 .then(|| format!("{value} KV cache")),
+            Knob::Batch => {
+                (s.batch != crate::config::DEFAULT_BATCH).then(|| format!("batch {value}"))
+            }
         }
     }
 
@@ -401,13 +409,13 @@ fn quality_cells(q: Option<&Quality>) -> [String; 4] {
 pub fn csv(results: &[ModelResult], depth: usize) -> String {
     let mut out = String::from(
         "file,quantization,size,parameters,backend,threads,gpu_layers,flash_attention,kv_cache_type,\
-         figure,sequences,depth,median,min,max\n",
+         batch,figure,sequences,depth,median,min,max\n",
     );
     for r in results {
         // A setting left to llama.cpp's default is an empty field.
         let s = &r.setting;
         let lead = format!(
-            "{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{}",
             r.file,
             r.quantization,
             r.size,
@@ -419,6 +427,7 @@ pub fn csv(results: &[ModelResult], depth: usize) -> String {
                 .map(|on| on.to_string())
                 .unwrap_or_default(),
             s.kv_cache_type.as_str(),
+            s.batch,
         );
         let mut row = |figure: &str, n: usize, values: &str| {
             out.push_str(&format!("{lead},{figure},{n},{depth},{values}\n"));
@@ -478,6 +487,7 @@ mod tests {
                 gpu_layers: None,
                 flash_attention: None,
                 kv_cache_type: KvCacheType::F16,
+                batch: 512,
             },
             pp: Some(Figure::of(vec![100.0])),
             tg: Some(Figure::of(vec![10.0])),
@@ -515,10 +525,10 @@ mod tests {
         assert_eq!(c.lines().count(), 4);
         assert!(c.starts_with(
             "file,quantization,size,parameters,backend,threads,gpu_layers,flash_attention,\
-             kv_cache_type,figure,sequences,depth,median,min,max\n"
+             kv_cache_type,batch,figure,sequences,depth,median,min,max\n"
         ));
         assert!(c.contains(
-            "m.gguf,Q4_0,1048576,1.00M,CPU,2,,,f16,tg_aggregate,4,1024,30.000,30.000,30.000"
+            "m.gguf,Q4_0,1048576,1.00M,CPU,2,,,f16,512,tg_aggregate,4,1024,30.000,30.000,30.000"
         ));
     }
 
@@ -586,11 +596,11 @@ mod tests {
         assert!(t.ends_with("\n2 threads, 1 repetition\n"), "{t}");
         let c = csv(&[cpu, gpu], 0);
         assert!(
-            c.contains("\nm.gguf,Q4_0,1048576,1.00M,CUDA,2,0,true,q8_0,pp,1,0,"),
+            c.contains("\nm.gguf,Q4_0,1048576,1.00M,CUDA,2,0,true,q8_0,512,pp,1,0,"),
             "{c}"
         );
         assert!(
-            c.contains("\nm.gguf,Q4_0,1048576,1.00M,CUDA,2,99,true,q8_0,pp,1,0,"),
+            c.contains("\nm.gguf,Q4_0,1048576,1.00M,CUDA,2,99,true,q8_0,512,pp,1,0,"),
             "{c}"
         );
         let json = serde_json::to_value(&base).unwrap();
@@ -598,7 +608,8 @@ mod tests {
             json["threads"] == 2
                 && json["gpu_layers"].is_null()
                 && json["flash_attention"].is_null()
-                && json["kv_cache_type"] == "f16",
+                && json["kv_cache_type"] == "f16"
+                && json["batch"] == 512,
             "{json}"
         );
     }

@@ -26,7 +26,8 @@ pub const DEFAULT_MODEL_NAME: &str = "smollm2";
 
 const DEFAULT_PARALLEL: u32 = 4;
 const DEFAULT_MAX_QUEUE: usize = 512;
-const DEFAULT_BATCH: u32 = 512;
+/// Most tokens in one decode (llama.cpp's `n_batch` and `n_ubatch`), as llama.cpp's server.
+pub const DEFAULT_BATCH: u32 = 512;
 const DEFAULT_PREFILL_CHUNK: u32 = 128;
 const DEFAULT_MAX_BODY: usize = 8 * 1024 * 1024;
 /// Ollama's default for CPU machines (three models resident).
@@ -399,7 +400,9 @@ impl Config {
         )?);
         // 0 is a setting here (no layer on the GPU), so not `positive`.
         let gpu_layers = args.gpu_layers.or(raw.server.gpu_layers);
-        let batch = positive(raw.server.batch, "server.batch", &origin)?.unwrap_or(DEFAULT_BATCH);
+        let batch = positive(args.batch, "batch", FLAGS)?
+            .or(positive(raw.server.batch, "server.batch", &origin)?)
+            .unwrap_or(DEFAULT_BATCH);
         let prefill_chunk = positive(args.prefill_chunk, "prefill-chunk", FLAGS)?
             .or(positive(
                 raw.server.prefill_chunk,
@@ -878,6 +881,29 @@ mod tests {
         assert_eq!(m.engine.ctx_per_slot, Some(1024));
         assert_eq!(m.defaults.system.as_deref(), Some("Be brief."));
         assert_eq!(m.defaults.sampling.temperature, Some(0.1));
+    }
+
+    #[test]
+    fn batch_comes_from_the_flag_then_the_server_and_bounds_the_prefill_chunk() {
+        let toml =
+            "[server]\nbatch = 256\nprefill_chunk = 200\n[models.a]\npath = \"model.gguf\"\n";
+        let cfg = load_toml(toml).unwrap();
+        assert_eq!((cfg.engine.batch, cfg.engine.prefill_chunk), (256, 200));
+        let flag = ServeArgs {
+            batch: Some(64),
+            ..Default::default()
+        };
+        let cfg = load_toml_with(toml, flag).unwrap();
+        // A chunk read beside running streams is one decode too: never more than the batch.
+        assert_eq!((cfg.engine.batch, cfg.engine.prefill_chunk), (64, 64));
+        let cfg = load_toml("[models.a]\npath = \"model.gguf\"\n").unwrap();
+        assert_eq!(cfg.engine.batch, DEFAULT_BATCH);
+        let zero = ServeArgs {
+            batch: Some(0),
+            ..Default::default()
+        };
+        let err = load_toml_with(toml, zero).unwrap_err().to_string();
+        assert!(err.contains("batch") && err.contains("at least 1"), "{err}");
     }
 
     #[test]

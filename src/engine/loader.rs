@@ -157,6 +157,14 @@ pub(crate) fn new_context<'m>(
     // Every slot decodes one token per step: a batch smaller than the slots could not hold
     // one step (the scheduler would have to leave sequences out of every step).
     let batch = options.batch.max(options.slots);
+    if batch > options.batch {
+        tracing::warn!(
+            model = %options.name,
+            batch = options.batch,
+            slots = options.slots,
+            "batch raised to the slot count: every slot may decode one token in the same step"
+        );
+    }
     let params = shared_params(options)
         .with_n_ctx(NonZeroU32::new(n_ctx))
         .with_n_seq_max(options.slots)
