@@ -59,7 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         timeout: 300,
         shared_prefix: 0,
         prompt: args.prompt,
-        depth: 0,
+        depth: Vec::new(),
         generate: args.gen,
         reps: args.reps,
         threads: args.threads.into_iter().collect(),

@@ -113,9 +113,10 @@ pub struct BenchArgs {
     /// Tokens generated (0 leaves generation out).
     #[arg(short = 'n', long = "gen", default_value_t = 128)]
     pub generate: usize,
-    /// Tokens already in the cache when each measurement starts (llama-bench's depth).
-    #[arg(short = 'd', long, default_value_t = 0)]
-    pub depth: usize,
+    /// Tokens already in the cache when each measurement starts (llama-bench's depth), or
+    /// several to compare, e.g. 0,1024,4096: speed deep into a conversation [default: 0].
+    #[arg(short = 'd', long, value_delimiter = ',', value_name = "N,...")]
+    pub depth: Vec<usize>,
     /// Repetitions after one warm-up.
     #[arg(short = 'r', long, default_value_t = 5)]
     pub reps: usize,

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn backstop(args: &[&str]) -> Output {
     common::backstop_command()
@@ -640,8 +640,9 @@ fn figures_at_a_depth_say_so_and_too_deep_is_refused() {
     let o = run("json", "256");
     assert!(o.status.success(), "{}", text(&o.stderr));
     let report: Value = serde_json::from_slice(&o.stdout).expect("bench JSON");
-    assert_eq!(report["depth"], 256, "{report}");
+    assert_eq!(report["depths"], json!([256]), "{report}");
     let r = &report["results"][0];
+    assert_eq!(r["depth"], 256, "{report}");
     // What llama.cpp's cache held when each measurement started, every sequence of it.
     assert_eq!(r["cached"], 256, "{report}");
     for fig in [&r["pp"], &r["tg"], &r["parallel"][0]] {
@@ -668,6 +669,60 @@ fn figures_at_a_depth_say_so_and_too_deep_is_refused() {
     assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
     let o = run("json", "8168");
     assert!(o.status.success(), "{}", text(&o.stderr));
+
+    // Several depths, as llama-bench's -d list: a row each, in the order given, each
+    // measured from what its row says (read back from llama.cpp's cache).
+    let o = run("json", "128,0,128");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let report: Value = serde_json::from_slice(&o.stdout).expect("bench JSON");
+    assert_eq!(report["depths"], json!([128, 0]), "{report}");
+    let rows: Vec<(u64, u64)> = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["depth"].as_u64().unwrap(), r["cached"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(rows, [(128, 128), (0, 0)], "{report}");
+    let table = text(&run("table", "0,128").stdout);
+    assert!(
+        table.contains("| backend | depth | pp16 tok/s | tg8 tok/s | tg8 x2 aggregate |")
+            && table.contains("| CPU | 0 | ")
+            && table.contains("| CPU | 128 | "),
+        "{table}"
+    );
+    let csv = text(&run("csv", "0,128").stdout);
+    assert!(
+        csv.contains(",pp,1,0,") && csv.contains(",tg_aggregate,2,128,"),
+        "{csv}"
+    );
+    // One depth too deep refuses the run before the others are measured.
+    let o = run("json", "0,8169");
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("-d 8169"), "{}", text(&o.stderr));
+    assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
+    // Quality is scored once per model and setting, from an empty cache, and given to each
+    // depth's row.
+    let out = bench_json(&[
+        "--quality",
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-r",
+        "1",
+        "-d",
+        "0,64",
+        model,
+    ]);
+    let results = out["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{out}");
+    assert_eq!(quality(&results[0]), quality(&results[1]), "{out}");
+    assert!(quality(&results[1])["reference"].is_null(), "{out}");
+    // Quality alone is scored from an empty cache: a depth there would say what is not so.
+    bench_refused(
+        &["-p", "0", "-n", "0", "-d", "64", "--quality", model],
+        &["-d with -p 0 and -n 0"],
+    );
 }
 
 /// Every number `bench` takes has its limit, said before anything is measured;

@@ -121,6 +121,22 @@ impl Plan {
         }
     }
 
+    /// Refuses a run the model's training context cannot hold; that context otherwise.
+    pub fn fits(&self, model: &LlamaModel) -> Result<usize, BenchError> {
+        let needed = self.needed();
+        let train = usize::try_from(model.n_ctx_train()).unwrap_or(usize::MAX);
+        if needed > train {
+            return Err(BenchError::TooDeep {
+                depth: self.depth,
+                prompt: self.prompt,
+                generate: self.generate,
+                needed,
+                train,
+            });
+        }
+        Ok(train)
+    }
+
     /// Context cells a sequence needs: the depth, then the longer of the prompt and a
     /// generation (which starts from [`PARALLEL_PROMPT`] tokens); each measurement cuts the
     /// cache back to the depth first, so the two never stand in it together.
@@ -337,16 +353,7 @@ pub fn measure(
     let setting = plan.setting;
     let needed = plan.needed();
     let seqs = plan.parallel.iter().copied().max().unwrap_or(1).max(1);
-    let train = usize::try_from(model.n_ctx_train()).unwrap_or(usize::MAX);
-    if needed > train {
-        return Err(BenchError::TooDeep {
-            depth: plan.depth,
-            prompt: plan.prompt,
-            generate: plan.generate,
-            needed,
-            train,
-        });
-    }
+    let train = plan.fits(model)?;
     let per_seq = match plan.ctx {
         Some(c) => c,
         // Just enough, rounded up to llama.cpp's 256-cell padding (within the training

@@ -56,6 +56,13 @@ fn check_args(args: &BenchArgs) -> Result<Vec<usize>, String> {
             "--parallel {n}: from 1 to {MAX_PARALLEL} sequences (llama.cpp's most in one context)"
         ));
     }
+    if args.prompt == 0 && args.generate == 0 && args.depth.iter().any(|&d| d > 0) {
+        return Err(
+            "-d with -p 0 and -n 0: no speed is measured at a depth (quality is scored from an \
+             empty cache)"
+                .into(),
+        );
+    }
     if args.generate == 0 && !args.parallel.is_empty() {
         return Err("--parallel measures generation: it needs -n above 0".into());
     }
@@ -163,9 +170,14 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     for pair in &skipped {
         eprintln!("skipping {pair}: a quantized KV cache needs flash attention");
     }
-    let plan = |setting: Setting| Plan {
+    let depths: Vec<usize> = each(&args.depth)
+        .into_iter()
+        .map(|d| d.unwrap_or(0))
+        .collect();
+    let deepest = depths.iter().copied().max().unwrap_or(0);
+    let plan = |setting: Setting, depth: usize| Plan {
         prompt: args.prompt,
-        depth: args.depth,
+        depth,
         generate: args.generate,
         reps: args.reps,
         parallel: parallel.clone(),
@@ -173,8 +185,9 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         setting,
     };
     // A `--ctx` too small for the run is known from the numbers alone (the same for every
-    // setting): refused before anything is quantized or loaded.
-    plan(settings[0]).check()?;
+    // setting; the deepest measurement needs the most): refused before anything is
+    // quantized or loaded.
+    plan(settings[0], deepest).check()?;
     // Every file is found and its header read before any is measured: a typo at the end of
     // a quantization ladder fails at once, not after the models before it were measured.
     let files = args
@@ -210,16 +223,20 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let backend = compute.backend;
     let machine = Machine::here(compute.devices);
     let runs = files.len() * settings.len();
-    // A warm-up and the repetitions when speed is measured (`-p 0 -n 0` measures only
-    // quality), and the quality pass.
+    // A warm-up and the repetitions at each depth when speed is measured (`-p 0 -n 0`
+    // measures only quality), and the quality pass.
     let speed = args.prompt > 0 || args.generate > 0;
-    let per_run = if speed { args.reps + 1 } else { 0 } + usize::from(text.is_some());
+    let per_run = if speed {
+        depths.len() * (args.reps + 1)
+    } else {
+        0
+    } + usize::from(text.is_some());
     let bar = ProgressBar::new((runs * per_run) as u64);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} runs, {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut results = Vec::with_capacity(runs);
+    let mut results = Vec::with_capacity(runs * depths.len());
     let mut references = Vec::new();
     for (file, header) in &files {
         let name = file.file_name().map_or_else(
@@ -238,28 +255,45 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             let tag = label(&setting, &settings);
             bar.set_message(format!("{name}{tag}"));
             let model = load(file, &setting)?;
-            let reps = if speed {
-                measure(&model, &plan(setting), || bar.inc(1))?
-            } else {
-                Vec::new()
+            // The deepest measurement is refused before the shallower ones are measured.
+            plan(setting, deepest).fits(&model)?;
+            // Quality is scored once, from an empty cache, whatever the depths.
+            let quality = match &text {
+                Some(text) => {
+                    bar.set_message(format!("{name}{tag} quality"));
+                    let (figures, reference) = quality::score(
+                        &model,
+                        &setting,
+                        text,
+                        &references,
+                        &format!("{name}{tag}"),
+                    )?;
+                    references.extend(reference);
+                    bar.inc(1);
+                    Some(figures)
+                }
+                None => None,
             };
-            let mut result = ModelResult::new(meta.clone(), setting, &parallel, &reps);
-            if let Some(text) = &text {
-                bar.set_message(format!("{name}{tag} quality"));
-                let (figures, reference) =
-                    quality::score(&model, &setting, text, &references, &format!("{name}{tag}"))?;
-                references.extend(reference);
-                result.quality = Some(figures);
-                bar.inc(1);
+            for &depth in &depths {
+                if depths.len() > 1 {
+                    bar.set_message(format!("{name}{tag} d{depth}"));
+                }
+                let reps = if speed {
+                    measure(&model, &plan(setting, depth), || bar.inc(1))?
+                } else {
+                    Vec::new()
+                };
+                let mut result = ModelResult::new(meta.clone(), setting, depth, &parallel, &reps);
+                result.quality.clone_from(&quality);
+                results.push(result);
             }
-            results.push(result);
         }
     }
     bar.finish_and_clear();
     match args.format {
         BenchFormat::Table => println!(
             "{}{}{}",
-            table(&results, args.prompt, args.generate, args.depth, args.reps),
+            table(&results, args.prompt, args.generate, &depths, args.reps),
             text.as_ref()
                 .map(|t| quality::said(t, results.iter().filter_map(|r| r.quality.as_ref())))
                 .unwrap_or_default(),
@@ -270,14 +304,14 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "prompt": args.prompt,
                 "generate": args.generate,
-                "depth": args.depth,
+                "depths": depths,
                 "reps": args.reps,
                 "quality_text": text.as_ref().map(|t| &t.name),
                 "machine": machine,
                 "results": results,
             }))?
         ),
-        BenchFormat::Csv => print!("{}", csv(&results, args.depth)),
+        BenchFormat::Csv => print!("{}", csv(&results)),
     }
     Ok(())
 }

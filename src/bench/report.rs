@@ -80,6 +80,8 @@ pub struct ModelResult {
     /// The settings it was measured with.
     #[serde(flatten)]
     pub setting: Setting,
+    /// Tokens in each sequence's cache when each measurement started (`-d`).
+    pub depth: usize,
     /// Prompt-processing tokens/s (`null` with `-p 0`).
     pub pp: Option<Figure>,
     /// Single-stream generation tokens/s (`null` with `-n 0`).
@@ -106,7 +108,13 @@ pub struct Aggregate {
 
 impl ModelResult {
     /// Summarizes the repetitions.
-    pub fn new(meta: Meta, setting: Setting, parallel: &[usize], reps: &[Rep]) -> ModelResult {
+    pub fn new(
+        meta: Meta,
+        setting: Setting,
+        depth: usize,
+        parallel: &[usize],
+        reps: &[Rep],
+    ) -> ModelResult {
         ModelResult {
             file: meta.file,
             size: meta.size,
@@ -115,6 +123,7 @@ impl ModelResult {
             architecture: meta.architecture,
             backend: meta.backend,
             setting,
+            depth,
             pp: Figure::over(reps.iter().map(|r| r.pp)),
             tg: Figure::over(reps.iter().map(|r| r.tg)),
             parallel: parallel
@@ -292,20 +301,20 @@ pub(crate) fn label(setting: &Setting, all: &[Setting]) -> String {
         .collect()
 }
 
-/// A markdown table, one row per model and setting; figures measured at a depth say so
-/// (`pp512 @ d1024`). Settings that differ between rows get a column, the others are said
-/// under the table with the repetitions.
+/// A markdown table, one row per model, setting and depth; figures measured at one depth say
+/// so in the header (`pp512 @ d1024`), at several in a `depth` column. Settings that differ
+/// between rows get a column, the others are said under the table with the repetitions.
 pub fn table(
     results: &[ModelResult],
     prompt: usize,
     generate: usize,
-    depth: usize,
+    depths: &[usize],
     reps: usize,
 ) -> String {
-    let at = if depth > 0 {
-        format!(" @ d{depth}")
-    } else {
-        String::new()
+    let (at, depth_column) = match depths {
+        [] | [0] => (String::new(), false),
+        [d] => (format!(" @ d{d}"), false),
+        _ => (String::new(), true),
     };
     let parallel: Vec<usize> = results
         .first()
@@ -322,6 +331,9 @@ pub fn table(
         "backend".to_owned(),
     ];
     head.extend(columns.iter().map(|k| k.head().to_owned()));
+    if depth_column {
+        head.push("depth".to_owned());
+    }
     // `-p 0` and `-n 0` leave their column out.
     if prompt > 0 {
         head.push(format!("pp{prompt}{at} tok/s"));
@@ -356,6 +368,9 @@ pub fn table(
                 .iter()
                 .map(|k| k.cell(&r.setting).unwrap_or_else(|| "default".into())),
         );
+        if depth_column {
+            row.push(r.depth.to_string());
+        }
         row.extend([&r.pp, &r.tg].into_iter().flatten().map(Figure::cell));
         row.extend(r.parallel.iter().map(|a| a.figure.cell()));
         if quality {
@@ -406,7 +421,7 @@ fn quality_cells(q: Option<&Quality>) -> [String; 4] {
 }
 
 /// CSV, one row per model and figure, with the depth it was measured at.
-pub fn csv(results: &[ModelResult], depth: usize) -> String {
+pub fn csv(results: &[ModelResult]) -> String {
     let mut out = String::from(
         "file,quantization,size,parameters,backend,threads,gpu_layers,flash_attention,kv_cache_type,\
          batch,figure,sequences,depth,median,min,max\n",
@@ -430,7 +445,7 @@ pub fn csv(results: &[ModelResult], depth: usize) -> String {
             s.batch,
         );
         let mut row = |figure: &str, n: usize, values: &str| {
-            out.push_str(&format!("{lead},{figure},{n},{depth},{values}\n"));
+            out.push_str(&format!("{lead},{figure},{n},{},{values}\n", r.depth));
         };
         let spread = |f: &Figure| format!("{:.3},{:.3},{:.3}", f.median, f.min, f.max);
         if let Some(f) = &r.pp {
@@ -489,6 +504,7 @@ mod tests {
                 kv_cache_type: KvCacheType::F16,
                 batch: 512,
             },
+            depth: 0,
             pp: Some(Figure::of(vec![100.0])),
             tg: Some(Figure::of(vec![10.0])),
             parallel: vec![Aggregate {
@@ -502,18 +518,28 @@ mod tests {
 
     #[test]
     fn the_table_and_csv_carry_every_figure() {
-        let t = table(&[result()], 512, 128, 0, 5);
+        let t = table(&[result()], 512, 128, &[0], 5);
         assert!(t.contains("| m.gguf | Q4_0 | 1.0 MiB | 1.00M | CPU | 100.0 (100.0–100.0) | 10.0 (10.0–10.0) | 30.0 (30.0–30.0) |"), "{t}");
         assert!(
             t.contains("| pp512 tok/s | tg128 tok/s | tg128 x4 aggregate |"),
             "{t}"
         );
-        let deep = table(&[result()], 512, 128, 1024, 1);
+        let mut at_1024 = result();
+        at_1024.depth = 1024;
+        let deep = table(&[at_1024.clone()], 512, 128, &[1024], 1);
         assert!(
             deep.contains(
                 "| pp512 @ d1024 tok/s | tg128 @ d1024 tok/s | tg128 @ d1024 x4 aggregate |"
             ),
             "{deep}"
+        );
+        // Several depths: a column, and the headers say none.
+        let both = table(&[result(), at_1024.clone()], 512, 128, &[0, 1024], 1);
+        assert!(
+            both.contains("| backend | depth | pp512 tok/s | tg128 tok/s | tg128 x4 aggregate |")
+                && both.contains("| CPU | 0 | 100.0")
+                && both.contains("| CPU | 1024 | 100.0"),
+            "{both}"
         );
         // One setting throughout: said under the table, no column for it.
         assert!(
@@ -521,7 +547,7 @@ mod tests {
             "{t}"
         );
         assert!(deep.ends_with("\n2 threads, 1 repetition\n"), "{deep}");
-        let c = csv(&[result()], 1024);
+        let c = csv(&[at_1024]);
         assert_eq!(c.lines().count(), 4);
         assert!(c.starts_with(
             "file,quantization,size,parameters,backend,threads,gpu_layers,flash_attention,\
@@ -574,7 +600,7 @@ mod tests {
             r.setting.flash_attention = Some(true);
             r.setting.kv_cache_type = KvCacheType::Q8_0;
         }
-        let t = table(&[cpu.clone(), gpu.clone()], 512, 128, 0, 3);
+        let t = table(&[cpu.clone(), gpu.clone()], 512, 128, &[0], 3);
         assert!(
             t.contains("| backend | ngl | pp512 tok/s |")
                 && t.contains("| CUDA | 0 | 100.0 (100.0–100.0) |")
@@ -586,7 +612,7 @@ mod tests {
             "{t}"
         );
         // Left to llama.cpp in one row and set in another: the first reads `default`.
-        let t = table(&[base.clone(), gpu.clone()], 512, 128, 0, 1);
+        let t = table(&[base.clone(), gpu.clone()], 512, 128, &[0], 1);
         assert!(
             t.contains("| backend | ngl | fa | kv cache | pp512")
                 && t.contains("| CPU | default | default | f16 | 100.0")
@@ -594,7 +620,7 @@ mod tests {
             "{t}"
         );
         assert!(t.ends_with("\n2 threads, 1 repetition\n"), "{t}");
-        let c = csv(&[cpu, gpu], 0);
+        let c = csv(&[cpu, gpu]);
         assert!(
             c.contains("\nm.gguf,Q4_0,1048576,1.00M,CUDA,2,0,true,q8_0,512,pp,1,0,"),
             "{c}"
@@ -618,13 +644,13 @@ mod tests {
     fn a_figure_left_out_has_no_column_row_or_value() {
         let mut only_tg = result();
         only_tg.pp = None;
-        let t = table(&[only_tg.clone()], 0, 128, 0, 1);
+        let t = table(&[only_tg.clone()], 0, 128, &[0], 1);
         assert!(
             t.contains("| backend | tg128 tok/s | tg128 x4 aggregate |")
                 && t.contains("| CPU | 10.0 (10.0–10.0) | 30.0 (30.0–30.0) |"),
             "{t}"
         );
-        assert!(!csv(&[only_tg.clone()], 0).contains(",pp,"));
+        assert!(!csv(&[only_tg.clone()]).contains(",pp,"));
         let json = serde_json::to_value(&only_tg).unwrap();
         assert!(
             json["pp"].is_null() && json["tg"]["median"] == 10.0,
@@ -634,12 +660,12 @@ mod tests {
         let mut only_pp = result();
         only_pp.tg = None;
         only_pp.parallel.clear();
-        let t = table(&[only_pp.clone()], 512, 0, 0, 1);
+        let t = table(&[only_pp.clone()], 512, 0, &[0], 1);
         assert!(
             t.contains("| backend | pp512 tok/s |\n")
                 && t.contains("| CPU | 100.0 (100.0–100.0) |\n"),
             "{t}"
         );
-        assert_eq!(csv(&[only_pp], 0).lines().count(), 2);
+        assert_eq!(csv(&[only_pp]).lines().count(), 2);
     }
 }
