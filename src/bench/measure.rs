@@ -377,7 +377,7 @@ pub fn measure(
     .with_n_ubatch(n_batch_u32)
     .with_kv_unified(false);
     let mut ctx = model.new_context(backend, ctx_params).map_err(llama)?;
-    // llama.cpp holds a batch to the context's cells.
+    // llama.cpp cuts `n_batch` to the context's cells: the batch buffer takes what it kept.
     let mut batch = LlamaBatch::new(ctx.n_batch() as usize, 1);
     // Generation starts from the prompt's first tokens (at least PARALLEL_PROMPT of them, so
     // `-p 0` and a short `-p` start it the same way).

@@ -318,8 +318,9 @@ pub fn score(
 
     let backend = crate::engine::backend().map_err(llama)?;
     let len_u32 = u32::try_from(len).map_err(llama)?;
-    // No decode holds more than `--batch` tokens: the batch shapes some of llama.cpp's
-    // kernels (repacked weights are multiplied in tiles of rows), and so the figures.
+    // No decode holds more than `--batch` tokens: the batch shapes how llama.cpp's kernels
+    // tile their sums (flash attention's query tiles, repacked weights' row tiles), and so
+    // the figures' last bits.
     let n_batch = setting.batch.min(len_u32);
     let params = crate::engine::context_params(
         setting.threads,
