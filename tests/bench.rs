@@ -1069,8 +1069,20 @@ fn a_batch_sweep_makes_each_context_with_its_batch() {
     assert_eq!(made, ["8", "8", "64", "64"], "{err}");
 
     // Quality read 8 tokens a decode against 512: the same model, so only rounding moves,
-    // but it does (flash attention sums a batch's queries in tiles).
-    let out = bench_json(&["--quality", "-p", "0", "-n", "0", "-b", "512,8", model]);
+    // but it does (flash attention sums a batch's queries in tiles; with it off, SmolLM2's
+    // figures do not move at all).
+    let out = bench_json(&[
+        "--quality",
+        "-p",
+        "0",
+        "-n",
+        "0",
+        "--flash-attention",
+        "1",
+        "-b",
+        "512,8",
+        model,
+    ]);
     let results = out["results"].as_array().unwrap();
     assert_eq!(results[1]["batch"], 8, "{out}");
     let q = quality(&results[1]);
