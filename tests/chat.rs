@@ -688,6 +688,38 @@ async fn warm_answers_match_cold_reads_for_prefixes_of_every_length() {
     }
 }
 
+/// A batch under two flash-attention tiles (`serve --batch 100`) would cut a 124-row system
+/// turn into 100 rows read with query tiles and 24 read row by row, where a warm read takes the
+/// last 64 rows in one tiled call: the server raises such a batch (with a warning), so warm
+/// answers stay cold answers.
+#[tokio::test]
+async fn a_small_batch_keeps_warm_answers_cold_answers() {
+    let s = Server::start(&["--parallel", "2", "--batch", "100"]).await;
+    let system = "You are a careful assistant for a hardware store. ".repeat(12);
+    let ask = |q: &str, cache: bool| {
+        json!({"model": "smollm2", "temperature": 0, "max_tokens": 24, "cache_prompt": cache,
+               "messages": [{"role": "system", "content": system},
+                            {"role": "user", "content": q}]})
+    };
+    let questions = [
+        "What glue should I use for wood?",
+        "How do I fix a leaking tap?",
+        "Which screws hold drywall?",
+    ];
+    let mut cold = Vec::new();
+    for q in questions {
+        cold.push(answer(&s.chat(ask(q, false)).await));
+    }
+    for (q, cold) in questions.iter().zip(&cold) {
+        let warm = s.chat(ask(q, true)).await;
+        assert!(
+            warm["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() > Some(0),
+            "{warm}"
+        );
+        assert_eq!(&answer(&warm), cold, "{q}: {warm}");
+    }
+}
+
 /// A prompt the server has just read is not read again: its first token comes from the
 /// logits kept from that read, and the answer is the one a cold read gives, greedy, seeded
 /// or (whole-prompt hits serve it too) sampled without a seed.

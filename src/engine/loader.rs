@@ -146,23 +146,33 @@ pub(crate) fn ctx_per_slot(model: &LlamaModel, options: &EngineOptions) -> u32 {
 
 /// One context shared by all slots: `n_seq_max` sequences, each with its own
 /// `ctx_per_slot` cells (no unified KV cache, so one long conversation cannot starve the
-/// others).
+/// others). Its batch is at least `least_batch` ([`policy::Grain::least_batch`]).
 pub(crate) fn new_context<'m>(
     backend: &LlamaBackend,
     model: &'m LlamaModel,
     options: &EngineOptions,
     ctx_per_slot: u32,
+    least_batch: usize,
 ) -> Result<LlamaContext<'m>, LoadError> {
     let n_ctx = ctx_per_slot.saturating_mul(options.slots);
     // Every slot decodes one token per step: a batch smaller than the slots could not hold
-    // one step (the scheduler would have to leave sequences out of every step).
-    let batch = options.batch.max(options.slots);
+    // one step (the scheduler would have to leave sequences out of every step). And a cold
+    // read needs room for two of its kernel's chunks, or reproducible answers would depend
+    // on what the slot held before.
+    let least = u32::try_from(least_batch).unwrap_or(u32::MAX);
+    let batch = options.batch.max(options.slots).max(least);
     if batch > options.batch {
+        let why = if options.slots >= least {
+            "every slot may decode one token in the same step"
+        } else {
+            "a prompt is read in pieces that each hold its kernel's rows (with flash attention, \
+             two query tiles of 64), so that reproducible answers do not depend on the cache"
+        };
         tracing::warn!(
             model = %options.name,
-            batch = options.batch,
-            slots = options.slots,
-            "batch raised to the slot count: every slot may decode one token in the same step"
+            asked = options.batch,
+            batch,
+            "batch raised: {why}"
         );
     }
     let params = shared_params(options)

@@ -190,6 +190,18 @@ pub(crate) fn join_segments(starts: Vec<usize>, len: usize, grain: Grain) -> Vec
 }
 
 impl Grain {
+    /// The smallest decode that lets a cold read cut every segment into chunks that each
+    /// hold its kernel's rows ([`exact_chunk`]): twice a query tile with flash attention, else
+    /// twice an aligned group. Below it a segment a little longer than the batch is read as
+    /// one tiled chunk and a short tail row by row (124 rows under a batch of 100: 100 and
+    /// 24), while a warm read that reuses 60 of them reads the last 64 in one tiled call, so
+    /// the two answers differ; the server raises a smaller batch to this. (A batch under one
+    /// tile is safe, as every chunk of a tiled segment is then read row by row and never
+    /// reused, but the one rule is simpler to state.)
+    pub(crate) fn least_batch(self) -> usize {
+        2 * self.tile.unwrap_or(0).max(self.align).max(self.span)
+    }
+
     /// This grain for a model none of whose weights are repacked on this machine: reuse and
     /// chunks may start on any row, and segments read with the same kernels join.
     pub(crate) fn row_wise(self) -> Grain {
@@ -1141,6 +1153,48 @@ mod tests {
         assert_eq!(g.exact_reuse(one(50), one(60), 50, 50), 50);
         assert_eq!(g.exact_reuse(one(60), one(60), 58, 60), 56);
         assert_eq!(g.exact_reuse(first, first, 77, 30), 30);
+    }
+
+    /// How a cold read alone cuts one segment of `len` rows, `batch` rows a call at most.
+    fn cold_chunks(len: usize, batch: usize, g: Grain) -> Vec<(usize, usize)> {
+        let mut chunks = Vec::new();
+        let mut at = 0;
+        while at < len {
+            let left = len - at;
+            let n = exact_chunk(left, left.min(batch), g.least(len), g);
+            chunks.push((at, at + n));
+            at += n;
+        }
+        chunks
+    }
+
+    #[test]
+    fn from_the_least_batch_up_every_cold_chunk_is_exact() {
+        let grains = [
+            FLASH_GRAIN,
+            MATMUL_GRAIN,
+            FLASH_GRAIN.row_wise(),
+            MATMUL_GRAIN.row_wise(),
+        ];
+        for g in grains {
+            let least = g.least_batch();
+            for batch in (least..least + 70).chain([256, 512]) {
+                for len in 1..=700 {
+                    for (start, end) in cold_chunks(len, batch, g) {
+                        assert!(
+                            g.reads_exactly(one(len), start, end),
+                            "{g:?}, batch {batch}, {len} rows: {start}..{end}"
+                        );
+                    }
+                }
+            }
+        }
+        assert_eq!(FLASH_GRAIN.least_batch(), 128);
+        assert_eq!(MATMUL_GRAIN.least_batch(), 32);
+        // Why: under 100 rows a call, 124 tiled rows are read as 100 with tiles and 24 row by
+        // row, which no warm read that starts inside the segment reproduces.
+        assert_eq!(cold_chunks(124, 100, FLASH_GRAIN), [(0, 96), (96, 124)]);
+        assert!(!FLASH_GRAIN.reads_exactly(one(124), 96, 124));
     }
 
     #[test]

@@ -62,15 +62,17 @@ pub(crate) fn engine_worker(
         }
     };
     let per_slot = loader::ctx_per_slot(&model, &options);
-    let mut ctx = match loader::new_context(backend, &model, &options, per_slot) {
-        Ok(c) => c,
-        Err(e) => {
-            if ready.send(Err(e)).is_err() {
-                tracing::debug!("load result had no receiver");
+    let grain = loader::exact_grain(&options, backend, &loader::tensor_types(&options.path));
+    let mut ctx =
+        match loader::new_context(backend, &model, &options, per_slot, grain.least_batch()) {
+            Ok(c) => c,
+            Err(e) => {
+                if ready.send(Err(e)).is_err() {
+                    tracing::debug!("load result had no receiver");
+                }
+                return;
             }
-            return;
-        }
-    };
+        };
     loader::warm_up(&model, &mut ctx);
     let per_slot = ctx.n_ctx() / options.slots.max(1);
     let info = match loader::describe(&model, &options, per_slot, size) {
@@ -93,7 +95,6 @@ pub(crate) fn engine_worker(
         "model loaded"
     );
     let bos_text = info.template.bos_token().to_owned();
-    let grain = loader::exact_grain(&options, backend, &loader::tensor_types(&options.path));
     if ready.send(Ok(info)).is_err() {
         return;
     }
