@@ -432,8 +432,8 @@ pub struct ServeArgs {
     pub max_queue: Option<usize>,
     /// Most tokens in one decode (llama.cpp's n_batch and n_ubatch): a prompt read while
     /// nothing else runs goes in pieces this long, and no embedding input may be longer
-    /// [default: 512; raised to --parallel, and to 128 (32 with flash attention off) so that
-    /// reproducible answers do not depend on the cache].
+    /// [default: 512; raised to --parallel, and to 128 with flash attention (8 to 32
+    /// without) so that reproducible answers do not depend on the cache].
     #[arg(long, env = "BACKSTOP_BATCH", value_name = "N")]
     pub batch: Option<u32>,
     /// Most prompt tokens read per step while other requests generate [default: 128].
