@@ -306,8 +306,8 @@ async fn serve_batch_bounds_one_decode_and_so_an_embedding_input() {
     // Truncated to the batch, not to the slot's 256 tokens.
     assert_eq!(body["prompt_eval_count"], 64, "{body}");
     assert_eq!(context_length(&s).await, 256);
-    // A chat prompt several batches long is read whole, one batch per decode (a decode over
-    // the batch would abort llama.cpp).
+    // A chat prompt longer than the generating context's batch (64, raised to 128 for exact
+    // prompt reads) is read whole, a batch per decode (a decode over it would abort llama.cpp).
     let (status, body) = s
         .post(
             "/api/chat",
