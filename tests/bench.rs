@@ -19,6 +19,24 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// A command line's words (no argument here has a space in it).
+fn words(line: &str) -> Vec<&str> {
+    line.split(' ').collect()
+}
+
+/// `backstop bench ARGS --format json` with llama.cpp's own log at info level, which must
+/// succeed: the report, and the log (llama.cpp says there what each context was made with).
+fn bench_logged(args: &[&str]) -> (Value, String) {
+    let o = common::backstop_command()
+        .env("BACKSTOP_LOG", "info,llama-cpp-2=info")
+        .args([&["bench", "--format", "json"], args].concat())
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    assert!(o.status.success(), "{args:?}: {err}");
+    (serde_json::from_slice(&o.stdout).expect("bench JSON"), err)
+}
+
 /// `backstop bench ARGS` was refused before anything was measured: it failed, printed
 /// nothing on stdout, and its error says each of `says`.
 fn bench_refused(args: &[&str], says: &[&str]) {
@@ -204,37 +222,14 @@ fn a_quantization_ladder_is_built_and_benchmarked_in_every_format() {
 fn settings_given_as_lists_are_each_measured_and_reported() {
     let model = common::smollm2();
     let model = model.to_str().unwrap();
-    let o = common::backstop_command()
-        .env("BACKSTOP_LOG", "info,llama-cpp-2=info")
-        .args([
-            "bench",
-            "-p",
-            "16",
-            "-n",
-            "4",
-            "-r",
-            "1",
-            "-t",
-            "2,1,2",
-            "--flash-attention",
-            "0,1",
-            "--kv-cache-type",
-            "f16,q8_0",
-            "--gpu-layers",
-            "0",
-            "--format",
-            "json",
-            model,
-        ])
-        .output()
-        .unwrap();
-    let err = text(&o.stderr);
-    assert!(o.status.success(), "{err}");
+    let (report, err) = bench_logged(&words(&format!(
+        "-p 16 -n 4 -r 1 -t 2,1,2 --flash-attention 0,1 --kv-cache-type f16,q8_0 \
+         --gpu-layers 0 {model}"
+    )));
     assert!(
         err.contains("skipping --flash-attention 0 with --kv-cache-type q8_0"),
         "{err}"
     );
-    let report: Value = serde_json::from_slice(&o.stdout).expect("bench JSON");
     let rows: Vec<(u64, bool, &str)> = report["results"]
         .as_array()
         .unwrap()
@@ -702,18 +697,9 @@ fn figures_at_a_depth_say_so_and_too_deep_is_refused() {
     assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
     // Quality is scored once per model and setting, from an empty cache, and given to each
     // depth's row.
-    let out = bench_json(&[
-        "--quality",
-        "-p",
-        "16",
-        "-n",
-        "4",
-        "-r",
-        "1",
-        "-d",
-        "0,64",
-        model,
-    ]);
+    let out = bench_json(&words(&format!(
+        "--quality -p 16 -n 4 -r 1 -d 0,64 {model}"
+    )));
     let results = out["results"].as_array().unwrap();
     assert_eq!(results.len(), 2, "{out}");
     assert_eq!(quality(&results[0]), quality(&results[1]), "{out}");
@@ -928,7 +914,7 @@ fn a_quantization_ladder_shows_what_each_rung_costs_in_quality() {
             "bench --quality -t 2 {speed} -r 1 --quantize Q8_0,Q4_0 --quantize-dir {dir} \
              --format {format} {smol}"
         );
-        let o = backstop(&line.split(' ').collect::<Vec<_>>());
+        let o = backstop(&words(&line));
         assert!(o.status.success(), "{line}: {}", text(&o.stderr));
         text(&o.stdout)
     };
@@ -1005,18 +991,10 @@ fn a_quantization_ladder_shows_what_each_rung_costs_in_quality() {
 #[test]
 fn a_quantized_kv_cache_is_compared_with_the_f16_one() {
     let smol = common::smollm2();
-    let out = bench_json(&[
-        "--quality",
-        "-p",
-        "0",
-        "-n",
-        "0",
-        "--kv-cache-type",
-        "f16,q4_0",
-        "--flash-attention",
-        "1",
-        smol.to_str().unwrap(),
-    ]);
+    let out = bench_json(&words(&format!(
+        "--quality -p 0 -n 0 --kv-cache-type f16,q4_0 --flash-attention 1 {}",
+        smol.display()
+    )));
     let results = out["results"].as_array().unwrap();
     assert_eq!(results[1]["kv_cache_type"], "q4_0", "{out}");
     let q = quality(&results[1]);
@@ -1037,18 +1015,9 @@ fn a_quantized_kv_cache_is_compared_with_the_f16_one() {
 fn a_batch_sweep_makes_each_context_with_its_batch() {
     let model = common::smollm2();
     let model = model.to_str().unwrap();
-    let o = common::backstop_command()
-        .env("BACKSTOP_LOG", "info,llama-cpp-2=info")
-        .args(
-            "bench -p 64 -n 4 -r 1 -t 2 --parallel 8 -b 8,64 --format json"
-                .split(' ')
-                .chain([model]),
-        )
-        .output()
-        .unwrap();
-    let err = text(&o.stderr);
-    assert!(o.status.success(), "{err}");
-    let report: Value = serde_json::from_slice(&o.stdout).expect("bench JSON");
+    let (report, err) = bench_logged(&words(&format!(
+        "-p 64 -n 4 -r 1 -t 2 --parallel 8 -b 8,64 {model}"
+    )));
     let rows: Vec<u64> = report["results"]
         .as_array()
         .unwrap()
@@ -1071,18 +1040,9 @@ fn a_batch_sweep_makes_each_context_with_its_batch() {
     // Quality read 8 tokens a decode against 512: the same model, so only rounding moves,
     // but it does (flash attention sums a batch's queries in tiles; with it off, SmolLM2's
     // figures do not move at all).
-    let out = bench_json(&[
-        "--quality",
-        "-p",
-        "0",
-        "-n",
-        "0",
-        "--flash-attention",
-        "1",
-        "-b",
-        "512,8",
-        model,
-    ]);
+    let out = bench_json(&words(&format!(
+        "--quality -p 0 -n 0 --flash-attention 1 -b 512,8 {model}"
+    )));
     let results = out["results"].as_array().unwrap();
     assert_eq!(results[1]["batch"], 8, "{out}");
     let q = quality(&results[1]);
@@ -1097,9 +1057,9 @@ fn a_batch_sweep_makes_each_context_with_its_batch() {
 
     // A batch that is not the default is a column when it varies, else said under the table;
     // CSV gives it on every row.
-    let o = backstop(&[
-        "bench", "-p", "16", "-n", "0", "-r", "1", "-t", "2", "-b", "4,16", model,
-    ]);
+    let o = backstop(&words(&format!(
+        "bench -p 16 -n 0 -r 1 -t 2 -b 4,16 {model}"
+    )));
     assert!(o.status.success(), "{}", text(&o.stderr));
     let table = text(&o.stdout);
     assert!(
@@ -1108,18 +1068,16 @@ fn a_batch_sweep_makes_each_context_with_its_batch() {
             && table.contains("| CPU | 16 |"),
         "{table}"
     );
-    let o = backstop(&[
-        "bench", "-p", "16", "-n", "0", "-r", "1", "-t", "2", "-b", "64", model,
-    ]);
+    let o = backstop(&words(&format!("bench -p 16 -n 0 -r 1 -t 2 -b 64 {model}")));
     assert!(o.status.success(), "{}", text(&o.stderr));
     let table = text(&o.stdout);
     assert!(
         table.contains("\n2 threads, batch 64, 1 repetition\n"),
         "{table}"
     );
-    let o = backstop(&[
-        "bench", "-p", "16", "-n", "0", "-r", "1", "-t", "2", "-b", "64", "--format", "csv", model,
-    ]);
+    let o = backstop(&words(&format!(
+        "bench -p 16 -n 0 -r 1 -t 2 -b 64 --format csv {model}"
+    )));
     let csv = text(&o.stdout);
     assert!(
         csv.starts_with(

@@ -718,6 +718,13 @@ async fn a_small_batch_keeps_warm_answers_cold_answers() {
         );
         assert_eq!(&answer(&warm), cold, "{q}: {warm}");
     }
+    // The batch asked for was raised, and said so: with `--batch` ignored (512) this test
+    // would pass without the raise.
+    let log = s.log();
+    assert!(
+        log.contains("batch raised") && log.contains("asked=100") && log.contains("batch=128"),
+        "{log}"
+    );
 }
 
 /// A prompt the server has just read is not read again: its first token comes from the

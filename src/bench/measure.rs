@@ -363,8 +363,9 @@ pub fn measure(
             u32::try_from(needed.next_multiple_of(256).min(train.max(needed))).unwrap_or(u32::MAX)
         }
     };
-    // llama.cpp aborts the process when a decode holds more tokens than `n_batch`: the
-    // settings refuse a batch below the sequences that generate together.
+    // llama.cpp aborts the process when a decode holds more tokens than `n_batch`: `bench`
+    // refuses a batch below the sequences that generate together, and this keeps the
+    // library call safe too.
     let n_batch_u32 = setting.batch.max(seqs as u32);
     let ctx_params = crate::engine::context_params(
         setting.threads,

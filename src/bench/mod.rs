@@ -66,6 +66,13 @@ fn check_args(args: &BenchArgs) -> Result<Vec<usize>, String> {
     if args.generate == 0 && !args.parallel.is_empty() {
         return Err("--parallel measures generation: it needs -n above 0".into());
     }
+    let most = args.parallel.iter().copied().max().unwrap_or(1);
+    if let Some(b) = args.batch.iter().find(|&&b| (b as usize) < most) {
+        return Err(format!(
+            "--batch {b} with --parallel {most}: a generation step decodes one token of every \
+             sequence at once, so the batch must be at least {most}"
+        ));
+    }
     let mut parallel: Vec<usize> = args.parallel.iter().copied().filter(|&n| n > 1).collect();
     parallel.sort_unstable();
     parallel.dedup();
@@ -94,8 +101,7 @@ fn each<T: PartialEq + Copy>(given: &[T]) -> Vec<Option<T>> {
 /// Every combination of the settings given, as llama-bench sweeps its comma lists (GPU
 /// layers outermost, threads innermost), less those llama.cpp cannot run: a quantized KV
 /// cache needs flash attention. Those are named in the second list; when nothing is left
-/// the whole run is refused. A batch too small for one generation step of `--parallel`
-/// sequences refuses the run.
+/// the whole run is refused.
 fn settings(args: &BenchArgs) -> Result<(Vec<Setting>, Vec<String>), String> {
     let threads: Vec<u32> = each(&args.threads)
         .into_iter()
@@ -105,13 +111,6 @@ fn settings(args: &BenchArgs) -> Result<(Vec<Setting>, Vec<String>), String> {
         .into_iter()
         .map(|b| b.unwrap_or(crate::config::DEFAULT_BATCH))
         .collect();
-    let most = args.parallel.iter().copied().max().unwrap_or(1);
-    if let Some(b) = batches.iter().find(|&&b| (b as usize) < most) {
-        return Err(format!(
-            "--batch {b} with --parallel {most}: a generation step decodes one token of every \
-             sequence at once, so the batch must be at least {most}"
-        ));
-    }
     let kv: Vec<KvCacheType> = each(&args.kv_cache_type)
         .into_iter()
         .map(|k| k.unwrap_or(KvCacheType::F16))
@@ -405,7 +404,7 @@ mod tests {
         let (all, _) = settings(&args(&["-t", "1,2", "-b", "64,8", "--parallel", "4,8"])).unwrap();
         let batches: Vec<(u32, u32)> = all.iter().map(|s| (s.batch, s.threads)).collect();
         assert_eq!(batches, [(64, 1), (64, 2), (8, 1), (8, 2)]);
-        let small = settings(&args(&["-b", "512,4", "--parallel", "1,8"]));
+        let small = check_args(&args(&["-b", "512,4", "--parallel", "1,8"]));
         assert!(small
             .is_err_and(|e| e.contains("--batch 4 with --parallel 8") && e.contains("at least 8")),);
         let refused = settings(&args(&[
