@@ -107,12 +107,16 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 300, requires = "server",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
-    /// Prompt tokens for prompt processing (0 leaves the figure out).
-    #[arg(short = 'p', long, default_value_t = 512)]
-    pub prompt: usize,
-    /// Tokens generated (0 leaves generation out).
-    #[arg(short = 'n', long = "gen", default_value_t = 128)]
-    pub generate: usize,
+    /// Prompt tokens for prompt processing (0 leaves the figure out), or several to compare,
+    /// e.g. 128,512,2048: with more than one -p or -n value, as in llama-bench, each prompt
+    /// and each generation is its own test (--server takes one of each).
+    #[arg(short = 'p', long = "prompt", value_delimiter = ',', value_name = "N,...",
+          default_values_t = [512])]
+    pub prompts: Vec<usize>,
+    /// Tokens generated (0 leaves generation out), or several to compare, e.g. 32,128.
+    #[arg(short = 'n', long = "gen", value_delimiter = ',', value_name = "N,...",
+          default_values_t = [128])]
+    pub gens: Vec<usize>,
     /// Tokens already in the cache when each measurement starts (llama-bench's depth), or
     /// several to compare, e.g. 0,1024,4096: speed deep into a conversation [default: 0].
     #[arg(short = 'd', long, value_delimiter = ',', value_name = "N,...")]

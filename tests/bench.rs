@@ -126,8 +126,8 @@ fn a_quantization_ladder_is_built_and_benchmarked_in_every_format() {
     );
     assert!(json.status.success(), "{}", text(&json.stderr));
     let report: Value = serde_json::from_slice(&json.stdout).expect("bench JSON");
-    assert_eq!(report["prompt"], 32);
-    assert_eq!(report["generate"], 8);
+    // One -p and one -n value: one test of both, each result saying its lengths.
+    assert_eq!(report["tests"], json!([{"prompt": 32, "generate": 8}]));
     assert_eq!(report["reps"], 2);
     // The machine the figures are from: its processor, cores and llama.cpp's devices.
     let machine = &report["machine"];
@@ -159,6 +159,7 @@ fn a_quantization_ladder_is_built_and_benchmarked_in_every_format() {
             "{r}"
         );
         assert_eq!(r["kv_cache_type"], "f16", "{r}");
+        assert!(r["prompt"] == 32 && r["generate"] == 8, "{r}");
         assert!(r["parameters"].as_str().unwrap().ends_with('M'), "{r}");
         for fig in [&r["pp"], &r["tg"]] {
             let (min, med, max) = (
@@ -190,8 +191,8 @@ fn a_quantization_ladder_is_built_and_benchmarked_in_every_format() {
     assert_eq!(lines.len(), 7, "{csv}");
     assert!(lines[0].starts_with("file,"), "{csv}");
     assert!(lines[1].starts_with("smollm2-q8_0.gguf,Q8_0,"), "{csv}");
-    assert!(lines[1].contains(",pp,1,"), "{csv}");
-    assert!(lines[3].contains(",tg_aggregate,2,"), "{csv}");
+    assert!(lines[1].contains(",pp,32,1,"), "{csv}");
+    assert!(lines[3].contains(",tg_aggregate,8,2,"), "{csv}");
     assert!(lines[4].starts_with("smollm2-q4_0.gguf,Q4_0,"), "{csv}");
     let columns = lines[0].split(',').count();
     assert!(
@@ -687,7 +688,7 @@ fn figures_at_a_depth_say_so_and_too_deep_is_refused() {
     );
     let csv = text(&run("csv", "0,128").stdout);
     assert!(
-        csv.contains(",pp,1,0,") && csv.contains(",tg_aggregate,2,128,"),
+        csv.contains(",pp,16,1,0,") && csv.contains(",tg_aggregate,8,2,128,"),
         "{csv}"
     );
     // One depth too deep refuses the run before the others are measured.
@@ -708,6 +709,103 @@ fn figures_at_a_depth_say_so_and_too_deep_is_refused() {
     bench_refused(
         &["-p", "0", "-n", "0", "-d", "64", "--quality", model],
         &["-d with -p 0 and -n 0"],
+    );
+}
+
+/// Several `-p` and `-n` values, as llama-bench's lists: each length is a test of its own,
+/// measured at each depth, one table row per model and depth with a column per length.
+#[test]
+fn prompt_and_generation_lengths_given_as_lists_are_each_a_test() {
+    let model = common::smollm2();
+    let model = model.to_str().unwrap();
+    let args = format!("-p 16,48,16 -n 4,0,8 --parallel 2 -r 1 -d 0,32 {model}");
+    let report = bench_json(&words(&args));
+    assert_eq!(
+        report["tests"],
+        json!([
+            {"prompt": 16, "generate": 0},
+            {"prompt": 48, "generate": 0},
+            {"prompt": 0, "generate": 4},
+            {"prompt": 0, "generate": 8}
+        ]),
+        "{report}"
+    );
+    let results = report["results"].as_array().unwrap();
+    let got: Vec<(u64, u64, u64, u64)> = results
+        .iter()
+        .map(|r| {
+            let n = |k: &str| r[k].as_u64().unwrap();
+            (n("depth"), n("cached"), n("prompt"), n("generate"))
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (0, 0, 16, 0),
+            (0, 0, 48, 0),
+            (0, 0, 0, 4),
+            (0, 0, 0, 8),
+            (32, 32, 16, 0),
+            (32, 32, 48, 0),
+            (32, 32, 0, 4),
+            (32, 32, 0, 8)
+        ],
+        "{report}"
+    );
+    // A prompt test has only its prompt figure; a generation test its single-stream and
+    // aggregate figures.
+    for r in results {
+        let measured = |f: &Value| f["median"].as_f64().is_some_and(|m| m > 0.0);
+        if r["prompt"] != 0 {
+            assert!(measured(&r["pp"]) && r["tg"].is_null(), "{r}");
+            assert_eq!(r["parallel"], json!([]), "{r}");
+        } else {
+            assert!(measured(&r["tg"]) && r["pp"].is_null(), "{r}");
+            assert_eq!(r["parallel"][0]["sequences"], 2, "{r}");
+            assert!(measured(&r["parallel"][0]), "{r}");
+        }
+    }
+
+    let o = backstop(&[&["bench", "-t", "2"], &words(&args)[..]].concat());
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let table = text(&o.stdout);
+    assert!(
+        table.contains(
+            "| backend | depth | pp16 tok/s | pp48 tok/s | tg4 tok/s | tg4 x2 aggregate | \
+             tg8 tok/s | tg8 x2 aggregate |"
+        ),
+        "{table}"
+    );
+    // One row per depth, every cell filled.
+    let rows: Vec<&str> = table.lines().filter(|l| l.contains("| CPU |")).collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    for (row, depth) in rows.iter().zip(["| CPU | 0 |", "| CPU | 32 |"]) {
+        assert!(row.contains(depth) && !row.contains("|  |"), "{table}");
+        assert_eq!(row.matches('–').count(), 6, "{row}");
+    }
+    let o = backstop(&[&["bench", "-t", "2", "--format", "csv"], &words(&args)[..]].concat());
+    let csv = text(&o.stdout);
+    for line in [",pp,48,1,32,", ",tg,8,1,0,", ",tg_aggregate,4,2,32,"] {
+        assert!(csv.contains(line), "{line}: {csv}");
+    }
+
+    // The longest length is checked against the context before anything is measured.
+    bench_refused(
+        &words(&format!("-p 16,8200 -n 4 {model}")),
+        &["-p 8200", "needs 8200", "8192"],
+    );
+    bench_refused(
+        &words(&format!("-p 16 -n 4,8177 {model}")),
+        &["-n 8177", "needs 8193"],
+    );
+    bench_refused(
+        &words(&format!("-p 16,32 -n 0 --parallel 2 {model}")),
+        &["--parallel measures generation"],
+    );
+    // A server is sent one prompt and one answer per request.
+    bench_refused(
+        &words("-p 16,32 -n 4 --server http://127.0.0.1:9 smollm2"),
+        &["with --server, -p and -n take one value each"],
     );
 }
 
@@ -793,7 +891,7 @@ fn zero_leaves_a_figure_out_and_every_bench_limit_is_refused() {
     assert!(table.contains("2 threads, 1 repetition\n"), "{table}");
     let csv = run(&["-p", "16", "-n", "0", "--format", "csv"]);
     assert_eq!(csv.lines().count(), 2, "{csv}");
-    assert!(csv.lines().nth(1).unwrap().contains(",pp,1,0,"), "{csv}");
+    assert!(csv.lines().nth(1).unwrap().contains(",pp,16,1,0,"), "{csv}");
 
     // `quantize` takes threads the same way.
     let dir = common::temp_dir("quantize-threads");

@@ -58,6 +58,27 @@ pub struct Setting {
     pub batch: u32,
 }
 
+/// One test of a run: a prompt read, a generation, or (with one `-p` and one `-n`) both, as
+/// one row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Test {
+    /// Prompt tokens read (0: not measured).
+    pub prompt: usize,
+    /// Tokens generated (0: not measured).
+    pub generate: usize,
+}
+
+impl Test {
+    /// llama-bench's name for it: `pp512`, `tg128`, or both.
+    pub(super) fn name(&self) -> String {
+        match (self.prompt, self.generate) {
+            (p, 0) => format!("pp{p}"),
+            (0, n) => format!("tg{n}"),
+            (p, n) => format!("pp{p} tg{n}"),
+        }
+    }
+}
+
 /// Why a model could not be measured.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-pub use measure::{load, measure, BenchError, Plan, Rep, Setting};
+pub use measure::{load, measure, BenchError, Plan, Rep, Setting, Test};
 pub use quality::Quality;
 use report::label;
 pub use report::{csv, table, Aggregate, Figure, Machine, Meta, ModelResult};
@@ -44,11 +44,47 @@ fn locate(arg: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// The tests a run measures, as llama-bench forms them from its lists: one `-p` and one `-n`
+/// value are one test of both; with more, each prompt length and each generation length is a
+/// test of its own, prompts first, in the order given. A 0 is left out (`-p 0 -n 0`: none,
+/// quality alone).
+fn tests(args: &BenchArgs) -> Vec<Test> {
+    let (prompts, gens) = (each(&args.prompts), each(&args.gens));
+    if let ([Some(prompt)], [Some(generate)]) = (prompts.as_slice(), gens.as_slice()) {
+        return if *prompt == 0 && *generate == 0 {
+            Vec::new()
+        } else {
+            vec![Test {
+                prompt: *prompt,
+                generate: *generate,
+            }]
+        };
+    }
+    let prompts = prompts
+        .into_iter()
+        .flatten()
+        .filter(|&p| p > 0)
+        .map(|prompt| Test {
+            prompt,
+            generate: 0,
+        });
+    let gens = gens
+        .into_iter()
+        .flatten()
+        .filter(|&n| n > 0)
+        .map(|generate| Test {
+            prompt: 0,
+            generate,
+        });
+    prompts.chain(gens).collect()
+}
+
 /// Checks the numbers given (as in llama-bench, `-p 0` or `-n 0` leaves that figure out;
 /// nothing else is silently raised or dropped) and returns the `--parallel` counts sorted and
 /// without 1 (the single-stream figure is always measured).
 fn check_args(args: &BenchArgs) -> Result<Vec<usize>, String> {
-    if args.prompt == 0 && args.generate == 0 && !quality_asked(args) {
+    let tests = tests(args);
+    if tests.is_empty() && !quality_asked(args) {
         return Err("-p 0 and -n 0 leave nothing to measure".into());
     }
     if let Some(n) = args.parallel.iter().find(|&&n| n == 0 || n > MAX_PARALLEL) {
@@ -56,14 +92,14 @@ fn check_args(args: &BenchArgs) -> Result<Vec<usize>, String> {
             "--parallel {n}: from 1 to {MAX_PARALLEL} sequences (llama.cpp's most in one context)"
         ));
     }
-    if args.prompt == 0 && args.generate == 0 && args.depth.iter().any(|&d| d > 0) {
+    if tests.is_empty() && args.depth.iter().any(|&d| d > 0) {
         return Err(
             "-d with -p 0 and -n 0: no speed is measured at a depth (quality is scored from an \
              empty cache)"
                 .into(),
         );
     }
-    if args.generate == 0 && !args.parallel.is_empty() {
+    if tests.iter().all(|t| t.generate == 0) && !args.parallel.is_empty() {
         return Err("--parallel measures generation: it needs -n above 0".into());
     }
     let most = args.parallel.iter().copied().max().unwrap_or(1);
@@ -174,19 +210,27 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         .map(|d| d.unwrap_or(0))
         .collect();
     let deepest = depths.iter().copied().max().unwrap_or(0);
-    let plan = |setting: Setting, depth: usize| Plan {
-        prompt: args.prompt,
+    let tests = tests(args);
+    // Aggregate generation is measured with each generation length.
+    let plan = |setting: Setting, depth: usize, test: Test| Plan {
+        prompt: test.prompt,
         depth,
-        generate: args.generate,
+        generate: test.generate,
         reps: args.reps,
-        parallel: parallel.clone(),
+        parallel: if test.generate > 0 {
+            parallel.clone()
+        } else {
+            Vec::new()
+        },
         ctx: args.ctx,
         setting,
     };
     // A `--ctx` too small for the run is known from the numbers alone (the same for every
-    // setting; the deepest measurement needs the most): refused before anything is
+    // setting; the deepest measurements need the most): refused before anything is
     // quantized or loaded.
-    plan(settings[0], deepest).check()?;
+    for &test in &tests {
+        plan(settings[0], deepest, test).check()?;
+    }
     // Every file is found and its header read before any is measured: a typo at the end of
     // a quantization ladder fails at once, not after the models before it were measured.
     let files = args
@@ -222,20 +266,15 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let backend = compute.backend;
     let machine = Machine::here(compute.devices);
     let runs = files.len() * settings.len();
-    // A warm-up and the repetitions at each depth when speed is measured (`-p 0 -n 0`
-    // measures only quality), and the quality pass.
-    let speed = args.prompt > 0 || args.generate > 0;
-    let per_run = if speed {
-        depths.len() * (args.reps + 1)
-    } else {
-        0
-    } + usize::from(text.is_some());
+    // A warm-up and the repetitions of each test at each depth (`-p 0 -n 0` measures only
+    // quality), and the quality pass.
+    let per_run = tests.len() * depths.len() * (args.reps + 1) + usize::from(text.is_some());
     let bar = ProgressBar::new((runs * per_run) as u64);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} runs, {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut results = Vec::with_capacity(runs * depths.len());
+    let mut results = Vec::with_capacity(runs * depths.len() * tests.len().max(1));
     let mut references = Vec::new();
     for (file, header) in &files {
         let name = file.file_name().map_or_else(
@@ -254,8 +293,10 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             let tag = label(&setting, &settings);
             bar.set_message(format!("{name}{tag}"));
             let model = load(file, &setting)?;
-            // The deepest measurement is refused before the shallower ones are measured.
-            plan(setting, deepest).fits(&model)?;
+            // The deepest measurements are refused before the shallower ones are measured.
+            for &test in &tests {
+                plan(setting, deepest, test).fits(&model)?;
+            }
             // Quality is scored once, from an empty cache, whatever the depths.
             let quality = match &text {
                 Some(text) => {
@@ -274,17 +315,28 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 None => None,
             };
             for &depth in &depths {
-                if depths.len() > 1 {
-                    bar.set_message(format!("{name}{tag} d{depth}"));
+                if tests.is_empty() {
+                    let mut result =
+                        ModelResult::new(meta.clone(), setting, depth, Test::default(), &[], &[]);
+                    result.quality.clone_from(&quality);
+                    results.push(result);
                 }
-                let reps = if speed {
-                    measure(&model, &plan(setting, depth), || bar.inc(1))?
-                } else {
-                    Vec::new()
-                };
-                let mut result = ModelResult::new(meta.clone(), setting, depth, &parallel, &reps);
-                result.quality.clone_from(&quality);
-                results.push(result);
+                for &test in &tests {
+                    let at = if depths.len() > 1 {
+                        format!(" d{depth}")
+                    } else {
+                        String::new()
+                    };
+                    if tests.len() > 1 || depths.len() > 1 {
+                        bar.set_message(format!("{name}{tag}{at} {}", test.name()));
+                    }
+                    let plan = plan(setting, depth, test);
+                    let reps = measure(&model, &plan, || bar.inc(1))?;
+                    let mut result =
+                        ModelResult::new(meta.clone(), setting, depth, test, &plan.parallel, &reps);
+                    result.quality.clone_from(&quality);
+                    results.push(result);
+                }
             }
         }
     }
@@ -292,7 +344,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     match args.format {
         BenchFormat::Table => println!(
             "{}{}{}",
-            table(&results, args.prompt, args.generate, &depths, args.reps),
+            table(&results, &depths, args.reps),
             text.as_ref()
                 .map(|t| quality::said(t, results.iter().filter_map(|r| r.quality.as_ref())))
                 .unwrap_or_default(),
@@ -301,8 +353,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         BenchFormat::Json => println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "prompt": args.prompt,
-                "generate": args.generate,
+                "tests": tests,
                 "depths": depths,
                 "reps": args.reps,
                 "quality_text": text.as_ref().map(|t| &t.name),
@@ -424,5 +475,47 @@ mod tests {
             let argv = [&["backstop", "bench"], bad, &["m.gguf"]].concat();
             assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn lists_of_lengths_are_tests_of_their_own_as_in_llama_bench() {
+        let of = |flags: &[&str]| -> Vec<(usize, usize)> {
+            tests(&args(flags))
+                .iter()
+                .map(|t| (t.prompt, t.generate))
+                .collect()
+        };
+        // One of each: one test of both, a row with both figures, as before lists.
+        assert_eq!(of(&[]), [(512, 128)]);
+        assert_eq!(of(&["-p", "64", "-n", "0"]), [(64, 0)]);
+        assert_eq!(of(&["-p", "512,512", "-n", "16"]), [(512, 16)]);
+        assert_eq!(of(&["-p", "0", "-n", "0"]), []);
+        // More: prompts first, then generations, in the order given, zeros left out.
+        assert_eq!(
+            of(&["-p", "512,128,0", "-n", "32"]),
+            [(512, 0), (128, 0), (0, 32)]
+        );
+        assert_eq!(of(&["-p", "0", "-n", "64,16"]), [(0, 64), (0, 16)]);
+        assert_eq!(of(&["-p", "0,0", "-n", "0,0"]), []);
+        for (flags, refusal) in [
+            (&["-p", "0,0", "-n", "0"][..], "leave nothing to measure"),
+            (
+                &["-p", "64,128", "-n", "0", "--parallel", "4"],
+                "--parallel measures generation",
+            ),
+            (
+                &["-p", "0,0", "-n", "0", "-d", "64", "--quality"],
+                "-d with -p 0 and -n 0",
+            ),
+        ] {
+            assert!(
+                check_args(&args(flags)).is_err_and(|e| e.contains(refusal)),
+                "{flags:?}"
+            );
+        }
+        assert_eq!(
+            check_args(&args(&["-p", "64,128", "-n", "0,8", "--parallel", "4"])),
+            Ok(vec![4])
+        );
     }
 }

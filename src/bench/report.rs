@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::measure::{Rep, Setting};
+use super::measure::{Rep, Setting, Test};
 use super::quality::Quality;
 
 /// A figure over the repetitions.
@@ -82,11 +82,16 @@ pub struct ModelResult {
     pub setting: Setting,
     /// Tokens in each sequence's cache when each measurement started (`-d`).
     pub depth: usize,
+    /// The prompt and generation lengths measured (`prompt` and `generate`; 0 for the one
+    /// a test leaves out).
+    #[serde(flatten)]
+    pub test: Test,
     /// Prompt-processing tokens/s (`null` with `-p 0`).
     pub pp: Option<Figure>,
     /// Single-stream generation tokens/s (`null` with `-n 0`).
     pub tg: Option<Figure>,
-    /// Aggregate generation tokens/s per sequence count.
+    /// Aggregate generation tokens/s per sequence count (with `--parallel`, in a test that
+    /// generates).
     pub parallel: Vec<Aggregate>,
     /// Tokens every measurement found in its sequences' cache when it started, as llama.cpp
     /// reported it (the fewest over the repetitions): the depth actually measured at.
@@ -112,6 +117,7 @@ impl ModelResult {
         meta: Meta,
         setting: Setting,
         depth: usize,
+        test: Test,
         parallel: &[usize],
         reps: &[Rep],
     ) -> ModelResult {
@@ -124,6 +130,7 @@ impl ModelResult {
             backend: meta.backend,
             setting,
             depth,
+            test,
             pp: Figure::over(reps.iter().map(|r| r.pp)),
             tg: Figure::over(reps.iter().map(|r| r.tg)),
             parallel: parallel
@@ -301,25 +308,66 @@ pub(crate) fn label(setting: &Setting, all: &[Setting]) -> String {
         .collect()
 }
 
-/// A markdown table, one row per model, setting and depth; figures measured at one depth say
-/// so in the header (`pp512 @ d1024`), at several in a `depth` column. Settings that differ
-/// between rows get a column, the others are said under the table with the repetitions.
-pub fn table(
-    results: &[ModelResult],
-    prompt: usize,
-    generate: usize,
-    depths: &[usize],
-    reps: usize,
-) -> String {
+/// The results that share a table row: one model, setting and depth, each test once (with
+/// one `-p` and one `-n` value, one result; with lists, one per prompt and generation length).
+fn rows(results: &[ModelResult]) -> Vec<Vec<&ModelResult>> {
+    let mut rows: Vec<Vec<&ModelResult>> = Vec::new();
+    for r in results {
+        match rows.last_mut() {
+            Some(row)
+                if row.iter().all(|o| {
+                    (&o.file, &o.setting, o.depth) == (&r.file, &r.setting, r.depth)
+                        && o.test != r.test
+                }) =>
+            {
+                row.push(r);
+            }
+            _ => rows.push(vec![r]),
+        }
+    }
+    rows
+}
+
+/// Each value once, in the order first seen.
+fn distinct(values: impl Iterator<Item = usize>) -> Vec<usize> {
+    let mut out = Vec::new();
+    for v in values {
+        if !out.contains(&v) {
+            out.push(v);
+        }
+    }
+    out
+}
+
+/// A markdown table, one row per model, setting and depth, with a column per prompt length,
+/// per generation length and per sequence count generating together; figures measured at
+/// one depth say so in the header (`pp512 @ d1024`), at several in a `depth` column. Settings
+/// that differ between rows get a column, the others are said under the table with the
+/// repetitions.
+pub fn table(results: &[ModelResult], depths: &[usize], reps: usize) -> String {
     let (at, depth_column) = match depths {
         [] | [0] => (String::new(), false),
         [d] => (format!(" @ d{d}"), false),
         _ => (String::new(), true),
     };
-    let parallel: Vec<usize> = results
-        .first()
-        .map(|r| r.parallel.iter().map(|p| p.sequences).collect())
-        .unwrap_or_default();
+    // `-p 0` and `-n 0` leave their columns out.
+    let prompts = distinct(
+        results
+            .iter()
+            .filter(|r| r.pp.is_some())
+            .map(|r| r.test.prompt),
+    );
+    let gens = distinct(
+        results
+            .iter()
+            .filter(|r| r.tg.is_some())
+            .map(|r| r.test.generate),
+    );
+    let parallel = distinct(
+        results
+            .iter()
+            .flat_map(|r| r.parallel.iter().map(|a| a.sequences)),
+    );
     let (columns, fixed): (Vec<Knob>, Vec<Knob>) = Knob::ALL
         .into_iter()
         .partition(|k| k.varies(results.iter().map(|r| &r.setting)));
@@ -334,18 +382,11 @@ pub fn table(
     if depth_column {
         head.push("depth".to_owned());
     }
-    // `-p 0` and `-n 0` leave their column out.
-    if prompt > 0 {
-        head.push(format!("pp{prompt}{at} tok/s"));
+    head.extend(prompts.iter().map(|p| format!("pp{p}{at} tok/s")));
+    for n in &gens {
+        head.push(format!("tg{n}{at} tok/s"));
+        head.extend(parallel.iter().map(|k| format!("tg{n}{at} x{k} aggregate")));
     }
-    if generate > 0 {
-        head.push(format!("tg{generate}{at} tok/s"));
-    }
-    head.extend(
-        parallel
-            .iter()
-            .map(|n| format!("tg{generate}{at} x{n} aggregate")),
-    );
     let quality = results.iter().any(|r| r.quality.is_some());
     if quality {
         head.extend(["ppl", "ppl ratio", "kld", "same top"].map(String::from));
@@ -355,7 +396,8 @@ pub fn table(
         head.join(" | "),
         " --- |".repeat(head.len())
     );
-    for r in results {
+    for group in rows(results) {
+        let r = group[0];
         let mut row = vec![
             r.file.clone(),
             r.quantization.clone(),
@@ -371,14 +413,33 @@ pub fn table(
         if depth_column {
             row.push(r.depth.to_string());
         }
-        row.extend([&r.pp, &r.tg].into_iter().flatten().map(Figure::cell));
-        row.extend(r.parallel.iter().map(|a| a.figure.cell()));
+        // A test this row did not run (a model given twice with other lengths) is empty.
+        let cell = |f: Option<&Figure>| f.map(Figure::cell).unwrap_or_default();
+        for p in &prompts {
+            let pp = group
+                .iter()
+                .find(|o| o.test.prompt == *p)
+                .and_then(|o| o.pp.as_ref());
+            row.push(cell(pp));
+        }
+        for n in &gens {
+            let run = group
+                .iter()
+                .find(|o| o.test.generate == *n && o.tg.is_some());
+            row.push(cell(run.and_then(|o| o.tg.as_ref())));
+            for k in &parallel {
+                let aggregate = run
+                    .and_then(|o| o.parallel.iter().find(|a| a.sequences == *k))
+                    .map(|a| &a.figure);
+                row.push(cell(aggregate));
+            }
+        }
         if quality {
-            row.extend(quality_cells(r.quality.as_ref()));
+            row.extend(quality_cells(group.iter().find_map(|o| o.quality.as_ref())));
         }
         out.push_str(&format!("| {} |\n", row.join(" | ")));
     }
-    let speed = prompt > 0 || generate > 0;
+    let speed = !prompts.is_empty() || !gens.is_empty();
     if speed {
         out.push_str(
             "\nmedian (min–max) tokens per second over the repetitions, warm-up excluded\n",
@@ -420,13 +481,17 @@ fn quality_cells(q: Option<&Quality>) -> [String; 4] {
     ]
 }
 
-/// CSV, one row per model and figure, with the depth it was measured at.
+/// CSV, one row per model and figure, with the tokens read or generated and the depth it was
+/// measured at; quality once per model, setting and depth.
 pub fn csv(results: &[ModelResult]) -> String {
     let mut out = String::from(
         "file,quantization,size,parameters,backend,threads,gpu_layers,flash_attention,kv_cache_type,\
-         batch,figure,sequences,depth,median,min,max\n",
+         batch,figure,tokens,sequences,depth,median,min,max\n",
     );
-    for r in results {
+    let tests = rows(results)
+        .into_iter()
+        .flat_map(|row| row.into_iter().enumerate());
+    for (i, r) in tests {
         // A setting left to llama.cpp's default is an empty field.
         let s = &r.setting;
         let lead = format!(
@@ -444,21 +509,27 @@ pub fn csv(results: &[ModelResult]) -> String {
             s.kv_cache_type.as_str(),
             s.batch,
         );
-        let mut row = |figure: &str, n: usize, values: &str| {
-            out.push_str(&format!("{lead},{figure},{n},{},{values}\n", r.depth));
+        let mut row = |figure: &str, tokens: Option<usize>, n: usize, values: &str| {
+            let tokens = tokens.map(|t| t.to_string()).unwrap_or_default();
+            out.push_str(&format!(
+                "{lead},{figure},{tokens},{n},{},{values}\n",
+                r.depth
+            ));
         };
         let spread = |f: &Figure| format!("{:.3},{:.3},{:.3}", f.median, f.min, f.max);
+        let (prompt, generate) = (Some(r.test.prompt), Some(r.test.generate));
         if let Some(f) = &r.pp {
-            row("pp", 1, &spread(f));
+            row("pp", prompt, 1, &spread(f));
         }
         if let Some(f) = &r.tg {
-            row("tg", 1, &spread(f));
+            row("tg", generate, 1, &spread(f));
         }
         for a in &r.parallel {
-            row("tg_aggregate", a.sequences, &spread(&a.figure));
+            row("tg_aggregate", generate, a.sequences, &spread(&a.figure));
         }
-        // Quality figures are one value each: in the median column, min and max empty.
-        if let Some(q) = &r.quality {
+        // Quality figures are one value each: in the median column, min and max empty; said
+        // with a row's first test (every test of it carries the same).
+        if let (Some(q), 0) = (&r.quality, i) {
             let values = [
                 ("ppl", Some(q.ppl)),
                 ("ppl_error", Some(q.ppl_error)),
@@ -469,7 +540,7 @@ pub fn csv(results: &[ModelResult]) -> String {
             ];
             for (figure, value) in values {
                 if let Some(v) = value {
-                    row(figure, 1, &format!("{v:.6},,"));
+                    row(figure, None, 1, &format!("{v:.6},,"));
                 }
             }
         }
@@ -505,6 +576,10 @@ mod tests {
                 batch: 512,
             },
             depth: 0,
+            test: Test {
+                prompt: 512,
+                generate: 128,
+            },
             pp: Some(Figure::of(vec![100.0])),
             tg: Some(Figure::of(vec![10.0])),
             parallel: vec![Aggregate {
@@ -518,7 +593,7 @@ mod tests {
 
     #[test]
     fn the_table_and_csv_carry_every_figure() {
-        let t = table(&[result()], 512, 128, &[0], 5);
+        let t = table(&[result()], &[0], 5);
         assert!(t.contains("| m.gguf | Q4_0 | 1.0 MiB | 1.00M | CPU | 100.0 (100.0–100.0) | 10.0 (10.0–10.0) | 30.0 (30.0–30.0) |"), "{t}");
         assert!(
             t.contains("| pp512 tok/s | tg128 tok/s | tg128 x4 aggregate |"),
@@ -526,7 +601,7 @@ mod tests {
         );
         let mut at_1024 = result();
         at_1024.depth = 1024;
-        let deep = table(&[at_1024.clone()], 512, 128, &[1024], 1);
+        let deep = table(&[at_1024.clone()], &[1024], 1);
         assert!(
             deep.contains(
                 "| pp512 @ d1024 tok/s | tg128 @ d1024 tok/s | tg128 @ d1024 x4 aggregate |"
@@ -534,7 +609,7 @@ mod tests {
             "{deep}"
         );
         // Several depths: a column, and the headers say none.
-        let both = table(&[result(), at_1024.clone()], 512, 128, &[0, 1024], 1);
+        let both = table(&[result(), at_1024.clone()], &[0, 1024], 1);
         assert!(
             both.contains("| backend | depth | pp512 tok/s | tg128 tok/s | tg128 x4 aggregate |")
                 && both.contains("| CPU | 0 | 100.0")
@@ -551,10 +626,10 @@ mod tests {
         assert_eq!(c.lines().count(), 4);
         assert!(c.starts_with(
             "file,quantization,size,parameters,backend,threads,gpu_layers,flash_attention,\
-             kv_cache_type,batch,figure,sequences,depth,median,min,max\n"
+             kv_cache_type,batch,figure,tokens,sequences,depth,median,min,max\n"
         ));
         assert!(c.contains(
-            "m.gguf,Q4_0,1048576,1.00M,CPU,2,,,f16,512,tg_aggregate,4,1024,30.000,30.000,30.000"
+            "m.gguf,Q4_0,1048576,1.00M,CPU,2,,,f16,512,tg_aggregate,128,4,1024,30.000,30.000,30.000"
         ));
     }
 
@@ -600,7 +675,7 @@ mod tests {
             r.setting.flash_attention = Some(true);
             r.setting.kv_cache_type = KvCacheType::Q8_0;
         }
-        let t = table(&[cpu.clone(), gpu.clone()], 512, 128, &[0], 3);
+        let t = table(&[cpu.clone(), gpu.clone()], &[0], 3);
         assert!(
             t.contains("| backend | ngl | pp512 tok/s |")
                 && t.contains("| CUDA | 0 | 100.0 (100.0–100.0) |")
@@ -612,7 +687,7 @@ mod tests {
             "{t}"
         );
         // Left to llama.cpp in one row and set in another: the first reads `default`.
-        let t = table(&[base.clone(), gpu.clone()], 512, 128, &[0], 1);
+        let t = table(&[base.clone(), gpu.clone()], &[0], 1);
         assert!(
             t.contains("| backend | ngl | fa | kv cache | pp512")
                 && t.contains("| CPU | default | default | f16 | 100.0")
@@ -622,11 +697,11 @@ mod tests {
         assert!(t.ends_with("\n2 threads, 1 repetition\n"), "{t}");
         let c = csv(&[cpu, gpu]);
         assert!(
-            c.contains("\nm.gguf,Q4_0,1048576,1.00M,CUDA,2,0,true,q8_0,512,pp,1,0,"),
+            c.contains("\nm.gguf,Q4_0,1048576,1.00M,CUDA,2,0,true,q8_0,512,pp,512,1,0,"),
             "{c}"
         );
         assert!(
-            c.contains("\nm.gguf,Q4_0,1048576,1.00M,CUDA,2,99,true,q8_0,512,pp,1,0,"),
+            c.contains("\nm.gguf,Q4_0,1048576,1.00M,CUDA,2,99,true,q8_0,512,pp,512,1,0,"),
             "{c}"
         );
         let json = serde_json::to_value(&base).unwrap();
@@ -644,7 +719,8 @@ mod tests {
     fn a_figure_left_out_has_no_column_row_or_value() {
         let mut only_tg = result();
         only_tg.pp = None;
-        let t = table(&[only_tg.clone()], 0, 128, &[0], 1);
+        only_tg.test.prompt = 0;
+        let t = table(&[only_tg.clone()], &[0], 1);
         assert!(
             t.contains("| backend | tg128 tok/s | tg128 x4 aggregate |")
                 && t.contains("| CPU | 10.0 (10.0–10.0) | 30.0 (30.0–30.0) |"),
@@ -659,13 +735,96 @@ mod tests {
 
         let mut only_pp = result();
         only_pp.tg = None;
+        only_pp.test.generate = 0;
         only_pp.parallel.clear();
-        let t = table(&[only_pp.clone()], 512, 0, &[0], 1);
+        let t = table(&[only_pp.clone()], &[0], 1);
         assert!(
             t.contains("| backend | pp512 tok/s |\n")
                 && t.contains("| CPU | 100.0 (100.0–100.0) |\n"),
             "{t}"
         );
         assert_eq!(csv(&[only_pp]).lines().count(), 2);
+    }
+
+    #[test]
+    fn lists_of_lengths_make_a_column_each_in_one_row_per_model() {
+        let test = |prompt: usize, generate: usize, figure: f64| {
+            let mut r = result();
+            r.test = Test { prompt, generate };
+            r.pp = (prompt > 0).then(|| Figure::of(vec![figure]));
+            r.tg = (generate > 0).then(|| Figure::of(vec![figure]));
+            r.parallel = if generate > 0 {
+                vec![Aggregate {
+                    sequences: 4,
+                    figure: Figure::of(vec![figure * 2.0]),
+                }]
+            } else {
+                Vec::new()
+            };
+            r.quality = Some(Quality {
+                text_tokens: 1000,
+                chunk: 128,
+                scored: 500,
+                ppl: 9.5,
+                ppl_error: 0.1,
+                ppl_ratio: None,
+                ppl_ratio_error: None,
+                kld: None,
+                same_top: None,
+                reference: None,
+                kld_top: None,
+            });
+            r
+        };
+        let one = [
+            test(64, 0, 1.0),
+            test(256, 0, 2.0),
+            test(0, 16, 3.0),
+            test(0, 32, 4.0),
+        ];
+        // The same file given twice: a row each, not one row with the tests overwritten.
+        let twice = [one.clone(), one.clone()].concat();
+        let t = table(&twice, &[0], 1);
+        assert!(
+            t.contains(
+                "| backend | pp64 tok/s | pp256 tok/s | tg16 tok/s | tg16 x4 aggregate | \
+                 tg32 tok/s | tg32 x4 aggregate | ppl |"
+            ),
+            "{t}"
+        );
+        let row = "| m.gguf | Q4_0 | 1.0 MiB | 1.00M | CPU | 1.0 (1.0–1.0) | 2.0 (2.0–2.0) | \
+                   3.0 (3.0–3.0) | 6.0 (6.0–6.0) | 4.0 (4.0–4.0) | 8.0 (8.0–8.0) | 9.50 ± 0.10 |";
+        assert_eq!(t.matches(row).count(), 2, "{t}");
+        // A row that did not run a test has its cells empty.
+        let mixed = [
+            one[0].clone(),
+            one[2].clone(),
+            one[0].clone(),
+            one[1].clone(),
+        ];
+        let t = table(&mixed, &[0], 1);
+        assert!(
+            t.contains("| CPU | 1.0 (1.0–1.0) |  | 3.0 (3.0–3.0) | 6.0 (6.0–6.0) |")
+                && t.contains("| CPU | 1.0 (1.0–1.0) | 2.0 (2.0–2.0) |  |  |"),
+            "{t}"
+        );
+        let c = csv(&one);
+        for line in [
+            ",pp,64,1,0,1.000,",
+            ",pp,256,1,0,2.000,",
+            ",tg,16,1,0,3.000,",
+            ",tg_aggregate,16,4,0,6.000,",
+            ",tg_aggregate,32,4,0,8.000,",
+            ",ppl,,1,0,9.500000,,",
+        ] {
+            assert!(c.contains(line), "{line}: {c}");
+        }
+        // Quality is said once for the row, not once per test.
+        assert_eq!(c.matches(",ppl,").count(), 1, "{c}");
+        let json = serde_json::to_value(&one[2]).unwrap();
+        assert!(
+            json["prompt"] == 0 && json["generate"] == 16 && json["pp"].is_null(),
+            "{json}"
+        );
     }
 }

@@ -446,15 +446,33 @@ fn levels(parallel: &[usize]) -> Result<Vec<usize>, String> {
     Ok(levels)
 }
 
+/// The one `-p` value `--server` takes (checked in [`run`]).
+fn one_prompt(args: &BenchArgs) -> usize {
+    args.prompts.first().copied().unwrap_or(0)
+}
+
+/// The one `-n` value `--server` takes (checked in [`run`]).
+fn one_gen(args: &BenchArgs) -> usize {
+    args.gens.first().copied().unwrap_or(0)
+}
+
 /// Runs `backstop bench --server ...` and prints its results.
 pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
-    if args.prompt == 0 || args.generate == 0 {
+    if args.prompts.len() > 1 || args.gens.len() > 1 {
+        return Err(
+            "with --server, -p and -n take one value each: every request has one \
+                    prompt and one answer"
+                .into(),
+        );
+    }
+    if one_prompt(args) == 0 || one_gen(args) == 0 {
         return Err("with --server, -p and -n must be above 0: each request has a prompt and streams tokens".into());
     }
-    if args.shared_prefix >= args.prompt {
+    if args.shared_prefix >= one_prompt(args) {
         return Err(format!(
             "--shared-prefix {} must be below -p {}: the rest of each prompt is its own",
-            args.shared_prefix, args.prompt
+            args.shared_prefix,
+            one_prompt(args)
         )
         .into());
     }
@@ -483,9 +501,9 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             "{}",
             serde_json::to_string_pretty(&json!({
                 "servers": servers,
-                "prompt": args.prompt,
+                "prompt": one_prompt(args),
                 "shared_prefix": args.shared_prefix,
-                "generate": args.generate,
+                "generate": one_gen(args),
                 "reps": args.reps,
                 "client": machine,
                 "results": results,
@@ -510,20 +528,20 @@ async fn warm_up(
     args: &BenchArgs,
 ) -> Result<(usize, Option<String>), String> {
     let shared = args.shared_prefix;
-    let first = args.prompt.saturating_sub(shared).max(1);
+    let first = one_prompt(args).saturating_sub(shared).max(1);
     let prompt = prompts.next(first);
     let sample = target
-        .request(model, &prompts.head, prompt, args.generate.min(8))
+        .request(model, &prompts.head, prompt, one_gen(args).min(8))
         .await?;
-    let words = calibrated(args.prompt, shared + first, sample.prompt_tokens)
+    let words = calibrated(one_prompt(args), shared + first, sample.prompt_tokens)
         .saturating_sub(shared)
         .max(1);
     let note = sample.prompt_tokens.and_then(|counted| {
         let overhead = counted.saturating_sub(shared + first);
-        (overhead + shared >= args.prompt).then(|| {
+        (overhead + shared >= one_prompt(args)).then(|| {
             format!(
                 "the chat template and the instruction alone take about {overhead} tokens, so its prompts are longer than -p {}",
-                args.prompt
+                one_prompt(args)
             )
         })
     });
@@ -593,7 +611,7 @@ async fn measure(
                     bar.set_message(format!("{model} on {}, {}", targets[t].base, clients(n)));
                     let texts = (0..n).map(|_| prompts.next(words[t][m])).collect();
                     let (samples, aggregate, errors) =
-                        burst(&targets[t], model, &prompts.head, texts, args.generate).await;
+                        burst(&targets[t], model, &prompts.head, texts, one_gen(args)).await;
                     let level = &mut gathered[at(t, m, l)];
                     level.samples.extend(samples);
                     level.aggregate.push(aggregate);
@@ -785,7 +803,7 @@ fn table(
         Some(Some(n)) => shared.push(format!("{n} prompt tokens (as the server counted them)")),
         Some(None) => shared.push(format!(
             "about {} prompt tokens (the server reports no usage)",
-            args.prompt
+            one_prompt(args)
         )),
         None => {}
     }
