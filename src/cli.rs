@@ -17,6 +17,65 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// Parses this process's command line; one that fails and uses llama-bench's spellings
+    /// that clap cannot read also says what `backstop bench` calls them.
+    pub fn from_env() -> Cli {
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        Cli::try_parse_from(&args).unwrap_or_else(|e| {
+            let _ = e.print();
+            if e.use_stderr() {
+                let words: Vec<String> = args
+                    .iter()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect();
+                for hint in llama_bench_hints(&words) {
+                    eprintln!("hint: {hint}");
+                }
+            }
+            std::process::exit(e.exit_code())
+        })
+    }
+}
+
+/// llama-bench's flags that a command line parser of single-letter short flags reads as
+/// something else (`-ngl 99` is `-n gl`, `-fa 1` is `-f a 1`), with what `backstop bench`
+/// calls them.
+const LLAMA_BENCH_FLAGS: [(&str, &str); 7] = [
+    ("-ngl", "--gpu-layers (or --n-gpu-layers)"),
+    ("-fa", "--flash-attention (or --flash-attn)"),
+    (
+        "-ctk",
+        "--kv-cache-type, which sets the K and V caches together",
+    ),
+    (
+        "-ctv",
+        "--kv-cache-type, which sets the K and V caches together",
+    ),
+    (
+        "-ub",
+        "-b/--batch, which sets n_batch and n_ubatch together",
+    ),
+    ("-pg", "-p N -n M, one test of both, each figure on its own"),
+    ("-m", "the GGUF files themselves, without -m"),
+];
+
+/// What `backstop bench` calls the llama-bench flags on a `bench` command line.
+pub fn llama_bench_hints(args: &[String]) -> Vec<String> {
+    // The subcommand: the first word that is neither a flag nor the global flag's value.
+    let command = (1..args.len())
+        .find(|&i| !args[i].starts_with('-') && args[i - 1] != "--log-format")
+        .map(|i| args[i].as_str());
+    if command != Some("bench") {
+        return Vec::new();
+    }
+    LLAMA_BENCH_FLAGS
+        .iter()
+        .filter(|(flag, _)| args.iter().any(|a| a == flag))
+        .map(|(flag, ours)| format!("llama-bench's {flag} is {ours} here"))
+        .collect()
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -73,7 +132,8 @@ pub enum Command {
 /// `backstop bench`'s output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BenchFormat {
-    /// A markdown table.
+    /// A markdown table (`md`, as llama-bench names it, too).
+    #[value(alias = "md")]
     Table,
     /// JSON.
     Json,
@@ -110,19 +170,27 @@ pub struct BenchArgs {
     /// Prompt tokens for prompt processing (0 leaves the figure out), or several to compare,
     /// e.g. 128,512,2048: with more than one -p or -n value, as in llama-bench, each prompt
     /// and each generation is its own test (--server takes one of each).
-    #[arg(short = 'p', long = "prompt", value_delimiter = ',', value_name = "N,...",
+    #[arg(short = 'p', long = "prompt", visible_alias = "n-prompt", value_delimiter = ',',
+          value_name = "N,...",
           default_values_t = [512])]
     pub prompts: Vec<usize>,
     /// Tokens generated (0 leaves generation out), or several to compare, e.g. 32,128.
-    #[arg(short = 'n', long = "gen", value_delimiter = ',', value_name = "N,...",
+    #[arg(short = 'n', long = "gen", visible_alias = "n-gen", value_delimiter = ',',
+          value_name = "N,...",
           default_values_t = [128])]
     pub gens: Vec<usize>,
     /// Tokens already in the cache when each measurement starts (llama-bench's depth), or
     /// several to compare, e.g. 0,1024,4096: speed deep into a conversation [default: 0].
-    #[arg(short = 'd', long, value_delimiter = ',', value_name = "N,...")]
+    #[arg(
+        short = 'd',
+        long,
+        visible_alias = "n-depth",
+        value_delimiter = ',',
+        value_name = "N,..."
+    )]
     pub depth: Vec<usize>,
     /// Repetitions after one warm-up.
-    #[arg(short = 'r', long, default_value_t = 5)]
+    #[arg(short = 'r', long, visible_alias = "repetitions", default_value_t = 5)]
     pub reps: usize,
     /// CPU threads, or several to compare, e.g. 1,2,4 [default: physical cores].
     #[arg(short = 't', long, value_delimiter = ',', value_name = "N,...",
@@ -131,7 +199,8 @@ pub struct BenchArgs {
     /// Most tokens in one decode (llama.cpp's n_batch and n_ubatch, `serve --batch`), or
     /// several to compare, e.g. 64,128,512: the prompt is read in pieces this long, as a
     /// server reads one with --prefill-chunk while others generate [default: 512, as `serve`].
-    #[arg(short = 'b', long, value_delimiter = ',', value_name = "N,...",
+    #[arg(short = 'b', long, visible_alias = "batch-size", value_delimiter = ',',
+          value_name = "N,...",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub batch: Vec<u32>,
     /// Also aggregate generation over N sequences sharing each decode, e.g. 1,4,8; with
@@ -140,7 +209,12 @@ pub struct BenchArgs {
     pub parallel: Vec<usize>,
     /// Layers to offload to a GPU, or several to compare, e.g. 0,99: every layer kept on the
     /// CPU against every layer on the GPU [default: llama.cpp's, all with a GPU].
-    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    #[arg(
+        long,
+        visible_alias = "n-gpu-layers",
+        value_delimiter = ',',
+        value_name = "N,..."
+    )]
     pub gpu_layers: Vec<u32>,
     /// Context cells per sequence [default: just enough]; a server's --ctx compares like
     /// with like.
@@ -148,7 +222,8 @@ pub struct BenchArgs {
     pub ctx: Option<u32>,
     /// Flash attention: 1/true or 0/false, or 0,1 to compare [default: as `serve` decides
     /// for this machine].
-    #[arg(long, value_delimiter = ',', value_name = "BOOL,...", value_parser = parse_flag_bool)]
+    #[arg(long, visible_alias = "flash-attn", value_delimiter = ',', value_name = "BOOL,...",
+          value_parser = parse_flag_bool)]
     pub flash_attention: Vec<bool>,
     /// Also measure these quantizations of each model, e.g. Q8_0,Q6_K,Q4_K_M, built with
     /// llama.cpp's quantizer into --quantize-dir (kept there, and reused by a later run on the
@@ -172,7 +247,8 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', value_name = "TYPE,...", value_parser = parse_kv_type)]
     pub kv_cache_type: Vec<crate::engine::KvCacheType>,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
+    #[arg(short = 'o', long, visible_alias = "output", value_enum,
+          default_value_t = BenchFormat::Table)]
     pub format: BenchFormat,
 }
 
@@ -484,4 +560,81 @@ pub struct ServeArgs {
     /// CA bundle (PEM): clients must present a certificate it signed (mTLS).
     #[arg(long, env = "BACKSTOP_CLIENT_CA", value_name = "FILE")]
     pub client_ca: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(line: &str) -> Vec<String> {
+        line.split(' ').map(String::from).collect()
+    }
+
+    #[test]
+    fn bench_takes_llama_bench_long_flags_and_output_names() {
+        let cli = Cli::try_parse_from(words(
+            "backstop bench -o md --n-prompt 64,128 --n-gen 8 --n-depth 0,32 --repetitions 2 \
+             --batch-size 256 --n-gpu-layers 0,99 --flash-attn 1 m.gguf",
+        ));
+        let Ok(Cli {
+            command: Command::Bench(b),
+            ..
+        }) = cli
+        else {
+            panic!("{cli:?}");
+        };
+        assert_eq!(b.format, BenchFormat::Table);
+        assert_eq!(
+            (b.prompts, b.gens, b.depth),
+            (vec![64, 128], vec![8], vec![0, 32])
+        );
+        assert_eq!((b.reps, b.batch, b.gpu_layers), (2, vec![256], vec![0, 99]));
+        assert_eq!(b.flash_attention, [true]);
+        for (flag, format) in [
+            ("-o json", BenchFormat::Json),
+            ("--output csv", BenchFormat::Csv),
+        ] {
+            let line = format!("backstop bench {flag} m.gguf");
+            match Cli::try_parse_from(words(&line)).map(|c| c.command) {
+                Ok(Command::Bench(b)) => assert_eq!(b.format, format, "{line}"),
+                other => panic!("{line}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn llama_bench_flags_clap_cannot_read_are_named_on_a_bench_line_only() {
+        let hints = llama_bench_hints(&words("backstop bench -ngl 99 -fa 1 -ctk q8_0 m.gguf"));
+        assert_eq!(
+            hints,
+            [
+                "llama-bench's -ngl is --gpu-layers (or --n-gpu-layers) here",
+                "llama-bench's -fa is --flash-attention (or --flash-attn) here",
+                "llama-bench's -ctk is --kv-cache-type, which sets the K and V caches together here",
+            ]
+        );
+        // Each of them fails to parse, rather than meaning something else.
+        for flag in [
+            "-ngl 99",
+            "-fa 1",
+            "-ctk q8_0",
+            "-ctv q8_0",
+            "-ub 512",
+            "-pg 512,128",
+            "-m m",
+        ] {
+            let line = format!("backstop bench {flag} m.gguf");
+            assert!(Cli::try_parse_from(words(&line)).is_err(), "{line}");
+            assert_eq!(llama_bench_hints(&words(&line)).len(), 1, "{line}");
+        }
+        // Not on another command, and not for a model named `bench`.
+        assert!(llama_bench_hints(&words("backstop run m -m")).is_empty());
+        assert!(llama_bench_hints(&words("backstop run bench -m")).is_empty());
+        assert!(llama_bench_hints(&words("bench serve -m x")).is_empty());
+        assert_eq!(
+            llama_bench_hints(&words("backstop --log-format json bench -m x")).len(),
+            1
+        );
+        assert!(llama_bench_hints(&words("backstop bench -p 64 m.gguf")).is_empty());
+    }
 }

@@ -1,5 +1,3 @@
-use clap::Parser;
-
 /// mimalloc instead of glibc's malloc: a proxied request makes about 190 small allocations
 /// (hyper, reqwest, axum, serde_json, the log line), and glibc's malloc and free were a
 /// fifth of the router's instructions per request (callgrind); mimalloc's thread-local
@@ -9,7 +7,7 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    let cli = backstop::cli::Cli::parse();
+    let cli = backstop::cli::Cli::from_env();
     backstop::init_logging(cli.log_format);
     match backstop::run(cli) {
         Ok(code) => std::process::ExitCode::from(code),

@@ -809,6 +809,35 @@ fn prompt_and_generation_lengths_given_as_lists_are_each_a_test() {
     );
 }
 
+/// llama-bench's long flags and output names are read as its users type them; its
+/// multi-letter short flags, which no single-letter parser can read, fail with what
+/// `backstop bench` calls them.
+#[test]
+fn llama_bench_spellings_are_read_or_named() {
+    let model = common::smollm2();
+    let model = model.to_str().unwrap();
+    let o = backstop(&words(&format!(
+        "bench -o md --n-prompt 16 --n-gen 4 --repetitions 1 --n-depth 8 --flash-attn 1 \
+         --batch-size 64 -t 2 {model}"
+    )));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let table = text(&o.stdout);
+    assert!(
+        table.contains("| pp16 @ d8 tok/s | tg4 @ d8 tok/s |")
+            && table.contains("2 threads, flash attention on, batch 64, 1 repetition"),
+        "{table}"
+    );
+    let o = backstop(&words(&format!("bench -ngl 99 -fa 1 {model}")));
+    assert_eq!(o.status.code(), Some(2));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("hint: llama-bench's -ngl is --gpu-layers")
+            && err.contains("hint: llama-bench's -fa is --flash-attention"),
+        "{err}"
+    );
+    assert!(o.stdout.is_empty());
+}
+
 /// Every number `bench` takes has its limit, said before anything is measured;
 /// `-p 0` and `-n 0` leave that figure out (llama-bench's convention) rather than measuring
 /// something else under its name, and `--ctx` is never silently raised.
