@@ -9,6 +9,7 @@ mod metrics;
 mod policy;
 mod request;
 mod sampler;
+pub(crate) use sampler::greedy;
 mod template;
 mod text;
 mod worker;

@@ -120,6 +120,12 @@ impl Sampler {
     }
 }
 
+/// The greedy pick over a row of logits, as a plain greedy request's [`Sampler::Argmax`]
+/// makes it (`backstop bench` generates this way, so it measures what the server does).
+pub(crate) fn greedy(logits: &[f32]) -> LlamaToken {
+    argmax(logits, &[])
+}
+
 /// llama.cpp's greedy pick over the logits with `banned` ones biased by minus infinity: the
 /// first index whose logit is greater than every earlier pick's, starting from index 0. The
 /// pick over the unmodified logits is that token unless it is banned, since a ban only lowers
