@@ -290,17 +290,15 @@ fn generate_together(
     }
     ctx.decode(batch).map_err(llama)?;
     // Each sequence's next token is the server's greedy pick, read straight from its row of
-    // logits (llama.cpp's greedy sampler first copies the whole vocabulary into a candidate
-    // array: for Gemma's 262,144 tokens, a few percent of a step).
+    // the last decode's logits into the next batch (llama.cpp's greedy sampler would first
+    // copy the whole vocabulary into a candidate array: 262,144 entries for Gemma).
     let started = Instant::now();
     for step in 0..generate {
-        let tokens: Vec<LlamaToken> = (0..n as i32)
-            .map(|i| crate::engine::greedy(ctx.get_logits_ith(i)))
-            .collect();
         batch.clear();
-        for (s, &tok) in tokens.iter().enumerate() {
+        for s in 0..n as i32 {
+            let tok = crate::engine::greedy(ctx.get_logits_ith(s));
             batch
-                .add(tok, (depth + short.len() + step) as i32, &[s as i32], true)
+                .add(tok, (depth + short.len() + step) as i32, &[s], true)
                 .map_err(llama)?;
         }
         ctx.decode(batch).map_err(llama)?;

@@ -15,8 +15,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 pub use measure::{load, measure, BenchError, Plan, Rep, Setting, Test};
 pub use quality::Quality;
-use report::label;
 pub use report::{csv, table, Aggregate, Figure, Machine, Meta, ModelResult};
+use report::{distinct, label};
 pub use served::{Latency, ServedResult, ServerInfo};
 
 use crate::cli::{BenchArgs, BenchFormat};
@@ -49,34 +49,26 @@ fn locate(arg: &str) -> Result<PathBuf, String> {
 /// test of its own, prompts first, in the order given. A 0 is left out (`-p 0 -n 0`: none,
 /// quality alone).
 fn tests(args: &BenchArgs) -> Vec<Test> {
-    let (prompts, gens) = (each(&args.prompts), each(&args.gens));
-    if let ([Some(prompt)], [Some(generate)]) = (prompts.as_slice(), gens.as_slice()) {
-        return if *prompt == 0 && *generate == 0 {
+    let (prompts, gens) = (distinct(args.prompts.clone()), distinct(args.gens.clone()));
+    if let (&[prompt], &[generate]) = (prompts.as_slice(), gens.as_slice()) {
+        return if prompt == 0 && generate == 0 {
             Vec::new()
         } else {
-            vec![Test {
-                prompt: *prompt,
-                generate: *generate,
-            }]
+            vec![Test { prompt, generate }]
         };
     }
-    let prompts = prompts
-        .into_iter()
-        .flatten()
-        .filter(|&p| p > 0)
-        .map(|prompt| Test {
-            prompt,
-            generate: 0,
-        });
-    let gens = gens
-        .into_iter()
-        .flatten()
-        .filter(|&n| n > 0)
-        .map(|generate| Test {
-            prompt: 0,
-            generate,
-        });
-    prompts.chain(gens).collect()
+    let prompts = prompts.into_iter().map(|prompt| Test {
+        prompt,
+        generate: 0,
+    });
+    let gens = gens.into_iter().map(|generate| Test {
+        prompt: 0,
+        generate,
+    });
+    prompts
+        .chain(gens)
+        .filter(|t| t.prompt + t.generate > 0)
+        .collect()
 }
 
 /// Checks the numbers given (as in llama-bench, `-p 0` or `-n 0` leaves that figure out;
@@ -122,12 +114,7 @@ fn quality_asked(args: &BenchArgs) -> bool {
 
 /// The values given, each once, in the order given; `[None]` when none were (the default).
 fn each<T: PartialEq + Copy>(given: &[T]) -> Vec<Option<T>> {
-    let mut out: Vec<Option<T>> = Vec::with_capacity(given.len().max(1));
-    for &v in given {
-        if !out.contains(&Some(v)) {
-            out.push(Some(v));
-        }
-    }
+    let mut out = distinct(given.iter().copied().map(Some));
     if out.is_empty() {
         out.push(None);
     }

@@ -329,7 +329,7 @@ fn rows(results: &[ModelResult]) -> Vec<Vec<&ModelResult>> {
 }
 
 /// Each value once, in the order first seen.
-fn distinct(values: impl Iterator<Item = usize>) -> Vec<usize> {
+pub(super) fn distinct<T: PartialEq>(values: impl IntoIterator<Item = T>) -> Vec<T> {
     let mut out = Vec::new();
     for v in values {
         if !out.contains(&v) {
