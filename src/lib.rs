@@ -26,10 +26,15 @@ pub fn init_logging(format: LogFormat) {
         .unwrap_or_else(|| "info,llama-cpp-2=warn,tower_http=warn".to_owned());
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // A log line that cannot be written is dropped. By default tracing-subscriber reports the
+    // failure with `eprintln!`, which panics when stderr itself is what failed: a server whose
+    // log pipe closed (`backstop serve | head`, a log collector restarting) would panic in
+    // whichever task logged next.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -778,6 +778,47 @@ fn hub_path(
     })
 }
 
+/// A configuration for unit tests: one model `m` at `path` (never loaded unless a test asks),
+/// one slot, one thread, loopback.
+#[cfg(test)]
+pub(crate) fn for_tests(path: &str) -> Config {
+    let engine = EngineDefaults {
+        slots: 1,
+        ctx_per_slot: None,
+        threads: 1,
+        gpu_layers: None,
+        batch: 512,
+        prefill_chunk: 128,
+        max_queue: 1,
+        flash_attention: None,
+        kv_cache_type: KvCacheType::F16,
+    };
+    let name = ModelName::parse("m").unwrap();
+    Config {
+        server: ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            max_body_bytes: 1024,
+            insecure: false,
+            origins: vec![],
+        },
+        lifecycle: Lifecycle {
+            keep_alive: KeepAlive::DEFAULT,
+            max_loaded: 1,
+        },
+        store_dir: std::env::temp_dir().join("backstop-unit-test-store"),
+        models: vec![ModelConfig {
+            engine: engine.options(&name, path.into(), None),
+            name,
+            aliases: vec![],
+            defaults: ModelDefaults::default(),
+            sha256: None,
+        }],
+        engine,
+        router: Default::default(),
+        security: Default::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -232,6 +232,36 @@ struct FileFacts {
     digest: Option<Digest>,
 }
 
+/// Why a request fails when its model's load ended without an outcome.
+const LOAD_ABANDONED: &str = "loading stopped without a result (see the server log)";
+
+/// Held by a load task for its whole run: if the task ends without an outcome (it panicked,
+/// or the runtime dropped it), the waiters are told it failed and the `Loading` entry is taken
+/// out. Without this they would wait on a channel that no one sends on, and the next request
+/// would find the entry still loading, for ever.
+struct LoadGuard {
+    models: Arc<Models>,
+    key: String,
+    done: watch::Sender<Option<Result<(), String>>>,
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        if self.done.borrow().is_some() {
+            return;
+        }
+        {
+            let mut resident = self.models.resident();
+            if matches!(resident.get(&self.key), Some(Resident::Loading(_))) {
+                resident.remove(&self.key);
+            }
+        }
+        tracing::error!(model = %self.key, "{LOAD_ABANDONED}");
+        self.done.send_replace(Some(Err(LOAD_ABANDONED.to_owned())));
+        self.models.changed.notify_waiters();
+    }
+}
+
 /// All servable models and the loaded ones.
 pub struct Models {
     configured: Vec<Arc<ModelSpec>>,
@@ -481,11 +511,22 @@ impl Models {
                 Some(mut rx) => {
                     waited = true;
                     let outcome = rx.wait_for(Option::is_some).await.map(|v| v.clone());
-                    if let Ok(Some(Err(reason))) = outcome {
-                        return Err(LookupError::Failed {
-                            name: text.to_owned(),
-                            reason,
-                        });
+                    match outcome {
+                        Ok(Some(Ok(()))) => {}
+                        Ok(Some(Err(reason))) => {
+                            return Err(LookupError::Failed {
+                                name: text.to_owned(),
+                                reason,
+                            })
+                        }
+                        // The load ended without a word (`LoadGuard` makes that unlikely):
+                        // waiting on the same channel again would return at once, forever.
+                        Ok(None) | Err(_) => {
+                            return Err(LookupError::Failed {
+                                name: text.to_owned(),
+                                reason: LOAD_ABANDONED.to_owned(),
+                            })
+                        }
                     }
                 }
                 None => {
@@ -536,6 +577,11 @@ impl Models {
         victim: Option<Arc<Loaded>>,
         done: watch::Sender<Option<Result<(), String>>>,
     ) {
+        let guard = LoadGuard {
+            models: Arc::clone(&self),
+            key: key.clone(),
+            done,
+        };
         if let Some(v) = victim {
             tracing::info!(model = %v.spec.name, reason = "max_loaded", "unloading model to make room");
             unload(v).await;
@@ -579,7 +625,7 @@ impl Models {
                 }
             }
         };
-        done.send_replace(Some(outcome));
+        guard.done.send_replace(Some(outcome));
         self.publish();
         self.changed.notify_waiters();
     }
@@ -749,5 +795,52 @@ async fn unload(loaded: Arc<Loaded>) {
         .is_err()
     {
         tracing::error!(model = %name, "engine shutdown panicked");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A load task that panics (or is dropped) before its outcome: whoever waits is told it
+    /// failed, and the name is free for the next request to load again.
+    #[tokio::test]
+    async fn a_load_that_ends_without_an_outcome_fails_its_waiters_and_frees_the_name() {
+        let models = Models::new(&crate::config::for_tests("/nonexistent.gguf"));
+        let (tx, mut rx) = watch::channel(None);
+        models
+            .resident()
+            .insert("m".to_owned(), Resident::Loading(rx.clone()));
+        let guard = LoadGuard {
+            models: Arc::clone(&models),
+            key: "m".to_owned(),
+            done: tx,
+        };
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            panic!("a load that panics");
+        });
+        assert!(task.await.is_err_and(|e| e.is_panic()));
+        let outcome = rx.wait_for(Option::is_some).await.map(|v| v.clone());
+        assert_eq!(outcome.ok(), Some(Some(Err(LOAD_ABANDONED.to_owned()))));
+        assert!(models.resident().get("m").is_none());
+
+        // A load that reports is left alone when the guard goes.
+        let (tx, rx) = watch::channel(None);
+        models
+            .resident()
+            .insert("m".to_owned(), Resident::Loading(rx.clone()));
+        let guard = LoadGuard {
+            models: Arc::clone(&models),
+            key: "m".to_owned(),
+            done: tx,
+        };
+        guard.done.send_replace(Some(Ok(())));
+        drop(guard);
+        assert_eq!(*rx.borrow(), Some(Ok(())));
+        assert!(matches!(
+            models.resident().get("m"),
+            Some(Resident::Loading(_))
+        ));
     }
 }

@@ -71,49 +71,8 @@ mod tests {
     use tower::ServiceExt;
 
     use crate::api::{router, AppState};
-    use crate::config::{
-        Config, EngineDefaults, KeepAlive, Lifecycle, ModelConfig, ModelDefaults, ServerConfig,
-    };
-    use crate::engine::KvCacheType;
-    use crate::models::{ModelName, Models};
-
-    fn config(path: &str) -> Config {
-        let engine = EngineDefaults {
-            slots: 1,
-            ctx_per_slot: None,
-            threads: 1,
-            gpu_layers: None,
-            batch: 512,
-            prefill_chunk: 128,
-            max_queue: 1,
-            flash_attention: None,
-            kv_cache_type: KvCacheType::F16,
-        };
-        let name = ModelName::parse("m").unwrap();
-        Config {
-            server: ServerConfig {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                max_body_bytes: 1024,
-                insecure: false,
-                origins: vec![],
-            },
-            lifecycle: Lifecycle {
-                keep_alive: KeepAlive::DEFAULT,
-                max_loaded: 1,
-            },
-            store_dir: std::env::temp_dir().join("backstop-health-test-store"),
-            models: vec![ModelConfig {
-                engine: engine.options(&name, path.into(), None),
-                name,
-                aliases: vec![],
-                defaults: ModelDefaults::default(),
-                sha256: None,
-            }],
-            engine,
-            router: Default::default(),
-            security: Default::default(),
-        }
-    }
+    use crate::config::for_tests as config;
+    use crate::models::Models;
 
     #[tokio::test]
     async fn readiness_is_503_until_the_models_are_preloaded_and_a_broken_model_is_a_500() {
