@@ -10,26 +10,38 @@
 # 120 RTX 50xx), which keeps the CUDA library near 40 MB and the build near 30 minutes on 2
 # cores. GGML_CUDA_NO_VMM: nothing here links the driver library, which only a GPU machine has.
 #
+# The CPU code (ours and llama.cpp's CPU backend, which still runs what is not offloaded) is
+# built for x86-64-v3 (AVX2, FMA, F16C: any x86 server since 2013), not for the CPU that builds
+# it as the repository's .cargo/config.toml does: a bundle is carried to another machine, whose
+# CPU (or the VM it runs in) may lack this one's AVX-512 subsets, and an instruction it lacks
+# kills the process at the first use. `--cpu native`, or a newer level such as x86-64-v4, when
+# the bundle runs where it is built or on a CPU known to have them.
+#
 # The GPU machine needs an NVIDIA driver for CUDA 13 (580 or newer) and CUDA 13's libcudart.so.13
 # and libcublas.so.13 (a CUDA 13 toolkit, or the nvidia-cuda-runtime and nvidia-cublas wheels):
 # the wrapper adds $CUDA_PATH/lib64 and /usr/local/cuda/lib64 to the library path.
 #
-#   scripts/build-cuda-bundle.sh [--arch 90]
+#   scripts/build-cuda-bundle.sh [--arch 90] [--cpu x86-64-v3]
 #   -> $BACKSTOP_CACHE/bundles/backstop-cuda13-sm90.tar.xz; on the GPU machine:
 #      tar xJf backstop-cuda13-sm90.tar.xz && backstop-cuda13-sm90/backstop serve ...
 set -euo pipefail
 
 CUDA_VERSION=13.0
 arch=90
+cpu=x86-64-v3
 while [ $# -gt 0 ]; do
   case "$1" in
     --arch) arch="${2:?--arch needs a number, e.g. 90}"; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    *) echo "usage: $0 [--arch 90]" >&2; exit 2 ;;
+    --cpu) cpu="${2:?--cpu needs a CPU name, e.g. x86-64-v3 or native}"; shift 2 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    *) echo "usage: $0 [--arch 90] [--cpu x86-64-v3]" >&2; exit 2 ;;
   esac
 done
 case "$arch" in
   ''|*[!0-9a-z]*) echo "--arch: a CUDA architecture number such as 80, 89, 90 or 120a" >&2; exit 2 ;;
+esac
+case "$cpu" in
+  ''|*[!0-9a-z_-]*) echo "--cpu: a CPU name rustc knows, such as x86-64-v3, x86-64-v4 or native" >&2; exit 2 ;;
 esac
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -37,7 +49,10 @@ cd "$root"
 cache="${BACKSTOP_CACHE:-$HOME/.cache/backstop}"
 toolkit="$cache/cuda13"
 wheels="$cache/downloads/cuda13-wheels"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target-cuda-bundle-sm$arch}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target-cuda-bundle-sm$arch-$cpu}"
+# Replaces .cargo/config.toml's target-cpu=native; llama-cpp-sys-2 passes it on to llama.cpp as
+# -march, with GGML_NATIVE off.
+export RUSTFLAGS="-C target-cpu=$cpu"
 python="${BACKSTOP_PYTHON:-$cache/venv/bin/python}"
 [ -x "$python" ] || python=python3
 step() { printf '\n==> %s\n' "$*" >&2; }
@@ -74,7 +89,7 @@ if ! [ -x "$toolkit/bin/nvcc" ] || [ "$(cat "$toolkit/STAMP" 2>/dev/null)" != "$
   echo "$CUDA_VERSION" > "$toolkit/STAMP"
 fi
 
-step "building for sm_$arch into $CARGO_TARGET_DIR (the first build takes about 30 minutes on 2 cores)"
+step "building for sm_$arch and CPU $cpu into $CARGO_TARGET_DIR (the first build takes about 30 minutes on 2 cores)"
 CUDA_PATH="$toolkit" PATH="$toolkit/bin:$PATH" CMAKE_CUDA_COMPILER="$toolkit/bin/nvcc" \
   CMAKE_CUDA_ARCHITECTURES="$arch-real" GGML_CUDA_NO_VMM=ON LLAMA_BUILD_SHARED_LIBS=1 \
   cargo build --release --locked --features cuda
@@ -108,6 +123,8 @@ fi
 exec "$here/backstop.bin" "$@"
 EOF
 chmod +x "$stage/backstop"
+printf 'backstop %s (%s)\nCUDA %s, sm_%s\nCPU code for %s\n' "$(git describe --always --dirty 2>/dev/null || echo '?')" \
+  "$(date -u +%Y-%m-%d)" "$CUDA_VERSION" "$arch" "$cpu" > "$stage/BUILD"
 tar -C "$cache/bundles" -cJf "$cache/bundles/$name.tar.xz" "$name"
 ls -l "$cache/bundles/$name.tar.xz"
 # It must at least start here: without a driver, llama.cpp finds no GPU and says so.
