@@ -17,7 +17,8 @@ For the machine you rent for an hour, or the air-gapped GPU server a bundle is c
 
 and writes DIR/results.json (every step's JSON, exit status, seconds, and the end of its
 stderr), DIR/summary.md (a table per step; also printed) and DIR/log.txt (all stderr). A step
-that fails or runs past its time is recorded and the next one runs. `--quick` is a dry run
+that fails or runs past its time (--step-timeout) is recorded and the next one runs; both files
+are rewritten after every step, so a run cut short keeps what it finished. `--quick` is a dry run
 with tiny sizes (16-token prompts, 4 generated, one repetition) that checks the plumbing in a
 minute or two, on a CPU too.
 
@@ -165,10 +166,20 @@ def machine(backstop: Path) -> dict:
 class Runner:
     """Runs the steps, keeping each one's figures, status and time."""
 
-    def __init__(self, backstop: Path, out: Path, step_s: int, env: dict):
-        self.backstop, self.out, self.step_s, self.env = backstop, out, step_s, env
+    def __init__(self, backstop: Path, out: Path, step_s: int, env: dict, head: dict):
+        self.backstop, self.out, self.step_s, self.env, self.head = backstop, out, step_s, env, head
         self.steps: dict[str, dict] = {}
         self.log = open(out / "log.txt", "w")
+
+    def save(self) -> str:
+        """Writes results.json and summary.md as they stand: after every step, so a run cut
+        short (a device's time limit) still leaves the steps it finished."""
+        (self.out / "results.json").write_text(json.dumps({**self.head, "steps": self.steps}, indent=1))
+        machine = self.head["machine"]
+        text = "# backstop on " + ", ".join(machine.get("gpus") or [machine.get("cpu", "?")]) + "\n"
+        text += summary(self.steps)
+        (self.out / "summary.md").write_text(text)
+        return text
 
     def bench(self, name: str, args: list[str], env: dict | None = None) -> None:
         argv = [str(self.backstop), "bench", "--format", "json", *args]
@@ -194,6 +205,7 @@ class Runner:
         except json.JSONDecodeError:
             step["figures"], step["stdout_tail"] = None, out[-1500:]
         self.steps[name] = step
+        self.save()
         log(f"    rc {step['rc']} in {step['seconds']} s")
 
     def served(self, model: Path, port: int, slots: int, args: list[str]) -> None:
@@ -216,6 +228,7 @@ class Runner:
                     time.sleep(0.2)
             if proc.poll() is not None:
                 self.steps["served"] = {"rc": f"serve exited with {proc.returncode}", "figures": None}
+                self.save()
                 return
             self.bench("served", ["--server", f"127.0.0.1:{port}", *args, name])
         finally:
@@ -274,6 +287,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a dry run of every step")
     ap.add_argument("--port", type=int, default=18555, help="loopback port for the served step")
     ap.add_argument("--skip", default="", help="steps to leave out, comma-separated")
+    ap.add_argument("--step-timeout", type=int, metavar="S",
+                    help="seconds one step may take (default 600, 300 with --quick)")
     args = ap.parse_args()
     size = QUICK if args.quick else FULL
     out = Path(args.out or ROOT / "bench-results" / time.strftime("gpu-%Y%m%d-%H%M%S"))
@@ -292,7 +307,8 @@ def main() -> int:
         info["ld_library_path_added"] = extra
         log(json.dumps(info, indent=1))
 
-        run = Runner(backstop, out, size["step_s"], env)
+        run = Runner(backstop, out, args.step_timeout or size["step_s"], env,
+                     {"machine": info, "quick": args.quick})
         names = [str(m) for m in models]
         base = ["-p", str(size["p"]), "-n", str(size["n"])]
         main_args = base + ["-r", str(size["r"]), "--parallel", size["parallel"]]
@@ -312,11 +328,7 @@ def main() -> int:
         if "served" not in skip:
             run.served(models[0], args.port, size["slots"], main_args)
 
-        (out / "results.json").write_text(json.dumps({"machine": info, "quick": args.quick, "steps": run.steps},
-                                                     indent=1))
-        text = "# backstop on " + ", ".join(info.get("gpus") or [info.get("cpu", "?")]) + "\n" + summary(run.steps)
-        (out / "summary.md").write_text(text)
-        print(text)
+        print(run.save())
         print(f"wrote {out}/results.json, summary.md, log.txt")
         failed = [n for n, s in run.steps.items() if s.get("rc") != 0]
         if failed:

@@ -124,3 +124,13 @@ def test_cuda_13_libraries_are_found_where_nvidias_wheels_put_them(tmp_path, mon
     # Once they are on LD_LIBRARY_PATH, nothing is added.
     monkeypatch.setenv("LD_LIBRARY_PATH", ":".join(found))
     assert bench_gpu.cuda_library_path() is None
+
+
+def test_a_step_past_its_time_is_stopped_and_recorded(tmp_path):
+    done = run(tmp_path, "slow", "--backstop", binary(), "--step-timeout", "1",
+               "--skip", "ladder,cpu,layers,batch,depth,served", str(model(SMOLLM2)))
+    assert done.returncode == 1
+    step = json.loads((tmp_path / "slow" / "results.json").read_text())["steps"]["gpu"]
+    assert step["rc"] == "timeout" and step["figures"] is None
+    assert 1 <= step["seconds"] < 30
+    assert "### gpu (rc timeout" in (tmp_path / "slow" / "summary.md").read_text()
