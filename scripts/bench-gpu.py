@@ -300,7 +300,8 @@ def main() -> int:
         backstop = find_backstop(args.backstop, work)
         models = [stand_in(Path(m), work) if m.endswith(".shape.gguf.xz") else Path(m) for m in args.models]
         env = dict(os.environ)
-        extra = cuda_library_path() if args.backstop and args.backstop.endswith(".tar.xz") else None
+        # Only an unpacked bundle (found under the work folder) needs CUDA's runtime found for it.
+        extra = cuda_library_path() if work in backstop.parents else None
         if extra:
             env["LD_LIBRARY_PATH"] = extra + (":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
         info = machine(backstop)

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::{run_to_exit, temp_dir};
@@ -212,92 +211,22 @@ fn cpu_seconds(pid: u32) -> f64 {
 /// load task, and every request then waited on a load that never ended, spinning a core.
 #[tokio::test]
 async fn a_closed_log_pipe_neither_stops_nor_spins_the_server() {
-    use std::io::BufRead;
-    let model = format!("smollm2={}", common::smollm2().display());
-    let store = temp_dir("store");
-    let mut child = common::backstop_command()
-        .args([
-            "serve",
-            "--threads",
-            "1",
-            "--host",
-            "127.0.0.1:0",
-            "--model",
-            &model,
-        ])
-        .arg("--models-dir")
-        .arg(&store)
-        .env("BACKSTOP_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn backstop");
-    // Read up to the address, then close the pipe: the model's load logs after that.
-    let addr = {
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = std::io::BufReader::new(stderr).lines();
-        loop {
-            let line = lines
-                .next()
-                .expect("stderr ended before the address")
-                .unwrap();
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                break rest.split(' ').next().unwrap().trim().to_owned();
-            }
-        }
-    };
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let ready = client.get(format!("{addr}/health/ready")).send().await;
-        if ready.is_ok_and(|r| r.status() == 200) {
-            break;
-        }
-        if std::time::Instant::now() > deadline {
-            child.kill().ok();
-            panic!("never ready once its log pipe closed");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let r: serde_json::Value = client
-        .post(format!("{addr}/v1/chat/completions"))
-        .json(
-            &serde_json::json!({"model": "smollm2", "max_tokens": 6, "temperature": 0,
-                                  "ignore_eos": true,
-                                  "messages": [{"role": "user", "content": "Hi"}]}),
+    // Ready means the model loaded, which it logs after the pipe closed.
+    let mut s = common::Server::start_then_close_log(&[]).await;
+    let r = s
+        .chat(
+            serde_json::json!({"model": "smollm2", "max_tokens": 6, "temperature": 0,
+                                 "ignore_eos": true,
+                                 "messages": [{"role": "user", "content": "Hi"}]}),
         )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r["usage"]["completion_tokens"], 6, "{r}");
     // Idle: a second of wall time costs a small fraction of a CPU second (the spin took half
     // of one of two cores).
-    let before = cpu_seconds(child.id());
+    let before = cpu_seconds(s.pid());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let used = cpu_seconds(child.id()) - before;
+    let used = cpu_seconds(s.pid()) - before;
     assert!(used < 0.5, "{used:.2} CPU seconds in 2 s idle");
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let code = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s.code();
-        }
-        if std::time::Instant::now() > deadline {
-            child.kill().ok();
-            panic!("did not stop on SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(code, Some(0));
+    s.terminate();
+    assert_eq!(s.wait_exit(Duration::from_secs(20)).await, Some(0));
 }

@@ -802,20 +802,26 @@ async fn unload(loaded: Arc<Loaded>) {
 mod tests {
     use super::*;
 
+    /// A `Loading` entry for `m` and the guard its load task would hold.
+    fn loading(models: &Arc<Models>) -> (LoadGuard, watch::Receiver<Option<Result<(), String>>>) {
+        let (tx, rx) = watch::channel(None);
+        models
+            .resident()
+            .insert("m".to_owned(), Resident::Loading(rx.clone()));
+        let guard = LoadGuard {
+            models: Arc::clone(models),
+            key: "m".to_owned(),
+            done: tx,
+        };
+        (guard, rx)
+    }
+
     /// A load task that panics (or is dropped) before its outcome: whoever waits is told it
     /// failed, and the name is free for the next request to load again.
     #[tokio::test]
     async fn a_load_that_ends_without_an_outcome_fails_its_waiters_and_frees_the_name() {
         let models = Models::new(&crate::config::for_tests("/nonexistent.gguf"));
-        let (tx, mut rx) = watch::channel(None);
-        models
-            .resident()
-            .insert("m".to_owned(), Resident::Loading(rx.clone()));
-        let guard = LoadGuard {
-            models: Arc::clone(&models),
-            key: "m".to_owned(),
-            done: tx,
-        };
+        let (guard, mut rx) = loading(&models);
         let task = tokio::spawn(async move {
             let _guard = guard;
             panic!("a load that panics");
@@ -826,15 +832,7 @@ mod tests {
         assert!(models.resident().get("m").is_none());
 
         // A load that reports is left alone when the guard goes.
-        let (tx, rx) = watch::channel(None);
-        models
-            .resident()
-            .insert("m".to_owned(), Resident::Loading(rx.clone()));
-        let guard = LoadGuard {
-            models: Arc::clone(&models),
-            key: "m".to_owned(),
-            done: tx,
-        };
+        let (guard, rx) = loading(&models);
         guard.done.send_replace(Some(Ok(())));
         drop(guard);
         assert_eq!(*rx.borrow(), Some(Ok(())));

@@ -186,6 +186,19 @@ impl Server {
 
     /// Like [`Server::start_raw`], with extra environment variables.
     pub async fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Server {
+        Self::spawn(args, envs, false).await
+    }
+
+    /// Like [`Server::start`], but the log pipe is closed as soon as the address is read, as
+    /// `backstop serve | head` would: the model loads, and everything after, with no reader.
+    pub async fn start_then_close_log(extra: &[&str]) -> Server {
+        let model = format!("smollm2={}", smollm2().display());
+        let mut args = vec!["--model", model.as_str()];
+        args.extend_from_slice(extra);
+        Self::spawn(&args, &[], true).await
+    }
+
+    async fn spawn(args: &[&str], envs: &[(&str, &str)], close_log: bool) -> Server {
         let mut cmd = backstop_command();
         cmd.arg("serve").args(["--threads", "1"]);
         if !args.contains(&"--host") {
@@ -226,6 +239,9 @@ impl Server {
                             // Text logs end the line there; JSON logs close a string.
                             let url = rest.split(['"', ' ']).next().unwrap_or(rest);
                             addr_tx.send(url.trim().to_owned()).ok();
+                            if close_log {
+                                break; // the reader goes, and the pipe with it
+                            }
                         }
                     }
                     let mut l = log.lock().unwrap();
