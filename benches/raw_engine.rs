@@ -61,6 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prompts: vec![args.prompt],
         depth: Vec::new(),
         gens: vec![args.gen],
+        prompt_gen: Vec::new(),
         reps: args.reps,
         threads: args.threads.into_iter().collect(),
         parallel: args.parallel,

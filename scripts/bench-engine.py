@@ -4,7 +4,8 @@ depths, threads, flash attention and batch, alternating which goes first each ro
 a noisy machine's drift hits both alike.
 
     scripts/bench-engine.py [--rounds 3] [--reps 3] [-p 128,512] [-n 32,128] [-d 0]
-                            [--threads N] [--flash-attention 1] [--batch 512] [MODEL...]
+                            [--pg P,N ...] [--threads N] [--flash-attention 1] [--batch 512]
+                            [MODEL...]
 
 MODEL defaults to the two test models. Each round runs `backstop bench` and llama-bench
 (scripts/build-peers.sh builds it, into ~/.cache/backstop/peers/bin) once each with `-r REPS`;
@@ -46,6 +47,8 @@ def ours(report: dict) -> dict[tuple, float]:
             out[(name, r["depth"], f"pp{r['prompt']}")] = r["pp"]["median"]
         if r.get("tg"):
             out[(name, r["depth"], f"tg{r['generate']}")] = r["tg"]["median"]
+        if r.get("pg"):
+            out[(name, r["depth"], f"pp{r['prompt']}+tg{r['generate']}")] = r["pg"]["median"]
     return out
 
 
@@ -59,6 +62,9 @@ def theirs(report: list) -> dict[tuple, float]:
             test = f"pp{r['n_prompt']}"
         elif r["n_gen"] > 0 and r["n_prompt"] == 0:
             test = f"tg{r['n_gen']}"
+        elif r["n_gen"] > 0:
+            # -pg: the prompt and the generation after it, timed as one.
+            test = f"pp{r['n_prompt']}+tg{r['n_gen']}"
         else:
             continue
         out[(name, r.get("n_depth", 0), test)] = statistics.median(r["samples_ts"])
@@ -116,6 +122,9 @@ def main() -> int:
     ap.add_argument("-p", "--prompt", default="128,512")
     ap.add_argument("-n", "--gen", default="32,128")
     ap.add_argument("-d", "--depth", default="0")
+    ap.add_argument("--pg", action="append", default=[], metavar="P,N",
+                    help="a prompt and the generation after it, timed as one (llama-bench's -pg); "
+                         "again for more")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--flash-attention", choices=["0", "1"], default="1")
     ap.add_argument("--batch", type=int, default=512)
@@ -131,11 +140,11 @@ def main() -> int:
             sys.exit(f"{path} is missing (scripts/setup.sh builds backstop and fetches the models; "
                      "scripts/build-peers.sh builds llama-bench)")
     shape = ["-p", a.prompt, "-n", a.gen, "-d", a.depth, "-r", str(a.reps), "-t", str(a.threads)]
-    backstop = [a.backstop, "bench", *shape, "--flash-attention", a.flash_attention, "-b", str(a.batch),
-                "--format", "json", *models]
+    backstop = [a.backstop, "bench", *shape, *(f for pg in a.pg for f in ("--pg", pg)),
+                "--flash-attention", a.flash_attention, "-b", str(a.batch), "--format", "json", *models]
     # llama-bench's n_batch and n_ubatch both set, as `backstop bench -b` sets both.
-    peer = [a.llama_bench, *shape, "-fa", a.flash_attention, "-b", str(a.batch), "-ub", str(a.batch),
-            "-o", "json"]
+    peer = [a.llama_bench, *shape, *(f for pg in a.pg for f in ("-pg", pg)), "-fa", a.flash_attention,
+            "-b", str(a.batch), "-ub", str(a.batch), "-o", "json"]
     for m in models:
         peer += ["-m", m]
     rounds, raw = [], []

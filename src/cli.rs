@@ -56,7 +56,7 @@ const LLAMA_BENCH_FLAGS: [(&str, &str); 7] = [
         "-ub",
         "-b/--batch, which sets n_batch and n_ubatch together",
     ),
-    ("-pg", "-p N -n M, one test of both, each figure on its own"),
+    ("-pg", "--pg P,N (or --prompt-gen)"),
     ("-m", "the GGUF files themselves, without -m"),
 ];
 
@@ -179,6 +179,12 @@ pub struct BenchArgs {
           value_name = "N,...",
           default_values_t = [128])]
     pub gens: Vec<usize>,
+    /// A prompt of P tokens and then N tokens generated from it, timed as one (llama-bench's
+    /// -pg): a whole request's tokens per second. Give it again for more, e.g.
+    /// --pg 512,128 --pg 4096,256; they are measured after the -p and -n tests.
+    #[arg(long = "pg", visible_alias = "prompt-gen", value_name = "P,N",
+          value_parser = parse_prompt_gen)]
+    pub prompt_gen: Vec<(usize, usize)>,
     /// Tokens already in the cache when each measurement starts (llama-bench's depth), or
     /// several to compare, e.g. 0,1024,4096: speed deep into a conversation [default: 0].
     #[arg(
@@ -258,6 +264,23 @@ fn parse_flag_bool(text: &str) -> Result<bool, String> {
 }
 
 /// A KV cache element type, as `serve --kv-cache-type` spells it.
+/// `--pg P,N`: both above 0 (one of them alone is -p or -n).
+fn parse_prompt_gen(text: &str) -> Result<(usize, usize), String> {
+    let pair = text.split_once(',').and_then(|(p, n)| {
+        Some((
+            p.trim().parse::<usize>().ok()?,
+            n.trim().parse::<usize>().ok()?,
+        ))
+    });
+    match pair {
+        Some((p, n)) if p > 0 && n > 0 => Ok((p, n)),
+        Some(_) => Err("both must be above 0 (-p or -n measures one alone)".into()),
+        None => Err(format!(
+            "`{text}` is not P,N: prompt tokens, then tokens generated"
+        )),
+    }
+}
+
 fn parse_kv_type(text: &str) -> Result<crate::engine::KvCacheType, String> {
     crate::engine::KvCacheType::parse(text)
         .ok_or_else(|| format!("`{text}` is not f16, q8_0 or q4_0"))

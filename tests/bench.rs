@@ -127,7 +127,10 @@ fn a_quantization_ladder_is_built_and_benchmarked_in_every_format() {
     assert!(json.status.success(), "{}", text(&json.stderr));
     let report: Value = serde_json::from_slice(&json.stdout).expect("bench JSON");
     // One -p and one -n value: one test of both, each result saying its lengths.
-    assert_eq!(report["tests"], json!([{"prompt": 32, "generate": 8}]));
+    assert_eq!(
+        report["tests"],
+        json!([{"prompt": 32, "generate": 8, "together": false}])
+    );
     assert_eq!(report["reps"], 2);
     // The machine the figures are from: its processor, cores and llama.cpp's devices.
     let machine = &report["machine"];
@@ -723,10 +726,10 @@ fn prompt_and_generation_lengths_given_as_lists_are_each_a_test() {
     assert_eq!(
         report["tests"],
         json!([
-            {"prompt": 16, "generate": 0},
-            {"prompt": 48, "generate": 0},
-            {"prompt": 0, "generate": 4},
-            {"prompt": 0, "generate": 8}
+            {"prompt": 16, "generate": 0, "together": false},
+            {"prompt": 48, "generate": 0, "together": false},
+            {"prompt": 0, "generate": 4, "together": false},
+            {"prompt": 0, "generate": 8, "together": false}
         ]),
         "{report}"
     );
@@ -806,6 +809,88 @@ fn prompt_and_generation_lengths_given_as_lists_are_each_a_test() {
     bench_refused(
         &words("-p 16,32 -n 4 --server http://127.0.0.1:9 smollm2"),
         &["with --server, -p and -n take one value each"],
+    );
+}
+
+/// `--pg P,N` (llama-bench's `-pg`): the generation follows the prompt in one sequence's
+/// cache, and one figure times both; each pair is a test of its own, after the `-p` and `-n`
+/// tests.
+#[test]
+fn a_prompt_and_the_generation_after_it_are_timed_as_one() {
+    let model = common::smollm2();
+    let model = model.to_str().unwrap();
+    let report = bench_json(&words(&format!(
+        "-p 16 -n 4 --pg 16,8 --pg 32,4 -d 0,32 -r 2 -t 2 {model}"
+    )));
+    assert_eq!(
+        report["tests"],
+        json!([
+            {"prompt": 16, "generate": 4, "together": false},
+            {"prompt": 16, "generate": 8, "together": true},
+            {"prompt": 32, "generate": 4, "together": true}
+        ]),
+        "{report}"
+    );
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 6, "{report}");
+    let measured = |f: &Value| f["median"].as_f64().is_some_and(|m| m > 0.0);
+    for r in results {
+        // Each measurement started from its depth, read back from llama.cpp's cache.
+        assert_eq!(r["cached"], r["depth"], "{r}");
+        if r["together"] == true {
+            assert!(
+                measured(&r["pg"]) && r["pp"].is_null() && r["tg"].is_null(),
+                "{r}"
+            );
+            assert_eq!(r["parallel"], json!([]), "{r}");
+        } else {
+            assert!(
+                measured(&r["pp"]) && measured(&r["tg"]) && r["pg"].is_null(),
+                "{r}"
+            );
+        }
+    }
+
+    let o = backstop(&words(&format!(
+        "bench -p 0 -n 0 --pg 16,8 -r 1 -t 2 -d 32 {model}"
+    )));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let table = text(&o.stdout);
+    assert!(
+        table.contains("| backend | pp16+tg8 @ d32 tok/s |\n") && table.contains("| CPU | "),
+        "{table}"
+    );
+    let o = backstop(&words(&format!(
+        "bench -p 0 -n 0 --pg 16,8 -r 1 -t 2 --format csv {model}"
+    )));
+    let csv = text(&o.stdout);
+    assert_eq!(csv.lines().count(), 2, "{csv}");
+    assert!(csv.contains(",pg,16+8,1,0,"), "{csv}");
+
+    // The generation is cached after the prompt: 32 + 16 cells, where a -p 32 -n 16 test
+    // cuts back between the two and needs the longer, 32 (16 + the 16 it starts from).
+    let o = backstop(&words(&format!(
+        "bench -p 32 -n 16 --ctx 40 -r 1 -t 2 --format json {model}"
+    )));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    bench_refused(
+        &words(&format!("-p 0 -n 0 --pg 32,16 --ctx 40 {model}")),
+        &["--ctx 40: -d 0 with --pg 32,16 needs 48 cells per sequence"],
+    );
+    bench_refused(
+        &words(&format!("--pg 8000,193 {model}")),
+        &["-d 0 with --pg 8000,193 needs 8193 tokens", "8192"],
+    );
+    bench_refused(
+        &words(&format!("-p 0 -n 0 --pg 16,8 --parallel 2 {model}")),
+        &["--parallel measures generation"],
+    );
+    for bad in ["16", "16,0", "x,8"] {
+        bench_refused(&["--pg", bad, model], &["--pg <P,N>"]);
+    }
+    bench_refused(
+        &words("--pg 16,8 --server http://127.0.0.1:9 smollm2"),
+        &["--pg times one sequence in-process"],
     );
 }
 

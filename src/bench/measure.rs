@@ -28,6 +28,8 @@ pub struct Plan {
     pub depth: usize,
     /// Tokens generated per sequence (0: generation not measured).
     pub generate: usize,
+    /// The prompt and then the generation from it, timed as one (llama-bench's `-pg`).
+    pub together: bool,
     /// Repetitions (after one warm-up, which is not counted).
     pub reps: usize,
     /// Sequence counts for aggregate generation (1 is the single-stream figure).
@@ -57,20 +59,24 @@ pub struct Setting {
     pub batch: u32,
 }
 
-/// One test of a run: a prompt read, a generation, or (with one `-p` and one `-n`) both, as
-/// one row.
+/// One test of a run: a prompt read, a generation, (with one `-p` and one `-n`) both, each
+/// timed on its own, or (`--pg`) a prompt and the generation after it timed as one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Test {
     /// Prompt tokens read (0: not measured).
     pub prompt: usize,
     /// Tokens generated (0: not measured).
     pub generate: usize,
+    /// The generation continues from the prompt, and one figure times both (`--pg`).
+    pub together: bool,
 }
 
 impl Test {
-    /// llama-bench's name for it: `pp512`, `tg128`, or both.
+    /// llama-bench's name for it: `pp512`, `tg128`, both, or `pp512+tg128` for one figure
+    /// of both.
     pub(super) fn name(&self) -> String {
         match (self.prompt, self.generate) {
+            (p, n) if self.together => format!("pp{p}+tg{n}"),
             (p, 0) => format!("pp{p}"),
             (0, n) => format!("tg{n}"),
             (p, n) => format!("pp{p} tg{n}"),
@@ -85,21 +91,20 @@ pub enum BenchError {
     #[error("llama.cpp could not load {0}")]
     Load(String),
     /// The depth, prompt and generated tokens do not fit the model's context.
-    #[error("-d {depth} with -p {prompt} and -n {generate} needs {needed} tokens of context; the model holds {train}")]
+    #[error("-d {depth} with {lengths} needs {needed} tokens of context; the model holds {train}")]
     TooDeep {
         depth: usize,
-        prompt: usize,
-        generate: usize,
+        /// The test's lengths as they were given (`-p 512 and -n 128`, `--pg 512,128`).
+        lengths: String,
         needed: usize,
         train: usize,
     },
     /// `--ctx` is smaller than the run needs.
-    #[error("--ctx {ctx}: -d {depth} with -p {prompt} and -n {generate} needs {needed} cells per sequence")]
+    #[error("--ctx {ctx}: -d {depth} with {lengths} needs {needed} cells per sequence")]
     SmallContext {
         ctx: u32,
         depth: usize,
-        prompt: usize,
-        generate: usize,
+        lengths: String,
         needed: usize,
     },
     /// `--quality` cannot score its text with this model.
@@ -117,6 +122,8 @@ pub struct Rep {
     pub pp: Option<f64>,
     /// Single-sequence generation (`None` with `-n 0`).
     pub tg: Option<f64>,
+    /// A prompt and the generation after it, every token over the time of both (`--pg`).
+    pub pg: Option<f64>,
     /// Aggregate generation per sequence count (same order as `Plan::parallel`).
     pub parallel: Vec<f64>,
     /// The fewest tokens any measurement's sequences held when it started, as llama.cpp's
@@ -133,8 +140,7 @@ impl Plan {
             Some(ctx) => Err(BenchError::SmallContext {
                 ctx,
                 depth: self.depth,
-                prompt: self.prompt,
-                generate: self.generate,
+                lengths: self.lengths(),
                 needed,
             }),
             None => Ok(()),
@@ -148,8 +154,7 @@ impl Plan {
         if needed > train {
             return Err(BenchError::TooDeep {
                 depth: self.depth,
-                prompt: self.prompt,
-                generate: self.generate,
+                lengths: self.lengths(),
                 needed,
                 train,
             });
@@ -157,10 +162,26 @@ impl Plan {
         Ok(train)
     }
 
+    /// The test's lengths, with the flags that gave them.
+    fn lengths(&self) -> String {
+        if self.together {
+            format!("--pg {},{}", self.prompt, self.generate)
+        } else {
+            format!("-p {} and -n {}", self.prompt, self.generate)
+        }
+    }
+
     /// Context cells a sequence needs: the depth, then the longer of the prompt and a
     /// generation (which starts from [`PARALLEL_PROMPT`] tokens); each measurement cuts the
-    /// cache back to the depth first, so the two never stand in it together.
+    /// cache back to the depth first, so the two never stand in it together, except in a
+    /// test of both together, where the generation follows the prompt.
     pub fn needed(&self) -> usize {
+        if self.together {
+            return self
+                .depth
+                .saturating_add(self.prompt)
+                .saturating_add(self.generate);
+        }
         let generation = if self.generate > 0 {
             self.generate.saturating_add(PARALLEL_PROMPT)
         } else {
@@ -309,12 +330,55 @@ fn generate_together(
     ))
 }
 
+/// The prompt read from `depth` and `generate` tokens greedily generated after it, as one
+/// request is served; tokens per second over both, and the tokens cached at the start.
+fn prompt_then_generate(
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch<'_>,
+    prompt: &[LlamaToken],
+    depth: usize,
+    generate: usize,
+) -> Result<(f64, usize), BenchError> {
+    let cached = rewind(ctx, depth, 1)?;
+    let started = Instant::now();
+    prefill(ctx, batch, prompt, 0, depth)?;
+    // The prompt's last decode left its logits in the batch's last row.
+    let mut row = batch.n_tokens() - 1;
+    for step in 0..generate {
+        let tok = crate::engine::greedy(ctx.get_logits_ith(row));
+        batch.clear();
+        batch
+            .add(tok, (depth + prompt.len() + step) as i32, &[0], true)
+            .map_err(llama)?;
+        ctx.decode(batch).map_err(llama)?;
+        row = 0;
+    }
+    Ok((
+        (prompt.len() + generate) as f64 / started.elapsed().as_secs_f64(),
+        cached,
+    ))
+}
+
 fn one(
     ctx: &mut LlamaContext<'_>,
     batch: &mut LlamaBatch<'_>,
     prompt: &[LlamaToken],
     plan: &Plan,
 ) -> Result<Rep, BenchError> {
+    if plan.together {
+        let (pg, cached) = prompt_then_generate(
+            ctx,
+            batch,
+            &prompt[..plan.prompt],
+            plan.depth,
+            plan.generate,
+        )?;
+        return Ok(Rep {
+            pg: Some(pg),
+            cached,
+            ..Rep::default()
+        });
+    }
     let mut cached = rewind(ctx, plan.depth, 1)?;
     let mut pp = None;
     if plan.prompt > 0 {
@@ -325,9 +389,8 @@ fn one(
     if plan.generate == 0 {
         return Ok(Rep {
             pp,
-            tg: None,
-            parallel: Vec::new(),
             cached,
+            ..Rep::default()
         });
     }
     let (tg, held) = generate_together(ctx, batch, prompt, plan.depth, 1, plan.generate)?;
@@ -342,6 +405,7 @@ fn one(
     Ok(Rep {
         pp,
         tg: Some(tg),
+        pg: None,
         parallel,
         cached,
     })

@@ -47,28 +47,31 @@ fn locate(arg: &str) -> Result<PathBuf, String> {
 /// The tests a run measures, as llama-bench forms them from its lists: one `-p` and one `-n`
 /// value are one test of both; with more, each prompt length and each generation length is a
 /// test of its own, prompts first, in the order given. A 0 is left out (`-p 0 -n 0`: none,
-/// quality alone).
+/// quality alone). Each `--pg` pair follows, as a test of its own.
 fn tests(args: &BenchArgs) -> Vec<Test> {
     let (prompts, gens) = (distinct(args.prompts.clone()), distinct(args.gens.clone()));
-    if let (&[prompt], &[generate]) = (prompts.as_slice(), gens.as_slice()) {
-        return if prompt == 0 && generate == 0 {
-            Vec::new()
-        } else {
-            vec![Test { prompt, generate }]
-        };
-    }
-    let prompts = prompts.into_iter().map(|prompt| Test {
+    let separate = |prompt, generate| Test {
         prompt,
-        generate: 0,
-    });
-    let gens = gens.into_iter().map(|generate| Test {
-        prompt: 0,
         generate,
-    });
-    prompts
-        .chain(gens)
-        .filter(|t| t.prompt + t.generate > 0)
-        .collect()
+        together: false,
+    };
+    let mut tests: Vec<Test> = match (prompts.as_slice(), gens.as_slice()) {
+        (&[prompt], &[generate]) => vec![separate(prompt, generate)],
+        _ => prompts
+            .iter()
+            .map(|&p| separate(p, 0))
+            .chain(gens.iter().map(|&n| separate(0, n)))
+            .collect(),
+    };
+    tests.retain(|t| t.prompt + t.generate > 0);
+    tests.extend(distinct(args.prompt_gen.iter().copied()).into_iter().map(
+        |(prompt, generate)| Test {
+            prompt,
+            generate,
+            together: true,
+        },
+    ));
+    tests
 }
 
 /// Checks the numbers given (as in llama-bench, `-p 0` or `-n 0` leaves that figure out;
@@ -91,7 +94,7 @@ fn check_args(args: &BenchArgs) -> Result<Vec<usize>, String> {
                 .into(),
         );
     }
-    if tests.iter().all(|t| t.generate == 0) && !args.parallel.is_empty() {
+    if tests.iter().all(|t| t.generate == 0 || t.together) && !args.parallel.is_empty() {
         return Err("--parallel measures generation: it needs -n above 0".into());
     }
     let most = args.parallel.iter().copied().max().unwrap_or(1);
@@ -203,8 +206,9 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         prompt: test.prompt,
         depth,
         generate: test.generate,
+        together: test.together,
         reps: args.reps,
-        parallel: if test.generate > 0 {
+        parallel: if test.generate > 0 && !test.together {
             parallel.clone()
         } else {
             Vec::new()
@@ -504,5 +508,55 @@ mod tests {
             check_args(&args(&["-p", "64,128", "-n", "0,8", "--parallel", "4"])),
             Ok(vec![4])
         );
+    }
+
+    #[test]
+    fn each_prompt_gen_pair_is_one_test_after_the_others() {
+        let of = |flags: &[&str]| -> Vec<(usize, usize, bool)> {
+            tests(&args(flags))
+                .iter()
+                .map(|t| (t.prompt, t.generate, t.together))
+                .collect()
+        };
+        assert_eq!(
+            of(&[
+                "--pg",
+                "512,128",
+                "--prompt-gen",
+                "64,16",
+                "--pg",
+                "512,128"
+            ]),
+            [(512, 128, false), (512, 128, true), (64, 16, true)]
+        );
+        assert_eq!(of(&["-p", "0", "-n", "0", "--pg", "32,8"]), [(32, 8, true)]);
+        assert_eq!(
+            of(&["-p", "64,128", "-n", "0", "--pg", "32,8"]),
+            [(64, 0, false), (128, 0, false), (32, 8, true)]
+        );
+        assert_eq!(
+            tests(&args(&["-p", "0", "-n", "0", "--pg", "512,128"]))[0].name(),
+            "pp512+tg128"
+        );
+        // A --pg test alone measures; it generates one sequence, so --parallel needs -n.
+        assert_eq!(
+            check_args(&args(&["-p", "0", "-n", "0", "--pg", "32,8"])),
+            Ok(vec![])
+        );
+        assert!(check_args(&args(&[
+            "-p",
+            "0",
+            "-n",
+            "0",
+            "--pg",
+            "32,8",
+            "--parallel",
+            "4"
+        ]))
+        .is_err_and(|e| e.contains("--parallel measures generation")));
+        for bad in ["512", "512,0", "0,128", "a,1", "512,128,4", ""] {
+            let argv = ["backstop", "bench", "--pg", bad, "m.gguf"];
+            assert!(Cli::try_parse_from(argv).is_err(), "--pg {bad}");
+        }
     }
 }

@@ -90,6 +90,9 @@ pub struct ModelResult {
     pub pp: Option<Figure>,
     /// Single-stream generation tokens/s (`null` with `-n 0`).
     pub tg: Option<Figure>,
+    /// A prompt and the generation after it, all their tokens over the time of both (a
+    /// `--pg` test's one figure; `null` in the others).
+    pub pg: Option<Figure>,
     /// Aggregate generation tokens/s per sequence count (with `--parallel`, in a test that
     /// generates).
     pub parallel: Vec<Aggregate>,
@@ -133,6 +136,7 @@ impl ModelResult {
             test,
             pp: Figure::over(reps.iter().map(|r| r.pp)),
             tg: Figure::over(reps.iter().map(|r| r.tg)),
+            pg: Figure::over(reps.iter().map(|r| r.pg)),
             parallel: parallel
                 .iter()
                 .enumerate()
@@ -368,6 +372,7 @@ pub fn table(results: &[ModelResult], depths: &[usize], reps: usize) -> String {
             .iter()
             .flat_map(|r| r.parallel.iter().map(|a| a.sequences)),
     );
+    let together = distinct(results.iter().filter(|r| r.pg.is_some()).map(|r| r.test));
     let (columns, fixed): (Vec<Knob>, Vec<Knob>) = Knob::ALL
         .into_iter()
         .partition(|k| k.varies(results.iter().map(|r| &r.setting)));
@@ -387,6 +392,7 @@ pub fn table(results: &[ModelResult], depths: &[usize], reps: usize) -> String {
         head.push(format!("tg{n}{at} tok/s"));
         head.extend(parallel.iter().map(|k| format!("tg{n}{at} x{k} aggregate")));
     }
+    head.extend(together.iter().map(|t| format!("{}{at} tok/s", t.name())));
     let quality = results.iter().any(|r| r.quality.is_some());
     if quality {
         head.extend(["ppl", "ppl ratio", "kld", "same top"].map(String::from));
@@ -418,7 +424,7 @@ pub fn table(results: &[ModelResult], depths: &[usize], reps: usize) -> String {
         for p in &prompts {
             let pp = group
                 .iter()
-                .find(|o| o.test.prompt == *p)
+                .find(|o| o.test.prompt == *p && o.pp.is_some())
                 .and_then(|o| o.pp.as_ref());
             row.push(cell(pp));
         }
@@ -434,12 +440,19 @@ pub fn table(results: &[ModelResult], depths: &[usize], reps: usize) -> String {
                 row.push(cell(aggregate));
             }
         }
+        for t in &together {
+            let pg = group
+                .iter()
+                .find(|o| o.test == *t)
+                .and_then(|o| o.pg.as_ref());
+            row.push(cell(pg));
+        }
         if quality {
             row.extend(quality_cells(group.iter().find_map(|o| o.quality.as_ref())));
         }
         out.push_str(&format!("| {} |\n", row.join(" | ")));
     }
-    let speed = !prompts.is_empty() || !gens.is_empty();
+    let speed = !prompts.is_empty() || !gens.is_empty() || !together.is_empty();
     if speed {
         out.push_str(
             "\nmedian (min–max) tokens per second over the repetitions, warm-up excluded\n",
@@ -481,8 +494,9 @@ fn quality_cells(q: Option<&Quality>) -> [String; 4] {
     ]
 }
 
-/// CSV, one row per model and figure, with the tokens read or generated and the depth it was
-/// measured at; quality once per model, setting and depth.
+/// CSV, one row per model and figure, with the tokens read or generated (`512+128` for a
+/// `--pg` figure: read, then generated) and the depth it was measured at; quality once per
+/// model, setting and depth.
 pub fn csv(results: &[ModelResult]) -> String {
     let mut out = String::from(
         "file,quantization,size,parameters,backend,threads,gpu_layers,flash_attention,kv_cache_type,\
@@ -509,23 +523,31 @@ pub fn csv(results: &[ModelResult]) -> String {
             s.kv_cache_type.as_str(),
             s.batch,
         );
-        let mut row = |figure: &str, tokens: Option<usize>, n: usize, values: &str| {
-            let tokens = tokens.map(|t| t.to_string()).unwrap_or_default();
+        let mut row = |figure: &str, tokens: Option<String>, n: usize, values: &str| {
+            let tokens = tokens.unwrap_or_default();
             out.push_str(&format!(
                 "{lead},{figure},{tokens},{n},{},{values}\n",
                 r.depth
             ));
         };
         let spread = |f: &Figure| format!("{:.3},{:.3},{:.3}", f.median, f.min, f.max);
-        let (prompt, generate) = (Some(r.test.prompt), Some(r.test.generate));
+        let (prompt, generate) = (r.test.prompt.to_string(), r.test.generate.to_string());
         if let Some(f) = &r.pp {
-            row("pp", prompt, 1, &spread(f));
+            row("pp", Some(prompt.clone()), 1, &spread(f));
         }
         if let Some(f) = &r.tg {
-            row("tg", generate, 1, &spread(f));
+            row("tg", Some(generate.clone()), 1, &spread(f));
         }
         for a in &r.parallel {
-            row("tg_aggregate", generate, a.sequences, &spread(&a.figure));
+            row(
+                "tg_aggregate",
+                Some(generate.clone()),
+                a.sequences,
+                &spread(&a.figure),
+            );
+        }
+        if let Some(f) = &r.pg {
+            row("pg", Some(format!("{prompt}+{generate}")), 1, &spread(f));
         }
         // Quality figures are one value each: in the median column, min and max empty; said
         // with a row's first test (every test of it carries the same).
@@ -579,9 +601,11 @@ mod tests {
             test: Test {
                 prompt: 512,
                 generate: 128,
+                together: false,
             },
             pp: Some(Figure::of(vec![100.0])),
             tg: Some(Figure::of(vec![10.0])),
+            pg: None,
             parallel: vec![Aggregate {
                 sequences: 4,
                 figure: Figure::of(vec![30.0]),
@@ -747,10 +771,54 @@ mod tests {
     }
 
     #[test]
+    fn a_prompt_gen_test_is_a_column_after_the_others_and_a_pg_csv_row() {
+        let mut pg = result();
+        pg.test.together = true;
+        (pg.pp, pg.tg, pg.parallel) = (None, None, Vec::new());
+        pg.pg = Some(Figure::of(vec![50.0, 40.0, 60.0]));
+        let t = table(&[result(), pg.clone()], &[0], 3);
+        assert!(
+            t.contains("| pp512 tok/s | tg128 tok/s | tg128 x4 aggregate | pp512+tg128 tok/s |")
+                && t.contains(
+                    "| 100.0 (100.0–100.0) | 10.0 (10.0–10.0) | 30.0 (30.0–30.0) | \
+                     50.0 (40.0–60.0) |"
+                ),
+            "{t}"
+        );
+        // Alone, it is the only figure column, and the only CSV row.
+        let t = table(&[pg.clone()], &[4096], 3);
+        assert!(
+            t.contains("| backend | pp512+tg128 @ d4096 tok/s |\n")
+                && t.contains("| CPU | 50.0 (40.0–60.0) |\n"),
+            "{t}"
+        );
+        assert!(t.contains("median (min–max) tokens per second"), "{t}");
+        let lines: Vec<String> = csv(&[pg.clone()]).lines().map(String::from).collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[1].ends_with(",pg,512+128,1,0,50.000,40.000,60.000"),
+            "{}",
+            lines[1]
+        );
+        let json = serde_json::to_value(&pg).unwrap();
+        assert!(
+            json["together"] == true
+                && json["pg"]["median"] == 50.0
+                && json["pp"].is_null()
+                && json["tg"].is_null(),
+            "{json}"
+        );
+    }
+
+    #[test]
     fn lists_of_lengths_make_a_column_each_in_one_row_per_model() {
         let test = |prompt: usize, generate: usize, figure: f64| {
             let mut r = result();
-            r.test = Test { prompt, generate };
+            r.test = Test {
+                prompt,
+                generate,
+                together: false,
+            };
             r.pp = (prompt > 0).then(|| Figure::of(vec![figure]));
             r.tg = (generate > 0).then(|| Figure::of(vec![figure]));
             r.parallel = if generate > 0 {

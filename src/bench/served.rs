@@ -465,6 +465,14 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 .into(),
         );
     }
+    if !args.prompt_gen.is_empty() {
+        return Err(
+            "--pg times one sequence in-process: with --server, -p and -n already \
+                    make each request a prompt and its answer, timed to the first token and \
+                    to the last"
+                .into(),
+        );
+    }
     if one_prompt(args) == 0 || one_gen(args) == 0 {
         return Err("with --server, -p and -n must be above 0: each request has a prompt and streams tokens".into());
     }
