@@ -6,7 +6,8 @@
 For the machine you rent for an hour, or the air-gapped GPU server a bundle is carried to
 (scripts/build-cuda-bundle.sh): it runs, one after the other,
 
-    gpu      backstop bench on every model: -p 512 -n 128 -r 5 --parallel 4,8
+    gpu      backstop bench on every model: -p 512 -n 128 -r 5 --parallel 4,8, and --pg 512,128
+             (the prompt and its answer timed as one: a whole request's rate)
     ladder   the first model quantized to Q8_0, Q6_K, Q5_K_M, Q4_K_M and Q4_0, each benchmarked
     cpu      the same as gpu with no GPU visible (CUDA_VISIBLE_DEVICES=): the CPU beside it
     layers   --gpu-layers 0,10,20,99: what offloading part of the model gives
@@ -267,9 +268,12 @@ def summary(steps: dict[str, dict]) -> str:
         lines.append("| model | quant | backend | layers | batch | depth | test | tok/s | parallel |")
         lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in results:
-            test = " ".join(x for x in (f"pp{r['prompt']}" if r.get("pp") else "",
-                                        f"tg{r['generate']}" if r.get("tg") else "") if x)
-            speed = " / ".join(cell(r[k]) for k in ("pp", "tg") if r.get(k))
+            if r.get("pg"):
+                test, speed = f"pp{r['prompt']}+tg{r['generate']}", cell(r["pg"])
+            else:
+                test = " ".join(x for x in (f"pp{r['prompt']}" if r.get("pp") else "",
+                                            f"tg{r['generate']}" if r.get("tg") else "") if x)
+                speed = " / ".join(cell(r[k]) for k in ("pp", "tg") if r.get(k))
             par = ", ".join(f"x{p['sequences']} {p['median']:.1f}" for p in r.get("parallel") or [])
             layers = "" if r.get("gpu_layers") is None else r["gpu_layers"]
             lines.append(f"| {r['file']} | {r['quantization']} | {r['backend']} | {layers} | {r['batch']} | "
@@ -313,11 +317,12 @@ def main() -> int:
         names = [str(m) for m in models]
         base = ["-p", str(size["p"]), "-n", str(size["n"])]
         main_args = base + ["-r", str(size["r"]), "--parallel", size["parallel"]]
+        whole = ["--pg", f"{size['p']},{size['n']}"]
         plan = [
-            ("gpu", main_args + names, None),
+            ("gpu", main_args + whole + names, None),
             ("ladder", main_args + ["--quantize", size["ladder"], "--quantize-dir", str(work / "ladder"),
                                     names[0]], None),
-            ("cpu", main_args + names, {"CUDA_VISIBLE_DEVICES": ""}),
+            ("cpu", main_args + whole + names, {"CUDA_VISIBLE_DEVICES": ""}),
             ("layers", base + ["-r", "3", "--gpu-layers", size["layers"]] + names, None),
             ("batch", ["-p", str(size["batch_p"]), "-n", "0", "-r", "3", "-b", size["batch"]] + names, None),
             ("depth", base + ["-r", "3", "-d", size["depth"], "--parallel", str(size["depth_parallel"])] + names,

@@ -68,12 +68,15 @@ def test_a_bundle_and_a_shape_give_bench_and_served_figures(tmp_path):
 
     gpu = results["steps"]["gpu"]
     assert gpu["rc"] == 0
-    (r,) = gpu["figures"]["results"]
+    r, whole = gpu["figures"]["results"]
     # The stand-in carries the model's name, type and shape.
     assert (r["file"], r["quantization"], r["parameters"]) == (SMOLLM2, "Q4_1", "134.52M")
     assert (r["prompt"], r["generate"]) == (16, 4)
     assert r["pp"]["median"] > 0 and r["tg"]["median"] > 0
     assert [p["sequences"] for p in r["parallel"]] == [2, 4]
+    # The same lengths again, as one request: one figure over both.
+    assert (whole["prompt"], whole["generate"], whole["together"]) == (16, 4, True)
+    assert whole["pg"]["median"] > 0 and whole["pp"] is None and whole["parallel"] == []
 
     served = results["steps"]["served"]
     assert served["rc"] == 0, served
@@ -85,6 +88,7 @@ def test_a_bundle_and_a_shape_give_bench_and_served_figures(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "### gpu (rc 0" in summary and "### served (rc 0" in summary
     assert f"| {SMOLLM2} | Q4_1 | CPU |  | 512 | 0 | pp16 tg4 |" in summary, summary
+    assert f"| {SMOLLM2} | Q4_1 | CPU |  | 512 | 0 | pp16+tg4 | " in summary, summary
     assert summary in done.stdout
     assert "==> gpu: " in (out / "log.txt").read_text()
 
