@@ -139,6 +139,10 @@ pub enum BenchFormat {
     Json,
     /// CSV.
     Csv,
+    /// JSON Lines: each result on a line of its own as soon as it is measured, with the
+    /// machine in every line, so a long sweep stopped part way keeps what it finished
+    /// (llama-bench's `-o jsonl`).
+    Jsonl,
 }
 
 /// `backstop bench`.
@@ -616,6 +620,7 @@ mod tests {
         for (flag, format) in [
             ("-o json", BenchFormat::Json),
             ("--output csv", BenchFormat::Csv),
+            ("-o jsonl", BenchFormat::Jsonl),
         ] {
             let line = format!("backstop bench {flag} m.gguf");
             match Cli::try_parse_from(words(&line)).map(|c| c.command) {

@@ -894,6 +894,90 @@ fn a_prompt_and_the_generation_after_it_are_timed_as_one() {
     );
 }
 
+/// `--format jsonl` (llama-bench's `-o jsonl`): each result is a line of its own, with the
+/// machine and repetitions in it, printed as soon as it is measured, so a sweep that stops part
+/// way keeps what it finished; a reader that goes away (`| head -1`) ends the run quietly.
+#[test]
+fn json_lines_come_out_as_each_result_is_measured() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let model = common::smollm2();
+    let model = model.to_str().unwrap();
+    let o = backstop(&words(&format!(
+        "bench -o jsonl -p 16 -n 4 -r 1 -t 2 -d 0,64 {model}"
+    )));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let lines: Vec<Value> = text(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{}", text(&o.stdout));
+    for (line, depth) in lines.iter().zip([0, 64]) {
+        assert_eq!(
+            (&line["depth"], &line["cached"], &line["reps"]),
+            (&json!(depth), &json!(depth), &json!(1)),
+            "{line}"
+        );
+        assert_eq!(
+            (&line["prompt"], &line["generate"]),
+            (&json!(16), &json!(4))
+        );
+        assert!(line["pp"]["median"].as_f64().unwrap() > 0.0, "{line}");
+        assert!(line["tg"]["median"].as_f64().unwrap() > 0.0, "{line}");
+        assert!(
+            !line["machine"]["cpu"].as_str().unwrap().is_empty(),
+            "{line}"
+        );
+    }
+
+    // The second file's header reads, but its tensors were cut off: llama.cpp fails to load
+    // it after the first model was measured, and that model's line is already out.
+    let dir = common::temp_dir("bench-jsonl");
+    let _cleanup = Cleanup(dir.clone());
+    let cut = dir.join("cut.gguf");
+    let bytes = std::fs::read(model).unwrap();
+    std::fs::write(&cut, &bytes[..10_000_000]).unwrap();
+    let o = backstop(&words(&format!(
+        "bench -o jsonl -p 16 -n 4 -r 1 -t 2 {model} {}",
+        cut.display()
+    )));
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("llama.cpp could not load"),
+        "{}",
+        text(&o.stderr)
+    );
+    let lines: Vec<Value> = text(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{}", text(&o.stdout));
+    assert_eq!(lines[0]["file"], "SmolLM2-135M-Instruct.Q4_1.gguf");
+
+    // The reader leaves after the first line: the run stops at its next line, with no
+    // panic and exit status 0, as a pipe's writer does.
+    let mut child = common::backstop_command()
+        .args(words(&format!(
+            "bench -o jsonl -p 16 -n 4 -r 1 -t 2 -d 0,16,32,64 {model}"
+        )))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run backstop");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    drop(out);
+    let done = child.wait_with_output().unwrap();
+    let err = text(&done.stderr);
+    assert!(
+        done.status.success() && !err.contains("panicked"),
+        "{:?}: {err}",
+        done.status
+    );
+}
+
 /// llama-bench's long flags and output names are read as its users type them; its
 /// multi-letter short flags, which no single-letter parser can read, fail with what
 /// `backstop bench` calls them.

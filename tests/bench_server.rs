@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::fake_cloud::{refused_addr, FakeCloud, Mode};
 use common::Server;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// `backstop bench ARGS` with extra environment variables, run to its end without blocking
 /// the runtime the fakes answer on.
@@ -76,10 +76,7 @@ async fn bench_measures_a_running_server_at_each_client_count() {
     let r = report(&o);
     // The server says what it runs.
     let software = format!("backstop {}", env!("CARGO_PKG_VERSION"));
-    assert_eq!(
-        r["servers"],
-        serde_json::json!([{"url": url, "software": software}])
-    );
+    assert_eq!(r["servers"], json!([{"url": url, "software": software}]));
     let rows = r["results"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{r:#}");
     for (row, clients) in rows.iter().zip([1, 2]) {
@@ -113,6 +110,38 @@ async fn bench_measures_a_running_server_at_each_client_count() {
                 "{row}"
             );
         }
+    }
+
+    // JSON Lines: a line per client count, each with what the report says once.
+    let o = bench_line(&format!(
+        "--server {url} -p 48 -n 8 -r 1 --parallel 2 --format jsonl smollm2"
+    ))
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let lines: Vec<Value> = text(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{}", text(&o.stdout));
+    for (line, clients) in lines.iter().zip([1, 2]) {
+        assert_eq!(
+            (&line["clients"], &line["requests"], &line["tokens"]),
+            (&json!(clients), &json!(clients), &json!(8)),
+            "{line}"
+        );
+        assert_eq!(
+            (&line["server"], &line["software"], &line["prompt_tokens"]),
+            (&json!(url), &json!(software), &json!(48)),
+            "{line}"
+        );
+        assert_eq!(
+            (&line["prompt"], &line["generate"]),
+            (&json!(48), &json!(8))
+        );
+        assert!(
+            !line["client"]["cpu"].as_str().unwrap().is_empty(),
+            "{line}"
+        );
     }
 
     // The table says what every row shares under it.

@@ -15,7 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 pub use measure::{load, measure, BenchError, Plan, Rep, Setting, Test};
 pub use quality::Quality;
-pub use report::{csv, table, Aggregate, Figure, Machine, Meta, ModelResult};
+pub use report::{csv, json_line, table, Aggregate, Figure, Machine, Meta, ModelResult};
 use report::{distinct, label};
 pub use served::{Latency, ServedResult, ServerInfo};
 
@@ -256,6 +256,21 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     let backend = compute.backend;
     let machine = Machine::here(compute.devices);
+    // `--format jsonl` prints each result as it is measured (false once the reader has
+    // gone); the bar is drawn on stderr, and steps aside while a line goes to stdout, where
+    // both are one terminal.
+    let line_facts = [
+        ("reps", serde_json::json!(args.reps)),
+        ("machine", serde_json::to_value(&machine)?),
+    ];
+    let emit =
+        |bar: &ProgressBar, result: &ModelResult| -> Result<bool, Box<dyn std::error::Error>> {
+            if args.format != BenchFormat::Jsonl {
+                return Ok(true);
+            }
+            let line = json_line(result, &line_facts)?;
+            Ok(bar.suspend(|| output(&format!("{line}\n")))?)
+        };
     let runs = files.len() * settings.len();
     // A warm-up and the repetitions of each test at each depth (`-p 0 -n 0` measures only
     // quality), and the quality pass.
@@ -310,6 +325,9 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                     let mut result =
                         ModelResult::new(meta.clone(), setting, depth, Test::default(), &[], &[]);
                     result.quality.clone_from(&quality);
+                    if !emit(&bar, &result)? {
+                        return Ok(());
+                    }
                     results.push(result);
                 }
                 for &test in &tests {
@@ -326,35 +344,53 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                     let mut result =
                         ModelResult::new(meta.clone(), setting, depth, test, &plan.parallel, &reps);
                     result.quality.clone_from(&quality);
+                    if !emit(&bar, &result)? {
+                        return Ok(());
+                    }
                     results.push(result);
                 }
             }
         }
     }
     bar.finish_and_clear();
-    match args.format {
-        BenchFormat::Table => println!(
-            "{}{}{}",
+    let report = match args.format {
+        BenchFormat::Table => format!(
+            "{}{}{}\n",
             table(&results, &depths, args.reps),
             text.as_ref()
                 .map(|t| quality::said(t, results.iter().filter_map(|r| r.quality.as_ref())))
                 .unwrap_or_default(),
             machine.line()
         ),
-        BenchFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
+        BenchFormat::Json => {
+            let json = serde_json::to_string_pretty(&serde_json::json!({
                 "tests": tests,
                 "depths": depths,
                 "reps": args.reps,
                 "quality_text": text.as_ref().map(|t| &t.name),
                 "machine": machine,
                 "results": results,
-            }))?
-        ),
-        BenchFormat::Csv => print!("{}", csv(&results)),
-    }
+            }))?;
+            json + "\n"
+        }
+        BenchFormat::Csv => csv(&results),
+        // Each line went out as it was measured.
+        BenchFormat::Jsonl => String::new(),
+    };
+    output(&report)?;
     Ok(())
+}
+
+/// Writes to stdout; `Ok(false)` when its reader has gone (`| head -1`): the run then ends
+/// quietly, as a pipe's writer does, where `println!` would panic.
+pub(crate) fn output(text: &str) -> std::io::Result<bool> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

@@ -494,6 +494,21 @@ fn quality_cells(q: Option<&Quality>) -> [String; 4] {
     ]
 }
 
+/// One result as a line of JSON (`--format jsonl`), with the run's facts that a line read
+/// alone needs added to it (`reps`, the machine).
+pub fn json_line(
+    result: &impl Serialize,
+    with: &[(&str, serde_json::Value)],
+) -> Result<String, serde_json::Error> {
+    let mut line = serde_json::to_value(result)?;
+    if let Some(fields) = line.as_object_mut() {
+        for (key, value) in with {
+            fields.insert((*key).to_owned(), value.clone());
+        }
+    }
+    serde_json::to_string(&line)
+}
+
 /// CSV, one row per model and figure, with the tokens read or generated (`512+128` for a
 /// `--pg` figure: read, then generated) and the depth it was measured at; quality once per
 /// model, setting and depth.

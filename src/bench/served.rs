@@ -503,11 +503,10 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let failed: usize = results.iter().map(|r| r.errors).sum();
     let requests: usize = results.iter().map(|r| r.requests).sum();
     let machine = Machine::here(Vec::new());
-    match args.format {
-        BenchFormat::Table => println!("{}", table(&servers, &results, args, &machine)),
-        BenchFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
+    let report = match args.format {
+        BenchFormat::Table => format!("{}\n", table(&servers, &results, args, &machine)),
+        BenchFormat::Json => {
+            let json = serde_json::to_string_pretty(&json!({
                 "servers": servers,
                 "prompt": one_prompt(args),
                 "shared_prefix": args.shared_prefix,
@@ -515,10 +514,34 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 "reps": args.reps,
                 "client": machine,
                 "results": results,
-            }))?
-        ),
-        BenchFormat::Csv => print!("{}", csv(&results)),
-    }
+            }))?;
+            json + "\n"
+        }
+        BenchFormat::Csv => csv(&results),
+        // The same lines as in-process runs give, at the end: a run against servers is
+        // measured level by level in one go.
+        BenchFormat::Jsonl => {
+            let facts = [
+                ("prompt", json!(one_prompt(args))),
+                ("shared_prefix", json!(args.shared_prefix)),
+                ("generate", json!(one_gen(args))),
+                ("reps", json!(args.reps)),
+                ("client", serde_json::to_value(&machine)?),
+            ];
+            let mut lines = String::new();
+            for r in &results {
+                let software = servers
+                    .iter()
+                    .find(|s| s.url == r.server)
+                    .and_then(|s| s.software.clone());
+                let facts = [&facts[..], &[("software", json!(software))]].concat();
+                lines += &super::json_line(r, &facts)?;
+                lines.push('\n');
+            }
+            lines
+        }
+    };
+    super::output(&report)?;
     if failed > 0 {
         return Err(format!("{failed} of {requests} requests failed (said above)").into());
     }
