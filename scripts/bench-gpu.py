@@ -164,6 +164,11 @@ def machine(backstop: Path) -> dict:
     return info
 
 
+def as_text(output: bytes | str | None) -> str:
+    """What a timed-out subprocess had written (bytes even with text=True)."""
+    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
+
+
 class Runner:
     """Runs the steps, keeping each one's figures, status and time."""
 
@@ -183,7 +188,9 @@ class Runner:
         return text
 
     def bench(self, name: str, args: list[str], env: dict | None = None) -> None:
-        argv = [str(self.backstop), "bench", "--format", "json", *args]
+        # JSON Lines: each result is printed as soon as it is measured, so a step that runs out
+        # of time or fails at a later model keeps the results it finished.
+        argv = [str(self.backstop), "bench", "--format", "jsonl", *args]
         log(f"==> {name}: {' '.join(argv[1:])}")
         self.log.write(f"\n==> {name}: {' '.join(argv)}\n")
         self.log.flush()
@@ -195,16 +202,19 @@ class Runner:
             step["rc"], err, out = done.returncode, done.stderr, done.stdout
         except subprocess.TimeoutExpired as e:
             step["rc"] = "timeout"
-            err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-            out = ""
+            err, out = as_text(e.stderr), as_text(e.stdout)
         step["seconds"] = round(time.perf_counter() - t0, 1)
         self.log.write(err)
         self.log.flush()
         step["stderr_tail"] = err[-1500:]
-        try:
-            step["figures"] = json.loads(out) if out.strip() else None
-        except json.JSONDecodeError:
-            step["figures"], step["stdout_tail"] = None, out[-1500:]
+        results = []
+        for line in out.splitlines():
+            try:
+                results.append(json.loads(line))
+            except json.JSONDecodeError:
+                # a line cut off by the time limit, or not ours
+                step["stdout_tail"] = out[-1500:]
+        step["figures"] = {"results": results} if results else None
         self.steps[name] = step
         self.save()
         log(f"    rc {step['rc']} in {step['seconds']} s")

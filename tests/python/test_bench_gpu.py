@@ -109,6 +109,22 @@ def test_a_failing_step_is_recorded_and_the_next_still_runs(tmp_path):
     assert "failed: gpu" in done.stderr
 
 
+def test_a_step_that_fails_part_way_keeps_the_results_it_finished(tmp_path):
+    # The second file's header reads, but its tensors were cut off: llama.cpp fails to load
+    # it after the first model was measured.
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(model(SMOLLM2).read_bytes()[:10_000_000])
+    done = run(tmp_path, "part", "--backstop", binary(),
+               "--skip", "ladder,cpu,layers,batch,depth,served", str(model(SMOLLM2)), str(cut))
+    assert done.returncode == 1
+    gpu = json.loads((tmp_path / "part" / "results.json").read_text())["steps"]["gpu"]
+    assert gpu["rc"] != 0 and "could not load" in gpu["stderr_tail"]
+    assert [(r["file"], r["together"]) for r in gpu["figures"]["results"]] == \
+        [(SMOLLM2, False), (SMOLLM2, True)]
+    summary = (tmp_path / "part" / "summary.md").read_text()
+    assert f"| {SMOLLM2} | Q4_1 | CPU |  | 512 | 0 | pp16 tg4 |" in summary, summary
+
+
 def test_cuda_13_libraries_are_found_where_nvidias_wheels_put_them(tmp_path, monkeypatch):
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
