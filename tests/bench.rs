@@ -905,7 +905,7 @@ fn json_lines_come_out_as_each_result_is_measured() {
     let model = common::smollm2();
     let model = model.to_str().unwrap();
     let o = backstop(&words(&format!(
-        "bench -o jsonl -p 16 -n 4 -r 1 -t 2 -d 0,64 {model}"
+        "bench -o jsonl -p 16 -n 4 -r 1 -t 2 -d 0,64 --quality {model}"
     )));
     assert!(o.status.success(), "{}", text(&o.stderr));
     let lines: Vec<Value> = text(&o.stdout)
@@ -929,7 +929,11 @@ fn json_lines_come_out_as_each_result_is_measured() {
             !line["machine"]["cpu"].as_str().unwrap().is_empty(),
             "{line}"
         );
+        // Quality, scored once, is in each line, with the text it was scored on.
+        assert_eq!(line["quality_text"], "the built-in text", "{line}");
+        assert!(line["quality"]["ppl"].as_f64().unwrap() > 1.0, "{line}");
     }
+    assert_eq!(lines[0]["quality"], lines[1]["quality"]);
 
     // The second file's header reads, but its tensors were cut off: llama.cpp fails to load
     // it after the first model was measured, and that model's line is already out.

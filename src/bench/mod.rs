@@ -259,10 +259,13 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     // `--format jsonl` prints each result as it is measured (false once the reader has
     // gone); the bar is drawn on stderr, and steps aside while a line goes to stdout, where
     // both are one terminal.
-    let line_facts = [
+    let mut line_facts = vec![
         ("reps", serde_json::json!(args.reps)),
         ("machine", serde_json::to_value(&machine)?),
     ];
+    if let Some(text) = &text {
+        line_facts.push(("quality_text", serde_json::json!(text.name)));
+    }
     let emit =
         |bar: &ProgressBar, result: &ModelResult| -> Result<bool, Box<dyn std::error::Error>> {
             if args.format != BenchFormat::Jsonl {
