@@ -908,10 +908,7 @@ fn json_lines_come_out_as_each_result_is_measured() {
         "bench -o jsonl -p 16 -n 4 -r 1 -t 2 -d 0,64 --quality {model}"
     )));
     assert!(o.status.success(), "{}", text(&o.stderr));
-    let lines: Vec<Value> = text(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+    let lines = common::json_lines(&text(&o.stdout));
     assert_eq!(lines.len(), 2, "{}", text(&o.stdout));
     for (line, depth) in lines.iter().zip([0, 64]) {
         assert_eq!(
@@ -952,10 +949,7 @@ fn json_lines_come_out_as_each_result_is_measured() {
         "{}",
         text(&o.stderr)
     );
-    let lines: Vec<Value> = text(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+    let lines = common::json_lines(&text(&o.stdout));
     assert_eq!(lines.len(), 1, "{}", text(&o.stdout));
     assert_eq!(lines[0]["file"], "SmolLM2-135M-Instruct.Q4_1.gguf");
 

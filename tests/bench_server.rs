@@ -118,10 +118,7 @@ async fn bench_measures_a_running_server_at_each_client_count() {
     ))
     .await;
     assert!(o.status.success(), "{}", text(&o.stderr));
-    let lines: Vec<Value> = text(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+    let lines = common::json_lines(&text(&o.stdout));
     assert_eq!(lines.len(), 2, "{}", text(&o.stdout));
     for (line, clients) in lines.iter().zip([1, 2]) {
         assert_eq!(

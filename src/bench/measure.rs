@@ -310,24 +310,39 @@ fn generate_together(
             .map_err(llama)?;
     }
     ctx.decode(batch).map_err(llama)?;
-    // Each sequence's next token is the server's greedy pick, read straight from its row of
-    // the last decode's logits into the next batch (llama.cpp's greedy sampler would first
-    // copy the whole vocabulary into a candidate array: 262,144 entries for Gemma).
     let started = Instant::now();
-    for step in 0..generate {
-        batch.clear();
-        for s in 0..n as i32 {
-            let tok = crate::engine::greedy(ctx.get_logits_ith(s));
-            batch
-                .add(tok, (depth + short.len() + step) as i32, &[s], true)
-                .map_err(llama)?;
-        }
-        ctx.decode(batch).map_err(llama)?;
-    }
+    greedy_steps(ctx, batch, n, 0, depth + short.len(), generate)?;
     Ok((
         (n * generate) as f64 / started.elapsed().as_secs_f64(),
         cached,
     ))
+}
+
+/// `steps` tokens for each of sequences `0..n`, the first at position `pos`; the last decode
+/// left sequence `s`'s logits in row `first_row + s`, and each step's in row `s`. Each next
+/// token is the server's greedy pick, read straight from its row of logits into the next
+/// batch (llama.cpp's greedy sampler would first copy the whole vocabulary into a candidate
+/// array: 262,144 entries for Gemma).
+fn greedy_steps(
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch<'_>,
+    n: usize,
+    mut first_row: i32,
+    pos: usize,
+    steps: usize,
+) -> Result<(), BenchError> {
+    for step in 0..steps {
+        batch.clear();
+        for s in 0..n as i32 {
+            let tok = crate::engine::greedy(ctx.get_logits_ith(first_row + s));
+            batch
+                .add(tok, (pos + step) as i32, &[s], true)
+                .map_err(llama)?;
+        }
+        ctx.decode(batch).map_err(llama)?;
+        first_row = 0;
+    }
+    Ok(())
 }
 
 /// The prompt read from `depth` and `generate` tokens greedily generated after it, as one
@@ -343,16 +358,8 @@ fn prompt_then_generate(
     let started = Instant::now();
     prefill(ctx, batch, prompt, 0, depth)?;
     // The prompt's last decode left its logits in the batch's last row.
-    let mut row = batch.n_tokens() - 1;
-    for step in 0..generate {
-        let tok = crate::engine::greedy(ctx.get_logits_ith(row));
-        batch.clear();
-        batch
-            .add(tok, (depth + prompt.len() + step) as i32, &[0], true)
-            .map_err(llama)?;
-        ctx.decode(batch).map_err(llama)?;
-        row = 0;
-    }
+    let last = batch.n_tokens() - 1;
+    greedy_steps(ctx, batch, 1, last, depth + prompt.len(), generate)?;
     Ok((
         (prompt.len() + generate) as f64 / started.elapsed().as_secs_f64(),
         cached,

@@ -376,12 +376,7 @@ impl Server {
             .map(|v| v.to_str().unwrap().to_owned())
             .unwrap_or_default();
         let text = r.text().await.unwrap();
-        let objects = text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
-            .collect();
-        (status, ctype, objects)
+        (status, ctype, json_lines(&text))
     }
 
     /// Names of the loaded models, from `/api/ps`.
@@ -461,6 +456,15 @@ impl Server {
 }
 
 /// Finds `prefix... VALUE` in Prometheus text.
+/// Newline-delimited JSON (Ollama's streams, `bench --format jsonl`): one value per non-blank
+/// line; a line that is not JSON fails the test.
+pub fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
 pub fn metric_value(text: &str, prefix: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
