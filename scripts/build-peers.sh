@@ -41,7 +41,10 @@ for arg in "$@"; do
   esac
 done
 
-want_stamp="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+# Built as backstop's llama.cpp is, without Intel AMX (cmake/no-amx.cmake says why); the stamp
+# says so, so that peers built with it before are built again.
+no_amx="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/cmake/no-amx.cmake"
+want_stamp="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION, without AMX"
 
 # llama-cpp-python's server, from the cached sdist, in its own venv (idempotent through a stamp).
 python_peer() {
@@ -54,7 +57,7 @@ python_peer() {
   echo "install llama-cpp-python[server] from $sdist into $venv (about 8 minutes)"
   rm -rf "$venv"
   python3 -m venv "$venv"
-  CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+  CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_PROJECT_INCLUDE=$no_amx -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$sdist[server]"
   "$venv/bin/python" -c "import llama_cpp.server" || { echo "error: llama_cpp.server does not import" >&2; exit 1; }
   echo "$want_stamp" >"$venv/STAMP"
@@ -141,6 +144,7 @@ cmake -S "$llama" -B "$build" \
   -DCMAKE_BUILD_TYPE=Release \
   -DBUILD_SHARED_LIBS=OFF \
   -DGGML_NATIVE=ON \
+  -DCMAKE_PROJECT_INCLUDE="$no_amx" \
   -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF \
   -DLLAMA_CURL=OFF \
   -DLLAMA_OPENSSL=OFF \

@@ -141,6 +141,14 @@ gpu_toolchain() {
 build() {
   step "building${features:+ with $features} (first build compiles llama.cpp: about 8 minutes on 2 cores)"
   cargo build --release --locked "${cargo_features[@]}"
+  # A build cache from before cmake/no-amx.cmake can hold a llama.cpp built with Intel AMX,
+  # which crashes on the first prompt. Cargo cannot see that the CMake setting changed
+  # (llama-cpp-sys-2 does not watch CMAKE_* variables), so llama.cpp is built again, once.
+  if nm "$CARGO_TARGET_DIR/release/backstop" 2>/dev/null | grep -q ggml_backend_amx_mul_mat; then
+    step "this build cache holds llama.cpp built with Intel AMX (see cmake/no-amx.cmake): building it again"
+    cargo clean --release --locked -p llama-cpp-sys-2
+    cargo build --release --locked "${cargo_features[@]}"
+  fi
 }
 
 case "$mode" in
