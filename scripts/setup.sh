@@ -144,7 +144,9 @@ build() {
   # A build cache from before cmake/no-amx.cmake can hold a llama.cpp built with Intel AMX,
   # which crashes on the first prompt. Cargo cannot see that the CMake setting changed
   # (llama-cpp-sys-2 does not watch CMAKE_* variables), so llama.cpp is built again, once.
-  if nm "$CARGO_TARGET_DIR/release/backstop" 2>/dev/null | grep -q ggml_backend_amx_mul_mat; then
+  # (grep reads all of nm's output: with -q it would leave at the first match, and pipefail
+  # would count nm's broken pipe as a failure.)
+  if nm "$CARGO_TARGET_DIR/release/backstop" 2>/dev/null | grep ggml_backend_amx_mul_mat >/dev/null; then
     step "this build cache holds llama.cpp built with Intel AMX (see cmake/no-amx.cmake): building it again"
     cargo clean --release --locked -p llama-cpp-sys-2
     cargo build --release --locked "${cargo_features[@]}"
