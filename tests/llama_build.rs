@@ -2,7 +2,8 @@
 //! says why). Building llama.cpp takes minutes, so this builds a one-file CMake project the
 //! same way instead: with the include that `.cargo/config.toml` hands llama-cpp-sys-2, and with
 //! `-march=sapphirerapids` standing in for what GGML_NATIVE's `-march=native` means on such a
-//! CPU. So the check does not depend on the CPU that runs it.
+//! CPU. So the check does not depend on the CPU that runs it. Then it reads the CMake cache of
+//! the llama.cpp that was linked, to see that the include ran in that build too.
 #![cfg(target_arch = "x86_64")]
 
 mod common;
@@ -14,13 +15,18 @@ use common::{checkout, temp_dir};
 
 /// The file `.cargo/config.toml` passes to llama.cpp's CMake build as CMAKE_PROJECT_INCLUDE.
 fn project_include() -> PathBuf {
-    let config = checkout().join(".cargo").join("config.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
+    let config_path = checkout().join(".cargo").join("config.toml");
+    let text = std::fs::read_to_string(&config_path).unwrap();
     let config: toml::Value = toml::from_str(&text).unwrap();
     let entry = config
         .get("env")
         .and_then(|env| env.get("CMAKE_PROJECT_INCLUDE"))
-        .unwrap_or_else(|| panic!("{} sets no [env] CMAKE_PROJECT_INCLUDE", config_path()));
+        .unwrap_or_else(|| {
+            panic!(
+                "{} sets no [env] CMAKE_PROJECT_INCLUDE",
+                config_path.display()
+            )
+        });
     assert_eq!(
         entry.get("relative").and_then(toml::Value::as_bool),
         Some(true),
@@ -31,8 +37,24 @@ fn project_include() -> PathBuf {
     path
 }
 
-fn config_path() -> String {
-    checkout().join(".cargo/config.toml").display().to_string()
+/// The CMake cache of the llama.cpp this test binary's profile linked into `backstop`:
+/// llama-cpp-sys-2 builds it under `build/llama-cpp-sys-2-*/out/build` beside `deps/`, where
+/// this binary is; a folder left by an earlier configuration may sit beside it, so the newest.
+fn llama_cmake_cache() -> String {
+    let exe = std::env::current_exe().unwrap();
+    let profile = exe.parent().and_then(Path::parent).unwrap();
+    let newest = std::fs::read_dir(profile.join("build"))
+        .unwrap()
+        .filter_map(|e| {
+            let cache = e.ok()?.path().join("out/build/CMakeCache.txt");
+            let name = cache.to_str()?.to_owned();
+            let modified = cache.metadata().ok()?.modified().ok()?;
+            name.contains("llama-cpp-sys-2-")
+                .then_some((modified, cache))
+        })
+        .max()
+        .unwrap_or_else(|| panic!("no llama.cpp CMake cache under {}", profile.display()));
+    std::fs::read_to_string(newest.1).unwrap()
 }
 
 const PROBE: &str = r#"
@@ -91,4 +113,11 @@ fn llama_cpp_is_compiled_without_amx_even_for_a_cpu_that_has_it() {
     // With it, AMX is off in C and C++ alike, and AVX-512 with VNNI stays on.
     let (built, log) = build_probe(Some(&project_include()));
     assert!(built, "{log}");
+    // And llama-cpp-sys-2 handed the include to the real llama.cpp build, which ran it and
+    // found the flags usable: without that, everything above would pass and AMX stay on.
+    let cache = llama_cmake_cache();
+    assert!(
+        cache.contains("BACKSTOP_CAN_DROP_AMX:INTERNAL=1"),
+        "llama.cpp's CMake build did not run cmake/no-amx.cmake"
+    );
 }

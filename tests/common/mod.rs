@@ -455,7 +455,6 @@ impl Server {
     }
 }
 
-/// Finds `prefix... VALUE` in Prometheus text.
 /// Newline-delimited JSON (Ollama's streams, `bench --format jsonl`): one value per non-blank
 /// line; a line that is not JSON fails the test.
 pub fn json_lines(text: &str) -> Vec<Value> {
@@ -465,6 +464,7 @@ pub fn json_lines(text: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Finds `prefix... VALUE` in Prometheus text.
 pub fn metric_value(text: &str, prefix: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
