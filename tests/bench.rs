@@ -5,8 +5,19 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde_json::{json, Value};
+
+/// Each test here runs llama.cpp on every core (`bench -t 2`, the quantizer), so the tests take
+/// turns: each holds this for its whole run. ggml's threads busy-wait at every barrier, and two
+/// such processes on a 2-core machine spin on the cores the other needs: the suite took 742 s
+/// with the test harness's two at a time against 205 s one at a time.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static CORES: Mutex<()> = Mutex::new(());
+    // A test that failed while holding it leaves nothing behind that the next one needs.
+    CORES.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 fn backstop(args: &[&str]) -> Output {
     common::backstop_command()
@@ -78,6 +89,7 @@ fn entries(dir: &Path) -> Vec<String> {
 
 #[test]
 fn a_quantization_ladder_is_built_and_benchmarked_in_every_format() {
+    let _cores = one_at_a_time();
     let dir = common::temp_dir("ladder");
     let _cleanup = Cleanup(dir.clone());
     let source = common::smollm2();
@@ -224,6 +236,7 @@ fn a_quantization_ladder_is_built_and_benchmarked_in_every_format() {
 /// nothing else is left.
 #[test]
 fn settings_given_as_lists_are_each_measured_and_reported() {
+    let _cores = one_at_a_time();
     let model = common::smollm2();
     let model = model.to_str().unwrap();
     let (report, err) = bench_logged(&words(&format!(
@@ -331,6 +344,7 @@ fn settings_given_as_lists_are_each_measured_and_reported() {
 /// right after the model, and the next run reuses the rungs unless they are stale or broken.
 #[test]
 fn bench_builds_a_quantization_ladder_and_reuses_it() {
+    let _cores = one_at_a_time();
     let dir = common::temp_dir("bench-ladder");
     let _cleanup = Cleanup(dir.clone());
     let rungs = dir.join("rungs");
@@ -481,6 +495,7 @@ fn bench_builds_a_quantization_ladder_and_reuses_it() {
 
 #[test]
 fn quantize_refuses_unknown_types_and_bad_inputs_and_leaves_nothing_behind() {
+    let _cores = one_at_a_time();
     let dir = common::temp_dir("quantize-bad");
     let _cleanup = Cleanup(dir.clone());
     let out = dir.join("out.gguf");
@@ -574,6 +589,7 @@ fn quantize_refuses_unknown_types_and_bad_inputs_and_leaves_nothing_behind() {
 
 #[test]
 fn many_parallel_sequences_are_measured_and_too_many_are_refused() {
+    let _cores = one_at_a_time();
     let model = common::smollm2();
     let model = model.to_str().unwrap();
     // 40 sequences start with one decode of 640 tokens: more than llama.cpp's default batch.
@@ -614,6 +630,7 @@ fn many_parallel_sequences_are_measured_and_too_many_are_refused() {
 /// depth the model's context cannot hold is refused before a context is made for it.
 #[test]
 fn figures_at_a_depth_say_so_and_too_deep_is_refused() {
+    let _cores = one_at_a_time();
     let model = common::smollm2();
     let model = model.to_str().unwrap();
     let run = |format: &str, depth: &str| {
@@ -719,6 +736,7 @@ fn figures_at_a_depth_say_so_and_too_deep_is_refused() {
 /// measured at each depth, one table row per model and depth with a column per length.
 #[test]
 fn prompt_and_generation_lengths_given_as_lists_are_each_a_test() {
+    let _cores = one_at_a_time();
     let model = common::smollm2();
     let model = model.to_str().unwrap();
     let args = format!("-p 16,48,16 -n 4,0,8 --parallel 2 -r 1 -d 0,32 {model}");
@@ -817,6 +835,7 @@ fn prompt_and_generation_lengths_given_as_lists_are_each_a_test() {
 /// tests.
 #[test]
 fn a_prompt_and_the_generation_after_it_are_timed_as_one() {
+    let _cores = one_at_a_time();
     let model = common::smollm2();
     let model = model.to_str().unwrap();
     let report = bench_json(&words(&format!(
@@ -899,6 +918,7 @@ fn a_prompt_and_the_generation_after_it_are_timed_as_one() {
 /// way keeps what it finished; a reader that goes away (`| head -1`) ends the run quietly.
 #[test]
 fn json_lines_come_out_as_each_result_is_measured() {
+    let _cores = one_at_a_time();
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
 
@@ -981,6 +1001,7 @@ fn json_lines_come_out_as_each_result_is_measured() {
 /// `backstop bench` calls them.
 #[test]
 fn llama_bench_spellings_are_read_or_named() {
+    let _cores = one_at_a_time();
     let model = common::smollm2();
     let model = model.to_str().unwrap();
     let o = backstop(&words(&format!(
@@ -1010,6 +1031,7 @@ fn llama_bench_spellings_are_read_or_named() {
 /// something else under its name, and `--ctx` is never silently raised.
 #[test]
 fn zero_leaves_a_figure_out_and_every_bench_limit_is_refused() {
+    let _cores = one_at_a_time();
     let model = common::smollm2();
     let model = model.to_str().unwrap();
     let refused = |args: &[&str], says: &[&str]| bench_refused(&[args, &[model]].concat(), says);
@@ -1126,6 +1148,7 @@ fn number(v: &Value, key: &str) -> f64 {
 
 #[test]
 fn quality_is_scored_and_compared_with_the_first_model_of_each_vocabulary() {
+    let _cores = one_at_a_time();
     let smol = common::smollm2();
     let gemma = common::gemma3();
     let (smol, gemma) = (smol.to_str().unwrap(), gemma.to_str().unwrap());
@@ -1198,6 +1221,7 @@ fn quality_is_scored_and_compared_with_the_first_model_of_each_vocabulary() {
 
 #[test]
 fn a_quantization_ladder_shows_what_each_rung_costs_in_quality() {
+    let _cores = one_at_a_time();
     let dir = common::temp_dir("quality-ladder");
     let _cleanup = Cleanup(dir.clone());
     let smol = common::smollm2();
@@ -1284,6 +1308,7 @@ fn a_quantization_ladder_shows_what_each_rung_costs_in_quality() {
 
 #[test]
 fn a_quantized_kv_cache_is_compared_with_the_f16_one() {
+    let _cores = one_at_a_time();
     let smol = common::smollm2();
     let out = bench_json(&words(&format!(
         "--quality -p 0 -n 0 --kv-cache-type f16,q4_0 --flash-attention 1 {}",
@@ -1307,6 +1332,7 @@ fn a_quantized_kv_cache_is_compared_with_the_f16_one() {
 /// sequence is refused.
 #[test]
 fn a_batch_sweep_makes_each_context_with_its_batch() {
+    let _cores = one_at_a_time();
     let model = common::smollm2();
     let model = model.to_str().unwrap();
     let (report, err) = bench_logged(&words(&format!(
@@ -1390,6 +1416,7 @@ fn a_batch_sweep_makes_each_context_with_its_batch() {
 
 #[test]
 fn quality_refuses_texts_it_cannot_score() {
+    let _cores = one_at_a_time();
     let smol = common::smollm2();
     let model = smol.to_str().unwrap();
     let dir = common::temp_dir("quality-refused");
