@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{metric_value, Server};
+use common::{answer, metric_value, Server};
 use serde_json::{json, Value};
 
 const MODEL: &str = "{model=\"smollm2:latest\"";
@@ -245,4 +245,35 @@ async fn sigterm_lets_a_running_stream_finish_then_exits_cleanly() {
     assert!(s.log().contains("engine stopped"), "{}", s.log());
     // Nothing listens any more.
     assert!(s.client.get(s.url("/health")).send().await.is_err());
+}
+
+/// Every model decodes on one graph thread (src/engine/graphs.rs). With two models loaded at
+/// two threads each, the process keeps one OpenMP pool, the graph thread and one more, instead
+/// of one per model's engine thread: libgomp, counting more threads than cores, would cut its
+/// spin at every barrier and slow each model down about threefold, even beside an idle one.
+/// Two models asked at once take turns on it and answer as each does alone.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn loaded_models_share_one_pool_of_compute_threads_and_answer_as_alone() {
+    let smol = format!("smollm2={}", common::smollm2().display());
+    let gemma = format!("gemma={}", common::gemma3().display());
+    let s = Server::start_raw(&["--model", &smol, "--model", &gemma, "--threads", "2"]).await;
+    let ask = |model: &str| {
+        json!({"model": model, "temperature": 0, "max_tokens": 24,
+               "messages": [{"role": "user", "content": "Name three rivers of Europe."}]})
+    };
+    let alone = [
+        answer(&s.chat(ask("smollm2")).await),
+        answer(&s.chat(ask("gemma")).await),
+    ];
+    assert_ne!(alone[0], alone[1]);
+    let (smol_answer, gemma_answer) = tokio::join!(s.chat(ask("smollm2")), s.chat(ask("gemma")));
+    assert_eq!([answer(&smol_answer), answer(&gemma_answer)], alone);
+
+    let names = s.thread_names();
+    let count = |f: &dyn Fn(&str) -> bool| names.iter().filter(|n| f(n)).count();
+    // The graph thread and the one OpenMP thread it started (which takes its name).
+    assert_eq!(count(&|n| n == "llama-graphs"), 2, "{names:?}");
+    // One engine thread per model and no OpenMP threads of their own (which would take theirs).
+    assert_eq!(count(&|n| n.starts_with("engine_worker")), 2, "{names:?}");
 }

@@ -282,7 +282,8 @@ impl<'m> Embedder<'m> {
                     .map_err(|e| decode_err(&e))?;
             }
         }
-        let decoded = self.ctx.decode(&mut self.batch).map_err(|e| decode_err(&e));
+        let decoded =
+            super::graphs::decode(&mut self.ctx, &mut self.batch).map_err(|e| decode_err(&e));
         let vectors = decoded.and_then(|()| {
             (0..inputs.len())
                 .map(|seq| {

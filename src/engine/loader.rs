@@ -308,7 +308,8 @@ pub(crate) fn warm_up(model: &LlamaModel, ctx: &mut LlamaContext<'_>) {
         vocab.eos()
     };
     let mut batch = LlamaBatch::new(1, 1);
-    let ok = batch.add(token, 0, &[0], true).is_ok() && ctx.decode(&mut batch).is_ok();
+    let ok =
+        batch.add(token, 0, &[0], true).is_ok() && super::graphs::decode(ctx, &mut batch).is_ok();
     if !ok {
         tracing::debug!("warm-up decode failed");
     }

@@ -4,6 +4,7 @@
 mod compute;
 mod embed;
 mod error;
+mod graphs;
 mod loader;
 mod metrics;
 mod policy;

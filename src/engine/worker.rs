@@ -887,7 +887,7 @@ impl<'m> Worker<'m> {
         self.metrics.steps.increment(1);
         self.metrics.batch_sequences.record(undo.len() as f64);
         let started = Instant::now();
-        let result = self.ctx.decode(&mut self.batch);
+        let result = super::graphs::decode(&mut self.ctx, &mut self.batch);
         if result.is_ok() {
             let decoded = undo.iter().filter(|u| u.2.is_some()).count();
             let prompt = (self.batch.n_tokens() as usize).saturating_sub(decoded);

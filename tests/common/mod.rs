@@ -178,8 +178,8 @@ impl Server {
     }
 
     /// `backstop serve --host 127.0.0.1:0 --threads 1 ARGS`, ready to serve. One thread per
-    /// server: test binaries run two tests at a time, and llama.cpp's OpenMP threads spin
-    /// badly when a machine is oversubscribed.
+    /// server unless ARGS say otherwise: test binaries run two tests at a time, and llama.cpp's
+    /// OpenMP threads spin badly when a machine is oversubscribed.
     pub async fn start_raw(args: &[&str]) -> Server {
         Self::start_with_env(args, &[]).await
     }
@@ -200,7 +200,10 @@ impl Server {
 
     async fn spawn(args: &[&str], envs: &[(&str, &str)], close_log: bool) -> Server {
         let mut cmd = backstop_command();
-        cmd.arg("serve").args(["--threads", "1"]);
+        cmd.arg("serve");
+        if !args.contains(&"--threads") {
+            cmd.args(["--threads", "1"]);
+        }
         if !args.contains(&"--host") {
             cmd.args(["--host", "127.0.0.1:0"]);
         }
@@ -402,6 +405,18 @@ impl Server {
     }
 
     /// A non-streamed chat; panics unless 200.
+    /// The names of the server process's threads, sorted.
+    pub fn thread_names(&self) -> Vec<String> {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let mut names: Vec<String> = std::fs::read_dir(&tasks)
+            .expect("the server's threads")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim_end().to_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     pub async fn chat(&self, body: Value) -> Value {
         let (status, json) = self.post("/v1/chat/completions", &body).await;
         assert_eq!(status, 200, "{json}");

@@ -1,0 +1,76 @@
+//! The one thread that runs llama.cpp's decode for every model in the process.
+//!
+//! llama.cpp's CPU backend, built with OpenMP as llama.cpp's own builds are, runs each graph on
+//! a team of OpenMP threads, and libgomp gives every thread that starts a parallel region a
+//! pool of its own. With the decode called from each model's engine thread, two loaded models
+//! made two pools: on the project's 2-core machine, 2 threads each, 4 threads for 2 cores.
+//! libgomp then counts more threads than cores and cuts the spin at every barrier from 300,000
+//! rounds to 100 (`gomp_throttled_spin_count_var` in its `wait.h`), so its threads sleep and
+//! are woken at each of the hundreds of barriers a token takes. SmolLM2 streamed 36 tokens a
+//! second instead of 100 whenever a second model was loaded, even one sitting idle.
+//!
+//! Every decode therefore runs on this one thread, which keeps one pool whatever the number of
+//! models; models busy at the same time take turns, in arrival order, instead of spinning
+//! against each other for the same cores. The engine threads keep everything else (batches,
+//! sampling, streams). A rayon pool of one thread does the hand-over: `install` runs a
+//! borrowing closure there and blocks the caller until it returns, so nothing is hand-rolled
+//! beyond the `Send` promise below.
+
+use std::sync::OnceLock;
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::DecodeError;
+
+/// The thread's name; llama.cpp's OpenMP threads inherit it.
+pub(crate) const THREAD_NAME: &str = "llama-graphs";
+
+fn pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(|_| THREAD_NAME.to_owned())
+            // The thread is started by whichever engine thread decodes first; it (and the
+            // OpenMP threads it starts) belong in the normal scheduling class either way.
+            .start_handler(|_| crate::sched::foreground())
+            .build()
+            .map_err(
+                |e| tracing::warn!(error = %e, "no graph thread: each model decodes on its own"),
+            )
+            .ok()
+    })
+    .as_ref()
+}
+
+/// `ctx.decode(batch)`, on the graph thread.
+pub(crate) fn decode(
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch<'_>,
+) -> Result<(), DecodeError> {
+    let call = Call { ctx, batch };
+    match pool() {
+        Some(pool) => pool.install(move || call.run()),
+        None => call.run(),
+    }
+}
+
+/// One decode's borrowed context and batch, lent to the graph thread.
+struct Call<'a, 'c, 'b> {
+    ctx: &'a mut LlamaContext<'c>,
+    batch: &'a mut LlamaBatch<'b>,
+}
+
+// SAFETY: llama.cpp's contexts and batches are plain memory owned by whoever holds them, not
+// tied to the thread that made them (GPU backends select their device on every call). The
+// borrows are exclusive, and `install` blocks the lending thread until the call has returned,
+// so only one thread touches them at any time.
+unsafe impl Send for Call<'_, '_, '_> {}
+
+impl Call<'_, '_, '_> {
+    // A method taking `self` makes the closure capture the whole `Call` (a closure naming its
+    // fields would capture the two non-`Send` borrows on their own).
+    fn run(self) -> Result<(), DecodeError> {
+        self.ctx.decode(self.batch)
+    }
+}
