@@ -17,13 +17,14 @@
 //! beyond the `Send` promise below.
 
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::DecodeError;
 
 /// The thread's name; llama.cpp's OpenMP threads inherit it.
-pub(crate) const THREAD_NAME: &str = "llama-graphs";
+const THREAD_NAME: &str = "llama-graphs";
 
 fn pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
@@ -48,6 +49,15 @@ pub(crate) fn decode(
     ctx: &mut LlamaContext<'_>,
     batch: &mut LlamaBatch<'_>,
 ) -> Result<(), DecodeError> {
+    decode_timed(ctx, batch).0
+}
+
+/// [`decode`], and how long the decode itself took: without the wait for another model's
+/// turn, which says nothing about this model's step cost.
+pub(crate) fn decode_timed(
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch<'_>,
+) -> (Result<(), DecodeError>, Duration) {
     let call = Call { ctx, batch };
     match pool() {
         Some(pool) => pool.install(move || call.run()),
@@ -70,7 +80,9 @@ unsafe impl Send for Call<'_, '_, '_> {}
 impl Call<'_, '_, '_> {
     // A method taking `self` makes the closure capture the whole `Call` (a closure naming its
     // fields would capture the two non-`Send` borrows on their own).
-    fn run(self) -> Result<(), DecodeError> {
-        self.ctx.decode(self.batch)
+    fn run(self) -> (Result<(), DecodeError>, Duration) {
+        let started = Instant::now();
+        let result = self.ctx.decode(self.batch);
+        (result, started.elapsed())
     }
 }

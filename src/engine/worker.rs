@@ -887,19 +887,20 @@ impl<'m> Worker<'m> {
         self.metrics.steps.increment(1);
         self.metrics.batch_sequences.record(undo.len() as f64);
         let started = Instant::now();
-        let result = super::graphs::decode(&mut self.ctx, &mut self.batch);
+        // The pace counts the decode alone, not a wait for another model's turn.
+        let (result, took) = super::graphs::decode_timed(&mut self.ctx, &mut self.batch);
         if result.is_ok() {
             let decoded = undo.iter().filter(|u| u.2.is_some()).count();
             let prompt = (self.batch.n_tokens() as usize).saturating_sub(decoded);
-            self.pace
-                .record(decoded, prompt, started.elapsed().as_secs_f64());
+            self.pace.record(decoded, prompt, took.as_secs_f64());
         }
         tracing::trace!(
             step = self.step_no,
             decode = plan.decode.len(),
             prefill = ?plan.prefill,
             tokens = self.batch.n_tokens(),
-            ms = started.elapsed().as_secs_f64() * 1e3,
+            ms = took.as_secs_f64() * 1e3,
+            waited_ms = started.elapsed().saturating_sub(took).as_secs_f64() * 1e3,
             "step"
         );
         match result {
