@@ -22,12 +22,13 @@ import argparse
 import importlib.util
 import json
 import os
+import pathlib
 import statistics
 import sys
 import threading
 import time
 
-spec = importlib.util.spec_from_file_location("bench_peers", __file__.replace("bench-models.py", "bench-peers.py"))
+spec = importlib.util.spec_from_file_location("bench_peers", pathlib.Path(__file__).with_name("bench-peers.py"))
 peers = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(peers)
 
@@ -61,7 +62,7 @@ def main() -> int:
     beside: list[list[float]] = [[] for _ in files]
     together: list[list[float]] = [[] for _ in files]
     for rep in range(args.reps):
-        order = list(range(len(files)))[rep % len(files):] + list(range(len(files)))[:rep % len(files)]
+        order = [(i + rep) % len(files) for i in range(len(files))]
         for i in order:
             s = serve([i])
             try:
@@ -72,9 +73,8 @@ def main() -> int:
         try:
             for i in order:
                 beside[i].append(rate(s.url, i))
-            # A warm-up each first, so every model is ready when the timed streams start.
-            for i in order:
-                rate(s.url, i)
+            # Each client's own warm-up request runs beside the others' too, so the timed
+            # streams start together.
             got: dict[int, float] = {}
             threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, rate(s.url, i))) for i in order]
             for t in threads:

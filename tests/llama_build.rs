@@ -46,11 +46,13 @@ fn llama_cmake_cache() -> String {
     let newest = std::fs::read_dir(profile.join("build"))
         .unwrap()
         .filter_map(|e| {
-            let cache = e.ok()?.path().join("out/build/CMakeCache.txt");
-            let name = cache.to_str()?.to_owned();
-            let modified = cache.metadata().ok()?.modified().ok()?;
-            name.contains("llama-cpp-sys-2-")
-                .then_some((modified, cache))
+            let e = e.ok()?;
+            e.file_name()
+                .to_str()?
+                .starts_with("llama-cpp-sys-2-")
+                .then_some(())?;
+            let cache = e.path().join("out/build/CMakeCache.txt");
+            Some((cache.metadata().ok()?.modified().ok()?, cache))
         })
         .max()
         .unwrap_or_else(|| panic!("no llama.cpp CMake cache under {}", profile.display()));

@@ -404,7 +404,6 @@ impl Server {
         )
     }
 
-    /// A non-streamed chat; panics unless 200.
     /// The names of the server process's threads, sorted.
     pub fn thread_names(&self) -> Vec<String> {
         let tasks = format!("/proc/{}/task", self.child.id());
@@ -417,6 +416,7 @@ impl Server {
         names
     }
 
+    /// A non-streamed chat; panics unless 200.
     pub async fn chat(&self, body: Value) -> Value {
         let (status, json) = self.post("/v1/chat/completions", &body).await;
         assert_eq!(status, 200, "{json}");
