@@ -9,14 +9,16 @@ threads, per-slot context and requests (unique prompts, so no prefix cache helps
 ignore_eos where the server honours it). Each of 1, 4 and 8 streaming clients measures decode
 tok/s per stream, TTFT p50/p95 and aggregate tok/s; servers with slots get 4 slots for 1 and 4
 clients and 8 for 8 (llama-cpp-python serves one request at a time whatever it is given).
-Runs rotate order (backstop, llama-server, llama-cpp-python; then the next order, ...) so
-drift on a noisy machine hits all alike; every figure is the median over --reps after a
-warm-up. The raw engine runs right after backstop's single stream in each repetition, at the
-cache depth that stream decoded at, and the two ratios within one side (P1: backstop's decode
-over the raw engine's; P4: backstop's 8 clients over its 1 client) and the ratios against
-llama-server that the targets name (P2, P3, P5) are the median of the per-repetition ratios:
-the host can move a whole repetition by 15% or more, which a ratio of medians taken many
-minutes apart does not cancel.
+Single streams (P1, P2, P5) come first, with every server up at once (an idle server takes no
+CPU time): in each repetition each server answers one client and the raw engine runs once, at
+the cache depth backstop's streams decode at, in a rotating order and seconds apart. The rest
+runs one server at a time, rotating the order (backstop, llama-server, llama-cpp-python; then
+the next order, ...) so drift on a noisy machine hits all alike; every figure is the median
+over --reps after a warm-up. The two ratios within one side (P1: backstop's decode over the
+raw engine's; P4: backstop's 8 clients over its 1 client) and the ratios against llama-server
+that the targets name (P2, P3, P5) are the median of the per-repetition ratios: the host can
+move a whole repetition by 15% or more, which a ratio of medians taken minutes apart does not
+cancel.
 
 P6 (prompt-prefix reuse): a chat whose first user turn carries ~1,000 tokens of history, then a
 second turn on top of it; TTFT of the second over the first (unique history per rep).
@@ -303,23 +305,41 @@ def main() -> int:
                 "--interrupt_requests", "False"]
         return Server(kind, argv, port, ready="/v1/models")
 
-    runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    # One stream each (P1, P2, P5), every server up at once. Taken a minute apart, as the rest
+    # of a repetition is, SmolLM2's single streams against llama-server's gave per-repetition
+    # ratios from 0.86 to 1.02 on the 2-core VM; taken seconds apart, 1.00 to 1.02.
+    ones: dict[str, list[dict]] = {k: [] for k in kinds}
     raws: list[dict] = []
+    log("==> one stream: every server up at once")
+    servers = {kind: start(kind, 4) for kind in kinds}
+    try:
+        warm = {kind: client(s.url, "m", 1, 1, args) for kind, s in servers.items()}
+        # The raw engine decodes at the cache depth backstop's streams decode at.
+        prompt_tokens = warm["backstop"]["prompt_tokens"] or 0
+        members = kinds + ["raw engine"]
+        for rep in range(args.reps):
+            log(f"==> rep {rep + 1}/{args.reps}: one stream each")
+            for kind in members[rep % len(members):] + members[:rep % len(members)]:
+                if kind == "raw engine":
+                    raws.append(raw_engine(prompt_tokens))
+                else:
+                    ones[kind].append(client(servers[kind].url, "m", 1, 2, args))
+    finally:
+        for s in servers.values():
+            s.stop()
+
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for rep in range(args.reps):
         # Rotate the servers' order, so whichever runs first (on a warmer or cooler machine)
-        # does not bias the comparison; the raw engine goes with backstop (below).
+        # does not bias the comparison.
         order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
         for kind in order:
             log(f"==> rep {rep + 1}/{args.reps}: {kind}")
             nonce = f"{kind}-{rep}-{os.urandom(3).hex()}"
             s = start(kind, 4)
             try:
-                one = client(s.url, "m", 1, 2, args, warmup=1)
-                if kind == "backstop":
-                    # Right after backstop's single stream (the server idles meanwhile), for
-                    # P1's per-repetition ratio, at the depth its stream decoded at.
-                    raws.append(raw_engine(one["prompt_tokens"] or 0))
-                four = client(s.url, "m", 4, 1, args)
+                one = ones[kind][rep]
+                four = client(s.url, "m", 4, 1, args, warmup=1)
                 mem = rss(s.proc.pid)
                 ready = s.ready_s
                 p6 = prefix_reuse(s.url, nonce) if kind != "llama-cpp-python" else None
