@@ -575,6 +575,11 @@ pub struct ServeArgs {
     /// KV cache type: f16, q8_0 or q4_0 [default: f16; also OLLAMA_KV_CACHE_TYPE].
     #[arg(long, env = "BACKSTOP_KV_CACHE_TYPE", value_name = "TYPE")]
     pub kv_cache_type: Option<String>,
+    /// Sliding-window layers (Gemma 2 and 3, gpt-oss, ...) cache the whole context, not only
+    /// their window and one batch: more memory, and a greedy or seeded follow-up past the
+    /// window reuses its conversation instead of reading it again (llama-server's --swa-full).
+    #[arg(long, env = "BACKSTOP_SWA_FULL")]
+    pub swa_full: bool,
     /// Extra browser origins allowed to call the API, comma separated [also OLLAMA_ORIGINS].
     #[arg(long, env = "BACKSTOP_ORIGINS", value_name = "ORIGINS")]
     pub origins: Option<String>,

@@ -509,6 +509,85 @@ async fn a_follow_up_turn_on_gemma_answers_as_a_cold_server_does() {
     follow_up_answers_as_a_cold_server_does("gemma", &common::gemma3(), None).await;
 }
 
+/// Gemma 3's sliding-window layers (a 512-token window) cache their window and one batch,
+/// 1,024 positions here, not the whole context, as llama.cpp's server does; `--swa-full`
+/// caches the whole context. A conversation longer than that writes over its oldest
+/// positions. A follow-up sampled without a seed still reuses it, since reading on needs only
+/// the window before its new part; a greedy one reads it afresh, and answers as a cold read
+/// does. With `--swa-full` the greedy one reuses it too, and the server holds more memory.
+#[tokio::test]
+async fn a_gemma_conversation_past_its_sliding_window_is_reused_as_far_as_the_cache_allows() {
+    let model = format!("gemma={}", common::gemma3().display());
+    let phrases = [
+        "the keeper",
+        "climbed the stairs",
+        "of the old lighthouse",
+        "and wrote down",
+        "which ships had passed",
+    ];
+    let notes: Vec<&str> = (0..400).map(|i| phrases[i % phrases.len()]).collect();
+    let notes = format!("My notes: {}.", notes.join(" "));
+    let chat = |messages: &Value, temperature: f64, cache: bool| {
+        json!({"model": "gemma", "messages": messages, "temperature": temperature,
+               "max_tokens": 8, "cache_prompt": cache})
+    };
+    let cached = |r: &Value| {
+        r["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let mut resident = Vec::new();
+    for full in [false, true] {
+        let mut args = vec!["--model", &model, "--parallel", "2"];
+        if full {
+            args.push("--swa-full");
+        }
+        let s = Server::start_raw(&args).await;
+        resident.push(rss_anon(s.pid()));
+        let first = json!([{"role": "user", "content": format!("{notes}\nSummarize my notes.")}]);
+        let r1 = s.chat(chat(&first, 0.8, true)).await;
+        let first_prompt = r1["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert!(first_prompt > 1100, "{r1}");
+        let follow = json!([
+            first[0],
+            {"role": "assistant", "content": answer(&r1)},
+            {"role": "user", "content": "Now give them a title."}
+        ]);
+        // Sampled without a seed: the conversation is reused but for its last few tokens
+        // (the answer's end, read back from text, and the new turn).
+        let sampled = s.chat(chat(&follow, 0.8, true)).await;
+        assert!(
+            cached(&sampled) + 16 >= first_prompt,
+            "full {full}: {sampled}"
+        );
+        let greedy = s.chat(chat(&follow, 0.0, true)).await;
+        if full {
+            assert!(cached(&greedy) >= 1024, "{greedy}");
+        } else {
+            assert_eq!(cached(&greedy), 0, "{greedy}");
+        }
+        let cold = s.chat(chat(&follow, 0.0, false)).await;
+        assert_eq!(cached(&cold), 0, "{cold}");
+        assert_eq!(answer(&greedy), answer(&cold), "full {full}");
+    }
+    // Two slots of 4,096 positions: 15 sliding-window layers of 1 KiB a position keep 3,072
+    // positions less each, 90 MiB in all.
+    let saved = resident[1].saturating_sub(resident[0]);
+    assert!(saved > 80 << 20, "{resident:?}");
+}
+
+/// Anonymous resident memory of a process (its KV cache and buffers, not the mapped model).
+fn rss_anon(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib << 10
+}
+
 /// A prompt read while another request generates is read in calls of its own, as a cold read
 /// reads it: a greedy follow-up turn reuses it, and answers as a server that never saw the
 /// first turn. (Without flash attention: its grain lets the paced 16-token chunks of a busy

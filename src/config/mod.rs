@@ -109,6 +109,8 @@ pub struct EngineDefaults {
     pub flash_attention: Option<bool>,
     /// KV cache element type.
     pub kv_cache_type: KvCacheType,
+    /// Sliding-window layers keep the whole context in their cache.
+    pub swa_full: bool,
 }
 
 impl EngineDefaults {
@@ -126,6 +128,7 @@ impl EngineDefaults {
             gpu_layers: self.gpu_layers,
             flash_attention: self.flash_attention,
             kv_cache_type: self.kv_cache_type,
+            swa_full: self.swa_full,
         }
     }
 }
@@ -475,6 +478,7 @@ impl Config {
             max_queue: max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
             flash_attention,
             kv_cache_type,
+            swa_full: args.swa_full || raw.server.swa_full.unwrap_or(false),
         };
 
         // Lifecycle.
@@ -792,6 +796,7 @@ pub(crate) fn for_tests(path: &str) -> Config {
         max_queue: 1,
         flash_attention: None,
         kv_cache_type: KvCacheType::F16,
+        swa_full: false,
     };
     let name = ModelName::parse("m").unwrap();
     Config {
@@ -945,6 +950,24 @@ mod tests {
         };
         let err = load_toml_with(toml, zero).unwrap_err().to_string();
         assert!(err.contains("batch") && err.contains("at least 1"), "{err}");
+    }
+
+    #[test]
+    fn sliding_window_caches_hold_their_window_unless_the_flag_or_the_server_says_full() {
+        let model = "[models.a]\npath = \"model.gguf\"\n";
+        let full = |cfg: &Config| (cfg.engine.swa_full, cfg.models[0].engine.swa_full);
+        assert_eq!(full(&load_toml(model).unwrap()), (false, false));
+        let toml = format!("[server]\nswa_full = true\n{model}");
+        assert_eq!(full(&load_toml(&toml).unwrap()), (true, true));
+        let flag = ServeArgs {
+            swa_full: true,
+            ..Default::default()
+        };
+        assert_eq!(full(&load_toml_with(model, flag).unwrap()), (true, true));
+        let err = load_toml(&format!("[server]\nswa_full = \"yes\"\n{model}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("swa_full"), "{err}");
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub(crate) struct RawServer {
     pub(crate) flash_attention: Option<bool>,
     /// KV cache element type: f16, q8_0 or q4_0.
     pub(crate) kv_cache_type: Option<String>,
+    /// Sliding-window layers keep the whole context in their cache (llama.cpp's `swa_full`).
+    pub(crate) swa_full: Option<bool>,
     /// Extra browser origins allowed by CORS, like OLLAMA_ORIGINS.
     pub(crate) origins: Option<Vec<String>>,
     /// PEM certificate chain for TLS.

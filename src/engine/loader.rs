@@ -180,7 +180,8 @@ pub(crate) fn new_context<'m>(
         .with_n_seq_max(options.slots)
         .with_n_batch(batch)
         .with_n_ubatch(batch)
-        .with_kv_unified(false);
+        .with_kv_unified(false)
+        .with_swa_full(options.swa_full);
     model
         .new_context(backend, params)
         .map_err(|e| LoadError::Context {

@@ -61,6 +61,10 @@ pub struct EngineOptions {
     pub flash_attention: Option<bool>,
     /// Element type of the KV cache (a quantized one halves or quarters its memory).
     pub kv_cache_type: KvCacheType,
+    /// Sliding-window layers (Gemma 2 and 3, gpt-oss, ...) keep every position of the context
+    /// in their cache instead of their window and one batch: llama.cpp's `swa_full`, off by
+    /// default as in llama.cpp's server.
+    pub swa_full: bool,
 }
 
 /// KV cache element types Ollama's `OLLAMA_KV_CACHE_TYPE` offers.

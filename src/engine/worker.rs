@@ -24,8 +24,8 @@ use super::policy::{
 use super::request::truncate;
 use super::text::{StopMatcher, StopScan, Utf8Stream};
 use super::{
-    sampler, EngineError, EngineOptions, FinishReason, Job, LoadError, Overflow, Timings,
-    TokenEvent, Usage, Work,
+    sampler, EngineError, EngineOptions, FinishReason, GenerateRequest, Job, LoadError, Overflow,
+    Timings, TokenEvent, Usage, Work,
 };
 
 /// A sequence emits at most three events per step (its token; then, when that token ends
@@ -223,6 +223,28 @@ impl Active {
 /// What to restore if a decode fails: slot, its cache length before, its pending token.
 type Undo = (usize, usize, Option<LlamaToken>);
 
+/// How much of a slot's cache a request may reuse: a reproducible answer must not depend
+/// on what the slot held before.
+fn reuse_for(request: &GenerateRequest) -> Reuse {
+    if !request.cache_prompt {
+        Reuse::Cold
+    } else if request.sampling.reproducible() {
+        Reuse::Exact
+    } else {
+        Reuse::Fast
+    }
+}
+
+/// The attention window of the model's sliding-window layers, from its GGUF
+/// (`ARCH.attention.sliding_window`); `None` without one, and then no reuse may rely on it.
+fn sliding_window(model: &LlamaModel) -> Option<usize> {
+    let arch = model.meta_val_str("general.architecture").ok()?;
+    let window = model
+        .meta_val_str(&format!("{arch}.attention.sliding_window"))
+        .ok()?;
+    window.trim().parse().ok().filter(|&w| w > 0)
+}
+
 struct Worker<'m> {
     backend: &'static LlamaBackend,
     model: &'m LlamaModel,
@@ -241,6 +263,9 @@ struct Worker<'m> {
     /// Measured step costs that size prompt chunks while others generate.
     pace: Pace,
     ctx_per_slot: usize,
+    /// The attention window of the model's sliding-window layers, when its GGUF says it and
+    /// their cache keeps only the last positions (see [`Worker::window_holds`]).
+    window: Option<usize>,
     n_vocab: i32,
     /// End-of-generation tokens, banned for `ignore_eos` requests.
     eog: Vec<LlamaToken>,
@@ -293,6 +318,7 @@ impl<'m> Worker<'m> {
                 grain,
             },
             ctx_per_slot: ctx_per_slot as usize,
+            window: (!options.swa_full).then(|| sliding_window(model)).flatten(),
             n_vocab: model.n_vocab(),
             eog: {
                 let vocab = model.vocab();
@@ -588,15 +614,7 @@ impl<'m> Worker<'m> {
                         .map(|a| a.prompt.as_slice()),
                 })
                 .collect();
-            // A reproducible answer must not depend on what the slot held before.
-            let request = &front.job.request;
-            let reuse = if !request.cache_prompt {
-                Reuse::Cold
-            } else if request.sampling.reproducible() {
-                Reuse::Exact
-            } else {
-                Reuse::Fast
-            };
+            let reuse = reuse_for(&front.job.request);
             let layout = front.segments.layout();
             let Some(placement) = place(&slots, &front.tokens, layout, reuse, self.budget.grain)
             else {
@@ -648,9 +666,7 @@ impl<'m> Worker<'m> {
                 .ctx
                 .kv_cache_seq_rm(seq, Some(keep as u32), None)
                 .is_ok();
-            // A sliding-window cache may have dropped early positions; then the prefix is
-            // not really there and must be recomputed.
-            if !trimmed || self.ctx.kv_cache_seq_pos_min(seq) != 0 {
+            if !trimmed || !self.window_holds(seq, keep, reuse_for(&pending.job.request)) {
                 keep = 0;
             }
         }
@@ -719,6 +735,24 @@ impl<'m> Worker<'m> {
         });
         if whole_hit {
             self.sample_kept(index);
+        }
+    }
+
+    /// Whether a sequence trimmed to `keep` positions still holds what reading on from there
+    /// needs. A sliding-window layer's cache (llama.cpp's, unless `--swa-full`) holds its
+    /// window and one batch, about 1,024 positions for Gemma 3, and writes over the oldest
+    /// once a sequence is longer. Reading on at `keep` then needs only the window before it,
+    /// which is what llama.cpp's server checks, and what an answer sampled without a seed
+    /// gets. A reproducible one reuses nothing from a slot that has written over its oldest
+    /// positions: the cells hold the rest in another order than a cold read leaves them, and
+    /// attention sums them in cell order, so its answer could differ in the last bits.
+    fn window_holds(&self, seq: i32, keep: usize, reuse: Reuse) -> bool {
+        let first = self.ctx.kv_cache_seq_pos_min(seq);
+        match (reuse, self.window) {
+            (Reuse::Fast, Some(window)) => {
+                usize::try_from(first).is_ok_and(|f| f <= keep.saturating_sub(window))
+            }
+            _ => first == 0,
         }
     }
 
