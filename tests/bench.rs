@@ -734,6 +734,40 @@ fn figures_at_a_depth_say_so_and_too_deep_is_refused() {
 
 /// Several `-p` and `-n` values, as llama-bench's lists: each length is a test of its own,
 /// measured at each depth, one table row per model and depth with a column per length.
+/// Gemma 3's sliding-window layers cache their window (512) and one batch, 1,024 positions
+/// here, as in the server and llama-bench. A 1,536-token prompt read at a depth of 1,024
+/// writes over the depth's last window, so the next measurement reads the depth again: every
+/// one starts from the whole depth, as llama.cpp's cache reports it.
+#[test]
+fn a_sliding_window_model_starts_every_measurement_from_its_whole_depth() {
+    let _cores = one_at_a_time();
+    let gemma = common::gemma3();
+    let (report, log) = bench_logged(&[
+        "-t",
+        "2",
+        "-r",
+        "2",
+        "-p",
+        "1536",
+        "-n",
+        "8",
+        "--parallel",
+        "2",
+        "-d",
+        "1024",
+        gemma.to_str().unwrap(),
+    ]);
+    assert!(
+        log.contains("SWA KV cache, size = 1024 cells"),
+        "the sliding-window cache is not the window and a batch: {log}"
+    );
+    let r = &report["results"][0];
+    assert_eq!(r["cached"], 1024, "{report}");
+    for fig in [&r["pp"], &r["tg"], &r["parallel"][0]] {
+        assert!(fig["median"].as_f64().unwrap() > 0.0, "{report}");
+    }
+}
+
 #[test]
 fn prompt_and_generation_lengths_given_as_lists_are_each_a_test() {
     let _cores = one_at_a_time();

@@ -232,29 +232,52 @@ fn prefill(
 /// Prompt tokens each sequence of the parallel measurement starts from.
 const PARALLEL_PROMPT: usize = 16;
 
-/// Fills sequence 0 with the `context` tokens (the depth) and copies them to sequences
-/// `1..n`; later measurements cut back to them with [`rewind`].
+/// The cache every measurement starts from: the depth's tokens in each of the first
+/// `seqs` sequences.
+struct Start<'t> {
+    tokens: &'t [LlamaToken],
+    seqs: usize,
+    /// The model's sliding-window attention span ([`crate::engine::sliding_window`]).
+    window: Option<usize>,
+}
+
+impl Start<'_> {
+    fn depth(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+/// Fills sequence 0 with the depth's tokens and copies them to the other sequences; later
+/// measurements cut back to them with [`rewind`].
 fn fill(
     ctx: &mut LlamaContext<'_>,
     batch: &mut LlamaBatch<'_>,
-    context: &[LlamaToken],
-    n: usize,
+    start: &Start<'_>,
 ) -> Result<(), BenchError> {
     ctx.clear_kv_cache();
-    if context.is_empty() {
+    if start.tokens.is_empty() {
         return Ok(());
     }
-    prefill(ctx, batch, context, 0, 0)?;
-    for s in 1..n {
+    prefill(ctx, batch, start.tokens, 0, 0)?;
+    for s in 1..start.seqs {
         ctx.copy_kv_cache_seq(0, s as i32, None, None)
             .map_err(llama)?;
     }
     Ok(())
 }
 
-/// Drops every sequence's cells after the first `depth` positions; the fewest tokens any of
-/// sequences `0..n` then holds, as llama.cpp reports it.
-fn rewind(ctx: &mut LlamaContext<'_>, depth: usize, n: usize) -> Result<usize, BenchError> {
+/// Drops every sequence's cells after the depth; the fewest tokens any of sequences `0..n`
+/// then holds, as llama.cpp reports it. A sliding-window layer's cache holds its window and
+/// one batch, and a measurement that went further wrote over the depth's oldest positions:
+/// when what reading on from the depth needs (its last window) is no longer all there, the
+/// depth is read again, untimed, as llama-bench reads it before every measurement.
+fn rewind(
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch<'_>,
+    start: &Start<'_>,
+    n: usize,
+) -> Result<usize, BenchError> {
+    let depth = start.depth();
     let p0 = u32::try_from(depth).map_err(llama)?;
     match ctx.clear_kv_cache_seq(None, Some(p0), None) {
         Ok(true) => {}
@@ -264,6 +287,14 @@ fn rewind(ctx: &mut LlamaContext<'_>, depth: usize, n: usize) -> Result<usize, B
             )))
         }
         Err(e) => return Err(llama(e)),
+    }
+    // Without a known window, every position must still be there.
+    let needed_from = depth.saturating_sub(start.window.unwrap_or(depth));
+    let written_over = (0..start.seqs).any(|s| {
+        usize::try_from(ctx.kv_cache_seq_pos_min(s as i32)).map_or(true, |p| p > needed_from)
+    });
+    if depth > 0 && written_over {
+        fill(ctx, batch, start)?;
     }
     // `llama_memory_seq_pos_max` is -1 for an empty sequence.
     Ok((0..n)
@@ -278,11 +309,12 @@ fn generate_together(
     ctx: &mut LlamaContext<'_>,
     batch: &mut LlamaBatch<'_>,
     prompt: &[LlamaToken],
-    depth: usize,
+    start: &Start<'_>,
     n: usize,
     generate: usize,
 ) -> Result<(f64, usize), BenchError> {
-    let cached = rewind(ctx, depth, n)?;
+    let cached = rewind(ctx, batch, start, n)?;
+    let depth = start.depth();
     let short = &prompt[..prompt.len().clamp(1, PARALLEL_PROMPT)];
     // Every sequence's start but its last token, in as many decodes as the batch needs;
     // then the last tokens in one decode (n fits a batch), so that every sequence's logits
@@ -351,10 +383,11 @@ fn prompt_then_generate(
     ctx: &mut LlamaContext<'_>,
     batch: &mut LlamaBatch<'_>,
     prompt: &[LlamaToken],
-    depth: usize,
+    start: &Start<'_>,
     generate: usize,
 ) -> Result<(f64, usize), BenchError> {
-    let cached = rewind(ctx, depth, 1)?;
+    let cached = rewind(ctx, batch, start, 1)?;
+    let depth = start.depth();
     let started = Instant::now();
     prefill(ctx, batch, prompt, 0, depth)?;
     // The prompt's last decode left its logits in the batch's last row.
@@ -371,22 +404,18 @@ fn one(
     batch: &mut LlamaBatch<'_>,
     prompt: &[LlamaToken],
     plan: &Plan,
+    start: &Start<'_>,
 ) -> Result<Rep, BenchError> {
     if plan.together {
-        let (pg, cached) = prompt_then_generate(
-            ctx,
-            batch,
-            &prompt[..plan.prompt],
-            plan.depth,
-            plan.generate,
-        )?;
+        let (pg, cached) =
+            prompt_then_generate(ctx, batch, &prompt[..plan.prompt], start, plan.generate)?;
         return Ok(Rep {
             pg: Some(pg),
             cached,
             ..Rep::default()
         });
     }
-    let mut cached = rewind(ctx, plan.depth, 1)?;
+    let mut cached = rewind(ctx, batch, start, 1)?;
     let mut pp = None;
     if plan.prompt > 0 {
         let started = Instant::now();
@@ -400,12 +429,11 @@ fn one(
             ..Rep::default()
         });
     }
-    let (tg, held) = generate_together(ctx, batch, prompt, plan.depth, 1, plan.generate)?;
+    let (tg, held) = generate_together(ctx, batch, prompt, start, 1, plan.generate)?;
     cached = cached.min(held);
     let mut parallel = Vec::with_capacity(plan.parallel.len());
     for &n in &plan.parallel {
-        let (aggregate, held) =
-            generate_together(ctx, batch, prompt, plan.depth, n, plan.generate)?;
+        let (aggregate, held) = generate_together(ctx, batch, prompt, start, n, plan.generate)?;
         parallel.push(aggregate);
         cached = cached.min(held);
     }
@@ -463,7 +491,10 @@ pub fn measure(
     .with_n_seq_max(seqs as u32)
     .with_n_batch(n_batch_u32)
     .with_n_ubatch(n_batch_u32)
-    .with_kv_unified(false);
+    .with_kv_unified(false)
+    // Sliding-window layers cache their window and one batch, as the server and llama-bench
+    // keep them ([`rewind`] reads the depth again when a measurement wrote over it).
+    .with_swa_full(false);
     let mut ctx = model.new_context(backend, ctx_params).map_err(llama)?;
     // llama.cpp cuts `n_batch` to the context's cells: the batch buffer takes what it kept.
     let mut batch = LlamaBatch::new(ctx.n_batch() as usize, 1);
@@ -471,21 +502,22 @@ pub fn measure(
     // `-p 0` and a short `-p` start it the same way).
     let prompt = prompt_tokens(model, plan.prompt.max(PARALLEL_PROMPT));
     // The depth is read once; every measurement cuts back to it.
-    fill(
-        &mut ctx,
-        &mut batch,
-        &prompt_tokens(model, plan.depth),
+    let context = prompt_tokens(model, plan.depth);
+    let start = Start {
+        tokens: &context,
         seqs,
-    )?;
+        window: crate::engine::sliding_window(model),
+    };
+    fill(&mut ctx, &mut batch, &start)?;
     let warm = Plan {
         generate: plan.generate.min(8),
         ..plan.clone()
     };
-    one(&mut ctx, &mut batch, &prompt, &warm)?;
+    one(&mut ctx, &mut batch, &prompt, &warm, &start)?;
     tick();
     let mut reps = Vec::with_capacity(plan.reps);
     for _ in 0..plan.reps {
-        reps.push(one(&mut ctx, &mut batch, &prompt, plan)?);
+        reps.push(one(&mut ctx, &mut batch, &prompt, plan, &start)?);
         tick();
     }
     Ok(reps)

@@ -191,6 +191,18 @@ pub(crate) fn new_context<'m>(
         })
 }
 
+/// The attention window of the model's sliding-window layers, from its GGUF
+/// (`ARCH.attention.sliding_window`); `None` without one, and then nothing may rely on it.
+/// Unless told `swa_full`, llama.cpp caches those layers' window and one batch, not the whole
+/// context, and writes over a sequence's oldest positions once it is longer.
+pub(crate) fn sliding_window(model: &LlamaModel) -> Option<usize> {
+    let arch = model.meta_val_str("general.architecture").ok()?;
+    let window = model
+        .meta_val_str(&format!("{arch}.attention.sliding_window"))
+        .ok()?;
+    window.trim().parse().ok().filter(|&w| w > 0)
+}
+
 /// What every context of a model shares, whatever it is for: threads, the KV cache's element
 /// type and the flash-attention policy (a quantized V cache needs flash attention, so both
 /// contexts must agree for the operator's settings to work in either).

@@ -235,16 +235,6 @@ fn reuse_for(request: &GenerateRequest) -> Reuse {
     }
 }
 
-/// The attention window of the model's sliding-window layers, from its GGUF
-/// (`ARCH.attention.sliding_window`); `None` without one, and then no reuse may rely on it.
-fn sliding_window(model: &LlamaModel) -> Option<usize> {
-    let arch = model.meta_val_str("general.architecture").ok()?;
-    let window = model
-        .meta_val_str(&format!("{arch}.attention.sliding_window"))
-        .ok()?;
-    window.trim().parse().ok().filter(|&w| w > 0)
-}
-
 struct Worker<'m> {
     backend: &'static LlamaBackend,
     model: &'m LlamaModel,
@@ -318,7 +308,9 @@ impl<'m> Worker<'m> {
                 grain,
             },
             ctx_per_slot: ctx_per_slot as usize,
-            window: (!options.swa_full).then(|| sliding_window(model)).flatten(),
+            window: (!options.swa_full)
+                .then(|| loader::sliding_window(model))
+                .flatten(),
             n_vocab: model.n_vocab(),
             eog: {
                 let vocab = model.vocab();
