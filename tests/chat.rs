@@ -510,32 +510,16 @@ async fn a_follow_up_turn_on_gemma_answers_as_a_cold_server_does() {
 }
 
 /// Gemma 3's sliding-window layers (a 512-token window) cache their window and one batch,
-/// 1,024 positions here, not the whole context, as llama.cpp's server does; `--swa-full`
-/// caches the whole context. A conversation longer than that writes over its oldest
-/// positions. A follow-up sampled without a seed still reuses it, since reading on needs only
-/// the window before its new part; a greedy one reads it afresh, and answers as a cold read
-/// does. With `--swa-full` the greedy one reuses it too, and the server holds more memory.
+/// 1,024 cells a sequence here, not the whole context, as llama.cpp's server does;
+/// `--swa-full` caches the whole context. A conversation longer than that writes over its
+/// oldest positions. A follow-up still reuses it, since reading on needs only the window
+/// before its new part: sampled without a seed, up to where the prompts part; greedy, as far as
+/// exact reuse goes, and it answers as a cold read does. With `--swa-full` the server holds
+/// more memory.
 #[tokio::test]
 async fn a_gemma_conversation_past_its_sliding_window_is_reused_as_far_as_the_cache_allows() {
     let model = format!("gemma={}", common::gemma3().display());
-    let phrases = [
-        "the keeper",
-        "climbed the stairs",
-        "of the old lighthouse",
-        "and wrote down",
-        "which ships had passed",
-    ];
-    let notes: Vec<&str> = (0..400).map(|i| phrases[i % phrases.len()]).collect();
-    let notes = format!("My notes: {}.", notes.join(" "));
-    let chat = |messages: &Value, temperature: f64, cache: bool| {
-        json!({"model": "gemma", "messages": messages, "temperature": temperature,
-               "max_tokens": 8, "cache_prompt": cache})
-    };
-    let cached = |r: &Value| {
-        r["usage"]["prompt_tokens_details"]["cached_tokens"]
-            .as_u64()
-            .unwrap()
-    };
+    let notes = lighthouse_notes(400);
     let mut resident = Vec::new();
     for full in [false, true] {
         let mut args = vec!["--model", &model, "--parallel", "2"];
@@ -545,7 +529,7 @@ async fn a_gemma_conversation_past_its_sliding_window_is_reused_as_far_as_the_ca
         let s = Server::start_raw(&args).await;
         resident.push(rss_anon(s.pid()));
         let first = json!([{"role": "user", "content": format!("{notes}\nSummarize my notes.")}]);
-        let r1 = s.chat(chat(&first, 0.8, true)).await;
+        let r1 = s.chat(gemma_chat(&first, 0.8, true, 8)).await;
         let first_prompt = r1["usage"]["prompt_tokens"].as_u64().unwrap();
         assert!(first_prompt > 1100, "{r1}");
         let follow = json!([
@@ -555,18 +539,14 @@ async fn a_gemma_conversation_past_its_sliding_window_is_reused_as_far_as_the_ca
         ]);
         // Sampled without a seed: the conversation is reused but for its last few tokens
         // (the answer's end, read back from text, and the new turn).
-        let sampled = s.chat(chat(&follow, 0.8, true)).await;
+        let sampled = s.chat(gemma_chat(&follow, 0.8, true, 8)).await;
         assert!(
             cached(&sampled) + 16 >= first_prompt,
             "full {full}: {sampled}"
         );
-        let greedy = s.chat(chat(&follow, 0.0, true)).await;
-        if full {
-            assert!(cached(&greedy) >= 1024, "{greedy}");
-        } else {
-            assert_eq!(cached(&greedy), 0, "{greedy}");
-        }
-        let cold = s.chat(chat(&follow, 0.0, false)).await;
+        let greedy = s.chat(gemma_chat(&follow, 0.0, true, 8)).await;
+        assert!(cached(&greedy) >= 1024, "full {full}: {greedy}");
+        let cold = s.chat(gemma_chat(&follow, 0.0, false, 8)).await;
         assert_eq!(cached(&cold), 0, "{cold}");
         assert_eq!(answer(&greedy), answer(&cold), "full {full}");
     }
@@ -574,6 +554,104 @@ async fn a_gemma_conversation_past_its_sliding_window_is_reused_as_far_as_the_ca
     // positions less each, 90 MiB in all.
     let saved = resident[1].saturating_sub(resident[0]);
     assert!(saved > 80 << 20, "{resident:?}");
+}
+
+/// A greedy follow-up does not reuse a sliding-window cache whose cells no longer sit where a
+/// cold read puts them. Each sequence's 1,024 cells take position p in cell p mod 1,024, as a
+/// cold read does, until a removal frees cells on both sides of cell 1,023. Here the first
+/// answer runs from below position 1,024 to above it, so a follow-up that reuses less than
+/// 1,024 positions removes both: a greedy one reads the conversation afresh instead, and
+/// answers as a cold read does; a sampled one reuses it, and from then on the slot's order is
+/// not a cold read's, so a greedy turn after it reads afresh too.
+#[tokio::test]
+async fn a_greedy_follow_up_reads_afresh_where_reuse_would_put_a_sliding_window_out_of_order() {
+    let s = Server::start_with_env(
+        &[
+            "--model",
+            &format!("gemma={}", common::gemma3().display()),
+            "--parallel",
+            "2",
+        ],
+        &[("BACKSTOP_LOG", "info,llama-cpp-2=info")],
+    )
+    .await;
+    // What the rule assumes is what llama.cpp made.
+    let log = s.log();
+    assert!(log.contains("SWA KV cache, size = 1024 cells"), "{log}");
+    assert!(log.contains("cells=1024"), "{log}");
+    let first = json!([{"role": "user",
+                        "content": format!("{}\nSummarize my notes.", lighthouse_notes(280))}]);
+    let probe = s.chat(gemma_chat(&first, 0.0, false, 1)).await;
+    let first_prompt = probe["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!((700..1000).contains(&first_prompt), "{probe}");
+    // The answer's tokens but the last are read into the cache: up to position 1,099. Asked
+    // again, the turn is read afresh into the same slot (it shares the most with it), and
+    // the slot is as it was.
+    let first_turn = || async {
+        let mut body = gemma_chat(&first, 0.0, true, 1100 - first_prompt);
+        body["ignore_eos"] = json!(true);
+        let r1 = s.chat(body).await;
+        assert_eq!(
+            r1["usage"]["completion_tokens"].as_u64(),
+            Some(1100 - first_prompt)
+        );
+        answer(&r1)
+    };
+    let said = first_turn().await;
+    let follow = json!([
+        first[0],
+        {"role": "assistant", "content": said},
+        {"role": "user", "content": "Now give them a title."}
+    ]);
+    let greedy = s.chat(gemma_chat(&follow, 0.0, true, 8)).await;
+    assert_eq!(cached(&greedy), 0, "{greedy}");
+    let cold = s.chat(gemma_chat(&follow, 0.0, false, 8)).await;
+    assert_eq!(answer(&greedy), answer(&cold));
+
+    assert_eq!(first_turn().await, said);
+    let other = json!([
+        first[0],
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "Now give them a title."}
+    ]);
+    let sampled = s.chat(gemma_chat(&other, 0.8, true, 8)).await;
+    assert!(
+        (first_prompt - 8..1024).contains(&cached(&sampled)),
+        "{sampled}"
+    );
+    let next = json!([
+        other[0], other[1], other[2],
+        {"role": "assistant", "content": answer(&sampled)},
+        {"role": "user", "content": "Shorter."}
+    ]);
+    let greedy = s.chat(gemma_chat(&next, 0.0, true, 8)).await;
+    assert_eq!(cached(&greedy), 0, "{greedy}");
+    let cold = s.chat(gemma_chat(&next, 0.0, false, 8)).await;
+    assert_eq!(answer(&greedy), answer(&cold));
+}
+
+/// `n` phrases of notes, about 3.2 Gemma tokens each.
+fn lighthouse_notes(n: usize) -> String {
+    let phrases = [
+        "the keeper",
+        "climbed the stairs",
+        "of the old lighthouse",
+        "and wrote down",
+        "which ships had passed",
+    ];
+    let notes: Vec<&str> = (0..n).map(|i| phrases[i % phrases.len()]).collect();
+    format!("My notes: {}.", notes.join(" "))
+}
+
+fn gemma_chat(messages: &Value, temperature: f64, cache: bool, max_tokens: u64) -> Value {
+    json!({"model": "gemma", "messages": messages, "temperature": temperature,
+           "max_tokens": max_tokens, "cache_prompt": cache})
+}
+
+fn cached(r: &Value) -> u64 {
+    r["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .expect("usage.prompt_tokens_details.cached_tokens")
 }
 
 /// Anonymous resident memory of a process (its KV cache and buffers, not the mapped model).

@@ -203,6 +203,25 @@ pub(crate) fn sliding_window(model: &LlamaModel) -> Option<usize> {
     window.trim().parse().ok().filter(|&w| w > 0)
 }
 
+/// The sliding-window cache of a serving context (one stream per sequence), unless
+/// `swa_full` makes it whole: llama.cpp (`llama-kv-cache-iswa.cpp`) gives each sequence the
+/// window and one micro-batch of cells, at most its context, rounded up to 256.
+pub(crate) fn window_cache(
+    model: &LlamaModel,
+    ctx_per_slot: u32,
+    n_ubatch: u32,
+    swa_full: bool,
+) -> Option<policy::Window> {
+    if swa_full {
+        return None;
+    }
+    let span = sliding_window(model)?;
+    let cells = (span + n_ubatch as usize)
+        .min(ctx_per_slot as usize)
+        .next_multiple_of(256);
+    Some(policy::Window { span, cells })
+}
+
 /// What every context of a model shares, whatever it is for: threads, the KV cache's element
 /// type and the flash-attention policy (a quantized V cache needs flash attention, so both
 /// contexts must agree for the operator's settings to work in either).

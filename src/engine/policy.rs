@@ -323,6 +323,79 @@ pub(crate) enum Reuse {
     Cold,
 }
 
+/// The cache of a model's sliding-window layers when it keeps their window, not the whole
+/// context (llama.cpp's default; `--swa-full` turns it off): each sequence has `cells` cells
+/// there, and once it is longer, each new position writes over the oldest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Window {
+    /// How many positions back a sliding-window layer attends (the GGUF's
+    /// `ARCH.attention.sliding_window`).
+    pub(crate) span: usize,
+    /// Cells per sequence in those layers' cache.
+    pub(crate) cells: usize,
+}
+
+/// What a slot's sequence holds in the KV cache, as llama.cpp reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Held {
+    /// Its oldest position: 0 until a sliding window wrote over the start.
+    pub(crate) first: usize,
+    /// One past its newest position.
+    pub(crate) end: usize,
+    /// Every position sits in the sliding-window cell a cold read puts it in (see
+    /// [`Window::holds`]).
+    pub(crate) ordered: bool,
+}
+
+impl Default for Held {
+    fn default() -> Self {
+        Self {
+            first: 0,
+            end: 0,
+            ordered: true,
+        }
+    }
+}
+
+impl Window {
+    /// Whether a sequence trimmed to `keep` positions still holds what reading on from there
+    /// needs, under `reuse`. Without a window, or before the window wrote over anything, it
+    /// does. After that, a layer reading on at `keep` needs the `span` positions before it,
+    /// which is what llama.cpp's server checks, and what an answer sampled without a seed gets.
+    ///
+    /// A reproducible answer also needs the cells in the order a cold read leaves them, since
+    /// attention sums the cells in cell order and another order could change the last bits.
+    /// llama.cpp (`find_slot` in `llama-kv-cache.cpp`, at the pinned version) puts each new
+    /// position in the next cell that is free or out of every window, from where the last
+    /// write ended or from the lowest cell a removal freed. From empty, with batches of at
+    /// most `cells - span` rows, that puts position p in cell p mod `cells`, and so does every
+    /// later read, unless a removal frees cells on both sides of the last cell: llama.cpp then
+    /// goes on from cell 0 instead of the cell of `keep`. The slot remembers
+    /// (`Held::ordered`) whether a removal did that since it was last emptied.
+    /// `scripts/check-reuse.py` compares warm and cold answers; with this rule relaxed, the
+    /// prompt's last logits differed from a cold read's in exactly the turns it refuses.
+    pub(crate) fn holds(window: Option<Self>, held: Held, keep: usize, reuse: Reuse) -> bool {
+        if held.first == 0 {
+            return true;
+        }
+        let Some(w) = window else {
+            return false;
+        };
+        let spanned = held.first + w.span <= keep;
+        match reuse {
+            Reuse::Fast => spanned,
+            Reuse::Exact => spanned && held.ordered && w.trim_keeps_order(keep, held.end),
+            Reuse::Cold => false,
+        }
+    }
+
+    /// Whether removing positions `keep..end` frees one run of cells, so the next position
+    /// goes to its own cell (see [`Window::holds`]).
+    pub(crate) fn trim_keeps_order(self, keep: usize, end: usize) -> bool {
+        keep >= end || keep / self.cells == (end - 1) / self.cells
+    }
+}
+
 /// What one step evaluates.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct StepPlan {
@@ -488,6 +561,9 @@ pub(crate) struct CachedSlot<'a, T> {
     pub(crate) end: Option<(usize, bool)>,
     /// Step counter value when the slot was last released; lower is older.
     pub(crate) last_used: u64,
+    /// What its sequence holds in llama.cpp's cache (a sliding window may have written over
+    /// the start).
+    pub(crate) held: Held,
     /// Serving a request: not a place for a new one, but its cache can still be copied.
     pub(crate) busy: bool,
     /// The whole prompt a busy slot is still reading, while every row it has read so far
@@ -514,13 +590,16 @@ pub(crate) struct Placement {
 /// cheaper to read again.
 pub(crate) const COPY_GAIN: usize = 32;
 
-/// How many prompt tokens a slot's cache spares under `reuse`.
+/// How many prompt tokens a slot's cache spares under `reuse`: none where a sliding window
+/// no longer holds what reading on needs (see [`Window::holds`]), and then the slot is only
+/// as good as an empty one.
 fn reusable<T: PartialEq>(
     s: &CachedSlot<'_, T>,
     prompt: &[T],
     layout: Layout<'_>,
     reuse: Reuse,
     grain: Grain,
+    window: Option<Window>,
 ) -> (usize, usize) {
     let shared = s
         .cached
@@ -547,6 +626,11 @@ fn reusable<T: PartialEq>(
             Reuse::Exact => grain.exact_reuse(s.layout, layout, shared, s.exact),
         }
     };
+    let n = if Window::holds(window, s.held, n, reuse) {
+        n
+    } else {
+        0
+    };
     (n, shared)
 }
 
@@ -569,11 +653,12 @@ pub(crate) fn place<T: PartialEq>(
     layout: Layout<'_>,
     reuse: Reuse,
     grain: Grain,
+    window: Option<Window>,
 ) -> Option<Placement> {
     let scored: Vec<(&CachedSlot<'_, T>, usize, usize)> = slots
         .iter()
         .map(|s| {
-            let (n, shared) = reusable(s, prompt, layout, reuse, grain);
+            let (n, shared) = reusable(s, prompt, layout, reuse, grain, window);
             (s, n, shared)
         })
         .collect();
@@ -597,9 +682,13 @@ pub(crate) fn place<T: PartialEq>(
                 cached: whole,
                 exact: whole.len(),
                 end: None,
+                held: Held {
+                    end: whole.len(),
+                    ..s.held
+                },
                 ..*s
             };
-            Some(reusable(&read, prompt, layout, reuse, grain).0)
+            Some(reusable(&read, prompt, layout, reuse, grain, window).0)
         })
         .max()
         .unwrap_or(0);
@@ -825,6 +914,7 @@ mod tests {
                 len: cached.len(),
             },
             end: None,
+            held: Held::default(),
             last_used,
             busy: false,
             reading: None,
@@ -833,10 +923,144 @@ mod tests {
 
     /// Slot and reuse of a placement without a copy.
     fn at(slots: &[CachedSlot<'_, i32>], prompt: &[i32], reuse: Reuse) -> Option<(usize, usize)> {
-        place(slots, prompt, whole(prompt), reuse, FLASH_GRAIN).map(|p| {
+        place(slots, prompt, whole(prompt), reuse, FLASH_GRAIN, None).map(|p| {
             assert_eq!(p.copy_from, None);
             (p.slot, p.reuse)
         })
+    }
+
+    /// Gemma 3 270M's layers attend 512 positions back; with 512-row batches llama.cpp gives
+    /// each sequence 1,024 cells of them.
+    const GEMMA: Window = Window {
+        span: 512,
+        cells: 1024,
+    };
+
+    fn held(first: usize, end: usize, ordered: bool) -> Held {
+        Held {
+            first,
+            end,
+            ordered,
+        }
+    }
+
+    #[test]
+    fn a_sliding_window_holds_what_reading_on_needs_and_in_cold_order_for_exact_reuse() {
+        let holds = |h: Held, keep: usize, reuse: Reuse| Window::holds(Some(GEMMA), h, keep, reuse);
+        // Nothing written over yet: any reuse, window or not.
+        for reuse in [Reuse::Exact, Reuse::Fast] {
+            assert!(holds(held(0, 900, true), 700, reuse));
+            assert!(Window::holds(None, held(0, 900, true), 700, reuse));
+        }
+        // Without a window, a sequence that lost its start holds nothing to read on from.
+        assert!(!Window::holds(None, held(5, 900, true), 700, Reuse::Fast));
+        // Reading on at `keep` needs the 512 positions before it.
+        assert!(!holds(held(600, 1300, true), 1111, Reuse::Fast));
+        assert!(holds(held(600, 1300, true), 1112, Reuse::Fast));
+        assert!(!holds(held(600, 1300, true), 1111, Reuse::Exact));
+        // Exact reuse also needs the removal of `keep..end` to free one run of cells.
+        assert!(holds(held(276, 1300, true), 1088, Reuse::Exact));
+        assert!(
+            holds(held(1100, 2048, true), 2000, Reuse::Exact),
+            "up to the last cell"
+        );
+        assert!(
+            holds(held(76, 1100, true), 1100, Reuse::Exact),
+            "nothing to remove"
+        );
+        assert!(
+            !holds(held(76, 1100, true), 1008, Reuse::Exact),
+            "cells 1008-1023 and 0-75"
+        );
+        assert!(holds(held(76, 1100, true), 1008, Reuse::Fast));
+        // Nor once a removal did that since the sequence was last emptied.
+        assert!(!holds(held(276, 1300, false), 1088, Reuse::Exact));
+        assert!(holds(held(276, 1300, false), 1088, Reuse::Fast));
+        assert!(!holds(held(276, 1300, true), 1088, Reuse::Cold));
+    }
+
+    #[test]
+    fn a_removal_keeps_cold_order_unless_it_frees_cells_on_both_sides_of_the_last() {
+        assert!(GEMMA.trim_keeps_order(500, 900));
+        assert!(GEMMA.trim_keeps_order(900, 900), "nothing removed");
+        assert!(GEMMA.trim_keeps_order(1000, 1024), "cells 1000-1023");
+        assert!(!GEMMA.trim_keeps_order(1000, 1025), "cells 1000-1023 and 0");
+        assert!(GEMMA.trim_keeps_order(1024, 1100), "cells 0-75");
+        assert!(!GEMMA.trim_keeps_order(1500, 2100));
+        assert!(
+            !GEMMA.trim_keeps_order(100, 1200),
+            "more than the cells hold"
+        );
+    }
+
+    #[test]
+    fn a_slot_whose_window_lost_what_a_prompt_needs_spares_none_of_it() {
+        // A conversation of 1,100 tokens; the window wrote over its first 76 positions.
+        let conversation = tokens(1..=1100);
+        let mut prompt = tokens(1..=1020);
+        prompt.extend(tokens(5001..=5100));
+        let wrapped = CachedSlot {
+            held: held(76, 1100, true),
+            ..slot(0, &conversation, 1100, 2)
+        };
+        // Another slot holds only the first 256 tokens.
+        let start = tokens(1..=256);
+        let short = slot(1, &start, 256, 1);
+        let placed = |slots: &[CachedSlot<'_, i32>], reuse| {
+            place(
+                slots,
+                &prompt,
+                whole(&prompt),
+                reuse,
+                MATMUL_GRAIN,
+                Some(GEMMA),
+            )
+            .map(|p| (p.slot, p.reuse))
+        };
+        // Sampled without a seed, it reads on where the prompts part: the 512 positions
+        // before it are there.
+        assert_eq!(placed(&[wrapped, short], Reuse::Fast), Some((0, 1020)));
+        // Reproducible, it would reuse 1,008 rows, but removing 1,008-1,099 frees cells
+        // 1,008-1,023 and 0-75: the other slot's 256 are worth more.
+        assert_eq!(placed(&[wrapped, short], Reuse::Exact), Some((1, 256)));
+        // With the whole context cached, the conversation's slot reuses 1,008.
+        let whole_context = |slots: &[CachedSlot<'_, i32>]| {
+            place(
+                slots,
+                &prompt,
+                whole(&prompt),
+                Reuse::Exact,
+                MATMUL_GRAIN,
+                None,
+            )
+            .map(|p| (p.slot, p.reuse))
+        };
+        let kept = CachedSlot {
+            held: Held::default(),
+            ..wrapped
+        };
+        assert_eq!(whole_context(&[kept, short]), Some((0, 1008)));
+        // Where the removal stays within the last lap of cells, it is reused.
+        let longer = tokens(1..=1300);
+        let mut next = tokens(1..=1100);
+        next.extend(tokens(5001..=5100));
+        let lapped = |ordered| CachedSlot {
+            held: held(276, 1300, ordered),
+            ..slot(0, &longer, 1300, 2)
+        };
+        let at_next = |s: CachedSlot<'_, i32>| {
+            place(
+                &[s, short],
+                &next,
+                whole(&next),
+                Reuse::Exact,
+                MATMUL_GRAIN,
+                Some(GEMMA),
+            )
+            .map(|p| (p.slot, p.reuse))
+        };
+        assert_eq!(at_next(lapped(true)), Some((0, 1088)));
+        assert_eq!(at_next(lapped(false)), Some((1, 256)));
     }
 
     #[test]
@@ -884,8 +1108,9 @@ mod tests {
     fn without_flash_attention_prefixes_are_reused_in_grains_of_sixteen() {
         let b = tokens(1..=150);
         let free = [slot(0, &b, b.len(), 0)];
-        let exact =
-            |p: &[i32]| place(&free, p, whole(p), Reuse::Exact, MATMUL_GRAIN).map(|p| p.reuse);
+        let exact = |p: &[i32]| {
+            place(&free, p, whole(p), Reuse::Exact, MATMUL_GRAIN, None).map(|p| p.reuse)
+        };
         assert_eq!(exact(&tokens(1..=300)), Some(144));
         assert_eq!(exact(&tokens(1..=40)), Some(32));
         assert_eq!(exact(&tokens(1..=7)), Some(0));
@@ -936,7 +1161,8 @@ mod tests {
                 &prompt,
                 whole(&prompt),
                 Reuse::Exact,
-                FLASH_GRAIN
+                FLASH_GRAIN,
+                None
             ),
             Some(Placement {
                 slot: 1,
@@ -963,7 +1189,8 @@ mod tests {
                 &same,
                 whole(&same),
                 Reuse::Exact,
-                FLASH_GRAIN
+                FLASH_GRAIN,
+                None
             ),
             Some(Placement {
                 slot: 1,
@@ -973,7 +1200,14 @@ mod tests {
         );
         // Busy slots alone are no place.
         assert_eq!(
-            place(&[twin], &same, whole(&same), Reuse::Exact, FLASH_GRAIN),
+            place(
+                &[twin],
+                &same,
+                whole(&same),
+                Reuse::Exact,
+                FLASH_GRAIN,
+                None
+            ),
             None
         );
     }
@@ -993,7 +1227,14 @@ mod tests {
         };
         let empty = slot(1, &[], 0, 0);
         let placed = |busy: CachedSlot<'_, i32>, reuse: Reuse| {
-            place(&[busy, empty], &second, whole(&second), reuse, MATMUL_GRAIN)
+            place(
+                &[busy, empty],
+                &second,
+                whole(&second),
+                reuse,
+                MATMUL_GRAIN,
+                None,
+            )
         };
         // It would spare 48 rows (60 shared, aligned), 10 now: the second waits.
         assert_eq!(placed(reading(10, 10), Reuse::Exact), None);
@@ -1023,7 +1264,8 @@ mod tests {
                 &second,
                 whole(&second),
                 Reuse::Exact,
-                MATMUL_GRAIN
+                MATMUL_GRAIN,
+                None
             ),
             Some(Placement {
                 slot: 1,
@@ -1256,7 +1498,7 @@ mod tests {
     fn no_free_slot_means_no_choice() {
         let free: [CachedSlot<'_, i32>; 0] = [];
         assert_eq!(
-            place(&free, &[1], whole(&[1]), Reuse::Exact, FLASH_GRAIN),
+            place(&free, &[1], whole(&[1]), Reuse::Exact, FLASH_GRAIN, None),
             None
         );
     }

@@ -18,8 +18,8 @@ use super::embed::{self, EmbedJob, EmbedShape, EmbedTask, Embedder, Pooling};
 use super::loader::{self, ModelInfo};
 use super::metrics::EngineMetrics;
 use super::policy::{
-    join_segments, place, plan_step, segment_starts, Budget, CachedSlot, Grain, Layout, Pace,
-    Placement, Reuse, SlotState, StepPlan,
+    join_segments, place, plan_step, segment_starts, Budget, CachedSlot, Grain, Held, Layout, Pace,
+    Placement, Reuse, SlotState, StepPlan, Window,
 };
 use super::request::truncate;
 use super::text::{StopMatcher, StopScan, Utf8Stream};
@@ -134,6 +134,10 @@ struct Slot {
     end: Option<PromptEnd>,
     /// Step number when it was last released (for least-recently-used choice).
     last_used: u64,
+    /// Its sliding-window cells hold each position where a cold read puts it: no removal
+    /// since the sequence was last emptied freed cells on both sides of the last one (see
+    /// [`Window::holds`]).
+    ordered: bool,
     /// The request it serves, if any.
     active: Option<Active>,
 }
@@ -253,9 +257,8 @@ struct Worker<'m> {
     /// Measured step costs that size prompt chunks while others generate.
     pace: Pace,
     ctx_per_slot: usize,
-    /// The attention window of the model's sliding-window layers, when its GGUF says it and
-    /// their cache keeps only the last positions (see [`Worker::window_holds`]).
-    window: Option<usize>,
+    /// The cache of the model's sliding-window layers, when it keeps only their window.
+    window: Option<Window>,
     n_vocab: i32,
     /// End-of-generation tokens, banned for `ignore_eos` requests.
     eog: Vec<LlamaToken>,
@@ -278,6 +281,15 @@ impl<'m> Worker<'m> {
         grain: Grain,
     ) -> Self {
         let batch_size = ctx.n_batch() as usize;
+        let window = loader::window_cache(model, ctx_per_slot, ctx.n_ubatch(), options.swa_full);
+        if let Some(w) = window {
+            tracing::info!(
+                model = %options.name,
+                window = w.span,
+                cells = w.cells,
+                "sliding-window layers cache each slot's last positions only (--swa-full: the whole context)"
+            );
+        }
         let slots = (0..options.slots)
             .map(|s| Slot {
                 seq: s as i32,
@@ -286,6 +298,7 @@ impl<'m> Worker<'m> {
                 segments: Segments::default(),
                 end: None,
                 last_used: 0,
+                ordered: true,
                 active: None,
             })
             .collect();
@@ -308,9 +321,7 @@ impl<'m> Worker<'m> {
                 grain,
             },
             ctx_per_slot: ctx_per_slot as usize,
-            window: (!options.swa_full)
-                .then(|| loader::sliding_window(model))
-                .flatten(),
+            window,
             n_vocab: model.n_vocab(),
             eog: {
                 let vocab = model.vocab();
@@ -597,6 +608,7 @@ impl<'m> Worker<'m> {
                     exact: s.exact,
                     layout: s.segments.layout(),
                     end: s.end.as_ref().map(|e| (e.len, e.exact)),
+                    held: self.held(s),
                     last_used: s.last_used,
                     busy: s.active.is_some(),
                     reading: s
@@ -608,8 +620,14 @@ impl<'m> Worker<'m> {
                 .collect();
             let reuse = reuse_for(&front.job.request);
             let layout = front.segments.layout();
-            let Some(placement) = place(&slots, &front.tokens, layout, reuse, self.budget.grain)
-            else {
+            let Some(placement) = place(
+                &slots,
+                &front.tokens,
+                layout,
+                reuse,
+                self.budget.grain,
+                self.window,
+            ) else {
                 break;
             };
             if let Some(pending) = self.waiting.pop_front() {
@@ -627,13 +645,19 @@ impl<'m> Worker<'m> {
             return false;
         }
         let s = &self.slots[from];
-        let (cached, exact, segments, end) =
-            (s.cached.clone(), s.exact, s.segments.clone(), s.end.clone());
+        let (cached, exact, segments, end, ordered) = (
+            s.cached.clone(),
+            s.exact,
+            s.segments.clone(),
+            s.end.clone(),
+            s.ordered,
+        );
         let slot = &mut self.slots[to];
         slot.cached = cached;
         slot.exact = exact;
         slot.segments = segments;
         slot.end = end;
+        slot.ordered = ordered;
         true
     }
 
@@ -646,7 +670,6 @@ impl<'m> Worker<'m> {
             reuse,
             copy_from,
         } = placement;
-        let seq = self.slots[index].seq;
         let mut keep = reuse;
         if let Some(from) = copy_from {
             if !self.copy_slot(from, index) {
@@ -654,16 +677,14 @@ impl<'m> Worker<'m> {
             }
         }
         if keep > 0 {
-            let trimmed = self
-                .ctx
-                .kv_cache_seq_rm(seq, Some(keep as u32), None)
-                .is_ok();
-            if !trimmed || !self.window_holds(seq, keep, reuse_for(&pending.job.request)) {
+            let held = self.held(&self.slots[index]);
+            let reuse = reuse_for(&pending.job.request);
+            if !Window::holds(self.window, held, keep, reuse) || !self.trim(index, keep) {
                 keep = 0;
             }
         }
         if keep == 0 {
-            self.clear_seq(seq);
+            self.clear_seq(index);
         }
         let slot = &mut self.slots[index];
         slot.truncate(keep);
@@ -730,27 +751,44 @@ impl<'m> Worker<'m> {
         }
     }
 
-    /// Whether a sequence trimmed to `keep` positions still holds what reading on from there
-    /// needs. A sliding-window layer's cache (llama.cpp's, unless `--swa-full`) holds its
-    /// window and one batch, about 1,024 positions for Gemma 3, and writes over the oldest
-    /// once a sequence is longer. Reading on at `keep` then needs only the window before it,
-    /// which is what llama.cpp's server checks, and what an answer sampled without a seed
-    /// gets. A reproducible one reuses nothing from a slot that has written over its oldest
-    /// positions: the cells hold the rest in another order than a cold read leaves them, and
-    /// attention sums them in cell order, so its answer could differ in the last bits.
-    fn window_holds(&self, seq: i32, keep: usize, reuse: Reuse) -> bool {
-        let first = self.ctx.kv_cache_seq_pos_min(seq);
-        match (reuse, self.window) {
-            (Reuse::Fast, Some(window)) => {
-                usize::try_from(first).is_ok_and(|f| f <= keep.saturating_sub(window))
-            }
-            _ => first == 0,
+    /// What slot `s`'s sequence holds in llama.cpp's cache.
+    fn held(&self, s: &Slot) -> Held {
+        let position = |p: i32| usize::try_from(p).ok();
+        Held {
+            first: position(self.ctx.kv_cache_seq_pos_min(s.seq)).unwrap_or(0),
+            end: position(self.ctx.kv_cache_seq_pos_max(s.seq)).map_or(0, |p| p + 1),
+            ordered: s.ordered,
         }
     }
 
-    fn clear_seq(&mut self, seq: i32) {
-        if let Err(e) = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None) {
-            tracing::warn!(model = %self.name, seq, error = %e, "could not clear KV sequence");
+    /// Removes slot `index`'s positions from `keep` on; false if llama.cpp refused.
+    fn trim(&mut self, index: usize, keep: usize) -> bool {
+        let end = self.held(&self.slots[index]).end;
+        let slot = &mut self.slots[index];
+        if self
+            .ctx
+            .kv_cache_seq_rm(slot.seq, Some(keep as u32), None)
+            .is_err()
+        {
+            return false;
+        }
+        if let Some(w) = self.window {
+            slot.ordered &= w.trim_keeps_order(keep, end);
+        }
+        true
+    }
+
+    /// Empties slot `index`'s sequence.
+    fn clear_seq(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        match self
+            .ctx
+            .clear_kv_cache_seq(Some(slot.seq as u32), None, None)
+        {
+            Ok(_) => slot.ordered = true,
+            Err(e) => {
+                tracing::warn!(model = %self.name, seq = slot.seq, error = %e, "could not clear KV sequence");
+            }
         }
     }
 
@@ -934,16 +972,13 @@ impl<'m> Worker<'m> {
             Err(e) => {
                 self.metrics.decode_errors.increment(1);
                 for (i, len, next) in undo {
-                    let seq = self.slots[i].seq;
-                    if self
-                        .ctx
-                        .kv_cache_seq_rm(seq, Some(len as u32), None)
-                        .is_err()
-                    {
-                        self.clear_seq(seq);
+                    if !self.trim(i, len) {
+                        self.clear_seq(i);
                         self.slots[i].truncate(0);
                     }
                     let slot = &mut self.slots[i];
+                    // Cells the failed call took may have been left where llama.cpp put them.
+                    slot.ordered = false;
                     slot.truncate(len);
                     if let Some(a) = slot.active.as_mut() {
                         a.next = next;
