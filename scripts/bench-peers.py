@@ -242,8 +242,8 @@ def chart(path: pathlib.Path, fig: dict, title: str) -> bool:
     width = 0.8 / len(kinds)
     for i, k in enumerate(kinds):
         xs = [c + (i - (len(kinds) - 1) / 2) * width for c in range(len(clients))]
-        ax1.bar(xs, [fig[k][f"agg_{c}"] or 0 for c in clients], width, label=k)
-        ax2.bar(xs, [fig[k][f"ttft_{c}_p50_ms"] or 0 for c in clients], width, label=k)
+        ax1.bar(xs, [fig[k][f"agg_{c}"] for c in clients], width, label=k)
+        ax2.bar(xs, [fig[k][f"ttft_{c}_p50_ms"] for c in clients], width, label=k)
     for ax, ylabel in ((ax1, "aggregate decode tok/s"), (ax2, "time to first token p50, ms")):
         ax.set_xticks(range(len(clients)), [f"{c} client{'s' if c > 1 else ''}" for c in clients])
         ax.set_ylabel(ylabel)
@@ -491,16 +491,11 @@ def main() -> int:
         print(f"| {name} | {bv} | {pv} | {'' if ratio is None else f'{ratio:.2f}x'} | (info) | |")
     print("\n| server | clients | decode tok/s per stream | TTFT p50 | TTFT p95 | aggregate tok/s |")
     print("| --- | --- | --- | --- | --- | --- |")
-    def cell(v: float | None, fmt: str, unit: str = "") -> str:
-        # None where a server gave no figure: llama-cpp-python ignores ignore_eos, so a model
-        # that ends its answer at once (Gemma on this prompt) leaves no decode rate.
-        return "n/a" if v is None else f"{v:{fmt}}{unit}"
     for kind in fig:
         for n in (1, 4, 8):
             f = fig[kind]
-            print(f"| {kind} | {n} | {cell(f[f'decode_{n}_per_stream'], '.1f')} "
-                  f"| {cell(f[f'ttft_{n}_p50_ms'], '.0f', ' ms')} | {cell(f[f'ttft_{n}_p95_ms'], '.0f', ' ms')} "
-                  f"| {cell(f[f'agg_{n}'], '.1f')} |")
+            print(f"| {kind} | {n} | {f[f'decode_{n}_per_stream']:.1f} | {f[f'ttft_{n}_p50_ms']:.0f} ms "
+                  f"| {f[f'ttft_{n}_p95_ms']:.0f} ms | {f[f'agg_{n}']:.1f} |")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"peers-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -591,8 +591,8 @@ pub(crate) struct Placement {
 pub(crate) const COPY_GAIN: usize = 32;
 
 /// How many prompt tokens a slot's cache spares under `reuse`: none where a sliding window
-/// no longer holds what reading on needs (see [`Window::holds`]), and then the slot is only
-/// as good as an empty one.
+/// no longer holds what reading on needs (see [`Window::holds`]), since the slot would be
+/// emptied when the request starts.
 fn reusable<T: PartialEq>(
     s: &CachedSlot<'_, T>,
     prompt: &[T],
