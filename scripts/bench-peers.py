@@ -28,8 +28,8 @@ the 4 streams' worst inter-token gap over their median gap.
     scripts/bench-peers.py [--model PATH] [--threads 2] [--reps 5] [--max-tokens 128] [--ctx 4096]
 
 Prints a markdown table of ratios against the targets and writes bench-results/peers-<time>.json
-and, when matplotlib is importable, bench-results/peers-<time>.png (run it with
-~/.cache/backstop/venv/bin/python after `pip install matplotlib` there for the chart).
+and bench-results/peers-<time>.png (matplotlib, installed the first time into the virtual
+environment that runs the script: run it with ~/.cache/backstop/venv/bin/python).
 """
 
 from __future__ import annotations
@@ -229,12 +229,29 @@ def build(with_python: bool) -> None:
 PY_PEER = CACHE / "peers" / "llama-cpp-python-venv"
 
 
-def chart(path: pathlib.Path, fig: dict, title: str) -> bool:
+def pyplot():
+    """matplotlib's pyplot, installed into this python's virtual environment the first time it
+    is missing there (as build() installs the peers), so the chart needs no step of its own.
+    None outside a virtual environment (the system's python is not ours to change), or when pip
+    cannot reach a package index."""
     try:
         import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
+        if sys.prefix == sys.base_prefix:
+            return None
+        log("==> installing matplotlib for the chart into " + sys.prefix)
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "matplotlib"]
+        if subprocess.run(pip).returncode != 0:
+            return None
+        import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def chart(path: pathlib.Path, fig: dict, title: str) -> bool:
+    plt = pyplot()
+    if plt is None:
         return False
     kinds = list(fig)
     clients = [1, 4, 8]
@@ -509,7 +526,8 @@ def main() -> int:
     if chart(stem.with_suffix(".png"), fig, title):
         print(f"wrote {stem.with_suffix('.png')}")
     else:
-        print("no chart: matplotlib is not importable by this python")
+        print("no chart: matplotlib is not importable by this python, which is not a virtual "
+              "environment pip could install it into (run it with ~/.cache/backstop/venv/bin/python)")
     return 0
 
 
