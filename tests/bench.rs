@@ -504,6 +504,13 @@ fn quantize_refuses_unknown_types_and_bad_inputs_and_leaves_nothing_behind() {
     assert!(!o.status.success());
     let err = text(&o.stderr);
     assert!(err.contains("Q9_X") && err.contains("Q4_K_M"), "{err}");
+    // A type the quantizer would only refuse tensor by tensor, for want of an importance
+    // matrix, is refused by name before it starts.
+    let o = quantize(&common::smollm2(), &out, "Q2_K_S");
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("`Q2_K_S` needs an importance matrix"), "{err}");
+    assert!(!err.contains("requantizing"), "the quantizer ran: {err}");
 
     let not_gguf = dir.join("notes.gguf");
     std::fs::write(&not_gguf, b"this is not a model").unwrap();

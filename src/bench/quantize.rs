@@ -15,6 +15,13 @@ pub enum QuantizeError {
     /// A type llama.cpp's quantizer does not offer.
     #[error("`{0}` is not a quantization type; one of: {1}")]
     UnknownType(String, String),
+    /// A type llama.cpp's quantizer refuses without an importance matrix, which this
+    /// command does not take.
+    #[error(
+        "`{0}` needs an importance matrix (llama.cpp's llama-imatrix), which backstop quantize \
+         does not take; the smallest types without one are Q2_K and Q3_K_S"
+    )]
+    NeedsImatrix(String),
     /// The input is not a readable GGUF.
     #[error("{0}")]
     Input(String),
@@ -44,17 +51,26 @@ const TYPES: &[(&str, u32)] = &[
     ("Q5_K_S", 16),
     ("Q5_K_M", 17),
     ("Q6_K", 18),
-    ("Q2_K_S", 21),
     ("IQ4_NL", 25),
     ("IQ4_XS", 30),
     ("BF16", 32),
 ];
 
+/// Types whose quantizer throws on the first tensor it reaches without an importance matrix
+/// (llama.cpp's src/llama-quant.cpp): the 1- and 2-bit i-quants, and Q2_K_S, which puts
+/// Q2_K in every tensor but the token embeddings under that rule. Named apart from an unknown
+/// type, and refused before the input is read.
+const NEED_IMATRIX: &[&str] = &["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"];
+
 /// A type's row of [`TYPES`] (any case).
 fn entry(name: &str) -> Result<&'static (&'static str, u32), QuantizeError> {
+    let name = name.trim();
+    if let Some(n) = NEED_IMATRIX.iter().find(|n| n.eq_ignore_ascii_case(name)) {
+        return Err(QuantizeError::NeedsImatrix((*n).to_owned()));
+    }
     TYPES
         .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name.trim()))
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
         .ok_or_else(|| {
             QuantizeError::UnknownType(
                 name.to_owned(),
@@ -235,6 +251,12 @@ mod tests {
         assert_eq!(ftype("q8_0").unwrap(), 7);
         let e = ftype("Q9_X").unwrap_err().to_string();
         assert!(e.contains("Q6_K"), "{e}");
+        let e = ftype("q2_k_s").unwrap_err().to_string();
+        assert!(e.contains("`Q2_K_S` needs an importance matrix"), "{e}");
+        assert!(matches!(
+            ftype("IQ2_XXS"),
+            Err(QuantizeError::NeedsImatrix(_))
+        ));
         // Every name here is one the GGUF reader reports back the same way.
         for (n, t) in TYPES {
             assert_eq!(gguf::file_type_name(u64::from(*t)), Some(*n));
