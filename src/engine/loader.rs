@@ -256,12 +256,18 @@ pub(crate) fn context_params(
 
 /// llama.cpp's flash-attention setting for the operator's choice. When they did not choose,
 /// llama.cpp decides, as its own server does (on the CPU it turns it on), except that a
-/// quantized KV cache, which needs it, always gets it. On this project's 2-core machine
-/// (llama-bench 0c1e57098, SmolLM2 Q4_1, 2 threads) it decodes faster up to about 1,000
-/// tokens of context: tg128 112 vs 101 tok/s at depth 0, 89 vs 76 at depth 1,024; about
-/// even at 3,500 (51 vs 48), slower at 2,048 (66 vs 78); Gemma 3 270M is faster with it
-/// everywhere (pp128 686 vs 629, tg64 at depth 1,024 63 vs 59). Either way a seeded answer
-/// does not depend on the slot's cache (see [`exact_grain`]).
+/// quantized KV cache, which needs it, always gets it. Which is faster on a CPU depends on
+/// the CPU (llama-bench 0c1e57098, SmolLM2 Q4_1, 2 threads, on against off):
+/// - on a 2-core Zen 4 it decoded faster up to about 1,000 tokens of context: tg128 112 vs
+///   101 tok/s at depth 0, 89 vs 76 at depth 1,024; slower at 2,048 (66 vs 78);
+/// - on a 2-core Sapphire Rapids VM it is faster only near depth 0 (tg32 117 vs 106): at
+///   depth 1,024 tg32 42 vs 73 and pp32 70 vs 238, since fewer than 64 query rows take
+///   ggml's row-by-row kernel, whose cost per cached cell is high there. Gemma 3 270M, whose
+///   sliding-window layers see 512 positions, is about even with it at every depth.
+///
+/// The default stays llama.cpp's, as its server's, so the two run the same kernels; `backstop
+/// bench -d 0,1024 --flash-attention 0,1` shows which a machine wants. Either way a seeded
+/// answer does not depend on the slot's cache (see [`exact_grain`]).
 pub(crate) fn flash_attention(
     choice: Option<bool>,
     kv: KvCacheType,
