@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import importlib
 import json
 import os
 import pathlib
@@ -232,17 +233,22 @@ PY_PEER = CACHE / "peers" / "llama-cpp-python-venv"
 def pyplot():
     """matplotlib's pyplot, installed into this python's virtual environment the first time it
     is missing there (as build() installs the peers), so the chart needs no step of its own.
-    None outside a virtual environment (the system's python is not ours to change), or when pip
-    cannot reach a package index."""
+    None, having said why, outside a virtual environment (the system's python is not ours to
+    change) or when pip fails (no package index)."""
     try:
         import matplotlib
     except ImportError:
         if sys.prefix == sys.base_prefix:
+            log("matplotlib is missing and this python is no virtual environment to install it "
+                "into: run the script with ~/.cache/backstop/venv/bin/python for the chart")
             return None
         log("==> installing matplotlib for the chart into " + sys.prefix)
         pip = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "matplotlib"]
         if subprocess.run(pip).returncode != 0:
+            log("pip could not install matplotlib")
             return None
+        # The import system caches what each folder held; pip just added to one.
+        importlib.invalidate_caches()
         import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -526,8 +532,7 @@ def main() -> int:
     if chart(stem.with_suffix(".png"), fig, title):
         print(f"wrote {stem.with_suffix('.png')}")
     else:
-        print("no chart: matplotlib is not importable by this python, which is not a virtual "
-              "environment pip could install it into (run it with ~/.cache/backstop/venv/bin/python)")
+        print("no chart: no matplotlib (why is above)")
     return 0
 
 
