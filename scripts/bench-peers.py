@@ -6,7 +6,9 @@ Peers: the raw engine (`backstop bench`: llama.cpp through llama-cpp-2 with no H
 own llama-server, and llama-cpp-python's server (both from scripts/build-peers.sh --python; the
 latter is skipped with a note when it is not installed). Every server gets the same model,
 threads, per-slot context and requests (unique prompts, so no prefix cache helps anyone; greedy;
-ignore_eos where the server honours it). Each of 1, 4 and 8 streaming clients measures decode
+ignore_eos where the server honours it), and each its own default flash attention (on a CPU:
+backstop off, llama-server on; BACKSTOP_FLASH_ATTENTION=1 gives backstop and the raw engine
+the peer's kernels). Each of 1, 4 and 8 streaming clients measures decode
 tok/s per stream, TTFT p50/p95 and aggregate tok/s; servers with slots get 4 slots for 1 and 4
 clients and 8 for 8 (llama-cpp-python serves one request at a time whatever it is given).
 Single streams (P1, P2, P5) come first, with every server up at once (an idle server takes no
@@ -303,10 +305,12 @@ def main() -> int:
         runs 2-3% slower 64 tokens deeper, which a raw engine decoding from an empty cache
         would count against HTTP."""
         depth = max(prompt_tokens - 16, 0)
+        # `bench` takes no environment variable; the server's flash attention, if set, is its.
+        fa = os.environ.get("BACKSTOP_FLASH_ATTENTION")
         out = json.loads(subprocess.run(
             [str(backstop), "bench", "--format", "json", "-p", "128", "-n", str(args.max_tokens),
              "-d", str(depth), "-r", "1", "-t", str(args.threads), "--parallel", "4",
-             "--ctx", str(args.ctx), str(model)],
+             "--ctx", str(args.ctx), *(["--flash-attention", fa] if fa else []), str(model)],
             check=True, capture_output=True, text=True,
         ).stdout)
         return out["results"][0]  # its `depth` is the one asked for

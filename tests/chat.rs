@@ -411,7 +411,8 @@ fn garden(turns: &[(&str, &str)]) -> Value {
     Value::Array(messages)
 }
 
-/// Serves `name` from `path` with two slots, flash attention as chosen (on by default).
+/// Serves `name` from `path` with two slots, flash attention as chosen (`None`: the default,
+/// off on a CPU).
 async fn two_slots(name: &str, path: &std::path::Path, flash: Option<bool>) -> Server {
     let model = format!("{name}={}", path.display());
     let mut args = vec!["--model", &model, "--parallel", "2"];
@@ -457,9 +458,10 @@ async fn follow_up_answers_as_a_cold_server_does(
             .unwrap();
         let prompt = warm["usage"]["prompt_tokens"].as_u64().unwrap();
         if i == 0 {
-            if flash == Some(false) {
+            if flash != Some(true) {
                 // The first turn's prompt is reused up to a multiple of 16, leaving at least
                 // 4 rows of this one; what follows it (the answer, the new question) is read.
+                // (With `None` this also checks that the CPU's default is off.)
                 assert_eq!(cached, first_prompt.min(prompt - 4) / 16 * 16, "{warm}");
             } else {
                 // Segments start at the turn markers. A single segment read with query tiles
@@ -498,15 +500,15 @@ async fn a_follow_up_turn_reuses_the_conversation_and_answers_as_a_cold_server_d
 }
 
 #[tokio::test]
-async fn without_flash_attention_a_follow_up_turn_still_answers_as_a_cold_server_does() {
-    follow_up_answers_as_a_cold_server_does("smollm2", &common::smollm2(), Some(false)).await;
+async fn with_flash_attention_a_follow_up_turn_still_answers_as_a_cold_server_does() {
+    follow_up_answers_as_a_cold_server_does("smollm2", &common::smollm2(), Some(true)).await;
 }
 
 /// Gemma's Q4_K weights are repacked for AVX2 and multiplied in groups of 4 rows: reuse
 /// aligned to 4 positions keeps those groups as a cold read forms them.
 #[tokio::test]
 async fn a_follow_up_turn_on_gemma_answers_as_a_cold_server_does() {
-    follow_up_answers_as_a_cold_server_does("gemma", &common::gemma3(), None).await;
+    follow_up_answers_as_a_cold_server_does("gemma", &common::gemma3(), Some(true)).await;
 }
 
 /// Gemma 3's sliding-window layers (a 512-token window) cache their window and one batch,
@@ -764,12 +766,18 @@ async fn a_shared_system_prompt_is_reused_and_the_answer_matches_a_cold_server()
 /// left to read. One test per model and setting, so the harness runs them beside others.
 #[tokio::test]
 async fn warm_answers_match_cold_reads_for_prefixes_of_every_length_on_smollm2() {
-    warm_answers_match_cold_reads("smollm2", &common::smollm2(), None, 0x2545_f491).await;
+    warm_answers_match_cold_reads("smollm2", &common::smollm2(), Some(true), 0x2545_f491).await;
 }
 
 #[tokio::test]
 async fn warm_answers_match_cold_reads_for_prefixes_of_every_length_on_gemma() {
-    warm_answers_match_cold_reads("gemma", &common::gemma3(), None, 0x2a74_a25a_6704_2dc4).await;
+    warm_answers_match_cold_reads(
+        "gemma",
+        &common::gemma3(),
+        Some(true),
+        0x2a74_a25a_6704_2dc4,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -875,7 +883,15 @@ async fn warm_answers_match_cold_reads(
 /// answers stay cold answers.
 #[tokio::test]
 async fn a_small_batch_keeps_warm_answers_cold_answers() {
-    let s = Server::start(&["--parallel", "2", "--batch", "100"]).await;
+    let s = Server::start(&[
+        "--parallel",
+        "2",
+        "--batch",
+        "100",
+        "--flash-attention",
+        "1",
+    ])
+    .await;
     let system = "You are a careful assistant for a hardware store. ".repeat(12);
     let ask = |q: &str, cache: bool| {
         json!({"model": "smollm2", "temperature": 0, "max_tokens": 24, "cache_prompt": cache,

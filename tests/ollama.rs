@@ -739,32 +739,49 @@ async fn ollama_models_points_at_the_store() {
     std::fs::remove_dir_all(&store).ok();
 }
 
-#[tokio::test]
-async fn ollama_flash_attention_and_kv_cache_type_reach_llama_cpp() {
+/// llama.cpp's own report of a served model's flash attention and KV cache, under Ollama's
+/// environment variables.
+async fn llama_cpp_context_log(envs: &[(&str, &str)]) -> String {
     let model = format!("smollm2={}", common::smollm2().display());
-    let s = Server::start_with_env(
-        &["--model", &model],
-        &[
-            ("OLLAMA_FLASH_ATTENTION", "1"),
-            ("OLLAMA_KV_CACHE_TYPE", "q8_0"),
-            ("BACKSTOP_LOG", "info,llama-cpp-2=info"),
-        ],
-    )
-    .await;
+    let mut envs = envs.to_vec();
+    envs.push(("BACKSTOP_LOG", "info,llama-cpp-2=info"));
+    let s = Server::start_with_env(&["--model", &model], &envs).await;
     let (status, r) = s
         .post("/api/generate", &json!({"model": "smollm2", "prompt": "Hi", "stream": false, "options": {"num_predict": 4}}))
         .await;
     assert_eq!(status, 200, "{r}");
-    let log = s.log();
+    s.log()
+}
+
+fn flash_attn(log: &str) -> &str {
+    log.lines()
+        .find(|l| l.contains("flash_attn") && l.contains(" = "))
+        .and_then(|l| l.split(" = ").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no flash_attn line: {log}"))
+}
+
+/// Flash attention is off on a CPU unless asked for (Ollama's default; see
+/// `loader::flash_attention` for why); OLLAMA_FLASH_ATTENTION turns it on, and a quantized
+/// KV cache (OLLAMA_KV_CACHE_TYPE), which needs it, gets it unasked.
+#[tokio::test]
+async fn ollama_flash_attention_and_kv_cache_type_reach_llama_cpp() {
+    let log = llama_cpp_context_log(&[]).await;
+    assert_eq!(flash_attn(&log), "disabled", "{log}");
+    assert!(log.contains("K (f16)") && log.contains("V (f16)"), "{log}");
+    assert!(log.contains("flash_attention=off"), "{log}");
+
+    let log = llama_cpp_context_log(&[("OLLAMA_FLASH_ATTENTION", "1")]).await;
+    assert_eq!(flash_attn(&log), "enabled", "{log}");
+    assert!(log.contains("K (f16)") && log.contains("V (f16)"), "{log}");
+
+    let log = llama_cpp_context_log(&[("OLLAMA_KV_CACHE_TYPE", "q8_0")]).await;
+    assert_eq!(flash_attn(&log), "enabled", "{log}");
     assert!(
         log.contains("K (q8_0)") && log.contains("V (q8_0)"),
         "{log}"
     );
-    assert!(
-        log.lines()
-            .any(|l| l.contains("flash_attn") && l.contains("= enabled")),
-        "{log}"
-    );
+    assert!(log.contains("flash_attention=on"), "{log}");
 }
 
 #[tokio::test]

@@ -484,7 +484,11 @@ pub fn measure(
     let n_batch_u32 = setting.batch.max(seqs as u32);
     let ctx_params = crate::engine::context_params(
         setting.threads,
-        setting.flash_attention,
+        crate::engine::flash_attention(
+            setting.flash_attention,
+            setting.kv_cache_type,
+            crate::engine::attends_on_gpu(setting.gpu_layers),
+        ),
         setting.kv_cache_type,
     )
     .with_n_ctx(NonZeroU32::new(per_seq * seqs as u32))

@@ -324,7 +324,11 @@ pub fn score(
     let n_batch = setting.batch.min(len_u32);
     let params = crate::engine::context_params(
         setting.threads,
-        setting.flash_attention,
+        crate::engine::flash_attention(
+            setting.flash_attention,
+            setting.kv_cache_type,
+            crate::engine::attends_on_gpu(setting.gpu_layers),
+        ),
         setting.kv_cache_type,
     )
     .with_n_ctx(NonZeroU32::new(len_u32))

@@ -228,16 +228,37 @@ pub(crate) fn window_cache(
 pub(crate) fn shared_params(options: &EngineOptions) -> LlamaContextParams {
     context_params(
         options.threads,
-        options.flash_attention,
+        served_flash_attention(options),
         options.kv_cache_type,
     )
 }
 
-/// A context's threads, KV cache element type and flash-attention policy, as the server sets
-/// them; `backstop bench` builds its contexts from the same, so it measures what serving runs.
+/// [`flash_attention`] for a served model's settings.
+pub(crate) fn served_flash_attention(
+    options: &EngineOptions,
+) -> llama_cpp_sys_2::llama_flash_attn_type {
+    flash_attention(
+        options.flash_attention,
+        options.kv_cache_type,
+        attends_on_gpu(options.gpu_layers),
+    )
+}
+
+/// How the load log names a flash-attention setting (`auto`: llama.cpp decides).
+pub(crate) fn flash_attention_name(fa: llama_cpp_sys_2::llama_flash_attn_type) -> &'static str {
+    match fa {
+        llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED => "on",
+        llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED => "off",
+        _ => "auto",
+    }
+}
+
+/// A context's threads, KV cache element type and flash-attention policy (from
+/// [`flash_attention`]), as the server sets them; `backstop bench` builds its contexts from the
+/// same, so it measures what serving runs.
 pub(crate) fn context_params(
     threads: u32,
-    flash: Option<bool>,
+    flash: llama_cpp_sys_2::llama_flash_attn_type,
     kv_cache_type: KvCacheType,
 ) -> LlamaContextParams {
     let threads = i32::try_from(threads).unwrap_or(i32::MAX);
@@ -247,48 +268,68 @@ pub(crate) fn context_params(
         KvCacheType::Q4_0 => llama_cpp_2::context::params::KvCacheType::Q4_0,
     };
     LlamaContextParams::default()
-        .with_flash_attention_policy(flash_attention(flash, kv_cache_type))
+        .with_flash_attention_policy(flash)
         .with_type_k(kv)
         .with_type_v(kv)
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
 }
 
-/// llama.cpp's flash-attention setting for the operator's choice. When they did not choose,
-/// llama.cpp decides, as its own server does (on the CPU it turns it on), except that a
-/// quantized KV cache, which needs it, always gets it. Which is faster on a CPU depends on
-/// the CPU (llama-bench 0c1e57098, SmolLM2 Q4_1, 2 threads, on against off):
+/// Whether a GPU is there for llama.cpp to use (a CUDA build on a machine without one, or
+/// with `CUDA_VISIBLE_DEVICES=` empty, has none).
+pub(crate) fn has_gpu() -> bool {
+    llama_cpp_2::list_llama_ggml_backend_devices()
+        .iter()
+        .any(|d| d.device_type != llama_cpp_2::LlamaBackendDeviceType::Cpu)
+}
+
+/// Whether a context's attention runs on a GPU: there is one and the layers, whose KV cache
+/// goes with them, are not all kept on the CPU (`--gpu-layers 0`).
+pub(crate) fn attends_on_gpu(gpu_layers: Option<u32>) -> bool {
+    gpu_layers != Some(0) && has_gpu()
+}
+
+/// llama.cpp's flash-attention setting for the operator's choice. A quantized KV cache needs
+/// flash attention and always gets it. Otherwise, when they did not choose, llama.cpp decides
+/// where attention runs on a GPU (it turns it on where the GPU's backend has the kernel), and
+/// it is off on a CPU, as Ollama has it; llama-server turns it on there too.
+///
+/// Off on a CPU because there the choice risks a little one way and a lot the other
+/// (llama-bench 0c1e57098, SmolLM2 Q4_1, 2 threads, on against off):
 /// - on a 2-core Zen 4 it decoded faster up to about 1,000 tokens of context: tg128 112 vs
 ///   101 tok/s at depth 0, 89 vs 76 at depth 1,024; slower at 2,048 (66 vs 78);
 /// - on a 2-core Sapphire Rapids VM it is faster only near depth 0 (tg32 117 vs 106): at
 ///   depth 1,024 tg32 42 vs 73 and pp32 70 vs 238, since fewer than 64 query rows take
-///   ggml's row-by-row kernel, whose cost per cached cell is high there. Gemma 3 270M, whose
-///   sliding-window layers see 512 positions, is about even with it at every depth.
+///   ggml's row-by-row kernel, whose cost per cached cell is high there. Served, a second
+///   chat turn on a 1,000-token history waited 476 ms for its first token with it against
+///   148 without. Gemma 3 270M, whose sliding-window layers see 512 positions, is about even
+///   with it at every depth.
 ///
-/// The default stays llama.cpp's, as its server's, so the two run the same kernels; `backstop
-/// bench -d 0,1024 --flash-attention 0,1` shows which a machine wants. Either way a seeded
-/// answer does not depend on the slot's cache (see [`exact_grain`]).
+/// `backstop bench -d 0,1024 --flash-attention 0,1` shows which a machine wants. Either way a
+/// seeded answer does not depend on the slot's cache (see [`exact_grain`]).
 pub(crate) fn flash_attention(
     choice: Option<bool>,
     kv: KvCacheType,
+    on_gpu: bool,
 ) -> llama_cpp_sys_2::llama_flash_attn_type {
     let choice = choice.or((kv != KvCacheType::F16).then_some(true));
     match choice {
-        None => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
+        None if on_gpu => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
+        None | Some(false) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
         Some(true) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
-        Some(false) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
     }
 }
 
 /// How prompt rows are grouped for exact reuse under these settings: [`policy::MATMUL_GRAIN`]
-/// when flash attention is off, else [`policy::FLASH_GRAIN`] (also when llama.cpp decides);
+/// when flash attention is off, else [`policy::FLASH_GRAIN`] (also when llama.cpp decides on
+/// a GPU);
 /// row by row ([`policy::Grain::row_wise`]) when [`rows_stand_alone`].
 pub(crate) fn exact_grain(
     options: &EngineOptions,
     backend: &LlamaBackend,
     tensor_types: &BTreeSet<u32>,
 ) -> policy::Grain {
-    let fa = flash_attention(options.flash_attention, options.kv_cache_type);
+    let fa = served_flash_attention(options);
     let grain = if fa == llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED {
         policy::MATMUL_GRAIN
     } else {
@@ -400,11 +441,8 @@ pub(crate) fn describe(
     };
     let kv_bytes = per_cell * u64::from(ctx_per_slot) * u64::from(options.slots) * num / den;
     let layers = model.n_layer();
-    let has_gpu = llama_cpp_2::list_llama_ggml_backend_devices()
-        .iter()
-        .any(|d| d.device_type != llama_cpp_2::LlamaBackendDeviceType::Cpu);
     // llama.cpp offloads every layer (and the output layer) unless told fewer.
-    let gpu_layers = if has_gpu {
+    let gpu_layers = if has_gpu() {
         options.gpu_layers.map_or(layers, |n| n.min(layers))
     } else {
         0

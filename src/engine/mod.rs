@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 pub use compute::{compute, Compute, Device};
 pub use embed::{l2_normalize, shorten, EmbedShape, Embeddings};
 pub use error::{EngineError, LoadError};
-pub(crate) use loader::{backend, context_params, sliding_window};
+pub(crate) use loader::{attends_on_gpu, backend, context_params, flash_attention, sliding_window};
 pub use loader::{Fim, ModelInfo};
 pub use request::{
     FinishReason, GenerateRequest, InvalidField, Overflow, SamplingOverrides, SamplingParams,
@@ -57,7 +57,8 @@ pub struct EngineOptions {
     pub max_queue: usize,
     /// Layers to offload to a GPU; `None` lets llama.cpp decide.
     pub gpu_layers: Option<u32>,
-    /// Flash attention forced on or off; `None` lets llama.cpp choose.
+    /// Flash attention forced on or off; `None`: off on a CPU, llama.cpp's choice on a GPU
+    /// (see [`loader::flash_attention`]).
     pub flash_attention: Option<bool>,
     /// Element type of the KV cache (a quantized one halves or quarters its memory).
     pub kv_cache_type: KvCacheType,

@@ -91,6 +91,7 @@ pub(crate) fn engine_worker(
         slots = options.slots,
         ctx_per_slot = per_slot,
         threads = options.threads,
+        flash_attention = %loader::flash_attention_name(loader::served_flash_attention(&options)),
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
