@@ -739,10 +739,10 @@ async fn ollama_models_points_at_the_store() {
     std::fs::remove_dir_all(&store).ok();
 }
 
-/// llama.cpp's own report of a served model's flash attention and KV cache, under Ollama's
-/// environment variables.
-async fn llama_cpp_context_log(envs: &[(&str, &str)]) -> String {
-    let model = format!("smollm2={}", common::smollm2().display());
+/// llama.cpp's own report of a served model's flash attention and KV cache (SmolLM2's unless
+/// `path` is given, served as `smollm2`), under Ollama's environment variables.
+async fn llama_cpp_context_log(path: Option<std::path::PathBuf>, envs: &[(&str, &str)]) -> String {
+    let model = format!("smollm2={}", path.unwrap_or_else(common::smollm2).display());
     let mut envs = envs.to_vec();
     envs.push(("BACKSTOP_LOG", "info,llama-cpp-2=info"));
     let s = Server::start_with_env(&["--model", &model], &envs).await;
@@ -761,27 +761,35 @@ fn flash_attn(log: &str) -> &str {
         .unwrap_or_else(|| panic!("no flash_attn line: {log}"))
 }
 
-/// Flash attention is off on a CPU unless asked for (Ollama's default; see
-/// `loader::flash_attention` for why); OLLAMA_FLASH_ATTENTION turns it on, and a quantized
-/// KV cache (OLLAMA_KV_CACHE_TYPE), which needs it, gets it unasked.
+/// On a CPU, flash attention is off for a model whose layers all see the whole context unless
+/// asked for (Ollama's default), and on for one with sliding-window layers (see
+/// `loader::flash_attention` for why); OLLAMA_FLASH_ATTENTION turns it on, and a quantized KV
+/// cache (OLLAMA_KV_CACHE_TYPE), which needs it, gets it unasked.
 #[tokio::test]
 async fn ollama_flash_attention_and_kv_cache_type_reach_llama_cpp() {
-    let log = llama_cpp_context_log(&[]).await;
+    let log = llama_cpp_context_log(None, &[]).await;
     assert_eq!(flash_attn(&log), "disabled", "{log}");
     assert!(log.contains("K (f16)") && log.contains("V (f16)"), "{log}");
     assert!(log.contains("flash_attention=off"), "{log}");
 
-    let log = llama_cpp_context_log(&[("OLLAMA_FLASH_ATTENTION", "1")]).await;
+    let log = llama_cpp_context_log(None, &[("OLLAMA_FLASH_ATTENTION", "1")]).await;
     assert_eq!(flash_attn(&log), "enabled", "{log}");
     assert!(log.contains("K (f16)") && log.contains("V (f16)"), "{log}");
 
-    let log = llama_cpp_context_log(&[("OLLAMA_KV_CACHE_TYPE", "q8_0")]).await;
+    let log = llama_cpp_context_log(None, &[("OLLAMA_KV_CACHE_TYPE", "q8_0")]).await;
     assert_eq!(flash_attn(&log), "enabled", "{log}");
     assert!(
         log.contains("K (q8_0)") && log.contains("V (q8_0)"),
         "{log}"
     );
     assert!(log.contains("flash_attention=on"), "{log}");
+
+    let log = llama_cpp_context_log(Some(common::gemma3()), &[]).await;
+    assert_eq!(flash_attn(&log), "enabled", "{log}");
+    assert!(log.contains("flash_attention=on"), "{log}");
+    let log =
+        llama_cpp_context_log(Some(common::gemma3()), &[("OLLAMA_FLASH_ATTENTION", "0")]).await;
+    assert_eq!(flash_attn(&log), "disabled", "{log}");
 }
 
 #[tokio::test]

@@ -488,6 +488,7 @@ pub fn measure(
             setting.flash_attention,
             setting.kv_cache_type,
             crate::engine::attends_on_gpu(setting.gpu_layers),
+            crate::engine::sliding_window(model).is_some(),
         ),
         setting.kv_cache_type,
     )

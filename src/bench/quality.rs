@@ -328,6 +328,7 @@ pub fn score(
             setting.flash_attention,
             setting.kv_cache_type,
             crate::engine::attends_on_gpu(setting.gpu_layers),
+            crate::engine::sliding_window(model).is_some(),
         ),
         setting.kv_cache_type,
     )

@@ -226,7 +226,7 @@ impl<'m> Embedder<'m> {
         shape: EmbedShape,
         pooling: Pooling,
     ) -> Result<Embedder<'m>, EngineError> {
-        let params = loader::shared_params(options)
+        let params = loader::shared_params(options, model)
             .with_embeddings(true)
             .with_pooling_type(pooling.llama())
             .with_n_ctx(NonZeroU32::new(shape.tokens))

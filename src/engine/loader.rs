@@ -175,7 +175,7 @@ pub(crate) fn new_context<'m>(
             "batch raised: {why}"
         );
     }
-    let params = shared_params(options)
+    let params = shared_params(options, model)
         .with_n_ctx(NonZeroU32::new(n_ctx))
         .with_n_seq_max(options.slots)
         .with_n_batch(batch)
@@ -225,22 +225,24 @@ pub(crate) fn window_cache(
 /// What every context of a model shares, whatever it is for: threads, the KV cache's element
 /// type and the flash-attention policy (a quantized V cache needs flash attention, so both
 /// contexts must agree for the operator's settings to work in either).
-pub(crate) fn shared_params(options: &EngineOptions) -> LlamaContextParams {
+pub(crate) fn shared_params(options: &EngineOptions, model: &LlamaModel) -> LlamaContextParams {
     context_params(
         options.threads,
-        served_flash_attention(options),
+        served_flash_attention(options, model),
         options.kv_cache_type,
     )
 }
 
-/// [`flash_attention`] for a served model's settings.
+/// [`flash_attention`] for a served model and its settings.
 pub(crate) fn served_flash_attention(
     options: &EngineOptions,
+    model: &LlamaModel,
 ) -> llama_cpp_sys_2::llama_flash_attn_type {
     flash_attention(
         options.flash_attention,
         options.kv_cache_type,
         attends_on_gpu(options.gpu_layers),
+        sliding_window(model).is_some(),
     )
 }
 
@@ -291,32 +293,38 @@ pub(crate) fn attends_on_gpu(gpu_layers: Option<u32>) -> bool {
 
 /// llama.cpp's flash-attention setting for the operator's choice. A quantized KV cache needs
 /// flash attention and always gets it. Otherwise, when they did not choose, llama.cpp decides
-/// where attention runs on a GPU (it turns it on where the GPU's backend has the kernel), and
-/// it is off on a CPU, as Ollama has it; llama-server turns it on there too.
+/// where attention runs on a GPU (it turns it on where the GPU's backend has the kernel). On a
+/// CPU it is on for a model with sliding-window layers (`windowed`) and off for the rest, as
+/// Ollama has it; llama-server turns it on for every model.
 ///
-/// Off on a CPU because there the choice risks a little one way and a lot the other
-/// (llama-bench 0c1e57098, SmolLM2 Q4_1, 2 threads, on against off):
-/// - on a 2-core Zen 4 it decoded faster up to about 1,000 tokens of context: tg128 112 vs
-///   101 tok/s at depth 0, 89 vs 76 at depth 1,024; slower at 2,048 (66 vs 78);
-/// - on a 2-core Sapphire Rapids VM it is faster only near depth 0 (tg32 117 vs 106): at
-///   depth 1,024 tg32 42 vs 73 and pp32 70 vs 238, since fewer than 64 query rows take
-///   ggml's row-by-row kernel, whose cost per cached cell is high there. Served, a second
-///   chat turn on a 1,000-token history waited 476 ms for its first token with it against
-///   148 without. Gemma 3 270M, whose sliding-window layers see 512 positions, is about even
-///   with it at every depth.
+/// On a CPU, ggml's flash-attention kernel saves a few operations a layer and skips the cells
+/// a layer's mask hides, where matrix products compute every cell of the cache; but fewer
+/// than 64 query rows (every decode, a short follow-up) take its row-by-row kernel, whose cost
+/// per visible cell is high on some CPUs. `backstop bench -p 32 -n 32 -d 0,1024,3072
+/// --flash-attention 0,1 -r 3`, on against off, tg32 / pp32 tok/s, 2 threads:
+/// - SmolLM2 Q4_1 (every layer sees the whole context), 2-core Sapphire Rapids VM: depth 0
+///   120 / 321 against 102 / 320; depth 1,024 42 / 70 against 81 / 249; depth 3,072 20 / 27
+///   against 49 / 162. Served, a second chat turn on a 1,000-token history waited 476 ms for
+///   its first token with it against 148 without. (On a 2-core Zen 4, llama-bench 0c1e57098:
+///   tg128 112 against 101 at depth 0, 89 against 76 at 1,024, 66 against 78 at 2,048.)
+/// - Gemma 3 270M Q4_K_M (15 of its 18 layers see the last 512 positions, in a cache of
+///   1,024 cells or more), same VM: 51 / 589 against 51 / 511 at depth 0; 48 / 444 against
+///   46 / 406 at 1,024; 48 / 366 against 43 / 386 at 3,072.
 ///
-/// `backstop bench -d 0,1024 --flash-attention 0,1` shows which a machine wants. Either way a
-/// seeded answer does not depend on the slot's cache (see [`exact_grain`]).
+/// So on a CPU a whole-context model risks a little without it and a lot with it, and a
+/// windowed one gained with it at every depth measured. Either way a seeded answer does not
+/// depend on the slot's cache (see [`exact_grain`]).
 pub(crate) fn flash_attention(
     choice: Option<bool>,
     kv: KvCacheType,
     on_gpu: bool,
+    windowed: bool,
 ) -> llama_cpp_sys_2::llama_flash_attn_type {
-    let choice = choice.or((kv != KvCacheType::F16).then_some(true));
-    match choice {
+    match choice.or((kv != KvCacheType::F16).then_some(true)) {
         None if on_gpu => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
-        None | Some(false) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
         Some(true) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        None if windowed => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        _ => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
     }
 }
 
@@ -327,9 +335,10 @@ pub(crate) fn flash_attention(
 pub(crate) fn exact_grain(
     options: &EngineOptions,
     backend: &LlamaBackend,
+    model: &LlamaModel,
     tensor_types: &BTreeSet<u32>,
 ) -> policy::Grain {
-    let fa = served_flash_attention(options);
+    let fa = served_flash_attention(options, model);
     let grain = if fa == llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED {
         policy::MATMUL_GRAIN
     } else {
@@ -493,5 +502,27 @@ mod tests {
         let gemma = BTreeSet::from([GGML_TYPE_F32, GGML_TYPE_Q4_K, GGML_TYPE_Q6_K]);
         assert!(!rows_stand_alone(&gemma));
         assert!(!rows_stand_alone(&BTreeSet::new()), "types unknown");
+    }
+
+    #[test]
+    fn flash_attention_defaults_by_device_and_window_and_obeys_the_operator() {
+        use llama_cpp_sys_2::{
+            LLAMA_FLASH_ATTN_TYPE_AUTO as AUTO, LLAMA_FLASH_ATTN_TYPE_DISABLED as OFF,
+            LLAMA_FLASH_ATTN_TYPE_ENABLED as ON,
+        };
+        let f16 = KvCacheType::F16;
+        // Unasked: llama.cpp's choice on a GPU; on a CPU, on only for a windowed model.
+        assert_eq!(flash_attention(None, f16, true, false), AUTO);
+        assert_eq!(flash_attention(None, f16, true, true), AUTO);
+        assert_eq!(flash_attention(None, f16, false, false), OFF);
+        assert_eq!(flash_attention(None, f16, false, true), ON);
+        // Asked, whatever the device and model.
+        for (gpu, windowed) in [(false, false), (false, true), (true, false), (true, true)] {
+            assert_eq!(flash_attention(Some(true), f16, gpu, windowed), ON);
+            assert_eq!(flash_attention(Some(false), f16, gpu, windowed), OFF);
+            // A quantized cache needs it (the configuration refuses it turned off).
+            assert_eq!(flash_attention(None, KvCacheType::Q8_0, gpu, windowed), ON);
+            assert_eq!(flash_attention(None, KvCacheType::Q4_0, gpu, windowed), ON);
+        }
     }
 }

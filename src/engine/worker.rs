@@ -62,7 +62,12 @@ pub(crate) fn engine_worker(
         }
     };
     let per_slot = loader::ctx_per_slot(&model, &options);
-    let grain = loader::exact_grain(&options, backend, &loader::tensor_types(&options.path));
+    let grain = loader::exact_grain(
+        &options,
+        backend,
+        &model,
+        &loader::tensor_types(&options.path),
+    );
     let mut ctx =
         match loader::new_context(backend, &model, &options, per_slot, grain.least_batch()) {
             Ok(c) => c,
@@ -91,7 +96,7 @@ pub(crate) fn engine_worker(
         slots = options.slots,
         ctx_per_slot = per_slot,
         threads = options.threads,
-        flash_attention = %loader::flash_attention_name(loader::served_flash_attention(&options)),
+        flash_attention = %loader::flash_attention_name(loader::served_flash_attention(&options, &model)),
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
