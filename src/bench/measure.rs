@@ -10,6 +10,7 @@ use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Instant;
 
+use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
@@ -57,6 +58,23 @@ pub struct Setting {
     /// Most tokens in one decode (llama.cpp's `n_batch` and `n_ubatch`, as `serve --batch`
     /// sets them); at least the most sequences generating together.
     pub batch: u32,
+}
+
+impl Setting {
+    /// A context's parameters for this setting and model: threads, KV cache type, and flash
+    /// attention as `serve` resolves it (so a default measures what serving runs).
+    pub(crate) fn context_params(&self, model: &LlamaModel) -> LlamaContextParams {
+        crate::engine::context_params(
+            self.threads,
+            crate::engine::flash_attention(
+                self.flash_attention,
+                self.kv_cache_type,
+                crate::engine::attends_on_gpu(self.gpu_layers),
+                crate::engine::sliding_window(model).is_some(),
+            ),
+            self.kv_cache_type,
+        )
+    }
 }
 
 /// One test of a run: a prompt read, a generation, (with one `-p` and one `-n`) both, each
@@ -482,24 +500,16 @@ pub fn measure(
     // refuses a batch below the sequences that generate together, and this keeps the
     // library call safe too.
     let n_batch_u32 = setting.batch.max(seqs as u32);
-    let ctx_params = crate::engine::context_params(
-        setting.threads,
-        crate::engine::flash_attention(
-            setting.flash_attention,
-            setting.kv_cache_type,
-            crate::engine::attends_on_gpu(setting.gpu_layers),
-            crate::engine::sliding_window(model).is_some(),
-        ),
-        setting.kv_cache_type,
-    )
-    .with_n_ctx(NonZeroU32::new(per_seq * seqs as u32))
-    .with_n_seq_max(seqs as u32)
-    .with_n_batch(n_batch_u32)
-    .with_n_ubatch(n_batch_u32)
-    .with_kv_unified(false)
-    // Sliding-window layers cache their window and one batch, as the server and llama-bench
-    // keep them ([`rewind`] reads the depth again when a measurement wrote over it).
-    .with_swa_full(false);
+    let ctx_params = setting
+        .context_params(model)
+        .with_n_ctx(NonZeroU32::new(per_seq * seqs as u32))
+        .with_n_seq_max(seqs as u32)
+        .with_n_batch(n_batch_u32)
+        .with_n_ubatch(n_batch_u32)
+        .with_kv_unified(false)
+        // Sliding-window layers cache their window and one batch, as the server and llama-bench
+        // keep them ([`rewind`] reads the depth again when a measurement wrote over it).
+        .with_swa_full(false);
     let mut ctx = model.new_context(backend, ctx_params).map_err(llama)?;
     // llama.cpp cuts `n_batch` to the context's cells: the batch buffer takes what it kept.
     let mut batch = LlamaBatch::new(ctx.n_batch() as usize, 1);

@@ -322,20 +322,12 @@ pub fn score(
     // tile their sums (flash attention's query tiles, repacked weights' row tiles), and so
     // the figures' last bits.
     let n_batch = setting.batch.min(len_u32);
-    let params = crate::engine::context_params(
-        setting.threads,
-        crate::engine::flash_attention(
-            setting.flash_attention,
-            setting.kv_cache_type,
-            crate::engine::attends_on_gpu(setting.gpu_layers),
-            crate::engine::sliding_window(model).is_some(),
-        ),
-        setting.kv_cache_type,
-    )
-    .with_n_ctx(NonZeroU32::new(len_u32))
-    .with_n_batch(n_batch)
-    .with_n_ubatch(n_batch)
-    .with_n_seq_max(1);
+    let params = setting
+        .context_params(model)
+        .with_n_ctx(NonZeroU32::new(len_u32))
+        .with_n_batch(n_batch)
+        .with_n_ubatch(n_batch)
+        .with_n_seq_max(1);
     let mut ctx = model.new_context(backend, params).map_err(llama)?;
     let n_batch = n_batch as usize;
     let mut batch = LlamaBatch::new(n_batch, 1);

@@ -329,9 +329,8 @@ pub(crate) fn flash_attention(
 }
 
 /// How prompt rows are grouped for exact reuse under these settings: [`policy::MATMUL_GRAIN`]
-/// when flash attention is off, else [`policy::FLASH_GRAIN`] (also when llama.cpp decides on
-/// a GPU);
-/// row by row ([`policy::Grain::row_wise`]) when [`rows_stand_alone`].
+/// when flash attention is off, else [`policy::FLASH_GRAIN`] (also when llama.cpp decides, on
+/// a GPU); row by row ([`policy::Grain::row_wise`]) when [`rows_stand_alone`].
 pub(crate) fn exact_grain(
     options: &EngineOptions,
     backend: &LlamaBackend,
