@@ -66,11 +66,11 @@ impl Setting {
     pub(crate) fn context_params(&self, model: &LlamaModel) -> LlamaContextParams {
         crate::engine::context_params(
             self.threads,
-            crate::engine::flash_attention(
+            crate::engine::model_flash_attention(
+                model,
                 self.flash_attention,
                 self.kv_cache_type,
-                crate::engine::attends_on_gpu(self.gpu_layers),
-                crate::engine::sliding_window(model).is_some(),
+                self.gpu_layers,
             ),
             self.kv_cache_type,
         )

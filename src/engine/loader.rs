@@ -228,20 +228,28 @@ pub(crate) fn window_cache(
 pub(crate) fn shared_params(options: &EngineOptions, model: &LlamaModel) -> LlamaContextParams {
     context_params(
         options.threads,
-        served_flash_attention(options, model),
+        model_flash_attention(
+            model,
+            options.flash_attention,
+            options.kv_cache_type,
+            options.gpu_layers,
+        ),
         options.kv_cache_type,
     )
 }
 
-/// [`flash_attention`] for a served model and its settings.
-pub(crate) fn served_flash_attention(
-    options: &EngineOptions,
+/// [`flash_attention`] for this model with these settings (`serve`'s and `bench`'s alike):
+/// whether its attention runs on a GPU, and whether it has sliding-window layers.
+pub(crate) fn model_flash_attention(
     model: &LlamaModel,
+    choice: Option<bool>,
+    kv: KvCacheType,
+    gpu_layers: Option<u32>,
 ) -> llama_cpp_sys_2::llama_flash_attn_type {
     flash_attention(
-        options.flash_attention,
-        options.kv_cache_type,
-        attends_on_gpu(options.gpu_layers),
+        choice,
+        kv,
+        attends_on_gpu(gpu_layers),
         sliding_window(model).is_some(),
     )
 }
@@ -277,12 +285,10 @@ pub(crate) fn context_params(
         .with_n_threads_batch(threads)
 }
 
-/// Whether a GPU is there for llama.cpp to use (a CUDA build on a machine without one, or
-/// with `CUDA_VISIBLE_DEVICES=` empty, has none).
+/// Whether a GPU is there for llama.cpp to use, as [`super::Compute::has_gpu`] reports it (a
+/// CUDA build on a machine without one, or with `CUDA_VISIBLE_DEVICES=` empty, has none).
 pub(crate) fn has_gpu() -> bool {
-    llama_cpp_2::list_llama_ggml_backend_devices()
-        .iter()
-        .any(|d| d.device_type != llama_cpp_2::LlamaBackendDeviceType::Cpu)
+    super::compute().is_ok_and(|c| c.has_gpu())
 }
 
 /// Whether a context's attention runs on a GPU: there is one and the layers, whose KV cache
@@ -328,16 +334,16 @@ pub(crate) fn flash_attention(
     }
 }
 
-/// How prompt rows are grouped for exact reuse under these settings: [`policy::MATMUL_GRAIN`]
-/// when flash attention is off, else [`policy::FLASH_GRAIN`] (also when llama.cpp decides, on
-/// a GPU); row by row ([`policy::Grain::row_wise`]) when [`rows_stand_alone`].
+/// How prompt rows are grouped for exact reuse under these settings and the context's flash
+/// attention `fa`: [`policy::MATMUL_GRAIN`] when it is off, else [`policy::FLASH_GRAIN`] (also
+/// when llama.cpp decides, on a GPU); row by row ([`policy::Grain::row_wise`]) when
+/// [`rows_stand_alone`].
 pub(crate) fn exact_grain(
     options: &EngineOptions,
     backend: &LlamaBackend,
-    model: &LlamaModel,
+    fa: llama_cpp_sys_2::llama_flash_attn_type,
     tensor_types: &BTreeSet<u32>,
 ) -> policy::Grain {
-    let fa = served_flash_attention(options, model);
     let grain = if fa == llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED {
         policy::MATMUL_GRAIN
     } else {

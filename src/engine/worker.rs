@@ -62,12 +62,14 @@ pub(crate) fn engine_worker(
         }
     };
     let per_slot = loader::ctx_per_slot(&model, &options);
-    let grain = loader::exact_grain(
-        &options,
-        backend,
+    // Resolved once here for the grain and the log; the contexts resolve it alike.
+    let fa = loader::model_flash_attention(
         &model,
-        &loader::tensor_types(&options.path),
+        options.flash_attention,
+        options.kv_cache_type,
+        options.gpu_layers,
     );
+    let grain = loader::exact_grain(&options, backend, fa, &loader::tensor_types(&options.path));
     let mut ctx =
         match loader::new_context(backend, &model, &options, per_slot, grain.least_batch()) {
             Ok(c) => c,
@@ -96,7 +98,7 @@ pub(crate) fn engine_worker(
         slots = options.slots,
         ctx_per_slot = per_slot,
         threads = options.threads,
-        flash_attention = %loader::flash_attention_name(loader::served_flash_attention(&options, &model)),
+        flash_attention = %loader::flash_attention_name(fa),
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
