@@ -48,6 +48,15 @@ fn bench_logged(args: &[&str]) -> (Value, String) {
     (serde_json::from_slice(&o.stdout).expect("bench JSON"), err)
 }
 
+/// What llama.cpp says each context of a run was made with: `enabled` or `disabled` per
+/// context, from its `flash_attn = …` line.
+fn flash_attn_made(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains("flash_attn ") && l.contains(" = "))
+        .filter_map(|l| l.split(" = ").nth(1)?.split_whitespace().next())
+        .collect()
+}
+
 /// `backstop bench ARGS` was refused before anything was measured: it failed, printed
 /// nothing on stdout, and its error says each of `says`.
 fn bench_refused(args: &[&str], says: &[&str]) {
@@ -744,7 +753,8 @@ fn figures_at_a_depth_say_so_and_too_deep_is_refused() {
 /// Gemma 3's sliding-window layers cache their window (512) and one batch, 1,024 positions
 /// here, as in the server and llama-bench. A 1,536-token prompt read at a depth of 1,024
 /// writes over the depth's last window, so the next measurement reads the depth again: every
-/// one starts from the whole depth, as llama.cpp's cache reports it.
+/// one starts from the whole depth, as llama.cpp's cache reports it. Given no choice, bench
+/// makes each context as `serve` would: on a CPU, flash attention on for this windowed model.
 #[test]
 fn a_sliding_window_model_starts_every_measurement_from_its_whole_depth() {
     let _cores = one_at_a_time();
@@ -767,6 +777,11 @@ fn a_sliding_window_model_starts_every_measurement_from_its_whole_depth() {
     assert!(
         log.contains("SWA KV cache, size = 1024 cells"),
         "the sliding-window cache is not the window and a batch: {log}"
+    );
+    let made = flash_attn_made(&log);
+    assert!(
+        !made.is_empty() && made.iter().all(|&m| m == "enabled"),
+        "{made:?}: {log}"
     );
     let r = &report["results"][0];
     assert_eq!(r["cached"], 1024, "{report}");
@@ -1370,7 +1385,9 @@ fn a_quantized_kv_cache_is_compared_with_the_f16_one() {
 /// own log of every context is read back), the prompt and the parallel start are read in
 /// pieces that size (a decode over it would abort the process), the quality pass too (which
 /// moves the figures' last bits), and a batch that cannot hold one step of every parallel
-/// sequence is refused.
+/// sequence is refused. Given no choice, each context is made as `serve` would make it: on a
+/// CPU, flash attention off for SmolLM2, whose layers all see the whole context (llama.cpp's
+/// own default would turn it on).
 #[test]
 fn a_batch_sweep_makes_each_context_with_its_batch() {
     let _cores = one_at_a_time();
@@ -1397,6 +1414,7 @@ fn a_batch_sweep_makes_each_context_with_its_batch() {
         .filter_map(|l| l.split("= ").nth(1)?.split(' ').next())
         .collect();
     assert_eq!(made, ["8", "8", "64", "64"], "{err}");
+    assert_eq!(flash_attn_made(&err), ["disabled", "disabled"], "{err}");
 
     // Quality read 8 tokens a decode against 512: the same model, so only rounding moves,
     // but it does (flash attention sums a batch's queries in tiles; with it off, SmolLM2's
