@@ -5,10 +5,12 @@ P10, P11).
 Peers: the raw engine (`backstop bench`: llama.cpp through llama-cpp-2 with no HTTP), llama.cpp's
 own llama-server, and llama-cpp-python's server (both from scripts/build-peers.sh --python; the
 latter is skipped with a note when it is not installed). Every server gets the same model,
-threads, per-slot context and requests (unique prompts, so no prefix cache helps anyone; greedy;
-ignore_eos where the server honours it), and each its own default flash attention (on a CPU
-llama-server turns it on, backstop only for a model with sliding-window layers;
-BACKSTOP_FLASH_ATTENTION=1 gives backstop and the raw engine the peer's kernels). Each of 1, 4
+threads, per-slot context, chat template (backstop's fallback, by the peer's name for it, when
+the GGUF has none; the run stops if their prompts' lengths still differ) and requests (unique
+prompts, so no prefix cache helps anyone; greedy; ignore_eos where the server honours it), and
+each its own default flash attention (on a CPU llama-server turns it on, backstop only for a
+model with sliding-window layers; BACKSTOP_FLASH_ATTENTION=1 gives backstop and the raw engine
+the peer's kernels). Each of 1, 4
 and 8 streaming clients measures decode tok/s per stream, TTFT p50/p95 and aggregate tok/s;
 servers with slots get 4 slots for 1 and 4 clients and 8 for 8 (llama-cpp-python serves one
 request at a time whatever it is given).
@@ -178,6 +180,25 @@ def history(tokens: int, nonce: str) -> str:
     return f"[{nonce}] Here are my notes so far: " + " ".join(words[i % len(words)] for i in range(tokens))
 
 
+def prompt_length(url: str) -> int:
+    """The tokens a server reads for a conversation of the roles the benchmark sends (its
+    `usage`). No system message: llama-cpp-python's `gemma` format drops it."""
+    u = url.removeprefix("http://")
+    host, port = u.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    messages = [{"role": "user", "content": "What does a lighthouse keeper do?"},
+                {"role": "assistant", "content": "Keeps the light burning."},
+                {"role": "user", "content": "And at dawn?"}]
+    conn.request("POST", "/v1/chat/completions",
+                 json.dumps({"model": "m", "messages": messages, "max_tokens": 1, "temperature": 0}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    body = resp.read()
+    if resp.status != 200:
+        raise RuntimeError(f"{url}: HTTP {resp.status}: {body[:300]!r}")
+    return json.loads(body)["usage"]["prompt_tokens"]
+
+
 def prefix_reuse(url: str, nonce: str) -> dict:
     """P6: TTFT of a first turn carrying ~1,000 tokens of history, then of the second turn."""
     first = [{"role": "user", "content": history(1000, nonce) + "\nSummarize my notes."}]
@@ -218,6 +239,40 @@ def prefill_fairness(url: str, nonce: str, max_tokens: int) -> dict:
     return {"median_gap_ms": median * 1e3, "worst_gap_ms": max(gaps) * 1e3,
             "worst_while_prefilling_ms": max(during) * 1e3 if during else None,
             "long_prompt_ttft_ms": long["ttft_ms"], "ratio": max(gaps) / median}
+
+
+# The peers' names for the templates backstop falls back to when a GGUF carries none (its
+# load log's `chat template ... source=`): llama-server's built-in (non-Jinja) template and
+# llama-cpp-python's chat format. Left alone, a GGUF without a template gets ChatML from
+# llama-server and Llama 2's format from llama-cpp-python, so each would read another prompt.
+PEER_TEMPLATES = {"DefaultChatml": "chatml", 'Architecture("gemma")': "gemma"}
+
+
+def template_source(backstop: pathlib.Path, model: pathlib.Path) -> str:
+    """Where backstop's chat template for `model` comes from, as its load log names it:
+    `Gguf`, `DefaultChatml` or `Architecture("…")`. Starts backstop once (about half a second)."""
+    port = free_port()
+    probe = Server("template-probe", [str(backstop), "serve", "--host", f"127.0.0.1:{port}",
+                                      "--model", f"m={model}", "--parallel", "1"],
+                   port, {"BACKSTOP_LOG": "warn,backstop::engine::loader=info"}, ready="/health/ready")
+    probe.stop()
+    found = re.search(r"chat template .*source=(\S+)", probe.log_path.read_text())
+    if not found:
+        raise RuntimeError(f"backstop did not say where its chat template comes from: {probe.log_path}")
+    return found.group(1)
+
+
+def peer_template_args(kind: str, source: str) -> list[str]:
+    """The flags that give a peer backstop's template: none when the GGUF has its own (every
+    server renders that one)."""
+    if source == "Gguf":
+        return []
+    name = PEER_TEMPLATES.get(source)
+    if name is None:
+        raise RuntimeError(f"no peer template for backstop's {source}: add it to PEER_TEMPLATES")
+    if kind == "llama-server":
+        return ["--no-jinja", "--chat-template", name]
+    return ["--chat_format", name]
 
 
 def build(with_python: bool) -> None:
@@ -298,6 +353,10 @@ def main() -> int:
     version = subprocess.run([str(llama_server), "--version"], capture_output=True, text=True)
     peer_version = (version.stdout + version.stderr).strip().splitlines()[0]
     kinds = ["backstop", "llama-server"] + ([] if args.no_python_peer else ["llama-cpp-python"])
+    template = template_source(backstop, model)
+    log(f"chat template: backstop's {template}; the peers get "
+        + (" ".join(peer_template_args("llama-server", template)) or "the GGUF's") + " (llama-server), "
+        + (" ".join(peer_template_args("llama-cpp-python", template)) or "the GGUF's") + " (llama-cpp-python)")
 
     def raw_engine(prompt_tokens: int) -> dict:
         """One repetition of `backstop bench` (after its warm-up): the raw engine's figures,
@@ -324,13 +383,14 @@ def main() -> int:
             return Server(kind, argv, port, {"BACKSTOP_LOG": "info,llama-cpp-2=info"}, ready="/health/ready")
         if kind == "llama-server":
             argv = [str(llama_server), "-m", str(model), "-t", str(args.threads), "-np", str(slots),
-                    "-c", str(args.ctx * slots), "--host", "127.0.0.1", "--port", str(port), "--alias", "m"]
+                    "-c", str(args.ctx * slots), "--host", "127.0.0.1", "--port", str(port), "--alias", "m",
+                    *peer_template_args(kind, template)]
             return Server(kind, argv, port)
         argv = [str(PY_PEER / "bin" / "python"), "-m", "llama_cpp.server", "--model", str(model),
                 "--model_alias", "m", "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
                 "--n_ctx", str(args.ctx), "--host", "127.0.0.1", "--port", str(port),
                 # by default a new request interrupts the one in flight; queue them instead
-                "--interrupt_requests", "False"]
+                "--interrupt_requests", "False", *peer_template_args(kind, template)]
         return Server(kind, argv, port, ready="/v1/models")
 
     # One stream each (P1, P2, P5), every server up at once. Taken a minute apart, as the rest
@@ -344,6 +404,11 @@ def main() -> int:
         warm = {kind: client(s.url, "m", 1, 1, args) for kind, s in servers.items()}
         # The raw engine decodes at the cache depth backstop's streams decode at.
         prompt_tokens = warm["backstop"]["prompt_tokens"] or 0
+        # The same messages must make the same prompt everywhere, or TTFT compares other work.
+        read = {kind: prompt_length(s.url) for kind, s in servers.items()}
+        if len(set(read.values())) > 1:
+            raise RuntimeError(f"the servers read prompts of different lengths, {read} tokens: "
+                               "their chat templates differ (see PEER_TEMPLATES)")
         members = kinds + ["raw engine"]
         for rep in range(args.reps):
             log(f"==> rep {rep + 1}/{args.reps}: one stream each")
