@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A stand-in for a GGUF model: its shape and scales kept, its quantized values made up.
 
-    scripts/stand-in-model.py [--shape] MODEL.gguf OUT.gguf
+    scripts/stand-in-model.py [--shape] [--head-size N] MODEL.gguf OUT.gguf
 
 The stand-in has the model's header (architecture, tokenizer, tensor shapes and types), its
 1-D float tensors (the norms) and the scales of every quantized block; the quantized values
@@ -19,6 +19,13 @@ scales) SmolLM2 came out 5-15% slower.
 `--shape` writes the part that is kept and zeroes the values, which compresses well
 (`xz -9`: SmolLM2's 98 MB to 9.9 MB, Gemma 3 270M's 253 MB to 13.8 MB): carry that,
 and run this script on it at the other end to make the stand-in there.
+
+`--head-size N` (a `llama` model only) also makes each attention head N wide: the query,
+key, value and output projections are resized (their blocks' scales taken in turn from the
+model's), and the header says so (`key_length`, `value_length`, the rotary dimension). It is
+for asking how a kernel choice goes with head size without a model of each size at hand: on
+the 2-core machine, flash attention against SmolLM2 made 64, 128 and 256 wide (see
+`flash_attention` in src/engine/loader.rs).
 
 Types with a known block layout only (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K-Q6_K).
 Only the standard library. The GGUF layout: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md;
@@ -88,8 +95,10 @@ class Header:
         raise ValueError(f"unknown GGUF value type {kind}")
 
 
-def layout(path: str):
-    """Where the tensor data starts, and each tensor's (name, dimensions, type, offset)."""
+def header(path: str):
+    """The GGUF version, each metadata entry as (key, value, its bytes in the file), the tensor
+    data's alignment, each tensor's (name, dimensions, type, offset), and where the tensor data
+    starts. A value is an int (u32, u64), bytes (a string, another scalar), or None (an array)."""
     with open(path, "rb") as f:
         h = Header(f)
         if h.read(4) != b"GGUF":
@@ -99,9 +108,14 @@ def layout(path: str):
             raise ValueError(f"GGUF version {version} is not 2 or 3")
         count, kvs = h.u64(), h.u64()
         alignment = 32
+        entries = []
         for _ in range(kvs):
+            at = f.tell()
             key = h.string()
             value = h.value(h.u32())
+            end = f.tell()
+            f.seek(at)
+            entries.append((key, value, f.read(end - at)))
             if key == b"general.alignment" and isinstance(value, int):
                 alignment = value
         tensors = []
@@ -110,7 +124,63 @@ def layout(path: str):
             dims = [h.u64() for _ in range(h.u32())]
             tensors.append((name, dims, h.u32(), h.u64()))
         end = f.tell()
-    return -(-end // alignment) * alignment, tensors
+    return version, entries, alignment, tensors, aligned(end, alignment)
+
+
+def layout(path: str):
+    """Where the tensor data starts, and each tensor's (name, dimensions, type, offset)."""
+    _, _, _, tensors, start = header(path)
+    return start, tensors
+
+
+def aligned(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+def u32_entry(key: bytes, value: int) -> bytes:
+    return struct.pack("<Q", len(key)) + key + struct.pack("<II", 4, value)
+
+
+def with_head_size(path: str, head: int):
+    """The header of `path` with every attention head `head` wide, as bytes, and each
+    tensor's (name, new dimensions, type, offset in the model, new offset)."""
+    version, entries, alignment, tensors, _ = header(path)
+    meta = {k: v for k, v, _ in entries}
+    if meta.get(b"general.architecture") != b"llama":
+        raise ValueError(f"{path}: --head-size knows the llama architecture's projections only")
+    heads, kv_heads = meta.get(b"llama.attention.head_count"), meta.get(b"llama.attention.head_count_kv")
+    if not isinstance(heads, int) or not isinstance(kv_heads, int):
+        raise ValueError(f"{path}: no head counts (llama.attention.head_count, _kv) in its header")
+    replaced = [b"llama.attention.key_length", b"llama.attention.value_length",
+                b"llama.rope.dimension_count"]
+    kept = [raw for k, _, raw in entries if k not in replaced]
+    kv = b"".join(kept) + b"".join(u32_entry(k, head) for k in replaced)
+    info, out, offset = b"", [], 0
+    for name, dims, ggml_type, source in tensors:
+        dims = list(dims)
+        if name.endswith("attn_q.weight"):
+            dims[1] = heads * head
+        elif name.endswith(("attn_k.weight", "attn_v.weight")):
+            dims[1] = kv_heads * head
+        elif name.endswith("attn_output.weight"):
+            dims[0] = heads * head
+        per_block = BLOCKS[ggml_type][1] if ggml_type in BLOCKS else 1
+        if dims[0] % per_block:
+            raise ValueError(f"{name}: rows of {dims[0]} do not fill {BLOCKS[ggml_type][0]}'s "
+                             f"{per_block}-element blocks; choose another head size")
+        raw = name.encode()
+        info += struct.pack("<Q", len(raw)) + raw + struct.pack("<I", len(dims))
+        info += b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", ggml_type, offset)
+        out.append((name, dims, ggml_type, source, offset))
+        offset = aligned(offset + tensor_bytes(dims, ggml_type), alignment)
+    head_bytes = (b"GGUF" + struct.pack("<IQQ", version, len(tensors), len(kept) + len(replaced))
+                  + kv + info)
+    return head_bytes + bytes(aligned(len(head_bytes), alignment) - len(head_bytes)), out, offset
+
+
+def cycled(data: bytes, n: int) -> bytes:
+    """`data` repeated to `n` bytes (whole blocks of it, as both lengths are)."""
+    return (data * (n // len(data) + 1))[:n]
 
 
 def small_floats(count: int, kind: str) -> bytes:
@@ -153,16 +223,32 @@ def tensor_bytes(dims: list[int], ggml_type: int) -> int:
     return elements // per_block * block_bytes
 
 
+USAGE = "usage: scripts/stand-in-model.py [--shape] [--head-size N] MODEL.gguf OUT.gguf"
+
+
 def main() -> int:
     args = sys.argv[1:]
     shape_only = "--shape" in args
     args = [a for a in args if a != "--shape"]
+    head = None
+    if "--head-size" in args:
+        i = args.index("--head-size")
+        if i + 1 >= len(args) or not args[i + 1].isdigit() or int(args[i + 1]) == 0:
+            print(f"error: --head-size takes a whole number of elements\n{USAGE}", file=sys.stderr)
+            return 2
+        head = int(args[i + 1])
+        del args[i:i + 2]
     if len(args) != 2:
-        print("usage: scripts/stand-in-model.py [--shape] MODEL.gguf OUT.gguf", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     src, out = args
     try:
         start, tensors = layout(src)
+        if head is not None:
+            for _, _, t, _ in tensors:
+                if t not in BLOCKS:
+                    raise ValueError(f"{src}: ggml tensor type {t} has no block layout here")
+            new_header, resized, data_bytes = with_head_size(src, head)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -177,15 +263,29 @@ def main() -> int:
         return 1
     tmp = out + ".partial"
     with open(src, "rb") as f, open(tmp, "wb") as o:
-        o.write(f.read(start))
-        o.truncate(size)  # zeros that take no disk until written
-        for _, dims, ggml_type, offset in tensors:
-            f.seek(start + offset)
-            data = stand_in(f.read(tensor_bytes(dims, ggml_type)), dims, ggml_type, shape_only)
-            o.seek(start + offset)
-            o.write(data)
+        if head is None:
+            o.write(f.read(start))
+            o.truncate(size)  # zeros that take no disk until written
+            for _, dims, ggml_type, offset in tensors:
+                f.seek(start + offset)
+                data = stand_in(f.read(tensor_bytes(dims, ggml_type)), dims, ggml_type, shape_only)
+                o.seek(start + offset)
+                o.write(data)
+        else:
+            o.write(new_header)
+            o.truncate(len(new_header) + data_bytes)
+            old_dims = {name: dims for name, dims, _, _ in tensors}
+            for name, dims, ggml_type, offset, new_offset in resized:
+                f.seek(start + offset)
+                source = f.read(tensor_bytes(old_dims[name], ggml_type))
+                source = cycled(source, tensor_bytes(dims, ggml_type))
+                o.seek(len(new_header) + new_offset)
+                o.write(stand_in(source, dims, ggml_type, shape_only))
     os.replace(tmp, out)
     what = "its shape and scales" if shape_only else "a stand-in"
+    if head is not None:
+        what += f", its attention heads {head} wide"
+        start = len(new_header)
     print(f"{out}: {what} ({len(tensors)} tensors after a {start}-byte header)")
     return 0
 

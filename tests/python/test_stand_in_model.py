@@ -84,3 +84,48 @@ def test_what_is_not_a_gguf_model_is_refused_and_nothing_is_written(tmp_path):
     assert r.returncode == 1 and "ends inside tensor" in r.stderr, r.stderr
     assert run().returncode == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.gguf", "truncated.gguf"]
+
+
+def test_a_head_size_stand_in_resizes_the_attention_and_loads(tmp_path):
+    real = model(SMOLLM2)
+    shape, wide = tmp_path / "shape-128.gguf", tmp_path / "wide-128.gguf"
+    r = run("--shape", "--head-size", "128", str(real), str(shape))
+    assert r.returncode == 0, r.stderr
+    assert run(str(shape), str(wide)).returncode == 0
+
+    _, entries, _, tensors, _ = stand_in_model.header(str(wide))
+    meta = {k: v for k, v, _ in entries}
+    heads, kv_heads = meta[b"llama.attention.head_count"], meta[b"llama.attention.head_count_kv"]
+    assert (heads, kv_heads) == (9, 3)
+    for key in (b"llama.attention.key_length", b"llama.attention.value_length",
+                b"llama.rope.dimension_count"):
+        assert meta[key] == 128, key
+    assert len(entries) == len(stand_in_model.header(str(real))[1]) + 2  # rope's was there
+    dims = {name: d for name, d, _, _ in tensors}
+    real_dims = {name: d for name, d, _, _ in stand_in_model.layout(str(real))[1]}
+    assert dims["blk.0.attn_q.weight"] == [576, 9 * 128]
+    assert dims["blk.0.attn_k.weight"] == dims["blk.0.attn_v.weight"] == [576, 3 * 128]
+    assert dims["blk.0.attn_output.weight"] == [9 * 128, 576]
+    assert dims["blk.0.ffn_up.weight"] == real_dims["blk.0.ffn_up.weight"]
+
+    out = subprocess.run([binary(), "bench", "-p", "16", "-n", "8", "-r", "1", "-t", "2",
+                          "--format", "json", str(real), str(wide)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)["results"]
+    # 30 layers, each with 2 x 576 x 9 x 64 more (q, output) and 2 x 576 x 3 x 64 (k, v):
+    # 26.54M, in the report's millions.
+    millions = [float(r["parameters"].removesuffix("M")) for r in got]
+    assert round(millions[1] - millions[0], 2) == round(30 * 2 * 576 * 12 * 64 / 1e6, 2), got
+    assert got[1]["tg"]["median"] > 0, got
+
+
+def test_a_head_size_that_cannot_be_made_is_refused_and_nothing_is_written(tmp_path):
+    out = tmp_path / "out.gguf"
+    r = run("--head-size", "100", str(model(SMOLLM2)), str(out))
+    assert r.returncode == 1 and "do not fill Q4_1's 32-element blocks" in r.stderr, r.stderr
+    r = run("--head-size", "128", str(model(GEMMA3)), str(out))
+    assert r.returncode == 1 and "llama architecture" in r.stderr, r.stderr
+    r = run("--head-size", "wide", str(model(SMOLLM2)), str(out))
+    assert r.returncode == 2 and "whole number" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []
