@@ -303,23 +303,31 @@ pub(crate) fn attends_on_gpu(gpu_layers: Option<u32>) -> bool {
 /// CPU it is on for a model with sliding-window layers (`windowed`) and off for the rest, as
 /// Ollama has it; llama-server turns it on for every model.
 ///
-/// On a CPU, ggml's flash-attention kernel saves a few operations a layer and skips the cells
-/// a layer's mask hides, where matrix products compute every cell of the cache; but fewer
-/// than 64 query rows (every decode, a short follow-up) take its row-by-row kernel, whose cost
-/// per visible cell is high on some CPUs. `backstop bench -p 32 -n 32 -d 0,1024,3072
-/// --flash-attention 0,1 -r 3`, on against off, tg32 / pp32 tok/s, 2 threads:
-/// - SmolLM2 Q4_1 (every layer sees the whole context), 2-core Sapphire Rapids VM: depth 0
-///   120 / 321 against 102 / 320; depth 1,024 42 / 70 against 81 / 249; depth 3,072 20 / 27
-///   against 49 / 162. Served, a second chat turn on a 1,000-token history waited 476 ms for
-///   its first token with it against 148 without. (On a 2-core Zen 4, llama-bench 0c1e57098:
-///   tg128 112 against 101 at depth 0, 89 against 76 at 1,024, 66 against 78 at 2,048.)
-/// - Gemma 3 270M Q4_K_M (15 of its 18 layers see the last 512 positions, in a cache of
-///   1,024 cells or more), same VM: 51 / 589 against 51 / 511 at depth 0; 48 / 444 against
-///   46 / 406 at 1,024; 48 / 366 against 43 / 386 at 3,072.
+/// On a CPU, ggml's flash-attention kernel is faster near the start of a context, but fewer
+/// than 64 query rows (every decode, a short follow-up) take its row-by-row kernel, whose
+/// cost per cached cell is high on some CPUs. `backstop bench -p 32 -n 32 -d 0,1024,3072
+/// --flash-attention 0,1 -r 3 --ctx 4096`, 2 threads, 2-core Sapphire Rapids VM, tg32 / pp32
+/// with it over without it:
+/// - SmolLM2 Q4_1 (every layer sees the whole context; heads 64 wide): 1.18 / 1.00 at depth
+///   0, 0.52 / 0.28 at 1,024, 0.41 / 0.17 at 3,072. Served, a second chat turn on a
+///   1,000-token history waited 476 ms for its first token with it against 148 without. (On a
+///   2-core Zen 4, llama-bench 0c1e57098: tg128 1.11 at depth 0, 1.17 at 1,024, 0.85 at
+///   2,048.)
+/// - Its stand-ins (`scripts/stand-in-model.py [--head-size N]`) with heads 64, 128 and 256
+///   wide: wider heads lose less at 1,024 but still lose deep in a context. 64: 1.13 / 1.09,
+///   0.58 / 0.32, 0.45 / 0.18; 128: 1.14 / 1.05, 1.06 / 0.89, 0.89 / 0.50; 256: 1.25 / 1.23,
+///   1.08 / 0.82, 0.77 / 0.34.
+/// - Gemma 3 270M Q4_K_M (15 of its 18 layers see the last 512 positions; one key/value head
+///   of 256): 1.00 / 1.15 at depth 0, 1.04 / 1.09 at 1,024, 1.12 / 0.95 at 3,072; in a second
+///   run 1.02 / 1.14, 1.01 / 1.00, 1.05 / 0.91. Its decode gains with it at every depth even
+///   with the window patched to 4,096 (nothing hidden at these depths: 1.03, 1.06, 1.07), so
+///   the gain is the model's shape more than the cells the window hides; the window does
+///   spare a short follow-up read deep in a context (at 3,072: 0.91 with 512, 0.84 with
+///   1,024, 0.70 with 4,096).
 ///
-/// So on a CPU a whole-context model risks a little without it and a lot with it, and a
-/// windowed one gained with it at every depth measured. Either way a seeded answer does not
-/// depend on the slot's cache (see [`exact_grain`]).
+/// So on a CPU a whole-context model risks a little without it and a lot with it, and the
+/// windowed model measured decodes faster with it throughout. Either way a seeded answer does
+/// not depend on the slot's cache (see [`exact_grain`]).
 pub(crate) fn flash_attention(
     choice: Option<bool>,
     kv: KvCacheType,
