@@ -10,10 +10,9 @@ the GGUF has none; the run stops if their prompts' lengths still differ) and req
 prompts, so no prefix cache helps anyone; greedy; ignore_eos where the server honours it), and
 each its own default flash attention (on a CPU llama-server turns it on, backstop only for a
 model with sliding-window layers; BACKSTOP_FLASH_ATTENTION=1 gives backstop and the raw engine
-the peer's kernels). Each of 1, 4
-and 8 streaming clients measures decode tok/s per stream, TTFT p50/p95 and aggregate tok/s;
-servers with slots get 4 slots for 1 and 4 clients and 8 for 8 (llama-cpp-python serves one
-request at a time whatever it is given).
+the peer's kernels). Each of 1, 4 and 8 streaming clients measures decode tok/s per stream,
+TTFT p50/p95 and aggregate tok/s; servers with slots get 4 slots for 1 and 4 clients and 8 for
+8 (llama-cpp-python serves one request at a time whatever it is given).
 Single streams (P1, P2, P5) come first, with every server up at once (an idle server takes no
 CPU time): in each repetition each server answers one client and the raw engine runs once, at
 the cache depth backstop's streams decode at, in a rotating order and seconds apart. The rest
@@ -144,11 +143,14 @@ def client(url: str, model: str, clients: int, requests: int, args, warmup: int 
     return json.loads(out)
 
 
+def connect(url: str, timeout: float) -> http.client.HTTPConnection:
+    host, port = url.removeprefix("http://").split(":")
+    return http.client.HTTPConnection(host, int(port), timeout=timeout)
+
+
 def stream(url: str, messages: list[dict], max_tokens: int, started: threading.Event | None = None) -> dict:
     """One streamed chat request; the time of every content delta (perf_counter seconds)."""
-    u = url.removeprefix("http://")
-    host, port = u.split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=300)
+    conn = connect(url, 300)
     body = json.dumps({"model": "m", "messages": messages, "stream": True, "temperature": 0,
                        "max_tokens": max_tokens, "ignore_eos": True})
     t0 = time.perf_counter()
@@ -183,9 +185,7 @@ def history(tokens: int, nonce: str) -> str:
 def prompt_length(url: str) -> int:
     """The tokens a server reads for a conversation of the roles the benchmark sends (its
     `usage`). No system message: llama-cpp-python's `gemma` format drops it."""
-    u = url.removeprefix("http://")
-    host, port = u.split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn = connect(url, 120)
     messages = [{"role": "user", "content": "What does a lighthouse keeper do?"},
                 {"role": "assistant", "content": "Keeps the light burning."},
                 {"role": "user", "content": "And at dawn?"}]

@@ -48,15 +48,6 @@ fn bench_logged(args: &[&str]) -> (Value, String) {
     (serde_json::from_slice(&o.stdout).expect("bench JSON"), err)
 }
 
-/// What llama.cpp says each context of a run was made with: `enabled` or `disabled` per
-/// context, from its `flash_attn = …` line.
-fn flash_attn_made(log: &str) -> Vec<&str> {
-    log.lines()
-        .filter(|l| l.contains("flash_attn ") && l.contains(" = "))
-        .filter_map(|l| l.split(" = ").nth(1)?.split_whitespace().next())
-        .collect()
-}
-
 /// `backstop bench ARGS` was refused before anything was measured: it failed, printed
 /// nothing on stdout, and its error says each of `says`.
 fn bench_refused(args: &[&str], says: &[&str]) {
@@ -778,7 +769,7 @@ fn a_sliding_window_model_starts_every_measurement_from_its_whole_depth() {
         log.contains("SWA KV cache, size = 1024 cells"),
         "the sliding-window cache is not the window and a batch: {log}"
     );
-    let made = flash_attn_made(&log);
+    let made = common::flash_attn_made(&log);
     assert!(
         !made.is_empty() && made.iter().all(|&m| m == "enabled"),
         "{made:?}: {log}"
@@ -1414,7 +1405,11 @@ fn a_batch_sweep_makes_each_context_with_its_batch() {
         .filter_map(|l| l.split("= ").nth(1)?.split(' ').next())
         .collect();
     assert_eq!(made, ["8", "8", "64", "64"], "{err}");
-    assert_eq!(flash_attn_made(&err), ["disabled", "disabled"], "{err}");
+    assert_eq!(
+        common::flash_attn_made(&err),
+        ["disabled", "disabled"],
+        "{err}"
+    );
 
     // Quality read 8 tokens a decode against 512: the same model, so only rounding moves,
     // but it does (flash attention sums a batch's queries in tiles; with it off, SmolLM2's

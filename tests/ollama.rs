@@ -753,11 +753,11 @@ async fn llama_cpp_context_log(path: Option<std::path::PathBuf>, envs: &[(&str, 
     s.log()
 }
 
+/// The flash attention llama.cpp made the server's first context with.
 fn flash_attn(log: &str) -> &str {
-    log.lines()
-        .find(|l| l.contains("flash_attn") && l.contains(" = "))
-        .and_then(|l| l.split(" = ").nth(1))
-        .and_then(|v| v.split_whitespace().next())
+    common::flash_attn_made(log)
+        .first()
+        .copied()
         .unwrap_or_else(|| panic!("no flash_attn line: {log}"))
 }
 

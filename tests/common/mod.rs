@@ -479,6 +479,15 @@ pub fn json_lines(text: &str) -> Vec<Value> {
         .collect()
 }
 
+/// What llama.cpp's log says each context was made with, in order: `enabled`, `disabled` or
+/// `auto` per context, from its `flash_attn = …` line.
+pub fn flash_attn_made(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains("flash_attn ") && l.contains(" = "))
+        .filter_map(|l| l.split(" = ").nth(1)?.split_whitespace().next())
+        .collect()
+}
+
 /// Finds `prefix... VALUE` in Prometheus text.
 pub fn metric_value(text: &str, prefix: &str) -> f64 {
     text.lines()
