@@ -141,10 +141,11 @@ def u32_entry(key: bytes, value: int) -> bytes:
     return struct.pack("<Q", len(key)) + key + struct.pack("<II", 4, value)
 
 
-def with_head_size(path: str, head: int):
-    """The header of `path` with every attention head `head` wide, as bytes, and each
-    tensor's (name, new dimensions, type, offset in the model, new offset)."""
-    version, entries, alignment, tensors, _ = header(path)
+def with_head_size(path: str, parsed, head: int):
+    """The header of `path` (`parsed` by [`header`]) with every attention head `head` wide, as
+    bytes; each tensor's (name, new dimensions, type, offset in the model, new offset); and
+    the new tensor data's length. Every tensor type must be in BLOCKS."""
+    version, entries, alignment, tensors, _ = parsed
     meta = {k: v for k, v, _ in entries}
     if meta.get(b"general.architecture") != b"llama":
         raise ValueError(f"{path}: --head-size knows the llama architecture's projections only")
@@ -164,7 +165,7 @@ def with_head_size(path: str, head: int):
             dims[1] = kv_heads * head
         elif name.endswith("attn_output.weight"):
             dims[0] = heads * head
-        per_block = BLOCKS[ggml_type][1] if ggml_type in BLOCKS else 1
+        per_block = BLOCKS[ggml_type][1]
         if dims[0] % per_block:
             raise ValueError(f"{name}: rows of {dims[0]} do not fill {BLOCKS[ggml_type][0]}'s "
                              f"{per_block}-element blocks; choose another head size")
@@ -243,18 +244,15 @@ def main() -> int:
         return 2
     src, out = args
     try:
-        start, tensors = layout(src)
+        parsed = header(src)
+        _, _, _, tensors, start = parsed
+        unknown = sorted({t for _, _, t, _ in tensors if t not in BLOCKS})
+        if unknown:
+            raise ValueError(f"{src}: ggml tensor types {unknown} have no block layout here")
         if head is not None:
-            for _, _, t, _ in tensors:
-                if t not in BLOCKS:
-                    raise ValueError(f"{src}: ggml tensor type {t} has no block layout here")
-            new_header, resized, data_bytes = with_head_size(src, head)
+            new_header, resized, data_bytes = with_head_size(src, parsed, head)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    unknown = sorted({t for _, _, t, _ in tensors if t not in BLOCKS})
-    if unknown:
-        print(f"error: {src}: ggml tensor types {unknown} have no block layout here", file=sys.stderr)
         return 1
     size = os.path.getsize(src)
     short = [n for n, dims, t, offset in tensors if start + offset + tensor_bytes(dims, t) > size]

@@ -223,10 +223,11 @@ impl<'m> Embedder<'m> {
         backend: &LlamaBackend,
         model: &'m LlamaModel,
         options: &EngineOptions,
+        fa: llama_cpp_sys_2::llama_flash_attn_type,
         shape: EmbedShape,
         pooling: Pooling,
     ) -> Result<Embedder<'m>, EngineError> {
-        let params = loader::shared_params(options, model)
+        let params = loader::shared_params(options, fa)
             .with_embeddings(true)
             .with_pooling_type(pooling.llama())
             .with_n_ctx(NonZeroU32::new(shape.tokens))

@@ -151,6 +151,7 @@ pub(crate) fn new_context<'m>(
     backend: &LlamaBackend,
     model: &'m LlamaModel,
     options: &EngineOptions,
+    fa: llama_cpp_sys_2::llama_flash_attn_type,
     ctx_per_slot: u32,
     least_batch: usize,
 ) -> Result<LlamaContext<'m>, LoadError> {
@@ -175,7 +176,7 @@ pub(crate) fn new_context<'m>(
             "batch raised: {why}"
         );
     }
-    let params = shared_params(options, model)
+    let params = shared_params(options, fa)
         .with_n_ctx(NonZeroU32::new(n_ctx))
         .with_n_seq_max(options.slots)
         .with_n_batch(batch)
@@ -223,19 +224,14 @@ pub(crate) fn window_cache(
 }
 
 /// What every context of a model shares, whatever it is for: threads, the KV cache's element
-/// type and the flash-attention policy (a quantized V cache needs flash attention, so both
-/// contexts must agree for the operator's settings to work in either).
-pub(crate) fn shared_params(options: &EngineOptions, model: &LlamaModel) -> LlamaContextParams {
-    context_params(
-        options.threads,
-        model_flash_attention(
-            model,
-            options.flash_attention,
-            options.kv_cache_type,
-            options.gpu_layers,
-        ),
-        options.kv_cache_type,
-    )
+/// type and the flash-attention policy `fa`, resolved once per model by
+/// [`model_flash_attention`] (a quantized V cache needs flash attention, so both contexts
+/// must agree for the operator's settings to work in either).
+pub(crate) fn shared_params(
+    options: &EngineOptions,
+    fa: llama_cpp_sys_2::llama_flash_attn_type,
+) -> LlamaContextParams {
+    context_params(options.threads, fa, options.kv_cache_type)
 }
 
 /// [`flash_attention`] for this model with these settings (`serve`'s and `bench`'s alike):

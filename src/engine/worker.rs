@@ -62,7 +62,8 @@ pub(crate) fn engine_worker(
         }
     };
     let per_slot = loader::ctx_per_slot(&model, &options);
-    // Resolved once here for the grain and the log; the contexts resolve it alike.
+    // Resolved once here: the grain, the log and every context of the model (serving and
+    // embeddings, which must agree) take it.
     let fa = loader::model_flash_attention(
         &model,
         options.flash_attention,
@@ -71,7 +72,7 @@ pub(crate) fn engine_worker(
     );
     let grain = loader::exact_grain(&options, backend, fa, &loader::tensor_types(&options.path));
     let mut ctx =
-        match loader::new_context(backend, &model, &options, per_slot, grain.least_batch()) {
+        match loader::new_context(backend, &model, &options, fa, per_slot, grain.least_batch()) {
             Ok(c) => c,
             Err(e) => {
                 if ready.send(Err(e)).is_err() {
@@ -106,7 +107,7 @@ pub(crate) fn engine_worker(
     if ready.send(Ok(info)).is_err() {
         return;
     }
-    Worker::new(backend, &model, ctx, &options, per_slot, bos_text, grain).run(jobs);
+    Worker::new(backend, &model, ctx, &options, fa, bos_text, grain).run(jobs);
     tracing::info!(model = %options.name, "engine stopped");
 }
 
@@ -258,6 +259,8 @@ struct Worker<'m> {
     embed_shape: EmbedShape,
     pooling: Pooling,
     options: EngineOptions,
+    /// The flash attention every context of the model is made with.
+    fa: llama_cpp_sys_2::llama_flash_attn_type,
     batch: LlamaBatch<'static>,
     slots: Vec<Slot>,
     waiting: VecDeque<Pending>,
@@ -284,10 +287,12 @@ impl<'m> Worker<'m> {
         model: &'m LlamaModel,
         ctx: LlamaContext<'m>,
         options: &EngineOptions,
-        ctx_per_slot: u32,
+        fa: llama_cpp_sys_2::llama_flash_attn_type,
         bos_text: String,
         grain: Grain,
     ) -> Self {
+        // What llama.cpp gave each slot (it may round the context it was asked for).
+        let ctx_per_slot = ctx.n_ctx() / options.slots.max(1);
         let batch_size = ctx.n_batch() as usize;
         let window = loader::window_cache(model, ctx_per_slot, ctx.n_ubatch(), options.swa_full);
         if let Some(w) = window {
@@ -319,6 +324,7 @@ impl<'m> Worker<'m> {
             embed_shape: EmbedShape::new(ctx_per_slot, options.batch),
             pooling: Pooling::of(model),
             options: options.clone(),
+            fa,
             batch: LlamaBatch::new(batch_size, 1),
             slots,
             waiting: VecDeque::new(),
@@ -457,6 +463,7 @@ impl<'m> Worker<'m> {
                 self.backend,
                 self.model,
                 &self.options,
+                self.fa,
                 self.embed_shape,
                 self.pooling,
             ) {
