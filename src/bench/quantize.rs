@@ -54,6 +54,9 @@ const TYPES: &[(&str, u32)] = &[
     ("IQ4_NL", 25),
     ("IQ4_XS", 30),
     ("BF16", 32),
+    // Expert tensors (a mixture of experts' 3-D ones) in MXFP4, the rest in Q8_0: how gpt-oss
+    // is published.
+    ("MXFP4_MOE", 38),
 ];
 
 /// Types whose quantizer throws on the first tensor it reaches without an importance matrix
@@ -249,6 +252,7 @@ mod tests {
     fn type_names_map_to_llama_cpps_numbers() {
         assert_eq!(ftype("Q4_K_M").unwrap(), 15);
         assert_eq!(ftype("q8_0").unwrap(), 7);
+        assert_eq!(ftype("mxfp4_moe").unwrap(), 38);
         let e = ftype("Q9_X").unwrap_err().to_string();
         assert!(e.contains("Q6_K"), "{e}");
         let e = ftype("q2_k_s").unwrap_err().to_string();
