@@ -27,6 +27,15 @@ for asking how a kernel choice goes with head size without a model of each size 
 the 2-core machine, flash attention against SmolLM2 made 64, 128 and 256 wide (see
 `flash_attention` in src/engine/loader.rs).
 
+`--like SHAPE [--layers N]` makes a model that exists nowhere here: a published model's
+attention and feed-forward shape (one of LIKE's names), with MODEL.gguf's tokenizer, F16
+weights of small random values and, with `--layers`, fewer layers in the same pattern of
+sliding-window and whole-context ones. `backstop quantize` then gives it a type (gpt-oss:
+MXFP4_MOE, its published one). It is for asking how a kernel choice goes with a model's shape
+before deciding a default: on the 2-core machine, Gemma 3 270M made so with Gemma's tokenizer
+measured with and without flash attention as the real model does (see `flash_attention` in
+src/engine/loader.rs).
+
 Types with a known block layout only (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K-Q6_K).
 Only the standard library. The GGUF layout: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md;
 the block layouts: ggml's ggml-common.h.
@@ -224,7 +233,129 @@ def tensor_bytes(dims: list[int], ggml_type: int) -> int:
     return elements // per_block * block_bytes
 
 
-USAGE = "usage: scripts/stand-in-model.py [--shape] [--head-size N] MODEL.gguf OUT.gguf"
+# Published shapes, from each model's config.json on Hugging Face (google/gemma-3-270m,
+# google/gemma-3-1b-pt, google/gemma-3-4b-pt, google/gemma-2-2b, openai/gpt-oss-20b): hidden
+# size, query and key/value heads, head width, feed-forward width, sliding window, layers,
+# and what else the architecture's header needs. The layer pattern is llama.cpp's for the
+# architecture (gemma3: 5 windowed layers, then a whole-context one; gemma2 and gpt-oss: every
+# other one windowed).
+LIKE = {
+    "gemma3-270m": ("gemma3", 640, 4, 1, 256, 2048, 512, 18, {}),
+    "gemma3-1b": ("gemma3", 1152, 4, 1, 256, 6912, 512, 26, {}),
+    "gemma3-4b": ("gemma3", 2560, 8, 4, 256, 10240, 1024, 34, {}),
+    "gemma2-2b": ("gemma2", 2304, 8, 4, 256, 9216, 4096, 26,
+                  {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
+    "gpt-oss-20b": ("gpt-oss", 2880, 64, 8, 64, 2880, 128, 24,
+                    {"expert_count": 32, "expert_used_count": 4,
+                     "expert_feed_forward_length": 2880, "rope.scaling.type": "yarn",
+                     "rope.scaling.factor": 32.0, "rope.scaling.original_context_length": 4096}),
+}
+
+
+def entry(key: str, value) -> bytes:
+    """One metadata entry: a u32 for an int, an f32 for a float, else a string."""
+    raw = key.encode()
+    head = struct.pack("<Q", len(raw)) + raw
+    if isinstance(value, int):
+        return head + struct.pack("<II", 4, value)
+    if isinstance(value, float):
+        return head + struct.pack("<If", 6, value)
+    text = value.encode()
+    return head + struct.pack("<IQ", 8, len(text)) + text
+
+
+def like_tensors(arch: str, hidden, heads, kv_heads, head, ff, layers, vocab, extra):
+    """Each tensor of the architecture's layout as (name, ggml dimensions, ggml type):
+    llama.cpp's names and shapes for gemma2, gemma3 and gpt-oss (its src/models/*.cpp); F32
+    vectors and biases (llama.cpp adds experts' biases in F32 only), F16 matrices."""
+    return [(name, dims, 0 if len(dims) == 1 or name.endswith(".bias") else 1)
+            for name, dims in like_layout(arch, hidden, heads, kv_heads, head, ff, layers,
+                                          vocab, extra)]
+
+
+def like_layout(arch: str, hidden, heads, kv_heads, head, ff, layers, vocab, extra):
+    """[`like_tensors`] without the types."""
+    q, kv = heads * head, kv_heads * head
+    out = [("token_embd.weight", [hidden, vocab]), ("output_norm.weight", [hidden])]
+    if arch == "gpt-oss":
+        out.append(("output.weight", [hidden, vocab]))
+    for i in range(layers):
+        p = f"blk.{i}."
+        out += [(p + "attn_norm.weight", [hidden]), (p + "attn_q.weight", [hidden, q]),
+                (p + "attn_k.weight", [hidden, kv]), (p + "attn_v.weight", [hidden, kv]),
+                (p + "attn_output.weight", [q, hidden]),
+                (p + "post_attention_norm.weight", [hidden])]
+        if arch == "gpt-oss":
+            n = extra["expert_count"]
+            out += [(p + "attn_q.bias", [q]), (p + "attn_k.bias", [kv]),
+                    (p + "attn_v.bias", [kv]), (p + "attn_output.bias", [hidden]),
+                    (p + "attn_sinks.weight", [heads]),
+                    (p + "ffn_gate_inp.weight", [hidden, n]), (p + "ffn_gate_inp.bias", [n]),
+                    (p + "ffn_gate_exps.weight", [hidden, ff, n]),
+                    (p + "ffn_up_exps.weight", [hidden, ff, n]),
+                    (p + "ffn_down_exps.weight", [ff, hidden, n]),
+                    (p + "ffn_gate_exps.bias", [ff, n]), (p + "ffn_up_exps.bias", [ff, n]),
+                    (p + "ffn_down_exps.bias", [hidden, n])]
+            continue
+        if arch == "gemma3":
+            out += [(p + "attn_q_norm.weight", [head]), (p + "attn_k_norm.weight", [head])]
+        out += [(p + "ffn_norm.weight", [hidden]), (p + "ffn_gate.weight", [hidden, ff]),
+                (p + "ffn_up.weight", [hidden, ff]), (p + "ffn_down.weight", [ff, hidden]),
+                (p + "post_ffw_norm.weight", [hidden])]
+    return out
+
+
+def write_like(src: str, parsed, shape: str, layers, out: str) -> str:
+    """Writes `shape` (a LIKE name) with `src`'s tokenizer to `out`; says what it wrote."""
+    arch, hidden, heads, kv_heads, head, ff, window, full, extra = LIKE[shape]
+    layers = layers or full
+    version, entries, alignment, _, _ = parsed
+    tokenizer = [(k, raw) for k, _, raw in entries if k.startswith(b"tokenizer.")]
+    tokens = [raw for k, raw in tokenizer if k == b"tokenizer.ggml.tokens"]
+    if not tokens:
+        raise ValueError(f"{src} has no tokenizer (tokenizer.ggml.tokens) to lend")
+    # The array's entry: key length, key, type 9, item type, then the count.
+    vocab = struct.unpack_from("<Q", tokens[0], 8 + len(b"tokenizer.ggml.tokens") + 8)[0]
+    meta = {"context_length": 32768, "embedding_length": hidden, "block_count": layers,
+            "feed_forward_length": ff, "attention.head_count": heads,
+            "attention.head_count_kv": kv_heads, "attention.key_length": head,
+            "attention.value_length": head, "attention.sliding_window": window,
+            "attention.layer_norm_rms_epsilon": 1e-6,
+            "rope.freq_base": 150000.0 if arch == "gpt-oss" else 1000000.0, **extra}
+    kv = (entry("general.architecture", arch) + entry("general.name", f"stand-in like {shape}")
+          + entry("general.file_type", 1)
+          + b"".join(entry(f"{arch}.{k}", v) for k, v in meta.items())
+          + b"".join(raw for _, raw in tokenizer))
+    tensors = like_tensors(arch, hidden, heads, kv_heads, head, ff, layers, vocab, extra)
+    info, offset, placed = b"", 0, []
+    for name, dims, ggml_type in tensors:
+        raw = name.encode()
+        info += struct.pack("<Q", len(raw)) + raw + struct.pack("<I", len(dims))
+        info += b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", ggml_type, offset)
+        placed.append((name, dims, ggml_type, offset))
+        offset = aligned(offset + tensor_bytes(dims, ggml_type), alignment)
+    count = 3 + len(meta) + len(tokenizer)
+    head_bytes = b"GGUF" + struct.pack("<IQQ", version, len(tensors), count) + kv + info
+    start = aligned(len(head_bytes), alignment)
+    tmp = out + ".partial"
+    with open(tmp, "wb") as o:
+        o.write(head_bytes + bytes(start - len(head_bytes)))
+        o.truncate(start + offset)
+        for name, dims, ggml_type, at in placed:
+            o.seek(start + at)
+            if ggml_type == 1:
+                o.write(small_floats(tensor_bytes(dims, 1) // 2, "F16"))
+            elif name.endswith("norm.weight"):
+                o.write(struct.pack("<f", 1.0) * dims[0])
+            # Biases and attention sinks stay zero.
+    os.replace(tmp, out)
+    return (f"like {shape}: {layers} layers, {len(tensors)} tensors, vocabulary of {vocab} "
+            f"from {os.path.basename(src)}")
+
+
+USAGE = ("usage: scripts/stand-in-model.py [--shape] [--head-size N] MODEL.gguf OUT.gguf\n"
+         "       scripts/stand-in-model.py --like SHAPE [--layers N] MODEL.gguf OUT.gguf\n"
+         "SHAPE: " + ", ".join(LIKE))
 
 
 def main() -> int:
@@ -239,10 +370,33 @@ def main() -> int:
             return 2
         head = int(args[i + 1])
         del args[i:i + 2]
-    if len(args) != 2:
+    like = layers = None
+    for flag in ("--like", "--layers"):
+        if flag in args:
+            i = args.index(flag)
+            value = args[i + 1] if i + 1 < len(args) else ""
+            if flag == "--like" and value not in LIKE:
+                print(f"error: --like takes one of {', '.join(LIKE)}\n{USAGE}", file=sys.stderr)
+                return 2
+            if flag == "--layers" and (not value.isdigit() or int(value) == 0):
+                print(f"error: --layers takes a whole number\n{USAGE}", file=sys.stderr)
+                return 2
+            if flag == "--like":
+                like = value
+            else:
+                layers = int(value)
+            del args[i:i + 2]
+    if len(args) != 2 or (layers and not like) or (like and (shape_only or head is not None)):
         print(USAGE, file=sys.stderr)
         return 2
     src, out = args
+    if like:
+        try:
+            print(f"{out}: {write_like(src, header(src), like, layers, out)}")
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
     try:
         parsed = header(src)
         _, _, _, tensors, start = parsed

@@ -3,7 +3,9 @@ up the rest, and the real binary loads and measures it as it would the model."""
 
 import importlib.util
 import json
+import math
 import pathlib
+import struct
 import subprocess
 import sys
 
@@ -129,3 +131,80 @@ def test_a_head_size_that_cannot_be_made_is_refused_and_nothing_is_written(tmp_p
     r = run("--head-size", "wide", str(model(SMOLLM2)), str(out))
     assert r.returncode == 2 and "whole number" in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_like_a_published_shape_has_its_layout_and_loads(tmp_path):
+    real = model(SMOLLM2)
+    like, quantized = tmp_path / "like.gguf", tmp_path / "like-q8.gguf"
+    r = run("--like", "gemma3-270m", "--layers", "2", str(real), str(like))
+    assert r.returncode == 0, r.stderr
+    assert "2 layers, 28 tensors, vocabulary of 49152" in r.stdout, r.stdout
+
+    _, entries, _, tensors, start = stand_in_model.header(str(like))
+    meta = {k: v for k, v, _ in entries}
+    assert meta[b"general.architecture"] == b"gemma3"
+    for key, value in [(b"block_count", 2), (b"embedding_length", 640),
+                       (b"attention.head_count", 4), (b"attention.head_count_kv", 1),
+                       (b"attention.key_length", 256), (b"attention.sliding_window", 512)]:
+        assert meta[b"gemma3." + key] == value, key
+    # The tokenizer is the source's, entry for entry.
+    lent = [raw for k, _, raw in stand_in_model.header(str(real))[1] if k.startswith(b"tokenizer.")]
+    assert [raw for k, _, raw in entries if k.startswith(b"tokenizer.")] == lent
+    dims = {name: (d, t) for name, d, t, _ in tensors}
+    assert dims["token_embd.weight"] == ([640, 49152], 1)
+    assert dims["blk.1.attn_q.weight"] == ([640, 4 * 256], 1)
+    assert dims["blk.1.attn_k.weight"] == ([640, 256], 1)
+    assert dims["blk.1.ffn_down.weight"] == ([2048, 640], 1)
+    assert dims["blk.1.attn_q_norm.weight"] == ([256], 0)
+    assert "output.weight" not in dims  # Gemma ties its output to the embeddings
+    data = like.read_bytes()
+    name, offset = "blk.0.attn_norm.weight", next(o for n, _, _, o in tensors if n == "blk.0.attn_norm.weight")
+    assert data[start + offset:start + offset + 640 * 4] == struct.pack("<f", 1.0) * 640, name
+
+    # llama.cpp loads it and runs it, with every parameter counted, and quantizes it.
+    params = sum(math.prod(d) for d, _ in dims.values())
+    r = subprocess.run([binary(), "quantize", str(like), str(quantized), "Q8_0"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = subprocess.run([binary(), "bench", "-p", "16", "-n", "4", "-r", "1", "-t", "2",
+                          "--format", "json", str(like), str(quantized)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)["results"]
+    assert [r["architecture"] for r in got] == ["gemma3", "gemma3"], got
+    assert [r["quantization"] for r in got] == ["F16", "Q8_0"], got
+    assert got[0]["parameters"] == f"{params / 1e6:.2f}M", (params, got)
+    assert all(r["tg"]["median"] > 0 for r in got), got
+
+
+def test_gpt_oss_is_laid_out_as_llama_cpp_reads_it():
+    arch, hidden, heads, kv_heads, head, ff, _, _, extra = stand_in_model.LIKE["gpt-oss-20b"]
+    tensors = stand_in_model.like_tensors(arch, hidden, heads, kv_heads, head, ff, 2, 1000, extra)
+    dims = {name: (d, t) for name, d, t in tensors}
+    assert dims["blk.1.ffn_gate_exps.weight"] == ([2880, 2880, 32], 1)
+    assert dims["blk.1.ffn_down_exps.weight"] == ([2880, 2880, 32], 1)
+    assert dims["blk.1.attn_q.weight"] == ([2880, 64 * 64], 1)
+    assert dims["blk.1.attn_k.weight"] == ([2880, 8 * 64], 1)
+    assert dims["blk.1.attn_sinks.weight"] == ([64], 0)
+    assert dims["output.weight"] == ([2880, 1000], 1)
+    # Every bias in F32, the experts' 2-D ones too: llama.cpp's CPU backend adds them in F32 only.
+    biases = [(n, t) for n, _, t in tensors if n.endswith(".bias")]
+    assert len(biases) == 2 * 8 and all(t == 0 for _, t in biases), biases
+    assert dims["blk.0.ffn_up_exps.bias"] == ([2880, 32], 0)
+
+
+def test_a_shape_that_cannot_be_made_is_refused_and_nothing_is_written(tmp_path):
+    out = tmp_path / "out.gguf"
+    r = run("--like", "llama-9000", str(model(SMOLLM2)), str(out))
+    assert r.returncode == 2 and "gpt-oss-20b" in r.stderr, r.stderr
+    r = run("--like", "gemma3-1b", "--layers", "0", str(model(SMOLLM2)), str(out))
+    assert r.returncode == 2 and "whole number" in r.stderr, r.stderr
+    r = run("--layers", "2", str(model(SMOLLM2)), str(out))
+    assert r.returncode == 2 and "--like SHAPE" in r.stderr, r.stderr
+    r = run("--like", "gemma3-1b", "--shape", str(model(SMOLLM2)), str(out))
+    assert r.returncode == 2, r.stderr
+    bare = tmp_path / "bare.gguf"
+    bare.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
+    r = run("--like", "gemma3-1b", str(bare), str(out))
+    assert r.returncode == 1 and "no tokenizer" in r.stderr, r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["bare.gguf"]
