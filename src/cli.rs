@@ -568,9 +568,8 @@ pub struct ServeArgs {
     /// The model store, in Ollama's layout [default: ~/.cache/backstop/models; also OLLAMA_MODELS].
     #[arg(long, env = "BACKSTOP_MODELS", value_name = "DIR")]
     pub models_dir: Option<PathBuf>,
-    /// Flash attention: 1/true or 0/false [default: on a CPU, on only for a model with
-    /// sliding-window layers; llama.cpp decides on a GPU; on for a quantized KV cache; also
-    /// OLLAMA_FLASH_ATTENTION].
+    /// Flash attention: 1/true or 0/false [default: off on a CPU; llama.cpp decides on a
+    /// GPU; on for a quantized KV cache; also OLLAMA_FLASH_ATTENTION].
     #[arg(long, env = "BACKSTOP_FLASH_ATTENTION", value_name = "BOOL")]
     pub flash_attention: Option<String>,
     /// KV cache type: f16, q8_0 or q4_0 [default: f16; also OLLAMA_KV_CACHE_TYPE].

@@ -761,10 +761,10 @@ fn flash_attn(log: &str) -> &str {
         .unwrap_or_else(|| panic!("no flash_attn line: {log}"))
 }
 
-/// On a CPU, flash attention is off for a model whose layers all see the whole context unless
-/// asked for (Ollama's default), and on for one with sliding-window layers (see
-/// `loader::flash_attention` for why); OLLAMA_FLASH_ATTENTION turns it on, and a quantized KV
-/// cache (OLLAMA_KV_CACHE_TYPE), which needs it, gets it unasked.
+/// On a CPU, flash attention is off unless asked for (Ollama's default), for a model with
+/// sliding-window layers too (see `loader::flash_attention` for why); OLLAMA_FLASH_ATTENTION
+/// turns it on, and a quantized KV cache (OLLAMA_KV_CACHE_TYPE), which needs it, gets it
+/// unasked.
 #[tokio::test]
 async fn ollama_flash_attention_and_kv_cache_type_reach_llama_cpp() {
     let log = llama_cpp_context_log(None, &[]).await;
@@ -785,11 +785,12 @@ async fn ollama_flash_attention_and_kv_cache_type_reach_llama_cpp() {
     assert!(log.contains("flash_attention=on"), "{log}");
 
     let log = llama_cpp_context_log(Some(common::gemma3()), &[]).await;
+    assert_eq!(flash_attn(&log), "disabled", "{log}");
+    assert!(log.contains("flash_attention=off"), "{log}");
+    let log =
+        llama_cpp_context_log(Some(common::gemma3()), &[("OLLAMA_FLASH_ATTENTION", "1")]).await;
     assert_eq!(flash_attn(&log), "enabled", "{log}");
     assert!(log.contains("flash_attention=on"), "{log}");
-    let log =
-        llama_cpp_context_log(Some(common::gemma3()), &[("OLLAMA_FLASH_ATTENTION", "0")]).await;
-    assert_eq!(flash_attn(&log), "disabled", "{log}");
 }
 
 #[tokio::test]

@@ -63,11 +63,10 @@ pub struct Setting {
 impl Setting {
     /// A context's parameters for this setting and model: threads, KV cache type, and flash
     /// attention as `serve` resolves it (so a default measures what serving runs).
-    pub(crate) fn context_params(&self, model: &LlamaModel) -> LlamaContextParams {
+    pub(crate) fn context_params(&self) -> LlamaContextParams {
         crate::engine::context_params(
             self.threads,
             crate::engine::model_flash_attention(
-                model,
                 self.flash_attention,
                 self.kv_cache_type,
                 self.gpu_layers,
@@ -501,7 +500,7 @@ pub fn measure(
     // library call safe too.
     let n_batch_u32 = setting.batch.max(seqs as u32);
     let ctx_params = setting
-        .context_params(model)
+        .context_params()
         .with_n_ctx(NonZeroU32::new(per_seq * seqs as u32))
         .with_n_seq_max(seqs as u32)
         .with_n_batch(n_batch_u32)

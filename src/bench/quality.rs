@@ -323,7 +323,7 @@ pub fn score(
     // the figures' last bits.
     let n_batch = setting.batch.min(len_u32);
     let params = setting
-        .context_params(model)
+        .context_params()
         .with_n_ctx(NonZeroU32::new(len_u32))
         .with_n_batch(n_batch)
         .with_n_ubatch(n_batch)

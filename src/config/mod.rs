@@ -105,8 +105,8 @@ pub struct EngineDefaults {
     pub prefill_chunk: u32,
     /// Waiting requests beyond the busy slots.
     pub max_queue: usize,
-    /// Flash attention: forced on/off, or `None` for the default (on a CPU, on only for a
-    /// model with sliding-window layers; llama.cpp's choice on a GPU).
+    /// Flash attention: forced on/off, or `None` for the default (off on a CPU; llama.cpp's
+    /// choice on a GPU).
     pub flash_attention: Option<bool>,
     /// KV cache element type.
     pub kv_cache_type: KvCacheType,

@@ -50,8 +50,8 @@ pub(crate) struct RawServer {
     pub(crate) max_loaded: Option<usize>,
     /// The model store (Ollama's layout).
     pub(crate) models_dir: Option<String>,
-    /// llama.cpp flash attention: true, false, or absent for the default (on a CPU, on only
-    /// for a model with sliding-window layers; llama.cpp's choice on a GPU).
+    /// llama.cpp flash attention: true, false, or absent for the default (off on a CPU;
+    /// llama.cpp's choice on a GPU).
     pub(crate) flash_attention: Option<bool>,
     /// KV cache element type: f16, q8_0 or q4_0.
     pub(crate) kv_cache_type: Option<String>,

@@ -234,20 +234,14 @@ pub(crate) fn shared_params(
     context_params(options.threads, fa, options.kv_cache_type)
 }
 
-/// [`flash_attention`] for this model with these settings (`serve`'s and `bench`'s alike):
-/// whether its attention runs on a GPU, and whether it has sliding-window layers.
+/// [`flash_attention`] for this model's settings (`serve`'s and `bench`'s alike): whether its
+/// attention runs on a GPU.
 pub(crate) fn model_flash_attention(
-    model: &LlamaModel,
     choice: Option<bool>,
     kv: KvCacheType,
     gpu_layers: Option<u32>,
 ) -> llama_cpp_sys_2::llama_flash_attn_type {
-    flash_attention(
-        choice,
-        kv,
-        attends_on_gpu(gpu_layers),
-        sliding_window(model).is_some(),
-    )
+    flash_attention(choice, kv, attends_on_gpu(gpu_layers))
 }
 
 /// How the load log names a flash-attention setting (`auto`: llama.cpp decides).
@@ -295,45 +289,46 @@ pub(crate) fn attends_on_gpu(gpu_layers: Option<u32>) -> bool {
 
 /// llama.cpp's flash-attention setting for the operator's choice. A quantized KV cache needs
 /// flash attention and always gets it. Otherwise, when they did not choose, llama.cpp decides
-/// where attention runs on a GPU (it turns it on where the GPU's backend has the kernel). On a
-/// CPU it is on for a model with sliding-window layers (`windowed`) and off for the rest, as
-/// Ollama has it; llama-server turns it on for every model.
+/// where attention runs on a GPU (it turns it on where the GPU's backend has the kernel), and
+/// on a CPU it is off, as Ollama has it; llama-server turns it on for every model.
 ///
 /// On a CPU, ggml's flash-attention kernel is faster near the start of a context, but fewer
 /// than 64 query rows (every decode, a short follow-up) take its row-by-row kernel, whose
-/// cost per cached cell is high on some CPUs. `backstop bench -p 32 -n 32 -d 0,1024,3072
-/// --flash-attention 0,1 -r 3 --ctx 4096`, 2 threads, 2-core Sapphire Rapids VM, tg32 / pp32
-/// with it over without it:
-/// - SmolLM2 Q4_1 (every layer sees the whole context; heads 64 wide): 1.18 / 1.00 at depth
-///   0, 0.52 / 0.28 at 1,024, 0.41 / 0.17 at 3,072. Served, a second chat turn on a
-///   1,000-token history waited 476 ms for its first token with it against 148 without. (On a
-///   2-core Zen 4, llama-bench 0c1e57098: tg128 1.11 at depth 0, 1.17 at 1,024, 0.85 at
-///   2,048.)
-/// - Its stand-ins (`scripts/stand-in-model.py [--head-size N]`) with heads 64, 128 and 256
-///   wide: wider heads lose less at 1,024 but still lose deep in a context. 64: 1.13 / 1.09,
-///   0.58 / 0.32, 0.45 / 0.18; 128: 1.14 / 1.05, 1.06 / 0.89, 0.89 / 0.50; 256: 1.25 / 1.23,
-///   1.08 / 0.82, 0.77 / 0.34.
-/// - Gemma 3 270M Q4_K_M (15 of its 18 layers see the last 512 positions; one key/value head
-///   of 256): 1.00 / 1.15 at depth 0, 1.04 / 1.09 at 1,024, 1.12 / 0.95 at 3,072; in a second
-///   run 1.02 / 1.14, 1.01 / 1.00, 1.05 / 0.91. Its decode gains with it at every depth even
-///   with the window patched to 4,096 (nothing hidden at these depths: 1.03, 1.06, 1.07), so
-///   the gain is the model's shape more than the cells the window hides; the window does
-///   spare a short follow-up read deep in a context (at 3,072: 0.91 with 512, 0.84 with
-///   1,024, 0.70 with 4,096).
+/// cost per cached cell is high. `backstop bench -p 32 -n 32 -d 0,1024,3072 --flash-attention
+/// 0,1 -r 3 --ctx 4096`, 2 threads, 2-core Sapphire Rapids VM, tg32 / pp32 with it over
+/// without it, at depths 0, 1,024 and 3,072:
+/// - SmolLM2 Q4_1 (every layer sees the whole context; 9 query and 3 key/value heads, 64
+///   wide): 1.18 / 1.00, 0.52 / 0.28, 0.41 / 0.17. Served, a second chat turn on a
+///   1,000-token history waited 476 ms for its first token with it against 148 without.
+///   Made with heads 128 or 256 wide (`scripts/stand-in-model.py --head-size N`) it still
+///   decodes at 0.89 / 0.77 at 3,072.
+/// - Models with sliding-window layers, made in their published shapes with random weights
+///   (`scripts/stand-in-model.py --like SHAPE [--layers N]`, then `backstop quantize` to
+///   Q4_K_M, gpt-oss to MXFP4_MOE). Made so, Gemma 3 270M measures as the real model does
+///   (1.05 / 1.14, 1.00 / 1.05, 1.09 / 0.98 against 1.03 / 1.15, 1.07 / 1.11, 1.02 / 0.94).
+///   - Gemma 3 270M (4 query heads, 1 key/value head, 256 wide, window 512 on 5 layers of
+///     6) is the only one that gains throughout: decode 1.02-1.09.
+///   - Gemma 3 1B (its attention in a wider model): 0.95-1.04 decode and 1.00-1.05 prompts
+///     over two runs, no difference.
+///   - Gemma 3 4B (8 and 4 heads, window 1,024; 6 layers): 1.01 / 1.05, 0.99 / 0.82,
+///     0.95 / 0.75.
+///   - Gemma 2 2B (8 and 4 heads, window 4,096 on every other layer; 6 layers): 0.99 / 1.09,
+///     0.94 / 0.77, 0.77 / 0.55.
+///   - gpt-oss 20B (64 and 8 heads, 64 wide, window 128 on every other layer; 4 layers):
+///     1.02 / 1.02, 0.86 / 0.70, 0.69 / 0.44.
 ///
-/// So on a CPU a whole-context model risks a little without it and a lot with it, and the
-/// windowed model measured decodes faster with it throughout. Either way a seeded answer does
-/// not depend on the slot's cache (see [`exact_grain`]).
+/// So on a CPU a model risks a little without it and a lot with it. (On 2 cores of a Zen 4,
+/// SmolLM2 decoded ~10% faster with it up to 1,000 tokens: `backstop bench` with
+/// `--flash-attention 0,1` tells which a machine wants.) Either way a seeded answer does not
+/// depend on the slot's cache (see [`exact_grain`]).
 pub(crate) fn flash_attention(
     choice: Option<bool>,
     kv: KvCacheType,
     on_gpu: bool,
-    windowed: bool,
 ) -> llama_cpp_sys_2::llama_flash_attn_type {
     match choice.or((kv != KvCacheType::F16).then_some(true)) {
         None if on_gpu => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
         Some(true) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
-        None if windowed => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
         _ => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
     }
 }
@@ -514,24 +509,22 @@ mod tests {
     }
 
     #[test]
-    fn flash_attention_defaults_by_device_and_window_and_obeys_the_operator() {
+    fn flash_attention_defaults_by_device_and_obeys_the_operator() {
         use llama_cpp_sys_2::{
             LLAMA_FLASH_ATTN_TYPE_AUTO as AUTO, LLAMA_FLASH_ATTN_TYPE_DISABLED as OFF,
             LLAMA_FLASH_ATTN_TYPE_ENABLED as ON,
         };
         let f16 = KvCacheType::F16;
-        // Unasked: llama.cpp's choice on a GPU; on a CPU, on only for a windowed model.
-        assert_eq!(flash_attention(None, f16, true, false), AUTO);
-        assert_eq!(flash_attention(None, f16, true, true), AUTO);
-        assert_eq!(flash_attention(None, f16, false, false), OFF);
-        assert_eq!(flash_attention(None, f16, false, true), ON);
-        // Asked, whatever the device and model.
-        for (gpu, windowed) in [(false, false), (false, true), (true, false), (true, true)] {
-            assert_eq!(flash_attention(Some(true), f16, gpu, windowed), ON);
-            assert_eq!(flash_attention(Some(false), f16, gpu, windowed), OFF);
+        // Unasked: llama.cpp's choice on a GPU, off on a CPU.
+        assert_eq!(flash_attention(None, f16, true), AUTO);
+        assert_eq!(flash_attention(None, f16, false), OFF);
+        // Asked, whatever the device.
+        for gpu in [false, true] {
+            assert_eq!(flash_attention(Some(true), f16, gpu), ON);
+            assert_eq!(flash_attention(Some(false), f16, gpu), OFF);
             // A quantized cache needs it (the configuration refuses it turned off).
-            assert_eq!(flash_attention(None, KvCacheType::Q8_0, gpu, windowed), ON);
-            assert_eq!(flash_attention(None, KvCacheType::Q4_0, gpu, windowed), ON);
+            assert_eq!(flash_attention(None, KvCacheType::Q8_0, gpu), ON);
+            assert_eq!(flash_attention(None, KvCacheType::Q4_0, gpu), ON);
         }
     }
 }

@@ -57,8 +57,8 @@ pub struct EngineOptions {
     pub max_queue: usize,
     /// Layers to offload to a GPU; `None` lets llama.cpp decide.
     pub gpu_layers: Option<u32>,
-    /// Flash attention forced on or off; `None`: on a CPU, on only for a model with
-    /// sliding-window layers; llama.cpp's choice on a GPU (see [`loader::flash_attention`]).
+    /// Flash attention forced on or off; `None`: off on a CPU, llama.cpp's choice on a GPU
+    /// (see [`loader::flash_attention`]).
     pub flash_attention: Option<bool>,
     /// Element type of the KV cache (a quantized one halves or quarters its memory).
     pub kv_cache_type: KvCacheType,

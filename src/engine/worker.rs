@@ -65,7 +65,6 @@ pub(crate) fn engine_worker(
     // Resolved once here: the grain, the log and every context of the model (serving and
     // embeddings, which must agree) take it.
     let fa = loader::model_flash_attention(
-        &model,
         options.flash_attention,
         options.kv_cache_type,
         options.gpu_layers,
