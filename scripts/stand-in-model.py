@@ -247,6 +247,7 @@ LIKE = {
                   {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
     "gpt-oss-20b": ("gpt-oss", 2880, 64, 8, 64, 2880, 128, 24,
                     {"expert_count": 32, "expert_used_count": 4,
+                     "attention.layer_norm_rms_epsilon": 1e-5,
                      "expert_feed_forward_length": 2880, "rope.scaling.type": "yarn",
                      "rope.scaling.factor": 32.0, "rope.scaling.original_context_length": 4096}),
 }
@@ -309,7 +310,8 @@ def write_like(src: str, parsed, shape: str, layers, out: str) -> str:
     """Writes `shape` (a LIKE name) with `src`'s tokenizer to `out`; says what it wrote."""
     arch, hidden, heads, kv_heads, head, ff, window, full, extra = LIKE[shape]
     layers = layers or full
-    version, entries, alignment, _, _ = parsed
+    version, entries, _, _, _ = parsed
+    alignment = 32  # GGUF's default: the source's general.alignment is not carried over
     tokenizer = [(k, raw) for k, _, raw in entries if k.startswith(b"tokenizer.")]
     tokens = [raw for k, raw in tokenizer if k == b"tokenizer.ggml.tokens"]
     if not tokens:
