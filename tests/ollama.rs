@@ -793,6 +793,46 @@ async fn ollama_flash_attention_and_kv_cache_type_reach_llama_cpp() {
     assert!(log.contains("flash_attention=on"), "{log}");
 }
 
+/// `flash_attention` under a model in models.toml sets it for that model alone: the one model
+/// that gains from it on a CPU (Gemma 3 270M) gets it beside one that keeps the default.
+#[tokio::test]
+async fn a_models_own_flash_attention_reaches_llama_cpp_for_that_model_alone() {
+    let dir = common::temp_dir("model-flash");
+    let cfg = dir.join("models.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[models.smollm2]\npath = \"{}\"\n[models.gemma]\npath = \"{}\"\nflash_attention = true\n",
+            common::smollm2().display(),
+            common::gemma3().display()
+        ),
+    )
+    .unwrap();
+    let s = Server::start_with_env(
+        &["--config", cfg.to_str().unwrap()],
+        &[("BACKSTOP_LOG", "info,llama-cpp-2=info")],
+    )
+    .await;
+    for model in ["smollm2", "gemma"] {
+        let (status, r) = s
+            .post("/api/generate", &json!({"model": model, "prompt": "Hi", "stream": false, "options": {"num_predict": 2}}))
+            .await;
+        assert_eq!(status, 200, "{r}");
+    }
+    let log = s.log();
+    let loaded = |model: &str| {
+        log.lines()
+            .find(|l| l.contains("model loaded") && l.contains(&format!("model={model}:latest ")))
+            .unwrap_or_else(|| panic!("{model} not loaded: {log}"))
+            .to_owned()
+    };
+    assert!(loaded("gemma").contains("flash_attention=on"), "{log}");
+    assert!(loaded("smollm2").contains("flash_attention=off"), "{log}");
+    let mut made = common::flash_attn_made(&log);
+    made.sort_unstable();
+    assert_eq!(made, ["disabled", "enabled"], "{log}");
+}
+
 #[tokio::test]
 async fn create_from_a_gguf_path_on_the_server_imports_it() {
     let s = Server::start(&[]).await;

@@ -25,6 +25,9 @@ pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const DEFAULT_MODEL_NAME: &str = "smollm2";
 
 const DEFAULT_PARALLEL: u32 = 4;
+/// Why a quantized KV cache with flash attention turned off is refused.
+const NEEDS_FLASH: &str = "a quantized KV cache needs flash attention; do not turn it off";
+
 const DEFAULT_MAX_QUEUE: usize = 512;
 /// Most tokens in one decode (llama.cpp's `n_batch` and `n_ubatch`), as llama.cpp's server.
 pub const DEFAULT_BATCH: u32 = 512;
@@ -445,6 +448,7 @@ impl Config {
             })?),
             None => None,
         };
+        let fa_forced = fa_flag.is_some() || fa_env.is_some();
         let (flash_attention, _) = layered(fa_flag, fa_env, raw.server.flash_attention, &origin);
         let (kv_text, kv_from) = layered(
             args.kv_cache_type.clone(),
@@ -463,11 +467,7 @@ impl Config {
             None => KvCacheType::F16,
         };
         if kv_cache_type != KvCacheType::F16 && flash_attention == Some(false) {
-            return Err(invalid(
-                &kv_from,
-                "kv_cache_type",
-                "a quantized KV cache needs flash attention; do not turn it off".into(),
-            ));
+            return Err(invalid(&kv_from, "kv_cache_type", NEEDS_FLASH.into()));
         }
         let engine_defaults = EngineDefaults {
             slots: slots.unwrap_or(DEFAULT_PARALLEL),
@@ -674,6 +674,12 @@ impl Config {
             }
             if args.gpu_layers.is_none() {
                 engine.gpu_layers = m.gpu_layers.or(engine.gpu_layers);
+            }
+            if !fa_forced {
+                engine.flash_attention = m.flash_attention.or(engine.flash_attention);
+            }
+            if engine.kv_cache_type != KvCacheType::F16 && engine.flash_attention == Some(false) {
+                return Err(invalid(&from, &key("flash_attention"), NEEDS_FLASH.into()));
             }
             models.push(ModelConfig {
                 name,
@@ -969,6 +975,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("swa_full"), "{err}");
+    }
+
+    #[test]
+    fn flash_attention_comes_from_the_flag_then_the_model_then_the_server() {
+        let toml = "[server]\nflash_attention = false\n[models.a]\npath = \"model.gguf\"\nflash_attention = true\n[models.b]\npath = \"model.gguf\"\n";
+        let fa = |cfg: &Config| -> Vec<Option<bool>> {
+            cfg.models
+                .iter()
+                .map(|m| m.engine.flash_attention)
+                .collect()
+        };
+        let cfg = load_toml(toml).unwrap();
+        assert_eq!(fa(&cfg), [Some(true), Some(false)]);
+        let flag = ServeArgs {
+            flash_attention: Some("0".into()),
+            ..Default::default()
+        };
+        let cfg = load_toml_with(toml, flag).unwrap();
+        assert_eq!(fa(&cfg), [Some(false), Some(false)]);
+        // Unset everywhere: the default (off on a CPU, llama.cpp's choice on a GPU).
+        let cfg = load_toml("[models.a]\npath = \"model.gguf\"\n").unwrap();
+        assert_eq!(fa(&cfg), [None]);
+        // A model may not turn it off under a quantized KV cache, which needs it.
+        let err = load_toml(
+            "[server]\nkv_cache_type = \"q8_0\"\n[models.a]\npath = \"model.gguf\"\nflash_attention = false\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("models.a.flash_attention") && err.contains("needs flash attention"),
+            "{err}"
+        );
     }
 
     #[test]

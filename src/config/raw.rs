@@ -85,6 +85,8 @@ pub(crate) struct RawModel {
     pub(crate) ctx: Option<u32>,
     pub(crate) threads: Option<u32>,
     pub(crate) gpu_layers: Option<u32>,
+    /// Flash attention for this model, over `[server]`'s (a flag or variable beats both).
+    pub(crate) flash_attention: Option<bool>,
     /// How long this model stays loaded when idle.
     pub(crate) keep_alive: Option<RawDuration>,
     /// System prompt used when a chat request brings none.
