@@ -335,16 +335,13 @@ async fn with_room_for_two_the_least_recently_used_of_three_makes_way() {
 
 #[tokio::test]
 async fn a_models_own_keep_alive_applies_and_a_negative_one_keeps_it_loaded() {
-    let dir = common::temp_dir("keep-alive");
-    let cfg = dir.join("models.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let cfg = common::models_toml(
+        "keep-alive",
+        &format!(
             "[models.smollm2]\npath = \"{}\"\nkeep_alive = \"1s\"\n",
             common::smollm2().display()
         ),
-    )
-    .unwrap();
+    );
     let s = Server::start_raw(&["--config", cfg.to_str().unwrap()]).await;
     let ask = |keep_alive: Value| json!({"model": "smollm2", "prompt": "Hi", "stream": false, "keep_alive": keep_alive, "options": {"num_predict": 2}});
     let (_, r) = s.post("/api/generate", &ask(Value::Null)).await;
@@ -797,17 +794,14 @@ async fn ollama_flash_attention_and_kv_cache_type_reach_llama_cpp() {
 /// that gains from it on a CPU (Gemma 3 270M) gets it beside one that keeps the default.
 #[tokio::test]
 async fn a_models_own_flash_attention_reaches_llama_cpp_for_that_model_alone() {
-    let dir = common::temp_dir("model-flash");
-    let cfg = dir.join("models.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let cfg = common::models_toml(
+        "model-flash",
+        &format!(
             "[models.smollm2]\npath = \"{}\"\n[models.gemma]\npath = \"{}\"\nflash_attention = true\n",
             common::smollm2().display(),
             common::gemma3().display()
         ),
-    )
-    .unwrap();
+    );
     let s = Server::start_with_env(
         &["--config", cfg.to_str().unwrap()],
         &[("BACKSTOP_LOG", "info,llama-cpp-2=info")],

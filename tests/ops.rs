@@ -72,17 +72,14 @@ async fn check_says_healthy_degraded_or_down_with_the_matching_exit_code() {
 async fn an_open_breaker_is_degraded() {
     let fake = FakeCloud::start().await;
     fake.set_mode(Mode::Status(503));
-    let dir = common::temp_dir("ops-breaker");
-    let cfg = dir.join("models.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let cfg = common::models_toml(
+        "ops-breaker",
+        &format!(
             "[models.smollm2]\npath = \"{}\"\n[router.breaker]\nfailures = 1\ncooldown = \"60s\"\n[[router.upstreams]]\nname = \"cloud\"\nkind = \"openai\"\nbase_url = \"{}/v1\"\nmodels = [\"gpt-4o-mini\"]\nfallback = \"smollm2\"\n",
             common::smollm2().display(),
             fake.base
         ),
-    )
-    .unwrap();
+    );
     let s = Server::start_raw(&["--config", cfg.to_str().unwrap()]).await;
     let (code, _, _) = check(&["--url", &s.base]);
     assert_eq!(code, Some(0));

@@ -18,11 +18,9 @@ async fn routed(
     extra: &str,
     env: &[(&str, &str)],
 ) -> Server {
-    let dir = common::temp_dir("router");
-    let cfg = dir.join("models.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let cfg = common::models_toml(
+        "router",
+        &format!(
             r#"
 [models.smollm2]
 path = "{model}"
@@ -47,8 +45,7 @@ model_map = {{ "gpt-4o-mini" = "gpt-4o-mini-2024-07-18" }}
             model = common::smollm2().display(),
             base = fake.base,
         ),
-    )
-    .unwrap();
+    );
     let mut envs = vec![("FAKE_CLOUD_KEY", "sk-fake")];
     envs.extend_from_slice(env);
     Server::start_with_env(&["--config", cfg.to_str().unwrap()], &envs).await
@@ -456,18 +453,15 @@ async fn local_only_mode_and_a_missing_fallback() {
     let s = routed(&fake, 3, "", &[]).await;
     drop(s);
     // mode = "local-only" in the file.
-    let dir = common::temp_dir("router-local-only");
-    let cfg = dir.join("models.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let cfg = common::models_toml(
+        "router-local-only",
+        &format!(
             "[models.smollm2]\npath = \"{}\"\n[router]\nmode = \"local-only\"\n[[router.upstreams]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"{}/v1\"\nmodels = [\"gpt-4o-mini\"]\nfallback = \"smollm2\"\n[[router.upstreams]]\nname = \"b\"\nkind = \"openai\"\nbase_url = \"{}/v1\"\nmodels = [\"gpt-4.1\"]\nfirst_byte_timeout = \"300ms\"\n",
             common::smollm2().display(),
             fake.base,
             fake.base
         ),
-    )
-    .unwrap();
+    );
     let s = Server::start_raw(&["--config", cfg.to_str().unwrap()]).await;
     let (_, marks, _, _) = ask(&s, &chat(false), &[]).await;
     assert_eq!(marks[2], some("contingency"));
@@ -576,17 +570,14 @@ async fn an_interrupted_drill_switches_the_cloud_path_back_on() {
 
 /// A server whose upstream speaks Anthropic's Messages API.
 async fn routed_anthropic(fake: &FakeCloud) -> Server {
-    let dir = common::temp_dir("router-anthropic");
-    let cfg = dir.join("models.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let cfg = common::models_toml(
+        "router-anthropic",
+        &format!(
             "[models.smollm2]\npath = \"{}\"\n[router.breaker]\nfailures = 1000\n[[router.upstreams]]\nname = \"claude\"\nkind = \"anthropic\"\nbase_url = \"{}/v1\"\napi_key_env = \"FAKE_ANTHROPIC_KEY\"\nmodels = [\"claude-sonnet\"]\nfallback = \"smollm2\"\nfirst_byte_timeout = \"400ms\"\ntotal_timeout = \"1500ms\"\nmodel_map = {{ \"claude-sonnet\" = \"claude-sonnet-4-5\" }}\n",
             common::smollm2().display(),
             fake.base
         ),
-    )
-    .unwrap();
+    );
     Server::start_with_env(
         &["--config", cfg.to_str().unwrap()],
         &[("FAKE_ANTHROPIC_KEY", "ak-fake")],

@@ -67,6 +67,13 @@ pub struct Server {
     pub store: Option<PathBuf>,
 }
 
+/// A `models.toml` holding `text`, in a fresh folder of its own (see [`temp_dir`]).
+pub fn models_toml(name: &str, text: &str) -> PathBuf {
+    let cfg = temp_dir(name).join("models.toml");
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
 /// A fresh folder under the system's temporary folder. Test binaries exit without running
 /// destructors of what they leave there, so the first call also sweeps the folders of earlier
 /// runs whose process is gone (found through /proc; elsewhere nothing is swept).
