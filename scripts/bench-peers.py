@@ -9,9 +9,10 @@ threads, per-slot context, chat template (backstop's fallback, by the peer's nam
 the GGUF has none; the run stops if their prompts' lengths still differ) and requests (unique
 prompts, so no prefix cache helps anyone; greedy; ignore_eos where the server honours it), and
 each its own default flash attention (on a CPU llama-server turns it on, backstop leaves it
-off; BACKSTOP_FLASH_ATTENTION=1 gives backstop and the raw engine the peer's kernels). Each of 1, 4 and 8 streaming clients measures decode tok/s per stream,
-TTFT p50/p95 and aggregate tok/s; servers with slots get 4 slots for 1 and 4 clients and 8 for
-8 (llama-cpp-python serves one request at a time whatever it is given).
+off; BACKSTOP_FLASH_ATTENTION=1 gives backstop and the raw engine the peer's kernels). Each of
+1, 4 and 8 streaming clients measures decode tok/s per stream, TTFT p50/p95 and aggregate
+tok/s; servers with slots get 4 slots for 1 and 4 clients and 8 for 8 (llama-cpp-python serves
+one request at a time whatever it is given).
 Single streams (P1, P2, P5) come first, with every server up at once (an idle server takes no
 CPU time): in each repetition each server answers one client and the raw engine runs once, at
 the cache depth backstop's streams decode at, in a rotating order and seconds apart. The rest

@@ -41,6 +41,7 @@ Only the standard library. The GGUF layout: https://github.com/ggml-org/ggml/blo
 the block layouts: ggml's ggml-common.h.
 """
 
+import argparse
 import os
 import struct
 import sys
@@ -146,8 +147,30 @@ def aligned(n: int, alignment: int) -> int:
     return -(-n // alignment) * alignment
 
 
-def u32_entry(key: bytes, value: int) -> bytes:
-    return struct.pack("<Q", len(key)) + key + struct.pack("<II", 4, value)
+def entry(key: str | bytes, value) -> bytes:
+    """One metadata entry: a u32 for an int, an f32 for a float, else a string."""
+    raw = key.encode() if isinstance(key, str) else key
+    head = struct.pack("<Q", len(raw)) + raw
+    if isinstance(value, int):
+        return head + struct.pack("<II", 4, value)
+    if isinstance(value, float):
+        return head + struct.pack("<If", 6, value)
+    text = value.encode()
+    return head + struct.pack("<IQ", 8, len(text)) + text
+
+
+def gguf_header(version: int, entries: list[bytes], tensors, alignment: int):
+    """A GGUF header of these metadata `entries` and `tensors` (name, dimensions, type), padded
+    to `alignment`; each tensor's offset in the data after it; and the data's length."""
+    info, offsets, offset = b"", [], 0
+    for name, dims, ggml_type in tensors:
+        raw = name.encode()
+        info += struct.pack("<Q", len(raw)) + raw + struct.pack("<I", len(dims))
+        info += b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", ggml_type, offset)
+        offsets.append(offset)
+        offset = aligned(offset + tensor_bytes(dims, ggml_type), alignment)
+    head = b"GGUF" + struct.pack("<IQQ", version, len(tensors), len(entries)) + b"".join(entries) + info
+    return head + bytes(aligned(len(head), alignment) - len(head)), offsets, offset
 
 
 def with_head_size(path: str, parsed, head: int):
@@ -163,10 +186,9 @@ def with_head_size(path: str, parsed, head: int):
         raise ValueError(f"{path}: no head counts (llama.attention.head_count, _kv) in its header")
     replaced = [b"llama.attention.key_length", b"llama.attention.value_length",
                 b"llama.rope.dimension_count"]
-    kept = [raw for k, _, raw in entries if k not in replaced]
-    kv = b"".join(kept) + b"".join(u32_entry(k, head) for k in replaced)
-    info, out, offset = b"", [], 0
-    for name, dims, ggml_type, source in tensors:
+    kv = [raw for k, _, raw in entries if k not in replaced] + [entry(k, head) for k in replaced]
+    resized = []
+    for name, dims, ggml_type, _ in tensors:
         dims = list(dims)
         if name.endswith("attn_q.weight"):
             dims[1] = heads * head
@@ -178,14 +200,11 @@ def with_head_size(path: str, parsed, head: int):
         if dims[0] % per_block:
             raise ValueError(f"{name}: rows of {dims[0]} do not fill {BLOCKS[ggml_type][0]}'s "
                              f"{per_block}-element blocks; choose another head size")
-        raw = name.encode()
-        info += struct.pack("<Q", len(raw)) + raw + struct.pack("<I", len(dims))
-        info += b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", ggml_type, offset)
-        out.append((name, dims, ggml_type, source, offset))
-        offset = aligned(offset + tensor_bytes(dims, ggml_type), alignment)
-    head_bytes = (b"GGUF" + struct.pack("<IQQ", version, len(tensors), len(kept) + len(replaced))
-                  + kv + info)
-    return head_bytes + bytes(aligned(len(head_bytes), alignment) - len(head_bytes)), out, offset
+        resized.append((name, dims, ggml_type))
+    head_bytes, offsets, length = gguf_header(version, kv, resized, alignment)
+    out = [(name, dims, ggml_type, source, new)
+           for (name, dims, ggml_type), (_, _, _, source), new in zip(resized, tensors, offsets)]
+    return head_bytes, out, length
 
 
 def cycled(data: bytes, n: int) -> bytes:
@@ -253,29 +272,10 @@ LIKE = {
 }
 
 
-def entry(key: str, value) -> bytes:
-    """One metadata entry: a u32 for an int, an f32 for a float, else a string."""
-    raw = key.encode()
-    head = struct.pack("<Q", len(raw)) + raw
-    if isinstance(value, int):
-        return head + struct.pack("<II", 4, value)
-    if isinstance(value, float):
-        return head + struct.pack("<If", 6, value)
-    text = value.encode()
-    return head + struct.pack("<IQ", 8, len(text)) + text
-
-
 def like_tensors(arch: str, hidden, heads, kv_heads, head, ff, layers, vocab, extra):
     """Each tensor of the architecture's layout as (name, ggml dimensions, ggml type):
     llama.cpp's names and shapes for gemma2, gemma3 and gpt-oss (its src/models/*.cpp); F32
     vectors and biases (llama.cpp adds experts' biases in F32 only), F16 matrices."""
-    return [(name, dims, 0 if len(dims) == 1 or name.endswith(".bias") else 1)
-            for name, dims in like_layout(arch, hidden, heads, kv_heads, head, ff, layers,
-                                          vocab, extra)]
-
-
-def like_layout(arch: str, hidden, heads, kv_heads, head, ff, layers, vocab, extra):
-    """[`like_tensors`] without the types."""
     q, kv = heads * head, kv_heads * head
     out = [("token_embd.weight", [hidden, vocab]), ("output_norm.weight", [hidden])]
     if arch == "gpt-oss":
@@ -303,7 +303,8 @@ def like_layout(arch: str, hidden, heads, kv_heads, head, ff, layers, vocab, ext
         out += [(p + "ffn_norm.weight", [hidden]), (p + "ffn_gate.weight", [hidden, ff]),
                 (p + "ffn_up.weight", [hidden, ff]), (p + "ffn_down.weight", [ff, hidden]),
                 (p + "post_ffw_norm.weight", [hidden])]
-    return out
+    return [(name, dims, 0 if len(dims) == 1 or name.endswith(".bias") else 1)
+            for name, dims in out]
 
 
 def write_like(src: str, parsed, shape: str, layers, out: str) -> str:
@@ -324,26 +325,17 @@ def write_like(src: str, parsed, shape: str, layers, out: str) -> str:
             "attention.value_length": head, "attention.sliding_window": window,
             "attention.layer_norm_rms_epsilon": 1e-6,
             "rope.freq_base": 150000.0 if arch == "gpt-oss" else 1000000.0, **extra}
-    kv = (entry("general.architecture", arch) + entry("general.name", f"stand-in like {shape}")
-          + entry("general.file_type", 1)
-          + b"".join(entry(f"{arch}.{k}", v) for k, v in meta.items())
-          + b"".join(raw for _, raw in tokenizer))
+    kv = ([entry("general.architecture", arch), entry("general.name", f"stand-in like {shape}"),
+           entry("general.file_type", 1)]
+          + [entry(f"{arch}.{k}", v) for k, v in meta.items()] + [raw for _, raw in tokenizer])
     tensors = like_tensors(arch, hidden, heads, kv_heads, head, ff, layers, vocab, extra)
-    info, offset, placed = b"", 0, []
-    for name, dims, ggml_type in tensors:
-        raw = name.encode()
-        info += struct.pack("<Q", len(raw)) + raw + struct.pack("<I", len(dims))
-        info += b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", ggml_type, offset)
-        placed.append((name, dims, ggml_type, offset))
-        offset = aligned(offset + tensor_bytes(dims, ggml_type), alignment)
-    count = 3 + len(meta) + len(tokenizer)
-    head_bytes = b"GGUF" + struct.pack("<IQQ", version, len(tensors), count) + kv + info
-    start = aligned(len(head_bytes), alignment)
+    head_bytes, offsets, length = gguf_header(version, kv, tensors, alignment)
+    start = len(head_bytes)
     tmp = out + ".partial"
     with open(tmp, "wb") as o:
-        o.write(head_bytes + bytes(start - len(head_bytes)))
-        o.truncate(start + offset)
-        for name, dims, ggml_type, at in placed:
+        o.write(head_bytes)
+        o.truncate(start + length)
+        for (name, dims, ggml_type), at in zip(tensors, offsets):
             o.seek(start + at)
             if ggml_type == 1:
                 o.write(small_floats(tensor_bytes(dims, 1) // 2, "F16"))
@@ -355,43 +347,32 @@ def write_like(src: str, parsed, shape: str, layers, out: str) -> str:
             f"from {os.path.basename(src)}")
 
 
-USAGE = ("usage: scripts/stand-in-model.py [--shape] [--head-size N] MODEL.gguf OUT.gguf\n"
-         "       scripts/stand-in-model.py --like SHAPE [--layers N] MODEL.gguf OUT.gguf\n"
-         "SHAPE: " + ", ".join(LIKE))
+def whole_number(text: str) -> int:
+    """A positive whole number, for argparse."""
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"takes a whole number, not {text!r}")
+    return int(text)
 
 
 def main() -> int:
-    args = sys.argv[1:]
-    shape_only = "--shape" in args
-    args = [a for a in args if a != "--shape"]
-    head = None
-    if "--head-size" in args:
-        i = args.index("--head-size")
-        if i + 1 >= len(args) or not args[i + 1].isdigit() or int(args[i + 1]) == 0:
-            print(f"error: --head-size takes a whole number of elements\n{USAGE}", file=sys.stderr)
-            return 2
-        head = int(args[i + 1])
-        del args[i:i + 2]
-    like = layers = None
-    for flag in ("--like", "--layers"):
-        if flag in args:
-            i = args.index(flag)
-            value = args[i + 1] if i + 1 < len(args) else ""
-            if flag == "--like" and value not in LIKE:
-                print(f"error: --like takes one of {', '.join(LIKE)}\n{USAGE}", file=sys.stderr)
-                return 2
-            if flag == "--layers" and (not value.isdigit() or int(value) == 0):
-                print(f"error: --layers takes a whole number\n{USAGE}", file=sys.stderr)
-                return 2
-            if flag == "--like":
-                like = value
-            else:
-                layers = int(value)
-            del args[i:i + 2]
-    if len(args) != 2 or (layers and not like) or (like and (shape_only or head is not None)):
-        print(USAGE, file=sys.stderr)
-        return 2
-    src, out = args
+    ap = argparse.ArgumentParser(
+        usage="%(prog)s [--shape] [--head-size N] MODEL.gguf OUT.gguf\n"
+              "       %(prog)s --like SHAPE [--layers N] MODEL.gguf OUT.gguf")
+    ap.add_argument("model", metavar="MODEL.gguf")
+    ap.add_argument("out", metavar="OUT.gguf")
+    ap.add_argument("--shape", action="store_true", help="keep the shape and scales, zero the rest")
+    ap.add_argument("--head-size", type=whole_number, metavar="N",
+                    help="every attention head N elements wide (a llama model)")
+    ap.add_argument("--like", choices=list(LIKE), metavar="SHAPE",
+                    help=f"a published model's shape: {', '.join(LIKE)}")
+    ap.add_argument("--layers", type=whole_number, metavar="N", help="with --like: N layers")
+    args = ap.parse_args()
+    if args.layers and not args.like:
+        ap.error("--layers needs --like SHAPE")
+    if args.like and (args.shape or args.head_size):
+        ap.error("--like SHAPE makes a model of its own: no --shape or --head-size with it")
+    src, out, shape_only, head, like = args.model, args.out, args.shape, args.head_size, args.like
+    layers = args.layers
     if like:
         try:
             print(f"{out}: {write_like(src, header(src), like, layers, out)}")

@@ -61,12 +61,12 @@ pub struct Setting {
 }
 
 impl Setting {
-    /// A context's parameters for this setting and model: threads, KV cache type, and flash
-    /// attention as `serve` resolves it (so a default measures what serving runs).
+    /// A context's parameters for this setting: threads, KV cache type, and flash attention as
+    /// `serve` resolves it (so a default measures what serving runs).
     pub(crate) fn context_params(&self) -> LlamaContextParams {
         crate::engine::context_params(
             self.threads,
-            crate::engine::model_flash_attention(
+            crate::engine::resolve_flash_attention(
                 self.flash_attention,
                 self.kv_cache_type,
                 self.gpu_layers,

@@ -225,7 +225,7 @@ pub(crate) fn window_cache(
 
 /// What every context of a model shares, whatever it is for: threads, the KV cache's element
 /// type and the flash-attention policy `fa`, resolved once per model by
-/// [`model_flash_attention`] (a quantized V cache needs flash attention, so both contexts
+/// [`resolve_flash_attention`] (a quantized V cache needs flash attention, so both contexts
 /// must agree for the operator's settings to work in either).
 pub(crate) fn shared_params(
     options: &EngineOptions,
@@ -234,9 +234,9 @@ pub(crate) fn shared_params(
     context_params(options.threads, fa, options.kv_cache_type)
 }
 
-/// [`flash_attention`] for this model's settings (`serve`'s and `bench`'s alike): whether its
-/// attention runs on a GPU.
-pub(crate) fn model_flash_attention(
+/// [`flash_attention`] for a model's settings (`serve`'s and `bench`'s alike) on this machine:
+/// whether its attention runs on a GPU.
+pub(crate) fn resolve_flash_attention(
     choice: Option<bool>,
     kv: KvCacheType,
     gpu_layers: Option<u32>,

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 pub use compute::{compute, Compute, Device};
 pub use embed::{l2_normalize, shorten, EmbedShape, Embeddings};
 pub use error::{EngineError, LoadError};
-pub(crate) use loader::{backend, context_params, model_flash_attention, sliding_window};
+pub(crate) use loader::{backend, context_params, resolve_flash_attention, sliding_window};
 pub use loader::{Fim, ModelInfo};
 pub use request::{
     FinishReason, GenerateRequest, InvalidField, Overflow, SamplingOverrides, SamplingParams,

@@ -64,7 +64,7 @@ pub(crate) fn engine_worker(
     let per_slot = loader::ctx_per_slot(&model, &options);
     // Resolved once here: the grain, the log and every context of the model (serving and
     // embeddings, which must agree) take it.
-    let fa = loader::model_flash_attention(
+    let fa = loader::resolve_flash_attention(
         options.flash_attention,
         options.kv_cache_type,
         options.gpu_layers,
