@@ -580,6 +580,13 @@ pub struct ServeArgs {
     /// window reuses its conversation instead of reading it again (llama-server's --swa-full).
     #[arg(long, env = "BACKSTOP_SWA_FULL")]
     pub swa_full: bool,
+    /// Speculative decoding by prompt lookup: when an answer's last tokens occurred earlier
+    /// in its context, up to N of the tokens that followed them there are checked in the same
+    /// decode as the next one, so text the answer repeats (code being edited, a quoted
+    /// document) comes several tokens a step. Each step drafts only as much as the step costs
+    /// measured on this machine and the answer's recent hits make worth it [default: 0, off].
+    #[arg(long, env = "BACKSTOP_SPECULATE", value_name = "N")]
+    pub speculate: Option<u32>,
     /// Extra browser origins allowed to call the API, comma separated [also OLLAMA_ORIGINS].
     #[arg(long, env = "BACKSTOP_ORIGINS", value_name = "ORIGINS")]
     pub origins: Option<String>,

@@ -277,3 +277,68 @@ async fn loaded_models_share_one_pool_of_compute_threads_and_answer_as_alone() {
     // One engine thread per model and no OpenMP threads of their own (which would take theirs).
     assert_eq!(count(&|n| n.starts_with("engine_worker")), 2, "{names:?}");
 }
+
+/// What a greedy chat answered, with its token count and why it ended.
+async fn greedy_chat(s: &Server, prompt: &str, extra: Value) -> (String, u64, String) {
+    let mut body = json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": 120,
+    });
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        body.extend(extra.clone());
+    }
+    let resp = s.chat(body).await;
+    let tokens = resp["usage"]["completion_tokens"].as_u64().unwrap();
+    let finish = resp["choices"][0]["finish_reason"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (answer(&resp), tokens, finish)
+}
+
+#[tokio::test]
+async fn speculative_decoding_takes_drafted_tokens_and_answers_as_without() {
+    let plain = Server::start(&["--parallel", "2"]).await;
+    let spec = Server::start(&["--parallel", "2", "--speculate", "8"]).await;
+    // Answers that repeat their prompt (SmolLM2 copies the sentence and counts on), with a
+    // length limit and a stop string that fall inside drafted runs.
+    let sentence = "Copy this sentence word for word: The committee will meet on Tuesday at \
+                    nine in the morning to review the budget for the new library.";
+    let numbers = "Write the numbers from 1 to 30 separated by commas.";
+    let cases = [
+        (sentence, json!({})),
+        (numbers, json!({})),
+        (numbers, json!({"max_tokens": 37})),
+        (numbers, json!({"stop": ["56"]})),
+    ];
+    let steps = format!("backstop_decode_steps_total{MODEL}");
+    let accepted = format!("backstop_draft_accepted_tokens_total{MODEL}");
+    let drafted = format!("backstop_draft_tokens_total{MODEL}");
+    let plain_before = plain.metric(&steps).await;
+    let spec_before = spec.metric(&steps).await;
+    for (prompt, extra) in &cases {
+        let expected = greedy_chat(&plain, prompt, extra.clone()).await;
+        let got = greedy_chat(&spec, prompt, extra.clone()).await;
+        assert_eq!(got, expected, "{prompt} {extra}");
+        if extra.get("max_tokens").is_some() {
+            assert_eq!((got.1, got.2.as_str()), (37, "length"));
+        }
+        if extra.get("stop").is_some() {
+            assert_eq!(got.2, "stop");
+            assert!(!got.0.contains("56") && !got.0.is_empty(), "{}", got.0);
+        }
+    }
+    // Each drafted token taken saved exactly one decode step, and most were taken.
+    let taken = spec.metric(&accepted).await;
+    let checked = spec.metric(&drafted).await;
+    let plain_steps = plain.metric(&steps).await - plain_before;
+    let spec_steps = spec.metric(&steps).await - spec_before;
+    assert!(
+        taken >= 100.0 && taken >= 0.8 * checked,
+        "{taken} of {checked} taken"
+    );
+    assert_eq!(spec_steps, plain_steps - taken, "{checked} drafted");
+    assert_eq!(plain.metric(&accepted).await, 0.0, "off by default");
+}

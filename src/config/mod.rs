@@ -115,6 +115,8 @@ pub struct EngineDefaults {
     pub kv_cache_type: KvCacheType,
     /// Sliding-window layers keep the whole context in their cache.
     pub swa_full: bool,
+    /// Most tokens a generating sequence drafts by prompt lookup per step (0: off).
+    pub speculate: u32,
 }
 
 impl EngineDefaults {
@@ -133,6 +135,7 @@ impl EngineDefaults {
             flash_attention: self.flash_attention,
             kv_cache_type: self.kv_cache_type,
             swa_full: self.swa_full,
+            speculate: self.speculate,
         }
     }
 }
@@ -469,6 +472,18 @@ impl Config {
         if kv_cache_type != KvCacheType::F16 && flash_attention == Some(false) {
             return Err(invalid(&kv_from, "kv_cache_type", NEEDS_FLASH.into()));
         }
+        let draft_most = |n: Option<u32>, key: &str, from: &str| match n {
+            Some(n) if n > engine::MAX_SPECULATE => {
+                let most = engine::MAX_SPECULATE;
+                Err(invalid(from, key, format!("{n} is over the most, {most}")))
+            }
+            n => Ok(n),
+        };
+        let speculate = match args.speculate {
+            Some(n) => draft_most(Some(n), "speculate", FLAGS)?,
+            None => draft_most(raw.server.speculate, "server.speculate", &origin)?,
+        }
+        .unwrap_or(0);
         let engine_defaults = EngineDefaults {
             slots: slots.unwrap_or(DEFAULT_PARALLEL),
             ctx_per_slot: ctx,
@@ -480,6 +495,7 @@ impl Config {
             flash_attention,
             kv_cache_type,
             swa_full: args.swa_full || raw.server.swa_full.unwrap_or(false),
+            speculate,
         };
 
         // Lifecycle.
@@ -678,6 +694,11 @@ impl Config {
             if !fa_forced {
                 engine.flash_attention = m.flash_attention.or(engine.flash_attention);
             }
+            if args.speculate.is_none() {
+                if let Some(n) = draft_most(m.speculate, &key("speculate"), &from)? {
+                    engine.speculate = n;
+                }
+            }
             if engine.kv_cache_type != KvCacheType::F16 && engine.flash_attention == Some(false) {
                 return Err(invalid(&from, &key("flash_attention"), NEEDS_FLASH.into()));
             }
@@ -804,6 +825,7 @@ pub(crate) fn for_tests(path: &str) -> Config {
         flash_attention: None,
         kv_cache_type: KvCacheType::F16,
         swa_full: false,
+        speculate: 0,
     };
     let name = ModelName::parse("m").unwrap();
     Config {
@@ -934,6 +956,63 @@ mod tests {
         assert_eq!(m.engine.ctx_per_slot, Some(1024));
         assert_eq!(m.defaults.system.as_deref(), Some("Be brief."));
         assert_eq!(m.defaults.sampling.temperature, Some(0.1));
+    }
+
+    #[test]
+    fn speculate_comes_from_the_flag_then_the_model_then_the_server_and_has_a_most() {
+        let model = "[models.a]\npath = \"model.gguf\"\n";
+        assert_eq!(
+            load_toml(model).unwrap().engine.speculate,
+            0,
+            "off by default"
+        );
+        let toml = format!("[server]\nspeculate = 8\n{model}");
+        let cfg = load_toml(&toml).unwrap();
+        assert_eq!(
+            (cfg.engine.speculate, cfg.models[0].engine.speculate),
+            (8, 8)
+        );
+        let flag = |n| ServeArgs {
+            speculate: Some(n),
+            ..Default::default()
+        };
+        assert_eq!(load_toml_with(&toml, flag(0)).unwrap().engine.speculate, 0);
+        let most = engine::MAX_SPECULATE;
+        assert_eq!(
+            load_toml_with(&toml, flag(most)).unwrap().engine.speculate,
+            most
+        );
+        let err = load_toml_with(&toml, flag(most + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("speculate") && err.contains("33 is over the most, 32"),
+            "{err}"
+        );
+        let err = load_toml(&format!("[server]\nspeculate = 100\n{model}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server.speculate") && err.contains("100"),
+            "{err}"
+        );
+        // A model's own value beats [server]'s; the flag beats both.
+        let toml = format!("{toml}speculate = 16\n[models.b]\npath = \"model.gguf\"\n");
+        let each = |cfg: Config| {
+            cfg.models
+                .iter()
+                .map(|m| m.engine.speculate)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(each(load_toml(&toml).unwrap()), [16, 8]);
+        assert_eq!(each(load_toml_with(&toml, flag(4)).unwrap()), [4, 4]);
+        let err = load_toml(&format!("{model}speculate = 40\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("models.a.speculate") && err.contains("40"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub(crate) struct RawServer {
     pub(crate) kv_cache_type: Option<String>,
     /// Sliding-window layers keep the whole context in their cache (llama.cpp's `swa_full`).
     pub(crate) swa_full: Option<bool>,
+    /// Most tokens drafted by prompt lookup per step (0: off).
+    pub(crate) speculate: Option<u32>,
     /// Extra browser origins allowed by CORS, like OLLAMA_ORIGINS.
     pub(crate) origins: Option<Vec<String>>,
     /// PEM certificate chain for TLS.
@@ -87,6 +89,8 @@ pub(crate) struct RawModel {
     pub(crate) gpu_layers: Option<u32>,
     /// Flash attention for this model, over `[server]`'s (a flag or variable beats both).
     pub(crate) flash_attention: Option<bool>,
+    /// Most tokens drafted by prompt lookup per step for this model, over `[server]`'s.
+    pub(crate) speculate: Option<u32>,
     /// How long this model stays loaded when idle.
     pub(crate) keep_alive: Option<RawDuration>,
     /// System prompt used when a chat request brings none.

@@ -25,6 +25,10 @@ pub(crate) struct EngineMetrics {
     pub(crate) time_to_first_token: Histogram,
     /// Each answer's decode speed, tokens per second of one stream.
     pub(crate) decode_rate: Histogram,
+    /// Tokens drafted by prompt lookup and checked in a decode (`--speculate`).
+    pub(crate) draft_tokens: Counter,
+    /// Drafted tokens the answer took: each saved a decode step.
+    pub(crate) draft_accepted: Counter,
 }
 
 impl EngineMetrics {
@@ -44,6 +48,8 @@ impl EngineMetrics {
             decode_errors: counter!("backstop_decode_errors_total", labels),
             time_to_first_token: histogram!("backstop_time_to_first_token_seconds", labels),
             decode_rate: histogram!("backstop_decode_tokens_per_second", labels),
+            draft_tokens: counter!("backstop_draft_tokens_total", labels),
+            draft_accepted: counter!("backstop_draft_accepted_tokens_total", labels),
         }
     }
 }

@@ -6,6 +6,7 @@ mod embed;
 mod error;
 mod graphs;
 mod loader;
+mod lookup;
 mod metrics;
 mod policy;
 mod request;
@@ -35,6 +36,10 @@ pub use template::{fallback_for, ChatMessage, ChatTemplate, Role, TemplateSource
 /// Room for this many undelivered events per request. A generating sequence whose client
 /// lets this fill up skips decode steps until it reads again.
 const EVENT_BUFFER: usize = 64;
+
+/// The most tokens `--speculate` may draft per step: a longer draft is almost never all
+/// accepted, and its rows would cost more than they save (see [`lookup`]).
+pub const MAX_SPECULATE: u32 = 32;
 
 /// How to load and run one model.
 #[derive(Debug, Clone)]
@@ -66,6 +71,9 @@ pub struct EngineOptions {
     /// in their cache instead of their window and one batch: llama.cpp's `swa_full`, off by
     /// default as in llama.cpp's server.
     pub swa_full: bool,
+    /// Most tokens a generating sequence drafts by prompt lookup per step (0: off; see
+    /// [`lookup`]).
+    pub speculate: u32,
 }
 
 /// KV cache element types Ollama's `OLLAMA_KV_CACHE_TYPE` offers.

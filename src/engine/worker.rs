@@ -1,6 +1,7 @@
 //! The decode loop: one OS thread per model owns the llama.cpp model and context. Each step
 //! takes new requests, admits them to free slots, evaluates one batch holding a token of
-//! every generating sequence plus a chunk of pending prompts, then samples and streams.
+//! every generating sequence (and the tokens it drafts, with `--speculate`: see
+//! [`super::lookup`]), then a chunk of each pending prompt, then samples and streams.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::embed::{self, EmbedJob, EmbedShape, EmbedTask, Embedder, Pooling};
 use super::loader::{self, ModelInfo};
+use super::lookup::{self, Acceptance, RowCosts};
 use super::metrics::EngineMetrics;
 use super::policy::{
     join_segments, place, plan_step, segment_starts, Budget, CachedSlot, Grain, Held, Layout, Pace,
@@ -29,8 +31,9 @@ use super::{
 };
 
 /// A sequence emits at most three events per step (its token; then, when that token ends
-/// the answer, the text held back for stop strings and the final event); it only runs when
-/// its channel has room for all three, so sends never find the channel full.
+/// the answer, the text held back for stop strings and the final event), and one more per
+/// token it drafted; it only runs when its channel has room for three, and drafts no more
+/// than the rest of the room, so sends never find the channel full.
 const EVENTS_PER_STEP: usize = 3;
 
 /// How long to wait before re-planning when every busy sequence waits on a slow reader.
@@ -99,6 +102,7 @@ pub(crate) fn engine_worker(
         ctx_per_slot = per_slot,
         threads = options.threads,
         flash_attention = %loader::flash_attention_name(fa),
+        speculate = speculate(&model, &options),
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
@@ -108,6 +112,16 @@ pub(crate) fn engine_worker(
     }
     Worker::new(backend, &model, ctx, &options, fa, bos_text, grain).run(jobs);
     tracing::info!(model = %options.name, "engine stopped");
+}
+
+/// Most tokens a sequence drafts per step: the setting, except for models whose cache cannot
+/// drop a rejected draft (recurrent and hybrid ones keep a state, not positions).
+fn speculate(model: &LlamaModel, options: &EngineOptions) -> usize {
+    if model.is_recurrent() || model.is_hybrid() {
+        0
+    } else {
+        options.speculate as usize
+    }
 }
 
 /// A request whose prompt is tokenized and waits for a slot.
@@ -210,6 +224,11 @@ struct Active {
     first_token_at: Option<Instant>,
     /// Batch index whose logits belong to this sequence after the current decode.
     logits_at: Option<i32>,
+    /// Tokens drafted by prompt lookup into the current decode, after `next`: each has its
+    /// row, from `logits_at + 1` on.
+    drafts: Vec<LlamaToken>,
+    /// How often its drafted tokens were taken lately.
+    acceptance: Acceptance,
 }
 
 impl Active {
@@ -267,6 +286,10 @@ struct Worker<'m> {
     /// Measured step costs that size prompt chunks while others generate.
     pace: Pace,
     ctx_per_slot: usize,
+    /// Most tokens a sequence drafts per step ([`speculate`]; 0: off).
+    speculate: usize,
+    /// Measured decode costs by rows, which size drafts.
+    costs: RowCosts,
     /// The cache of the model's sliding-window layers, when it keeps only their window.
     window: Option<Window>,
     n_vocab: i32,
@@ -334,6 +357,8 @@ impl<'m> Worker<'m> {
                 grain,
             },
             ctx_per_slot: ctx_per_slot as usize,
+            speculate: speculate(model, options),
+            costs: RowCosts::default(),
             window,
             n_vocab: model.n_vocab(),
             eog: {
@@ -759,6 +784,8 @@ impl<'m> Worker<'m> {
             admitted_at: Instant::now(),
             first_token_at: None,
             logits_at: None,
+            drafts: Vec::new(),
+            acceptance: Acceptance::default(),
         });
         if whole_hit {
             self.sample_kept(index);
@@ -917,6 +944,10 @@ impl<'m> Worker<'m> {
         self.batch.clear();
         let mut undo: Vec<Undo> = Vec::with_capacity(plan.decode.len() + plan.prefill.len());
         let shared_step = plan.decode.len() + plan.prefill.len() > 1;
+        // Rows of the decode and the tokens they are expected to yield, as drafts are chosen.
+        let mut rows = plan.decode.len();
+        let mut expected = rows as f64;
+        let mut drafted = 0;
         for &i in &plan.decode {
             let slot = &mut self.slots[i];
             let Some(active) = slot.active.as_mut() else {
@@ -932,6 +963,26 @@ impl<'m> Worker<'m> {
                 .map_err(|e| EngineError::Decode(e.to_string()))?;
             slot.cached.push(token);
             active.logits_at = Some(self.batch.n_tokens() - 1);
+            let found = self.draft(i, rows, expected);
+            let slot = &mut self.slots[i];
+            let Some(active) = slot.active.as_mut() else {
+                continue;
+            };
+            let looked = found.is_some();
+            let drafts = found.unwrap_or_default();
+            if drafts.is_empty() && looked {
+                active.acceptance.idle();
+            }
+            for (&d, pos) in drafts.iter().zip(pos + 1..) {
+                self.batch
+                    .add(d, pos, &[slot.seq], true)
+                    .map_err(|e| EngineError::Decode(e.to_string()))?;
+                slot.cached.push(d);
+            }
+            rows += drafts.len();
+            expected += lookup::expected_gain(active.acceptance.rate(), drafts.len());
+            drafted += drafts.len();
+            active.drafts = drafts;
         }
         for &(i, n) in &plan.prefill {
             let slot = &mut self.slots[i];
@@ -969,8 +1020,15 @@ impl<'m> Worker<'m> {
         let (result, took) = super::graphs::decode_timed(&mut self.ctx, &mut self.batch);
         if result.is_ok() {
             let decoded = undo.iter().filter(|u| u.2.is_some()).count();
-            let prompt = (self.batch.n_tokens() as usize).saturating_sub(decoded);
-            self.pace.record(decoded, prompt, took.as_secs_f64());
+            let rows = self.batch.n_tokens() as usize;
+            let prompt = rows.saturating_sub(decoded + drafted);
+            // The pace keeps plain decode steps' cost; drafts are paid for by what they yield.
+            if drafted == 0 {
+                self.pace.record(decoded, prompt, took.as_secs_f64());
+            }
+            if prompt == 0 && self.speculate > 0 {
+                self.costs.record(rows, took.as_secs_f64());
+            }
         }
         tracing::trace!(
             step = self.step_no,
@@ -997,10 +1055,102 @@ impl<'m> Worker<'m> {
                     if let Some(a) = slot.active.as_mut() {
                         a.next = next;
                         a.logits_at = None;
+                        a.drafts.clear();
                     }
                 }
                 Err(EngineError::Decode(e.to_string()))
             }
+        }
+    }
+
+    /// The tokens slot `i` drafts by prompt lookup after the token it just put in the batch, in
+    /// a decode that already holds `rows` rows expected to yield `expected` tokens: as many as
+    /// pay ([`lookup::choose`]) and fit. A draft fits when every token it could yield may
+    /// still be sent in this step and counted in the answer, and its positions fit the
+    /// request's context. A sliding-window cache needs no room of its own: llama.cpp gives a
+    /// new position a cell whose position is out of the window of the sequence's first new
+    /// position (`find_slot` in `llama-kv-cache.cpp`, at the pinned version), so what a
+    /// rejected draft overwrote is out of the window of every position read after it too.
+    /// `None` when the lookup found nothing.
+    fn draft(&self, i: usize, rows: usize, expected: f64) -> Option<Vec<LlamaToken>> {
+        let slot = &self.slots[i];
+        let active = slot.active.as_ref().filter(|_| self.speculate > 0)?;
+        // The position after the token just added.
+        let next_pos = slot.cached.len();
+        let room = [
+            self.speculate,
+            active.events.capacity().saturating_sub(EVENTS_PER_STEP),
+            active
+                .max_tokens
+                .saturating_sub(active.generated)
+                .saturating_sub(1),
+            active.limit.saturating_sub(next_pos + 1),
+            self.budget.batch.saturating_sub(rows),
+        ]
+        .into_iter()
+        .min()
+        .unwrap_or(0);
+        let found = lookup::draft(&slot.cached, room);
+        if found.is_empty() {
+            return None;
+        }
+        let k = lookup::choose(
+            &self.costs,
+            rows,
+            expected,
+            found.len(),
+            active.acceptance.rate(),
+        );
+        Some(found[..k].to_vec())
+    }
+
+    /// Samples row after row of slot `i`'s decode, from `first` (sampled from the row of the
+    /// token it fed) through its drafted tokens: each drafted token the sampler also picks is
+    /// taken, already in the cache, and the row after it is sampled in turn; the first that
+    /// differs, or the one after the last drafted token, becomes the next token, as in a step
+    /// without drafts. The cache then drops the drafted tokens not taken.
+    fn verify(&mut self, i: usize, idx: i32, first: LlamaToken, drafts: Vec<LlamaToken>) {
+        let fed = self.slots[i].cached.len() - drafts.len();
+        self.slots[i].truncate(fed);
+        let mut token = first;
+        let mut taken = 0;
+        for (row, draft) in (idx..).zip(drafts.iter().map(Some).chain([None])) {
+            if row > idx {
+                let Some(active) = self.slots[i].active.as_mut() else {
+                    break;
+                };
+                token = active.sampler.sample(&self.ctx, row);
+            }
+            self.on_sampled(i, token);
+            let slot = &mut self.slots[i];
+            let Some(active) = slot.active.as_mut() else {
+                break; // the answer ended with this token
+            };
+            if draft != Some(&token) {
+                break;
+            }
+            active.next = None;
+            slot.cached.push(token);
+            taken += 1;
+        }
+        self.metrics.draft_tokens.increment(drafts.len() as u64);
+        self.metrics.draft_accepted.increment(taken as u64);
+        let keep = self.slots[i].cached.len();
+        if let Some(active) = self.slots[i].active.as_mut() {
+            active.acceptance.record(drafts.len(), taken);
+        }
+        if keep < fed + drafts.len() && !self.trim(i, keep) {
+            // Unreachable for the models drafting is offered to (see `speculate`).
+            self.clear_seq(i);
+            self.slots[i].truncate(0);
+            let error = EngineError::Decode("could not drop a rejected draft".into());
+            self.fail(
+                &StepPlan {
+                    decode: vec![i],
+                    prefill: vec![],
+                },
+                error,
+            );
         }
     }
 
@@ -1039,7 +1189,12 @@ impl<'m> Worker<'m> {
                 });
             }
             let token = active.sampler.sample(&self.ctx, idx);
-            self.on_sampled(i, token);
+            let drafts = std::mem::take(&mut active.drafts);
+            if drafts.is_empty() {
+                self.on_sampled(i, token);
+            } else {
+                self.verify(i, idx, token, drafts);
+            }
         }
     }
 
