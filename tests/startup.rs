@@ -119,6 +119,19 @@ fn a_bad_flag_value_is_refused() {
 }
 
 #[test]
+fn a_draft_length_over_the_most_is_refused() {
+    let model = format!("m={}", common::smollm2().display());
+    let out = serve(&["--speculate", "33", "--model", &model]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("speculate") && out.stderr.contains("33 is over the most, 32"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("listening on"), "{}", out.stderr);
+}
+
+#[test]
 fn a_pinned_hub_model_missing_from_the_store_says_how_to_pull_it() {
     let d = temp_dir("pinned");
     let cfg = d.join("models.toml");

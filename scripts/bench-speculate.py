@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Speculative decoding by prompt lookup, backstop's (`serve --speculate N`) side by side with
+llama-server's (`--spec-type ngram-simple`), in one run, on one model.
+
+Four servers, all up at once (an idle server takes no CPU time), each with the same model,
+threads, per-slot context, chat template (backstop's fallback by the peer's name for it, as in
+bench-peers.py) and flash attention (backstop's CPU default, off, unless
+BACKSTOP_FLASH_ATTENTION=1 turns it on for all four), so that what differs is speculation: backstop without and with --speculate N, llama-server without and with
+`--spec-type ngram-simple` (its other settings at their defaults, as a user who turns it on gets
+them). Three tasks, each a greedy chat streamed to one client:
+  edit   rename a function in 24 lines of Python and answer with the whole code: the answer
+         repeats its prompt with a change
+  quote  a passage, then "repeat it word for word"
+  story  a story from nothing: little to look up, so drafting must cost little or nothing
+Each repetition runs every task on every server (after one warm-up request each, the first time),
+rotating the servers' order; decode tok/s per stream is (completion tokens - 1) / (last token -
+first token), from bench_client.py. The table gives the medians over the repetitions, each
+server's speculative over its plain figure (the gain), and backstop's speculative figure over
+llama-server's.
+
+    ~/.cache/backstop/venv/bin/python scripts/bench-speculate.py [--model PATH] [--draft 16]
+        [--reps 5] [--threads N] [--max-tokens 300]
+
+Writes bench-results/speculate-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+spec = importlib.util.spec_from_file_location("bench_peers", pathlib.Path(__file__).with_name("bench-peers.py"))
+peers = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(peers)
+
+CODE = '''def merge_sorted(left, right):
+    """Merge two sorted lists into one sorted list."""
+    result = []
+    i = j = 0
+    while i < len(left) and j < len(right):
+        if left[i] <= right[j]:
+            result.append(left[i])
+            i += 1
+        else:
+            result.append(right[j])
+            j += 1
+    result.extend(left[i:])
+    result.extend(right[j:])
+    return result
+
+
+def merge_sort(items):
+    """Sort a list by splitting it in halves and merging them."""
+    if len(items) <= 1:
+        return items
+    middle = len(items) // 2
+    left = merge_sort(items[:middle])
+    right = merge_sort(items[middle:])
+    return merge_sorted(left, right)
+'''
+
+PASSAGE = ("The lighthouse stood on the northern point of the island for two hundred years. "
+           "Every evening the keeper climbed its one hundred and twelve steps, trimmed the wick, "
+           "filled the lamp with oil and wound the clockwork that turned the great lens. "
+           "Ships passing in the night saw its beam sweep the water every ten seconds, and knew "
+           "to keep well clear of the rocks that lay hidden beneath the waves to the west.")
+
+TASKS = {
+    "edit": "Rename the function merge_sorted to merge_lists everywhere in this code. Answer with "
+            "the whole code and nothing else.\n\n```python\n" + CODE + "```",
+    "quote": "Here is a passage:\n\n" + PASSAGE + "\n\nRepeat the passage above word for word.",
+    "story": "Write a long story about a lighthouse keeper who finds a map washed up on the shore.",
+}
+
+SERVERS = ["backstop", "backstop --speculate", "llama-server", "llama-server ngram-simple"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(peers.MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--draft", type=int, default=16, help="backstop's --speculate N")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=300)
+    ap.add_argument("--ctx", type=int, default=4096, help="context per slot, every server")
+    ap.add_argument("--out", default=str(peers.ROOT / "bench-results"))
+    args = ap.parse_args()
+    model = pathlib.Path(args.model)
+    peers.build(with_python=False)
+    backstop = peers.TARGET / "release" / "backstop"
+    llama_server = peers.PEERS / "llama-server"
+    version = subprocess.run([str(llama_server), "--version"], capture_output=True, text=True)
+    peer_version = (version.stdout + version.stderr).strip().splitlines()[0]
+    template = peers.template_source(backstop, model)
+
+    def start(kind: str) -> peers.Server:
+        port = peers.free_port()
+        if kind.startswith("backstop"):
+            argv = [str(backstop), "serve", "--host", f"127.0.0.1:{port}", "--model", f"m={model}",
+                    "--threads", str(args.threads), "--parallel", "1", "--ctx", str(args.ctx)]
+            if kind.endswith("--speculate"):
+                argv += ["--speculate", str(args.draft)]
+            return peers.Server(kind.replace(" ", ""), argv, port, ready="/health/ready")
+        argv = [str(llama_server), "-m", str(model), "-t", str(args.threads), "-np", "1",
+                "-c", str(args.ctx), "--host", "127.0.0.1", "--port", str(port), "--alias", "m",
+                *peers.peer_template_args("llama-server", template)]
+        fa = os.environ.get("BACKSTOP_FLASH_ATTENTION", "0").lower() in ("1", "true", "on")
+        argv += ["--flash-attn", "on" if fa else "off"]
+        if kind.endswith("ngram-simple"):
+            argv += ["--spec-type", "ngram-simple"]
+        return peers.Server(kind.replace(" ", ""), argv, port)
+
+    def decode_rate(url: str, prompt: str, warmup: int) -> dict:
+        cmd = [sys.executable, str(peers.ROOT / "scripts" / "bench_client.py"), "--url", url, "--model", "m",
+               "--prompt", prompt, "--max-tokens", str(args.max_tokens), "--warmup", str(warmup),
+               "--quiet", "--json", "/dev/stdout"]
+        out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        return {"decode_tok_s": out["decode_tok_s_per_stream"]["median"],
+                "completion_tokens": out["completion_tokens_total"]}
+
+    runs: dict[str, dict[str, list[dict]]] = {k: {t: [] for t in TASKS} for k in SERVERS}
+    peers.log("==> starting the four servers")
+    servers = {kind: start(kind) for kind in SERVERS}
+    try:
+        for rep in range(args.reps):
+            order = SERVERS[rep % len(SERVERS):] + SERVERS[:rep % len(SERVERS)]
+            for task, prompt in TASKS.items():
+                peers.log(f"==> rep {rep + 1}/{args.reps}: {task}")
+                for kind in order:
+                    runs[kind][task].append(decode_rate(servers[kind].url, prompt, 1 if rep == 0 else 0))
+    finally:
+        for s in servers.values():
+            s.stop()
+
+    fig = {k: {t: statistics.median(r["decode_tok_s"] for r in runs[k][t]) for t in TASKS} for k in SERVERS}
+    tokens = {k: {t: statistics.median(r["completion_tokens"] for r in runs[k][t]) for t in TASKS} for k in SERVERS}
+    machine = {"nproc": os.cpu_count(), "cpu": peers.cpu_model(), "threads": args.threads}
+    print(f"\nmachine: {machine['nproc']} cores, {machine['cpu']}; threads {args.threads}; model {model.name}; "
+          f"greedy, up to {args.max_tokens} tokens; median of {args.reps} rotated runs")
+    print(f"backstop --speculate {args.draft}; llama-server {peer_version} --spec-type ngram-simple\n")
+    print("| task | backstop | --speculate | gain | llama-server | ngram-simple | gain | speculating: backstop / llama-server |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for t in TASKS:
+        b0, b1 = fig["backstop"][t], fig["backstop --speculate"][t]
+        l0, l1 = fig["llama-server"][t], fig["llama-server ngram-simple"][t]
+        print(f"| {t} | {b0:.1f} | {b1:.1f} | {b1 / b0:.2f}x | {l0:.1f} | {l1:.1f} | {l1 / l0:.2f}x | {b1 / l1:.2f}x |")
+    print("\ndecode tok/s per stream; answer lengths (tokens, median): "
+          + "; ".join(f"{k}: " + ", ".join(f"{t} {tokens[k][t]:.0f}" for t in TASKS) for k in SERVERS))
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"speculate-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"machine": machine, "model": str(model), "draft": args.draft,
+                                "max_tokens": args.max_tokens, "reps": args.reps, "peer_version": peer_version,
+                                "figures": fig, "tokens": tokens, "runs": runs}, indent=1))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
