@@ -341,4 +341,25 @@ async fn speculative_decoding_takes_drafted_tokens_and_answers_as_without() {
     );
     assert_eq!(spec_steps, plain_steps - taken, "{checked} drafted");
     assert_eq!(plain.metric(&accepted).await, 0.0, "off by default");
+
+    // Per request, as llama-server's `speculative.n_max`: on where the server has it off, off
+    // where it has it on, and refused over the most.
+    let counted = greedy_chat(&plain, numbers, json!({})).await;
+    let asked = greedy_chat(&plain, numbers, json!({"speculative.n_max": 8})).await;
+    assert_eq!(asked, counted);
+    assert!(plain.metric(&accepted).await > 10.0);
+    let checked = spec.metric(&drafted).await;
+    let declined = greedy_chat(&spec, numbers, json!({"speculative.n_max": 0})).await;
+    assert_eq!(declined, counted);
+    assert_eq!(spec.metric(&drafted).await, checked, "nothing drafted");
+    let body = json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": numbers}],
+        "speculative.n_max": 33,
+    });
+    let (status, err) = spec.post("/v1/chat/completions", &body).await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["param"], "speculative.n_max", "{err}");
+    let message = err["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("at most 32, got 33"), "{err}");
 }

@@ -45,6 +45,9 @@ pub(crate) struct Valid {
     pub(crate) ignore_eos: bool,
     /// Reuse cached prompt prefixes (llama.cpp server's `cache_prompt`, default true).
     pub(crate) cache_prompt: bool,
+    /// Most tokens drafted per step (llama.cpp server's `speculative.n_max`); `None`: the
+    /// model's setting.
+    pub(crate) speculate: Option<u32>,
     /// How long the model should stay loaded afterwards (Ollama's `keep_alive`).
     pub(crate) keep_alive: Option<KeepAlive>,
     /// Context tokens this request may use, if less than the model's (Ollama's `num_ctx`).
@@ -72,6 +75,7 @@ impl Valid {
             stop: None,
             ignore_eos: false,
             cache_prompt: true,
+            speculate: None,
             keep_alive: None,
             ctx_limit: None,
             overflow: Overflow::Refuse,
@@ -196,6 +200,7 @@ pub(crate) fn generate_request(valid: &Valid, lease: &Lease) -> Result<GenerateR
         stop: valid.stop.clone().unwrap_or_else(|| defaults.stop.clone()),
         ignore_eos: valid.ignore_eos,
         cache_prompt: valid.cache_prompt,
+        speculate: valid.speculate,
         ctx_limit: valid.ctx_limit,
         overflow: valid.overflow,
         grammar: valid.grammar.clone(),

@@ -77,6 +77,8 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// Reuse cached prompt prefixes; false reads the whole prompt as a fresh server would.
     pub cache_prompt: bool,
+    /// Most tokens drafted per step by prompt lookup; `None`: the model's `--speculate`.
+    pub speculate: Option<u32>,
     /// Context tokens this request may use (prompt plus answer), when less than a slot's.
     pub ctx_limit: Option<u32>,
     /// What to do with a prompt that does not fit.

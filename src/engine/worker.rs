@@ -114,13 +114,18 @@ pub(crate) fn engine_worker(
     tracing::info!(model = %options.name, "engine stopped");
 }
 
-/// Most tokens a sequence drafts per step: the setting, except for models whose cache cannot
-/// drop a rejected draft (recurrent and hybrid ones keep a state, not positions).
+/// Whether a model's cache can drop a rejected draft: recurrent and hybrid models keep a
+/// state, not positions, and never draft.
+fn can_draft(model: &LlamaModel) -> bool {
+    !model.is_recurrent() && !model.is_hybrid()
+}
+
+/// Most tokens a sequence drafts per step unless its request says otherwise.
 fn speculate(model: &LlamaModel, options: &EngineOptions) -> usize {
-    if model.is_recurrent() || model.is_hybrid() {
-        0
-    } else {
+    if can_draft(model) {
         options.speculate as usize
+    } else {
+        0
     }
 }
 
@@ -229,6 +234,8 @@ struct Active {
     drafts: Vec<LlamaToken>,
     /// How often its drafted tokens were taken lately.
     acceptance: Acceptance,
+    /// Most tokens it drafts per step.
+    speculate: usize,
 }
 
 impl Active {
@@ -286,8 +293,10 @@ struct Worker<'m> {
     /// Measured step costs that size prompt chunks while others generate.
     pace: Pace,
     ctx_per_slot: usize,
-    /// Most tokens a sequence drafts per step ([`speculate`]; 0: off).
+    /// Most tokens a sequence drafts per step unless its request says ([`speculate`]).
     speculate: usize,
+    /// Whether the model can draft at all ([`can_draft`]).
+    can_draft: bool,
     /// Measured decode costs by rows, which size drafts.
     costs: RowCosts,
     /// The cache of the model's sliding-window layers, when it keeps only their window.
@@ -358,6 +367,7 @@ impl<'m> Worker<'m> {
             },
             ctx_per_slot: ctx_per_slot as usize,
             speculate: speculate(model, options),
+            can_draft: can_draft(model),
             costs: RowCosts::default(),
             window,
             n_vocab: model.n_vocab(),
@@ -764,6 +774,10 @@ impl<'m> Worker<'m> {
             banned,
             grammar,
         );
+        let speculate = match job.request.speculate {
+            Some(n) if self.can_draft => n as usize,
+            _ => self.speculate,
+        };
         let mut stops = job.request.stop.clone();
         stops.retain(|s| !s.is_empty());
         self.admissions += 1;
@@ -786,6 +800,7 @@ impl<'m> Worker<'m> {
             logits_at: None,
             drafts: Vec::new(),
             acceptance: Acceptance::default(),
+            speculate,
         });
         if whole_hit {
             self.sample_kept(index);
@@ -1026,7 +1041,7 @@ impl<'m> Worker<'m> {
             if drafted == 0 {
                 self.pace.record(decoded, prompt, took.as_secs_f64());
             }
-            if prompt == 0 && self.speculate > 0 {
+            if prompt == 0 && self.can_draft {
                 self.costs.record(rows, took.as_secs_f64());
             }
         }
@@ -1074,11 +1089,11 @@ impl<'m> Worker<'m> {
     /// `None` when the lookup found nothing.
     fn draft(&self, i: usize, rows: usize, expected: f64) -> Option<Vec<LlamaToken>> {
         let slot = &self.slots[i];
-        let active = slot.active.as_ref().filter(|_| self.speculate > 0)?;
+        let active = slot.active.as_ref().filter(|a| a.speculate > 0)?;
         // The position after the token just added.
         let next_pos = slot.cached.len();
         let room = [
-            self.speculate,
+            active.speculate,
             active.events.capacity().saturating_sub(EVENTS_PER_STEP),
             active
                 .max_tokens

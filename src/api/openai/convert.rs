@@ -96,6 +96,7 @@ struct Common {
     stop: Option<Vec<String>>,
     ignore_eos: bool,
     cache_prompt: bool,
+    speculate: Option<u32>,
 }
 
 fn common(c: CommonParams) -> Result<Common, ApiError> {
@@ -119,12 +120,20 @@ fn common(c: CommonParams) -> Result<Common, ApiError> {
         seed: c.seed,
     };
     sampling.validate()?;
+    let most = crate::engine::MAX_SPECULATE;
+    if let Some(n) = c.speculative_n_max.filter(|&n| n > most) {
+        return Err(ApiError::invalid(
+            "speculative.n_max",
+            format!("speculative.n_max must be at most {most}, got {n}"),
+        ));
+    }
     Ok(Common {
         sampling,
         max_tokens: c.max_tokens,
         stop: stop_list(&c.stop)?,
         ignore_eos: c.ignore_eos.unwrap_or(false),
         cache_prompt: c.cache_prompt.unwrap_or(true),
+        speculate: c.speculative_n_max,
     })
 }
 
@@ -246,6 +255,7 @@ pub(crate) fn chat(body: &JsonBody) -> Result<Valid, ApiError> {
         stop: common.stop,
         ignore_eos: common.ignore_eos,
         cache_prompt: common.cache_prompt,
+        speculate: common.speculate,
         grammar,
         grammar_trigger,
         tools: toolbox,
@@ -290,6 +300,7 @@ pub(crate) fn completion(body: &JsonBody) -> Result<Valid, ApiError> {
         stop: common.stop,
         ignore_eos: common.ignore_eos,
         cache_prompt: common.cache_prompt,
+        speculate: common.speculate,
         ..Valid::new(model_name(req.model)?, Input::Text(prompt))
     })
 }

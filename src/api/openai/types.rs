@@ -81,6 +81,10 @@ pub(crate) struct CommonParams {
     pub(crate) ignore_eos: Option<bool>,
     /// llama.cpp server extension: `false` reads the whole prompt, reusing no cache.
     pub(crate) cache_prompt: Option<bool>,
+    /// llama.cpp server extension: most tokens drafted per step for this request (0: none),
+    /// over the model's `--speculate`.
+    #[serde(rename = "speculative.n_max")]
+    pub(crate) speculative_n_max: Option<u32>,
 }
 
 /// Token counts.
