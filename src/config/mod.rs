@@ -982,20 +982,19 @@ mod tests {
             load_toml_with(&toml, flag(most)).unwrap().engine.speculate,
             most
         );
-        let err = load_toml_with(&toml, flag(most + 1))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("speculate") && err.contains("33 is over the most, 32"),
-            "{err}"
+        // Refused, naming the key: over the most from the flag, [server] and a model.
+        let refused = |r: Result<Config, ConfigError>, key: &str, said: &str| {
+            let err = r.unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(said), "{err}");
+        };
+        let over = flag(most + 1);
+        refused(
+            load_toml_with(&toml, over),
+            "speculate",
+            "33 is over the most, 32",
         );
-        let err = load_toml(&format!("[server]\nspeculate = 100\n{model}"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("server.speculate") && err.contains("100"),
-            "{err}"
-        );
+        let server = format!("[server]\nspeculate = 100\n{model}");
+        refused(load_toml(&server), "server.speculate", "100");
         // A model's own value beats [server]'s; the flag beats both.
         let toml = format!("{toml}speculate = 16\n[models.b]\npath = \"model.gguf\"\n");
         let each = |cfg: Config| {
@@ -1006,12 +1005,10 @@ mod tests {
         };
         assert_eq!(each(load_toml(&toml).unwrap()), [16, 8]);
         assert_eq!(each(load_toml_with(&toml, flag(4)).unwrap()), [4, 4]);
-        let err = load_toml(&format!("{model}speculate = 40\n"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("models.a.speculate") && err.contains("40"),
-            "{err}"
+        refused(
+            load_toml(&format!("{model}speculate = 40\n")),
+            "models.a.speculate",
+            "40",
         );
     }
 

@@ -1158,15 +1158,17 @@ impl<'m> Worker<'m> {
             // Unreachable for the models drafting is offered to (see `speculate`).
             self.clear_seq(i);
             self.slots[i].truncate(0);
-            let error = EngineError::Decode("could not drop a rejected draft".into());
-            self.fail(
-                &StepPlan {
-                    decode: vec![i],
-                    prefill: vec![],
-                },
-                error,
-            );
+            self.fail_one(i, "could not drop a rejected draft");
         }
+    }
+
+    /// Ends slot `i`'s request with an engine error that no decode reported.
+    fn fail_one(&mut self, i: usize, what: &str) {
+        let plan = StepPlan {
+            decode: vec![i],
+            prefill: vec![],
+        };
+        self.fail(&plan, EngineError::Decode(what.into()));
     }
 
     /// Ends the requests of a failed plan with the error.
@@ -1224,14 +1226,7 @@ impl<'m> Worker<'m> {
             Some(token) => self.on_sampled(i, token),
             None => {
                 // Unreachable: every chain ends in a sampler that selects a token.
-                let error = EngineError::Decode("the sampler selected no token".into());
-                self.fail(
-                    &StepPlan {
-                        decode: vec![i],
-                        prefill: vec![],
-                    },
-                    error,
-                );
+                self.fail_one(i, "the sampler selected no token");
             }
         }
     }
