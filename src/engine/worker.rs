@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::embed::{self, EmbedJob, EmbedShape, EmbedTask, Embedder, Pooling};
 use super::loader::{self, ModelInfo};
-use super::lookup::{self, Acceptance, RowCosts};
+use super::lookup::{self, Acceptance, RowCosts, Shadow};
 use super::metrics::EngineMetrics;
 use super::policy::{
     join_segments, place, plan_step, segment_starts, Budget, CachedSlot, Grain, Held, Layout, Pace,
@@ -234,6 +234,8 @@ struct Active {
     drafts: Vec<LlamaToken>,
     /// How often its drafted tokens were taken lately.
     acceptance: Acceptance,
+    /// A draft found but not checked, watched against the tokens that follow.
+    shadow: Shadow<LlamaToken>,
     /// Most tokens it drafts per step.
     speculate: usize,
 }
@@ -800,6 +802,7 @@ impl<'m> Worker<'m> {
             logits_at: None,
             drafts: Vec::new(),
             acceptance: Acceptance::default(),
+            shadow: Shadow::default(),
             speculate,
         });
         if whole_hit {
@@ -983,11 +986,18 @@ impl<'m> Worker<'m> {
             let Some(active) = slot.active.as_mut() else {
                 continue;
             };
-            let looked = found.is_some();
-            let drafts = found.unwrap_or_default();
-            if drafts.is_empty() && looked {
-                active.acceptance.idle();
-            }
+            let drafts = match found {
+                Some((found, 0)) => {
+                    active.shadow.watch(found);
+                    Vec::new()
+                }
+                Some((mut found, k)) => {
+                    active.shadow.clear();
+                    found.truncate(k);
+                    found
+                }
+                None => Vec::new(),
+            };
             for (&d, pos) in drafts.iter().zip(pos + 1..) {
                 self.batch
                     .add(d, pos, &[slot.seq], true)
@@ -1086,8 +1096,8 @@ impl<'m> Worker<'m> {
     /// new position a cell whose position is out of the window of the sequence's first new
     /// position (`find_slot` in `llama-kv-cache.cpp`, at the pinned version), so what a
     /// rejected draft overwrote is out of the window of every position read after it too.
-    /// `None` when the lookup found nothing.
-    fn draft(&self, i: usize, rows: usize, expected: f64) -> Option<Vec<LlamaToken>> {
+    /// The lookup's tokens and how many of them to draft; `None` when it found nothing.
+    fn draft(&self, i: usize, rows: usize, expected: f64) -> Option<(Vec<LlamaToken>, usize)> {
         let slot = &self.slots[i];
         let active = slot.active.as_ref().filter(|a| a.speculate > 0)?;
         // The position after the token just added.
@@ -1116,7 +1126,7 @@ impl<'m> Worker<'m> {
             found.len(),
             active.acceptance.rate(),
         );
-        Some(found[..k].to_vec())
+        Some((found.to_vec(), k))
     }
 
     /// Samples row after row of slot `i`'s decode, from `first` (sampled from the row of the
@@ -1208,6 +1218,9 @@ impl<'m> Worker<'m> {
             let token = active.sampler.sample(&self.ctx, idx);
             let drafts = std::mem::take(&mut active.drafts);
             if drafts.is_empty() {
+                if let Some((drafted, taken)) = active.shadow.next(&token) {
+                    active.acceptance.record(drafted, taken);
+                }
                 self.on_sampled(i, token);
             } else {
                 self.verify(i, idx, token, drafts);
