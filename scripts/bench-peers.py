@@ -130,15 +130,19 @@ class Server:
 
 
 def client(url: str, model: str, clients: int, requests: int, args, warmup: int = 0,
-           unique: bool = True, extra: dict | None = None) -> dict:
+           unique: bool = True, extra: dict | None = None, prompt: str | None = None,
+           ignore_eos: bool = True) -> dict:
     """Runs bench_client.py: unique prompts per request unless `unique` is false (then every
-    request repeats the same prompt); `extra` is merged into each request body."""
+    request repeats the same prompt); `extra` is merged into each request body; `prompt` is the
+    user message (bench_client's long-story request by default); answers run to max_tokens
+    unless `ignore_eos` is false."""
     cmd = [
         sys.executable, str(ROOT / "scripts" / "bench_client.py"), "--url", url, "--model", model,
         "--clients", str(clients), "--requests-per-client", str(requests),
         "--max-tokens", str(args.max_tokens), "--warmup", str(warmup),
-        "--extra", json.dumps({"ignore_eos": True, **(extra or {})}), "--quiet", "--json", "/dev/stdout",
-    ] + (["--unique-prompts"] if unique else [])
+        "--extra", json.dumps({**({"ignore_eos": True} if ignore_eos else {}), **(extra or {})}),
+        "--quiet", "--json", "/dev/stdout",
+    ] + (["--unique-prompts"] if unique else []) + (["--prompt", prompt] if prompt is not None else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 

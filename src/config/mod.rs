@@ -27,7 +27,6 @@ pub const DEFAULT_MODEL_NAME: &str = "smollm2";
 const DEFAULT_PARALLEL: u32 = 4;
 /// Why a quantized KV cache with flash attention turned off is refused.
 const NEEDS_FLASH: &str = "a quantized KV cache needs flash attention; do not turn it off";
-
 const DEFAULT_MAX_QUEUE: usize = 512;
 /// Most tokens in one decode (llama.cpp's `n_batch` and `n_ubatch`), as llama.cpp's server.
 pub const DEFAULT_BATCH: u32 = 512;

@@ -110,11 +110,11 @@ impl<T> Default for Shadow<T> {
     }
 }
 
-impl<T: PartialEq> Shadow<T> {
+impl<T: PartialEq + Clone> Shadow<T> {
     /// Watches `draft` against the tokens that follow, unless one is being watched.
-    pub(crate) fn watch(&mut self, draft: Vec<T>) {
+    pub(crate) fn watch(&mut self, draft: &[T]) {
         if self.draft.is_empty() {
-            self.draft = draft;
+            self.draft.extend_from_slice(draft);
             self.hits = 0;
         }
     }
@@ -282,15 +282,15 @@ mod tests {
     fn a_shadow_draft_settles_as_checking_it_would_have() {
         let mut s = Shadow::default();
         assert_eq!(s.next(&1), None, "nothing watched");
-        s.watch(vec![1, 2, 3]);
-        s.watch(vec![9, 9]); // one at a time
+        s.watch(&[1, 2, 3]);
+        s.watch(&[9, 9]); // one at a time
         assert_eq!((s.next(&1), s.next(&2)), (None, None));
         assert_eq!(s.next(&3), Some((3, 3)), "all taken");
         assert_eq!(s.next(&4), None, "settled: no longer watched");
-        s.watch(vec![5, 6, 7]);
+        s.watch(&[5, 6, 7]);
         assert_eq!(s.next(&5), None);
         assert_eq!(s.next(&0), Some((3, 1)), "broken at the second");
-        s.watch(vec![8]);
+        s.watch(&[8]);
         s.clear();
         assert_eq!(s.next(&8), None);
     }

@@ -102,7 +102,7 @@ pub(crate) fn engine_worker(
         ctx_per_slot = per_slot,
         threads = options.threads,
         flash_attention = %loader::flash_attention_name(fa),
-        speculate = speculate(&model, &options),
+        speculate = if can_draft(&model) { options.speculate } else { 0 },
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
@@ -118,15 +118,6 @@ pub(crate) fn engine_worker(
 /// state, not positions, and never draft.
 fn can_draft(model: &LlamaModel) -> bool {
     !model.is_recurrent() && !model.is_hybrid()
-}
-
-/// Most tokens a sequence drafts per step unless its request says otherwise.
-fn speculate(model: &LlamaModel, options: &EngineOptions) -> usize {
-    if can_draft(model) {
-        options.speculate as usize
-    } else {
-        0
-    }
 }
 
 /// A request whose prompt is tokenized and waits for a slot.
@@ -295,8 +286,6 @@ struct Worker<'m> {
     /// Measured step costs that size prompt chunks while others generate.
     pace: Pace,
     ctx_per_slot: usize,
-    /// Most tokens a sequence drafts per step unless its request says ([`speculate`]).
-    speculate: usize,
     /// Whether the model can draft at all ([`can_draft`]).
     can_draft: bool,
     /// Measured decode costs by rows, which size drafts.
@@ -368,7 +357,6 @@ impl<'m> Worker<'m> {
                 grain,
             },
             ctx_per_slot: ctx_per_slot as usize,
-            speculate: speculate(model, options),
             can_draft: can_draft(model),
             costs: RowCosts::default(),
             window,
@@ -776,9 +764,10 @@ impl<'m> Worker<'m> {
             banned,
             grammar,
         );
-        let speculate = match job.request.speculate {
-            Some(n) if self.can_draft => n as usize,
-            _ => self.speculate,
+        let speculate = if self.can_draft {
+            job.request.speculate.unwrap_or(self.options.speculate) as usize
+        } else {
+            0
         };
         let mut stops = job.request.stop.clone();
         stops.retain(|s| !s.is_empty());
@@ -981,33 +970,34 @@ impl<'m> Worker<'m> {
                 .map_err(|e| EngineError::Decode(e.to_string()))?;
             slot.cached.push(token);
             active.logits_at = Some(self.batch.n_tokens() - 1);
-            let found = self.draft(i, rows, expected);
+            let room = self.draft_room(i, rows);
             let slot = &mut self.slots[i];
             let Some(active) = slot.active.as_mut() else {
                 continue;
             };
-            let drafts = match found {
-                Some((found, 0)) => {
-                    active.shadow.watch(found);
-                    Vec::new()
+            // As many of the lookup's tokens as pay ([`lookup::choose`]); a draft that does
+            // not pay is watched instead, to learn whether it would have.
+            let found = lookup::draft(&slot.cached, room);
+            let rate = active.acceptance.rate();
+            if !found.is_empty() {
+                match lookup::choose(&self.costs, rows, expected, found.len(), rate) {
+                    0 => active.shadow.watch(found),
+                    k => {
+                        active.shadow.clear();
+                        active.drafts.extend_from_slice(&found[..k]);
+                    }
                 }
-                Some((mut found, k)) => {
-                    active.shadow.clear();
-                    found.truncate(k);
-                    found
-                }
-                None => Vec::new(),
-            };
-            for (&d, pos) in drafts.iter().zip(pos + 1..) {
+            }
+            for (&d, pos) in active.drafts.iter().zip(pos + 1..) {
                 self.batch
                     .add(d, pos, &[slot.seq], true)
                     .map_err(|e| EngineError::Decode(e.to_string()))?;
                 slot.cached.push(d);
             }
-            rows += drafts.len();
-            expected += lookup::expected_gain(active.acceptance.rate(), drafts.len());
-            drafted += drafts.len();
-            active.drafts = drafts;
+            let k = active.drafts.len();
+            rows += k;
+            expected += lookup::expected_gain(rate, k);
+            drafted += k;
         }
         for &(i, n) in &plan.prefill {
             let slot = &mut self.slots[i];
@@ -1088,21 +1078,22 @@ impl<'m> Worker<'m> {
         }
     }
 
-    /// The tokens slot `i` drafts by prompt lookup after the token it just put in the batch, in
-    /// a decode that already holds `rows` rows expected to yield `expected` tokens: as many as
-    /// pay ([`lookup::choose`]) and fit. A draft fits when every token it could yield may
+    /// The most tokens slot `i` may draft by prompt lookup after the token it just put in a
+    /// decode of `rows` rows (0 without speculation): every token the draft could yield may
     /// still be sent in this step and counted in the answer, and its positions fit the
-    /// request's context. A sliding-window cache needs no room of its own: llama.cpp gives a
-    /// new position a cell whose position is out of the window of the sequence's first new
-    /// position (`find_slot` in `llama-kv-cache.cpp`, at the pinned version), so what a
-    /// rejected draft overwrote is out of the window of every position read after it too.
-    /// The lookup's tokens and how many of them to draft; `None` when it found nothing.
-    fn draft(&self, i: usize, rows: usize, expected: f64) -> Option<(Vec<LlamaToken>, usize)> {
+    /// request's context and the batch. A sliding-window cache needs no room of its own:
+    /// llama.cpp gives a new position a cell whose position is out of the window of the
+    /// sequence's first new position (`find_slot` in `llama-kv-cache.cpp`, at the pinned
+    /// version), so what a rejected draft overwrote is out of the window of every position
+    /// read after it too.
+    fn draft_room(&self, i: usize, rows: usize) -> usize {
         let slot = &self.slots[i];
-        let active = slot.active.as_ref().filter(|a| a.speculate > 0)?;
+        let Some(active) = slot.active.as_ref() else {
+            return 0;
+        };
         // The position after the token just added.
         let next_pos = slot.cached.len();
-        let room = [
+        [
             active.speculate,
             active.events.capacity().saturating_sub(EVENTS_PER_STEP),
             active
@@ -1114,19 +1105,7 @@ impl<'m> Worker<'m> {
         ]
         .into_iter()
         .min()
-        .unwrap_or(0);
-        let found = lookup::draft(&slot.cached, room);
-        if found.is_empty() {
-            return None;
-        }
-        let k = lookup::choose(
-            &self.costs,
-            rows,
-            expected,
-            found.len(),
-            active.acceptance.rate(),
-        );
-        Some((found.to_vec(), k))
+        .unwrap_or(0)
     }
 
     /// Samples row after row of slot `i`'s decode, from `first` (sampled from the row of the
@@ -1165,7 +1144,7 @@ impl<'m> Worker<'m> {
             active.acceptance.record(drafts.len(), taken);
         }
         if keep < fed + drafts.len() && !self.trim(i, keep) {
-            // Unreachable for the models drafting is offered to (see `speculate`).
+            // Unreachable for the models drafting is offered to (see `can_draft`).
             self.clear_seq(i);
             self.slots[i].truncate(0);
             self.fail_one(i, "could not drop a rejected draft");
