@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Does reusing a conversation's cache change a reproducible answer? Greedy multi-turn chats
 against one backstop server: each follow-up is asked with the cache (`cache_prompt: true`, the
-default) and again read afresh (`cache_prompt: false`), and the two answers must match.
+default), and read afresh (`cache_prompt: false`) by a second server that serves nothing else,
+and the two answers must match. With --pause S the first server is left idle for S seconds
+before each follow-up, so it reads the previous answer again in the meantime
+(`--reread-answers`) and the follow-up reuses it.
 
 Conversations are random notes of a few hundred to two thousand tokens, then three follow-up
 turns; with --sampled, a sampled follow-up without a seed (which reuses all it can) comes
 before about half of the greedy ones. For a sliding-window model (Gemma 3) with its default
 windowed cache, this exercises reuse after the window wrote over a conversation's start.
 
-    ~/.cache/backstop/venv/bin/python scripts/check-reuse.py [--conversations 8] [--sampled] [MODEL.gguf]
+    ~/.cache/backstop/venv/bin/python scripts/check-reuse.py [--conversations 8] [--sampled] [--pause S] [MODEL.gguf]
 
 Prints each turn (prompt tokens, tokens reused, same answer) and a count; exit status 1 if any
 answer differed. Default model: Gemma 3 270M from the test models.
@@ -22,6 +25,7 @@ import json
 import pathlib
 import random
 import sys
+import time
 import urllib.request
 
 spec = importlib.util.spec_from_file_location("bench_peers", pathlib.Path(__file__).with_name("bench-peers.py"))
@@ -55,6 +59,7 @@ def main() -> int:
     p.add_argument("--conversations", type=int, default=8)
     p.add_argument("--sampled", action="store_true", help="sampled follow-ups between greedy ones")
     p.add_argument("--seed", type=int, default=5, help="for the random conversations")
+    p.add_argument("--pause", type=float, default=0.0, help="seconds idle before each follow-up")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--server-args", default="--parallel 2", help="extra `backstop serve` arguments")
     args = p.parse_args()
@@ -65,6 +70,9 @@ def main() -> int:
     if args.threads:
         argv += ["--threads", str(args.threads)]
     server = peers.Server("check-reuse", argv, port)
+    fresh_port = peers.free_port()
+    fresh_argv = [*argv[:3], f"127.0.0.1:{fresh_port}", *argv[4:]]
+    fresh = peers.Server("check-reuse-cold", fresh_argv, fresh_port)
     rng = random.Random(args.seed)
     turns = reused = differing = 0
     try:
@@ -79,8 +87,9 @@ def main() -> int:
                 if args.sampled and rng.random() < 0.5:
                     _, _, cached = chat(server.url, messages, 0.8, True, rng.choice([8, 60, 200]), None)
                     print(f"conversation {c} turn {t}: sampled first, reused {cached}")
+                time.sleep(args.pause)
                 warm, prompt, cached = chat(server.url, messages, 0, True, n, 3)
-                cold, _, _ = chat(server.url, messages, 0, False, n, 3)
+                cold, _, _ = chat(fresh.url, messages, 0, False, n, 3)
                 turns += 1
                 reused += cached > 0
                 differing += warm != cold
@@ -89,6 +98,7 @@ def main() -> int:
                 said = warm
     finally:
         server.stop()
+        fresh.stop()
     print(f"{turns} greedy follow-ups: {reused} reused the cache, {differing} answered differently "
           "from a cold read")
     return 1 if differing else 0

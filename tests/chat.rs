@@ -5,6 +5,7 @@ mod common;
 
 use common::{answer, chat_text, Server};
 use serde_json::{json, Value};
+use std::time::Duration;
 
 fn ask(question: &str) -> Value {
     json!([{"role": "user", "content": question}])
@@ -509,6 +510,122 @@ async fn with_flash_attention_a_follow_up_turn_still_answers_as_a_cold_server_do
 #[tokio::test]
 async fn a_follow_up_turn_on_gemma_answers_as_a_cold_server_does() {
     follow_up_answers_as_a_cold_server_does("gemma", &common::gemma3(), Some(true)).await;
+}
+
+/// Waits until the server has read at least `least` more answer tokens again than `before`
+/// and then read nothing more for a second: the re-read has ended.
+async fn reread_settles(s: &Server, before: f64, least: f64) -> f64 {
+    let metric = "backstop_reread_tokens_total";
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut last = s.metric(metric).await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = s.metric(metric).await;
+        if now - before >= least && now == last {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} answer tokens read again, {least} expected",
+            now - before
+        );
+        last = now;
+    }
+}
+
+/// While a server is idle it reads a greedy or seeded answer again as a cold read of the
+/// conversation reads it (`--reread-answers`, on outside the tests), so the next turn reuses
+/// the answer too, where otherwise it reuses only the first turn's prompt
+/// (`follow_up_answers_as_a_cold_server_does`); and it still answers exactly as a server that
+/// never saw the conversation does, greedy and seeded, also where flash attention's query
+/// tiles set the grain.
+async fn an_idle_server_reads_answers_again_for_the_next_turn(
+    name: &str,
+    path: &std::path::Path,
+    flash: bool,
+) {
+    let model = format!("{name}={}", path.display());
+    let flash = if flash { "1" } else { "0" };
+    let args = [
+        "--model",
+        &model,
+        "--parallel",
+        "2",
+        "--flash-attention",
+        flash,
+    ];
+    let s = Server::start_raw(&[&args[..], &["--reread-answers", "1"]].concat()).await;
+    let mut turns = vec![(
+        "user",
+        "Name three fruits and say why you like each.".to_owned(),
+    )];
+    let body = |turns: &[(&str, String)], extra: Value| {
+        let turns: Vec<(&str, &str)> = turns.iter().map(|(r, c)| (*r, c.as_str())).collect();
+        let mut b = json!({"model": name, "messages": garden(&turns), "max_tokens": 40,
+                           "ignore_eos": true});
+        if let Value::Object(extra) = extra {
+            b.as_object_mut().unwrap().extend(extra);
+        }
+        b
+    };
+    let mut said = s.chat(body(&turns, json!({"temperature": 0}))).await;
+    let mut read = 0.0;
+    for (question, sampling) in [
+        ("Which one is yellow?", json!({"temperature": 0})),
+        (
+            "Which one grows on trees?",
+            json!({"temperature": 0.8, "seed": 7}),
+        ),
+    ] {
+        let prompt = said["usage"]["prompt_tokens"].as_u64().unwrap();
+        let answered = said["usage"]["completion_tokens"].as_u64().unwrap();
+        assert_eq!(answered, 40, "{said}");
+        read = reread_settles(&s, read, (answered - 1) as f64).await;
+        turns.push(("assistant", answer(&said)));
+        turns.push(("user", question.to_owned()));
+        let warm = s.chat(body(&turns, sampling.clone())).await;
+        let cached = warm["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        if flash == "0" {
+            // All of the previous turn, its answer too, up to an aligned position (16 rows
+            // for Gemma's repacked weights) that leaves its kernel's rows of this one to read.
+            assert!(
+                cached + 16 >= prompt + answered,
+                "{name}: reused {cached} of {prompt} + {answered}: {warm}"
+            );
+        } else {
+            // With flash attention a segment of 64 rows or more is read in query tiles and
+            // reuse leaves 64 of its rows to read: here the one that holds the answer (from
+            // the turn marker before it to the one after it), so reuse cannot reach far
+            // into the answer; what is checked is that the rows read again are a cold read's.
+            assert!(cached >= 64, "{warm}");
+        }
+        let cold = Server::start_raw(&args).await;
+        let cold = cold.chat(body(&turns, sampling.clone())).await;
+        assert_eq!(
+            answer(&warm),
+            answer(&cold),
+            "{name}, flash attention {flash}: {sampling}"
+        );
+        said = warm;
+    }
+}
+
+#[tokio::test]
+async fn an_idle_server_reads_answers_again_on_smollm2() {
+    an_idle_server_reads_answers_again_for_the_next_turn("smollm2", &common::smollm2(), false)
+        .await;
+}
+
+#[tokio::test]
+async fn an_idle_server_reads_answers_again_on_gemma() {
+    an_idle_server_reads_answers_again_for_the_next_turn("gemma", &common::gemma3(), false).await;
+}
+
+#[tokio::test]
+async fn an_idle_server_reads_answers_again_on_gemma_with_flash_attention() {
+    an_idle_server_reads_answers_again_for_the_next_turn("gemma", &common::gemma3(), true).await;
 }
 
 /// Gemma 3's sliding-window layers (a 512-token window) cache their window and one batch,

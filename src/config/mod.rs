@@ -116,6 +116,8 @@ pub struct EngineDefaults {
     pub swa_full: bool,
     /// Most tokens a generating sequence drafts by prompt lookup per step (0: off).
     pub speculate: u32,
+    /// Greedy and seeded answers are read again while idle, for the next turn to reuse.
+    pub reread_answers: bool,
 }
 
 impl EngineDefaults {
@@ -135,6 +137,7 @@ impl EngineDefaults {
             kv_cache_type: self.kv_cache_type,
             swa_full: self.swa_full,
             speculate: self.speculate,
+            reread_answers: self.reread_answers,
         }
     }
 }
@@ -483,6 +486,17 @@ impl Config {
             None => draft_most(raw.server.speculate, "server.speculate", &origin)?,
         }
         .unwrap_or(0);
+        let reread_flag = match &args.reread_answers {
+            Some(v) => Some(parse_bool(v).ok_or_else(|| {
+                invalid(
+                    FLAGS,
+                    "reread-answers",
+                    format!("`{v}` is not a boolean (1/0, true/false)"),
+                )
+            })?),
+            None => None,
+        };
+        let reread_answers = reread_flag.or(raw.server.reread_answers).unwrap_or(true);
         let engine_defaults = EngineDefaults {
             slots: slots.unwrap_or(DEFAULT_PARALLEL),
             ctx_per_slot: ctx,
@@ -495,6 +509,7 @@ impl Config {
             kv_cache_type,
             swa_full: args.swa_full || raw.server.swa_full.unwrap_or(false),
             speculate,
+            reread_answers,
         };
 
         // Lifecycle.
@@ -825,6 +840,7 @@ pub(crate) fn for_tests(path: &str) -> Config {
         kv_cache_type: KvCacheType::F16,
         swa_full: false,
         speculate: 0,
+        reread_answers: true,
     };
     let name = ModelName::parse("m").unwrap();
     Config {
@@ -1032,6 +1048,43 @@ mod tests {
         };
         let err = load_toml_with(toml, zero).unwrap_err().to_string();
         assert!(err.contains("batch") && err.contains("at least 1"), "{err}");
+    }
+
+    #[test]
+    fn answers_are_read_again_unless_the_flag_or_the_server_says_not() {
+        let model = "[models.a]\npath = \"model.gguf\"\n";
+        let reread = |cfg: &Config| {
+            (
+                cfg.engine.reread_answers,
+                cfg.models[0].engine.reread_answers,
+            )
+        };
+        assert_eq!(reread(&load_toml(model).unwrap()), (true, true));
+        let off = format!("[server]\nreread_answers = false\n{model}");
+        assert_eq!(reread(&load_toml(&off).unwrap()), (false, false));
+        let flag = |v: &str| ServeArgs {
+            reread_answers: Some(v.into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            reread(&load_toml_with(&off, flag("1")).unwrap()),
+            (true, true)
+        );
+        assert_eq!(
+            reread(&load_toml_with(model, flag("false")).unwrap()),
+            (false, false)
+        );
+        let err = load_toml_with(model, flag("maybe"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("reread-answers") && err.contains("maybe"),
+            "{err}"
+        );
+        let err = load_toml(&format!("[server]\nreread_answers = 1\n{model}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("reread_answers"), "{err}");
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub(crate) struct RawServer {
     pub(crate) swa_full: Option<bool>,
     /// Most tokens drafted by prompt lookup per step (0: off).
     pub(crate) speculate: Option<u32>,
+    /// Greedy and seeded answers are read again while idle, for the next turn to reuse.
+    pub(crate) reread_answers: Option<bool>,
     /// Extra browser origins allowed by CORS, like OLLAMA_ORIGINS.
     pub(crate) origins: Option<Vec<String>>,
     /// PEM certificate chain for TLS.

@@ -29,6 +29,9 @@ pub(crate) struct EngineMetrics {
     pub(crate) draft_tokens: Counter,
     /// Drafted tokens the answer took: each saved a decode step.
     pub(crate) draft_accepted: Counter,
+    /// Answer tokens read again while idle, for the next turn to reuse (not in `steps` or
+    /// `prompt_tokens`).
+    pub(crate) reread_tokens: Counter,
 }
 
 impl EngineMetrics {
@@ -50,6 +53,7 @@ impl EngineMetrics {
             decode_rate: histogram!("backstop_decode_tokens_per_second", labels),
             draft_tokens: counter!("backstop_draft_tokens_total", labels),
             draft_accepted: counter!("backstop_draft_accepted_tokens_total", labels),
+            reread_tokens: counter!("backstop_reread_tokens_total", labels),
         }
     }
 }

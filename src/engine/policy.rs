@@ -532,6 +532,11 @@ impl Pace {
         }
     }
 
+    /// How many prompt rows take about `secs` at the measured cost, once one was measured.
+    pub(crate) fn prompt_rows_in(&self, secs: f64) -> Option<usize> {
+        self.prompt_token.map(|p| (secs / p) as usize)
+    }
+
     /// The prompt-chunk cap for a step while sequences generate, at most `max`.
     pub(crate) fn chunk(&self, max: usize) -> usize {
         match (self.decode_step, self.prompt_token) {

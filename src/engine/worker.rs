@@ -21,7 +21,7 @@ use super::lookup::{self, Acceptance, RowCosts, Shadow};
 use super::metrics::EngineMetrics;
 use super::policy::{
     join_segments, place, plan_step, segment_starts, Budget, CachedSlot, Grain, Held, Layout, Pace,
-    Placement, Reuse, SlotState, StepPlan, Window,
+    Placement, Reuse, SlotState, StepPlan, Window, MIN_CHUNK,
 };
 use super::request::truncate;
 use super::text::{StopMatcher, StopScan, Utf8Stream};
@@ -38,6 +38,18 @@ const EVENTS_PER_STEP: usize = 3;
 
 /// How long to wait before re-planning when every busy sequence waits on a slow reader.
 const STALLED_POLL: Duration = Duration::from_millis(2);
+
+/// How long a model must be idle before it reads answers again ([`Worker::reread_step`]):
+/// a client's next request in a run of them (a benchmark, a batch job) comes sooner and
+/// never waits for a chunk; a person reading the answer, or a tool being run, takes longer.
+const REREAD_AFTER: Duration = Duration::from_millis(100);
+
+/// About how long one chunk of a re-read takes, so work that arrives meanwhile waits at
+/// most that long for the decode call in flight.
+const REREAD_CHUNK_SECS: f64 = 0.025;
+
+/// How often an idle model looks for work while it waits to re-read an answer.
+const IDLE_POLL: Duration = Duration::from_millis(1);
 
 /// Thread entry point: load, report readiness (or the load error), then serve until every
 /// handle is dropped and the remaining work is done.
@@ -156,8 +168,18 @@ struct Slot {
     /// since the sequence was last emptied freed cells on both sides of the last one (see
     /// [`Window::holds`]).
     ordered: bool,
+    /// Its last request was greedy or seeded and left answer rows that a cold read would
+    /// read otherwise: worth reading again while idle ([`Worker::reread_step`]).
+    reread: bool,
     /// The request it serves, if any.
     active: Option<Active>,
+}
+
+/// A slot's conversation being read again while the model is idle.
+struct Reread {
+    slot: usize,
+    /// What the slot held when it began: the request's prompt and answer.
+    tokens: Vec<LlamaToken>,
 }
 
 /// A prompt's segment starts (`policy::segment_starts`) and length.
@@ -229,6 +251,8 @@ struct Active {
     shadow: Shadow<LlamaToken>,
     /// Most tokens it drafts per step.
     speculate: usize,
+    /// It asked for a reproducible answer ([`Reuse::Exact`]).
+    reproducible: bool,
 }
 
 impl Active {
@@ -296,6 +320,8 @@ struct Worker<'m> {
     /// End-of-generation tokens, banned for `ignore_eos` requests.
     eog: Vec<LlamaToken>,
     bos_text: String,
+    /// The answer being read again, between chunks.
+    reread: Option<Reread>,
     admissions: u64,
     step_no: u64,
     piece: Vec<u8>,
@@ -334,6 +360,7 @@ impl<'m> Worker<'m> {
                 end: None,
                 last_used: 0,
                 ordered: true,
+                reread: false,
                 active: None,
             })
             .collect();
@@ -366,6 +393,7 @@ impl<'m> Worker<'m> {
                 vocab.tokens().filter(|&t| vocab.is_eog(t)).collect()
             },
             bos_text,
+            reread: None,
             admissions: 0,
             step_no: 0,
             piece: Vec::with_capacity(32),
@@ -396,7 +424,7 @@ impl<'m> Worker<'m> {
                 if !open {
                     break;
                 }
-                match jobs.blocking_recv() {
+                match self.wait_idle(&mut jobs) {
                     Some(work) => self.take(work),
                     None => break,
                 }
@@ -597,7 +625,19 @@ impl<'m> Worker<'m> {
         if job.events.try_send(event).is_err() || verdict.is_err() {
             return;
         }
-        // Segments matter only where chunk sizes pick kernels (flash attention).
+        let segments = self.segments(&tokens);
+        self.waiting.push_back(Pending {
+            job,
+            tokens,
+            segments,
+            limit,
+            grammar,
+        });
+    }
+
+    /// Where a cold read of `tokens` starts new chunks. Segments matter only where chunk
+    /// sizes pick kernels (flash attention).
+    fn segments(&self, tokens: &[LlamaToken]) -> Segments {
         let grain = self.budget.grain;
         let starts = if grain.tile.is_some() {
             let vocab = self.model.vocab();
@@ -606,17 +646,148 @@ impl<'m> Worker<'m> {
         } else {
             vec![0]
         };
-        let segments = Segments {
+        Segments {
             starts,
             len: tokens.len(),
+        }
+    }
+
+    /// Waits for work while nothing runs. Meanwhile, once the model has been idle for
+    /// [`REREAD_AFTER`], it reads answers again a chunk at a time ([`Worker::reread_step`]),
+    /// looking for work between chunks; once none is left to read, it sleeps until work
+    /// comes. `None` when every sender is gone.
+    fn wait_idle(&mut self, jobs: &mut mpsc::UnboundedReceiver<Work>) -> Option<Work> {
+        let since = Instant::now();
+        while self.reread.is_some() || self.slots.iter().any(|s| s.reread) {
+            match jobs.try_recv() {
+                Ok(work) => return Some(work),
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) => {}
+            }
+            if since.elapsed() < REREAD_AFTER {
+                // tokio's receiver has no blocking receive with a timeout, so this polls,
+                // and only while an answer waits to be read again.
+                std::thread::sleep(IDLE_POLL);
+            } else {
+                self.reread_step();
+            }
+        }
+        jobs.blocking_recv()
+    }
+
+    /// Reads one chunk of an answer again. A greedy or seeded request reuses only rows read
+    /// as a cold read of its prompt reads them (see [`Grain`]), and an answer's rows were
+    /// computed one step at a time, by other kernels: so the next turn of a conversation
+    /// would read the previous answer again before its first token (on the 2-core machine,
+    /// 0.6 to 1.1 s for SmolLM2's 200-token answers, where llama.cpp's server, which reuses
+    /// them, takes 0.07 s). While the model is idle, the most recently released such slot
+    /// reads its conversation again from where exact reuse of it would end, in chunks a
+    /// cold read could take (a multiple of the grain, alone in their call), as if the
+    /// prompt and answer had come as a prompt: the next turn then reuses all of it, and
+    /// its answer is still the one a cold server gives. A request that comes meanwhile
+    /// waits at most for the chunk in flight ([`REREAD_CHUNK_SECS`]); if it takes the slot,
+    /// the rows read so far serve it and the rest is left.
+    fn reread_step(&mut self) {
+        let reread = match self.reread.take() {
+            Some(r) => r,
+            None => match self.begin_reread() {
+                Some(r) => r,
+                None => return,
+            },
         };
-        self.waiting.push_back(Pending {
-            job,
-            tokens,
-            segments,
-            limit,
-            grammar,
-        });
+        let i = reread.slot;
+        let start = self.slots[i].cached.len();
+        let grain = self.budget.grain;
+        let states: Vec<SlotState> = (0..self.slots.len())
+            .map(|j| {
+                if j == i {
+                    SlotState::Prefill {
+                        segments: self.slots[i].segments.layout().rest(start, grain),
+                        admitted: 0,
+                    }
+                } else {
+                    SlotState::Free
+                }
+            })
+            .collect();
+        // As many rows as take about REREAD_CHUNK_SECS, but enough for the grain's kernels.
+        let rows = self
+            .pace
+            .prompt_rows_in(REREAD_CHUNK_SECS)
+            .unwrap_or(0)
+            .max(MIN_CHUNK)
+            .max(grain.least_batch())
+            .min(self.budget.batch);
+        let budget = Budget {
+            batch: rows,
+            ..self.budget
+        };
+        let Some(&(_, n)) = plan_step(&states, budget).prefill.first() else {
+            return;
+        };
+        let end = (start + n).min(reread.tokens.len());
+        if self.read_again(i, &reread.tokens, start, end) && end < reread.tokens.len() {
+            self.reread = Some(reread);
+        }
+    }
+
+    /// Starts reading the most recently released slot's answer again: trims its cache to
+    /// what a reproducible request for its whole conversation would reuse.
+    fn begin_reread(&mut self) -> Option<Reread> {
+        let i = (0..self.slots.len())
+            .filter(|&i| self.slots[i].reread && self.slots[i].active.is_none())
+            .max_by_key(|&i| self.slots[i].last_used)?;
+        self.slots[i].reread = false;
+        let tokens = self.slots[i].cached.clone();
+        let segments = self.segments(&tokens);
+        let slot = &self.slots[i];
+        let keep = self.budget.grain.exact_reuse(
+            slot.segments.layout(),
+            segments.layout(),
+            tokens.len(),
+            slot.exact,
+        );
+        let held = self.held(slot);
+        if !Window::holds(self.window, held, keep, Reuse::Exact) || !self.trim(i, keep) {
+            return None;
+        }
+        let slot = &mut self.slots[i];
+        slot.truncate(keep);
+        slot.segments = segments;
+        Some(Reread { slot: i, tokens })
+    }
+
+    /// Reads `tokens[start..end]` into slot `i` in one decode call of their own; false if the
+    /// rows did not come out as a cold read's (nothing more is worth reading) or llama.cpp
+    /// failed (the slot is cut back to what it held).
+    fn read_again(&mut self, i: usize, tokens: &[LlamaToken], start: usize, end: usize) -> bool {
+        self.batch.clear();
+        let seq = self.slots[i].seq;
+        for (pos, &token) in (start..end).zip(&tokens[start..end]) {
+            if self.batch.add(token, pos as i32, &[seq], false).is_err() {
+                return false;
+            }
+        }
+        let (result, took) = super::graphs::decode_timed(&mut self.ctx, &mut self.batch);
+        if let Err(e) = result {
+            tracing::warn!(model = %self.name, error = %e, "reading an answer again failed");
+            if !self.trim(i, start) {
+                self.clear_seq(i);
+                self.slots[i].truncate(0);
+            }
+            self.slots[i].ordered = false;
+            return false;
+        }
+        self.pace.record(0, end - start, took.as_secs_f64());
+        self.metrics.reread_tokens.increment((end - start) as u64);
+        let grain = self.budget.grain;
+        let slot = &mut self.slots[i];
+        let exact = grain.reads_exactly(slot.segments.layout(), start, end) && slot.exact == start;
+        slot.cached.extend_from_slice(&tokens[start..end]);
+        if exact {
+            slot.exact = end;
+        }
+        exact
     }
 
     /// Frees the slots (and queue places) of clients that went away.
@@ -709,6 +880,9 @@ impl<'m> Worker<'m> {
             reuse,
             copy_from,
         } = placement;
+        if self.reread.as_ref().is_some_and(|r| r.slot == index) {
+            self.reread = None;
+        }
         let mut keep = reuse;
         if let Some(from) = copy_from {
             if !self.copy_slot(from, index) {
@@ -771,6 +945,7 @@ impl<'m> Worker<'m> {
         };
         let mut stops = job.request.stop.clone();
         stops.retain(|s| !s.is_empty());
+        let reproducible = reuse_for(&job.request) == Reuse::Exact;
         self.admissions += 1;
         slot.active = Some(Active {
             events: job.events,
@@ -793,6 +968,7 @@ impl<'m> Worker<'m> {
             acceptance: Acceptance::default(),
             shadow: Shadow::default(),
             speculate,
+            reproducible,
         });
         if whole_hit {
             self.sample_kept(index);
@@ -1327,6 +1503,8 @@ impl<'m> Worker<'m> {
     /// Frees a slot. Its KV cache stays for prefix reuse by a later request.
     fn release(&mut self, i: usize) {
         let slot = &mut self.slots[i];
+        let answered = slot.active.as_ref().is_some_and(|a| a.reproducible);
+        slot.reread = answered && self.options.reread_answers && slot.exact < slot.cached.len();
         slot.active = None;
         slot.last_used = self.step_no;
     }

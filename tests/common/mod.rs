@@ -214,6 +214,15 @@ impl Server {
         if !args.contains(&"--host") {
             cmd.args(["--host", "127.0.0.1:0"]);
         }
+        // Answers are read again while idle only where a test asks (`--reread-answers 1`):
+        // whether a re-read begins before a test's next request depends on timing, and what
+        // it reads changes what later requests reuse (never their answers), which many tests
+        // count. The tests of re-reading turn it on and wait for it.
+        if !args.contains(&"--reread-answers")
+            && !envs.iter().any(|(k, _)| *k == "BACKSTOP_REREAD_ANSWERS")
+        {
+            cmd.args(["--reread-answers", "0"]);
+        }
         cmd.args(args);
         // Each server gets an empty store of its own unless the test brings one, so what one
         // test pulls or creates never shows up in another's listings.
