@@ -9,10 +9,10 @@ turn. While the model is idle, backstop reads it again as a cold read would
 (`--reread-answers`, on by default), so the next turn reuses it. llama-server reuses the
 answer as it is.
 
-Three servers, all up at once, with the same model, threads, slots, per-slot context, chat
+Four servers, all up at once, with the same model, threads, slots, per-slot context, chat
 template (backstop's fallback by the peer's name for it, as in bench-peers.py) and flash
-attention (backstop's CPU default, off): backstop, backstop with `--reread-answers 0`, and
-llama-server. Each repetition, in a rotating order, each server holds a conversation of its
+attention (backstop's CPU default, off): backstop, backstop with `--reread-answers 0`, backstop
+with `--exact-reuse 0` (the answer reused as computed, as llama-server does), and llama-server. Each repetition, in a rotating order, each server holds a conversation of its
 own (a system prompt with a fresh nonce, then TURNS coding questions), greedy, each answer
 streamed and run to --max-tokens (ignore_eos) so every server's turns are the same length.
 Before each follow-up the client waits --pause seconds, as a person reading the answer or a
@@ -51,7 +51,7 @@ QUESTIONS = [
     "Explain how the tests work.",
 ]
 
-SERVERS = ["backstop", "backstop --reread-answers 0", "llama-server"]
+SERVERS = ["backstop", "backstop --reread-answers 0", "backstop --exact-reuse 0", "llama-server"]
 
 
 def reread_tokens(url: str) -> float:
@@ -117,7 +117,7 @@ def main() -> int:
         return ttfts
 
     runs: dict[str, list[list[float]]] = {k: [] for k in SERVERS}
-    peers.log("==> starting the three servers")
+    peers.log("==> starting the four servers")
     servers = {kind: start(kind) for kind in SERVERS}
     try:
         for kind, s in servers.items():

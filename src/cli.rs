@@ -593,6 +593,14 @@ pub struct ServeArgs {
     /// the one a cold server gives: 1/true or 0/false [default: true].
     #[arg(long, env = "BACKSTOP_REREAD_ANSWERS", value_name = "BOOL")]
     pub reread_answers: Option<String>,
+    /// A greedy or seeded request reuses only cache rows that a cold read computes alike, so
+    /// its answer is the one a server that never saw the conversation gives; 0/false: it
+    /// reuses everything it shares, the previous answer too, as a sampled request and
+    /// llama.cpp's server do, so a follow-up that comes at once (an agent's) starts sooner,
+    /// and its answer may differ from a cold server's where two tokens nearly tie
+    /// [default: true].
+    #[arg(long, env = "BACKSTOP_EXACT_REUSE", value_name = "BOOL")]
+    pub exact_reuse: Option<String>,
     /// Extra browser origins allowed to call the API, comma separated [also OLLAMA_ORIGINS].
     #[arg(long, env = "BACKSTOP_ORIGINS", value_name = "ORIGINS")]
     pub origins: Option<String>,

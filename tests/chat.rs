@@ -628,6 +628,46 @@ async fn an_idle_server_reads_answers_again_on_gemma_with_flash_attention() {
     an_idle_server_reads_answers_again_for_the_next_turn("gemma", &common::gemma3(), true).await;
 }
 
+/// With `--exact-reuse 0` a greedy follow-up that comes at once reuses the whole
+/// conversation, the answer's rows as they were computed, as a sampled request (and
+/// llama.cpp's server) does: all but the token that gives fresh logits.
+#[tokio::test]
+async fn without_exact_reuse_a_greedy_follow_up_reuses_the_answer_as_computed() {
+    for exact in ["1", "0"] {
+        let s = Server::start(&["--parallel", "2", "--exact-reuse", exact]).await;
+        let body = |turns: &[(&str, &str)]| {
+            json!({"model": "smollm2", "messages": garden(turns), "temperature": 0,
+                   "max_tokens": 40, "ignore_eos": true})
+        };
+        let first = s.chat(body(&[("user", "Name three fruits.")])).await;
+        let prompt = first["usage"]["prompt_tokens"].as_u64().unwrap();
+        let said = answer(&first);
+        let follow = s
+            .chat(body(&[
+                ("user", "Name three fruits."),
+                ("assistant", &said),
+                ("user", "Which one is yellow?"),
+            ]))
+            .await;
+        let cached = follow["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        if exact == "1" {
+            // Exact reuse stops before the answer, whose rows are read again.
+            assert!(
+                cached <= prompt,
+                "reused {cached} of {prompt} + 40: {follow}"
+            );
+        } else {
+            // The 39 answer rows fed back are reused as they are.
+            assert!(
+                cached >= prompt + 39,
+                "reused {cached} of {prompt} + 40: {follow}"
+            );
+        }
+    }
+}
+
 /// Gemma 3's sliding-window layers (a 512-token window) cache their window and one batch,
 /// 1,024 cells a sequence here, not the whole context, as llama.cpp's server does;
 /// `--swa-full` caches the whole context. A conversation longer than that writes over its

@@ -118,6 +118,8 @@ pub struct EngineDefaults {
     pub speculate: u32,
     /// Greedy and seeded answers are read again while idle, for the next turn to reuse.
     pub reread_answers: bool,
+    /// Greedy and seeded requests reuse only rows a cold read computes alike.
+    pub exact_reuse: bool,
 }
 
 impl EngineDefaults {
@@ -138,6 +140,7 @@ impl EngineDefaults {
             swa_full: self.swa_full,
             speculate: self.speculate,
             reread_answers: self.reread_answers,
+            exact_reuse: self.exact_reuse,
         }
     }
 }
@@ -486,17 +489,22 @@ impl Config {
             None => draft_most(raw.server.speculate, "server.speculate", &origin)?,
         }
         .unwrap_or(0);
-        let reread_flag = match &args.reread_answers {
-            Some(v) => Some(parse_bool(v).ok_or_else(|| {
+        let bool_flag = |v: &Option<String>, flag: &str| match v {
+            Some(v) => parse_bool(v).map(Some).ok_or_else(|| {
                 invalid(
                     FLAGS,
-                    "reread-answers",
+                    flag,
                     format!("`{v}` is not a boolean (1/0, true/false)"),
                 )
-            })?),
-            None => None,
+            }),
+            None => Ok(None),
         };
-        let reread_answers = reread_flag.or(raw.server.reread_answers).unwrap_or(true);
+        let reread_answers = bool_flag(&args.reread_answers, "reread-answers")?
+            .or(raw.server.reread_answers)
+            .unwrap_or(true);
+        let exact_reuse = bool_flag(&args.exact_reuse, "exact-reuse")?
+            .or(raw.server.exact_reuse)
+            .unwrap_or(true);
         let engine_defaults = EngineDefaults {
             slots: slots.unwrap_or(DEFAULT_PARALLEL),
             ctx_per_slot: ctx,
@@ -510,6 +518,7 @@ impl Config {
             swa_full: args.swa_full || raw.server.swa_full.unwrap_or(false),
             speculate,
             reread_answers,
+            exact_reuse,
         };
 
         // Lifecycle.
@@ -841,6 +850,7 @@ pub(crate) fn for_tests(path: &str) -> Config {
         swa_full: false,
         speculate: 0,
         reread_answers: true,
+        exact_reuse: true,
     };
     let name = ModelName::parse("m").unwrap();
     Config {
@@ -1051,40 +1061,53 @@ mod tests {
     }
 
     #[test]
-    fn answers_are_read_again_unless_the_flag_or_the_server_says_not() {
-        let model = "[models.a]\npath = \"model.gguf\"\n";
-        let reread = |cfg: &Config| {
+    fn answer_reuse_switches_are_on_unless_the_flag_or_the_server_says_not() {
+        type Get = fn(&EngineOptions) -> bool;
+        type Set = fn(&mut ServeArgs, String);
+        let switches: [(&str, &str, Get, Set); 2] = [
             (
-                cfg.engine.reread_answers,
-                cfg.models[0].engine.reread_answers,
-            )
-        };
-        assert_eq!(reread(&load_toml(model).unwrap()), (true, true));
-        let off = format!("[server]\nreread_answers = false\n{model}");
-        assert_eq!(reread(&load_toml(&off).unwrap()), (false, false));
-        let flag = |v: &str| ServeArgs {
-            reread_answers: Some(v.into()),
-            ..Default::default()
-        };
-        assert_eq!(
-            reread(&load_toml_with(&off, flag("1")).unwrap()),
-            (true, true)
-        );
-        assert_eq!(
-            reread(&load_toml_with(model, flag("false")).unwrap()),
-            (false, false)
-        );
-        let err = load_toml_with(model, flag("maybe"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("reread-answers") && err.contains("maybe"),
-            "{err}"
-        );
-        let err = load_toml(&format!("[server]\nreread_answers = 1\n{model}"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("reread_answers"), "{err}");
+                "reread_answers",
+                "reread-answers",
+                |e| e.reread_answers,
+                |a, v| a.reread_answers = Some(v),
+            ),
+            (
+                "exact_reuse",
+                "exact-reuse",
+                |e| e.exact_reuse,
+                |a, v| a.exact_reuse = Some(v),
+            ),
+        ];
+        let model = "[models.a]\npath = \"model.gguf\"\n";
+        for (key, flag_name, get, set) in switches {
+            let on = |cfg: &Config| (get(&cfg.models[0].engine), cfg.models.len());
+            let flag = |v: &str| {
+                let mut args = ServeArgs::default();
+                set(&mut args, v.into());
+                args
+            };
+            assert_eq!(on(&load_toml(model).unwrap()), (true, 1), "{key}");
+            let off = format!("[server]\n{key} = false\n{model}");
+            assert_eq!(on(&load_toml(&off).unwrap()), (false, 1), "{key}");
+            assert_eq!(
+                on(&load_toml_with(&off, flag("1")).unwrap()),
+                (true, 1),
+                "{key}"
+            );
+            assert_eq!(
+                on(&load_toml_with(model, flag("false")).unwrap()),
+                (false, 1),
+                "{key}"
+            );
+            let err = load_toml_with(model, flag("maybe"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(flag_name) && err.contains("maybe"), "{err}");
+            let err = load_toml(&format!("[server]\n{key} = 1\n{model}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub(crate) struct RawServer {
     pub(crate) speculate: Option<u32>,
     /// Greedy and seeded answers are read again while idle, for the next turn to reuse.
     pub(crate) reread_answers: Option<bool>,
+    /// Greedy and seeded requests reuse only rows a cold read computes alike.
+    pub(crate) exact_reuse: Option<bool>,
     /// Extra browser origins allowed by CORS, like OLLAMA_ORIGINS.
     pub(crate) origins: Option<Vec<String>>,
     /// PEM certificate chain for TLS.

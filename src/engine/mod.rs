@@ -78,6 +78,10 @@ pub struct EngineOptions {
     /// cold read of its conversation reads it, so the next turn reuses it (see
     /// `worker::Worker::reread_step`).
     pub reread_answers: bool,
+    /// A greedy or seeded request reuses only cache rows read as a cold read reads them, so
+    /// its answer is the one a cold server gives; false: it reuses all it shares, as a
+    /// sampled one does (`policy::Reuse`).
+    pub exact_reuse: bool,
 }
 
 /// KV cache element types Ollama's `OLLAMA_KV_CACHE_TYPE` offers.

@@ -279,11 +279,11 @@ impl Active {
 type Undo = (usize, usize, Option<LlamaToken>);
 
 /// How much of a slot's cache a request may reuse: a reproducible answer must not depend
-/// on what the slot held before.
-fn reuse_for(request: &GenerateRequest) -> Reuse {
+/// on what the slot held before, unless the server was told `exact_reuse = false`.
+fn reuse_for(request: &GenerateRequest, exact_reuse: bool) -> Reuse {
     if !request.cache_prompt {
         Reuse::Cold
-    } else if request.sampling.reproducible() {
+    } else if exact_reuse && request.sampling.reproducible() {
         Reuse::Exact
     } else {
         Reuse::Fast
@@ -828,7 +828,7 @@ impl<'m> Worker<'m> {
                         .map(|a| a.prompt.as_slice()),
                 })
                 .collect();
-            let reuse = reuse_for(&front.job.request);
+            let reuse = reuse_for(&front.job.request, self.options.exact_reuse);
             let layout = front.segments.layout();
             let Some(placement) = place(
                 &slots,
@@ -891,7 +891,7 @@ impl<'m> Worker<'m> {
         }
         if keep > 0 {
             let held = self.held(&self.slots[index]);
-            let reuse = reuse_for(&pending.job.request);
+            let reuse = reuse_for(&pending.job.request, self.options.exact_reuse);
             if !Window::holds(self.window, held, keep, reuse) || !self.trim(index, keep) {
                 keep = 0;
             }
@@ -945,7 +945,7 @@ impl<'m> Worker<'m> {
         };
         let mut stops = job.request.stop.clone();
         stops.retain(|s| !s.is_empty());
-        let reproducible = reuse_for(&job.request) == Reuse::Exact;
+        let reproducible = reuse_for(&job.request, self.options.exact_reuse) == Reuse::Exact;
         self.admissions += 1;
         slot.active = Some(Active {
             events: job.events,
