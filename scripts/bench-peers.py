@@ -289,6 +289,36 @@ def build(with_python: bool) -> None:
     subprocess.run(argv, check=True)
 
 
+def backstop_and_llama_server(model: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, str, str]:
+    """Builds both (cached), for a script that puts backstop beside llama-server on `model`:
+    backstop's binary, llama-server's, llama-server's version line, and the chat template both
+    are to use (see template_source)."""
+    build(with_python=False)
+    backstop = TARGET / "release" / "backstop"
+    llama_server = PEERS / "llama-server"
+    version = subprocess.run([str(llama_server), "--version"], capture_output=True, text=True)
+    peer_version = (version.stdout + version.stderr).strip().splitlines()[0]
+    return backstop, llama_server, peer_version, template_source(backstop, model)
+
+
+def serve_side_by_side(kind: str, binary: pathlib.Path, model: pathlib.Path, threads: int, parallel: int,
+                       ctx: int, template: str, extra: list[str]) -> Server:
+    """Starts backstop (a `kind` starting with "backstop") or llama-server on `model` with the
+    same threads, slots, per-slot context and chat template, flash attention as backstop's CPU
+    default (off; BACKSTOP_FLASH_ATTENTION=1 turns it on for both), plus `extra` arguments."""
+    port = free_port()
+    name = kind.replace(" ", "")
+    if kind.startswith("backstop"):
+        argv = [str(binary), "serve", "--host", f"127.0.0.1:{port}", "--model", f"m={model}",
+                "--threads", str(threads), "--parallel", str(parallel), "--ctx", str(ctx), *extra]
+        return Server(name, argv, port, ready="/health/ready")
+    fa = os.environ.get("BACKSTOP_FLASH_ATTENTION", "0").lower() in ("1", "true", "on")
+    argv = [str(binary), "-m", str(model), "-t", str(threads), "-np", str(parallel), "-c", str(ctx * parallel),
+            "--host", "127.0.0.1", "--port", str(port), "--alias", "m", "--flash-attn", "on" if fa else "off",
+            *peer_template_args("llama-server", template), *extra]
+    return Server(name, argv, port)
+
+
 PY_PEER = CACHE / "peers" / "llama-cpp-python-venv"
 
 

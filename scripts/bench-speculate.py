@@ -32,7 +32,6 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -93,29 +92,14 @@ def main() -> int:
     ap.add_argument("--out", default=str(peers.ROOT / "bench-results"))
     args = ap.parse_args()
     model = pathlib.Path(args.model)
-    peers.build(with_python=False)
-    backstop = peers.TARGET / "release" / "backstop"
-    llama_server = peers.PEERS / "llama-server"
-    version = subprocess.run([str(llama_server), "--version"], capture_output=True, text=True)
-    peer_version = (version.stdout + version.stderr).strip().splitlines()[0]
-    template = peers.template_source(backstop, model)
+    backstop, llama_server, peer_version, template = peers.backstop_and_llama_server(model)
 
     def start(kind: str) -> peers.Server:
-        port = peers.free_port()
         if kind.startswith("backstop"):
-            argv = [str(backstop), "serve", "--host", f"127.0.0.1:{port}", "--model", f"m={model}",
-                    "--threads", str(args.threads), "--parallel", "1", "--ctx", str(args.ctx)]
-            if kind.endswith("--speculate"):
-                argv += ["--speculate", str(args.draft)]
-            return peers.Server(kind.replace(" ", ""), argv, port, ready="/health/ready")
-        argv = [str(llama_server), "-m", str(model), "-t", str(args.threads), "-np", "1",
-                "-c", str(args.ctx), "--host", "127.0.0.1", "--port", str(port), "--alias", "m",
-                *peers.peer_template_args("llama-server", template)]
-        fa = os.environ.get("BACKSTOP_FLASH_ATTENTION", "0").lower() in ("1", "true", "on")
-        argv += ["--flash-attn", "on" if fa else "off"]
-        if kind.endswith("ngram-simple"):
-            argv += ["--spec-type", "ngram-simple"]
-        return peers.Server(kind.replace(" ", ""), argv, port)
+            extra = ["--speculate", str(args.draft)] if kind.endswith("--speculate") else []
+            return peers.serve_side_by_side(kind, backstop, model, args.threads, 1, args.ctx, template, extra)
+        extra = ["--spec-type", "ngram-simple"] if kind.endswith("ngram-simple") else []
+        return peers.serve_side_by_side(kind, llama_server, model, args.threads, 1, args.ctx, template, extra)
 
     def decode_rate(url: str, prompt: str, warmup: int) -> dict:
         # The answer ends where the model ends it: past a copy it would run on into other text.

@@ -35,7 +35,6 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
@@ -84,24 +83,12 @@ def main() -> int:
     ap.add_argument("--out", default=str(peers.ROOT / "bench-results"))
     args = ap.parse_args()
     model = pathlib.Path(args.model)
-    peers.build(with_python=False)
-    backstop = peers.TARGET / "release" / "backstop"
-    llama_server = peers.PEERS / "llama-server"
-    version = subprocess.run([str(llama_server), "--version"], capture_output=True, text=True)
-    peer_version = (version.stdout + version.stderr).strip().splitlines()[0]
-    template = peers.template_source(backstop, model)
+    backstop, llama_server, peer_version, template = peers.backstop_and_llama_server(model)
 
     def start(kind: str) -> peers.Server:
-        port = peers.free_port()
-        if kind.startswith("backstop"):
-            argv = [str(backstop), "serve", "--host", f"127.0.0.1:{port}", "--model", f"m={model}",
-                    "--threads", str(args.threads), "--parallel", str(args.parallel),
-                    "--ctx", str(args.ctx), *kind.split()[1:]]
-            return peers.Server(kind.replace(" ", ""), argv, port, ready="/health/ready")
-        argv = [str(llama_server), "-m", str(model), "-t", str(args.threads), "-np", str(args.parallel),
-                "-c", str(args.ctx * args.parallel), "--host", "127.0.0.1", "--port", str(port),
-                "--alias", "m", "--flash-attn", "off", *peers.peer_template_args("llama-server", template)]
-        return peers.Server(kind.replace(" ", ""), argv, port)
+        binary = backstop if kind.startswith("backstop") else llama_server
+        return peers.serve_side_by_side(kind, binary, model, args.threads, args.parallel, args.ctx, template,
+                                        kind.split()[1:] if kind.startswith("backstop") else [])
 
     def conversation(url: str, nonce: str) -> list[float]:
         messages = [{"role": "system", "content": f"You are a careful coding assistant (session {nonce})."}]
