@@ -301,6 +301,16 @@ def backstop_and_llama_server(model: pathlib.Path) -> tuple[pathlib.Path, pathli
     return backstop, llama_server, peer_version, template_source(backstop, model)
 
 
+def side_by_side_args(ap: argparse.ArgumentParser, max_tokens: int) -> None:
+    """The arguments every script that puts backstop beside llama-server on one model takes."""
+    ap.add_argument("--model", default=str(MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=max_tokens)
+    ap.add_argument("--ctx", type=int, default=4096, help="context per slot, every server")
+    ap.add_argument("--out", default=str(ROOT / "bench-results"))
+
+
 def serve_side_by_side(kind: str, binary: pathlib.Path, model: pathlib.Path, threads: int, parallel: int,
                        ctx: int, template: str, extra: list[str]) -> Server:
     """Starts backstop (a `kind` starting with "backstop") or llama-server on `model` with the

@@ -83,13 +83,8 @@ SERVERS = ["backstop", "backstop --speculate", "llama-server", "llama-server ngr
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(peers.MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    peers.side_by_side_args(ap, max_tokens=300)
     ap.add_argument("--draft", type=int, default=16, help="backstop's --speculate N")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--max-tokens", type=int, default=300)
-    ap.add_argument("--ctx", type=int, default=4096, help="context per slot, every server")
-    ap.add_argument("--out", default=str(peers.ROOT / "bench-results"))
     args = ap.parse_args()
     model = pathlib.Path(args.model)
     backstop, llama_server, peer_version, template = peers.backstop_and_llama_server(model)

@@ -73,14 +73,9 @@ def settle(url: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(peers.MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--reps", type=int, default=5)
+    peers.side_by_side_args(ap, max_tokens=200)
     ap.add_argument("--pause", type=float, default=1.0, help="seconds before each follow-up")
-    ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--parallel", type=int, default=4, help="slots, every server")
-    ap.add_argument("--ctx", type=int, default=4096, help="context per slot, every server")
-    ap.add_argument("--out", default=str(peers.ROOT / "bench-results"))
     args = ap.parse_args()
     model = pathlib.Path(args.model)
     backstop, llama_server, peer_version, template = peers.backstop_and_llama_server(model)
