@@ -64,15 +64,16 @@ def main() -> int:
     p.add_argument("--server-args", default="--parallel 2", help="extra `backstop serve` arguments")
     args = p.parse_args()
 
-    port = peers.free_port()
-    argv = [args.backstop, "serve", "--host", f"127.0.0.1:{port}", "--model", f"m={args.model}",
-            *args.server_args.split()]
-    if args.threads:
-        argv += ["--threads", str(args.threads)]
-    server = peers.Server("check-reuse", argv, port)
-    fresh_port = peers.free_port()
-    fresh_argv = [*argv[:3], f"127.0.0.1:{fresh_port}", *argv[4:]]
-    fresh = peers.Server("check-reuse-cold", fresh_argv, fresh_port)
+    def serve(name: str) -> peers.Server:
+        port = peers.free_port()
+        argv = [args.backstop, "serve", "--host", f"127.0.0.1:{port}", "--model", f"m={args.model}",
+                *args.server_args.split()]
+        if args.threads:
+            argv += ["--threads", str(args.threads)]
+        return peers.Server(name, argv, port)
+
+    server = serve("check-reuse")
+    fresh = serve("check-reuse-cold")
     rng = random.Random(args.seed)
     turns = reused = differing = 0
     try:

@@ -436,26 +436,22 @@ impl Config {
             .max_body_bytes
             .or(raw.server.max_body_bytes)
             .unwrap_or(DEFAULT_MAX_BODY);
+        // A boolean given as text (a flag or a variable), refused naming where it came from.
+        let switch = |text: Option<&str>, from: &str, key: &str| match text {
+            Some(v) => parse_bool(v).map(Some).ok_or_else(|| {
+                invalid(
+                    from,
+                    key,
+                    format!("`{v}` is not a boolean (1/0, true/false)"),
+                )
+            }),
+            None => Ok(None),
+        };
         let fa_env = match ollama_env("FLASH_ATTENTION") {
-            Some((v, key)) => Some(parse_bool(&v).ok_or_else(|| {
-                invalid(
-                    "environment",
-                    &key,
-                    format!("`{v}` is not a boolean (1/0, true/false)"),
-                )
-            })?),
+            Some((v, key)) => switch(Some(&v), "environment", &key)?,
             None => None,
         };
-        let fa_flag = match &args.flash_attention {
-            Some(v) => Some(parse_bool(v).ok_or_else(|| {
-                invalid(
-                    FLAGS,
-                    "flash-attention",
-                    format!("`{v}` is not a boolean (1/0, true/false)"),
-                )
-            })?),
-            None => None,
-        };
+        let fa_flag = switch(args.flash_attention.as_deref(), FLAGS, "flash-attention")?;
         let fa_forced = fa_flag.is_some() || fa_env.is_some();
         let (flash_attention, _) = layered(fa_flag, fa_env, raw.server.flash_attention, &origin);
         let (kv_text, kv_from) = layered(
@@ -489,20 +485,10 @@ impl Config {
             None => draft_most(raw.server.speculate, "server.speculate", &origin)?,
         }
         .unwrap_or(0);
-        let bool_flag = |v: &Option<String>, flag: &str| match v {
-            Some(v) => parse_bool(v).map(Some).ok_or_else(|| {
-                invalid(
-                    FLAGS,
-                    flag,
-                    format!("`{v}` is not a boolean (1/0, true/false)"),
-                )
-            }),
-            None => Ok(None),
-        };
-        let reread_answers = bool_flag(&args.reread_answers, "reread-answers")?
+        let reread_answers = switch(args.reread_answers.as_deref(), FLAGS, "reread-answers")?
             .or(raw.server.reread_answers)
             .unwrap_or(true);
-        let exact_reuse = bool_flag(&args.exact_reuse, "exact-reuse")?
+        let exact_reuse = switch(args.exact_reuse.as_deref(), FLAGS, "exact-reuse")?
             .or(raw.server.exact_reuse)
             .unwrap_or(true);
         let engine_defaults = EngineDefaults {

@@ -883,6 +883,7 @@ impl<'m> Worker<'m> {
         if self.reread.as_ref().is_some_and(|r| r.slot == index) {
             self.reread = None;
         }
+        let mode = reuse_for(&pending.job.request, self.options.exact_reuse);
         let mut keep = reuse;
         if let Some(from) = copy_from {
             if !self.copy_slot(from, index) {
@@ -891,8 +892,7 @@ impl<'m> Worker<'m> {
         }
         if keep > 0 {
             let held = self.held(&self.slots[index]);
-            let reuse = reuse_for(&pending.job.request, self.options.exact_reuse);
-            if !Window::holds(self.window, held, keep, reuse) || !self.trim(index, keep) {
+            if !Window::holds(self.window, held, keep, mode) || !self.trim(index, keep) {
                 keep = 0;
             }
         }
@@ -945,7 +945,6 @@ impl<'m> Worker<'m> {
         };
         let mut stops = job.request.stop.clone();
         stops.retain(|s| !s.is_empty());
-        let reproducible = reuse_for(&job.request, self.options.exact_reuse) == Reuse::Exact;
         self.admissions += 1;
         slot.active = Some(Active {
             events: job.events,
@@ -968,7 +967,7 @@ impl<'m> Worker<'m> {
             acceptance: Acceptance::default(),
             shadow: Shadow::default(),
             speculate,
-            reproducible,
+            reproducible: mode == Reuse::Exact,
         });
         if whole_hit {
             self.sample_kept(index);
