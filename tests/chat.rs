@@ -512,15 +512,23 @@ async fn a_follow_up_turn_on_gemma_answers_as_a_cold_server_does() {
     follow_up_answers_as_a_cold_server_does("gemma", &common::gemma3(), Some(true)).await;
 }
 
-/// Waits until the server has read at least `least` more answer tokens again than `before`
-/// and then read nothing more for a second: the re-read has ended.
-async fn reread_settles(s: &Server, before: f64, least: f64) -> f64 {
-    let metric = "backstop_reread_tokens_total";
+/// Answer tokens that model `name` (served untagged, so named `name:latest`) has read again
+/// so far.
+async fn reread_tokens(s: &Server, name: &str) -> f64 {
+    s.metric(&format!(
+        "backstop_reread_tokens_total{{model=\"{name}:latest\"}}"
+    ))
+    .await
+}
+
+/// Waits until model `name` has read at least `least` more answer tokens again than
+/// `before` and then read nothing more for a second: the re-read has ended.
+async fn reread_settles(s: &Server, name: &str, before: f64, least: f64) -> f64 {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut last = s.metric(metric).await;
+    let mut last = reread_tokens(s, name).await;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = s.metric(metric).await;
+        let now = reread_tokens(s, name).await;
         if now - before >= least && now == last {
             return now;
         }
@@ -580,7 +588,7 @@ async fn an_idle_server_reads_answers_again_for_the_next_turn(
         let prompt = said["usage"]["prompt_tokens"].as_u64().unwrap();
         let answered = said["usage"]["completion_tokens"].as_u64().unwrap();
         assert_eq!(answered, 40, "{said}");
-        read = reread_settles(&s, read, (answered - 1) as f64).await;
+        read = reread_settles(&s, name, read, (answered - 1) as f64).await;
         turns.push(("assistant", answer(&said)));
         turns.push(("user", question.to_owned()));
         let warm = s.chat(body(&turns, sampling.clone())).await;
@@ -626,6 +634,59 @@ async fn an_idle_server_reads_answers_again_on_gemma() {
 #[tokio::test]
 async fn an_idle_server_reads_answers_again_on_gemma_with_flash_attention() {
     an_idle_server_reads_answers_again_for_the_next_turn("gemma", &common::gemma3(), true).await;
+}
+
+/// Reading an answer again waits until every model is idle, not only its own: while another
+/// model streams, it would take turns with that stream's steps and stretch its gaps between
+/// tokens. Once the stream has ended, the answer is read again.
+#[tokio::test]
+async fn an_answer_is_read_again_only_once_every_model_is_idle() {
+    let smollm2 = format!("smollm2={}", common::smollm2().display());
+    let gemma = format!("gemma={}", common::gemma3().display());
+    let s = Server::start_raw(&[
+        "--model",
+        &smollm2,
+        "--model",
+        &gemma,
+        "--reread-answers",
+        "1",
+    ])
+    .await;
+    let question = |model: &str, extra: Value| {
+        let mut b = json!({"model": model, "max_tokens": 40, "ignore_eos": true,
+                           "messages": garden(&[("user", "Name three fruits.")])});
+        if let Value::Object(extra) = extra {
+            b.as_object_mut().unwrap().extend(extra);
+        }
+        b
+    };
+    // Gemma first, so that it is loaded and its stream starts at once; sampled without a
+    // seed, its own answers are never read again.
+    s.chat(question("gemma", json!({"max_tokens": 1}))).await;
+    let said = s.chat(question("smollm2", json!({"temperature": 0}))).await;
+    assert_eq!(said["usage"]["completion_tokens"], 40, "{said}");
+    let mut stream = s
+        .stream(
+            "/v1/chat/completions",
+            &question("gemma", json!({"stream": true, "max_tokens": 100})),
+        )
+        .await;
+    assert!(stream.first_text().await);
+    // What was read before Gemma's first step (the test may have been slow to ask).
+    let before = reread_tokens(&s, "smollm2").await;
+    let mut streamed = 1;
+    while streamed < 60 {
+        let payload = stream.next_data().await.expect("the stream ended early");
+        streamed += usize::from(common::chunk_text(&payload).is_some_and(|t| !t.is_empty()));
+    }
+    assert_eq!(
+        reread_tokens(&s, "smollm2").await,
+        before,
+        "SmolLM2 read its answer again while Gemma streamed"
+    );
+    let rest = stream.collect().await;
+    assert_eq!(rest.last().map(String::as_str), Some("[DONE]"));
+    reread_settles(&s, "smollm2", 0.0, 39.0).await;
 }
 
 /// With `--exact-reuse 0` a greedy follow-up that comes at once reuses the whole

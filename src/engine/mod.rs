@@ -74,7 +74,7 @@ pub struct EngineOptions {
     /// Most tokens a generating sequence drafts by prompt lookup per step (0: off; see
     /// [`lookup`]).
     pub speculate: u32,
-    /// While the model is idle, the answer of a greedy or seeded request is read again as a
+    /// While every model is idle, the answer of a greedy or seeded request is read again as a
     /// cold read of its conversation reads it, so the next turn reuses it (see
     /// `worker::Worker::reread_step`).
     pub reread_answers: bool,

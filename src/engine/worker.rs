@@ -16,6 +16,7 @@ use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 use tokio::sync::{mpsc, oneshot};
 
 use super::embed::{self, EmbedJob, EmbedShape, EmbedTask, Embedder, Pooling};
+use super::graphs;
 use super::loader::{self, ModelInfo};
 use super::lookup::{self, Acceptance, RowCosts, Shadow};
 use super::metrics::EngineMetrics;
@@ -39,9 +40,11 @@ const EVENTS_PER_STEP: usize = 3;
 /// How long to wait before re-planning when every busy sequence waits on a slow reader.
 const STALLED_POLL: Duration = Duration::from_millis(2);
 
-/// How long a model must be idle before it reads answers again ([`Worker::reread_step`]):
-/// a client's next request in a run of them (a benchmark, a batch job) comes sooner and
-/// never waits for a chunk; a person reading the answer, or a tool being run, takes longer.
+/// How long every model in the process must have been idle ([`graphs::quiet_for`]) before
+/// one reads answers again ([`Worker::reread_step`]): a client's next request in a run of
+/// them (a benchmark, a batch job) comes sooner and never waits for a chunk; a person
+/// reading the answer, or a tool being run, takes longer. Another model's stream is never
+/// slowed by it.
 const REREAD_AFTER: Duration = Duration::from_millis(100);
 
 /// About how long one chunk of a re-read takes, so work that arrives meanwhile waits at
@@ -652,19 +655,18 @@ impl<'m> Worker<'m> {
         }
     }
 
-    /// Waits for work while nothing runs. Meanwhile, once the model has been idle for
+    /// Waits for work while nothing runs. Meanwhile, once every model has been idle for
     /// [`REREAD_AFTER`], it reads answers again a chunk at a time ([`Worker::reread_step`]),
     /// looking for work between chunks; once none is left to read, it sleeps until work
     /// comes. `None` when every sender is gone.
     fn wait_idle(&mut self, jobs: &mut mpsc::UnboundedReceiver<Work>) -> Option<Work> {
-        let since = Instant::now();
         while self.reread.is_some() || self.slots.iter().any(|s| s.reread) {
             match jobs.try_recv() {
                 Ok(work) => return Some(work),
                 Err(TryRecvError::Disconnected) => return None,
                 Err(TryRecvError::Empty) => {}
             }
-            if since.elapsed() < REREAD_AFTER {
+            if graphs::quiet_for() < REREAD_AFTER {
                 // tokio's receiver has no blocking receive with a timeout, so this polls,
                 // and only while an answer waits to be read again.
                 std::thread::sleep(IDLE_POLL);
@@ -768,7 +770,7 @@ impl<'m> Worker<'m> {
                 return false;
             }
         }
-        let (result, took) = super::graphs::decode_timed(&mut self.ctx, &mut self.batch);
+        let (result, took) = graphs::decode_in_background(&mut self.ctx, &mut self.batch);
         if let Err(e) = result {
             tracing::warn!(model = %self.name, error = %e, "reading an answer again failed");
             if !self.trim(i, start) {
@@ -1207,7 +1209,7 @@ impl<'m> Worker<'m> {
         self.metrics.batch_sequences.record(undo.len() as f64);
         let started = Instant::now();
         // The pace counts the decode alone, not a wait for another model's turn.
-        let (result, took) = super::graphs::decode_timed(&mut self.ctx, &mut self.batch);
+        let (result, took) = graphs::decode_timed(&mut self.ctx, &mut self.batch);
         if result.is_ok() {
             let decoded = undo.iter().filter(|u| u.2.is_some()).count();
             let rows = self.batch.n_tokens() as usize;
