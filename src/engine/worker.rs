@@ -22,7 +22,7 @@ use super::lookup::{self, Acceptance, RowCosts, Shadow};
 use super::metrics::EngineMetrics;
 use super::policy::{
     join_segments, place, plan_step, segment_starts, Budget, CachedSlot, Grain, Held, Layout, Pace,
-    Placement, Reuse, SlotState, StepPlan, Window, MIN_CHUNK,
+    Placement, Reuse, SlotState, StepPlan, Window,
 };
 use super::request::truncate;
 use super::text::{StopMatcher, StopScan, Utf8Stream};
@@ -717,7 +717,6 @@ impl<'m> Worker<'m> {
             .pace
             .prompt_rows_in(REREAD_CHUNK_SECS)
             .unwrap_or(0)
-            .max(MIN_CHUNK)
             .max(grain.least_batch())
             .min(self.budget.batch);
         let budget = Budget {
