@@ -152,10 +152,12 @@ def connect(url: str, timeout: float) -> http.client.HTTPConnection:
     return http.client.HTTPConnection(host, int(port), timeout=timeout)
 
 
-def stream(url: str, messages: list[dict], max_tokens: int, started: threading.Event | None = None) -> dict:
-    """One streamed chat request; the time of every content delta (perf_counter seconds)."""
+def stream(url: str, messages: list[dict], max_tokens: int, started: threading.Event | None = None,
+           model: str = "m") -> dict:
+    """One streamed greedy chat request to `model`; the time of every content delta
+    (perf_counter seconds)."""
     conn = connect(url, 300)
-    body = json.dumps({"model": "m", "messages": messages, "stream": True, "temperature": 0,
+    body = json.dumps({"model": model, "messages": messages, "stream": True, "temperature": 0,
                        "max_tokens": max_tokens, "ignore_eos": True})
     t0 = time.perf_counter()
     conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
@@ -177,6 +179,26 @@ def stream(url: str, messages: list[dict], max_tokens: int, started: threading.E
     conn.close()
     return {"t0": t0, "times": times, "text": "".join(text),
             "ttft_ms": (times[0] - t0) * 1e3 if times else None}
+
+
+def reread_tokens(url: str, model: str | None = None) -> float:
+    """Answer tokens a backstop server has read again while idle (`--reread-answers`), for
+    one model (its name as /metrics labels it, e.g. `m:latest`) or all."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    series = "backstop_reread_tokens_total" + (f'{{model="{model}"}}' if model else "")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series))
+
+
+def settle(url: str) -> None:
+    """Waits until a backstop server has read nothing again for half a second."""
+    last = reread_tokens(url)
+    while True:
+        time.sleep(0.5)
+        now = reread_tokens(url)
+        if now == last:
+            return
+        last = now
 
 
 def history(tokens: int, nonce: str) -> str:

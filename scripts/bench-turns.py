@@ -37,7 +37,6 @@ import pathlib
 import statistics
 import sys
 import time
-import urllib.request
 
 spec = importlib.util.spec_from_file_location("bench_peers", pathlib.Path(__file__).with_name("bench-peers.py"))
 peers = importlib.util.module_from_spec(spec)
@@ -51,24 +50,6 @@ QUESTIONS = [
 ]
 
 SERVERS = ["backstop", "backstop --reread-answers 0", "backstop --exact-reuse 0", "llama-server"]
-
-
-def reread_tokens(url: str) -> float:
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
-        text = r.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("backstop_reread_tokens_total"))
-
-
-def settle(url: str) -> None:
-    """Waits until the server has read nothing again for half a second."""
-    last = reread_tokens(url)
-    while True:
-        time.sleep(0.5)
-        now = reread_tokens(url)
-        if now == last:
-            return
-        last = now
 
 
 def main() -> int:
@@ -105,14 +86,14 @@ def main() -> int:
         for kind, s in servers.items():
             conversation(s.url, f"warm-up {os.urandom(3).hex()}")
             if kind.startswith("backstop"):
-                settle(s.url)
+                peers.settle(s.url)
         for rep in range(args.reps):
             order = SERVERS[rep % len(SERVERS):] + SERVERS[:rep % len(SERVERS)]
             peers.log(f"==> rep {rep + 1}/{args.reps}")
             for kind in order:
                 runs[kind].append(conversation(servers[kind].url, f"{rep} {os.urandom(3).hex()}"))
                 if kind.startswith("backstop"):
-                    settle(servers[kind].url)
+                    peers.settle(servers[kind].url)
     finally:
         for s in servers.values():
             s.stop()

@@ -51,9 +51,6 @@ const REREAD_AFTER: Duration = Duration::from_millis(100);
 /// most that long for the decode call in flight.
 const REREAD_CHUNK_SECS: f64 = 0.025;
 
-/// How often an idle model looks for work while it waits to re-read an answer.
-const IDLE_POLL: Duration = Duration::from_millis(1);
-
 /// Thread entry point: load, report readiness (or the load error), then serve until every
 /// handle is dropped and the remaining work is done.
 pub(crate) fn engine_worker(
@@ -419,6 +416,14 @@ impl<'m> Worker<'m> {
     }
 
     fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Work>) {
+        let timer = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| {
+                tracing::warn!(model = %self.name, error = %e,
+                    "no timer on the engine thread: answers are not read again while idle");
+            })
+            .ok();
         let mut open = true;
         loop {
             if self.is_idle() {
@@ -427,7 +432,7 @@ impl<'m> Worker<'m> {
                 if !open {
                     break;
                 }
-                match self.wait_idle(&mut jobs) {
+                match self.wait_idle(&mut jobs, timer.as_ref()) {
                     Some(work) => self.take(work),
                     None => break,
                 }
@@ -658,20 +663,32 @@ impl<'m> Worker<'m> {
     /// Waits for work while nothing runs. Meanwhile, once every model has been idle for
     /// [`REREAD_AFTER`], it reads answers again a chunk at a time ([`Worker::reread_step`]),
     /// looking for work between chunks; once none is left to read, it sleeps until work
-    /// comes. `None` when every sender is gone.
-    fn wait_idle(&mut self, jobs: &mut mpsc::UnboundedReceiver<Work>) -> Option<Work> {
-        while self.reread.is_some() || self.slots.iter().any(|s| s.reread) {
+    /// comes. `None` when every sender is gone. `timer` waits on the channel with a timeout
+    /// (tokio's receiver has no blocking receive with one); without it nothing is read again.
+    fn wait_idle(
+        &mut self,
+        jobs: &mut mpsc::UnboundedReceiver<Work>,
+        timer: Option<&tokio::runtime::Runtime>,
+    ) -> Option<Work> {
+        while let Some(timer) =
+            timer.filter(|_| self.reread.is_some() || self.slots.iter().any(|s| s.reread))
+        {
+            let quiet = graphs::quiet_for();
+            if quiet < REREAD_AFTER {
+                // Asleep until every model may have been quiet long enough, or work comes:
+                // a loop that polled here would wake a thousand times a second for as long
+                // as another model streams, and cost that stream 5% of its speed.
+                // (The timeout is made inside: its timer needs the runtime's context.)
+                let wait = async { tokio::time::timeout(REREAD_AFTER - quiet, jobs.recv()).await };
+                if let Ok(work) = timer.block_on(wait) {
+                    return work;
+                }
+                continue;
+            }
             match jobs.try_recv() {
                 Ok(work) => return Some(work),
                 Err(TryRecvError::Disconnected) => return None,
-                Err(TryRecvError::Empty) => {}
-            }
-            if graphs::quiet_for() < REREAD_AFTER {
-                // tokio's receiver has no blocking receive with a timeout, so this polls,
-                // and only while an answer waits to be read again.
-                std::thread::sleep(IDLE_POLL);
-            } else {
-                self.reread_step();
+                Err(TryRecvError::Empty) => self.reread_step(),
             }
         }
         jobs.blocking_recv()
