@@ -19,7 +19,7 @@ order; between turns each backstop's re-read is left to end (so only one server 
 time). Ratios are on against off, the median of per-repetition ratios.
 
     ~/.cache/backstop/venv/bin/python scripts/bench-reread.py [--model PATH] [--neighbour PATH]
-        [--reps 5] [--max-tokens 200] [--threads N]
+        [--reps 5] [--max-tokens 200] [--threads N] [--backstop BINARY]
 
 Writes bench-results/reread-<time>.json.
 """
@@ -59,10 +59,15 @@ def main() -> int:
     ap.add_argument("--neighbour", default=str(peers.MODELS / "gemma-3-270m-q4_k_m.gguf"),
                     help="model B, which streams while model A (--model) has an answer to read again")
     ap.add_argument("--parallel", type=int, default=2, help="slots per model, every server")
+    ap.add_argument("--backstop", help="a backstop binary to measure (an earlier build, say) instead of "
+                                       "building this checkout")
     args = ap.parse_args()
     model, neighbour = pathlib.Path(args.model), pathlib.Path(args.neighbour)
-    peers.build(with_python=False)
-    binary = peers.TARGET / "release" / "backstop"
+    if args.backstop:
+        binary = pathlib.Path(args.backstop)
+    else:
+        peers.build(with_python=False)
+        binary = peers.TARGET / "release" / "backstop"
 
     def start(name: str, reread: str) -> peers.Server:
         port = peers.free_port()
@@ -144,7 +149,7 @@ def main() -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / time.strftime("reread-%Y%m%d-%H%M%S.json")
-    path.write_text(json.dumps({"machine": machine, "model_a": str(model), "model_b": str(neighbour),
+    path.write_text(json.dumps({"machine": machine, "backstop": str(binary), "model_a": str(model), "model_b": str(neighbour),
                                 "max_tokens": args.max_tokens, "reps": args.reps, "runs": runs}, indent=1))
     print(f"\n{path}")
     return 0
