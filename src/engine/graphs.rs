@@ -142,3 +142,24 @@ impl Call<'_, '_, '_> {
         (result, started.elapsed())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The only test in this binary that makes foreground decodes, so the counts are its own.
+    #[test]
+    fn the_process_is_quiet_only_once_no_foreground_decode_has_run_for_a_while() {
+        drop(Foreground::start());
+        let quiet = Duration::from_millis(200);
+        std::thread::sleep(quiet);
+        assert!(quiet_for() >= quiet, "{:?}", quiet_for());
+        let running = Foreground::start();
+        assert_eq!(quiet_for(), Duration::ZERO, "a decode is running");
+        let another = Foreground::start();
+        drop(running);
+        assert_eq!(quiet_for(), Duration::ZERO, "one still runs");
+        drop(another);
+        assert!(quiet_for() < quiet, "from the last end: {:?}", quiet_for());
+    }
+}
