@@ -587,8 +587,9 @@ pub struct ServeArgs {
     /// measured on this machine and the answer's recent hits make worth it [default: 0, off].
     #[arg(long, env = "BACKSTOP_SPECULATE", value_name = "N")]
     pub speculate: Option<u32>,
-    /// While every model is idle, the answer of a greedy or seeded request is read again the
-    /// way a cold read of the whole conversation reads it, a short chunk at a time, so the next
+    /// While every model is idle and no other program is using the cores, the answer of a
+    /// greedy or seeded request is read again the way a cold read of the whole conversation
+    /// reads it, a short chunk at a time, so the next
     /// turn reuses it and its first token comes as soon as a sampled one's, with the answer
     /// still the one a cold server gives: 1/true or 0/false [default: true].
     #[arg(long, env = "BACKSTOP_REREAD_ANSWERS", value_name = "BOOL")]

@@ -689,6 +689,54 @@ async fn an_answer_is_read_again_only_once_every_model_is_idle() {
     reread_settles(&s, "smollm2", 0.0, 39.0).await;
 }
 
+/// Threads of this process that keep every core busy until the flag is lowered: another
+/// program using the machine, as backstop sees it.
+fn burn_cores(
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (0..cores)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(stop);
+            std::thread::spawn(move || {
+                let mut x = 1u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            })
+        })
+        .collect()
+}
+
+/// Reading an answer again also waits while other processes keep the cores busy: llama.cpp's
+/// threads and theirs would spin against each other, and on a 2-core machine another server's
+/// stream ran at a tenth of its speed. Once the cores are free, the answer is read again.
+#[tokio::test]
+async fn an_answer_is_read_again_only_once_other_processes_leave_the_cores_free() {
+    let s = Server::start(&["--reread-answers", "1"]).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Busy before the answer ends, so that every window the server reads after it is busy.
+    let burners = burn_cores(&stop);
+    let said = s
+        .chat(
+            json!({"model": "smollm2", "max_tokens": 40, "ignore_eos": true, "temperature": 0,
+                     "messages": garden(&[("user", "Name three fruits.")])}),
+        )
+        .await;
+    assert_eq!(said["usage"]["completion_tokens"], 40, "{said}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = reread_tokens(&s, "smollm2").await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for b in burners {
+        b.join().expect("burner thread");
+    }
+    assert_eq!(
+        during, 0.0,
+        "the answer was read again while other threads kept every core busy"
+    );
+    reread_settles(&s, "smollm2", 0.0, 39.0).await;
+}
+
 /// With `--exact-reuse 0` a greedy follow-up that comes at once reuses the whole
 /// conversation, the answer's rows as they were computed, as a sampled request (and
 /// llama.cpp's server) does: all but the token that gives fresh logits.

@@ -11,6 +11,7 @@ mod metrics;
 mod policy;
 mod request;
 mod sampler;
+mod spare;
 pub(crate) use sampler::greedy;
 mod template;
 mod text;

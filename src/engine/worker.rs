@@ -25,6 +25,7 @@ use super::policy::{
     Placement, Reuse, SlotState, StepPlan, Window,
 };
 use super::request::truncate;
+use super::spare::Spare;
 use super::text::{StopMatcher, StopScan, Utf8Stream};
 use super::{
     sampler, EngineError, EngineOptions, FinishReason, GenerateRequest, Job, LoadError, Overflow,
@@ -322,6 +323,8 @@ struct Worker<'m> {
     bos_text: String,
     /// The answer being read again, between chunks.
     reread: Option<Reread>,
+    /// Whether other processes leave the cores free for it.
+    spare: Spare,
     admissions: u64,
     step_no: u64,
     piece: Vec<u8>,
@@ -394,6 +397,7 @@ impl<'m> Worker<'m> {
             },
             bos_text,
             reread: None,
+            spare: Spare::new(options.threads),
             admissions: 0,
             step_no: 0,
             piece: Vec::with_capacity(32),
@@ -661,8 +665,9 @@ impl<'m> Worker<'m> {
     }
 
     /// Waits for work while nothing runs. Meanwhile, once every model has been idle for
-    /// [`REREAD_AFTER`], it reads answers again a chunk at a time ([`Worker::reread_step`]),
-    /// looking for work between chunks; once none is left to read, it sleeps until work
+    /// [`REREAD_AFTER`] and other processes leave free the cores a decode takes ([`Spare`]),
+    /// it reads answers again a chunk at a time ([`Worker::reread_step`]), looking for work
+    /// (and at the other processes) between chunks; once none is left to read, it sleeps until work
     /// comes. `None` when every sender is gone. `timer` waits on the channel with a timeout
     /// (tokio's receiver has no blocking receive with one); without it nothing is read again.
     fn wait_idle(
@@ -674,12 +679,19 @@ impl<'m> Worker<'m> {
             timer.filter(|_| self.reread.is_some() || self.slots.iter().any(|s| s.reread))
         {
             let quiet = graphs::quiet_for();
-            if quiet < REREAD_AFTER {
-                // Asleep until every model may have been quiet long enough, or work comes:
-                // a loop that polled here would wake a thousand times a second for as long
-                // as another model streams, and cost that stream 5% of its speed.
+            // A reading every time, so that one is a window old when the quiet is long enough.
+            let busy = self.spare.wait();
+            let wait = REREAD_AFTER
+                .checked_sub(quiet)
+                .filter(|w| !w.is_zero())
+                .or(busy);
+            if let Some(wait) = wait {
+                // Asleep until every model may have been quiet long enough and other
+                // processes may have left the cores free, or work comes: a loop that polled
+                // here would wake a thousand times a second for as long as another model
+                // streams, and cost that stream 5% of its speed.
                 // (The timeout is made inside: its timer needs the runtime's context.)
-                let wait = async { tokio::time::timeout(REREAD_AFTER - quiet, jobs.recv()).await };
+                let wait = async { tokio::time::timeout(wait, jobs.recv()).await };
                 if let Ok(work) = timer.block_on(wait) {
                     return work;
                 }
