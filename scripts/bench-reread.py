@@ -13,10 +13,15 @@ of that conversation reuses it. That work must not slow anything else down:
   question on A from another client. It waits at most for the chunk in flight (sized to take
   about 25 ms). Measured: its time to first token minus that of the same kind of question
   asked of the idle server.
+- process: a greedy answer on model A, then at once a stream from another program on the same
+  machine: llama-server, on model A with the same threads. A reads its answer again only while
+  other programs leave the cores free, so that stream should run as it does after a server with
+  re-reads off. Measured: its decode rate, median and worst gap.
 
-Two servers, up at once, with the same models, threads and slots, taking turns in a rotating
-order; between turns each backstop's re-read is left to end (so only one server works at a
-time). Ratios are on against off, the median of per-repetition ratios.
+Three servers, up at once (the two backstops with the same models, threads and slots, and
+llama-server), taking turns in a rotating order; between turns each backstop's re-read is left
+to end (so only one server works at a time). Ratios are on against off, the median of
+per-repetition ratios.
 
     ~/.cache/backstop/venv/bin/python scripts/bench-reread.py [--model PATH] [--neighbour PATH]
         [--reps 5] [--max-tokens 200] [--threads N] [--backstop BINARY]
@@ -33,6 +38,7 @@ import os
 import pathlib
 import random
 import statistics
+import subprocess
 import sys
 import time
 
@@ -65,9 +71,11 @@ def main() -> int:
     model, neighbour = pathlib.Path(args.model), pathlib.Path(args.neighbour)
     if args.backstop:
         binary = pathlib.Path(args.backstop)
+        subprocess.run([str(peers.ROOT / "scripts" / "build-peers.sh")], check=True)
     else:
         peers.build(with_python=False)
         binary = peers.TARGET / "release" / "backstop"
+    template = peers.template_source(binary, model)
 
     def start(name: str, reread: str) -> peers.Server:
         port = peers.free_port()
@@ -90,6 +98,13 @@ def main() -> int:
                 "max_over_median": max(gaps) / med, "p95_over_median": quantile(gaps, 0.95) / med,
                 "a_reread_tokens_during": read}
 
+    def process_run(url: str, other: str, nonce: str) -> dict:
+        answer_on_a(url, nonce)
+        t = peers.stream(other, ask(nonce, "Explain how tides work, in detail."), args.max_tokens, model="m")["times"]
+        gaps = [(b - a) * 1e3 for a, b in zip(t[2:], t[3:])]
+        return {"tok_s": (len(t) - 2) / (t[-1] - t[1]), "median_gap_ms": statistics.median(gaps),
+                "max_gap_ms": max(gaps)}
+
     def arrival_run(url: str, nonce: str) -> dict:
         answer_on_a(url, nonce)
         time.sleep(random.uniform(0.15, 0.21))
@@ -101,13 +116,16 @@ def main() -> int:
         return {"ttft_during_ms": during, "ttft_idle_ms": idle, "extra_ms": during - idle}
 
     names = list(SERVERS)
-    runs: dict[str, dict[str, list[dict]]] = {k: {"neighbour": [], "arrival": []} for k in names}
-    peers.log("==> starting both servers")
+    runs: dict[str, dict[str, list[dict]]] = {k: {"neighbour": [], "arrival": [], "process": []} for k in names}
+    peers.log("==> starting the three servers")
     servers = {k: start(k, v) for k, v in SERVERS.items()}
+    other = peers.serve_side_by_side("llama-server", peers.PEERS / "llama-server", model, args.threads,
+                                     args.parallel, args.ctx, template, [])
     try:
         for k, s in servers.items():
             neighbour_run(s.url, f"warm-up {os.urandom(3).hex()}")
             peers.settle(s.url)
+        peers.stream(other.url, ask("warm-up", "Hello!"), 8, model="m")
         for rep in range(args.reps):
             peers.log(f"==> rep {rep + 1}/{args.reps}")
             for k in names[rep % 2:] + names[:rep % 2]:
@@ -116,8 +134,10 @@ def main() -> int:
                 peers.settle(url)
                 runs[k]["arrival"].append(arrival_run(url, f"{rep} {os.urandom(3).hex()}"))
                 peers.settle(url)
+                runs[k]["process"].append(process_run(url, other.url, f"{rep} {os.urandom(3).hex()}"))
+                peers.settle(url)
     finally:
-        for s in servers.values():
+        for s in [*servers.values(), other]:
             s.stop()
 
     def med(k: str, part: str, key: str) -> float:
@@ -137,7 +157,10 @@ def main() -> int:
             ("B's p95 gap / median", "neighbour", "p95_over_median"),
             ("A's tokens read again while B streamed", "neighbour", "a_reread_tokens_during"),
             ("arrival TTFT during a re-read, ms", "arrival", "ttft_during_ms"),
-            ("arrival TTFT on an idle server, ms", "arrival", "ttft_idle_ms")]
+            ("arrival TTFT on an idle server, ms", "arrival", "ttft_idle_ms"),
+            ("llama-server's tok/s after A's answer", "process", "tok_s"),
+            ("llama-server's median gap, ms", "process", "median_gap_ms"),
+            ("llama-server's worst gap, ms", "process", "max_gap_ms")]
     for label, part, key in rows:
         on, off = med("reread on", part, key), med("reread off", part, key)
         versus = ratio(part, key) if off else "-"
