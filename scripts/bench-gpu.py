@@ -1,33 +1,40 @@
 #!/usr/bin/env python3
 """Every speed figure a GPU machine should give, in one command, into three files.
 
-    scripts/bench-gpu.py [--backstop PATH|BUNDLE.tar.xz] [--out DIR] [--quick] MODEL [MODEL...]
+    scripts/bench-gpu.py [--backstop PATH|BUNDLE.tar.xz] [--peer DIR|BUNDLE.tar.xz] [--out DIR]
+                         [--quick] [--skip STEP,...] [--step-timeout S] MODEL [MODEL...]
 
 For the machine you rent for an hour, or the air-gapped GPU server a bundle is carried to
-(scripts/build-cuda-bundle.sh): it runs, one after the other,
+(scripts/build-cuda-bundle.sh): it runs, one after the other and the most wanted first,
 
     gpu      backstop bench on every model: -p 512 -n 128 -r 5 --parallel 4,8, and --pg 512,128
              (the prompt and its answer timed as one: a whole request's rate)
+    peer     with --peer only: llama-bench on every model with gpu's sizes (-p, -n, -pg, -r;
+             every layer on the GPU), and backstop's gpu figures over it
     ladder   the first model quantized to Q8_0, Q6_K, Q5_K_M, Q4_K_M and Q4_0, each benchmarked
+    served   `backstop serve` of the first model with 8 slots, measured over HTTP by
+             `backstop bench --server` with 1, 4 and 8 streaming clients; with --peer,
+             llama-server beside it (same slots, context per slot and model name), the two
+             measured in turns in the same run
     cpu      the same as gpu with no GPU visible (CUDA_VISIBLE_DEVICES=): the CPU beside it
     layers   --gpu-layers 0,10,20,99: what offloading part of the model gives
     batch    -p 2048 -n 0 -b 256,512,2048: prompt speed by batch size
     depth    -d 0,4096 --parallel 4: speed deep into a long context
-    served   `backstop serve` of the first model with 8 slots, measured over HTTP by
-             `backstop bench --server` with 1, 4 and 8 streaming clients
 
-and writes DIR/results.json (every step's JSON, exit status, seconds, and the end of its
-stderr), DIR/summary.md (a table per step; also printed) and DIR/log.txt (all stderr). A step
-that fails or runs past its time (--step-timeout) is recorded and the next one runs; both files
-are rewritten after every step, so a run cut short keeps what it finished. `--quick` is a dry run
-with tiny sizes (16-token prompts, 4 generated, one repetition) that checks the plumbing in a
-minute or two, on a CPU too.
+--peer is llama.cpp's llama-bench and llama-server: a folder holding them, or the bundle from
+`scripts/build-peers.sh --cuda`. It writes DIR/results.json (every step's JSON, exit status,
+seconds, and the end of its stderr), DIR/summary.md (a table per step; also printed) and
+DIR/log.txt (all stderr). A step that fails or runs past its time (--step-timeout) is recorded
+and the next one runs; both files are rewritten after every step, so a run cut short keeps what
+it finished. `--quick` is a dry run with tiny sizes (16-token prompts, 4 generated, one
+repetition) that checks the plumbing in a minute or two, on a CPU too.
 
 `--backstop` takes a binary (default: `backstop` on PATH, else this checkout's release build)
-or a bundle from build-cuda-bundle.sh, which is unpacked into the work folder. When the bundle's
-CUDA 13 runtime is on neither $CUDA_PATH/lib64 nor /usr/local/cuda/lib64 nor ldconfig's list,
-the folders under /usr/local, /opt and Python's site-packages holding libcudart.so.13 and
-libcublas.so.13 (NVIDIA's pip wheels put them there) are added to LD_LIBRARY_PATH.
+or a bundle from build-cuda-bundle.sh, which is unpacked into the work folder (so is --peer's).
+When a bundle's CUDA 13 runtime is on neither $CUDA_PATH/lib64 nor /usr/local/cuda/lib64 nor
+ldconfig's list, the folders under /usr/local, /opt and Python's site-packages holding
+libcudart.so.13 and libcublas.so.13 (NVIDIA's pip wheels put them there) are added to
+LD_LIBRARY_PATH.
 
 A MODEL ending in .shape.gguf.xz (stand-in-model.py --shape, xz-compressed) is expanded into a
 stand-in first: the same work per token as the model, with none of its weights carried.
@@ -43,6 +50,7 @@ import lzma
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -67,20 +75,26 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def unpack(bundle: Path, work: Path) -> Path:
+    """A bundle (.tar.xz) unpacked into `work`: its top folder."""
+    with tarfile.open(bundle) as tar:
+        names = [m.name for m in tar.getmembers()]
+        try:
+            tar.extractall(work, filter="data")
+        except TypeError:  # Python before 3.12 (and its backports) has no filter
+            tar.extractall(work)
+    return work / names[0].split("/")[0]
+
+
+def is_bundle(path: Path) -> bool:
+    return path.name.endswith((".tar.xz", ".tar.gz", ".tar"))
+
+
 def find_backstop(given: str | None, work: Path) -> Path:
     """The binary to run: given, a bundle unpacked, on PATH, or this checkout's release build."""
     if given:
         path = Path(given)
-        if path.name.endswith((".tar.xz", ".tar.gz", ".tar")):
-            with tarfile.open(path) as tar:
-                names = [m.name for m in tar.getmembers()]
-                try:
-                    tar.extractall(work, filter="data")
-                except TypeError:  # Python before 3.12 (and its backports) has no filter
-                    tar.extractall(work)
-            top = names[0].split("/")[0]
-            return work / top / "backstop"
-        return path.resolve()
+        return unpack(path, work) / "backstop" if is_bundle(path) else path.resolve()
     found = shutil.which("backstop")
     if found:
         return Path(found)
@@ -175,6 +189,7 @@ class Runner:
     def __init__(self, backstop: Path, out: Path, step_s: int, env: dict, head: dict):
         self.backstop, self.out, self.step_s, self.env, self.head = backstop, out, step_s, env, head
         self.steps: dict[str, dict] = {}
+        self.ready_s: dict[str, float] = {}  # each server's start to ready, seconds
         self.log = open(out / "log.txt", "w")
 
     def save(self) -> str:
@@ -219,41 +234,128 @@ class Runner:
         self.save()
         log(f"    rc {step['rc']} in {step['seconds']} s")
 
-    def served(self, model: Path, port: int, slots: int, args: list[str]) -> None:
-        """`backstop serve` on a loopback port, measured by `backstop bench --server`."""
+    def start(self, name: str, argv: list[str], port: int, ready: str) -> subprocess.Popen | str:
+        """A server on a loopback port, once `ready` answers 200 (backstop's /health/ready and
+        llama-server's /health: once the model is loaded); or why it is not there."""
+        self.log.write(f"\n==> {name}: {' '.join(argv)}\n")
+        self.log.flush()
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, stdout=self.log, stderr=self.log, env=self.env)
+        deadline = t0 + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready}", timeout=1) as r:
+                    if r.status == 200:
+                        self.ready_s[name] = round(time.monotonic() - t0, 2)
+                        return proc
+            except OSError:
+                time.sleep(0.2)
+        if proc.poll() is None:
+            stop(proc)
+            return f"{name} was not ready in 120 s"
+        return f"{name} exited with {proc.returncode}"
+
+    def served(self, model: Path, port: int, slots: int, args: list[str], peer: Path | None) -> None:
+        """`backstop serve` on a loopback port, measured by `backstop bench --server`; with a
+        peer, llama-server beside it on the next port, the two measured in turns."""
         # Served under the file's name, so the table says which model it measured.
         name = "".join(c if c.isalnum() or c in "._-" else "-" for c in model.stem.lower())
-        argv = [str(self.backstop), "serve", "--host", f"127.0.0.1:{port}", "--model", f"{name}={model}",
-                "--parallel", str(slots)]
-        self.log.write(f"\n==> serve: {' '.join(argv)}\n")
-        self.log.flush()
-        proc = subprocess.Popen(argv, stdout=self.log, stderr=self.log, env=self.env)
+        ctx = 4096  # per slot, for both
+        procs: list[subprocess.Popen] = []
         try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and proc.poll() is None:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    time.sleep(0.2)
-            if proc.poll() is not None:
-                self.steps["served"] = {"rc": f"serve exited with {proc.returncode}", "figures": None}
-                self.save()
-                return
-            self.bench("served", ["--server", f"127.0.0.1:{port}", *args, name])
+            urls = []
+            servers = [("backstop", [str(self.backstop), "serve", "--host", f"127.0.0.1:{port}",
+                                     "--model", f"{name}={model}", "--parallel", str(slots),
+                                     "--ctx", str(ctx)], port, "/health/ready")]
+            if peer:
+                servers.append(("llama-server", [str(peer / "llama-server"), "-m", str(model), "-ngl", "99",
+                                                 "-np", str(slots), "-c", str(ctx * slots), "--alias", name,
+                                                 "--host", "127.0.0.1", "--port", str(port + 1)], port + 1,
+                                "/health"))
+            for kind, argv, p, ready in servers:
+                started = self.start(kind, argv, p, ready)
+                if isinstance(started, str):
+                    self.steps["served"] = {"rc": started, "figures": None}
+                    self.save()
+                    return
+                procs.append(started)
+                urls += ["--server", f"127.0.0.1:{p}"]
+            self.bench("served", [*urls, *args, name])
+            self.steps["served"]["ready_s"] = dict(self.ready_s)
+            self.save()
         finally:
-            proc.terminate()
+            for proc in procs:
+                stop(proc)
+
+    def peer_bench(self, peer: Path, models: list[Path], size: dict) -> None:
+        """llama-bench on every model with the gpu step's sizes, and backstop's figures over it."""
+        t0 = time.perf_counter()
+        step: dict = {"rc": 0, "results": []}
+        for model in models:
+            argv = [str(peer / "llama-bench"), "-m", str(model), "-p", str(size["p"]), "-n", str(size["n"]),
+                    "-pg", f"{size['p']},{size['n']}", "-r", str(size["r"]), "-ngl", "99", "-o", "jsonl"]
+            log(f"==> peer: {' '.join(argv[1:])}")
+            self.log.write(f"\n==> peer: {' '.join(argv)}\n")
+            self.log.flush()
             try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=self.step_s, env=self.env)
+                rc, out, err = done.returncode, done.stdout, done.stderr
+            except subprocess.TimeoutExpired as e:
+                rc, out, err = "timeout", as_text(e.stdout), as_text(e.stderr)
+            self.log.write(err)
+            step["stderr_tail"] = err[-1500:]
+            if rc != 0:
+                step["rc"] = rc
+            for line in out.splitlines():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                samples = r.get("samples_ts") or []
+                if samples:
+                    step["results"].append({"file": model.name, "prompt": r.get("n_prompt"), "gen": r.get("n_gen"),
+                                            "median": statistics.median(samples), "min": min(samples),
+                                            "max": max(samples), "backend": r.get("backends"),
+                                            "flash_attn": r.get("flash_attn"), "build": r.get("build_commit")})
+        step["seconds"] = round(time.perf_counter() - t0, 1)
+        step["ratios"] = peer_ratios(self.steps.get("gpu"), step["results"])
+        self.steps["peer"] = step
+        self.save()
+        log(f"    rc {step['rc']} in {step['seconds']} s")
 
 
-def cell(figure: dict | None) -> str:
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def peer_ratios(gpu: dict | None, peer: list[dict]) -> list[dict]:
+    """backstop's gpu figures over llama-bench's, test by test (pp, tg, pp+tg) and model by model."""
+    ours: dict[tuple, dict] = {}
+    for r in ((gpu or {}).get("figures") or {}).get("results") or []:
+        if r.get("pg"):
+            ours[(r["file"], r["prompt"], r["generate"])] = r["pg"]
+            continue
+        if r.get("pp"):
+            ours[(r["file"], r["prompt"], 0)] = r["pp"]
+        if r.get("tg"):
+            ours[(r["file"], 0, r["generate"])] = r["tg"]
+    rows = []
+    for p in peer:
+        key = (p["file"], p["prompt"], p["gen"])
+        if key in ours and p["median"]:
+            rows.append({"file": p["file"], "prompt": p["prompt"], "gen": p["gen"], "backstop": ours[key]["median"],
+                         "llama_bench": p["median"], "ratio": ours[key]["median"] / p["median"]})
+    return rows
+
+
+def cell(figure: dict | None, digits: int = 1) -> str:
     if not figure:
         return ""
-    return f"{figure['median']:.1f} ({figure['min']:.1f}–{figure['max']:.1f})"
+    return f"{figure['median']:.{digits}f} ({figure['min']:.{digits}f}–{figure['max']:.{digits}f})"
 
 
 def summary(steps: dict[str, dict]) -> str:
@@ -261,19 +363,34 @@ def summary(steps: dict[str, dict]) -> str:
     lines: list[str] = []
     for name, step in steps.items():
         lines.append(f"\n### {name} (rc {step.get('rc')}, {step.get('seconds', '?')} s)\n")
+        if name == "peer":
+            lines.append("| model | test | backstop tok/s | llama-bench tok/s (min–max) | ratio |")
+            lines.append("| --- | --- | --- | --- | --- |")
+            for r in step.get("ratios") or []:
+                test = "+".join(t for t in (f"pp{r['prompt']}" if r["prompt"] else "",
+                                             f"tg{r['gen']}" if r["gen"] else "") if t)
+                peer = next((p for p in step["results"] if (p["file"], p["prompt"], p["gen"])
+                             == (r["file"], r["prompt"], r["gen"])), {})
+                lines.append(f"| {r['file']} | {test} | {r['backstop']:.1f} | {cell(peer)} | {r['ratio']:.2f} |")
+            if not step.get("ratios"):
+                lines.append("no figures to compare")
+            continue
+        if step.get("ready_s"):
+            lines.append("start to ready: " + ", ".join(f"{k} {v} s" for k, v in step["ready_s"].items()) + "\n")
         results = (step.get("figures") or {}).get("results") or []
         if not results:
             last = (step.get("stderr_tail") or "").strip().splitlines()[-1:]
             lines.append("no figures" + (f": {last[0]}" if last else ""))
             continue
         if "clients" in results[0]:
-            lines.append("| model | clients | TTFT p50 / p95 ms | decode per stream tok/s | aggregate tok/s |")
-            lines.append("| --- | --- | --- | --- | --- |")
+            lines.append("| server | model | clients | TTFT p50 / p95 ms | decode per stream tok/s | aggregate tok/s "
+                         "| aggregate over the first server's |")
+            lines.append("| --- | --- | --- | --- | --- | --- | --- |")
             for r in results:
                 t = r.get("ttft_ms") or {}
                 ttft = f"{t['p50']:.1f} / {t['p95']:.1f}" if t else ""
-                lines.append(f"| {r['model']} | {r['clients']} | {ttft} | {cell(r.get('decode'))} | "
-                             f"{cell(r.get('aggregate'))} |")
+                lines.append(f"| {r.get('server', '')} | {r['model']} | {r['clients']} | {ttft} | "
+                             f"{cell(r.get('decode'))} | {cell(r.get('aggregate'))} | {cell(r.get('relative'), 2)} |")
             continue
         lines.append("| model | quant | backend | layers | batch | depth | test | tok/s | parallel |")
         lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -296,6 +413,8 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", metavar="MODEL", help="GGUF files (or .shape.gguf.xz)")
     ap.add_argument("--backstop", help="binary or bundle (.tar.xz) to run")
+    ap.add_argument("--peer", help="llama.cpp's llama-bench and llama-server to compare against: their "
+                                   "folder, or the bundle (.tar.xz) from scripts/build-peers.sh --cuda")
     ap.add_argument("--out", help="folder for results.json, summary.md, log.txt "
                                   "(default bench-results/gpu-<time>)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a dry run of every step")
@@ -312,10 +431,13 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="backstop-gpu-"))
     try:
         backstop = find_backstop(args.backstop, work)
+        peer = None
+        if args.peer:
+            peer = unpack(Path(args.peer), work) if is_bundle(Path(args.peer)) else Path(args.peer).resolve()
         models = [stand_in(Path(m), work) if m.endswith(".shape.gguf.xz") else Path(m) for m in args.models]
         env = dict(os.environ)
         # Only an unpacked bundle (found under the work folder) needs CUDA's runtime found for it.
-        extra = cuda_library_path() if work in backstop.parents else None
+        extra = cuda_library_path() if work in backstop.parents or (peer and work in peer.parents) else None
         if extra:
             env["LD_LIBRARY_PATH"] = extra + (":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
         info = machine(backstop)
@@ -328,10 +450,12 @@ def main() -> int:
         base = ["-p", str(size["p"]), "-n", str(size["n"])]
         main_args = base + ["-r", str(size["r"]), "--parallel", size["parallel"]]
         whole = ["--pg", f"{size['p']},{size['n']}"]
+        # Most wanted first, so that a run cut short (a rented machine's hour) has them.
         plan = [
             ("gpu", main_args + whole + names, None),
             ("ladder", main_args + ["--quantize", size["ladder"], "--quantize-dir", str(work / "ladder"),
                                     names[0]], None),
+            ("served", [], None),
             ("cpu", main_args + whole + names, {"CUDA_VISIBLE_DEVICES": ""}),
             ("layers", base + ["-r", "3", "--gpu-layers", size["layers"]] + names, None),
             ("batch", ["-p", str(size["batch_p"]), "-n", "0", "-r", "3", "-b", size["batch"]] + names, None),
@@ -339,10 +463,14 @@ def main() -> int:
              None),
         ]
         for name, bench_args, step_env in plan:
-            if name not in skip:
+            if name in skip:
+                continue
+            if name == "served":
+                run.served(models[0], args.port, size["slots"], main_args, peer)
+            else:
                 run.bench(name, bench_args, step_env)
-        if "served" not in skip:
-            run.served(models[0], args.port, size["slots"], main_args)
+            if name == "gpu" and peer and "peer" not in skip:
+                run.peer_bench(peer, models, size)
 
         print(run.save())
         print(f"wrote {out}/results.json, summary.md, log.txt")

@@ -16,6 +16,14 @@
 #   scripts/build-peers.sh           # build if needed
 #   scripts/build-peers.sh --python  # also llama-cpp-python's server, if not installed yet
 #   scripts/build-peers.sh --force   # rebuild (incremental cmake build, binaries re-copied)
+#   scripts/build-peers.sh --cuda [--arch 90]
+#
+# --cuda builds llama-server and llama-bench for NVIDIA GPUs as scripts/build-cuda-bundle.sh
+# builds backstop, with the same CUDA 13 toolkit from PyPI (that script fetches it), the same
+# settings (one GPU architecture, no VMM, CPU code for x86-64-v3) and the same packing: shared
+# libraries beside the binaries (found through $ORIGIN) in $BACKSTOP_CACHE/bundles/
+# llama-cuda13-smARCH.tar.xz, to carry to the GPU machine beside backstop's bundle and compare
+# there. About 30 minutes on 2 cores.
 set -euo pipefail
 
 # Pinned llama-cpp-python release; its CHANGELOG names the llama.cpp commit it vendors.
@@ -32,14 +40,22 @@ python="${BACKSTOP_PYTHON:-$cache/venv/bin/python}"
 
 force=0
 with_python=0
-for arg in "$@"; do
-  case "$arg" in
+cuda=0
+arch=90
+while [ $# -gt 0 ]; do
+  case "$1" in
     --force) force=1 ;;
     --python) with_python=1 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
-    *) echo "usage: $0 [--force] [--python]" >&2; exit 2 ;;
+    --cuda) cuda=1 ;;
+    --arch) arch="${2:?--arch needs a number, e.g. 90}"; shift ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    *) echo "usage: $0 [--force] [--python] | --cuda [--arch 90]" >&2; exit 2 ;;
   esac
+  shift
 done
+case "$arch" in
+  ''|*[!0-9a-z]*) echo "--arch: a CUDA architecture number such as 80, 89, 90 or 120a" >&2; exit 2 ;;
+esac
 
 # Built as backstop's llama.cpp is, without Intel AMX (cmake/no-amx.cmake says why); the stamp
 # says so, so that peers built with it before are built again.
@@ -64,7 +80,50 @@ python_peer() {
   echo "ok      llama-cpp-python server installed ($venv)"
 }
 
-if [ "$force" = 0 ] && [ -x "$bin/llama-server" ] && [ -x "$bin/llama-bench" ] \
+# llama-server and llama-bench for NVIDIA GPUs, packed to carry (--cuda). Called once the source
+# is unpacked and its commit known.
+cuda_peers() {
+  local toolkit="$cache/cuda13" name="llama-cuda13-sm$arch" soname
+  local cbuild="$peers/build-$LLAMA_CPP_PYTHON_VERSION-cuda13-sm$arch" stage="$cache/bundles/$name"
+  [ -x "$toolkit/bin/nvcc" ] || { echo "error: no CUDA toolkit at $toolkit: scripts/build-cuda-bundle.sh fetches it" >&2; exit 1; }
+  echo "build   $cbuild (CUDA sm_$arch, -j$(nproc); about 30 minutes on 2 cores)"
+  # As the bundle is built: GGML_NATIVE off and -march=x86-64-v3 for the CPU code (the GPU
+  # machine's CPU is another), no VMM (nothing links the driver library, which only a GPU
+  # machine has), shared libraries found beside the binaries (the link finds CUDA's through
+  # -rpath-link, since the binaries' own rpath names only their folder).
+  CUDA_PATH="$toolkit" PATH="$toolkit/bin:$PATH" cmake -S "$llama" -B "$cbuild" \
+    -DCMAKE_BUILD_TYPE=Release \
+    -DBUILD_SHARED_LIBS=ON \
+    -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_INSTALL_RPATH='$ORIGIN' \
+    -DCMAKE_EXE_LINKER_FLAGS="-Wl,-rpath-link,$toolkit/lib" \
+    -DGGML_NATIVE=OFF -DCMAKE_C_FLAGS=-march=x86-64-v3 -DCMAKE_CXX_FLAGS=-march=x86-64-v3 \
+    -DCMAKE_PROJECT_INCLUDE="$no_amx" \
+    -DGGML_CUDA=ON -DGGML_CUDA_NO_VMM=ON \
+    -DCMAKE_CUDA_COMPILER="$toolkit/bin/nvcc" -DCMAKE_CUDA_ARCHITECTURES="$arch-real" \
+    -DCUDAToolkit_ROOT="$toolkit" \
+    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF \
+    -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_COMMIT="$commit" \
+    -Wno-dev >"$peers/cmake-configure-cuda.log" 2>&1 \
+    || { tail -n 40 "$peers/cmake-configure-cuda.log" >&2; echo "error: cmake configure failed (log: $peers/cmake-configure-cuda.log)" >&2; exit 1; }
+  CUDA_PATH="$toolkit" PATH="$toolkit/bin:$PATH" cmake --build "$cbuild" --config Release -j"$(nproc)" --target llama-server llama-bench
+  rm -rf "$stage"
+  mkdir -p "$stage"
+  for b in llama-server llama-bench; do strip -o "$stage/$b" "$cbuild/bin/$b"; done
+  for lib in "$cbuild"/bin/lib*.so*; do
+    # Each library once, under the name the binaries ask for (its soname).
+    [ -L "$lib" ] && continue
+    soname=$(readelf -d "$lib" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p')
+    strip --strip-unneeded -o "$stage/${soname:-$(basename "$lib")}" "$lib"
+  done
+  echo "llama.cpp $commit (llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION), CUDA 13.0, sm_$arch, CPU code for x86-64-v3" >"$stage/BUILD"
+  tar -C "$cache/bundles" -cJf "$cache/bundles/$name.tar.xz" "$name"
+  ls -l "$cache/bundles/$name.tar.xz"
+  # It must at least start here: without a driver, llama.cpp finds no GPU and says so.
+  LD_LIBRARY_PATH="$toolkit/lib" "$stage/llama-server" --version
+}
+
+if [ "$cuda" = 0 ] && [ "$force" = 0 ] && [ -x "$bin/llama-server" ] && [ -x "$bin/llama-bench" ] \
    && [ -x "$bin/llama-perplexity" ] && [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$want_stamp" ]; then
   echo "ok      peers already built ($want_stamp)"
   sed -n '2,$p' "$stamp"
@@ -135,6 +194,10 @@ fi
 llama_version=$(sed -n 's/^set(LLAMA_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\))/\2/p' "$llama/CMakeLists.txt" | paste -sd. -)
 ggml_version=$(sed -n 's/^set(GGML_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\))/\2/p' "$llama/ggml/CMakeLists.txt" | paste -sd. -)
 echo "source  llama.cpp commit $commit (LLAMA_VERSION ${llama_version:-?}, ggml ${ggml_version:-?})"
+if [ "$cuda" = 1 ]; then
+  cuda_peers
+  exit 0
+fi
 
 # 4. Configure and build just the two targets. Static libraries so the copied binaries stand
 #    alone (the default shared build leaves them needing libllama.so/libggml*.so beside them).
