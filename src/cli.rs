@@ -543,7 +543,9 @@ pub struct ServeArgs {
     /// without) so that reproducible answers do not depend on the cache].
     #[arg(long, env = "BACKSTOP_BATCH", value_name = "N")]
     pub batch: Option<u32>,
-    /// Most prompt tokens read per step while other requests generate [default: 128].
+    /// Most prompt tokens read per step while other requests generate; fewer when the
+    /// measured costs say a step would keep them waiting too long [default: 128 on a CPU, the
+    /// batch for a model on a GPU].
     #[arg(long, env = "BACKSTOP_PREFILL_CHUNK", value_name = "N")]
     pub prefill_chunk: Option<u32>,
     /// Largest accepted request body in bytes; larger ones get 413 [default: 8 MiB].

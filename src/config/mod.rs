@@ -30,7 +30,9 @@ const NEEDS_FLASH: &str = "a quantized KV cache needs flash attention; do not tu
 const DEFAULT_MAX_QUEUE: usize = 512;
 /// Most tokens in one decode (llama.cpp's `n_batch` and `n_ubatch`), as llama.cpp's server.
 pub const DEFAULT_BATCH: u32 = 512;
-const DEFAULT_PREFILL_CHUNK: u32 = 128;
+/// Most prompt tokens read per step while others generate, on a CPU; on a GPU, the batch
+/// (see [`EngineDefaults::prefill_chunk`]).
+pub const DEFAULT_PREFILL_CHUNK: u32 = 128;
 const DEFAULT_MAX_BODY: usize = 8 * 1024 * 1024;
 /// Ollama's default for CPU machines (three models resident).
 const DEFAULT_MAX_LOADED: usize = 3;
@@ -103,8 +105,12 @@ pub struct EngineDefaults {
     pub gpu_layers: Option<u32>,
     /// Tokens per decode call.
     pub batch: u32,
-    /// Prompt tokens per step while others generate.
-    pub prefill_chunk: u32,
+    /// Prompt tokens per step while others generate; `None`: [`DEFAULT_PREFILL_CHUNK`] on a
+    /// CPU and the whole batch for a model on a GPU, where a decode step takes a millisecond
+    /// or two and each chunk is a llama.cpp call of its own: on an H200, 128-token chunks made
+    /// four clients arriving together wait 123 ms for their first tokens where llama-server
+    /// took 63 (the pace still keeps a chunk to what the measured costs allow).
+    pub prefill_chunk: Option<u32>,
     /// Waiting requests beyond the busy slots.
     pub max_queue: usize,
     /// Flash attention: forced on/off, or `None` for the default (off on a CPU; llama.cpp's
@@ -424,8 +430,7 @@ impl Config {
                 "server.prefill_chunk",
                 &origin,
             )?)
-            .unwrap_or(DEFAULT_PREFILL_CHUNK)
-            .min(batch);
+            .map(|chunk| chunk.min(batch));
         let (max_queue, _) = layered(
             args.max_queue,
             parse_env("MAX_QUEUE")?,
@@ -829,7 +834,7 @@ pub(crate) fn for_tests(path: &str) -> Config {
         threads: 1,
         gpu_layers: None,
         batch: 512,
-        prefill_chunk: 128,
+        prefill_chunk: None,
         max_queue: 1,
         flash_attention: None,
         kv_cache_type: KvCacheType::F16,
@@ -1028,16 +1033,23 @@ mod tests {
         let toml =
             "[server]\nbatch = 256\nprefill_chunk = 200\n[models.a]\npath = \"model.gguf\"\n";
         let cfg = load_toml(toml).unwrap();
-        assert_eq!((cfg.engine.batch, cfg.engine.prefill_chunk), (256, 200));
+        assert_eq!(
+            (cfg.engine.batch, cfg.engine.prefill_chunk),
+            (256, Some(200))
+        );
         let flag = ServeArgs {
             batch: Some(64),
             ..Default::default()
         };
         let cfg = load_toml_with(toml, flag).unwrap();
         // A chunk read beside running streams is one decode too: never more than the batch.
-        assert_eq!((cfg.engine.batch, cfg.engine.prefill_chunk), (64, 64));
+        assert_eq!((cfg.engine.batch, cfg.engine.prefill_chunk), (64, Some(64)));
         let cfg = load_toml("[models.a]\npath = \"model.gguf\"\n").unwrap();
         assert_eq!(cfg.engine.batch, DEFAULT_BATCH);
+        assert_eq!(
+            cfg.engine.prefill_chunk, None,
+            "decided by the engine, CPU or GPU"
+        );
         let zero = ServeArgs {
             batch: Some(0),
             ..Default::default()

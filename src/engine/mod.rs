@@ -57,8 +57,9 @@ pub struct EngineOptions {
     pub threads: u32,
     /// Most tokens evaluated in one step (`n_batch`).
     pub batch: u32,
-    /// Most prompt tokens per step while other slots are generating.
-    pub prefill_chunk: u32,
+    /// Most prompt tokens per step while other slots are generating; `None`:
+    /// [`crate::config::DEFAULT_PREFILL_CHUNK`] on a CPU, the batch on a GPU.
+    pub prefill_chunk: Option<u32>,
     /// Requests that may wait for a slot beyond the busy ones.
     pub max_queue: usize,
     /// Layers to offload to a GPU; `None` lets llama.cpp decide.

@@ -500,12 +500,26 @@ fn exact_chunk(remaining: usize, n: usize, least: usize, grain: Grain) -> usize 
 pub(crate) struct Pace {
     /// Seconds per step that only decodes (moving average).
     decode_step: Option<f64>,
-    /// Seconds per prompt token, beyond the decode work of the same step (moving average).
-    prompt_token: Option<f64>,
+    /// Seconds spent on prompt rows beyond the decode work of the same steps, and those rows,
+    /// both decaying by [`SMOOTHING`] per step: their ratio is the cost of a row, weighted by
+    /// rows, so that a call's fixed cost spread over a few rows does not pass for the cost of
+    /// every row. On an H200 the first 19-row call of a run took 19.5 ms and later 487-row
+    /// calls 12-16 ms; averaged per call, the first made rows look 30 times dearer for a
+    /// dozen calls, and prompts went in 48-row pieces.
+    prompt_secs: f64,
+    prompt_rows: f64,
 }
 
 /// How much longer than a plain decode step a step with a prompt chunk may take.
 pub(crate) const GAP_FACTOR: f64 = 3.0;
+/// How long a step with a prompt chunk may take however fast plain decode steps are, in
+/// seconds. On a GPU a decode step takes a millisecond or two, and three of them let a
+/// prompt in a few dozen tokens at a time, each piece its own llama.cpp call of a few
+/// milliseconds: on an H200, four clients arriving at once waited 230 ms for their first
+/// tokens (llama-server: 90) and their aggregate came to 0.3x llama-server's. A stream that
+/// pauses this long at 500 tokens a second loses nothing a reader sees; on a CPU, where a
+/// decode step takes 8 ms or more, three of them come to about this anyway.
+pub(crate) const MIN_GAP: f64 = 0.025;
 /// The smallest chunk, so a long prompt always makes headway.
 pub(crate) const MIN_CHUNK: usize = 16;
 /// Weight of the newest sample in the moving averages.
@@ -527,21 +541,29 @@ impl Pace {
             } else {
                 0.0
             };
-            let per_token = ((secs - decode_part) / prompt as f64).max(1e-7);
-            self.prompt_token = Some(blend(self.prompt_token, per_token));
+            let rows = prompt as f64;
+            let keep = 1.0 - SMOOTHING;
+            self.prompt_secs = keep * self.prompt_secs + (secs - decode_part).max(1e-7 * rows);
+            self.prompt_rows = keep * self.prompt_rows + rows;
         }
+    }
+
+    /// Seconds per prompt row beyond a decode step's work, once one was measured.
+    fn prompt_token(&self) -> Option<f64> {
+        (self.prompt_rows > 0.0).then(|| self.prompt_secs / self.prompt_rows)
     }
 
     /// How many prompt rows take about `secs` at the measured cost, once one was measured.
     pub(crate) fn prompt_rows_in(&self, secs: f64) -> Option<usize> {
-        self.prompt_token.map(|p| (secs / p) as usize)
+        self.prompt_token().map(|p| (secs / p) as usize)
     }
 
     /// The prompt-chunk cap for a step while sequences generate, at most `max`.
     pub(crate) fn chunk(&self, max: usize) -> usize {
-        match (self.decode_step, self.prompt_token) {
+        match (self.decode_step, self.prompt_token()) {
             (Some(d), Some(p)) => {
-                let fit = ((GAP_FACTOR - 1.0) * d / p) as usize;
+                let extra = ((GAP_FACTOR - 1.0) * d).max(MIN_GAP - d);
+                let fit = (extra / p) as usize;
                 fit.clamp(MIN_CHUNK.min(max), max)
             }
             _ => max,
@@ -639,6 +661,19 @@ fn reusable<T: PartialEq>(
     (n, shared)
 }
 
+/// [`place_in`] with the least recently used choice (the tests' placements).
+#[cfg(test)]
+pub(crate) fn place<T: PartialEq>(
+    slots: &[CachedSlot<'_, T>],
+    prompt: &[T],
+    layout: Layout<'_>,
+    reuse: Reuse,
+    grain: Grain,
+    window: Option<Window>,
+) -> Option<Placement> {
+    place_in(slots, prompt, layout, reuse, grain, window, false)
+}
+
 /// Places a prompt. Among free slots, the one whose cache spares the most of it (multi-turn
 /// chats and shared system prompts skip re-reading that prefix); without any, the least
 /// recently used, so recent conversations keep their cache. If a busy slot spares at least
@@ -652,14 +687,32 @@ fn reusable<T: PartialEq>(
 /// it, instead of each reading it again. The wait costs them nothing, since prompts get the
 /// step's budget in arrival order and the one being read came first; it ends once the
 /// shared rows are read, or when that slot's read stops being exact or it is released.
-pub(crate) fn place<T: PartialEq>(
+///
+/// With `compact`, among free slots that spare as much, the one that keeps the busy slots'
+/// numbers closest together comes before the least recently used. llama.cpp's
+/// cache (one stream per slot) attends over every stream from the lowest sequence of a batch
+/// to the highest: on an H200, four sequences in slots 0, 1, 3 and 7 took 8.3 ms a decode
+/// step where four in slots 3 to 6 took 1.4, and four clients came to 0.3x llama-server's
+/// aggregate, whose least-recently-used turn happened to keep them together. A model on a
+/// GPU places compactly; on a CPU the attention is a small part of a step, and the least
+/// recently used choice keeps the most recent conversations' caches.
+pub(crate) fn place_in<T: PartialEq>(
     slots: &[CachedSlot<'_, T>],
     prompt: &[T],
     layout: Layout<'_>,
     reuse: Reuse,
     grain: Grain,
     window: Option<Window>,
+    compact: bool,
 ) -> Option<Placement> {
+    // How far apart the busy slots' numbers would be with this one busy too.
+    let span = |candidate: usize| {
+        let busy = slots.iter().filter(|s| s.busy).map(|s| s.index);
+        let (lo, hi) = busy
+            .chain([candidate])
+            .fold((usize::MAX, 0), |(lo, hi), i| (lo.min(i), hi.max(i)));
+        hi - lo
+    };
     let scored: Vec<(&CachedSlot<'_, T>, usize, usize)> = slots
         .iter()
         .map(|s| {
@@ -669,8 +722,14 @@ pub(crate) fn place<T: PartialEq>(
         .collect();
     let free = || scored.iter().filter(|(s, _, _)| !s.busy);
     let (best_free, n_free, _) = free().max_by(|(a, na, sa), (b, nb, sb)| {
+        let closer = if compact {
+            span(b.index).cmp(&span(a.index))
+        } else {
+            std::cmp::Ordering::Equal
+        };
         na.cmp(nb)
             .then(sa.cmp(sb))
+            .then(closer)
             .then(b.last_used.cmp(&a.last_used))
     })?;
     let busy = scored
@@ -732,6 +791,22 @@ mod tests {
         gpu.record(4, 0, 0.010);
         gpu.record(0, 512, 0.020);
         assert_eq!(gpu.chunk(128), 128);
+        // An H200: four sequences decode in 1.6 ms and a prompt row costs 20 us; three decode
+        // steps would admit 160 rows a step, MIN_GAP admits the configured 512.
+        let mut h200 = Pace::default();
+        h200.record(4, 0, 0.0016);
+        h200.record(0, 487, 487.0 * 0.000_02);
+        assert_eq!(h200.chunk(512), 512);
+        let n = h200.chunk(4096);
+        assert!((1150..=1170).contains(&n), "{n}: (25 ms - 1.6 ms) / 20 us");
+        // A first small call's fixed cost is weighed by its rows: 19 rows in 19.5 ms, then
+        // 487 in 16 ms, come to 63 us a row (an average per call said 800).
+        let mut first = Pace::default();
+        first.record(4, 0, 0.0016);
+        first.record(0, 19, 0.0195);
+        first.record(0, 487, 0.016);
+        let n = first.chunk(4096);
+        assert!((360..=380).contains(&n), "{n}");
         // A very slow prompt still makes headway.
         let mut slow = Pace::default();
         slow.record(1, 0, 0.010);
@@ -924,6 +999,49 @@ mod tests {
             busy: false,
             reading: None,
         }
+    }
+
+    #[test]
+    fn on_a_gpu_a_prompt_goes_next_to_the_busy_slots_before_the_least_recently_used() {
+        // Slots 2 to 4 generate; every free slot spares as little (nothing) of the prompt,
+        // and slot 0 was used longest ago, slot 7 most recently.
+        let empty: &[i32] = &[];
+        let slots: Vec<CachedSlot<'_, i32>> = (0..8)
+            .map(|i| CachedSlot {
+                busy: (2..=4).contains(&i),
+                ..slot(i, empty, 0, 10 + i as u64)
+            })
+            .collect();
+        let prompt = [1, 2, 3];
+        let placed = |compact| {
+            place_in(
+                &slots,
+                &prompt,
+                whole(&prompt),
+                Reuse::Exact,
+                FLASH_GRAIN,
+                None,
+                compact,
+            )
+            .map(|p| p.slot)
+        };
+        assert_eq!(placed(false), Some(0), "least recently used");
+        // 1 and 5 both keep the span to 3; 1 was used longer ago.
+        assert_eq!(placed(true), Some(1), "next to the busy ones");
+        // A slot that spares more of the prompt still wins wherever it is.
+        let cached = [1, 2];
+        let mut slots = slots.clone();
+        slots[7] = slot(7, &cached, 2, 17);
+        let placed = place_in(
+            &slots,
+            &prompt,
+            whole(&prompt),
+            Reuse::Fast,
+            FLASH_GRAIN,
+            None,
+            true,
+        );
+        assert_eq!(placed.map(|p| (p.slot, p.reuse)), Some((7, 2)));
     }
 
     /// Slot and reuse of a placement without a copy.

@@ -21,8 +21,8 @@ use super::loader::{self, ModelInfo};
 use super::lookup::{self, Acceptance, RowCosts, Shadow};
 use super::metrics::EngineMetrics;
 use super::policy::{
-    join_segments, place, plan_step, segment_starts, Budget, CachedSlot, Grain, Held, Layout, Pace,
-    Placement, Reuse, SlotState, StepPlan, Window,
+    join_segments, place_in, plan_step, segment_starts, Budget, CachedSlot, Grain, Held, Layout,
+    Pace, Placement, Reuse, SlotState, StepPlan, Window,
 };
 use super::request::truncate;
 use super::spare::Spare;
@@ -313,6 +313,8 @@ struct Worker<'m> {
     ctx_per_slot: usize,
     /// Whether the model can draft at all ([`can_draft`]).
     can_draft: bool,
+    /// Slots are placed to keep the busy ones together ([`place_in`]): the model runs on a GPU.
+    compact: bool,
     /// Measured decode costs by rows, which size drafts.
     costs: RowCosts,
     /// The cache of the model's sliding-window layers, when it keeps only their window.
@@ -383,11 +385,12 @@ impl<'m> Worker<'m> {
             pace: Pace::default(),
             budget: Budget {
                 batch: batch_size,
-                prefill_chunk: (options.prefill_chunk as usize).clamp(1, batch_size),
+                prefill_chunk: prefill_chunk(options, batch_size),
                 grain,
             },
             ctx_per_slot: ctx_per_slot as usize,
             can_draft: can_draft(model),
+            compact: loader::attends_on_gpu(options.gpu_layers),
             costs: RowCosts::default(),
             window,
             n_vocab: model.n_vocab(),
@@ -860,13 +863,14 @@ impl<'m> Worker<'m> {
                 .collect();
             let reuse = reuse_for(&front.job.request, self.options.exact_reuse);
             let layout = front.segments.layout();
-            let Some(placement) = place(
+            let Some(placement) = place_in(
                 &slots,
                 &front.tokens,
                 layout,
                 reuse,
                 self.budget.grain,
                 self.window,
+                self.compact,
             ) else {
                 break;
             };
@@ -1071,7 +1075,7 @@ impl<'m> Worker<'m> {
     ///
     /// A step that began with nothing generating reads prompts up to the whole batch budget.
     /// Requests that waited to copy a prefix one of its prompts was reading (see
-    /// [`place`]) are placed as soon as it is read, and what they have left to read is read
+    /// [`place_in`]) are placed as soon as it is read, and what they have left to read is read
     /// in the same step, before anything generates: requests arriving together with the same
     /// long system prompt read it once and all start generating together.
     fn step(&mut self, plan: StepPlan) {
@@ -1537,4 +1541,15 @@ impl<'m> Worker<'m> {
         slot.active = None;
         slot.last_used = self.step_no;
     }
+}
+
+/// The prompt-chunk cap: the configured one, else [`crate::config::DEFAULT_PREFILL_CHUNK`] on
+/// a CPU and the whole batch for a model that runs on a GPU; never above the batch.
+fn prefill_chunk(options: &EngineOptions, batch_size: usize) -> usize {
+    let chunk = match options.prefill_chunk {
+        Some(n) => n as usize,
+        None if loader::attends_on_gpu(options.gpu_layers) => batch_size,
+        None => crate::config::DEFAULT_PREFILL_CHUNK as usize,
+    };
+    chunk.clamp(1, batch_size)
 }
