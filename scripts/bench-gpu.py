@@ -202,25 +202,30 @@ class Runner:
         (self.out / "summary.md").write_text(text)
         return text
 
+    def run(self, name: str, argv: list[str], env: dict | None = None) -> tuple[int | str, str, str]:
+        """Runs a tool within the step time, its stderr into the log: exit status ("timeout"
+        when it ran out of time), stdout and stderr (what it wrote before a timeout)."""
+        log(f"==> {name}: {' '.join(argv[1:])}")
+        self.log.write(f"\n==> {name}: {' '.join(argv)}\n")
+        self.log.flush()
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=self.step_s,
+                                  env={**self.env, **(env or {})})
+            rc, out, err = done.returncode, done.stdout, done.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, out, err = "timeout", as_text(e.stdout), as_text(e.stderr)
+        self.log.write(err)
+        self.log.flush()
+        return rc, out, err
+
     def bench(self, name: str, args: list[str], env: dict | None = None) -> None:
         # JSON Lines: each result is printed as soon as it is measured, so a step that runs out
         # of time or fails at a later model keeps the results it finished.
         argv = [str(self.backstop), "bench", "--format", "jsonl", *args]
-        log(f"==> {name}: {' '.join(argv[1:])}")
-        self.log.write(f"\n==> {name}: {' '.join(argv)}\n")
-        self.log.flush()
         t0 = time.perf_counter()
         step = {"argv": argv[1:]}
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=self.step_s,
-                                  env={**self.env, **(env or {})})
-            step["rc"], err, out = done.returncode, done.stderr, done.stdout
-        except subprocess.TimeoutExpired as e:
-            step["rc"] = "timeout"
-            err, out = as_text(e.stderr), as_text(e.stdout)
+        step["rc"], out, err = self.run(name, argv, env)
         step["seconds"] = round(time.perf_counter() - t0, 1)
-        self.log.write(err)
-        self.log.flush()
         step["stderr_tail"] = err[-1500:]
         results = []
         for line in out.splitlines():
@@ -294,15 +299,7 @@ class Runner:
         for model in models:
             argv = [str(peer / "llama-bench"), "-m", str(model), "-p", str(size["p"]), "-n", str(size["n"]),
                     "-pg", f"{size['p']},{size['n']}", "-r", str(size["r"]), "-ngl", "99", "-o", "jsonl"]
-            log(f"==> peer: {' '.join(argv[1:])}")
-            self.log.write(f"\n==> peer: {' '.join(argv)}\n")
-            self.log.flush()
-            try:
-                done = subprocess.run(argv, capture_output=True, text=True, timeout=self.step_s, env=self.env)
-                rc, out, err = done.returncode, done.stdout, done.stderr
-            except subprocess.TimeoutExpired as e:
-                rc, out, err = "timeout", as_text(e.stdout), as_text(e.stderr)
-            self.log.write(err)
+            rc, out, err = self.run("peer", argv)
             step["stderr_tail"] = err[-1500:]
             if rc != 0:
                 step["rc"] = rc

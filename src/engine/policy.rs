@@ -661,19 +661,6 @@ fn reusable<T: PartialEq>(
     (n, shared)
 }
 
-/// [`place_in`] with the least recently used choice (the tests' placements).
-#[cfg(test)]
-pub(crate) fn place<T: PartialEq>(
-    slots: &[CachedSlot<'_, T>],
-    prompt: &[T],
-    layout: Layout<'_>,
-    reuse: Reuse,
-    grain: Grain,
-    window: Option<Window>,
-) -> Option<Placement> {
-    place_in(slots, prompt, layout, reuse, grain, window, false)
-}
-
 /// Places a prompt. Among free slots, the one whose cache spares the most of it (multi-turn
 /// chats and shared system prompts skip re-reading that prefix); without any, the least
 /// recently used, so recent conversations keep their cache. If a busy slot spares at least
@@ -696,7 +683,7 @@ pub(crate) fn place<T: PartialEq>(
 /// aggregate, whose least-recently-used turn happened to keep them together. A model on a
 /// GPU places compactly; on a CPU the attention is a small part of a step, and the least
 /// recently used choice keeps the most recent conversations' caches.
-pub(crate) fn place_in<T: PartialEq>(
+pub(crate) fn place<T: PartialEq>(
     slots: &[CachedSlot<'_, T>],
     prompt: &[T],
     layout: Layout<'_>,
@@ -705,14 +692,14 @@ pub(crate) fn place_in<T: PartialEq>(
     window: Option<Window>,
     compact: bool,
 ) -> Option<Placement> {
-    // How far apart the busy slots' numbers would be with this one busy too.
-    let span = |candidate: usize| {
-        let busy = slots.iter().filter(|s| s.busy).map(|s| s.index);
-        let (lo, hi) = busy
-            .chain([candidate])
-            .fold((usize::MAX, 0), |(lo, hi), i| (lo.min(i), hi.max(i)));
-        hi - lo
-    };
+    // The lowest and highest busy slot, and how far apart they would be with a candidate.
+    let (lo, hi) = slots
+        .iter()
+        .filter(|s| s.busy)
+        .fold((usize::MAX, 0), |(lo, hi), s| {
+            (lo.min(s.index), hi.max(s.index))
+        });
+    let span = |candidate: usize| hi.max(candidate) - lo.min(candidate);
     let scored: Vec<(&CachedSlot<'_, T>, usize, usize)> = slots
         .iter()
         .map(|s| {
@@ -1014,7 +1001,7 @@ mod tests {
             .collect();
         let prompt = [1, 2, 3];
         let placed = |compact| {
-            place_in(
+            place(
                 &slots,
                 &prompt,
                 whole(&prompt),
@@ -1032,7 +1019,7 @@ mod tests {
         let cached = [1, 2];
         let mut slots = slots.clone();
         slots[7] = slot(7, &cached, 2, 17);
-        let placed = place_in(
+        let placed = place(
             &slots,
             &prompt,
             whole(&prompt),
@@ -1046,7 +1033,16 @@ mod tests {
 
     /// Slot and reuse of a placement without a copy.
     fn at(slots: &[CachedSlot<'_, i32>], prompt: &[i32], reuse: Reuse) -> Option<(usize, usize)> {
-        place(slots, prompt, whole(prompt), reuse, FLASH_GRAIN, None).map(|p| {
+        place(
+            slots,
+            prompt,
+            whole(prompt),
+            reuse,
+            FLASH_GRAIN,
+            None,
+            false,
+        )
+        .map(|p| {
             assert_eq!(p.copy_from, None);
             (p.slot, p.reuse)
         })
@@ -1137,6 +1133,7 @@ mod tests {
                 reuse,
                 MATMUL_GRAIN,
                 Some(GEMMA),
+                false,
             )
             .map(|p| (p.slot, p.reuse))
         };
@@ -1155,6 +1152,7 @@ mod tests {
                 Reuse::Exact,
                 MATMUL_GRAIN,
                 None,
+                false,
             )
             .map(|p| (p.slot, p.reuse))
         };
@@ -1179,6 +1177,7 @@ mod tests {
                 Reuse::Exact,
                 MATMUL_GRAIN,
                 Some(GEMMA),
+                false,
             )
             .map(|p| (p.slot, p.reuse))
         };
@@ -1232,7 +1231,7 @@ mod tests {
         let b = tokens(1..=150);
         let free = [slot(0, &b, b.len(), 0)];
         let exact = |p: &[i32]| {
-            place(&free, p, whole(p), Reuse::Exact, MATMUL_GRAIN, None).map(|p| p.reuse)
+            place(&free, p, whole(p), Reuse::Exact, MATMUL_GRAIN, None, false).map(|p| p.reuse)
         };
         assert_eq!(exact(&tokens(1..=300)), Some(144));
         assert_eq!(exact(&tokens(1..=40)), Some(32));
@@ -1285,7 +1284,8 @@ mod tests {
                 whole(&prompt),
                 Reuse::Exact,
                 FLASH_GRAIN,
-                None
+                None,
+                false
             ),
             Some(Placement {
                 slot: 1,
@@ -1313,7 +1313,8 @@ mod tests {
                 whole(&same),
                 Reuse::Exact,
                 FLASH_GRAIN,
-                None
+                None,
+                false
             ),
             Some(Placement {
                 slot: 1,
@@ -1329,7 +1330,8 @@ mod tests {
                 whole(&same),
                 Reuse::Exact,
                 FLASH_GRAIN,
-                None
+                None,
+                false
             ),
             None
         );
@@ -1357,6 +1359,7 @@ mod tests {
                 reuse,
                 MATMUL_GRAIN,
                 None,
+                false,
             )
         };
         // It would spare 48 rows (60 shared, aligned), 10 now: the second waits.
@@ -1388,7 +1391,8 @@ mod tests {
                 whole(&second),
                 Reuse::Exact,
                 MATMUL_GRAIN,
-                None
+                None,
+                false
             ),
             Some(Placement {
                 slot: 1,
@@ -1621,7 +1625,15 @@ mod tests {
     fn no_free_slot_means_no_choice() {
         let free: [CachedSlot<'_, i32>; 0] = [];
         assert_eq!(
-            place(&free, &[1], whole(&[1]), Reuse::Exact, FLASH_GRAIN, None),
+            place(
+                &free,
+                &[1],
+                whole(&[1]),
+                Reuse::Exact,
+                FLASH_GRAIN,
+                None,
+                false
+            ),
             None
         );
     }

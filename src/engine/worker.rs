@@ -21,8 +21,8 @@ use super::loader::{self, ModelInfo};
 use super::lookup::{self, Acceptance, RowCosts, Shadow};
 use super::metrics::EngineMetrics;
 use super::policy::{
-    join_segments, place_in, plan_step, segment_starts, Budget, CachedSlot, Grain, Held, Layout,
-    Pace, Placement, Reuse, SlotState, StepPlan, Window,
+    join_segments, place, plan_step, segment_starts, Budget, CachedSlot, Grain, Held, Layout, Pace,
+    Placement, Reuse, SlotState, StepPlan, Window,
 };
 use super::request::truncate;
 use super::spare::Spare;
@@ -313,7 +313,7 @@ struct Worker<'m> {
     ctx_per_slot: usize,
     /// Whether the model can draft at all ([`can_draft`]).
     can_draft: bool,
-    /// Slots are placed to keep the busy ones together ([`place_in`]): the model runs on a GPU.
+    /// Slots are placed to keep the busy ones together ([`place`]): the model runs on a GPU.
     compact: bool,
     /// Measured decode costs by rows, which size drafts.
     costs: RowCosts,
@@ -347,6 +347,7 @@ impl<'m> Worker<'m> {
         // What llama.cpp gave each slot (it may round the context it was asked for).
         let ctx_per_slot = ctx.n_ctx() / options.slots.max(1);
         let batch_size = ctx.n_batch() as usize;
+        let on_gpu = loader::attends_on_gpu(options.gpu_layers);
         let window = loader::window_cache(model, ctx_per_slot, ctx.n_ubatch(), options.swa_full);
         if let Some(w) = window {
             tracing::info!(
@@ -385,12 +386,12 @@ impl<'m> Worker<'m> {
             pace: Pace::default(),
             budget: Budget {
                 batch: batch_size,
-                prefill_chunk: prefill_chunk(options, batch_size),
+                prefill_chunk: prefill_chunk(options.prefill_chunk, on_gpu, batch_size),
                 grain,
             },
             ctx_per_slot: ctx_per_slot as usize,
             can_draft: can_draft(model),
-            compact: loader::attends_on_gpu(options.gpu_layers),
+            compact: on_gpu,
             costs: RowCosts::default(),
             window,
             n_vocab: model.n_vocab(),
@@ -863,7 +864,7 @@ impl<'m> Worker<'m> {
                 .collect();
             let reuse = reuse_for(&front.job.request, self.options.exact_reuse);
             let layout = front.segments.layout();
-            let Some(placement) = place_in(
+            let Some(placement) = place(
                 &slots,
                 &front.tokens,
                 layout,
@@ -1075,7 +1076,7 @@ impl<'m> Worker<'m> {
     ///
     /// A step that began with nothing generating reads prompts up to the whole batch budget.
     /// Requests that waited to copy a prefix one of its prompts was reading (see
-    /// [`place_in`]) are placed as soon as it is read, and what they have left to read is read
+    /// [`place`]) are placed as soon as it is read, and what they have left to read is read
     /// in the same step, before anything generates: requests arriving together with the same
     /// long system prompt read it once and all start generating together.
     fn step(&mut self, plan: StepPlan) {
@@ -1543,13 +1544,32 @@ impl<'m> Worker<'m> {
     }
 }
 
-/// The prompt-chunk cap: the configured one, else [`crate::config::DEFAULT_PREFILL_CHUNK`] on
-/// a CPU and the whole batch for a model that runs on a GPU; never above the batch.
-fn prefill_chunk(options: &EngineOptions, batch_size: usize) -> usize {
-    let chunk = match options.prefill_chunk {
+/// The prompt-chunk cap: the `configured` one, else [`crate::config::DEFAULT_PREFILL_CHUNK`]
+/// on a CPU and the whole batch for a model that runs on a GPU; never above the batch.
+fn prefill_chunk(configured: Option<u32>, on_gpu: bool, batch_size: usize) -> usize {
+    let chunk = match configured {
         Some(n) => n as usize,
-        None if loader::attends_on_gpu(options.gpu_layers) => batch_size,
+        None if on_gpu => batch_size,
         None => crate::config::DEFAULT_PREFILL_CHUNK as usize,
     };
     chunk.clamp(1, batch_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chunk_cap_is_the_configured_one_else_the_batch_on_a_gpu_and_128_on_a_cpu() {
+        assert_eq!(prefill_chunk(None, false, 512), 128);
+        assert_eq!(prefill_chunk(None, true, 512), 512);
+        assert_eq!(prefill_chunk(Some(64), true, 512), 64, "a setting wins");
+        assert_eq!(
+            prefill_chunk(Some(1024), false, 512),
+            512,
+            "never above the batch"
+        );
+        assert_eq!(prefill_chunk(None, false, 32), 32);
+        assert_eq!(prefill_chunk(Some(0), false, 512), 1);
+    }
 }
