@@ -334,7 +334,7 @@ async fn models_are_listed_and_looked_up() {
 async fn gemma_without_a_template_gets_gemma_turns() {
     let model = format!("gemma={}", common::gemma3().display());
     let s = Server::start_raw(&["--model", &model]).await;
-    assert!(s.log().contains("Architecture(\"gemma\")"), "{}", s.log());
+    s.wait_log(&["Architecture(\"gemma\")"]).await;
     let chat = s
         .chat(json!({"model": "gemma", "messages": [
             {"role": "system", "content": "Be brief."},
@@ -844,9 +844,8 @@ async fn a_greedy_follow_up_reads_afresh_where_reuse_would_put_a_sliding_window_
     )
     .await;
     // What the rule assumes is what llama.cpp made.
-    let log = s.log();
-    assert!(log.contains("SWA KV cache, size = 1024 cells"), "{log}");
-    assert!(log.contains("cells=1024"), "{log}");
+    s.wait_log(&["SWA KV cache, size = 1024 cells", "cells=1024"])
+        .await;
     let first = json!([{"role": "user",
                         "content": format!("{}\nSummarize my notes.", lighthouse_notes(280))}]);
     let probe = s.chat(gemma_chat(&first, 0.0, false, 1)).await;
@@ -1183,11 +1182,8 @@ async fn a_small_batch_keeps_warm_answers_cold_answers() {
     }
     // The batch asked for was raised, and said so: with `--batch` ignored (512) this test
     // would pass without the raise.
-    let log = s.log();
-    assert!(
-        log.contains("batch raised") && log.contains("asked=100") && log.contains("batch=128"),
-        "{log}"
-    );
+    s.wait_log(&["batch raised", "asked=100", "batch=128"])
+        .await;
 }
 
 /// A prompt the server has just read is not read again: its first token comes from the

@@ -339,11 +339,7 @@ async fn a_slot_count_that_would_crash_llama_cpp_does_not_shape_the_embedding_co
     assert!(v.iter().all(|e| (norm(e) - 1.0).abs() < 1e-4));
     let (status, _) = s.get_json("/health").await;
     assert_eq!(status, 200);
-    assert!(
-        s.log().contains("embedding context created") && s.log().contains("seqs=8"),
-        "{}",
-        s.log()
-    );
+    s.wait_log(&["embedding context created", "seqs=8"]).await;
 }
 
 #[tokio::test]

@@ -173,7 +173,7 @@ async fn a_prompt_longer_than_num_ctx_is_truncated_as_ollama_does() {
         .await;
     assert_eq!(status, 200, "{r}");
     assert!(r["prompt_eval_count"].as_u64().unwrap() < 128, "{r}");
-    assert!(s.log().contains("input truncated"), "{}", s.log());
+    s.wait_log(&["input truncated"]).await;
     // The OpenAI endpoint keeps OpenAI's rule: too long is an error.
     let (status, _) = s
         .post(
@@ -291,7 +291,7 @@ async fn an_idle_model_unloads_when_its_keep_alive_runs_out() {
     assert_eq!(s.running().await, ["smollm2:latest"]);
     wait_until(|| async { s.running().await.is_empty() }).await;
     assert!(started.elapsed() >= std::time::Duration::from_secs(1));
-    assert!(s.log().contains("reason=\"keep_alive\""), "{}", s.log());
+    s.wait_log(&["reason=\"keep_alive\""]).await;
 }
 
 #[tokio::test]
@@ -308,7 +308,7 @@ async fn max_loaded_one_evicts_the_least_recently_used_model() {
     let (_, r) = s.post("/api/generate", &ask("smollm2")).await;
     assert!(r["load_duration"].as_u64().unwrap() > 0);
     assert_eq!(s.running().await, ["smollm2:latest"]);
-    assert!(s.log().contains("reason=\"max_loaded\""), "{}", s.log());
+    s.wait_log(&["reason=\"max_loaded\""]).await;
 }
 
 #[tokio::test]
@@ -747,7 +747,9 @@ async fn llama_cpp_context_log(path: Option<std::path::PathBuf>, envs: &[(&str, 
         .post("/api/generate", &json!({"model": "smollm2", "prompt": "Hi", "stream": false, "options": {"num_predict": 4}}))
         .await;
     assert_eq!(status, 200, "{r}");
-    s.log()
+    // llama.cpp's context lines, then the load's own line.
+    s.wait_log(&["flash_attn ", "V (", "flash_attention="])
+        .await
 }
 
 /// The flash attention llama.cpp made the server's first context with.
@@ -813,7 +815,16 @@ async fn a_models_own_flash_attention_reaches_llama_cpp_for_that_model_alone() {
             .await;
         assert_eq!(status, 200, "{r}");
     }
-    let log = s.log();
+    let loaded_line = |log: &str, model: &str| {
+        log.lines()
+            .any(|l| l.contains("model loaded") && l.contains(&format!("model={model}:latest ")))
+    };
+    let log = s
+        .wait_log_for(
+            |log| loaded_line(log, "gemma") && loaded_line(log, "smollm2"),
+            "both models loaded",
+        )
+        .await;
     let loaded = |model: &str| {
         log.lines()
             .find(|l| l.contains("model loaded") && l.contains(&format!("model={model}:latest ")))

@@ -315,8 +315,7 @@ async fn json_logs_carry_one_line_per_request_with_its_id_and_never_the_prompt()
         let length = content_length(&r);
         assert_eq!(length, Some(r.text().await.unwrap().len()), "{path}");
     }
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let log = s.log();
+    let log = s.wait_log(&["trace-me-42"]).await;
     let line: Value = log
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())

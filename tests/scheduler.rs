@@ -242,7 +242,7 @@ async fn sigterm_lets_a_running_stream_finish_then_exits_cleanly() {
     assert!(done, "the stream was cut off after {tokens} tokens");
     assert!(tokens >= 40, "{tokens}");
     assert_eq!(s.wait_exit(Duration::from_secs(15)).await, Some(0));
-    assert!(s.log().contains("engine stopped"), "{}", s.log());
+    s.wait_log(&["engine stopped"]).await;
     // Nothing listens any more.
     assert!(s.client.get(s.url("/health")).send().await.is_err());
 }

@@ -125,7 +125,7 @@ async fn with_keys_a_public_address_serves_and_insecure_is_loud() {
     drop(s);
     let model = format!("smollm2={}", common::smollm2().display());
     let s = Server::start_raw(&["--model", &model, "--host", "0.0.0.0:0", "--insecure"]).await;
-    assert!(s.log().contains("INSECURE"), "{}", s.log());
+    s.wait_log(&["INSECURE"]).await;
     let (status, ready) = s.get_json("/health/ready").await;
     assert_eq!(status, 200);
     assert_eq!(ready["insecure"], true, "{ready}");

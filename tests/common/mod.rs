@@ -357,6 +357,36 @@ impl Server {
         self.log.lock().unwrap().clone()
     }
 
+    /// Waits until the log holds every one of `needles` and returns it; see
+    /// [`Server::wait_log_for`].
+    pub async fn wait_log(&self, needles: &[&str]) -> String {
+        self.wait_log_for(|log| needles.iter().all(|n| log.contains(n)), needles)
+            .await
+    }
+
+    /// Waits until `done` holds for the log and returns it; panics with the log and `what`
+    /// after 15 s. A line the server wrote before it answered a request may still be in the
+    /// pipe or with the reader thread when the answer arrives (a busy 2-core CI machine showed
+    /// it), so a test that asserts a line must wait for it, not look once.
+    pub async fn wait_log_for(
+        &self,
+        done: impl Fn(&str) -> bool,
+        what: impl std::fmt::Debug,
+    ) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let log = self.log();
+            if done(&log) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the log never held {what:?}:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// POST a JSON body; returns status and parsed JSON body.
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         self.post_raw(path, serde_json::to_vec(body).unwrap()).await
