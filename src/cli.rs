@@ -127,6 +127,20 @@ pub enum Command {
     /// The configuration: `backstop config check` validates it without serving.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Internal: loads a GGUF and computes a few rows, in a child process, so that a file
+    /// llama.cpp cannot compute aborts the child and not the server (see `engine::probe`).
+    #[command(name = "probe-compute", hide = true)]
+    ProbeCompute(ProbeArgs),
+}
+
+/// `backstop probe-compute` (internal).
+#[derive(Debug, Clone, Args)]
+pub struct ProbeArgs {
+    /// The GGUF file.
+    pub path: PathBuf,
+    /// Layers to offload to the GPU, as the server will.
+    #[arg(long, value_name = "N")]
+    pub gpu_layers: Option<u32>,
 }
 
 /// `backstop bench`'s output.

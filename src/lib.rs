@@ -47,6 +47,7 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
     match &cli.command {
         Command::Keys(cli::KeysCommand::New(a)) => return new_key(a).map(|()| 0),
         Command::Bench(a) => return bench::run(a).map(|()| 0),
+        Command::ProbeCompute(a) => return Ok(engine::probe::run(&a.path, a.gpu_layers)),
         Command::Quantize(a) => {
             let threads = a.threads.unwrap_or_else(config::default_threads);
             bench::quantize::quantize(&a.input, &a.output, &a.kind, threads)?;
@@ -95,6 +96,7 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
             | Command::Config(_)
             | Command::Check(_)
             | Command::Bench(_)
+            | Command::ProbeCompute(_)
             | Command::Quantize(_) => Ok(()),
             Command::Run(a) => client::run(a).await,
             Command::List(a) => client::list(a).await,

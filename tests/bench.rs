@@ -60,6 +60,21 @@ fn bench_refused(args: &[&str], says: &[&str]) {
     }
 }
 
+/// `backstop bench` on a file llama.cpp loads but cannot compute says why and exits, rather
+/// than being aborted by llama.cpp mid-run.
+#[test]
+fn a_model_llama_cpp_cannot_compute_is_refused_with_its_reason() {
+    let odd = common::uncomputable_gguf();
+    bench_refused(
+        &["-p", "8", "-n", "4", "-r", "1", odd.to_str().unwrap()],
+        &[
+            "cannot compute it",
+            "binary_op: unsupported types",
+            "blk.0.attn_norm.weight (i32)",
+        ],
+    );
+}
+
 /// Removes the folder when the test ends, passed or not (quantized models are large).
 struct Cleanup(PathBuf);
 

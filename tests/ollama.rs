@@ -401,6 +401,60 @@ async fn a_model_answering_a_request_is_never_unloaded_under_it() {
     assert_eq!(s.running().await, ["gemma3:latest"]);
 }
 
+/// A client can put any GGUF into the store. One that llama.cpp loads but cannot compute
+/// (its CPU kernels abort the process at the first decode) fails to load with llama.cpp's
+/// reason, in each API's error shape, and the server and its other model go on as before.
+#[tokio::test]
+async fn a_stored_model_llama_cpp_cannot_compute_fails_to_load_and_nothing_else_is_disturbed() {
+    let s = Server::start(&[]).await;
+    let file = std::fs::read(common::uncomputable_gguf()).unwrap();
+    let digest = format!("sha256:{}", sha256_hex(&file));
+    let up = s
+        .client
+        .post(s.url(&format!("/api/blobs/{digest}")))
+        .body(file)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(up.status(), 201);
+    let (status, r) = s
+        .post(
+            "/api/create",
+            &json!({"model": "odd", "files": {"model.gguf": digest}, "stream": false}),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    let greedy = |model: &str| json!({"model": model, "prompt": "Name a colour.", "stream": false, "options": {"temperature": 0, "num_predict": 8}});
+    let (status, before) = s.post("/api/generate", &greedy("smollm2")).await;
+    assert_eq!(status, 200, "{before}");
+
+    let (status, r) = s.post("/api/generate", &greedy("odd")).await;
+    assert_eq!(status, 500, "{r}");
+    let error = r["error"].as_str().unwrap();
+    assert!(error.contains("cannot compute it"), "{r}");
+    assert!(error.contains("src1: i32"), "{r}");
+    let (status, r) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "odd", "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .await;
+    assert_eq!(status, 500, "{r}");
+    assert_eq!(r["error"]["code"], "model_load_failed", "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("binary_op"),
+        "{r}"
+    );
+
+    let (status, after) = s.post("/api/generate", &greedy("smollm2")).await;
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(after["response"], before["response"]);
+    assert_eq!(s.running().await, ["smollm2:latest"]);
+}
+
 #[tokio::test]
 async fn create_copy_and_delete_go_through_the_store() {
     let s = Server::start(&[]).await;

@@ -41,6 +41,47 @@ fn a_truncated_gguf_is_refused_and_never_served() {
     assert!(out.stderr.contains("corrupt, truncated"), "{}", out.stderr);
 }
 
+/// llama.cpp loads this file and would abort the process at its first decode; the server
+/// tries it in a child process first and refuses it with llama.cpp's reason, exiting as for
+/// any bad file (status 1, not killed by SIGABRT).
+#[test]
+fn a_gguf_llama_cpp_cannot_compute_is_refused_not_a_crash() {
+    let f = common::uncomputable_gguf();
+    let out = serve(&["--model", &format!("odd={}", f.display())]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    for says in [
+        "`odd:latest` was not served",
+        "cannot compute it",
+        "binary_op: unsupported types: dst: f32, src0: f32, src1: i32",
+        "blk.0.attn_norm.weight (i32)",
+    ] {
+        assert!(out.stderr.contains(says), "{says}: {}", out.stderr);
+    }
+}
+
+/// The child the server runs for such a file: a model llama.cpp can compute says so and
+/// exits 0; the odd one is aborted by llama.cpp after saying why, where the server looks.
+#[test]
+fn the_probe_computes_a_sound_model_and_reports_an_abort() {
+    let probe = |path: &std::path::Path| {
+        common::backstop_command()
+            .args(["probe-compute", path.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let sound = probe(&common::smollm2());
+    assert!(sound.status.success(), "{sound:?}");
+    assert_eq!(String::from_utf8_lossy(&sound.stdout), "probe: computed\n");
+    let odd = probe(&common::uncomputable_gguf());
+    assert!(!odd.status.success());
+    assert!(!String::from_utf8_lossy(&odd.stdout).contains("computed"));
+    let err = String::from_utf8_lossy(&odd.stderr);
+    assert!(
+        err.contains("probe: llama.cpp aborted: ") && err.contains("src1: i32"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_corrupt_gguf_header_is_refused() {
     let d = temp_dir("corrupt");

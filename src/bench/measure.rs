@@ -466,6 +466,10 @@ fn one(
 /// Loads a GGUF file with a setting's GPU layers.
 pub fn load(path: &Path, setting: &Setting) -> Result<LlamaModel, BenchError> {
     let backend = crate::engine::backend().map_err(llama)?;
+    let name = path
+        .file_name()
+        .map_or_else(|| path.to_string_lossy(), |n| n.to_string_lossy());
+    crate::engine::probe::check(&name, path, setting.gpu_layers).map_err(llama)?;
     let mut params = LlamaModelParams::default();
     if let Some(n) = setting.gpu_layers {
         params = params.with_n_gpu_layers(n);

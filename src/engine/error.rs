@@ -36,6 +36,16 @@ pub enum LoadError {
         /// llama.cpp's error.
         reason: String,
     },
+    /// llama.cpp loads the file but aborted computing it in a probe ([`super::probe`]).
+    #[error("llama.cpp loads {path} but cannot compute it: {reason} (tensors that llama.cpp's own tools always write as F32 are not: {tensors})")]
+    Uncomputable {
+        /// The configured path.
+        path: PathBuf,
+        /// llama.cpp's message.
+        reason: String,
+        /// The tensors in an odd type, named and counted.
+        tensors: String,
+    },
     /// The GGUF's chat template cannot be compiled.
     #[error("chat template: {0}")]
     Template(String),

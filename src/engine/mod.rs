@@ -9,6 +9,7 @@ mod loader;
 mod lookup;
 mod metrics;
 mod policy;
+pub mod probe;
 mod request;
 mod sampler;
 mod spare;

@@ -64,6 +64,7 @@ pub(crate) fn engine_worker(
     let started = Instant::now();
     let loaded = loader::backend().and_then(|backend| {
         let size = loader::check_file(&options.path)?;
+        super::probe::check(&options.name, &options.path, options.gpu_layers)?;
         let model = loader::load_model(backend, &options)?;
         Ok((backend, model, size))
     });

@@ -99,6 +99,31 @@ pub struct GgufHeader {
     pub parameter_count: u64,
     /// The ggml element types its tensors use (`GGML_TYPE_*`).
     pub tensor_types: BTreeSet<u32>,
+    /// Tensors that llama.cpp's converters and quantizer always write as F32 but this file
+    /// has in another type: vectors (norms, scales: at most one dimension longer than 1) and
+    /// biases. Each is added to or multiplied with F32 activations, and llama.cpp's CPU
+    /// kernels for that abort the process on most other types (`binary_op: unsupported
+    /// types`), a decode after the file loaded without complaint. In file order.
+    pub odd_tensors: Vec<OddTensor>,
+}
+
+/// A tensor of [`GgufHeader::odd_tensors`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OddTensor {
+    /// Its name, e.g. `blk.0.attn_norm.weight`.
+    pub name: String,
+    /// Its ggml element type (`GGML_TYPE_*`).
+    pub ggml_type: u32,
+}
+
+/// ggml's F32 element type.
+const GGML_TYPE_F32: u32 = 0;
+
+/// Whether a tensor of this name and shape is one llama.cpp's own tools keep in F32
+/// whatever the file's type (gguf-py writes every 1-D tensor as F32; `llama-quantize`
+/// quantizes only matrices and leaves biases alone).
+fn kept_in_f32(name: &str, dims: &[u64]) -> bool {
+    dims.iter().filter(|&&d| d > 1).count() <= 1 || name.ends_with(".bias")
 }
 
 impl GgufHeader {
@@ -223,20 +248,27 @@ pub fn parse(r: &mut impl Read) -> Result<GgufHeader, GgufError> {
     }
     let mut parameter_count: u64 = 0;
     let mut tensor_types = BTreeSet::new();
+    let mut odd_tensors = Vec::new();
     for _ in 0..tensor_count {
-        h.skip_string()?;
-        let dims = h.u32()?;
-        if dims > MAX_DIMS {
+        let name = h.string()?;
+        let n_dims = h.u32()?;
+        if n_dims > MAX_DIMS {
             return Err(GgufError::Corrupt(format!(
-                "a tensor with {dims} dimensions"
+                "a tensor with {n_dims} dimensions"
             )));
         }
-        let mut elements: u64 = 1;
-        for _ in 0..dims {
-            elements = elements.saturating_mul(h.u64()?);
+        let mut dims = [0u64; MAX_DIMS as usize];
+        for d in dims.iter_mut().take(n_dims as usize) {
+            *d = h.u64()?;
         }
-        tensor_types.insert(h.u32()?);
+        let dims = &dims[..n_dims as usize];
+        let ggml_type = h.u32()?;
+        tensor_types.insert(ggml_type);
+        if ggml_type != GGML_TYPE_F32 && kept_in_f32(&name, dims) {
+            odd_tensors.push(OddTensor { name, ggml_type });
+        }
         let _offset = h.u64()?;
+        let elements = dims.iter().fold(1u64, |n, &d| n.saturating_mul(d));
         parameter_count = parameter_count.saturating_add(elements);
     }
     Ok(GgufHeader {
@@ -245,6 +277,7 @@ pub fn parse(r: &mut impl Read) -> Result<GgufHeader, GgufError> {
         tensor_count,
         parameter_count,
         tensor_types,
+        odd_tensors,
     })
 }
 
@@ -306,11 +339,6 @@ impl<R: Read> Header<'_, R> {
             return Err(truncated_err());
         }
         Ok(())
-    }
-
-    fn skip_string(&mut self) -> Result<(), GgufError> {
-        let len = self.string_len()?;
-        self.skip(len)
     }
 
     /// Reads a value of GGUF type `kind`. `depth` guards against nested arrays without end.
@@ -477,6 +505,35 @@ mod tests {
         assert_eq!(h.parameter_size(), "28.64M");
         assert_eq!(h.tensor_types, BTreeSet::from([0, 3, 8]));
         assert_eq!(h.metadata["llama.rope.freq_base"].to_json(), 10000.0);
+        assert!(h.odd_tensors.is_empty());
+    }
+
+    #[test]
+    fn vectors_and_biases_in_a_type_other_than_f32_are_odd() {
+        let bytes = Builder::new()
+            .tensor("token_embd.weight", &[576, 49152], 8)
+            .tensor("blk.0.attn_norm.weight", &[576], 1)
+            .tensor("blk.0.attn_q.weight", &[576, 576], 1)
+            .tensor("blk.0.attn_q.bias", &[576], 0)
+            .tensor("blk.0.ffn_up_exps.bias", &[2880, 32], 30)
+            .tensor("blk.0.time_mix_lerp_x", &[576, 1, 1], 26)
+            .tensor("output_norm.weight", &[576], 0)
+            .build();
+        let h = parse(&mut bytes.as_slice()).unwrap();
+        let odd: Vec<(&str, u32)> = h
+            .odd_tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.ggml_type))
+            .collect();
+        // A matrix in F16 is ordinary; an F32 vector or bias is too.
+        assert_eq!(
+            odd,
+            [
+                ("blk.0.attn_norm.weight", 1),
+                ("blk.0.ffn_up_exps.bias", 30),
+                ("blk.0.time_mix_lerp_x", 26)
+            ]
+        );
     }
 
     #[test]

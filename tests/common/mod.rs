@@ -56,6 +56,35 @@ pub fn gemma3() -> PathBuf {
     model("gemma-3-270m-q4_k_m.gguf")
 }
 
+/// SmolLM2 with its first attention norm typed I32 instead of F32, in a fresh folder:
+/// llama.cpp loads it (the shapes are right and the bytes the same size), and its CPU kernels
+/// abort the process at the first decode (`binary_op: unsupported types`), as they do for
+/// any norm or bias written in a type other than F32.
+pub fn uncomputable_gguf() -> PathBuf {
+    const NAME: &[u8] = b"blk.0.attn_norm.weight";
+    const GGML_TYPE_I32: u32 = 26;
+    let mut bytes = std::fs::read(smollm2()).unwrap();
+    let mut key = (NAME.len() as u64).to_le_bytes().to_vec();
+    key.extend_from_slice(NAME);
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("the tensor's entry in the header");
+    // After the name: the number of dimensions (1 here), each dimension, then the type.
+    let dims_at = at + key.len();
+    let n_dims = u32::from_le_bytes(bytes[dims_at..dims_at + 4].try_into().unwrap()) as usize;
+    let type_at = dims_at + 4 + 8 * n_dims;
+    assert_eq!(
+        bytes[type_at..type_at + 4],
+        0u32.to_le_bytes(),
+        "F32 before"
+    );
+    bytes[type_at..type_at + 4].copy_from_slice(&GGML_TYPE_I32.to_le_bytes());
+    let path = temp_dir("uncomputable").join("odd.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
 /// A running server; killed on drop.
 pub struct Server {
     child: Child,
