@@ -130,6 +130,9 @@ pub enum BenchError {
     /// A context or decode failed.
     #[error("llama.cpp failed: {0}")]
     Llama(String),
+    /// llama.cpp would load it but not compute it (`engine::probe`).
+    #[error("{0}")]
+    Uncomputable(String),
 }
 
 /// One repetition's figures, tokens per second.
@@ -469,7 +472,8 @@ pub fn load(path: &Path, setting: &Setting) -> Result<LlamaModel, BenchError> {
     let name = path
         .file_name()
         .map_or_else(|| path.to_string_lossy(), |n| n.to_string_lossy());
-    crate::engine::probe::check(&name, path, setting.gpu_layers).map_err(llama)?;
+    crate::engine::probe::check(&name, path, setting.gpu_layers)
+        .map_err(|e| BenchError::Uncomputable(e.to_string()))?;
     let mut params = LlamaModelParams::default();
     if let Some(n) = setting.gpu_layers {
         params = params.with_n_gpu_layers(n);

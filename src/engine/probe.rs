@@ -21,6 +21,7 @@ use std::io::Read;
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -106,30 +107,8 @@ fn run_child(path: &Path, gpu_layers: Option<u32>) -> Outcome {
         Ok(c) => c,
         Err(e) => return Outcome::Inconclusive(format!("cannot start the probe: {e}")),
     };
-    // The pipes are read to the end on threads of their own so a chatty child never blocks
-    // on a full pipe while this waits for it.
-    let read = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            if let Some(mut p) = pipe {
-                // A read error leaves what came before it, which is all the probe needs.
-                let _ = p.read_to_string(&mut text);
-            }
-            text
-        })
-    };
-    let out = read(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let err = read(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
+    let out = child.stdout.take().map(drain);
+    let err = child.stderr.take().map(drain);
     let deadline = Instant::now() + PROBE_TIMEOUT;
     let status = loop {
         match child.try_wait() {
@@ -146,9 +125,20 @@ fn run_child(path: &Path, gpu_layers: Option<u32>) -> Outcome {
             Err(e) => return Outcome::Inconclusive(format!("cannot wait for the probe: {e}")),
         }
     };
-    let stdout = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
-    judge(status.success(), &stdout, &stderr)
+    let text =
+        |pipe: Option<JoinHandle<String>>| pipe.and_then(|h| h.join().ok()).unwrap_or_default();
+    judge(status.success(), &text(out), &text(err))
+}
+
+/// Reads a pipe to its end on a thread of its own, so a chatty child never blocks on a full
+/// pipe while the parent waits for it to exit. A read error keeps what came before it, which
+/// is all the probe needs.
+fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    })
 }
 
 /// Reads a finished child's output.
