@@ -129,7 +129,7 @@ pub enum Command {
     Config(ConfigCommand),
     /// Internal: loads a GGUF and computes a few rows, in a child process, so that a file
     /// llama.cpp cannot compute aborts the child and not the server (see `engine::probe`).
-    #[command(name = "probe-compute", hide = true)]
+    #[command(name = crate::engine::probe::SUBCOMMAND, hide = true)]
     ProbeCompute(ProbeArgs),
 }
 

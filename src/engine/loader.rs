@@ -359,14 +359,6 @@ pub(crate) fn exact_grain(
     }
 }
 
-/// The element types of the model file's tensors, from its GGUF header (read once, at load;
-/// empty if it cannot be read, which [`rows_stand_alone`] treats as unknown).
-pub(crate) fn tensor_types(path: &Path) -> BTreeSet<u32> {
-    crate::models::gguf::read(path)
-        .map(|h| h.tensor_types)
-        .unwrap_or_default()
-}
-
 /// Weight types llama.cpp's CPU backend repacks on x86 (`ggml_repack_get_optimal_repack_type`:
 /// Q4_0, Q4_K, IQ4_NL and MXFP4 with AVX2, Q2_K with AVX-512), whose products take rows in
 /// groups counted from a batch's first row.

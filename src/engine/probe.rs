@@ -30,7 +30,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 
 use super::LoadError;
-use crate::models::gguf::{self, OddTensor};
+use crate::models::gguf::OddTensor;
 
 /// The hidden subcommand the child runs.
 pub const SUBCOMMAND: &str = "probe-compute";
@@ -47,17 +47,22 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Odd tensors named in an error; the rest are counted.
 const NAMED: usize = 4;
 
-/// Runs the probe when the file's header asks for it; `Err` when llama.cpp cannot compute
-/// the model. Anything that stops the probe itself (no header, the child cannot start or
-/// fails to load the file) lets the load go on, to fail or succeed on its own.
-pub(crate) fn check(name: &str, path: &Path, gpu_layers: Option<u32>) -> Result<(), LoadError> {
-    let Ok(header) = gguf::read(path) else {
-        return Ok(());
-    };
-    if header.odd_tensors.is_empty() {
+/// Runs the probe when the file has `odd` tensors (its header's [`GgufHeader::odd_tensors`]);
+/// `Err` when llama.cpp cannot compute the model. Anything that stops the probe itself (the
+/// child cannot start or fails to load the file) lets the load go on, to fail or succeed on
+/// its own.
+///
+/// [`GgufHeader::odd_tensors`]: crate::models::gguf::GgufHeader::odd_tensors
+pub(crate) fn check(
+    name: &str,
+    path: &Path,
+    gpu_layers: Option<u32>,
+    odd: &[OddTensor],
+) -> Result<(), LoadError> {
+    if odd.is_empty() {
         return Ok(());
     }
-    let odd = describe(&header.odd_tensors);
+    let odd = describe(odd);
     tracing::info!(model = %name, tensors = %odd, "running the model once in a child process first: tensors llama.cpp's tools keep in F32 are not");
     let started = Instant::now();
     match run_child(path, gpu_layers) {

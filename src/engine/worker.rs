@@ -64,11 +64,19 @@ pub(crate) fn engine_worker(
     let started = Instant::now();
     let loaded = loader::backend().and_then(|backend| {
         let size = loader::check_file(&options.path)?;
-        super::probe::check(&options.name, &options.path, options.gpu_layers)?;
+        // Read once for the probe and the prompt grain; an unreadable header leaves both
+        // to llama.cpp's own load and its defaults.
+        let header = crate::models::gguf::read(&options.path).unwrap_or_default();
+        super::probe::check(
+            &options.name,
+            &options.path,
+            options.gpu_layers,
+            &header.odd_tensors,
+        )?;
         let model = loader::load_model(backend, &options)?;
-        Ok((backend, model, size))
+        Ok((backend, model, size, header.tensor_types))
     });
-    let (backend, model, size) = match loaded {
+    let (backend, model, size, tensor_types) = match loaded {
         Ok(l) => l,
         Err(e) => {
             // The receiver only disappears if the server is already shutting down.
@@ -86,7 +94,7 @@ pub(crate) fn engine_worker(
         options.kv_cache_type,
         options.gpu_layers,
     );
-    let grain = loader::exact_grain(&options, backend, fa, &loader::tensor_types(&options.path));
+    let grain = loader::exact_grain(&options, backend, fa, &tensor_types);
     let mut ctx =
         match loader::new_context(backend, &model, &options, fa, per_slot, grain.least_batch()) {
             Ok(c) => c,
