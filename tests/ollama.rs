@@ -404,9 +404,38 @@ async fn a_model_answering_a_request_is_never_unloaded_under_it() {
 /// A client can put any GGUF into the store. One that llama.cpp loads but cannot compute
 /// (its CPU kernels abort the process at the first decode) fails to load with llama.cpp's
 /// reason, in each API's error shape, and the server and its other model go on as before.
+/// Records `model` in `store` as Ollama itself writes an entry (a store Ollama filled, which
+/// backstop serves as it is): the GGUF and a config as blobs, and the manifest naming them.
+fn ollama_store_entry(store: &std::path::Path, model: &str, gguf: &[u8]) {
+    let blobs = store.join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let layer = |bytes: &[u8], media: &str| {
+        let hex = sha256_hex(bytes);
+        std::fs::write(blobs.join(format!("sha256-{hex}")), bytes).unwrap();
+        json!({"mediaType": media, "digest": format!("sha256:{hex}"), "size": bytes.len()})
+    };
+    let config = json!({"model_format": "gguf", "model_family": "llama", "model_families": ["llama"], "model_type": "135M", "file_type": "Q4_1", "architecture": "amd64", "os": "linux"});
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": layer(config.to_string().as_bytes(), "application/vnd.docker.container.image.v1+json"),
+        "layers": [layer(gguf, "application/vnd.ollama.image.model")],
+    });
+    let dir = store
+        .join("manifests/registry.ollama.ai/library")
+        .join(model);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("latest"), manifest.to_string()).unwrap();
+}
+
+fn greedy(model: &str) -> Value {
+    json!({"model": model, "prompt": "Name a colour.", "stream": false, "options": {"temperature": 0, "num_predict": 8}})
+}
+
 #[tokio::test]
-async fn a_stored_model_llama_cpp_cannot_compute_fails_to_load_and_nothing_else_is_disturbed() {
+async fn creating_a_model_llama_cpp_cannot_compute_is_refused_with_its_reason() {
     let s = Server::start(&[]).await;
+    let store = s.store.clone().unwrap();
     let file = std::fs::read(common::uncomputable_gguf()).unwrap();
     let digest = format!("sha256:{}", sha256_hex(&file));
     let up = s
@@ -417,14 +446,48 @@ async fn a_stored_model_llama_cpp_cannot_compute_fails_to_load_and_nothing_else_
         .await
         .unwrap();
     assert_eq!(up.status(), 201);
-    let (status, r) = s
-        .post(
-            "/api/create",
-            &json!({"model": "odd", "files": {"model.gguf": digest}, "stream": false}),
-        )
-        .await;
-    assert_eq!(status, 200, "{r}");
-    let greedy = |model: &str| json!({"model": model, "prompt": "Name a colour.", "stream": false, "options": {"temperature": 0, "num_predict": 8}});
+    let (status, before) = s.post("/api/generate", &greedy("smollm2")).await;
+    assert_eq!(status, 200, "{before}");
+
+    // Streamed (Ollama's default) or not, the refusal comes before any progress line.
+    for stream in [false, true] {
+        let (status, r) = s
+            .post(
+                "/api/create",
+                &json!({"model": "odd", "files": {"model.gguf": digest}, "stream": stream}),
+            )
+            .await;
+        assert_eq!(status, 400, "{r}");
+        let error = r["error"].as_str().unwrap();
+        assert!(error.contains("cannot compute it"), "{r}");
+        assert!(error.contains("src1: i32"), "{r}");
+        assert!(error.contains("blk.0.attn_norm.weight (i32)"), "{r}");
+    }
+    assert!(!store
+        .join("manifests/registry.ollama.ai/library/odd")
+        .exists());
+    let (_, tags) = s.get_json("/api/tags").await;
+    let names: Vec<&str> = tags["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["smollm2:latest"]);
+    let (status, r) = s.post("/api/generate", &greedy("odd")).await;
+    assert_eq!(status, 404, "{r}");
+
+    let (status, after) = s.post("/api/generate", &greedy("smollm2")).await;
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(after["response"], before["response"]);
+    assert_eq!(s.running().await, ["smollm2:latest"]);
+}
+
+#[tokio::test]
+async fn a_stored_model_llama_cpp_cannot_compute_fails_to_load_and_nothing_else_is_disturbed() {
+    let s = Server::start(&[]).await;
+    let odd = std::fs::read(common::uncomputable_gguf()).unwrap();
+    ollama_store_entry(s.store.as_ref().unwrap(), "odd", &odd);
     let (status, before) = s.post("/api/generate", &greedy("smollm2")).await;
     assert_eq!(status, 200, "{before}");
 

@@ -833,6 +833,48 @@ async fn a_failed_api_pull_ends_with_an_error_object_and_leaves_nothing() {
     assert_eq!(status, 400);
 }
 
+#[tokio::test]
+async fn a_pulled_model_llama_cpp_cannot_compute_is_refused_and_leaves_nothing() {
+    let fake = FakeHub::start().await;
+    let odd = std::fs::read(common::uncomputable_gguf()).unwrap();
+    fake.add("team/odd-GGUF", "odd-Q4_1.gguf", odd.clone());
+    publish(&fake, "library/odd", "latest", &ollama_layers(&odd));
+    let s = serve_with_hub(&fake).await;
+    let greedy = json!({"model": "smollm2", "prompt": "Name a colour.", "stream": false, "options": {"temperature": 0, "num_predict": 8}});
+    let (_, before) = s.post("/api/generate", &greedy).await;
+
+    // From the hub and from a registry, as Ollama's clients ask, streamed or not.
+    for model in ["hf.co/team/odd-GGUF:Q4_1", "odd"] {
+        let (status, r) = s
+            .post("/api/pull", &json!({"model": model, "stream": false}))
+            .await;
+        assert_eq!(status, 422, "{model}: {r}");
+        let error = r["error"].as_str().unwrap();
+        assert!(error.contains("cannot compute it"), "{r}");
+        assert!(error.contains("src1: i32"), "{r}");
+        let (status, _, objects) = s.ndjson("/api/pull", &json!({"model": model})).await;
+        assert_eq!(status, 200, "the stream had started");
+        let last = objects.last().unwrap();
+        assert!(
+            last["error"].as_str().unwrap().contains("binary_op"),
+            "{last}"
+        );
+        assert!(
+            objects.iter().all(|o| o["status"] != "success"),
+            "{objects:?}"
+        );
+    }
+    let store = s.store.clone().unwrap();
+    // No blob kept (the weights, nor the registry model's other layers): only empty folders.
+    for dir in ["blobs", "manifests"] {
+        let left = files_under(&store.join(dir));
+        assert!(left.iter().all(|p| p.is_dir()), "{dir}: {left:?}");
+    }
+    let (status, after) = s.post("/api/generate", &greedy).await;
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(after["response"], before["response"]);
+}
+
 /// Every file and folder below `dir`.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -901,6 +943,30 @@ async fn the_cli_pulls_through_the_server_or_straight_into_the_store() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("no server at"), "{err}");
     assert!(store.join("manifests/hf.co/team/tiny-GGUF/Q4_0").is_file());
+
+    // Straight into the store, a file llama.cpp cannot compute is refused as the server would.
+    fake.add(
+        "team/odd-GGUF",
+        "odd-Q4_1.gguf",
+        std::fs::read(common::uncomputable_gguf()).unwrap(),
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["pull", "hf.co/team/odd-GGUF:Q4_1"])
+        .env("BACKSTOP_HOST", "127.0.0.1:1")
+        .env("BACKSTOP_MODELS", &store)
+        .env("HF_ENDPOINT", &fake.base)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("cannot compute it") && err.contains("src1: i32"),
+        "{err}"
+    );
+    assert!(
+        !store.join("manifests/hf.co/team/odd-GGUF").exists(),
+        "{err}"
+    );
     std::fs::remove_dir_all(&store).ok();
 }
 

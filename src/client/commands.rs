@@ -223,7 +223,9 @@ pub async fn pull(args: PullArgs) -> Result<(), ClientError> {
                 .models_dir
                 .clone()
                 .unwrap_or_else(crate::config::default_store_dir);
-            let store = crate::models::Store::new(dir);
+            // The server's default GPU layers: a pulled file is probed as `serve` would load it.
+            let store =
+                crate::models::Store::new(dir).with_check(crate::engine::probe::store_check(None));
             eprintln!(
                 "no server at {url}; pulling straight into the store at {}",
                 store.root().display()

@@ -21,6 +21,7 @@ use std::io::Read;
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,7 @@ use llama_cpp_2::model::LlamaModel;
 
 use super::LoadError;
 use crate::models::gguf::OddTensor;
+use crate::models::ModelCheck;
 
 /// The hidden subcommand the child runs.
 pub const SUBCOMMAND: &str = "probe-compute";
@@ -80,6 +82,23 @@ pub(crate) fn check(
             Ok(())
         }
     }
+}
+
+/// [`check`] as the model store asks it of a file before recording a model with it (a
+/// create or a pull), with the layers the server would put on the GPU: so a file that would
+/// fail at its first load is refused at once, with the same reason. It reads the header
+/// itself; one it cannot read is the store's own refusal to make.
+pub fn store_check(gpu_layers: Option<u32>) -> ModelCheck {
+    Arc::new(move |path: &Path| {
+        let Ok(header) = crate::models::gguf::read(path) else {
+            return Ok(());
+        };
+        let name = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        check(&name, path, gpu_layers, &header.odd_tensors).map_err(|e| e.to_string())
+    })
 }
 
 /// How a probe ended.

@@ -13,4 +13,4 @@ pub use name::{ModelName, NameError};
 pub use params::Parameters;
 pub use pull::{HubConfig, PullError, PullEvent, PullSpec};
 pub use registry::{Lease, Listed, Loaded, LookupError, ModelSpec, Models, Origin};
-pub use store::{Digest, NewModel, Store, StoreError, StoredModel};
+pub use store::{Digest, ModelCheck, NewModel, Store, StoreError, StoredModel};

@@ -236,6 +236,15 @@ pub enum PullError {
         /// What the header check said.
         reason: String,
     },
+    /// The file is a GGUF the engine cannot run ([`crate::models::ModelCheck`]); nothing
+    /// was kept.
+    #[error("{file} cannot be served: {reason}; nothing was kept")]
+    Unusable {
+        /// The file.
+        file: String,
+        /// What the check said.
+        reason: String,
+    },
     /// A file system error on the download's temporary files.
     #[error("{path}: {source}")]
     Io {

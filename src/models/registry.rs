@@ -291,7 +291,8 @@ impl Models {
         Arc::new(Models {
             configured,
             names,
-            store: Store::new(config.store_dir.clone()),
+            store: Store::new(config.store_dir.clone())
+                .with_check(crate::engine::probe::store_check(config.engine.gpu_layers)),
             engine_defaults: config.engine.clone(),
             lifecycle: config.lifecycle.clone(),
             resident: Mutex::new(HashMap::new()),

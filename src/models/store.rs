@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -74,6 +75,9 @@ pub enum StoreError {
     /// The weights are not a readable GGUF.
     #[error("{0}")]
     NotGguf(String),
+    /// The weights are a GGUF the engine cannot run (the store's [`ModelCheck`] said why).
+    #[error("{0}")]
+    Unusable(String),
     /// A name was refused.
     #[error(transparent)]
     Name(#[from] NameError),
@@ -223,16 +227,48 @@ pub struct NewModel {
     pub template: Option<String>,
 }
 
+/// What a store asks of a GGUF before it records a model in it: `Err` with the reason when
+/// the engine cannot run the file. The store itself only reads headers; the server and the
+/// `pull` command hand it the engine's check ([`crate::engine::probe::store_check`]), so a
+/// file that would fail at its first load is refused when it is created or pulled.
+pub type ModelCheck = Arc<dyn Fn(&Path) -> Result<(), String> + Send + Sync>;
+
 /// The store rooted at one folder.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     root: PathBuf,
+    check: Option<ModelCheck>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("root", &self.root)
+            .field("check", &self.check.is_some())
+            .finish()
+    }
 }
 
 impl Store {
     /// A store at `root` (created on first write).
     pub fn new(root: PathBuf) -> Store {
-        Store { root }
+        Store { root, check: None }
+    }
+
+    /// The same store, asking `check` of every GGUF before a model is recorded with it.
+    pub fn with_check(self, check: ModelCheck) -> Store {
+        Store {
+            check: Some(check),
+            ..self
+        }
+    }
+
+    /// Runs the store's [`ModelCheck`] on a GGUF file (nothing without one).
+    pub fn check_model(&self, path: &Path) -> Result<(), StoreError> {
+        match &self.check {
+            Some(check) => check(path).map_err(StoreError::Unusable),
+            None => Ok(()),
+        }
     }
 
     /// The folder.
@@ -461,6 +497,7 @@ impl Store {
             .len();
         let header =
             gguf::read(&model_path).map_err(|e| StoreError::NotGguf(format!("{model}: {e}")))?;
+        self.check_model(&model_path)?;
         let mut layers = vec![Layer {
             media_type: media::MODEL.to_owned(),
             digest: model.to_string(),
@@ -682,6 +719,34 @@ mod tests {
         assert_eq!(m.params.temperature, Some(0.1));
         assert_eq!(m.params.stop, vec!["END".to_string()]);
         assert_eq!(m.model_digest, d);
+        std::fs::remove_dir_all(store.root()).ok();
+    }
+
+    #[test]
+    fn a_model_the_check_refuses_is_not_recorded() {
+        let plain = temp_store();
+        let d = add_blob(&plain, &tiny_gguf());
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&asked);
+        let store = plain.clone().with_check(Arc::new(move |path: &Path| {
+            seen.lock().unwrap().push(path.to_owned());
+            Err("cannot compute it: binary_op".into())
+        }));
+        let err = store
+            .create(&name("odd"), &d, &NewModel::default())
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Unusable(r) if r == "cannot compute it: binary_op"),
+            "{err:?}"
+        );
+        assert_eq!(*asked.lock().unwrap(), [store.blob_path(&d)]);
+        assert!(store.list().is_empty());
+        assert!(store.has_blob(&d), "the blob stays for whoever uploaded it");
+        // The same store without a check records it.
+        plain
+            .create(&name("odd"), &d, &NewModel::default())
+            .unwrap();
+        assert_eq!(store.list().len(), 1);
         std::fs::remove_dir_all(store.root()).ok();
     }
 

@@ -110,6 +110,7 @@ impl From<StoreError> for OllamaError {
             | StoreError::BadDigest(_)
             | StoreError::MissingBlob(_)
             | StoreError::NotGguf(_)
+            | StoreError::Unusable(_)
             | StoreError::Name(_) => StatusCode::BAD_REQUEST,
             StoreError::Io { .. } | StoreError::BadManifest { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR

@@ -26,7 +26,9 @@ fn status_of(e: &PullError) -> StatusCode {
         | PullError::FileNotFound { .. }
         | PullError::QuantNotFound { .. }
         | PullError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
-        PullError::SplitGguf { .. } | PullError::NotGguf { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        PullError::SplitGguf { .. } | PullError::NotGguf { .. } | PullError::Unusable { .. } => {
+            StatusCode::UNPROCESSABLE_ENTITY
+        }
         PullError::Offline { .. } | PullError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
         PullError::Forbidden { .. }
         | PullError::RegistryRefused { .. }

@@ -522,7 +522,8 @@ fn report_present(store: &Store, digest: &Digest, on: &mut impl FnMut(PullEvent)
     });
 }
 
-/// Writes the manifest. A blob this pull imported that turns out not to be a GGUF is removed.
+/// Writes the manifest. A blob this pull imported that turns out not to be a GGUF, or to be
+/// one the store's check refuses, is removed.
 async fn finish(
     store: &Store,
     name: &ModelName,
@@ -540,13 +541,17 @@ async fn finish(
             on(PullEvent::Status("success".into()));
             Ok(model)
         }
-        Err(StoreError::NotGguf(reason)) => {
+        Err(e @ (StoreError::NotGguf(_) | StoreError::Unusable(_))) => {
             if imported {
                 remove_quietly(&store.blob_path(digest));
             }
-            Err(PullError::NotGguf {
-                file: name.to_string(),
-                reason,
+            let file = name.to_string();
+            Err(match e {
+                StoreError::Unusable(reason) => PullError::Unusable { file, reason },
+                other => PullError::NotGguf {
+                    file,
+                    reason: other.to_string(),
+                },
             })
         }
         Err(e) => Err(e.into()),

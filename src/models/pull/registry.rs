@@ -107,7 +107,7 @@ pub(super) async fn pull(
 }
 
 /// Hashes and imports each downloaded blob off the runtime, then checks the model layer is a
-/// GGUF. On failure, returns the blobs imported so far with the error so they can be removed.
+/// GGUF the store's check accepts. On failure, returns the blobs imported so far with the error so they can be removed.
 async fn verify(
     store: &Store,
     pending: &[(Digest, PathBuf)],
@@ -132,6 +132,13 @@ async fn verify(
         }
         if let Err(e) = gguf::read(&s.blob_path(&m)) {
             let e = PullError::NotGguf {
+                file: m.to_string(),
+                reason: e.to_string(),
+            };
+            return Err((e, imported));
+        }
+        if let Err(e) = s.check_model(&s.blob_path(&m)) {
+            let e = PullError::Unusable {
                 file: m.to_string(),
                 reason: e.to_string(),
             };
