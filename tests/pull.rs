@@ -897,6 +897,18 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// `backstop pull ARGS` with no server to reach: straight into `store`, from `fake`.
+fn pull_without_server(store: &Path, fake: &FakeHub, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .arg("pull")
+        .args(args)
+        .env("BACKSTOP_HOST", "127.0.0.1:1")
+        .env("BACKSTOP_MODELS", store)
+        .env("HF_ENDPOINT", &fake.base)
+        .output()
+        .unwrap()
+}
+
 // The CLI runs as a blocking child process while the fake hub lives on this runtime: the
 // hub needs threads of its own meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -925,20 +937,17 @@ async fn the_cli_pulls_through_the_server_or_straight_into_the_store() {
 
     // No server: the CLI pulls into the store itself (BACKSTOP_MODELS), pinned to one file.
     let store = common::temp_dir("cli-pull");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
-        .args([
-            "pull",
+    let out = pull_without_server(
+        &store,
+        &fake,
+        &[
             "team/tiny-GGUF",
             "--file",
             "tiny-Q4_0.gguf",
             "--revision",
             "main",
-        ])
-        .env("BACKSTOP_HOST", "127.0.0.1:1")
-        .env("BACKSTOP_MODELS", &store)
-        .env("HF_ENDPOINT", &fake.base)
-        .output()
-        .unwrap();
+        ],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("no server at"), "{err}");
@@ -950,13 +959,7 @@ async fn the_cli_pulls_through_the_server_or_straight_into_the_store() {
         "odd-Q4_1.gguf",
         std::fs::read(common::uncomputable_gguf()).unwrap(),
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
-        .args(["pull", "hf.co/team/odd-GGUF:Q4_1"])
-        .env("BACKSTOP_HOST", "127.0.0.1:1")
-        .env("BACKSTOP_MODELS", &store)
-        .env("HF_ENDPOINT", &fake.base)
-        .output()
-        .unwrap();
+    let out = pull_without_server(&store, &fake, &["hf.co/team/odd-GGUF:Q4_1"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(
