@@ -432,17 +432,6 @@ fn greedy(model: &str) -> Value {
     json!({"model": model, "prompt": "Name a colour.", "stream": false, "options": {"temperature": 0, "num_predict": 8}})
 }
 
-/// The names `/api/tags` lists.
-async fn tag_names(s: &Server) -> Vec<String> {
-    let (_, tags) = s.get_json("/api/tags").await;
-    tags["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["name"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 /// SmolLM2 gives the greedy answer it gave `before` and is still the only model running.
 async fn nothing_else_was_disturbed(s: &Server, before: &Value) {
     let (status, after) = s.post("/api/generate", &greedy("smollm2")).await;
@@ -485,7 +474,7 @@ async fn creating_a_model_llama_cpp_cannot_compute_is_refused_with_its_reason() 
     assert!(!store
         .join("manifests/registry.ollama.ai/library/odd")
         .exists());
-    assert_eq!(tag_names(&s).await, ["smollm2:latest"]);
+    assert_eq!(s.tags().await, ["smollm2:latest"]);
     let (status, r) = s.post("/api/generate", &greedy("odd")).await;
     assert_eq!(status, 404, "{r}");
 
@@ -587,7 +576,7 @@ async fn create_copy_and_delete_go_through_the_store() {
         .await;
     assert_eq!(status, 200);
     assert_eq!(
-        tag_names(&s).await,
+        s.tags().await,
         ["crew/pirate:v2", "pirate:latest", "smollm2:latest"]
     );
 
@@ -841,7 +830,7 @@ async fn ollama_models_points_at_the_store() {
         &[("OLLAMA_MODELS", store.to_str().unwrap())],
     )
     .await;
-    assert_eq!(tag_names(&s).await, ["made-here:latest", "smollm2:latest"]);
+    assert_eq!(s.tags().await, ["made-here:latest", "smollm2:latest"]);
     let (status, _) = s.post("/api/generate", &json!({"model": "made-here", "prompt": "Hi", "stream": false, "options": {"num_predict": 2}})).await;
     assert_eq!(status, 200);
     drop(s);

@@ -459,8 +459,18 @@ impl Server {
 
     /// Names of the loaded models, from `/api/ps`.
     pub async fn running(&self) -> Vec<String> {
-        let (_, ps) = self.get_json("/api/ps").await;
-        ps["models"]
+        self.model_names("/api/ps").await
+    }
+
+    /// Names of the models `/api/tags` lists (configured and stored).
+    pub async fn tags(&self) -> Vec<String> {
+        self.model_names("/api/tags").await
+    }
+
+    /// The `name` of each of `models` in an Ollama listing at `path`.
+    async fn model_names(&self, path: &str) -> Vec<String> {
+        let (_, list) = self.get_json(path).await;
+        list["models"]
             .as_array()
             .unwrap()
             .iter()
