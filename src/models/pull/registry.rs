@@ -107,7 +107,8 @@ pub(super) async fn pull(
 }
 
 /// Hashes and imports each downloaded blob off the runtime, then checks the model layer is a
-/// GGUF the store's check accepts. On failure, returns the blobs imported so far with the error so they can be removed.
+/// GGUF the store's check accepts. On failure, returns the blobs imported so far with the
+/// error so they can be removed.
 async fn verify(
     store: &Store,
     pending: &[(Digest, PathBuf)],
