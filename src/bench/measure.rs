@@ -469,13 +469,10 @@ fn one(
 /// Loads a GGUF file with a setting's GPU layers.
 pub fn load(path: &Path, setting: &Setting) -> Result<LlamaModel, BenchError> {
     let backend = crate::engine::backend().map_err(llama)?;
-    let name = path
-        .file_name()
-        .map_or_else(|| path.to_string_lossy(), |n| n.to_string_lossy());
     let odd = crate::models::gguf::read(path)
         .map(|h| h.odd_tensors)
         .unwrap_or_default();
-    crate::engine::probe::check(&name, path, setting.gpu_layers, &odd)
+    crate::engine::probe::check_file(path, setting.gpu_layers, &odd)
         .map_err(|e| BenchError::Uncomputable(e.to_string()))?;
     let mut params = LlamaModelParams::default();
     if let Some(n) = setting.gpu_layers {

@@ -31,7 +31,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 
 use super::LoadError;
-use crate::models::gguf::OddTensor;
+use crate::models::gguf::{GgufHeader, OddTensor};
 use crate::models::ModelCheck;
 
 /// The hidden subcommand the child runs.
@@ -84,20 +84,25 @@ pub(crate) fn check(
     }
 }
 
+/// [`check`] for a file known by its path alone (`backstop bench`, the model store), named
+/// in the log by its file name.
+pub(crate) fn check_file(
+    path: &Path,
+    gpu_layers: Option<u32>,
+    odd: &[OddTensor],
+) -> Result<(), LoadError> {
+    let name = path
+        .file_name()
+        .map_or_else(|| path.to_string_lossy(), |n| n.to_string_lossy());
+    check(&name, path, gpu_layers, odd)
+}
+
 /// [`check`] as the model store asks it of a file before recording a model with it (a
 /// create or a pull), with the layers the server would put on the GPU: so a file that would
-/// fail at its first load is refused at once, with the same reason. It reads the header
-/// itself; one it cannot read is the store's own refusal to make.
+/// fail at its first load is refused at once, with the same reason.
 pub fn store_check(gpu_layers: Option<u32>) -> ModelCheck {
-    Arc::new(move |path: &Path| {
-        let Ok(header) = crate::models::gguf::read(path) else {
-            return Ok(());
-        };
-        let name = path.file_name().map_or_else(
-            || path.display().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        );
-        check(&name, path, gpu_layers, &header.odd_tensors).map_err(|e| e.to_string())
+    Arc::new(move |path: &Path, header: &GgufHeader| {
+        check_file(path, gpu_layers, &header.odd_tensors).map_err(|e| e.to_string())
     })
 }
 

@@ -230,8 +230,9 @@ pub struct NewModel {
 /// What a store asks of a GGUF before it records a model in it: `Err` with the reason when
 /// the engine cannot run the file. The store itself only reads headers; the server and the
 /// `pull` command hand it the engine's check ([`crate::engine::probe::store_check`]), so a
-/// file that would fail at its first load is refused when it is created or pulled.
-pub type ModelCheck = Arc<dyn Fn(&Path) -> Result<(), String> + Send + Sync>;
+/// file that would fail at its first load is refused when it is created or pulled. It is
+/// given the header the store has just read, so the file is not read twice.
+pub type ModelCheck = Arc<dyn Fn(&Path, &gguf::GgufHeader) -> Result<(), String> + Send + Sync>;
 
 /// The store rooted at one folder.
 #[derive(Clone)]
@@ -263,10 +264,10 @@ impl Store {
         }
     }
 
-    /// Runs the store's [`ModelCheck`] on a GGUF file (nothing without one).
-    pub fn check_model(&self, path: &Path) -> Result<(), StoreError> {
+    /// Runs the store's [`ModelCheck`] on a GGUF file and its header (nothing without one).
+    pub fn check_model(&self, path: &Path, header: &gguf::GgufHeader) -> Result<(), StoreError> {
         match &self.check {
-            Some(check) => check(path).map_err(StoreError::Unusable),
+            Some(check) => check(path, header).map_err(StoreError::Unusable),
             None => Ok(()),
         }
     }
@@ -497,7 +498,7 @@ impl Store {
             .len();
         let header =
             gguf::read(&model_path).map_err(|e| StoreError::NotGguf(format!("{model}: {e}")))?;
-        self.check_model(&model_path)?;
+        self.check_model(&model_path, &header)?;
         let mut layers = vec![Layer {
             media_type: media::MODEL.to_owned(),
             digest: model.to_string(),
@@ -728,10 +729,12 @@ mod tests {
         let d = add_blob(&plain, &tiny_gguf());
         let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = Arc::clone(&asked);
-        let store = plain.clone().with_check(Arc::new(move |path: &Path| {
-            seen.lock().unwrap().push(path.to_owned());
-            Err("cannot compute it: binary_op".into())
-        }));
+        let store = plain
+            .clone()
+            .with_check(Arc::new(move |path: &Path, _: &_| {
+                seen.lock().unwrap().push(path.to_owned());
+                Err("cannot compute it: binary_op".into())
+            }));
         let err = store
             .create(&name("odd"), &d, &NewModel::default())
             .unwrap_err();

@@ -536,26 +536,20 @@ async fn finish(
     let created = tokio::task::spawn_blocking(move || s.create(&n, &d, &NewModel::default()))
         .await
         .map_err(|e| PullError::Internal(format!("manifest task failed: {e}")))?;
-    match created {
+    let file = name.to_string();
+    let refused = match created {
         Ok(model) => {
             on(PullEvent::Status("success".into()));
-            Ok(model)
+            return Ok(model);
         }
-        Err(e @ (StoreError::NotGguf(_) | StoreError::Unusable(_))) => {
-            if imported {
-                remove_quietly(&store.blob_path(digest));
-            }
-            let file = name.to_string();
-            Err(match e {
-                StoreError::Unusable(reason) => PullError::Unusable { file, reason },
-                other => PullError::NotGguf {
-                    file,
-                    reason: other.to_string(),
-                },
-            })
-        }
-        Err(e) => Err(e.into()),
+        Err(StoreError::NotGguf(reason)) => PullError::NotGguf { file, reason },
+        Err(StoreError::Unusable(reason)) => PullError::Unusable { file, reason },
+        Err(e) => return Err(e.into()),
+    };
+    if imported {
+        remove_quietly(&store.blob_path(digest));
     }
+    Err(refused)
 }
 
 /// The files hf-hub writes for one download, so a pull can tidy them away.

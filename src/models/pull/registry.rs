@@ -131,21 +131,22 @@ async fn verify(
                 Err(e) => return Err((e.into(), imported)),
             }
         }
-        if let Err(e) = gguf::read(&s.blob_path(&m)) {
-            let e = PullError::NotGguf {
-                file: m.to_string(),
+        let path = s.blob_path(&m);
+        let file = m.to_string();
+        let refused = match gguf::read(&path) {
+            Err(e) => PullError::NotGguf {
+                file,
                 reason: e.to_string(),
-            };
-            return Err((e, imported));
-        }
-        if let Err(e) = s.check_model(&s.blob_path(&m)) {
-            let e = PullError::Unusable {
-                file: m.to_string(),
-                reason: e.to_string(),
-            };
-            return Err((e, imported));
-        }
-        Ok(imported)
+            },
+            Ok(header) => match s.check_model(&path, &header) {
+                Ok(()) => return Ok(imported),
+                Err(e) => PullError::Unusable {
+                    file,
+                    reason: e.to_string(),
+                },
+            },
+        };
+        Err((refused, imported))
     })
     .await;
     joined.unwrap_or_else(|e| {
