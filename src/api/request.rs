@@ -5,8 +5,8 @@
 use crate::api::tools::{self, Toolbox};
 use crate::config::KeepAlive;
 use crate::engine::{
-    ChatMessage, EngineError, FinishReason, GenerateRequest, Generation, InvalidField, Overflow,
-    Role, SamplingOverrides, Timings, TokenEvent, Usage,
+    ChatMessage, Drafts, EngineError, FinishReason, GenerateRequest, Generation, InvalidField,
+    Overflow, Role, SamplingOverrides, Timings, TokenEvent, Usage,
 };
 use crate::models::Lease;
 
@@ -45,9 +45,9 @@ pub(crate) struct Valid {
     pub(crate) ignore_eos: bool,
     /// Reuse cached prompt prefixes (llama.cpp server's `cache_prompt`, default true).
     pub(crate) cache_prompt: bool,
-    /// Most tokens drafted per step (llama.cpp server's `speculative.n_max`); `None`: the
-    /// model's setting.
-    pub(crate) speculate: Option<u32>,
+    /// Bounds on the tokens drafted per step (llama.cpp server's `speculative.n_max` and
+    /// `speculative.n_min`).
+    pub(crate) speculate: Drafts,
     /// How long the model should stay loaded afterwards (Ollama's `keep_alive`).
     pub(crate) keep_alive: Option<KeepAlive>,
     /// Context tokens this request may use, if less than the model's (Ollama's `num_ctx`).
@@ -75,7 +75,7 @@ impl Valid {
             stop: None,
             ignore_eos: false,
             cache_prompt: true,
-            speculate: None,
+            speculate: Drafts::default(),
             keep_alive: None,
             ctx_limit: None,
             overflow: Overflow::Refuse,

@@ -30,8 +30,8 @@ pub use error::{EngineError, LoadError};
 pub(crate) use loader::{backend, context_params, resolve_flash_attention, sliding_window};
 pub use loader::{Fim, ModelInfo};
 pub use request::{
-    FinishReason, GenerateRequest, InvalidField, Overflow, SamplingOverrides, SamplingParams,
-    Timings, TokenEvent, Usage,
+    Drafts, FinishReason, GenerateRequest, InvalidField, Overflow, SamplingOverrides,
+    SamplingParams, Timings, TokenEvent, Usage,
 };
 pub use template::{fallback_for, ChatMessage, ChatTemplate, Role, TemplateSource};
 

@@ -60,6 +60,24 @@ impl SamplingParams {
     }
 }
 
+/// A request's own bounds on the tokens drafted per step by prompt lookup (llama.cpp server's
+/// `speculative.n_max` and `speculative.n_min`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Drafts {
+    /// The most; `None`: the model's `--speculate`, or `least` where that is less.
+    pub most: Option<u32>,
+    /// The fewest: a shorter guess is not checked, and one at least this long is checked at
+    /// least this far whatever the measured costs say. 0: as the costs say.
+    pub least: u32,
+}
+
+impl Drafts {
+    /// The most tokens a step may draft, where the model's setting is `model`.
+    pub fn most(self, model: u32) -> u32 {
+        self.most.unwrap_or(model.max(self.least))
+    }
+}
+
 /// A generation request in the engine's terms: text in, sampling rules, limits.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -77,8 +95,8 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// Reuse cached prompt prefixes; false reads the whole prompt as a fresh server would.
     pub cache_prompt: bool,
-    /// Most tokens drafted per step by prompt lookup; `None`: the model's `--speculate`.
-    pub speculate: Option<u32>,
+    /// This request's bounds on the tokens drafted per step by prompt lookup.
+    pub speculate: Drafts,
     /// Context tokens this request may use (prompt plus answer), when less than a slot's.
     pub ctx_limit: Option<u32>,
     /// What to do with a prompt that does not fit.
@@ -326,6 +344,16 @@ impl SamplingOverrides {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_bounds_its_drafts_over_the_model_setting() {
+        let asked = |most, least| Drafts { most, least };
+        assert_eq!(asked(None, 0).most(8), 8, "the model's");
+        assert_eq!(asked(Some(0), 0).most(8), 0, "turned off");
+        assert_eq!(asked(Some(4), 0).most(0), 4, "turned on");
+        assert_eq!(asked(None, 4).most(0), 4, "a fewest turns it on");
+        assert_eq!(asked(None, 4).most(8), 8);
+    }
 
     #[test]
     fn truncation_keeps_the_start_and_the_latest_tokens_and_leaves_room_to_answer() {

@@ -261,6 +261,9 @@ struct Active {
     shadow: Shadow<LlamaToken>,
     /// Most tokens it drafts per step.
     speculate: usize,
+    /// Fewest (the request's `speculative.n_min`): a shorter guess is not checked, and a
+    /// longer one is checked at least this far whatever the costs say.
+    draft_least: usize,
     /// It asked for a reproducible answer ([`Reuse::Exact`]).
     reproducible: bool,
 }
@@ -982,10 +985,12 @@ impl<'m> Worker<'m> {
             banned,
             grammar,
         );
-        let speculate = if self.can_draft {
-            job.request.speculate.unwrap_or(self.options.speculate) as usize
+        let (speculate, draft_least) = if self.can_draft {
+            let asked = job.request.speculate;
+            let most = asked.most(self.options.speculate) as usize;
+            (most, (asked.least as usize).min(most))
         } else {
-            0
+            (0, 0)
         };
         let mut stops = job.request.stop.clone();
         stops.retain(|s| !s.is_empty());
@@ -1011,6 +1016,7 @@ impl<'m> Worker<'m> {
             acceptance: Acceptance::default(),
             shadow: Shadow::default(),
             speculate,
+            draft_least,
             reproducible: mode == Reuse::Exact,
         });
         if whole_hit {
@@ -1194,12 +1200,19 @@ impl<'m> Worker<'m> {
             let Some(active) = slot.active.as_mut() else {
                 continue;
             };
-            // As many of the lookup's tokens as pay ([`lookup::choose`]); a draft that does
-            // not pay is watched instead, to learn whether it would have.
+            // As many of the lookup's tokens as pay ([`lookup::choose`]), and at least as
+            // many as the request asked for; a draft that is not checked is watched instead,
+            // to learn whether it would have paid.
             let found = lookup::draft(&slot.cached, room);
             let rate = active.acceptance.rate();
             if !found.is_empty() {
-                match lookup::choose(&self.costs, rows, expected, found.len(), rate) {
+                let least = active.draft_least;
+                let k = if found.len() < least {
+                    0
+                } else {
+                    lookup::choose(&self.costs, rows, expected, found.len(), rate).max(least)
+                };
+                match k {
                     0 => active.shadow.watch(found),
                     k => {
                         active.shadow.clear();

@@ -8,7 +8,7 @@ use super::types::{ChatCompletionRequest, CommonParams, CompletionRequest};
 use crate::api::body::JsonBody;
 use crate::api::request::{check_stop, Input, Valid};
 use crate::api::{structured, tools};
-use crate::engine::{ChatMessage, Role, SamplingOverrides};
+use crate::engine::{ChatMessage, Drafts, Role, SamplingOverrides};
 
 pub(super) fn model_name(model: Option<String>) -> Result<String, ApiError> {
     match model {
@@ -96,7 +96,7 @@ struct Common {
     stop: Option<Vec<String>>,
     ignore_eos: bool,
     cache_prompt: bool,
-    speculate: Option<u32>,
+    speculate: Drafts,
 }
 
 fn common(c: CommonParams) -> Result<Common, ApiError> {
@@ -121,10 +121,28 @@ fn common(c: CommonParams) -> Result<Common, ApiError> {
     };
     sampling.validate()?;
     let most = crate::engine::MAX_SPECULATE;
-    if let Some(n) = c.speculative_n_max.filter(|&n| n > most) {
+    for (param, n) in [
+        ("speculative.n_max", c.speculative_n_max),
+        ("speculative.n_min", c.speculative_n_min),
+    ] {
+        if let Some(n) = n.filter(|&n| n > most) {
+            return Err(ApiError::invalid(
+                param,
+                format!("{param} must be at most {most}, got {n}"),
+            ));
+        }
+    }
+    let speculate = Drafts {
+        most: c.speculative_n_max,
+        least: c.speculative_n_min.unwrap_or(0),
+    };
+    if let Some(n) = speculate.most.filter(|&n| n < speculate.least) {
         return Err(ApiError::invalid(
-            "speculative.n_max",
-            format!("speculative.n_max must be at most {most}, got {n}"),
+            "speculative.n_min",
+            format!(
+                "speculative.n_min ({}) must not be over speculative.n_max ({n})",
+                speculate.least
+            ),
         ));
     }
     Ok(Common {
@@ -133,7 +151,7 @@ fn common(c: CommonParams) -> Result<Common, ApiError> {
         stop: stop_list(&c.stop)?,
         ignore_eos: c.ignore_eos.unwrap_or(false),
         cache_prompt: c.cache_prompt.unwrap_or(true),
-        speculate: c.speculative_n_max,
+        speculate,
     })
 }
 

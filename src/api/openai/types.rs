@@ -85,6 +85,10 @@ pub(crate) struct CommonParams {
     /// over the model's `--speculate`.
     #[serde(rename = "speculative.n_max")]
     pub(crate) speculative_n_max: Option<u32>,
+    /// llama.cpp server extension: fewest tokens drafted per step for this request (a
+    /// shorter guess is not checked), over the measured costs.
+    #[serde(rename = "speculative.n_min")]
+    pub(crate) speculative_n_min: Option<u32>,
 }
 
 /// Token counts.
