@@ -1273,8 +1273,8 @@ impl<'m> Worker<'m> {
             if drafted == 0 {
                 self.pace.record(decoded, prompt, took.as_secs_f64());
             }
-            if prompt == 0 && self.can_draft {
-                self.costs.record(rows, took.as_secs_f64());
+            if self.can_draft {
+                self.costs.record(rows, took.as_secs_f64(), prompt == 0);
             }
         }
         tracing::trace!(
