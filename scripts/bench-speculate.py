@@ -12,6 +12,9 @@ them). Three tasks, each a greedy chat streamed to one client:
          repeats its prompt with a change
   quote  a passage, then "repeat it word for word"
   story  a story from nothing: little to look up, so drafting must cost little or nothing
+backstop with --speculate N is also asked with `speculative.n_min` N (every guess the lookup
+finds that long checked whole, whatever the measured costs say, as llama-server's ngram-simple
+checks its guesses): what its cost-weighed drafting gives up or saves on each task.
 Each repetition runs every task on every server (after one warm-up request each, the first time),
 rotating the servers' order; decode tok/s per stream is (completion tokens - 1) / (last token -
 first token), from bench_client.py. The table gives the medians over the repetitions, each
@@ -79,6 +82,9 @@ TASKS = {
 }
 
 SERVERS = ["backstop", "backstop --speculate", "llama-server", "llama-server ngram-simple"]
+# What is asked of each server: each server once, and backstop --speculate again with n_min.
+FORCED = "backstop n_min"
+KINDS = SERVERS + [FORCED]
 
 
 def main() -> int:
@@ -96,40 +102,45 @@ def main() -> int:
         extra = ["--spec-type", "ngram-simple"] if kind.endswith("ngram-simple") else []
         return peers.serve_side_by_side(kind, llama_server, model, args.threads, 1, args.ctx, template, extra)
 
-    def decode_rate(url: str, prompt: str, warmup: int) -> dict:
+    def decode_rate(url: str, prompt: str, warmup: int, extra: dict | None = None) -> dict:
         # The answer ends where the model ends it: past a copy it would run on into other text.
-        out = peers.client(url, "m", 1, 1, args, warmup=warmup, unique=False, prompt=prompt, ignore_eos=False)
+        out = peers.client(url, "m", 1, 1, args, warmup=warmup, unique=False, prompt=prompt, ignore_eos=False,
+                           extra=extra)
         return {"decode_tok_s": out["decode_tok_s_per_stream"]["median"],
                 "completion_tokens": out["completion_tokens_total"]}
 
-    runs: dict[str, dict[str, list[dict]]] = {k: {t: [] for t in TASKS} for k in SERVERS}
+    runs: dict[str, dict[str, list[dict]]] = {k: {t: [] for t in TASKS} for k in KINDS}
     peers.log("==> starting the four servers")
     servers = {kind: start(kind) for kind in SERVERS}
     try:
         for rep in range(args.reps):
-            order = SERVERS[rep % len(SERVERS):] + SERVERS[:rep % len(SERVERS)]
+            order = KINDS[rep % len(KINDS):] + KINDS[:rep % len(KINDS)]
             for task, prompt in TASKS.items():
                 peers.log(f"==> rep {rep + 1}/{args.reps}: {task}")
                 for kind in order:
-                    runs[kind][task].append(decode_rate(servers[kind].url, prompt, 1 if rep == 0 else 0))
+                    url = servers["backstop --speculate" if kind == FORCED else kind].url
+                    extra = {"speculative.n_min": args.draft} if kind == FORCED else None
+                    runs[kind][task].append(decode_rate(url, prompt, 1 if rep == 0 else 0, extra))
     finally:
         for s in servers.values():
             s.stop()
 
-    fig = {k: {t: statistics.median(r["decode_tok_s"] for r in runs[k][t]) for t in TASKS} for k in SERVERS}
-    tokens = {k: {t: statistics.median(r["completion_tokens"] for r in runs[k][t]) for t in TASKS} for k in SERVERS}
+    fig = {k: {t: statistics.median(r["decode_tok_s"] for r in runs[k][t]) for t in TASKS} for k in KINDS}
+    tokens = {k: {t: statistics.median(r["completion_tokens"] for r in runs[k][t]) for t in TASKS} for k in KINDS}
     machine = {"nproc": os.cpu_count(), "cpu": peers.cpu_model(), "threads": args.threads}
     print(f"\nmachine: {machine['nproc']} cores, {machine['cpu']}; threads {args.threads}; model {model.name}; "
           f"greedy, up to {args.max_tokens} tokens; median of {args.reps} rotated runs")
     print(f"backstop --speculate {args.draft}; llama-server {peer_version} --spec-type ngram-simple\n")
-    print("| task | backstop | --speculate | gain | llama-server | ngram-simple | gain | speculating: backstop / llama-server |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| task | backstop | --speculate | gain | n_min {args.draft} | gain | llama-server | ngram-simple | gain "
+          "| speculating: backstop / llama-server |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for t in TASKS:
-        b0, b1 = fig["backstop"][t], fig["backstop --speculate"][t]
+        b0, b1, bf = fig["backstop"][t], fig["backstop --speculate"][t], fig[FORCED][t]
         l0, l1 = fig["llama-server"][t], fig["llama-server ngram-simple"][t]
-        print(f"| {t} | {b0:.1f} | {b1:.1f} | {b1 / b0:.2f}x | {l0:.1f} | {l1:.1f} | {l1 / l0:.2f}x | {b1 / l1:.2f}x |")
+        print(f"| {t} | {b0:.1f} | {b1:.1f} | {b1 / b0:.2f}x | {bf:.1f} | {bf / b0:.2f}x | {l0:.1f} | {l1:.1f} "
+              f"| {l1 / l0:.2f}x | {b1 / l1:.2f}x |")
     print("\ndecode tok/s per stream; answer lengths (tokens, median): "
-          + "; ".join(f"{k}: " + ", ".join(f"{t} {tokens[k][t]:.0f}" for t in TASKS) for k in SERVERS))
+          + "; ".join(f"{k}: " + ", ".join(f"{t} {tokens[k][t]:.0f}" for t in TASKS) for k in KINDS))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"speculate-{time.strftime('%Y%m%d-%H%M%S')}.json"
