@@ -225,16 +225,22 @@ impl RowCosts {
 /// A sequence's draft length in a decode that already holds `rows` rows expected to yield
 /// `tokens` tokens: the k of at most `available` drafted tokens that makes the most tokens per
 /// second, each accepted with chance `rate`, by the measured `costs`; 0 if drafting does not
-/// pay (or nothing is measured yet).
+/// pay (or nothing is measured yet). A request's fewest (`least`, its `speculative.n_min`)
+/// overrides the costs: fewer `available` than that are not drafted, and otherwise at least
+/// that many are.
 pub(crate) fn choose(
     costs: &RowCosts,
     rows: usize,
     tokens: f64,
     available: usize,
     rate: f64,
+    least: usize,
 ) -> usize {
-    let Some(base) = costs.estimate(rows) else {
+    if available < least {
         return 0;
+    }
+    let Some(base) = costs.estimate(rows) else {
+        return least;
     };
     let mut best = (0, tokens / base);
     for k in 1..=available.min(MAX_ROWS.saturating_sub(rows)) {
@@ -246,7 +252,7 @@ pub(crate) fn choose(
             best = (k, speed);
         }
     }
-    best.0
+    best.0.max(least)
 }
 
 #[cfg(test)]
@@ -381,21 +387,37 @@ mod tests {
             (17, 0.0480),
         ]);
         // A 40% chance: Gemma drafts, SmolLM2 does not (two rows cost it 1.5x one).
-        assert_eq!(choose(&smollm2, 1, 1.0, 8, 0.4), 0);
-        let k = choose(&gemma, 1, 1.0, 8, 0.4);
+        assert_eq!(choose(&smollm2, 1, 1.0, 8, 0.4, 0), 0);
+        let k = choose(&gemma, 1, 1.0, 8, 0.4, 0);
         assert!((1..=4).contains(&k), "{k}");
         // Copying: both draft all they have.
-        assert_eq!(choose(&smollm2, 1, 1.0, 8, 0.98), 8);
-        assert_eq!(choose(&gemma, 1, 1.0, 8, 0.98), 8);
+        assert_eq!(choose(&smollm2, 1, 1.0, 8, 0.98, 0), 8);
+        assert_eq!(choose(&gemma, 1, 1.0, 8, 0.98, 0), 8);
         // Almost never right: neither.
-        assert_eq!(choose(&gemma, 1, 1.0, 8, 0.02), 0);
+        assert_eq!(choose(&gemma, 1, 1.0, 8, 0.02, 0), 0);
         // No draft to check, or nothing measured yet.
-        assert_eq!(choose(&gemma, 1, 1.0, 0, 0.98), 0);
-        assert_eq!(choose(&RowCosts::default(), 1, 1.0, 8, 0.98), 0);
+        assert_eq!(choose(&gemma, 1, 1.0, 0, 0.98, 0), 0);
+        assert_eq!(choose(&RowCosts::default(), 1, 1.0, 8, 0.98, 0), 0);
         // Beside three other sequences a draft must pay for the whole step's delay.
-        let beside = choose(&smollm2, 4, 4.0, 8, 0.6);
+        let beside = choose(&smollm2, 4, 4.0, 8, 0.6, 0);
         assert_eq!(beside, 0);
         // Only single rows measured: longer decodes are guessed cheap, so drafting is tried.
-        assert_eq!(choose(&costs(&[(1, 0.01)]), 1, 1.0, 4, 0.5), 4);
+        assert_eq!(choose(&costs(&[(1, 0.01)]), 1, 1.0, 4, 0.5, 0), 4);
+    }
+
+    #[test]
+    fn a_request_s_fewest_skips_shorter_guesses_and_floors_longer_ones() {
+        let smollm2 = costs(&[(1, 0.006), (9, 0.042), (17, 0.072)]);
+        // The costs alone would draft none of these.
+        assert_eq!(choose(&smollm2, 1, 1.0, 16, 0.3, 0), 0);
+        assert_eq!(choose(&smollm2, 1, 1.0, 16, 0.3, 8), 8);
+        assert_eq!(choose(&smollm2, 1, 1.0, 7, 0.3, 8), 0, "too short a guess");
+        assert_eq!(
+            choose(&RowCosts::default(), 1, 1.0, 8, 0.3, 8),
+            8,
+            "nothing measured"
+        );
+        // Where the costs want more, they get it.
+        assert_eq!(choose(&smollm2, 1, 1.0, 16, 0.999, 4), 16);
     }
 }

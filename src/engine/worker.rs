@@ -1206,13 +1206,14 @@ impl<'m> Worker<'m> {
             let found = lookup::draft(&slot.cached, room);
             let rate = active.acceptance.rate();
             if !found.is_empty() {
-                let least = active.draft_least;
-                let k = if found.len() < least {
-                    0
-                } else {
-                    lookup::choose(&self.costs, rows, expected, found.len(), rate).max(least)
-                };
-                match k {
+                match lookup::choose(
+                    &self.costs,
+                    rows,
+                    expected,
+                    found.len(),
+                    rate,
+                    active.draft_least,
+                ) {
                     0 => active.shadow.watch(found),
                     k => {
                         active.shadow.clear();
