@@ -15,43 +15,78 @@
 //! project's 2-core Xeon a 9-row decode costs 3.7x a 1-row one for SmolLM2 135M, whose
 //! weights fit the caches, and 1.6x for Gemma 3 270M, whose 262,144-row output layer is read
 //! from memory either way). So each decode's draft length is chosen from the step costs
-//! measured on this machine ([`RowCosts`]) and each sequence's recent acceptance
-//! ([`Acceptance`]), to make the most tokens per second ([`choose`]); where drafting does not
-//! pay, nothing is drafted.
+//! measured on this machine ([`RowCosts`]), and how often each sequence's guesses were taken
+//! lately by how long a match they came from ([`Record`]), to make the most tokens per second ([`choose`]); where drafting does not pay, nothing is
+//! drafted.
 //!
 //! Written for this project; the method is "prompt lookup decoding" (A. Saxena, 2023), the
 //! draft-and-verify scheme of Leviathan et al. (2023) with a draft taken from the context.
 
-/// The longest and shortest n-gram looked up: the longest match is the likeliest to go on
-/// the same way, and a single token matches too often to mean anything.
-pub(crate) const NGRAM_MAX: usize = 4;
-pub(crate) const NGRAM_MIN: usize = 2;
+/// The shortest match looked up: a single token matches too often to mean anything.
+pub(crate) const MATCH_MIN: usize = 2;
+
+/// The longest match measured: past it, a longer one hardly changes a guess's chance
+/// ([`Record::rate`]), and no earlier occurrence is compared further.
+pub(crate) const MATCH_MAX: usize = 64;
 
 /// Decodes longer than this are not measured or drafted: far past any useful draft.
 pub(crate) const MAX_ROWS: usize = 64;
 
-/// The tokens that followed the latest earlier occurrence of `history`'s last n tokens, for
-/// the longest n from [`NGRAM_MAX`] down to [`NGRAM_MIN`] that occurred before, at most
-/// `max` of them; empty if none did.
-pub(crate) fn draft<T: PartialEq>(history: &[T], max: usize) -> &[T] {
-    if max == 0 {
-        return &[];
-    }
-    for n in (NGRAM_MIN..=NGRAM_MAX).rev() {
-        let Some(start) = history.len().checked_sub(n) else {
+/// A guess at an answer's next tokens, from the context.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Guess<'a, T> {
+    /// The tokens that followed the earlier occurrence.
+    pub tokens: &'a [T],
+    /// How many of the history's last tokens that occurrence matches (at most [`MATCH_MAX`]).
+    pub matched: usize,
+}
+
+/// The tokens that followed the earlier occurrence of `history`'s end that matches the most
+/// of its last tokens (the latest of equal ones), at most `max` of them, if that occurrence
+/// matches at least [`MATCH_MIN`]; no tokens otherwise.
+///
+/// The longest match, not the latest occurrence of the last few tokens: where a passage being
+/// copied repeats a short phrase ("merge_sorted(left, right)" as a definition and as a call),
+/// the last four tokens' latest occurrence can be the other one, whose guess fails at once. On
+/// SmolLM2's answer to bench-speculate.py's edit task, guesses from the latest 4-gram failed at
+/// the first or second token at 5 of the first 11 tokens of the code it copied; the longest
+/// match gave the right 16 tokens at all of them.
+pub(crate) fn draft<T: PartialEq>(history: &[T], max: usize) -> Guess<'_, T> {
+    let none = Guess {
+        tokens: &[],
+        matched: 0,
+    };
+    let (Some(last), true) = (history.last(), max > 0) else {
+        return none;
+    };
+    let n = history.len();
+    // (matched, end): an occurrence ending before `end`, so at least one token follows it.
+    let mut best = (0, 0);
+    for end in (1..n).rev() {
+        if history[end - 1] != *last {
             continue;
-        };
-        let tail = &history[start..];
-        // Occurrences that end before the tail does, so at least one token follows.
-        if let Some(at) = history[..history.len() - 1]
-            .windows(n)
-            .rposition(|w| w == tail)
-        {
-            let from = at + n;
-            return &history[from..(from + max).min(history.len())];
+        }
+        let before = history[..end - 1].iter().rev();
+        let matched = 1 + before
+            .zip(history[..n - 1].iter().rev())
+            .take(MATCH_MAX - 1)
+            .take_while(|(a, b)| a == b)
+            .count();
+        if matched > best.0 {
+            best = (matched, end);
+            if matched == MATCH_MAX {
+                break;
+            }
         }
     }
-    &[]
+    let (matched, from) = best;
+    if matched < MATCH_MIN {
+        return none;
+    }
+    Guess {
+        tokens: &history[from..(from + max).min(n)],
+        matched,
+    }
 }
 
 /// How often a sequence's drafted tokens were accepted lately: counts that fade by
@@ -75,6 +110,11 @@ impl Default for Acceptance {
 
 impl Acceptance {
     const FADE: f64 = 0.7;
+    /// Nothing known yet, not even an even chance.
+    const NONE: Self = Self {
+        accepted: 0.0,
+        rejected: 0.0,
+    };
 
     /// Learns from one verification: `accepted` of `drafted` tokens matched (the first
     /// mismatch ends it, so at most one is rejected).
@@ -92,6 +132,69 @@ impl Acceptance {
     }
 }
 
+/// What a sequence's guesses gave lately, by the length of the match each came from; the
+/// chance a guess's tokens are taken ([`Record::rate`]).
+///
+/// The longer the answer has followed the earlier text, the likelier it goes on doing so. In
+/// SmolLM2's greedy answers to bench-speculate.py's three tasks (backstop's and
+/// llama-server's), the first token of the longest match's guess was taken 59-76% of the time
+/// after a match of 2 or 3 tokens, 71-94% after 4, 85-89% after 5 to 8, 93-97% after 9 to 16
+/// and 96-99% after more (Gemma 3's: 80-100% throughout). A match of m tokens is counted as m
+/// taken tokens against one rejected, m/(m+1): 0.67 for 2, 0.8 for 4, 0.9 for 9.
+///
+/// A short match (under [`Record::LONG`]) gets at most that, and no more than the answer's
+/// recent guesses, whatever their matches: once a copy ends, the short matches that follow
+/// are not drafted on the strength of the copy before them. For a long match, m/(m+1) is
+/// what is expected before anything is known, weighed as four tokens against the answer's own
+/// record of long matches, which starts empty: a copy starts paying as soon as it is a few
+/// tokens long, not after a watched guess was all taken (16 plain steps, on SmolLM2, where
+/// drafting needs a chance of about 0.9), however the answer's first, short guesses went
+/// ("```python" matched, then other code); and where long matches keep failing (a story
+/// repeating a phrase, then going on otherwise), the record soon outweighs their length.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Record {
+    recent: Acceptance,
+    long: Acceptance,
+}
+
+impl Default for Record {
+    fn default() -> Self {
+        Self {
+            recent: Acceptance::default(),
+            long: Acceptance::NONE,
+        }
+    }
+}
+
+impl Record {
+    /// The shortest long match: the longest the lookup looked for before it measured matches.
+    pub(crate) const LONG: usize = 4;
+    /// How many taken or rejected tokens a long match's m/(m+1) weighs against the answer's
+    /// record of long matches.
+    const PRIOR_WEIGHT: f64 = 4.0;
+
+    /// Learns from one verification of a guess from a `matched`-token match: `accepted` of
+    /// `drafted` tokens taken.
+    pub(crate) fn record(&mut self, matched: usize, drafted: usize, accepted: usize) {
+        self.recent.record(drafted, accepted);
+        if matched >= Self::LONG {
+            self.long.record(drafted, accepted);
+        }
+    }
+
+    /// The chance that a token of a guess from a `matched`-token match is taken, given the
+    /// one before it was.
+    pub(crate) fn rate(&self, matched: usize) -> f64 {
+        let m = matched as f64;
+        if matched < Self::LONG {
+            return self.recent.rate().min(m / (m + 1.0));
+        }
+        let Acceptance { accepted, rejected } = self.long;
+        let prior = Self::PRIOR_WEIGHT;
+        (accepted + prior * m / (m + 1.0)) / (accepted + rejected + prior)
+    }
+}
+
 /// A draft found but not checked, because drafting did not pay: the tokens the answer then
 /// picks tell whether it would have been taken, so a sequence's [`Acceptance`] is learnt at no
 /// cost while it does not draft, and drafting starts as soon as the answer starts to copy.
@@ -99,6 +202,8 @@ impl Acceptance {
 pub(crate) struct Shadow<T> {
     draft: Vec<T>,
     hits: usize,
+    /// The length of the match the draft came from.
+    matched: usize,
 }
 
 impl<T> Default for Shadow<T> {
@@ -106,16 +211,18 @@ impl<T> Default for Shadow<T> {
         Self {
             draft: Vec::new(),
             hits: 0,
+            matched: 0,
         }
     }
 }
 
 impl<T: PartialEq + Clone> Shadow<T> {
-    /// Watches `draft` against the tokens that follow, unless one is being watched.
-    pub(crate) fn watch(&mut self, draft: &[T]) {
+    /// Watches `guess` against the tokens that follow, unless one is being watched.
+    pub(crate) fn watch(&mut self, guess: Guess<'_, T>) {
         if self.draft.is_empty() {
-            self.draft.extend_from_slice(draft);
+            self.draft.extend_from_slice(guess.tokens);
             self.hits = 0;
+            self.matched = guess.matched;
         }
     }
 
@@ -126,8 +233,8 @@ impl<T: PartialEq + Clone> Shadow<T> {
     }
 
     /// The answer's next token. Once the draft is settled (a token differs, or all matched),
-    /// what checking it would have given: tokens drafted and taken.
-    pub(crate) fn next(&mut self, token: &T) -> Option<(usize, usize)> {
+    /// what checking it would have given: the match it came from, tokens drafted and taken.
+    pub(crate) fn next(&mut self, token: &T) -> Option<(usize, usize, usize)> {
         let expected = self.draft.get(self.hits)?;
         if expected == token {
             self.hits += 1;
@@ -135,7 +242,7 @@ impl<T: PartialEq + Clone> Shadow<T> {
                 return None;
             }
         }
-        let settled = (self.draft.len(), self.hits);
+        let settled = (self.matched, self.draft.len(), self.hits);
         self.clear();
         Some(settled)
     }
@@ -259,29 +366,51 @@ pub(crate) fn choose(
 mod tests {
     use super::*;
 
+    fn guess(history: &[i32], max: usize) -> (&[i32], usize) {
+        let g = draft(history, max);
+        (g.tokens, g.matched)
+    }
+
     #[test]
-    fn the_latest_occurrence_of_the_longest_tail_gives_the_draft() {
-        // "1 2 3 4" occurs at 0 and at 6 (followed by 8 9 there); the history ends in 1 2 3 4.
+    fn the_occurrence_matching_the_most_gives_the_draft() {
+        // "1 2 3 4" occurs at 0 and at 6 (followed by 8 9 there); the history ends in it, and
+        // both earlier ones match 4 tokens: the latest gives the guess.
         let h = [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 8, 9, 1, 2, 3, 4];
-        assert_eq!(draft(&h, 3), &[8, 9, 1]);
+        assert_eq!(guess(&h, 3), (&[8, 9, 1][..], 4));
         assert_eq!(
-            draft(&h, 10),
-            &[8, 9, 1, 2, 3, 4],
+            guess(&h, 10),
+            (&[8, 9, 1, 2, 3, 4][..], 4),
             "up to the end of the history"
         );
-        assert_eq!(draft(&h, 0), &[] as &[i32]);
-        // Only the last two tokens (7 3) occurred before: the 2-gram gives it.
+        assert_eq!(guess(&h, 0), (&[][..], 0));
+        // Only the last two tokens (7 3) occurred before.
         let h = [7, 3, 5, 5, 9, 7, 3];
-        assert_eq!(draft(&h, 4), &[5, 5, 9, 7]);
+        assert_eq!(guess(&h, 4), (&[5, 5, 9, 7][..], 2));
         // A longer match wins over a later, shorter one: 1 2 3 at 0 against 2 3 at 5.
         let h = [1, 2, 3, 6, 0, 2, 3, 7, 1, 2, 3];
-        assert_eq!(draft(&h, 1), &[6]);
-        // The tail itself is no match; nothing occurred before; too short to match.
-        assert_eq!(draft(&[1, 2, 3, 4], 4), &[] as &[i32]);
-        assert_eq!(draft(&[5], 4), &[] as &[i32]);
-        assert_eq!(draft(&[] as &[i32], 4), &[] as &[i32]);
+        assert_eq!(guess(&h, 1), (&[6][..], 3));
+        // However far back the longer match goes: 9 1 2 3 4 (then 5) against a later
+        // 1 2 3 4 (then 7), as a copied definition against a later call of it.
+        let h = [9, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 7, 0, 9, 1, 2, 3, 4];
+        assert_eq!(guess(&h, 2), (&[5, 0][..], 5));
+        // The tail itself is no match; nothing occurred before; too short to match; a single
+        // token is too short a match.
+        assert_eq!(guess(&[1, 2, 3, 4], 4), (&[][..], 0));
+        assert_eq!(guess(&[5], 4), (&[][..], 0));
+        assert_eq!(guess(&[], 4), (&[][..], 0));
+        assert_eq!(guess(&[4, 8, 1, 4], 4), (&[][..], 0));
         // A repeated token: the tail 5 5 5 5 last occurred one position back.
-        assert_eq!(draft(&[5, 5, 5, 5, 5], 3), &[5]);
+        assert_eq!(guess(&[5, 5, 5, 5, 5], 3), (&[5][..], 4));
+    }
+
+    #[test]
+    fn a_match_is_measured_up_to_its_cap() {
+        // A 100-token stretch, then the same stretch again: the match stops at the cap, and
+        // the first of the matching occurrences (the latest) gives the guess.
+        let stretch: Vec<i32> = (0..100).collect();
+        let h: Vec<i32> = [&stretch[..], &[-1], &stretch[..]].concat();
+        let (tokens, matched) = guess(&h, 3);
+        assert_eq!((tokens, matched), (&[-1, 0, 1][..], MATCH_MAX));
     }
 
     #[test]
@@ -302,18 +431,55 @@ mod tests {
     }
 
     #[test]
+    fn a_guess_s_chance_follows_its_match_and_the_answer_s_record() {
+        let fresh = Record::default();
+        // A short match: at most m/(m+1), and no more than the recent record (even, at first).
+        assert!((fresh.rate(2) - 0.5).abs() < 1e-12);
+        assert_eq!(fresh.rate(0), 0.0);
+        // A long one, with no long guess checked yet: m/(m+1).
+        assert!((fresh.rate(4) - 0.8).abs() < 1e-12);
+        assert!((fresh.rate(9) - 0.9).abs() < 1e-12);
+        // The answer's first guess failed at once, from a short match ("```python", then
+        // other code): its long matches are trusted as before.
+        let mut start = Record::default();
+        start.record(2, 7, 0);
+        assert!(start.rate(2) < 0.3, "{}", start.rate(2));
+        assert!((start.rate(9) - 0.9).abs() < 1e-12);
+        // Copying: long guesses all taken. Right after the copy ends, a short match is not
+        // drafted on the strength of it; a long one is.
+        let mut copying = Record::default();
+        for _ in 0..5 {
+            copying.record(30, 8, 8);
+        }
+        copying.record(64, 8, 3);
+        assert!((copying.rate(2) - 2.0 / 3.0).abs() < 1e-12);
+        assert!((copying.rate(3) - 0.75).abs() < 1e-12);
+        assert!(copying.rate(4) > 0.9, "{}", copying.rate(4));
+        // Long matches that keep failing (a story repeating a phrase, then going on
+        // otherwise) outweigh what their length alone says.
+        let mut story = Record::default();
+        for _ in 0..3 {
+            story.record(4, 3, 3);
+            story.record(8, 3, 0);
+        }
+        assert!(story.rate(4) < 0.75, "{} against 0.8", story.rate(4));
+        assert!(story.rate(8) < 0.82, "{} against 0.89", story.rate(8));
+    }
+
+    #[test]
     fn a_shadow_draft_settles_as_checking_it_would_have() {
+        let guess = |tokens, matched| Guess { tokens, matched };
         let mut s = Shadow::default();
         assert_eq!(s.next(&1), None, "nothing watched");
-        s.watch(&[1, 2, 3]);
-        s.watch(&[9, 9]); // one at a time
+        s.watch(guess(&[1, 2, 3], 2));
+        s.watch(guess(&[9, 9], 5)); // one at a time
         assert_eq!((s.next(&1), s.next(&2)), (None, None));
-        assert_eq!(s.next(&3), Some((3, 3)), "all taken");
+        assert_eq!(s.next(&3), Some((2, 3, 3)), "all taken");
         assert_eq!(s.next(&4), None, "settled: no longer watched");
-        s.watch(&[5, 6, 7]);
+        s.watch(guess(&[5, 6, 7], 7));
         assert_eq!(s.next(&5), None);
-        assert_eq!(s.next(&0), Some((3, 1)), "broken at the second");
-        s.watch(&[8]);
+        assert_eq!(s.next(&0), Some((7, 3, 1)), "broken at the second");
+        s.watch(guess(&[8], 2));
         s.clear();
         assert_eq!(s.next(&8), None);
     }
@@ -332,6 +498,18 @@ mod tests {
             c.last = 0;
         }
         c
+    }
+
+    /// Every count from the first point's to the last measured, on the lines between them.
+    fn measured(points: &[(usize, f64)]) -> RowCosts {
+        let mut every = Vec::new();
+        for w in points.windows(2) {
+            let ((r0, c0), (r1, c1)) = (w[0], w[1]);
+            every
+                .extend((r0..r1).map(|r| (r, c0 + (c1 - c0) * (r - r0) as f64 / (r1 - r0) as f64)));
+        }
+        every.extend(points.last());
+        costs(&every)
     }
 
     #[test]
@@ -369,8 +547,9 @@ mod tests {
 
     #[test]
     fn a_draft_is_as_long_as_pays_on_the_measured_costs() {
-        // Measured on the 2-core Xeon at depth 512 (`backstop bench -p 1,2,3,5,9,17 -n 0`).
-        let smollm2 = costs(&[
+        // Measured on the 2-core Xeon at depth 512 (`backstop bench -p 1,2,3,5,9,17 -n 0`), and
+        // the counts between taken as on the line.
+        let smollm2 = measured(&[
             (1, 0.0111),
             (2, 0.0168),
             (3, 0.0189),
@@ -378,7 +557,7 @@ mod tests {
             (9, 0.0414),
             (17, 0.0718),
         ]);
-        let gemma = costs(&[
+        let gemma = measured(&[
             (1, 0.0220),
             (2, 0.0229),
             (3, 0.0244),
@@ -407,7 +586,7 @@ mod tests {
 
     #[test]
     fn a_request_s_fewest_skips_shorter_guesses_and_floors_longer_ones() {
-        let smollm2 = costs(&[(1, 0.006), (9, 0.042), (17, 0.072)]);
+        let smollm2 = measured(&[(1, 0.006), (9, 0.042), (17, 0.072)]);
         // The costs alone would draft none of these.
         assert_eq!(choose(&smollm2, 1, 1.0, 16, 0.3, 0), 0);
         assert_eq!(choose(&smollm2, 1, 1.0, 16, 0.3, 8), 8);

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::embed::{self, EmbedJob, EmbedShape, EmbedTask, Embedder, Pooling};
 use super::graphs;
 use super::loader::{self, ModelInfo};
-use super::lookup::{self, Acceptance, RowCosts, Shadow};
+use super::lookup::{self, Record, RowCosts, Shadow};
 use super::metrics::EngineMetrics;
 use super::policy::{
     join_segments, place, plan_step, segment_starts, Budget, CachedSlot, Grain, Held, Layout, Pace,
@@ -255,8 +255,10 @@ struct Active {
     /// Tokens drafted by prompt lookup into the current decode, after `next`: each has its
     /// row, from `logits_at + 1` on.
     drafts: Vec<LlamaToken>,
-    /// How often its drafted tokens were taken lately.
-    acceptance: Acceptance,
+    /// The length of the match `drafts` came from.
+    draft_matched: usize,
+    /// How often its guesses were taken lately, by the length of their match.
+    record: Record,
     /// A draft found but not checked, watched against the tokens that follow.
     shadow: Shadow<LlamaToken>,
     /// Most tokens it drafts per step.
@@ -1013,7 +1015,8 @@ impl<'m> Worker<'m> {
             first_token_at: None,
             logits_at: None,
             drafts: Vec::new(),
-            acceptance: Acceptance::default(),
+            record: Record::default(),
+            draft_matched: 0,
             shadow: Shadow::default(),
             speculate,
             draft_least,
@@ -1204,22 +1207,31 @@ impl<'m> Worker<'m> {
             // many as the request asked for; a draft that is not checked is watched instead,
             // to learn whether it would have paid.
             let found = lookup::draft(&slot.cached, room);
-            let rate = active.acceptance.rate();
-            if !found.is_empty() {
+            let rate = active.record.rate(found.matched);
+            if !found.tokens.is_empty() {
                 match lookup::choose(
                     &self.costs,
                     rows,
                     expected,
-                    found.len(),
+                    found.tokens.len(),
                     rate,
                     active.draft_least,
                 ) {
                     0 => active.shadow.watch(found),
                     k => {
                         active.shadow.clear();
-                        active.drafts.extend_from_slice(&found[..k]);
+                        active.drafts.extend_from_slice(&found.tokens[..k]);
+                        active.draft_matched = found.matched;
                     }
                 }
+                tracing::trace!(
+                    slot = i,
+                    matched = found.matched,
+                    found = found.tokens.len(),
+                    rate,
+                    drafted = active.drafts.len(),
+                    "guess"
+                );
             }
             for (&d, pos) in active.drafts.iter().zip(pos + 1..) {
                 self.batch
@@ -1370,11 +1382,14 @@ impl<'m> Worker<'m> {
             slot.cached.push(token);
             taken += 1;
         }
+        tracing::trace!(slot = i, drafted = drafts.len(), taken, "checked");
         self.metrics.draft_tokens.increment(drafts.len() as u64);
         self.metrics.draft_accepted.increment(taken as u64);
         let keep = self.slots[i].cached.len();
         if let Some(active) = self.slots[i].active.as_mut() {
-            active.acceptance.record(drafts.len(), taken);
+            active
+                .record
+                .record(active.draft_matched, drafts.len(), taken);
         }
         if keep < fed + drafts.len() && !self.trim(i, keep) {
             // Unreachable for the models drafting is offered to (see `can_draft`).
@@ -1430,8 +1445,8 @@ impl<'m> Worker<'m> {
             let token = active.sampler.sample(&self.ctx, idx);
             let drafts = std::mem::take(&mut active.drafts);
             if drafts.is_empty() {
-                if let Some((drafted, taken)) = active.shadow.next(&token) {
-                    active.acceptance.record(drafted, taken);
+                if let Some((matched, drafted, taken)) = active.shadow.next(&token) {
+                    active.record.record(matched, drafted, taken);
                 }
                 self.on_sampled(i, token);
             } else {
