@@ -11,13 +11,13 @@
 //! is still sampled from the model's own distribution, in order, with the request's own
 //! sampler: a draft only decides how many rows a decode reads.
 //!
-//! Extra rows are not free, and what they cost depends on the model and the machine (on the
-//! project's 2-core Xeon a 9-row decode costs 3.7x a 1-row one for SmolLM2 135M, whose
-//! weights fit the caches, and 1.6x for Gemma 3 270M, whose 262,144-row output layer is read
-//! from memory either way). So each decode's draft length is chosen from the step costs
-//! measured on this machine ([`RowCosts`]), and how often each sequence's guesses were taken
-//! lately by how long a match they came from ([`Record`]), to make the most tokens per second ([`choose`]); where drafting does not pay, nothing is
-//! drafted.
+//! Extra rows are not free, and what they cost depends on the model, the machine and the day
+//! (on the project's 2-core Xeon a 9-row decode has cost 3.7x to 7x a 1-row one for SmolLM2
+//! 135M, whose weights fit the caches, and 1.6x to 3.5x for Gemma 3 270M, whose 262,144-row
+//! output layer is read from memory either way). So each decode's draft length is chosen from
+//! the step costs measured on this machine ([`RowCosts`]) and how often each sequence's
+//! guesses were taken lately, by how long a match they came from ([`Record`]), to make the
+//! most tokens per second ([`choose`]); where drafting does not pay, nothing is drafted.
 //!
 //! Written for this project; the method is "prompt lookup decoding" (A. Saxena, 2023), the
 //! draft-and-verify scheme of Leviathan et al. (2023) with a draft taken from the context.
@@ -47,10 +47,10 @@ pub(crate) struct Guess<'a, T> {
 ///
 /// The longest match, not the latest occurrence of the last few tokens: where a passage being
 /// copied repeats a short phrase ("merge_sorted(left, right)" as a definition and as a call),
-/// the last four tokens' latest occurrence can be the other one, whose guess fails at once. On
-/// SmolLM2's answer to bench-speculate.py's edit task, guesses from the latest 4-gram failed at
-/// the first or second token at 5 of the first 11 tokens of the code it copied; the longest
-/// match gave the right 16 tokens at all of them.
+/// the last four tokens' latest occurrence can be the other one, whose guess soon fails. In
+/// SmolLM2's answer to bench-speculate.py's edit task, the latest 4-gram's guess broke within
+/// its first four tokens at 5 of the first 11 steps of the code it copied; the longest match's
+/// guess was right for all 16 tokens at each of them.
 pub(crate) fn draft<T: PartialEq>(history: &[T], max: usize) -> Guess<'_, T> {
     let none = Guess {
         tokens: &[],
