@@ -15,6 +15,9 @@ them). Three tasks, each a greedy chat streamed to one client:
 backstop with --speculate N is also asked with `speculative.n_min` N (every guess the lookup
 finds that long checked whole, whatever the measured costs say, as llama-server's ngram-simple
 checks its guesses): what its cost-weighed drafting gives up or saves on each task.
+With --against BINARY (another build of backstop: a commit before a change to the drafting
+policy, say), a fifth server runs that build with --speculate N, and a second table sets the two
+builds' gains side by side: a policy change measured against the one before in the same run.
 Each repetition runs every task on every server (after one warm-up request each, the first time),
 rotating the servers' order; decode tok/s per stream is (completion tokens - 1) / (last token -
 first token), from bench_client.py. The table gives the medians over the repetitions, each
@@ -22,7 +25,7 @@ server's speculative over its plain figure (the gain), and backstop's speculativ
 llama-server's.
 
     ~/.cache/backstop/venv/bin/python scripts/bench-speculate.py [--model PATH] [--draft 16]
-        [--reps 5] [--threads N] [--max-tokens 300]
+        [--reps 5] [--threads N] [--max-tokens 300] [--against BINARY]
 
 Writes bench-results/speculate-<time>.json.
 """
@@ -85,20 +88,29 @@ SERVERS = ["backstop", "backstop --speculate", "llama-server", "llama-server ngr
 # What is asked of each server: each server once, and backstop --speculate again with n_min.
 FORCED = "backstop n_min"
 KINDS = SERVERS + [FORCED]
+# --against's build, with --speculate N.
+OTHER = "backstop other build --speculate"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     peers.side_by_side_args(ap, max_tokens=300)
     ap.add_argument("--draft", type=int, default=16, help="backstop's --speculate N")
+    ap.add_argument("--against", help="another backstop binary to run with --speculate N beside this build")
     args = ap.parse_args()
     model = pathlib.Path(args.model)
     backstop, llama_server, peer_version, template = peers.backstop_and_llama_server(model)
+    other = pathlib.Path(args.against) if args.against else None
+    if other is not None and not other.is_file():
+        raise SystemExit(f"--against {other}: no such file")
+    servers_run = SERVERS + ([OTHER] if other else [])
+    kinds = KINDS + ([OTHER] if other else [])
 
     def start(kind: str) -> peers.Server:
         if kind.startswith("backstop"):
             extra = ["--speculate", str(args.draft)] if kind.endswith("--speculate") else []
-            return peers.serve_side_by_side(kind, backstop, model, args.threads, 1, args.ctx, template, extra)
+            binary = other if kind == OTHER and other else backstop
+            return peers.serve_side_by_side(kind, binary, model, args.threads, 1, args.ctx, template, extra)
         extra = ["--spec-type", "ngram-simple"] if kind.endswith("ngram-simple") else []
         return peers.serve_side_by_side(kind, llama_server, model, args.threads, 1, args.ctx, template, extra)
 
@@ -109,12 +121,12 @@ def main() -> int:
         return {"decode_tok_s": out["decode_tok_s_per_stream"]["median"],
                 "completion_tokens": out["completion_tokens_total"]}
 
-    runs: dict[str, dict[str, list[dict]]] = {k: {t: [] for t in TASKS} for k in KINDS}
-    peers.log("==> starting the four servers")
-    servers = {kind: start(kind) for kind in SERVERS}
+    runs: dict[str, dict[str, list[dict]]] = {k: {t: [] for t in TASKS} for k in kinds}
+    peers.log(f"==> starting the {len(servers_run)} servers")
+    servers = {kind: start(kind) for kind in servers_run}
     try:
         for rep in range(args.reps):
-            order = KINDS[rep % len(KINDS):] + KINDS[:rep % len(KINDS)]
+            order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
             for task, prompt in TASKS.items():
                 peers.log(f"==> rep {rep + 1}/{args.reps}: {task}")
                 for kind in order:
@@ -125,8 +137,8 @@ def main() -> int:
         for s in servers.values():
             s.stop()
 
-    fig = {k: {t: statistics.median(r["decode_tok_s"] for r in runs[k][t]) for t in TASKS} for k in KINDS}
-    tokens = {k: {t: statistics.median(r["completion_tokens"] for r in runs[k][t]) for t in TASKS} for k in KINDS}
+    fig = {k: {t: statistics.median(r["decode_tok_s"] for r in runs[k][t]) for t in TASKS} for k in kinds}
+    tokens = {k: {t: statistics.median(r["completion_tokens"] for r in runs[k][t]) for t in TASKS} for k in kinds}
     machine = {"nproc": os.cpu_count(), "cpu": peers.cpu_model(), "threads": args.threads}
     print(f"\nmachine: {machine['nproc']} cores, {machine['cpu']}; threads {args.threads}; model {model.name}; "
           f"greedy, up to {args.max_tokens} tokens; median of {args.reps} rotated runs")
@@ -139,13 +151,21 @@ def main() -> int:
         l0, l1 = fig["llama-server"][t], fig["llama-server ngram-simple"][t]
         print(f"| {t} | {b0:.1f} | {b1:.1f} | {b1 / b0:.2f}x | {bf:.1f} | {bf / b0:.2f}x | {l0:.1f} | {l1:.1f} "
               f"| {l1 / l0:.2f}x | {b1 / l1:.2f}x |")
+    if other:
+        print(f"\nthis build against {other} (both --speculate {args.draft}), gains over this build without:\n")
+        print("| task | this build | gain | other build | gain | this / other |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for t in TASKS:
+            b0, b1, o1 = fig["backstop"][t], fig["backstop --speculate"][t], fig[OTHER][t]
+            print(f"| {t} | {b1:.1f} | {b1 / b0:.2f}x | {o1:.1f} | {o1 / b0:.2f}x | {b1 / o1:.2f}x |")
     print("\ndecode tok/s per stream; answer lengths (tokens, median): "
-          + "; ".join(f"{k}: " + ", ".join(f"{t} {tokens[k][t]:.0f}" for t in TASKS) for k in KINDS))
+          + "; ".join(f"{k}: " + ", ".join(f"{t} {tokens[k][t]:.0f}" for t in TASKS) for k in kinds))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"speculate-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"machine": machine, "model": str(model), "draft": args.draft,
                                 "max_tokens": args.max_tokens, "reps": args.reps, "peer_version": peer_version,
+                                "against": str(other) if other else None,
                                 "figures": fig, "tokens": tokens, "runs": runs}, indent=1))
     print(f"\nwrote {path}")
     return 0
