@@ -258,7 +258,7 @@ struct Active {
     /// The length of the match `drafts` came from.
     draft_matched: usize,
     /// How often its guesses were taken lately, by the length of their match.
-    record: Record,
+    guesses: Record,
     /// A draft found but not checked, watched against the tokens that follow.
     shadow: Shadow<LlamaToken>,
     /// Most tokens it drafts per step.
@@ -1015,7 +1015,7 @@ impl<'m> Worker<'m> {
             first_token_at: None,
             logits_at: None,
             drafts: Vec::new(),
-            record: Record::default(),
+            guesses: Record::default(),
             draft_matched: 0,
             shadow: Shadow::default(),
             speculate,
@@ -1207,7 +1207,7 @@ impl<'m> Worker<'m> {
             // many as the request asked for; a draft that is not checked is watched instead,
             // to learn whether it would have paid.
             let found = lookup::draft(&slot.cached, room);
-            let rate = active.record.rate(found.matched);
+            let rate = active.guesses.rate(found.matched);
             if !found.tokens.is_empty() {
                 match lookup::choose(
                     &self.costs,
@@ -1388,7 +1388,7 @@ impl<'m> Worker<'m> {
         let keep = self.slots[i].cached.len();
         if let Some(active) = self.slots[i].active.as_mut() {
             active
-                .record
+                .guesses
                 .record(active.draft_matched, drafts.len(), taken);
         }
         if keep < fed + drafts.len() && !self.trim(i, keep) {
@@ -1446,7 +1446,7 @@ impl<'m> Worker<'m> {
             let drafts = std::mem::take(&mut active.drafts);
             if drafts.is_empty() {
                 if let Some((matched, drafted, taken)) = active.shadow.next(&token) {
-                    active.record.record(matched, drafted, taken);
+                    active.guesses.record(matched, drafted, taken);
                 }
                 self.on_sampled(i, token);
             } else {
