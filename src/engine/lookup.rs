@@ -175,10 +175,19 @@ impl Record {
 
     /// Learns from one verification of a guess from a `matched`-token match: `accepted` of
     /// `drafted` tokens taken.
+    ///
+    /// A guess's j-th token is checked after the j before it were taken, so it follows a match
+    /// of `matched` + j tokens: the tokens that followed a long match count in the long record
+    /// whatever match the guess started from. A story that went on to repeat 29 tokens of
+    /// itself was watched from a 3-token match, all 16 of the watched guess's tokens taken;
+    /// counted as a short match's, that taught the long record nothing, and the 19- to
+    /// 29-token matches that followed were not drafted (their chance stayed at 0.75, from two
+    /// earlier failures).
     pub(crate) fn record(&mut self, matched: usize, drafted: usize, accepted: usize) {
         self.recent.record(drafted, accepted);
-        if matched >= Self::LONG {
-            self.long.record(drafted, accepted);
+        let short = Self::LONG.saturating_sub(matched);
+        if accepted >= short && drafted > short {
+            self.long.record(drafted - short, accepted - short);
         }
     }
 
@@ -473,6 +482,19 @@ mod tests {
         }
         assert!(story.rate(4) < 0.75, "{} against 0.8", story.rate(4));
         assert!(story.rate(8) < 0.82, "{} against 0.89", story.rate(8));
+        // A guess from a short match that goes on being taken is a long match from its
+        // second or third token on: the story starts to repeat a passage, watched from a
+        // 3-token match, all 16 taken.
+        let mut repeat = story;
+        repeat.record(3, 16, 16);
+        assert!(repeat.rate(19) > 0.9, "{}", repeat.rate(19));
+        // Where it broke before the match grew long, the long record learns nothing; where it
+        // broke after, the failure is a long match's.
+        let mut broke = story;
+        broke.record(2, 16, 1);
+        assert_eq!(broke.rate(8), story.rate(8));
+        broke.record(2, 16, 2);
+        assert!(broke.rate(8) < story.rate(8), "{}", broke.rate(8));
     }
 
     #[test]

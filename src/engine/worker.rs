@@ -1446,6 +1446,7 @@ impl<'m> Worker<'m> {
             let drafts = std::mem::take(&mut active.drafts);
             if drafts.is_empty() {
                 if let Some((matched, drafted, taken)) = active.shadow.next(&token) {
+                    tracing::trace!(slot = i, matched, drafted, taken, "watched");
                     active.guesses.record(matched, drafted, taken);
                 }
                 self.on_sampled(i, token);
