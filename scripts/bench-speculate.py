@@ -2,7 +2,7 @@
 """Speculative decoding by prompt lookup, backstop's (`serve --speculate N`) side by side with
 llama-server's (`--spec-type ngram-simple`), in one run, on one model.
 
-Four servers, all up at once (an idle server takes no CPU time), each with the same model,
+Five servers, all up at once (an idle server takes no CPU time), each with the same model,
 threads, per-slot context, chat template (backstop's fallback by the peer's name for it, as in
 bench-peers.py) and flash attention (backstop's CPU default, off, unless
 BACKSTOP_FLASH_ATTENTION=1 turns it on for all four), so that what differs is speculation: backstop without and with --speculate N, llama-server without and with
@@ -12,14 +12,21 @@ them). Three tasks, each a greedy chat streamed to one client:
          repeats its prompt with a change
   quote  a passage, then "repeat it word for word"
   story  a story from nothing: little to look up, so drafting must cost little or nothing
-backstop with --speculate N is also asked with `speculative.n_min` N (every guess the lookup
+A second backstop with --speculate N is asked with `speculative.n_min` N (every guess the lookup
 finds that long checked whole, whatever the measured costs say, as llama-server's ngram-simple
-checks its guesses): what its cost-weighed drafting gives up or saves on each task.
+checks its guesses): what its cost-weighed drafting gives up or saves on each task. It is a
+server of its own because what a server drafts changes what it measures: the decode costs its
+drafting is weighed by.
 With --against BINARY (another build of backstop: a commit before a change to the drafting
-policy, say), a fifth server runs that build with --speculate N, and a second table sets the two
-builds' gains side by side: a policy change measured against the one before in the same run.
+policy, say), a sixth server runs that build with --speculate N, and a second table sets the two
+builds' gains side by side, with the median and spread of the per-repetition ratio of the two:
+a policy change measured against the one before in the same run. `--against` a copy of this
+build's own binary shows how far apart two identical servers come out: on the 2-core VM, with
+--reps 5, medians of 0.95x-1.03x and single runs of 0.84x-1.13x, so a difference of a few
+percent needs more repetitions than that.
 Each repetition runs every task on every server (after one warm-up request each, the first time),
-rotating the servers' order; decode tok/s per stream is (completion tokens - 1) / (last token -
+in an order shuffled afresh each repetition (a fixed rotation keeps each server after the same
+neighbour every time); decode tok/s per stream is (completion tokens - 1) / (last token -
 first token), from bench_client.py. The table gives the medians over the repetitions, each
 server's speculative over its plain figure (the gain), and backstop's speculative figure over
 llama-server's.
@@ -37,6 +44,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import random
 import statistics
 import sys
 import time
@@ -84,10 +92,9 @@ TASKS = {
     "story": "Write a long story about a lighthouse keeper who finds a map washed up on the shore.",
 }
 
-SERVERS = ["backstop", "backstop --speculate", "llama-server", "llama-server ngram-simple"]
-# What is asked of each server: each server once, and backstop --speculate again with n_min.
+# backstop --speculate N again, asked with speculative.n_min N.
 FORCED = "backstop n_min"
-KINDS = SERVERS + [FORCED]
+KINDS = ["backstop", "backstop --speculate", FORCED, "llama-server", "llama-server ngram-simple"]
 # --against's build, with --speculate N.
 OTHER = "backstop other build --speculate"
 
@@ -103,12 +110,11 @@ def main() -> int:
     other = pathlib.Path(args.against) if args.against else None
     if other is not None and not other.is_file():
         raise SystemExit(f"--against {other}: no such file")
-    servers_run = SERVERS + ([OTHER] if other else [])
     kinds = KINDS + ([OTHER] if other else [])
 
     def start(kind: str) -> peers.Server:
         if kind.startswith("backstop"):
-            extra = ["--speculate", str(args.draft)] if kind.endswith("--speculate") else []
+            extra = ["--speculate", str(args.draft)] if kind != "backstop" else []
             binary = other if kind == OTHER and other else backstop
             return peers.serve_side_by_side(kind, binary, model, args.threads, 1, args.ctx, template, extra)
         extra = ["--spec-type", "ngram-simple"] if kind.endswith("ngram-simple") else []
@@ -122,17 +128,17 @@ def main() -> int:
                 "completion_tokens": out["completion_tokens_total"]}
 
     runs: dict[str, dict[str, list[dict]]] = {k: {t: [] for t in TASKS} for k in kinds}
-    peers.log(f"==> starting the {len(servers_run)} servers")
-    servers = {kind: start(kind) for kind in servers_run}
+    peers.log(f"==> starting the {len(kinds)} servers")
+    servers = {kind: start(kind) for kind in kinds}
     try:
         for rep in range(args.reps):
-            order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
+            order = list(kinds)
+            random.Random(rep).shuffle(order)
             for task, prompt in TASKS.items():
                 peers.log(f"==> rep {rep + 1}/{args.reps}: {task}")
                 for kind in order:
-                    url = servers["backstop --speculate" if kind == FORCED else kind].url
                     extra = {"speculative.n_min": args.draft} if kind == FORCED else None
-                    runs[kind][task].append(decode_rate(url, prompt, 1 if rep == 0 else 0, extra))
+                    runs[kind][task].append(decode_rate(servers[kind].url, prompt, 1 if rep == 0 else 0, extra))
     finally:
         for s in servers.values():
             s.stop()
@@ -141,7 +147,7 @@ def main() -> int:
     tokens = {k: {t: statistics.median(r["completion_tokens"] for r in runs[k][t]) for t in TASKS} for k in kinds}
     machine = {"nproc": os.cpu_count(), "cpu": peers.cpu_model(), "threads": args.threads}
     print(f"\nmachine: {machine['nproc']} cores, {machine['cpu']}; threads {args.threads}; model {model.name}; "
-          f"greedy, up to {args.max_tokens} tokens; median of {args.reps} rotated runs")
+          f"greedy, up to {args.max_tokens} tokens; median of {args.reps} runs in shuffled orders")
     print(f"backstop --speculate {args.draft}; llama-server {peer_version} --spec-type ngram-simple\n")
     print(f"| task | backstop | --speculate | gain | n_min {args.draft} | gain | llama-server | ngram-simple | gain "
           "| speculating: backstop / llama-server |")
@@ -153,11 +159,14 @@ def main() -> int:
               f"| {l1 / l0:.2f}x | {b1 / l1:.2f}x |")
     if other:
         print(f"\nthis build against {other} (both --speculate {args.draft}), gains over this build without:\n")
-        print("| task | this build | gain | other build | gain | this / other |")
+        print("| task | this build | gain | other build | gain | this / other (per run: median, min-max) |")
         print("| --- | --- | --- | --- | --- | --- |")
         for t in TASKS:
             b0, b1, o1 = fig["backstop"][t], fig["backstop --speculate"][t], fig[OTHER][t]
-            print(f"| {t} | {b1:.1f} | {b1 / b0:.2f}x | {o1:.1f} | {o1 / b0:.2f}x | {b1 / o1:.2f}x |")
+            ratios = [a["decode_tok_s"] / b["decode_tok_s"]
+                      for a, b in zip(runs["backstop --speculate"][t], runs[OTHER][t])]
+            print(f"| {t} | {b1:.1f} | {b1 / b0:.2f}x | {o1:.1f} | {o1 / b0:.2f}x "
+                  f"| {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")
     print("\ndecode tok/s per stream; answer lengths (tokens, median): "
           + "; ".join(f"{k}: " + ", ".join(f"{t} {tokens[k][t]:.0f}" for t in TASKS) for k in kinds))
     out = pathlib.Path(args.out)
