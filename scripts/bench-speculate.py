@@ -19,17 +19,18 @@ server of its own because what a server drafts changes what it measures: the dec
 drafting is weighed by.
 With --against BINARY (another build of backstop: a commit before a change to the drafting
 policy, say), a sixth server runs that build with --speculate N, and a second table sets the two
-builds' gains side by side, with the median and spread of the per-repetition ratio of the two:
-a policy change measured against the one before in the same run. `--against` a copy of this
-build's own binary shows how far apart two identical servers come out: on the 2-core VM, with
---reps 5, medians of 0.95x-1.03x and single runs of 0.84x-1.13x, so a difference of a few
-percent needs more repetitions than that.
+builds' gains and their ratio side by side: a policy change measured against the one before
+in the same run. `--against` a copy of this build's own binary shows how far apart two
+identical servers come out: on the 2-core VM, with --reps 5, medians of 0.95x-1.03x and single
+runs of 0.84x-1.13x, so a difference of a few percent needs more repetitions than that.
 Each repetition runs every task on every server (after one warm-up request each, the first time),
 in an order shuffled afresh each repetition (a fixed rotation keeps each server after the same
 neighbour every time); decode tok/s per stream is (completion tokens - 1) / (last token -
-first token), from bench_client.py. The table gives the medians over the repetitions, each
-server's speculative over its plain figure (the gain), and backstop's speculative figure over
-llama-server's.
+first token), from bench_client.py. The table gives each server's median rate over the
+repetitions, and as ratios (the median of the per-repetition ratios, with their spread) each
+server's speculative rate over its plain one (the gain) and backstop's speculative rate over
+llama-server's: servers asked within seconds of each other drift together, so a ratio taken
+within one repetition is steadier than one of medians.
 
     ~/.cache/backstop/venv/bin/python scripts/bench-speculate.py [--model PATH] [--draft 16]
         [--reps 5] [--threads N] [--max-tokens 300] [--against BINARY]
@@ -152,21 +153,26 @@ def main() -> int:
     print(f"| task | backstop | --speculate | gain | n_min {args.draft} | gain | llama-server | ngram-simple | gain "
           "| speculating: backstop / llama-server |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    def ratio(a: str, b: str, t: str) -> str:
+        """a's rate over b's on task t: the median of the per-run ratios, and their spread."""
+        r = [x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(runs[a][t], runs[b][t])]
+        return f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})"
+
     for t in TASKS:
         b0, b1, bf = fig["backstop"][t], fig["backstop --speculate"][t], fig[FORCED][t]
         l0, l1 = fig["llama-server"][t], fig["llama-server ngram-simple"][t]
-        print(f"| {t} | {b0:.1f} | {b1:.1f} | {b1 / b0:.2f}x | {bf:.1f} | {bf / b0:.2f}x | {l0:.1f} | {l1:.1f} "
-              f"| {l1 / l0:.2f}x | {b1 / l1:.2f}x |")
+        print(f"| {t} | {b0:.1f} | {b1:.1f} | {ratio('backstop --speculate', 'backstop', t)} | {bf:.1f} "
+              f"| {ratio(FORCED, 'backstop', t)} | {l0:.1f} | {l1:.1f} "
+              f"| {ratio('llama-server ngram-simple', 'llama-server', t)} "
+              f"| {ratio('backstop --speculate', 'llama-server ngram-simple', t)} |")
     if other:
         print(f"\nthis build against {other} (both --speculate {args.draft}), gains over this build without:\n")
-        print("| task | this build | gain | other build | gain | this / other (per run: median, min-max) |")
+        print("| task | this build | gain | other build | gain | this / other |")
         print("| --- | --- | --- | --- | --- | --- |")
         for t in TASKS:
-            b0, b1, o1 = fig["backstop"][t], fig["backstop --speculate"][t], fig[OTHER][t]
-            ratios = [a["decode_tok_s"] / b["decode_tok_s"]
-                      for a, b in zip(runs["backstop --speculate"][t], runs[OTHER][t])]
-            print(f"| {t} | {b1:.1f} | {b1 / b0:.2f}x | {o1:.1f} | {o1 / b0:.2f}x "
-                  f"| {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")
+            b1, o1 = fig["backstop --speculate"][t], fig[OTHER][t]
+            print(f"| {t} | {b1:.1f} | {ratio('backstop --speculate', 'backstop', t)} | {o1:.1f} "
+                  f"| {ratio(OTHER, 'backstop', t)} | {ratio('backstop --speculate', OTHER, t)} |")
     print("\ndecode tok/s per stream; answer lengths (tokens, median): "
           + "; ".join(f"{k}: " + ", ".join(f"{t} {tokens[k][t]:.0f}" for t in TASKS) for k in kinds))
     out = pathlib.Path(args.out)
