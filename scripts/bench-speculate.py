@@ -5,7 +5,7 @@ llama-server's (`--spec-type ngram-simple`), in one run, on one model.
 Five servers, all up at once (an idle server takes no CPU time), each with the same model,
 threads, per-slot context, chat template (backstop's fallback by the peer's name for it, as in
 bench-peers.py) and flash attention (backstop's CPU default, off, unless
-BACKSTOP_FLASH_ATTENTION=1 turns it on for all four), so that what differs is speculation: backstop without and with --speculate N, llama-server without and with
+BACKSTOP_FLASH_ATTENTION=1 turns it on for all of them), so that what differs is speculation: backstop without and with --speculate N, llama-server without and with
 `--spec-type ngram-simple` (its other settings at their defaults, as a user who turns it on gets
 them). Three tasks, each a greedy chat streamed to one client:
   edit   rename a function in 24 lines of Python and answer with the whole code: the answer
@@ -147,17 +147,18 @@ def main() -> int:
     fig = {k: {t: statistics.median(r["decode_tok_s"] for r in runs[k][t]) for t in TASKS} for k in kinds}
     tokens = {k: {t: statistics.median(r["completion_tokens"] for r in runs[k][t]) for t in TASKS} for k in kinds}
     machine = {"nproc": os.cpu_count(), "cpu": peers.cpu_model(), "threads": args.threads}
+
+    def ratio(a: str, b: str, t: str) -> str:
+        """a's rate over b's on task t: the median of the per-run ratios, and their spread."""
+        r = [x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(runs[a][t], runs[b][t])]
+        return f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})"
+
     print(f"\nmachine: {machine['nproc']} cores, {machine['cpu']}; threads {args.threads}; model {model.name}; "
           f"greedy, up to {args.max_tokens} tokens; median of {args.reps} runs in shuffled orders")
     print(f"backstop --speculate {args.draft}; llama-server {peer_version} --spec-type ngram-simple\n")
     print(f"| task | backstop | --speculate | gain | n_min {args.draft} | gain | llama-server | ngram-simple | gain "
           "| speculating: backstop / llama-server |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    def ratio(a: str, b: str, t: str) -> str:
-        """a's rate over b's on task t: the median of the per-run ratios, and their spread."""
-        r = [x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(runs[a][t], runs[b][t])]
-        return f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})"
-
     for t in TASKS:
         b0, b1, bf = fig["backstop"][t], fig["backstop --speculate"][t], fig[FORCED][t]
         l0, l1 = fig["llama-server"][t], fig["llama-server ngram-simple"][t]
