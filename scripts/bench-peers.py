@@ -147,6 +147,14 @@ def client(url: str, model: str, clients: int, requests: int, args, warmup: int 
     return json.loads(out)
 
 
+def paired_ratio(xs: list[float], ys: list[float]) -> str:
+    """xs over ys, paired by repetition: the median of the ratios, and their spread (min-max).
+    Servers asked within seconds of each other drift together, so a ratio taken within one
+    repetition is steadier than a ratio of medians."""
+    r = [x / y for x, y in zip(xs, ys)]
+    return f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})"
+
+
 def connect(url: str, timeout: float) -> http.client.HTTPConnection:
     host, port = url.removeprefix("http://").split(":")
     return http.client.HTTPConnection(host, int(port), timeout=timeout)

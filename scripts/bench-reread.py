@@ -144,8 +144,7 @@ def main() -> int:
         return statistics.median(r[key] for r in runs[k][part])
 
     def ratio(part: str, key: str) -> str:
-        r = [a[key] / b[key] for a, b in zip(runs["reread on"][part], runs["reread off"][part])]
-        return f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})"
+        return peers.paired_ratio([a[key] for a in runs["reread on"][part]], [b[key] for b in runs["reread off"][part]])
 
     machine = {"nproc": os.cpu_count(), "cpu": peers.cpu_model(), "threads": args.threads}
     print(f"\nmachine: {machine['nproc']} cores, {machine['cpu']}; threads {args.threads}; model A {model.name}, "

@@ -149,9 +149,8 @@ def main() -> int:
     machine = {"nproc": os.cpu_count(), "cpu": peers.cpu_model(), "threads": args.threads}
 
     def ratio(a: str, b: str, t: str) -> str:
-        """a's rate over b's on task t: the median of the per-run ratios, and their spread."""
-        r = [x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(runs[a][t], runs[b][t])]
-        return f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})"
+        """a's rate over b's on task t, paired by repetition."""
+        return peers.paired_ratio([x["decode_tok_s"] for x in runs[a][t]], [y["decode_tok_s"] for y in runs[b][t]])
 
     print(f"\nmachine: {machine['nproc']} cores, {machine['cpu']}; threads {args.threads}; model {model.name}; "
           f"greedy, up to {args.max_tokens} tokens; median of {args.reps} runs in shuffled orders")
