@@ -72,6 +72,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         batch: Vec::new(),
         quantize: Vec::new(),
         quantize_dir: None,
+        imatrix: None,
         quality: false,
         quality_text: None,
         format: args.format,

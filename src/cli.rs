@@ -118,6 +118,9 @@ pub enum Command {
     Bench(BenchArgs),
     /// Quantize a GGUF with llama.cpp's quantizer: `backstop quantize IN OUT TYPE`.
     Quantize(QuantizeArgs),
+    /// Compute an importance matrix for `backstop quantize --imatrix` from a calibration text:
+    /// `backstop imatrix MODEL -f TEXT -o FILE`.
+    Imatrix(ImatrixArgs),
     /// Monitor a running server: API up, models present, breakers closed, a real inference
     /// above --min-tps. Exit 0 healthy, 1 degraded, 2 down; --webhook alerts.
     Check(CheckArgs),
@@ -257,6 +260,10 @@ pub struct BenchArgs {
     /// Where --quantize writes its files [default: ~/.cache/backstop/ladder].
     #[arg(long, value_name = "DIR", requires = "quantize")]
     pub quantize_dir: Option<PathBuf>,
+    /// Build the --quantize rungs with this importance matrix (`backstop imatrix`), as
+    /// `<stem>-<TYPE>-imatrix.gguf`; it opens the types that need one (IQ2_XS, ...).
+    #[arg(long, value_name = "FILE", requires = "quantize")]
+    pub imatrix: Option<PathBuf>,
     /// Also measure output quality on a fixed text: each model's perplexity, and against the
     /// first model of the same vocabulary (the source of a --quantize ladder), the mean KL
     /// divergence of each next-token distribution and how often both put the same token
@@ -311,9 +318,38 @@ pub struct QuantizeArgs {
     pub input: PathBuf,
     /// The GGUF to write.
     pub output: PathBuf,
-    /// Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q4_0, Q4_1, Q3_K_M, Q2_K, IQ4_XS, F16, ...
+    /// Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q4_0, Q4_1, Q3_K_M, Q2_K, IQ4_XS, F16, ...;
+    /// with --imatrix also IQ3_XXS, IQ2_M, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S, Q2_K_S.
     #[arg(value_name = "TYPE")]
     pub kind: String,
+    /// CPU threads [default: physical cores].
+    #[arg(short = 't', long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub threads: Option<u32>,
+    /// An importance matrix (from `backstop imatrix`, or llama.cpp's llama-imatrix in its GGUF
+    /// or .dat format): rounding errors are weighed by how large the activations each weight
+    /// multiplies are, so low-bit types lose less quality; the 1- and 2-bit i-quants need one.
+    #[arg(long, value_name = "FILE")]
+    pub imatrix: Option<PathBuf>,
+}
+
+/// `backstop imatrix`.
+#[derive(Debug, Clone, Args)]
+pub struct ImatrixArgs {
+    /// The GGUF to read the text through: the model that will be quantized (F16/BF16 ideally).
+    pub model: PathBuf,
+    /// The calibration text, plain UTF-8: text like what the model will be asked (prose, code,
+    /// chat), some hundred thousand tokens for a real model.
+    #[arg(short = 'f', long = "file", value_name = "TEXT")]
+    pub text: PathBuf,
+    /// Where to write the matrix (llama.cpp's GGUF imatrix format).
+    #[arg(short = 'o', long, value_name = "FILE", default_value = "imatrix.gguf")]
+    pub output: PathBuf,
+    /// Tokens per chunk, each read from an empty cache.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(16..))]
+    pub chunk: u32,
+    /// Read at most this many chunks [default: all the text gives].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub chunks: Option<u32>,
     /// CPU threads [default: physical cores].
     #[arg(short = 't', long, value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Option<u32>,

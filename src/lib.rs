@@ -50,11 +50,37 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
         Command::ProbeCompute(a) => return Ok(engine::probe::run(&a.path, a.gpu_layers)),
         Command::Quantize(a) => {
             let threads = a.threads.unwrap_or_else(config::default_threads);
-            bench::quantize::quantize(&a.input, &a.output, &a.kind, threads)?;
+            let imatrix = a
+                .imatrix
+                .as_deref()
+                .map(bench::imatrix::Imatrix::read)
+                .transpose()?;
+            bench::quantize::quantize(&a.input, &a.output, &a.kind, threads, imatrix.as_ref())?;
             println!(
                 "wrote {} ({})",
                 a.output.display(),
                 a.kind.to_ascii_uppercase()
+            );
+            return Ok(0);
+        }
+        Command::Imatrix(a) => {
+            let threads = a.threads.unwrap_or_else(config::default_threads);
+            let plan = bench::imatrix::Plan {
+                model: &a.model,
+                text: &a.text,
+                chunk: a.chunk as usize,
+                chunks: a.chunks.map(|n| n as usize),
+                threads,
+            };
+            let m = bench::imatrix::compute(&plan)?;
+            m.write(&a.output)?;
+            println!(
+                "wrote {}: {} weight matrices from {} chunks of {} tokens of {}",
+                a.output.display(),
+                m.entries.len(),
+                m.chunk_count,
+                m.chunk_size,
+                a.text.display()
             );
             return Ok(0);
         }
@@ -97,7 +123,8 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
             | Command::Check(_)
             | Command::Bench(_)
             | Command::ProbeCompute(_)
-            | Command::Quantize(_) => Ok(()),
+            | Command::Quantize(_)
+            | Command::Imatrix(_) => Ok(()),
             Command::Run(a) => client::run(a).await,
             Command::List(a) => client::list(a).await,
             Command::Ps(a) => client::ps(a).await,

@@ -1,13 +1,16 @@
 //! `backstop bench --quantize`: a model's quantization ladder, built with llama.cpp's
 //! quantizer into a folder that keeps it, so one download is enough to compare quantizations
 //! and a second run measures again without quantizing again. Each rung `<stem>-<TYPE>.gguf`
-//! has a note beside it, `<stem>-<TYPE>.gguf.source`, naming the file it was made from.
+//! has a note beside it, `<stem>-<TYPE>.gguf.source`, naming the file it was made from. Rungs
+//! built with an importance matrix are `<stem>-<TYPE>-imatrix.gguf`, and their note names the
+//! matrix too.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::imatrix::Imatrix;
 use super::quantize::{self, QuantizeError};
 use crate::models::gguf::{self, GgufHeader};
 
@@ -16,12 +19,16 @@ pub fn default_dir() -> PathBuf {
     crate::config::cache_dir().join("ladder")
 }
 
-/// The types asked for, as llama.cpp spells them, each once; an unknown one is refused
-/// before anything is quantized or measured.
-pub fn types(given: &[String]) -> Result<Vec<&'static str>, QuantizeError> {
+/// The types asked for, as llama.cpp spells them, each once; an unknown one, or one that
+/// needs an importance matrix when none is given, is refused before anything is quantized or
+/// measured.
+pub fn types(given: &[String], imatrix: bool) -> Result<Vec<&'static str>, QuantizeError> {
     let mut out: Vec<&'static str> = Vec::with_capacity(given.len());
     for name in given {
         let t = quantize::canonical(name)?;
+        if !imatrix && quantize::needs_imatrix(t) {
+            return Err(QuantizeError::NeedsImatrix(t.to_owned()));
+        }
         if !out.contains(&t) {
             out.push(t);
         }
@@ -77,7 +84,8 @@ fn reusable(path: &Path, kind: &str, source: Option<&str>) -> Option<GgufHeader>
 
 /// Builds, or finds already built, each of `kinds` of `source` in `dir` (created if need be),
 /// saying on stderr what it did; the files in the order of `kinds`. A type the model already
-/// is, is left out with a note: the model itself is measured.
+/// is, is left out with a note: the model itself is measured. With `imatrix` (the matrix and
+/// its file), each rung is built with it.
 pub fn build(
     source: &Path,
     header: &GgufHeader,
@@ -85,17 +93,24 @@ pub fn build(
     kinds: &[&'static str],
     dir: &Path,
     threads: u32,
+    imatrix: Option<(&Imatrix, &Path)>,
 ) -> Result<Vec<(PathBuf, GgufHeader)>, QuantizeError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| QuantizeError::Output(format!("{}: {e}", dir.display())))?;
-    let made_from = identity(source);
+    let made_from = match imatrix {
+        None => identity(source),
+        Some((_, file)) => identity(source)
+            .zip(identity(file))
+            .map(|(s, m)| format!("{s}importance matrix {m}")),
+    };
+    let suffix = if imatrix.is_some() { "-imatrix" } else { "" };
     let mut out = Vec::with_capacity(kinds.len());
     for &kind in kinds {
         if header.quantization() == kind {
             eprintln!("{stem} is {kind} already: measured as it is");
             continue;
         }
-        let path = dir.join(format!("{stem}-{kind}.gguf"));
+        let path = dir.join(format!("{stem}-{kind}{suffix}.gguf"));
         if let Some(h) = reusable(&path, kind, made_from.as_deref()) {
             eprintln!("{kind}: reusing {}", path.display());
             out.push((path, h));
@@ -112,7 +127,7 @@ pub fn build(
         // The old note goes first: a rung that is half replaced is never taken for the model's.
         let note = sidecar(&path);
         let _ = std::fs::remove_file(&note);
-        let result = quantize::quantize(source, &path, kind, threads);
+        let result = quantize::quantize(source, &path, kind, threads, imatrix.map(|m| m.0));
         spinner.finish_and_clear();
         result?;
         if let Some(made_from) = &made_from {

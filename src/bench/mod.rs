@@ -1,7 +1,8 @@
-//! `backstop bench` and `backstop quantize`: tokens per second across models and
-//! quantizations, measured in-process or against running servers, and the quantizer that
-//! builds the ladder.
+//! `backstop bench`, `backstop quantize` and `backstop imatrix`: tokens per second across
+//! models and quantizations, measured in-process or against running servers, the quantizer
+//! that builds the ladder, and the importance matrix that the lowest-bit types need.
 
+pub mod imatrix;
 mod ladder;
 mod measure;
 mod quality;
@@ -188,7 +189,12 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     let parallel = check_args(args)?;
     let (settings, skipped) = settings(args)?;
-    let ladder = ladder::types(&args.quantize)?;
+    let imatrix = args
+        .imatrix
+        .as_deref()
+        .map(|path| imatrix::Imatrix::read(path).map(|m| (m, path)))
+        .transpose()?;
+    let ladder = ladder::types(&args.quantize, imatrix.is_some())?;
     let text = quality_asked(args)
         .then(|| quality::Text::load(args.quality_text.as_deref()))
         .transpose()?;
@@ -244,7 +250,16 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 .clone()
                 .unwrap_or_else(ladder::default_dir);
             let stem = ladder::stem(arg, &file);
-            ladder::build(&file, &header, &stem, &ladder, &dir, settings[0].threads)?
+            let weights = imatrix.as_ref().map(|(m, path)| (m, *path));
+            ladder::build(
+                &file,
+                &header,
+                &stem,
+                &ladder,
+                &dir,
+                settings[0].threads,
+                weights,
+            )?
         };
         files_and_rungs.push((file, header));
         files_and_rungs.extend(rungs);

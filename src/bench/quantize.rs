@@ -7,7 +7,8 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::models::gguf;
+use super::imatrix::Imatrix;
+use crate::models::{gguf, GgufHeader};
 
 /// Why quantizing failed.
 #[derive(Debug, thiserror::Error)]
@@ -15,13 +16,17 @@ pub enum QuantizeError {
     /// A type llama.cpp's quantizer does not offer.
     #[error("`{0}` is not a quantization type; one of: {1}")]
     UnknownType(String, String),
-    /// A type llama.cpp's quantizer refuses without an importance matrix, which this
-    /// command does not take.
+    /// A type llama.cpp's quantizer refuses without an importance matrix, asked for
+    /// without one.
     #[error(
-        "`{0}` needs an importance matrix (llama.cpp's llama-imatrix), which backstop quantize \
-         does not take; the smallest types without one are Q2_K and Q3_K_S"
+        "`{0}` needs an importance matrix: make one with `backstop imatrix MODEL -f TEXT`, then \
+         `backstop quantize --imatrix FILE IN OUT {0}` (the smallest types without one are Q2_K \
+         and Q3_K_S)"
     )]
     NeedsImatrix(String),
+    /// An importance matrix that does not fit the model.
+    #[error("{0}")]
+    Imatrix(String),
     /// The input is not a readable GGUF.
     #[error("{0}")]
     Input(String),
@@ -51,8 +56,19 @@ const TYPES: &[(&str, u32)] = &[
     ("Q5_K_S", 16),
     ("Q5_K_M", 17),
     ("Q6_K", 18),
+    ("IQ2_XXS", 19),
+    ("IQ2_XS", 20),
+    ("Q2_K_S", 21),
+    ("IQ3_XS", 22),
+    ("IQ3_XXS", 23),
+    ("IQ1_S", 24),
     ("IQ4_NL", 25),
+    ("IQ3_S", 26),
+    ("IQ3_M", 27),
+    ("IQ2_S", 28),
+    ("IQ2_M", 29),
     ("IQ4_XS", 30),
+    ("IQ1_M", 31),
     ("BF16", 32),
     // Expert tensors (a mixture of experts' 3-D ones) in MXFP4, the rest in Q8_0: how gpt-oss
     // is published.
@@ -60,17 +76,24 @@ const TYPES: &[(&str, u32)] = &[
 ];
 
 /// Types whose quantizer throws on the first tensor it reaches without an importance matrix
-/// (llama.cpp's src/llama-quant.cpp): the 1- and 2-bit i-quants, and Q2_K_S, which puts
-/// Q2_K in every tensor but the token embeddings under that rule. Named apart from an unknown
-/// type, and refused before the input is read.
-const NEED_IMATRIX: &[&str] = &["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"];
+/// (`tensor_requires_imatrix` in llama.cpp's src/llama-quant.cpp): the 1- and 2-bit i-quants
+/// (IQ2_M's tensors are mostly IQ2_S), IQ3_XXS, and Q2_K_S, which puts Q2_K in every tensor
+/// but the token embeddings under that rule. Without `--imatrix` they are refused by name
+/// before the input is read.
+const NEED_IMATRIX: &[&str] = &[
+    "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S",
+];
+
+/// Whether a type (any case) is refused without an importance matrix.
+pub fn needs_imatrix(name: &str) -> bool {
+    NEED_IMATRIX
+        .iter()
+        .any(|n| n.eq_ignore_ascii_case(name.trim()))
+}
 
 /// A type's row of [`TYPES`] (any case).
 fn entry(name: &str) -> Result<&'static (&'static str, u32), QuantizeError> {
     let name = name.trim();
-    if let Some(n) = NEED_IMATRIX.iter().find(|n| n.eq_ignore_ascii_case(name)) {
-        return Err(QuantizeError::NeedsImatrix((*n).to_owned()));
-    }
     TYPES
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case(name))
@@ -92,18 +115,24 @@ pub fn canonical(name: &str) -> Result<&'static str, QuantizeError> {
     entry(name).map(|e| e.0)
 }
 
-/// Quantizes `input` to `output` as `kind`, on `threads` threads. Requantizing an already
-/// quantized model is allowed, with a warning: quality drops more than quantizing from F16.
+/// Quantizes `input` to `output` as `kind`, on `threads` threads, weighing rounding errors
+/// by `imatrix` where given. Requantizing an already quantized model is allowed, with a
+/// warning: quality drops more than quantizing from F16.
 pub fn quantize(
     input: &Path,
     output: &Path,
     kind: &str,
     threads: u32,
+    imatrix: Option<&Imatrix>,
 ) -> Result<(), QuantizeError> {
     let target = ftype(kind)?;
+    if imatrix.is_none() && needs_imatrix(kind) {
+        return Err(QuantizeError::NeedsImatrix(canonical(kind)?.to_owned()));
+    }
     let header =
         gguf::read(input).map_err(|e| QuantizeError::Input(format!("{}: {e}", input.display())))?;
     let dir = check_output(input, output)?;
+    let importance = imatrix.map(|m| fitted(m, &header)).transpose()?;
     let source = header.uint("general.file_type").unwrap_or(0);
     let requantize = !matches!(source, 0 | 1 | 32);
     if requantize {
@@ -127,15 +156,43 @@ pub fn quantize(
             .map_err(|_| QuantizeError::Output(format!("{}: a path with a NUL byte", p.display())))
     };
     let (inp, tmp) = (c(input)?, c(&temp)?);
+    let names: Vec<CString> = importance
+        .iter()
+        .flatten()
+        .map(|(name, _)| CString::new(name.as_bytes()).unwrap_or_default())
+        .collect();
+    // llama.cpp's list ends with an entry without a name.
+    let list: Option<Vec<llama_cpp_sys_2::llama_model_imatrix_data>> =
+        importance.as_ref().map(|m| {
+            m.iter()
+                .zip(&names)
+                .map(
+                    |((_, values), name)| llama_cpp_sys_2::llama_model_imatrix_data {
+                        name: name.as_ptr(),
+                        data: values.as_ptr(),
+                        size: values.len(),
+                    },
+                )
+                .chain(std::iter::once(llama_cpp_sys_2::llama_model_imatrix_data {
+                    name: std::ptr::null(),
+                    data: std::ptr::null(),
+                    size: 0,
+                }))
+                .collect()
+        });
     let _quiet = QuietTensorWarnings::install();
     // SAFETY: both strings are valid NUL-terminated paths that outlive the call, and the
-    // parameters come from llama.cpp's own defaults with plain fields changed; the call
-    // reads the input file and writes the output file, and touches nothing of ours.
+    // parameters come from llama.cpp's own defaults with plain fields changed; the importance
+    // list (names, values, and its nameless end) outlives the call, which copies it. The
+    // call reads the input file and writes the output file, and touches nothing of ours.
     let code = unsafe {
         let mut params = llama_cpp_sys_2::llama_model_quantize_default_params();
         params.ftype = target as llama_cpp_sys_2::llama_ftype;
         params.nthread = i32::try_from(threads).unwrap_or(1);
         params.allow_requantize = requantize;
+        if let Some(list) = &list {
+            params.imatrix = list.as_ptr();
+        }
         llama_cpp_sys_2::llama_model_quantize(inp.as_ptr(), tmp.as_ptr(), &params)
     };
     if code != 0 {
@@ -146,6 +203,47 @@ pub fn quantize(
         let _ = std::fs::remove_file(&temp);
         QuantizeError::Output(format!("{}: {e}", output.display()))
     })
+}
+
+/// The importance data for `model`'s weights: every matrix of a layer (`blk.*.weight`, two or
+/// more dimensions) the matrix has an entry for. An entry of the wrong size means the matrix
+/// was made for another model (llama.cpp would throw mid-run); none matching at all, the same.
+/// Matrices without an entry are quantized without one, as llama.cpp does, and counted in the
+/// log line that says how much of the model the matrix covers.
+fn fitted(m: &Imatrix, model: &GgufHeader) -> Result<Vec<(String, Vec<f32>)>, QuantizeError> {
+    let mut out = Vec::new();
+    let mut weights = 0;
+    for t in &model.tensors {
+        if !(t.name.starts_with("blk.") && t.name.ends_with(".weight") && t.dims.len() >= 2) {
+            continue;
+        }
+        weights += 1;
+        let Some(entry) = m.entries.get(&t.name) else {
+            continue;
+        };
+        let values = entry.importance();
+        let want = t.dims[0].saturating_mul(t.dims.get(2).copied().unwrap_or(1));
+        if values.len() as u64 != want {
+            return Err(QuantizeError::Imatrix(format!(
+                "the importance matrix has {} values for {}, whose rows need {want}: it was made \
+                 for another model",
+                values.len(),
+                t.name
+            )));
+        }
+        out.push((t.name.clone(), values));
+    }
+    if out.is_empty() {
+        return Err(QuantizeError::Imatrix(format!(
+            "the importance matrix has no entry for any of this model's {weights} weight \
+             matrices: it was made for another model"
+        )));
+    }
+    tracing::info!(
+        "quantizing with an importance matrix for {} of {weights} weight matrices",
+        out.len()
+    );
+    Ok(out)
 }
 
 /// While it is held, llama.cpp's per-tensor fallback warnings are left out of the log.
@@ -255,12 +353,18 @@ mod tests {
         assert_eq!(ftype("mxfp4_moe").unwrap(), 38);
         let e = ftype("Q9_X").unwrap_err().to_string();
         assert!(e.contains("Q6_K"), "{e}");
-        let e = ftype("q2_k_s").unwrap_err().to_string();
+        // The types that need an importance matrix are types; which they are is apart.
+        assert_eq!(ftype("q2_k_s").unwrap(), 21);
+        assert_eq!(ftype("IQ2_XXS").unwrap(), 19);
+        for t in ["q2_k_s", "IQ2_XXS", "iq2_m", "IQ3_XXS", "IQ1_S"] {
+            assert!(needs_imatrix(t), "{t}");
+        }
+        for t in ["Q2_K", "Q3_K_S", "IQ3_XS", "IQ3_S", "IQ4_XS", "Q4_K_M"] {
+            assert!(!needs_imatrix(t), "{t}");
+        }
+        let e = QuantizeError::NeedsImatrix("Q2_K_S".into()).to_string();
         assert!(e.contains("`Q2_K_S` needs an importance matrix"), "{e}");
-        assert!(matches!(
-            ftype("IQ2_XXS"),
-            Err(QuantizeError::NeedsImatrix(_))
-        ));
+        assert!(e.contains("backstop imatrix MODEL -f TEXT"), "{e}");
         // Every name here is one the GGUF reader reports back the same way.
         for (n, t) in TYPES {
             assert_eq!(gguf::file_type_name(u64::from(*t)), Some(*n));

@@ -105,6 +105,25 @@ pub struct GgufHeader {
     /// kernels for that abort the process on most other types (`binary_op: unsupported
     /// types`), a decode after the file loaded without complaint. In file order.
     pub odd_tensors: Vec<OddTensor>,
+    /// Every tensor's name, shape, type and place, in file order.
+    pub tensors: Vec<TensorInfo>,
+    /// Where the tensors' data starts in the file: the header's end, rounded up to the
+    /// file's alignment (`general.alignment`, 32 unless set). A tensor's data starts at
+    /// this plus its [`TensorInfo::offset`].
+    pub data_start: u64,
+}
+
+/// A tensor as the header describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Its name, e.g. `blk.0.attn_q.weight`.
+    pub name: String,
+    /// Its shape, innermost dimension first (ggml's `ne`).
+    pub dims: Vec<u64>,
+    /// Its ggml element type (`GGML_TYPE_*`).
+    pub ggml_type: u32,
+    /// Where its data starts, from [`GgufHeader::data_start`].
+    pub offset: u64,
 }
 
 /// A tensor of [`GgufHeader::odd_tensors`].
@@ -117,7 +136,10 @@ pub struct OddTensor {
 }
 
 /// ggml's F32 element type.
-const GGML_TYPE_F32: u32 = 0;
+pub(crate) const GGML_TYPE_F32: u32 = 0;
+
+/// The alignment of a file that does not set `general.alignment` (gguf.md).
+pub(crate) const DEFAULT_ALIGNMENT: u64 = 32;
 
 /// Whether a tensor of this name and shape is one llama.cpp's own tools keep in F32
 /// whatever the file's type (gguf-py writes every 1-D tensor as F32; `llama-quantize`
@@ -232,7 +254,8 @@ pub fn parse(r: &mut impl Read) -> Result<GgufHeader, GgufError> {
     if &magic != b"GGUF" {
         return Err(GgufError::Magic);
     }
-    let mut h = Header { r };
+    let mut counted = Counted { r, read: 4 };
+    let mut h = Header { r: &mut counted };
     let version = h.u32()?;
     if !(2..=3).contains(&version) {
         return Err(GgufError::Version(version));
@@ -249,6 +272,7 @@ pub fn parse(r: &mut impl Read) -> Result<GgufHeader, GgufError> {
     let mut parameter_count: u64 = 0;
     let mut tensor_types = BTreeSet::new();
     let mut odd_tensors = Vec::new();
+    let mut tensors = Vec::new();
     for _ in 0..tensor_count {
         let name = h.string()?;
         let n_dims = h.u32()?;
@@ -265,12 +289,26 @@ pub fn parse(r: &mut impl Read) -> Result<GgufHeader, GgufError> {
         let ggml_type = h.u32()?;
         tensor_types.insert(ggml_type);
         if ggml_type != GGML_TYPE_F32 && kept_in_f32(&name, dims) {
-            odd_tensors.push(OddTensor { name, ggml_type });
+            odd_tensors.push(OddTensor {
+                name: name.clone(),
+                ggml_type,
+            });
         }
-        let _offset = h.u64()?;
+        let offset = h.u64()?;
         let elements = dims.iter().fold(1u64, |n, &d| n.saturating_mul(d));
         parameter_count = parameter_count.saturating_add(elements);
+        tensors.push(TensorInfo {
+            name,
+            dims: dims.to_vec(),
+            ggml_type,
+            offset,
+        });
     }
+    let alignment = match metadata.get("general.alignment") {
+        Some(GgufValue::Uint(a)) if *a > 0 => *a,
+        _ => DEFAULT_ALIGNMENT,
+    };
+    let data_start = counted.read.div_ceil(alignment).saturating_mul(alignment);
     Ok(GgufHeader {
         version,
         metadata,
@@ -278,7 +316,23 @@ pub fn parse(r: &mut impl Read) -> Result<GgufHeader, GgufError> {
         parameter_count,
         tensor_types,
         odd_tensors,
+        tensors,
+        data_start,
     })
+}
+
+/// A reader that counts the bytes read through it: where the header ends.
+struct Counted<'a, R: Read> {
+    r: &'a mut R,
+    read: u64,
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.r.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
 }
 
 /// The little-endian primitives of the header.

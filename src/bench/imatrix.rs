@@ -1,0 +1,893 @@
+//! `backstop imatrix MODEL -f TEXT`: an importance matrix for llama.cpp's quantizer, and the
+//! reading of one for `backstop quantize --imatrix`.
+//!
+//! The quantizer weighs each weight's rounding error by how large the activations it
+//! multiplies are, when it knows: for every weight matrix, the mean square of each input
+//! column over a calibration text. The 1- and 2-bit i-quants (and IQ3_XXS, Q2_K_S) are refused
+//! without one, and every low-bit type loses less quality with one. llama.cpp computes it with
+//! its `llama-imatrix` tool, which the `llama-cpp-sys-2` crate does not build; this reads the
+//! text through the model the way that tool does (chunks of `--chunk` tokens, each from an empty
+//! cache, starting with BOS where the model wants one) and watches every matrix product with a
+//! weight of a layer (`blk.*`) through llama.cpp's graph callback (`cb_eval`).
+//!
+//! Files are written in llama.cpp's GGUF imatrix format (tensors `NAME.in_sum2`, the sums of
+//! squares, and `NAME.counts`, the rows summed; keys `imatrix.datasets`, `imatrix.chunk_count`,
+//! `imatrix.chunk_size`), so llama.cpp's `llama-quantize --imatrix` reads them; both that format
+//! and the older `.dat` one (the tool's `--output-format dat`, and most published files before
+//! 2025) are read. The facts of both formats are from llama.cpp's `tools/imatrix` and
+//! `common/imatrix-loader.cpp`; the code is ours.
+//!
+//! Written against `llama-cpp-sys-2` directly: `llama-cpp-2` neither exposes the graph callback
+//! nor hands out the raw model and context pointers a context with one needs.
+//!
+//! Mixture-of-experts models are refused: their expert tensors are multiplied through
+//! `MUL_MAT_ID`, whose per-expert bookkeeping is not implemented here.
+
+use std::collections::BTreeMap;
+use std::ffi::{c_void, CStr, CString};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::models::gguf;
+
+/// Why an importance matrix could not be made or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ImatrixError {
+    /// A file given could not be used.
+    #[error("{0}")]
+    Input(String),
+    /// llama.cpp could not load or run the model.
+    #[error("{0}")]
+    Model(String),
+    /// The output could not be written.
+    #[error("{0}")]
+    Output(String),
+}
+
+/// One weight tensor's statistics, as llama.cpp's GGUF format keeps them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// Per input column of each matrix of the tensor (one for a plain weight), the sum of
+    /// the squared activations multiplied with it: `counts.len()` runs of equal length.
+    pub sums: Vec<f32>,
+    /// Rows (tokens) summed, per matrix.
+    pub counts: Vec<f32>,
+}
+
+impl Entry {
+    /// What the quantizer takes: each column's mean square (1 where a matrix saw no rows,
+    /// as llama.cpp's loader does).
+    pub fn importance(&self) -> Vec<f32> {
+        let n = self.counts.len().max(1);
+        let width = self.sums.len() / n;
+        let mut out = Vec::with_capacity(self.sums.len());
+        for (m, run) in self.sums.chunks(width.max(1)).enumerate() {
+            let count = self.counts.get(m).copied().unwrap_or(0.0);
+            out.extend(
+                run.iter()
+                    .map(|&s| if count > 0.0 { s / count } else { 1.0 }),
+            );
+        }
+        out
+    }
+}
+
+/// An importance matrix: an entry per weight tensor, by name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Imatrix {
+    /// Entries by tensor name (`blk.0.attn_q.weight`).
+    pub entries: BTreeMap<String, Entry>,
+    /// The calibration texts it was computed on.
+    pub datasets: Vec<String>,
+    /// Chunks read.
+    pub chunk_count: u32,
+    /// Tokens per chunk (0 where a legacy file does not say).
+    pub chunk_size: u32,
+}
+
+/// Most entries, and values per entry, a file may hold: far above any real model's.
+const MAX_ENTRIES: usize = 1 << 20;
+const MAX_VALUES: usize = 1 << 28;
+
+impl Imatrix {
+    /// Reads a GGUF imatrix, or the older `.dat` format.
+    pub fn read(path: &Path) -> Result<Imatrix, ImatrixError> {
+        let bad = |e: String| ImatrixError::Input(format!("{}: {e}", path.display()));
+        let mut file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+        let mut magic = [0u8; 4];
+        let gguf = file.read_exact(&mut magic).is_ok() && &magic == b"GGUF";
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| bad(e.to_string()))?;
+        let m = if gguf {
+            read_gguf(&mut file)
+        } else {
+            read_legacy(&mut BufReader::new(file))
+        }
+        .map_err(bad)?;
+        if m.entries.is_empty() {
+            return Err(bad("no importance data in it".into()));
+        }
+        for (name, e) in &m.entries {
+            if e.counts.is_empty() || e.sums.is_empty() || e.sums.len() % e.counts.len() != 0 {
+                return Err(bad(format!(
+                    "{name}: {} sums for {} matrices",
+                    e.sums.len(),
+                    e.counts.len()
+                )));
+            }
+            if !e.sums.iter().chain(&e.counts).all(|v| v.is_finite()) {
+                return Err(bad(format!("{name}: a value that is not finite")));
+            }
+        }
+        Ok(m)
+    }
+
+    /// Writes it in llama.cpp's GGUF imatrix format, under a temporary name renamed into
+    /// place once complete.
+    pub fn write(&self, path: &Path) -> Result<(), ImatrixError> {
+        let fail = |e: std::io::Error| ImatrixError::Output(format!("{}: {e}", path.display()));
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or("imatrix");
+        let temp = dir.join(format!(".{name}.partial-{}", std::process::id()));
+        let written = std::fs::File::create(&temp).and_then(|f| {
+            let mut w = BufWriter::new(f);
+            self.write_gguf(&mut w)?;
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()
+        });
+        if let Err(e) = written.and_then(|()| std::fs::rename(&temp, path)) {
+            let _ = std::fs::remove_file(&temp);
+            return Err(fail(e));
+        }
+        Ok(())
+    }
+
+    /// The GGUF bytes (gguf.md, version 3): four keys, then two F32 tensors per entry.
+    /// Hand-written: ggml's writer wants every tensor in a ggml context first, and the
+    /// format's few value types here are simple.
+    fn write_gguf(&self, w: &mut impl Write) -> std::io::Result<()> {
+        let align = gguf::DEFAULT_ALIGNMENT as usize;
+        let mut tensors: Vec<(String, [u64; 2], &[f32])> = Vec::new();
+        for (name, e) in &self.entries {
+            let n = e.counts.len() as u64;
+            let width = e.sums.len() as u64 / n.max(1);
+            tensors.push((format!("{name}.in_sum2"), [width, n], &e.sums));
+            tensors.push((format!("{name}.counts"), [1, n], &e.counts));
+        }
+        let mut h = Vec::new();
+        h.extend_from_slice(b"GGUF");
+        h.extend_from_slice(&3u32.to_le_bytes());
+        h.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+        h.extend_from_slice(&4u64.to_le_bytes());
+        let put = |h: &mut Vec<u8>, s: &str| {
+            h.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            h.extend_from_slice(s.as_bytes());
+        };
+        const STRING: u32 = 8;
+        const ARRAY: u32 = 9;
+        const U32: u32 = 4;
+        put(&mut h, "general.type");
+        h.extend_from_slice(&STRING.to_le_bytes());
+        put(&mut h, "imatrix");
+        put(&mut h, "imatrix.datasets");
+        h.extend_from_slice(&ARRAY.to_le_bytes());
+        h.extend_from_slice(&STRING.to_le_bytes());
+        h.extend_from_slice(&(self.datasets.len() as u64).to_le_bytes());
+        for d in &self.datasets {
+            put(&mut h, d);
+        }
+        for (key, value) in [
+            ("imatrix.chunk_count", self.chunk_count),
+            ("imatrix.chunk_size", self.chunk_size),
+        ] {
+            put(&mut h, key);
+            h.extend_from_slice(&U32.to_le_bytes());
+            h.extend_from_slice(&value.to_le_bytes());
+        }
+        let padded = |n: usize| n.div_ceil(align) * align;
+        let mut offset = 0usize;
+        for (name, dims, data) in &tensors {
+            put(&mut h, name);
+            h.extend_from_slice(&2u32.to_le_bytes());
+            for d in dims {
+                h.extend_from_slice(&d.to_le_bytes());
+            }
+            h.extend_from_slice(&gguf::GGML_TYPE_F32.to_le_bytes());
+            h.extend_from_slice(&(offset as u64).to_le_bytes());
+            offset += padded(data.len() * 4);
+        }
+        h.resize(padded(h.len()), 0);
+        w.write_all(&h)?;
+        for (_, _, data) in &tensors {
+            for v in data.iter() {
+                w.write_all(&v.to_le_bytes())?;
+            }
+            w.write_all(&vec![0u8; padded(data.len() * 4) - data.len() * 4])?;
+        }
+        Ok(())
+    }
+
+    /// What `llama_model_quantize` takes: each entry's mean squares.
+    pub fn importance(&self) -> Vec<(String, Vec<f32>)> {
+        self.entries
+            .iter()
+            .map(|(name, e)| (name.clone(), e.importance()))
+            .collect()
+    }
+}
+
+fn read_gguf(file: &mut std::fs::File) -> Result<Imatrix, String> {
+    let header = gguf::parse(&mut BufReader::new(&mut *file)).map_err(|e| e.to_string())?;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut m = Imatrix {
+        chunk_count: header.uint("imatrix.chunk_count").unwrap_or(0) as u32,
+        chunk_size: header.uint("imatrix.chunk_size").unwrap_or(0) as u32,
+        ..Imatrix::default()
+    };
+    if let Some(gguf::GgufValue::Array {
+        items: Some(items), ..
+    }) = header.metadata.get("imatrix.datasets")
+    {
+        m.datasets = items
+            .iter()
+            .filter_map(|v| match v {
+                gguf::GgufValue::Str(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect();
+    }
+    let mut sums: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+    let mut counts: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+    for t in &header.tensors {
+        let (base, into) = if let Some(b) = t.name.strip_suffix(".in_sum2") {
+            (b, &mut sums)
+        } else if let Some(b) = t.name.strip_suffix(".counts") {
+            (b, &mut counts)
+        } else {
+            continue;
+        };
+        if t.ggml_type != gguf::GGML_TYPE_F32 {
+            return Err(format!("{}: not F32", t.name));
+        }
+        let n = t.dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+        let n = n
+            .filter(|&n| n as usize <= MAX_VALUES)
+            .ok_or_else(|| format!("{}: too many values", t.name))? as usize;
+        let start = header.data_start.saturating_add(t.offset);
+        if start.saturating_add(n as u64 * 4) > len {
+            return Err(format!("{}: past the end of the file", t.name));
+        }
+        file.seek(SeekFrom::Start(start))
+            .map_err(|e| e.to_string())?;
+        let mut bytes = vec![0u8; n * 4];
+        file.read_exact(&mut bytes).map_err(|e| e.to_string())?;
+        let values = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        into.insert(base.to_owned(), values);
+    }
+    for (name, s) in sums {
+        let c = counts
+            .remove(&name)
+            .ok_or_else(|| format!("{name}: sums without counts"))?;
+        m.entries.insert(name, Entry { sums: s, counts: c });
+    }
+    if let Some(name) = counts.keys().next() {
+        return Err(format!("{name}: counts without sums"));
+    }
+    Ok(m)
+}
+
+/// The `.dat` format: an i32 entry count; per entry an i32 name length, the name, an i32
+/// call count, an i32 value count and the values (mean squares times the call count); then,
+/// optionally, an i32 chunk count and an i32-length-prefixed dataset name.
+fn read_legacy(r: &mut impl Read) -> Result<Imatrix, String> {
+    let not = || "neither a GGUF imatrix nor a legacy .dat one".to_owned();
+    let i32_ = |r: &mut dyn Read| -> Option<i32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b).ok().map(|()| i32::from_le_bytes(b))
+    };
+    let n = i32_(r).ok_or_else(not)?;
+    if n < 1 || n as usize > MAX_ENTRIES {
+        return Err(not());
+    }
+    let mut m = Imatrix::default();
+    for _ in 0..n {
+        let len = i32_(r).ok_or_else(not)?;
+        if !(1..=4096).contains(&len) {
+            return Err(not());
+        }
+        let mut name = vec![0u8; len as usize];
+        r.read_exact(&mut name).map_err(|_| not())?;
+        let name = String::from_utf8(name).map_err(|_| not())?;
+        let ncall = i32_(r).ok_or_else(not)?;
+        let nval = i32_(r).ok_or_else(not)?;
+        if nval < 1 || nval as usize > MAX_VALUES {
+            return Err(not());
+        }
+        let mut bytes = vec![0u8; nval as usize * 4];
+        r.read_exact(&mut bytes)
+            .map_err(|_| "truncated".to_owned())?;
+        let sums = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        // The values are already means times `ncall`: dividing by it again gives the means.
+        let counts = vec![ncall.max(0) as f32];
+        m.entries.insert(name, Entry { sums, counts });
+    }
+    if let Some(chunks) = i32_(r) {
+        m.chunk_count = chunks.max(0) as u32;
+        if let Some(len) = i32_(r).filter(|l| (1..=4096).contains(l)) {
+            let mut name = vec![0u8; len as usize];
+            if r.read_exact(&mut name).is_ok() {
+                m.datasets.push(String::from_utf8_lossy(&name).into_owned());
+            }
+        }
+    }
+    Ok(m)
+}
+
+/// What `backstop imatrix` reads and how.
+#[derive(Debug, Clone)]
+pub struct Plan<'a> {
+    /// The model (F16/BF16 ideally, as the model to be quantized).
+    pub model: &'a Path,
+    /// The calibration text.
+    pub text: &'a Path,
+    /// Tokens per chunk.
+    pub chunk: usize,
+    /// Most chunks to read (all the text gives when `None`).
+    pub chunks: Option<usize>,
+    /// CPU threads.
+    pub threads: u32,
+}
+
+/// A weight's running sums while the text is read.
+struct Sums {
+    /// Per matrix of the tensor (its third and fourth dimensions), per input column.
+    sums: Vec<f64>,
+    /// Rows each matrix saw.
+    rows: u64,
+}
+
+/// What the graph callback gathers; it is called on the thread that runs `llama_decode`.
+#[derive(Default)]
+struct Collector {
+    weights: BTreeMap<String, Sums>,
+    /// Activations copied from a device's memory.
+    scratch: Vec<u8>,
+    /// The first thing that went wrong in the callback.
+    failed: Option<String>,
+}
+
+/// The weight's own name in a tensor name the scheduler may have decorated with a backend
+/// and a copy number (`CUDA0#blk.0.attn_q.weight#0`).
+fn weight_name(name: &str) -> &str {
+    match name.split_once('#') {
+        Some((_, rest)) => rest.split_once('#').map_or(rest, |(n, _)| n),
+        None => name,
+    }
+}
+
+/// Adds one row of activations to a matrix's sums of squares.
+fn add_row(sums: &mut [f64], row: &[f32]) {
+    for (s, &x) in sums.iter_mut().zip(row) {
+        *s += f64::from(x) * f64::from(x);
+    }
+}
+
+impl Collector {
+    /// Whether `t` is a product with a layer's weight whose activations are F32.
+    ///
+    /// # Safety
+    /// `t` must be a live tensor of the graph being computed.
+    unsafe fn wants(t: &llama_cpp_sys_2::ggml_tensor) -> Option<String> {
+        if t.op != llama_cpp_sys_2::GGML_OP_MUL_MAT || t.src[0].is_null() || t.src[1].is_null() {
+            return None;
+        }
+        // SAFETY: the sources of a live node are live tensors.
+        let (w, x) = unsafe { (&*t.src[0], &*t.src[1]) };
+        if x.type_ != llama_cpp_sys_2::GGML_TYPE_F32 {
+            return None;
+        }
+        // SAFETY: ggml keeps a tensor's name NUL-terminated within its array.
+        let name = unsafe { CStr::from_ptr(w.name.as_ptr()) }.to_string_lossy();
+        let name = weight_name(&name);
+        name.starts_with("blk.").then(|| name.to_owned())
+    }
+
+    /// Adds the activations of a computed product to its weight's sums.
+    ///
+    /// # Safety
+    /// `t` must be a computed node of the graph being computed, as the callback is given it.
+    unsafe fn gather(
+        &mut self,
+        t: &llama_cpp_sys_2::ggml_tensor,
+        name: String,
+    ) -> Result<(), String> {
+        // SAFETY: as in `wants`.
+        let (w, x) = unsafe { (&*t.src[0], &*t.src[1]) };
+        let width = usize::try_from(x.ne[0]).map_err(|_| "a negative shape")?;
+        if x.nb[0] != 4 {
+            return Err(format!(
+                "{name}: activations with a stride of {} bytes",
+                x.nb[0]
+            ));
+        }
+        // SAFETY: a computed tensor's bytes are `ggml_nbytes` long, in host memory when its
+        // buffer says so, else copied out of the device's.
+        let bytes = unsafe { llama_cpp_sys_2::ggml_nbytes(x) };
+        let host =
+            x.buffer.is_null() || unsafe { llama_cpp_sys_2::ggml_backend_buffer_is_host(x.buffer) };
+        let base: *const u8 = if host {
+            x.data as *const u8
+        } else {
+            self.scratch.resize(bytes, 0);
+            // SAFETY: the scratch holds `bytes` bytes.
+            unsafe {
+                llama_cpp_sys_2::ggml_backend_tensor_get(
+                    x,
+                    self.scratch.as_mut_ptr().cast(),
+                    0,
+                    bytes,
+                )
+            };
+            self.scratch.as_ptr()
+        };
+        if base.is_null() {
+            return Err(format!("{name}: activations without data"));
+        }
+        let (w2, w3) = (w.ne[2].max(1) as usize, w.ne[3].max(1) as usize);
+        let matrices = w2 * w3;
+        let sums = self.weights.entry(name.clone()).or_insert_with(|| Sums {
+            sums: vec![0.0; width * matrices],
+            rows: 0,
+        });
+        if sums.sums.len() != width * matrices {
+            return Err(format!("{name}: activations of another width"));
+        }
+        let [_, n1, n2, n3] = x.ne.map(|n| n.max(0) as usize);
+        for i3 in 0..n3 {
+            for i2 in 0..n2 {
+                let m = (i3 % w3) * w2 + (i2 % w2);
+                let acc = &mut sums.sums[m * width..(m + 1) * width];
+                for row in 0..n1 {
+                    let at = row * x.nb[1] + i2 * x.nb[2] + i3 * x.nb[3];
+                    if at + width * 4 > bytes {
+                        return Err(format!("{name}: a row past the tensor's end"));
+                    }
+                    // SAFETY: the row lies within the tensor's bytes (checked above), and
+                    // ggml aligns F32 data to 4 bytes.
+                    let values =
+                        unsafe { std::slice::from_raw_parts(base.add(at).cast::<f32>(), width) };
+                    add_row(acc, values);
+                }
+            }
+        }
+        sums.rows += (n1 * n2 * n3 / matrices) as u64;
+        Ok(())
+    }
+
+    fn into_imatrix(self) -> BTreeMap<String, Entry> {
+        self.weights
+            .into_iter()
+            .map(|(name, s)| {
+                let entry = Entry {
+                    sums: s.sums.iter().map(|&v| v as f32).collect(),
+                    // Every matrix of a plain weight sees every row: one count, as llama.cpp
+                    // writes it.
+                    counts: vec![s.rows as f32],
+                };
+                (name, entry)
+            })
+            .collect()
+    }
+}
+
+/// llama.cpp's graph callback: asked first whether a node is wanted, then given each wanted
+/// one once computed. Returning false from the second call stops the graph.
+unsafe extern "C" fn observe(
+    t: *mut llama_cpp_sys_2::ggml_tensor,
+    ask: bool,
+    data: *mut c_void,
+) -> bool {
+    if t.is_null() || data.is_null() {
+        return !ask;
+    }
+    // A panic must not unwind into C.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: `data` is the collector `compute` made for this context, used only from
+        // the decoding thread, and `t` a node of the graph being computed.
+        let (collector, t) = unsafe { (&mut *data.cast::<Collector>(), &*t) };
+        let Some(name) = (unsafe { Collector::wants(t) }) else {
+            return !ask;
+        };
+        if ask {
+            return true;
+        }
+        // SAFETY: as above; llama.cpp calls with `ask` false only once `t` is computed.
+        match unsafe { collector.gather(t, name) } {
+            Ok(()) => true,
+            Err(e) => {
+                collector.failed.get_or_insert(e);
+                false
+            }
+        }
+    }))
+    .unwrap_or(false)
+}
+
+/// Most rows one decode of `compute` reads: its logits are this many rows of the vocabulary.
+const PART: u32 = 256;
+
+/// A `llama_batch` of one sequence with an output at every position, freed on drop.
+struct Batch(llama_cpp_sys_2::llama_batch, usize);
+
+impl Batch {
+    fn new(capacity: usize) -> Batch {
+        // SAFETY: allocates room for `capacity` tokens of one sequence each.
+        Batch(
+            unsafe { llama_cpp_sys_2::llama_batch_init(capacity as i32, 0, 1) },
+            capacity,
+        )
+    }
+
+    /// Puts `tokens` at positions from `first`, the first replaced by `bos` where given.
+    fn fill(&mut self, tokens: &[llama_cpp_sys_2::llama_token], first: usize, bos: Option<i32>) {
+        let b = &mut self.0;
+        let n = tokens.len().min(self.1);
+        for (i, &t) in tokens.iter().take(n).enumerate() {
+            let token = if i == 0 { bos.unwrap_or(t) } else { t };
+            // SAFETY: `i` is below the capacity `llama_batch_init` allocated each array for,
+            // and each `seq_id[i]` holds one sequence id.
+            unsafe {
+                *b.token.add(i) = token;
+                *b.pos.add(i) = (first + i) as i32;
+                *b.n_seq_id.add(i) = 1;
+                *(*b.seq_id.add(i)) = 0;
+                *b.logits.add(i) = 1;
+            }
+        }
+        b.n_tokens = n as i32;
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // SAFETY: made by `llama_batch_init`, freed once.
+        unsafe { llama_cpp_sys_2::llama_batch_free(self.0) }
+    }
+}
+
+/// Frees a model on drop.
+struct Model(*mut llama_cpp_sys_2::llama_model);
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        // SAFETY: a model loaded by `llama_model_load_from_file`, freed once, after its context.
+        unsafe { llama_cpp_sys_2::llama_model_free(self.0) }
+    }
+}
+
+/// Frees a context on drop.
+struct Context(*mut llama_cpp_sys_2::llama_context);
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: a context made by `llama_init_from_model`, freed once.
+        unsafe { llama_cpp_sys_2::llama_free(self.0) }
+    }
+}
+
+/// Reads the text through the model and returns its importance matrix.
+pub fn compute(plan: &Plan<'_>) -> Result<Imatrix, ImatrixError> {
+    let header = gguf::read(plan.model)
+        .map_err(|e| ImatrixError::Input(format!("{}: {e}", plan.model.display())))?;
+    let arch = header.architecture().to_owned();
+    if header.uint(&format!("{arch}.expert_count")).unwrap_or(0) > 0 {
+        return Err(ImatrixError::Input(format!(
+            "{}: a mixture-of-experts model; backstop imatrix does not gather its expert \
+             tensors (llama.cpp's llama-imatrix does)",
+            plan.model.display()
+        )));
+    }
+    let text = std::fs::read(plan.text)
+        .map_err(|e| ImatrixError::Input(format!("{}: {e}", plan.text.display())))?;
+    let text = String::from_utf8_lossy(&text).into_owned();
+    if plan.chunk < 16 {
+        return Err(ImatrixError::Input(
+            "--chunk must be at least 16 tokens".into(),
+        ));
+    }
+    crate::engine::backend().map_err(|e| ImatrixError::Model(e.to_string()))?;
+    let path = CString::new(plan.model.to_string_lossy().as_bytes())
+        .map_err(|_| ImatrixError::Input("a model path with a NUL byte".into()))?;
+    // SAFETY: default parameters with plain fields changed; the path outlives the call.
+    let model = Model(unsafe {
+        let mut p = llama_cpp_sys_2::llama_model_default_params();
+        // The weights stay in host memory, where every product's inputs can be read.
+        p.n_gpu_layers = 0;
+        llama_cpp_sys_2::llama_model_load_from_file(path.as_ptr(), p)
+    });
+    if model.0.is_null() {
+        return Err(ImatrixError::Model(format!(
+            "llama.cpp could not load {} (its log above says why)",
+            plan.model.display()
+        )));
+    }
+    // SAFETY: a loaded model's vocabulary lives as long as the model.
+    let vocab = unsafe { llama_cpp_sys_2::llama_model_get_vocab(model.0) };
+    let tokens = tokenize(vocab, &text)?;
+    let chunk = plan.chunk;
+    let available = tokens.len() / chunk;
+    let chunks = plan.chunks.map_or(available, |n| n.min(available));
+    if chunks == 0 {
+        return Err(ImatrixError::Input(format!(
+            "{}: {} tokens, fewer than one chunk of {chunk}; give a longer text or a smaller --chunk",
+            plan.text.display(),
+            tokens.len()
+        )));
+    }
+    let collector = Box::into_raw(Box::<Collector>::default());
+    // Owned again whatever happens below, and only after the context is gone.
+    struct Owned(*mut Collector);
+    impl Drop for Owned {
+        fn drop(&mut self) {
+            // SAFETY: made by `Box::into_raw` above, taken back once.
+            drop(unsafe { Box::from_raw(self.0) });
+        }
+    }
+    let owned = Owned(collector);
+    let threads = i32::try_from(plan.threads).unwrap_or(1);
+    let n = u32::try_from(chunk).map_err(|_| ImatrixError::Input("--chunk is too large".into()))?;
+    // Every position is an output, as llama-imatrix asks: otherwise the last layer multiplies
+    // only the rows whose logits are wanted. Read in parts of at most `PART` rows, so the
+    // logits of a part (a row per token of the vocabulary) stay a few hundred MiB.
+    let part = n.min(PART);
+    // SAFETY: default parameters with plain fields changed; the callback's data outlives the
+    // context (`owned` is dropped after `ctx`, being declared before it).
+    let ctx = Context(unsafe {
+        let mut p = llama_cpp_sys_2::llama_context_default_params();
+        p.n_ctx = n;
+        p.n_batch = part;
+        p.n_ubatch = part;
+        p.n_seq_max = 1;
+        p.n_threads = threads;
+        p.n_threads_batch = threads;
+        p.no_perf = true;
+        p.cb_eval = Some(observe);
+        p.cb_eval_user_data = owned.0.cast();
+        llama_cpp_sys_2::llama_init_from_model(model.0, p)
+    });
+    if ctx.0.is_null() {
+        return Err(ImatrixError::Model(format!(
+            "llama.cpp could not make a context of {chunk} tokens for {} (its log above says why)",
+            plan.model.display()
+        )));
+    }
+    // SAFETY: plain queries of a live vocabulary.
+    let (bos, add_bos) = unsafe {
+        (
+            llama_cpp_sys_2::llama_vocab_bos(vocab),
+            llama_cpp_sys_2::llama_vocab_get_add_bos(vocab),
+        )
+    };
+    let mut batch = Batch::new(part as usize);
+    let bar = ProgressBar::new(chunks as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} chunks of {msg} tokens, {elapsed} (eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(chunk.to_string());
+    bar.enable_steady_tick(Duration::from_millis(250));
+    let started = Instant::now();
+    for tokens in tokens.chunks_exact(chunk).take(chunks) {
+        // SAFETY: a live context.
+        unsafe {
+            llama_cpp_sys_2::llama_memory_clear(llama_cpp_sys_2::llama_get_memory(ctx.0), true)
+        };
+        for (i, rows) in tokens.chunks(part as usize).enumerate() {
+            let first = i * part as usize;
+            batch.fill(rows, first, (add_bos && first == 0).then_some(bos));
+            // SAFETY: a live context, and a batch filled within its capacity.
+            let rc = unsafe { llama_cpp_sys_2::llama_decode(ctx.0, batch.0) };
+            // SAFETY: the decode has returned; nothing else touches the collector now.
+            if let Some(e) = unsafe { (*owned.0).failed.take() } {
+                bar.finish_and_clear();
+                return Err(ImatrixError::Model(e));
+            }
+            if rc != 0 {
+                bar.finish_and_clear();
+                return Err(ImatrixError::Model(format!(
+                    "llama_decode failed (code {rc})"
+                )));
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    drop(ctx);
+    let seconds = started.elapsed().as_secs_f64();
+    // SAFETY: the context is gone, so the callback is too: the collector is ours alone.
+    let gathered = std::mem::take(unsafe { &mut *owned.0 });
+    tracing::info!(
+        chunks,
+        tokens = chunks * chunk,
+        tok_s = (chunks * chunk) as f64 / seconds.max(1e-9),
+        "read the calibration text"
+    );
+    let entries = gathered.into_imatrix();
+    if entries.is_empty() {
+        return Err(ImatrixError::Model(
+            "no product with a layer's weight was seen: the model's layers are not named blk.N"
+                .into(),
+        ));
+    }
+    Ok(Imatrix {
+        entries,
+        datasets: vec![plan.text.display().to_string()],
+        chunk_count: chunks as u32,
+        chunk_size: n,
+    })
+}
+
+/// The text's tokens, without added specials (each chunk gets its BOS as it is read).
+fn tokenize(
+    vocab: *const llama_cpp_sys_2::llama_vocab,
+    text: &str,
+) -> Result<Vec<llama_cpp_sys_2::llama_token>, ImatrixError> {
+    let len = i32::try_from(text.len())
+        .map_err(|_| ImatrixError::Input("a text of 2 GiB or more".into()))?;
+    // A token is at least one byte of text.
+    let mut tokens = vec![0; text.len() + 1];
+    // SAFETY: the text and the buffer are valid for the lengths given.
+    let n = unsafe {
+        llama_cpp_sys_2::llama_tokenize(
+            vocab,
+            text.as_ptr().cast(),
+            len,
+            tokens.as_mut_ptr(),
+            i32::try_from(tokens.len()).unwrap_or(i32::MAX),
+            false,
+            false,
+        )
+    };
+    let n = usize::try_from(n)
+        .map_err(|_| ImatrixError::Model("llama.cpp could not tokenize the text".into()))?;
+    tokens.truncate(n);
+    Ok(tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Imatrix {
+        let mut entries = BTreeMap::new();
+        entries.insert(
+            "blk.0.attn_q.weight".to_owned(),
+            Entry {
+                sums: vec![2.0, 4.0, 6.0],
+                counts: vec![2.0],
+            },
+        );
+        entries.insert(
+            "blk.0.ffn_down_exps.weight".to_owned(),
+            Entry {
+                sums: vec![3.0, 6.0, 5.0, 5.0],
+                counts: vec![3.0, 0.0],
+            },
+        );
+        Imatrix {
+            entries,
+            datasets: vec!["calibration.txt".into()],
+            chunk_count: 3,
+            chunk_size: 512,
+        }
+    }
+
+    #[test]
+    fn importance_is_the_mean_square_per_matrix_and_one_where_a_matrix_saw_nothing() {
+        let m = sample();
+        let got: BTreeMap<_, _> = m.importance().into_iter().collect();
+        assert_eq!(got["blk.0.attn_q.weight"], [1.0, 2.0, 3.0]);
+        assert_eq!(got["blk.0.ffn_down_exps.weight"], [1.0, 2.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn a_gguf_imatrix_reads_back_as_written() {
+        let dir = std::env::temp_dir().join(format!("imatrix-rt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.imatrix.gguf");
+        let m = sample();
+        m.write(&path).unwrap();
+        let back = Imatrix::read(&path).unwrap();
+        assert_eq!(back, m);
+        // The header is a GGUF one our reader (and llama.cpp's) accepts, with the keys
+        // llama-quantize needs before it takes a GGUF imatrix.
+        let h = gguf::read(&path).unwrap();
+        assert_eq!(h.str("general.type"), Some("imatrix"));
+        assert_eq!(h.uint("imatrix.chunk_size"), Some(512));
+        assert_eq!(h.tensor_count, 4);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn legacy_bytes() -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&1i32.to_le_bytes());
+        let name = b"blk.3.ffn_up.weight";
+        b.extend_from_slice(&(name.len() as i32).to_le_bytes());
+        b.extend_from_slice(name);
+        b.extend_from_slice(&10i32.to_le_bytes()); // calls
+        b.extend_from_slice(&2i32.to_le_bytes()); // values
+        b.extend_from_slice(&5.0f32.to_le_bytes());
+        b.extend_from_slice(&20.0f32.to_le_bytes());
+        b.extend_from_slice(&10i32.to_le_bytes()); // chunks
+        b.extend_from_slice(&(8i32).to_le_bytes());
+        b.extend_from_slice(b"wiki.txt");
+        b
+    }
+
+    #[test]
+    fn a_legacy_dat_imatrix_is_read_as_llama_cpp_reads_it() {
+        let dir = std::env::temp_dir().join(format!("imatrix-dat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("old.dat");
+        std::fs::write(&path, legacy_bytes()).unwrap();
+        let m = Imatrix::read(&path).unwrap();
+        assert_eq!(m.chunk_count, 10);
+        assert_eq!(m.datasets, ["wiki.txt"]);
+        // Stored as means times the call count; the quantizer gets the means.
+        let got = m.importance();
+        assert_eq!(got, [("blk.3.ffn_up.weight".to_owned(), vec![0.5, 2.0])]);
+
+        // Cut short, or not an imatrix at all: refused with the file's name.
+        let mut cut = legacy_bytes();
+        cut.truncate(30);
+        std::fs::write(&path, &cut).unwrap();
+        let e = Imatrix::read(&path).unwrap_err().to_string();
+        assert!(e.contains("old.dat"), "{e}");
+        std::fs::write(&path, b"hello world, this is text").unwrap();
+        let e = Imatrix::read(&path).unwrap_err().to_string();
+        assert!(e.contains("neither a GGUF imatrix nor a legacy"), "{e}");
+        // A GGUF that is a model, not an imatrix, has no importance data.
+        let mut model = Vec::new();
+        model.extend_from_slice(b"GGUF");
+        model.extend_from_slice(&3u32.to_le_bytes());
+        model.extend_from_slice(&0u64.to_le_bytes());
+        model.extend_from_slice(&0u64.to_le_bytes());
+        std::fs::write(&path, &model).unwrap();
+        let e = Imatrix::read(&path).unwrap_err().to_string();
+        assert!(e.contains("no importance data"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_decorated_tensor_name_gives_the_weight_s_and_rows_add_their_squares() {
+        assert_eq!(weight_name("blk.0.attn_q.weight"), "blk.0.attn_q.weight");
+        assert_eq!(
+            weight_name("CUDA0#blk.0.attn_q.weight#0"),
+            "blk.0.attn_q.weight"
+        );
+        assert_eq!(
+            weight_name("CPU#blk.1.ffn_up.weight"),
+            "blk.1.ffn_up.weight"
+        );
+        let mut sums = vec![1.0, 0.0];
+        add_row(&mut sums, &[2.0, -3.0]);
+        add_row(&mut sums, &[1.0, 1.0]);
+        assert_eq!(sums, [6.0, 10.0]);
+    }
+}
