@@ -53,9 +53,10 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
             let imatrix = a
                 .imatrix
                 .as_deref()
-                .map(bench::imatrix::Imatrix::read)
+                .map(|path| bench::imatrix::Imatrix::read(path).map(|m| (m, path)))
                 .transpose()?;
-            bench::quantize::quantize(&a.input, &a.output, &a.kind, threads, imatrix.as_ref())?;
+            let weights = imatrix.as_ref().map(|(m, path)| (m, *path));
+            bench::quantize::quantize(&a.input, &a.output, &a.kind, threads, weights)?;
             println!(
                 "wrote {} ({})",
                 a.output.display(),

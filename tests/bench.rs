@@ -1591,6 +1591,17 @@ fn an_importance_matrix_is_computed_and_makes_low_bit_quantization_lose_less() {
     let weighed = dir.join("q2k-imatrix.gguf");
     assert!(quantize(&smol, &plain, "Q2_K").status.success());
     assert!(with(&weighed, "Q2_K", matrix_s).status.success());
+    // The file names its matrix in the keys llama-quantize writes.
+    let h = backstop::models::gguf::read(&weighed).unwrap();
+    assert_eq!(h.str("quantize.imatrix.file"), Some(matrix_s));
+    assert_eq!(
+        h.str("quantize.imatrix.dataset"),
+        Some(readme.to_str().unwrap())
+    );
+    assert_eq!(h.uint("quantize.imatrix.entries_count"), Some(210));
+    assert_eq!(h.uint("quantize.imatrix.chunks_count"), Some(4));
+    let h = backstop::models::gguf::read(&plain).unwrap();
+    assert!(h.str("quantize.imatrix.file").is_none());
     let out = bench_json(&[
         "--quality",
         "-p",
@@ -1696,6 +1707,21 @@ fn an_importance_matrix_is_computed_and_makes_low_bit_quantization_lose_less() {
     assert!(!o.status.success());
     assert!(
         text(&o.stderr).contains("fewer than one chunk of 512"),
+        "{}",
+        text(&o.stderr)
+    );
+    std::fs::write(&short, [0xff, 0xfe, 0x00, 0x41].repeat(400)).unwrap();
+    let o = backstop(&[
+        "imatrix",
+        smol_s,
+        "-f",
+        short.to_str().unwrap(),
+        "-o",
+        matrix_s,
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("not UTF-8 text"),
         "{}",
         text(&o.stderr)
     );

@@ -603,7 +603,8 @@ pub fn compute(plan: &Plan<'_>) -> Result<Imatrix, ImatrixError> {
     }
     let text = std::fs::read(plan.text)
         .map_err(|e| ImatrixError::Input(format!("{}: {e}", plan.text.display())))?;
-    let text = String::from_utf8_lossy(&text).into_owned();
+    let text = String::from_utf8(text)
+        .map_err(|_| ImatrixError::Input(format!("{}: not UTF-8 text", plan.text.display())))?;
     if plan.chunk < 16 {
         return Err(ImatrixError::Input(
             "--chunk must be at least 16 tokens".into(),

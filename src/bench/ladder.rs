@@ -127,7 +127,7 @@ pub fn build(
         // The old note goes first: a rung that is half replaced is never taken for the model's.
         let note = sidecar(&path);
         let _ = std::fs::remove_file(&note);
-        let result = quantize::quantize(source, &path, kind, threads, imatrix.map(|m| m.0));
+        let result = quantize::quantize(source, &path, kind, threads, imatrix);
         spinner.finish_and_clear();
         result?;
         if let Some(made_from) = &made_from {

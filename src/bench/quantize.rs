@@ -116,14 +116,16 @@ pub fn canonical(name: &str) -> Result<&'static str, QuantizeError> {
 }
 
 /// Quantizes `input` to `output` as `kind`, on `threads` threads, weighing rounding errors
-/// by `imatrix` where given. Requantizing an already quantized model is allowed, with a
-/// warning: quality drops more than quantizing from F16.
+/// by `imatrix` (the matrix and its file) where given; the output then names the matrix in
+/// the keys llama.cpp's llama-quantize writes (`quantize.imatrix.file`, `.dataset`,
+/// `.entries_count`, `.chunks_count`). Requantizing an already quantized model is allowed,
+/// with a warning: quality drops more than quantizing from F16.
 pub fn quantize(
     input: &Path,
     output: &Path,
     kind: &str,
     threads: u32,
-    imatrix: Option<&Imatrix>,
+    imatrix: Option<(&Imatrix, &Path)>,
 ) -> Result<(), QuantizeError> {
     let target = ftype(kind)?;
     if imatrix.is_none() && needs_imatrix(kind) {
@@ -132,7 +134,29 @@ pub fn quantize(
     let header =
         gguf::read(input).map_err(|e| QuantizeError::Input(format!("{}: {e}", input.display())))?;
     let dir = check_output(input, output)?;
-    let importance = imatrix.map(|m| fitted(m, &header)).transpose()?;
+    let importance = imatrix.map(|(m, _)| fitted(m, &header)).transpose()?;
+    // llama.cpp's list ends with an entry whose key is empty.
+    let keys: Option<Vec<llama_cpp_sys_2::llama_model_kv_override>> = imatrix.map(|(m, file)| {
+        let mut keys = vec![text_key(
+            "quantize.imatrix.file",
+            &file.display().to_string(),
+        )];
+        if let Some(d) = m.datasets.first() {
+            keys.push(text_key("quantize.imatrix.dataset", d));
+        }
+        keys.push(int_key(
+            "quantize.imatrix.entries_count",
+            m.entries.len() as i64,
+        ));
+        if m.chunk_count > 0 {
+            keys.push(int_key(
+                "quantize.imatrix.chunks_count",
+                i64::from(m.chunk_count),
+            ));
+        }
+        keys.push(int_key("", 0));
+        keys
+    });
     let source = header.uint("general.file_type").unwrap_or(0);
     let requantize = !matches!(source, 0 | 1 | 32);
     if requantize {
@@ -183,7 +207,8 @@ pub fn quantize(
     let _quiet = QuietTensorWarnings::install();
     // SAFETY: both strings are valid NUL-terminated paths that outlive the call, and the
     // parameters come from llama.cpp's own defaults with plain fields changed; the importance
-    // list (names, values, and its nameless end) outlives the call, which copies it. The
+    // list (names, values, and its nameless end) and the keys (NUL-terminated, ending with
+    // an empty one) outlive the call, which copies them. The
     // call reads the input file and writes the output file, and touches nothing of ours.
     let code = unsafe {
         let mut params = llama_cpp_sys_2::llama_model_quantize_default_params();
@@ -192,6 +217,9 @@ pub fn quantize(
         params.allow_requantize = requantize;
         if let Some(list) = &list {
             params.imatrix = list.as_ptr();
+        }
+        if let Some(keys) = &keys {
+            params.kv_overrides = keys.as_ptr();
         }
         llama_cpp_sys_2::llama_model_quantize(inp.as_ptr(), tmp.as_ptr(), &params)
     };
@@ -203,6 +231,31 @@ pub fn quantize(
         let _ = std::fs::remove_file(&temp);
         QuantizeError::Output(format!("{}: {e}", output.display()))
     })
+}
+
+/// A metadata key for the quantized file, its text cut to llama.cpp's 127 bytes.
+fn text_key(key: &str, value: &str) -> llama_cpp_sys_2::llama_model_kv_override {
+    let mut k = int_key(key, 0);
+    k.tag = llama_cpp_sys_2::LLAMA_KV_OVERRIDE_TYPE_STR;
+    let mut text = [0 as c_char; 128];
+    for (to, &from) in text.iter_mut().zip(value.as_bytes().iter().take(127)) {
+        *to = from as c_char;
+    }
+    k.__bindgen_anon_1.val_str = text;
+    k
+}
+
+/// An integer metadata key for the quantized file (`""` ends llama.cpp's list).
+fn int_key(key: &str, value: i64) -> llama_cpp_sys_2::llama_model_kv_override {
+    let mut name = [0 as c_char; 128];
+    for (to, &from) in name.iter_mut().zip(key.as_bytes().iter().take(127)) {
+        *to = from as c_char;
+    }
+    llama_cpp_sys_2::llama_model_kv_override {
+        tag: llama_cpp_sys_2::LLAMA_KV_OVERRIDE_TYPE_INT,
+        key: name,
+        __bindgen_anon_1: llama_cpp_sys_2::llama_model_kv_override__bindgen_ty_1 { val_i64: value },
+    }
 }
 
 /// The importance data for `model`'s weights: every matrix of a layer (`blk.*.weight`, two or
