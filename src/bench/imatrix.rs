@@ -744,15 +744,17 @@ pub fn compute(plan: &Plan<'_>) -> Result<Imatrix, ImatrixError> {
     })
 }
 
-/// The text's tokens, without added specials (each chunk gets its BOS as it is read).
+/// The text's tokens, with the specials the model adds (a BOS first), as llama-imatrix
+/// tokenizes it: the chunks then hold the same tokens as that tool's, and each chunk's first
+/// is made a BOS as it is read.
 fn tokenize(
     vocab: *const llama_cpp_sys_2::llama_vocab,
     text: &str,
 ) -> Result<Vec<llama_cpp_sys_2::llama_token>, ImatrixError> {
     let len = i32::try_from(text.len())
         .map_err(|_| ImatrixError::Input("a text of 2 GiB or more".into()))?;
-    // A token is at least one byte of text.
-    let mut tokens = vec![0; text.len() + 1];
+    // A token is at least one byte of text, besides a BOS and an EOS.
+    let mut tokens = vec![0; text.len() + 2];
     // SAFETY: the text and the buffer are valid for the lengths given.
     let n = unsafe {
         llama_cpp_sys_2::llama_tokenize(
@@ -761,7 +763,7 @@ fn tokenize(
             len,
             tokens.as_mut_ptr(),
             i32::try_from(tokens.len()).unwrap_or(i32::MAX),
-            false,
+            true,
             false,
         )
     };
