@@ -330,6 +330,24 @@ pub struct QuantizeArgs {
     /// multiplies are, so low-bit types lose less quality; the 1- and 2-bit i-quants need one.
     #[arg(long, value_name = "FILE")]
     pub imatrix: Option<PathBuf>,
+    /// The output layer (output.weight) in this ggml type (q8_0, q6_K, f16, ...) instead of
+    /// the mix's.
+    #[arg(long, value_name = "GGML_TYPE")]
+    pub output_tensor_type: Option<String>,
+    /// The token embeddings in this ggml type instead of the mix's.
+    #[arg(long, value_name = "GGML_TYPE")]
+    pub token_embedding_type: Option<String>,
+    /// Leave the output layer as it is in the input.
+    #[arg(long, conflicts_with = "output_tensor_type")]
+    pub leave_output_tensor: bool,
+    /// Every quantized tensor in TYPE itself: no per-tensor mix (a K-quant mix puts some
+    /// tensors in larger types).
+    #[arg(long)]
+    pub pure: bool,
+    /// Tensors whose name PATTERN (a regular expression, e.g. ffn_down or blk\.[0-3]\.) matches
+    /// in GGML_TYPE; repeatable, the first that matches wins.
+    #[arg(long = "tensor-type", value_name = "PATTERN=GGML_TYPE")]
+    pub tensor_types: Vec<String>,
 }
 
 /// `backstop imatrix`.

@@ -55,8 +55,23 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
                 .as_deref()
                 .map(|path| bench::imatrix::Imatrix::read(path).map(|m| (m, path)))
                 .transpose()?;
-            let weights = imatrix.as_ref().map(|(m, path)| (m, *path));
-            bench::quantize::quantize(&a.input, &a.output, &a.kind, threads, weights)?;
+            let ggml =
+                |t: &Option<String>| t.as_deref().map(bench::quantize::ggml_type).transpose();
+            let tensor_types = a
+                .tensor_types
+                .iter()
+                .map(|spec| bench::quantize::tensor_type(spec))
+                .collect::<Result<_, _>>()?;
+            let options = bench::quantize::Options {
+                threads,
+                imatrix: imatrix.as_ref().map(|(m, path)| (m, *path)),
+                output_type: ggml(&a.output_tensor_type)?,
+                embedding_type: ggml(&a.token_embedding_type)?,
+                leave_output: a.leave_output_tensor,
+                pure: a.pure,
+                tensor_types,
+            };
+            bench::quantize::quantize(&a.input, &a.output, &a.kind, &options)?;
             println!(
                 "wrote {} ({})",
                 a.output.display(),

@@ -1741,3 +1741,78 @@ fn an_importance_matrix_is_computed_and_makes_low_bit_quantization_lose_less() {
         text(&o.stderr)
     );
 }
+
+/// llama-quantize's per-tensor options: a type for the token embeddings, types by tensor-name
+/// pattern (the first that matches wins), and `--pure` for no per-tensor mix.
+#[test]
+fn quantize_takes_per_tensor_types_and_a_pure_mix() {
+    let _cores = one_at_a_time();
+    let dir = common::temp_dir("quantize-tensor-types");
+    let _cleanup = Cleanup(dir.clone());
+    let smol = common::smollm2();
+    let smol_s = smol.to_str().unwrap();
+    let out = dir.join("out.gguf");
+    let out_s = out.to_str().unwrap();
+    let types = |path: &Path| -> std::collections::BTreeMap<String, u32> {
+        backstop::models::gguf::read(path)
+            .unwrap()
+            .tensors
+            .into_iter()
+            .map(|t| (t.name, t.ggml_type))
+            .collect()
+    };
+    // ggml's type numbers.
+    let (f16, q4_0, q8_0, q4_k, q6_k) = (1, 2, 8, 12, 14);
+
+    let o = backstop(&[
+        "quantize",
+        smol_s,
+        out_s,
+        "Q4_0",
+        "--token-embedding-type",
+        "Q8_0",
+        "--tensor-type",
+        "ffn_down=q8_0",
+        "--tensor-type",
+        r"blk\.0\.=f16",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let t = types(&out);
+    assert_eq!(t["token_embd.weight"], q8_0);
+    assert_eq!(t["blk.7.ffn_down.weight"], q8_0);
+    assert_eq!(t["blk.0.attn_q.weight"], f16);
+    // Both patterns match blk.0's ffn_down; the first given wins.
+    assert_eq!(t["blk.0.ffn_down.weight"], q8_0);
+    assert_eq!(t["blk.1.ffn_up.weight"], q4_0);
+
+    // Q4_K_M's mix puts some tensors in Q6_K (its token embeddings, being SmolLM2's output
+    // layer too, in Q8_0 where Q6_K's blocks do not fit); --pure puts none there.
+    let o = backstop(&["quantize", smol_s, out_s, "Q4_K_M"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let mixed = types(&out);
+    assert!(mixed.values().any(|&v| v == q6_k), "{mixed:?}");
+    let o = backstop(&["quantize", smol_s, out_s, "Q4_K_M", "--pure"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let pure = types(&out);
+    assert!(!pure.values().any(|&v| v == q6_k || v == q8_0), "{pure:?}");
+    assert!(pure.values().any(|&v| v == q4_k), "{pure:?}");
+    std::fs::remove_file(&out).unwrap();
+
+    // Refused, and nothing written: an unknown type (the list says which there are), a
+    // --tensor-type without its type, and a pattern that is no regular expression.
+    let refused = |args: &[&str], says: &str| {
+        let o = backstop(&[&["quantize", smol_s, out_s, "Q4_0"][..], args].concat());
+        assert!(!o.status.success(), "{args:?}");
+        let err = text(&o.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?}");
+    };
+    refused(&["--output-tensor-type", "q9_9"], "q6_K");
+    refused(&["--tensor-type", "ffn_down"], "not PATTERN=GGML_TYPE");
+    refused(&["--tensor-type", "(=q8_0"], "regular expression");
+    refused(
+        &["--leave-output-tensor", "--output-tensor-type", "q8_0"],
+        "cannot be used with",
+    );
+    assert_eq!(entries(&dir), Vec::<String>::new());
+}

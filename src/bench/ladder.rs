@@ -127,7 +127,16 @@ pub fn build(
         // The old note goes first: a rung that is half replaced is never taken for the model's.
         let note = sidecar(&path);
         let _ = std::fs::remove_file(&note);
-        let result = quantize::quantize(source, &path, kind, threads, imatrix);
+        let result = quantize::quantize(
+            source,
+            &path,
+            kind,
+            &quantize::Options {
+                threads,
+                imatrix,
+                ..quantize::Options::default()
+            },
+        );
         spinner.finish_and_clear();
         result?;
         if let Some(made_from) = &made_from {

@@ -115,18 +115,83 @@ pub fn canonical(name: &str) -> Result<&'static str, QuantizeError> {
     entry(name).map(|e| e.0)
 }
 
-/// Quantizes `input` to `output` as `kind`, on `threads` threads, weighing rounding errors
-/// by `imatrix` (the matrix and its file) where given; the output then names the matrix in
-/// the keys llama.cpp's llama-quantize writes (`quantize.imatrix.file`, `.dataset`,
-/// `.entries_count`, `.chunks_count`). Requantizing an already quantized model is allowed,
-/// with a warning: quality drops more than quantizing from F16.
+/// How `quantize` quantizes, beyond the type.
+#[derive(Debug, Clone, Default)]
+pub struct Options<'a> {
+    /// CPU threads (0: llama.cpp's choice, every hardware thread).
+    pub threads: u32,
+    /// An importance matrix and its file: rounding errors are weighed by it, and the output
+    /// names it in the keys llama.cpp's llama-quantize writes (`quantize.imatrix.file`,
+    /// `.dataset`, `.entries_count`, `.chunks_count`).
+    pub imatrix: Option<(&'a Imatrix, &'a Path)>,
+    /// The output layer's ggml type (`output.weight`), instead of the mix's.
+    pub output_type: Option<u32>,
+    /// The token embeddings' ggml type, instead of the mix's.
+    pub embedding_type: Option<u32>,
+    /// Leave the output layer as it is.
+    pub leave_output: bool,
+    /// Every quantized tensor in the type itself, without the mix's per-tensor choices.
+    pub pure: bool,
+    /// Tensors whose name a pattern (a regular expression) matches get its ggml type; the
+    /// first that matches wins.
+    pub tensor_types: Vec<(String, u32)>,
+}
+
+/// A ggml tensor type by name (any case: `q8_0`, `Q6_K`, `f16`), for the per-tensor options;
+/// an unknown one lists them.
+pub fn ggml_type(name: &str) -> Result<u32, QuantizeError> {
+    let usable = |t: u32| {
+        // SAFETY: a plain query of a type number below GGML_TYPE_COUNT.
+        let quantized =
+            unsafe { llama_cpp_sys_2::ggml_is_quantized(t as llama_cpp_sys_2::ggml_type) };
+        quantized
+            || t == llama_cpp_sys_2::GGML_TYPE_F32
+            || t == llama_cpp_sys_2::GGML_TYPE_F16
+            || t == llama_cpp_sys_2::GGML_TYPE_BF16
+    };
+    let names: Vec<(u32, String)> = (0..llama_cpp_sys_2::GGML_TYPE_COUNT)
+        .filter(|&t| usable(t))
+        .map(|t| (t, crate::engine::probe::type_name(t)))
+        .filter(|(_, n)| !n.starts_with("type ") && !n.eq_ignore_ascii_case("deprecated"))
+        .collect();
+    names
+        .iter()
+        .find(|(_, n)| n.eq_ignore_ascii_case(name.trim()))
+        .map(|(t, _)| *t)
+        .ok_or_else(|| {
+            QuantizeError::UnknownType(
+                name.to_owned(),
+                names
+                    .iter()
+                    .map(|(_, n)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        })
+}
+
+/// A `--tensor-type PATTERN=GGML_TYPE`: the pattern (lower-cased, as llama-quantize takes
+/// it) and the type.
+pub fn tensor_type(spec: &str) -> Result<(String, u32), QuantizeError> {
+    let bad = |why: &str| QuantizeError::Input(format!("--tensor-type {spec}: {why}"));
+    let (pattern, kind) = spec
+        .rsplit_once('=')
+        .ok_or_else(|| bad("not PATTERN=GGML_TYPE"))?;
+    if pattern.trim().is_empty() {
+        return Err(bad("no pattern"));
+    }
+    Ok((pattern.trim().to_ascii_lowercase(), ggml_type(kind)?))
+}
+
+/// Quantizes `input` to `output` as `kind`, as `options` say. Requantizing an already
+/// quantized model is allowed, with a warning: quality drops more than quantizing from F16.
 pub fn quantize(
     input: &Path,
     output: &Path,
     kind: &str,
-    threads: u32,
-    imatrix: Option<(&Imatrix, &Path)>,
+    options: &Options<'_>,
 ) -> Result<(), QuantizeError> {
+    let imatrix = options.imatrix;
     let target = ftype(kind)?;
     if imatrix.is_none() && needs_imatrix(kind) {
         return Err(QuantizeError::NeedsImatrix(canonical(kind)?.to_owned()));
@@ -204,16 +269,52 @@ pub fn quantize(
                 }))
                 .collect()
         });
+    let patterns: Vec<CString> = options
+        .tensor_types
+        .iter()
+        .map(|(p, _)| {
+            CString::new(p.as_bytes())
+                .map_err(|_| QuantizeError::Input(format!("--tensor-type {p}: a NUL byte")))
+        })
+        .collect::<Result<_, _>>()?;
+    // llama.cpp's list ends with an entry without a pattern.
+    let overrides: Vec<llama_cpp_sys_2::llama_model_tensor_override> = patterns
+        .iter()
+        .zip(&options.tensor_types)
+        .map(
+            |(p, &(_, t))| llama_cpp_sys_2::llama_model_tensor_override {
+                pattern: p.as_ptr(),
+                type_: t as llama_cpp_sys_2::ggml_type,
+            },
+        )
+        .chain(std::iter::once(
+            llama_cpp_sys_2::llama_model_tensor_override {
+                pattern: std::ptr::null(),
+                type_: llama_cpp_sys_2::GGML_TYPE_COUNT,
+            },
+        ))
+        .collect();
     let _quiet = QuietTensorWarnings::install();
     // SAFETY: both strings are valid NUL-terminated paths that outlive the call, and the
     // parameters come from llama.cpp's own defaults with plain fields changed; the importance
-    // list (names, values, and its nameless end) and the keys (NUL-terminated, ending with
-    // an empty one) outlive the call, which copies them. The
+    // list (names, values, and its nameless end), the keys (NUL-terminated, ending with an
+    // empty one) and the tensor type patterns (ending without one) outlive the call. The
     // call reads the input file and writes the output file, and touches nothing of ours.
     let code = unsafe {
         let mut params = llama_cpp_sys_2::llama_model_quantize_default_params();
         params.ftype = target as llama_cpp_sys_2::llama_ftype;
-        params.nthread = i32::try_from(threads).unwrap_or(1);
+        params.nthread = i32::try_from(options.threads).unwrap_or(1);
+        params.pure_ = options.pure;
+        params.quantize_output_tensor = !options.leave_output;
+        if let Some(t) = options.output_type {
+            params.output_tensor_type = t as llama_cpp_sys_2::ggml_type;
+        }
+        if let Some(t) = options.embedding_type {
+            params.token_embedding_type = t as llama_cpp_sys_2::ggml_type;
+        }
+        if !options.tensor_types.is_empty() {
+            params.tt_overrides = overrides.as_ptr();
+        }
         params.allow_requantize = requantize;
         if let Some(list) = &list {
             params.imatrix = list.as_ptr();

@@ -213,7 +213,7 @@ fn describe(odd: &[OddTensor]) -> String {
 }
 
 /// ggml's name for an element type (`f16`, `q4_K`, ...).
-fn type_name(ggml_type: u32) -> String {
+pub(crate) fn type_name(ggml_type: u32) -> String {
     // SAFETY: ggml_type_name returns a pointer to a static string, or null for a number it
     // does not know (checked before it is read).
     let name = unsafe { llama_cpp_sys_2::ggml_type_name(ggml_type as llama_cpp_sys_2::ggml_type) };
