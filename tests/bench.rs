@@ -1693,53 +1693,21 @@ fn an_importance_matrix_is_computed_and_makes_low_bit_quantization_lose_less() {
     assert_eq!(rung["quantization"], "Q2_K_S", "{rung}");
     assert!(number(quality(rung), "kld") > 0.0, "{rung}");
 
-    // A text shorter than one chunk, and a text that is not there, say so.
+    // A text shorter than one chunk, one that is not UTF-8, and one that is not there, say so.
     let short = dir.join("short.txt");
+    let binary = dir.join("binary.txt");
     std::fs::write(&short, "A few words only.").unwrap();
-    let o = backstop(&[
-        "imatrix",
-        smol_s,
-        "-f",
-        short.to_str().unwrap(),
-        "-o",
-        matrix_s,
-    ]);
-    assert!(!o.status.success());
-    assert!(
-        text(&o.stderr).contains("fewer than one chunk of 512"),
-        "{}",
-        text(&o.stderr)
-    );
-    std::fs::write(&short, [0xff, 0xfe, 0x00, 0x41].repeat(400)).unwrap();
-    let o = backstop(&[
-        "imatrix",
-        smol_s,
-        "-f",
-        short.to_str().unwrap(),
-        "-o",
-        matrix_s,
-    ]);
-    assert!(!o.status.success());
-    assert!(
-        text(&o.stderr).contains("not UTF-8 text"),
-        "{}",
-        text(&o.stderr)
-    );
-    let missing = dir.join("missing.txt");
-    let o = backstop(&[
-        "imatrix",
-        smol_s,
-        "-f",
-        missing.to_str().unwrap(),
-        "-o",
-        matrix_s,
-    ]);
-    assert!(!o.status.success());
-    assert!(
-        text(&o.stderr).contains("missing.txt"),
-        "{}",
-        text(&o.stderr)
-    );
+    std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x41].repeat(400)).unwrap();
+    for (file, says) in [
+        (short, "fewer than one chunk of 512"),
+        (binary, "not UTF-8 text"),
+        (dir.join("missing.txt"), "missing.txt"),
+    ] {
+        let file = file.to_str().unwrap();
+        let o = backstop(&["imatrix", smol_s, "-f", file, "-o", matrix_s]);
+        assert!(!o.status.success(), "{file}");
+        assert!(text(&o.stderr).contains(says), "{}", text(&o.stderr));
+    }
 }
 
 /// llama-quantize's per-tensor options: a type for the token embeddings, types by tensor-name
