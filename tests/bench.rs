@@ -1708,6 +1708,22 @@ fn an_importance_matrix_is_computed_and_makes_low_bit_quantization_lose_less() {
         assert!(!o.status.success(), "{file}");
         assert!(text(&o.stderr).contains(says), "{}", text(&o.stderr));
     }
+    // A model llama.cpp loads but cannot compute is refused with its reason, not aborted.
+    let odd = common::uncomputable_gguf();
+    let o = backstop(&[
+        "imatrix",
+        odd.to_str().unwrap(),
+        "-f",
+        readme.to_str().unwrap(),
+        "-o",
+        matrix_s,
+    ]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("cannot compute it") && err.contains("binary_op: unsupported types"),
+        "{err}"
+    );
 }
 
 /// llama-quantize's per-tensor options: a type for the token embeddings, types by tensor-name

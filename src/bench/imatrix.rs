@@ -611,6 +611,10 @@ pub fn compute(plan: &Plan<'_>) -> Result<Imatrix, ImatrixError> {
         ));
     }
     crate::engine::backend().map_err(|e| ImatrixError::Model(e.to_string()))?;
+    // A file llama.cpp loads but cannot compute is refused with its reason, as `bench` does,
+    // rather than aborting the process at the first decode.
+    crate::engine::probe::check_file(plan.model, Some(0), &header.odd_tensors)
+        .map_err(|e| ImatrixError::Model(e.to_string()))?;
     let path = CString::new(plan.model.to_string_lossy().as_bytes())
         .map_err(|_| ImatrixError::Input("a model path with a NUL byte".into()))?;
     // SAFETY: default parameters with plain fields changed; the path outlives the call.
