@@ -88,15 +88,17 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
                 chunks: a.chunks.map(|n| n as usize),
                 threads,
             };
-            let m = bench::imatrix::compute(&plan)?;
+            let done = bench::imatrix::compute(&plan)?;
+            let m = &done.imatrix;
             m.write(&a.output)?;
             println!(
-                "wrote {}: {} weight matrices from {} chunks of {} tokens of {}",
+                "wrote {}: {} weight matrices from {} chunks of {} tokens of {} (perplexity {:.4})",
                 a.output.display(),
                 m.entries.len(),
                 m.chunk_count,
                 m.chunk_size,
-                a.text.display()
+                a.text.display(),
+                done.perplexity
             );
             return Ok(0);
         }

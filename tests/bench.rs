@@ -1545,6 +1545,14 @@ fn an_importance_matrix_is_computed_and_makes_low_bit_quantization_lose_less() {
         "{}",
         text(&o.stdout)
     );
+    // The model's perplexity of the text, scored as llama-imatrix scores it (it printed the
+    // same 31.6117 as backstop for this README with 8 chunks of 512 on the day).
+    let perplexity = |stdout: &str| -> f64 {
+        let (_, rest) = stdout.split_once("(perplexity ").expect("a perplexity");
+        rest.trim_end().trim_end_matches(')').parse().unwrap()
+    };
+    let ppl = perplexity(&text(&o.stdout));
+    assert!((5.0..200.0).contains(&ppl), "{ppl}");
     let m = backstop::bench::imatrix::Imatrix::read(&matrix).unwrap();
     assert_eq!((m.chunk_count, m.chunk_size), (4, 256));
     assert_eq!(m.entries.len(), 210);
@@ -1692,6 +1700,27 @@ fn an_importance_matrix_is_computed_and_makes_low_bit_quantization_lose_less() {
     );
     assert_eq!(rung["quantization"], "Q2_K_S", "{rung}");
     assert!(number(quality(rung), "kld") > 0.0, "{rung}");
+
+    // A sentence said over and over is easy to predict.
+    let repeated = dir.join("repeated.txt");
+    std::fs::write(
+        &repeated,
+        "The bridge over the river has five stone arches. ".repeat(30),
+    )
+    .unwrap();
+    let o = backstop(&[
+        "imatrix",
+        smol_s,
+        "-f",
+        repeated.to_str().unwrap(),
+        "-o",
+        dir.join("repeated.imatrix.gguf").to_str().unwrap(),
+        "--chunk",
+        "128",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let easy = perplexity(&text(&o.stdout));
+    assert!(easy < 2.0 && easy < ppl / 5.0, "{easy} against {ppl}");
 
     // A text shorter than one chunk, one that is not UTF-8, and one that is not there, say so.
     let short = dir.join("short.txt");

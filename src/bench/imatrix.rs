@@ -589,8 +589,18 @@ impl Drop for Context {
     }
 }
 
+/// What `compute` found.
+#[derive(Debug, Clone)]
+pub struct Computed {
+    /// The importance matrix.
+    pub imatrix: Imatrix,
+    /// The model's perplexity of the text, scored as llama-imatrix scores it (the second half
+    /// of each chunk): a check that the text and the model make sense together.
+    pub perplexity: f64,
+}
+
 /// Reads the text through the model and returns its importance matrix.
-pub fn compute(plan: &Plan<'_>) -> Result<Imatrix, ImatrixError> {
+pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
     let header = gguf::read(plan.model)
         .map_err(|e| ImatrixError::Input(format!("{}: {e}", plan.model.display())))?;
     let arch = header.architecture().to_owned();
@@ -688,6 +698,10 @@ pub fn compute(plan: &Plan<'_>) -> Result<Imatrix, ImatrixError> {
         )
     };
     let mut batch = Batch::new(part as usize);
+    // SAFETY: a plain query of a live vocabulary.
+    let n_vocab = usize::try_from(unsafe { llama_cpp_sys_2::llama_vocab_n_tokens(vocab) })
+        .map_err(|_| ImatrixError::Model("a vocabulary of negative size".into()))?;
+    let (mut nll, mut scored) = (0f64, 0usize);
     let bar = ProgressBar::new(chunks as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -719,6 +733,26 @@ pub fn compute(plan: &Plan<'_>) -> Result<Imatrix, ImatrixError> {
                     "llama_decode failed (code {rc})"
                 )));
             }
+            // The positions from the chunk's middle on predict the token after them.
+            for (i, p) in (first..first + rows.len()).enumerate() {
+                let Some(&next) = tokens.get(p + 1).filter(|_| p >= chunk / 2) else {
+                    continue;
+                };
+                // SAFETY: every row of the batch is an output, and its logits (a score per
+                // token of the vocabulary) stay until the next decode.
+                let logits = unsafe {
+                    let row = llama_cpp_sys_2::llama_get_logits_ith(ctx.0, i as i32);
+                    if row.is_null() {
+                        continue;
+                    }
+                    std::slice::from_raw_parts(row, n_vocab)
+                };
+                let Some(&target) = usize::try_from(next).ok().and_then(|t| logits.get(t)) else {
+                    continue;
+                };
+                nll += super::quality::log_sum_exp(logits).0 - f64::from(target);
+                scored += 1;
+            }
         }
         bar.inc(1);
     }
@@ -740,11 +774,14 @@ pub fn compute(plan: &Plan<'_>) -> Result<Imatrix, ImatrixError> {
                 .into(),
         ));
     }
-    Ok(Imatrix {
-        entries,
-        datasets: vec![plan.text.display().to_string()],
-        chunk_count: chunks as u32,
-        chunk_size: n,
+    Ok(Computed {
+        imatrix: Imatrix {
+            entries,
+            datasets: vec![plan.text.display().to_string()],
+            chunk_count: chunks as u32,
+            chunk_size: n,
+        },
+        perplexity: (nll / scored.max(1) as f64).exp(),
     })
 }
 

@@ -183,7 +183,7 @@ fn layout(n: usize, bos: bool, train: usize) -> Result<(usize, usize), String> {
 }
 
 /// The log of the sum of `exp` over a row of logits, and the index of its (first) largest.
-fn log_sum_exp(logits: &[f32]) -> (f64, usize) {
+pub(super) fn log_sum_exp(logits: &[f32]) -> (f64, usize) {
     let (mut best, mut max) = (0, f32::NEG_INFINITY);
     for (i, &l) in logits.iter().enumerate() {
         if l > max {
