@@ -28,7 +28,8 @@ the 2-core machine, flash attention against SmolLM2 made 64, 128 and 256 wide (s
 `flash_attention` in src/engine/loader.rs).
 
 `--like SHAPE [--layers N]` makes a model that exists nowhere here: a published model's
-attention and feed-forward shape (one of LIKE's names), with MODEL.gguf's tokenizer, F16
+attention and feed-forward shape (one of LIKE's names; `gpt-oss-tiny` is gpt-oss's layout at a
+size for tests, 8 experts 256 wide), with MODEL.gguf's tokenizer, F16
 weights of small random values and, with `--layers`, fewer layers in the same pattern of
 sliding-window and whole-context ones. `backstop quantize` then gives it a type (gpt-oss:
 MXFP4_MOE, its published one). It is for asking how a kernel choice goes with a model's shape
@@ -269,6 +270,13 @@ LIKE = {
                      "attention.layer_norm_rms_epsilon": 1e-5,
                      "expert_feed_forward_length": 2880, "rope.scaling.type": "yarn",
                      "rope.scaling.factor": 32.0, "rope.scaling.original_context_length": 4096}),
+    # Not a published model: gpt-oss's layout at a size a test can make and run in seconds
+    # (8 experts 256 wide, 2 used per token), for what only a mixture of experts exercises.
+    "gpt-oss-tiny": ("gpt-oss", 256, 4, 1, 64, 256, 128, 2,
+                     {"expert_count": 8, "expert_used_count": 2,
+                      "attention.layer_norm_rms_epsilon": 1e-5,
+                      "expert_feed_forward_length": 256, "rope.scaling.type": "yarn",
+                      "rope.scaling.factor": 32.0, "rope.scaling.original_context_length": 4096}),
 }
 
 

@@ -20,8 +20,9 @@
 //! Written against `llama-cpp-sys-2` directly: `llama-cpp-2` neither exposes the graph callback
 //! nor hands out the raw model and context pointers a context with one needs.
 //!
-//! Mixture-of-experts models are refused: their expert tensors are multiplied through
-//! `MUL_MAT_ID`, whose per-expert bookkeeping is not implemented here.
+//! A mixture of experts' expert tensors are multiplied through `MUL_MAT_ID`: each token's row
+//! goes to the sums of each expert its router picked, and each expert counts its own rows (the
+//! `counts` tensor then has one per expert), as llama-imatrix keeps them.
 
 use std::collections::BTreeMap;
 use std::ffi::{c_void, CStr, CString};
@@ -354,10 +355,12 @@ pub struct Plan<'a> {
 
 /// A weight's running sums while the text is read.
 struct Sums {
-    /// Per matrix of the tensor (its third and fourth dimensions), per input column.
+    /// Per matrix of the tensor (its third and fourth dimensions, or its experts), per input
+    /// column.
     sums: Vec<f64>,
-    /// Rows each matrix saw.
-    rows: u64,
+    /// Rows seen: one count for a plain weight, whose every matrix sees every row (as
+    /// llama.cpp writes it); one per expert for a mixture's expert tensor.
+    rows: Vec<u64>,
 }
 
 /// What the graph callback gathers; it is called on the thread that runs `llama_decode`.
@@ -379,20 +382,107 @@ fn weight_name(name: &str) -> &str {
     }
 }
 
-/// Adds one row of activations to a matrix's sums of squares.
-fn add_row(sums: &mut [f64], row: &[f32]) {
-    for (s, &x) in sums.iter_mut().zip(row) {
-        *s += f64::from(x) * f64::from(x);
+/// A tensor's shape and strides (ggml's `ne` and `nb`).
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    ne: [usize; 4],
+    nb: [usize; 4],
+}
+
+impl Shape {
+    fn of(t: &llama_cpp_sys_2::ggml_tensor) -> Shape {
+        Shape {
+            ne: t.ne.map(|n| n.max(0) as usize),
+            nb: t.nb,
+        }
     }
 }
 
+/// The F32 row of `width` values at byte `at` of `data`.
+fn row(data: &[u8], at: usize, width: usize) -> Result<impl Iterator<Item = f32> + '_, String> {
+    let bytes = data
+        .get(at..at + width * 4)
+        .ok_or("a row past the tensor's end")?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])))
+}
+
+/// Adds a plain product's activations (`data`, of shape `x`) to its weight's sums: each row
+/// to the matrix (of the weight's `(third, fourth)` dimensions) it is multiplied with.
+fn add_dense(
+    sums: &mut Sums,
+    data: &[u8],
+    x: Shape,
+    (w2, w3): (usize, usize),
+) -> Result<(), String> {
+    let width = x.ne[0];
+    for i3 in 0..x.ne[3] {
+        for i2 in 0..x.ne[2] {
+            let m = (i3 % w3) * w2 + (i2 % w2);
+            let acc = &mut sums.sums[m * width..(m + 1) * width];
+            for r in 0..x.ne[1] {
+                let values = row(data, r * x.nb[1] + i2 * x.nb[2] + i3 * x.nb[3], width)?;
+                for (s, v) in acc.iter_mut().zip(values) {
+                    *s += f64::from(v) * f64::from(v);
+                }
+            }
+        }
+    }
+    sums.rows[0] += (x.ne[1] * x.ne[2] * x.ne[3] / (w2 * w3)) as u64;
+    Ok(())
+}
+
+/// Adds a routed product's activations to its expert tensor's sums: for each token (the
+/// third dimension of `x`) and each of its picks (`ids`, `[picks, tokens]` of I32, not
+/// contiguous), the token's row for that pick (or its one row, shared by all picks) to the
+/// picked expert's sums, counting a row for that expert.
+fn add_routed(sums: &mut Sums, data: &[u8], x: Shape, ids: &[u8], id: Shape) -> Result<(), String> {
+    let (width, experts) = (x.ne[0], sums.rows.len());
+    if id.ne[1] != x.ne[2] {
+        return Err(format!(
+            "{} tokens of picks for {} of activations",
+            id.ne[1], x.ne[2]
+        ));
+    }
+    for token in 0..x.ne[2] {
+        for pick in 0..id.ne[0] {
+            let at = token * id.nb[1] + pick * id.nb[0];
+            let b = ids
+                .get(at..at + 4)
+                .ok_or("an expert id past the ids' end")?;
+            let expert = i32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+            let e = usize::try_from(expert)
+                .ok()
+                .filter(|&e| e < experts)
+                .ok_or_else(|| format!("expert {expert} of {experts}"))?;
+            let values = row(
+                data,
+                (pick % x.ne[1].max(1)) * x.nb[1] + token * x.nb[2],
+                width,
+            )?;
+            for (s, v) in sums.sums[e * width..(e + 1) * width].iter_mut().zip(values) {
+                *s += f64::from(v) * f64::from(v);
+            }
+            sums.rows[e] += 1;
+        }
+    }
+    Ok(())
+}
+
 impl Collector {
-    /// Whether `t` is a product with a layer's weight whose activations are F32.
+    /// Whether `t` is a product with a layer's weight whose activations are F32: a plain one
+    /// (`MUL_MAT`) or a mixture's product with the experts its router picked (`MUL_MAT_ID`).
     ///
     /// # Safety
     /// `t` must be a live tensor of the graph being computed.
     unsafe fn wants(t: &llama_cpp_sys_2::ggml_tensor) -> Option<String> {
-        if t.op != llama_cpp_sys_2::GGML_OP_MUL_MAT || t.src[0].is_null() || t.src[1].is_null() {
+        let routed = t.op == llama_cpp_sys_2::GGML_OP_MUL_MAT_ID;
+        if !(t.op == llama_cpp_sys_2::GGML_OP_MUL_MAT || routed)
+            || t.src[0].is_null()
+            || t.src[1].is_null()
+            || (routed && t.src[2].is_null())
+        {
             return None;
         }
         // SAFETY: the sources of a live node are live tensors.
@@ -447,35 +537,43 @@ impl Collector {
         if base.is_null() {
             return Err(format!("{name}: activations without data"));
         }
+        // SAFETY: `base` holds the tensor's `bytes` bytes, read-only while the callback runs.
+        let data = unsafe { std::slice::from_raw_parts(base, bytes) };
+        let x_shape = Shape::of(x);
+        if t.op == llama_cpp_sys_2::GGML_OP_MUL_MAT_ID {
+            // SAFETY: a routed product's third source is its router's picks, a live tensor.
+            let ids = unsafe { &*t.src[2] };
+            if ids.type_ != llama_cpp_sys_2::GGML_TYPE_I32 {
+                return Err(format!("{name}: expert ids that are not I32"));
+            }
+            // Small, and not contiguous: copied whole, wherever it lives.
+            // SAFETY: the buffer holds the tensor's `ggml_nbytes` bytes.
+            let picks = unsafe {
+                let n = llama_cpp_sys_2::ggml_nbytes(ids);
+                let mut picks = vec![0u8; n];
+                llama_cpp_sys_2::ggml_backend_tensor_get(ids, picks.as_mut_ptr().cast(), 0, n);
+                picks
+            };
+            let experts = w.ne[2].max(1) as usize;
+            let sums = self.weights.entry(name.clone()).or_insert_with(|| Sums {
+                sums: vec![0.0; width * experts],
+                rows: vec![0; experts],
+            });
+            if sums.sums.len() != width * experts || sums.rows.len() != experts {
+                return Err(format!("{name}: activations of another width"));
+            }
+            return add_routed(sums, data, x_shape, &picks, Shape::of(ids))
+                .map_err(|e| format!("{name}: {e}"));
+        }
         let (w2, w3) = (w.ne[2].max(1) as usize, w.ne[3].max(1) as usize);
-        let matrices = w2 * w3;
         let sums = self.weights.entry(name.clone()).or_insert_with(|| Sums {
-            sums: vec![0.0; width * matrices],
-            rows: 0,
+            sums: vec![0.0; width * w2 * w3],
+            rows: vec![0],
         });
-        if sums.sums.len() != width * matrices {
+        if sums.sums.len() != width * w2 * w3 {
             return Err(format!("{name}: activations of another width"));
         }
-        let [_, n1, n2, n3] = x.ne.map(|n| n.max(0) as usize);
-        for i3 in 0..n3 {
-            for i2 in 0..n2 {
-                let m = (i3 % w3) * w2 + (i2 % w2);
-                let acc = &mut sums.sums[m * width..(m + 1) * width];
-                for row in 0..n1 {
-                    let at = row * x.nb[1] + i2 * x.nb[2] + i3 * x.nb[3];
-                    if at + width * 4 > bytes {
-                        return Err(format!("{name}: a row past the tensor's end"));
-                    }
-                    // SAFETY: the row lies within the tensor's bytes (checked above), and
-                    // ggml aligns F32 data to 4 bytes.
-                    let values =
-                        unsafe { std::slice::from_raw_parts(base.add(at).cast::<f32>(), width) };
-                    add_row(acc, values);
-                }
-            }
-        }
-        sums.rows += (n1 * n2 * n3 / matrices) as u64;
-        Ok(())
+        add_dense(sums, data, x_shape, (w2, w3)).map_err(|e| format!("{name}: {e}"))
     }
 
     fn into_imatrix(self) -> BTreeMap<String, Entry> {
@@ -484,9 +582,7 @@ impl Collector {
             .map(|(name, s)| {
                 let entry = Entry {
                     sums: s.sums.iter().map(|&v| v as f32).collect(),
-                    // Every matrix of a plain weight sees every row: one count, as llama.cpp
-                    // writes it.
-                    counts: vec![s.rows as f32],
+                    counts: s.rows.iter().map(|&r| r as f32).collect(),
                 };
                 (name, entry)
             })
@@ -604,14 +700,6 @@ pub struct Computed {
 pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
     let header = gguf::read(plan.model)
         .map_err(|e| ImatrixError::Input(format!("{}: {e}", plan.model.display())))?;
-    let arch = header.architecture().to_owned();
-    if header.uint(&format!("{arch}.expert_count")).unwrap_or(0) > 0 {
-        return Err(ImatrixError::Input(format!(
-            "{}: a mixture-of-experts model; backstop imatrix does not gather its expert \
-             tensors (llama.cpp's llama-imatrix does)",
-            plan.model.display()
-        )));
-    }
     let text = std::fs::read(plan.text)
         .map_err(|e| ImatrixError::Input(format!("{}: {e}", plan.text.display())))?;
     let text = String::from_utf8(text)
@@ -923,7 +1011,7 @@ mod tests {
     }
 
     #[test]
-    fn a_decorated_tensor_name_gives_the_weight_s_and_rows_add_their_squares() {
+    fn a_decorated_tensor_name_gives_the_weight_s() {
         assert_eq!(weight_name("blk.0.attn_q.weight"), "blk.0.attn_q.weight");
         assert_eq!(
             weight_name("CUDA0#blk.0.attn_q.weight#0"),
@@ -933,9 +1021,93 @@ mod tests {
             weight_name("CPU#blk.1.ffn_up.weight"),
             "blk.1.ffn_up.weight"
         );
-        let mut sums = vec![1.0, 0.0];
-        add_row(&mut sums, &[2.0, -3.0]);
-        add_row(&mut sums, &[1.0, 1.0]);
-        assert_eq!(sums, [6.0, 10.0]);
+    }
+
+    fn f32_bytes(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_ne_bytes()).collect()
+    }
+
+    #[test]
+    fn a_plain_product_adds_every_row_to_its_matrix_and_counts_the_rows() {
+        // Three tokens of two columns, contiguous.
+        let x = f32_bytes(&[1.0, 2.0, 3.0, -1.0, 0.5, 0.0]);
+        let shape = Shape {
+            ne: [2, 3, 1, 1],
+            nb: [4, 8, 24, 24],
+        };
+        let mut sums = Sums {
+            sums: vec![0.0; 2],
+            rows: vec![0],
+        };
+        add_dense(&mut sums, &x, shape, (1, 1)).unwrap();
+        assert_eq!(sums.sums, [1.0 + 9.0 + 0.25, 4.0 + 1.0]);
+        assert_eq!(sums.rows, [3]);
+        // A shape that runs past the data is an error, not a read out of bounds.
+        let long = Shape {
+            ne: [2, 4, 1, 1],
+            ..shape
+        };
+        assert!(add_dense(&mut sums, &x, long, (1, 1)).is_err());
+    }
+
+    #[test]
+    fn a_routed_product_adds_each_token_s_row_to_the_experts_it_picked() {
+        // Two tokens, two picks each among three experts; one activation row per pick
+        // (`[width 2, picks 2, tokens 2]`), as a mixture's up and gate products have.
+        let x = f32_bytes(&[
+            1.0, 0.0, // token 0, pick 0
+            0.0, 2.0, // token 0, pick 1
+            3.0, 3.0, // token 1, pick 0
+            1.0, 1.0, // token 1, pick 1
+        ]);
+        let shape = Shape {
+            ne: [2, 2, 2, 1],
+            nb: [4, 8, 16, 32],
+        };
+        // The ids `[picks 2, tokens 2]`, not contiguous: each token's picks 16 bytes apart.
+        let mut ids = vec![0u8; 32];
+        for (token, picks) in [[2i32, 0], [2, 1]].iter().enumerate() {
+            for (pick, e) in picks.iter().enumerate() {
+                ids[token * 16 + pick * 4..][..4].copy_from_slice(&e.to_ne_bytes());
+            }
+        }
+        let id = Shape {
+            ne: [2, 2, 1, 1],
+            nb: [4, 16, 32, 32],
+        };
+        let mut sums = Sums {
+            sums: vec![0.0; 6],
+            rows: vec![0; 3],
+        };
+        add_routed(&mut sums, &x, shape, &ids, id).unwrap();
+        // Expert 0: token 0's second row; expert 1: token 1's second; expert 2: both firsts.
+        assert_eq!(sums.sums, [0.0, 4.0, 1.0, 1.0, 1.0 + 9.0, 9.0]);
+        assert_eq!(sums.rows, [1, 1, 2]);
+
+        // One row per token shared by its picks (the down product's input is per pick, the
+        // others' may be one broadcast row): the pick index wraps.
+        let one = Shape {
+            ne: [2, 1, 2, 1],
+            nb: [4, 8, 8, 16],
+        };
+        let x1 = f32_bytes(&[1.0, 1.0, 2.0, 0.0]);
+        let mut shared = Sums {
+            sums: vec![0.0; 6],
+            rows: vec![0; 3],
+        };
+        add_routed(&mut shared, &x1, one, &ids, id).unwrap();
+        assert_eq!(shared.sums, [1.0, 1.0, 4.0, 0.0, 1.0 + 4.0, 1.0]);
+        assert_eq!(shared.rows, [1, 1, 2]);
+
+        // An expert the tensor does not have, and ids for other tokens, are errors.
+        ids[0..4].copy_from_slice(&7i32.to_ne_bytes());
+        assert!(add_routed(&mut sums, &x, shape, &ids, id)
+            .unwrap_err()
+            .contains("expert 7 of 3"));
+        let fewer = Shape {
+            ne: [2, 1, 1, 1],
+            ..id
+        };
+        assert!(add_routed(&mut sums, &x, shape, &ids, fewer).is_err());
     }
 }

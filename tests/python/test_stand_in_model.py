@@ -208,3 +208,54 @@ def test_a_shape_that_cannot_be_made_is_refused_and_nothing_is_written(tmp_path)
     r = run("--like", "gemma3-1b", str(bare), str(out))
     assert r.returncode == 1 and "no tokenizer" in r.stderr, r.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["bare.gguf"]
+
+
+def imatrix_entries(path: pathlib.Path) -> dict:
+    """An imatrix GGUF's entries: name -> (sums, counts), read with the script's own parser."""
+    start, tensors = stand_in_model.layout(str(path))
+    data = path.read_bytes()
+    values = {}
+    for name, dims, ggml_type, offset in tensors:
+        assert ggml_type == 0, name  # F32
+        n = math.prod(dims)
+        values[name] = struct.unpack_from(f"<{n}f", data, start + offset)
+    return {name[:-len(".in_sum2")]: (values[name], values[name[:-len(".in_sum2")] + ".counts"])
+            for name in values if name.endswith(".in_sum2")}
+
+
+def test_a_mixture_of_experts_gets_an_importance_matrix_per_expert(tmp_path):
+    """`backstop imatrix` on a small gpt-oss-like stand-in (8 experts, 2 used per token): each
+    expert tensor gets sums and a row count per expert, every token counted once per pick, and
+    `quantize --imatrix` takes the matrix for a type that needs one."""
+    moe, matrix, quantized = tmp_path / "moe.gguf", tmp_path / "moe.imatrix.gguf", tmp_path / "q.gguf"
+    r = run("--like", "gpt-oss-tiny", str(model(SMOLLM2)), str(moe))
+    assert r.returncode == 0, r.stderr
+    readme = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+    r = subprocess.run([binary(), "imatrix", str(moe), "-f", str(readme), "-o", str(matrix),
+                        "--chunk", "128", "--chunks", "2", "-t", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    # Per layer: attention q, k, v, output, the router, and the three expert tensors.
+    assert "16 weight matrices from 2 chunks of 128 tokens" in r.stdout, r.stdout
+    entries = imatrix_entries(matrix)
+    assert len(entries) == 16, sorted(entries)
+    tokens = 2 * 128
+    for layer in (0, 1):
+        for kind in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+            sums, counts = entries[f"blk.{layer}.{kind}.weight"]
+            assert len(counts) == 8 and len(sums) == 8 * 256, kind
+            # Each token picked two experts: its row was counted for each.
+            assert sum(counts) == 2 * tokens, (kind, counts)
+            # An expert's sums are positive exactly where it was picked.
+            for e in range(8):
+                picked = any(s > 0 for s in sums[e * 256:(e + 1) * 256])
+                assert picked == (counts[e] > 0), (kind, e, counts)
+        for kind in ("attn_q", "ffn_gate_inp"):
+            sums, counts = entries[f"blk.{layer}.{kind}.weight"]
+            assert counts == (float(tokens),) and len(sums) == 256, kind
+
+    r = subprocess.run([binary(), "quantize", "--imatrix", str(matrix), str(moe), str(quantized),
+                        "Q2_K_S"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "importance matrix for 16 of 16 weight matrices" in r.stderr, r.stderr
+    assert quantized.stat().st_size < moe.stat().st_size / 3
