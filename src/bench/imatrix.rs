@@ -26,8 +26,8 @@
 
 use std::collections::BTreeMap;
 use std::ffi::{c_void, CStr, CString};
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -129,26 +129,11 @@ impl Imatrix {
     /// Writes it in llama.cpp's GGUF imatrix format, under a temporary name renamed into
     /// place once complete.
     pub fn write(&self, path: &Path) -> Result<(), ImatrixError> {
-        let fail = |e: std::io::Error| ImatrixError::Output(format!("{}: {e}", path.display()));
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = path
-            .file_name()
-            .and_then(|f| f.to_str())
-            .unwrap_or("imatrix");
-        let temp = dir.join(format!(".{name}.partial-{}", std::process::id()));
-        let written = std::fs::File::create(&temp).and_then(|f| {
-            let mut w = BufWriter::new(f);
-            self.write_gguf(&mut w)?;
-            w.into_inner().map_err(|e| e.into_error())?.sync_all()
-        });
-        if let Err(e) = written.and_then(|()| std::fs::rename(&temp, path)) {
-            let _ = std::fs::remove_file(&temp);
-            return Err(fail(e));
-        }
-        Ok(())
+        let mut bytes = Vec::new();
+        self.write_gguf(&mut bytes)
+            .map_err(|e| ImatrixError::Output(format!("{}: {e}", path.display())))?;
+        crate::models::store::write_atomically(path, &bytes)
+            .map_err(|e| ImatrixError::Output(e.to_string()))
     }
 
     /// The GGUF bytes (gguf.md, version 3): four keys, then two F32 tensors per entry.
@@ -214,14 +199,6 @@ impl Imatrix {
             w.write_all(&vec![0u8; padded(data.len() * 4) - data.len() * 4])?;
         }
         Ok(())
-    }
-
-    /// What `llama_model_quantize` takes: each entry's mean squares.
-    pub fn importance(&self) -> Vec<(String, Vec<f32>)> {
-        self.entries
-            .iter()
-            .map(|(name, e)| (name.clone(), e.importance()))
-            .collect()
     }
 }
 
@@ -937,9 +914,9 @@ mod tests {
     #[test]
     fn importance_is_the_mean_square_per_matrix_and_one_where_a_matrix_saw_nothing() {
         let m = sample();
-        let got: BTreeMap<_, _> = m.importance().into_iter().collect();
-        assert_eq!(got["blk.0.attn_q.weight"], [1.0, 2.0, 3.0]);
-        assert_eq!(got["blk.0.ffn_down_exps.weight"], [1.0, 2.0, 1.0, 1.0]);
+        let got = |name: &str| m.entries[name].importance();
+        assert_eq!(got("blk.0.attn_q.weight"), [1.0, 2.0, 3.0]);
+        assert_eq!(got("blk.0.ffn_down_exps.weight"), [1.0, 2.0, 1.0, 1.0]);
     }
 
     #[test]
@@ -986,8 +963,8 @@ mod tests {
         assert_eq!(m.chunk_count, 10);
         assert_eq!(m.datasets, ["wiki.txt"]);
         // Stored as means times the call count; the quantizer gets the means.
-        let got = m.importance();
-        assert_eq!(got, [("blk.3.ffn_up.weight".to_owned(), vec![0.5, 2.0])]);
+        assert_eq!(m.entries.len(), 1);
+        assert_eq!(m.entries["blk.3.ffn_up.weight"].importance(), [0.5, 2.0]);
 
         // Cut short, or not an imatrix at all: refused with the file's name.
         let mut cut = legacy_bytes();

@@ -334,27 +334,31 @@ pub fn quantize(
     })
 }
 
-/// A metadata key for the quantized file, its text cut to llama.cpp's 127 bytes.
-fn text_key(key: &str, value: &str) -> llama_cpp_sys_2::llama_model_kv_override {
-    let mut k = int_key(key, 0);
-    k.tag = llama_cpp_sys_2::LLAMA_KV_OVERRIDE_TYPE_STR;
-    let mut text = [0 as c_char; 128];
-    for (to, &from) in text.iter_mut().zip(value.as_bytes().iter().take(127)) {
+/// A key or text value for llama.cpp's override list: at most 127 bytes, NUL-terminated.
+fn c_text(text: &str) -> [c_char; 128] {
+    let mut out = [0 as c_char; 128];
+    for (to, &from) in out.iter_mut().zip(text.as_bytes().iter().take(127)) {
         *to = from as c_char;
     }
-    k.__bindgen_anon_1.val_str = text;
-    k
+    out
+}
+
+/// A metadata key for the quantized file, its text cut to llama.cpp's 127 bytes.
+fn text_key(key: &str, value: &str) -> llama_cpp_sys_2::llama_model_kv_override {
+    llama_cpp_sys_2::llama_model_kv_override {
+        tag: llama_cpp_sys_2::LLAMA_KV_OVERRIDE_TYPE_STR,
+        key: c_text(key),
+        __bindgen_anon_1: llama_cpp_sys_2::llama_model_kv_override__bindgen_ty_1 {
+            val_str: c_text(value),
+        },
+    }
 }
 
 /// An integer metadata key for the quantized file (`""` ends llama.cpp's list).
 fn int_key(key: &str, value: i64) -> llama_cpp_sys_2::llama_model_kv_override {
-    let mut name = [0 as c_char; 128];
-    for (to, &from) in name.iter_mut().zip(key.as_bytes().iter().take(127)) {
-        *to = from as c_char;
-    }
     llama_cpp_sys_2::llama_model_kv_override {
         tag: llama_cpp_sys_2::LLAMA_KV_OVERRIDE_TYPE_INT,
-        key: name,
+        key: c_text(key),
         __bindgen_anon_1: llama_cpp_sys_2::llama_model_kv_override__bindgen_ty_1 { val_i64: value },
     }
 }
