@@ -259,3 +259,23 @@ def test_a_mixture_of_experts_gets_an_importance_matrix_per_expert(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "importance matrix for 16 of 16 weight matrices" in r.stderr, r.stderr
     assert quantized.stat().st_size < moe.stat().st_size / 3
+
+
+def test_the_output_layer_options_reach_a_model_with_its_own_output_layer(tmp_path):
+    """SmolLM2 and Gemma 3 share their output layer with the embeddings; the gpt-oss stand-in
+    has its own, which `--output-tensor-type` sets and `--leave-output-tensor` leaves alone."""
+    moe = tmp_path / "moe.gguf"
+    assert run("--like", "gpt-oss-tiny", str(model(SMOLLM2)), str(moe)).returncode == 0
+
+    def output_type(*args: str) -> int:
+        out = tmp_path / "q.gguf"
+        r = subprocess.run([binary(), "quantize", str(moe), str(out), "Q4_0", *args],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        _, tensors = stand_in_model.layout(str(out))
+        return next(t for name, _, t, _ in tensors if name == "output.weight")
+
+    f16, q8_0 = 1, 8
+    assert output_type() not in (f16, q8_0)
+    assert output_type("--output-tensor-type", "Q8_0") == q8_0
+    assert output_type("--leave-output-tensor") == f16
