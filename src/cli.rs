@@ -116,7 +116,12 @@ pub enum Command {
     /// Tokens per second for prompt processing and generation, per GGUF (quantizations side
     /// by side), in this process with no server; or, with --server, of running servers.
     Bench(BenchArgs),
-    /// Quantize a GGUF with llama.cpp's quantizer: `backstop quantize IN OUT TYPE`.
+    /// Quantize a GGUF with llama.cpp's quantizer: `backstop quantize IN OUT TYPE`; or work out
+    /// what some types would make without quantizing: `backstop quantize --dry-run IN TYPE,...`.
+    #[command(
+        override_usage = "backstop quantize [OPTIONS] <IN> <OUT> <TYPE>\n       \
+                                backstop quantize --dry-run [OPTIONS] <IN> <TYPE>[,TYPE...]"
+    )]
     Quantize(QuantizeArgs),
     /// Compute an importance matrix for `backstop quantize --imatrix` from a calibration text:
     /// `backstop imatrix MODEL -f TEXT -o FILE`.
@@ -316,12 +321,17 @@ fn parse_kv_type(text: &str) -> Result<crate::engine::KvCacheType, String> {
 pub struct QuantizeArgs {
     /// The GGUF to read (F16/BF16 ideally; an already quantized one is requantized, with a warning).
     pub input: PathBuf,
-    /// The GGUF to write.
+    /// The GGUF to write (with --dry-run, the types instead, unless both are given).
+    #[arg(value_name = "OUT")]
     pub output: PathBuf,
     /// Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q4_0, Q4_1, Q3_K_M, Q2_K, IQ4_XS, F16, ...;
     /// with --imatrix also IQ3_XXS, IQ2_M, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S, Q2_K_S.
-    #[arg(value_name = "TYPE")]
-    pub kind: String,
+    #[arg(value_name = "TYPE", required_unless_present = "dry_run")]
+    pub kind: Option<String>,
+    /// Write nothing: print the size each TYPE (a comma-separated list) would make, as
+    /// llama.cpp's quantizer works it out without quantizing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// CPU threads [default: physical cores].
     #[arg(short = 't', long, value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Option<u32>,
@@ -348,26 +358,57 @@ pub struct QuantizeArgs {
     /// in GGML_TYPE; repeatable, the first that matches wins.
     #[arg(long = "tensor-type", value_name = "PATTERN=GGML_TYPE")]
     pub tensor_types: Vec<String>,
+    /// Set a metadata key in the output: TYPE is int (0 to 4294967295), float, bool (true or
+    /// false) or str (at most 127 bytes); repeatable, e.g. general.name=str:my-model.
+    #[arg(long = "override-kv", value_name = "KEY=TYPE:VALUE")]
+    pub overrides: Vec<String>,
 }
 
 /// `backstop imatrix`.
 #[derive(Debug, Clone, Args)]
 pub struct ImatrixArgs {
     /// The GGUF to read the text through: the model that will be quantized (F16/BF16 ideally).
+    /// With --in-file alone, the model the matrices are checked against.
     pub model: PathBuf,
     /// The calibration text, plain UTF-8: text like what the model will be asked (prose, code,
     /// chat), some hundred thousand tokens for a real model.
-    #[arg(short = 'f', long = "file", value_name = "TEXT")]
-    pub text: PathBuf,
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "TEXT",
+        required_unless_present = "in_files"
+    )]
+    pub text: Option<PathBuf>,
     /// Where to write the matrix (llama.cpp's GGUF imatrix format).
     #[arg(short = 'o', long, value_name = "FILE", default_value = "imatrix.gguf")]
     pub output: PathBuf,
+    /// A matrix to start from (GGUF, or llama.cpp's legacy .dat); repeatable. The text's
+    /// statistics are added to theirs; without -f the files are only combined.
+    #[arg(long = "in-file", value_name = "FILE")]
+    pub in_files: Vec<PathBuf>,
     /// Tokens per chunk, each read from an empty cache.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(16..))]
     pub chunk: u32,
     /// Read at most this many chunks [default: all the text gives].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, requires = "text", value_parser = clap::value_parser!(u32).range(1..))]
     pub chunks: Option<u32>,
+    /// Pass over the text's first N chunks: where an earlier run that saved N chunks stopped
+    /// (resume with --in-file OUTPUT --from-chunk N).
+    #[arg(long, requires = "text", value_name = "N", default_value_t = 0)]
+    pub from_chunk: u32,
+    /// Write the matrix so far to the output every N chunks, so a long run that stops leaves
+    /// them behind (0: only at the end).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub output_frequency: u32,
+    /// Also keep a copy of the matrix so far every N chunks, as OUTPUT.at_CHUNKS (0: none).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub save_frequency: u32,
+    /// Gather the output layer's inputs too, where the model has its own (output.weight).
+    #[arg(long, requires = "text")]
+    pub process_output: bool,
+    /// Do not score the text's perplexity (it is a check, not part of the matrix).
+    #[arg(long, requires = "text")]
+    pub no_ppl: bool,
     /// CPU threads [default: physical cores].
     #[arg(short = 't', long, value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Option<u32>,

@@ -70,36 +70,32 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
                 leave_output: a.leave_output_tensor,
                 pure: a.pure,
                 tensor_types,
+                overrides: a
+                    .overrides
+                    .iter()
+                    .map(|spec| bench::quantize::override_kv(spec))
+                    .collect::<Result<_, _>>()?,
             };
-            bench::quantize::quantize(&a.input, &a.output, &a.kind, &options)?;
+            if a.dry_run {
+                // `IN TYPES`, or `IN OUT TYPES` as llama-quantize takes it (OUT unused).
+                let kinds = match &a.kind {
+                    Some(k) => k.clone(),
+                    None => a.output.to_string_lossy().into_owned(),
+                };
+                print!("{}", bench::quantize::dry_run(&a.input, &kinds, &options)?);
+                return Ok(0);
+            }
+            let kind = a.kind.as_deref().unwrap_or_default();
+            bench::quantize::quantize(&a.input, &a.output, kind, &options)?;
             println!(
                 "wrote {} ({})",
                 a.output.display(),
-                a.kind.to_ascii_uppercase()
+                kind.to_ascii_uppercase()
             );
             return Ok(0);
         }
         Command::Imatrix(a) => {
-            let threads = a.threads.unwrap_or_else(config::default_threads);
-            let plan = bench::imatrix::Plan {
-                model: &a.model,
-                text: &a.text,
-                chunk: a.chunk as usize,
-                chunks: a.chunks.map(|n| n as usize),
-                threads,
-            };
-            let done = bench::imatrix::compute(&plan)?;
-            let m = &done.imatrix;
-            m.write(&a.output)?;
-            println!(
-                "wrote {}: {} weight matrices from {} chunks of {} tokens of {} (perplexity {:.4})",
-                a.output.display(),
-                m.entries.len(),
-                m.chunk_count,
-                m.chunk_size,
-                a.text.display(),
-                done.perplexity
-            );
+            imatrix(a)?;
             return Ok(0);
         }
         Command::Config(cli::ConfigCommand::Check(args)) => {
@@ -160,6 +156,65 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
         }
     })?;
     Ok(0)
+}
+
+/// `backstop imatrix`: reads a text through the model into an importance matrix, added to
+/// the `--in-file` ones, or only combines those.
+fn imatrix(a: &cli::ImatrixArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let start = bench::imatrix::combine(&a.model, &a.in_files, a.chunk)?;
+    let Some(text) = a.text.as_deref() else {
+        start.write(&a.output)?;
+        println!(
+            "wrote {}: {} weight matrices from {} chunks, combining {} files ({})",
+            a.output.display(),
+            start.entries.len(),
+            start.chunk_count,
+            a.in_files.len(),
+            start.datasets.join(", ")
+        );
+        return Ok(());
+    };
+    let plan = bench::imatrix::Plan {
+        model: &a.model,
+        text,
+        chunk: a.chunk as usize,
+        from_chunk: a.from_chunk as usize,
+        chunks: a.chunks.map(|n| n as usize),
+        threads: a.threads.unwrap_or_else(config::default_threads),
+        start,
+        process_output: a.process_output,
+        perplexity: !a.no_ppl,
+        output: &a.output,
+        save_every: a.output_frequency as usize,
+        keep_every: a.save_frequency as usize,
+    };
+    let done = bench::imatrix::compute(&plan)?;
+    let m = &done.imatrix;
+    m.write(&a.output)?;
+    let mut line = format!(
+        "wrote {}: {} weight matrices from {} chunks of {} tokens of {}",
+        a.output.display(),
+        m.entries.len(),
+        done.chunks,
+        m.chunk_size,
+        text.display()
+    );
+    if !a.in_files.is_empty() {
+        line += &format!(
+            ", added to {} ({} chunks in all)",
+            a.in_files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            m.chunk_count
+        );
+    }
+    if let Some(p) = done.perplexity {
+        line += &format!(" (perplexity {p:.4})");
+    }
+    println!("{line}");
+    Ok(())
 }
 
 /// `backstop keys new`: a fresh secret, printed once, and its `[[security.keys]]` entry.

@@ -1755,6 +1755,293 @@ fn an_importance_matrix_is_computed_and_makes_low_bit_quantization_lose_less() {
     );
 }
 
+/// A long `backstop imatrix` run can be cut into parts: runs over chunks of the text read from
+/// `--from-chunk`, combined with `--in-file` (alone, or under a run that goes on), give the
+/// matrix one run over the whole text gives; the matrix so far is saved as the run goes.
+#[test]
+fn imatrix_runs_resume_combine_and_save_as_they_go() {
+    let _cores = one_at_a_time();
+    let dir = common::temp_dir("imatrix-parts");
+    let _cleanup = Cleanup(dir.clone());
+    let smol = common::smollm2();
+    let readme = common::checkout().join("README.md");
+    let (smol_s, readme_s) = (smol.to_str().unwrap(), readme.to_str().unwrap());
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let run = |extra: &[&str]| {
+        let o = backstop(&[&["imatrix", smol_s, "--chunk", "128", "-t", "2"][..], extra].concat());
+        assert!(o.status.success(), "{extra:?}: {}", text(&o.stderr));
+        text(&o.stdout)
+    };
+    let read =
+        |name: &str| backstop::bench::imatrix::Imatrix::read(Path::new(&path(name))).unwrap();
+
+    // The whole: four chunks in one run, saved after each, with a copy kept every second,
+    // and without the perplexity.
+    let whole_s = path("whole.gguf");
+    let said = run(&[
+        "-f",
+        readme_s,
+        "--chunks",
+        "4",
+        "--no-ppl",
+        "--output-frequency",
+        "1",
+        "--save-frequency",
+        "2",
+        "-o",
+        &whole_s,
+    ]);
+    assert!(
+        said.contains("210 weight matrices from 4 chunks of 128 tokens"),
+        "{said}"
+    );
+    assert!(!said.contains("perplexity"), "{said}");
+    let whole = read("whole.gguf");
+    assert_eq!((whole.chunk_count, whole.datasets.len()), (4, 1));
+    // The copy kept after two chunks holds two chunks' rows; none is kept at the end.
+    let at_2 = read("whole.gguf.at_2");
+    assert_eq!(at_2.chunk_count, 2);
+    assert!(at_2.entries.values().all(|e| e.counts == [256.0]));
+    assert!(!dir.join("whole.gguf.at_4").exists());
+
+    // The same chunks as two runs; the second starts where the first stopped.
+    let first_s = path("first.gguf");
+    let said = run(&["-f", readme_s, "--chunks", "2", "-o", &first_s]);
+    assert!(said.contains("(perplexity "), "{said}");
+    let second_s = path("second.gguf");
+    run(&[
+        "-f",
+        readme_s,
+        "--from-chunk",
+        "2",
+        "--chunks",
+        "2",
+        "-o",
+        &second_s,
+    ]);
+    // Close enough: sums of squares in another order and precision.
+    let same = |m: &backstop::bench::imatrix::Imatrix, what: &str| {
+        assert_eq!(m.chunk_count, 4, "{what}");
+        assert_eq!(m.datasets, [readme_s], "{what}");
+        assert_eq!(m.entries.len(), whole.entries.len(), "{what}");
+        for (name, e) in &whole.entries {
+            let got = &m.entries[name];
+            assert_eq!(got.counts, [512.0], "{what} {name}");
+            for (a, b) in got.sums.iter().zip(&e.sums) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs(),
+                    "{what} {name}: {a} against {b}"
+                );
+            }
+        }
+    };
+    // The first run's matrix equals the whole's copy at two chunks.
+    assert_eq!(read("first.gguf").entries, at_2.entries);
+
+    // Combined without a text: no model is run, only checked against.
+    let combined_s = path("combined.gguf");
+    let said = run(&[
+        "--in-file",
+        &first_s,
+        "--in-file",
+        &second_s,
+        "-o",
+        &combined_s,
+    ]);
+    assert!(
+        said.contains("210 weight matrices from 4 chunks, combining 2 files"),
+        "{said}"
+    );
+    same(&read("combined.gguf"), "combined");
+
+    // Resumed: the part saved so far is read in and the run goes on into the same file.
+    let said = run(&[
+        "-f",
+        readme_s,
+        "--in-file",
+        &first_s,
+        "--from-chunk",
+        "2",
+        "--chunks",
+        "2",
+        "-o",
+        &first_s,
+    ]);
+    assert!(said.contains("from 2 chunks of 128 tokens"), "{said}");
+    assert!(said.contains("(4 chunks in all)"), "{said}");
+    same(&read("first.gguf"), "resumed");
+
+    // Refused, with nothing written: a matrix made for another model, a start past the
+    // text's end, and neither a text nor a matrix.
+    let mut narrow = whole.clone();
+    for e in narrow.entries.values_mut() {
+        e.sums.truncate(512);
+    }
+    let narrow_s = path("narrow.gguf");
+    narrow.write(Path::new(&narrow_s)).unwrap();
+    let never_s = path("never.gguf");
+    for (args, says) in [
+        (
+            vec!["--in-file", &whole_s, "--in-file", &narrow_s],
+            &["narrow.gguf", "made for another model"][..],
+        ),
+        (
+            vec!["-f", readme_s, "--from-chunk", "100000"],
+            &["leaves none to read"],
+        ),
+        // clap names the argument that is missing.
+        (vec![], &["--file"]),
+        (vec!["--in-file", &whole_s, "--no-ppl"], &["--file"]),
+    ] {
+        let o = backstop(&[&["imatrix", smol_s, "-o", &never_s][..], &args].concat());
+        assert!(!o.status.success(), "{args:?}");
+        let err = text(&o.stderr);
+        assert!(says.iter().all(|s| err.contains(s)), "{args:?}: {err}");
+        assert!(!Path::new(&never_s).exists(), "{args:?}");
+    }
+}
+
+/// `--override-kv KEY=TYPE:VALUE` sets metadata in the quantized file, of each type
+/// llama.cpp's quantizer writes; what it would silently change (a negative integer, a text
+/// over 127 bytes) is refused with nothing written.
+#[test]
+fn quantize_sets_metadata_keys_and_refuses_what_llama_cpp_would_change() {
+    let _cores = one_at_a_time();
+    let dir = common::temp_dir("quantize-override-kv");
+    let _cleanup = Cleanup(dir.clone());
+    let smol = common::smollm2();
+    let out = dir.join("out.gguf");
+    let with = |overrides: &[&str]| {
+        let mut args = vec![
+            "quantize",
+            smol.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "Q4_0",
+        ];
+        for o in overrides {
+            args.extend(["--override-kv", *o]);
+        }
+        backstop(&args)
+    };
+    let o = with(&[
+        "general.name=str:renamed smol",
+        "backstop.test.count=int:7",
+        "backstop.test.scale=float:0.5",
+        "tokenizer.ggml.add_bos_token=bool:true",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let h = backstop::models::gguf::read(&out).unwrap();
+    use backstop::models::gguf::GgufValue;
+    assert_eq!(h.str("general.name"), Some("renamed smol"));
+    assert_eq!(
+        h.metadata.get("backstop.test.count"),
+        Some(&GgufValue::Uint(7))
+    );
+    assert_eq!(
+        h.metadata.get("backstop.test.scale"),
+        Some(&GgufValue::Float(0.5))
+    );
+    assert_eq!(
+        h.metadata.get("tokenizer.ggml.add_bos_token"),
+        Some(&GgufValue::Bool(true))
+    );
+    // Before: SmolLM2's own name, and no such keys.
+    let source = backstop::models::gguf::read(&smol).unwrap();
+    assert_ne!(source.str("general.name"), Some("renamed smol"));
+    assert!(!source.metadata.contains_key("backstop.test.count"));
+    std::fs::remove_file(&out).unwrap();
+
+    let long = format!("general.name=str:{}", "x".repeat(128));
+    let long_key = format!("{}=int:1", "k".repeat(128));
+    for (spec, says) in [
+        ("general.name", "not KEY=TYPE:VALUE"),
+        ("general.name=renamed", "not KEY=TYPE:VALUE"),
+        ("general.name=char:x", "`char` is not a type"),
+        (
+            "backstop.count=int:-1",
+            "not a whole number from 0 to 4294967295",
+        ),
+        ("backstop.count=int:4294967296", "not a whole number"),
+        ("backstop.scale=float:fast", "`fast` is not a number"),
+        ("backstop.flag=bool:yes", "`yes` is not true or false"),
+        (long.as_str(), "at most 127 bytes"),
+        (long_key.as_str(), "a key of 1 to 127 bytes"),
+    ] {
+        let o = with(&[spec]);
+        assert!(!o.status.success(), "{spec}");
+        assert!(
+            text(&o.stderr).contains(says),
+            "{spec}: {}",
+            text(&o.stderr)
+        );
+        assert!(!out.exists(), "{spec}");
+    }
+}
+
+/// `quantize --dry-run` says what each type would make without quantizing: a file's size
+/// within a hair of the file the real run writes, and nothing written.
+#[test]
+fn quantize_dry_run_estimates_each_type_and_writes_nothing() {
+    let _cores = one_at_a_time();
+    let dir = common::temp_dir("quantize-dry-run");
+    let _cleanup = Cleanup(dir.clone());
+    let smol = common::smollm2();
+    let smol_s = smol.to_str().unwrap();
+    let o = backstop(&["quantize", "--dry-run", smol_s, "Q8_0,q4_0,IQ2_XS"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let table = text(&o.stdout);
+    assert!(table.starts_with(&format!("{smol_s}: ")), "{table}");
+    let row = |kind: &str| -> Vec<String> {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(&format!("| {kind} |")))
+            .unwrap_or_else(|| panic!("no {kind} row: {table}"));
+        line.split('|').map(|c| c.trim().to_owned()).collect()
+    };
+    let mib = |cells: &[String]| -> f64 { cells[2].trim_end_matches(" MiB").parse().unwrap() };
+    let (q8, q4, iq2) = (row("Q8_0"), row("Q4_0"), row("IQ2_XS"));
+    assert!(mib(&q8) > mib(&q4) && mib(&q4) > mib(&iq2), "{table}");
+    // SmolLM2's 576-wide rows fit Q8_0's 32-wide blocks, not IQ2_XS's 256-wide ones: six
+    // matrices a layer take them (30 x 6 = 180) and fall back; ffn_down's 1536 fit.
+    assert_eq!(q8[5], "0", "{table}");
+    assert_eq!(iq2[5], "180 of 272", "{table}");
+    assert!(iq2[6].contains("needs an importance matrix"), "{table}");
+    assert!(q4[6].is_empty(), "{table}");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+
+    // The real Q4_0 is the size the dry run said, to within the rounding of the quantizer's
+    // figures (0.01 MiB) and of the tensors' padding (at most 31 bytes each).
+    let out = dir.join("q4_0.gguf");
+    assert!(quantize(&smol, &out, "Q4_0").status.success());
+    let real = std::fs::metadata(&out).unwrap().len() as f64 / (1024.0 * 1024.0);
+    assert!((real - mib(&q4)).abs() < 0.05, "{real} MiB against {table}");
+
+    // llama-quantize's `IN OUT TYPE` form: OUT is not written.
+    let never = dir.join("never.gguf");
+    let o = backstop(&[
+        "quantize",
+        "--dry-run",
+        smol_s,
+        never.to_str().unwrap(),
+        "Q4_0",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("| Q4_0 |"));
+    assert!(!never.exists());
+    // An unknown type is refused before anything runs; without --dry-run TYPE is needed.
+    let o = backstop(&["quantize", "--dry-run", smol_s, "Q4_0,Q9_X"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("`Q9_X` is not a quantization type"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = backstop(&["quantize", smol_s, never.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("<TYPE>"), "{}", text(&o.stderr));
+    assert!(!never.exists());
+}
+
 /// llama-quantize's per-tensor options: a type for the token embeddings, types by tensor-name
 /// pattern (the first that matches wins), and `--pure` for no per-tensor mix.
 #[test]

@@ -87,6 +87,28 @@ pub struct Imatrix {
     pub chunk_count: u32,
     /// Tokens per chunk (0 where a legacy file does not say).
     pub chunk_size: u32,
+    /// Read from the legacy `.dat` format, whose entries hold means times a call count
+    /// rather than sums and rows; [`Imatrix::merge`] scales them back.
+    pub legacy: bool,
+}
+
+/// Whether a weight tensor's statistics are taken and used: a layer's weights (`blk.*`), and
+/// the output layer where it is its own tensor (llama-imatrix's `--process-output`).
+pub fn is_weighed(name: &str) -> bool {
+    (name.starts_with("blk.") || name == "output.weight") && name.ends_with(".weight")
+}
+
+/// Whether `entry` has the shape of statistics for tensor `t`: a value per input column of each
+/// of its matrices (an expert tensor's third dimension).
+pub fn fits(entry: &Entry, t: &gguf::TensorInfo) -> bool {
+    let want = t
+        .dims
+        .iter()
+        .skip(2)
+        .fold(t.dims.first().copied().unwrap_or(0), |n, &d| {
+            n.saturating_mul(d)
+        });
+    entry.sums.len() as u64 == want
 }
 
 /// Most entries, and values per entry, a file may hold: far above any real model's.
@@ -134,6 +156,100 @@ impl Imatrix {
             .map_err(|e| ImatrixError::Output(format!("{}: {e}", path.display())))?;
         crate::models::store::write_atomically(path, &bytes)
             .map_err(|e| ImatrixError::Output(e.to_string()))
+    }
+
+    /// Adds `other`'s statistics to these, as llama-imatrix's `--in-file` does: sums and rows
+    /// add up, entries only one side has are kept, the datasets are listed in order and the
+    /// chunks counted together (a text listed by both, once). A legacy file's means are scaled
+    /// back to sums over `chunk` tokens per call, as llama.cpp scales them with its context
+    /// size. A tensor whose values differ in number is an error: the two were made for
+    /// different models.
+    pub fn merge(&mut self, other: Imatrix, chunk: u32) -> Result<(), String> {
+        let scale = if other.legacy {
+            chunk.max(1) as f32
+        } else {
+            1.0
+        };
+        for (name, mut e) in other.entries {
+            if scale != 1.0 {
+                e.sums.iter_mut().for_each(|v| *v *= scale);
+                e.counts.iter_mut().for_each(|v| *v *= scale);
+            }
+            let Some(have) = self.entries.get_mut(&name) else {
+                self.entries.insert(name, e);
+                continue;
+            };
+            if have.sums.len() != e.sums.len() {
+                return Err(format!(
+                    "{name} has {} values there and {} in the files before it: they were made \
+                     for different models",
+                    e.sums.len(),
+                    have.sums.len()
+                ));
+            }
+            // One count (a legacy file's, or a tensor seen as one matrix) goes to every matrix
+            // of a side that counts per expert.
+            if have.counts.len() == 1 && e.counts.len() > 1 {
+                have.counts = vec![have.counts[0]; e.counts.len()];
+            }
+            if e.counts.len() == 1 && have.counts.len() > 1 {
+                e.counts = vec![e.counts[0]; have.counts.len()];
+            }
+            if have.counts.len() != e.counts.len() {
+                return Err(format!(
+                    "{name} has {} matrices there and {} in the files before it",
+                    e.counts.len(),
+                    have.counts.len()
+                ));
+            }
+            have.sums.iter_mut().zip(&e.sums).for_each(|(a, b)| *a += b);
+            have.counts
+                .iter_mut()
+                .zip(&e.counts)
+                .for_each(|(a, b)| *a += b);
+        }
+        // A text named twice (a run resumed, or two runs over parts of one text) is one text.
+        for d in other.datasets {
+            if !self.datasets.contains(&d) {
+                self.datasets.push(d);
+            }
+        }
+        self.chunk_count = self.chunk_count.saturating_add(other.chunk_count);
+        if self.chunk_size == 0 {
+            self.chunk_size = other.chunk_size;
+        }
+        Ok(())
+    }
+
+    /// Checks that every entry is statistics for a weight of `model`, of its shape; returns
+    /// how many of the model's weighed tensors it covers, and how many there are.
+    pub fn check(&self, model: &gguf::GgufHeader) -> Result<(usize, usize), String> {
+        let tensors: BTreeMap<&str, &gguf::TensorInfo> = model
+            .tensors
+            .iter()
+            .filter(|t| is_weighed(&t.name) && t.dims.len() >= 2)
+            .map(|t| (t.name.as_str(), t))
+            .collect();
+        for (name, e) in &self.entries {
+            match tensors.get(name.as_str()) {
+                Some(t) if fits(e, t) => {}
+                Some(t) => {
+                    return Err(format!(
+                        "it has {} values for {name}, whose rows need {}: it was made for \
+                         another model",
+                        e.sums.len(),
+                        t.dims[0].saturating_mul(t.dims.iter().skip(2).product())
+                    ))
+                }
+                None => {
+                    return Err(format!(
+                        "it has an entry for {name}, which is not a weight of this model: it \
+                         was made for another model"
+                    ))
+                }
+            }
+        }
+        Ok((self.entries.len(), tensors.len()))
     }
 
     /// The GGUF bytes (gguf.md, version 3): four keys, then two F32 tensors per entry.
@@ -303,6 +419,7 @@ fn read_legacy(r: &mut impl Read) -> Result<Imatrix, String> {
         let counts = vec![ncall.max(0) as f32];
         m.entries.insert(name, Entry { sums, counts });
     }
+    m.legacy = true;
     if let Some(chunks) = i32_(r) {
         m.chunk_count = chunks.max(0) as u32;
         if let Some(len) = i32_(r).filter(|l| (1..=4096).contains(l)) {
@@ -324,10 +441,49 @@ pub struct Plan<'a> {
     pub text: &'a Path,
     /// Tokens per chunk.
     pub chunk: usize,
+    /// Chunks of the text to pass over first (llama-imatrix's `--from-chunk`): where an
+    /// earlier run stopped.
+    pub from_chunk: usize,
     /// Most chunks to read (all the text gives when `None`).
     pub chunks: Option<usize>,
     /// CPU threads.
     pub threads: u32,
+    /// Statistics the text's are added to (`--in-file`, merged).
+    pub start: Imatrix,
+    /// Whether the output layer's inputs are gathered too (`output.weight`, where the model
+    /// has its own).
+    pub process_output: bool,
+    /// Whether the text's perplexity is scored.
+    pub perplexity: bool,
+    /// Where the matrix goes; it is also written there every `save_every` chunks.
+    pub output: &'a Path,
+    /// Chunks between the writes of the matrix so far to `output` (none when 0).
+    pub save_every: usize,
+    /// Chunks between copies of the matrix so far kept as `OUTPUT.at_N` (none when 0).
+    pub keep_every: usize,
+}
+
+/// The statistics of `files`, merged in order, each checked against `model`'s weights.
+pub fn combine(
+    model: &Path,
+    files: &[std::path::PathBuf],
+    chunk: u32,
+) -> Result<Imatrix, ImatrixError> {
+    let header =
+        gguf::read(model).map_err(|e| ImatrixError::Input(format!("{}: {e}", model.display())))?;
+    let mut all = Imatrix::default();
+    for f in files {
+        let m = Imatrix::read(f)?;
+        let bad = |e: String| ImatrixError::Input(format!("{}: {e}", f.display()));
+        let (covered, of) = m.check(&header).map_err(bad)?;
+        tracing::info!(
+            chunks = m.chunk_count,
+            "{}: statistics for {covered} of the model's {of} weight matrices",
+            f.display()
+        );
+        all.merge(m, chunk).map_err(bad)?;
+    }
+    Ok(all)
 }
 
 /// A weight's running sums while the text is read.
@@ -343,6 +499,8 @@ struct Sums {
 /// What the graph callback gathers; it is called on the thread that runs `llama_decode`.
 #[derive(Default)]
 struct Collector {
+    /// Whether `output.weight` is gathered too.
+    process_output: bool,
     weights: BTreeMap<String, Sums>,
     /// Activations copied from a device's memory.
     scratch: Vec<u8>,
@@ -453,7 +611,7 @@ impl Collector {
     ///
     /// # Safety
     /// `t` must be a live tensor of the graph being computed.
-    unsafe fn wants(t: &llama_cpp_sys_2::ggml_tensor) -> Option<String> {
+    unsafe fn wants(&self, t: &llama_cpp_sys_2::ggml_tensor) -> Option<String> {
         let routed = t.op == llama_cpp_sys_2::GGML_OP_MUL_MAT_ID;
         if !(t.op == llama_cpp_sys_2::GGML_OP_MUL_MAT || routed)
             || t.src[0].is_null()
@@ -470,7 +628,8 @@ impl Collector {
         // SAFETY: ggml keeps a tensor's name NUL-terminated within its array.
         let name = unsafe { CStr::from_ptr(w.name.as_ptr()) }.to_string_lossy();
         let name = weight_name(&name);
-        name.starts_with("blk.").then(|| name.to_owned())
+        (name.starts_with("blk.") || (self.process_output && name == "output.weight"))
+            .then(|| name.to_owned())
     }
 
     /// Adds the activations of a computed product to its weight's sums.
@@ -553,15 +712,16 @@ impl Collector {
         add_dense(sums, data, x_shape, (w2, w3)).map_err(|e| format!("{name}: {e}"))
     }
 
-    fn into_imatrix(self) -> BTreeMap<String, Entry> {
+    /// The entries gathered so far.
+    fn entries(&self) -> BTreeMap<String, Entry> {
         self.weights
-            .into_iter()
+            .iter()
             .map(|(name, s)| {
                 let entry = Entry {
                     sums: s.sums.iter().map(|&v| v as f32).collect(),
                     counts: s.rows.iter().map(|&r| r as f32).collect(),
                 };
-                (name, entry)
+                (name.clone(), entry)
             })
             .collect()
     }
@@ -582,7 +742,7 @@ unsafe extern "C" fn observe(
         // SAFETY: `data` is the collector `compute` made for this context, used only from
         // the decoding thread, and `t` a node of the graph being computed.
         let (collector, t) = unsafe { (&mut *data.cast::<Collector>(), &*t) };
-        let Some(name) = (unsafe { Collector::wants(t) }) else {
+        let Some(name) = (unsafe { collector.wants(t) }) else {
             return !ask;
         };
         if ask {
@@ -669,8 +829,11 @@ pub struct Computed {
     /// The importance matrix.
     pub imatrix: Imatrix,
     /// The model's perplexity of the text, scored as llama-imatrix scores it (the second half
-    /// of each chunk): a check that the text and the model make sense together.
-    pub perplexity: f64,
+    /// of each chunk): a check that the text and the model make sense together. `None` where
+    /// the plan did not ask for it.
+    pub perplexity: Option<f64>,
+    /// Chunks of the text read by this run.
+    pub chunks: usize,
 }
 
 /// Reads the text through the model and returns its importance matrix.
@@ -711,15 +874,26 @@ pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
     let tokens = tokenize(vocab, &text)?;
     let chunk = plan.chunk;
     let available = tokens.len() / chunk;
-    let chunks = plan.chunks.map_or(available, |n| n.min(available));
-    if chunks == 0 {
+    if available == 0 {
         return Err(ImatrixError::Input(format!(
             "{}: {} tokens, fewer than one chunk of {chunk}; give a longer text or a smaller --chunk",
             plan.text.display(),
             tokens.len()
         )));
     }
-    let collector = Box::into_raw(Box::<Collector>::default());
+    let left = available.saturating_sub(plan.from_chunk);
+    if left == 0 {
+        return Err(ImatrixError::Input(format!(
+            "{}: {available} chunks of {chunk} tokens; --from-chunk {} leaves none to read",
+            plan.text.display(),
+            plan.from_chunk
+        )));
+    }
+    let chunks = plan.chunks.map_or(left, |n| n.min(left));
+    let collector = Box::into_raw(Box::new(Collector {
+        process_output: plan.process_output,
+        ..Collector::default()
+    }));
     // Owned again whatever happens below, and only after the context is gone.
     struct Owned(*mut Collector);
     impl Drop for Owned {
@@ -780,8 +954,25 @@ pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
     );
     bar.set_message(chunk.to_string());
     bar.enable_steady_tick(Duration::from_millis(250));
+    // The statistics so far, added to the ones the run started from.
+    let so_far = |c: &Collector, done: usize| -> Result<Imatrix, ImatrixError> {
+        let mut m = plan.start.clone();
+        let read = Imatrix {
+            entries: c.entries(),
+            datasets: vec![plan.text.display().to_string()],
+            chunk_count: done as u32,
+            chunk_size: n,
+            legacy: false,
+        };
+        m.merge(read, n).map_err(ImatrixError::Input)?;
+        Ok(m)
+    };
     let started = Instant::now();
-    for tokens in tokens.chunks_exact(chunk).take(chunks) {
+    let texts = tokens
+        .chunks_exact(chunk)
+        .skip(plan.from_chunk)
+        .take(chunks);
+    for (done, tokens) in (1..).zip(texts) {
         // SAFETY: a live context.
         unsafe {
             llama_cpp_sys_2::llama_memory_clear(llama_cpp_sys_2::llama_get_memory(ctx.0), true)
@@ -801,6 +992,9 @@ pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
                 return Err(ImatrixError::Model(format!(
                     "llama_decode failed (code {rc})"
                 )));
+            }
+            if !plan.perplexity {
+                continue;
             }
             // The positions from the chunk's middle on predict the token after them.
             for (i, p) in (first..first + rows.len()).enumerate() {
@@ -824,6 +1018,28 @@ pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
             }
         }
         bar.inc(1);
+        // A long run leaves what it has read so far behind it, to be merged into a run that
+        // goes on from there (`--in-file OUTPUT --from-chunk N`).
+        let due = |every: usize| every > 0 && done % every == 0 && done < chunks;
+        if due(plan.save_every) || due(plan.keep_every) {
+            // SAFETY: between decodes nothing else touches the collector.
+            let m = so_far(unsafe { &*owned.0 }, done)?;
+            if due(plan.save_every) {
+                m.write(plan.output)?;
+            }
+            if due(plan.keep_every) {
+                let mut copy = plan.output.as_os_str().to_owned();
+                copy.push(format!(".at_{}", m.chunk_count));
+                m.write(Path::new(&copy))?;
+            }
+            bar.suspend(|| {
+                tracing::info!(
+                    chunks = m.chunk_count,
+                    "saved the matrix so far to {}",
+                    plan.output.display()
+                )
+            });
+        }
     }
     bar.finish_and_clear();
     drop(ctx);
@@ -836,21 +1052,16 @@ pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
         tok_s = (chunks * chunk) as f64 / seconds.max(1e-9),
         "read the calibration text"
     );
-    let entries = gathered.into_imatrix();
-    if entries.is_empty() {
+    if gathered.weights.is_empty() {
         return Err(ImatrixError::Model(
             "no product with a layer's weight was seen: the model's layers are not named blk.N"
                 .into(),
         ));
     }
     Ok(Computed {
-        imatrix: Imatrix {
-            entries,
-            datasets: vec![plan.text.display().to_string()],
-            chunk_count: chunks as u32,
-            chunk_size: n,
-        },
-        perplexity: (nll / scored.max(1) as f64).exp(),
+        imatrix: so_far(&gathered, chunks)?,
+        perplexity: plan.perplexity.then(|| (nll / scored.max(1) as f64).exp()),
+        chunks,
     })
 }
 
@@ -908,7 +1119,114 @@ mod tests {
             datasets: vec!["calibration.txt".into()],
             chunk_count: 3,
             chunk_size: 512,
+            legacy: false,
         }
+    }
+
+    fn entry(sums: &[f32], counts: &[f32]) -> Entry {
+        Entry {
+            sums: sums.to_vec(),
+            counts: counts.to_vec(),
+        }
+    }
+
+    #[test]
+    fn merged_matrices_add_their_sums_and_rows_and_keep_what_only_one_has() {
+        let mut m = sample();
+        let mut other = Imatrix {
+            datasets: vec!["code.txt".into()],
+            chunk_count: 2,
+            chunk_size: 512,
+            ..Imatrix::default()
+        };
+        other.entries.insert(
+            "blk.0.attn_q.weight".into(),
+            entry(&[1.0, 1.0, 1.0], &[1.0]),
+        );
+        // One count for an expert tensor counted per expert here: it goes to each expert.
+        other.entries.insert(
+            "blk.0.ffn_down_exps.weight".into(),
+            entry(&[1.0, 1.0, 3.0, 3.0], &[1.0]),
+        );
+        other
+            .entries
+            .insert("blk.1.attn_q.weight".into(), entry(&[4.0], &[2.0]));
+        m.merge(other, 512).unwrap();
+        assert_eq!(
+            m.entries["blk.0.attn_q.weight"],
+            entry(&[3.0, 5.0, 7.0], &[3.0])
+        );
+        assert_eq!(
+            m.entries["blk.0.ffn_down_exps.weight"],
+            entry(&[4.0, 7.0, 8.0, 8.0], &[4.0, 1.0])
+        );
+        assert_eq!(m.entries["blk.1.attn_q.weight"].importance(), [2.0]);
+        assert_eq!(m.datasets, ["calibration.txt", "code.txt"]);
+        assert_eq!((m.chunk_count, m.chunk_size), (5, 512));
+
+        // A legacy file's means times calls become sums over `chunk` rows per call: its
+        // means keep their weight against rows counted one by one.
+        let mut legacy = Imatrix {
+            legacy: true,
+            chunk_count: 1,
+            ..Imatrix::default()
+        };
+        // A mean square of 6 over one call.
+        legacy
+            .entries
+            .insert("blk.1.attn_q.weight".into(), entry(&[6.0], &[1.0]));
+        m.merge(legacy, 2).unwrap();
+        // (4 + 6 * 2) / (2 + 1 * 2)
+        assert_eq!(m.entries["blk.1.attn_q.weight"].importance(), [4.0]);
+
+        // Another width is another model.
+        let mut wrong = Imatrix::default();
+        wrong
+            .entries
+            .insert("blk.0.attn_q.weight".into(), entry(&[1.0; 4], &[1.0]));
+        let e = m.merge(wrong, 512).unwrap_err();
+        assert!(e.contains("blk.0.attn_q.weight has 4 values"), "{e}");
+    }
+
+    #[test]
+    fn a_matrix_is_checked_against_the_model_s_weights() {
+        let tensor = |name: &str, dims: &[u64]| gguf::TensorInfo {
+            name: name.into(),
+            dims: dims.to_vec(),
+            ggml_type: gguf::GGML_TYPE_F32,
+            offset: 0,
+        };
+        let model = gguf::GgufHeader {
+            tensors: vec![
+                tensor("token_embd.weight", &[3, 100]),
+                tensor("blk.0.attn_q.weight", &[3, 3]),
+                tensor("blk.0.attn_norm.weight", &[3]),
+                tensor("blk.0.ffn_down_exps.weight", &[2, 3, 2]),
+                tensor("output.weight", &[3, 100]),
+            ],
+            ..gguf::GgufHeader::default()
+        };
+        // Two of the three matrices it could weigh (the norm is a vector, the embeddings are
+        // looked up, not multiplied).
+        assert_eq!(sample().check(&model), Ok((2, 3)));
+        let mut other = sample();
+        other
+            .entries
+            .insert("blk.9.attn_q.weight".into(), entry(&[1.0; 3], &[1.0]));
+        let e = other.check(&model).unwrap_err();
+        assert!(
+            e.contains("blk.9.attn_q.weight, which is not a weight"),
+            "{e}"
+        );
+        let mut narrow = sample();
+        narrow
+            .entries
+            .insert("output.weight".into(), entry(&[1.0; 2], &[1.0]));
+        let e = narrow.check(&model).unwrap_err();
+        assert!(
+            e.contains("2 values for output.weight, whose rows need 3"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -6,8 +6,9 @@
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
-use super::imatrix::Imatrix;
+use super::imatrix::{self, Imatrix};
 use crate::models::{gguf, GgufHeader};
 
 /// Why quantizing failed.
@@ -135,6 +136,86 @@ pub struct Options<'a> {
     /// Tensors whose name a pattern (a regular expression) matches get its ggml type; the
     /// first that matches wins.
     pub tensor_types: Vec<(String, u32)>,
+    /// Metadata keys set in the output (`--override-kv`), after the importance matrix's.
+    pub overrides: Vec<Override>,
+}
+
+/// A metadata key `--override-kv KEY=TYPE:VALUE` sets in the quantized file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    /// The key, e.g. `general.name`.
+    pub key: String,
+    /// Its value.
+    pub value: OverrideValue,
+}
+
+/// An `--override-kv` value, of the types llama.cpp's quantizer writes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OverrideValue {
+    /// `int:N`, written as an unsigned 32-bit integer, as llama.cpp's quantizer writes it.
+    Int(u32),
+    /// `float:X`, written as a 32-bit float.
+    Float(f64),
+    /// `bool:true` or `bool:false`.
+    Bool(bool),
+    /// `str:TEXT`, at most 127 bytes.
+    Str(String),
+}
+
+/// Longest key or text value llama.cpp's override holds (its arrays are 128 bytes with the NUL).
+const OVERRIDE_MAX: usize = 127;
+
+/// Parses `KEY=TYPE:VALUE` (llama.cpp's `--override-kv` syntax: types `int`, `float`, `bool`,
+/// `str`). What llama.cpp would silently change is refused instead: a negative or too large
+/// integer (its quantizer writes the absolute value as 32 bits), a key or text it would cut
+/// at 127 bytes.
+pub fn override_kv(spec: &str) -> Result<Override, QuantizeError> {
+    let bad = |why: String| QuantizeError::Input(format!("--override-kv {spec}: {why}"));
+    let (key, typed) = spec
+        .split_once('=')
+        .ok_or_else(|| bad("not KEY=TYPE:VALUE".into()))?;
+    let (kind, value) = typed
+        .split_once(':')
+        .ok_or_else(|| bad("not KEY=TYPE:VALUE".into()))?;
+    if key.is_empty() || key.len() > OVERRIDE_MAX || key.contains('\0') {
+        return Err(bad(format!("a key of 1 to {OVERRIDE_MAX} bytes")));
+    }
+    let value = match kind {
+        "int" => OverrideValue::Int(value.parse().map_err(|_| {
+            bad(format!(
+                "`{value}` is not a whole number from 0 to {} (llama.cpp writes integer keys \
+                 as unsigned 32-bit)",
+                u32::MAX
+            ))
+        })?),
+        "float" => OverrideValue::Float(
+            value
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| bad(format!("`{value}` is not a number")))?,
+        ),
+        "bool" => OverrideValue::Bool(match value {
+            "true" => true,
+            "false" => false,
+            _ => return Err(bad(format!("`{value}` is not true or false"))),
+        }),
+        "str" if value.len() > OVERRIDE_MAX || value.contains('\0') => {
+            return Err(bad(format!(
+                "a text of at most {OVERRIDE_MAX} bytes, without NUL"
+            )))
+        }
+        "str" => OverrideValue::Str(value.to_owned()),
+        _ => {
+            return Err(bad(format!(
+                "`{kind}` is not a type; one of int, float, bool, str"
+            )))
+        }
+    };
+    Ok(Override {
+        key: key.to_owned(),
+        value,
+    })
 }
 
 /// A ggml tensor type by name (any case: `q8_0`, `Q6_K`, `f16`), for the per-tensor options;
@@ -191,21 +272,126 @@ pub fn quantize(
     kind: &str,
     options: &Options<'_>,
 ) -> Result<(), QuantizeError> {
-    let imatrix = options.imatrix;
-    let target = ftype(kind)?;
-    if imatrix.is_none() && needs_imatrix(kind) {
+    if options.imatrix.is_none() && needs_imatrix(kind) {
         return Err(QuantizeError::NeedsImatrix(canonical(kind)?.to_owned()));
     }
+    let dir = check_output(input, output)?;
+    let temp = dir.join(format!(
+        ".{}.partial-{}",
+        output
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or("out.gguf"),
+        std::process::id()
+    ));
+    if let Err(e) = run(input, Some(&temp), kind, options) {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e);
+    }
+    std::fs::rename(&temp, output).map_err(|e| {
+        let _ = std::fs::remove_file(&temp);
+        QuantizeError::Output(format!("{}: {e}", output.display()))
+    })
+}
+
+/// What quantizing `input` as a type would make, worked out by llama.cpp's quantizer without
+/// quantizing (its dry run): the same per-tensor choices, no data read, nothing written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Estimate {
+    /// The tensors' bytes in the input, in MiB, and bits per weight.
+    pub input_mib: f64,
+    /// Bits per weight of the input.
+    pub input_bpw: f64,
+    /// The tensors' bytes in the output, in MiB (the file adds its metadata).
+    pub mib: f64,
+    /// Bits per weight of the output.
+    pub bpw: f64,
+    /// Tensors whose rows do not fit the type's blocks, put in another type, and all tensors.
+    pub fallbacks: Option<(u32, u32)>,
+}
+
+/// llama.cpp's dry run of quantizing `input` as `kind`. A type that needs an importance matrix
+/// is estimated without one (the quantizer's choices do not depend on it).
+pub fn estimate(
+    input: &Path,
+    kind: &str,
+    options: &Options<'_>,
+) -> Result<Estimate, QuantizeError> {
+    run(input, None, kind, options)?.ok_or_else(|| {
+        QuantizeError::Output("llama.cpp's dry run did not report the size it would make".into())
+    })
+}
+
+/// `backstop quantize --dry-run IN TYPES`: a markdown table of what each type of the
+/// comma-separated `kinds` would make of `input`. A file's size is its tensors' (llama.cpp's
+/// dry run) plus what the input holds besides its tensors (metadata, the vocabulary), which
+/// the quantizer copies.
+pub fn dry_run(input: &Path, kinds: &str, options: &Options<'_>) -> Result<String, QuantizeError> {
+    let kinds: Vec<&'static str> = kinds
+        .split(',')
+        .map(|k| canonical(k.trim()))
+        .collect::<Result<_, _>>()?;
+    let file = std::fs::metadata(input)
+        .map_err(|e| QuantizeError::Input(format!("{}: {e}", input.display())))?
+        .len() as f64
+        / MIB;
+    let mut rows = Vec::new();
+    for kind in &kinds {
+        rows.push((*kind, estimate(input, kind, options)?));
+    }
+    let Some((_, first)) = rows.first() else {
+        return Err(QuantizeError::Input("no type given".into()));
+    };
+    let besides = (file - first.input_mib).max(0.0);
+    let mut out = format!(
+        "{}: {file:.2} MiB, {:.2} MiB of it tensors at {:.2} bits per weight\n\n",
+        input.display(),
+        first.input_mib,
+        first.input_bpw
+    );
+    out += "| type | file | bits per weight | of the input | fallback tensors | note |\n";
+    out += "| --- | ---: | ---: | ---: | ---: | --- |\n";
+    for (kind, e) in &rows {
+        let fallbacks = e
+            .fallbacks
+            .map_or("0".to_owned(), |(n, of)| format!("{n} of {of}"));
+        let note = if options.imatrix.is_none() && needs_imatrix(kind) {
+            "needs an importance matrix (--imatrix)"
+        } else {
+            ""
+        };
+        out += &format!(
+            "| {kind} | {:.2} MiB | {:.2} | {:.2}x | {fallbacks} | {note} |\n",
+            e.mib + besides,
+            e.bpw,
+            (e.mib + besides) / file.max(f64::MIN_POSITIVE)
+        );
+    }
+    Ok(out)
+}
+
+/// Bytes in a MiB, as llama.cpp's log counts them.
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Runs llama.cpp's quantizer into `output`, or as a dry run where there is none; a dry run
+/// returns what the quantizer's log said it would make.
+fn run(
+    input: &Path,
+    output: Option<&Path>,
+    kind: &str,
+    options: &Options<'_>,
+) -> Result<Option<Estimate>, QuantizeError> {
+    let imatrix = options.imatrix;
+    let target = ftype(kind)?;
     let header =
         gguf::read(input).map_err(|e| QuantizeError::Input(format!("{}: {e}", input.display())))?;
-    let dir = check_output(input, output)?;
     let importance = imatrix.map(|(m, _)| fitted(m, &header)).transpose()?;
-    // llama.cpp's list ends with an entry whose key is empty.
-    let keys: Option<Vec<llama_cpp_sys_2::llama_model_kv_override>> = imatrix.map(|(m, file)| {
-        let mut keys = vec![text_key(
+    let mut keys = Vec::new();
+    if let Some((m, file)) = imatrix {
+        keys.push(text_key(
             "quantize.imatrix.file",
             &file.display().to_string(),
-        )];
+        ));
         if let Some(d) = m.datasets.first() {
             keys.push(text_key("quantize.imatrix.dataset", d));
         }
@@ -219,12 +405,19 @@ pub fn quantize(
                 i64::from(m.chunk_count),
             ));
         }
-        keys.push(int_key("", 0));
-        keys
-    });
+    }
+    // The user's last, so a key given both ways is the user's (llama.cpp sets them in order).
+    keys.extend(options.overrides.iter().map(|o| match &o.value {
+        OverrideValue::Int(v) => int_key(&o.key, i64::from(*v)),
+        OverrideValue::Float(v) => float_key(&o.key, *v),
+        OverrideValue::Bool(v) => bool_key(&o.key, *v),
+        OverrideValue::Str(v) => text_key(&o.key, v),
+    }));
+    // llama.cpp's list ends with an entry whose key is empty.
+    keys.push(int_key("", 0));
     let source = header.uint("general.file_type").unwrap_or(0);
     let requantize = !matches!(source, 0 | 1 | 32);
-    if requantize {
+    if requantize && output.is_some() {
         tracing::warn!(
             from = %header.quantization(),
             to = gguf::file_type_name(u64::from(target)).unwrap_or(kind),
@@ -232,19 +425,12 @@ pub fn quantize(
         );
     }
     crate::engine::backend().map_err(|e| QuantizeError::Input(e.to_string()))?;
-    let temp = dir.join(format!(
-        ".{}.partial-{}",
-        output
-            .file_name()
-            .and_then(|f| f.to_str())
-            .unwrap_or("out.gguf"),
-        std::process::id()
-    ));
     let c = |p: &Path| {
         CString::new(p.to_string_lossy().as_bytes())
             .map_err(|_| QuantizeError::Output(format!("{}: a path with a NUL byte", p.display())))
     };
-    let (inp, tmp) = (c(input)?, c(&temp)?);
+    // A dry run writes nothing: the quantizer does not open its output.
+    let (inp, tmp) = (c(input)?, c(output.unwrap_or(input))?);
     let names: Vec<CString> = importance
         .iter()
         .flatten()
@@ -294,8 +480,8 @@ pub fn quantize(
             },
         ))
         .collect();
-    let _quiet = QuietTensorWarnings::install();
-    // SAFETY: both strings are valid NUL-terminated paths that outlive the call, and the
+    let quiet = QuietTensorWarnings::install(output.is_none());
+    // SAFETY: both strings are valid NUL-terminated paths (a dry run's output one is not opened) that outlive the call, and the
     // parameters come from llama.cpp's own defaults with plain fields changed; the importance
     // list (names, values, and its nameless end), the keys (NUL-terminated, ending with an
     // empty one) and the tensor type patterns (ending without one) outlive the call. The
@@ -316,22 +502,19 @@ pub fn quantize(
             params.tt_overrides = overrides.as_ptr();
         }
         params.allow_requantize = requantize;
+        params.dry_run = output.is_none();
         if let Some(list) = &list {
             params.imatrix = list.as_ptr();
         }
-        if let Some(keys) = &keys {
+        if keys.len() > 1 {
             params.kv_overrides = keys.as_ptr();
         }
         llama_cpp_sys_2::llama_model_quantize(inp.as_ptr(), tmp.as_ptr(), &params)
     };
     if code != 0 {
-        let _ = std::fs::remove_file(&temp);
         return Err(QuantizeError::Failed(code));
     }
-    std::fs::rename(&temp, output).map_err(|e| {
-        let _ = std::fs::remove_file(&temp);
-        QuantizeError::Output(format!("{}: {e}", output.display()))
-    })
+    Ok(output.is_none().then(|| quiet.estimate()).flatten())
 }
 
 /// A key or text value for llama.cpp's override list: at most 127 bytes, NUL-terminated.
@@ -354,6 +537,26 @@ fn text_key(key: &str, value: &str) -> llama_cpp_sys_2::llama_model_kv_override 
     }
 }
 
+/// A float metadata key for the quantized file (written as a 32-bit float).
+fn float_key(key: &str, value: f64) -> llama_cpp_sys_2::llama_model_kv_override {
+    llama_cpp_sys_2::llama_model_kv_override {
+        tag: llama_cpp_sys_2::LLAMA_KV_OVERRIDE_TYPE_FLOAT,
+        key: c_text(key),
+        __bindgen_anon_1: llama_cpp_sys_2::llama_model_kv_override__bindgen_ty_1 { val_f64: value },
+    }
+}
+
+/// A boolean metadata key for the quantized file.
+fn bool_key(key: &str, value: bool) -> llama_cpp_sys_2::llama_model_kv_override {
+    llama_cpp_sys_2::llama_model_kv_override {
+        tag: llama_cpp_sys_2::LLAMA_KV_OVERRIDE_TYPE_BOOL,
+        key: c_text(key),
+        __bindgen_anon_1: llama_cpp_sys_2::llama_model_kv_override__bindgen_ty_1 {
+            val_bool: value,
+        },
+    }
+}
+
 /// An integer metadata key for the quantized file (`""` ends llama.cpp's list).
 fn int_key(key: &str, value: i64) -> llama_cpp_sys_2::llama_model_kv_override {
     llama_cpp_sys_2::llama_model_kv_override {
@@ -364,32 +567,32 @@ fn int_key(key: &str, value: i64) -> llama_cpp_sys_2::llama_model_kv_override {
 }
 
 /// The importance data for `model`'s weights: every matrix of a layer (`blk.*.weight`, two or
-/// more dimensions) the matrix has an entry for. An entry of the wrong size means the matrix
-/// was made for another model (llama.cpp would throw mid-run); none matching at all, the same.
-/// Matrices without an entry are quantized without one, as llama.cpp does, and counted in the
-/// log line that says how much of the model the matrix covers.
+/// more dimensions), and the output layer where it has its own, that the matrix has an entry
+/// for. An entry of the wrong size means the matrix was made for another model (llama.cpp
+/// would throw mid-run); none matching at all, the same. Matrices without an entry are
+/// quantized without one, as llama.cpp does, and counted in the log line that says how much
+/// of the model the matrix covers.
 fn fitted(m: &Imatrix, model: &GgufHeader) -> Result<Vec<(String, Vec<f32>)>, QuantizeError> {
     let mut out = Vec::new();
     let mut weights = 0;
     for t in &model.tensors {
-        if !(t.name.starts_with("blk.") && t.name.ends_with(".weight") && t.dims.len() >= 2) {
+        if !(imatrix::is_weighed(&t.name) && t.dims.len() >= 2) {
             continue;
         }
         weights += 1;
         let Some(entry) = m.entries.get(&t.name) else {
             continue;
         };
-        let values = entry.importance();
-        let want = t.dims[0].saturating_mul(t.dims.get(2).copied().unwrap_or(1));
-        if values.len() as u64 != want {
+        if !imatrix::fits(entry, t) {
             return Err(QuantizeError::Imatrix(format!(
-                "the importance matrix has {} values for {}, whose rows need {want}: it was made \
+                "the importance matrix has {} values for {}, whose rows need {}: it was made \
                  for another model",
-                values.len(),
-                t.name
+                entry.sums.len(),
+                t.name,
+                t.dims[0].saturating_mul(t.dims.iter().skip(2).product())
             )));
         }
-        out.push((t.name.clone(), values));
+        out.push((t.name.clone(), entry.importance()));
     }
     if out.is_empty() {
         return Err(QuantizeError::Imatrix(format!(
@@ -417,21 +620,69 @@ struct QuietTensorWarnings;
 /// Whether the fragment before was one of the dropped warnings, still without its newline.
 static DROPPING: AtomicBool = AtomicBool::new(false);
 
+/// While a dry run's guard is held, the quantizer's summary lines (sizes, fallbacks), which
+/// its C API reports nowhere else.
+static SUMMARY: Mutex<Option<Vec<String>>> = Mutex::new(None);
+
 impl QuietTensorWarnings {
-    fn install() -> QuietTensorWarnings {
+    /// With `summary`, the quantizer's summary lines are kept for [`Self::estimate`] too.
+    fn install(summary: bool) -> QuietTensorWarnings {
+        if summary {
+            *SUMMARY.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+        }
         // SAFETY: the callback is a plain function that only reads the string it is given,
         // and takes no user data.
         unsafe { llama_cpp_sys_2::llama_log_set(Some(quiet_log), std::ptr::null_mut()) };
         QuietTensorWarnings
+    }
+
+    /// What the summary lines kept say the quantized model would be.
+    fn estimate(&self) -> Option<Estimate> {
+        let lines = SUMMARY.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        summary(&lines)
     }
 }
 
 impl Drop for QuietTensorWarnings {
     fn drop(&mut self) {
         DROPPING.store(false, Ordering::Relaxed);
+        *SUMMARY.lock().unwrap_or_else(|e| e.into_inner()) = None;
         // Re-installs the bridge with the state it made the first time.
         llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
     }
+}
+
+/// Reads the quantizer's summary lines (`llama_model_quantize_impl` in llama.cpp's
+/// src/llama-quant.cpp): `model size  =    98.34 MiB (5.80 BPW)`, `quant size  = ...`, and
+/// `WARNING: 180 of 272 tensor(s) required fallback quantization`.
+fn summary(lines: &[String]) -> Option<Estimate> {
+    let size = |what: &str| -> Option<(f64, f64)> {
+        let line = lines.iter().find(|l| l.contains(what))?;
+        let (_, rest) = line.split_once(what)?.1.split_once('=')?;
+        let (mib, rest) = rest.trim().split_once("MiB")?;
+        let bpw = rest.trim().strip_prefix('(')?.split_whitespace().next()?;
+        Some((mib.trim().parse().ok()?, bpw.parse().ok()?))
+    };
+    let fallbacks = lines
+        .iter()
+        .find(|l| l.contains("required fallback quantization"))
+        .and_then(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let of = words.iter().position(|w| *w == "of")?;
+            Some((
+                words.get(of.checked_sub(1)?)?.parse().ok()?,
+                words.get(of + 1)?.parse().ok()?,
+            ))
+        });
+    let (input_mib, input_bpw) = size("model size")?;
+    let (mib, bpw) = size("quant size")?;
+    Some(Estimate {
+        input_mib,
+        input_bpw,
+        mib,
+        bpw,
+        fallbacks,
+    })
 }
 
 /// Whether a llama.cpp log fragment is part of a per-tensor fallback warning.
@@ -458,6 +709,11 @@ unsafe extern "C" fn quiet_log(
     let message = text.trim();
     if message.is_empty() {
         return;
+    }
+    if message.contains(" size  = ") || message.contains("required fallback") {
+        if let Some(kept) = SUMMARY.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            kept.push(message.to_owned());
+        }
     }
     match level {
         llama_cpp_sys_2::GGML_LOG_LEVEL_ERROR => {
@@ -503,6 +759,61 @@ fn check_output<'a>(input: &Path, output: &'a Path) -> Result<&'a Path, Quantize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_quantizer_s_summary_lines_give_the_estimate() {
+        let lines: Vec<String> = [
+            "llama_model_quantize_impl: model size  =    98.34 MiB (5.80 BPW)",
+            "llama_model_quantize_impl: quant size  =    61.01 MiB (3.80 BPW)",
+            "llama_model_quantize_impl: WARNING: 180 of 272 tensor(s) required fallback quantization",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            summary(&lines),
+            Some(Estimate {
+                input_mib: 98.34,
+                input_bpw: 5.80,
+                mib: 61.01,
+                bpw: 3.80,
+                fallbacks: Some((180, 272)),
+            })
+        );
+        // No fallback line: none fell back. No size line: no estimate.
+        assert_eq!(summary(&lines[..2]).and_then(|e| e.fallbacks), None);
+        assert!(summary(&lines[..2]).is_some());
+        assert_eq!(summary(&lines[1..]), None);
+    }
+
+    #[test]
+    fn override_specs_parse_as_llama_cpp_s_and_refuse_what_it_would_change() {
+        let value = |spec: &str| override_kv(spec).map(|o| o.value);
+        assert_eq!(
+            override_kv("general.name=str:a=b:c").unwrap(),
+            Override {
+                key: "general.name".into(),
+                value: OverrideValue::Str("a=b:c".into()),
+            }
+        );
+        assert_eq!(
+            value("k=int:4294967295").unwrap(),
+            OverrideValue::Int(u32::MAX)
+        );
+        assert_eq!(value("k=float:-0.25").unwrap(), OverrideValue::Float(-0.25));
+        assert_eq!(value("k=bool:false").unwrap(), OverrideValue::Bool(false));
+        assert_eq!(value("k=str:").unwrap(), OverrideValue::Str(String::new()));
+        for bad in [
+            "k",
+            "=int:1",
+            "k=int",
+            "k=int:-1",
+            "k=float:inf",
+            "k=bool:1",
+            "k=u8:1",
+        ] {
+            assert!(override_kv(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn type_names_map_to_llama_cpps_numbers() {

@@ -257,8 +257,24 @@ def test_a_mixture_of_experts_gets_an_importance_matrix_per_expert(tmp_path):
     r = subprocess.run([binary(), "quantize", "--imatrix", str(matrix), str(moe), str(quantized),
                         "Q2_K_S"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "importance matrix for 16 of 16 weight matrices" in r.stderr, r.stderr
+    # The output layer is a matrix the quantizer would weigh too; by default it is not read.
+    assert "importance matrix for 16 of 17 weight matrices" in r.stderr, r.stderr
     assert quantized.stat().st_size < moe.stat().st_size / 3
+
+    # With --process-output it is: a row per token, as wide as the model.
+    with_output = tmp_path / "with-output.imatrix.gguf"
+    r = subprocess.run([binary(), "imatrix", str(moe), "-f", str(readme), "-o", str(with_output),
+                        "--chunk", "128", "--chunks", "2", "-t", "2", "--process-output"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    entries = imatrix_entries(with_output)
+    assert len(entries) == 17, sorted(entries)
+    sums, counts = entries["output.weight"]
+    assert counts == (float(tokens),) and len(sums) == 256 and min(sums) > 0
+    r = subprocess.run([binary(), "quantize", "--imatrix", str(with_output), str(moe),
+                        str(quantized), "Q2_K_S"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "importance matrix for 17 of 17 weight matrices" in r.stderr, r.stderr
 
 
 def test_the_output_layer_options_reach_a_model_with_its_own_output_layer(tmp_path):
