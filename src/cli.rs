@@ -369,7 +369,8 @@ pub struct QuantizeArgs {
 pub struct ImatrixArgs {
     /// The GGUF to read the text through: the model that will be quantized (F16/BF16 ideally).
     /// With --in-file alone, the model the matrices are checked against.
-    pub model: PathBuf,
+    #[arg(required_unless_present = "show_statistics")]
+    pub model: Option<PathBuf>,
     /// The calibration text, plain UTF-8: text like what the model will be asked (prose, code,
     /// chat), some hundred thousand tokens for a real model.
     #[arg(
@@ -409,6 +410,10 @@ pub struct ImatrixArgs {
     /// Do not score the text's perplexity (it is a check, not part of the matrix).
     #[arg(long, requires = "text")]
     pub no_ppl: bool,
+    /// Print each tensor's statistics in the --in-file matrices (combined), as llama-imatrix's
+    /// --show-statistics does, and write nothing; MODEL, if given, is checked against.
+    #[arg(long, requires = "in_files", conflicts_with = "text")]
+    pub show_statistics: bool,
     /// CPU threads [default: physical cores].
     #[arg(short = 't', long, value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Option<u32>,

@@ -161,8 +161,12 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
 /// `backstop imatrix`: reads a text through the model into an importance matrix, added to
 /// the `--in-file` ones, or only combines those.
 fn imatrix(a: &cli::ImatrixArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let start = bench::imatrix::combine(&a.model, &a.in_files, a.chunk)?;
-    let Some(text) = a.text.as_deref() else {
+    let start = bench::imatrix::combine(a.model.as_deref(), &a.in_files, a.chunk)?;
+    if a.show_statistics {
+        print!("{}", bench::imatrix::statistics_table(&start));
+        return Ok(());
+    }
+    let (Some(model), Some(text)) = (a.model.as_deref(), a.text.as_deref()) else {
         start.write(&a.output)?;
         println!(
             "wrote {}: {} weight matrices from {} chunks, combining {} files ({})",
@@ -175,7 +179,7 @@ fn imatrix(a: &cli::ImatrixArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     };
     let plan = bench::imatrix::Plan {
-        model: &a.model,
+        model,
         text,
         chunk: a.chunk as usize,
         from_chunk: a.from_chunk as usize,

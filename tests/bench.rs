@@ -1871,6 +1871,53 @@ fn imatrix_runs_resume_combine_and_save_as_they_go() {
     assert!(said.contains("(4 chunks in all)"), "{said}");
     same(&read("first.gguf"), "resumed");
 
+    // Statistics of a matrix, as llama-imatrix's --show-statistics: a row per tensor, kinds
+    // down the layers, then a row per layer; no model needed, nothing written.
+    let never_s = path("never.gguf");
+    let o = backstop(&[
+        "imatrix",
+        "--in-file",
+        &whole_s,
+        "--show-statistics",
+        "-o",
+        &never_s,
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let stats = text(&o.stdout);
+    assert!(
+        stats.starts_with("210 weight matrices from 4 chunks of 128 tokens"),
+        "{stats}"
+    );
+    let rows: Vec<Vec<&str>> = stats
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| layer") && !l.contains("---"))
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect();
+    let (tensors, layers): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r.len() > 7);
+    assert_eq!((tensors.len(), layers.len()), (210, 30), "{stats}");
+    let attn_q: Vec<_> = tensors.iter().filter(|r| r[2] == "attn_q").collect();
+    assert_eq!(attn_q.len(), 30);
+    for (layer, r) in attn_q.iter().enumerate() {
+        assert_eq!(r[1], layer.to_string(), "{r:?}");
+        // Σ(act²) is the sum of the columns' mean squares in the matrix; N its width.
+        let e = &whole.entries[&format!("blk.{layer}.attn_q.weight")];
+        let want: f64 = e.sums.iter().map(|&v| f64::from(v)).sum::<f64>() / f64::from(e.counts[0]);
+        let total: f64 = r[3].parse().unwrap();
+        assert!((total - want).abs() <= 0.005 + 1e-6 * want, "{r:?}: {want}");
+        assert_eq!(r[9], "576", "{r:?}");
+        // A cosine of sums of squares (all positive) is between 0 and 1; none for layer 0.
+        let cos: f64 = r[13].parse().unwrap_or(-1.0);
+        assert!(
+            if layer == 0 {
+                r[13] == "-"
+            } else {
+                (0.0..=1.0).contains(&cos)
+            },
+            "{r:?}"
+        );
+    }
+    assert!(!Path::new(&never_s).exists());
+
     // Refused, with nothing written: a matrix made for another model, a start past the
     // text's end, and neither a text nor a matrix.
     let mut narrow = whole.clone();
@@ -1879,7 +1926,6 @@ fn imatrix_runs_resume_combine_and_save_as_they_go() {
     }
     let narrow_s = path("narrow.gguf");
     narrow.write(Path::new(&narrow_s)).unwrap();
-    let never_s = path("never.gguf");
     for (args, says) in [
         (
             vec!["--in-file", &whole_s, "--in-file", &narrow_s],
@@ -1892,6 +1938,7 @@ fn imatrix_runs_resume_combine_and_save_as_they_go() {
         // clap names the argument that is missing.
         (vec![], &["--file"]),
         (vec!["--in-file", &whole_s, "--no-ppl"], &["--file"]),
+        (vec!["--show-statistics"], &["--in-file"]),
     ] {
         let o = backstop(&[&["imatrix", smol_s, "-o", &never_s][..], &args].concat());
         assert!(!o.status.success(), "{args:?}");

@@ -463,24 +463,28 @@ pub struct Plan<'a> {
     pub keep_every: usize,
 }
 
-/// The statistics of `files`, merged in order, each checked against `model`'s weights.
+/// The statistics of `files`, merged in order, each checked against `model`'s weights where
+/// one is given.
 pub fn combine(
-    model: &Path,
+    model: Option<&Path>,
     files: &[std::path::PathBuf],
     chunk: u32,
 ) -> Result<Imatrix, ImatrixError> {
-    let header =
-        gguf::read(model).map_err(|e| ImatrixError::Input(format!("{}: {e}", model.display())))?;
+    let header = model
+        .map(|m| gguf::read(m).map_err(|e| ImatrixError::Input(format!("{}: {e}", m.display()))))
+        .transpose()?;
     let mut all = Imatrix::default();
     for f in files {
         let m = Imatrix::read(f)?;
         let bad = |e: String| ImatrixError::Input(format!("{}: {e}", f.display()));
-        let (covered, of) = m.check(&header).map_err(bad)?;
-        tracing::info!(
-            chunks = m.chunk_count,
-            "{}: statistics for {covered} of the model's {of} weight matrices",
-            f.display()
-        );
+        if let Some(header) = &header {
+            let (covered, of) = m.check(header).map_err(bad)?;
+            tracing::info!(
+                chunks = m.chunk_count,
+                "{}: statistics for {covered} of the model's {of} weight matrices",
+                f.display()
+            );
+        }
         all.merge(m, chunk).map_err(bad)?;
     }
     Ok(all)
@@ -1065,6 +1069,206 @@ pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
     })
 }
 
+/// One tensor's statistics, as llama-imatrix's `--show-statistics` defines them: over the
+/// mean squares (sums over rows) of each input column of the matrices that saw rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorStats {
+    /// The layer (`blk.N`), if it is in one.
+    pub layer: Option<u32>,
+    /// The tensor's kind within its layer (`attn_q`, `ffn_down_exps`), or its whole name.
+    pub kind: String,
+    /// Sum, least, greatest and mean of the mean squares, and their standard deviation.
+    pub total: f64,
+    /// The least mean square.
+    pub min: f64,
+    /// The greatest mean square.
+    pub max: f64,
+    /// The mean of the mean squares.
+    pub mean: f64,
+    /// Their standard deviation.
+    pub stddev: f64,
+    /// The share of columns whose mean square is above 1e-5.
+    pub active: f64,
+    /// Columns counted (over every matrix that saw rows).
+    pub elements: usize,
+    /// The entropy of the mean squares as a distribution, in bits.
+    pub entropy: f64,
+    /// The share of columns more than one standard deviation above the mean.
+    pub zd: f64,
+    /// The cosine similarity of the sums with the same tensor's in the layer before.
+    pub cossim: Option<f64>,
+    /// Matrices (experts) that saw no rows, and all of them.
+    pub unseen: (usize, usize),
+}
+
+/// The statistics of every entry that saw rows, by kind and then layer, so each kind's
+/// course through the layers reads down the table.
+pub fn statistics(m: &Imatrix) -> Vec<TensorStats> {
+    let place = |name: &str| -> (Option<u32>, String) {
+        let parts: Vec<&str> = name.split('.').collect();
+        let layer = parts
+            .iter()
+            .position(|p| *p == "blk")
+            .and_then(|i| parts.get(i + 1)?.parse().ok());
+        let kind = parts
+            .iter()
+            .position(|p| *p == "weight")
+            .filter(|&i| i > 0)
+            .map_or(name.to_owned(), |i| parts[i - 1].to_owned());
+        (layer, kind)
+    };
+    let mut out = Vec::new();
+    for (name, e) in &m.entries {
+        let n = e.counts.len().max(1);
+        let width = e.sums.len() / n;
+        let means: Vec<f64> = e
+            .sums
+            .chunks(width.max(1))
+            .zip(&e.counts)
+            .filter(|(_, &c)| c > 0.0)
+            .flat_map(|(run, &c)| run.iter().map(move |&s| f64::from(s) / f64::from(c)))
+            .collect();
+        if means.is_empty() {
+            continue;
+        }
+        let total: f64 = means.iter().sum();
+        let len = means.len() as f64;
+        let mean = total / len;
+        let var = means.iter().map(|v| v * v).sum::<f64>() / len - mean * mean;
+        let stddev = var.max(0.0).sqrt();
+        let entropy = if total > 0.0 {
+            -means
+                .iter()
+                .map(|v| v / total)
+                .filter(|&p| p > 0.0)
+                .map(|p| p * p.log2())
+                .sum::<f64>()
+        } else {
+            0.0
+        };
+        let above = |f: &dyn Fn(f64) -> bool| means.iter().filter(|&&v| f(v)).count() as f64 / len;
+        let (layer, kind) = place(name);
+        out.push(TensorStats {
+            layer,
+            kind,
+            total,
+            min: means.iter().copied().fold(f64::INFINITY, f64::min),
+            max: means.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            mean,
+            stddev,
+            active: above(&|v| v.abs() > 1e-5),
+            elements: means.len(),
+            entropy,
+            zd: if stddev > 0.0 {
+                above(&|v| (v - mean) / stddev > 1.0)
+            } else {
+                0.0
+            },
+            cossim: None,
+            unseen: (
+                e.counts.iter().filter(|&&c| c <= 0.0).count(),
+                e.counts.len(),
+            ),
+        });
+    }
+    // Cosine similarity of the raw sums with the layer before's, as llama-imatrix takes it.
+    for t in &mut out {
+        let Some(layer) = t.layer.filter(|&l| l > 0) else {
+            continue;
+        };
+        let name = |l: u32| format!("blk.{l}.{}.weight", t.kind);
+        let (Some(a), Some(b)) = (m.entries.get(&name(layer)), m.entries.get(&name(layer - 1)))
+        else {
+            continue;
+        };
+        if a.sums.len() != b.sums.len() {
+            continue;
+        }
+        let dot = |x: &[f32], y: &[f32]| -> f64 {
+            x.iter()
+                .zip(y)
+                .map(|(&p, &q)| f64::from(p) * f64::from(q))
+                .sum()
+        };
+        let norms = (dot(&a.sums, &a.sums) * dot(&b.sums, &b.sums)).sqrt();
+        t.cossim = (norms > 0.0).then(|| dot(&a.sums, &b.sums) / norms);
+    }
+    out.sort_by(|a, b| (&a.kind, a.layer).cmp(&(&b.kind, b.layer)));
+    out
+}
+
+/// `backstop imatrix --show-statistics`: a markdown table of each tensor's statistics, then
+/// each layer's averages weighted by columns, as llama-imatrix prints them.
+pub fn statistics_table(m: &Imatrix) -> String {
+    let stats = statistics(m);
+    let mut out = format!(
+        "{} weight matrices from {} chunks of {} tokens ({})\n\n",
+        m.entries.len(),
+        m.chunk_count,
+        m.chunk_size,
+        m.datasets.join(", ")
+    );
+    out += "| layer | tensor | Σ(act²) | min | max | μ | σ | % active | N | entropy | E (norm) | ZD | cos sim | no rows |\n";
+    out += "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+    let layer = |l: Option<u32>| l.map_or("-".to_owned(), |l| l.to_string());
+    for t in &stats {
+        let norm = if t.elements > 1 {
+            100.0 * t.entropy / (t.elements as f64).log2()
+        } else {
+            0.0
+        };
+        let unseen = if t.unseen.0 > 0 {
+            format!("{} of {}", t.unseen.0, t.unseen.1)
+        } else {
+            String::new()
+        };
+        out += &format!(
+            "| {} | {} | {:.2} | {:.4} | {:.4} | {:.2} | {:.2} | {:.2}% | {} | {:.4} | {:.2}% | {:.2}% | {} | {unseen} |\n",
+            layer(t.layer),
+            t.kind,
+            t.total,
+            t.min,
+            t.max,
+            t.mean,
+            t.stddev,
+            100.0 * t.active,
+            t.elements,
+            t.entropy,
+            norm,
+            100.0 * t.zd,
+            t.cossim.map_or("-".to_owned(), |c| format!("{c:.4}")),
+        );
+    }
+    // Per layer: Σ(act²), ZD and cos sim averaged with each tensor weighted by its columns.
+    let mut layers: BTreeMap<u32, [f64; 5]> = BTreeMap::new();
+    for t in &stats {
+        let Some(l) = t.layer else { continue };
+        let w = t.elements as f64;
+        let acc = layers.entry(l).or_default();
+        acc[0] += w * t.total;
+        acc[1] += w * t.zd;
+        acc[2] += w;
+        if let Some(c) = t.cossim {
+            acc[3] += w * c;
+            acc[4] += w;
+        }
+    }
+    out += "\n| layer | μΣ(act²) | μZD | μ cos sim |\n| ---: | ---: | ---: | ---: |\n";
+    for (l, [bias, zd, w, cos, cw]) in layers {
+        let cos = if cw > 0.0 {
+            format!("{:.4}", cos / cw)
+        } else {
+            "-".to_owned()
+        };
+        out += &format!(
+            "| {l} | {:.2} | {:.4}% | {cos} |\n",
+            bias / w,
+            100.0 * zd / w
+        );
+    }
+    out
+}
+
 /// The text's tokens, with the specials the model adds (a BOS first), as llama-imatrix
 /// tokenizes it: the chunks then hold the same tokens as that tool's, and each chunk's first
 /// is made a BOS as it is read.
@@ -1186,6 +1390,66 @@ mod tests {
             .insert("blk.0.attn_q.weight".into(), entry(&[1.0; 4], &[1.0]));
         let e = m.merge(wrong, 512).unwrap_err();
         assert!(e.contains("blk.0.attn_q.weight has 4 values"), "{e}");
+    }
+
+    #[test]
+    fn statistics_are_llama_imatrix_s_over_the_matrices_that_saw_rows() {
+        let mut m = Imatrix {
+            chunk_count: 1,
+            chunk_size: 4,
+            ..Imatrix::default()
+        };
+        m.entries.insert(
+            "blk.0.attn_q.weight".into(),
+            entry(&[1.0, 2.0, 3.0, 4.0], &[1.0]),
+        );
+        m.entries.insert(
+            "blk.1.attn_q.weight".into(),
+            entry(&[2.0, 4.0, 6.0, 8.0], &[2.0]),
+        );
+        m.entries.insert(
+            "blk.0.ffn_down_exps.weight".into(),
+            entry(&[2.0, 2.0, 9.0, 9.0], &[2.0, 0.0]),
+        );
+        let s = statistics(&m);
+        let kinds: Vec<_> = s.iter().map(|t| (t.kind.as_str(), t.layer)).collect();
+        assert_eq!(
+            kinds,
+            [
+                ("attn_q", Some(0)),
+                ("attn_q", Some(1)),
+                ("ffn_down_exps", Some(0))
+            ]
+        );
+        let q = &s[0];
+        assert_eq!((q.total, q.min, q.max, q.mean), (10.0, 1.0, 4.0, 2.5));
+        assert!((q.stddev - 1.25f64.sqrt()).abs() < 1e-12);
+        let h = -[0.1f64, 0.2, 0.3, 0.4]
+            .iter()
+            .map(|p| p * p.log2())
+            .sum::<f64>();
+        assert!((q.entropy - h).abs() < 1e-12);
+        // Only 4 is more than a standard deviation above the mean.
+        assert_eq!((q.active, q.elements, q.zd), (1.0, 4, 0.25));
+        // No layer before the first; the second's sums point the same way.
+        assert_eq!(q.cossim, None);
+        assert!((s[1].cossim.unwrap() - 1.0).abs() < 1e-12);
+        // The expert without rows is left out of the figures and counted apart.
+        let x = &s[2];
+        assert_eq!((x.elements, x.total, x.zd, x.unseen), (2, 2.0, 0.0, (1, 2)));
+
+        let table = statistics_table(&m);
+        assert!(
+            table.contains("| 1 | attn_q | 10.00 | 1.0000 | 4.0000 | 2.50 |"),
+            "{table}"
+        );
+        assert!(table.contains("| 0 | ffn_down_exps | 2.00 |"), "{table}");
+        assert!(table.contains("| 1 of 2 |"), "{table}");
+        // Layer 1's averages: its one tensor's.
+        assert!(
+            table.contains("| 1 | 10.00 | 25.0000% | 1.0000 |"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -298,7 +298,7 @@ pub fn quantize(
 /// quantizing (its dry run): the same per-tensor choices, no data read, nothing written.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Estimate {
-    /// The tensors' bytes in the input, in MiB, and bits per weight.
+    /// The tensors' bytes in the input, in MiB.
     pub input_mib: f64,
     /// Bits per weight of the input.
     pub input_bpw: f64,
