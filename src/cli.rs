@@ -383,9 +383,10 @@ pub struct ImatrixArgs {
     /// Where to write the matrix (llama.cpp's GGUF imatrix format).
     #[arg(short = 'o', long, value_name = "FILE", default_value = "imatrix.gguf")]
     pub output: PathBuf,
-    /// A matrix to start from (GGUF, or llama.cpp's legacy .dat); repeatable. The text's
-    /// statistics are added to theirs; without -f the files are only combined.
-    #[arg(long = "in-file", value_name = "FILE")]
+    /// A matrix to start from (GGUF, or llama.cpp's legacy .dat); repeatable, or several with
+    /// commas as llama-imatrix takes them. The text's statistics are added to theirs; without
+    /// -f the files are only combined.
+    #[arg(long = "in-file", value_name = "FILE", value_delimiter = ',')]
     pub in_files: Vec<PathBuf>,
     /// Tokens per chunk, each read from an empty cache.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(16..))]

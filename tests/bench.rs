@@ -1853,6 +1853,15 @@ fn imatrix_runs_resume_combine_and_save_as_they_go() {
         "{said}"
     );
     same(&read("combined.gguf"), "combined");
+    // With a comma, as llama-imatrix takes several: the same file.
+    let comma_s = path("comma.gguf");
+    run(&[
+        "--in-file",
+        &format!("{first_s},{second_s}"),
+        "-o",
+        &comma_s,
+    ]);
+    assert_eq!(read("comma.gguf"), read("combined.gguf"));
 
     // Resumed: the part saved so far is read in and the run goes on into the same file.
     let said = run(&[
