@@ -411,6 +411,10 @@ pub struct ImatrixArgs {
     /// Do not score the text's perplexity (it is a check, not part of the matrix).
     #[arg(long, requires = "text")]
     pub no_ppl: bool,
+    /// Read special tokens written in the text (<|im_start|>, <end_of_turn>) as those tokens,
+    /// for a text of chats in the model's template; otherwise they are read as their letters.
+    #[arg(long, requires = "text")]
+    pub parse_special: bool,
     /// Print each tensor's statistics in the --in-file matrices (combined), as llama-imatrix's
     /// --show-statistics does, and write nothing; MODEL, if given, is checked against.
     #[arg(long, requires = "in_files", conflicts_with = "text")]

@@ -188,6 +188,7 @@ fn imatrix(a: &cli::ImatrixArgs) -> Result<(), Box<dyn std::error::Error>> {
         start,
         process_output: a.process_output,
         perplexity: !a.no_ppl,
+        parse_special: a.parse_special,
         output: &a.output,
         save_every: a.output_frequency as usize,
         keep_every: a.save_frequency as usize,

@@ -1880,6 +1880,28 @@ fn imatrix_runs_resume_combine_and_save_as_they_go() {
     assert!(said.contains("(4 chunks in all)"), "{said}");
     same(&read("first.gguf"), "resumed");
 
+    // A text of chats in SmolLM2's template: with --parse-special each <|im_start|> is one
+    // token, as the template makes it, not the seven or so of its letters.
+    let chats = dir.join("chats.txt");
+    std::fs::write(
+        &chats,
+        "<|im_start|>user\nWhere is the bridge?<|im_end|>\n<|im_start|>assistant\nDown by \
+         the river.<|im_end|>\n"
+            .repeat(40),
+    )
+    .unwrap();
+    let chunks = |extra: &[&str]| -> usize {
+        let out = path("chats.gguf");
+        let said = run(&[&["-f", chats.to_str().unwrap(), "-o", &out][..], extra].concat());
+        let (_, rest) = said.split_once("weight matrices from ").unwrap();
+        rest.split(' ').next().unwrap().parse().unwrap()
+    };
+    let (letters, special) = (chunks(&[]), chunks(&["--parse-special"]));
+    assert!(
+        special * 4 < letters * 3,
+        "{special} chunks against {letters}"
+    );
+
     // Statistics of a matrix, as llama-imatrix's --show-statistics: a row per tensor, kinds
     // down the layers, then a row per layer; no model needed, nothing written.
     let never_s = path("never.gguf");

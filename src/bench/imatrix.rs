@@ -455,6 +455,9 @@ pub struct Plan<'a> {
     pub process_output: bool,
     /// Whether the text's perplexity is scored.
     pub perplexity: bool,
+    /// Whether special tokens written in the text (`<|im_start|>`) are read as those tokens,
+    /// as a chat template makes them, rather than as their letters.
+    pub parse_special: bool,
     /// Where the matrix goes; it is also written there every `save_every` chunks.
     pub output: &'a Path,
     /// Chunks between the writes of the matrix so far to `output` (none when 0).
@@ -875,7 +878,7 @@ pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
     }
     // SAFETY: a loaded model's vocabulary lives as long as the model.
     let vocab = unsafe { llama_cpp_sys_2::llama_model_get_vocab(model.0) };
-    let tokens = tokenize(vocab, &text)?;
+    let tokens = tokenize(vocab, &text, plan.parse_special)?;
     let chunk = plan.chunk;
     let available = tokens.len() / chunk;
     if available == 0 {
@@ -1275,6 +1278,7 @@ pub fn statistics_table(m: &Imatrix) -> String {
 fn tokenize(
     vocab: *const llama_cpp_sys_2::llama_vocab,
     text: &str,
+    special: bool,
 ) -> Result<Vec<llama_cpp_sys_2::llama_token>, ImatrixError> {
     let len = i32::try_from(text.len())
         .map_err(|_| ImatrixError::Input("a text of 2 GiB or more".into()))?;
@@ -1289,7 +1293,7 @@ fn tokenize(
             tokens.as_mut_ptr(),
             i32::try_from(tokens.len()).unwrap_or(i32::MAX),
             true,
-            false,
+            special,
         )
     };
     let n = usize::try_from(n)
