@@ -168,13 +168,17 @@ fn imatrix(a: &cli::ImatrixArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     let (Some(model), Some(text)) = (a.model.as_deref(), a.text.as_deref()) else {
         start.write(&a.output)?;
+        let texts = if start.datasets.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", start.datasets.join(", "))
+        };
         println!(
-            "wrote {}: {} weight matrices from {} chunks, combining {} files ({})",
+            "wrote {}: {} weight matrices from {} chunks, combining {} files{texts}",
             a.output.display(),
             start.entries.len(),
             start.chunk_count,
             a.in_files.len(),
-            start.datasets.join(", ")
         );
         return Ok(());
     };

@@ -1880,6 +1880,29 @@ fn imatrix_runs_resume_combine_and_save_as_they_go() {
     assert!(said.contains("(4 chunks in all)"), "{said}");
     same(&read("first.gguf"), "resumed");
 
+    // SmolLM2's output layer is its token embeddings: --process-output has nothing more to
+    // gather, and says so.
+    let o = backstop(&[
+        "imatrix",
+        smol_s,
+        "-f",
+        readme_s,
+        "--chunk",
+        "128",
+        "--chunks",
+        "1",
+        "--process-output",
+        "-o",
+        &path("output.gguf"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("has no output.weight"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert_eq!(read("output.gguf").entries.len(), 210);
+
     // A text of chats in SmolLM2's template: with --parse-special each <|im_start|> is one
     // token, as the template makes it, not the seven or so of its letters.
     let chats = dir.join("chats.txt");

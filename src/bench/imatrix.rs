@@ -851,6 +851,12 @@ pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
         .map_err(|e| ImatrixError::Input(format!("{}: {e}", plan.text.display())))?;
     let text = String::from_utf8(text)
         .map_err(|_| ImatrixError::Input(format!("{}: not UTF-8 text", plan.text.display())))?;
+    if plan.process_output && !header.tensors.iter().any(|t| t.name == "output.weight") {
+        tracing::warn!(
+            "--process-output: this model has no output.weight; its output layer is its token \
+             embeddings (token_embd.weight), which llama-imatrix does not gather either"
+        );
+    }
     if plan.chunk < 16 {
         return Err(ImatrixError::Input(
             "--chunk must be at least 16 tokens".into(),
