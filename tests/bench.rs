@@ -2002,6 +2002,60 @@ fn imatrix_runs_resume_combine_and_save_as_they_go() {
     }
 }
 
+/// A run that is stopped leaves the matrix it had saved at `-o` (`--output-frequency`): the
+/// file appears while the run is still going, and holds whole chunks' rows.
+#[test]
+fn a_stopped_imatrix_run_leaves_what_it_had_saved() {
+    let _cores = one_at_a_time();
+    let dir = common::temp_dir("imatrix-stopped");
+    let _cleanup = Cleanup(dir.clone());
+    let out = dir.join("saved.gguf");
+    let mut child = common::backstop_command()
+        .args([
+            "imatrix",
+            common::smollm2().to_str().unwrap(),
+            "-f",
+            common::checkout().join("README.md").to_str().unwrap(),
+            "--chunk",
+            "64",
+            "--output-frequency",
+            "1",
+            "--no-ppl",
+            "-t",
+            "2",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run backstop");
+    // The README is dozens of chunks of 64 (eight of 512 at least): the first save comes long before
+    // the end. Waited for without a deadline shorter than the test's own.
+    let mut saved_while_running = false;
+    for _ in 0..6000 {
+        if out.exists() {
+            saved_while_running = child.try_wait().unwrap().is_none();
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().ok();
+    child.wait().unwrap();
+    assert!(
+        saved_while_running,
+        "no matrix was saved while the run went on"
+    );
+    let m = backstop::bench::imatrix::Imatrix::read(&out).unwrap();
+    assert!(m.chunk_count >= 1, "{}", m.chunk_count);
+    assert_eq!(m.entries.len(), 210);
+    let rows = 64.0 * m.chunk_count as f32;
+    assert!(m.entries.values().all(|e| e.counts == [rows]));
+}
+
 /// `--override-kv KEY=TYPE:VALUE` sets metadata in the quantized file, of each type
 /// llama.cpp's quantizer writes; what it would silently change (a negative integer, a text
 /// over 127 bytes) is refused with nothing written.

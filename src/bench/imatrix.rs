@@ -98,17 +98,14 @@ pub fn is_weighed(name: &str) -> bool {
     (name.starts_with("blk.") || name == "output.weight") && name.ends_with(".weight")
 }
 
-/// Whether `entry` has the shape of statistics for tensor `t`: a value per input column of each
-/// of its matrices (an expert tensor's third dimension).
-pub fn fits(entry: &Entry, t: &gguf::TensorInfo) -> bool {
-    let want = t
-        .dims
+/// How many values statistics for tensor `t` hold: one per input column of each of its
+/// matrices (an expert tensor's third dimension).
+pub fn columns(t: &gguf::TensorInfo) -> u64 {
+    let first = t.dims.first().copied().unwrap_or(0);
+    t.dims
         .iter()
         .skip(2)
-        .fold(t.dims.first().copied().unwrap_or(0), |n, &d| {
-            n.saturating_mul(d)
-        });
-    entry.sums.len() as u64 == want
+        .fold(first, |n, &d| n.saturating_mul(d))
 }
 
 /// Most entries, and values per entry, a file may hold: far above any real model's.
@@ -232,13 +229,13 @@ impl Imatrix {
             .collect();
         for (name, e) in &self.entries {
             match tensors.get(name.as_str()) {
-                Some(t) if fits(e, t) => {}
+                Some(t) if e.sums.len() as u64 == columns(t) => {}
                 Some(t) => {
                     return Err(format!(
                         "it has {} values for {name}, whose rows need {}: it was made for \
                          another model",
                         e.sums.len(),
-                        t.dims[0].saturating_mul(t.dims.iter().skip(2).product())
+                        columns(t)
                     ))
                 }
                 None => {
@@ -1041,21 +1038,21 @@ pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
         if due(plan.save_every) || due(plan.keep_every) {
             // SAFETY: between decodes nothing else touches the collector.
             let m = so_far(unsafe { &*owned.0 }, done)?;
-            if due(plan.save_every) {
-                m.write(plan.output)?;
+            let mut copy = plan.output.as_os_str().to_owned();
+            copy.push(format!(".at_{}", m.chunk_count));
+            let copy = std::path::PathBuf::from(copy);
+            for (every, path) in [(plan.save_every, plan.output), (plan.keep_every, &copy)] {
+                if due(every) {
+                    m.write(path)?;
+                    bar.suspend(|| {
+                        tracing::info!(
+                            chunks = m.chunk_count,
+                            "saved the matrix so far to {}",
+                            path.display()
+                        )
+                    });
+                }
             }
-            if due(plan.keep_every) {
-                let mut copy = plan.output.as_os_str().to_owned();
-                copy.push(format!(".at_{}", m.chunk_count));
-                m.write(Path::new(&copy))?;
-            }
-            bar.suspend(|| {
-                tracing::info!(
-                    chunks = m.chunk_count,
-                    "saved the matrix so far to {}",
-                    plan.output.display()
-                )
-            });
         }
     }
     bar.finish_and_clear();

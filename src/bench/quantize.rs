@@ -583,13 +583,13 @@ fn fitted(m: &Imatrix, model: &GgufHeader) -> Result<Vec<(String, Vec<f32>)>, Qu
         let Some(entry) = m.entries.get(&t.name) else {
             continue;
         };
-        if !imatrix::fits(entry, t) {
+        if entry.sums.len() as u64 != imatrix::columns(t) {
             return Err(QuantizeError::Imatrix(format!(
                 "the importance matrix has {} values for {}, whose rows need {}: it was made \
                  for another model",
                 entry.sums.len(),
                 t.name,
-                t.dims[0].saturating_mul(t.dims.iter().skip(2).product())
+                imatrix::columns(t)
             )));
         }
         out.push((t.name.clone(), entry.importance()));
