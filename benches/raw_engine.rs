@@ -76,5 +76,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         quality: false,
         quality_text: None,
         format: args.format,
+        baseline: None,
     })
 }

@@ -179,7 +179,7 @@ pub struct BenchArgs {
     /// servers side by side, each against the first.
     #[arg(long, value_name = "URL", conflicts_with_all = [
         "threads", "gpu_layers", "ctx", "flash_attention", "quantize", "kv_cache_type", "depth",
-        "quality", "quality_text", "batch",
+        "quality", "quality_text", "batch", "baseline",
     ])]
     pub server: Vec<String>,
     /// API key for --server [default: BACKSTOP_API_KEY].
@@ -286,6 +286,13 @@ pub struct BenchArgs {
     #[arg(short = 'o', long, visible_alias = "output", value_enum,
           default_value_t = BenchFormat::Table)]
     pub format: BenchFormat,
+    /// Compare with an earlier run, from what its `-o json` or `-o jsonl` wrote: each figure
+    /// it measured with the same file, settings, depth and length (pp512, tg128 x4, ...) is
+    /// set against this run's as the ratio of their medians (a second table; `baseline` in
+    /// JSON; two more CSV columns). A llama.cpp upgrade, another build or another machine,
+    /// side by side.
+    #[arg(long, value_name = "FILE")]
+    pub baseline: Option<PathBuf>,
 }
 
 /// The boolean spellings `serve` accepts (1/true/yes/on, 0/false/no/off).

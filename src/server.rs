@@ -106,7 +106,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             for d in &c.devices {
                 tracing::info!(
                     device = %d.name,
-                    kind = d.kind,
+                    kind = d.kind.as_str(),
                     backend = %d.backend,
                     description = %d.description,
                     memory_mib = d.memory_total / (1024 * 1024),

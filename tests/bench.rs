@@ -1059,6 +1059,181 @@ fn json_lines_come_out_as_each_result_is_measured() {
     );
 }
 
+/// `--baseline` sets a run against what an earlier run wrote (`-o json` or `-o jsonl`): each
+/// figure of the same file, settings, depth and length gets this run's median over the
+/// earlier one's, in JSON, in a second table and in two more CSV columns; the figures the
+/// earlier run did not measure get none, and files that are not a bench run are refused
+/// before anything is measured.
+#[test]
+fn a_run_is_set_against_an_earlier_runs_figures() {
+    let _cores = one_at_a_time();
+    let model = common::smollm2();
+    let model = model.to_str().unwrap();
+    let dir = common::temp_dir("bench-baseline");
+    let _cleanup = Cleanup(dir.clone());
+    let ran = |line: &str| {
+        let o = backstop(&words(line));
+        assert!(o.status.success(), "{line}: {}", text(&o.stderr));
+        text(&o.stdout)
+    };
+    // The earlier run: one test of both lengths, at 1 and 2 threads, 2 sequences together.
+    let earlier_json = dir.join("earlier.json");
+    let out = ran(&format!(
+        "bench -o json -p 16 -n 4 -r 1 -t 1,2 --parallel 2 {model}"
+    ));
+    std::fs::write(&earlier_json, &out).unwrap();
+    let earlier: Value = serde_json::from_str(&out).unwrap();
+    let at_2 = earlier["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["threads"] == 2)
+        .unwrap();
+
+    // This run: the same lengths as tests of their own, one more prompt, 2 threads only.
+    let baseline = earlier_json.to_str().unwrap();
+    let now = bench_json(&[
+        "-p",
+        "16,32",
+        "-n",
+        "4",
+        "-r",
+        "1",
+        "--parallel",
+        "2",
+        "--baseline",
+        baseline,
+        model,
+    ]);
+    assert_eq!(now["baseline_file"], baseline);
+    assert_eq!(now["baseline_machine"], earlier["machine"]);
+    let results = now["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3, "{now}");
+    let ratio_of = |now: &Value, then: &Value, versus: &Value| {
+        let (m, b) = (number(now, "median"), number(then, "median"));
+        assert_eq!(number(versus, "median"), b, "{versus}");
+        assert!((number(versus, "ratio") - m / b).abs() < 1e-12, "{versus}");
+        let overlaps =
+            number(now, "min") <= number(then, "max") && number(then, "min") <= number(now, "max");
+        assert_eq!(versus["overlaps"], overlaps, "{versus}");
+    };
+    let (pp16, pp32, tg4) = (&results[0], &results[1], &results[2]);
+    assert_eq!((&pp16["prompt"], &tg4["generate"]), (&json!(16), &json!(4)));
+    ratio_of(&pp16["pp"], &at_2["pp"], &pp16["baseline"]["pp"]);
+    ratio_of(&tg4["tg"], &at_2["tg"], &tg4["baseline"]["tg"]);
+    let (x2, then_x2) = (&tg4["parallel"][0], &at_2["parallel"][0]);
+    assert_eq!(tg4["baseline"]["parallel"][0]["sequences"], 2);
+    ratio_of(x2, then_x2, &tg4["baseline"]["parallel"][0]);
+    assert!(pp16["baseline"]["tg"].is_null() && tg4["baseline"]["pp"].is_null());
+    // The earlier run read no prompt of 32.
+    assert!(pp32.get("baseline").is_none(), "{pp32}");
+
+    // JSON Lines as the baseline, and the table: a ratio in each cell the earlier run
+    // measured, and its machine.
+    let earlier_jsonl = dir.join("earlier.jsonl");
+    let out = ran(&format!(
+        "bench -o jsonl -p 16 -n 4 -r 1 -t 1 --parallel 2 {model}"
+    ));
+    std::fs::write(&earlier_jsonl, out).unwrap();
+    let table = ran(&format!(
+        "bench -p 16 -n 4,8 -r 1 -t 1 --parallel 2 --baseline {} {model}",
+        earlier_jsonl.display()
+    ));
+    let (_, against) = table
+        .split_once(&format!("\nagainst {}, ", earlier_jsonl.display()))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        against
+            .contains("| model | quant | pp16 | tg4 | tg4 x2 aggregate | tg8 | tg8 x2 aggregate |"),
+        "{against}"
+    );
+    let row = against
+        .lines()
+        .find(|l| l.starts_with("| SmolLM2-135M-Instruct.Q4_1.gguf | Q4_1 |"))
+        .unwrap_or_else(|| panic!("{against}"));
+    let cells: Vec<&str> = row.trim_matches('|').split(" | ").map(str::trim).collect();
+    let is_ratio = |c: &str| {
+        let c = c.trim_start_matches('≈');
+        c.ends_with('x')
+            && c.trim_end_matches('x')
+                .parse::<f64>()
+                .is_ok_and(|r| r > 0.0)
+    };
+    assert!(cells[2..5].iter().all(|c| is_ratio(c)), "{row}");
+    assert_eq!(cells[5..], ["", ""], "{row}");
+    assert!(
+        against.contains("the baseline's machine: ") && against.contains("backstop 0.1.0"),
+        "{against}"
+    );
+
+    // CSV: the earlier median and the ratio end each figure's row.
+    let csv = ran(&format!(
+        "bench -o csv -p 16 -n 0 -r 1 -t 2 --baseline {baseline} {model}"
+    ));
+    assert!(
+        csv.starts_with("file,")
+            && csv
+                .lines()
+                .next()
+                .unwrap()
+                .ends_with(",max,baseline_median,ratio"),
+        "{csv}"
+    );
+    let pp = csv.lines().find(|l| l.contains(",pp,16,")).unwrap();
+    let fields: Vec<&str> = pp.split(',').collect();
+    let then: f64 = fields[fields.len() - 2].parse().unwrap();
+    assert!((then - number(&at_2["pp"], "median")).abs() < 5e-4, "{pp}");
+
+    // Nothing measured alike: said, and the run's own table stands.
+    let unmatched = ran(&format!(
+        "bench -p 8 -n 0 -r 1 -t 2 --baseline {baseline} {model}"
+    ));
+    assert!(
+        unmatched.contains("| pp8 tok/s |")
+            && unmatched.contains(&format!(
+                "against {baseline}: nothing in it was measured with the same file, settings, \
+                 depth and lengths"
+            )),
+        "{unmatched}"
+    );
+
+    // Refused before measuring: what is not a bench run's JSON.
+    let csv_file = dir.join("run.csv");
+    std::fs::write(&csv_file, csv).unwrap();
+    let served = dir.join("served.json");
+    std::fs::write(
+        &served,
+        json!({"servers": [], "results": [{"server": "http://127.0.0.1:1", "model": "m"}]})
+            .to_string(),
+    )
+    .unwrap();
+    let missing = dir.join("missing.json");
+    for (file, says) in [
+        (
+            &csv_file,
+            "is not what `backstop bench -o json` or `-o jsonl` writes",
+        ),
+        (&served, "is a `backstop bench --server` run"),
+        (&missing, "No such file"),
+    ] {
+        let file = file.to_str().unwrap();
+        bench_refused(
+            &["-p", "8", "-n", "0", "--baseline", file, model],
+            &[file, says],
+        );
+    }
+    bench_refused(
+        &[
+            "--server",
+            "http://127.0.0.1:1",
+            "--baseline",
+            baseline,
+            "m",
+        ],
+        &["'--baseline <FILE>'", "cannot be used with"],
+    );
+}
+
 /// llama-bench's long flags and output names are read as its users type them; its
 /// multi-letter short flags, which no single-letter parser can read, fail with what
 /// `backstop bench` calls them.

@@ -16,7 +16,7 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::KvCacheType;
 
@@ -45,7 +45,7 @@ pub struct Plan {
 /// The engine settings one measurement runs with. `backstop bench` measures each model once
 /// per combination of the values given, as llama-bench does, so settings can be compared
 /// side by side (`--gpu-layers 0,99`: the CPU against the GPU).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Setting {
     /// CPU threads.
     pub threads: u32,
@@ -78,13 +78,14 @@ impl Setting {
 
 /// One test of a run: a prompt read, a generation, (with one `-p` and one `-n`) both, each
 /// timed on its own, or (`--pg`) a prompt and the generation after it timed as one.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Test {
     /// Prompt tokens read (0: not measured).
     pub prompt: usize,
     /// Tokens generated (0: not measured).
     pub generate: usize,
     /// The generation continues from the prompt, and one figure times both (`--pg`).
+    #[serde(default)]
     pub together: bool,
 }
 

@@ -2,6 +2,7 @@
 //! models and quantizations, measured in-process or against running servers, the quantizer
 //! that builds the ladder, and the importance matrix that the lowest-bit types need.
 
+mod baseline;
 pub mod imatrix;
 mod ladder;
 mod measure;
@@ -14,9 +15,12 @@ use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+pub use baseline::{Baseline, Compared, Versus, VersusAggregate};
 pub use measure::{load, measure, BenchError, Plan, Rep, Setting, Test};
 pub use quality::Quality;
-pub use report::{csv, json_line, table, Aggregate, Figure, Machine, Meta, ModelResult};
+pub use report::{
+    csv, json_line, table, versus_table, Aggregate, Figure, Machine, Meta, ModelResult,
+};
 use report::{distinct, label};
 pub use served::{Latency, ServedResult, ServerInfo};
 
@@ -195,6 +199,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         .map(|path| imatrix::Imatrix::read(path).map(|m| (m, path)))
         .transpose()?;
     let ladder = ladder::types(&args.quantize, imatrix.is_some())?;
+    let baseline = args.baseline.as_deref().map(Baseline::read).transpose()?;
     let text = quality_asked(args)
         .then(|| quality::Text::load(args.quality_text.as_deref()))
         .transpose()?;
@@ -281,6 +286,9 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(text) = &text {
         line_facts.push(("quality_text", serde_json::json!(text.name)));
     }
+    if let Some(b) = &baseline {
+        line_facts.push(("baseline_file", serde_json::json!(b.name)));
+    }
     let emit =
         |bar: &ProgressBar, result: &ModelResult| -> Result<bool, Box<dyn std::error::Error>> {
             if args.format != BenchFormat::Jsonl {
@@ -362,6 +370,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                     let mut result =
                         ModelResult::new(meta.clone(), setting, depth, test, &plan.parallel, &reps);
                     result.quality.clone_from(&quality);
+                    result.baseline = baseline.as_ref().and_then(|b| b.compare(&result));
                     if !emit(&bar, &result)? {
                         return Ok(());
                     }
@@ -373,12 +382,16 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     bar.finish_and_clear();
     let report = match args.format {
         BenchFormat::Table => format!(
-            "{}{}{}\n",
+            "{}{}{}\n{}",
             table(&results, &depths, args.reps),
             text.as_ref()
                 .map(|t| quality::said(t, results.iter().filter_map(|r| r.quality.as_ref())))
                 .unwrap_or_default(),
-            machine.line()
+            machine.line(),
+            baseline
+                .as_ref()
+                .map(|b| versus_table(&results, &depths, b))
+                .unwrap_or_default()
         ),
         BenchFormat::Json => {
             let json = serde_json::to_string_pretty(&serde_json::json!({
@@ -387,11 +400,13 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 "reps": args.reps,
                 "quality_text": text.as_ref().map(|t| &t.name),
                 "machine": machine,
+                "baseline_file": baseline.as_ref().map(|b| &b.name),
+                "baseline_machine": baseline.as_ref().and_then(|b| b.machine.as_ref()),
                 "results": results,
             }))?;
             json + "\n"
         }
-        BenchFormat::Csv => csv(&results),
+        BenchFormat::Csv => csv(&results, baseline.is_some()),
         // Each line went out as it was measured.
         BenchFormat::Jsonl => String::new(),
     };

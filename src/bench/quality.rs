@@ -22,7 +22,7 @@ use std::path::Path;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::measure::{llama, BenchError, Setting};
 
@@ -90,7 +90,7 @@ impl Text {
 }
 
 /// One model's quality figures.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Quality {
     /// Tokens of the text, in this model's vocabulary.
     pub text_tokens: usize,

@@ -1,12 +1,13 @@
 //! `backstop bench`'s results: median and spread per figure, as a markdown table, JSON or CSV.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use super::baseline::{Baseline, Compared, Versus};
 use super::measure::{Rep, Setting, Test};
 use super::quality::Quality;
 
 /// A figure over the repetitions.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Figure {
     /// Median tokens per second.
     pub median: f64,
@@ -63,7 +64,7 @@ impl Figure {
 }
 
 /// One model's results.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelResult {
     /// The file.
     pub file: String,
@@ -92,20 +93,28 @@ pub struct ModelResult {
     pub tg: Option<Figure>,
     /// A prompt and the generation after it, all their tokens over the time of both (a
     /// `--pg` test's one figure; `null` in the others).
+    #[serde(default)]
     pub pg: Option<Figure>,
     /// Aggregate generation tokens/s per sequence count (with `--parallel`, in a test that
     /// generates).
+    #[serde(default)]
     pub parallel: Vec<Aggregate>,
     /// Tokens every measurement found in its sequences' cache when it started, as llama.cpp
     /// reported it (the fewest over the repetitions): the depth actually measured at.
+    #[serde(default)]
     pub cached: usize,
     /// Output quality, with `--quality`.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<Quality>,
+    /// With `--baseline`, the same test's figures in the earlier run, each with this run's
+    /// median over its median (`null` where the baseline has none). Not read back from a
+    /// baseline itself: a run compared with one is compared with its own figures.
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Compared>,
 }
 
 /// Aggregate generation over several sequences sharing each decode.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Aggregate {
     /// Sequences decoded together.
     pub sequences: usize,
@@ -147,13 +156,14 @@ impl ModelResult {
                 .collect(),
             cached: reps.iter().map(|r| r.cached).min().unwrap_or(0),
             quality: None,
+            baseline: None,
         }
     }
 }
 
 /// The machine the figures were measured on, so that figures from different machines (a
 /// laptop, a GPU server) can be told apart once they are side by side.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     /// The processor, as the system names it (`/proc/cpuinfo`'s `model name` on Linux), or
     /// the architecture where it does not.
@@ -165,7 +175,7 @@ pub struct Machine {
     /// What llama.cpp can compute on: every CPU and GPU device, with its memory.
     pub devices: Vec<crate::engine::Device>,
     /// This program's version.
-    pub backstop: &'static str,
+    pub backstop: String,
 }
 
 impl Machine {
@@ -186,7 +196,7 @@ impl Machine {
             cores: num_cpus::get_physical(),
             logical: num_cpus::get(),
             devices,
-            backstop: env!("CARGO_PKG_VERSION"),
+            backstop: env!("CARGO_PKG_VERSION").to_owned(),
         }
     }
 
@@ -343,116 +353,190 @@ pub(super) fn distinct<T: PartialEq>(values: impl IntoIterator<Item = T>) -> Vec
     out
 }
 
+/// A figure column of the table.
+#[derive(Clone, Copy, PartialEq)]
+enum Column {
+    /// Prompt processing of this many tokens.
+    Pp(usize),
+    /// Single-stream generation of this many tokens.
+    Tg(usize),
+    /// Aggregate generation of this many tokens, by this many sequences.
+    Aggregate(usize, usize),
+    /// A `--pg` test.
+    Pg(Test),
+}
+
+impl Column {
+    /// Its header, `@ dN` after the test where one depth was measured; `tok/s` after a
+    /// figure's own, where `unit`.
+    fn head(self, at: &str, unit: bool) -> String {
+        let unit = if unit { " tok/s" } else { "" };
+        match self {
+            Column::Pp(p) => format!("pp{p}{at}{unit}"),
+            Column::Tg(n) => format!("tg{n}{at}{unit}"),
+            Column::Aggregate(n, k) => format!("tg{n}{at} x{k} aggregate"),
+            Column::Pg(t) => format!("{}{at}{unit}", t.name()),
+        }
+    }
+
+    /// The result of a row that measured this column's figure (none for a test the row did
+    /// not run: a model given twice with other lengths).
+    fn pick<'a>(self, row: &[&'a ModelResult]) -> Option<&'a ModelResult> {
+        row.iter().copied().find(|o| match self {
+            Column::Pp(p) => o.test.prompt == p && o.pp.is_some(),
+            Column::Tg(n) | Column::Aggregate(n, _) => o.test.generate == n && o.tg.is_some(),
+            Column::Pg(t) => o.test == t,
+        })
+    }
+
+    fn figure(self, r: &ModelResult) -> Option<&Figure> {
+        match self {
+            Column::Pp(_) => r.pp.as_ref(),
+            Column::Tg(_) => r.tg.as_ref(),
+            Column::Aggregate(_, k) => r
+                .parallel
+                .iter()
+                .find(|a| a.sequences == k)
+                .map(|a| &a.figure),
+            Column::Pg(_) => r.pg.as_ref(),
+        }
+    }
+
+    fn versus(self, c: &Compared) -> Option<&Versus> {
+        match self {
+            Column::Pp(_) => c.pp.as_ref(),
+            Column::Tg(_) => c.tg.as_ref(),
+            Column::Aggregate(_, k) => c
+                .parallel
+                .iter()
+                .find(|a| a.sequences == k)
+                .map(|a| &a.versus),
+            Column::Pg(_) => c.pg.as_ref(),
+        }
+    }
+}
+
+/// The columns of a run's tables: the settings that differ between rows (the others are said
+/// under the table), the depth where several were measured, and the figures.
+struct Layout {
+    /// ` @ dN` where one depth other than 0 was measured.
+    at: String,
+    depth_column: bool,
+    knobs: Vec<Knob>,
+    fixed: Vec<Knob>,
+    figures: Vec<Column>,
+}
+
+impl Layout {
+    fn of(results: &[ModelResult], depths: &[usize]) -> Layout {
+        let (at, depth_column) = match depths {
+            [] | [0] => (String::new(), false),
+            [d] => (format!(" @ d{d}"), false),
+            _ => (String::new(), true),
+        };
+        // `-p 0` and `-n 0` leave their columns out.
+        let prompts = distinct(
+            results
+                .iter()
+                .filter(|r| r.pp.is_some())
+                .map(|r| r.test.prompt),
+        );
+        let gens = distinct(
+            results
+                .iter()
+                .filter(|r| r.tg.is_some())
+                .map(|r| r.test.generate),
+        );
+        let parallel = distinct(
+            results
+                .iter()
+                .flat_map(|r| r.parallel.iter().map(|a| a.sequences)),
+        );
+        let together = distinct(results.iter().filter(|r| r.pg.is_some()).map(|r| r.test));
+        let mut figures: Vec<Column> = prompts.into_iter().map(Column::Pp).collect();
+        for n in gens {
+            figures.push(Column::Tg(n));
+            figures.extend(parallel.iter().map(|&k| Column::Aggregate(n, k)));
+        }
+        figures.extend(together.into_iter().map(Column::Pg));
+        let (knobs, fixed) = Knob::ALL
+            .into_iter()
+            .partition(|k| k.varies(results.iter().map(|r| &r.setting)));
+        Layout {
+            at,
+            depth_column,
+            knobs,
+            fixed,
+            figures,
+        }
+    }
+
+    /// The headers before the figures': the model's, with its size, parameters and backend
+    /// where `whole`, then the settings that differ and the depth.
+    fn lead_head(&self, whole: bool) -> Vec<String> {
+        let mut head = vec!["model".to_owned(), "quant".to_owned()];
+        if whole {
+            head.extend(["size", "params", "backend"].map(String::from));
+        }
+        head.extend(self.knobs.iter().map(|k| k.head().to_owned()));
+        if self.depth_column {
+            head.push("depth".to_owned());
+        }
+        head
+    }
+
+    fn lead(&self, r: &ModelResult, whole: bool) -> Vec<String> {
+        let mut row = vec![r.file.clone(), r.quantization.clone()];
+        if whole {
+            row.extend([mib(r.size), r.parameters.clone(), r.backend.clone()]);
+        }
+        row.extend(
+            self.knobs
+                .iter()
+                .map(|k| k.cell(&r.setting).unwrap_or_else(|| "default".into())),
+        );
+        if self.depth_column {
+            row.push(r.depth.to_string());
+        }
+        row
+    }
+}
+
+/// A markdown table's header and rule.
+fn head_lines(head: &[String]) -> String {
+    format!(
+        "| {} |\n|{}\n",
+        head.join(" | "),
+        " --- |".repeat(head.len())
+    )
+}
+
 /// A markdown table, one row per model, setting and depth, with a column per prompt length,
 /// per generation length and per sequence count generating together; figures measured at
 /// one depth say so in the header (`pp512 @ d1024`), at several in a `depth` column. Settings
 /// that differ between rows get a column, the others are said under the table with the
 /// repetitions.
 pub fn table(results: &[ModelResult], depths: &[usize], reps: usize) -> String {
-    let (at, depth_column) = match depths {
-        [] | [0] => (String::new(), false),
-        [d] => (format!(" @ d{d}"), false),
-        _ => (String::new(), true),
-    };
-    // `-p 0` and `-n 0` leave their columns out.
-    let prompts = distinct(
-        results
-            .iter()
-            .filter(|r| r.pp.is_some())
-            .map(|r| r.test.prompt),
-    );
-    let gens = distinct(
-        results
-            .iter()
-            .filter(|r| r.tg.is_some())
-            .map(|r| r.test.generate),
-    );
-    let parallel = distinct(
-        results
-            .iter()
-            .flat_map(|r| r.parallel.iter().map(|a| a.sequences)),
-    );
-    let together = distinct(results.iter().filter(|r| r.pg.is_some()).map(|r| r.test));
-    let (columns, fixed): (Vec<Knob>, Vec<Knob>) = Knob::ALL
-        .into_iter()
-        .partition(|k| k.varies(results.iter().map(|r| &r.setting)));
-    let mut head = vec![
-        "model".to_owned(),
-        "quant".to_owned(),
-        "size".to_owned(),
-        "params".to_owned(),
-        "backend".to_owned(),
-    ];
-    head.extend(columns.iter().map(|k| k.head().to_owned()));
-    if depth_column {
-        head.push("depth".to_owned());
-    }
-    head.extend(prompts.iter().map(|p| format!("pp{p}{at} tok/s")));
-    for n in &gens {
-        head.push(format!("tg{n}{at} tok/s"));
-        head.extend(parallel.iter().map(|k| format!("tg{n}{at} x{k} aggregate")));
-    }
-    head.extend(together.iter().map(|t| format!("{}{at} tok/s", t.name())));
+    let layout = Layout::of(results, depths);
+    let mut head = layout.lead_head(true);
+    head.extend(layout.figures.iter().map(|c| c.head(&layout.at, true)));
     let quality = results.iter().any(|r| r.quality.is_some());
     if quality {
         head.extend(["ppl", "ppl ratio", "kld", "same top"].map(String::from));
     }
-    let mut out = format!(
-        "| {} |\n|{}\n",
-        head.join(" | "),
-        " --- |".repeat(head.len())
-    );
+    let mut out = head_lines(&head);
     for group in rows(results) {
-        let r = group[0];
-        let mut row = vec![
-            r.file.clone(),
-            r.quantization.clone(),
-            mib(r.size),
-            r.parameters.clone(),
-            r.backend.clone(),
-        ];
-        row.extend(
-            columns
-                .iter()
-                .map(|k| k.cell(&r.setting).unwrap_or_else(|| "default".into())),
-        );
-        if depth_column {
-            row.push(r.depth.to_string());
-        }
-        // A test this row did not run (a model given twice with other lengths) is empty.
-        let cell = |f: Option<&Figure>| f.map(Figure::cell).unwrap_or_default();
-        for p in &prompts {
-            let pp = group
-                .iter()
-                .find(|o| o.test.prompt == *p && o.pp.is_some())
-                .and_then(|o| o.pp.as_ref());
-            row.push(cell(pp));
-        }
-        for n in &gens {
-            let run = group
-                .iter()
-                .find(|o| o.test.generate == *n && o.tg.is_some());
-            row.push(cell(run.and_then(|o| o.tg.as_ref())));
-            for k in &parallel {
-                let aggregate = run
-                    .and_then(|o| o.parallel.iter().find(|a| a.sequences == *k))
-                    .map(|a| &a.figure);
-                row.push(cell(aggregate));
-            }
-        }
-        for t in &together {
-            let pg = group
-                .iter()
-                .find(|o| o.test == *t)
-                .and_then(|o| o.pg.as_ref());
-            row.push(cell(pg));
+        let mut row = layout.lead(group[0], true);
+        for &c in &layout.figures {
+            let figure = c.pick(&group).and_then(|o| c.figure(o));
+            row.push(figure.map(Figure::cell).unwrap_or_default());
         }
         if quality {
             row.extend(quality_cells(group.iter().find_map(|o| o.quality.as_ref())));
         }
         out.push_str(&format!("| {} |\n", row.join(" | ")));
     }
-    let speed = !prompts.is_empty() || !gens.is_empty() || !together.is_empty();
+    let speed = !layout.figures.is_empty();
     if speed {
         out.push_str(
             "\nmedian (min–max) tokens per second over the repetitions, warm-up excluded\n",
@@ -462,7 +546,13 @@ pub fn table(results: &[ModelResult], depths: &[usize], reps: usize) -> String {
     }
     let mut said: Vec<String> = results
         .first()
-        .map(|r| fixed.iter().filter_map(|k| k.said(&r.setting)).collect())
+        .map(|r| {
+            layout
+                .fixed
+                .iter()
+                .filter_map(|k| k.said(&r.setting))
+                .collect()
+        })
         .unwrap_or_default();
     if speed {
         said.push(format!(
@@ -473,6 +563,57 @@ pub fn table(results: &[ModelResult], depths: &[usize], reps: usize) -> String {
     if !said.is_empty() {
         out.push_str(&said.join(", "));
         out.push('\n');
+    }
+    out
+}
+
+/// The run against `--baseline`: the table's rows and figure columns, each cell this run's
+/// median over the baseline's (empty where the baseline has no such figure), and the machine
+/// the baseline was measured on.
+pub fn versus_table(results: &[ModelResult], depths: &[usize], baseline: &Baseline) -> String {
+    let name = &baseline.name;
+    let mut out = format!("\nagainst {name}");
+    if !results.iter().any(|r| r.baseline.is_some()) {
+        out.push_str(
+            ": nothing in it was measured with the same file, settings, depth and lengths\n",
+        );
+    } else {
+        out.push_str(", this run's median over the baseline's:\n\n");
+        let layout = Layout::of(results, depths);
+        let mut head = layout.lead_head(false);
+        head.extend(layout.figures.iter().map(|c| c.head(&layout.at, false)));
+        out.push_str(&head_lines(&head));
+        let mut unmatched = 0;
+        for group in rows(results) {
+            let mut row = layout.lead(group[0], false);
+            let mut any = false;
+            for &c in &layout.figures {
+                let versus = c
+                    .pick(&group)
+                    .and_then(|o| o.baseline.as_ref())
+                    .and_then(|b| c.versus(b));
+                any |= versus.is_some();
+                row.push(versus.map(Versus::cell).unwrap_or_default());
+            }
+            if any {
+                out.push_str(&format!("| {} |\n", row.join(" | ")));
+            } else {
+                unmatched += 1;
+            }
+        }
+        out.push_str(
+            "\nabove 1 is faster now; ≈: the two runs' ranges (min–max) overlap, a difference \
+             within their spread\n",
+        );
+        if unmatched > 0 {
+            out.push_str(&format!(
+                "{unmatched} row{} of this run had no counterpart in the baseline\n",
+                if unmatched == 1 { "" } else { "s" }
+            ));
+        }
+    }
+    if let Some(m) = &baseline.machine {
+        out.push_str(&format!("the baseline's machine: {}\n", m.line()));
     }
     out
 }
@@ -511,12 +652,18 @@ pub fn json_line(
 
 /// CSV, one row per model and figure, with the tokens read or generated (`512+128` for a
 /// `--pg` figure: read, then generated) and the depth it was measured at; quality once per
-/// model, setting and depth.
-pub fn csv(results: &[ModelResult]) -> String {
+/// model, setting and depth. Against a `--baseline` (`compared`), each figure's row ends
+/// with the baseline's median and this run's over it (empty where the baseline has none).
+pub fn csv(results: &[ModelResult], compared: bool) -> String {
     let mut out = String::from(
         "file,quantization,size,parameters,backend,threads,gpu_layers,flash_attention,kv_cache_type,\
-         batch,figure,tokens,sequences,depth,median,min,max\n",
+         batch,figure,tokens,sequences,depth,median,min,max",
     );
+    out.push_str(if compared {
+        ",baseline_median,ratio\n"
+    } else {
+        "\n"
+    });
     let tests = rows(results)
         .into_iter()
         .flat_map(|row| row.into_iter().enumerate());
@@ -538,20 +685,32 @@ pub fn csv(results: &[ModelResult]) -> String {
             s.kv_cache_type.as_str(),
             s.batch,
         );
-        let mut row = |figure: &str, tokens: Option<String>, n: usize, values: &str| {
+        let mut row = |figure: &str,
+                       tokens: Option<String>,
+                       n: usize,
+                       values: &str,
+                       versus: Option<&Versus>| {
             let tokens = tokens.unwrap_or_default();
+            let versus = match (compared, versus) {
+                (false, _) => String::new(),
+                (true, None) => ",,".to_owned(),
+                (true, Some(v)) => format!(",{:.3},{:.4}", v.figure.median, v.ratio),
+            };
             out.push_str(&format!(
-                "{lead},{figure},{tokens},{n},{},{values}\n",
+                "{lead},{figure},{tokens},{n},{},{values}{versus}\n",
                 r.depth
             ));
         };
+        let versus = |c: Column| r.baseline.as_ref().and_then(|b| c.versus(b));
         let spread = |f: &Figure| format!("{:.3},{:.3},{:.3}", f.median, f.min, f.max);
         let (prompt, generate) = (r.test.prompt.to_string(), r.test.generate.to_string());
         if let Some(f) = &r.pp {
-            row("pp", Some(prompt.clone()), 1, &spread(f));
+            let versus = versus(Column::Pp(r.test.prompt));
+            row("pp", Some(prompt.clone()), 1, &spread(f), versus);
         }
         if let Some(f) = &r.tg {
-            row("tg", Some(generate.clone()), 1, &spread(f));
+            let versus = versus(Column::Tg(r.test.generate));
+            row("tg", Some(generate.clone()), 1, &spread(f), versus);
         }
         for a in &r.parallel {
             row(
@@ -559,10 +718,12 @@ pub fn csv(results: &[ModelResult]) -> String {
                 Some(generate.clone()),
                 a.sequences,
                 &spread(&a.figure),
+                versus(Column::Aggregate(r.test.generate, a.sequences)),
             );
         }
         if let Some(f) = &r.pg {
-            row("pg", Some(format!("{prompt}+{generate}")), 1, &spread(f));
+            let (tokens, versus) = (format!("{prompt}+{generate}"), versus(Column::Pg(r.test)));
+            row("pg", Some(tokens), 1, &spread(f), versus);
         }
         // Quality figures are one value each: in the median column, min and max empty; said
         // with a row's first test (every test of it carries the same).
@@ -577,7 +738,7 @@ pub fn csv(results: &[ModelResult]) -> String {
             ];
             for (figure, value) in values {
                 if let Some(v) = value {
-                    row(figure, None, 1, &format!("{v:.6},,"));
+                    row(figure, None, 1, &format!("{v:.6},,"), None);
                 }
             }
         }
@@ -589,6 +750,10 @@ pub fn csv(results: &[ModelResult]) -> String {
 mod tests {
     use super::*;
     use crate::engine::KvCacheType;
+
+    fn csv_of(results: &[ModelResult]) -> String {
+        csv(results, false)
+    }
 
     #[test]
     fn medians_and_spreads() {
@@ -627,6 +792,7 @@ mod tests {
             }],
             cached: 0,
             quality: None,
+            baseline: None,
         }
     }
 
@@ -661,7 +827,7 @@ mod tests {
             "{t}"
         );
         assert!(deep.ends_with("\n2 threads, 1 repetition\n"), "{deep}");
-        let c = csv(&[at_1024]);
+        let c = csv_of(&[at_1024]);
         assert_eq!(c.lines().count(), 4);
         assert!(c.starts_with(
             "file,quantization,size,parameters,backend,threads,gpu_layers,flash_attention,\
@@ -673,13 +839,72 @@ mod tests {
     }
 
     #[test]
+    fn a_run_against_a_baseline_is_a_table_of_ratios_and_two_csv_columns() {
+        use crate::bench::baseline::VersusAggregate;
+
+        let versus = |median: f64, ratio: f64, overlaps: bool| Versus {
+            figure: Figure::of(vec![median]),
+            ratio,
+            overlaps,
+        };
+        let mut matched = result();
+        matched.baseline = Some(Compared {
+            pp: Some(versus(80.0, 1.25, false)),
+            tg: Some(versus(10.2, 0.98, true)),
+            pg: None,
+            parallel: vec![VersusAggregate {
+                sequences: 4,
+                versus: versus(30.0, 1.0, true),
+            }],
+        });
+        let mut other = result();
+        other.setting.threads = 1;
+        let baseline = Baseline {
+            name: "old.json".into(),
+            machine: None,
+            results: Vec::new(),
+        };
+        let t = versus_table(&[matched.clone(), other.clone()], &[0], &baseline);
+        assert_eq!(
+            t,
+            "\nagainst old.json, this run's median over the baseline's:\n\n\
+             | model | quant | threads | pp512 | tg128 | tg128 x4 aggregate |\n\
+             | --- | --- | --- | --- | --- | --- |\n\
+             | m.gguf | Q4_0 | 2 | 1.25x | ≈0.98x | ≈1.00x |\n\
+             \nabove 1 is faster now; ≈: the two runs' ranges (min–max) overlap, a difference \
+             within their spread\n\
+             1 row of this run had no counterpart in the baseline\n"
+        );
+        let none = versus_table(&[other.clone()], &[0], &baseline);
+        assert_eq!(
+            none,
+            "\nagainst old.json: nothing in it was measured with the same file, settings, depth \
+             and lengths\n"
+        );
+        let c = csv(&[matched, other], true);
+        assert!(c
+            .lines()
+            .next()
+            .unwrap()
+            .ends_with(",median,min,max,baseline_median,ratio"));
+        for line in [
+            ",2,,,f16,512,pp,512,1,0,100.000,100.000,100.000,80.000,1.2500\n",
+            ",2,,,f16,512,tg,128,1,0,10.000,10.000,10.000,10.200,0.9800\n",
+            ",2,,,f16,512,tg_aggregate,128,4,0,30.000,30.000,30.000,30.000,1.0000\n",
+            ",1,,,f16,512,pp,512,1,0,100.000,100.000,100.000,,\n",
+        ] {
+            assert!(c.contains(line), "{line}: {c}");
+        }
+    }
+
+    #[test]
     fn the_machine_line_names_the_processor_and_every_gpu() {
         let device =
             |name: &str, description: &str, kind: &'static str, gib: u64| crate::engine::Device {
                 name: name.into(),
                 description: description.into(),
                 backend: name.trim_end_matches(char::is_numeric).into(),
-                kind,
+                kind: kind.into(),
                 memory_total: gib << 30,
                 memory_free: gib << 29,
             };
@@ -691,7 +916,7 @@ mod tests {
                 device("CPU", "AMD EPYC 9654", "cpu", 128),
                 device("CUDA0", "NVIDIA H200", "gpu", 140),
             ],
-            backstop: "9.9.9",
+            backstop: "9.9.9".into(),
         };
         assert_eq!(
             machine.line(),
@@ -734,7 +959,7 @@ mod tests {
             "{t}"
         );
         assert!(t.ends_with("\n2 threads, 1 repetition\n"), "{t}");
-        let c = csv(&[cpu, gpu]);
+        let c = csv_of(&[cpu, gpu]);
         assert!(
             c.contains("\nm.gguf,Q4_0,1048576,1.00M,CUDA,2,0,true,q8_0,512,pp,512,1,0,"),
             "{c}"
@@ -765,7 +990,7 @@ mod tests {
                 && t.contains("| CPU | 10.0 (10.0–10.0) | 30.0 (30.0–30.0) |"),
             "{t}"
         );
-        assert!(!csv(&[only_tg.clone()]).contains(",pp,"));
+        assert!(!csv_of(&[only_tg.clone()]).contains(",pp,"));
         let json = serde_json::to_value(&only_tg).unwrap();
         assert!(
             json["pp"].is_null() && json["tg"]["median"] == 10.0,
@@ -782,7 +1007,7 @@ mod tests {
                 && t.contains("| CPU | 100.0 (100.0–100.0) |\n"),
             "{t}"
         );
-        assert_eq!(csv(&[only_pp]).lines().count(), 2);
+        assert_eq!(csv_of(&[only_pp]).lines().count(), 2);
     }
 
     #[test]
@@ -808,7 +1033,7 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("median (min–max) tokens per second"), "{t}");
-        let lines: Vec<String> = csv(&[pg.clone()]).lines().map(String::from).collect();
+        let lines: Vec<String> = csv_of(&[pg.clone()]).lines().map(String::from).collect();
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert!(
             lines[1].ends_with(",pg,512+128,1,0,50.000,40.000,60.000"),
@@ -891,7 +1116,7 @@ mod tests {
                 && t.contains("| CPU | 1.0 (1.0–1.0) | 2.0 (2.0–2.0) |  |  |"),
             "{t}"
         );
-        let c = csv(&one);
+        let c = csv_of(&one);
         for line in [
             ",pp,64,1,0,1.000,",
             ",pp,256,1,0,2.000,",

@@ -2,13 +2,13 @@
 //! so operators see at start, in readiness and in `/api/ps` whether a GPU build really uses
 //! its GPU.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::loader;
 use super::LoadError;
 
 /// One device llama.cpp can compute on.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Device {
     /// llama.cpp's name, e.g. `CUDA0`, `CPU`.
     pub name: String,
@@ -17,7 +17,7 @@ pub struct Device {
     /// Its backend, e.g. `CUDA`.
     pub backend: String,
     /// `cpu`, `gpu`, `igpu`, `accelerator`.
-    pub kind: &'static str,
+    pub kind: String,
     /// Memory in bytes.
     pub memory_total: u64,
     /// Free memory in bytes, when it was asked.
@@ -61,7 +61,8 @@ pub fn compute() -> Result<Compute, LoadError> {
                     T::IntegratedGpu => "igpu",
                     T::Accelerator => "accelerator",
                     T::Unknown => "unknown",
-                },
+                }
+                .to_owned(),
                 name: d.name,
                 description: d.description,
                 backend: d.backend,

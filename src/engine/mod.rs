@@ -88,7 +88,7 @@ pub struct EngineOptions {
 }
 
 /// KV cache element types Ollama's `OLLAMA_KV_CACHE_TYPE` offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KvCacheType {
     /// 16-bit floats: llama.cpp's default, full quality.

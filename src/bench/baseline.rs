@@ -1,0 +1,373 @@
+//! `backstop bench --baseline FILE`: this run's figures against an earlier run's, read back
+//! from what its `-o json` or `-o jsonl` wrote, as llama.cpp's `compare-llama-bench.py` sets
+//! two builds side by side. A figure is compared only with the same figure of the same file,
+//! settings and depth, of a prompt or generation of the same length; each comparison is this
+//! run's median over the baseline's, with whether the two runs' ranges overlap (a difference
+//! within their spread).
+
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::report::{Figure, Machine, ModelResult};
+
+/// A figure of the baseline, and this run's against it.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Versus {
+    /// The baseline's median and spread.
+    #[serde(flatten)]
+    pub figure: Figure,
+    /// This run's median over the baseline's: above 1 is faster now.
+    pub ratio: f64,
+    /// The two runs' ranges (min–max) overlap: the difference is within their spread.
+    pub overlaps: bool,
+}
+
+impl Versus {
+    /// `None` when the baseline's median is not a speed (0: nothing was measured).
+    fn new(now: &Figure, then: &Figure) -> Option<Versus> {
+        (then.median > 0.0).then(|| Versus {
+            figure: *then,
+            ratio: now.median / then.median,
+            overlaps: now.min <= then.max && then.min <= now.max,
+        })
+    }
+
+    /// `1.05x`, or `≈1.01x` within the spread.
+    pub(super) fn cell(&self) -> String {
+        let within = if self.overlaps { "≈" } else { "" };
+        format!("{within}{:.2}x", self.ratio)
+    }
+}
+
+/// An aggregate figure of the baseline, and this run's against it.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct VersusAggregate {
+    /// Sequences decoded together.
+    pub sequences: usize,
+    /// The comparison.
+    #[serde(flatten)]
+    pub versus: Versus,
+}
+
+/// One result's figures against the baseline's same test (`null` where either run has none).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Compared {
+    /// Prompt processing.
+    pub pp: Option<Versus>,
+    /// Single-stream generation.
+    pub tg: Option<Versus>,
+    /// A prompt and the generation after it.
+    pub pg: Option<Versus>,
+    /// Aggregate generation, per sequence count both runs measured.
+    pub parallel: Vec<VersusAggregate>,
+}
+
+/// An earlier run's results.
+#[derive(Debug)]
+pub struct Baseline {
+    /// The file, as given.
+    pub name: String,
+    /// The machine it was measured on, where the file says.
+    pub machine: Option<Machine>,
+    pub(super) results: Vec<ModelResult>,
+}
+
+impl Baseline {
+    /// Reads `backstop bench -o json` or `-o jsonl` output. Anything else (a CSV, a
+    /// `--server` run, a file of another program) is refused, saying what it is not.
+    pub fn read(path: &Path) -> Result<Baseline, String> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| format!("--baseline {name}: {e}"))?;
+        let not_ours = |why: String| {
+            format!(
+                "--baseline {name} is not what `backstop bench -o json` or `-o jsonl` writes: \
+                 {why}"
+            )
+        };
+        // One document (`-o json`), or one result a line (`-o jsonl`, the machine in each).
+        let (results, machine) = match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Object(mut doc)) if doc.contains_key("results") => {
+                let Some(Value::Array(results)) = doc.remove("results") else {
+                    return Err(not_ours("its `results` is not a list".into()));
+                };
+                (results, doc.remove("machine"))
+            }
+            Ok(line @ Value::Object(_)) => (vec![line], None),
+            Ok(_) => return Err(not_ours("it is not a JSON object".into())),
+            Err(whole) => {
+                let mut results = Vec::new();
+                for (i, line) in text.lines().enumerate() {
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    let value = serde_json::from_str::<Value>(line).map_err(|e| {
+                        not_ours(if i == 0 {
+                            whole.to_string()
+                        } else {
+                            format!("line {}: {e}", i + 1)
+                        })
+                    })?;
+                    results.push(value);
+                }
+                (results, None)
+            }
+        };
+        let machine = machine.or_else(|| results.first()?.get("machine").cloned());
+        if results.iter().any(|r| r.get("server").is_some()) {
+            return Err(format!(
+                "--baseline {name} is a `backstop bench --server` run: --baseline compares \
+                 runs in this process (without --server)"
+            ));
+        }
+        let results = results
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                serde_json::from_value::<ModelResult>(r)
+                    .map_err(|e| not_ours(format!("result {}: {e}", i + 1)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if results.is_empty() {
+            return Err(format!("--baseline {name} holds no results"));
+        }
+        Ok(Baseline {
+            name,
+            machine: machine.and_then(|m| serde_json::from_value(m).ok()),
+            results,
+        })
+    }
+
+    /// The baseline's figures of the same file, settings and depth as `now`, each from a
+    /// test that measured it as `now` did: a prompt of the same length, a generation of the
+    /// same length (each timed on its own, so `-p 512 -n 128` and `-p 512,1024 -n 128` share
+    /// them), or the same `--pg` pair. `None` when there are none.
+    pub fn compare(&self, now: &ModelResult) -> Option<Compared> {
+        let same = |b: &&ModelResult| {
+            (&b.file, &b.setting, b.depth) == (&now.file, &now.setting, now.depth)
+                && b.test.together == now.test.together
+        };
+        let of = |pick: &dyn Fn(&ModelResult) -> Option<Figure>| {
+            self.results.iter().filter(same).find_map(pick)
+        };
+        let versus =
+            |now: &Option<Figure>, then: Option<Figure>| Versus::new(now.as_ref()?, &then?);
+        let (prompt, generate) = (now.test.prompt, now.test.generate);
+        let together = now.test.together;
+        let compared = Compared {
+            pp: versus(&now.pp, of(&|b| b.pp.filter(|_| b.test.prompt == prompt))),
+            tg: versus(
+                &now.tg,
+                of(&|b| b.tg.filter(|_| b.test.generate == generate)),
+            ),
+            pg: versus(
+                &now.pg,
+                of(&|b| b.pg.filter(|_| together && b.test == now.test)),
+            ),
+            parallel: now
+                .parallel
+                .iter()
+                .filter_map(|a| {
+                    let then = of(&|b| {
+                        let same_length = b.test.generate == generate;
+                        let k = b.parallel.iter().find(|b| b.sequences == a.sequences);
+                        k.filter(|_| same_length).map(|b| b.figure)
+                    });
+                    Some(VersusAggregate {
+                        sequences: a.sequences,
+                        versus: Versus::new(&a.figure, &then?)?,
+                    })
+                })
+                .collect(),
+        };
+        let any = compared.pp.is_some()
+            || compared.tg.is_some()
+            || compared.pg.is_some()
+            || !compared.parallel.is_empty();
+        any.then_some(compared)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// A result as `-o json` writes it: one figure for each median given, its spread ±1.
+    fn result(
+        threads: u32,
+        prompt: usize,
+        generate: usize,
+        together: bool,
+        medians: &[f64],
+    ) -> Value {
+        let figure = |m: f64| json!({"median": m, "min": m - 1.0, "max": m + 1.0});
+        let (pp, tg, pg) = match (together, medians) {
+            (true, [pg]) => (Value::Null, Value::Null, figure(*pg)),
+            (false, [pp, tg, _]) => (figure(*pp), figure(*tg), Value::Null),
+            _ => unreachable!(),
+        };
+        let (pp, tg) = (
+            if prompt > 0 && !together {
+                pp
+            } else {
+                Value::Null
+            },
+            if generate > 0 && !together {
+                tg
+            } else {
+                Value::Null
+            },
+        );
+        json!({
+            "file": "m.gguf", "size": 1, "quantization": "Q4_0", "parameters": "1M",
+            "architecture": "llama", "backend": "CPU", "threads": threads, "gpu_layers": null,
+            "flash_attention": null, "kv_cache_type": "f16", "batch": 512, "depth": 0,
+            "prompt": prompt, "generate": generate, "together": together,
+            "pp": pp, "tg": tg, "pg": pg,
+            "parallel": if generate > 0 && !together { tg_x2(medians) } else { json!([]) },
+            "cached": 0,
+        })
+    }
+
+    fn tg_x2(medians: &[f64]) -> Value {
+        let x2 = medians.get(2).copied().unwrap_or(0.0);
+        json!([{"sequences": 2, "median": x2, "min": x2 - 1.0, "max": x2 + 1.0}])
+    }
+
+    fn now(v: Value) -> ModelResult {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn written(name: &str, text: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("backstop-baseline-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn each_figure_is_set_against_the_same_length_measured_alike() {
+        let doc = json!({
+            "machine": {"cpu": "Old CPU", "cores": 4, "logical": 8, "devices": [], "backstop": "0.0.9"},
+            "results": [
+                result(2, 512, 128, false, &[100.0, 10.0, 30.0]),
+                result(4, 512, 128, false, &[200.0, 20.0, 60.0]),
+                result(2, 512, 128, true, &[50.0]),
+            ],
+        });
+        let path = written("doc.json", &doc.to_string());
+        let b = Baseline::read(&path).unwrap();
+        assert_eq!(
+            b.machine.as_ref().map(|m| m.line()).unwrap(),
+            "Old CPU (4 cores, 8 logical); backstop 0.0.9"
+        );
+
+        // The prompt of a test of both lengths is the prompt of a test of the prompt alone.
+        let c = b
+            .compare(&now(result(2, 512, 0, false, &[150.0, 0.0, 0.0])))
+            .unwrap();
+        let pp = c.pp.unwrap();
+        assert_eq!(
+            (pp.figure.median, pp.ratio, pp.overlaps),
+            (100.0, 1.5, false)
+        );
+        assert!(c.tg.is_none() && c.pg.is_none() && c.parallel.is_empty());
+        // The generation alone, with its aggregate; a spread that overlaps says so.
+        let c = b
+            .compare(&now(result(4, 0, 128, false, &[0.0, 21.0, 45.0])))
+            .unwrap();
+        let (tg, x2) = (c.tg.unwrap(), c.parallel[0]);
+        assert_eq!(
+            (tg.figure.median, tg.ratio, tg.overlaps),
+            (20.0, 1.05, true)
+        );
+        assert_eq!(
+            (x2.sequences, x2.versus.ratio, x2.versus.overlaps),
+            (2, 0.75, false)
+        );
+        assert!(c.pp.is_none());
+        // A --pg figure only against the same pair timed as one.
+        let c = b.compare(&now(result(2, 512, 128, true, &[40.0]))).unwrap();
+        assert_eq!(c.pg.unwrap().ratio, 0.8);
+        assert!(c.pp.is_none() && c.tg.is_none());
+        assert!(b.compare(&now(result(2, 512, 64, true, &[40.0]))).is_none());
+        // Another length, setting, depth or file: nothing to compare with.
+        assert!(b
+            .compare(&now(result(2, 256, 0, false, &[1.0, 0.0, 0.0])))
+            .is_none());
+        assert!(b
+            .compare(&now(result(8, 512, 128, false, &[1.0, 1.0, 1.0])))
+            .is_none());
+        let mut deeper = now(result(2, 512, 128, false, &[1.0, 1.0, 1.0]));
+        deeper.depth = 1024;
+        assert!(b.compare(&deeper).is_none());
+        let mut other = now(result(2, 512, 128, false, &[1.0, 1.0, 1.0]));
+        other.file = "n.gguf".into();
+        assert!(b.compare(&other).is_none());
+        // A baseline median of 0 measured nothing: no ratio.
+        let zero = written(
+            "zero.json",
+            &json!({"results": [result(2, 512, 0, false, &[0.0, 0.0, 0.0])]}).to_string(),
+        );
+        assert!(Baseline::read(&zero)
+            .unwrap()
+            .compare(&now(result(2, 512, 0, false, &[9.0, 0.0, 0.0])))
+            .is_none());
+    }
+
+    #[test]
+    fn json_lines_are_read_and_other_files_refused() {
+        let mut line = result(2, 16, 4, false, &[100.0, 10.0, 30.0]);
+        line["machine"] = json!({"cpu": "Line CPU", "cores": 2, "logical": 2, "devices": [], "backstop": "0.1.0"});
+        line["reps"] = json!(1);
+        let mut second = result(2, 32, 0, false, &[90.0, 0.0, 0.0]);
+        second["reps"] = json!(1);
+        let lines = written("run.jsonl", &format!("{line}\n\n{second}\n"));
+        let b = Baseline::read(&lines).unwrap();
+        assert_eq!(b.results.len(), 2);
+        assert_eq!(b.machine.unwrap().cpu, "Line CPU");
+        // One line alone is one JSON document that is a result.
+        let one = written("one.jsonl", &format!("{line}\n"));
+        assert_eq!(Baseline::read(&one).unwrap().results.len(), 1);
+
+        for (name, text, says) in [
+            (
+                "run.csv",
+                "file,quantization\nm.gguf,Q4_0\n",
+                "not what `backstop bench -o json`",
+            ),
+            ("list.json", "[1, 2]", "it is not a JSON object"),
+            ("bad.jsonl", &format!("{line}\n{{oops\n"), "line 2:"),
+            (
+                "results.json",
+                r#"{"results": {"a": 1}}"#,
+                "`results` is not a list",
+            ),
+            (
+                "other.json",
+                r#"{"results": [{"name": "x"}]}"#,
+                "result 1: missing field",
+            ),
+            ("empty.json", "", "holds no results"),
+            ("none.json", r#"{"results": []}"#, "holds no results"),
+            (
+                "served.json",
+                r#"{"servers": [], "results": [{"server": "http://127.0.0.1:8080", "model": "m"}]}"#,
+                "a `backstop bench --server` run",
+            ),
+        ] {
+            let path = written(name, text);
+            let err = Baseline::read(&path).unwrap_err();
+            assert!(err.contains(says) && err.contains(name), "{name}: {err}");
+        }
+        let err = Baseline::read(Path::new("/nonexistent/run.json")).unwrap_err();
+        assert!(
+            err.starts_with("--baseline /nonexistent/run.json: "),
+            "{err}"
+        );
+    }
+}
