@@ -179,7 +179,7 @@ pub struct BenchArgs {
     /// servers side by side, each against the first.
     #[arg(long, value_name = "URL", conflicts_with_all = [
         "threads", "gpu_layers", "ctx", "flash_attention", "quantize", "kv_cache_type", "depth",
-        "quality", "quality_text", "batch", "baseline",
+        "quality", "quality_text", "batch",
     ])]
     pub server: Vec<String>,
     /// API key for --server [default: BACKSTOP_API_KEY].
@@ -289,8 +289,8 @@ pub struct BenchArgs {
     /// Compare with an earlier run, from what its `-o json` or `-o jsonl` wrote: each figure
     /// it measured with the same file, settings, depth and length (pp512, tg128 x4, ...) is
     /// set against this run's as the ratio of their medians (a second table; `baseline` in
-    /// JSON; two more CSV columns). A llama.cpp upgrade, another build or another machine,
-    /// side by side.
+    /// JSON; more CSV columns); with --server, an earlier --server run's same model and client
+    /// count. A llama.cpp upgrade, another build or another machine, side by side.
     #[arg(long, value_name = "FILE")]
     pub baseline: Option<PathBuf>,
 }

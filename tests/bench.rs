@@ -1222,6 +1222,7 @@ fn a_run_is_set_against_an_earlier_runs_figures() {
             &[file, says],
         );
     }
+    // A run against servers compares with a run against servers.
     bench_refused(
         &[
             "--server",
@@ -1230,7 +1231,7 @@ fn a_run_is_set_against_an_earlier_runs_figures() {
             baseline,
             "m",
         ],
-        &["'--baseline <FILE>'", "cannot be used with"],
+        &["is a run in this process, and this run measures against servers"],
     );
 }
 

@@ -393,6 +393,120 @@ async fn servers_are_measured_side_by_side_against_the_first() {
     );
 }
 
+/// `--baseline` with `--server`: an earlier run's figures of the same model and client count,
+/// set against this run's, TTFT as the earlier time over this one (above 1 is sooner now).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_run_is_set_against_an_earlier_one() {
+    let fake = FakeCloud::start().await;
+    fake.set_chunks(5);
+    // Before: the first token after 200 ms, then one every 40 ms; now four times as fast.
+    fake.set_answer_delay(Duration::from_millis(200));
+    fake.set_chunk_delay(Duration::from_millis(40));
+    let dir = common::temp_dir("bench-server-baseline");
+    let before = dir.join("before.json");
+    let o = bench_line(&format!(
+        "--server {} -p 20 -n 5 -r 2 --parallel 2 --format json m",
+        fake.base
+    ))
+    .await;
+    let earlier = report(&o);
+    std::fs::write(&before, &o.stdout).unwrap();
+    fake.set_answer_delay(Duration::from_millis(50));
+    fake.set_chunk_delay(Duration::from_millis(10));
+    let path = before.to_str().unwrap();
+    let o = bench_line(&format!(
+        "--server {} -p 20 -n 5 -r 2 --parallel 2 --format json --baseline {path} m",
+        fake.base
+    ))
+    .await;
+    let r = report(&o);
+    assert_eq!(r["baseline_file"], path);
+    assert_eq!(r["baseline_client"], earlier["client"]);
+    let rows = r["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, then) in rows.iter().zip(earlier["results"].as_array().unwrap()) {
+        let b = &row["baseline"];
+        assert_eq!(b["server"], fake.base, "{row}");
+        // The earlier figures, and the ratios of the medians.
+        assert_eq!(b["ttft_ms"]["median"], then["ttft_ms"]["p50"], "{row}");
+        let ttft = f(&then["ttft_ms"]["p50"]) / f(&row["ttft_ms"]["p50"]);
+        assert!((f(&b["ttft_ms"]["ratio"]) - ttft).abs() < 1e-9, "{row}");
+        for key in ["decode", "aggregate"] {
+            assert_eq!(b[key]["median"], then[key]["median"], "{row}");
+            let ratio = f(&row[key]["median"]) / f(&then[key]["median"]);
+            assert!((f(&b[key]["ratio"]) - ratio).abs() < 1e-9, "{row}");
+        }
+        // 200 ms against 50 to the first token, 40 against 10 between tokens: each about 4x.
+        for v in [&b["ttft_ms"], &b["decode"]] {
+            let ratio = f(&v["ratio"]);
+            assert!((2.5..4.5).contains(&ratio), "{row}");
+            assert_eq!(v["overlaps"], false, "{row}");
+        }
+    }
+
+    // The table: a second one, a ratio in each cell; CSV: two columns per figure.
+    let o = bench_line(&format!(
+        "--server {} -p 20 -n 5 -r 1 --baseline {path} m",
+        fake.base
+    ))
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let table = text(&o.stdout);
+    let (_, against) = table
+        .split_once(&format!("\nagainst {path}, this run over the baseline:\n"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        against.contains("| model | clients | TTFT p50 | tg per stream | aggregate |"),
+        "{against}"
+    );
+    let row = against
+        .lines()
+        .find(|l| l.starts_with("| m | 1 | "))
+        .unwrap_or_else(|| panic!("{against}"));
+    let cells: Vec<&str> = row.trim_matches('|').split(" | ").map(str::trim).collect();
+    assert_eq!(cells.len(), 5, "{row}");
+    assert!(cells[2..].iter().all(|c| c.ends_with('x')), "{row}");
+    assert!(
+        against.contains(&format!("\nthe baseline's server: {}\n", fake.base))
+            && against.contains("\nthe baseline's client: "),
+        "{against}"
+    );
+    let o = bench_line(&format!(
+        "--server {} -p 20 -n 5 -r 1 --format csv --baseline {path} m",
+        fake.base
+    ))
+    .await;
+    let csv = text(&o.stdout);
+    assert!(
+        csv.lines().next().unwrap().ends_with(
+            ",baseline_ttft_p50_ms,ttft_ratio,baseline_tg_median,tg_ratio,\
+             baseline_aggregate_median,aggregate_ratio"
+        ),
+        "{csv}"
+    );
+    let fields: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
+    assert_eq!(fields.len(), 24, "{csv}");
+    assert!(
+        fields[18..].iter().all(|v| v.parse::<f64>().is_ok()),
+        "{csv}"
+    );
+
+    // Other request lengths: said, and nothing compared.
+    let o = bench_line(&format!(
+        "--server {} -p 30 -n 5 -r 1 --baseline {path} m",
+        fake.base
+    ))
+    .await;
+    assert!(
+        text(&o.stdout).contains(&format!(
+            "against {path}: it asked -p 20 -n 5, this run -p 30 -n 5: nothing is compared"
+        )),
+        "{}",
+        text(&o.stdout)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_take_turns_going_first_in_each_repetition() {
     // One fake under two names: the Host header says which name each request went to.

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-pub use baseline::{Baseline, Compared, Versus, VersusAggregate};
+pub use baseline::{Baseline, Compared, Lengths, ServedVersus, Versus, VersusAggregate};
 pub use measure::{load, measure, BenchError, Plan, Rep, Setting, Test};
 pub use quality::Quality;
 pub use report::{
@@ -199,7 +199,11 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         .map(|path| imatrix::Imatrix::read(path).map(|m| (m, path)))
         .transpose()?;
     let ladder = ladder::types(&args.quantize, imatrix.is_some())?;
-    let baseline = args.baseline.as_deref().map(Baseline::read).transpose()?;
+    let baseline = args
+        .baseline
+        .as_deref()
+        .map(|path| Baseline::read(path, false))
+        .transpose()?;
     let text = quality_asked(args)
         .then(|| quality::Text::load(args.quality_text.as_deref()))
         .transpose()?;

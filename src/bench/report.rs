@@ -862,7 +862,8 @@ mod tests {
         let baseline = Baseline {
             name: "old.json".into(),
             machine: None,
-            results: Vec::new(),
+            servers: Vec::new(),
+            runs: crate::bench::baseline::Runs::Here(Vec::new()),
         };
         let t = versus_table(&[matched.clone(), other.clone()], &[0], &baseline);
         assert_eq!(

@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::report::{Figure, Machine};
+use super::baseline::{Baseline, Lengths, ServedVersus, Versus};
+use super::report::{distinct, Figure, Machine};
 use crate::cli::{BenchArgs, BenchFormat};
 use crate::client::http::{error_message, error_text, server_url};
 use crate::router::sse::SseParser;
@@ -41,7 +42,7 @@ const WORDS: [&str; 64] = [
 ];
 
 /// One server's figures for one model and one number of concurrent clients.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServedResult {
     /// The server's base URL.
     pub server: String,
@@ -68,6 +69,10 @@ pub struct ServedResult {
     /// The aggregate over the first server's in the same repetition (median and spread of
     /// those ratios); only with several servers, and not for the first.
     pub relative: Option<Figure>,
+    /// With `--baseline`, the earlier run's figures of the same model and client count, each
+    /// with this run's against it (not read back from a baseline itself).
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<ServedVersus>,
 }
 
 /// A server measured, and what it says it runs.
@@ -81,7 +86,7 @@ pub struct ServerInfo {
 }
 
 /// Percentiles of a latency.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Latency {
     /// Median.
     pub p50: f64,
@@ -485,6 +490,16 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         .into());
     }
     let levels = levels(&args.parallel)?;
+    let lengths = Lengths {
+        prompt: one_prompt(args),
+        generate: one_gen(args),
+        shared_prefix: args.shared_prefix,
+    };
+    let baseline = args
+        .baseline
+        .as_deref()
+        .map(|path| Baseline::read(path, true))
+        .transpose()?;
     let servers: Vec<String> = args.server.iter().map(|s| server_url(s)).collect();
     for (i, s) in servers.iter().enumerate() {
         if servers[..i].contains(s) {
@@ -499,12 +514,25 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (servers, results) = runtime.block_on(measure(args, &servers, key.as_deref(), &levels))?;
+    let (servers, mut results) =
+        runtime.block_on(measure(args, &servers, key.as_deref(), &levels))?;
+    if let Some(b) = &baseline {
+        for r in &mut results {
+            r.baseline = b.compare_served(r, lengths);
+        }
+    }
     let failed: usize = results.iter().map(|r| r.errors).sum();
     let requests: usize = results.iter().map(|r| r.requests).sum();
     let machine = Machine::here(Vec::new());
     let report = match args.format {
-        BenchFormat::Table => format!("{}\n", table(&servers, &results, args, &machine)),
+        BenchFormat::Table => format!(
+            "{}\n{}",
+            table(&servers, &results, args, &machine),
+            baseline
+                .as_ref()
+                .map(|b| versus_table(&results, b, lengths))
+                .unwrap_or_default()
+        ),
         BenchFormat::Json => {
             let json = serde_json::to_string_pretty(&json!({
                 "servers": servers,
@@ -513,21 +541,26 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 "generate": one_gen(args),
                 "reps": args.reps,
                 "client": machine,
+                "baseline_file": baseline.as_ref().map(|b| &b.name),
+                "baseline_client": baseline.as_ref().and_then(|b| b.machine.as_ref()),
                 "results": results,
             }))?;
             json + "\n"
         }
-        BenchFormat::Csv => csv(&results),
+        BenchFormat::Csv => csv(&results, baseline.is_some()),
         // The same lines as in-process runs give, at the end: a run against servers is
         // measured level by level in one go.
         BenchFormat::Jsonl => {
-            let facts = [
+            let mut facts = vec![
                 ("prompt", json!(one_prompt(args))),
                 ("shared_prefix", json!(args.shared_prefix)),
                 ("generate", json!(one_gen(args))),
                 ("reps", json!(args.reps)),
                 ("client", serde_json::to_value(&machine)?),
             ];
+            if let Some(b) = &baseline {
+                facts.push(("baseline_file", json!(b.name)));
+            }
             let mut lines = String::new();
             for r in &results {
                 let software = servers
@@ -728,6 +761,7 @@ fn summarize(
         decode: (!decode.is_empty()).then(|| Figure::of(decode)),
         aggregate: (!aggregate.is_empty()).then(|| Figure::of(aggregate)),
         relative,
+        baseline: None,
     }
 }
 
@@ -869,13 +903,97 @@ fn table(
     out
 }
 
-/// One CSV row per server, model and client count.
-fn csv(results: &[ServedResult]) -> String {
+/// The run against `--baseline`: a row per server, model and client count the baseline
+/// measured, each cell the ratio (above 1: faster, or sooner, now), and what it was measured
+/// with and on.
+fn versus_table(results: &[ServedResult], baseline: &Baseline, lengths: Lengths) -> String {
+    let name = &baseline.name;
+    let mut out = format!("\nagainst {name}");
+    let asked = |l: Lengths| {
+        let mut said = format!("-p {} -n {}", l.prompt, l.generate);
+        if l.shared_prefix > 0 {
+            said.push_str(&format!(" --shared-prefix {}", l.shared_prefix));
+        }
+        said
+    };
+    match baseline.lengths() {
+        Some(then) if then != lengths => out.push_str(&format!(
+            ": it asked {}, this run {}: nothing is compared\n",
+            asked(then),
+            asked(lengths)
+        )),
+        _ if !results.iter().any(|r| r.baseline.is_some()) => out.push_str(
+            ": nothing in it was measured with the same model and number of clients on this \
+             run's servers\n",
+        ),
+        _ => {
+            out.push_str(", this run over the baseline:\n\n");
+            let several = distinct(results.iter().map(|r| &r.server)).len() > 1;
+            let mut head: Vec<&str> = Vec::new();
+            // The baseline's server, where it is not the row's own.
+            let moved = results
+                .iter()
+                .any(|r| r.baseline.as_ref().is_some_and(|b| b.server != r.server));
+            if several {
+                head.push("server");
+            }
+            head.extend(["model", "clients"]);
+            if moved {
+                head.push("baseline server");
+            }
+            head.extend(["TTFT p50", "tg per stream", "aggregate"]);
+            out.push_str(&format!(
+                "| {} |\n|{}\n",
+                head.join(" | "),
+                " --- |".repeat(head.len())
+            ));
+            for r in results {
+                let Some(b) = &r.baseline else { continue };
+                let mut row = Vec::new();
+                if several {
+                    row.push(r.server.clone());
+                }
+                let cell = |v: &Option<Versus>| v.as_ref().map_or_else(|| "—".into(), Versus::cell);
+                row.extend([r.model.clone(), r.clients.to_string()]);
+                if moved {
+                    row.push(b.server.clone());
+                }
+                row.extend([cell(&b.ttft_ms), cell(&b.decode), cell(&b.aggregate)]);
+                out.push_str(&format!("| {} |\n", row.join(" | ")));
+            }
+            out.push_str(
+                "\nabove 1 is faster now (for TTFT: the baseline's median time over this run's); \
+                 ≈: the two runs' ranges (min–max) overlap, a difference within their spread\n",
+            );
+        }
+    }
+    if !baseline.servers.is_empty() {
+        let (s, list) = (baseline.servers.len() > 1, baseline.servers.join("; "));
+        out.push_str(&format!(
+            "the baseline's server{}: {list}\n",
+            if s { "s" } else { "" }
+        ));
+    }
+    if let Some(m) = &baseline.machine {
+        out.push_str(&format!("the baseline's client: {}\n", m.line()));
+    }
+    out
+}
+
+/// One CSV row per server, model and client count; against a `--baseline` (`compared`), with
+/// the baseline's TTFT p50, decode and aggregate medians, each followed by the ratio.
+fn csv(results: &[ServedResult], compared: bool) -> String {
     let mut out = String::from(
         "server,model,clients,requests,errors,prompt_tokens,tokens,ttft_p50_ms,ttft_p95_ms,\
          tg_median,tg_min,tg_max,aggregate_median,aggregate_min,aggregate_max,\
-         relative_median,relative_min,relative_max\n",
+         relative_median,relative_min,relative_max",
     );
+    out.push_str(if compared {
+        ",baseline_ttft_p50_ms,ttft_ratio,baseline_tg_median,tg_ratio,\
+         baseline_aggregate_median,aggregate_ratio\n"
+    } else {
+        "\n"
+    });
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
     let fig = |f: Option<Figure>| {
         format!(
@@ -887,8 +1005,25 @@ fn csv(results: &[ServedResult]) -> String {
     };
     let n = |v: Option<usize>| v.map_or(String::new(), |v| v.to_string());
     for r in results {
+        let versus = if compared {
+            let b = r.baseline.as_ref();
+            let pair = |v: Option<&Versus>| {
+                v.map_or_else(
+                    || ",".to_owned(),
+                    |v| format!("{:.3},{:.4}", v.figure.median, v.ratio),
+                )
+            };
+            format!(
+                ",{},{},{}",
+                pair(b.and_then(|b| b.ttft_ms.as_ref())),
+                pair(b.and_then(|b| b.decode.as_ref())),
+                pair(b.and_then(|b| b.aggregate.as_ref()))
+            )
+        } else {
+            String::new()
+        };
         out.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{}{versus}\n",
             r.server,
             r.model.replace(',', " "),
             r.clients,
