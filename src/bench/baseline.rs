@@ -41,23 +41,23 @@ pub struct Versus {
 }
 
 impl Versus {
-    /// `None` when the baseline's median is not a speed (0: nothing was measured).
+    /// For a speed; `None` when the baseline's median is not one (0: nothing was measured).
     fn new(now: &Figure, then: &Figure) -> Option<Versus> {
-        (then.median > 0.0).then(|| Versus {
-            figure: *then,
-            ratio: now.median / then.median,
-            overlaps: now.min <= then.max && then.min <= now.max,
-        })
+        (then.median > 0.0).then(|| Versus::with(now, then, now.median / then.median))
     }
 
     /// For a time (lower is better): the baseline's median over this run's, so that above 1
     /// is sooner now, as a speed's ratio above 1 is faster.
     fn sooner(now: &Figure, then: &Figure) -> Option<Versus> {
-        (now.median > 0.0).then(|| Versus {
+        (now.median > 0.0).then(|| Versus::with(now, then, then.median / now.median))
+    }
+
+    fn with(now: &Figure, then: &Figure, ratio: f64) -> Versus {
+        Versus {
             figure: *then,
-            ratio: then.median / now.median,
+            ratio,
             overlaps: now.min <= then.max && then.min <= now.max,
-        })
+        }
     }
 
     /// `1.05x`, or `≈1.01x` within the spread.

@@ -503,7 +503,8 @@ impl Layout {
 }
 
 /// A markdown table's header and rule.
-fn head_lines(head: &[String]) -> String {
+pub(super) fn head_lines<S: AsRef<str>>(head: &[S]) -> String {
+    let head: Vec<&str> = head.iter().map(AsRef::as_ref).collect();
     format!(
         "| {} |\n|{}\n",
         head.join(" | "),

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::baseline::{Baseline, Lengths, ServedVersus, Versus};
-use super::report::{distinct, Figure, Machine};
+use super::report::{distinct, head_lines, Figure, Machine};
 use crate::cli::{BenchArgs, BenchFormat};
 use crate::client::http::{error_message, error_text, server_url};
 use crate::router::sse::SseParser;
@@ -823,11 +823,7 @@ fn table(
     if errors {
         head.push("failed".into());
     }
-    let mut out = format!(
-        "| {} |\n|{}\n",
-        head.join(" | "),
-        " --- |".repeat(head.len())
-    );
+    let mut out = head_lines(&head);
     for r in results {
         let mut row: Vec<String> = Vec::new();
         if several {
@@ -942,11 +938,7 @@ fn versus_table(results: &[ServedResult], baseline: &Baseline, lengths: Lengths)
                 head.push("baseline server");
             }
             head.extend(["TTFT p50", "tg per stream", "aggregate"]);
-            out.push_str(&format!(
-                "| {} |\n|{}\n",
-                head.join(" | "),
-                " --- |".repeat(head.len())
-            ));
+            out.push_str(&head_lines(&head));
             for r in results {
                 let Some(b) = &r.baseline else { continue };
                 let mut row = Vec::new();
