@@ -299,7 +299,7 @@ impl Baseline {
     /// them), or the same `--pg` pair. `None` when there are none.
     pub fn compare(&self, now: &ModelResult) -> Option<Compared> {
         let same = |b: &&ModelResult| {
-            (&b.file, &b.setting, b.depth) == (&now.file, &now.setting, now.depth)
+            (&b.file, &b.setting, b.depth, b.ctx) == (&now.file, &now.setting, now.depth, now.ctx)
                 && b.test.together == now.test.together
         };
         let of = |pick: &dyn Fn(&ModelResult) -> Option<Figure>| {
@@ -462,6 +462,12 @@ mod tests {
         let mut other = now(result(2, 512, 128, false, &[1.0, 1.0, 1.0]));
         other.file = "n.gguf".into();
         assert!(b.compare(&other).is_none());
+        // The context `--ctx` set is part of the setting (none given: `null`, or absent in an
+        // older file, as here).
+        let mut sized = now(result(2, 512, 128, false, &[1.0, 1.0, 1.0]));
+        assert!(b.compare(&sized).is_some());
+        sized.ctx = Some(4096);
+        assert!(b.compare(&sized).is_none());
         // A baseline median of 0 measured nothing: no ratio.
         let zero = written(
             "zero.json",

@@ -351,9 +351,11 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 None => None,
             };
             for &depth in &depths {
+                // The depth and the context cells a result was measured with.
+                let cells = (depth, args.ctx);
                 if tests.is_empty() {
                     let mut result =
-                        ModelResult::new(meta.clone(), setting, depth, Test::default(), &[], &[]);
+                        ModelResult::new(meta.clone(), setting, cells, Test::default(), &[], &[]);
                     result.quality.clone_from(&quality);
                     if !emit(&bar, &result)? {
                         return Ok(());
@@ -372,7 +374,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                     let plan = plan(setting, depth, test);
                     let reps = measure(&model, &plan, || bar.inc(1))?;
                     let mut result =
-                        ModelResult::new(meta.clone(), setting, depth, test, &plan.parallel, &reps);
+                        ModelResult::new(meta.clone(), setting, cells, test, &plan.parallel, &reps);
                     result.quality.clone_from(&quality);
                     result.baseline = baseline.as_ref().and_then(|b| b.compare(&result));
                     if !emit(&bar, &result)? {

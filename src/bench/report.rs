@@ -83,6 +83,9 @@ pub struct ModelResult {
     pub setting: Setting,
     /// Tokens in each sequence's cache when each measurement started (`-d`).
     pub depth: usize,
+    /// Context cells per sequence, as `--ctx` gave them (`null`: just enough for the test).
+    #[serde(default)]
+    pub ctx: Option<u32>,
     /// The prompt and generation lengths measured (`prompt` and `generate`; 0 for the one
     /// a test leaves out).
     #[serde(flatten)]
@@ -128,12 +131,13 @@ impl ModelResult {
     pub fn new(
         meta: Meta,
         setting: Setting,
-        depth: usize,
+        (depth, ctx): (usize, Option<u32>),
         test: Test,
         parallel: &[usize],
         reps: &[Rep],
     ) -> ModelResult {
         ModelResult {
+            ctx,
             file: meta.file,
             size: meta.size,
             quantization: meta.quantization,
@@ -555,6 +559,10 @@ pub fn table(results: &[ModelResult], depths: &[usize], reps: usize) -> String {
                 .collect()
         })
         .unwrap_or_default();
+    // `--ctx`, the same for the whole run.
+    if let Some(n) = results.first().and_then(|r| r.ctx) {
+        said.push(format!("{n} context cells per sequence"));
+    }
     if speed {
         said.push(format!(
             "{reps} repetition{}",
@@ -779,6 +787,7 @@ mod tests {
                 batch: 512,
             },
             depth: 0,
+            ctx: None,
             test: Test {
                 prompt: 512,
                 generate: 128,
@@ -828,6 +837,14 @@ mod tests {
             "{t}"
         );
         assert!(deep.ends_with("\n2 threads, 1 repetition\n"), "{deep}");
+        let mut sized = result();
+        sized.ctx = Some(8192);
+        let t = table(&[sized.clone()], &[0], 5);
+        assert!(
+            t.ends_with("\n2 threads, 8192 context cells per sequence, 5 repetitions\n"),
+            "{t}"
+        );
+        assert_eq!(serde_json::to_value(&sized).unwrap()["ctx"], 8192);
         let c = csv_of(&[at_1024]);
         assert_eq!(c.lines().count(), 4);
         assert!(c.starts_with(
