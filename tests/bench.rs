@@ -1345,7 +1345,11 @@ fn zero_leaves_a_figure_out_and_every_bench_limit_is_refused() {
         table.contains("| backend | tg8 tok/s |\n") && !table.contains("pp0"),
         "{table}"
     );
-    assert!(table.contains("2 threads, 1 repetition\n"), "{table}");
+    // `--ctx` is said with the other settings every row shares.
+    assert!(
+        table.contains("2 threads, 24 context cells per sequence, 1 repetition\n"),
+        "{table}"
+    );
     let csv = run(&["-p", "16", "-n", "0", "--format", "csv"]);
     assert_eq!(csv.lines().count(), 2, "{csv}");
     assert!(csv.lines().nth(1).unwrap().contains(",pp,16,1,0,"), "{csv}");
