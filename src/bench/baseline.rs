@@ -65,7 +65,19 @@ impl Versus {
         let within = if self.overlaps { "≈" } else { "" };
         format!("{within}{:.2}x", self.ratio)
     }
+
+    /// Two CSV fields: the baseline's median and the ratio, both empty without one.
+    pub(super) fn csv(v: Option<&Versus>) -> String {
+        v.map_or_else(
+            || ",".to_owned(),
+            |v| format!("{:.3},{:.4}", v.figure.median, v.ratio),
+        )
+    }
 }
+
+/// What the `≈` of [`Versus::cell`] means, said under each table of ratios.
+pub(super) const WITHIN_SPREAD: &str =
+    "≈: the two runs' ranges (min–max) overlap, a difference within their spread";
 
 /// An aggregate figure of the baseline, and this run's against it.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -308,17 +320,13 @@ impl Baseline {
         let versus =
             |now: &Option<Figure>, then: Option<Figure>| Versus::new(now.as_ref()?, &then?);
         let (prompt, generate) = (now.test.prompt, now.test.generate);
-        let together = now.test.together;
         let compared = Compared {
             pp: versus(&now.pp, of(&|b| b.pp.filter(|_| b.test.prompt == prompt))),
             tg: versus(
                 &now.tg,
                 of(&|b| b.tg.filter(|_| b.test.generate == generate)),
             ),
-            pg: versus(
-                &now.pg,
-                of(&|b| b.pg.filter(|_| together && b.test == now.test)),
-            ),
+            pg: versus(&now.pg, of(&|b| b.pg.filter(|_| b.test == now.test))),
             parallel: now
                 .parallel
                 .iter()

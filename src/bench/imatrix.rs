@@ -1338,6 +1338,42 @@ fn tokenize(
 mod tests {
     use super::*;
 
+    #[test]
+    fn scoring_shared_among_threads_sums_every_row_once() {
+        // Seven rows of a vocabulary of five, each with its own target logit.
+        let rows: Vec<Vec<f32>> = (0..7)
+            .map(|r| {
+                (0..5)
+                    .map(|t| ((r * 5 + t) % 11) as f32 * 0.3 - 1.0)
+                    .collect()
+            })
+            .collect();
+        let scored: Vec<(&[f32], f32)> = rows
+            .iter()
+            .enumerate()
+            .map(|(r, row)| (row.as_slice(), row[r % 5]))
+            .collect();
+        let direct: f64 = scored
+            .iter()
+            .map(|(row, target)| {
+                let sum: f64 = row.iter().map(|&l| f64::from(l).exp()).sum();
+                sum.ln() - f64::from(*target)
+            })
+            .sum();
+        // One thread scores every row (to log_sum_exp's own precision); threads that split
+        // the rows unevenly, and more threads than rows, give the same sum but for its order.
+        let one = score(&scored, 1).unwrap();
+        assert!((one - direct).abs() < 1e-7, "{one} against {direct}");
+        for threads in [2, 3, 4, 16] {
+            let nll = score(&scored, threads).unwrap();
+            assert!(
+                (nll - one).abs() < 1e-12,
+                "{threads} threads: {nll} against {one}"
+            );
+        }
+        assert_eq!(score(&[], 4).unwrap(), 0.0);
+    }
+
     fn sample() -> Imatrix {
         let mut entries = BTreeMap::new();
         entries.insert(

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::baseline::{Baseline, Compared, Versus};
+use super::baseline::{Baseline, Compared, Versus, WITHIN_SPREAD};
 use super::measure::{Rep, Setting, Test};
 use super::quality::Quality;
 
@@ -610,10 +610,7 @@ pub fn versus_table(results: &[ModelResult], depths: &[usize], baseline: &Baseli
                 unmatched += 1;
             }
         }
-        out.push_str(
-            "\nabove 1 is faster now; ≈: the two runs' ranges (min–max) overlap, a difference \
-             within their spread\n",
-        );
+        out.push_str(&format!("\nabove 1 is faster now; {WITHIN_SPREAD}\n"));
         if unmatched > 0 {
             out.push_str(&format!(
                 "{unmatched} row{} of this run had no counterpart in the baseline\n",
@@ -700,10 +697,10 @@ pub fn csv(results: &[ModelResult], compared: bool) -> String {
                        values: &str,
                        versus: Option<&Versus>| {
             let tokens = tokens.unwrap_or_default();
-            let versus = match (compared, versus) {
-                (false, _) => String::new(),
-                (true, None) => ",,".to_owned(),
-                (true, Some(v)) => format!(",{:.3},{:.4}", v.figure.median, v.ratio),
+            let versus = if compared {
+                format!(",{}", Versus::csv(versus))
+            } else {
+                String::new()
             };
             out.push_str(&format!(
                 "{lead},{figure},{tokens},{n},{},{values}{versus}\n",

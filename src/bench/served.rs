@@ -15,7 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::baseline::{Baseline, Lengths, ServedVersus, Versus};
+use super::baseline::{Baseline, Lengths, ServedVersus, Versus, WITHIN_SPREAD};
 use super::report::{distinct, head_lines, Figure, Machine};
 use crate::cli::{BenchArgs, BenchFormat};
 use crate::client::http::{error_message, error_text, server_url};
@@ -953,10 +953,10 @@ fn versus_table(results: &[ServedResult], baseline: &Baseline, lengths: Lengths)
                 row.extend([cell(&b.ttft_ms), cell(&b.decode), cell(&b.aggregate)]);
                 out.push_str(&format!("| {} |\n", row.join(" | ")));
             }
-            out.push_str(
+            out.push_str(&format!(
                 "\nabove 1 is faster now (for TTFT: the baseline's median time over this run's); \
-                 ≈: the two runs' ranges (min–max) overlap, a difference within their spread\n",
-            );
+                 {WITHIN_SPREAD}\n"
+            ));
         }
     }
     if !baseline.servers.is_empty() {
@@ -999,17 +999,11 @@ fn csv(results: &[ServedResult], compared: bool) -> String {
     for r in results {
         let versus = if compared {
             let b = r.baseline.as_ref();
-            let pair = |v: Option<&Versus>| {
-                v.map_or_else(
-                    || ",".to_owned(),
-                    |v| format!("{:.3},{:.4}", v.figure.median, v.ratio),
-                )
-            };
             format!(
                 ",{},{},{}",
-                pair(b.and_then(|b| b.ttft_ms.as_ref())),
-                pair(b.and_then(|b| b.decode.as_ref())),
-                pair(b.and_then(|b| b.aggregate.as_ref()))
+                Versus::csv(b.and_then(|b| b.ttft_ms.as_ref())),
+                Versus::csv(b.and_then(|b| b.decode.as_ref())),
+                Versus::csv(b.and_then(|b| b.aggregate.as_ref()))
             )
         } else {
             String::new()
