@@ -228,6 +228,71 @@ fn ollama_host_is_honoured_and_backstop_host_wins_over_it() {
     );
 }
 
+/// A model split over several files is served from its first part, llama.cpp finding the rest
+/// beside it: listed with all its parts' size, answering exactly as the same model in one file.
+/// Another part given for the first, or a missing part, is refused before binding, by name.
+#[tokio::test]
+async fn a_split_model_is_served_from_its_first_part_and_a_wrong_part_is_refused() {
+    let smol = common::smollm2();
+    let parts = common::split_gguf(&smol, "smol", 3);
+    let whole = format!("whole={}", smol.display());
+    let split = format!("split={}", parts[0].display());
+    let s = common::Server::start_raw(&["--model", &whole, "--model", &split]).await;
+    let (status, tags) = s.get_json("/api/tags").await;
+    assert_eq!(status, 200);
+    let size = |name: &str| {
+        tags["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("{name}: {tags}"))["size"]
+            .as_u64()
+    };
+    let on_disk: u64 = parts
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert_eq!(size("split:latest"), Some(on_disk), "{tags}");
+    assert_eq!(
+        size("whole:latest"),
+        Some(std::fs::metadata(&smol).unwrap().len())
+    );
+    let ask = |model: &str| {
+        serde_json::json!({"model": model, "max_tokens": 24, "temperature": 0, "seed": 7,
+                           "messages": [{"role": "user", "content": "Name three rivers."}]})
+    };
+    let (a, b) = (s.chat(ask("whole")).await, s.chat(ask("split")).await);
+    assert_eq!(a["usage"]["completion_tokens"], 24, "{a}");
+    assert_eq!(common::answer(&a), common::answer(&b));
+    let (status, show) = s
+        .post("/api/show", &serde_json::json!({"model": "split"}))
+        .await;
+    assert_eq!(status, 200, "{show}");
+    assert_eq!(show["model_info"]["split.count"], 3, "{show}");
+    drop(s);
+
+    let out = serve(&["--model", &format!("m={}", parts[1].display())]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let first = parts[0].display().to_string();
+    for says in [
+        "models.m.path",
+        "part 2 of 3 of a model split",
+        "give its first part",
+        &first,
+    ] {
+        assert!(out.stderr.contains(says), "{says}: {}", out.stderr);
+    }
+    std::fs::remove_file(&parts[2]).unwrap();
+    let out = serve(&["--model", &format!("m={}", parts[0].display())]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let third = parts[2].display().to_string();
+    for says in ["1 of them is missing", &third] {
+        assert!(out.stderr.contains(says), "{says}: {}", out.stderr);
+    }
+    assert!(!out.stderr.contains("listening on"), "{}", out.stderr);
+}
+
 /// `backstop serve` with nothing given serves the default model the setup step fetched.
 #[tokio::test]
 async fn with_nothing_given_the_fetched_default_model_is_served() {

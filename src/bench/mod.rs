@@ -319,7 +319,9 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         );
         let meta = Meta {
             file: name.clone(),
-            size: std::fs::metadata(file).map(|m| m.len()).unwrap_or(0),
+            size: std::fs::metadata(file)
+                .map(|m| m.len().saturating_add(header.parts_bytes))
+                .unwrap_or(0),
             quantization: header.quantization(),
             parameters: header.parameter_size(),
             architecture: header.architecture().to_owned(),

@@ -20,6 +20,15 @@ pub enum LoadError {
         /// The configured path.
         path: PathBuf,
     },
+    /// A part of a model split over several files other than its first, or a first part
+    /// whose other parts are not all beside it.
+    #[error("{path}: {reason}")]
+    Split {
+        /// The configured path.
+        path: PathBuf,
+        /// Which part it is, or which are missing.
+        reason: String,
+    },
     /// llama.cpp refused the file: corrupt, truncated, or an unsupported architecture.
     #[error("llama.cpp could not load {path}: the file is corrupt, truncated, or of an unsupported architecture (llama.cpp's own reason is logged just above)")]
     Rejected {

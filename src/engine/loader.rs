@@ -90,7 +90,8 @@ pub(crate) fn backend() -> Result<&'static LlamaBackend, LoadError> {
 }
 
 /// Cheap checks before llama.cpp sees the file, so the common mistakes (wrong path, not a
-/// GGUF) get a precise message instead of a generic load failure.
+/// GGUF, a split model's part missing) get a precise message instead of a generic load
+/// failure; the model's size on disk, all its parts together.
 pub(crate) fn check_file(path: &Path) -> Result<u64, LoadError> {
     let open_err = |source| LoadError::Open {
         path: path.to_owned(),
@@ -104,7 +105,17 @@ pub(crate) fn check_file(path: &Path) -> Result<u64, LoadError> {
             path: path.to_owned(),
         });
     }
-    Ok(size)
+    // A split model's other parts count in its size, and a part that is missing, or a part
+    // given for the first, is said here. Any other header fault is left to llama.cpp's load,
+    // whose log says what it found.
+    match crate::models::gguf::read(path) {
+        Ok(header) => Ok(size.saturating_add(header.parts_bytes)),
+        Err(e) if e.is_split() => Err(LoadError::Split {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }),
+        Err(_) => Ok(size),
+    }
 }
 
 /// Loads the model weights (memory-mapped). Call [`check_file`] first.

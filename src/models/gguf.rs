@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{BufReader, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Longest string accepted in a header; chat templates are the long ones (a few KiB).
 const MAX_STRING: u64 = 16 * 1024 * 1024;
@@ -36,6 +36,67 @@ pub enum GgufError {
     /// The header contradicts itself (a length or type that cannot be right).
     #[error("corrupt GGUF header: {0}")]
     Corrupt(String),
+    /// A part of a split model other than its first, which is the one to give.
+    #[error(
+        "part {part} of {count} of a model split into several files: give its first part, {}",
+        first.display()
+    )]
+    NotFirstPart {
+        /// Which part this is, from 1.
+        part: u64,
+        /// How many parts the model has.
+        count: u64,
+        /// Where its first part would be.
+        first: PathBuf,
+    },
+    /// Parts of a split model that are not beside the first.
+    #[error(
+        "a model split into {count} files, and {} of them {} missing: {}",
+        missing.len(),
+        if missing.len() == 1 { "is" } else { "are" },
+        missing.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    MissingParts {
+        /// How many parts the model has.
+        count: u64,
+        /// The parts that are not there.
+        missing: Vec<PathBuf>,
+    },
+    /// A part of a split model whose name does not say which part it is, so the others
+    /// cannot be found.
+    #[error(
+        "part {part} of {count} of a model split into several files, but its name does not \
+         end in -{part:05}-of-{count:05}.gguf, so its other parts cannot be found (llama.cpp \
+         looks for them by that name)"
+    )]
+    SplitName {
+        /// Which part its header says it is, from 1.
+        part: u64,
+        /// How many parts its header says the model has.
+        count: u64,
+    },
+    /// Another part of a split model is unreadable or does not belong with the first.
+    #[error("{}: {source}", path.display())]
+    Part {
+        /// The part.
+        path: PathBuf,
+        /// Why.
+        source: Box<GgufError>,
+    },
+}
+
+impl GgufError {
+    /// Whether this is about a split model's parts rather than a header's bytes: a model
+    /// llama.cpp cannot load either, for a reason it would say less plainly.
+    pub fn is_split(&self) -> bool {
+        matches!(
+            self,
+            Self::NotFirstPart { .. }
+                | Self::MissingParts { .. }
+                | Self::SplitName { .. }
+                | Self::Part { .. }
+        )
+    }
 }
 
 /// One metadata value.
@@ -111,6 +172,13 @@ pub struct GgufHeader {
     /// file's alignment (`general.alignment`, 32 unless set). A tensor's data starts at
     /// this plus its [`TensorInfo::offset`].
     pub data_start: u64,
+    /// A model split over several files, read by [`read`] from its first: the other parts,
+    /// in order. Their tensors are in this header's counts and lists (their offsets are in
+    /// their own part), and their bytes in [`GgufHeader::parts_bytes`]. Empty for a model in
+    /// one file.
+    pub parts: Vec<PathBuf>,
+    /// The size of [`GgufHeader::parts`] together, in bytes.
+    pub parts_bytes: u64,
 }
 
 /// A tensor as the header describes it.
@@ -241,8 +309,97 @@ pub fn human_count(n: u64) -> String {
     }
 }
 
-/// Reads the header of the GGUF file at `path`.
+/// Reads the header of the GGUF file at `path`. The first part of a model split over
+/// several files (`NAME-00001-of-00003.gguf`, as llama-gguf-split and llama-quantize's
+/// `--keep-split` write them, and as large models are published) is read with its other parts,
+/// which must be beside it under the same name, as llama.cpp loads them: the header describes
+/// the whole model. Any other part is refused with the first part's name.
 pub fn read(path: &Path) -> Result<GgufHeader, GgufError> {
+    let mut header = read_one(path)?;
+    let count = header.uint(SPLIT_COUNT).unwrap_or(1);
+    if count > 1 {
+        join_parts(path, &mut header, count)?;
+    }
+    Ok(header)
+}
+
+/// The split keys that llama-gguf-split writes into every part (`LLM_KV_SPLIT_*`).
+const SPLIT_NO: &str = "split.no";
+const SPLIT_COUNT: &str = "split.count";
+const SPLIT_TENSORS: &str = "split.tensors.count";
+
+/// The name llama.cpp gives part `index` (from 0) of `count` (`llama_split_path`).
+pub(crate) fn split_suffix(index: u64, count: u64) -> String {
+    format!("-{:05}-of-{count:05}.gguf", index + 1)
+}
+
+/// A split model's name without its part's number: `m-00001-of-00003` gives `m` (a file
+/// name without `.gguf`); `None` where the name is not a part's.
+pub fn split_prefix(stem: &str) -> Option<&str> {
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|c| c.is_ascii_digit());
+    let (head, total) = stem.rsplit_once("-of-")?;
+    let (prefix, part) = head.rsplit_once('-')?;
+    (digits(part) && digits(total)).then_some(prefix)
+}
+
+/// Adds the other parts of the split model whose first part `header` is (read from `path`).
+fn join_parts(path: &Path, header: &mut GgufHeader, count: u64) -> Result<(), GgufError> {
+    let index = header.uint(SPLIT_NO).unwrap_or(0);
+    let prefix = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(&split_suffix(index, count)))
+        .ok_or(GgufError::SplitName {
+            part: index + 1,
+            count,
+        })?
+        .to_owned();
+    let part = |i: u64| path.with_file_name(format!("{prefix}{}", split_suffix(i, count)));
+    if index != 0 {
+        return Err(GgufError::NotFirstPart {
+            part: index + 1,
+            count,
+            first: part(0),
+        });
+    }
+    let missing: Vec<PathBuf> = (1..count).map(part).filter(|p| !p.is_file()).collect();
+    if !missing.is_empty() {
+        return Err(GgufError::MissingParts { count, missing });
+    }
+    for i in 1..count {
+        let path = part(i);
+        let wrap = |source: GgufError| GgufError::Part {
+            path: path.clone(),
+            source: Box::new(source),
+        };
+        let p = read_one(&path).map_err(wrap)?;
+        if p.uint(SPLIT_NO) != Some(i) || p.uint(SPLIT_COUNT) != Some(count) {
+            return Err(wrap(GgufError::Corrupt(format!(
+                "it does not say it is part {} of {count}",
+                i + 1
+            ))));
+        }
+        header.tensor_count = header.tensor_count.saturating_add(p.tensor_count);
+        header.parameter_count = header.parameter_count.saturating_add(p.parameter_count);
+        header.tensor_types.extend(p.tensor_types);
+        header.odd_tensors.extend(p.odd_tensors);
+        header.tensors.extend(p.tensors);
+        header.parts_bytes = header
+            .parts_bytes
+            .saturating_add(std::fs::metadata(&path).map_err(|e| wrap(e.into()))?.len());
+        header.parts.push(path);
+    }
+    match header.uint(SPLIT_TENSORS) {
+        Some(n) if n != header.tensor_count => Err(GgufError::Corrupt(format!(
+            "the first part says the model has {n} tensors, and its {count} parts hold {}",
+            header.tensor_count
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Reads the header of one file.
+fn read_one(path: &Path) -> Result<GgufHeader, GgufError> {
     let file = File::open(path)?;
     parse(&mut BufReader::with_capacity(64 * 1024, file))
 }
@@ -318,6 +475,8 @@ pub fn parse(r: &mut impl Read) -> Result<GgufHeader, GgufError> {
         odd_tensors,
         tensors,
         data_start,
+        parts: Vec::new(),
+        parts_bytes: 0,
     })
 }
 
@@ -504,6 +663,16 @@ mod tests {
             self.kv.extend(v.to_le_bytes());
             self
         }
+        fn u16(mut self, k: &str, v: u16) -> Self {
+            self.key(k, 2);
+            self.kv.extend(v.to_le_bytes());
+            self
+        }
+        fn i32(mut self, k: &str, v: i32) -> Self {
+            self.key(k, 5);
+            self.kv.extend(v.to_le_bytes());
+            self
+        }
         fn f32(mut self, k: &str, v: f32) -> Self {
             self.key(k, 6);
             self.kv.extend(v.to_le_bytes());
@@ -648,6 +817,94 @@ mod tests {
             parse(&mut bytes.as_slice()),
             Err(GgufError::Version(9))
         ));
+    }
+
+    /// Part `index` (from 0) of a model split into `count` files, with one tensor of `rows`
+    /// rows and `tensors` (the model's total) in the first.
+    fn part(index: u16, count: u16, rows: u64, tensors: i32) -> Vec<u8> {
+        let b = Builder::new();
+        let b = if index == 0 {
+            b.string("general.architecture", "llama")
+                .u32("general.file_type", 3)
+        } else {
+            b
+        };
+        b.u16("split.no", index)
+            .u16("split.count", count)
+            .i32("split.tensors.count", tensors)
+            .tensor(&format!("blk.{index}.ffn_up.weight"), &[8, rows], 3)
+            .build()
+    }
+
+    #[test]
+    fn a_split_model_is_read_whole_from_its_first_part() {
+        let dir =
+            std::env::temp_dir().join(format!("backstop-gguf-split-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let name = |i: u64| dir.join(format!("m-{:05}-of-00003.gguf", i));
+        let parts = [part(0, 3, 1, 3), part(1, 3, 2, 3), part(2, 3, 4, 3)];
+        for (i, bytes) in parts.iter().enumerate() {
+            std::fs::write(name(i as u64 + 1), bytes).unwrap();
+        }
+        let h = read(&name(1)).unwrap();
+        assert_eq!(h.quantization(), "Q4_1");
+        assert_eq!(h.tensor_count, 3);
+        assert_eq!(h.parameter_count, 8 * (1 + 2 + 4));
+        assert_eq!(h.tensors.len(), 3);
+        assert_eq!(h.tensors[2].name, "blk.2.ffn_up.weight");
+        assert_eq!(h.parts, [name(2), name(3)]);
+        assert_eq!(h.parts_bytes, (parts[1].len() + parts[2].len()) as u64);
+
+        // Another part names the first.
+        let e = read(&name(2)).unwrap_err();
+        assert!(
+            matches!(&e, GgufError::NotFirstPart { part: 2, count: 3, first } if *first == name(1)),
+            "{e}"
+        );
+        assert!(e.is_split());
+        // A part that does not say it is the part its name says.
+        std::fs::write(name(3), part(1, 3, 4, 3)).unwrap();
+        let e = read(&name(1)).unwrap_err();
+        assert!(
+            e.to_string().contains("does not say it is part 3 of 3"),
+            "{e}"
+        );
+        assert!(
+            e.to_string().starts_with(&name(3).display().to_string()),
+            "{e}"
+        );
+        // Tensors other than the first part counts.
+        std::fs::write(name(3), part(2, 3, 4, 3)).unwrap();
+        std::fs::write(name(1), part(0, 3, 1, 4)).unwrap();
+        let e = read(&name(1)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("says the model has 4 tensors, and its 3 parts hold 3"),
+            "{e}"
+        );
+        std::fs::write(name(1), part(0, 3, 1, 3)).unwrap();
+        // A missing part is named.
+        std::fs::remove_file(name(3)).unwrap();
+        let e = read(&name(1)).unwrap_err();
+        assert!(
+            matches!(&e, GgufError::MissingParts { count: 3, missing } if *missing == [name(3)]),
+            "{e}"
+        );
+        assert!(e.to_string().contains("1 of them is missing"), "{e}");
+        // A first part renamed: the others cannot be found.
+        let renamed = dir.join("m.gguf");
+        std::fs::rename(name(1), &renamed).unwrap();
+        let e = read(&renamed).unwrap_err();
+        assert!(
+            matches!(e, GgufError::SplitName { part: 1, count: 3 }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("-00001-of-00003.gguf"), "{e}");
+        // A model in one file has no parts.
+        std::fs::write(&renamed, Builder::new().u32("general.file_type", 3).build()).unwrap();
+        let h = read(&renamed).unwrap();
+        assert!(h.parts.is_empty() && h.parts_bytes == 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

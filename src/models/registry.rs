@@ -362,7 +362,11 @@ impl Models {
                 let facts = self.facts(spec.path(), false);
                 Listed {
                     spec: Arc::clone(spec),
-                    size: facts.as_ref().map_or(0, |f| f.size),
+                    // A split model's other parts count too.
+                    size: facts.as_ref().map_or(0, |f| {
+                        f.size
+                            .saturating_add(f.header.as_ref().map_or(0, |h| h.parts_bytes))
+                    }),
                     modified: facts.map_or(SystemTime::UNIX_EPOCH, |f| f.modified),
                 }
             })

@@ -7,7 +7,7 @@ pub mod fake_cloud;
 pub mod fake_hub;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -83,6 +83,89 @@ pub fn uncomputable_gguf() -> PathBuf {
     let path = temp_dir("uncomputable").join("odd.gguf");
     std::fs::write(&path, bytes).unwrap();
     path
+}
+
+/// `source` (a model in one file with the default alignment) split into `count` files in a
+/// fresh folder, as llama-gguf-split writes them: `NAME-00001-of-0000N.gguf` and on, the
+/// tensors shared out in file order, the first part with every metadata key and each with
+/// `split.no`, `split.count` and `split.tensors.count`. The parts, first first. Written here
+/// because the crate's llama.cpp has no llama-gguf-split; the bytes of each tensor are copied.
+pub fn split_gguf(source: &Path, name: &str, count: u16) -> Vec<PathBuf> {
+    const ALIGN: usize = 32;
+    let bytes = std::fs::read(source).unwrap();
+    let h = backstop::models::gguf::read(source).unwrap();
+    assert!(!h.metadata.contains_key("general.alignment") && h.parts.is_empty());
+    // The metadata runs from after the counts (magic, version, tensors, keys) to the first
+    // tensor's entry: its name, after its length.
+    let first = &h.tensors[0].name;
+    let mut entry = (first.len() as u64).to_le_bytes().to_vec();
+    entry.extend_from_slice(first.as_bytes());
+    let kv_end = bytes.windows(entry.len()).position(|w| w == entry).unwrap();
+    let data = h.data_start as usize;
+    // Each tensor's bytes with their padding: to the next tensor's data, or the file's end.
+    let mut starts: Vec<usize> = h.tensors.iter().map(|t| t.offset as usize).collect();
+    starts.sort_unstable();
+    let size = |offset: usize| {
+        let i = starts.partition_point(|&s| s <= offset);
+        starts.get(i).copied().unwrap_or(bytes.len() - data) - offset
+    };
+    let key = |out: &mut Vec<u8>, k: &str, kind: u32| {
+        out.extend((k.len() as u64).to_le_bytes());
+        out.extend(k.as_bytes());
+        out.extend(kind.to_le_bytes());
+    };
+    let dir = temp_dir(name);
+    let per_part = h.tensors.len().div_ceil(usize::from(count));
+    let mut paths = Vec::new();
+    for (no, tensors) in h.tensors.chunks(per_part).enumerate() {
+        let mut out = b"GGUF".to_vec();
+        out.extend(3u32.to_le_bytes());
+        out.extend((tensors.len() as u64).to_le_bytes());
+        let mut kv = Vec::new();
+        let mut kv_count = 3u64;
+        if no == 0 {
+            kv.extend_from_slice(&bytes[24..kv_end]);
+            kv_count += u64::from_le_bytes(bytes[16..24].try_into().unwrap());
+        }
+        key(&mut kv, "split.no", 2);
+        kv.extend((no as u16).to_le_bytes());
+        key(&mut kv, "split.count", 2);
+        kv.extend(count.to_le_bytes());
+        key(&mut kv, "split.tensors.count", 5);
+        kv.extend((h.tensors.len() as i32).to_le_bytes());
+        out.extend(kv_count.to_le_bytes());
+        out.extend(kv);
+        let mut offset = 0usize;
+        let mut blobs = Vec::new();
+        for t in tensors {
+            out.extend((t.name.len() as u64).to_le_bytes());
+            out.extend(t.name.as_bytes());
+            out.extend((t.dims.len() as u32).to_le_bytes());
+            for d in &t.dims {
+                out.extend(d.to_le_bytes());
+            }
+            out.extend(t.ggml_type.to_le_bytes());
+            out.extend((offset as u64).to_le_bytes());
+            let at = data + t.offset as usize;
+            let n = size(t.offset as usize);
+            blobs.push(&bytes[at..at + n]);
+            offset += n;
+        }
+        out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
+        for b in blobs {
+            out.extend_from_slice(b);
+        }
+        let path = dir.join(format!("{name}-{:05}-of-{count:05}.gguf", no + 1));
+        std::fs::write(&path, out).unwrap();
+        paths.push(path);
+    }
+    assert_eq!(
+        paths.len(),
+        usize::from(count),
+        "{count} parts of {} tensors",
+        h.tensors.len()
+    );
+    paths
 }
 
 /// A running server; killed on drop.
