@@ -332,7 +332,8 @@ pub struct QuantizeArgs {
     #[arg(value_name = "OUT")]
     pub output: PathBuf,
     /// Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q4_0, Q4_1, Q3_K_M, Q2_K, IQ4_XS, F16, ...;
-    /// with --imatrix also IQ3_XXS, IQ2_M, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S, Q2_K_S.
+    /// with --imatrix also IQ3_XXS, IQ2_M, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S, Q2_K_S;
+    /// COPY writes the tensors as they are (a split model joined, --override-kv keys set).
     #[arg(value_name = "TYPE", required_unless_present = "dry_run")]
     pub kind: Option<String>,
     /// Write nothing: print the size each TYPE (a comma-separated list) would make, as
@@ -369,6 +370,11 @@ pub struct QuantizeArgs {
     /// false) or str (at most 127 bytes); repeatable, e.g. general.name=str:my-model.
     #[arg(long = "override-kv", value_name = "KEY=TYPE:VALUE")]
     pub overrides: Vec<String>,
+    /// IN is a model split into several files (NAME-00001-of-00003.gguf, the first given):
+    /// write as many parts, each with its input part's tensors, as OUT-00001-of-00003.gguf and
+    /// on (OUT without .gguf). Without it a split model is written as one file.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub keep_split: bool,
 }
 
 /// `backstop imatrix`.

@@ -75,6 +75,7 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
                     .iter()
                     .map(|spec| bench::quantize::override_kv(spec))
                     .collect::<Result<_, _>>()?,
+                keep_split: a.keep_split,
             };
             if a.dry_run {
                 // `IN TYPES`, or `IN OUT TYPES` as llama-quantize takes it (OUT unused).
@@ -86,12 +87,9 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
                 return Ok(0);
             }
             let kind = a.kind.as_deref().unwrap_or_default();
-            bench::quantize::quantize(&a.input, &a.output, kind, &options)?;
-            println!(
-                "wrote {} ({})",
-                a.output.display(),
-                kind.to_ascii_uppercase()
-            );
+            let written = bench::quantize::quantize(&a.input, &a.output, kind, &options)?;
+            let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+            println!("wrote {} ({})", names.join(", "), kind.to_ascii_uppercase());
             return Ok(0);
         }
         Command::Imatrix(a) => {

@@ -2451,3 +2451,171 @@ fn quantize_takes_per_tensor_types_and_a_pure_mix() {
     );
     assert_eq!(entries(&dir), Vec::<String>::new());
 }
+
+/// Each tensor's bytes in a GGUF file in one piece, by name (with the padding to the next).
+fn tensor_bytes(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let h = backstop::models::gguf::read(path).unwrap();
+    let bytes = std::fs::read(path).unwrap();
+    let data = &bytes[h.data_start as usize..];
+    let mut starts: Vec<usize> = h.tensors.iter().map(|t| t.offset as usize).collect();
+    starts.sort_unstable();
+    h.tensors
+        .into_iter()
+        .map(|t| {
+            let at = t.offset as usize;
+            let end = starts
+                .get(starts.partition_point(|&s| s <= at))
+                .copied()
+                .unwrap_or(data.len());
+            (t.name, data[at..end].to_vec())
+        })
+        .collect()
+}
+
+/// The names of the tensors in one file (of a split model, that part's own).
+fn part_tensors(path: &Path) -> Vec<String> {
+    let mut file = std::io::BufReader::new(std::fs::File::open(path).unwrap());
+    let h = backstop::models::gguf::parse(&mut file).unwrap();
+    h.tensors.into_iter().map(|t| t.name).collect()
+}
+
+/// A model split over several files, as large models are published, is measured whole from its
+/// first part. Quantized, it becomes one file, or with `--keep-split` as many parts, each with
+/// its input part's tensors; COPY joins the parts without quantizing, byte for byte. Another
+/// part given for the first, a missing part, and a part written over are each refused by name.
+#[test]
+fn a_split_model_is_measured_whole_and_quantized_into_one_file_or_its_parts() {
+    let _cores = one_at_a_time();
+    let smol = common::smollm2();
+    let parts = common::split_gguf(&smol, "smol", 3);
+    let dir = parts[0].parent().unwrap().to_owned();
+    let _cleanup = Cleanup(dir.clone());
+    let first = parts[0].to_str().unwrap();
+    let whole = backstop::models::gguf::read(&smol).unwrap();
+    let on_disk: u64 = parts
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(part_tensors(&parts[2]).len() > 10);
+
+    let report = bench_json(&["-p", "16", "-n", "4", "-r", "1", first]);
+    let r = &report["results"][0];
+    assert_eq!(r["file"], "smol-00001-of-00003.gguf", "{r}");
+    assert_eq!(r["size"].as_u64(), Some(on_disk), "{r}");
+    assert_eq!(r["parameters"], whole.parameter_size().as_str(), "{r}");
+    assert_eq!(r["quantization"], "Q4_1", "{r}");
+    assert!(r["tg"]["median"].as_f64().unwrap() > 0.0, "{r}");
+
+    // --keep-split: the same three parts, quantized.
+    let out = dir.join("out.gguf");
+    let o = backstop(&[
+        "quantize",
+        first,
+        out.to_str().unwrap(),
+        "Q8_0",
+        "--keep-split",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let written: Vec<PathBuf> = (1..=3)
+        .map(|i| dir.join(format!("out-{i:05}-of-00003.gguf")))
+        .collect();
+    let said: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+    assert_eq!(
+        text(&o.stdout).trim(),
+        format!("wrote {} (Q8_0)", said.join(", "))
+    );
+    let mut expected: Vec<String> = (1..=3)
+        .flat_map(|i| {
+            [
+                format!("out-{i:05}-of-00003.gguf"),
+                format!("smol-{i:05}-of-00003.gguf"),
+            ]
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(entries(&dir), expected, "nothing else left behind");
+    let q = backstop::models::gguf::read(&written[0]).unwrap();
+    assert_eq!(q.quantization(), "Q8_0");
+    assert_eq!(q.parts, written[1..]);
+    assert_eq!(q.parameter_count, whole.parameter_count);
+    for (from, to) in parts.iter().zip(&written) {
+        assert_eq!(part_tensors(from), part_tensors(to), "{}", to.display());
+    }
+
+    // Without it, one file; COPY joins the parts as they are.
+    for (kind, name) in [("Q8_0", "q8.gguf"), ("COPY", "joined.gguf")] {
+        let o = quantize(&parts[0], &dir.join(name), kind);
+        assert!(o.status.success(), "{kind}: {}", text(&o.stderr));
+        let h = backstop::models::gguf::read(&dir.join(name)).unwrap();
+        assert!(
+            h.parts.is_empty() && h.uint("split.count").is_none(),
+            "{kind}"
+        );
+        assert_eq!(h.tensor_count, whole.tensor_count, "{kind}");
+        assert_eq!(h.parameter_count, whole.parameter_count, "{kind}");
+    }
+    let joined = dir.join("joined.gguf");
+    assert_eq!(
+        backstop::models::gguf::read(&joined)
+            .unwrap()
+            .quantization(),
+        "Q4_1"
+    );
+    assert!(
+        tensor_bytes(&joined) == tensor_bytes(&smol),
+        "COPY changed tensor data"
+    );
+
+    // Refused, each before anything is measured or written.
+    let second = parts[1].to_str().unwrap();
+    bench_refused(
+        &["-p", "16", "-n", "4", second],
+        &[
+            "part 2 of 3 of a model split into several files: give its first part",
+            first,
+        ],
+    );
+    let o = backstop(&[
+        "quantize",
+        smol.to_str().unwrap(),
+        dir.join("x.gguf").to_str().unwrap(),
+        "Q8_0",
+        "--keep-split",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("a model in one file; --keep-split keeps the parts"),
+        "{}",
+        text(&o.stderr)
+    );
+    // Parts named as the input's would be written over it.
+    let before = std::fs::read(&parts[1]).unwrap();
+    let o = backstop(&[
+        "quantize",
+        first,
+        dir.join("smol.gguf").to_str().unwrap(),
+        "COPY",
+        "--keep-split",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("that is the input"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(std::fs::read(&parts[1]).unwrap() == before);
+    bench_refused(&["--quantize", "COPY", first], &["--quantize COPY"]);
+    std::fs::remove_file(&parts[2]).unwrap();
+    let third = parts[2].display().to_string();
+    bench_refused(
+        &["-p", "16", "-n", "4", first],
+        &[
+            "a model split into 3 files, and 1 of them is missing",
+            &third,
+        ],
+    );
+    let o = quantize(&parts[0], &dir.join("y.gguf"), "Q8_0");
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains(&third), "{}", text(&o.stderr));
+    assert!(!dir.join("y.gguf").exists());
+}

@@ -26,6 +26,13 @@ pub fn types(given: &[String], imatrix: bool) -> Result<Vec<&'static str>, Quant
     let mut out: Vec<&'static str> = Vec::with_capacity(given.len());
     for name in given {
         let t = quantize::canonical(name)?;
+        if t == quantize::COPY {
+            return Err(QuantizeError::Input(
+                "--quantize COPY: a copy of the model measures as the model does; name \
+                 quantization types"
+                    .into(),
+            ));
+        }
         if !imatrix && quantize::needs_imatrix(t) {
             return Err(QuantizeError::NeedsImatrix(t.to_owned()));
         }
@@ -36,14 +43,15 @@ pub fn types(given: &[String], imatrix: bool) -> Result<Vec<&'static str>, Quant
     Ok(out)
 }
 
-/// The name a model's quantizations are filed under: its file name without `.gguf`, or for a
-/// store model (found under another path than the one given) its name with `:`, `/` and `\`
-/// made `-`.
+/// The name a model's quantizations are filed under: its file name without `.gguf` (and
+/// without `-00001-of-00003`, a split model's part), or for a store model (found under another
+/// path than the one given) its name with `:`, `/` and `\` made `-`.
 pub fn stem(arg: &str, file: &Path) -> String {
     if file == Path::new(arg) {
-        return file
+        let name = file
             .file_stem()
             .map_or_else(|| "model".to_owned(), |s| s.to_string_lossy().into_owned());
+        return gguf::split_prefix(&name).unwrap_or(&name).to_owned();
     }
     arg.replace([':', '/', '\\'], "-")
 }

@@ -4,7 +4,7 @@
 //! written under a temporary name and renamed only when the quantizer succeeded.
 
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -74,7 +74,13 @@ const TYPES: &[(&str, u32)] = &[
     // Expert tensors (a mixture of experts' 3-D ones) in MXFP4, the rest in Q8_0: how gpt-oss
     // is published.
     ("MXFP4_MOE", 38),
+    // No quantizing: the tensors as they are, with the metadata --override-kv sets, into one
+    // file (a split model's parts joined) or, with --keep-split, as many (llama-quantize's COPY).
+    (COPY, 0),
 ];
+
+/// The type that copies rather than quantizes.
+pub const COPY: &str = "COPY";
 
 /// Types whose quantizer throws on the first tensor it reaches without an importance matrix
 /// (`tensor_requires_imatrix` in llama.cpp's src/llama-quant.cpp): the 1- and 2-bit i-quants
@@ -138,6 +144,8 @@ pub struct Options<'a> {
     pub tensor_types: Vec<(String, u32)>,
     /// Metadata keys set in the output (`--override-kv`), after the importance matrix's.
     pub overrides: Vec<Override>,
+    /// A split model is written in as many parts as it has (`--keep-split`), not as one file.
+    pub keep_split: bool,
 }
 
 /// A metadata key `--override-kv KEY=TYPE:VALUE` sets in the quantized file.
@@ -264,34 +272,87 @@ pub fn tensor_type(spec: &str) -> Result<(String, u32), QuantizeError> {
     Ok((pattern.trim().to_ascii_lowercase(), ggml_type(kind)?))
 }
 
-/// Quantizes `input` to `output` as `kind`, as `options` say. Requantizing an already
-/// quantized model is allowed, with a warning: quality drops more than quantizing from F16.
+/// Quantizes `input` to `output` as `kind`, as `options` say; the files written. Requantizing
+/// an already quantized model is allowed, with a warning: quality drops more than quantizing
+/// from F16. With [`Options::keep_split`], a split model is written in as many parts, named as
+/// llama-quantize names them: `output` without `.gguf`, then `-00001-of-00003.gguf` and on.
+/// Every file is written under a temporary name and renamed when the quantizer succeeded.
 pub fn quantize(
     input: &Path,
     output: &Path,
     kind: &str,
     options: &Options<'_>,
-) -> Result<(), QuantizeError> {
+) -> Result<Vec<PathBuf>, QuantizeError> {
     if options.imatrix.is_none() && needs_imatrix(kind) {
         return Err(QuantizeError::NeedsImatrix(canonical(kind)?.to_owned()));
     }
     let dir = check_output(input, output)?;
-    let temp = dir.join(format!(
-        ".{}.partial-{}",
-        output
-            .file_name()
-            .and_then(|f| f.to_str())
-            .unwrap_or("out.gguf"),
-        std::process::id()
-    ));
+    let name = output
+        .file_name()
+        .and_then(|f| f.to_str())
+        .unwrap_or("out.gguf");
+    let temp = dir.join(format!(".{name}.partial-{}", std::process::id()));
+    // The files llama.cpp writes, and the names each is given after.
+    let mut inputs = vec![input.to_owned()];
+    let files: Vec<(PathBuf, PathBuf)> = if options.keep_split {
+        inputs.extend(other_parts(input)?);
+        let count = inputs.len() as u64;
+        let stem = name
+            .get(name.len().saturating_sub(5)..)
+            .filter(|end| end.eq_ignore_ascii_case(".gguf"))
+            .map_or(name, |_| &name[..name.len() - 5]);
+        let stem = gguf::split_prefix(stem).unwrap_or(stem);
+        let part = |i| gguf::split_suffix(i, count);
+        (0..count)
+            .map(|i| {
+                let mut from = temp.clone().into_os_string();
+                from.push(part(i));
+                (
+                    from.into(),
+                    output.with_file_name(format!("{stem}{}", part(i))),
+                )
+            })
+            .collect()
+    } else {
+        vec![(temp.clone(), output.to_owned())]
+    };
+    // No part written over a part read.
+    for (_, to) in &files {
+        for from in &inputs {
+            check_output(from, to)?;
+        }
+    }
+    let remove = || {
+        for (from, _) in &files {
+            let _ = std::fs::remove_file(from);
+        }
+    };
     if let Err(e) = run(input, Some(&temp), kind, options) {
-        let _ = std::fs::remove_file(&temp);
+        remove();
         return Err(e);
     }
-    std::fs::rename(&temp, output).map_err(|e| {
-        let _ = std::fs::remove_file(&temp);
-        QuantizeError::Output(format!("{}: {e}", output.display()))
-    })
+    for (from, to) in &files {
+        if let Err(e) = std::fs::rename(from, to) {
+            remove();
+            return Err(QuantizeError::Output(format!("{}: {e}", to.display())));
+        }
+    }
+    Ok(files.into_iter().map(|(_, to)| to).collect())
+}
+
+/// The parts of the split model `input` after the first; a model in one file is refused, since
+/// `--keep-split` would have nothing to keep.
+fn other_parts(input: &Path) -> Result<Vec<PathBuf>, QuantizeError> {
+    let header =
+        gguf::read(input).map_err(|e| QuantizeError::Input(format!("{}: {e}", input.display())))?;
+    if header.parts.is_empty() {
+        return Err(QuantizeError::Input(format!(
+            "{}: a model in one file; --keep-split keeps the parts of a model split into \
+             several files (NAME-00001-of-00003.gguf): without it the output is one file",
+            input.display()
+        )));
+    }
+    Ok(header.parts)
 }
 
 /// What quantizing `input` as a type would make, worked out by llama.cpp's quantizer without
@@ -331,9 +392,13 @@ pub fn dry_run(input: &Path, kinds: &str, options: &Options<'_>) -> Result<Strin
         .split(',')
         .map(|k| canonical(k.trim()))
         .collect::<Result<_, _>>()?;
+    let parts = gguf::read(input)
+        .map_err(|e| QuantizeError::Input(format!("{}: {e}", input.display())))?
+        .parts_bytes;
     let file = std::fs::metadata(input)
         .map_err(|e| QuantizeError::Input(format!("{}: {e}", input.display())))?
-        .len() as f64
+        .len()
+        .saturating_add(parts) as f64
         / MIB;
     let mut rows = Vec::new();
     for kind in &kinds {
@@ -416,8 +481,9 @@ fn run(
     // llama.cpp's list ends with an entry whose key is empty.
     keys.push(int_key("", 0));
     let source = header.uint("general.file_type").unwrap_or(0);
+    let copy = canonical(kind)? == COPY;
     let requantize = !matches!(source, 0 | 1 | 32);
-    if requantize && output.is_some() {
+    if requantize && output.is_some() && !copy {
         tracing::warn!(
             from = %header.quantization(),
             to = gguf::file_type_name(u64::from(target)).unwrap_or(kind),
@@ -502,6 +568,8 @@ fn run(
             params.tt_overrides = overrides.as_ptr();
         }
         params.allow_requantize = requantize;
+        params.keep_split = options.keep_split;
+        params.only_copy = copy;
         params.dry_run = output.is_none();
         if let Some(list) = &list {
             params.imatrix = list.as_ptr();
@@ -835,7 +903,7 @@ mod tests {
         assert!(e.contains("`Q2_K_S` needs an importance matrix"), "{e}");
         assert!(e.contains("backstop imatrix MODEL -f TEXT"), "{e}");
         // Every name here is one the GGUF reader reports back the same way.
-        for (n, t) in TYPES {
+        for (n, t) in TYPES.iter().filter(|(n, _)| *n != COPY) {
             assert_eq!(gguf::file_type_name(u64::from(*t)), Some(*n));
         }
     }

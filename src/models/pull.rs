@@ -137,8 +137,10 @@ pub enum PullError {
     },
     /// The model is split over several GGUF files.
     #[error(
-        "{repo}: {} is a model split into several files, which is not supported yet; \
-         choose another quantization or merge the parts with llama-gguf-split --merge",
+        "{repo}: {} is a model split into several files, which pull does not fetch yet; \
+         choose another quantization, or download the parts into one folder and serve the \
+         first (`--model NAME=FOLDER/…-00001-of-….gguf`: llama.cpp finds the rest beside it), \
+         or join them into one file with `backstop quantize FIRST-PART OUT.gguf COPY`",
         files.join(", ")
     )]
     SplitGguf {

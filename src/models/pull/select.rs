@@ -100,15 +100,7 @@ fn is_model(file: &str) -> bool {
 
 /// `…-00001-of-00003.gguf`: one part of a split model.
 pub(crate) fn is_split(file: &str) -> bool {
-    let s = stem(file);
-    let digits = |t: &str| !t.is_empty() && t.chars().all(|c| c.is_ascii_digit());
-    let Some((head, total)) = s.rsplit_once("-of-") else {
-        return false;
-    };
-    let Some((_, part)) = head.rsplit_once('-') else {
-        return false;
-    };
-    digits(part) && digits(total)
+    crate::models::gguf::split_prefix(stem(file)).is_some()
 }
 
 /// Whether a file stem carries this quantization. A known quantization must be the one
@@ -186,7 +178,8 @@ mod tests {
     fn split_files_are_refused_clearly() {
         let err = choose("o/r", &files(REPO), None, Some("Q6_K")).unwrap_err();
         assert!(matches!(err, PullError::SplitGguf { .. }), "{err:?}");
-        assert!(err.to_string().contains("not supported"), "{err}");
+        assert!(err.to_string().contains("pull does not fetch yet"), "{err}");
+        assert!(err.to_string().contains("OUT.gguf COPY"), "{err}");
         let err = choose(
             "o/r",
             &files(REPO),
