@@ -714,6 +714,18 @@ pub struct ServeArgs {
     /// window reuses its conversation instead of reading it again (llama-server's --swa-full).
     #[arg(long, env = "BACKSTOP_SWA_FULL")]
     pub swa_full: bool,
+    /// Read the model files into memory rather than map them (llama-server's --no-mmap):
+    /// loading reads every byte first, and the weights are the process's own memory, not
+    /// pages of the file the system may drop and read again. For file systems that map badly
+    /// (network shares), or a model offloaded to a GPU, whose host copy is then freed.
+    #[arg(long, env = "BACKSTOP_NO_MMAP")]
+    pub no_mmap: bool,
+    /// Lock the models' weights in RAM (llama-server's --mlock), so the system never pages
+    /// them out, however much memory other programs want: no slow first tokens after a quiet
+    /// night. Needs `ulimit -l` above the models' size (or CAP_IPC_LOCK); what cannot be
+    /// locked is said in the log.
+    #[arg(long, env = "BACKSTOP_MLOCK")]
+    pub mlock: bool,
     /// Speculative decoding by prompt lookup: when an answer's last tokens occurred earlier
     /// in its context, up to N of the tokens that followed them there are checked in the same
     /// decode as the next one, so text the answer repeats (code being edited, a quoted

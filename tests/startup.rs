@@ -293,6 +293,80 @@ async fn a_split_model_is_served_from_its_first_part_and_a_wrong_part_is_refused
     assert!(!out.stderr.contains("listening on"), "{}", out.stderr);
 }
 
+/// A number from a line of /proc/PID/status (`VmLck:  94320 kB`: 94320).
+fn status_kib(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Whether a process has CAP_IPC_LOCK (bit 14 of CapEff).
+fn can_lock_past_limit(pid: &str) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap();
+    u64::from_str_radix(hex.trim(), 16).unwrap() >> 14 & 1 == 1
+}
+
+/// The model file is mapped by default and read into the process's memory with `--no-mmap`,
+/// the answers the same; `--mlock` locks the weights in RAM, and where the process may not
+/// lock them, the log says how much it could and how to lift the limit, and it serves on.
+#[tokio::test]
+async fn model_files_are_mapped_or_read_and_locked_as_asked() {
+    let smol = std::fs::canonicalize(common::smollm2()).unwrap();
+    let model = format!("smollm2={}", smol.display());
+    let file_kib = std::fs::metadata(&smol).unwrap().len() / 1024;
+    let mapped = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .unwrap()
+            .contains(&smol.display().to_string())
+    };
+    let ask = serde_json::json!({"model": "smollm2", "max_tokens": 16, "temperature": 0,
+                                 "messages": [{"role": "user", "content": "Name a colour."}]});
+
+    let s = common::Server::start_raw(&["--model", &model]).await;
+    assert!(mapped(s.pid()));
+    assert_eq!(status_kib(s.pid(), "VmLck:"), 0);
+    assert!(s.log().contains("mmap=true mlock=false"), "{}", s.log());
+    let mapped_answer = common::answer(&s.chat(ask.clone()).await);
+    drop(s);
+
+    let s = common::Server::start_raw(&["--model", &model, "--no-mmap", "--mlock"]).await;
+    assert!(!mapped(s.pid()), "--no-mmap still maps the file");
+    assert!(s.log().contains("mmap=false mlock=true"), "{}", s.log());
+    assert_eq!(common::answer(&s.chat(ask.clone()).await), mapped_answer);
+    // Root may lock past the limit; anyone else up to `ulimit -l`.
+    let limit = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let unlimited = limit
+        .lines()
+        .any(|l| l.starts_with("Max locked memory") && l.contains("unlimited"));
+    if can_lock_past_limit("self") || unlimited {
+        assert!(
+            status_kib(s.pid(), "VmLck:") >= file_kib * 9 / 10,
+            "locked {} kB of a {file_kib} kB file",
+            status_kib(s.pid(), "VmLck:")
+        );
+        assert!(!s.log().contains("--mlock locked"), "{}", s.log());
+    } else {
+        assert!(s.log().contains("--mlock locked"), "{}", s.log());
+    }
+    drop(s);
+
+    let s = common::Server::start_locking_at_most(&["--model", &model, "--mlock"], 1 << 20).await;
+    assert!(!can_lock_past_limit(&s.pid().to_string()));
+    assert!(status_kib(s.pid(), "VmLck:") <= 1024);
+    for says in [
+        "--mlock locked 0.0 MiB of the weights' ",
+        "(`ulimit -l` allows 1.0 MiB): the rest can be paged out",
+        "CAP_IPC_LOCK",
+    ] {
+        assert!(s.log().contains(says), "{says}: {}", s.log());
+    }
+    assert_eq!(common::answer(&s.chat(ask).await), mapped_answer);
+}
+
 /// `backstop serve` with nothing given serves the default model the setup step fetched.
 #[tokio::test]
 async fn with_nothing_given_the_fetched_default_model_is_served() {

@@ -120,6 +120,10 @@ pub struct EngineDefaults {
     pub kv_cache_type: KvCacheType,
     /// Sliding-window layers keep the whole context in their cache.
     pub swa_full: bool,
+    /// The model file is mapped, not read into memory.
+    pub mmap: bool,
+    /// The model's weights are locked in RAM.
+    pub mlock: bool,
     /// Most tokens a generating sequence drafts by prompt lookup per step (0: off).
     pub speculate: u32,
     /// Greedy and seeded answers are read again while idle, for the next turn to reuse.
@@ -144,6 +148,8 @@ impl EngineDefaults {
             flash_attention: self.flash_attention,
             kv_cache_type: self.kv_cache_type,
             swa_full: self.swa_full,
+            mmap: self.mmap,
+            mlock: self.mlock,
             speculate: self.speculate,
             reread_answers: self.reread_answers,
             exact_reuse: self.exact_reuse,
@@ -507,6 +513,8 @@ impl Config {
             flash_attention,
             kv_cache_type,
             swa_full: args.swa_full || raw.server.swa_full.unwrap_or(false),
+            mmap: !args.no_mmap && raw.server.mmap.unwrap_or(true),
+            mlock: args.mlock || raw.server.mlock.unwrap_or(false),
             speculate,
             reread_answers,
             exact_reuse,
@@ -708,6 +716,12 @@ impl Config {
             if !fa_forced {
                 engine.flash_attention = m.flash_attention.or(engine.flash_attention);
             }
+            if !args.no_mmap {
+                engine.mmap = m.mmap.unwrap_or(engine.mmap);
+            }
+            if !args.mlock {
+                engine.mlock = m.mlock.unwrap_or(engine.mlock);
+            }
             if args.speculate.is_none() {
                 if let Some(n) = draft_most(m.speculate, &key("speculate"), &from)? {
                     engine.speculate = n;
@@ -839,6 +853,8 @@ pub(crate) fn for_tests(path: &str) -> Config {
         flash_attention: None,
         kv_cache_type: KvCacheType::F16,
         swa_full: false,
+        mmap: true,
+        mlock: false,
         speculate: 0,
         reread_answers: true,
         exact_reuse: true,
@@ -1124,6 +1140,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("swa_full"), "{err}");
+    }
+
+    #[test]
+    fn mapping_and_locking_come_from_the_flag_then_the_model_then_the_server() {
+        let toml = "[server]\nmlock = true\n[models.a]\npath = \"model.gguf\"\nmmap = false\nmlock = false\n[models.b]\npath = \"model.gguf\"\n";
+        let each = |cfg: &Config| -> Vec<(bool, bool)> {
+            cfg.models
+                .iter()
+                .map(|m| (m.engine.mmap, m.engine.mlock))
+                .collect()
+        };
+        assert_eq!(
+            each(&load_toml(toml).unwrap()),
+            [(false, false), (true, true)]
+        );
+        let flags = ServeArgs {
+            no_mmap: true,
+            mlock: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            each(&load_toml_with(toml, flags).unwrap()),
+            [(false, true), (false, true)]
+        );
+        // Unset everywhere: mapped, not locked, as llama.cpp and Ollama have it.
+        let cfg = load_toml("[models.a]\npath = \"model.gguf\"\n").unwrap();
+        assert_eq!(each(&cfg), [(true, false)]);
+        let err = load_toml("[models.a]\npath = \"model.gguf\"\nmlock = \"yes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mlock"), "{err}");
     }
 
     #[test]

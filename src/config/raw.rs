@@ -57,6 +57,10 @@ pub(crate) struct RawServer {
     pub(crate) kv_cache_type: Option<String>,
     /// Sliding-window layers keep the whole context in their cache (llama.cpp's `swa_full`).
     pub(crate) swa_full: Option<bool>,
+    /// Model files are mapped (true, the default) or read into memory.
+    pub(crate) mmap: Option<bool>,
+    /// Model weights are locked in RAM.
+    pub(crate) mlock: Option<bool>,
     /// Most tokens drafted by prompt lookup per step (0: off).
     pub(crate) speculate: Option<u32>,
     /// Greedy and seeded answers are read again while idle, for the next turn to reuse.
@@ -95,6 +99,10 @@ pub(crate) struct RawModel {
     pub(crate) flash_attention: Option<bool>,
     /// Most tokens drafted by prompt lookup per step for this model, over `[server]`'s.
     pub(crate) speculate: Option<u32>,
+    /// This model's file mapped or read, over `[server]`'s (`--no-mmap` beats both).
+    pub(crate) mmap: Option<bool>,
+    /// This model's weights locked in RAM, over `[server]`'s (`--mlock` beats both).
+    pub(crate) mlock: Option<bool>,
     /// How long this model stays loaded when idle.
     pub(crate) keep_alive: Option<RawDuration>,
     /// System prompt used when a chat request brings none.

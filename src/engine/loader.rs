@@ -118,21 +118,73 @@ pub(crate) fn check_file(path: &Path) -> Result<u64, LoadError> {
     }
 }
 
-/// Loads the model weights (memory-mapped). Call [`check_file`] first.
+/// Loads the model weights, mapped or read as `options.mmap` says, and locked in RAM with
+/// `options.mlock`. Call [`check_file`] first.
 pub(crate) fn load_model(
     backend: &LlamaBackend,
     options: &EngineOptions,
 ) -> Result<LlamaModel, LoadError> {
-    let mut params = LlamaModelParams::default();
+    let mut params = LlamaModelParams::default()
+        .with_use_mmap(options.mmap)
+        .with_use_mlock(options.mlock);
     if let Some(n) = options.gpu_layers {
         params = params.with_n_gpu_layers(n);
     }
-    LlamaModel::load_from_file(backend, &options.path, &params).map_err(|e| {
+    let locked_before = locked_bytes();
+    let model = LlamaModel::load_from_file(backend, &options.path, &params).map_err(|e| {
         tracing::debug!(error = %e, "llama_model_load_from_file failed");
         LoadError::Rejected {
             path: options.path.clone(),
         }
-    })
+    })?;
+    if options.mlock {
+        // llama.cpp only logs a failed lock and goes on; said here in the server's own words.
+        let locked = locked_bytes()
+            .zip(locked_before)
+            .map(|(after, before)| after.saturating_sub(before));
+        if let Some(short) = mlock_shortfall(locked, model.size(), memlock_limit()) {
+            tracing::warn!(model = %options.name, "{short}");
+        }
+    }
+    Ok(model)
+}
+
+/// Bytes of this process's memory locked in RAM (`VmLck`); `None` where /proc does not say.
+fn locked_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmLck:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The most bytes this process may lock (`RLIMIT_MEMLOCK`); `None` for no limit or unknown.
+fn memlock_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// What to say when `--mlock` locked less than the weights (`locked` of `weights` bytes; a
+/// few pages' slack): why, and what to change. `None` when they are locked, or when the
+/// process cannot tell (no /proc).
+fn mlock_shortfall(locked: Option<u64>, weights: u64, limit: Option<u64>) -> Option<String> {
+    let locked = locked?;
+    if locked.saturating_add(1 << 20) >= weights {
+        return None;
+    }
+    const MIB: f64 = 1024.0 * 1024.0;
+    let limit = limit.map_or_else(String::new, |l| {
+        format!(" (`ulimit -l` allows {:.1} MiB)", l as f64 / MIB)
+    });
+    Some(format!(
+        "--mlock locked {:.1} MiB of the weights' {:.1} MiB in RAM{limit}: the rest can be \
+         paged out; raise the limit (`ulimit -l unlimited`, LimitMEMLOCK=infinity in a systemd \
+         unit, --ulimit memlock=-1 for docker) or grant CAP_IPC_LOCK",
+        locked as f64 / MIB,
+        weights as f64 / MIB
+    ))
 }
 
 /// Context tokens per slot: the configured value, or the default capped at what the model
@@ -500,6 +552,29 @@ pub(crate) fn describe(
 mod tests {
     use super::*;
     use llama_cpp_sys_2::{GGML_TYPE_F32, GGML_TYPE_Q4_1, GGML_TYPE_Q4_K, GGML_TYPE_Q6_K};
+
+    #[test]
+    fn a_lock_short_of_the_weights_says_so_and_how_to_lift_the_limit() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(mlock_shortfall(Some(94 * MIB), 94 * MIB, None), None);
+        // A few pages short is a lock (llama.cpp rounds to pages; /proc counts KiB).
+        assert_eq!(mlock_shortfall(Some(93 * MIB + 512), 94 * MIB, None), None);
+        assert_eq!(mlock_shortfall(None, 94 * MIB, None), None);
+        let said = mlock_shortfall(Some(8 * MIB), 94 * MIB, Some(8 * MIB)).unwrap();
+        assert!(
+            said.starts_with("--mlock locked 8.0 MiB of the weights' 94.0 MiB in RAM (`ulimit -l` allows 8.0 MiB)"),
+            "{said}"
+        );
+        assert!(
+            said.contains("CAP_IPC_LOCK") && said.contains("LimitMEMLOCK=infinity"),
+            "{said}"
+        );
+        let said = mlock_shortfall(Some(0), 94 * MIB, None).unwrap();
+        assert!(
+            said.starts_with("--mlock locked 0.0 MiB of the weights' 94.0 MiB in RAM: "),
+            "{said}"
+        );
+    }
 
     #[test]
     fn only_models_without_repacked_weights_read_rows_alone() {

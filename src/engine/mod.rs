@@ -85,6 +85,10 @@ pub struct EngineOptions {
     /// its answer is the one a cold server gives; false: it reuses all it shares, as a
     /// sampled one does (`policy::Reuse`).
     pub exact_reuse: bool,
+    /// The model file is mapped (llama.cpp's `use_mmap`), not read into memory.
+    pub mmap: bool,
+    /// The model's weights are locked in RAM (llama.cpp's `use_mlock`).
+    pub mlock: bool,
 }
 
 /// KV cache element types Ollama's `OLLAMA_KV_CACHE_TYPE` offers.

@@ -124,6 +124,8 @@ pub(crate) fn engine_worker(
         ctx_per_slot = per_slot,
         threads = options.threads,
         flash_attention = %loader::flash_attention_name(fa),
+        mmap = options.mmap,
+        mlock = options.mlock,
         speculate = if can_draft(&model) { options.speculate } else { 0 },
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"

@@ -305,7 +305,7 @@ impl Server {
 
     /// Like [`Server::start_raw`], with extra environment variables.
     pub async fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Server {
-        Self::spawn(args, envs, false).await
+        Self::spawn(args, envs, false, None).await
     }
 
     /// Like [`Server::start`], but the log pipe is closed as soon as the address is read, as
@@ -314,11 +314,44 @@ impl Server {
         let model = format!("smollm2={}", smollm2().display());
         let mut args = vec!["--model", model.as_str()];
         args.extend_from_slice(extra);
-        Self::spawn(&args, &[], true).await
+        Self::spawn(&args, &[], true, None).await
     }
 
-    async fn spawn(args: &[&str], envs: &[(&str, &str)], close_log: bool) -> Server {
+    /// Like [`Server::start_raw`], for a process that may lock at most `bytes` in RAM
+    /// (`RLIMIT_MEMLOCK`) and cannot pass that limit: without CAP_IPC_LOCK, which root has
+    /// (dropped from the bounding set before it runs, so not regained at exec).
+    pub async fn start_locking_at_most(args: &[&str], bytes: u64) -> Server {
+        Self::spawn(args, &[], false, Some(bytes)).await
+    }
+
+    async fn spawn(
+        args: &[&str],
+        envs: &[(&str, &str)],
+        close_log: bool,
+        lock_limit: Option<u64>,
+    ) -> Server {
         let mut cmd = backstop_command();
+        if let Some(bytes) = lock_limit {
+            use std::os::unix::process::CommandExt;
+            /// linux/capability.h
+            const CAP_IPC_LOCK: libc::c_ulong = 14;
+            // SAFETY: between fork and exec the child makes two system calls and allocates
+            // nothing. Dropping the capability fails without CAP_SETPCAP, where the process
+            // has no CAP_IPC_LOCK to drop; the test checks the child's capabilities.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::prctl(libc::PR_CAPBSET_DROP, CAP_IPC_LOCK, 0, 0, 0);
+                    let limit = libc::rlimit {
+                        rlim_cur: bytes,
+                        rlim_max: bytes,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.arg("serve");
         if !args.contains(&"--threads") {
             cmd.args(["--threads", "1"]);
