@@ -496,8 +496,16 @@ impl Store {
         let size = std::fs::metadata(&model_path)
             .map_err(|_| StoreError::MissingBlob(model.clone()))?
             .len();
-        let header =
-            gguf::read(&model_path).map_err(|e| StoreError::NotGguf(format!("{model}: {e}")))?;
+        let header = gguf::read(&model_path).map_err(|e| match e {
+            // A blob is named by its digest, so llama.cpp could never find the other parts.
+            gguf::GgufError::SplitName { part, count } => StoreError::Unusable(format!(
+                "{model} is part {part} of {count} of a model split into several files, and \
+                 the store keeps a model in one file: join the parts with `backstop quantize \
+                 FIRST-PART OUT.gguf COPY` and create the model from OUT.gguf, or serve the \
+                 first part where it is (`--model NAME=PATH`)"
+            )),
+            e => StoreError::NotGguf(format!("{model}: {e}")),
+        })?;
         self.check_model(&model_path, &header)?;
         let mut layers = vec![Layer {
             media_type: media::MODEL.to_owned(),
@@ -750,6 +758,33 @@ mod tests {
             .create(&name("odd"), &d, &NewModel::default())
             .unwrap();
         assert_eq!(store.list().len(), 1);
+        std::fs::remove_dir_all(store.root()).ok();
+    }
+
+    #[test]
+    fn a_part_of_a_split_model_is_refused_saying_how_to_join_it() {
+        let store = temp_store();
+        let mut part = tiny_gguf();
+        part[16..24].copy_from_slice(&3u64.to_le_bytes());
+        for (key, value) in [("split.no", 0u16), ("split.count", 3)] {
+            part.extend((key.len() as u64).to_le_bytes());
+            part.extend(key.as_bytes());
+            part.extend(2u32.to_le_bytes());
+            part.extend(value.to_le_bytes());
+        }
+        let d = add_blob(&store, &part);
+        let err = store
+            .create(&name("split"), &d, &NewModel::default())
+            .unwrap_err();
+        let StoreError::Unusable(said) = &err else {
+            panic!("{err:?}");
+        };
+        assert!(said.contains("part 1 of 3 of a model split"), "{said}");
+        assert!(
+            said.contains("backstop quantize FIRST-PART OUT.gguf COPY"),
+            "{said}"
+        );
+        assert!(store.list().is_empty());
         std::fs::remove_dir_all(store.root()).ok();
     }
 
