@@ -2506,6 +2506,44 @@ fn a_split_model_is_measured_whole_and_quantized_into_one_file_or_its_parts() {
     assert_eq!(r["quantization"], "Q4_1", "{r}");
     assert!(r["tg"]["median"].as_f64().unwrap() > 0.0, "{r}");
 
+    // A ladder's rung is named without the part, and made again when any part changes.
+    let ladder = common::temp_dir("split-ladder");
+    let _ladder_cleanup = Cleanup(ladder.clone());
+    let rung = |says: &str| {
+        let o = backstop(&[
+            "bench",
+            "-t",
+            "2",
+            "-p",
+            "16",
+            "-n",
+            "4",
+            "-r",
+            "1",
+            "--quantize",
+            "Q8_0",
+            "--quantize-dir",
+            ladder.to_str().unwrap(),
+            first,
+        ]);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        assert!(
+            text(&o.stderr).contains(says),
+            "{says}: {}",
+            text(&o.stderr)
+        );
+    };
+    rung("Q8_0: built");
+    assert_eq!(
+        entries(&ladder),
+        ["smol-Q8_0.gguf", "smol-Q8_0.gguf.source"]
+    );
+    rung("Q8_0: reusing");
+    let last = std::fs::read(&parts[2]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&parts[2], last).unwrap();
+    rung("Q8_0: built");
+
     // --keep-split: the same three parts, quantized.
     let out = dir.join("out.gguf");
     let o = backstop(&[

@@ -105,9 +105,14 @@ pub fn build(
 ) -> Result<Vec<(PathBuf, GgufHeader)>, QuantizeError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| QuantizeError::Output(format!("{}: {e}", dir.display())))?;
+    // A split model's every part: a part replaced is another model.
+    let model = std::iter::once(source)
+        .chain(header.parts.iter().map(PathBuf::as_path))
+        .map(identity)
+        .collect::<Option<String>>();
     let made_from = match imatrix {
-        None => identity(source),
-        Some((_, file)) => identity(source)
+        None => model,
+        Some((_, file)) => model
             .zip(identity(file))
             .map(|(s, m)| format!("{s}importance matrix {m}")),
     };
