@@ -2452,26 +2452,6 @@ fn quantize_takes_per_tensor_types_and_a_pure_mix() {
     assert_eq!(entries(&dir), Vec::<String>::new());
 }
 
-/// Each tensor's bytes in a GGUF file in one piece, by name (with the padding to the next).
-fn tensor_bytes(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let h = backstop::models::gguf::read(path).unwrap();
-    let bytes = std::fs::read(path).unwrap();
-    let data = &bytes[h.data_start as usize..];
-    let mut starts: Vec<usize> = h.tensors.iter().map(|t| t.offset as usize).collect();
-    starts.sort_unstable();
-    h.tensors
-        .into_iter()
-        .map(|t| {
-            let at = t.offset as usize;
-            let end = starts
-                .get(starts.partition_point(|&s| s <= at))
-                .copied()
-                .unwrap_or(data.len());
-            (t.name, data[at..end].to_vec())
-        })
-        .collect()
-}
-
 /// The names of the tensors in one file (of a split model, that part's own).
 fn part_tensors(path: &Path) -> Vec<String> {
     let mut file = std::io::BufReader::new(std::fs::File::open(path).unwrap());
@@ -2600,7 +2580,7 @@ fn a_split_model_is_measured_whole_and_quantized_into_one_file_or_its_parts() {
         "Q4_1"
     );
     assert!(
-        tensor_bytes(&joined) == tensor_bytes(&smol),
+        common::tensor_bytes(&joined) == common::tensor_bytes(&smol),
         "COPY changed tensor data"
     );
 

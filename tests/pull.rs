@@ -482,6 +482,122 @@ async fn a_model_already_in_the_store_is_not_downloaded_again() {
     assert_eq!(fake.requests(), 0);
 }
 
+/// A model split into several files is pulled part by part, each verified, and joined into one
+/// blob, since the store keeps a model in one file as Ollama's does: tensor for tensor the
+/// model in one file, answering the same. Pulled again, nothing is downloaded; a pin is the
+/// joined file's digest; a repository that lacks a part is refused before any download.
+#[tokio::test]
+async fn a_split_model_is_pulled_part_by_part_and_joined_into_one_blob() {
+    let fake = FakeHub::start().await;
+    let repo = "test-org/SmolLM2-split-GGUF";
+    let smol = common::smollm2();
+    let parts = common::split_gguf(&smol, "SmolLM2-Q4_1", 3);
+    let mut total = 0;
+    for p in &parts {
+        let bytes = std::fs::read(p).unwrap();
+        total += bytes.len() as u64;
+        let name = p.file_name().unwrap().to_str().unwrap();
+        fake.add(repo, &format!("Q4_1/{name}"), bytes);
+    }
+    fake.add(repo, "SmolLM2-Q8_0.gguf", tiny_gguf(1000));
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model(&format!("hf.co/{repo}:Q4_1")).unwrap();
+
+    let (model, events) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+
+    let model = model.unwrap();
+    assert_eq!(
+        statuses(&events),
+        [
+            "pulling manifest",
+            "verifying sha256 digest",
+            "verifying sha256 digest",
+            "verifying sha256 digest",
+            "joining 3 parts into one file",
+            "writing manifest",
+            "success"
+        ]
+    );
+    assert_eq!(
+        fake.body_bytes(),
+        total + 6,
+        "each part once, plus two 1-byte probes each"
+    );
+    let joined = backstop::models::gguf::read(&model.model_path).unwrap();
+    let whole = backstop::models::gguf::read(&smol).unwrap();
+    assert!(joined.parts.is_empty() && joined.uint("split.count").is_none());
+    assert_eq!(joined.tensor_count, whole.tensor_count);
+    assert!(common::tensor_bytes(&model.model_path) == common::tensor_bytes(&smol));
+    // The joined model, its config and the record of the parts: no parts, no hf-hub cache.
+    let blobs = tmp.files_under("blobs");
+    assert_eq!(blobs.len(), 3, "{blobs:?}");
+    assert!(blobs.contains(&format!("blobs/sha256-{}", model.model_digest.hex())));
+    assert!(
+        blobs.iter().any(|b| b.starts_with("blobs/.joined/")),
+        "{blobs:?}"
+    );
+
+    // Again: found by its parts' digests, nothing downloaded.
+    fake.reset_counters();
+    let (again, _) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+    assert_eq!(again.unwrap().model_digest, model.model_digest);
+    assert_eq!(fake.body_bytes(), 0);
+    // A pin is the joined digest: the hub is not asked; another is refused.
+    let pin = model.model_digest.hex().to_owned();
+    let first = "Q4_1/SmolLM2-Q4_1-00001-of-00003.gguf";
+    fake.reset_counters();
+    let pinned = PullSpec::from_file(repo, first, None, Some(&pin)).unwrap();
+    pull_events(&tmp.store, &pinned, &hub(&fake))
+        .await
+        .0
+        .unwrap();
+    assert_eq!(fake.requests(), 0);
+    let wrong = "0".repeat(64);
+    let pinned = PullSpec::from_file(repo, first, None, Some(&wrong)).unwrap();
+    let err = pull_events(&tmp.store, &pinned, &hub(&fake))
+        .await
+        .0
+        .unwrap_err();
+    assert!(matches!(err, PullError::Sha256Mismatch { .. }), "{err:?}");
+
+    // The store's model answers as the file it was split from.
+    let store_dir = tmp.root().display().to_string();
+    let whole_model = format!("whole={}", smol.display());
+    let server =
+        common::Server::start_raw(&["--models-dir", &store_dir, "--model", &whole_model]).await;
+    let ask = |model: String| {
+        json!({"model": model, "max_tokens": 16, "temperature": 0,
+               "messages": [{"role": "user", "content": "Say hi."}]})
+    };
+    let pulled = server.chat(ask(format!("hf.co/{repo}:Q4_1"))).await;
+    let original = server.chat(ask("whole".into())).await;
+    assert_eq!(pulled["usage"]["completion_tokens"], 16, "{pulled}");
+    assert_eq!(common::answer(&pulled), common::answer(&original));
+    drop(server);
+
+    // A repository without one of the parts: refused, naming it, before any download.
+    let other = "test-org/incomplete";
+    for p in [&parts[0], &parts[2]] {
+        let name = p.file_name().unwrap().to_str().unwrap();
+        fake.add(other, name, std::fs::read(p).unwrap());
+    }
+    fake.reset_counters();
+    let spec = PullSpec::from_model(&format!("hf.co/{other}:Q4_1")).unwrap();
+    let err = pull_events(&tmp.store, &spec, &hub(&fake))
+        .await
+        .0
+        .unwrap_err();
+    assert!(
+        matches!(err, PullError::SplitGguf { count: 3, .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("SmolLM2-Q4_1-00002-of-00003.gguf"),
+        "{err}"
+    );
+    assert_eq!(fake.body_bytes(), 0);
+}
+
 #[tokio::test]
 async fn a_file_that_is_not_a_gguf_is_refused_and_removed() {
     let fake = FakeHub::start().await;

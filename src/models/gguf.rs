@@ -315,7 +315,7 @@ pub fn human_count(n: u64) -> String {
 /// which must be beside it under the same name, as llama.cpp loads them: the header describes
 /// the whole model. Any other part is refused with the first part's name.
 pub fn read(path: &Path) -> Result<GgufHeader, GgufError> {
-    let mut header = read_one(path)?;
+    let mut header = read_file(path)?;
     let count = header.uint(SPLIT_COUNT).unwrap_or(1);
     if count > 1 {
         join_parts(path, &mut header, count)?;
@@ -372,7 +372,7 @@ fn join_parts(path: &Path, header: &mut GgufHeader, count: u64) -> Result<(), Gg
             path: path.clone(),
             source: Box::new(source),
         };
-        let p = read_one(&path).map_err(wrap)?;
+        let p = read_file(&path).map_err(wrap)?;
         if p.uint(SPLIT_NO) != Some(i) || p.uint(SPLIT_COUNT) != Some(count) {
             return Err(wrap(GgufError::Corrupt(format!(
                 "it does not say it is part {} of {count}",
@@ -398,8 +398,8 @@ fn join_parts(path: &Path, header: &mut GgufHeader, count: u64) -> Result<(), Gg
     }
 }
 
-/// Reads the header of one file.
-fn read_one(path: &Path) -> Result<GgufHeader, GgufError> {
+/// Reads the header of this one file: a split model's part alone.
+pub fn read_file(path: &Path) -> Result<GgufHeader, GgufError> {
     let file = File::open(path)?;
     parse(&mut BufReader::with_capacity(64 * 1024, file))
 }

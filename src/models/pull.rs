@@ -135,18 +135,18 @@ pub enum PullError {
         /// The GGUF files the repository does have.
         available: Vec<String>,
     },
-    /// The model is split over several GGUF files.
+    /// A model split over several GGUF files whose parts the repository does not all list.
     #[error(
-        "{repo}: {} is a model split into several files, which pull does not fetch yet; \
-         choose another quantization, or download the parts into one folder and serve the \
-         first (`--model NAME=FOLDER/…-00001-of-….gguf`: llama.cpp finds the rest beside it), \
-         or join them into one file with `backstop quantize FIRST-PART OUT.gguf COPY`",
+        "{repo} does not list {} of its {count} parts of a model split into several files: {}",
+        files.len(),
         files.join(", ")
     )]
     SplitGguf {
         /// `OWNER/REPO`.
         repo: String,
-        /// The parts.
+        /// How many parts the model has.
+        count: u64,
+        /// The parts missing.
         files: Vec<String>,
     },
     /// Offline, and the model (or its pinned blob) is not in the store.

@@ -168,6 +168,26 @@ pub fn split_gguf(source: &Path, name: &str, count: u16) -> Vec<PathBuf> {
     paths
 }
 
+/// Each tensor's bytes in a GGUF file in one piece, by name (with the padding to the next).
+pub fn tensor_bytes(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let h = backstop::models::gguf::read(path).unwrap();
+    let bytes = std::fs::read(path).unwrap();
+    let data = &bytes[h.data_start as usize..];
+    let mut starts: Vec<usize> = h.tensors.iter().map(|t| t.offset as usize).collect();
+    starts.sort_unstable();
+    h.tensors
+        .into_iter()
+        .map(|t| {
+            let at = t.offset as usize;
+            let end = starts
+                .get(starts.partition_point(|&s| s <= at))
+                .copied()
+                .unwrap_or(data.len());
+            (t.name, data[at..end].to_vec())
+        })
+        .collect()
+}
+
 /// A running server; killed on drop.
 pub struct Server {
     child: Child,

@@ -194,31 +194,83 @@ pub(super) async fn pull(
         .map(|s| s.rfilename.clone())
         .collect();
     let file = select::choose(&src.repo, &names, src.file.as_deref(), src.quant.as_deref())?;
-    let entry = listing.siblings.iter().find(|s| s.rfilename == file);
-    let listed = entry
-        .and_then(|e| e.lfs.as_ref())
-        .and_then(|l| Digest::parse(&l.sha256).ok());
+    let parts = select::parts(&src.repo, &names, &file)?;
+    let site = Site {
+        api: &api,
+        repo: &repo,
+        src,
+        hub,
+        listing: &listing,
+        cache_dir: &cache_dir,
+    };
+    if parts.len() > 1 {
+        return pull_parts(store, spec, &site, &parts, &mut on).await;
+    }
     // Every digest anyone promised must match: the pin, the listing's LFS digest, and the
     // download's `x-linked-etag`. When they already disagree (a pin that is not what the hub
     // has), nothing is downloaded.
     let mut claims: Vec<Digest> = spec.sha256().into_iter().cloned().collect();
-    claims.extend(listed);
+    claims.extend(site.listed(&file));
     agree(&claims, &file)?;
     if let Some(d) = claims.first().filter(|d| store.has_blob(d)) {
         report_present(store, d, &mut on);
         return finish(store, spec.name(), d, false, &mut on).await;
     }
-    let repo_api = api.repo(repo.clone());
-    let probe = probe(&api, &repo_api, src, hub, &file).await?;
+    let (files, blob, digest) = fetch(&site, &file, claims, &mut on).await?;
+    if let Err(e) = store.adopt_blob(&blob, &digest) {
+        files.remove_all(Some(&blob));
+        return Err(e.into());
+    }
+    files.remove_all(None);
+    finish(store, spec.name(), &digest, true, &mut on).await
+}
+
+/// Where a pull's files come from: the hub, the repository at its revision, its listing, and
+/// hf-hub's cache.
+struct Site<'a> {
+    api: &'a Api,
+    repo: &'a Repo,
+    src: &'a HubFile,
+    hub: &'a HubConfig,
+    listing: &'a Listing,
+    cache_dir: &'a Path,
+}
+
+impl Site<'_> {
+    /// The sha256 the listing gives a file (files stored with LFS).
+    fn listed(&self, file: &str) -> Option<Digest> {
+        self.entry(file)
+            .and_then(|e| e.lfs.as_ref())
+            .and_then(|l| Digest::parse(&l.sha256).ok())
+    }
+
+    fn entry(&self, file: &str) -> Option<&Sibling> {
+        self.listing.siblings.iter().find(|s| s.rfilename == file)
+    }
+}
+
+/// Downloads one file into hf-hub's cache and verifies it against `claims` and every claim
+/// the hub makes on the way: hf-hub's files for it, the verified file, and its digest. On an
+/// error, what the download left is tidied as a retry needs it (a resumable part is kept).
+async fn fetch(
+    site: &Site<'_>,
+    file: &str,
+    mut claims: Vec<Digest>,
+    on: &mut (impl FnMut(PullEvent) + Send),
+) -> Result<(HfFiles, PathBuf, Digest), PullError> {
+    let repo_api = site.api.repo(site.repo.clone());
+    let probe = probe(site.api, &repo_api, site.src, site.hub, file).await?;
     claims.extend(probe.sha256);
-    agree(&claims, &file)?;
-    let mut files = HfFiles::new(&cache_dir, &repo, &probe.commit, &file);
+    agree(&claims, file)?;
+    let mut files = HfFiles::new(site.cache_dir, site.repo, &probe.commit, file);
     files.remove_stale_pointer();
-    let size = entry.and_then(|e| e.lfs.as_ref().map(|l| l.size).or(e.size));
+    let size = site
+        .entry(file)
+        .and_then(|e| e.lfs.as_ref().map(|l| l.size).or(e.size));
     let label = claims
         .first()
         .map_or_else(|| "sha256:pending".to_owned(), Digest::to_string);
-    let downloaded = download(&repo_api, src, hub, &file, &label, size, &mut on).await;
+    let downloaded = download(&repo_api, site.src, site.hub, file, &label, size, on).await;
     let blob = match downloaded {
         Ok(pointer) => {
             let blob = files.blob_of(&pointer).await;
@@ -248,19 +300,119 @@ pub(super) async fn pull(
             .filter(|n| n.len() == 64)
             .and_then(|n| Digest::parse(n).ok()),
     );
-    let digest = match verify(&blob, &file, claims).await {
-        Ok(d) => d,
+    match verify(&blob, file, claims).await {
+        Ok(digest) => Ok((files, blob, digest)),
         Err(e) => {
             files.remove_all(Some(&blob));
+            Err(e)
+        }
+    }
+}
+
+/// Pulls a model split into several files (`parts`, first first) and joins them into one
+/// blob, since the store keeps a model in one file, as Ollama's does (and a blob, named by its
+/// digest, could not be found by llama.cpp as a part). Each part is downloaded and verified as
+/// a file in one piece is; then llama.cpp's quantizer copies their tensors as they are into one
+/// file (its COPY, which leaves the split keys out), and the parts go. A pin is the joined
+/// file's digest, the one the store lists. A record of which parts made which blob lets the
+/// same pull again find it without downloading.
+async fn pull_parts(
+    store: &Store,
+    spec: &PullSpec,
+    site: &Site<'_>,
+    parts: &[String],
+    on: &mut (impl FnMut(PullEvent) + Send),
+) -> Result<StoredModel, PullError> {
+    let listed: Option<Vec<Digest>> = parts.iter().map(|p| site.listed(p)).collect();
+    let record = listed.map(|l| joined_record(store, &l));
+    let known = record
+        .as_ref()
+        .and_then(|r| std::fs::read_to_string(r).ok())
+        .and_then(|t| Digest::parse(t.trim()).ok())
+        .filter(|d| store.has_blob(d));
+    if let Some(d) = known {
+        if let Some(pin) = spec.sha256() {
+            agree(&[pin.clone(), d.clone()], &parts[0])?;
+        }
+        report_present(store, &d, on);
+        return finish(store, spec.name(), &d, false, on).await;
+    }
+    let mut fetched: Vec<(HfFiles, PathBuf)> = Vec::with_capacity(parts.len());
+    let tidy = |fetched: &[(HfFiles, PathBuf)]| {
+        for (files, blob) in fetched {
+            files.remove_all(Some(blob));
+        }
+    };
+    for part in parts {
+        match fetch(site, part, site.listed(part).into_iter().collect(), on).await {
+            Ok((files, blob, _)) => fetched.push((files, blob)),
+            Err(e) => {
+                tidy(&fetched);
+                return Err(e);
+            }
+        }
+    }
+    on(PullEvent::Status(format!(
+        "joining {} parts into one file",
+        parts.len()
+    )));
+    let first = fetched.first().and_then(|(f, _)| f.pointer.clone());
+    let temp = store.partial_path("joined")?;
+    let into = temp.clone();
+    let name = parts[0].clone();
+    let joined = tokio::task::spawn_blocking(move || -> Result<Digest, PullError> {
+        let first = first.ok_or_else(|| PullError::Internal("no first part".into()))?;
+        crate::bench::quantize::quantize(
+            &first,
+            &into,
+            crate::bench::quantize::COPY,
+            &crate::bench::quantize::Options::default(),
+        )
+        .map_err(|e| PullError::Internal(format!("joining the parts of {name}: {e}")))?;
+        Ok(Digest::of_file(&into)?)
+    })
+    .await
+    .map_err(|e| PullError::Internal(format!("joining task failed: {e}")))
+    .and_then(|r| r);
+    tidy(&fetched);
+    let digest = match joined {
+        Ok(d) => d,
+        Err(e) => {
+            remove_quietly(&temp);
             return Err(e);
         }
     };
-    if let Err(e) = store.adopt_blob(&blob, &digest) {
-        files.remove_all(Some(&blob));
-        return Err(e.into());
+    if let Some(pin) = spec.sha256().filter(|p| **p != digest) {
+        remove_quietly(&temp);
+        return Err(PullError::Sha256Mismatch {
+            file: format!("{} joined", parts[0]),
+            expected: pin.clone(),
+            actual: digest,
+        });
     }
-    files.remove_all(None);
-    finish(store, spec.name(), &digest, true, &mut on).await
+    store.adopt_blob(&temp, &digest)?;
+    if let Some(r) = &record {
+        // Only a shortcut for the next pull: without it, the parts are downloaded again.
+        let written = r
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(r, digest.to_string()));
+        if let Err(e) = written {
+            tracing::warn!(path = %r.display(), error = %e, "cannot record the joined model");
+        }
+    }
+    finish(store, spec.name(), &digest, true, on).await
+}
+
+/// Where the blob joined from parts with these digests is recorded:
+/// `blobs/.joined/<sha256 of the parts' digests>`.
+fn joined_record(store: &Store, parts: &[Digest]) -> PathBuf {
+    let key: Vec<String> = parts.iter().map(Digest::to_string).collect();
+    let key = Digest::of(key.join("\n").as_bytes());
+    store
+        .blob_path(&key)
+        .with_file_name(".joined")
+        .join(key.hex())
 }
 
 /// Refuses claims that disagree with each other: at least one of them is wrong.
@@ -502,7 +654,9 @@ async fn verify(blob: &Path, file: &str, claims: Vec<Digest>) -> Result<Digest, 
                  accepting the downloaded bytes as they are"
             );
         }
-        gguf::read(&blob).map_err(|e| PullError::NotGguf {
+        // One file's header: a split model's part is checked alone (its blob's name is not
+        // a part's), and the whole model when its parts are joined.
+        gguf::read_file(&blob).map_err(|e| PullError::NotGguf {
             file,
             reason: e.to_string(),
         })?;

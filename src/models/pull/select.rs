@@ -14,8 +14,8 @@ use crate::models::name::quantization_in;
 ///   `model-UD-Q4_K_M.gguf`.
 /// * With no quantization asked for and no Q4_K_M, a repository with a single GGUF model
 ///   file gets that file.
-/// * Split files (`-00001-of-00003.gguf`) are refused: llama.cpp loads them from one folder,
-///   and the store keeps one blob per model.
+/// * A model split into several files (`-00001-of-00003.gguf`) is taken when no file in one
+///   piece matches, and named by its first part; [`parts`] gives them all.
 pub(crate) fn choose(
     repo: &str,
     files: &[String],
@@ -35,13 +35,7 @@ pub(crate) fn choose(
                 available: ggufs,
             });
         }
-        if is_split(file) {
-            return Err(PullError::SplitGguf {
-                repo: repo.to_owned(),
-                files: vec![file.to_owned()],
-            });
-        }
-        return Ok(file.to_owned());
+        return Ok(first_part(file).unwrap_or_else(|| file.to_owned()));
     }
     let models: Vec<&String> = ggufs.iter().filter(|f| is_model(f)).collect();
     let wanted = quant.unwrap_or(DEFAULT_QUANT);
@@ -57,17 +51,23 @@ pub(crate) fn choose(
     {
         return Ok((*best).clone());
     }
-    if !matching.is_empty() {
-        return Err(PullError::SplitGguf {
-            repo: repo.to_owned(),
-            files: matching.into_iter().cloned().collect(),
-        });
+    // Only split models match: the one with the shortest name, by its first part.
+    if let Some(best) = matching
+        .iter()
+        .filter_map(|f| first_part(f))
+        .min_by(|a, b| base(a).len().cmp(&base(b).len()).then(a.cmp(b)))
+    {
+        return Ok(best);
     }
     if quant.is_none() {
-        if let [only] = models.as_slice() {
-            if !is_split(only) {
-                return Ok((*only).clone());
-            }
+        // One model in the repository, in one file or in parts.
+        let mut sets: Vec<String> = models
+            .iter()
+            .map(|f| first_part(f).unwrap_or_else(|| (*f).clone()))
+            .collect();
+        sets.dedup();
+        if let [only] = sets.as_slice() {
+            return Ok(only.clone());
         }
     }
     Err(PullError::QuantNotFound {
@@ -101,6 +101,45 @@ fn is_model(file: &str) -> bool {
 /// `…-00001-of-00003.gguf`: one part of a split model.
 pub(crate) fn is_split(file: &str) -> bool {
     crate::models::gguf::split_prefix(stem(file)).is_some()
+}
+
+/// A split model's part: its folder and name without the part's number, and how many parts
+/// there are (`big/m-00002-of-00003.gguf`: `big/m`, 3).
+fn split_of(file: &str) -> Option<(&str, u64)> {
+    let (_, total) = stem(file).rsplit_once("-of-")?;
+    let prefix = crate::models::gguf::split_prefix(stem(file))?;
+    let folder = &file[..file.len() - base(file).len()];
+    let whole = &file[..folder.len() + prefix.len()];
+    Some((whole, total.parse().ok().filter(|&n| n > 0)?))
+}
+
+/// The first part of the split model that `file` is a part of.
+fn first_part(file: &str) -> Option<String> {
+    let (whole, count) = split_of(file)?;
+    Some(format!(
+        "{whole}{}",
+        crate::models::gguf::split_suffix(0, count)
+    ))
+}
+
+/// Every file of the model `file` names (from [`choose`]): itself, or each part of a split
+/// model in order, all of which the repository must list.
+pub(crate) fn parts(repo: &str, files: &[String], file: &str) -> Result<Vec<String>, PullError> {
+    let Some((whole, count)) = split_of(file) else {
+        return Ok(vec![file.to_owned()]);
+    };
+    let all: Vec<String> = (0..count)
+        .map(|i| format!("{whole}{}", crate::models::gguf::split_suffix(i, count)))
+        .collect();
+    let missing: Vec<String> = all.iter().filter(|p| !files.contains(p)).cloned().collect();
+    if !missing.is_empty() {
+        return Err(PullError::SplitGguf {
+            repo: repo.to_owned(),
+            count,
+            files: missing,
+        });
+    }
+    Ok(all)
 }
 
 /// Whether a file stem carries this quantization. A known quantization must be the one
@@ -175,19 +214,43 @@ mod tests {
     }
 
     #[test]
-    fn split_files_are_refused_clearly() {
-        let err = choose("o/r", &files(REPO), None, Some("Q6_K")).unwrap_err();
-        assert!(matches!(err, PullError::SplitGguf { .. }), "{err:?}");
-        assert!(err.to_string().contains("pull does not fetch yet"), "{err}");
-        assert!(err.to_string().contains("OUT.gguf COPY"), "{err}");
-        let err = choose(
-            "o/r",
-            &files(REPO),
-            Some("big/model-Q6_K-00001-of-00002.gguf"),
-            None,
-        )
-        .unwrap_err();
-        assert!(matches!(err, PullError::SplitGguf { .. }), "{err:?}");
+    fn a_split_model_is_chosen_by_its_first_part_and_needs_every_part() {
+        let f = files(REPO);
+        let first = "big/model-Q6_K-00001-of-00002.gguf";
+        let both = [first, "big/model-Q6_K-00002-of-00002.gguf"];
+        assert_eq!(choose("o/r", &f, None, Some("Q6_K")).unwrap(), first);
+        // Any part named means the model.
+        assert_eq!(choose("o/r", &f, Some(both[1]), None).unwrap(), first);
+        assert_eq!(parts("o/r", &f, first).unwrap(), both);
+        assert_eq!(
+            parts("o/r", &f, "model-Q8_0.gguf").unwrap(),
+            ["model-Q8_0.gguf"]
+        );
+        // A file in one piece wins over parts of the same quantization.
+        let mut g = f.clone();
+        g.push("model-Q6_K.gguf".into());
+        assert_eq!(
+            choose("o/r", &g, None, Some("Q6_K")).unwrap(),
+            "model-Q6_K.gguf"
+        );
+        // A repository of one split model gives it when no quantization was asked for.
+        let only = files(&[
+            "README.md",
+            "w-00001-of-00002.gguf",
+            "w-00002-of-00002.gguf",
+        ]);
+        assert_eq!(
+            choose("o/r", &only, None, None).unwrap(),
+            "w-00001-of-00002.gguf"
+        );
+        // A part the repository does not list.
+        let err = parts("o/r", &files(&[both[1]]), first).unwrap_err();
+        assert!(
+            matches!(err, PullError::SplitGguf { count: 2, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(first), "{err}");
+        assert!(err.to_string().contains("1 of its 2 parts"), "{err}");
     }
 
     #[test]
