@@ -598,6 +598,65 @@ async fn a_split_model_is_pulled_part_by_part_and_joined_into_one_blob() {
     assert_eq!(fake.body_bytes(), 0);
 }
 
+/// A split pull cut in the middle of a part resumes that part where it stopped, and leaves
+/// nothing under a final name meanwhile.
+#[tokio::test]
+async fn an_interrupted_split_pull_resumes_the_part_it_was_in() {
+    let fake = FakeHub::start().await;
+    let parts = common::split_gguf(&common::smollm2(), "m-Q4_1", 3);
+    let sizes: Vec<u64> = parts
+        .iter()
+        .map(|p| {
+            let bytes = std::fs::read(p).unwrap();
+            fake.add(
+                "o/r",
+                p.file_name().unwrap().to_str().unwrap(),
+                bytes.clone(),
+            );
+            bytes.len() as u64
+        })
+        .collect();
+    let total: u64 = sizes.iter().sum();
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("hf.co/o/r:Q4_1").unwrap();
+    // Each file's two 1-byte probes, the first part, half the second.
+    fake.drop_after(2 + sizes[0] + 2 + sizes[1] / 2);
+
+    let err = pull_events(&tmp.store, &spec, &hub(&fake))
+        .await
+        .0
+        .unwrap_err();
+
+    assert!(matches!(err, PullError::Interrupted { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("m-Q4_1-00002-of-00003.gguf"),
+        "{err}"
+    );
+    fake.wait_quiet().await;
+    let partial = tmp.files_under("blobs");
+    assert!(
+        partial.iter().any(|f| f.ends_with(".sync.part")),
+        "{partial:?}"
+    );
+    assert!(
+        !partial.iter().any(|f| f.starts_with("blobs/sha256-")),
+        "{partial:?}"
+    );
+    assert!(tmp.store.list().is_empty());
+
+    fake.heal();
+    fake.reset_counters();
+    let model = pull_events(&tmp.store, &spec, &hub(&fake)).await.0.unwrap();
+    let resent = fake.body_bytes();
+    assert!(
+        resent <= total - sizes[1] / 2 + 4 * CHUNK as u64,
+        "{resent} of {total} bytes were sent again"
+    );
+    assert!(common::tensor_bytes(&model.model_path) == common::tensor_bytes(&common::smollm2()));
+    let blobs = tmp.files_under("blobs");
+    assert_eq!(blobs.len(), 3, "no partial files left: {blobs:?}");
+}
+
 #[tokio::test]
 async fn a_file_that_is_not_a_gguf_is_refused_and_removed() {
     let fake = FakeHub::start().await;
