@@ -2622,6 +2622,15 @@ fn a_split_model_is_measured_whole_and_quantized_into_one_file_or_its_parts() {
         text(&o.stderr)
     );
     assert!(std::fs::read(&parts[1]).unwrap() == before);
+    // So would one file named as a part other than the first.
+    let o = quantize(&parts[0], &parts[1], "Q8_0");
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("that is the input"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(std::fs::read(&parts[1]).unwrap() == before);
     bench_refused(&["--quantize", "COPY", first], &["--quantize COPY"]);
     std::fs::remove_file(&parts[2]).unwrap();
     let third = parts[2].display().to_string();

@@ -292,10 +292,25 @@ pub fn quantize(
         .and_then(|f| f.to_str())
         .unwrap_or("out.gguf");
     let temp = dir.join(format!(".{name}.partial-{}", std::process::id()));
-    // The files llama.cpp writes, and the names each is given after.
+    // Every file read: a split model's parts too.
     let mut inputs = vec![input.to_owned()];
+    match gguf::read(input) {
+        Ok(h) => inputs.extend(h.parts),
+        Err(e) if e.is_split() || options.keep_split => {
+            return Err(QuantizeError::Input(format!("{}: {e}", input.display())))
+        }
+        // Said by `run`, which reads it again.
+        Err(_) => {}
+    }
+    // The files llama.cpp writes, and the names each is given after.
     let files: Vec<(PathBuf, PathBuf)> = if options.keep_split {
-        inputs.extend(other_parts(input)?);
+        if inputs.len() == 1 {
+            return Err(QuantizeError::Input(format!(
+                "{}: a model in one file; --keep-split keeps the parts of a model split into \
+                 several files (NAME-00001-of-00003.gguf): without it the output is one file",
+                input.display()
+            )));
+        }
         let count = inputs.len() as u64;
         let stem = name
             .get(name.len().saturating_sub(5)..)
@@ -338,21 +353,6 @@ pub fn quantize(
         }
     }
     Ok(files.into_iter().map(|(_, to)| to).collect())
-}
-
-/// The parts of the split model `input` after the first; a model in one file is refused, since
-/// `--keep-split` would have nothing to keep.
-fn other_parts(input: &Path) -> Result<Vec<PathBuf>, QuantizeError> {
-    let header =
-        gguf::read(input).map_err(|e| QuantizeError::Input(format!("{}: {e}", input.display())))?;
-    if header.parts.is_empty() {
-        return Err(QuantizeError::Input(format!(
-            "{}: a model in one file; --keep-split keeps the parts of a model split into \
-             several files (NAME-00001-of-00003.gguf): without it the output is one file",
-            input.display()
-        )));
-    }
-    Ok(header.parts)
 }
 
 /// What quantizing `input` as a type would make, worked out by llama.cpp's quantizer without
