@@ -51,10 +51,11 @@ pub enum GgufError {
     },
     /// Parts of a split model that are not beside the first.
     #[error(
-        "a model split into {count} files, and {} of them {} missing: {}",
+        "a model split into {count} files, and {} of them {} missing: {}{}",
         missing.len(),
         if missing.len() == 1 { "is" } else { "are" },
-        missing.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        missing.iter().take(5).map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        if missing.len() > 5 { format!(" and {} more", missing.len() - 5) } else { String::new() }
     )]
     MissingParts {
         /// How many parts the model has.
@@ -345,6 +346,12 @@ pub fn split_prefix(stem: &str) -> Option<&str> {
 /// Adds the other parts of the split model whose first part `header` is (read from `path`).
 fn join_parts(path: &Path, header: &mut GgufHeader, count: u64) -> Result<(), GgufError> {
     let index = header.uint(SPLIT_NO).unwrap_or(0);
+    // llama.cpp keeps both in 16 bits.
+    if count > u64::from(u16::MAX) || index >= count {
+        return Err(GgufError::Corrupt(format!(
+            "{SPLIT_NO} {index} and {SPLIT_COUNT} {count} are no part of a split model"
+        )));
+    }
     let prefix = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -891,6 +898,28 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("1 of them is missing"), "{e}");
+        // Many missing: the first few are named.
+        let lone = dir.join("t-00001-of-00010.gguf");
+        std::fs::write(&lone, part(0, 10, 1, 10)).unwrap();
+        let e = read(&lone).unwrap_err().to_string();
+        assert!(e.contains("9 of them are missing"), "{e}");
+        assert!(e.contains("t-00006-of-00010.gguf and 4 more"), "{e}");
+        // Split keys that cannot be right.
+        let odd = dir.join("odd-00001-of-00003.gguf");
+        for (no, count) in [(3, 3), (0, u64::from(u16::MAX) + 1)] {
+            let bytes = Builder::new()
+                .u32("split.no", no as u32)
+                .u32("split.count", count as u32)
+                .build();
+            std::fs::write(&odd, bytes).unwrap();
+            let e = read(&odd).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!(
+                    "split.no {no} and split.count {count} are no part"
+                )),
+                "{e}"
+            );
+        }
         // A first part renamed: the others cannot be found.
         let renamed = dir.join("m.gguf");
         std::fs::rename(name(1), &renamed).unwrap();
