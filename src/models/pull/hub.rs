@@ -8,7 +8,8 @@
 //! `x-linked-etag` is the hub's sha256 claim, and hf-hub turns the etag and the commit into
 //! file names, so both must be plain hex. Once it reports the file complete we hash it (off
 //! the async runtime), compare with every digest we know, check the GGUF header, and only then
-//! rename it to `blobs/sha256-<hex>`.
+//! rename it to `blobs/sha256-<hex>`. A model split into several files is fetched part by part
+//! the same way and joined into one blob ([`pull_parts`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
