@@ -2490,22 +2490,9 @@ fn a_split_model_is_measured_whole_and_quantized_into_one_file_or_its_parts() {
     let ladder = common::temp_dir("split-ladder");
     let _ladder_cleanup = Cleanup(ladder.clone());
     let rung = |says: &str| {
-        let o = backstop(&[
-            "bench",
-            "-t",
-            "2",
-            "-p",
-            "16",
-            "-n",
-            "4",
-            "-r",
-            "1",
-            "--quantize",
-            "Q8_0",
-            "--quantize-dir",
-            ladder.to_str().unwrap(),
-            first,
-        ]);
+        let mut args = words("bench -t 2 -p 16 -n 4 -r 1 --quantize Q8_0 --quantize-dir");
+        args.extend([ladder.to_str().unwrap(), first]);
+        let o = backstop(&args);
         assert!(o.status.success(), "{}", text(&o.stderr));
         assert!(
             text(&o.stderr).contains(says),
@@ -2593,43 +2580,29 @@ fn a_split_model_is_measured_whole_and_quantized_into_one_file_or_its_parts() {
             first,
         ],
     );
-    let o = backstop(&[
-        "quantize",
-        smol.to_str().unwrap(),
-        dir.join("x.gguf").to_str().unwrap(),
-        "Q8_0",
-        "--keep-split",
-    ]);
-    assert!(!o.status.success());
-    assert!(
-        text(&o.stderr).contains("a model in one file; --keep-split keeps the parts"),
-        "{}",
-        text(&o.stderr)
+    // `quantize ARGS` fails saying `says`.
+    let refused = |args: &[&str], says: &str| {
+        let o = backstop(&[&["quantize"], args].concat());
+        let err = text(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{args:?}: {err}");
+    };
+    let (x, smol_out) = (dir.join("x.gguf"), dir.join("smol.gguf"));
+    refused(
+        &[
+            smol.to_str().unwrap(),
+            x.to_str().unwrap(),
+            "Q8_0",
+            "--keep-split",
+        ],
+        "a model in one file; --keep-split keeps the parts",
     );
-    // Parts named as the input's would be written over it.
+    // Parts named as the input's would be written over it, or one file named as a part.
     let before = std::fs::read(&parts[1]).unwrap();
-    let o = backstop(&[
-        "quantize",
-        first,
-        dir.join("smol.gguf").to_str().unwrap(),
-        "COPY",
-        "--keep-split",
-    ]);
-    assert!(!o.status.success());
-    assert!(
-        text(&o.stderr).contains("that is the input"),
-        "{}",
-        text(&o.stderr)
+    refused(
+        &[first, smol_out.to_str().unwrap(), "COPY", "--keep-split"],
+        "that is the input",
     );
-    assert!(std::fs::read(&parts[1]).unwrap() == before);
-    // So would one file named as a part other than the first.
-    let o = quantize(&parts[0], &parts[1], "Q8_0");
-    assert!(!o.status.success());
-    assert!(
-        text(&o.stderr).contains("that is the input"),
-        "{}",
-        text(&o.stderr)
-    );
+    refused(&[first, second, "Q8_0"], "that is the input");
     assert!(std::fs::read(&parts[1]).unwrap() == before);
     bench_refused(&["--quantize", "COPY", first], &["--quantize COPY"]);
     std::fs::remove_file(&parts[2]).unwrap();
@@ -2641,8 +2614,7 @@ fn a_split_model_is_measured_whole_and_quantized_into_one_file_or_its_parts() {
             &third,
         ],
     );
-    let o = quantize(&parts[0], &dir.join("y.gguf"), "Q8_0");
-    assert!(!o.status.success());
-    assert!(text(&o.stderr).contains(&third), "{}", text(&o.stderr));
-    assert!(!dir.join("y.gguf").exists());
+    let y = dir.join("y.gguf");
+    refused(&[first, y.to_str().unwrap(), "Q8_0"], &third);
+    assert!(!y.exists());
 }
