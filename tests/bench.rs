@@ -2454,8 +2454,7 @@ fn quantize_takes_per_tensor_types_and_a_pure_mix() {
 
 /// The names of the tensors in one file (of a split model, that part's own).
 fn part_tensors(path: &Path) -> Vec<String> {
-    let mut file = std::io::BufReader::new(std::fs::File::open(path).unwrap());
-    let h = backstop::models::gguf::parse(&mut file).unwrap();
+    let h = backstop::models::gguf::read_file(path).unwrap();
     h.tensors.into_iter().map(|t| t.name).collect()
 }
 

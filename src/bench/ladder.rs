@@ -51,7 +51,9 @@ pub fn stem(arg: &str, file: &Path) -> String {
         let name = file
             .file_stem()
             .map_or_else(|| "model".to_owned(), |s| s.to_string_lossy().into_owned());
-        return gguf::split_prefix(&name).unwrap_or(&name).to_owned();
+        return gguf::split_name(&name)
+            .map_or(&*name, |(p, _)| p)
+            .to_owned();
     }
     arg.replace([':', '/', '\\'], "-")
 }

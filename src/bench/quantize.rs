@@ -292,16 +292,11 @@ pub fn quantize(
         .and_then(|f| f.to_str())
         .unwrap_or("out.gguf");
     let temp = dir.join(format!(".{name}.partial-{}", std::process::id()));
+    ftype(kind)?;
+    let header = read_input(input)?;
     // Every file read: a split model's parts too.
     let mut inputs = vec![input.to_owned()];
-    match gguf::read(input) {
-        Ok(h) => inputs.extend(h.parts),
-        Err(e) if e.is_split() || options.keep_split => {
-            return Err(QuantizeError::Input(format!("{}: {e}", input.display())))
-        }
-        // Said by `run`, which reads it again.
-        Err(_) => {}
-    }
+    inputs.extend(header.parts.iter().cloned());
     // The files llama.cpp writes, and the names each is given after.
     let files: Vec<(PathBuf, PathBuf)> = if options.keep_split {
         if inputs.len() == 1 {
@@ -312,11 +307,11 @@ pub fn quantize(
             )));
         }
         let count = inputs.len() as u64;
-        let stem = name
-            .get(name.len().saturating_sub(5)..)
-            .filter(|end| end.eq_ignore_ascii_case(".gguf"))
-            .map_or(name, |_| &name[..name.len() - 5]);
-        let stem = gguf::split_prefix(stem).unwrap_or(stem);
+        let stem = match output.extension().and_then(|e| e.to_str()) {
+            Some(e) if e.eq_ignore_ascii_case("gguf") => &name[..name.len() - ".gguf".len()],
+            _ => name,
+        };
+        let stem = gguf::split_name(stem).map_or(stem, |(p, _)| p);
         let part = |i| gguf::split_suffix(i, count);
         (0..count)
             .map(|i| {
@@ -342,7 +337,7 @@ pub fn quantize(
             let _ = std::fs::remove_file(from);
         }
     };
-    if let Err(e) = run(input, Some(&temp), kind, options) {
+    if let Err(e) = run(input, &header, Some(&temp), kind, options) {
         remove();
         return Err(e);
     }
@@ -353,6 +348,11 @@ pub fn quantize(
         }
     }
     Ok(files.into_iter().map(|(_, to)| to).collect())
+}
+
+/// The input's header, read once for all the quantizer's runs (a split model's every part).
+fn read_input(input: &Path) -> Result<GgufHeader, QuantizeError> {
+    gguf::read(input).map_err(|e| QuantizeError::Input(format!("{}: {e}", input.display())))
 }
 
 /// What quantizing `input` as a type would make, worked out by llama.cpp's quantizer without
@@ -375,10 +375,11 @@ pub struct Estimate {
 /// is estimated without one (the quantizer's choices do not depend on it).
 pub fn estimate(
     input: &Path,
+    header: &GgufHeader,
     kind: &str,
     options: &Options<'_>,
 ) -> Result<Estimate, QuantizeError> {
-    run(input, None, kind, options)?.ok_or_else(|| {
+    run(input, header, None, kind, options)?.ok_or_else(|| {
         QuantizeError::Output("llama.cpp's dry run did not report the size it would make".into())
     })
 }
@@ -392,17 +393,15 @@ pub fn dry_run(input: &Path, kinds: &str, options: &Options<'_>) -> Result<Strin
         .split(',')
         .map(|k| canonical(k.trim()))
         .collect::<Result<_, _>>()?;
-    let parts = gguf::read(input)
-        .map_err(|e| QuantizeError::Input(format!("{}: {e}", input.display())))?
-        .parts_bytes;
+    let header = read_input(input)?;
     let file = std::fs::metadata(input)
         .map_err(|e| QuantizeError::Input(format!("{}: {e}", input.display())))?
         .len()
-        .saturating_add(parts) as f64
+        .saturating_add(header.parts_bytes) as f64
         / MIB;
     let mut rows = Vec::new();
     for kind in &kinds {
-        rows.push((*kind, estimate(input, kind, options)?));
+        rows.push((*kind, estimate(input, &header, kind, options)?));
     }
     let Some((_, first)) = rows.first() else {
         return Err(QuantizeError::Input("no type given".into()));
@@ -442,15 +441,14 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// returns what the quantizer's log said it would make.
 fn run(
     input: &Path,
+    header: &GgufHeader,
     output: Option<&Path>,
     kind: &str,
     options: &Options<'_>,
 ) -> Result<Option<Estimate>, QuantizeError> {
     let imatrix = options.imatrix;
     let target = ftype(kind)?;
-    let header =
-        gguf::read(input).map_err(|e| QuantizeError::Input(format!("{}: {e}", input.display())))?;
-    let importance = imatrix.map(|(m, _)| fitted(m, &header)).transpose()?;
+    let importance = imatrix.map(|(m, _)| fitted(m, header)).transpose()?;
     let mut keys = Vec::new();
     if let Some((m, file)) = imatrix {
         keys.push(text_key(

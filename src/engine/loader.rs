@@ -91,8 +91,11 @@ pub(crate) fn backend() -> Result<&'static LlamaBackend, LoadError> {
 
 /// Cheap checks before llama.cpp sees the file, so the common mistakes (wrong path, not a
 /// GGUF, a split model's part missing) get a precise message instead of a generic load
-/// failure; the model's size on disk, all its parts together.
-pub(crate) fn check_file(path: &Path) -> Result<u64, LoadError> {
+/// failure. The model's size on disk, all its parts together, and its header where it reads
+/// (as llama.cpp's load will judge the rest).
+pub(crate) fn check_file(
+    path: &Path,
+) -> Result<(u64, Option<crate::models::GgufHeader>), LoadError> {
     let open_err = |source| LoadError::Open {
         path: path.to_owned(),
         source,
@@ -109,12 +112,12 @@ pub(crate) fn check_file(path: &Path) -> Result<u64, LoadError> {
     // given for the first, is said here. Any other header fault is left to llama.cpp's load,
     // whose log says what it found.
     match crate::models::gguf::read(path) {
-        Ok(header) => Ok(size.saturating_add(header.parts_bytes)),
+        Ok(header) => Ok((size.saturating_add(header.parts_bytes), Some(header))),
         Err(e) if e.is_split() => Err(LoadError::Split {
             path: path.to_owned(),
             reason: e.to_string(),
         }),
-        Err(_) => Ok(size),
+        Err(_) => Ok((size, None)),
     }
 }
 

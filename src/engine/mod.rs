@@ -298,5 +298,5 @@ impl Engine {
 /// Checks that a file exists and is a GGUF, returning its size; used by config validation
 /// so a wrong path fails before the server binds.
 pub fn check_model_file(path: &std::path::Path) -> Result<u64, LoadError> {
-    loader::check_file(path)
+    loader::check_file(path).map(|(size, _)| size)
 }

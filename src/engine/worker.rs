@@ -63,10 +63,10 @@ pub(crate) fn engine_worker(
     crate::sched::foreground();
     let started = Instant::now();
     let loaded = loader::backend().and_then(|backend| {
-        let size = loader::check_file(&options.path)?;
         // Read once for the probe and the prompt grain; an unreadable header leaves both
         // to llama.cpp's own load and its defaults.
-        let header = crate::models::gguf::read(&options.path).unwrap_or_default();
+        let (size, header) = loader::check_file(&options.path)?;
+        let header = header.unwrap_or_default();
         super::probe::check(
             &options.name,
             &options.path,

@@ -334,13 +334,17 @@ pub(crate) fn split_suffix(index: u64, count: u64) -> String {
     format!("-{:05}-of-{count:05}.gguf", index + 1)
 }
 
-/// A split model's name without its part's number: `m-00001-of-00003` gives `m` (a file
-/// name without `.gguf`); `None` where the name is not a part's.
-pub fn split_prefix(stem: &str) -> Option<&str> {
+/// A split model's name without its part's number, and how many parts it has:
+/// `m-00001-of-00003` gives `m` and 3 (a file name without `.gguf`); `None` where the name is
+/// not a part's.
+pub fn split_name(stem: &str) -> Option<(&str, u64)> {
     let digits = |t: &str| !t.is_empty() && t.bytes().all(|c| c.is_ascii_digit());
     let (head, total) = stem.rsplit_once("-of-")?;
     let (prefix, part) = head.rsplit_once('-')?;
-    (digits(part) && digits(total)).then_some(prefix)
+    if !digits(part) {
+        return None;
+    }
+    Some((prefix, total.parse().ok().filter(|&n| n > 0)?))
 }
 
 /// Adds the other parts of the split model whose first part `header` is (read from `path`).

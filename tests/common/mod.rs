@@ -101,14 +101,7 @@ pub fn split_gguf(source: &Path, name: &str, count: u16) -> Vec<PathBuf> {
     let mut entry = (first.len() as u64).to_le_bytes().to_vec();
     entry.extend_from_slice(first.as_bytes());
     let kv_end = bytes.windows(entry.len()).position(|w| w == entry).unwrap();
-    let data = h.data_start as usize;
-    // Each tensor's bytes with their padding: to the next tensor's data, or the file's end.
-    let mut starts: Vec<usize> = h.tensors.iter().map(|t| t.offset as usize).collect();
-    starts.sort_unstable();
-    let size = |offset: usize| {
-        let i = starts.partition_point(|&s| s <= offset);
-        starts.get(i).copied().unwrap_or(bytes.len() - data) - offset
-    };
+    let data = tensor_bytes(source);
     let key = |out: &mut Vec<u8>, k: &str, kind: u32| {
         out.extend((k.len() as u64).to_le_bytes());
         out.extend(k.as_bytes());
@@ -146,10 +139,9 @@ pub fn split_gguf(source: &Path, name: &str, count: u16) -> Vec<PathBuf> {
             }
             out.extend(t.ggml_type.to_le_bytes());
             out.extend((offset as u64).to_le_bytes());
-            let at = data + t.offset as usize;
-            let n = size(t.offset as usize);
-            blobs.push(&bytes[at..at + n]);
-            offset += n;
+            let blob = &data[&t.name];
+            blobs.push(blob);
+            offset += blob.len();
         }
         out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
         for b in blobs {

@@ -100,17 +100,15 @@ fn is_model(file: &str) -> bool {
 
 /// `…-00001-of-00003.gguf`: one part of a split model.
 pub(crate) fn is_split(file: &str) -> bool {
-    crate::models::gguf::split_prefix(stem(file)).is_some()
+    split_of(file).is_some()
 }
 
 /// A split model's part: its folder and name without the part's number, and how many parts
 /// there are (`big/m-00002-of-00003.gguf`: `big/m`, 3).
 fn split_of(file: &str) -> Option<(&str, u64)> {
-    let (_, total) = stem(file).rsplit_once("-of-")?;
-    let prefix = crate::models::gguf::split_prefix(stem(file))?;
-    let folder = &file[..file.len() - base(file).len()];
-    let whole = &file[..folder.len() + prefix.len()];
-    Some((whole, total.parse().ok().filter(|&n| n > 0)?))
+    let (prefix, count) = crate::models::gguf::split_name(stem(file))?;
+    let folder = file.len() - base(file).len();
+    Some((&file[..folder + prefix.len()], count))
 }
 
 /// The first part of the split model that `file` is a part of.
