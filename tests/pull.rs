@@ -598,24 +598,27 @@ async fn a_split_model_is_pulled_part_by_part_and_joined_into_one_blob() {
     assert_eq!(fake.body_bytes(), 0);
 }
 
-/// A split pull cut in the middle of a part resumes that part where it stopped, and leaves
-/// nothing under a final name meanwhile.
-#[tokio::test]
-async fn an_interrupted_split_pull_resumes_the_part_it_was_in() {
-    let fake = FakeHub::start().await;
+/// Publishes SmolLM2 split in 3 as `o/r`'s `m-Q4_1-0000k-of-00003.gguf`; returns each part's
+/// sha256 and size.
+fn publish_split(fake: &FakeHub) -> (Vec<String>, Vec<u64>) {
     let parts = common::split_gguf(&common::smollm2(), "m-Q4_1", 3);
-    let sizes: Vec<u64> = parts
+    parts
         .iter()
         .map(|p| {
             let bytes = std::fs::read(p).unwrap();
-            fake.add(
-                "o/r",
-                p.file_name().unwrap().to_str().unwrap(),
-                bytes.clone(),
-            );
-            bytes.len() as u64
+            let size = bytes.len() as u64;
+            let name = p.file_name().unwrap().to_str().unwrap();
+            (fake.add("o/r", name, bytes), size)
         })
-        .collect();
+        .unzip()
+}
+
+/// A split pull cut in the middle of a part keeps the parts it finished and resumes that part
+/// where it stopped, and leaves nothing under a final name meanwhile.
+#[tokio::test]
+async fn an_interrupted_split_pull_resumes_the_part_it_was_in() {
+    let fake = FakeHub::start().await;
+    let (shas, sizes) = publish_split(&fake);
     let total: u64 = sizes.iter().sum();
     let tmp = TempStore::new();
     let spec = PullSpec::from_model("hf.co/o/r:Q4_1").unwrap();
@@ -639,6 +642,12 @@ async fn an_interrupted_split_pull_resumes_the_part_it_was_in() {
         "{partial:?}"
     );
     assert!(
+        partial
+            .iter()
+            .any(|f| f.ends_with(&format!("/blobs/{}", shas[0]))),
+        "the finished first part is kept: {partial:?}"
+    );
+    assert!(
         !partial.iter().any(|f| f.starts_with("blobs/sha256-")),
         "{partial:?}"
     );
@@ -646,15 +655,150 @@ async fn an_interrupted_split_pull_resumes_the_part_it_was_in() {
 
     fake.heal();
     fake.reset_counters();
-    let model = pull_events(&tmp.store, &spec, &hub(&fake)).await.0.unwrap();
+    let (model, events) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+    let model = model.unwrap();
     let resent = fake.body_bytes();
     assert!(
-        resent <= total - sizes[1] / 2 + 4 * CHUNK as u64,
+        resent <= total - sizes[0] - sizes[1] / 2 + 4 * CHUNK as u64,
         "{resent} of {total} bytes were sent again"
     );
+    assert!(statuses(&events)
+        .contains(&"verifying sha256 digest of m-Q4_1-00001-of-00003.gguf, downloaded before"));
     assert!(common::tensor_bytes(&model.model_path) == common::tensor_bytes(&common::smollm2()));
     let blobs = tmp.files_under("blobs");
     assert_eq!(blobs.len(), 3, "no partial files left: {blobs:?}");
+}
+
+/// A part kept from an interrupted pull that no longer hashes to what the hub lists (the disk
+/// changed it) is downloaded again, not joined; a part the hub serves wrong ends the pull and
+/// takes the kept parts with it.
+#[tokio::test]
+async fn a_kept_part_is_checked_again_and_a_bad_one_downloaded_again() {
+    let fake = FakeHub::start().await;
+    let (shas, sizes) = publish_split(&fake);
+    let tmp = TempStore::new();
+    let spec = PullSpec::from_model("hf.co/o/r:Q4_1").unwrap();
+    fake.drop_after(2 + sizes[0] + 2 + sizes[1] / 2);
+    pull_events(&tmp.store, &spec, &hub(&fake))
+        .await
+        .0
+        .unwrap_err();
+    fake.wait_quiet().await;
+    let kept = tmp
+        .files_under("blobs")
+        .into_iter()
+        .find(|f| f.ends_with(&shas[0]))
+        .expect("the first part is kept");
+    let kept = tmp.root().join(kept);
+    let mut bytes = std::fs::read(&kept).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&kept, bytes).unwrap();
+
+    fake.heal();
+    fake.reset_counters();
+    let model = pull_events(&tmp.store, &spec, &hub(&fake)).await.0.unwrap();
+    assert!(fake.body_bytes() >= sizes[0], "the first part came again");
+    assert!(common::tensor_bytes(&model.model_path) == common::tensor_bytes(&common::smollm2()));
+
+    // Cut in the third part, then the hub serves the third part corrupted: nothing is left.
+    let tmp = TempStore::new();
+    fake.drop_after(2 + sizes[0] + 2 + sizes[1] + 2 + sizes[2] / 2);
+    pull_events(&tmp.store, &spec, &hub(&fake))
+        .await
+        .0
+        .unwrap_err();
+    fake.wait_quiet().await;
+    fake.heal();
+    fake.corrupt(true);
+    let err = pull_events(&tmp.store, &spec, &hub(&fake))
+        .await
+        .0
+        .unwrap_err();
+    assert!(matches!(err, PullError::Sha256Mismatch { .. }), "{err:?}");
+    assert_eq!(tmp.files_under("blobs"), Vec::<String>::new());
+}
+
+/// A model the store's disk cannot hold is refused before a byte of it is downloaded, saying
+/// how much room it needs; a split model needs room for its parts and for the file they are
+/// joined into.
+#[tokio::test]
+async fn a_model_the_disk_has_no_room_for_is_refused_before_downloading() {
+    let fake = FakeHub::start().await;
+    publish_split(&fake);
+    fake.add("o/one", "m-Q4_K_M.gguf", tiny_gguf(1000));
+    // 1 EB: more than any disk the tests run on.
+    const HUGE: u64 = 1_000_000_000_000_000_000;
+    fake.list_size(HUGE);
+    let tmp = TempStore::new();
+
+    let spec = PullSpec::from_model("hf.co/o/one").unwrap();
+    let err = pull_events(&tmp.store, &spec, &hub(&fake))
+        .await
+        .0
+        .unwrap_err();
+    let PullError::NoSpace { needed, free, .. } = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(*needed, HUGE);
+    assert!(*free > 0 && *free < HUGE, "{free}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("downloading m-Q4_K_M.gguf needs 1000000 TB free in"),
+        "{text}"
+    );
+
+    let spec = PullSpec::from_model("hf.co/o/r:Q4_1").unwrap();
+    let err = pull_events(&tmp.store, &spec, &hub(&fake))
+        .await
+        .0
+        .unwrap_err();
+    assert!(
+        matches!(err, PullError::NoSpace { needed, .. } if needed == 6 * HUGE),
+        "three parts and the joined file: {err:?}"
+    );
+    assert!(
+        err.to_string().starts_with(
+            "downloading the 3 parts of m-Q4_1-00001-of-00003.gguf and joining them into one file needs"
+        ),
+        "{err}"
+    );
+    assert!(
+        fake.body_bytes() <= 2,
+        "only probes: {} bytes",
+        fake.body_bytes()
+    );
+    // From a registry: every layer counts.
+    publish(
+        &fake,
+        "library/smol",
+        "latest",
+        &ollama_layers(&tiny_gguf(1000)),
+    );
+    let spec = PullSpec::from_model("smol").unwrap();
+    let err = pull_events(&tmp.store, &spec, &hub(&fake))
+        .await
+        .0
+        .unwrap_err();
+    assert!(
+        matches!(err, PullError::NoSpace { needed, .. } if needed / HUGE == 4),
+        "its four layers (and its small config): {err:?}"
+    );
+    assert!(
+        err.to_string().starts_with("downloading smol:latest needs"),
+        "{err}"
+    );
+    assert!(
+        fake.body_bytes() <= 2,
+        "only the probes: {}",
+        fake.body_bytes()
+    );
+    assert_eq!(tmp.files_under("manifests"), Vec::<String>::new());
+    assert!(
+        !tmp.files_under("blobs").iter().any(|f| f.contains("part")),
+        "{:?}",
+        tmp.files_under("blobs")
+    );
 }
 
 #[tokio::test]
@@ -1006,6 +1150,20 @@ async fn a_failed_api_pull_ends_with_an_error_object_and_leaves_nothing() {
         )
         .await;
     assert_eq!(status, 400);
+    // A model larger than the disk: 507, saying how much room it needs.
+    fake.heal();
+    fake.list_size(1 << 62);
+    let (status, r) = s
+        .post(
+            "/api/pull",
+            &json!({"model": "hf.co/team/bad-GGUF:Q8_0", "stream": false}),
+        )
+        .await;
+    assert_eq!(status, 507, "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("free some space"),
+        "{r}"
+    );
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 
 mod commands;
 mod drill;
-mod format;
+pub(crate) mod format;
 pub(crate) mod http;
 mod modelfile;
 mod run;

@@ -9,8 +9,9 @@
 //!   pinned one, the hub's LFS digest from the listing and from the download's `x-linked-etag`;
 //!   a registry layer's own digest);
 //! * a refused download leaves no file behind; an interrupted one leaves only its resumable
-//!   partial file (and, from a registry, the layers already verified), and the next pull
-//!   continues from there;
+//!   partial file (and, from a registry, the layers already verified; from a hub, the parts of
+//!   a split model already finished), and the next pull continues from there;
+//! * a pull the store's file system has no room for is refused before its download starts;
 //! * offline (`HF_HUB_OFFLINE=1`) nothing touches the network.
 
 mod hub;
@@ -214,6 +215,26 @@ pub enum PullError {
         /// What went wrong.
         message: String,
     },
+    /// The store's file system has no room for what the pull still has to write; checked
+    /// before each download and before a split model's parts are joined. What was downloaded
+    /// is kept.
+    #[error(
+        "{what} needs {} free in {}, and there is {}; free some space and pull again \
+         (what was downloaded is kept)",
+        crate::client::format::size(*.needed),
+        .dir.display(),
+        crate::client::format::size(*.free)
+    )]
+    NoSpace {
+        /// What needs the room: `downloading F`, `joining the 3 parts of F`.
+        what: String,
+        /// The folder written to.
+        dir: PathBuf,
+        /// Bytes still to write.
+        needed: u64,
+        /// Bytes free there.
+        free: u64,
+    },
     /// Another pull of the same file holds its partial file.
     #[error("another pull of {file} is already in progress")]
     Busy {
@@ -297,6 +318,20 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// Refuses to go on when the store's file system has less than `needed` bytes free (`what`
+/// says what needs them).
+fn room_for(store: &Store, what: impl FnOnce() -> String, needed: u64) -> Result<(), PullError> {
+    match store.free_space() {
+        Some(free) if free < needed => Err(PullError::NoSpace {
+            what: what(),
+            dir: store.root().to_owned(),
+            needed,
+            free,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Removes a download leftover; one already gone is fine.

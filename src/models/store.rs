@@ -479,6 +479,14 @@ impl Store {
         std::fs::rename(temp, &dest).map_err(io_err(&dest))
     }
 
+    /// Bytes an unprivileged writer may still put on the file system that holds the blobs
+    /// (None where that cannot be asked: outside Linux, or a folder that cannot be made).
+    pub fn free_space(&self) -> Option<u64> {
+        let dir = self.blobs();
+        std::fs::create_dir_all(&dir).ok()?;
+        free_space(&dir)
+    }
+
     /// Whether a blob is present.
     pub fn has_blob(&self, digest: &Digest) -> bool {
         self.blob_path(digest).is_file()
@@ -660,6 +668,25 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreErr
     })
 }
 
+/// `statvfs`'s blocks available to unprivileged users times its fragment size: what `df`
+/// shows as available. Asked through libc directly, as `sched.rs` does; a crate for one call
+/// would add nothing.
+#[cfg(target_os = "linux")]
+fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is plain old data; all zeroes is a valid value, overwritten on success.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and outlives the call; `stats` is a valid out-pointer.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stats) };
+    (rc == 0).then(|| (stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn free_space(_dir: &Path) -> Option<u64> {
+    None
+}
+
 fn remove_quietly(path: &Path) {
     if let Err(e) = std::fs::remove_file(path) {
         if e.kind() != std::io::ErrorKind::NotFound {
@@ -700,6 +727,14 @@ mod tests {
 
     fn name(s: &str) -> ModelName {
         ModelName::parse(s).unwrap()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_free_space_is_asked_of_the_stores_file_system() {
+        let store = temp_store();
+        let free = store.free_space().expect("statvfs answers on Linux");
+        assert!(free > 0 && free < u64::MAX / 2, "{free}");
     }
 
     #[test]

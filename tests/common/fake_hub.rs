@@ -66,6 +66,8 @@ struct Faults {
     wrong_etag: bool,
     /// Sent as `x-linked-etag` instead of the digest, verbatim.
     etag_text: Option<String>,
+    /// The listing claims every file is this many bytes.
+    listed_size: Option<u64>,
 }
 
 struct Hub {
@@ -254,6 +256,12 @@ impl FakeHub {
         self.state.faults.lock().unwrap().etag_text = Some(text.to_owned());
     }
 
+    /// Lists every file, and every layer in a registry manifest, as this many bytes (a model
+    /// larger than any disk); the bytes served stay what they are.
+    pub fn list_size(&self, bytes: u64) {
+        self.state.faults.lock().unwrap().listed_size = Some(bytes);
+    }
+
     /// Answers every request with this status.
     pub fn answer_with(&self, status: u16) {
         self.state.faults.lock().unwrap().answer = Some(StatusCode::from_u16(status).unwrap());
@@ -370,21 +378,23 @@ async fn listing(
     let blobs = uri
         .query()
         .is_some_and(|q| q.split('&').any(|p| p == "blobs=true"));
+    let listed_size = hub.faults.lock().unwrap().listed_size;
     let siblings: Vec<serde_json::Value> = files
         .iter()
         .map(|f| {
             if !blobs {
                 return serde_json::json!({ "rfilename": f.path });
             }
+            let size = listed_size.unwrap_or(f.bytes.len() as u64);
             let mut s = serde_json::json!({
                 "rfilename": f.path,
-                "size": f.bytes.len(),
+                "size": size,
                 "blobId": &f.sha256[..40],
             });
             if f.lfs {
                 s["lfs"] = serde_json::json!({
                     "sha256": f.sha256,
-                    "size": f.bytes.len(),
+                    "size": size,
                     "pointerSize": 134,
                 });
             }
@@ -474,6 +484,17 @@ async fn registry_manifest(
         .iter()
         .find(|(k, _)| *k == key)
         .map(|(_, b)| b.clone());
+    let listed_size = hub.faults.lock().unwrap().listed_size;
+    let found = match (found, listed_size) {
+        (Some(bytes), Some(size)) => {
+            let mut m: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            for layer in m["layers"].as_array_mut().unwrap() {
+                layer["size"] = size.into();
+            }
+            Some(Bytes::from(serde_json::to_vec(&m).unwrap()))
+        }
+        (found, _) => found,
+    };
     match found {
         Some(bytes) => Response::builder()
             .header(

@@ -30,6 +30,7 @@ fn status_of(e: &PullError) -> StatusCode {
             StatusCode::UNPROCESSABLE_ENTITY
         }
         PullError::Offline { .. } | PullError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        PullError::NoSpace { .. } => StatusCode::INSUFFICIENT_STORAGE,
         PullError::Forbidden { .. }
         | PullError::RegistryRefused { .. }
         | PullError::BadManifest { .. }

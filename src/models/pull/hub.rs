@@ -9,7 +9,9 @@
 //! file names, so both must be plain hex. Once it reports the file complete we hash it (off
 //! the async runtime), compare with every digest we know, check the GGUF header, and only then
 //! rename it to `blobs/sha256-<hex>`. A model split into several files is fetched part by part
-//! the same way and joined into one blob ([`pull_parts`]).
+//! the same way and joined into one blob ([`pull_parts`]); the parts an interrupted pull
+//! finished stay in hf-hub's cache, and the next pull hashes them instead of downloading them
+//! ([`finished_before`]). Nothing is downloaded that the store's disk has no room for.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -20,7 +22,7 @@ use serde::Deserialize;
 
 use super::progress::{Counter, Throttle, TICK};
 use super::spec::HubFile;
-use super::{chain, remove_quietly, select, PullError, PullEvent, PullSpec, STALL};
+use super::{chain, remove_quietly, room_for, select, PullError, PullEvent, PullSpec, STALL};
 use crate::models::gguf;
 use crate::models::name::ModelName;
 use crate::models::store::{Digest, NewModel, Store, StoreError, StoredModel};
@@ -197,6 +199,7 @@ pub(super) async fn pull(
     let file = select::choose(&src.repo, &names, src.file.as_deref(), src.quant.as_deref())?;
     let parts = select::parts(&src.repo, &names, &file)?;
     let site = Site {
+        store,
         api: &api,
         repo: &repo,
         src,
@@ -229,6 +232,7 @@ pub(super) async fn pull(
 /// Where a pull's files come from: the hub, the repository at its revision, its listing, and
 /// hf-hub's cache.
 struct Site<'a> {
+    store: &'a Store,
     api: &'a Api,
     repo: &'a Repo,
     src: &'a HubFile,
@@ -248,6 +252,50 @@ impl Site<'_> {
     fn entry(&self, file: &str) -> Option<&Sibling> {
         self.listing.siblings.iter().find(|s| s.rfilename == file)
     }
+
+    /// The file's size, as the listing gives it.
+    fn size(&self, file: &str) -> Option<u64> {
+        self.entry(file)
+            .and_then(|e| e.lfs.as_ref().map(|l| l.size).or(e.size))
+    }
+
+    /// Where hf-hub keeps the file whose etag this is once it is downloaded (its partial file
+    /// is beside it, with `.sync.part` added).
+    fn cached(&self, etag: &str) -> PathBuf {
+        Cache::new(self.cache_dir.to_owned())
+            .repo(self.repo.clone())
+            .blob_path(etag)
+    }
+
+    /// Bytes of the file an earlier pull left on disk: all of it when it finished, else what
+    /// hf-hub's partial file says it committed (its last 8 bytes, little-endian, after the
+    /// file's full length). Found by the listing's sha256, which is the hub's etag for files
+    /// stored with LFS; 0 for any other.
+    fn on_disk(&self, file: &str) -> u64 {
+        let (Some(digest), Some(size)) = (self.listed(file), self.size(file)) else {
+            return 0;
+        };
+        let finished = self.cached(digest.hex());
+        if finished.is_file() {
+            return size;
+        }
+        let mut partial = finished.into_os_string();
+        partial.push(".sync.part");
+        committed(Path::new(&partial), size).unwrap_or(0).min(size)
+    }
+}
+
+/// The offset hf-hub's partial file of a `size`-byte download has committed: its trailer.
+fn committed(partial: &Path, size: u64) -> Option<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(partial).ok()?;
+    if f.metadata().ok()?.len() != size.checked_add(8)? {
+        return None;
+    }
+    f.seek(SeekFrom::Start(size)).ok()?;
+    let mut trailer = [0u8; 8];
+    f.read_exact(&mut trailer).ok()?;
+    Some(u64::from_le_bytes(trailer))
 }
 
 /// Downloads one file into hf-hub's cache and verifies it against `claims` and every claim
@@ -261,16 +309,24 @@ async fn fetch(
 ) -> Result<(HfFiles, PathBuf, Digest), PullError> {
     let repo_api = site.api.repo(site.repo.clone());
     let probe = probe(site.api, &repo_api, site.src, site.hub, file).await?;
-    claims.extend(probe.sha256);
+    claims.extend(probe.sha256.clone());
     agree(&claims, file)?;
     let mut files = HfFiles::new(site.cache_dir, site.repo, &probe.commit, file);
     files.remove_stale_pointer();
-    let size = site
-        .entry(file)
-        .and_then(|e| e.lfs.as_ref().map(|l| l.size).or(e.size));
+    let size = site.size(file);
     let label = claims
         .first()
         .map_or_else(|| "sha256:pending".to_owned(), Digest::to_string);
+    if let Some(found) = finished_before(site, &probe, file, &claims, &label, on).await {
+        return Ok((files, found.0, found.1));
+    }
+    if let Some(size) = size {
+        room_for(
+            site.store,
+            || format!("downloading {file}"),
+            size - site.on_disk(file).min(size),
+        )?;
+    }
     let downloaded = download(&repo_api, site.src, site.hub, file, &label, size, on).await;
     let blob = match downloaded {
         Ok(pointer) => {
@@ -310,6 +366,58 @@ async fn fetch(
     }
 }
 
+/// A file an earlier pull downloaded and verified but did not move into the store (a part of
+/// a split model whose pull stopped in a later part) is still in hf-hub's cache under its
+/// sha256: hashing it again is all it needs, not a second download. One that no longer hashes
+/// to what the hub claims is removed and downloaded again.
+async fn finished_before(
+    site: &Site<'_>,
+    probe: &Probe,
+    file: &str,
+    claims: &[Digest],
+    label: &str,
+    on: &mut (impl FnMut(PullEvent) + Send),
+) -> Option<(PathBuf, Digest)> {
+    probe.sha256.as_ref()?;
+    let blob = site.cached(&probe.etag);
+    if !blob.is_file() {
+        return None;
+    }
+    on(PullEvent::Status(format!(
+        "verifying sha256 digest of {file}, downloaded before"
+    )));
+    match verify(&blob, file, claims.to_vec()).await {
+        Ok(digest) => {
+            let total = std::fs::metadata(&blob).map_or(0, |m| m.len());
+            on(PullEvent::Progress {
+                digest: label.to_owned(),
+                total,
+                completed: total,
+            });
+            Some((blob, digest))
+        }
+        Err(e) => {
+            tracing::warn!(%file, error = %e, "a file downloaded before is downloaded again");
+            remove_quietly(&blob);
+            None
+        }
+    }
+}
+
+/// Whether a failed split pull keeps the parts it finished for the next one: when pulling
+/// again may succeed (the connection, the disk, another pull), not when the hub's files are
+/// wrong.
+fn worth_keeping(e: &PullError) -> bool {
+    matches!(
+        e,
+        PullError::Interrupted { .. }
+            | PullError::Network { .. }
+            | PullError::Busy { .. }
+            | PullError::NoSpace { .. }
+            | PullError::Io { .. }
+    )
+}
+
 /// Pulls a model split into several files (`parts`, first first) and joins them into one
 /// blob, since the store keeps a model in one file, as Ollama's does (and a blob, named by its
 /// digest, could not be found by llama.cpp as a part). Each part is downloaded and verified as
@@ -338,6 +446,30 @@ async fn pull_parts(
         report_present(store, &d, on);
         return finish(store, spec.name(), &d, false, on).await;
     }
+    // The parts, and the one file they are joined into, must fit before anything starts.
+    let sizes: Option<Vec<u64>> = parts.iter().map(|p| site.size(p)).collect();
+    let whole = sizes.map(|s| s.iter().sum::<u64>());
+    let joining = || {
+        format!(
+            "joining the {} parts of {} into one file",
+            parts.len(),
+            parts[0]
+        )
+    };
+    if let Some(whole) = whole {
+        let have: u64 = parts.iter().map(|p| site.on_disk(p)).sum();
+        room_for(
+            site.store,
+            || {
+                format!(
+                    "downloading the {} parts of {} and joining them into one file",
+                    parts.len(),
+                    parts[0]
+                )
+            },
+            (whole - have.min(whole)).saturating_add(whole),
+        )?;
+    }
     let mut fetched: Vec<(HfFiles, PathBuf)> = Vec::with_capacity(parts.len());
     let tidy = |fetched: &[(HfFiles, PathBuf)]| {
         for (files, blob) in fetched {
@@ -348,33 +480,41 @@ async fn pull_parts(
         match fetch(site, part, site.listed(part).into_iter().collect(), on).await {
             Ok((files, blob, _)) => fetched.push((files, blob)),
             Err(e) => {
-                tidy(&fetched);
+                if !worth_keeping(&e) {
+                    tidy(&fetched);
+                }
                 return Err(e);
             }
         }
+    }
+    if let Some(whole) = whole {
+        room_for(site.store, joining, whole)?;
     }
     on(PullEvent::Status(format!(
         "joining {} parts into one file",
         parts.len()
     )));
-    let first = fetched.first().and_then(|(f, _)| f.pointer.clone());
-    let temp = store.partial_path("joined")?;
-    let into = temp.clone();
-    let name = parts[0].clone();
+    let blobs: Vec<PathBuf> = fetched.iter().map(|(_, b)| b.clone()).collect();
+    let links = store.partial_path(&format!("parts-{}", uuid::Uuid::new_v4().simple()))?;
+    let temp = store.partial_path(&format!("joined-{}", uuid::Uuid::new_v4().simple()))?;
+    let (into, names, dir) = (temp.clone(), parts.to_vec(), links.clone());
     let joined = tokio::task::spawn_blocking(move || -> Result<Digest, PullError> {
-        let first = first.ok_or_else(|| PullError::Internal("no first part".into()))?;
+        let first = link_parts(&dir, &names, &blobs)?;
         crate::bench::quantize::quantize(
             &first,
             &into,
             crate::bench::quantize::COPY,
             &crate::bench::quantize::Options::default(),
         )
-        .map_err(|e| PullError::Internal(format!("joining the parts of {name}: {e}")))?;
+        .map_err(|e| PullError::Internal(format!("joining the parts of {}: {e}", names[0])))?;
         Ok(Digest::of_file(&into)?)
     })
     .await
     .map_err(|e| PullError::Internal(format!("joining task failed: {e}")))
     .and_then(|r| r);
+    if let Err(e) = std::fs::remove_dir_all(&links) {
+        tracing::warn!(path = %links.display(), error = %e, "could not remove a download leftover");
+    }
     tidy(&fetched);
     let digest = match joined {
         Ok(d) => d,
@@ -403,6 +543,35 @@ async fn pull_parts(
         }
     }
     finish(store, spec.name(), &digest, true, on).await
+}
+
+/// Makes `dir` a folder of links named as the parts (`NAME-00001-of-00003.gguf`, ...), each to
+/// its downloaded file, and returns the first: llama.cpp finds a split model's other parts
+/// beside its first by name, and hf-hub's own links can sit in different snapshots (a part
+/// finished by an earlier pull, before the repository moved on). Symbolic links, so a folder
+/// left by a crash holds no space; hard links where there are none.
+fn link_parts(dir: &Path, parts: &[String], blobs: &[PathBuf]) -> Result<PathBuf, PullError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| PullError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut links = parts.iter().zip(blobs).map(|(part, blob)| {
+        let name = Path::new(part).file_name().unwrap_or(part.as_ref());
+        let link = dir.join(name);
+        #[cfg(unix)]
+        let made = std::os::unix::fs::symlink(blob, &link);
+        #[cfg(not(unix))]
+        let made = std::fs::hard_link(blob, &link);
+        made.map(|()| link.clone()).map_err(io(&link))
+    });
+    let first = links
+        .next()
+        .ok_or_else(|| PullError::Internal("a split model without parts".into()))??;
+    for link in links {
+        link?;
+    }
+    Ok(first)
 }
 
 /// Where the blob joined from parts with these digests is recorded:
@@ -551,6 +720,8 @@ async fn download(
 struct Probe {
     /// The commit the revision resolves to (`x-repo-commit`).
     commit: String,
+    /// The etag, plain hex: hf-hub's name for the downloaded file.
+    etag: String,
     /// The sha256 the hub claims (`x-linked-etag`), for files stored with LFS.
     sha256: Option<Digest>,
 }
@@ -586,6 +757,7 @@ async fn probe(
     }
     Ok(Probe {
         commit: meta.commit_hash().to_owned(),
+        etag: meta.etag().to_owned(),
         sha256: (meta.etag().len() == 64)
             .then(|| Digest::parse(meta.etag()).ok())
             .flatten(),
@@ -813,6 +985,21 @@ mod tests {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         HubConfig::from_vars(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn a_partial_files_committed_offset_is_read_from_its_trailer() {
+        let dir = std::env::temp_dir().join(format!("backstop-committed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let partial = dir.join("x.sync.part");
+        let mut bytes = vec![0u8; 100];
+        bytes.extend(40u64.to_le_bytes());
+        std::fs::write(&partial, &bytes).unwrap();
+        assert_eq!(committed(&partial, 100), Some(40));
+        // Another size: hf-hub starts that download afresh, and so do we count it.
+        assert_eq!(committed(&partial, 99), None);
+        assert_eq!(committed(&dir.join("none"), 100), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

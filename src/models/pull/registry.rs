@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::hub::HubConfig;
 use super::progress::TICK;
-use super::{chain, remove_quietly, PullError, PullEvent, PullSpec, STALL};
+use super::{chain, remove_quietly, room_for, PullError, PullEvent, PullSpec, STALL};
 use crate::models::gguf;
 use crate::models::name::{ModelName, DEFAULT_HOST};
 use crate::models::store::{media, Digest, Manifest, Store, StoreError, StoredModel};
@@ -66,6 +66,20 @@ pub(super) async fn pull(
     let received = remote.manifest().await?;
     // Download everything first (resumable), then verify: a broken connection never costs a
     // layer that already arrived.
+    let to_come: u64 = received
+        .blobs
+        .iter()
+        .filter(|b| !store.has_blob(&b.digest))
+        .map(|b| {
+            let have = store
+                .partial_path(b.digest.hex())
+                .ok()
+                .and_then(|p| std::fs::metadata(p).ok())
+                .map_or(0, |m| m.len());
+            b.size.saturating_sub(have)
+        })
+        .fold(0, u64::saturating_add);
+    room_for(store, || format!("downloading {name}"), to_come)?;
     let mut pending: Vec<(Digest, PathBuf)> = Vec::new();
     for blob in &received.blobs {
         if store.has_blob(&blob.digest) || pending.iter().any(|(d, _)| *d == blob.digest) {
