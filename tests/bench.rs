@@ -508,6 +508,64 @@ fn bench_builds_a_quantization_ladder_and_reuses_it() {
     );
 }
 
+/// A quantization the disk has no room for, as llama.cpp's dry run sizes it, is refused before
+/// the quantizer starts, saying how much it needs and how much there is; a ladder checks
+/// every rung it will build before it builds the first.
+#[test]
+fn quantizing_more_than_the_disk_holds_is_refused_before_it_starts() {
+    let _cores = one_at_a_time();
+    let giant = common::giant_gguf();
+    let dir = giant.parent().unwrap().to_owned();
+    let _cleanup = Cleanup(dir.clone());
+    let out = dir.join("out.gguf");
+
+    let started = std::time::Instant::now();
+    let o = quantize(&giant, &out, "Q8_0");
+    let err = text(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{} needs about 2.0 TB free in {}, and there is",
+            out.display(),
+            dir.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("nothing was written"), "{err}");
+    assert!(!err.contains("requantizing"), "the quantizer ran: {err}");
+    assert_eq!(entries(&dir), ["giant.gguf"]);
+
+    let ladder = dir.join("ladder");
+    let o = backstop(&[
+        "bench",
+        "-p",
+        "8",
+        "-n",
+        "4",
+        "-r",
+        "1",
+        "--quantize",
+        "Q8_0,Q4_0",
+        "--quantize-dir",
+        ladder.to_str().unwrap(),
+        giant.to_str().unwrap(),
+    ]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "building 2 rungs of giant needs about 4.0 TB (Q8_0 2.0 TB, Q4_0 2.0 TB) free in"
+        ),
+        "{err}"
+    );
+    assert!(
+        !err.contains("quantizing giant"),
+        "a rung was started: {err}"
+    );
+    assert!(entries(&ladder).is_empty(), "{:?}", entries(&ladder));
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+}
+
 #[test]
 fn quantize_refuses_unknown_types_and_bad_inputs_and_leaves_nothing_behind() {
     let _cores = one_at_a_time();

@@ -119,13 +119,31 @@ pub fn build(
             .map(|(s, m)| format!("{s}importance matrix {m}")),
     };
     let suffix = if imatrix.is_some() { "-imatrix" } else { "" };
+    let rung = |kind: &str| dir.join(format!("{stem}-{kind}{suffix}.gguf"));
+    let options = quantize::Options {
+        threads,
+        imatrix,
+        ..quantize::Options::default()
+    };
+    // Every rung to build must fit before the first is built, not only each as it comes.
+    let to_build: Vec<&str> = kinds
+        .iter()
+        .copied()
+        .filter(|&k| {
+            header.quantization() != k && reusable(&rung(k), k, made_from.as_deref()).is_none()
+        })
+        .collect();
+    if to_build.len() > 1 {
+        let what = format!("building {} rungs of {stem}", to_build.len());
+        quantize::check_room(source, header, &to_build, &options, dir, &what)?;
+    }
     let mut out = Vec::with_capacity(kinds.len());
     for &kind in kinds {
         if header.quantization() == kind {
             eprintln!("{stem} is {kind} already: measured as it is");
             continue;
         }
-        let path = dir.join(format!("{stem}-{kind}{suffix}.gguf"));
+        let path = rung(kind);
         if let Some(h) = reusable(&path, kind, made_from.as_deref()) {
             eprintln!("{kind}: reusing {}", path.display());
             out.push((path, h));
@@ -142,16 +160,7 @@ pub fn build(
         // The old note goes first: a rung that is half replaced is never taken for the model's.
         let note = sidecar(&path);
         let _ = std::fs::remove_file(&note);
-        let result = quantize::quantize(
-            source,
-            &path,
-            kind,
-            &quantize::Options {
-                threads,
-                imatrix,
-                ..quantize::Options::default()
-            },
-        );
+        let result = quantize::quantize(source, &path, kind, &options);
         spinner.finish_and_clear();
         result?;
         if let Some(made_from) = &made_from {

@@ -332,6 +332,14 @@ pub fn quantize(
             check_output(from, to)?;
         }
     }
+    check_room(
+        input,
+        &header,
+        &[kind],
+        options,
+        dir,
+        &output.display().to_string(),
+    )?;
     let remove = || {
         for (from, _) in &files {
             let _ = std::fs::remove_file(from);
@@ -384,21 +392,82 @@ pub fn estimate(
     })
 }
 
+/// The input's size in MiB, every part counted.
+fn input_mib(input: &Path, header: &GgufHeader) -> Result<f64, QuantizeError> {
+    let first = std::fs::metadata(input)
+        .map_err(|e| QuantizeError::Input(format!("{}: {e}", input.display())))?
+        .len();
+    Ok(first.saturating_add(header.parts_bytes) as f64 / MIB)
+}
+
+/// The size in MiB of the file an estimate is of, out of an input of `file` MiB: its tensors
+/// (llama.cpp's dry run) plus what the input holds besides its tensors (metadata, the
+/// vocabulary), which the quantizer copies.
+fn made_mib(file: f64, e: &Estimate) -> f64 {
+    e.mib + (file - e.input_mib).max(0.0)
+}
+
+/// Refuses to quantize `input` into each of `kinds` in `dir` when its file system has less
+/// room than the files will take, as llama.cpp's dry run works it out: a quantizer that fills
+/// the disk fails only at its end, after most of its time. `what` names the files in the
+/// message. A type the dry run cannot size is left out of the sum (the quantizer then says
+/// what is wrong with it); where free space cannot be asked, nothing is checked.
+pub fn check_room(
+    input: &Path,
+    header: &GgufHeader,
+    kinds: &[&str],
+    options: &Options<'_>,
+    dir: &Path,
+    what: &str,
+) -> Result<(), QuantizeError> {
+    let Some(free) = crate::models::store::free_space(dir) else {
+        return Ok(());
+    };
+    if kinds.is_empty() {
+        return Ok(());
+    }
+    let file = input_mib(input, header)?;
+    let mut each = Vec::new();
+    for kind in kinds {
+        match estimate(input, header, kind, options) {
+            Ok(e) => each.push((*kind, (made_mib(file, &e) * MIB) as u64)),
+            Err(e) => tracing::debug!(%kind, error = %e, "no size estimate"),
+        }
+    }
+    let needed = each
+        .iter()
+        .map(|(_, b)| b)
+        .fold(0, |a: u64, b| a.saturating_add(*b));
+    if needed <= free {
+        return Ok(());
+    }
+    let size = crate::client::format::size;
+    let each = if each.len() > 1 {
+        let list: Vec<String> = each
+            .iter()
+            .map(|(k, b)| format!("{k} {}", size(*b)))
+            .collect();
+        format!(" ({})", list.join(", "))
+    } else {
+        String::new()
+    };
+    Err(QuantizeError::Output(format!(
+        "{what} needs about {}{each} free in {}, and there is {}; nothing was written",
+        size(needed),
+        dir.display(),
+        size(free)
+    )))
+}
+
 /// `backstop quantize --dry-run IN TYPES`: a markdown table of what each type of the
-/// comma-separated `kinds` would make of `input`. A file's size is its tensors' (llama.cpp's
-/// dry run) plus what the input holds besides its tensors (metadata, the vocabulary), which
-/// the quantizer copies.
+/// comma-separated `kinds` would make of `input` ([`made_mib`]).
 pub fn dry_run(input: &Path, kinds: &str, options: &Options<'_>) -> Result<String, QuantizeError> {
     let kinds: Vec<&'static str> = kinds
         .split(',')
         .map(|k| canonical(k.trim()))
         .collect::<Result<_, _>>()?;
     let header = read_input(input)?;
-    let file = std::fs::metadata(input)
-        .map_err(|e| QuantizeError::Input(format!("{}: {e}", input.display())))?
-        .len()
-        .saturating_add(header.parts_bytes) as f64
-        / MIB;
+    let file = input_mib(input, &header)?;
     let mut rows = Vec::new();
     for kind in &kinds {
         rows.push((*kind, estimate(input, &header, kind, options)?));
@@ -406,7 +475,6 @@ pub fn dry_run(input: &Path, kinds: &str, options: &Options<'_>) -> Result<Strin
     let Some((_, first)) = rows.first() else {
         return Err(QuantizeError::Input("no type given".into()));
     };
-    let besides = (file - first.input_mib).max(0.0);
     let mut out = format!(
         "{}: {file:.2} MiB, {:.2} MiB of it tensors at {:.2} bits per weight\n\n",
         input.display(),
@@ -424,11 +492,11 @@ pub fn dry_run(input: &Path, kinds: &str, options: &Options<'_>) -> Result<Strin
         } else {
             ""
         };
+        let made = made_mib(file, e);
         out += &format!(
-            "| {kind} | {:.2} MiB | {:.2} | {:.2}x | {fallbacks} | {note} |\n",
-            e.mib + besides,
+            "| {kind} | {made:.2} MiB | {:.2} | {:.2}x | {fallbacks} | {note} |\n",
             e.bpw,
-            (e.mib + besides) / file.max(f64::MIN_POSITIVE)
+            made / file.max(f64::MIN_POSITIVE)
         );
     }
     Ok(out)

@@ -672,7 +672,7 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreErr
 /// shows as available. Asked through libc directly, as `sched.rs` does; a crate for one call
 /// would add nothing.
 #[cfg(target_os = "linux")]
-fn free_space(dir: &Path) -> Option<u64> {
+pub(crate) fn free_space(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     // SAFETY: statvfs is plain old data; all zeroes is a valid value, overwritten on success.
@@ -683,7 +683,7 @@ fn free_space(dir: &Path) -> Option<u64> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn free_space(_dir: &Path) -> Option<u64> {
+pub(crate) fn free_space(_dir: &Path) -> Option<u64> {
     None
 }
 

@@ -85,6 +85,35 @@ pub fn uncomputable_gguf() -> PathBuf {
     path
 }
 
+/// SmolLM2 with its last tensor made long enough that the file is 2 TB: its outermost
+/// dimension multiplied, the file extended to hold the data (sparse: no disk is used). That
+/// tensor is one every quantization type keeps as it is, so each quantized copy is 2 TB too:
+/// a model no disk the tests run on has room for. Reading its data would take hours, so only
+/// what happens before that can be tested with it.
+pub fn giant_gguf() -> PathBuf {
+    const SIZE: u64 = 2_000_000_000_000;
+    let source = smollm2();
+    let mut bytes = std::fs::read(&source).unwrap();
+    let h = backstop::models::gguf::read(&source).unwrap();
+    let last = h.tensors.iter().max_by_key(|t| t.offset).unwrap();
+    let data = bytes.len() as u64 - h.data_start - last.offset;
+    let times = SIZE / data;
+    let mut key = (last.name.len() as u64).to_le_bytes().to_vec();
+    key.extend_from_slice(last.name.as_bytes());
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    let n_dims = last.dims.len();
+    let outer = at + 4 + 8 * (n_dims - 1);
+    let dim = u64::from_le_bytes(bytes[outer..outer + 8].try_into().unwrap());
+    assert_eq!(dim, last.dims[n_dims - 1]);
+    bytes[outer..outer + 8].copy_from_slice(&(dim * times).to_le_bytes());
+    let path = temp_dir("giant").join("giant.gguf");
+    std::fs::write(&path, &bytes).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(h.data_start + last.offset + data * times)
+        .unwrap();
+    path
+}
+
 /// `source` (a model in one file with the default alignment) split into `count` files in a
 /// fresh folder, as llama-gguf-split writes them: `NAME-00001-of-0000N.gguf` and on, the
 /// tensors shared out in file order, the first part with every metadata key and each with
