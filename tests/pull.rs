@@ -99,14 +99,19 @@ async fn pull_events(
     (result, events)
 }
 
+/// The steps a pull went through: each status, and each step with progress once.
 fn statuses(events: &[PullEvent]) -> Vec<&str> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            PullEvent::Status(s) => Some(s.as_str()),
-            PullEvent::Progress { .. } => None,
-        })
-        .collect()
+    let mut steps: Vec<&str> = Vec::new();
+    for e in events {
+        match e {
+            PullEvent::Status(s) => steps.push(s),
+            PullEvent::Step { status, .. } if steps.last() != Some(&status.as_str()) => {
+                steps.push(status)
+            }
+            PullEvent::Step { .. } | PullEvent::Progress { .. } => {}
+        }
+    }
+    steps
 }
 
 #[tokio::test]
@@ -260,7 +265,7 @@ async fn an_interrupted_download_resumes() {
     );
     let first_progress = events.iter().find_map(|e| match e {
         PullEvent::Progress { completed, .. } => Some(*completed),
-        PullEvent::Status(_) => None,
+        PullEvent::Status(_) | PullEvent::Step { .. } => None,
     });
     assert!(
         first_progress.is_some_and(|c| c >= 3 * CHUNK as u64),
@@ -514,10 +519,24 @@ async fn a_split_model_is_pulled_part_by_part_and_joined_into_one_blob() {
             "verifying sha256 digest",
             "verifying sha256 digest",
             "joining 3 parts into one file",
+            "verifying sha256 digest",
             "writing manifest",
             "success"
         ]
     );
+    // The join says how far it has got, from nothing to every byte of the parts.
+    let joining: Vec<(u64, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            PullEvent::Step {
+                total, completed, ..
+            } => Some((*completed, *total)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(joining.first(), Some(&(0, total)), "{joining:?}");
+    assert_eq!(joining.last(), Some(&(total, total)), "{joining:?}");
+    assert!(joining.windows(2).all(|w| w[0].0 <= w[1].0), "{joining:?}");
     assert_eq!(
         fake.body_bytes(),
         total + 6,

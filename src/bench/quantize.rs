@@ -291,7 +291,7 @@ pub fn quantize(
         .file_name()
         .and_then(|f| f.to_str())
         .unwrap_or("out.gguf");
-    let temp = dir.join(format!(".{name}.partial-{}", std::process::id()));
+    let temp = writing(output);
     ftype(kind)?;
     let header = read_input(input)?;
     // Every file read: a split model's parts too.
@@ -356,6 +356,16 @@ pub fn quantize(
         }
     }
     Ok(files.into_iter().map(|(_, to)| to).collect())
+}
+
+/// Where [`quantize`] writes `output` until it is complete (beside it, hidden): how far it has
+/// got can be watched there.
+pub fn writing(output: &Path) -> PathBuf {
+    let name = output
+        .file_name()
+        .and_then(|f| f.to_str())
+        .unwrap_or("out.gguf");
+    output.with_file_name(format!(".{name}.partial-{}", std::process::id()))
 }
 
 /// The input's header, read once for all the quantizer's runs (a split model's every part).

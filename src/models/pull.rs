@@ -45,14 +45,30 @@ pub enum PullEvent {
         /// Bytes downloaded so far (resumed bytes included).
         completed: u64,
     },
+    /// How far a long step that downloads nothing has got (joining a split model's parts),
+    /// at most every 100 ms: Ollama's progress object without a digest.
+    Step {
+        /// What the step is: `joining 3 parts into one file`.
+        status: String,
+        /// Bytes the step will write.
+        total: u64,
+        /// Bytes written so far.
+        completed: u64,
+    },
 }
 
 impl PullEvent {
-    /// The event as Ollama's `/api/pull` streams it: `{"status"}`, or for progress
-    /// `{"status": "pulling <12 hex>", "digest", "total", "completed"}`.
+    /// The event as Ollama's `/api/pull` streams it: `{"status"}`, for a download
+    /// `{"status": "pulling <12 hex>", "digest", "total", "completed"}`, for another step
+    /// `{"status", "total", "completed"}`.
     pub fn to_json(&self) -> serde_json::Value {
         match self {
             PullEvent::Status(s) => serde_json::json!({ "status": s }),
+            PullEvent::Step {
+                status,
+                total,
+                completed,
+            } => serde_json::json!({ "status": status, "total": total, "completed": completed }),
             PullEvent::Progress {
                 digest,
                 total,

@@ -490,28 +490,10 @@ async fn pull_parts(
     if let Some(whole) = whole {
         room_for(site.store, joining, whole)?;
     }
-    on(PullEvent::Status(format!(
-        "joining {} parts into one file",
-        parts.len()
-    )));
     let blobs: Vec<PathBuf> = fetched.iter().map(|(_, b)| b.clone()).collect();
     let links = store.partial_path(&format!("parts-{}", uuid::Uuid::new_v4().simple()))?;
     let temp = store.partial_path(&format!("joined-{}", uuid::Uuid::new_v4().simple()))?;
-    let (into, names, dir) = (temp.clone(), parts.to_vec(), links.clone());
-    let joined = tokio::task::spawn_blocking(move || -> Result<Digest, PullError> {
-        let first = link_parts(&dir, &names, &blobs)?;
-        crate::bench::quantize::quantize(
-            &first,
-            &into,
-            crate::bench::quantize::COPY,
-            &crate::bench::quantize::Options::default(),
-        )
-        .map_err(|e| PullError::Internal(format!("joining the parts of {}: {e}", names[0])))?;
-        Ok(Digest::of_file(&into)?)
-    })
-    .await
-    .map_err(|e| PullError::Internal(format!("joining task failed: {e}")))
-    .and_then(|r| r);
+    let joined = join(&links, parts, blobs, &temp, on).await;
     if let Err(e) = std::fs::remove_dir_all(&links) {
         tracing::warn!(path = %links.display(), error = %e, "could not remove a download leftover");
     }
@@ -543,6 +525,61 @@ async fn pull_parts(
         }
     }
     finish(store, spec.name(), &digest, true, on).await
+}
+
+/// Joins the downloaded parts (`blobs`, named `parts` on the hub) into `into` with llama.cpp's
+/// quantizer (COPY), through links in `links`, and hashes the result, off the async runtime.
+/// Joining a large model takes minutes, so how much of it is written is reported as it goes.
+async fn join(
+    links: &Path,
+    parts: &[String],
+    blobs: Vec<PathBuf>,
+    into: &Path,
+    on: &mut (impl FnMut(PullEvent) + Send),
+) -> Result<Digest, PullError> {
+    use crate::bench::quantize;
+    let total = blobs
+        .iter()
+        .map(|b| std::fs::metadata(b).map_or(0, |m| m.len()))
+        .sum();
+    let status = format!("joining {} parts into one file", parts.len());
+    let step = |completed| PullEvent::Step {
+        status: status.clone(),
+        total,
+        completed,
+    };
+    on(step(0));
+    let (dir, names, out) = (links.to_owned(), parts.to_vec(), into.to_owned());
+    let mut task = tokio::task::spawn_blocking(move || -> Result<(), PullError> {
+        let first = link_parts(&dir, &names, &blobs)?;
+        quantize::quantize(&first, &out, quantize::COPY, &quantize::Options::default())
+            .map(drop)
+            .map_err(|e| PullError::Internal(format!("joining the parts of {}: {e}", names[0])))
+    });
+    let writing = quantize::writing(into);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut reported = 0;
+    let done = loop {
+        tokio::select! {
+            done = &mut task => break done,
+            _ = tick.tick() => {
+                let written = std::fs::metadata(&writing).map_or(0, |m| m.len()).min(total);
+                if written > reported {
+                    reported = written;
+                    on(step(written));
+                }
+            }
+        }
+    };
+    done.map_err(|e| PullError::Internal(format!("joining task failed: {e}")))??;
+    on(step(total));
+    on(PullEvent::Status("verifying sha256 digest".into()));
+    let out = into.to_owned();
+    tokio::task::spawn_blocking(move || Digest::of_file(&out))
+        .await
+        .map_err(|e| PullError::Internal(format!("hashing task failed: {e}")))?
+        .map_err(PullError::from)
 }
 
 /// Makes `dir` a folder of links named as the parts (`NAME-00001-of-00003.gguf`, ...), each to
