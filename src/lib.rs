@@ -76,6 +76,7 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
                     .map(|spec| bench::quantize::override_kv(spec))
                     .collect::<Result<_, _>>()?,
                 keep_split: a.keep_split,
+                progress: true,
             };
             if a.dry_run {
                 // `IN TYPES`, or `IN OUT TYPES` as llama-quantize takes it (OUT unused).

@@ -6,9 +6,7 @@
 //! matrix too.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, UNIX_EPOCH};
-
-use indicatif::{ProgressBar, ProgressStyle};
+use std::time::{Instant, UNIX_EPOCH};
 
 use super::imatrix::Imatrix;
 use super::quantize::{self, QuantizeError};
@@ -123,6 +121,7 @@ pub fn build(
     let options = quantize::Options {
         threads,
         imatrix,
+        progress: true,
         ..quantize::Options::default()
     };
     // Every rung to build must fit before the first is built, not only each as it comes.
@@ -149,20 +148,11 @@ pub fn build(
             out.push((path, h));
             continue;
         }
-        let spinner =
-            ProgressBar::new_spinner().with_message(format!("quantizing {stem} to {kind}"));
-        spinner.set_style(
-            ProgressStyle::with_template("{spinner} {msg}, {elapsed}")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-        );
-        spinner.enable_steady_tick(Duration::from_millis(120));
         let started = Instant::now();
         // The old note goes first: a rung that is half replaced is never taken for the model's.
         let note = sidecar(&path);
         let _ = std::fs::remove_file(&note);
-        let result = quantize::quantize(source, &path, kind, &options);
-        spinner.finish_and_clear();
-        result?;
+        quantize::quantize(source, &path, kind, &options)?;
         if let Some(made_from) = &made_from {
             std::fs::write(&note, made_from)
                 .map_err(|e| QuantizeError::Output(format!("{}: {e}", note.display())))?;

@@ -6,7 +6,11 @@
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Mutex;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
 
 use super::imatrix::{self, Imatrix};
 use crate::models::{gguf, GgufHeader};
@@ -146,6 +150,8 @@ pub struct Options<'a> {
     pub overrides: Vec<Override>,
     /// A split model is written in as many parts as it has (`--keep-split`), not as one file.
     pub keep_split: bool,
+    /// A progress bar on stderr while the quantizer writes (the CLI's; never a server's).
+    pub progress: bool,
 }
 
 /// A metadata key `--override-kv KEY=TYPE:VALUE` sets in the quantized file.
@@ -332,7 +338,7 @@ pub fn quantize(
             check_output(from, to)?;
         }
     }
-    check_room(
+    let size = check_room(
         input,
         &header,
         &[kind],
@@ -345,7 +351,19 @@ pub fn quantize(
             let _ = std::fs::remove_file(from);
         }
     };
-    if let Err(e) = run(input, &header, Some(&temp), kind, options) {
+    let quantize = || run(input, &header, Some(&temp), kind, options);
+    let ran = if options.progress {
+        let writing: Vec<PathBuf> = files.iter().map(|(from, _)| from.clone()).collect();
+        let source = input
+            .file_name()
+            .unwrap_or(input.as_os_str())
+            .to_string_lossy();
+        let bar = progress_bar(size, format!("quantizing {source} to {}", canonical(kind)?));
+        watched(&writing, &bar, quantize)
+    } else {
+        quantize()
+    };
+    if let Err(e) = ran {
         remove();
         return Err(e);
     }
@@ -421,7 +439,8 @@ fn made_mib(file: f64, e: &Estimate) -> f64 {
 /// room than the files will take, as llama.cpp's dry run works it out: a quantizer that fills
 /// the disk fails only at its end, after most of its time. `what` names the files in the
 /// message. A type the dry run cannot size is left out of the sum (the quantizer then says
-/// what is wrong with it); where free space cannot be asked, nothing is checked.
+/// what is wrong with it); where free space cannot be asked, nothing is refused. Returns the
+/// bytes the files will take, when the dry run sized them all.
 pub fn check_room(
     input: &Path,
     header: &GgufHeader,
@@ -429,13 +448,7 @@ pub fn check_room(
     options: &Options<'_>,
     dir: &Path,
     what: &str,
-) -> Result<(), QuantizeError> {
-    let Some(free) = crate::models::store::free_space(dir) else {
-        return Ok(());
-    };
-    if kinds.is_empty() {
-        return Ok(());
-    }
+) -> Result<Option<u64>, QuantizeError> {
     let file = input_mib(input, header)?;
     let mut each = Vec::new();
     for kind in kinds {
@@ -448,9 +461,10 @@ pub fn check_room(
         .iter()
         .map(|(_, b)| b)
         .fold(0, |a: u64, b| a.saturating_add(*b));
-    if needed <= free {
-        return Ok(());
-    }
+    let free = match crate::models::store::free_space(dir) {
+        Some(free) if needed > free => free,
+        _ => return Ok((each.len() == kinds.len()).then_some(needed)),
+    };
     let size = crate::client::format::size;
     let each = if each.len() > 1 {
         let list: Vec<String> = each
@@ -468,6 +482,53 @@ pub fn check_room(
         size(free)
     )))
 }
+
+/// A bar of bytes written out of `total` (a spinner without one), for [`watched`].
+fn progress_bar(total: Option<u64>, message: String) -> ProgressBar {
+    let (bar, template) = match total {
+        Some(total) => (
+            ProgressBar::new(total),
+            "{msg} {bar:30} {bytes}/{total_bytes} {elapsed} (eta {eta})",
+        ),
+        None => (
+            ProgressBar::new_spinner(),
+            "{spinner} {msg} {bytes} {elapsed}",
+        ),
+    };
+    bar.set_style(
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(message);
+    bar
+}
+
+/// Runs `work` while `bar` follows how many bytes the files in `writing` hold, up to its
+/// length: llama.cpp's quantizer has no progress callback, but it writes each tensor to its
+/// file as soon as it is done, so the files' growth is its progress.
+fn watched<T>(writing: &[PathBuf], bar: &ProgressBar, work: impl FnOnce() -> T) -> T {
+    let (finished, wait) = std::sync::mpsc::channel::<()>();
+    let out = std::thread::scope(|s| {
+        s.spawn(move || {
+            let limit = bar.length().unwrap_or(u64::MAX);
+            while let Err(RecvTimeoutError::Timeout) = wait.recv_timeout(PROGRESS_TICK) {
+                let written: u64 = writing
+                    .iter()
+                    .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+                    .sum();
+                bar.set_position(written.min(limit));
+                bar.tick();
+            }
+        });
+        let out = work();
+        drop(finished);
+        out
+    });
+    bar.finish_and_clear();
+    out
+}
+
+/// How often [`watched`] looks at the files.
+const PROGRESS_TICK: Duration = Duration::from_millis(200);
 
 /// `backstop quantize --dry-run IN TYPES`: a markdown table of what each type of the
 /// comma-separated `kinds` would make of `input` ([`made_mib`]).
@@ -903,6 +964,30 @@ fn check_output<'a>(input: &Path, output: &'a Path) -> Result<&'a Path, Quantize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bar_follows_the_files_being_written_up_to_its_length() {
+        let dir = std::env::temp_dir().join(format!("backstop-watched-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = [dir.join("part-1"), dir.join("part-2")];
+        let bar = ProgressBar::hidden();
+        bar.set_length(1000);
+        let seen = watched(&files, &bar, || {
+            std::fs::write(&files[0], [0u8; 300]).unwrap();
+            std::fs::write(&files[1], [0u8; 200]).unwrap();
+            std::thread::sleep(PROGRESS_TICK * 3);
+            let both = bar.position();
+            std::fs::write(&files[1], [0u8; 900]).unwrap();
+            std::thread::sleep(PROGRESS_TICK * 3);
+            (both, bar.position())
+        });
+        assert_eq!(
+            seen,
+            (500, 1000),
+            "both files, then no more than the length"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn the_quantizer_s_summary_lines_give_the_estimate() {
