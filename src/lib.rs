@@ -14,6 +14,8 @@ pub mod sched;
 pub mod security;
 pub mod server;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use cli::{Cli, Command, LogFormat};
 
 /// Sets up logging. `BACKSTOP_LOG` (or `RUST_LOG`) filters; llama.cpp's own chatter is
@@ -93,10 +95,7 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
             println!("wrote {} ({})", names.join(", "), kind.to_ascii_uppercase());
             return Ok(0);
         }
-        Command::Imatrix(a) => {
-            imatrix(a)?;
-            return Ok(0);
-        }
+        Command::Imatrix(a) => return imatrix(a),
         Command::Config(cli::ConfigCommand::Check(args)) => {
             let config = config::Config::load(args)?;
             println!(
@@ -159,11 +158,11 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
 
 /// `backstop imatrix`: reads a text through the model into an importance matrix, added to
 /// the `--in-file` ones, or only combines those.
-fn imatrix(a: &cli::ImatrixArgs) -> Result<(), Box<dyn std::error::Error>> {
+fn imatrix(a: &cli::ImatrixArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let start = bench::imatrix::combine(a.model.as_deref(), &a.in_files, a.chunk)?;
     if a.show_statistics {
         print!("{}", bench::imatrix::statistics_table(&start));
-        return Ok(());
+        return Ok(0);
     }
     let (Some(model), Some(text)) = (a.model.as_deref(), a.text.as_deref()) else {
         start.write(&a.output)?;
@@ -179,8 +178,13 @@ fn imatrix(a: &cli::ImatrixArgs) -> Result<(), Box<dyn std::error::Error>> {
             start.chunk_count,
             a.in_files.len(),
         );
-        return Ok(());
+        return Ok(0);
     };
+    static STOP: AtomicBool = AtomicBool::new(false);
+    stop_on_ctrl_c(
+        &STOP,
+        "stopping after this chunk, saving what was read (Ctrl-C again to stop at once)",
+    );
     let plan = bench::imatrix::Plan {
         model,
         text,
@@ -195,6 +199,7 @@ fn imatrix(a: &cli::ImatrixArgs) -> Result<(), Box<dyn std::error::Error>> {
         output: &a.output,
         save_every: a.output_frequency as usize,
         keep_every: a.save_frequency as usize,
+        stop: Some(&STOP),
     };
     let done = bench::imatrix::compute(&plan)?;
     let m = &done.imatrix;
@@ -222,7 +227,46 @@ fn imatrix(a: &cli::ImatrixArgs) -> Result<(), Box<dyn std::error::Error>> {
         line += &format!(" (perplexity {p:.4})");
     }
     println!("{line}");
-    Ok(())
+    if done.stopped {
+        eprintln!(
+            "stopped after {} chunks; to go on from there: --in-file {} --from-chunk {}",
+            done.chunks,
+            a.output.display(),
+            a.from_chunk as usize + done.chunks
+        );
+        // What a shell reports for a program that stopped on SIGINT.
+        return Ok(130);
+    }
+    Ok(0)
+}
+
+/// Sets `stop` on the first Ctrl-C (saying `what` it does), and exits at once on the second.
+/// For a command whose work runs on this thread outside any async runtime: a thread of its
+/// own waits for the signals.
+fn stop_on_ctrl_c(stop: &'static AtomicBool, what: &'static str) {
+    let waiter = std::thread::Builder::new()
+        .name("ctrl-c".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if tokio::signal::ctrl_c().await.is_err() {
+                    return;
+                }
+                stop.store(true, Ordering::Relaxed);
+                eprintln!("{what}");
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            });
+        });
+    if let Err(e) = waiter {
+        tracing::debug!(error = %e, "Ctrl-C stops at once: no thread to wait for it");
+    }
 }
 
 /// `backstop keys new`: a fresh secret, printed once, and its `[[security.keys]]` entry.

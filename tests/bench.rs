@@ -2240,6 +2240,92 @@ fn imatrix_runs_resume_combine_and_save_as_they_go() {
     }
 }
 
+/// Ctrl-C stops an imatrix run after the chunk it is reading and saves every chunk read, even
+/// with no periodic saves, and says how to go on from there; going on as it says counts on.
+#[test]
+fn ctrl_c_stops_an_imatrix_run_and_saves_what_it_had_read() {
+    let _cores = one_at_a_time();
+    let dir = common::temp_dir("imatrix-ctrl-c");
+    let _cleanup = Cleanup(dir.clone());
+    let out = dir.join("stopped.gguf");
+    let mut child = common::backstop_command()
+        .args([
+            "imatrix",
+            common::smollm2().to_str().unwrap(),
+            "-f",
+            common::checkout().join("README.md").to_str().unwrap(),
+            "--chunk",
+            "64",
+            "--output-frequency",
+            "0",
+            "--save-frequency",
+            "1",
+            "--no-ppl",
+            "-t",
+            "2",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run backstop");
+    // The copies kept every chunk say how far it has got; the README is dozens of chunks.
+    let second = dir.join("stopped.gguf.at_2");
+    for _ in 0..6000 {
+        if second.exists() || child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(second.exists(), "two chunks were read");
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("stopping after this chunk"), "{err}");
+    let m = backstop::bench::imatrix::Imatrix::read(&out).unwrap();
+    assert!(m.chunk_count >= 2, "{}", m.chunk_count);
+    assert!(
+        err.contains(&format!(
+            "stopped after {n} chunks; to go on from there: --in-file {} --from-chunk {n}",
+            out.display(),
+            n = m.chunk_count
+        )),
+        "{err}"
+    );
+    let rows = 64.0 * m.chunk_count as f32;
+    assert!(m.entries.values().all(|e| e.counts == [rows]));
+
+    let on = dir.join("on.gguf");
+    let from = m.chunk_count.to_string();
+    let o = backstop(&[
+        "imatrix",
+        common::smollm2().to_str().unwrap(),
+        "-f",
+        common::checkout().join("README.md").to_str().unwrap(),
+        "--chunk",
+        "64",
+        "--chunks",
+        "1",
+        "--no-ppl",
+        "--in-file",
+        out.to_str().unwrap(),
+        "--from-chunk",
+        &from,
+        "-o",
+        on.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let went_on = backstop::bench::imatrix::Imatrix::read(&on).unwrap();
+    assert_eq!(went_on.chunk_count, m.chunk_count + 1);
+}
+
 /// A run that is stopped leaves the matrix it had saved at `-o` (`--output-frequency`): the
 /// file appears while the run is still going, and holds whole chunks' rows.
 #[test]

@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use std::ffi::{c_void, CStr, CString};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -461,6 +462,9 @@ pub struct Plan<'a> {
     pub save_every: usize,
     /// Chunks between copies of the matrix so far kept as `OUTPUT.at_N` (none when 0).
     pub keep_every: usize,
+    /// Set to stop after the chunk being read (Ctrl-C): the statistics of the chunks read so
+    /// far are returned as a whole run's are.
+    pub stop: Option<&'a AtomicBool>,
 }
 
 /// The statistics of `files`, merged in order, each checked against `model`'s weights where
@@ -838,6 +842,8 @@ pub struct Computed {
     pub perplexity: Option<f64>,
     /// Chunks of the text read by this run.
     pub chunks: usize,
+    /// Whether the run was stopped ([`Plan::stop`]) before the chunks it meant to read.
+    pub stopped: bool,
 }
 
 /// Reads the text through the model and returns its importance matrix.
@@ -982,7 +988,12 @@ pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
         .chunks_exact(chunk)
         .skip(plan.from_chunk)
         .take(chunks);
+    let stopping = || plan.stop.is_some_and(|s| s.load(Ordering::Relaxed));
+    let mut read = 0;
     for (done, tokens) in (1..).zip(texts) {
+        if stopping() {
+            break;
+        }
         // SAFETY: a live context.
         unsafe {
             llama_cpp_sys_2::llama_memory_clear(llama_cpp_sys_2::llama_get_memory(ctx.0), true)
@@ -1032,9 +1043,10 @@ pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
             scored += scoring.len();
         }
         bar.inc(1);
+        read = done;
         // A long run leaves what it has read so far behind it, to be merged into a run that
         // goes on from there (`--in-file OUTPUT --from-chunk N`).
-        let due = |every: usize| every > 0 && done % every == 0 && done < chunks;
+        let due = |every: usize| every > 0 && done % every == 0 && done < chunks && !stopping();
         if due(plan.save_every) || due(plan.keep_every) {
             // SAFETY: between decodes nothing else touches the collector.
             let m = so_far(unsafe { &*owned.0 }, done)?;
@@ -1061,9 +1073,9 @@ pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
     // SAFETY: the context is gone, so the callback is too: the collector is ours alone.
     let gathered = std::mem::take(unsafe { &mut *owned.0 });
     tracing::info!(
-        chunks,
-        tokens = chunks * chunk,
-        tok_s = (chunks * chunk) as f64 / seconds.max(1e-9),
+        chunks = read,
+        tokens = read * chunk,
+        tok_s = (read * chunk) as f64 / seconds.max(1e-9),
         "read the calibration text"
     );
     if gathered.weights.is_empty() {
@@ -1073,9 +1085,10 @@ pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
         ));
     }
     Ok(Computed {
-        imatrix: so_far(&gathered, chunks)?,
+        imatrix: so_far(&gathered, read)?,
         perplexity: plan.perplexity.then(|| (nll / scored.max(1) as f64).exp()),
-        chunks,
+        chunks: read,
+        stopped: read < chunks,
     })
 }
 
