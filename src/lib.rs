@@ -48,9 +48,13 @@ pub fn init_logging(format: LogFormat) {
 pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
     match &cli.command {
         Command::Keys(cli::KeysCommand::New(a)) => return new_key(a).map(|()| 0),
-        Command::Bench(a) => return bench::run(a).map(|()| 0),
+        Command::Bench(a) => {
+            tidy_on_ctrl_c();
+            return bench::run(a).map(|()| 0);
+        }
         Command::ProbeCompute(a) => return Ok(engine::probe::run(&a.path, a.gpu_layers)),
         Command::Quantize(a) => {
+            tidy_on_ctrl_c();
             let threads = a.threads.unwrap_or_else(config::default_threads);
             let imatrix = a
                 .imatrix
@@ -181,10 +185,10 @@ fn imatrix(a: &cli::ImatrixArgs) -> Result<u8, Box<dyn std::error::Error>> {
         return Ok(0);
     };
     static STOP: AtomicBool = AtomicBool::new(false);
-    stop_on_ctrl_c(
-        &STOP,
-        "stopping after this chunk, saving what was read (Ctrl-C again to stop at once)",
-    );
+    on_ctrl_c(|| {
+        STOP.store(true, Ordering::Relaxed);
+        eprintln!("stopping after this chunk, saving what was read (Ctrl-C again to stop at once)");
+    });
     let plan = bench::imatrix::Plan {
         model,
         text,
@@ -240,10 +244,10 @@ fn imatrix(a: &cli::ImatrixArgs) -> Result<u8, Box<dyn std::error::Error>> {
     Ok(0)
 }
 
-/// Sets `stop` on the first Ctrl-C (saying `what` it does), and exits at once on the second.
-/// For a command whose work runs on this thread outside any async runtime: a thread of its
-/// own waits for the signals.
-fn stop_on_ctrl_c(stop: &'static AtomicBool, what: &'static str) {
+/// Runs `first` on the first Ctrl-C, and ends the process on the second as Ctrl-C would
+/// have. For commands whose work runs outside any async runtime (llama.cpp's quantizer, an
+/// imatrix run): a thread of its own waits for the signals.
+fn on_ctrl_c(first: impl FnOnce() + Send + 'static) {
     let waiter = std::thread::Builder::new()
         .name("ctrl-c".into())
         .spawn(move || {
@@ -257,16 +261,37 @@ fn stop_on_ctrl_c(stop: &'static AtomicBool, what: &'static str) {
                 if tokio::signal::ctrl_c().await.is_err() {
                     return;
                 }
-                stop.store(true, Ordering::Relaxed);
-                eprintln!("{what}");
+                first();
                 if tokio::signal::ctrl_c().await.is_ok() {
-                    std::process::exit(130);
+                    die_of_sigint();
                 }
             });
         });
     if let Err(e) = waiter {
         tracing::debug!(error = %e, "Ctrl-C stops at once: no thread to wait for it");
     }
+}
+
+/// On Ctrl-C, removes the files a quantizer is writing, then ends the process as Ctrl-C
+/// would have: a half-written model, hidden and as large as a model, is never left behind.
+fn tidy_on_ctrl_c() {
+    on_ctrl_c(|| {
+        bench::quantize::remove_unfinished();
+        die_of_sigint();
+    });
+}
+
+/// Ends the process as an unhandled Ctrl-C does (killed by SIGINT, which a shell shows as
+/// 130), without running exit handlers: llama.cpp's static destructors must not run while its
+/// threads are still at work.
+fn die_of_sigint() -> ! {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setting a signal's default action and raising it take no pointers.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::raise(libc::SIGINT);
+    }
+    std::process::exit(130)
 }
 
 /// `backstop keys new`: a fresh secret, printed once, and its `[[security.keys]]` entry.

@@ -508,6 +508,65 @@ fn bench_builds_a_quantization_ladder_and_reuses_it() {
     );
 }
 
+/// Ctrl-C during a quantization removes the file being written (hidden, and as large as the
+/// model) before the process ends as Ctrl-C ends it; what a quantizer killed outright left is
+/// removed by the next one writing the same file, unless its process still runs.
+#[test]
+fn an_interrupted_quantizer_leaves_nothing_behind() {
+    use std::os::unix::process::ExitStatusExt;
+    let _cores = one_at_a_time();
+    let dir = common::temp_dir("quantize-interrupted");
+    let _cleanup = Cleanup(dir.clone());
+    let out = dir.join("out.gguf");
+    // No process has an id past the kernel's largest (4194304 at most).
+    let dead = dir.join(".out.gguf.partial-99999999-00001-of-00002.gguf");
+    let alive = dir.join(format!(".out.gguf.partial-{}", std::process::id()));
+    std::fs::write(&dead, b"left by a killed quantizer").unwrap();
+    std::fs::write(&alive, b"another quantizer's").unwrap();
+    // Gemma 3 to F32: a gigabyte, seconds of writing on the test machine.
+    let mut child = common::backstop_command()
+        .args([
+            "quantize",
+            common::gemma3().to_str().unwrap(),
+            out.to_str().unwrap(),
+            "F32",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run backstop");
+    let writing = dir.join(format!(".out.gguf.partial-{}", child.id()));
+    for _ in 0..1000 {
+        if std::fs::metadata(&writing).is_ok_and(|m| m.len() > 0) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(writing.exists(), "the quantizer is writing");
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(2),
+        "ended as Ctrl-C ends a program: {err}"
+    );
+    assert!(
+        err.contains("removing what an interrupted quantizer left"),
+        "{err}"
+    );
+    assert_eq!(
+        entries(&dir),
+        [alive.file_name().unwrap().to_str().unwrap()],
+        "neither the file being written nor the dead one's is left"
+    );
+}
+
 /// A quantization the disk has no room for, as llama.cpp's dry run sizes it, is refused before
 /// the quantizer starts, saying how much it needs and how much there is; a ladder checks
 /// every rung it will build before it builds the first.

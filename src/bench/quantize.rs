@@ -7,7 +7,7 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -346,11 +346,13 @@ pub fn quantize(
         dir,
         &output.display().to_string(),
     )?;
+    remove_stale(output);
     let remove = || {
         for (from, _) in &files {
             let _ = std::fs::remove_file(from);
         }
     };
+    let _writing = Writing::register(files.iter().map(|(from, _)| from.clone()).collect());
     let quantize = || run(input, &header, Some(&temp), kind, options);
     let ran = if options.progress {
         let writing: Vec<PathBuf> = files.iter().map(|(from, _)| from.clone()).collect();
@@ -374,6 +376,79 @@ pub fn quantize(
         }
     }
     Ok(files.into_iter().map(|(_, to)| to).collect())
+}
+
+/// The files the quantizers of this process are writing, for [`remove_unfinished`].
+static WRITING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Files in [`WRITING`] while it lives.
+struct Writing(Vec<PathBuf>);
+
+impl Writing {
+    fn register(files: Vec<PathBuf>) -> Writing {
+        WRITING
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(files.iter().cloned());
+        Writing(files)
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        WRITING
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|f| !self.0.contains(f));
+    }
+}
+
+/// Removes the files the quantizers of this process are writing: what a Ctrl-C handler does
+/// before the process ends, so no half-written model is left behind.
+pub fn remove_unfinished() {
+    for f in WRITING
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .drain(..)
+    {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+/// Removes what a quantizer that was killed before it could tidy up left of `output`: its
+/// `.NAME.partial-PID` files (with `--keep-split`'s part suffixes) whose process is gone.
+fn remove_stale(output: &Path) {
+    let Some(name) = output.file_name().and_then(|f| f.to_str()) else {
+        return;
+    };
+    let prefix = format!(".{name}.partial-");
+    let dir = output
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(pid) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let pid: String = pid.chars().take_while(char::is_ascii_digit).collect();
+        if !pid.is_empty() && !running(&pid) {
+            tracing::info!(path = %entry.path().display(), "removing what an interrupted quantizer left");
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Whether a process with this id runs (false where that cannot be told: nothing is removed).
+fn running(pid: &str) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid).exists()
+    } else {
+        true
+    }
 }
 
 /// Where [`quantize`] writes `output` until it is complete (beside it, hidden): how far it has
