@@ -258,6 +258,32 @@ async fn a_split_model_is_served_from_its_first_part_and_a_wrong_part_is_refused
         size("whole:latest"),
         Some(std::fs::metadata(&smol).unwrap().len())
     );
+    // Its digest is of every part's bytes, in order, and follows a change to any of them.
+    let digest = |tags: &serde_json::Value| {
+        tags["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "split:latest")
+            .unwrap()["digest"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let concatenated: Vec<u8> = parts
+        .iter()
+        .flat_map(|p| std::fs::read(p).unwrap())
+        .collect();
+    assert_eq!(digest(&tags), common::fake_hub::sha256_hex(&concatenated));
+    let last = std::fs::read(&parts[2]).unwrap();
+    let mut changed = last.clone();
+    *changed.last_mut().unwrap() ^= 1;
+    std::fs::write(&parts[2], &changed).unwrap();
+    let (_, after) = s.get_json("/api/tags").await;
+    assert_ne!(digest(&after), digest(&tags), "a change to the last part");
+    std::fs::write(&parts[2], &last).unwrap();
+    let (_, back) = s.get_json("/api/tags").await;
+    assert_eq!(digest(&back), digest(&tags));
     let ask = |model: &str| {
         serde_json::json!({"model": model, "max_tokens": 24, "temperature": 0, "seed": 7,
                            "messages": [{"role": "user", "content": "Name three rivers."}]})

@@ -226,10 +226,41 @@ pub struct Listed {
 /// Facts read from a model file, kept while the file is unchanged.
 #[derive(Clone)]
 struct FileFacts {
-    size: u64,
-    modified: SystemTime,
+    /// The size and modification time of the file, then of each of a split model's other
+    /// parts: the facts hold while these do.
+    stamp: Vec<(u64, SystemTime)>,
     header: Option<Arc<GgufHeader>>,
     digest: Option<Digest>,
+}
+
+impl FileFacts {
+    /// The file's, and a split model's other parts', bytes together.
+    fn size(&self) -> u64 {
+        self.stamp.iter().map(|(size, _)| size).sum()
+    }
+
+    /// When the file, or any part of a split model, last changed.
+    fn modified(&self) -> SystemTime {
+        self.stamp
+            .iter()
+            .map(|(_, m)| *m)
+            .max()
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+}
+
+/// The size and modification time of each file; `None` when one cannot be read.
+fn stamp<'a>(files: impl IntoIterator<Item = &'a Path>) -> Option<Vec<(u64, SystemTime)>> {
+    files
+        .into_iter()
+        .map(|f| {
+            let meta = std::fs::metadata(f).ok()?;
+            Some((
+                meta.len(),
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            ))
+        })
+        .collect()
 }
 
 /// Why a request fails when its model's load ended without an outcome.
@@ -363,11 +394,8 @@ impl Models {
                 Listed {
                     spec: Arc::clone(spec),
                     // A split model's other parts count too.
-                    size: facts.as_ref().map_or(0, |f| {
-                        f.size
-                            .saturating_add(f.header.as_ref().map_or(0, |h| h.parts_bytes))
-                    }),
-                    modified: facts.map_or(SystemTime::UNIX_EPOCH, |f| f.modified),
+                    size: facts.as_ref().map_or(0, FileFacts::size),
+                    modified: facts.map_or(SystemTime::UNIX_EPOCH, |f| f.modified()),
                 }
             })
             .collect();
@@ -391,8 +419,9 @@ impl Models {
         self.facts(path, false).and_then(|f| f.header)
     }
 
-    /// The sha256 of a model: the store's or the configuration's pin, else the file's
-    /// (hashed once and cached; call from a blocking context).
+    /// The sha256 of a model: the store's or the configuration's pin, else the file's, a
+    /// split model's parts hashed one after the other (hashed once and cached; call from a
+    /// blocking context).
     pub fn digest(&self, spec: &ModelSpec) -> Option<Digest> {
         match &spec.origin {
             Origin::Store(m) => Some(m.digest.clone()),
@@ -401,33 +430,52 @@ impl Models {
         }
     }
 
+    /// What is known of a model file, read again when it, or any other part of a split
+    /// model, changed.
     fn facts(&self, path: &Path, with_digest: bool) -> Option<FileFacts> {
-        let meta = std::fs::metadata(path).ok()?;
-        let (size, modified) = (
-            meta.len(),
-            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-        );
         let cached = self
             .facts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(path)
-            .filter(|f| f.size == size && f.modified == modified)
             .cloned();
-        let mut facts = cached.unwrap_or_else(|| FileFacts {
-            size,
-            modified,
-            header: match gguf::read(path) {
-                Ok(h) => Some(Arc::new(h)),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot read the GGUF header");
-                    None
-                }
-            },
-            digest: None,
+        let parts = |f: &FileFacts| {
+            f.header
+                .as_ref()
+                .map(|h| h.parts.clone())
+                .unwrap_or_default()
+        };
+        let fresh = cached.filter(|f| {
+            let files = parts(f);
+            stamp(std::iter::once(path).chain(files.iter().map(PathBuf::as_path)))
+                .is_some_and(|now| now == f.stamp)
         });
+        let mut facts = match fresh {
+            Some(f) => f,
+            None => {
+                let header = match gguf::read(path) {
+                    Ok(h) => Some(Arc::new(h)),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot read the GGUF header");
+                        None
+                    }
+                };
+                let files = header.as_ref().map(|h| h.parts.clone()).unwrap_or_default();
+                let stamp = stamp(std::iter::once(path).chain(files.iter().map(PathBuf::as_path)))
+                    .or_else(|| stamp([path]))?;
+                FileFacts {
+                    stamp,
+                    header,
+                    digest: None,
+                }
+            }
+        };
         if with_digest && facts.digest.is_none() {
-            facts.digest = Digest::of_file(path).ok();
+            let files = parts(&facts);
+            let all: Vec<&Path> = std::iter::once(path)
+                .chain(files.iter().map(PathBuf::as_path))
+                .collect();
+            facts.digest = Digest::of_files(&all).ok();
         }
         self.facts
             .lock()

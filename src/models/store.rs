@@ -115,15 +115,23 @@ impl Digest {
 
     /// Hashes a file (blocking; 1 GB takes a few seconds).
     pub fn of_file(path: &Path) -> Result<Digest, StoreError> {
-        let mut file = std::fs::File::open(path).map_err(io_err(path))?;
+        Digest::of_files(&[path])
+    }
+
+    /// The sha256 of files read one after the other: a model split into parts is named by
+    /// the bytes of its parts in order.
+    pub fn of_files(paths: &[&Path]) -> Result<Digest, StoreError> {
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf).map_err(io_err(path))?;
-            if n == 0 {
-                break;
+        for path in paths {
+            let mut file = std::fs::File::open(path).map_err(io_err(path))?;
+            loop {
+                let n = file.read(&mut buf).map_err(io_err(path))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
             }
-            hasher.update(&buf[..n]);
         }
         Ok(Digest(hex(&hasher.finalize())))
     }
