@@ -508,6 +508,60 @@ fn bench_builds_a_quantization_ladder_and_reuses_it() {
     );
 }
 
+/// `backstop imatrix` of SmolLM2 over the README in chunks of 64 tokens into `out`, with
+/// `extra` arguments, started and left running; its stderr piped.
+fn start_imatrix(out: &Path, extra: &[&str]) -> std::process::Child {
+    let (model, text) = (common::smollm2(), common::checkout().join("README.md"));
+    let args = [
+        "imatrix",
+        model.to_str().unwrap(),
+        "-f",
+        text.to_str().unwrap(),
+        "--chunk",
+        "64",
+        "--no-ppl",
+        "-t",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    common::backstop_command()
+        .args(args.iter().chain(extra))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run backstop")
+}
+
+/// Waits until `done` holds or `child` has exited (without a deadline shorter than the
+/// test's own); whether `done` held while it still ran.
+fn while_running(child: &mut std::process::Child, done: impl Fn() -> bool) -> bool {
+    for _ in 0..6000 {
+        if done() {
+            return child.try_wait().unwrap().is_none();
+        }
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    false
+}
+
+/// Sends `child` a Ctrl-C (SIGINT) and waits for it: how it ended, and its stderr.
+fn ctrl_c(mut child: std::process::Child) -> (std::process::ExitStatus, String) {
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut err = String::new();
+    if let Some(stderr) = child.stderr.as_mut() {
+        std::io::Read::read_to_string(stderr, &mut err).unwrap();
+    }
+    (child.wait().unwrap(), err)
+}
+
 /// Ctrl-C during a quantization removes the file being written (hidden, and as large as the
 /// model) before the process ends as Ctrl-C ends it; what a quantizer killed outright left is
 /// removed by the next one writing the same file, unless its process still runs.
@@ -536,21 +590,11 @@ fn an_interrupted_quantizer_leaves_nothing_behind() {
         .spawn()
         .expect("run backstop");
     let writing = dir.join(format!(".out.gguf.partial-{}", child.id()));
-    for _ in 0..1000 {
-        if std::fs::metadata(&writing).is_ok_and(|m| m.len() > 0) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    assert!(writing.exists(), "the quantizer is writing");
-    let kill = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    let status = child.wait().unwrap();
+    let started = while_running(&mut child, || {
+        std::fs::metadata(&writing).is_ok_and(|m| m.len() > 0)
+    });
+    assert!(started, "the quantizer is writing");
+    let (status, err) = ctrl_c(child);
     assert_eq!(
         status.signal(),
         Some(2),
@@ -2307,45 +2351,14 @@ fn ctrl_c_stops_an_imatrix_run_and_saves_what_it_had_read() {
     let dir = common::temp_dir("imatrix-ctrl-c");
     let _cleanup = Cleanup(dir.clone());
     let out = dir.join("stopped.gguf");
-    let mut child = common::backstop_command()
-        .args([
-            "imatrix",
-            common::smollm2().to_str().unwrap(),
-            "-f",
-            common::checkout().join("README.md").to_str().unwrap(),
-            "--chunk",
-            "64",
-            "--output-frequency",
-            "0",
-            "--save-frequency",
-            "1",
-            "--no-ppl",
-            "-t",
-            "2",
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run backstop");
+    let mut child = start_imatrix(&out, &["--output-frequency", "0", "--save-frequency", "1"]);
     // The copies kept every chunk say how far it has got; the README is dozens of chunks.
     let second = dir.join("stopped.gguf.at_2");
-    for _ in 0..6000 {
-        if second.exists() || child.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert!(second.exists(), "two chunks were read");
-    let kill = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    let status = child.wait().unwrap();
+    assert!(
+        while_running(&mut child, || second.exists()),
+        "two chunks were read"
+    );
+    let (status, err) = ctrl_c(child);
     assert_eq!(status.code(), Some(130), "{err}");
     assert!(err.contains("stopping after this chunk"), "{err}");
     let m = backstop::bench::imatrix::Imatrix::read(&out).unwrap();
@@ -2393,39 +2406,10 @@ fn a_stopped_imatrix_run_leaves_what_it_had_saved() {
     let dir = common::temp_dir("imatrix-stopped");
     let _cleanup = Cleanup(dir.clone());
     let out = dir.join("saved.gguf");
-    let mut child = common::backstop_command()
-        .args([
-            "imatrix",
-            common::smollm2().to_str().unwrap(),
-            "-f",
-            common::checkout().join("README.md").to_str().unwrap(),
-            "--chunk",
-            "64",
-            "--output-frequency",
-            "1",
-            "--no-ppl",
-            "-t",
-            "2",
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("run backstop");
-    // The README is dozens of chunks of 64 (eight of 512 at least): the first save comes long before
-    // the end. Waited for without a deadline shorter than the test's own.
-    let mut saved_while_running = false;
-    for _ in 0..6000 {
-        if out.exists() {
-            saved_while_running = child.try_wait().unwrap().is_none();
-            break;
-        }
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let mut child = start_imatrix(&out, &["--output-frequency", "1"]);
+    // The README is dozens of chunks of 64 (eight of 512 at least): the first save comes long
+    // before the end.
+    let saved_while_running = while_running(&mut child, || out.exists());
     child.kill().ok();
     child.wait().unwrap();
     assert!(
