@@ -346,7 +346,7 @@ pub fn quantize(
         dir,
         &output.display().to_string(),
     )?;
-    remove_stale(output);
+    remove_stale(dir, |stale| stale == name);
     let remove = || {
         for (from, _) in &files {
             let _ = std::fs::remove_file(from);
@@ -415,27 +415,24 @@ pub fn remove_unfinished() {
     }
 }
 
-/// Removes what a quantizer that was killed before it could tidy up left of `output`: its
-/// `.NAME.partial-PID` files (with `--keep-split`'s part suffixes) whose process is gone.
-fn remove_stale(output: &Path) {
-    let Some(name) = output.file_name().and_then(|f| f.to_str()) else {
-        return;
-    };
-    let prefix = format!(".{name}.partial-");
-    let dir = output
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+/// Removes what quantizers that were killed before they could tidy up left in `dir`: the
+/// `.NAME.partial-PID` files (with `--keep-split`'s part suffixes) of outputs whose NAME
+/// `output` accepts, whose process is gone.
+pub fn remove_stale(dir: &Path, output: impl Fn(&str) -> bool) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
         let file = entry.file_name();
-        let Some(pid) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
+        let Some((name, pid)) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix('.'))
+            .and_then(|f| f.rsplit_once(".partial-"))
+        else {
             continue;
         };
         let pid: String = pid.chars().take_while(char::is_ascii_digit).collect();
-        if !pid.is_empty() && !running(&pid) {
+        if output(name) && !pid.is_empty() && !running(&pid) {
             tracing::info!(path = %entry.path().display(), "removing what an interrupted quantizer left");
             let _ = std::fs::remove_file(entry.path());
         }

@@ -493,6 +493,10 @@ async fn pull_parts(
     let blobs: Vec<PathBuf> = fetched.iter().map(|(_, b)| b.clone()).collect();
     let links = store.partial_path(&format!("parts-{}", uuid::Uuid::new_v4().simple()))?;
     let temp = store.partial_path(&format!("joined-{}", uuid::Uuid::new_v4().simple()))?;
+    // What a join cut short by a crash left (each join has a name of its own).
+    if let Some(blobs) = temp.parent() {
+        crate::bench::quantize::remove_stale(blobs, |stale| stale.starts_with("sha256-joined-"));
+    }
     let joined = join(&links, parts, blobs, &temp, on).await;
     if let Err(e) = std::fs::remove_dir_all(&links) {
         tracing::warn!(path = %links.display(), error = %e, "could not remove a download leftover");
