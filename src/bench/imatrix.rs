@@ -47,6 +47,9 @@ pub enum ImatrixError {
     /// The output could not be written.
     #[error("{0}")]
     Output(String),
+    /// Stopped (Ctrl-C) before the first chunk was read.
+    #[error("stopped before the first chunk was read; nothing was written")]
+    Stopped,
 }
 
 /// One weight tensor's statistics, as llama.cpp's GGUF format keeps them.
@@ -1078,6 +1081,9 @@ pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
         tok_s = (read * chunk) as f64 / seconds.max(1e-9),
         "read the calibration text"
     );
+    if read == 0 && stopping() {
+        return Err(ImatrixError::Stopped);
+    }
     if gathered.weights.is_empty() {
         return Err(ImatrixError::Model(
             "no product with a layer's weight was seen: the model's layers are not named blk.N"
