@@ -99,6 +99,22 @@ async fn pull_events(
     (result, events)
 }
 
+/// What an interrupted hub pull left: its resumable partial file, nothing under a final name,
+/// no model. The files under `blobs/`.
+fn interrupted_left(tmp: &TempStore) -> Vec<String> {
+    let partial = tmp.files_under("blobs");
+    assert!(
+        partial.iter().any(|f| f.ends_with(".sync.part")),
+        "the partial download is kept: {partial:?}"
+    );
+    assert!(
+        !partial.iter().any(|f| f.starts_with("blobs/sha256-")),
+        "nothing under a final name: {partial:?}"
+    );
+    assert!(tmp.store.list().is_empty());
+    partial
+}
+
 /// The steps a pull went through: each status, and each step with progress once.
 fn statuses(events: &[PullEvent]) -> Vec<&str> {
     let mut steps: Vec<&str> = Vec::new();
@@ -240,16 +256,7 @@ async fn an_interrupted_download_resumes() {
     assert!(matches!(err, PullError::Interrupted { .. }), "{err:?}");
     assert!(err.to_string().contains("resume"), "{err}");
     fake.wait_quiet().await;
-    let partial = tmp.files_under("blobs");
-    assert!(
-        partial.iter().any(|f| f.ends_with(".sync.part")),
-        "the partial download is kept: {partial:?}"
-    );
-    assert!(
-        !partial.iter().any(|f| f.starts_with("blobs/sha256-")),
-        "nothing under a final name: {partial:?}"
-    );
-    assert!(tmp.store.list().is_empty());
+    interrupted_left(&tmp);
 
     fake.heal();
     fake.reset_counters();
@@ -663,22 +670,13 @@ async fn an_interrupted_split_pull_resumes_the_part_it_was_in() {
         "{err}"
     );
     fake.wait_quiet().await;
-    let partial = tmp.files_under("blobs");
-    assert!(
-        partial.iter().any(|f| f.ends_with(".sync.part")),
-        "{partial:?}"
-    );
+    let partial = interrupted_left(&tmp);
     assert!(
         partial
             .iter()
             .any(|f| f.ends_with(&format!("/blobs/{}", shas[0]))),
         "the finished first part is kept: {partial:?}"
     );
-    assert!(
-        !partial.iter().any(|f| f.starts_with("blobs/sha256-")),
-        "{partial:?}"
-    );
-    assert!(tmp.store.list().is_empty());
 
     fake.heal();
     fake.reset_counters();

@@ -338,6 +338,8 @@ pub fn quantize(
             check_output(from, to)?;
         }
     }
+    // A dead quantizer's files first: their room counts as free.
+    remove_stale(dir, |stale| stale == name);
     let size = check_room(
         input,
         &header,
@@ -346,22 +348,20 @@ pub fn quantize(
         dir,
         &output.display().to_string(),
     )?;
-    remove_stale(dir, |stale| stale == name);
     let remove = || {
         for (from, _) in &files {
             let _ = std::fs::remove_file(from);
         }
     };
-    let _writing = Writing::register(files.iter().map(|(from, _)| from.clone()).collect());
+    let writing = Writing::register(files.iter().map(|(from, _)| from.clone()).collect());
     let quantize = || run(input, &header, Some(&temp), kind, options);
     let ran = if options.progress {
-        let writing: Vec<PathBuf> = files.iter().map(|(from, _)| from.clone()).collect();
         let source = input
             .file_name()
             .unwrap_or(input.as_os_str())
             .to_string_lossy();
         let bar = progress_bar(size, format!("quantizing {source} to {}", canonical(kind)?));
-        watched(&writing, &bar, quantize)
+        watched(&writing.0, &bar, quantize)
     } else {
         quantize()
     };

@@ -249,10 +249,21 @@ impl FileFacts {
     }
 }
 
+/// A model's files: `path`, then a split model's other parts (those its header names).
+fn model_files<'a>(path: &'a Path, header: Option<&'a GgufHeader>) -> Vec<&'a Path> {
+    std::iter::once(path)
+        .chain(
+            header
+                .into_iter()
+                .flat_map(|h| h.parts.iter().map(PathBuf::as_path)),
+        )
+        .collect()
+}
+
 /// The size and modification time of each file; `None` when one cannot be read.
-fn stamp<'a>(files: impl IntoIterator<Item = &'a Path>) -> Option<Vec<(u64, SystemTime)>> {
+fn stamp(files: &[&Path]) -> Option<Vec<(u64, SystemTime)>> {
     files
-        .into_iter()
+        .iter()
         .map(|f| {
             let meta = std::fs::metadata(f).ok()?;
             Some((
@@ -439,16 +450,8 @@ impl Models {
             .unwrap_or_else(|p| p.into_inner())
             .get(path)
             .cloned();
-        let parts = |f: &FileFacts| {
-            f.header
-                .as_ref()
-                .map(|h| h.parts.clone())
-                .unwrap_or_default()
-        };
         let fresh = cached.filter(|f| {
-            let files = parts(f);
-            stamp(std::iter::once(path).chain(files.iter().map(PathBuf::as_path)))
-                .is_some_and(|now| now == f.stamp)
+            stamp(&model_files(path, f.header.as_deref())).is_some_and(|now| now == f.stamp)
         });
         let mut facts = match fresh {
             Some(f) => f,
@@ -460,9 +463,8 @@ impl Models {
                         None
                     }
                 };
-                let files = header.as_ref().map(|h| h.parts.clone()).unwrap_or_default();
-                let stamp = stamp(std::iter::once(path).chain(files.iter().map(PathBuf::as_path)))
-                    .or_else(|| stamp([path]))?;
+                let stamp =
+                    stamp(&model_files(path, header.as_deref())).or_else(|| stamp(&[path]))?;
                 FileFacts {
                     stamp,
                     header,
@@ -471,11 +473,7 @@ impl Models {
             }
         };
         if with_digest && facts.digest.is_none() {
-            let files = parts(&facts);
-            let all: Vec<&Path> = std::iter::once(path)
-                .chain(files.iter().map(PathBuf::as_path))
-                .collect();
-            facts.digest = Digest::of_files(&all).ok();
+            facts.digest = Digest::of_files(&model_files(path, facts.header.as_deref())).ok();
         }
         self.facts
             .lock()

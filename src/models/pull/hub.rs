@@ -267,21 +267,23 @@ impl Site<'_> {
             .blob_path(etag)
     }
 
-    /// Bytes of the file an earlier pull left on disk: all of it when it finished, else what
-    /// hf-hub's partial file says it committed (its last 8 bytes, little-endian, after the
-    /// file's full length). Found by the listing's sha256, which is the hub's etag for files
-    /// stored with LFS; 0 for any other.
-    fn on_disk(&self, file: &str) -> u64 {
-        let (Some(digest), Some(size)) = (self.listed(file), self.size(file)) else {
-            return 0;
+    /// Bytes of the file still to download, as the listing sizes it: none once an earlier
+    /// pull finished it, less what hf-hub's partial file says it committed (its last 8 bytes,
+    /// little-endian, after the file's full length). What is on disk is found by the
+    /// listing's sha256, which is the hub's etag for files stored with LFS; `None` where the
+    /// listing gives no size.
+    fn to_fetch(&self, file: &str) -> Option<u64> {
+        let size = self.size(file)?;
+        let Some(digest) = self.listed(file) else {
+            return Some(size);
         };
         let finished = self.cached(digest.hex());
         if finished.is_file() {
-            return size;
+            return Some(0);
         }
         let mut partial = finished.into_os_string();
         partial.push(".sync.part");
-        committed(Path::new(&partial), size).unwrap_or(0).min(size)
+        Some(size.saturating_sub(committed(Path::new(&partial), size).unwrap_or(0)))
     }
 }
 
@@ -320,12 +322,8 @@ async fn fetch(
     if let Some(found) = finished_before(site, &probe, file, &claims, &label, on).await {
         return Ok((files, found.0, found.1));
     }
-    if let Some(size) = size {
-        room_for(
-            site.store,
-            || format!("downloading {file}"),
-            size - site.on_disk(file).min(size),
-        )?;
+    if let Some(needed) = site.to_fetch(file) {
+        room_for(site.store, || format!("downloading {file}"), needed)?;
     }
     let downloaded = download(&repo_api, site.src, site.hub, file, &label, size, on).await;
     let blob = match downloaded {
@@ -447,27 +445,14 @@ async fn pull_parts(
         return finish(store, spec.name(), &d, false, on).await;
     }
     // The parts, and the one file they are joined into, must fit before anything starts.
-    let sizes: Option<Vec<u64>> = parts.iter().map(|p| site.size(p)).collect();
-    let whole = sizes.map(|s| s.iter().sum::<u64>());
-    let joining = || {
-        format!(
-            "joining the {} parts of {} into one file",
-            parts.len(),
-            parts[0]
-        )
-    };
-    if let Some(whole) = whole {
-        let have: u64 = parts.iter().map(|p| site.on_disk(p)).sum();
+    let whole: Option<u64> = parts.iter().map(|p| site.size(p)).sum();
+    let to_fetch: Option<u64> = parts.iter().map(|p| site.to_fetch(p)).sum();
+    let (n, first) = (parts.len(), &parts[0]);
+    if let (Some(whole), Some(to_fetch)) = (whole, to_fetch) {
         room_for(
             site.store,
-            || {
-                format!(
-                    "downloading the {} parts of {} and joining them into one file",
-                    parts.len(),
-                    parts[0]
-                )
-            },
-            (whole - have.min(whole)).saturating_add(whole),
+            || format!("downloading the {n} parts of {first} and joining them into one file"),
+            to_fetch.saturating_add(whole),
         )?;
     }
     let mut fetched: Vec<(HfFiles, PathBuf)> = Vec::with_capacity(parts.len());
@@ -488,7 +473,11 @@ async fn pull_parts(
         }
     }
     if let Some(whole) = whole {
-        room_for(site.store, joining, whole)?;
+        room_for(
+            site.store,
+            || format!("joining the {n} parts of {first} into one file"),
+            whole,
+        )?;
     }
     let blobs: Vec<PathBuf> = fetched.iter().map(|(_, b)| b.clone()).collect();
     let links = store.partial_path(&format!("parts-{}", uuid::Uuid::new_v4().simple()))?;
