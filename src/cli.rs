@@ -375,6 +375,39 @@ pub struct QuantizeArgs {
     /// on (OUT without .gguf). Without it a split model is written as one file.
     #[arg(long, conflicts_with = "dry_run")]
     pub keep_split: bool,
+    /// Leave these layers (blk.N, numbered from 0; a comma-separated list) out of OUT, the
+    /// layers after them numbered down: how much a model loses without some of its layers,
+    /// measured with `backstop bench --quality` (llama-quantize's option of the same name).
+    /// Not with --keep-split: the parts would no longer hold their input parts' tensors.
+    #[arg(
+        long,
+        value_name = "N,...",
+        value_delimiter = ',',
+        conflicts_with = "keep_split"
+    )]
+    pub prune_layers: Vec<u32>,
+    /// Use the importance matrix only for the weights whose name contains one of these
+    /// (repeatable, or a comma-separated list, e.g. attn_v,ffn_down); the others are quantized
+    /// without it.
+    #[arg(
+        long,
+        value_name = "NAME,...",
+        value_delimiter = ',',
+        requires = "imatrix",
+        conflicts_with = "exclude_weights"
+    )]
+    pub include_weights: Vec<String>,
+    /// Use the importance matrix for every weight except those whose name contains one of
+    /// these (repeatable, or a comma-separated list, e.g. ffn_down). A name is matched
+    /// anywhere in a weight's, as llama-quantize matches it: output.weight is also each
+    /// layer's attn_output.weight.
+    #[arg(
+        long,
+        value_name = "NAME,...",
+        value_delimiter = ',',
+        requires = "imatrix"
+    )]
+    pub exclude_weights: Vec<String>,
 }
 
 /// `backstop imatrix`.

@@ -83,6 +83,14 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
                     .collect::<Result<_, _>>()?,
                 keep_split: a.keep_split,
                 progress: true,
+                prune: {
+                    let mut layers = a.prune_layers.clone();
+                    layers.sort_unstable();
+                    layers.dedup();
+                    layers
+                },
+                imatrix_include: a.include_weights.clone(),
+                imatrix_exclude: a.exclude_weights.clone(),
             };
             if a.dry_run {
                 // `IN TYPES`, or `IN OUT TYPES` as llama-quantize takes it (OUT unused).

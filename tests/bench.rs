@@ -2639,6 +2639,187 @@ fn quantize_takes_per_tensor_types_and_a_pure_mix() {
     assert_eq!(entries(&dir), Vec::<String>::new());
 }
 
+/// `--include-weights` and `--exclude-weights` choose the weights an importance matrix weighs:
+/// those chosen are quantized as with the whole matrix, bit for bit, the others as without
+/// one. `--prune-layers` leaves layers out and numbers the rest down: the pruned model's layer
+/// 5 is the whole model's layer 7, quantized the same (its importance matrix entries found
+/// under the old number), the layer count says 28, and the model loads and scores worse than
+/// the whole one. Each limit is refused, and nothing is written.
+#[test]
+fn quantize_prunes_layers_and_chooses_the_weights_an_importance_matrix_weighs() {
+    let _cores = one_at_a_time();
+    let dir = common::temp_dir("quantize-prune");
+    let _cleanup = Cleanup(dir.clone());
+    let smol = common::smollm2();
+    let smol_s = smol.to_str().unwrap();
+    let matrix = dir.join("smol.imatrix.gguf");
+    let matrix_s = matrix.to_str().unwrap();
+    let readme = common::checkout().join("README.md");
+    let o = backstop(&[
+        "imatrix",
+        smol_s,
+        "-f",
+        readme.to_str().unwrap(),
+        "-o",
+        matrix_s,
+        "--chunk",
+        "256",
+        "--chunks",
+        "2",
+        "-t",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let q4_0 = |name: &str, args: &[&str]| {
+        let out = dir.join(name);
+        let o = backstop(
+            &[
+                &["quantize", "-t", "2", smol_s, out.to_str().unwrap(), "Q4_0"][..],
+                args,
+            ]
+            .concat(),
+        );
+        assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+        (common::tensor_bytes(&out), out)
+    };
+    let (plain, plain_path) = q4_0("plain.gguf", &[]);
+    let (weighed, weighed_path) = q4_0("weighed.gguf", &["--imatrix", matrix_s]);
+    let types = |path: &Path| -> std::collections::BTreeMap<String, u32> {
+        backstop::models::gguf::read(path)
+            .unwrap()
+            .tensors
+            .into_iter()
+            .map(|t| (t.name, t.ggml_type))
+            .collect()
+    };
+    // With any importance matrix llama.cpp's mix puts a few tensors (Q4_0's first ffn_down
+    // layers) in another type: those are quantized with the matrix's choice of type.
+    let (plain_types, weighed_types) = (types(&plain_path), types(&weighed_path));
+    let retyped: Vec<&String> = plain_types
+        .keys()
+        .filter(|n| plain_types[*n] != weighed_types[*n])
+        .collect();
+    assert!(retyped.len() < 10, "{retyped:?}");
+    // Q4_0 rounds each block by the matrix where it has one: otherwise nothing here is shown.
+    for name in ["blk.3.attn_v.weight", "blk.3.ffn_down.weight"] {
+        assert_ne!(plain[name], weighed[name], "{name}");
+    }
+    let chose = |got: &std::collections::BTreeMap<String, Vec<u8>>,
+                 chosen: &dyn Fn(&str) -> bool| {
+        assert_eq!(got.len(), plain.len());
+        for (name, bytes) in got {
+            if chosen(name) {
+                assert!(bytes == &weighed[name], "{name}");
+            } else if !retyped.contains(&name) {
+                assert!(bytes == &plain[name], "{name}");
+            }
+        }
+    };
+    let (some, _) = q4_0(
+        "some.gguf",
+        &["--imatrix", matrix_s, "--include-weights", "attn_v,ffn_up"],
+    );
+    chose(&some, &|n| n.contains("attn_v") || n.contains("ffn_up"));
+    let (but, _) = q4_0(
+        "but.gguf",
+        &["--imatrix", matrix_s, "--exclude-weights", "attn_v"],
+    );
+    chose(&but, &|n| !n.contains("attn_v"));
+
+    // Layers 5 and 6 of 30 out (given unsorted and twice, as a list may come).
+    let (pruned, pruned_path) = q4_0(
+        "pruned.gguf",
+        &[
+            "--imatrix",
+            matrix_s,
+            "--prune-layers",
+            "6,5",
+            "--prune-layers",
+            "5",
+        ],
+    );
+    let header = backstop::models::gguf::read(&pruned_path).unwrap();
+    assert_eq!(header.uint("llama.block_count"), Some(28));
+    // Nine tensors a layer (two norms, seven matrices).
+    assert_eq!(pruned.len(), weighed.len() - 2 * 9);
+    for (name, bytes) in &pruned {
+        let was = match name
+            .strip_prefix("blk.")
+            .and_then(|rest| rest.split_once('.'))
+        {
+            Some((n, rest)) => {
+                let n: u32 = n.parse().unwrap();
+                assert!(n < 28, "{name}");
+                format!("blk.{}.{rest}", if n < 5 { n } else { n + 2 })
+            }
+            None => name.clone(),
+        };
+        assert!(bytes == &weighed[&was], "{name} is not {was}");
+    }
+    // It loads and reads text, and reads it worse than the whole model.
+    let out = bench_json(&[
+        "--quality",
+        "-p",
+        "0",
+        "-n",
+        "0",
+        weighed_path.to_str().unwrap(),
+        pruned_path.to_str().unwrap(),
+    ]);
+    let q = quality(&out["results"][1]);
+    assert_eq!(q["reference"], "weighed.gguf", "{q}");
+    assert!(number(q, "ppl_ratio") > 1.05, "{q}");
+    assert!(number(q, "kld") > 0.01, "{q}");
+
+    // Refused, with the reason, writing nothing.
+    let out = dir.join("refused.gguf");
+    let out_s = out.to_str().unwrap();
+    let refused = |args: &[&str], says: &str| {
+        let o = backstop(&[&["quantize", smol_s, out_s, "Q4_0"][..], args].concat());
+        assert!(!o.status.success(), "{args:?}");
+        let err = text(&o.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?}");
+    };
+    refused(
+        &["--prune-layers", "3,30"],
+        "--prune-layers: the model has no layer 30: it has 30, numbered from 0",
+    );
+    let every: Vec<String> = (0..30).map(|n| n.to_string()).collect();
+    refused(
+        &["--prune-layers", &every.join(",")],
+        "every one of the model's 30 layers",
+    );
+    refused(
+        &["--prune-layers=2,-1"],
+        "invalid value '-1' for '--prune-layers",
+    );
+    refused(
+        &["--prune-layers", "1", "--keep-split"],
+        "cannot be used with",
+    );
+    refused(&["--include-weights", "attn_v"], "--imatrix <FILE>");
+    refused(
+        &["--imatrix", matrix_s, "--include-weights", "attn_vv"],
+        "--include-weights attn_vv: no weight matrix of this model has it in its name",
+    );
+    refused(
+        &["--imatrix", matrix_s, "--exclude-weights", "weight"],
+        "--exclude-weights leaves none of the 210 weight matrices",
+    );
+    refused(
+        &[
+            "--imatrix",
+            matrix_s,
+            "--include-weights",
+            "attn_v",
+            "--exclude-weights",
+            "ffn_up",
+        ],
+        "cannot be used with",
+    );
+}
+
 /// The names of the tensors in one file (of a split model, that part's own).
 fn part_tensors(path: &Path) -> Vec<String> {
     let h = backstop::models::gguf::read_file(path).unwrap();

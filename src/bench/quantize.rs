@@ -152,6 +152,15 @@ pub struct Options<'a> {
     pub keep_split: bool,
     /// A progress bar on stderr while the quantizer writes (the CLI's; never a server's).
     pub progress: bool,
+    /// Layers (`blk.N`, from 0) left out of the output, the ones after them numbered down so
+    /// the layers still run from 0 (llama-quantize's `--prune-layers`): sorted, each once.
+    pub prune: Vec<u32>,
+    /// The importance matrix only for the weights whose name contains one of these
+    /// (llama-quantize's `--include-weights`); the others are quantized without it.
+    pub imatrix_include: Vec<String>,
+    /// No importance matrix for the weights whose name contains one of these
+    /// (llama-quantize's `--exclude-weights`).
+    pub imatrix_exclude: Vec<String>,
 }
 
 /// A metadata key `--override-kv KEY=TYPE:VALUE` sets in the quantized file.
@@ -659,7 +668,10 @@ fn run(
 ) -> Result<Option<Estimate>, QuantizeError> {
     let imatrix = options.imatrix;
     let target = ftype(kind)?;
-    let importance = imatrix.map(|(m, _)| fitted(m, header)).transpose()?;
+    check_prune(header, &options.prune)?;
+    let importance = imatrix
+        .map(|(m, _)| fitted(m, header, options))
+        .transpose()?;
     let mut keys = Vec::new();
     if let Some((m, file)) = imatrix {
         keys.push(text_key(
@@ -755,11 +767,19 @@ fn run(
             },
         ))
         .collect();
+    // llama.cpp's list ends with -1.
+    let prune: Vec<i32> = options
+        .prune
+        .iter()
+        .map(|&n| i32::try_from(n).unwrap_or(i32::MAX))
+        .chain(std::iter::once(-1))
+        .collect();
     let quiet = QuietTensorWarnings::install(output.is_none());
     // SAFETY: both strings are valid NUL-terminated paths (a dry run's output one is not opened) that outlive the call, and the
     // parameters come from llama.cpp's own defaults with plain fields changed; the importance
     // list (names, values, and its nameless end), the keys (NUL-terminated, ending with an
-    // empty one) and the tensor type patterns (ending without one) outlive the call. The
+    // empty one), the tensor type patterns (ending without one) and the layers to prune
+    // (sorted, ending with -1) outlive the call. The
     // call reads the input file and writes the output file, and touches nothing of ours.
     let code = unsafe {
         let mut params = llama_cpp_sys_2::llama_model_quantize_default_params();
@@ -786,12 +806,60 @@ fn run(
         if keys.len() > 1 {
             params.kv_overrides = keys.as_ptr();
         }
+        if prune.len() > 1 {
+            params.prune_layers = prune.as_ptr();
+        }
         llama_cpp_sys_2::llama_model_quantize(inp.as_ptr(), tmp.as_ptr(), &params)
     };
     if code != 0 {
         return Err(QuantizeError::Failed(code));
     }
     Ok(output.is_none().then(|| quiet.estimate()).flatten())
+}
+
+/// Checks `--prune-layers` against the model: layers it has, not every one, and no metadata
+/// given layer by layer (an array as long as the model has layers, as some architectures give
+/// each layer's head count or feed-forward width): llama.cpp's quantizer renumbers the tensors
+/// and sets the layer count, but leaves such arrays as they are, describing the layers removed.
+fn check_prune(header: &GgufHeader, prune: &[u32]) -> Result<(), QuantizeError> {
+    if prune.is_empty() {
+        return Ok(());
+    }
+    let bad = |why: String| QuantizeError::Input(format!("--prune-layers: {why}"));
+    let arch = header.architecture();
+    let key = format!("{arch}.block_count");
+    let layers = header.uint(&key).ok_or_else(|| {
+        bad(format!(
+            "the model does not say how many layers it has ({key})"
+        ))
+    })?;
+    if let Some(n) = prune.iter().find(|&&n| u64::from(n) >= layers) {
+        return Err(bad(format!(
+            "the model has no layer {n}: it has {layers}, numbered from 0"
+        )));
+    }
+    if prune.len() as u64 >= layers {
+        return Err(bad(format!(
+            "that is every one of the model's {layers} layers"
+        )));
+    }
+    let per_layer: Vec<&str> = header
+        .metadata
+        .iter()
+        .filter(|(k, v)| {
+            k.strip_prefix(arch).is_some_and(|k| k.starts_with('.'))
+                && matches!(v, gguf::GgufValue::Array { len, .. } if *len == layers)
+        })
+        .map(|(k, _)| k.as_str())
+        .collect();
+    if !per_layer.is_empty() {
+        return Err(bad(format!(
+            "the model gives {} layer by layer, and llama.cpp's quantizer would leave that \
+             as it is, describing the layers removed",
+            per_layer.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 /// A key or text value for llama.cpp's override list: at most 127 bytes, NUL-terminated.
@@ -849,17 +917,45 @@ fn int_key(key: &str, value: i64) -> llama_cpp_sys_2::llama_model_kv_override {
 /// would throw mid-run); none matching at all, the same. Matrices without an entry are
 /// quantized without one, as llama.cpp does, and counted in the log line that says how much
 /// of the model the matrix covers.
-fn fitted(m: &Imatrix, model: &GgufHeader) -> Result<Vec<(String, Vec<f32>)>, QuantizeError> {
+fn fitted(
+    m: &Imatrix,
+    model: &GgufHeader,
+    options: &Options<'_>,
+) -> Result<Vec<(String, Vec<f32>)>, QuantizeError> {
+    let weighed = || {
+        model
+            .tensors
+            .iter()
+            .filter(|t| imatrix::is_weighed(&t.name) && t.dims.len() >= 2)
+    };
+    // A name that matches no weight is a typo, not a choice (llama-quantize says nothing).
+    let (filter, include) = match (&options.imatrix_include[..], &options.imatrix_exclude[..]) {
+        ([], names) => (names, false),
+        (names, _) => (names, true),
+    };
+    let flag = if include { "include" } else { "exclude" };
+    if let Some(name) = filter
+        .iter()
+        .find(|n| !weighed().any(|t| t.name.contains(n.as_str())))
+    {
+        return Err(QuantizeError::Input(format!(
+            "--{flag}-weights {name}: no weight matrix of this model has it in its name \
+             (they are named as blk.0.attn_q.weight, blk.0.ffn_down.weight, output.weight)"
+        )));
+    }
+    let chosen = |name: &str| filter.iter().any(|n| name.contains(n.as_str())) == include;
     let mut out = Vec::new();
     let mut weights = 0;
-    for t in &model.tensors {
-        if !(imatrix::is_weighed(&t.name) && t.dims.len() >= 2) {
-            continue;
-        }
+    let mut left_out = 0;
+    for t in weighed() {
         weights += 1;
         let Some(entry) = m.entries.get(&t.name) else {
             continue;
         };
+        if !filter.is_empty() && !chosen(&t.name) {
+            left_out += 1;
+            continue;
+        }
         if entry.sums.len() as u64 != imatrix::columns(t) {
             return Err(QuantizeError::Imatrix(format!(
                 "the importance matrix has {} values for {}, whose rows need {}: it was made \
@@ -870,6 +966,12 @@ fn fitted(m: &Imatrix, model: &GgufHeader) -> Result<Vec<(String, Vec<f32>)>, Qu
             )));
         }
         out.push((t.name.clone(), entry.importance()));
+    }
+    if out.is_empty() && left_out > 0 {
+        return Err(QuantizeError::Input(format!(
+            "--{flag}-weights leaves none of the {left_out} weight matrices the importance \
+             matrix has an entry for to be quantized with it"
+        )));
     }
     if out.is_empty() {
         return Err(QuantizeError::Imatrix(format!(
@@ -1036,6 +1138,43 @@ fn check_output<'a>(input: &Path, output: &'a Path) -> Result<&'a Path, Quantize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pruning_takes_layers_the_model_has_and_not_every_one_nor_per_layer_metadata() {
+        use gguf::GgufValue;
+        let mut h = GgufHeader::default();
+        h.metadata.insert(
+            "general.architecture".into(),
+            GgufValue::Str("llama".into()),
+        );
+        h.metadata
+            .insert("llama.block_count".into(), GgufValue::Uint(4));
+        // An array of another length (a rope section list) is not per layer.
+        let array = |len| GgufValue::Array { len, items: None };
+        h.metadata.insert("llama.rope.sections".into(), array(3));
+        let says = |h: &GgufHeader, prune: &[u32]| match check_prune(h, prune) {
+            Err(QuantizeError::Input(why)) => why,
+            other => panic!("{prune:?}: {other:?}"),
+        };
+        assert!(check_prune(&h, &[]).is_ok());
+        assert!(check_prune(&h, &[0, 3]).is_ok());
+        assert_eq!(
+            says(&h, &[1, 4]),
+            "--prune-layers: the model has no layer 4: it has 4, numbered from 0"
+        );
+        assert!(says(&h, &[0, 1, 2, 3]).contains("every one of the model's 4 layers"));
+        h.metadata
+            .insert("llama.attention.head_count".into(), array(4));
+        // Another architecture's key of that length is not this model's.
+        h.metadata.insert("llamax.sizes".into(), array(4));
+        assert_eq!(
+            says(&h, &[1]),
+            "--prune-layers: the model gives llama.attention.head_count layer by layer, and \
+             llama.cpp's quantizer would leave that as it is, describing the layers removed"
+        );
+        h.metadata.remove("llama.block_count");
+        assert!(says(&h, &[1]).contains("how many layers it has (llama.block_count)"));
+    }
 
     #[test]
     fn the_bar_follows_the_files_being_written_up_to_its_length() {
