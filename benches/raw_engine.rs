@@ -75,6 +75,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         imatrix: None,
         quality: false,
         quality_text: None,
+        quality_save: None,
+        quality_base: None,
         format: args.format,
         baseline: None,
     })

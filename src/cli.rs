@@ -179,7 +179,7 @@ pub struct BenchArgs {
     /// servers side by side, each against the first.
     #[arg(long, value_name = "URL", conflicts_with_all = [
         "threads", "gpu_layers", "ctx", "flash_attention", "quantize", "kv_cache_type", "depth",
-        "quality", "quality_text", "batch",
+        "quality", "quality_text", "quality_save", "quality_base", "batch",
     ])]
     pub server: Vec<String>,
     /// API key for --server [default: BACKSTOP_API_KEY].
@@ -277,8 +277,19 @@ pub struct BenchArgs {
     pub quality: bool,
     /// The text --quality scores, plain UTF-8 [default: about 1,100 words of English prose
     /// built in].
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "quality_base")]
     pub quality_text: Option<PathBuf>,
+    /// Also save the first model's next-token distributions at each scored position to FILE
+    /// (what --quality-base reads; llama.cpp's `llama-perplexity --kl-divergence-base` format,
+    /// so that tool reads it too): score a large model once, compare its quantizations with
+    /// it later without loading it again. Implies --quality.
+    #[arg(long, value_name = "FILE", conflicts_with = "quality_base")]
+    pub quality_save: Option<PathBuf>,
+    /// Compare every model with the distributions saved in FILE (by --quality-save, or by
+    /// `llama-perplexity --kl-divergence-base`), over the tokens they were saved from, instead
+    /// of with the first model given. Implies --quality.
+    #[arg(long, value_name = "FILE")]
+    pub quality_base: Option<PathBuf>,
     /// KV cache element type: f16, q8_0 or q4_0, or several to compare [default: f16].
     #[arg(long, value_delimiter = ',', value_name = "TYPE,...", value_parser = parse_kv_type)]
     pub kv_cache_type: Vec<crate::engine::KvCacheType>,

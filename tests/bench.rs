@@ -1824,6 +1824,128 @@ fn a_batch_sweep_makes_each_context_with_its_batch() {
     bench_refused(&["-b", "0", model], &["--batch"]);
 }
 
+/// `--quality-save` keeps the first model's next-token distributions in the base format of
+/// llama.cpp's perplexity tool, and `--quality-base` compares models with them later, without
+/// the model that made them: over the same tokens, each model's figures are those of the run
+/// that had it (the model itself differing by no more than the file's 16-bit rounding). A file
+/// cut short, a file of another kind, a model of another vocabulary and a folder to save in
+/// that is not there are each refused before anything is measured.
+#[test]
+fn a_reference_saved_once_is_compared_with_later_without_its_model() {
+    let _cores = one_at_a_time();
+    let dir = common::temp_dir("quality-base");
+    let _cleanup = Cleanup(dir.clone());
+    let smol = common::smollm2();
+    let smol_s = smol.to_str().unwrap();
+    let q4 = dir.join("smol-Q4_0.gguf");
+    let q4_s = q4.to_str().unwrap();
+    let o = quantize(&smol, &q4, "Q4_0");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let base = dir.join("smol.kld");
+    let base_s = base.to_str().unwrap();
+    let quality_only = ["-p", "0", "-n", "0"];
+    let first = bench_json(
+        &[
+            &["--quality-save", base_s][..],
+            &quality_only,
+            &[smol_s, q4_s],
+        ]
+        .concat(),
+    );
+    let in_run = quality(&first["results"][1]);
+    assert_eq!(
+        in_run["reference"], "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "{in_run}"
+    );
+
+    // The tool's layout: its name, chunks of 512 tokens, SmolLM2's 49,152-token vocabulary,
+    // the two chunks of the built-in text and their tokens; then a row for each scored
+    // position, two floats and a 16-bit value per token.
+    let bytes = std::fs::read(&base).unwrap();
+    let int = |at: usize| i32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+    assert_eq!(&bytes[..8], b"_logits_");
+    assert_eq!((int(8), int(12), int(16)), (512, 49152, 2));
+    assert_eq!(bytes.len(), 20 + 4 * 2 * 512 + 2 * 255 * 2 * (4 + 49152));
+    assert_eq!(number(in_run, "scored"), 2.0 * 255.0);
+
+    let later = bench_json(
+        &[
+            &["--quality-base", base_s][..],
+            &quality_only,
+            &[q4_s, smol_s],
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        later["quality_text"],
+        format!("the tokens saved in {base_s}"),
+        "{later}"
+    );
+    let q = quality(&later["results"][0]);
+    assert_eq!(q["reference"], "smol.kld", "{q}");
+    // The same tokens through the same model: the same perplexity, bit for bit.
+    assert_eq!(q["ppl"], in_run["ppl"], "{q}");
+    assert_eq!(q["scored"], in_run["scored"], "{q}");
+    let near = |key: &str, within: f64| {
+        let (a, b) = (number(q, key), number(in_run, key));
+        assert!((a - b).abs() <= within, "{key}: {a} saved, {b} in the run");
+    };
+    near("ppl_ratio", 1e-3);
+    near("kld", 1e-3);
+    // A tie at the top may fall the other way after rounding: a position or two.
+    near("same_top", 2.0 / 510.0);
+    // The model that saved it, against itself.
+    let own = quality(&later["results"][1]);
+    assert!(number(own, "kld") < 1e-3, "{own}");
+    assert!((number(own, "ppl_ratio") - 1.0).abs() < 1e-3, "{own}");
+    assert_eq!(number(own, "same_top"), 1.0, "{own}");
+
+    let cut = dir.join("cut.kld");
+    std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
+    let cut_s = cut.to_str().unwrap();
+    bench_refused(
+        &[&["--quality-base", cut_s][..], &quality_only, &[smol_s]].concat(),
+        &["cut short", "2 chunks of 512 tokens, a vocabulary of 49152"],
+    );
+    bench_refused(
+        &[&["--quality-base", smol_s][..], &quality_only, &[smol_s]].concat(),
+        &["not a file of saved log-probabilities"],
+    );
+    let gemma = common::gemma3();
+    bench_refused(
+        &[
+            &["--quality-base", base_s][..],
+            &quality_only,
+            &[smol_s, gemma.to_str().unwrap()],
+        ]
+        .concat(),
+        &["a vocabulary of 262144 tokens", "from a model of 49152"],
+    );
+    let nowhere = dir.join("missing").join("smol.kld");
+    bench_refused(
+        &[
+            &["--quality-save", nowhere.to_str().unwrap()][..],
+            &quality_only,
+            &[smol_s],
+        ]
+        .concat(),
+        &["no such folder"],
+    );
+    bench_refused(
+        &[
+            &["--quality-base", base_s, "--quality-text", smol_s][..],
+            &quality_only,
+            &[smol_s],
+        ]
+        .concat(),
+        &["cannot be used with"],
+    );
+    // Nothing was left behind by the runs refused or done.
+    let mut left = entries(&dir);
+    left.sort();
+    assert_eq!(left, ["cut.kld", "smol-Q4_0.gguf", "smol.kld"]);
+}
+
 #[test]
 fn quality_refuses_texts_it_cannot_score() {
     let _cores = one_at_a_time();

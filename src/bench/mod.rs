@@ -11,7 +11,7 @@ pub mod quantize;
 mod report;
 mod served;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -117,7 +117,10 @@ fn check_args(args: &BenchArgs) -> Result<Vec<usize>, String> {
 
 /// `--quality`, or a text for it.
 fn quality_asked(args: &BenchArgs) -> bool {
-    args.quality || args.quality_text.is_some()
+    args.quality
+        || args.quality_text.is_some()
+        || args.quality_save.is_some()
+        || args.quality_base.is_some()
 }
 
 /// The values given, each once, in the order given; `[None]` when none were (the default).
@@ -204,9 +207,32 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         .as_deref()
         .map(|path| Baseline::read(path, false))
         .transpose()?;
-    let text = quality_asked(args)
-        .then(|| quality::Text::load(args.quality_text.as_deref()))
-        .transpose()?;
+    let (text, saved) = match &args.quality_base {
+        Some(path) => {
+            let (text, reference) = quality::base::read(path).map_err(BenchError::Quality)?;
+            (Some(text), Some(reference))
+        }
+        None => (
+            quality_asked(args)
+                .then(|| quality::Text::load(args.quality_text.as_deref()))
+                .transpose()?,
+            None,
+        ),
+    };
+    if let Some(path) = &args.quality_save {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if path.is_dir() || !dir.is_dir() {
+            let why = if path.is_dir() {
+                "a folder"
+            } else {
+                "no such folder"
+            };
+            return Err(format!("--quality-save {}: {why}", path.display()).into());
+        }
+    }
     for pair in &skipped {
         eprintln!("skipping {pair}: a quantized KV cache needs flash attention");
     }
@@ -248,6 +274,24 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             Ok::<_, String>((m, file, header))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // A model of another vocabulary cannot be set against a saved reference.
+    if let Some((n, text)) = text.as_ref().and_then(|t| Some((t.saved_vocabulary()?, t))) {
+        for (_, file, header) in &files {
+            if let Some(gguf::GgufValue::Array { len, .. }) =
+                header.metadata.get("tokenizer.ggml.tokens")
+            {
+                if *len != n as u64 {
+                    return Err(format!(
+                        "{}: a vocabulary of {len} tokens, and {} come from a model of {n}: \
+                         only a model of the same vocabulary compares with them",
+                        file.display(),
+                        text.name
+                    )
+                    .into());
+                }
+            }
+        }
+    }
     // Each model's quantizations are measured right after it.
     let mut files_and_rungs = Vec::with_capacity(files.len() * (ladder.len() + 1));
     for (arg, file, header) in files {
@@ -311,7 +355,9 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut results = Vec::with_capacity(runs * depths.len() * tests.len().max(1));
-    let mut references = Vec::new();
+    let mut references: Vec<quality::Reference> = saved.into_iter().collect();
+    // Only the first reference of the run is saved.
+    let mut save = args.quality_save.as_deref();
     for (file, header) in &files {
         let name = file.file_name().map_or_else(
             || file.display().to_string(),
@@ -345,7 +391,11 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                         text,
                         &references,
                         &format!("{name}{tag}"),
+                        save,
                     )?;
+                    if reference.is_some() {
+                        save = None;
+                    }
                     references.extend(reference);
                     bar.inc(1);
                     Some(figures)

@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 
 use super::measure::{llama, BenchError, Setting};
 
+pub mod base;
+
 /// The built-in text: about 1,100 words of plain English prose written for this purpose, so
 /// that figures from different runs and machines compare.
 const BUILT_IN: &str = include_str!("quality.txt");
@@ -67,15 +69,23 @@ pub struct Text {
     /// How the table names it.
     pub name: String,
     text: String,
+    /// A saved reference's tokens (`--quality-base`), read instead of the text.
+    saved: Option<base::Tokens>,
 }
 
 impl Text {
+    /// The vocabulary size of the model a saved reference (`--quality-base`) came from.
+    pub fn saved_vocabulary(&self) -> Option<usize> {
+        self.saved.as_ref().map(|s| s.n_vocab)
+    }
+
     /// The built-in text, or the one in `path`.
     pub fn load(path: Option<&Path>) -> Result<Text, String> {
         let Some(path) = path else {
             return Ok(Text {
                 name: "the built-in text".into(),
                 text: BUILT_IN.into(),
+                saved: None,
             });
         };
         let bytes =
@@ -85,6 +95,7 @@ impl Text {
         Ok(Text {
             name: path.display().to_string(),
             text,
+            saved: None,
         })
     }
 }
@@ -148,17 +159,25 @@ pub fn said<'a>(text: &Text, figures: impl Iterator<Item = &'a Quality>) -> Stri
             kept.push(k);
         }
     }
+    let chunks = match &text.saved {
+        Some(saved) => format!("chunks of {} tokens", saved.chunk),
+        None => format!("chunks of up to {CHUNK} tokens"),
+    };
     let mut out = format!(
-        "ppl: perplexity of {}, in chunks of up to {CHUNK} tokens with the second half of each \
-         scored (± one standard error)\n",
+        "ppl: perplexity of {}, in {chunks} with the second half of each scored (± one \
+         standard error)\n",
         text.name
     );
+    let who = match &text.saved {
+        Some(_) => "saved model's",
+        None => "(ref) model's",
+    };
     if !kept.is_empty() {
         out.push_str(&format!(
-            "ppl ratio: over the (ref) model's on the same tokens, ± the paired error; \
-             kld: mean KL divergence in nats of each next-token distribution from the (ref) \
-             model's, over its {} likeliest tokens and the rest as one; same top: how often \
-             both put the same token first\n",
+            "ppl ratio: over the {who} on the same tokens, ± the paired error; kld: mean KL \
+             divergence in nats of each next-token distribution from the {who}, over its {} \
+             likeliest tokens and the rest as one; same top: how often both put the same \
+             token first\n",
             kept.iter()
                 .map(usize::to_string)
                 .collect::<Vec<_>>()
@@ -284,37 +303,59 @@ impl Sums {
 
 /// Scores `text` with a loaded model, and compares it with the first of `references` that
 /// read the same tokens. Returns its figures, and when none matched, what it predicted: a
-/// reference for the models after it.
+/// reference for the models after it, saved to `save` as well when given.
 pub fn score(
     model: &LlamaModel,
     setting: &Setting,
     text: &Text,
     references: &[Reference],
     name: &str,
+    save: Option<&Path>,
 ) -> Result<(Quality, Option<Reference>), BenchError> {
     let vocab = model.vocab();
     let bos = vocab.should_add_bos();
-    let words = vocab.tokenize(text.text.as_bytes(), false, false);
-    let train = usize::try_from(model.n_ctx_train()).unwrap_or(usize::MAX);
-    let (len, chunks) = layout(words.len(), bos, train)
-        .map_err(|e| BenchError::Quality(format!("{}: {e}", text.name)))?;
+    let n_vocab = usize::try_from(model.n_vocab()).unwrap_or(0);
     // As llama.cpp's perplexity tool cuts it, so that the figures compare: BOS and the text
-    // in whole chunks, each chunk's first token made BOS (it has nothing before it).
-    let mut tokens = Vec::with_capacity(len * chunks);
-    if bos {
-        tokens.push(vocab.bos());
-    }
-    tokens.extend_from_slice(&words);
-    tokens.truncate(len * chunks);
+    // in whole chunks (each chunk's first token is made BOS below: it has nothing before it).
+    let (read, len, text_tokens) = match &text.saved {
+        Some(saved) if saved.n_vocab != n_vocab => {
+            return Err(BenchError::Quality(format!(
+                "{name} has a vocabulary of {n_vocab} tokens, and {} was saved by a model of \
+                 {}: only a model of the same vocabulary compares with it",
+                text.name, saved.n_vocab
+            )))
+        }
+        Some(saved) => (saved.tokens.clone(), saved.chunk, saved.tokens.len()),
+        None => {
+            let words = vocab.tokenize(text.text.as_bytes(), false, false);
+            let train = usize::try_from(model.n_ctx_train()).unwrap_or(usize::MAX);
+            let (len, chunks) = layout(words.len(), bos, train)
+                .map_err(|e| BenchError::Quality(format!("{}: {e}", text.name)))?;
+            let mut tokens = Vec::with_capacity(len * chunks);
+            if bos {
+                tokens.push(vocab.bos());
+            }
+            tokens.extend_from_slice(&words);
+            tokens.truncate(len * chunks);
+            (tokens, len, words.len())
+        }
+    };
+    let mut tokens = read.clone();
     if bos {
         for chunk in tokens.chunks_exact_mut(len) {
             chunk[0] = vocab.bos();
         }
     }
-    let n_vocab = usize::try_from(model.n_vocab()).unwrap_or(0);
-    let reference = references
-        .iter()
-        .find(|r| r.n_vocab == n_vocab && r.chunk == len && r.tokens == tokens);
+    // A saved reference read the file's tokens, as this model does now.
+    let reference = references.iter().find(|r| {
+        r.n_vocab == n_vocab && r.chunk == len && (text.saved.is_some() || r.tokens == tokens)
+    });
+    let mut saving = match save {
+        Some(path) if reference.is_none() => {
+            Some(base::Saving::start(path, len, n_vocab, &read).map_err(BenchError::Quality)?)
+        }
+        _ => None,
+    };
 
     let backend = crate::engine::backend().map_err(llama)?;
     let len_u32 = u32::try_from(len).map_err(llama)?;
@@ -339,7 +380,7 @@ pub fn score(
         tokens: Vec::new(),
         chunk: len,
         n_vocab,
-        k: kept(chunks * (len - 1 - first), n_vocab),
+        k: kept(tokens.len() / len * (len - 1 - first), n_vocab),
         top: Vec::new(),
         top_logp: Vec::new(),
         nll: Vec::new(),
@@ -368,17 +409,18 @@ pub fn score(
             }
             for (i, p) in (start..end).enumerate() {
                 let target = chunk[p + 1].0 as usize;
-                sums.add(
-                    ctx.get_logits_ith(i as i32),
-                    target,
-                    reference,
-                    &mut mine,
-                    &mut scratch,
-                );
+                let logits = ctx.get_logits_ith(i as i32);
+                sums.add(logits, target, reference, &mut mine, &mut scratch);
+                if let Some(s) = &mut saving {
+                    s.row(logits).map_err(BenchError::Quality)?;
+                }
             }
         }
     }
     mine.tokens = tokens;
+    if let Some(s) = saving {
+        s.finish().map_err(BenchError::Quality)?;
+    }
     let n = sums.n.max(1) as f64;
     // The mean of some values and its standard error, from their sum and sum of squares.
     let mean_and_error = |sum: f64, sum_sq: f64| {
@@ -391,7 +433,7 @@ pub fn score(
     let (ppl, ppl_error) = exp_and_error(mean_and_error(sums.nll, sums.nll_sq));
     let ratio = reference.map(|_| exp_and_error(mean_and_error(sums.diff, sums.diff_sq)));
     let quality = Quality {
-        text_tokens: words.len(),
+        text_tokens,
         chunk: len,
         scored: sums.n,
         ppl,

@@ -390,11 +390,11 @@ pub fn quantize(
 /// The files the quantizers of this process are writing, for [`remove_unfinished`].
 static WRITING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
-/// Files in [`WRITING`] while it lives.
-struct Writing(Vec<PathBuf>);
+/// Files in [`WRITING`] while it lives: removed by [`remove_unfinished`] on Ctrl-C.
+pub(crate) struct Writing(Vec<PathBuf>);
 
 impl Writing {
-    fn register(files: Vec<PathBuf>) -> Writing {
+    pub(crate) fn register(files: Vec<PathBuf>) -> Writing {
         WRITING
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
