@@ -1593,6 +1593,8 @@ fn quality_is_scored_and_compared_with_the_first_model_of_each_vocabulary() {
         "{again}"
     );
     assert!(number(again, "kld").abs() < 1e-6, "{again}");
+    assert!(number(again, "kld_max").abs() < 1e-6, "{again}");
+    assert_eq!(number(again, "dp_rms"), 0.0, "{again}");
     assert_eq!(number(again, "same_top"), 1.0, "{again}");
     assert_eq!(number(again, "ppl_ratio"), 1.0, "{again}");
     assert_eq!(number(again, "ppl_ratio_error"), 0.0, "{again}");
@@ -1660,6 +1662,16 @@ fn a_quantization_ladder_shows_what_each_rung_costs_in_quality() {
     // Q8_0 holds Q4_1's weights almost exactly; Q4_0 loses each block's offset. So Q8_0
     // stays closer, in every figure.
     assert!(number(q8, "kld") < number(q4, "kld") / 10.0, "{q8} {q4}");
+    assert!(number(q8, "dp_rms") < number(q4, "dp_rms"), "{q8} {q4}");
+    // The worst positions stray far further than the mean, the worst of all further still.
+    for q in [q8, q4] {
+        let (mean, p99, max) = (number(q, "kld"), number(q, "kld_p99"), number(q, "kld_max"));
+        assert!(mean < p99 && p99 <= max, "{q}");
+        assert!(
+            number(q, "dp_rms") > 0.0 && number(q, "dp_rms") < 1.0,
+            "{q}"
+        );
+    }
     assert!(number(q8, "same_top") > number(q4, "same_top"), "{q8} {q4}");
     assert!(number(q8, "same_top") > 0.85, "{q8}");
     assert!(number(q4, "ppl") > number(source, "ppl"), "{q4} {source}");
@@ -1677,23 +1689,28 @@ fn a_quantization_ladder_shows_what_each_rung_costs_in_quality() {
     // The table gives each its three cells beside the speed, and says what they are.
     let table = run("-p 16 -n 4", "table");
     assert!(
-        table.contains(" | tg4 tok/s | ppl | ppl ratio | kld | same top |\n"),
+        table.contains(" | tg4 tok/s | ppl | ppl ratio | kld | kld 99% | same top |\n"),
         "{table}"
     );
     let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| Sm")).collect();
     assert_eq!(rows.len(), 3, "{table}");
-    assert!(rows[0].ends_with(" | (ref) | (ref) | (ref) |"), "{table}");
+    assert!(
+        rows[0].ends_with(" | (ref) | (ref) | (ref) | (ref) |"),
+        "{table}"
+    );
     for row in &rows[1..] {
         let cells: Vec<&str> = row.trim_matches('|').split(" | ").map(str::trim).collect();
-        // tg4, ppl ± error, ppl ratio ± error, kld, same top.
-        let [tg, ppl, ratio, kld, same] = cells[cells.len() - 5..] else {
+        // tg4, ppl ± error, ppl ratio ± error, kld, kld 99%, same top.
+        let [tg, ppl, ratio, kld, p99, same] = cells[cells.len() - 6..] else {
             panic!("{table}")
         };
         assert!(
             tg.contains('–') && ppl.contains(" ± ") && ratio.contains(" ± "),
             "{row}"
         );
-        assert!(kld.parse::<f64>().is_ok_and(|k| k > 0.0), "{row}");
+        let kld: f64 = kld.parse().unwrap();
+        assert!(kld > 0.0, "{row}");
+        assert!(p99.parse::<f64>().is_ok_and(|k| k > kld), "{row}");
         assert!(same.ends_with('%'), "{row}");
     }
     assert!(
@@ -1701,11 +1718,23 @@ fn a_quantization_ladder_shows_what_each_rung_costs_in_quality() {
         "{table}"
     );
     assert!(table.contains("kld: mean KL divergence"), "{table}");
+    assert!(
+        table.contains("kld 99%: what 99% of the positions"),
+        "{table}"
+    );
     let csv = run("-p 0 -n 0", "csv");
     for figure in [",ppl,", ",ppl_error,"] {
         assert_eq!(csv.matches(figure).count(), 3, "{csv}");
     }
-    for figure in [",ppl_ratio,", ",ppl_ratio_error,", ",kld,", ",same_top,"] {
+    for figure in [
+        ",ppl_ratio,",
+        ",ppl_ratio_error,",
+        ",kld,",
+        ",kld_p99,",
+        ",kld_max,",
+        ",same_top,",
+        ",dp_rms,",
+    ] {
         assert_eq!(csv.matches(figure).count(), 2, "{csv}");
     }
 }
@@ -1892,6 +1921,8 @@ fn a_reference_saved_once_is_compared_with_later_without_its_model() {
     };
     near("ppl_ratio", 1e-3);
     near("kld", 1e-3);
+    near("kld_p99", 1e-2);
+    near("dp_rms", 1e-3);
     // A tie at the top may fall the other way after rounding: a position or two.
     near("same_top", 2.0 / 510.0);
     // The model that saved it, against itself.

@@ -130,6 +130,19 @@ pub struct Quality {
     /// The reference's likeliest tokens the divergence was taken over, the rest counted as
     /// one (`None` for a reference).
     pub kld_top: Option<usize>,
+    /// The KL divergence that 99% of the scored positions stay at or under: where a
+    /// quantization goes badly wrong now and then, which the mean hides (`None` for a
+    /// reference).
+    #[serde(default)]
+    pub kld_p99: Option<f64>,
+    /// The largest KL divergence at any scored position (`None` for a reference).
+    #[serde(default)]
+    pub kld_max: Option<f64>,
+    /// The root mean square of the change in the probability of the text's next token, from
+    /// the reference's to this model's, from 0 to 1 (llama.cpp's perplexity tool's "RMS Δp";
+    /// `None` for a reference).
+    #[serde(default)]
+    pub dp_rms: Option<f64>,
 }
 
 /// What a model predicted at each scored position, kept so that later models of the same
@@ -176,8 +189,8 @@ pub fn said<'a>(text: &Text, figures: impl Iterator<Item = &'a Quality>) -> Stri
         out.push_str(&format!(
             "ppl ratio: over the {who} on the same tokens, ± the paired error; kld: mean KL \
              divergence in nats of each next-token distribution from the {who}, over its {} \
-             likeliest tokens and the rest as one; same top: how often both put the same \
-             token first\n",
+             likeliest tokens and the rest as one; kld 99%: what 99% of the positions' \
+             divergences stay at or under; same top: how often both put the same token first\n",
             kept.iter()
                 .map(usize::to_string)
                 .collect::<Vec<_>>()
@@ -249,6 +262,15 @@ fn divergence(top: &[u32], p_top: &[f32], logits: &[f32], lse: f64) -> f64 {
     kl.max(0.0)
 }
 
+/// The value that a `fraction` of `values` is at or under (nearest rank); 0 for none.
+fn percentile(values: &mut [f64], fraction: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let rank = ((fraction * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    *values.select_nth_unstable_by(rank - 1, f64::total_cmp).1
+}
+
 /// Running sums over the scored positions.
 #[derive(Default)]
 struct Sums {
@@ -260,6 +282,10 @@ struct Sums {
     diff_sq: f64,
     kl: f64,
     same: usize,
+    /// Each position's KL divergence, for its percentiles.
+    kls: Vec<f64>,
+    /// Of the squared changes in the next token's probability.
+    dp_sq: f64,
 }
 
 impl Sums {
@@ -287,8 +313,12 @@ impl Sums {
                 &r.top[at * r.k..(at + 1) * r.k],
                 &r.top_logp[at * r.k..(at + 1) * r.k],
             );
-            self.kl += divergence(top, p_top, logits, lse);
+            let kl = divergence(top, p_top, logits, lse);
+            self.kl += kl;
+            self.kls.push(kl);
             self.same += usize::from(top[0] as usize == best);
+            let dp = (-nll).exp() - (-r.nll[at]).exp();
+            self.dp_sq += dp * dp;
         } else {
             mine.nll.push(nll);
             let top = top_k(logits, mine.k, scratch);
@@ -444,6 +474,9 @@ pub fn score(
         same_top: reference.map(|_| sums.same as f64 / n),
         reference: reference.map(|r| r.name.clone()),
         kld_top: reference.map(|r| r.k),
+        kld_p99: reference.map(|_| percentile(&mut sums.kls, 0.99)),
+        kld_max: reference.map(|_| sums.kls.iter().copied().fold(0.0, f64::max)),
+        dp_rms: reference.map(|_| (sums.dp_sq / n).sqrt()),
     };
     Ok((quality, reference.is_none().then_some(mine)))
 }
@@ -498,6 +531,16 @@ mod tests {
         // Large logits do not overflow.
         let (lse, _) = log_sum_exp(&[1000.0, 1000.0]);
         assert!((lse - (1000.0 + 2f64.ln())).abs() < 1e-9);
+    }
+
+    #[test]
+    fn percentiles_are_nearest_ranks() {
+        let mut v: Vec<f64> = (1..=200).rev().map(f64::from).collect();
+        assert_eq!(percentile(&mut v, 0.99), 198.0);
+        assert_eq!(percentile(&mut v, 0.5), 100.0);
+        assert_eq!(percentile(&mut v, 1.0), 200.0);
+        assert_eq!(percentile(&mut [3.0], 0.99), 3.0);
+        assert_eq!(percentile(&mut [], 0.99), 0.0);
     }
 
     #[test]

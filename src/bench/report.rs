@@ -527,7 +527,7 @@ pub fn table(results: &[ModelResult], depths: &[usize], reps: usize) -> String {
     head.extend(layout.figures.iter().map(|c| c.head(&layout.at, true)));
     let quality = results.iter().any(|r| r.quality.is_some());
     if quality {
-        head.extend(["ppl", "ppl ratio", "kld", "same top"].map(String::from));
+        head.extend(["ppl", "ppl ratio", "kld", "kld 99%", "same top"].map(String::from));
     }
     let mut out = head_lines(&head);
     for group in rows(results) {
@@ -624,8 +624,8 @@ pub fn versus_table(results: &[ModelResult], depths: &[usize], baseline: &Baseli
     out
 }
 
-/// The ppl, ppl ratio, kld and same-top cells; a reference says so in the last three.
-fn quality_cells(q: Option<&Quality>) -> [String; 4] {
+/// The ppl, ppl ratio, kld, kld 99% and same-top cells; a reference says so in the last four.
+fn quality_cells(q: Option<&Quality>) -> [String; 5] {
     let Some(q) = q else {
         return Default::default();
     };
@@ -636,6 +636,7 @@ fn quality_cells(q: Option<&Quality>) -> [String; 4] {
             .zip(q.ppl_ratio_error)
             .map_or_else(reference, |(r, e)| format!("{r:.4} ± {e:.4}")),
         q.kld.map_or_else(reference, |k| format!("{k:.4}")),
+        q.kld_p99.map_or_else(reference, |k| format!("{k:.4}")),
         q.same_top
             .map_or_else(reference, |f| format!("{:.1}%", f * 100.0)),
     ]
@@ -740,7 +741,10 @@ pub fn csv(results: &[ModelResult], compared: bool) -> String {
                 ("ppl_ratio", q.ppl_ratio),
                 ("ppl_ratio_error", q.ppl_ratio_error),
                 ("kld", q.kld),
+                ("kld_p99", q.kld_p99),
+                ("kld_max", q.kld_max),
                 ("same_top", q.same_top),
+                ("dp_rms", q.dp_rms),
             ];
             for (figure, value) in values {
                 if let Some(v) = value {
@@ -1097,6 +1101,9 @@ mod tests {
                 same_top: None,
                 reference: None,
                 kld_top: None,
+                kld_p99: None,
+                kld_max: None,
+                dp_rms: None,
             });
             r
         };
