@@ -362,6 +362,14 @@ pub fn quantize(
             let _ = std::fs::remove_file(from);
         }
     };
+    // Said before the bar is drawn, not under it.
+    if requantizing(&header) && canonical(kind)? != COPY {
+        tracing::warn!(
+            from = %header.quantization(),
+            to = canonical(kind)?,
+            "requantizing an already quantized model: quality drops more than quantizing from F16/BF16"
+        );
+    }
     let writing = Writing::register(files.iter().map(|(from, _)| from.clone()).collect());
     let quantize = || run(input, &header, Some(&temp), kind, options);
     let ran = if options.progress {
@@ -657,6 +665,11 @@ pub fn dry_run(input: &Path, kinds: &str, options: &Options<'_>) -> Result<Strin
 /// Bytes in a MiB, as llama.cpp's log counts them.
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// Whether the model's weights are already quantized (not F32, F16 or BF16).
+fn requantizing(header: &GgufHeader) -> bool {
+    !matches!(header.uint("general.file_type").unwrap_or(0), 0 | 1 | 32)
+}
+
 /// Runs llama.cpp's quantizer into `output`, or as a dry run where there is none; a dry run
 /// returns what the quantizer's log said it would make.
 fn run(
@@ -701,16 +714,8 @@ fn run(
     }));
     // llama.cpp's list ends with an entry whose key is empty.
     keys.push(int_key("", 0));
-    let source = header.uint("general.file_type").unwrap_or(0);
     let copy = canonical(kind)? == COPY;
-    let requantize = !matches!(source, 0 | 1 | 32);
-    if requantize && output.is_some() && !copy {
-        tracing::warn!(
-            from = %header.quantization(),
-            to = gguf::file_type_name(u64::from(target)).unwrap_or(kind),
-            "requantizing an already quantized model: quality drops more than quantizing from F16/BF16"
-        );
-    }
+    let requantize = requantizing(header);
     crate::engine::backend().map_err(|e| QuantizeError::Input(e.to_string()))?;
     let c = |p: &Path| {
         CString::new(p.to_string_lossy().as_bytes())
