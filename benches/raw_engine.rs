@@ -76,6 +76,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         quality: false,
         quality_text: None,
         quality_save: None,
+        quality_chunk: None,
         quality_base: None,
         format: args.format,
         baseline: None,

@@ -179,7 +179,7 @@ pub struct BenchArgs {
     /// servers side by side, each against the first.
     #[arg(long, value_name = "URL", conflicts_with_all = [
         "threads", "gpu_layers", "ctx", "flash_attention", "quantize", "kv_cache_type", "depth",
-        "quality", "quality_text", "quality_save", "quality_base", "batch",
+        "quality", "quality_text", "quality_save", "quality_base", "quality_chunk", "batch",
     ])]
     pub server: Vec<String>,
     /// API key for --server [default: BACKSTOP_API_KEY].
@@ -279,6 +279,12 @@ pub struct BenchArgs {
     /// built in].
     #[arg(long, value_name = "FILE", conflicts_with = "quality_base")]
     pub quality_text: Option<PathBuf>,
+    /// Tokens per chunk of the --quality text, each read from an empty cache with its second
+    /// half scored (llama-perplexity's -c): longer chunks score each token with more before
+    /// it [default: 512, or the model's training context when shorter]. Implies --quality.
+    #[arg(long, value_name = "N", conflicts_with = "quality_base",
+          value_parser = clap::value_parser!(u32).range(16..))]
+    pub quality_chunk: Option<u32>,
     /// Also save the first model's next-token distributions at each scored position to FILE
     /// (what --quality-base reads; llama.cpp's `llama-perplexity --kl-divergence-base` format,
     /// so that tool reads it too): score a large model once, compare its quantizations with

@@ -2005,6 +2005,42 @@ fn quality_refuses_texts_it_cannot_score() {
         &["--server", "http://127.0.0.1:9", "--quality", "m"],
         &["--quality"],
     );
+
+    // Chunks of another length (llama-perplexity's -c): each scored token has less before
+    // it, so the perplexity is higher than in chunks of 512 (21.56), as the tool's is (it
+    // says 26.0125 with -c 128 -fa off).
+    let out = bench_json(&["--quality-chunk", "128", "-p", "0", "-n", "0", model]);
+    let q = quality(&out["results"][0]);
+    assert_eq!(q["chunk"], 128, "{q}");
+    let scored = number(q, "scored") as usize;
+    assert!(scored % 63 == 0 && scored / 63 >= 8, "{q}");
+    // Within 1%: another machine's kernels round differently.
+    assert!((number(q, "ppl") - 26.01).abs() < 0.26, "{q}");
+    let quality_only = ["-p", "0", "-n", "0", model];
+    for (chunk, says) in [
+        (
+            "4096",
+            "tokens, less than one chunk of 4096 (--quality-chunk)",
+        ),
+        (
+            "16384",
+            "--quality-chunk 16384: longer than the model's training context of 8192 tokens",
+        ),
+        ("8", "8 is not in 16.."),
+    ] {
+        bench_refused(
+            &[&["--quality-chunk", chunk][..], &quality_only].concat(),
+            &[says],
+        );
+    }
+    bench_refused(
+        &[
+            &["--quality-chunk", "128", "--quality-base", model][..],
+            &quality_only,
+        ]
+        .concat(),
+        &["cannot be used with"],
+    );
 }
 
 /// `backstop imatrix` reads a text through the model and writes llama.cpp's GGUF imatrix;

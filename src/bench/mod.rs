@@ -120,6 +120,7 @@ fn quality_asked(args: &BenchArgs) -> bool {
     args.quality
         || args.quality_text.is_some()
         || args.quality_save.is_some()
+        || args.quality_chunk.is_some()
         || args.quality_base.is_some()
 }
 
@@ -214,7 +215,12 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         None => (
             quality_asked(args)
-                .then(|| quality::Text::load(args.quality_text.as_deref()))
+                .then(|| {
+                    quality::Text::load(
+                        args.quality_text.as_deref(),
+                        args.quality_chunk.map(|c| c as usize),
+                    )
+                })
                 .transpose()?,
             None,
         ),

@@ -71,6 +71,8 @@ pub struct Text {
     text: String,
     /// A saved reference's tokens (`--quality-base`), read instead of the text.
     saved: Option<base::Tokens>,
+    /// Tokens per chunk, as asked (`--quality-chunk`; llama-perplexity's `-c`).
+    chunk: Option<usize>,
 }
 
 impl Text {
@@ -79,13 +81,14 @@ impl Text {
         self.saved.as_ref().map(|s| s.n_vocab)
     }
 
-    /// The built-in text, or the one in `path`.
-    pub fn load(path: Option<&Path>) -> Result<Text, String> {
+    /// The built-in text, or the one in `path`, read in chunks of `chunk` tokens where given.
+    pub fn load(path: Option<&Path>, chunk: Option<usize>) -> Result<Text, String> {
         let Some(path) = path else {
             return Ok(Text {
                 name: "the built-in text".into(),
                 text: BUILT_IN.into(),
                 saved: None,
+                chunk,
             });
         };
         let bytes =
@@ -96,6 +99,7 @@ impl Text {
             name: path.display().to_string(),
             text,
             saved: None,
+            chunk,
         })
     }
 }
@@ -172,9 +176,10 @@ pub fn said<'a>(text: &Text, figures: impl Iterator<Item = &'a Quality>) -> Stri
             kept.push(k);
         }
     }
-    let chunks = match &text.saved {
-        Some(saved) => format!("chunks of {} tokens", saved.chunk),
-        None => format!("chunks of up to {CHUNK} tokens"),
+    let chunks = match (&text.saved, text.chunk) {
+        (Some(saved), _) => format!("chunks of {} tokens", saved.chunk),
+        (None, Some(chunk)) => format!("chunks of {chunk} tokens"),
+        (None, None) => format!("chunks of up to {CHUNK} tokens"),
     };
     let mut out = format!(
         "ppl: perplexity of {}, in {chunks} with the second half of each scored (± one \
@@ -201,16 +206,35 @@ pub fn said<'a>(text: &Text, figures: impl Iterator<Item = &'a Quality>) -> Stri
 }
 
 /// Chunk length and number of chunks for `n` text tokens, BOS first where the model wants
-/// one: whole chunks of [`CHUNK`], or of the training context when shorter; a text shorter
-/// than one chunk is one chunk of itself.
-fn layout(n: usize, bos: bool, train: usize) -> Result<(usize, usize), String> {
+/// one: whole chunks of `asked` tokens, or by default of [`CHUNK`], or of the training context
+/// when shorter, a text shorter than one such chunk being one chunk of itself. A chunk asked
+/// for must fit the training context and the text must fill one.
+fn layout(
+    n: usize,
+    bos: bool,
+    train: usize,
+    asked: Option<usize>,
+) -> Result<(usize, usize), String> {
     if n < MIN_TOKENS {
         return Err(format!(
             "{n} tokens: --quality needs a text of at least {MIN_TOKENS} tokens"
         ));
     }
     let all = n + usize::from(bos);
-    let len = CHUNK.min(train).min(all);
+    let len = match asked {
+        Some(c) if c > train => {
+            return Err(format!(
+                "--quality-chunk {c}: longer than the model's training context of {train} tokens"
+            ))
+        }
+        Some(c) if c > all => {
+            return Err(format!(
+                "{all} tokens, less than one chunk of {c} (--quality-chunk)"
+            ))
+        }
+        Some(c) => c,
+        None => CHUNK.min(train).min(all),
+    };
     Ok((len, all / len))
 }
 
@@ -359,7 +383,7 @@ pub fn score(
         None => {
             let words = vocab.tokenize(text.text.as_bytes(), false, false);
             let train = usize::try_from(model.n_ctx_train()).unwrap_or(usize::MAX);
-            let (len, chunks) = layout(words.len(), bos, train)
+            let (len, chunks) = layout(words.len(), bos, train, text.chunk)
                 .map_err(|e| BenchError::Quality(format!("{}: {e}", text.name)))?;
             let mut tokens = Vec::with_capacity(len * chunks);
             if bos {
@@ -595,22 +619,32 @@ mod tests {
 
     #[test]
     fn texts_are_cut_into_whole_chunks_or_refused_when_short() {
-        assert_eq!(layout(1100, true, 8192), Ok((512, 2)));
-        assert_eq!(layout(1100, false, 8192), Ok((512, 2)));
+        assert_eq!(layout(1100, true, 8192, None), Ok((512, 2)));
+        assert_eq!(layout(1100, false, 8192, None), Ok((512, 2)));
         // BOS counts in the first chunk.
-        assert_eq!(layout(1023, true, 8192), Ok((512, 2)));
-        assert_eq!(layout(1022, true, 8192), Ok((512, 1)));
-        assert_eq!(layout(1023, false, 8192), Ok((512, 1)));
+        assert_eq!(layout(1023, true, 8192, None), Ok((512, 2)));
+        assert_eq!(layout(1022, true, 8192, None), Ok((512, 1)));
+        assert_eq!(layout(1023, false, 8192, None), Ok((512, 1)));
         // A short training context makes the chunks shorter.
-        assert_eq!(layout(1100, false, 256), Ok((256, 4)));
+        assert_eq!(layout(1100, false, 256, None), Ok((256, 4)));
         // A text shorter than a chunk is one chunk of itself.
-        assert_eq!(layout(300, true, 8192), Ok((301, 1)));
-        assert_eq!(layout(64, false, 8192), Ok((64, 1)));
-        assert_eq!(layout(64, true, 8192), Ok((65, 1)));
-        let short = layout(63, false, 8192).unwrap_err();
+        assert_eq!(layout(300, true, 8192, None), Ok((301, 1)));
+        assert_eq!(layout(64, false, 8192, None), Ok((64, 1)));
+        assert_eq!(layout(64, true, 8192, None), Ok((65, 1)));
+        let short = layout(63, false, 8192, None).unwrap_err();
         assert!(
             short.contains("63 tokens") && short.contains("at least 64"),
             "{short}"
         );
+        // Chunks of the length asked for: within the training context, the text filling one.
+        assert_eq!(layout(1100, true, 8192, Some(128)), Ok((128, 8)));
+        assert_eq!(layout(1100, true, 8192, Some(1024)), Ok((1024, 1)));
+        let long = layout(1100, true, 8192, Some(2048)).unwrap_err();
+        assert_eq!(
+            long,
+            "1101 tokens, less than one chunk of 2048 (--quality-chunk)"
+        );
+        let beyond = layout(100_000, true, 8192, Some(16384)).unwrap_err();
+        assert!(beyond.contains("training context of 8192"), "{beyond}");
     }
 }

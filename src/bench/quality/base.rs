@@ -271,6 +271,7 @@ pub fn read(path: &Path) -> Result<(Text, Reference), String> {
             chunk,
             n_vocab,
         }),
+        chunk: Some(chunk),
     };
     Ok((text, reference))
 }
