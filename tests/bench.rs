@@ -533,6 +533,28 @@ fn start_imatrix(out: &Path, extra: &[&str]) -> std::process::Child {
         .expect("run backstop")
 }
 
+/// `backstop imatrix` of SmolLM2 over the README in `chunks` chunks of 256 tokens into `out`,
+/// which must succeed: what it printed.
+fn readme_imatrix(out: &Path, chunks: u32) -> String {
+    let (model, text_file) = (common::smollm2(), common::checkout().join("README.md"));
+    let o = backstop(&[
+        "imatrix",
+        model.to_str().unwrap(),
+        "-f",
+        text_file.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--chunk",
+        "256",
+        "--chunks",
+        &chunks.to_string(),
+        "-t",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    text(&o.stdout)
+}
+
 /// Waits until `done` holds or `child` has exited (without a deadline shorter than the
 /// test's own); whether `done` held while it still ran.
 fn while_running(child: &mut std::process::Child, done: impl Fn() -> bool) -> bool {
@@ -2054,26 +2076,11 @@ fn an_importance_matrix_is_computed_and_makes_low_bit_quantization_lose_less() {
     let readme = common::checkout().join("README.md");
     let matrix = dir.join("smol.imatrix.gguf");
     let (smol_s, matrix_s) = (smol.to_str().unwrap(), matrix.to_str().unwrap());
-    let o = backstop(&[
-        "imatrix",
-        smol_s,
-        "-f",
-        readme.to_str().unwrap(),
-        "-o",
-        matrix_s,
-        "--chunk",
-        "256",
-        "--chunks",
-        "4",
-        "-t",
-        "2",
-    ]);
-    assert!(o.status.success(), "{}", text(&o.stderr));
+    let said = readme_imatrix(&matrix, 4);
     // SmolLM2 has 30 layers of seven matrices (attention q, k, v, output; ffn gate, up, down).
     assert!(
-        text(&o.stdout).contains("210 weight matrices from 4 chunks of 256 tokens"),
-        "{}",
-        text(&o.stdout)
+        said.contains("210 weight matrices from 4 chunks of 256 tokens"),
+        "{said}"
     );
     // The model's perplexity of the text, scored as llama-imatrix scores it (it printed the
     // same 31.6117 as backstop for this README with 8 chunks of 512 on the day).
@@ -2081,7 +2088,7 @@ fn an_importance_matrix_is_computed_and_makes_low_bit_quantization_lose_less() {
         let (_, rest) = stdout.split_once("(perplexity ").expect("a perplexity");
         rest.trim_end().trim_end_matches(')').parse().unwrap()
     };
-    let ppl = perplexity(&text(&o.stdout));
+    let ppl = perplexity(&said);
     assert!((5.0..200.0).contains(&ppl), "{ppl}");
     let m = backstop::bench::imatrix::Imatrix::read(&matrix).unwrap();
     assert_eq!((m.chunk_count, m.chunk_size), (4, 256));
@@ -2764,14 +2771,6 @@ fn quantize_takes_per_tensor_types_and_a_pure_mix() {
     let smol_s = smol.to_str().unwrap();
     let out = dir.join("out.gguf");
     let out_s = out.to_str().unwrap();
-    let types = |path: &Path| -> std::collections::BTreeMap<String, u32> {
-        backstop::models::gguf::read(path)
-            .unwrap()
-            .tensors
-            .into_iter()
-            .map(|t| (t.name, t.ggml_type))
-            .collect()
-    };
     // ggml's type numbers.
     let (f16, q4_0, q8_0, q4_k, q6_k) = (1, 2, 8, 12, 14);
 
@@ -2788,7 +2787,7 @@ fn quantize_takes_per_tensor_types_and_a_pure_mix() {
         r"blk\.0\.=f16",
     ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
-    let t = types(&out);
+    let t = tensor_types(&out);
     assert_eq!(t["token_embd.weight"], q8_0);
     assert_eq!(t["blk.7.ffn_down.weight"], q8_0);
     assert_eq!(t["blk.0.attn_q.weight"], f16);
@@ -2800,11 +2799,11 @@ fn quantize_takes_per_tensor_types_and_a_pure_mix() {
     // layer too, in Q8_0 where Q6_K's blocks do not fit); --pure puts none there.
     let o = backstop(&["quantize", smol_s, out_s, "Q4_K_M"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
-    let mixed = types(&out);
+    let mixed = tensor_types(&out);
     assert!(mixed.values().any(|&v| v == q6_k), "{mixed:?}");
     let o = backstop(&["quantize", smol_s, out_s, "Q4_K_M", "--pure"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
-    let pure = types(&out);
+    let pure = tensor_types(&out);
     assert!(!pure.values().any(|&v| v == q6_k || v == q8_0), "{pure:?}");
     assert!(pure.values().any(|&v| v == q4_k), "{pure:?}");
     std::fs::remove_file(&out).unwrap();
@@ -2843,22 +2842,7 @@ fn quantize_prunes_layers_and_chooses_the_weights_an_importance_matrix_weighs() 
     let smol_s = smol.to_str().unwrap();
     let matrix = dir.join("smol.imatrix.gguf");
     let matrix_s = matrix.to_str().unwrap();
-    let readme = common::checkout().join("README.md");
-    let o = backstop(&[
-        "imatrix",
-        smol_s,
-        "-f",
-        readme.to_str().unwrap(),
-        "-o",
-        matrix_s,
-        "--chunk",
-        "256",
-        "--chunks",
-        "2",
-        "-t",
-        "2",
-    ]);
-    assert!(o.status.success(), "{}", text(&o.stderr));
+    readme_imatrix(&matrix, 2);
     let q4_0 = |name: &str, args: &[&str]| {
         let out = dir.join(name);
         let o = backstop(
@@ -2873,17 +2857,9 @@ fn quantize_prunes_layers_and_chooses_the_weights_an_importance_matrix_weighs() 
     };
     let (plain, plain_path) = q4_0("plain.gguf", &[]);
     let (weighed, weighed_path) = q4_0("weighed.gguf", &["--imatrix", matrix_s]);
-    let types = |path: &Path| -> std::collections::BTreeMap<String, u32> {
-        backstop::models::gguf::read(path)
-            .unwrap()
-            .tensors
-            .into_iter()
-            .map(|t| (t.name, t.ggml_type))
-            .collect()
-    };
     // With any importance matrix llama.cpp's mix puts a few tensors (Q4_0's first ffn_down
     // layers) in another type: those are quantized with the matrix's choice of type.
-    let (plain_types, weighed_types) = (types(&plain_path), types(&weighed_path));
+    let (plain_types, weighed_types) = (tensor_types(&plain_path), tensor_types(&weighed_path));
     let retyped: Vec<&String> = plain_types
         .keys()
         .filter(|n| plain_types[*n] != weighed_types[*n])
@@ -3007,6 +2983,16 @@ fn quantize_prunes_layers_and_chooses_the_weights_an_importance_matrix_weighs() 
         ],
         "cannot be used with",
     );
+}
+
+/// Each tensor's ggml type number in a GGUF, by name.
+fn tensor_types(path: &Path) -> std::collections::BTreeMap<String, u32> {
+    backstop::models::gguf::read(path)
+        .unwrap()
+        .tensors
+        .into_iter()
+        .map(|t| (t.name, t.ggml_type))
+        .collect()
 }
 
 /// The names of the tensors in one file (of a split model, that part's own).

@@ -347,6 +347,15 @@ pub fn quantize(
             check_output(from, to)?;
         }
     }
+    // What would stop the quantizer is said before the room is counted and the bar drawn.
+    check_prune(&header, &options.prune)?;
+    if let Some((m, _)) = options.imatrix {
+        let (list, weights) = fitted(m, &header, options)?;
+        tracing::info!(
+            "quantizing with an importance matrix for {} of {weights} weight matrices",
+            list.len()
+        );
+    }
     // A dead quantizer's files first: their room counts as free.
     remove_stale(dir, |stale| stale == name);
     let size = check_room(
@@ -683,7 +692,7 @@ fn run(
     let target = ftype(kind)?;
     check_prune(header, &options.prune)?;
     let importance = imatrix
-        .map(|(m, _)| fitted(m, header, options))
+        .map(|(m, _)| fitted(m, header, options).map(|(list, _)| list))
         .transpose()?;
     let mut keys = Vec::new();
     if let Some((m, file)) = imatrix {
@@ -916,17 +925,20 @@ fn int_key(key: &str, value: i64) -> llama_cpp_sys_2::llama_model_kv_override {
     }
 }
 
+/// Importance values by weight name, as llama.cpp's quantizer takes them.
+type Importance = Vec<(String, Vec<f32>)>;
+
 /// The importance data for `model`'s weights: every matrix of a layer (`blk.*.weight`, two or
 /// more dimensions), and the output layer where it has its own, that the matrix has an entry
 /// for. An entry of the wrong size means the matrix was made for another model (llama.cpp
 /// would throw mid-run); none matching at all, the same. Matrices without an entry are
-/// quantized without one, as llama.cpp does, and counted in the log line that says how much
-/// of the model the matrix covers.
+/// quantized without one, as llama.cpp does. Returned with the number of weight matrices,
+/// for the log line that says how much of the model the matrix covers.
 fn fitted(
     m: &Imatrix,
     model: &GgufHeader,
     options: &Options<'_>,
-) -> Result<Vec<(String, Vec<f32>)>, QuantizeError> {
+) -> Result<(Importance, usize), QuantizeError> {
     let weighed = || {
         model
             .tensors
@@ -984,11 +996,7 @@ fn fitted(
              matrices: it was made for another model"
         )));
     }
-    tracing::info!(
-        "quantizing with an importance matrix for {} of {weights} weight matrices",
-        out.len()
-    );
-    Ok(out)
+    Ok((out, weights))
 }
 
 /// While it is held, llama.cpp's per-tensor fallback warnings are left out of the log.
