@@ -581,8 +581,9 @@ pub fn check_room(
     )))
 }
 
-/// A bar of bytes written out of `total` (a spinner without one), for [`watched`].
-fn progress_bar(total: Option<u64>, message: String) -> ProgressBar {
+/// A bar of bytes done out of `total` (a spinner without one): written, for [`watched`], or
+/// read, for a saved quality reference.
+pub(crate) fn progress_bar(total: Option<u64>, message: String) -> ProgressBar {
     let (bar, template) = match total {
         Some(total) => (
             ProgressBar::new(total),

@@ -247,9 +247,19 @@ pub fn read(path: &Path) -> Result<(Text, Reference), String> {
     let mut raw = vec![0u8; 2 * row_len(n_vocab)];
     let mut row = vec![0u16; row_len(n_vocab)];
     let (mut logp, mut scratch) = (Vec::new(), Vec::new());
+    // A large model's file on a long text is tens of GB: minutes to read.
+    let bar = crate::bench::quantize::progress_bar(
+        Some(size),
+        format!("reading the saved reference {}", path.display()),
+    );
+    bar.set_position(size - 2 * row_len(n_vocab) as u64 * rows);
+    let mut r = bar.wrap_read(r);
     for c in 0..n_chunk {
         for i in 0..per_chunk {
-            r.read_exact(&mut raw).map_err(io)?;
+            if let Err(e) = r.read_exact(&mut raw) {
+                bar.finish_and_clear();
+                return Err(io(e));
+            }
             for (q, b) in row.iter_mut().zip(raw.chunks_exact(2)) {
                 *q = u16::from_le_bytes([b[0], b[1]]);
             }
@@ -263,6 +273,7 @@ pub fn read(path: &Path) -> Result<(Text, Reference), String> {
                 .extend(top.iter().map(|&t| logp[t as usize]));
         }
     }
+    bar.finish_and_clear();
     let text = Text {
         name: format!("the tokens saved in {}", path.display()),
         text: String::new(),
