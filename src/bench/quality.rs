@@ -304,9 +304,8 @@ struct Sums {
     /// Of the differences from the reference's negative log-likelihoods.
     diff: f64,
     diff_sq: f64,
-    kl: f64,
     same: usize,
-    /// Each position's KL divergence, for its percentiles.
+    /// Each position's KL divergence: their mean, percentiles and largest.
     kls: Vec<f64>,
     /// Of the squared changes in the next token's probability.
     dp_sq: f64,
@@ -338,7 +337,6 @@ impl Sums {
                 &r.top_logp[at * r.k..(at + 1) * r.k],
             );
             let kl = divergence(top, p_top, logits, lse);
-            self.kl += kl;
             self.kls.push(kl);
             self.same += usize::from(top[0] as usize == best);
             let dp = (-nll).exp() - (-r.nll[at]).exp();
@@ -494,7 +492,7 @@ pub fn score(
         ppl_error,
         ppl_ratio: ratio.map(|r| r.0),
         ppl_ratio_error: ratio.map(|r| r.1),
-        kld: reference.map(|_| sums.kl / n),
+        kld: reference.map(|_| sums.kls.iter().sum::<f64>() / n),
         same_top: reference.map(|_| sums.same as f64 / n),
         reference: reference.map(|r| r.name.clone()),
         kld_top: reference.map(|r| r.k),
