@@ -78,6 +78,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         quality_save: None,
         quality_chunk: None,
         quality_base: None,
+        hellaswag: None,
+        hellaswag_tasks: None,
         format: args.format,
         baseline: None,
     })

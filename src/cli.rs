@@ -180,6 +180,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "URL", conflicts_with_all = [
         "threads", "gpu_layers", "ctx", "flash_attention", "quantize", "kv_cache_type", "depth",
         "quality", "quality_text", "quality_save", "quality_base", "quality_chunk", "batch",
+        "hellaswag", "hellaswag_tasks",
     ])]
     pub server: Vec<String>,
     /// API key for --server [default: BACKSTOP_API_KEY].
@@ -296,6 +297,17 @@ pub struct BenchArgs {
     /// of with the first model given. Implies --quality.
     #[arg(long, value_name = "FILE")]
     pub quality_base: Option<PathBuf>,
+    /// Also score the HellaSwag tasks in FILE (llama.cpp's `llama-perplexity --hellaswag`
+    /// layout: six lines a task, the context, the right ending's number from 0 to 3, and four
+    /// endings): how often each model picks the right ending, with its 95% interval, and how
+    /// often it picks what the first model picked. With -p 0 -n 0, only this.
+    #[arg(long, value_name = "FILE")]
+    pub hellaswag: Option<PathBuf>,
+    /// Tasks --hellaswag scores, drawn from the file as llama-perplexity draws them
+    /// [default: 400, or all the file has when fewer].
+    #[arg(long, value_name = "N", requires = "hellaswag",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub hellaswag_tasks: Option<u64>,
     /// KV cache element type: f16, q8_0 or q4_0, or several to compare [default: f16].
     #[arg(long, value_delimiter = ',', value_name = "TYPE,...", value_parser = parse_kv_type)]
     pub kv_cache_type: Vec<crate::engine::KvCacheType>,

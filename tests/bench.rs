@@ -2065,6 +2065,224 @@ fn quality_refuses_texts_it_cannot_score() {
     );
 }
 
+/// HellaSwag tasks that any model reading its context gets right: a code word said, then
+/// begun again, the endings four code words. `gold` says which ending the file calls right:
+/// the repeated one, or the one after it.
+fn code_word_tasks(path: &Path, repeated_is_right: bool) {
+    let words = [
+        "amber", "falcon", "river", "copper", "meadow", "lantern", "velvet", "harbor", "orchid",
+        "pebble", "thunder", "willow", "cedar", "marble", "violet", "canyon",
+    ];
+    let mut lines = Vec::new();
+    for i in 0..12 {
+        let code = |j: usize| {
+            (0..3)
+                .map(|k| words[(i * 5 + j * 4 + k) % 16])
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let said = i % 4;
+        let right = if repeated_is_right {
+            said
+        } else {
+            (said + 1) % 4
+        };
+        lines.push(format!(
+            "Note: the code word is {}. Once more, the code word is",
+            code(said)
+        ));
+        lines.push(right.to_string());
+        lines.extend((0..4).map(|j| format!("{}.", code(j))));
+    }
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+fn hellaswag(result: &Value) -> &Value {
+    let h = &result["hellaswag"];
+    assert!(h.is_object(), "no hellaswag: {result}");
+    h
+}
+
+#[test]
+fn hellaswag_tasks_are_scored_and_each_model_set_against_the_first() {
+    let _cores = one_at_a_time();
+    let smol = common::smollm2();
+    let gemma = common::gemma3();
+    let (smol, gemma) = (smol.to_str().unwrap(), gemma.to_str().unwrap());
+    let dir = common::temp_dir("hellaswag");
+    let _cleanup = Cleanup(dir.clone());
+    let repeated = dir.join("repeated.txt");
+    code_word_tasks(&repeated, true);
+    let repeated = repeated.to_str().unwrap();
+
+    // Every task right, by both models, whatever the batch: a batch of 16 reads each task
+    // (about 60 tokens) in several decodes.
+    let out = bench_json(&[
+        "--hellaswag",
+        repeated,
+        "-b",
+        "512,16",
+        "-p",
+        "0",
+        "-n",
+        "0",
+        smol,
+        gemma,
+    ]);
+    assert_eq!(out["hellaswag_file"], repeated, "{out}");
+    let results = out["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4, "{out}");
+    for (i, r) in results.iter().enumerate() {
+        assert!(r["pp"].is_null() && r["quality"].is_null(), "{r}");
+        let h = hellaswag(r);
+        assert_eq!(
+            (&h["tasks"], &h["correct"]),
+            (&json!(12), &json!(12)),
+            "{h}"
+        );
+        assert_eq!(number(h, "accuracy"), 1.0, "{h}");
+        // Wilson's interval for 12 of 12 at 95%.
+        assert!((number(h, "low") - 0.7575).abs() < 1e-4, "{h}");
+        assert!((number(h, "high") - 1.0).abs() < 1e-9, "{h}");
+        if i == 0 {
+            assert!(h["reference"].is_null() && h["same_pick"].is_null(), "{h}");
+        } else {
+            // SmolLM2's and Gemma's picks set against the first row's, task by task.
+            assert_eq!(
+                h["reference"], "SmolLM2-135M-Instruct.Q4_1.gguf b=512",
+                "{h}"
+            );
+            assert_eq!(number(h, "same_pick"), 1.0, "{h}");
+        }
+    }
+
+    // The same tasks, the file calling another ending right: none is the model's pick.
+    let other = dir.join("other.txt");
+    code_word_tasks(&other, false);
+    let out = bench_json(&[
+        "--hellaswag",
+        other.to_str().unwrap(),
+        "-p",
+        "0",
+        "-n",
+        "0",
+        smol,
+    ]);
+    let h = hellaswag(&out["results"][0]);
+    assert_eq!((&h["tasks"], &h["correct"]), (&json!(12), &json!(0)), "{h}");
+    assert!(number(h, "high") < 0.25, "{h}");
+
+    // The README's sample: 10 of its 40 tasks, beside a speed figure and quality, in a table
+    // and in CSV.
+    let sample = common::checkout().join("tests/data/hellaswag-sample.txt");
+    let sample = sample.to_str().unwrap();
+    let both = [
+        "-t",
+        "2",
+        "-p",
+        "16",
+        "-n",
+        "0",
+        "-r",
+        "1",
+        "--quality",
+        "--hellaswag",
+        sample,
+        "--hellaswag-tasks",
+        "10",
+        smol,
+        smol,
+    ];
+    let o = backstop(&[&["bench"][..], &both].concat());
+    let table = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        table.starts_with(
+            "| model | quant | size | params | backend | pp16 tok/s | ppl | ppl ratio | kld | \
+             kld 99% | same top | hellaswag | same pick |"
+        ),
+        "{table}"
+    );
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.starts_with("| SmolLM2"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(rows[0].ends_with("| (ref) |"), "{table}");
+    assert!(rows[1].ends_with("| 100.0% |"), "{table}");
+    // Both rows' accuracy cells are the same (the same model), and a whole number of tenths.
+    let cell = |row: &str| row.split(" | ").nth(11).unwrap_or_default().to_owned();
+    assert_eq!(cell(rows[0]), cell(rows[1]), "{table}");
+    assert!(cell(rows[0]).contains("0.00% ["), "{table}");
+    assert!(
+        table.contains(&format!("over 10 of the 40 tasks of {sample}")),
+        "{table}"
+    );
+    let o = backstop(&[&["bench", "--format", "csv"][..], &both].concat());
+    let csv = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    for figure in ["hellaswag", "hellaswag_low", "hellaswag_high"] {
+        assert_eq!(
+            csv.lines()
+                .filter(|l| l.contains(&format!(",{figure},")))
+                .count(),
+            2,
+            "{figure}: {csv}"
+        );
+    }
+    let same: Vec<&str> = csv
+        .lines()
+        .filter(|l| l.contains(",hellaswag_same_pick,"))
+        .collect();
+    assert!(same.len() == 1 && same[0].contains(",1.000000,,"), "{csv}");
+}
+
+#[test]
+fn hellaswag_refuses_files_it_cannot_read() {
+    let smol = common::smollm2();
+    let model = smol.to_str().unwrap();
+    let dir = common::temp_dir("hellaswag-refused");
+    let _cleanup = Cleanup(dir.clone());
+    let task = "A context\n0\none\ntwo\nthree\nfour\n";
+    let cut = dir.join("cut.txt");
+    std::fs::write(&cut, format!("{task}{task}extra\n")).unwrap();
+    let label = dir.join("label.txt");
+    std::fs::write(&label, format!("{task}{}", task.replace("\n0\n", "\n4\n"))).unwrap();
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let binary = dir.join("binary.txt");
+    std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x41]).unwrap();
+    let missing = dir.join("missing.txt");
+    for (file, says) in [
+        (&cut, "13 lines, not a whole number of tasks"),
+        (
+            &label,
+            "line 8: \"4\" is not the number of the right ending (0 to 3)",
+        ),
+        (&empty, "no tasks"),
+        (&binary, "not UTF-8 text"),
+        (&missing, "missing.txt"),
+    ] {
+        let file = file.to_str().unwrap();
+        bench_refused(
+            &["--hellaswag", file, "-p", "0", "-n", "0", model],
+            &[&format!("--hellaswag {file}: "), says],
+        );
+    }
+    let fine = dir.join("fine.txt");
+    std::fs::write(&fine, task).unwrap();
+    let fine = fine.to_str().unwrap();
+    bench_refused(
+        &["--hellaswag", fine, "--hellaswag-tasks", "0", model],
+        &["0 is not in 1.."],
+    );
+    bench_refused(&["--hellaswag-tasks", "5", model], &["--hellaswag <FILE>"]);
+    bench_refused(
+        &["--server", "http://127.0.0.1:9", "--hellaswag", fine, "m"],
+        &["cannot be used with"],
+    );
+}
+
 /// `backstop imatrix` reads a text through the model and writes llama.cpp's GGUF imatrix;
 /// `quantize --imatrix` takes it, opens the types that need one, and loses less quality.
 #[test]

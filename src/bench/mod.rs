@@ -3,6 +3,7 @@
 //! that builds the ladder, and the importance matrix that the lowest-bit types need.
 
 mod baseline;
+mod hellaswag;
 pub mod imatrix;
 mod ladder;
 mod measure;
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub use baseline::{Baseline, Compared, Lengths, ServedVersus, Versus, VersusAggregate};
+pub use hellaswag::Hellaswag;
 pub use measure::{load, measure, BenchError, Plan, Rep, Setting, Test};
 pub use quality::Quality;
 pub use report::{
@@ -84,7 +86,7 @@ fn tests(args: &BenchArgs) -> Vec<Test> {
 /// without 1 (the single-stream figure is always measured).
 fn check_args(args: &BenchArgs) -> Result<Vec<usize>, String> {
     let tests = tests(args);
-    if tests.is_empty() && !quality_asked(args) {
+    if tests.is_empty() && !quality_asked(args) && args.hellaswag.is_none() {
         return Err("-p 0 and -n 0 leave nothing to measure".into());
     }
     if let Some(n) = args.parallel.iter().find(|&&n| n == 0 || n > MAX_PARALLEL) {
@@ -94,8 +96,8 @@ fn check_args(args: &BenchArgs) -> Result<Vec<usize>, String> {
     }
     if tests.is_empty() && args.depth.iter().any(|&d| d > 0) {
         return Err(
-            "-d with -p 0 and -n 0: no speed is measured at a depth (quality is scored from an \
-             empty cache)"
+            "-d with -p 0 and -n 0: no speed is measured at a depth (quality and tasks are scored \
+             from an empty cache)"
                 .into(),
         );
     }
@@ -225,6 +227,16 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             None,
         ),
     };
+    let tasks = args
+        .hellaswag
+        .as_deref()
+        .map(|path| {
+            let count = args.hellaswag_tasks.map_or(hellaswag::DEFAULT_TASKS, |n| {
+                usize::try_from(n).unwrap_or(usize::MAX)
+            });
+            hellaswag::Tasks::load(path, count)
+        })
+        .transpose()?;
     if let Some(path) = &args.quality_save {
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
@@ -340,6 +352,9 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(text) = &text {
         line_facts.push(("quality_text", serde_json::json!(text.name)));
     }
+    if let Some(tasks) = &tasks {
+        line_facts.push(("hellaswag_file", serde_json::json!(tasks.name)));
+    }
     if let Some(b) = &baseline {
         line_facts.push(("baseline_file", serde_json::json!(b.name)));
     }
@@ -353,8 +368,10 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         };
     let runs = files.len() * settings.len();
     // A warm-up and the repetitions of each test at each depth (`-p 0 -n 0` measures only
-    // quality), and the quality pass.
-    let per_run = tests.len() * depths.len() * (args.reps + 1) + usize::from(text.is_some());
+    // quality), and the quality and task passes.
+    let per_run = tests.len() * depths.len() * (args.reps + 1)
+        + usize::from(text.is_some())
+        + usize::from(tasks.is_some());
     let bar = ProgressBar::new((runs * per_run) as u64);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} runs, {elapsed}")
@@ -362,6 +379,8 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     );
     let mut results = Vec::with_capacity(runs * depths.len() * tests.len().max(1));
     let mut references: Vec<quality::Reference> = saved.into_iter().collect();
+    // The first model's picks, which the others' are set against.
+    let mut picks = None;
     // Only the first reference of the run is saved.
     let mut save = args.quality_save.as_deref();
     for (file, header) in &files {
@@ -408,6 +427,22 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 }
                 None => None,
             };
+            let hellaswag = match &tasks {
+                Some(tasks) => {
+                    bar.set_message(format!("{name}{tag} hellaswag"));
+                    let (figures, mine) = hellaswag::score(
+                        &model,
+                        &setting,
+                        tasks,
+                        picks.as_ref(),
+                        &format!("{name}{tag}"),
+                    )?;
+                    picks.get_or_insert(mine);
+                    bar.inc(1);
+                    Some(figures)
+                }
+                None => None,
+            };
             for &depth in &depths {
                 // The depth and the context cells a result was measured with.
                 let cells = (depth, args.ctx);
@@ -415,6 +450,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                     let mut result =
                         ModelResult::new(meta.clone(), setting, cells, Test::default(), &[], &[]);
                     result.quality.clone_from(&quality);
+                    result.hellaswag.clone_from(&hellaswag);
                     if !emit(&bar, &result)? {
                         return Ok(());
                     }
@@ -434,6 +470,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                     let mut result =
                         ModelResult::new(meta.clone(), setting, cells, test, &plan.parallel, &reps);
                     result.quality.clone_from(&quality);
+                    result.hellaswag.clone_from(&hellaswag);
                     result.baseline = baseline.as_ref().and_then(|b| b.compare(&result));
                     if !emit(&bar, &result)? {
                         return Ok(());
@@ -446,11 +483,12 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     bar.finish_and_clear();
     let report = match args.format {
         BenchFormat::Table => format!(
-            "{}{}{}\n{}",
+            "{}{}{}{}\n{}",
             table(&results, &depths, args.reps),
             text.as_ref()
                 .map(|t| quality::said(t, results.iter().filter_map(|r| r.quality.as_ref())))
                 .unwrap_or_default(),
+            tasks.as_ref().map(hellaswag::said).unwrap_or_default(),
             machine.line(),
             baseline
                 .as_ref()
@@ -463,6 +501,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 "depths": depths,
                 "reps": args.reps,
                 "quality_text": text.as_ref().map(|t| &t.name),
+                "hellaswag_file": tasks.as_ref().map(|t| &t.name),
                 "machine": machine,
                 "baseline_file": baseline.as_ref().map(|b| &b.name),
                 "baseline_machine": baseline.as_ref().and_then(|b| b.machine.as_ref()),

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::baseline::{Baseline, Compared, Versus, WITHIN_SPREAD};
+use super::hellaswag::Hellaswag;
 use super::measure::{Rep, Setting, Test};
 use super::quality::Quality;
 
@@ -109,6 +110,9 @@ pub struct ModelResult {
     /// Output quality, with `--quality`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<Quality>,
+    /// HellaSwag's figures, with `--hellaswag`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hellaswag: Option<Hellaswag>,
     /// With `--baseline`, the same test's figures in the earlier run, each with this run's
     /// median over its median (`null` where the baseline has none). Not read back from a
     /// baseline itself: a run compared with one is compared with its own figures.
@@ -160,6 +164,7 @@ impl ModelResult {
                 .collect(),
             cached: reps.iter().map(|r| r.cached).min().unwrap_or(0),
             quality: None,
+            hellaswag: None,
             baseline: None,
         }
     }
@@ -529,6 +534,10 @@ pub fn table(results: &[ModelResult], depths: &[usize], reps: usize) -> String {
     if quality {
         head.extend(["ppl", "ppl ratio", "kld", "kld 99%", "same top"].map(String::from));
     }
+    let tasks = results.iter().any(|r| r.hellaswag.is_some());
+    if tasks {
+        head.extend(["hellaswag", "same pick"].map(String::from));
+    }
     let mut out = head_lines(&head);
     for group in rows(results) {
         let mut row = layout.lead(group[0], true);
@@ -538,6 +547,11 @@ pub fn table(results: &[ModelResult], depths: &[usize], reps: usize) -> String {
         }
         if quality {
             row.extend(quality_cells(group.iter().find_map(|o| o.quality.as_ref())));
+        }
+        if tasks {
+            row.extend(hellaswag_cells(
+                group.iter().find_map(|o| o.hellaswag.as_ref()),
+            ));
         }
         out.push_str(&format!("| {} |\n", row.join(" | ")));
     }
@@ -642,6 +656,23 @@ fn quality_cells(q: Option<&Quality>) -> [String; 5] {
     ]
 }
 
+/// The accuracy (with its interval) and same-pick cells; a reference says so in the last.
+fn hellaswag_cells(h: Option<&Hellaswag>) -> [String; 2] {
+    let Some(h) = h else {
+        return Default::default();
+    };
+    [
+        format!(
+            "{:.2}% [{:.1}, {:.1}]",
+            h.accuracy * 100.0,
+            h.low * 100.0,
+            h.high * 100.0
+        ),
+        h.same_pick
+            .map_or_else(|| "(ref)".to_owned(), |f| format!("{:.1}%", f * 100.0)),
+    ]
+}
+
 /// One result as a line of JSON (`--format jsonl`), with the run's facts that a line read
 /// alone needs added to it (`reps`, the machine).
 pub fn json_line(
@@ -732,10 +763,11 @@ pub fn csv(results: &[ModelResult], compared: bool) -> String {
             let (tokens, versus) = (format!("{prompt}+{generate}"), versus(Column::Pg(r.test)));
             row("pg", Some(tokens), 1, &spread(f), versus);
         }
-        // Quality figures are one value each: in the median column, min and max empty; said
-        // with a row's first test (every test of it carries the same).
+        // Quality and task figures are one value each: in the median column, min and max
+        // empty; said with a row's first test (every test of it carries the same).
+        let mut values = Vec::new();
         if let (Some(q), 0) = (&r.quality, i) {
-            let values = [
+            values.extend([
                 ("ppl", Some(q.ppl)),
                 ("ppl_error", Some(q.ppl_error)),
                 ("ppl_ratio", q.ppl_ratio),
@@ -745,11 +777,19 @@ pub fn csv(results: &[ModelResult], compared: bool) -> String {
                 ("kld_max", q.kld_max),
                 ("same_top", q.same_top),
                 ("dp_rms", q.dp_rms),
-            ];
-            for (figure, value) in values {
-                if let Some(v) = value {
-                    row(figure, None, 1, &format!("{v:.6},,"), None);
-                }
+            ]);
+        }
+        if let (Some(h), 0) = (&r.hellaswag, i) {
+            values.extend([
+                ("hellaswag", Some(h.accuracy)),
+                ("hellaswag_low", Some(h.low)),
+                ("hellaswag_high", Some(h.high)),
+                ("hellaswag_same_pick", h.same_pick),
+            ]);
+        }
+        for (figure, value) in values {
+            if let Some(v) = value {
+                row(figure, None, 1, &format!("{v:.6},,"), None);
             }
         }
     }
@@ -803,6 +843,7 @@ mod tests {
             }],
             cached: 0,
             quality: None,
+            hellaswag: None,
             baseline: None,
         }
     }
