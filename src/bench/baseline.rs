@@ -403,12 +403,31 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
-    fn written(name: &str, text: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("backstop-baseline-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
+    /// A file written for a test, removed when the test is done with it.
+    struct Written(std::path::PathBuf);
+
+    impl std::ops::Deref for Written {
+        type Target = std::path::Path;
+        fn deref(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Written {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn written(name: &str, text: &str) -> Written {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "backstop-baseline-{}-{n}-{name}",
+            std::process::id()
+        ));
         std::fs::write(&path, text).unwrap();
-        path
+        Written(path)
     }
 
     #[test]
