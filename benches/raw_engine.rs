@@ -80,6 +80,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         quality_base: None,
         hellaswag: None,
         hellaswag_tasks: None,
+        winogrande: None,
+        winogrande_tasks: None,
         format: args.format,
         baseline: None,
     })

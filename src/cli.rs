@@ -180,7 +180,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "URL", conflicts_with_all = [
         "threads", "gpu_layers", "ctx", "flash_attention", "quantize", "kv_cache_type", "depth",
         "quality", "quality_text", "quality_save", "quality_base", "quality_chunk", "batch",
-        "hellaswag", "hellaswag_tasks",
+        "hellaswag", "hellaswag_tasks", "winogrande", "winogrande_tasks",
     ])]
     pub server: Vec<String>,
     /// API key for --server [default: BACKSTOP_API_KEY].
@@ -308,6 +308,17 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", requires = "hellaswag",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub hellaswag_tasks: Option<u64>,
+    /// Also score the Winogrande tasks in FILE (llama.cpp's `llama-perplexity --winogrande`
+    /// CSV: index, a sentence with a _ for the blank, two choices for it, the right one's
+    /// number, 1 or 2): how often each model fills the blank rightly, with its 95% interval,
+    /// and how often it picks what the first model picked. With -p 0 -n 0, only this.
+    #[arg(long, value_name = "FILE")]
+    pub winogrande: Option<PathBuf>,
+    /// Tasks --winogrande scores, drawn from the file as llama-perplexity draws them
+    /// [default: all the file has].
+    #[arg(long, value_name = "N", requires = "winogrande",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub winogrande_tasks: Option<u64>,
     /// KV cache element type: f16, q8_0 or q4_0, or several to compare [default: f16].
     #[arg(long, value_delimiter = ',', value_name = "TYPE,...", value_parser = parse_kv_type)]
     pub kv_cache_type: Vec<crate::engine::KvCacheType>,

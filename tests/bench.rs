@@ -2065,22 +2065,25 @@ fn quality_refuses_texts_it_cannot_score() {
     );
 }
 
-/// HellaSwag tasks that any model reading its context gets right: a code word said, then
-/// begun again, the endings four code words. `gold` says which ending the file calls right:
-/// the repeated one, or the one after it.
-fn code_word_tasks(path: &Path, repeated_is_right: bool) {
-    let words = [
-        "amber", "falcon", "river", "copper", "meadow", "lantern", "velvet", "harbor", "orchid",
-        "pebble", "thunder", "willow", "cedar", "marble", "violet", "canyon",
-    ];
+/// Code words for tasks that any model reading its context gets right.
+const CODE_WORDS: [&str; 16] = [
+    "amber", "falcon", "river", "copper", "meadow", "lantern", "velvet", "harbor", "orchid",
+    "pebble", "thunder", "willow", "cedar", "marble", "violet", "canyon",
+];
+
+/// Task `i`'s `j`th code word: three words.
+fn code_word(i: usize, j: usize) -> String {
+    (0..3)
+        .map(|k| CODE_WORDS[(i * 5 + j * 4 + k) % 16])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Twelve HellaSwag tasks: a code word said, then begun again, the endings four code words.
+/// The file calls the repeated one right, or (`repeated_is_right` false) the one after it.
+fn code_word_hellaswag(path: &Path, repeated_is_right: bool) {
     let mut lines = Vec::new();
     for i in 0..12 {
-        let code = |j: usize| {
-            (0..3)
-                .map(|k| words[(i * 5 + j * 4 + k) % 16])
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
         let said = i % 4;
         let right = if repeated_is_right {
             said
@@ -2089,37 +2092,75 @@ fn code_word_tasks(path: &Path, repeated_is_right: bool) {
         };
         lines.push(format!(
             "Note: the code word is {}. Once more, the code word is",
-            code(said)
+            code_word(i, said)
         ));
         lines.push(right.to_string());
-        lines.extend((0..4).map(|j| format!("{}.", code(j))));
+        lines.extend((0..4).map(|j| format!("{}.", code_word(i, j))));
     }
     std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }
 
-fn hellaswag(result: &Value) -> &Value {
-    let h = &result["hellaswag"];
-    assert!(h.is_object(), "no hellaswag: {result}");
+/// Twelve Winogrande tasks, a header first: the blank where a code word is said and its two
+/// choices, the sentence saying it again after (scored after the choice: a quoted sentence,
+/// with a comma), or the blank where it is said again (scored from the choice on).
+fn code_word_winogrande(path: &Path, repeated_is_right: bool) {
+    let mut lines = vec!["index,sentence,option1,option2,answer".to_owned()];
+    for i in 0..12 {
+        let said = i % 2;
+        let sentence = if i < 6 {
+            format!(
+                "\"The code word is _. I repeat, the code word is {} and nothing else.\"",
+                code_word(i, said)
+            )
+        } else {
+            format!(
+                "The code word is {}. Once more the code word is _.",
+                code_word(i, said)
+            )
+        };
+        let right = if repeated_is_right { said } else { 1 - said };
+        lines.push(format!(
+            "{i},{sentence},{},{},{}",
+            code_word(i, 0),
+            code_word(i, 1),
+            right + 1
+        ));
+    }
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+fn task_score<'v>(result: &'v Value, kind: &str) -> &'v Value {
+    let h = &result[kind];
+    assert!(h.is_object(), "no {kind}: {result}");
     h
 }
 
 #[test]
-fn hellaswag_tasks_are_scored_and_each_model_set_against_the_first() {
+fn tasks_are_scored_and_each_models_picks_set_against_the_first() {
     let _cores = one_at_a_time();
     let smol = common::smollm2();
     let gemma = common::gemma3();
     let (smol, gemma) = (smol.to_str().unwrap(), gemma.to_str().unwrap());
-    let dir = common::temp_dir("hellaswag");
+    let dir = common::temp_dir("tasks");
     let _cleanup = Cleanup(dir.clone());
-    let repeated = dir.join("repeated.txt");
-    code_word_tasks(&repeated, true);
-    let repeated = repeated.to_str().unwrap();
+    let files = |right: bool| {
+        let (h, w) = (
+            dir.join(format!("hellaswag-{right}.txt")),
+            dir.join(format!("winogrande-{right}.csv")),
+        );
+        code_word_hellaswag(&h, right);
+        code_word_winogrande(&w, right);
+        (h.display().to_string(), w.display().to_string())
+    };
+    let (hellaswag, winogrande) = files(true);
 
     // Every task right, by both models, whatever the batch: a batch of 16 reads each task
     // (about 60 tokens) in several decodes.
     let out = bench_json(&[
         "--hellaswag",
-        repeated,
+        &hellaswag,
+        "--winogrande",
+        &winogrande,
         "-b",
         "512,16",
         "-p",
@@ -2129,53 +2170,67 @@ fn hellaswag_tasks_are_scored_and_each_model_set_against_the_first() {
         smol,
         gemma,
     ]);
-    assert_eq!(out["hellaswag_file"], repeated, "{out}");
+    assert_eq!(out["hellaswag_file"], hellaswag.as_str(), "{out}");
+    assert_eq!(out["winogrande_file"], winogrande.as_str(), "{out}");
     let results = out["results"].as_array().unwrap();
     assert_eq!(results.len(), 4, "{out}");
     for (i, r) in results.iter().enumerate() {
         assert!(r["pp"].is_null() && r["quality"].is_null(), "{r}");
-        let h = hellaswag(r);
-        assert_eq!(
-            (&h["tasks"], &h["correct"]),
-            (&json!(12), &json!(12)),
-            "{h}"
-        );
-        assert_eq!(number(h, "accuracy"), 1.0, "{h}");
-        // Wilson's interval for 12 of 12 at 95%.
-        assert!((number(h, "low") - 0.7575).abs() < 1e-4, "{h}");
-        assert!((number(h, "high") - 1.0).abs() < 1e-9, "{h}");
-        if i == 0 {
-            assert!(h["reference"].is_null() && h["same_pick"].is_null(), "{h}");
-        } else {
-            // SmolLM2's and Gemma's picks set against the first row's, task by task.
+        for kind in ["hellaswag", "winogrande"] {
+            let h = task_score(r, kind);
             assert_eq!(
-                h["reference"], "SmolLM2-135M-Instruct.Q4_1.gguf b=512",
-                "{h}"
+                (&h["tasks"], &h["correct"]),
+                (&json!(12), &json!(12)),
+                "{kind}: {h}"
             );
-            assert_eq!(number(h, "same_pick"), 1.0, "{h}");
+            assert_eq!(number(h, "accuracy"), 1.0, "{h}");
+            // Wilson's interval for 12 of 12 at 95%.
+            assert!((number(h, "low") - 0.7575).abs() < 1e-4, "{h}");
+            assert!((number(h, "high") - 1.0).abs() < 1e-9, "{h}");
+            if i == 0 {
+                assert!(h["reference"].is_null() && h["same_pick"].is_null(), "{h}");
+            } else {
+                // SmolLM2's and Gemma's picks set against the first row's, task by task.
+                assert_eq!(
+                    h["reference"], "SmolLM2-135M-Instruct.Q4_1.gguf b=512",
+                    "{h}"
+                );
+                assert_eq!(number(h, "same_pick"), 1.0, "{h}");
+            }
         }
     }
 
-    // The same tasks, the file calling another ending right: none is the model's pick.
-    let other = dir.join("other.txt");
-    code_word_tasks(&other, false);
+    // The same tasks, the files calling the other answer right: none is the model's pick.
+    let (hellaswag, winogrande) = files(false);
     let out = bench_json(&[
         "--hellaswag",
-        other.to_str().unwrap(),
+        &hellaswag,
+        "--winogrande",
+        &winogrande,
         "-p",
         "0",
         "-n",
         "0",
         smol,
     ]);
-    let h = hellaswag(&out["results"][0]);
-    assert_eq!((&h["tasks"], &h["correct"]), (&json!(12), &json!(0)), "{h}");
-    assert!(number(h, "high") < 0.25, "{h}");
+    for kind in ["hellaswag", "winogrande"] {
+        let h = task_score(&out["results"][0], kind);
+        assert_eq!(
+            (&h["tasks"], &h["correct"]),
+            (&json!(12), &json!(0)),
+            "{kind}: {h}"
+        );
+        assert!(number(h, "high") < 0.25, "{h}");
+    }
 
-    // The README's sample: 10 of its 40 tasks, beside a speed figure and quality, in a table
-    // and in CSV.
-    let sample = common::checkout().join("tests/data/hellaswag-sample.txt");
-    let sample = sample.to_str().unwrap();
+    // The README's samples: 10 of HellaSwag's 40 tasks and all 30 of Winogrande's, beside a
+    // speed figure and quality, in a table and in CSV.
+    let sample = |name: &str| common::checkout().join("tests/data").join(name);
+    let (hellaswag, winogrande) = (
+        sample("hellaswag-sample.txt"),
+        sample("winogrande-sample.csv"),
+    );
+    let (hellaswag, winogrande) = (hellaswag.to_str().unwrap(), winogrande.to_str().unwrap());
     let both = [
         "-t",
         "2",
@@ -2187,9 +2242,11 @@ fn hellaswag_tasks_are_scored_and_each_model_set_against_the_first() {
         "1",
         "--quality",
         "--hellaswag",
-        sample,
+        hellaswag,
         "--hellaswag-tasks",
         "10",
+        "--winogrande",
+        winogrande,
         smol,
         smol,
     ];
@@ -2199,7 +2256,7 @@ fn hellaswag_tasks_are_scored_and_each_model_set_against_the_first() {
     assert!(
         table.starts_with(
             "| model | quant | size | params | backend | pp16 tok/s | ppl | ppl ratio | kld | \
-             kld 99% | same top | hellaswag | same pick |"
+             kld 99% | same top | hellaswag | hellaswag same | winogrande | winogrande same |"
         ),
         "{table}"
     );
@@ -2208,79 +2265,138 @@ fn hellaswag_tasks_are_scored_and_each_model_set_against_the_first() {
         .filter(|l| l.starts_with("| SmolLM2"))
         .collect();
     assert_eq!(rows.len(), 2, "{table}");
-    assert!(rows[0].ends_with("| (ref) |"), "{table}");
-    assert!(rows[1].ends_with("| 100.0% |"), "{table}");
-    // Both rows' accuracy cells are the same (the same model), and a whole number of tenths.
-    let cell = |row: &str| row.split(" | ").nth(11).unwrap_or_default().to_owned();
-    assert_eq!(cell(rows[0]), cell(rows[1]), "{table}");
-    assert!(cell(rows[0]).contains("0.00% ["), "{table}");
+    let cell = |row: &str, n: usize| {
+        let cell = row.split(" | ").nth(n).unwrap_or_default();
+        cell.trim_end_matches(" |").to_owned()
+    };
+    for n in [12, 14] {
+        assert_eq!(cell(rows[0], n), "(ref)", "{table}");
+        assert_eq!(cell(rows[1], n), "100.0%", "{table}");
+    }
+    // The same model: the same accuracy cells, a whole number of tenths and of thirtieths.
+    assert_eq!(cell(rows[0], 11), cell(rows[1], 11), "{table}");
+    assert_eq!(cell(rows[0], 13), cell(rows[1], 13), "{table}");
+    assert!(cell(rows[0], 11).contains("0.00% ["), "{table}");
+    let winogrande_right: f64 = cell(rows[0], 13)
+        .split('%')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap();
     assert!(
-        table.contains(&format!("over 10 of the 40 tasks of {sample}")),
+        (winogrande_right * 0.3 - (winogrande_right * 0.3).round()).abs() < 0.01,
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("over 10 of the 40 tasks of {hellaswag}")),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("over the 30 tasks of {winogrande}")),
         "{table}"
     );
     let o = backstop(&[&["bench", "--format", "csv"][..], &both].concat());
     let csv = text(&o.stdout);
     assert!(o.status.success(), "{}", text(&o.stderr));
-    for figure in ["hellaswag", "hellaswag_low", "hellaswag_high"] {
-        assert_eq!(
-            csv.lines()
-                .filter(|l| l.contains(&format!(",{figure},")))
-                .count(),
-            2,
-            "{figure}: {csv}"
-        );
+    for kind in ["hellaswag", "winogrande"] {
+        for figure in ["", "_low", "_high"] {
+            let rows = csv
+                .lines()
+                .filter(|l| l.contains(&format!(",{kind}{figure},")))
+                .count();
+            assert_eq!(rows, 2, "{kind}{figure}: {csv}");
+        }
+        let same: Vec<&str> = csv
+            .lines()
+            .filter(|l| l.contains(&format!(",{kind}_same_pick,")))
+            .collect();
+        assert!(same.len() == 1 && same[0].contains(",1.000000,,"), "{csv}");
     }
-    let same: Vec<&str> = csv
-        .lines()
-        .filter(|l| l.contains(",hellaswag_same_pick,"))
-        .collect();
-    assert!(same.len() == 1 && same[0].contains(",1.000000,,"), "{csv}");
 }
 
 #[test]
-fn hellaswag_refuses_files_it_cannot_read() {
+fn task_files_that_cannot_be_read_are_refused() {
     let smol = common::smollm2();
     let model = smol.to_str().unwrap();
-    let dir = common::temp_dir("hellaswag-refused");
+    let dir = common::temp_dir("tasks-refused");
     let _cleanup = Cleanup(dir.clone());
+    let write = |name: &str, text: &[u8]| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
     let task = "A context\n0\none\ntwo\nthree\nfour\n";
-    let cut = dir.join("cut.txt");
-    std::fs::write(&cut, format!("{task}{task}extra\n")).unwrap();
-    let label = dir.join("label.txt");
-    std::fs::write(&label, format!("{task}{}", task.replace("\n0\n", "\n4\n"))).unwrap();
-    let empty = dir.join("empty.txt");
-    std::fs::write(&empty, "").unwrap();
-    let binary = dir.join("binary.txt");
-    std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x41]).unwrap();
-    let missing = dir.join("missing.txt");
-    for (file, says) in [
-        (&cut, "13 lines, not a whole number of tasks"),
+    let row = "0,The cup is _ now.,full,empty,1\n";
+    let binary = write("binary.txt", &[0xff, 0xfe, 0x00, 0x41]);
+    let missing = dir.join("missing.txt").display().to_string();
+    let refusals = [
         (
-            &label,
+            "hellaswag",
+            write("cut.txt", format!("{task}{task}extra\n").as_bytes()),
+            "13 lines, not a whole number of tasks",
+        ),
+        (
+            "hellaswag",
+            write(
+                "label.txt",
+                format!("{task}{}", task.replace("\n0\n", "\n4\n")).as_bytes(),
+            ),
             "line 8: \"4\" is not the number of the right ending (0 to 3)",
         ),
-        (&empty, "no tasks"),
-        (&binary, "not UTF-8 text"),
-        (&missing, "missing.txt"),
-    ] {
-        let file = file.to_str().unwrap();
+        ("hellaswag", write("empty.txt", b""), "no tasks"),
+        (
+            "winogrande",
+            write(
+                "blank.csv",
+                format!("{row}1,The cup is full.,a,b,1\n").as_bytes(),
+            ),
+            "line 2: \"The cup is full.\" has no _ for the choice",
+        ),
+        (
+            "winogrande",
+            write(
+                "answer.csv",
+                format!("{row}1,The cup is _.,a,b,3\n").as_bytes(),
+            ),
+            "line 2: \"3\" is not the right choice's number (1 or 2)",
+        ),
+        (
+            "winogrande",
+            write("fields.csv", format!("{row}1,The cup is _.,a\n").as_bytes()),
+            "line 2: not five fields",
+        ),
+        (
+            "winogrande",
+            write("header.csv", b"index,sentence,option1,option2,answer\n"),
+            "no tasks",
+        ),
+    ];
+    for (kind, file, says) in refusals {
         bench_refused(
-            &["--hellaswag", file, "-p", "0", "-n", "0", model],
-            &[&format!("--hellaswag {file}: "), says],
+            &[&format!("--{kind}"), &file, "-p", "0", "-n", "0", model],
+            &[&format!("--{kind} {file}: "), says],
         );
     }
-    let fine = dir.join("fine.txt");
-    std::fs::write(&fine, task).unwrap();
-    let fine = fine.to_str().unwrap();
-    bench_refused(
-        &["--hellaswag", fine, "--hellaswag-tasks", "0", model],
-        &["0 is not in 1.."],
+    for kind in ["hellaswag", "winogrande"] {
+        for (file, says) in [(&binary, "not UTF-8 text"), (&missing, "missing.txt")] {
+            bench_refused(
+                &[&format!("--{kind}"), file, "-p", "0", "-n", "0", model],
+                &[&format!("--{kind} {file}: "), says],
+            );
+        }
+    }
+    let (task, row) = (
+        write("fine.txt", task.as_bytes()),
+        write("fine.csv", row.as_bytes()),
     );
-    bench_refused(&["--hellaswag-tasks", "5", model], &["--hellaswag <FILE>"]);
-    bench_refused(
-        &["--server", "http://127.0.0.1:9", "--hellaswag", fine, "m"],
-        &["cannot be used with"],
-    );
+    for (kind, file) in [("hellaswag", &task), ("winogrande", &row)] {
+        let (option, count) = (format!("--{kind}"), format!("--{kind}-tasks"));
+        bench_refused(&[&option, file, &count, "0", model], &["0 is not in 1.."]);
+        bench_refused(&[&count, "5", model], &[&format!("--{kind} <FILE>")]);
+        bench_refused(
+            &["--server", "http://127.0.0.1:9", &option, file, "m"],
+            &["cannot be used with"],
+        );
+    }
 }
 
 /// `backstop imatrix` reads a text through the model and writes llama.cpp's GGUF imatrix;

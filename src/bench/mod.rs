@@ -3,7 +3,7 @@
 //! that builds the ladder, and the importance matrix that the lowest-bit types need.
 
 mod baseline;
-mod hellaswag;
+mod choice;
 pub mod imatrix;
 mod ladder;
 mod measure;
@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub use baseline::{Baseline, Compared, Lengths, ServedVersus, Versus, VersusAggregate};
-pub use hellaswag::Hellaswag;
+pub use choice::TaskScore;
 pub use measure::{load, measure, BenchError, Plan, Rep, Setting, Test};
 pub use quality::Quality;
 pub use report::{
@@ -86,7 +86,11 @@ fn tests(args: &BenchArgs) -> Vec<Test> {
 /// without 1 (the single-stream figure is always measured).
 fn check_args(args: &BenchArgs) -> Result<Vec<usize>, String> {
     let tests = tests(args);
-    if tests.is_empty() && !quality_asked(args) && args.hellaswag.is_none() {
+    if tests.is_empty()
+        && !quality_asked(args)
+        && args.hellaswag.is_none()
+        && args.winogrande.is_none()
+    {
         return Err("-p 0 and -n 0 leave nothing to measure".into());
     }
     if let Some(n) = args.parallel.iter().find(|&&n| n == 0 || n > MAX_PARALLEL) {
@@ -227,16 +231,22 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             None,
         ),
     };
-    let tasks = args
-        .hellaswag
-        .as_deref()
-        .map(|path| {
-            let count = args.hellaswag_tasks.map_or(hellaswag::DEFAULT_TASKS, |n| {
-                usize::try_from(n).unwrap_or(usize::MAX)
-            });
-            hellaswag::Tasks::load(path, count)
-        })
-        .transpose()?;
+    let count = |n: Option<u64>| n.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let tasks = [
+        (
+            choice::Kind::Hellaswag,
+            &args.hellaswag,
+            args.hellaswag_tasks,
+        ),
+        (
+            choice::Kind::Winogrande,
+            &args.winogrande,
+            args.winogrande_tasks,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(kind, path, n)| Some(choice::Tasks::load(kind, path.as_deref()?, count(n))))
+    .collect::<Result<Vec<_>, _>>()?;
     if let Some(path) = &args.quality_save {
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
@@ -352,9 +362,11 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(text) = &text {
         line_facts.push(("quality_text", serde_json::json!(text.name)));
     }
-    if let Some(tasks) = &tasks {
-        line_facts.push(("hellaswag_file", serde_json::json!(tasks.name)));
-    }
+    let task_files: Vec<(String, serde_json::Value)> = tasks
+        .iter()
+        .map(|t| (format!("{}_file", t.kind.name()), serde_json::json!(t.name)))
+        .collect();
+    line_facts.extend(task_files.iter().map(|(k, v)| (k.as_str(), v.clone())));
     if let Some(b) = &baseline {
         line_facts.push(("baseline_file", serde_json::json!(b.name)));
     }
@@ -369,9 +381,8 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let runs = files.len() * settings.len();
     // A warm-up and the repetitions of each test at each depth (`-p 0 -n 0` measures only
     // quality), and the quality and task passes.
-    let per_run = tests.len() * depths.len() * (args.reps + 1)
-        + usize::from(text.is_some())
-        + usize::from(tasks.is_some());
+    let per_run =
+        tests.len() * depths.len() * (args.reps + 1) + usize::from(text.is_some()) + tasks.len();
     let bar = ProgressBar::new((runs * per_run) as u64);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} runs, {elapsed}")
@@ -379,8 +390,8 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     );
     let mut results = Vec::with_capacity(runs * depths.len() * tests.len().max(1));
     let mut references: Vec<quality::Reference> = saved.into_iter().collect();
-    // The first model's picks, which the others' are set against.
-    let mut picks = None;
+    // The first model's picks in each benchmark, which the others' are set against.
+    let mut picks: Vec<Option<choice::Picks>> = tasks.iter().map(|_| None).collect();
     // Only the first reference of the run is saved.
     let mut save = args.quality_save.as_deref();
     for (file, header) in &files {
@@ -427,22 +438,20 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 }
                 None => None,
             };
-            let hellaswag = match &tasks {
-                Some(tasks) => {
-                    bar.set_message(format!("{name}{tag} hellaswag"));
-                    let (figures, mine) = hellaswag::score(
-                        &model,
-                        &setting,
-                        tasks,
-                        picks.as_ref(),
-                        &format!("{name}{tag}"),
-                    )?;
-                    picks.get_or_insert(mine);
-                    bar.inc(1);
-                    Some(figures)
-                }
-                None => None,
-            };
+            let mut scores = Vec::with_capacity(tasks.len());
+            for (tasks, picks) in tasks.iter().zip(&mut picks) {
+                bar.set_message(format!("{name}{tag} {}", tasks.kind.name()));
+                let (figures, mine) = choice::score(
+                    &model,
+                    &setting,
+                    tasks,
+                    picks.as_ref(),
+                    &format!("{name}{tag}"),
+                )?;
+                picks.get_or_insert(mine);
+                bar.inc(1);
+                scores.push((tasks.kind, figures));
+            }
             for &depth in &depths {
                 // The depth and the context cells a result was measured with.
                 let cells = (depth, args.ctx);
@@ -450,7 +459,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                     let mut result =
                         ModelResult::new(meta.clone(), setting, cells, Test::default(), &[], &[]);
                     result.quality.clone_from(&quality);
-                    result.hellaswag.clone_from(&hellaswag);
+                    result.set_tasks(&scores);
                     if !emit(&bar, &result)? {
                         return Ok(());
                     }
@@ -470,7 +479,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                     let mut result =
                         ModelResult::new(meta.clone(), setting, cells, test, &plan.parallel, &reps);
                     result.quality.clone_from(&quality);
-                    result.hellaswag.clone_from(&hellaswag);
+                    result.set_tasks(&scores);
                     result.baseline = baseline.as_ref().and_then(|b| b.compare(&result));
                     if !emit(&bar, &result)? {
                         return Ok(());
@@ -481,6 +490,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     bar.finish_and_clear();
+    let task_file = |kind| tasks.iter().find(|t| t.kind == kind).map(|t| &t.name);
     let report = match args.format {
         BenchFormat::Table => format!(
             "{}{}{}{}\n{}",
@@ -488,7 +498,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             text.as_ref()
                 .map(|t| quality::said(t, results.iter().filter_map(|r| r.quality.as_ref())))
                 .unwrap_or_default(),
-            tasks.as_ref().map(hellaswag::said).unwrap_or_default(),
+            tasks.iter().map(choice::said).collect::<String>(),
             machine.line(),
             baseline
                 .as_ref()
@@ -501,7 +511,8 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 "depths": depths,
                 "reps": args.reps,
                 "quality_text": text.as_ref().map(|t| &t.name),
-                "hellaswag_file": tasks.as_ref().map(|t| &t.name),
+                "hellaswag_file": task_file(choice::Kind::Hellaswag),
+                "winogrande_file": task_file(choice::Kind::Winogrande),
                 "machine": machine,
                 "baseline_file": baseline.as_ref().map(|b| &b.name),
                 "baseline_machine": baseline.as_ref().and_then(|b| b.machine.as_ref()),

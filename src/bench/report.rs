@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::baseline::{Baseline, Compared, Versus, WITHIN_SPREAD};
-use super::hellaswag::Hellaswag;
+use super::choice::{Kind, TaskScore};
 use super::measure::{Rep, Setting, Test};
 use super::quality::Quality;
 
@@ -112,7 +112,10 @@ pub struct ModelResult {
     pub quality: Option<Quality>,
     /// HellaSwag's figures, with `--hellaswag`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hellaswag: Option<Hellaswag>,
+    pub hellaswag: Option<TaskScore>,
+    /// Winogrande's figures, with `--winogrande`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub winogrande: Option<TaskScore>,
     /// With `--baseline`, the same test's figures in the earlier run, each with this run's
     /// median over its median (`null` where the baseline has none). Not read back from a
     /// baseline itself: a run compared with one is compared with its own figures.
@@ -165,7 +168,27 @@ impl ModelResult {
             cached: reps.iter().map(|r| r.cached).min().unwrap_or(0),
             quality: None,
             hellaswag: None,
+            winogrande: None,
             baseline: None,
+        }
+    }
+
+    /// One benchmark's figures.
+    pub fn task(&self, kind: Kind) -> Option<&TaskScore> {
+        match kind {
+            Kind::Hellaswag => self.hellaswag.as_ref(),
+            Kind::Winogrande => self.winogrande.as_ref(),
+        }
+    }
+
+    /// Sets each benchmark's figures.
+    pub fn set_tasks(&mut self, scores: &[(Kind, TaskScore)]) {
+        for (kind, score) in scores {
+            let slot = match kind {
+                Kind::Hellaswag => &mut self.hellaswag,
+                Kind::Winogrande => &mut self.winogrande,
+            };
+            *slot = Some(score.clone());
         }
     }
 }
@@ -534,9 +557,12 @@ pub fn table(results: &[ModelResult], depths: &[usize], reps: usize) -> String {
     if quality {
         head.extend(["ppl", "ppl ratio", "kld", "kld 99%", "same top"].map(String::from));
     }
-    let tasks = results.iter().any(|r| r.hellaswag.is_some());
-    if tasks {
-        head.extend(["hellaswag", "same pick"].map(String::from));
+    let kinds: Vec<Kind> = [Kind::Hellaswag, Kind::Winogrande]
+        .into_iter()
+        .filter(|&k| results.iter().any(|r| r.task(k).is_some()))
+        .collect();
+    for kind in &kinds {
+        head.extend([kind.name().to_owned(), format!("{} same", kind.name())]);
     }
     let mut out = head_lines(&head);
     for group in rows(results) {
@@ -548,10 +574,8 @@ pub fn table(results: &[ModelResult], depths: &[usize], reps: usize) -> String {
         if quality {
             row.extend(quality_cells(group.iter().find_map(|o| o.quality.as_ref())));
         }
-        if tasks {
-            row.extend(hellaswag_cells(
-                group.iter().find_map(|o| o.hellaswag.as_ref()),
-            ));
+        for &kind in &kinds {
+            row.extend(task_cells(group.iter().find_map(|o| o.task(kind))));
         }
         out.push_str(&format!("| {} |\n", row.join(" | ")));
     }
@@ -657,7 +681,7 @@ fn quality_cells(q: Option<&Quality>) -> [String; 5] {
 }
 
 /// The accuracy (with its interval) and same-pick cells; a reference says so in the last.
-fn hellaswag_cells(h: Option<&Hellaswag>) -> [String; 2] {
+fn task_cells(h: Option<&TaskScore>) -> [String; 2] {
     let Some(h) = h else {
         return Default::default();
     };
@@ -779,13 +803,25 @@ pub fn csv(results: &[ModelResult], compared: bool) -> String {
                 ("dp_rms", q.dp_rms),
             ]);
         }
-        if let (Some(h), 0) = (&r.hellaswag, i) {
-            values.extend([
-                ("hellaswag", Some(h.accuracy)),
-                ("hellaswag_low", Some(h.low)),
-                ("hellaswag_high", Some(h.high)),
-                ("hellaswag_same_pick", h.same_pick),
-            ]);
+        for kind in [Kind::Hellaswag, Kind::Winogrande] {
+            if let (Some(h), 0) = (r.task(kind), i) {
+                let names = match kind {
+                    Kind::Hellaswag => [
+                        "hellaswag",
+                        "hellaswag_low",
+                        "hellaswag_high",
+                        "hellaswag_same_pick",
+                    ],
+                    Kind::Winogrande => [
+                        "winogrande",
+                        "winogrande_low",
+                        "winogrande_high",
+                        "winogrande_same_pick",
+                    ],
+                };
+                let figures = [Some(h.accuracy), Some(h.low), Some(h.high), h.same_pick];
+                values.extend(names.into_iter().zip(figures));
+            }
         }
         for (figure, value) in values {
             if let Some(v) = value {
@@ -844,6 +880,7 @@ mod tests {
             cached: 0,
             quality: None,
             hellaswag: None,
+            winogrande: None,
             baseline: None,
         }
     }
