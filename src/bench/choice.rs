@@ -59,6 +59,9 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every benchmark, in the order the table gives them.
+    pub const ALL: [Kind; 2] = [Kind::Hellaswag, Kind::Winogrande];
+
     /// Its name in the table, JSON and CSV.
     pub fn name(self) -> &'static str {
         match self {

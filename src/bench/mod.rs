@@ -439,18 +439,18 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 None => None,
             };
             let mut scores = Vec::with_capacity(tasks.len());
-            for (tasks, picks) in tasks.iter().zip(&mut picks) {
-                bar.set_message(format!("{name}{tag} {}", tasks.kind.name()));
+            for (set, first) in tasks.iter().zip(&mut picks) {
+                bar.set_message(format!("{name}{tag} {}", set.kind.name()));
                 let (figures, mine) = choice::score(
                     &model,
                     &setting,
-                    tasks,
-                    picks.as_ref(),
+                    set,
+                    first.as_ref(),
                     &format!("{name}{tag}"),
                 )?;
-                picks.get_or_insert(mine);
+                first.get_or_insert(mine);
                 bar.inc(1);
-                scores.push((tasks.kind, figures));
+                scores.push((set.kind, figures));
             }
             for &depth in &depths {
                 // The depth and the context cells a result was measured with.

@@ -557,7 +557,7 @@ pub fn table(results: &[ModelResult], depths: &[usize], reps: usize) -> String {
     if quality {
         head.extend(["ppl", "ppl ratio", "kld", "kld 99%", "same top"].map(String::from));
     }
-    let kinds: Vec<Kind> = [Kind::Hellaswag, Kind::Winogrande]
+    let kinds: Vec<Kind> = Kind::ALL
         .into_iter()
         .filter(|&k| results.iter().any(|r| r.task(k).is_some()))
         .collect();
@@ -803,7 +803,7 @@ pub fn csv(results: &[ModelResult], compared: bool) -> String {
                 ("dp_rms", q.dp_rms),
             ]);
         }
-        for kind in [Kind::Hellaswag, Kind::Winogrande] {
+        for kind in Kind::ALL {
             if let (Some(h), 0) = (r.task(kind), i) {
                 let names = match kind {
                     Kind::Hellaswag => [
