@@ -82,6 +82,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         hellaswag_tasks: None,
         winogrande: None,
         winogrande_tasks: None,
+        multiple_choice: None,
+        multiple_choice_tasks: None,
         format: args.format,
         baseline: None,
     })

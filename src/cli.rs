@@ -115,7 +115,8 @@ pub enum Command {
     Drill(DrillArgs),
     /// Tokens per second for prompt processing and generation, per GGUF (quantizations side
     /// by side), in this process with no server; or, with --server, of running servers.
-    Bench(BenchArgs),
+    // Boxed: its options make it far larger than the other commands'.
+    Bench(Box<BenchArgs>),
     /// Quantize a GGUF with llama.cpp's quantizer: `backstop quantize IN OUT TYPE`; or work out
     /// what some types would make without quantizing: `backstop quantize --dry-run IN TYPE,...`.
     #[command(
@@ -180,7 +181,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "URL", conflicts_with_all = [
         "threads", "gpu_layers", "ctx", "flash_attention", "quantize", "kv_cache_type", "depth",
         "quality", "quality_text", "quality_save", "quality_base", "quality_chunk", "batch",
-        "hellaswag", "hellaswag_tasks", "winogrande", "winogrande_tasks",
+        "hellaswag", "hellaswag_tasks", "winogrande", "winogrande_tasks", "multiple_choice",
+        "multiple_choice_tasks",
     ])]
     pub server: Vec<String>,
     /// API key for --server [default: BACKSTOP_API_KEY].
@@ -319,6 +321,17 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", requires = "winogrande",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub winogrande_tasks: Option<u64>,
+    /// Also score the multiple-choice tasks in FILE (llama.cpp's `llama-perplexity
+    /// --multiple-choice` binary file: ARC, MMLU or TruthfulQA as that tool's datasets give
+    /// them): how often each model picks the right answer, with its 95% interval, and how often
+    /// it picks what the first model picked. With -p 0 -n 0, only this.
+    #[arg(long, value_name = "FILE")]
+    pub multiple_choice: Option<PathBuf>,
+    /// Tasks --multiple-choice scores, drawn from the file as llama-perplexity draws them
+    /// [default: all the file has].
+    #[arg(long, value_name = "N", requires = "multiple_choice",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub multiple_choice_tasks: Option<u64>,
     /// KV cache element type: f16, q8_0 or q4_0, or several to compare [default: f16].
     #[arg(long, value_delimiter = ',', value_name = "TYPE,...", value_parser = parse_kv_type)]
     pub kv_cache_type: Vec<crate::engine::KvCacheType>,

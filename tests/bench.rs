@@ -2071,10 +2071,10 @@ const CODE_WORDS: [&str; 16] = [
     "pebble", "thunder", "willow", "cedar", "marble", "violet", "canyon",
 ];
 
-/// Task `i`'s `j`th code word: three words.
+/// Task `i`'s `j`th code word: three words, no two of the first four sharing one.
 fn code_word(i: usize, j: usize) -> String {
     (0..3)
-        .map(|k| CODE_WORDS[(i * 5 + j * 4 + k) % 16])
+        .map(|k| CODE_WORDS[(i * 5 + (j % 4) * 4 + (j / 4) * 2 + k) % 16])
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -2129,6 +2129,56 @@ fn code_word_winogrande(path: &Path, repeated_is_right: bool) {
     std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }
 
+/// llama-perplexity's multiple-choice file (little-endian): the task count, each task's
+/// offset, then each task's question and two lists of answers with their labels (1: right).
+fn write_multiple_choice(path: &Path, tasks: &[(String, Vec<String>, usize)]) {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u32).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    let mut body = Vec::new();
+    let mut offsets = Vec::new();
+    for (question, answers, right) in tasks {
+        offsets.push((4 + 4 * tasks.len() + body.len()) as u32);
+        string(&mut body, question);
+        for _ in 0..2 {
+            body.extend((answers.len() as u32).to_le_bytes());
+            for a in answers {
+                string(&mut body, a);
+            }
+            for i in 0..answers.len() {
+                body.extend(u32::from(i == *right).to_le_bytes());
+            }
+        }
+    }
+    let mut out = (tasks.len() as u32).to_le_bytes().to_vec();
+    out.extend(offsets.iter().flat_map(|o| o.to_le_bytes()));
+    out.extend(body);
+    std::fs::write(path, out).unwrap();
+}
+
+/// Twelve multiple-choice tasks of two to six answers: a code word said, then begun again.
+fn code_word_multiple_choice(path: &Path, repeated_is_right: bool) {
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let n = 2 + i % 5;
+            let said = i % n;
+            let right = if repeated_is_right {
+                said
+            } else {
+                (said + 1) % n
+            };
+            let question = format!(
+                "Note: the code word is {}. Once more, the code word is",
+                code_word(i, said)
+            );
+            let answers = (0..n).map(|j| format!("{}.", code_word(i, j))).collect();
+            (question, answers, right)
+        })
+        .collect();
+    write_multiple_choice(path, &tasks);
+}
+
 fn task_score<'v>(result: &'v Value, kind: &str) -> &'v Value {
     let h = &result[kind];
     assert!(h.is_object(), "no {kind}: {result}");
@@ -2144,15 +2194,19 @@ fn tasks_are_scored_and_each_models_picks_set_against_the_first() {
     let dir = common::temp_dir("tasks");
     let _cleanup = Cleanup(dir.clone());
     let files = |right: bool| {
-        let (h, w) = (
+        let (h, w, m) = (
             dir.join(format!("hellaswag-{right}.txt")),
             dir.join(format!("winogrande-{right}.csv")),
+            dir.join(format!("multiple-choice-{right}.bin")),
         );
         code_word_hellaswag(&h, right);
         code_word_winogrande(&w, right);
-        (h.display().to_string(), w.display().to_string())
+        code_word_multiple_choice(&m, right);
+        let s = |p: PathBuf| p.display().to_string();
+        (s(h), s(w), s(m))
     };
-    let (hellaswag, winogrande) = files(true);
+    let (hellaswag, winogrande, multiple) = files(true);
+    let kinds = ["hellaswag", "winogrande", "multiple_choice"];
 
     // Every task right, by both models, whatever the batch: a batch of 16 reads each task
     // (about 60 tokens) in several decodes.
@@ -2161,6 +2215,8 @@ fn tasks_are_scored_and_each_models_picks_set_against_the_first() {
         &hellaswag,
         "--winogrande",
         &winogrande,
+        "--multiple-choice",
+        &multiple,
         "-b",
         "512,16",
         "-p",
@@ -2172,11 +2228,12 @@ fn tasks_are_scored_and_each_models_picks_set_against_the_first() {
     ]);
     assert_eq!(out["hellaswag_file"], hellaswag.as_str(), "{out}");
     assert_eq!(out["winogrande_file"], winogrande.as_str(), "{out}");
+    assert_eq!(out["multiple_choice_file"], multiple.as_str(), "{out}");
     let results = out["results"].as_array().unwrap();
     assert_eq!(results.len(), 4, "{out}");
     for (i, r) in results.iter().enumerate() {
         assert!(r["pp"].is_null() && r["quality"].is_null(), "{r}");
-        for kind in ["hellaswag", "winogrande"] {
+        for kind in kinds {
             let h = task_score(r, kind);
             assert_eq!(
                 (&h["tasks"], &h["correct"]),
@@ -2201,19 +2258,21 @@ fn tasks_are_scored_and_each_models_picks_set_against_the_first() {
     }
 
     // The same tasks, the files calling the other answer right: none is the model's pick.
-    let (hellaswag, winogrande) = files(false);
+    let (hellaswag, winogrande, multiple) = files(false);
     let out = bench_json(&[
         "--hellaswag",
         &hellaswag,
         "--winogrande",
         &winogrande,
+        "--multiple-choice",
+        &multiple,
         "-p",
         "0",
         "-n",
         "0",
         smol,
     ]);
-    for kind in ["hellaswag", "winogrande"] {
+    for kind in kinds {
         let h = task_score(&out["results"][0], kind);
         assert_eq!(
             (&h["tasks"], &h["correct"]),
@@ -2327,6 +2386,12 @@ fn task_files_that_cannot_be_read_are_refused() {
     let task = "A context\n0\none\ntwo\nthree\nfour\n";
     let row = "0,The cup is _ now.,full,empty,1\n";
     let binary = write("binary.txt", &[0xff, 0xfe, 0x00, 0x41]);
+    let choices = |n: usize| (0..n).map(|i| format!("answer {i}")).collect::<Vec<_>>();
+    let mc = dir.join("fine.bin");
+    write_multiple_choice(&mc, &[("A question?".into(), choices(3), 1)]);
+    let mc_bytes = std::fs::read(&mc).unwrap();
+    let many = dir.join("many.bin");
+    write_multiple_choice(&many, &[("A question?".into(), choices(101), 1)]);
     let missing = dir.join("missing.txt").display().to_string();
     let refusals = [
         (
@@ -2369,6 +2434,21 @@ fn task_files_that_cannot_be_read_are_refused() {
             write("header.csv", b"index,sentence,option1,option2,answer\n"),
             "no tasks",
         ),
+        (
+            "multiple-choice",
+            write("cut.bin", &mc_bytes[..mc_bytes.len() - 1]),
+            "task 1: cut short in the answers' labels",
+        ),
+        (
+            "multiple-choice",
+            many.display().to_string(),
+            "task 1: 101 answers, more than 100",
+        ),
+        (
+            "multiple-choice",
+            write("empty.bin", b""),
+            "cut short in the task count",
+        ),
     ];
     for (kind, file, says) in refusals {
         bench_refused(
@@ -2388,10 +2468,16 @@ fn task_files_that_cannot_be_read_are_refused() {
         write("fine.txt", task.as_bytes()),
         write("fine.csv", row.as_bytes()),
     );
-    for (kind, file) in [("hellaswag", &task), ("winogrande", &row)] {
+    let mc = mc.display().to_string();
+    for (kind, file) in [
+        ("hellaswag", &task),
+        ("winogrande", &row),
+        ("multiple-choice", &mc),
+    ] {
         let (option, count) = (format!("--{kind}"), format!("--{kind}-tasks"));
         bench_refused(&[&option, file, &count, "0", model], &["0 is not in 1.."]);
-        bench_refused(&[&count, "5", model], &[&format!("--{kind} <FILE>")]);
+        let named = format!("--{kind} <FILE>");
+        bench_refused(&[&count, "5", model], &[&named]);
         bench_refused(
             &["--server", "http://127.0.0.1:9", &option, file, "m"],
             &["cannot be used with"],

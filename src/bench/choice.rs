@@ -1,8 +1,10 @@
-//! `backstop bench --hellaswag FILE` and `--winogrande FILE`: how often a model picks the
-//! right one of a few ways to go on (the HellaSwag and Winogrande benchmarks), so that what a
-//! quantization costs shows in tasks as well as in perplexity.
+//! `backstop bench --hellaswag FILE`, `--winogrande FILE` and `--multiple-choice FILE`: how
+//! often a model picks the right one of a few ways to go on (HellaSwag, Winogrande, and the
+//! multiple-choice sets ARC, MMLU and TruthfulQA), so that what a quantization costs shows in
+//! tasks as well as in perplexity.
 //!
-//! The files are llama.cpp's (`llama-perplexity --hellaswag` and `--winogrande`), tasks are
+//! The files are llama.cpp's (`llama-perplexity --hellaswag`, `--winogrande` and
+//! `--multiple-choice`), tasks are
 //! drawn from them as that tool draws them, and each is scored as it scores it, so that the
 //! figures compare with its (README). Each way of going on is one sequence of tokens; the
 //! tokens they all begin with are read once, shared by the sequences of one decode; a
@@ -17,6 +19,10 @@
 //!   go on for more than three tokens after where they part, only the tokens after the choice
 //!   are scored, but the last (the "partial" scoring of the Winogrande paper, as
 //!   llama-perplexity does it); otherwise every token from where they part, but the last.
+//! - Multiple choice: the tool's binary file (little-endian): the task count, each task's
+//!   offset, then each task: a question, and two lists of answers (strings and their 32-bit
+//!   labels, 1 for right), of which the first is scored: each answer is read after the
+//!   question and a space, all its tokens scored, as in HellaSwag.
 //!
 //! Beside the accuracy and its 95% interval, each model after the first is compared with the
 //! first, task by task: how often they pick the same. Over a few hundred tasks the accuracy's
@@ -56,20 +62,34 @@ const MIN_TRAILING: usize = 3;
 pub enum Kind {
     Hellaswag,
     Winogrande,
+    MultipleChoice,
 }
 
 impl Kind {
     /// Every benchmark, in the order the table gives them.
-    pub const ALL: [Kind; 2] = [Kind::Hellaswag, Kind::Winogrande];
+    pub const ALL: [Kind; 3] = [Kind::Hellaswag, Kind::Winogrande, Kind::MultipleChoice];
 
     /// Its name in the table, JSON and CSV.
     pub fn name(self) -> &'static str {
         match self {
             Kind::Hellaswag => "hellaswag",
             Kind::Winogrande => "winogrande",
+            Kind::MultipleChoice => "multiple_choice",
+        }
+    }
+
+    /// Its command-line option.
+    pub fn option(self) -> &'static str {
+        match self {
+            Kind::Hellaswag => "--hellaswag",
+            Kind::Winogrande => "--winogrande",
+            Kind::MultipleChoice => "--multiple-choice",
         }
     }
 }
+
+/// Answers a multiple-choice task may have, at most (llama-perplexity's limit).
+const MOST_ANSWERS: usize = 100;
 
 /// One task.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,12 +108,20 @@ enum Task {
         /// The right choice, from 0.
         gold: usize,
     },
+    MultipleChoice {
+        question: String,
+        answers: Vec<String>,
+        /// Which answers are right.
+        right: Vec<bool>,
+    },
 }
 
 impl Task {
-    fn gold(&self) -> usize {
+    /// Whether the answer numbered `pick` (from 0) is right.
+    fn is_right(&self, pick: usize) -> bool {
         match self {
-            Task::Hellaswag { gold, .. } | Task::Winogrande { gold, .. } => *gold,
+            Task::Hellaswag { gold, .. } | Task::Winogrande { gold, .. } => *gold == pick,
+            Task::MultipleChoice { right, .. } => right.get(pick).copied().unwrap_or(false),
         }
     }
 }
@@ -114,19 +142,25 @@ impl Tasks {
     /// them when it has fewer).
     pub fn load(kind: Kind, path: &Path, count: Option<usize>) -> Result<Tasks, String> {
         let name = path.display().to_string();
-        let option = format!("--{} {name}", kind.name());
+        let option = format!("{} {name}", kind.option());
         let bytes = std::fs::read(path).map_err(|e| format!("{option}: {e}"))?;
-        let text = String::from_utf8(bytes).map_err(|_| format!("{option}: not UTF-8 text"))?;
-        let all = match kind {
-            Kind::Hellaswag => parse_hellaswag(&text),
-            Kind::Winogrande => parse_winogrande(&text),
-        }
-        .map_err(|e| format!("{option}: {e}"))?;
-        let available = all.len();
-        let tasks = match kind {
-            Kind::Hellaswag => draw_hellaswag(all, count.unwrap_or(HELLASWAG_TASKS)),
-            Kind::Winogrande => draw_winogrande(all, count.unwrap_or(usize::MAX)),
+        let read = || -> Result<(usize, Vec<Task>), String> {
+            let text = || std::str::from_utf8(&bytes).map_err(|_| "not UTF-8 text".to_owned());
+            match kind {
+                Kind::Hellaswag => {
+                    let all = parse_hellaswag(text()?)?;
+                    let count = count.unwrap_or(HELLASWAG_TASKS);
+                    Ok((all.len(), draw_hellaswag(all, count)))
+                }
+                Kind::Winogrande => {
+                    let all = parse_winogrande(text()?)?;
+                    let count = count.unwrap_or(usize::MAX);
+                    Ok((all.len(), draw_winogrande(all, count)))
+                }
+                Kind::MultipleChoice => parse_multiple_choice(&bytes, count.unwrap_or(usize::MAX)),
+            }
         };
+        let (available, tasks) = read().map_err(|e| format!("{option}: {e}"))?;
         Ok(Tasks {
             kind,
             name,
@@ -246,6 +280,101 @@ fn winogrande_line(line: &str) -> Result<Task, String> {
     })
 }
 
+/// The tasks of llama-perplexity's multiple-choice file, `count` of them drawn as the tool
+/// draws them when it holds more (otherwise all, in its order), and how many it holds.
+fn parse_multiple_choice(bytes: &[u8], count: usize) -> Result<(usize, Vec<Task>), String> {
+    let mut at = Reader { bytes, at: 0 };
+    let n = at.u32("the task count")? as usize;
+    if n == 0 {
+        return Err("no tasks".into());
+    }
+    let offsets = (0..n)
+        .map(|_| at.u32("the tasks' offsets"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let order: Vec<usize> = if count >= n {
+        (0..n).collect()
+    } else {
+        draw_scaled(n, count)
+    };
+    let sequential = count >= n;
+    let mut tasks = Vec::with_capacity(order.len());
+    for i in order {
+        if !sequential {
+            at.at = offsets[i] as usize;
+        }
+        let task = multiple_choice_task(&mut at).map_err(|e| format!("task {}: {e}", i + 1))?;
+        tasks.push(task);
+    }
+    Ok((n, tasks))
+}
+
+/// One multiple-choice task at the reader's place: its question and first list of answers
+/// (the second, several of which may be right, is read past: the tool does not score it).
+fn multiple_choice_task(at: &mut Reader) -> Result<Task, String> {
+    let question = at.string("the question")?;
+    let (answers, labels) = at.answers()?;
+    at.answers()?;
+    if question.is_empty() {
+        return Err("an empty question".into());
+    }
+    if answers.is_empty() || answers.iter().any(String::is_empty) {
+        return Err("no answers, or an empty one".into());
+    }
+    Ok(Task::MultipleChoice {
+        question,
+        answers,
+        right: labels.into_iter().map(|l| l == 1).collect(),
+    })
+}
+
+/// Reads llama-perplexity's little-endian multiple-choice file.
+struct Reader<'b> {
+    bytes: &'b [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&[u8], String> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let Some(end) = end else {
+            return Err(format!(
+                "cut short in {what} (byte {} of {})",
+                self.at,
+                self.bytes.len()
+            ));
+        };
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, String> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn string(&mut self, what: &str) -> Result<String, String> {
+        let n = self.u32(what)? as usize;
+        let b = self.take(n, what)?;
+        String::from_utf8(b.to_vec()).map_err(|_| format!("{what} is not UTF-8 text"))
+    }
+
+    /// A list of answers and their labels.
+    fn answers(&mut self) -> Result<(Vec<String>, Vec<i32>), String> {
+        let n = self.u32("an answer count")? as usize;
+        if n > MOST_ANSWERS {
+            return Err(format!("{n} answers, more than {MOST_ANSWERS}"));
+        }
+        let answers = (0..n)
+            .map(|_| self.string("an answer"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let labels = (0..n)
+            .map(|_| self.u32("the answers' labels").map(|l| l as i32))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((answers, labels))
+    }
+}
+
 /// The first `count` HellaSwag tasks llama-perplexity picks: a Mersenne Twister seeded with 1
 /// draws one of the tasks left, uniformly, until `count` are drawn (all of them, in a drawn
 /// order, when the file has no more).
@@ -267,18 +396,27 @@ fn draw_winogrande(all: Vec<Task>, count: usize) -> Vec<Task> {
     if count >= all.len() {
         return all;
     }
+    let mut left: Vec<Option<Task>> = all.into_iter().map(Some).collect();
+    draw_scaled(left.len(), count)
+        .into_iter()
+        .filter_map(|i| left[i].take())
+        .collect()
+}
+
+/// `count` of `n` task numbers as llama-perplexity draws Winogrande's and multiple-choice
+/// tasks: each number from the generator scaled to the numbers left in single precision, as
+/// its C++ scales it, the number drawn replaced by the last one left.
+fn draw_scaled(n: usize, count: usize) -> Vec<usize> {
     let mut rng = Mt19937::new(1);
     // 1 / (1 + 2^32 - 1) in f32 is 2^-32.
     let scale = 1.0f32 / (1.0f32 + u32::MAX as f32);
-    let mut left: Vec<Option<Task>> = all.into_iter().map(Some).collect();
-    let mut index: Vec<usize> = (0..left.len()).collect();
-    let mut chosen = Vec::with_capacity(count);
+    let mut index: Vec<usize> = (0..n).collect();
+    let mut chosen = Vec::with_capacity(count.min(n));
     while chosen.len() < count && !index.is_empty() {
         let j = (scale * rng.next_u32() as f32 * index.len() as f32) as usize;
         // A draw within 128 of 2^32 rounds to 1.0 in f32 (where the tool reads past its list).
         let j = j.min(index.len() - 1);
-        chosen.extend(left[index[j]].take());
-        index.swap_remove(j);
+        chosen.push(index.swap_remove(j));
     }
     chosen
 }
@@ -438,6 +576,17 @@ fn tokenize(model: &LlamaModel, task: &Task, number: usize) -> Result<Scored, St
             let seqs: Vec<_> = endings
                 .iter()
                 .map(|e| tokens(format!("{context} {e}")))
+                .collect();
+            let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+            Scored::of(seqs, |_, shared| shared, |k| lens[k], number)
+        }
+        // Every token of each answer is scored, as in HellaSwag.
+        Task::MultipleChoice {
+            question, answers, ..
+        } => {
+            let seqs: Vec<_> = answers
+                .iter()
+                .map(|a| tokens(format!("{question} {a}")))
                 .collect();
             let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
             Scored::of(seqs, |_, shared| shared, |k| lens[k], number)
@@ -609,7 +758,7 @@ pub fn score(
         .tasks
         .iter()
         .zip(&picks)
-        .filter(|(t, &p)| t.gold() == p)
+        .filter(|(t, &p)| t.is_right(p))
         .count();
     let n = picks.len();
     let (low, high) = wilson(correct, n);
@@ -665,6 +814,7 @@ mod tests {
             .map(|t| match t {
                 Task::Hellaswag { context, .. } => context.clone(),
                 Task::Winogrande { first, .. } => first.clone(),
+                Task::MultipleChoice { question, .. } => question.clone(),
             })
             .collect()
     }
@@ -801,6 +951,77 @@ mod tests {
         distinct.dedup();
         assert_eq!(distinct.len(), 4);
         assert_eq!(draw_winogrande(all, 4), some);
+    }
+
+    /// llama-perplexity's multiple-choice file of `tasks`: (question, answers, right answer).
+    pub(super) fn multiple_choice_file(tasks: &[(&str, &[&str], usize)]) -> Vec<u8> {
+        let string = |out: &mut Vec<u8>, s: &str| {
+            out.extend((s.len() as u32).to_le_bytes());
+            out.extend(s.as_bytes());
+        };
+        let mut body = Vec::new();
+        let mut offsets = Vec::new();
+        let head = 4 + 4 * tasks.len();
+        for (question, answers, right) in tasks {
+            offsets.push((head + body.len()) as u32);
+            string(&mut body, question);
+            for list in [*answers, &answers[..1]] {
+                body.extend((list.len() as u32).to_le_bytes());
+                for a in list {
+                    string(&mut body, a);
+                }
+                for i in 0..list.len() {
+                    body.extend(u32::from(i == *right).to_le_bytes());
+                }
+            }
+        }
+        let mut out = (tasks.len() as u32).to_le_bytes().to_vec();
+        for o in offsets {
+            out.extend(o.to_le_bytes());
+        }
+        out.extend(body);
+        out
+    }
+
+    #[test]
+    fn multiple_choice_files_are_read_and_drawn_as_the_tool_reads_them() {
+        let tasks: Vec<(String, Vec<&str>, usize)> = (0..10)
+            .map(|i| (format!("Question {i}?"), vec!["yes", "no", "maybe"], i % 3))
+            .collect();
+        let borrowed: Vec<(&str, &[&str], usize)> = tasks
+            .iter()
+            .map(|(q, a, r)| (q.as_str(), a.as_slice(), *r))
+            .collect();
+        let file = multiple_choice_file(&borrowed);
+        let (n, all) = parse_multiple_choice(&file, usize::MAX).unwrap();
+        assert_eq!((n, all.len()), (10, 10));
+        assert_eq!(
+            all[4],
+            Task::MultipleChoice {
+                question: "Question 4?".into(),
+                answers: vec!["yes".into(), "no".into(), "maybe".into()],
+                right: vec![false, true, false],
+            }
+        );
+        assert!(all[4].is_right(1) && !all[4].is_right(0) && !all[4].is_right(7));
+        // Fewer: drawn by offset, as Winogrande's are drawn (task 4 first).
+        let (n, some) = parse_multiple_choice(&file, 3).unwrap();
+        assert_eq!((n, contexts(&some)[0].as_str()), (10, "Question 4?"));
+        assert_eq!(some.len(), 3);
+
+        let refused = |bytes: &[u8]| parse_multiple_choice(bytes, usize::MAX).unwrap_err();
+        assert_eq!(refused(&[]), "cut short in the task count (byte 0 of 0)");
+        assert_eq!(refused(&0u32.to_le_bytes()), "no tasks");
+        let cut = refused(&file[..file.len() - 3]);
+        assert!(cut.starts_with("task 10: cut short in "), "{cut}");
+        let empty = multiple_choice_file(&[("", &["a", "b"], 0)]);
+        assert_eq!(refused(&empty), "task 1: an empty question");
+        let none = multiple_choice_file(&[("Q?", &["a", ""], 0)]);
+        assert_eq!(refused(&none), "task 1: no answers, or an empty one");
+        let many: Vec<String> = (0..101).map(|i| i.to_string()).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let many = multiple_choice_file(&[("Q?", &many, 0)]);
+        assert_eq!(refused(&many), "task 1: 101 answers, more than 100");
     }
 
     #[test]

@@ -90,6 +90,7 @@ fn check_args(args: &BenchArgs) -> Result<Vec<usize>, String> {
         && !quality_asked(args)
         && args.hellaswag.is_none()
         && args.winogrande.is_none()
+        && args.multiple_choice.is_none()
     {
         return Err("-p 0 and -n 0 leave nothing to measure".into());
     }
@@ -242,6 +243,11 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             choice::Kind::Winogrande,
             &args.winogrande,
             args.winogrande_tasks,
+        ),
+        (
+            choice::Kind::MultipleChoice,
+            &args.multiple_choice,
+            args.multiple_choice_tasks,
         ),
     ]
     .into_iter()
@@ -513,6 +519,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 "quality_text": text.as_ref().map(|t| &t.name),
                 "hellaswag_file": task_file(choice::Kind::Hellaswag),
                 "winogrande_file": task_file(choice::Kind::Winogrande),
+                "multiple_choice_file": task_file(choice::Kind::MultipleChoice),
                 "machine": machine,
                 "baseline_file": baseline.as_ref().map(|b| &b.name),
                 "baseline_machine": baseline.as_ref().and_then(|b| b.machine.as_ref()),
@@ -550,7 +557,7 @@ mod tests {
     fn args(flags: &[&str]) -> BenchArgs {
         let argv = [&["backstop", "bench"], flags, &["m.gguf"]].concat();
         match Cli::try_parse_from(argv).map(|c| c.command) {
-            Ok(Command::Bench(a)) => a,
+            Ok(Command::Bench(a)) => *a,
             other => panic!("{flags:?}: {other:?}"),
         }
     }

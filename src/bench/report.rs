@@ -116,6 +116,9 @@ pub struct ModelResult {
     /// Winogrande's figures, with `--winogrande`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub winogrande: Option<TaskScore>,
+    /// The multiple-choice file's figures, with `--multiple-choice`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multiple_choice: Option<TaskScore>,
     /// With `--baseline`, the same test's figures in the earlier run, each with this run's
     /// median over its median (`null` where the baseline has none). Not read back from a
     /// baseline itself: a run compared with one is compared with its own figures.
@@ -169,6 +172,7 @@ impl ModelResult {
             quality: None,
             hellaswag: None,
             winogrande: None,
+            multiple_choice: None,
             baseline: None,
         }
     }
@@ -178,6 +182,7 @@ impl ModelResult {
         match kind {
             Kind::Hellaswag => self.hellaswag.as_ref(),
             Kind::Winogrande => self.winogrande.as_ref(),
+            Kind::MultipleChoice => self.multiple_choice.as_ref(),
         }
     }
 
@@ -187,6 +192,7 @@ impl ModelResult {
             let slot = match kind {
                 Kind::Hellaswag => &mut self.hellaswag,
                 Kind::Winogrande => &mut self.winogrande,
+                Kind::MultipleChoice => &mut self.multiple_choice,
             };
             *slot = Some(score.clone());
         }
@@ -818,6 +824,12 @@ pub fn csv(results: &[ModelResult], compared: bool) -> String {
                         "winogrande_high",
                         "winogrande_same_pick",
                     ],
+                    Kind::MultipleChoice => [
+                        "multiple_choice",
+                        "multiple_choice_low",
+                        "multiple_choice_high",
+                        "multiple_choice_same_pick",
+                    ],
                 };
                 let figures = [Some(h.accuracy), Some(h.low), Some(h.high), h.same_pick];
                 values.extend(names.into_iter().zip(figures));
@@ -881,6 +893,7 @@ mod tests {
             quality: None,
             hellaswag: None,
             winogrande: None,
+            multiple_choice: None,
             baseline: None,
         }
     }
