@@ -568,29 +568,22 @@ impl Scored {
 fn tokenize(model: &LlamaModel, task: &Task, number: usize) -> Result<Scored, String> {
     let vocab = model.vocab();
     let tokens = |text: String| vocab.tokenize(text.as_bytes(), true, false);
+    // Each ending (or answer) read after the context and a space, every token of it scored.
+    let whole = |context: &str, endings: &[String]| {
+        let seqs: Vec<_> = endings
+            .iter()
+            .map(|e| tokens(format!("{context} {e}")))
+            .collect();
+        let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        Scored::of(seqs, |_, shared| shared, |k| lens[k], number)
+    };
     match task {
-        // Every token of each ending is scored.
         Task::Hellaswag {
             context, endings, ..
-        } => {
-            let seqs: Vec<_> = endings
-                .iter()
-                .map(|e| tokens(format!("{context} {e}")))
-                .collect();
-            let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
-            Scored::of(seqs, |_, shared| shared, |k| lens[k], number)
-        }
-        // Every token of each answer is scored, as in HellaSwag.
+        } => whole(context, endings),
         Task::MultipleChoice {
             question, answers, ..
-        } => {
-            let seqs: Vec<_> = answers
-                .iter()
-                .map(|a| tokens(format!("{question} {a}")))
-                .collect();
-            let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
-            Scored::of(seqs, |_, shared| shared, |k| lens[k], number)
-        }
+        } => whole(question, answers),
         Task::Winogrande {
             first,
             second,
