@@ -508,25 +508,22 @@ fn bench_builds_a_quantization_ladder_and_reuses_it() {
     );
 }
 
+/// `backstop imatrix` of SmolLM2 over the README on 2 threads into `out`, with `args`.
+fn readme_imatrix_command(out: &Path, args: &[&str]) -> std::process::Command {
+    let (model, text) = (common::smollm2(), common::checkout().join("README.md"));
+    let mut command = common::backstop_command();
+    command
+        .args(["imatrix", model.to_str().unwrap(), "-f"])
+        .arg(text)
+        .args(["-t", "2", "-o", out.to_str().unwrap()])
+        .args(args);
+    command
+}
+
 /// `backstop imatrix` of SmolLM2 over the README in chunks of 64 tokens into `out`, with
 /// `extra` arguments, started and left running; its stderr piped.
 fn start_imatrix(out: &Path, extra: &[&str]) -> std::process::Child {
-    let (model, text) = (common::smollm2(), common::checkout().join("README.md"));
-    let args = [
-        "imatrix",
-        model.to_str().unwrap(),
-        "-f",
-        text.to_str().unwrap(),
-        "--chunk",
-        "64",
-        "--no-ppl",
-        "-t",
-        "2",
-        "-o",
-        out.to_str().unwrap(),
-    ];
-    common::backstop_command()
-        .args(args.iter().chain(extra))
+    readme_imatrix_command(out, &[&["--chunk", "64", "--no-ppl"][..], extra].concat())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -536,21 +533,9 @@ fn start_imatrix(out: &Path, extra: &[&str]) -> std::process::Child {
 /// `backstop imatrix` of SmolLM2 over the README in `chunks` chunks of 256 tokens into `out`,
 /// which must succeed: what it printed.
 fn readme_imatrix(out: &Path, chunks: u32) -> String {
-    let (model, text_file) = (common::smollm2(), common::checkout().join("README.md"));
-    let o = backstop(&[
-        "imatrix",
-        model.to_str().unwrap(),
-        "-f",
-        text_file.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--chunk",
-        "256",
-        "--chunks",
-        &chunks.to_string(),
-        "-t",
-        "2",
-    ]);
+    let o = readme_imatrix_command(out, &["--chunk", "256", "--chunks", &chunks.to_string()])
+        .output()
+        .expect("run backstop");
     assert!(o.status.success(), "{}", text(&o.stderr));
     text(&o.stdout)
 }

@@ -291,15 +291,12 @@ fn parse_multiple_choice(bytes: &[u8], count: usize) -> Result<(usize, Vec<Task>
     let offsets = (0..n)
         .map(|_| at.u32("the tasks' offsets"))
         .collect::<Result<Vec<_>, _>>()?;
-    let order: Vec<usize> = if count >= n {
-        (0..n).collect()
-    } else {
-        draw_scaled(n, count)
-    };
-    let sequential = count >= n;
+    // All of them are read in turn; fewer, each from its offset.
+    let drawn = (count < n).then(|| draw_scaled(n, count));
+    let order = drawn.clone().unwrap_or_else(|| (0..n).collect());
     let mut tasks = Vec::with_capacity(order.len());
     for i in order {
-        if !sequential {
+        if drawn.is_some() {
             at.at = offsets[i] as usize;
         }
         let task = multiple_choice_task(&mut at).map_err(|e| format!("task {}: {e}", i + 1))?;
@@ -378,15 +375,22 @@ impl Reader<'_> {
 /// The first `count` HellaSwag tasks llama-perplexity picks: a Mersenne Twister seeded with 1
 /// draws one of the tasks left, uniformly, until `count` are drawn (all of them, in a drawn
 /// order, when the file has no more).
-fn draw_hellaswag(mut all: Vec<Task>, count: usize) -> Vec<Task> {
+fn draw_hellaswag(all: Vec<Task>, count: usize) -> Vec<Task> {
     let mut rng = Mt19937::new(1);
+    let mut left: Vec<usize> = (0..all.len()).collect();
     let mut chosen = Vec::with_capacity(count.min(all.len()));
-    while chosen.len() < count && !all.is_empty() {
+    while chosen.len() < count && !left.is_empty() {
         // A file of 2^32 tasks would be 4 billion tasks of text: the draw is over u32.
-        let left = u32::try_from(all.len()).unwrap_or(u32::MAX);
-        chosen.push(all.remove(rng.below(left) as usize));
+        let n = u32::try_from(left.len()).unwrap_or(u32::MAX);
+        chosen.push(left.remove(rng.below(n) as usize));
     }
-    chosen
+    take(all, &chosen)
+}
+
+/// The tasks numbered `chosen`, in its order.
+fn take(all: Vec<Task>, chosen: &[usize]) -> Vec<Task> {
+    let mut all: Vec<Option<Task>> = all.into_iter().map(Some).collect();
+    chosen.iter().filter_map(|&i| all[i].take()).collect()
 }
 
 /// The `count` Winogrande tasks llama-perplexity picks when the file has more (otherwise all,
@@ -396,11 +400,8 @@ fn draw_winogrande(all: Vec<Task>, count: usize) -> Vec<Task> {
     if count >= all.len() {
         return all;
     }
-    let mut left: Vec<Option<Task>> = all.into_iter().map(Some).collect();
-    draw_scaled(left.len(), count)
-        .into_iter()
-        .filter_map(|i| left[i].take())
-        .collect()
+    let chosen = draw_scaled(all.len(), count);
+    take(all, &chosen)
 }
 
 /// `count` of `n` task numbers as llama-perplexity draws Winogrande's and multiple-choice
@@ -535,15 +536,10 @@ impl Scored {
                 .sum::<usize>()
     }
 
-    /// The sequences, what they share, and what of each is scored: from `from(k, shared)` to
-    /// `to(k)` of sequence k. What they share is capped so that each has a token of its own
-    /// after it, and every token scored has its predicting row in the decode.
-    fn of(
-        seqs: Vec<Vec<LlamaToken>>,
-        from: impl Fn(usize, usize) -> usize,
-        to: impl Fn(usize) -> usize,
-        number: usize,
-    ) -> Result<Scored, String> {
+    /// The sequences and what they share, every token of each after that scored. What they
+    /// share is capped so that each has a token of its own after it, and every token scored
+    /// has its predicting row in the decode.
+    fn of(seqs: Vec<Vec<LlamaToken>>, number: usize) -> Result<Scored, String> {
         let shortest = seqs.iter().map(Vec::len).min().unwrap_or(0);
         let shared = (0..shortest.saturating_sub(1))
             .take_while(|&k| seqs.iter().all(|s| s[k] == seqs[0][k]))
@@ -554,8 +550,8 @@ impl Scored {
                  BOS), so nothing predicts their first"
             ));
         }
-        let from: Vec<usize> = (0..seqs.len()).map(|k| from(k, shared)).collect();
-        let to: Vec<usize> = (0..seqs.len()).map(&to).collect();
+        let from = vec![shared; seqs.len()];
+        let to = seqs.iter().map(Vec::len).collect();
         Ok(Scored {
             seqs,
             shared,
@@ -570,12 +566,11 @@ fn tokenize(model: &LlamaModel, task: &Task, number: usize) -> Result<Scored, St
     let tokens = |text: String| vocab.tokenize(text.as_bytes(), true, false);
     // Each ending (or answer) read after the context and a space, every token of it scored.
     let whole = |context: &str, endings: &[String]| {
-        let seqs: Vec<_> = endings
+        let seqs = endings
             .iter()
             .map(|e| tokens(format!("{context} {e}")))
             .collect();
-        let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
-        Scored::of(seqs, |_, shared| shared, |k| lens[k], number)
+        Scored::of(seqs, number)
     };
     match task {
         Task::Hellaswag {
@@ -600,7 +595,7 @@ fn tokenize(model: &LlamaModel, task: &Task, number: usize) -> Result<Scored, St
                 .map(|c| tokens(format!("{first}{c}")).len())
                 .collect();
             let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
-            let mut scored = Scored::of(seqs, |_, shared| shared, |k| lens[k], number)?;
+            let mut scored = Scored::of(seqs, number)?;
             let shared = scored.shared;
             let after = lens.iter().all(|&n| n - shared > MIN_TRAILING);
             for k in 0..lens.len() {

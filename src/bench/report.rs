@@ -795,9 +795,9 @@ pub fn csv(results: &[ModelResult], compared: bool) -> String {
         }
         // Quality and task figures are one value each: in the median column, min and max
         // empty; said with a row's first test (every test of it carries the same).
-        let mut values = Vec::new();
+        let mut values: Vec<(String, Option<f64>)> = Vec::new();
         if let (Some(q), 0) = (&r.quality, i) {
-            values.extend([
+            let quality = [
                 ("ppl", Some(q.ppl)),
                 ("ppl_error", Some(q.ppl_error)),
                 ("ppl_ratio", q.ppl_ratio),
@@ -807,37 +807,23 @@ pub fn csv(results: &[ModelResult], compared: bool) -> String {
                 ("kld_max", q.kld_max),
                 ("same_top", q.same_top),
                 ("dp_rms", q.dp_rms),
-            ]);
+            ];
+            values.extend(quality.map(|(name, v)| (name.to_owned(), v)));
         }
         for kind in Kind::ALL {
             if let (Some(h), 0) = (r.task(kind), i) {
-                let names = match kind {
-                    Kind::Hellaswag => [
-                        "hellaswag",
-                        "hellaswag_low",
-                        "hellaswag_high",
-                        "hellaswag_same_pick",
-                    ],
-                    Kind::Winogrande => [
-                        "winogrande",
-                        "winogrande_low",
-                        "winogrande_high",
-                        "winogrande_same_pick",
-                    ],
-                    Kind::MultipleChoice => [
-                        "multiple_choice",
-                        "multiple_choice_low",
-                        "multiple_choice_high",
-                        "multiple_choice_same_pick",
-                    ],
-                };
-                let figures = [Some(h.accuracy), Some(h.low), Some(h.high), h.same_pick];
-                values.extend(names.into_iter().zip(figures));
+                let figures = [
+                    ("", Some(h.accuracy)),
+                    ("_low", Some(h.low)),
+                    ("_high", Some(h.high)),
+                    ("_same_pick", h.same_pick),
+                ];
+                values.extend(figures.map(|(s, v)| (format!("{}{s}", kind.name()), v)));
             }
         }
         for (figure, value) in values {
             if let Some(v) = value {
-                row(figure, None, 1, &format!("{v:.6},,"), None);
+                row(&figure, None, 1, &format!("{v:.6},,"), None);
             }
         }
     }
