@@ -512,6 +512,108 @@ async fn a_follow_up_turn_on_gemma_answers_as_a_cold_server_does() {
     follow_up_answers_as_a_cold_server_does("gemma", &common::gemma3(), Some(true)).await;
 }
 
+/// A second conversation's system prompt, sharing nothing with [`GARDEN`] but the template.
+const HARBOUR: &str = "You are the harbour master's assistant in a small fishing port. You \
+    answer questions about tides, moorings, fuel and the weather at sea, briefly and exactly, and \
+    you always remind skippers to check the latest forecast before they sail.";
+
+/// Conversations beyond the slots keep their cache in host memory (`--cache-ram`): with one
+/// slot, conversation A's first turn, then B's, then A's follow-up. The follow-up copies A's
+/// rows back and reuses as much as it would had A kept a slot of its own (a two-slot server),
+/// and answers as a cold read does. Over the memory limit, or with 0, nothing is kept and
+/// the follow-up reads A's history again. (`--reread-answers 0`, so no idle re-read changes
+/// what a slot holds between the requests.)
+async fn conversations_beyond_the_slots_keep_their_cache(
+    name: &str,
+    path: &std::path::Path,
+    flash: bool,
+) {
+    let model = format!("{name}={}", path.display());
+    let fa = if flash { "1" } else { "0" };
+    let serve = |slots: &str, extra: &[&str]| {
+        let args: Vec<String> = [
+            "--model",
+            &model,
+            "--parallel",
+            slots,
+            "--flash-attention",
+            fa,
+            "--reread-answers",
+            "0",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|a| a.to_string())
+        .collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Server::start_raw(&args).await
+        }
+    };
+    let chat = |system: &str, turns: &[(&str, &str)], cache: bool| {
+        let mut messages = vec![json!({"role": "system", "content": system})];
+        for (role, content) in turns {
+            messages.push(json!({"role": role, "content": content}));
+        }
+        json!({"model": name, "messages": messages, "temperature": 0, "max_tokens": 24,
+               "cache_prompt": cache})
+    };
+    let a1 = chat(GARDEN, &[("user", "Name three fruits.")], true);
+    let b1 = chat(HARBOUR, &[("user", "When is high tide today?")], true);
+    // A's turn, B's turn, then A's follow-up: what it reused, and its answer.
+    let follow_up = |s: Server| {
+        let (a1, b1) = (a1.clone(), b1.clone());
+        async move {
+            let r1 = s.chat(a1).await;
+            s.chat(b1).await;
+            let said = answer(&r1);
+            let turns = [
+                ("user", "Name three fruits."),
+                ("assistant", said.as_str()),
+                ("user", "Which one is yellow?"),
+            ];
+            let warm = s.chat(chat(GARDEN, &turns, true)).await;
+            let cold = s.chat(chat(GARDEN, &turns, false)).await;
+            assert_eq!(cached(&cold), 0, "{cold}");
+            assert_eq!(answer(&warm), answer(&cold), "{name}: {warm}");
+            let first_prompt = r1["usage"]["prompt_tokens"].as_u64().unwrap();
+            (s, warm, first_prompt)
+        }
+    };
+    let series =
+        |metric: &str| format!("backstop_prompt_cache_{metric}{{model=\"{name}:latest\"}}");
+
+    let (own, own_slot, first_prompt) = follow_up(serve("2", &[]).await).await;
+    drop(own);
+    assert!(cached(&own_slot) >= 64, "{own_slot}");
+    let (s, kept, _) = follow_up(serve("1", &[]).await).await;
+    assert_eq!(cached(&kept), cached(&own_slot), "{name}: {kept}");
+    // A was kept when B took the slot, and B when A came back (and again for the cold read).
+    assert!(s.metric(&series("saves_total")).await >= 2.0);
+    let restored = s.metric(&series("restored_tokens_total")).await;
+    assert!(restored >= first_prompt as f64, "{restored}");
+    assert!(s.metric(&series("bytes")).await > 0.0);
+    drop(s);
+
+    // A's rows take more than a MiB (SmolLM2 about 23 KiB a token, Gemma 3 270M 18 KiB).
+    for limit in ["0", "1"] {
+        let (s, forgot, _) = follow_up(serve("1", &["--cache-ram", limit]).await).await;
+        assert!(cached(&forgot) < 16, "--cache-ram {limit}: {forgot}");
+        assert_eq!(s.metric(&series("saves_total")).await, 0.0, "{limit}");
+        assert_eq!(s.metric(&series("bytes")).await, 0.0, "{limit}");
+    }
+}
+
+#[tokio::test]
+async fn conversations_beyond_the_slots_keep_their_cache_in_host_memory() {
+    conversations_beyond_the_slots_keep_their_cache("smollm2", &common::smollm2(), false).await;
+}
+
+#[tokio::test]
+async fn gemma_conversations_beyond_the_slots_keep_their_cache_in_host_memory() {
+    conversations_beyond_the_slots_keep_their_cache("gemma", &common::gemma3(), true).await;
+}
+
 /// Answer tokens that model `name` (served untagged, so named `name:latest`) has read again
 /// so far.
 async fn reread_tokens(s: &Server, name: &str) -> f64 {

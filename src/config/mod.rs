@@ -34,6 +34,10 @@ pub const DEFAULT_BATCH: u32 = 512;
 /// (see [`EngineDefaults::prefill_chunk`]).
 pub const DEFAULT_PREFILL_CHUNK: u32 = 128;
 const DEFAULT_MAX_BODY: usize = 8 * 1024 * 1024;
+/// Host memory per model for conversations the slots gave up, in MiB: llama.cpp's server's
+/// `--cache-ram` default. It is only used as conversations outnumber the slots.
+const DEFAULT_CACHE_RAM_MIB: u32 = 8192;
+const MIB: usize = 1024 * 1024;
 /// Ollama's default for CPU machines (three models resident).
 const DEFAULT_MAX_LOADED: usize = 3;
 const MAX_STOP_STRINGS: usize = 16;
@@ -126,6 +130,8 @@ pub struct EngineDefaults {
     pub mlock: bool,
     /// Most tokens a generating sequence drafts by prompt lookup per step (0: off).
     pub speculate: u32,
+    /// Bytes of host memory per model for conversations the slots gave up.
+    pub cache_ram: usize,
     /// Greedy and seeded answers are read again while idle, for the next turn to reuse.
     pub reread_answers: bool,
     /// Greedy and seeded requests reuse only rows a cold read computes alike.
@@ -151,6 +157,7 @@ impl EngineDefaults {
             mmap: self.mmap,
             mlock: self.mlock,
             speculate: self.speculate,
+            cache_ram: self.cache_ram,
             reread_answers: self.reread_answers,
             exact_reuse: self.exact_reuse,
         }
@@ -496,6 +503,10 @@ impl Config {
             None => draft_most(raw.server.speculate, "server.speculate", &origin)?,
         }
         .unwrap_or(0);
+        let cache_ram_mib = args
+            .cache_ram
+            .or(raw.server.cache_ram)
+            .unwrap_or(DEFAULT_CACHE_RAM_MIB);
         let reread_answers = switch(args.reread_answers.as_deref(), FLAGS, "reread-answers")?
             .or(raw.server.reread_answers)
             .unwrap_or(true);
@@ -516,6 +527,7 @@ impl Config {
             mmap: !args.no_mmap && raw.server.mmap.unwrap_or(true),
             mlock: args.mlock || raw.server.mlock.unwrap_or(false),
             speculate,
+            cache_ram: cache_ram_mib as usize * MIB,
             reread_answers,
             exact_reuse,
         };
@@ -856,6 +868,7 @@ pub(crate) fn for_tests(path: &str) -> Config {
         mmap: true,
         mlock: false,
         speculate: 0,
+        cache_ram: 0,
         reread_answers: true,
         exact_reuse: true,
     };
@@ -1072,6 +1085,24 @@ mod tests {
         };
         let err = load_toml_with(toml, zero).unwrap_err().to_string();
         assert!(err.contains("batch") && err.contains("at least 1"), "{err}");
+    }
+
+    #[test]
+    fn host_memory_for_given_up_conversations_is_8_gib_unless_the_flag_or_the_server_says() {
+        let model = "[models.a]\npath = \"model.gguf\"\n";
+        let bytes = |cfg: Config| cfg.models[0].engine.cache_ram;
+        assert_eq!(bytes(load_toml(model).unwrap()), 8 << 30);
+        let file = format!("[server]\ncache_ram = 512\n{model}");
+        assert_eq!(bytes(load_toml(&file).unwrap()), 512 << 20);
+        let off = ServeArgs {
+            cache_ram: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(bytes(load_toml_with(&file, off).unwrap()), 0);
+        let err = load_toml(&format!("[server]\ncache_ram = -1\n{model}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cache_ram"), "{err}");
     }
 
     #[test]

@@ -32,6 +32,12 @@ pub(crate) struct EngineMetrics {
     /// Answer tokens read again while idle, for the next turn to reuse (not in `steps` or
     /// `prompt_tokens`).
     pub(crate) reread_tokens: Counter,
+    /// Bytes of the conversations kept in host memory (`--cache-ram`).
+    pub(crate) cache_ram_bytes: Gauge,
+    /// Conversations a slot gave up that were copied into host memory.
+    pub(crate) cache_ram_saves: Counter,
+    /// Tokens whose KV rows were copied back from host memory instead of read again.
+    pub(crate) cache_ram_restored_tokens: Counter,
 }
 
 impl EngineMetrics {
@@ -54,6 +60,12 @@ impl EngineMetrics {
             draft_tokens: counter!("backstop_draft_tokens_total", labels),
             draft_accepted: counter!("backstop_draft_accepted_tokens_total", labels),
             reread_tokens: counter!("backstop_reread_tokens_total", labels),
+            cache_ram_bytes: gauge!("backstop_prompt_cache_bytes", labels),
+            cache_ram_saves: counter!("backstop_prompt_cache_saves_total", labels),
+            cache_ram_restored_tokens: counter!(
+                "backstop_prompt_cache_restored_tokens_total",
+                labels
+            ),
         }
     }
 }

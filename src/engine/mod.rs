@@ -13,6 +13,7 @@ pub mod probe;
 mod request;
 mod sampler;
 mod spare;
+mod stash;
 pub(crate) use sampler::greedy;
 mod template;
 mod text;
@@ -77,6 +78,10 @@ pub struct EngineOptions {
     /// Most tokens a generating sequence drafts by prompt lookup per step (0: off; see
     /// [`lookup`]).
     pub speculate: u32,
+    /// Bytes of host memory for the conversations the slots gave up, kept so their next turn
+    /// copies its cache back instead of reading its history again (0: none; see
+    /// `stash`).
+    pub cache_ram: usize,
     /// While every model is idle, the answer of a greedy or seeded request is read again as a
     /// cold read of its conversation reads it, so the next turn reuses it (see
     /// `worker::Worker::reread_step`).

@@ -761,6 +761,62 @@ pub(crate) fn place<T: PartialEq>(
     })
 }
 
+/// Where a waiting request goes when a cache kept in host memory (`--cache-ram`, see
+/// `stash`) spares at least [`COPY_GAIN`] more of its prompt than `placed`, the placement
+/// among the slots: that cache's index in `stashed`, and the placement that copies it back
+/// into the free slot whose cache is worth least to the request (the least recently used of
+/// those). Copying a cache back costs about what copying a slot does. `stashed` are seen as
+/// free slots whose `held` is what their sequence will hold once restored
+/// ([`restored_held`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn restore<T: PartialEq>(
+    placed: Placement,
+    slots: &[CachedSlot<'_, T>],
+    stashed: &[CachedSlot<'_, T>],
+    prompt: &[T],
+    layout: Layout<'_>,
+    reuse: Reuse,
+    grain: Grain,
+    window: Option<Window>,
+) -> Option<(Placement, usize)> {
+    let spared = |s: &CachedSlot<'_, T>| reusable(s, prompt, layout, reuse, grain, window).0;
+    let (entry, n) = stashed
+        .iter()
+        .map(|s| (s.index, spared(s)))
+        .filter(|&(_, n)| n >= placed.reuse + COPY_GAIN)
+        .max_by_key(|&(index, n)| (n, std::cmp::Reverse(index)))?;
+    let victim = slots
+        .iter()
+        .filter(|s| !s.busy)
+        .min_by_key(|s| (spared(s), s.last_used))?;
+    Some((
+        Placement {
+            slot: victim.index,
+            reuse: n,
+            copy_from: None,
+        },
+        entry,
+    ))
+}
+
+/// What a sequence of `held` holds once copied out and back in. llama.cpp
+/// (`state_write` in `llama-kv-cache.cpp`, at the pinned version) leaves out the cells a
+/// sliding window of `swa` positions no longer attends to (those `swa` or more before the
+/// newest) and puts the rest back into the lowest cells in order: past the window the
+/// sequence starts later, and its cells no longer sit where a cold read puts them, so only a
+/// request that reuses it all as it is can use it ([`Window::holds`]). `swa` is the model's
+/// window whether or not the cache keeps only the window (`--swa-full`).
+pub(crate) fn restored_held(held: Held, swa: Option<usize>) -> Held {
+    match swa {
+        Some(span) if held.end > span => Held {
+            first: held.first.max(held.end - span),
+            end: held.end,
+            ordered: false,
+        },
+        _ => held,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -1636,5 +1692,170 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn a_kept_cache_sharing_much_more_goes_back_into_the_least_valuable_free_slot() {
+        let prompt = tokens(1..=300);
+        let other = tokens(500..=700);
+        let slots = [
+            slot(0, &prompt[..70], 70, 5),
+            slot(1, &other, 201, 1),
+            CachedSlot {
+                busy: true,
+                ..slot(2, &[7], 1, 0)
+            },
+        ];
+        let fast = |stashed: &[CachedSlot<'_, i32>]| {
+            let placed = place(
+                &slots,
+                &prompt,
+                whole(&prompt),
+                Reuse::Fast,
+                FLASH_GRAIN,
+                None,
+                false,
+            )?;
+            assert_eq!((placed.slot, placed.reuse), (0, 70));
+            restore(
+                placed,
+                &slots,
+                stashed,
+                &prompt,
+                whole(&prompt),
+                Reuse::Fast,
+                FLASH_GRAIN,
+                None,
+            )
+        };
+        // The conversation's 260 tokens are kept: they go back into slot 1 (which spares
+        // nothing), not slot 0 (whose 70 tokens a later request may still use).
+        let kept = [
+            slot(0, &other[..50], 50, 0),
+            slot(1, &prompt[..260], 260, 0),
+        ];
+        let back = Placement {
+            slot: 1,
+            reuse: 260,
+            copy_from: None,
+        };
+        assert_eq!(fast(&kept), Some((back, 1)));
+        // 31 tokens more than the slot is not worth the copy; 32 is.
+        assert_eq!(fast(&[slot(0, &prompt[..101], 101, 0)]), None);
+        let gain = fast(&[slot(0, &prompt[..102], 102, 0)]);
+        assert_eq!(gain.map(|(p, i)| (p.reuse, i)), Some((102, 0)));
+        // Nothing kept, or nothing shared.
+        assert_eq!(fast(&[]), None);
+        assert_eq!(fast(&[slot(0, &other, 201, 0)]), None);
+        // A cold request reuses nothing, kept or not.
+        let placed = place(
+            &slots,
+            &prompt,
+            whole(&prompt),
+            Reuse::Cold,
+            FLASH_GRAIN,
+            None,
+            false,
+        )
+        .unwrap();
+        let cold = restore(
+            placed,
+            &slots,
+            &kept,
+            &prompt,
+            whole(&prompt),
+            Reuse::Cold,
+            FLASH_GRAIN,
+            None,
+        );
+        assert_eq!(cold, None);
+    }
+
+    #[test]
+    fn a_sequence_copied_back_past_its_window_is_reused_only_whole_and_not_exactly() {
+        let saved = Held {
+            first: 0,
+            end: 1000,
+            ordered: true,
+        };
+        assert_eq!(restored_held(saved, None), saved, "no sliding window");
+        let short = Held { end: 400, ..saved };
+        assert_eq!(
+            restored_held(short, Some(512)),
+            short,
+            "all within the window"
+        );
+        let back = restored_held(saved, Some(512));
+        assert_eq!(
+            back,
+            Held {
+                first: 488,
+                end: 1000,
+                ordered: false
+            }
+        );
+        let window = Some(Window {
+            span: 512,
+            cells: 1024,
+        });
+        let history = tokens(1..=1000);
+        let kept = [CachedSlot {
+            held: back,
+            ..slot(0, &history, 1000, 0)
+        }];
+        let empty = [slot(0, &[], 0, 0)];
+        let spared = |prompt: &[i32], reuse| {
+            let placed = place(
+                &empty,
+                prompt,
+                whole(prompt),
+                reuse,
+                FLASH_GRAIN,
+                window,
+                false,
+            )?;
+            restore(
+                placed,
+                &empty,
+                &kept,
+                prompt,
+                whole(prompt),
+                reuse,
+                FLASH_GRAIN,
+                window,
+            )
+            .map(|(p, _)| p.reuse)
+        };
+        // The next turn reads on from the whole history.
+        let next = tokens(1..=1050);
+        assert_eq!(spared(&next, Reuse::Fast), Some(1000));
+        // Not a reproducible request: the cells are not where a cold read puts them.
+        assert_eq!(spared(&next, Reuse::Exact), None);
+        // Nor one that parts from the history inside the window.
+        let edited: Vec<i32> = (1..=900).chain(5000..=5100).collect();
+        assert_eq!(spared(&edited, Reuse::Fast), None);
+        // With --swa-full (no window kept), the window's cells are still left out.
+        let full = |prompt: &[i32]| {
+            let placed = place(
+                &empty,
+                prompt,
+                whole(prompt),
+                Reuse::Fast,
+                FLASH_GRAIN,
+                None,
+                false,
+            )?;
+            restore(
+                placed,
+                &empty,
+                &kept,
+                prompt,
+                whole(prompt),
+                Reuse::Fast,
+                FLASH_GRAIN,
+                None,
+            )
+        };
+        assert_eq!(full(&next), None);
     }
 }

@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use llama_cpp_2::context::session::{LlamaStateSeqFlags, SeqState};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -21,11 +22,12 @@ use super::loader::{self, ModelInfo};
 use super::lookup::{self, Record, RowCosts, Shadow};
 use super::metrics::EngineMetrics;
 use super::policy::{
-    join_segments, place, plan_step, segment_starts, Budget, CachedSlot, Grain, Held, Layout, Pace,
-    Placement, Reuse, SlotState, StepPlan, Window,
+    join_segments, place, plan_step, restore, restored_held, segment_starts, Budget, CachedSlot,
+    Grain, Held, Layout, Pace, Placement, Reuse, SlotState, StepPlan, Window, COPY_GAIN,
 };
 use super::request::truncate;
 use super::spare::Spare;
+use super::stash::Stash;
 use super::text::{StopMatcher, StopScan, Utf8Stream};
 use super::{
     sampler, EngineError, EngineOptions, FinishReason, GenerateRequest, Job, LoadError, Overflow,
@@ -142,6 +144,27 @@ pub(crate) fn engine_worker(
 /// state, not positions, and never draft.
 fn can_draft(model: &LlamaModel) -> bool {
     !model.is_recurrent() && !model.is_hybrid()
+}
+
+/// A slot's conversation kept in host memory (`--cache-ram`, see [`super::stash`]): its
+/// sequence's rows as llama.cpp wrote them out, and what the slot knew of them.
+struct Stashed {
+    cached: Vec<LlamaToken>,
+    exact: usize,
+    segments: Segments,
+    end: Option<PromptEnd>,
+    /// What its sequence holds once copied back ([`restored_held`]).
+    held: Held,
+    state: SeqState,
+}
+
+impl Stashed {
+    /// Whether it holds all `other` holds, as well read.
+    fn covers(&self, other: &Stashed) -> bool {
+        other.cached.len() <= self.cached.len()
+            && other.exact <= self.exact
+            && self.cached.starts_with(&other.cached)
+    }
 }
 
 /// A request whose prompt is tokenized and waits for a slot.
@@ -341,6 +364,11 @@ struct Worker<'m> {
     bos_text: String,
     /// The answer being read again, between chunks.
     reread: Option<Reread>,
+    /// Conversations the slots gave up, kept in host memory (`--cache-ram`).
+    stash: Stash<Stashed>,
+    /// The model's sliding window, whether or not its cache keeps only the window: a
+    /// sequence copied out leaves out what is past it ([`restored_held`]).
+    swa: Option<usize>,
     /// Whether other processes leave the cores free for it.
     spare: Spare,
     admissions: u64,
@@ -417,6 +445,14 @@ impl<'m> Worker<'m> {
             },
             bos_text,
             reread: None,
+            // Recurrent and hybrid models keep a state that cannot be cut back to a prefix, so
+            // a kept one would serve only the very same conversation; they keep none.
+            stash: Stash::new(if can_draft(model) {
+                options.cache_ram
+            } else {
+                0
+            }),
+            swa: loader::sliding_window(model),
             spare: Spare::new(options.threads),
             admissions: 0,
             step_no: 0,
@@ -891,8 +927,40 @@ impl<'m> Worker<'m> {
             ) else {
                 break;
             };
+            let restored = if self.stash.is_empty() {
+                None
+            } else {
+                let stashed: Vec<CachedSlot<'_, LlamaToken>> = self
+                    .stash
+                    .entries()
+                    .enumerate()
+                    .map(|(index, e)| CachedSlot {
+                        index,
+                        cached: &e.cached,
+                        exact: e.exact,
+                        layout: e.segments.layout(),
+                        end: e.end.as_ref().map(|end| (end.len, end.exact)),
+                        held: e.held,
+                        last_used: 0,
+                        busy: false,
+                        reading: None,
+                    })
+                    .collect();
+                restore(
+                    placement,
+                    &slots,
+                    &stashed,
+                    &front.tokens,
+                    layout,
+                    reuse,
+                    self.budget.grain,
+                    self.window,
+                )
+            };
+            let (placement, kept) =
+                restored.map_or((placement, None), |(p, entry)| (p, Some(entry)));
             if let Some(pending) = self.waiting.pop_front() {
-                self.start(placement, pending);
+                self.start(placement, kept, pending);
             }
         }
     }
@@ -922,10 +990,96 @@ impl<'m> Worker<'m> {
         true
     }
 
+    /// Keeps slot `index`'s conversation in host memory before a request that parts from it
+    /// at least [`COPY_GAIN`] tokens before its end takes the slot, if the stash is on and a
+    /// request could reuse the conversation once it is copied back.
+    fn stash_slot(&mut self, index: usize, prompt: &[LlamaToken]) {
+        let slot = &self.slots[index];
+        let shared = slot
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        if !self.stash.enabled() || slot.cached.len() < shared + COPY_GAIN {
+            return;
+        }
+        let held = restored_held(self.held(slot), self.swa);
+        if held.end != slot.cached.len() || !Window::holds(self.window, held, held.end, Reuse::Fast)
+        {
+            return;
+        }
+        let state = match self
+            .ctx
+            .state_seq_get(slot.seq, LlamaStateSeqFlags::empty())
+        {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::warn!(model = %self.name, seq = slot.seq, error = %e, "could not copy a KV sequence out");
+                return;
+            }
+        };
+        let logits = slot.end.as_ref().map_or(0, |e| e.logits.len());
+        let bytes = state.byte_len()
+            + (slot.cached.len() + logits) * std::mem::size_of::<f32>()
+            + slot.segments.starts.len() * std::mem::size_of::<usize>();
+        let entry = Stashed {
+            cached: slot.cached.clone(),
+            exact: slot.exact,
+            segments: slot.segments.clone(),
+            end: slot.end.clone(),
+            held,
+            state,
+        };
+        let tokens = entry.cached.len();
+        let outcome = self.stash.keep(entry, bytes, Stashed::covers);
+        self.metrics.cache_ram_bytes.set(self.stash.used() as f64);
+        if outcome.kept {
+            self.metrics.cache_ram_saves.increment(1);
+        }
+        tracing::debug!(
+            model = %self.name,
+            tokens,
+            bytes,
+            kept = outcome.kept,
+            dropped = outcome.dropped,
+            "a slot's conversation copied into host memory"
+        );
+    }
+
+    /// Copies kept conversation `entry` back into slot `index`'s sequence; false if llama.cpp
+    /// refused (the slot is then empty).
+    fn restore_slot(&mut self, entry: usize, index: usize) -> bool {
+        let Some(e) = self.stash.take(entry) else {
+            return false;
+        };
+        self.metrics.cache_ram_bytes.set(self.stash.used() as f64);
+        let seq = self.slots[index].seq;
+        if let Err(error) = self.ctx.state_seq_set(&e.state, seq) {
+            tracing::warn!(model = %self.name, seq, %error, "could not copy a KV sequence back");
+            self.clear_seq(index);
+            self.slots[index].truncate(0);
+            return false;
+        }
+        let held = self.held(&self.slots[index]);
+        let slot = &mut self.slots[index];
+        slot.cached = e.cached;
+        slot.exact = e.exact;
+        slot.segments = e.segments;
+        slot.end = e.end;
+        // Where the cells went is as predicted, or no reproducible request reuses them.
+        slot.ordered = e.held.ordered && (held.first, held.end) == (e.held.first, e.held.end);
+        self.metrics
+            .cache_ram_restored_tokens
+            .increment(slot.cached.len() as u64);
+        true
+    }
+
     /// Puts a request into a slot, trimming the slot's KV cache to the reusable prefix (a
-    /// busy slot's cache copied in first, if placement says so). When the whole prompt is
+    /// busy slot's cache, or one kept in host memory, copied in first, if placement says so;
+    /// what the slot held kept in host memory first, if worth it). When the whole prompt is
     /// cached with its last logits, the first token is sampled at once.
-    fn start(&mut self, placement: Placement, pending: Pending) {
+    fn start(&mut self, placement: Placement, kept: Option<usize>, pending: Pending) {
         let Placement {
             slot: index,
             reuse,
@@ -936,6 +1090,12 @@ impl<'m> Worker<'m> {
         }
         let mode = reuse_for(&pending.job.request, self.options.exact_reuse);
         let mut keep = reuse;
+        self.stash_slot(index, &pending.tokens);
+        if let Some(entry) = kept {
+            if !self.restore_slot(entry, index) {
+                keep = 0;
+            }
+        }
         if let Some(from) = copy_from {
             if !self.copy_slot(from, index) {
                 keep = 0;
