@@ -604,6 +604,70 @@ async fn conversations_beyond_the_slots_keep_their_cache(
     }
 }
 
+/// Past the limit the oldest conversation is dropped, never the one going back into the
+/// slot. One slot and four conversations of one size (A to D), with room for two kept: the
+/// limit is what A and B took on a server with room to spare, rounded up to a MiB. D's first
+/// turn keeps C and drops A; B's follow-up takes B out before D is kept, and reuses B's rows;
+/// A's follow-up reads A again.
+#[tokio::test]
+async fn the_oldest_kept_conversation_makes_room_and_the_one_going_back_is_kept() {
+    let model = format!("smollm2={}", common::smollm2().display());
+    let serve = |limit: String| {
+        let model = model.clone();
+        async move {
+            Server::start_raw(&[
+                "--model",
+                &model,
+                "--parallel",
+                "1",
+                "--reread-answers",
+                "0",
+                "--cache-ram",
+                &limit,
+            ])
+            .await
+        }
+    };
+    // About 300 tokens each (7 MB of SmolLM2's rows), sharing only the template's first.
+    let turns = ["Ada", "Bob", "Cyd", "Dee"].map(|name| {
+        let notes = format!("{name} wrote this. {}", lighthouse_notes(100));
+        json!({"model": "smollm2", "temperature": 0, "max_tokens": 24, "messages": [
+            {"role": "system", "content": notes},
+            {"role": "user", "content": "Who wrote the notes?"}]})
+    });
+    let bytes = "backstop_prompt_cache_bytes{model=\"smollm2:latest\"}";
+    let roomy = serve("8192".into()).await;
+    for turn in &turns[..3] {
+        roomy.chat(turn.clone()).await;
+    }
+    let a_and_b = roomy.metric(bytes).await;
+    assert!(a_and_b > f64::from(10 << 20), "{a_and_b}");
+    drop(roomy);
+
+    let mib = (a_and_b / f64::from(1 << 20)).ceil() as u64;
+    let s = serve(mib.to_string()).await;
+    let mut answers = Vec::new();
+    for turn in &turns {
+        answers.push(answer(&s.chat(turn.clone()).await));
+    }
+    let next = |i: usize, cache: bool| {
+        let mut body = turns[i].clone();
+        let messages = body["messages"].as_array_mut().unwrap();
+        messages.push(json!({"role": "assistant", "content": answers[i]}));
+        messages.push(json!({"role": "user", "content": "Now give them a title."}));
+        body["cache_prompt"] = json!(cache);
+        body
+    };
+    let b2 = s.chat(next(1, true)).await;
+    assert!(cached(&b2) >= 256, "{b2}");
+    assert!(s.metric(bytes).await <= (mib << 20) as f64);
+    let a2 = s.chat(next(0, true)).await;
+    assert!(cached(&a2) < 16, "A was dropped for C: {a2}");
+    let cold = s.chat(next(1, false)).await;
+    assert_eq!(cached(&cold), 0);
+    assert_eq!(answer(&b2), answer(&cold));
+}
+
 #[tokio::test]
 async fn conversations_beyond_the_slots_keep_their_cache_in_host_memory() {
     conversations_beyond_the_slots_keep_their_cache("smollm2", &common::smollm2(), false).await;

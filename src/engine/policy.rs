@@ -628,12 +628,7 @@ fn reusable<T: PartialEq>(
     grain: Grain,
     window: Option<Window>,
 ) -> (usize, usize) {
-    let shared = s
-        .cached
-        .iter()
-        .zip(prompt)
-        .take_while(|(a, b)| a == b)
-        .count();
+    let shared = shared_prefix(s.cached, prompt);
     // The very prompt the slot read last, with its logits kept: nothing to read at all.
     let whole = s.end.is_some_and(|(len, exact)| {
         len == prompt.len()
@@ -659,6 +654,11 @@ fn reusable<T: PartialEq>(
         0
     };
     (n, shared)
+}
+
+/// How many leading tokens `a` and `b` have in common.
+pub(crate) fn shared_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
+    a.iter().zip(b).take_while(|(a, b)| a == b).count()
 }
 
 /// Places a prompt. Among free slots, the one whose cache spares the most of it (multi-turn

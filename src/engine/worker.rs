@@ -22,8 +22,9 @@ use super::loader::{self, ModelInfo};
 use super::lookup::{self, Record, RowCosts, Shadow};
 use super::metrics::EngineMetrics;
 use super::policy::{
-    join_segments, place, plan_step, restore, restored_held, segment_starts, Budget, CachedSlot,
-    Grain, Held, Layout, Pace, Placement, Reuse, SlotState, StepPlan, Window, COPY_GAIN,
+    join_segments, place, plan_step, restore, restored_held, segment_starts, shared_prefix, Budget,
+    CachedSlot, Grain, Held, Layout, Pace, Placement, Reuse, SlotState, StepPlan, Window,
+    COPY_GAIN,
 };
 use super::request::truncate;
 use super::spare::Spare;
@@ -994,14 +995,12 @@ impl<'m> Worker<'m> {
     /// at least [`COPY_GAIN`] tokens before its end takes the slot, if the stash is on and a
     /// request could reuse the conversation once it is copied back.
     fn stash_slot(&mut self, index: usize, prompt: &[LlamaToken]) {
+        if !self.stash.enabled() {
+            return;
+        }
         let slot = &self.slots[index];
-        let shared = slot
-            .cached
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count();
-        if !self.stash.enabled() || slot.cached.len() < shared + COPY_GAIN {
+        let shared = shared_prefix(&slot.cached, prompt);
+        if slot.cached.len() < shared + COPY_GAIN {
             return;
         }
         let held = restored_held(self.held(slot), self.swa);
@@ -1033,7 +1032,6 @@ impl<'m> Worker<'m> {
         };
         let tokens = entry.cached.len();
         let outcome = self.stash.keep(entry, bytes, Stashed::covers);
-        self.metrics.cache_ram_bytes.set(self.stash.used() as f64);
         if outcome.kept {
             self.metrics.cache_ram_saves.increment(1);
         }
@@ -1047,21 +1045,25 @@ impl<'m> Worker<'m> {
         );
     }
 
-    /// Copies kept conversation `entry` back into slot `index`'s sequence; false if llama.cpp
+    /// Copies kept conversation `e` back into slot `index`'s sequence; false if llama.cpp
     /// refused (the slot is then empty).
-    fn restore_slot(&mut self, entry: usize, index: usize) -> bool {
-        let Some(e) = self.stash.take(entry) else {
-            return false;
-        };
-        self.metrics.cache_ram_bytes.set(self.stash.used() as f64);
+    fn restore_slot(&mut self, e: Stashed, index: usize) -> bool {
         let seq = self.slots[index].seq;
-        if let Err(error) = self.ctx.state_seq_set(&e.state, seq) {
-            tracing::warn!(model = %self.name, seq, %error, "could not copy a KV sequence back");
+        let copied = self.ctx.state_seq_set(&e.state, seq);
+        let held = self.held(&self.slots[index]);
+        if copied.is_err() || held.end != e.cached.len() {
+            tracing::warn!(
+                model = %self.name,
+                seq,
+                error = ?copied.err(),
+                positions = held.end,
+                tokens = e.cached.len(),
+                "could not copy a KV sequence back"
+            );
             self.clear_seq(index);
             self.slots[index].truncate(0);
             return false;
         }
-        let held = self.held(&self.slots[index]);
         let slot = &mut self.slots[index];
         slot.cached = e.cached;
         slot.exact = e.exact;
@@ -1090,16 +1092,28 @@ impl<'m> Worker<'m> {
         }
         let mode = reuse_for(&pending.job.request, self.options.exact_reuse);
         let mut keep = reuse;
+        // Taken out first: keeping the slot's conversation may drop entries and move others.
+        let restored = kept.and_then(|entry| self.stash.take(entry));
         self.stash_slot(index, &pending.tokens);
-        if let Some(entry) = kept {
-            if !self.restore_slot(entry, index) {
+        self.metrics.cache_ram_bytes.set(self.stash.used() as f64);
+        if let Some(e) = restored {
+            if !self.restore_slot(e, index) {
                 keep = 0;
             }
+        } else if kept.is_some() {
+            keep = 0;
         }
         if let Some(from) = copy_from {
             if !self.copy_slot(from, index) {
                 keep = 0;
             }
+        }
+        let shared = shared_prefix(&self.slots[index].cached, &pending.tokens);
+        if keep > shared {
+            // Placement reuses only what the slot shares with the prompt: rows of other
+            // tokens would change the answer, so the prompt is read afresh instead.
+            tracing::error!(model = %self.name, keep, shared, "a slot holds other tokens than placement saw");
+            keep = 0;
         }
         if keep > 0 {
             let held = self.held(&self.slots[index]);
