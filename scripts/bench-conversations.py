@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""More conversations than slots: how soon each one's next turn starts, backstop beside
+llama-server, in one run, on one model.
+
+A server with P slots keeps the KV cache of P conversations. A team sharing one server, or
+an agent running several threads, has more: each turn of one takes a slot from another.
+Without a prompt cache in host memory, a conversation whose slot was taken reads its whole
+history again before its next first token; with one (backstop's and llama-server's
+`--cache-ram`, 8 GiB by default in both), the slot's cache is copied into RAM when another
+conversation takes it, and copied back for its next turn.
+
+Four servers, all up at once, with the same model, threads, slots, per-slot context, chat
+template and flash attention (off, backstop's CPU default; as in bench-peers.py): backstop,
+backstop with `--cache-ram 0`, llama-server, and llama-server with `--cache-ram 0` (and any
+given with --also). Each
+repetition, in a rotating order, each server holds --conversations conversations (default 4,
+against 2 slots), each opening with about --history tokens of notes under a fresh nonce, then
+TURNS-1 short follow-ups; the turns go round the conversations (A1 B1 C1 D1 A2 B2 ...), so by
+its next turn every conversation's slot went to another. Greedy, each answer streamed and run
+to --max-tokens (ignore_eos), so every server's turns are the same length; --pause seconds
+before each request, as a person reading (backstop reads a greedy answer again while idle,
+`--reread-answers`, so the next turn reuses it). The figure is the time to the first token of
+each follow-up (turns 2 on), the median over conversations, turns and repetitions; the
+ratio is per repetition, against llama-server with its prompt cache.
+
+    ~/.cache/backstop/venv/bin/python scripts/bench-conversations.py [--model PATH] [--reps 5]
+        [--conversations 4] [--parallel 2] [--history 1000] [--pause 0.5] [--max-tokens 32]
+        [--also "backstop --exact-reuse 0"]
+
+Writes bench-results/conversations-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+spec = importlib.util.spec_from_file_location("bench_peers", pathlib.Path(__file__).with_name("bench-peers.py"))
+peers = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(peers)
+
+FOLLOW_UPS = ["Which ships came most often?", "Give my notes a title."]
+TURNS = 1 + len(FOLLOW_UPS)
+
+SERVERS = ["backstop", "backstop --cache-ram 0", "llama-server", "llama-server --cache-ram 0"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    peers.side_by_side_args(ap, max_tokens=32)
+    ap.add_argument("--conversations", type=int, default=4)
+    ap.add_argument("--parallel", type=int, default=2, help="slots, every server")
+    ap.add_argument("--history", type=int, default=1000, help="tokens of notes each conversation opens with")
+    ap.add_argument("--pause", type=float, default=0.5, help="seconds before each request")
+    ap.add_argument("--also", action="append", default=[], metavar="KIND",
+                    help='another server beside the four, e.g. "backstop --exact-reuse 0" (repeatable)')
+    args = ap.parse_args()
+    kinds = SERVERS + [k for k in args.also if k not in SERVERS]
+    if args.conversations <= args.parallel:
+        ap.error("--conversations must be more than --parallel, or every conversation keeps a slot")
+    model = pathlib.Path(args.model)
+    backstop, llama_server, peer_version, template = peers.backstop_and_llama_server(model)
+
+    def start(kind: str) -> peers.Server:
+        binary = backstop if kind.startswith("backstop") else llama_server
+        return peers.serve_side_by_side(kind, binary, model, args.threads, args.parallel, args.ctx, template,
+                                        kind.split()[1:])
+
+    def run(kind: str, url: str, tag: str) -> dict[str, list[float]]:
+        """Every conversation's turns, round the conversations: first-turn and follow-up TTFTs."""
+        chats = [[{"role": "user", "content": peers.history(args.history, f"{tag} {c} {os.urandom(3).hex()}")
+                   + "\nSummarize my notes."}] for c in range(args.conversations)]
+        first, follow = [], []
+        for turn in range(TURNS):
+            for messages in chats:
+                if turn:
+                    messages.append({"role": "user", "content": FOLLOW_UPS[turn - 1]})
+                time.sleep(args.pause)
+                out = peers.stream(url, messages, args.max_tokens)
+                messages.append({"role": "assistant", "content": out["text"]})
+                (follow if turn else first).append(out["ttft_ms"])
+        if kind.startswith("backstop"):
+            peers.settle(url)
+        return {"first": first, "follow": follow}
+
+    runs: dict[str, list[dict[str, list[float]]]] = {k: [] for k in kinds}
+    peers.log(f"==> starting the {len(kinds)} servers")
+    servers = {kind: start(kind) for kind in kinds}
+    try:
+        for kind, s in servers.items():
+            peers.log(f"==> warm-up: {kind}")
+            run(kind, s.url, "warm-up")
+        for rep in range(args.reps):
+            order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
+            peers.log(f"==> rep {rep + 1}/{args.reps}")
+            for kind in order:
+                runs[kind].append(run(kind, servers[kind].url, str(rep)))
+    finally:
+        for s in servers.values():
+            s.stop()
+
+    def median(kind: str, what: str) -> float:
+        return statistics.median(t for rep in runs[kind] for t in rep[what])
+
+    fig = {k: {"first": median(k, "first"), "follow": median(k, "follow")} for k in kinds}
+    ratios = {k: [statistics.median(a["follow"]) / statistics.median(b["follow"])
+                  for a, b in zip(runs[k], runs["llama-server"])] for k in kinds}
+    machine = {"nproc": os.cpu_count(), "cpu": peers.cpu_model(), "threads": args.threads}
+    print(f"\nmachine: {machine['nproc']} cores, {machine['cpu']}; threads {args.threads}; model {model.name}; "
+          f"{args.conversations} conversations on {args.parallel} slots, ~{args.history}-token history, "
+          f"{TURNS} turns of {args.max_tokens} tokens (greedy), {args.pause} s before each request; "
+          f"median of {args.reps} rotated runs; llama-server {peer_version}\n")
+    print("| server | first turn TTFT ms | follow-up TTFT ms | follow-up vs llama-server (min-max per run) |")
+    print("| --- | --- | --- | --- |")
+    for k in kinds:
+        r = ratios[k]
+        print(f"| {k} | {fig[k]['first']:.0f} | {fig[k]['follow']:.0f} | "
+              f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}) |")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / time.strftime("conversations-%Y%m%d-%H%M%S.json")
+    path.write_text(json.dumps({"machine": machine, "model": str(model), "peer_version": peer_version,
+                                "conversations": args.conversations, "parallel": args.parallel,
+                                "history": args.history, "pause_s": args.pause, "max_tokens": args.max_tokens,
+                                "reps": args.reps, "follow_ups": FOLLOW_UPS, "median_ttft_ms": fig,
+                                "ratio_vs_llama_server": ratios, "runs": runs}, indent=1))
+    print(f"\n{path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
