@@ -521,8 +521,8 @@ const HARBOUR: &str = "You are the harbour master's assistant in a small fishing
 /// slot, conversation A's first turn, then B's, then A's follow-up. The follow-up copies A's
 /// rows back and reuses as much as it would had A kept a slot of its own (a two-slot server),
 /// and answers as a cold read does. Over the memory limit, or with 0, nothing is kept and
-/// the follow-up reads A's history again. (`--reread-answers 0`, so no idle re-read changes
-/// what a slot holds between the requests.)
+/// the follow-up reads A's history again. (The tests' servers read no answer again while
+/// idle, so the slots hold the same between the requests however quickly they come.)
 async fn conversations_beyond_the_slots_keep_their_cache(
     name: &str,
     path: &std::path::Path,
@@ -538,8 +538,6 @@ async fn conversations_beyond_the_slots_keep_their_cache(
             slots,
             "--flash-attention",
             fa,
-            "--reread-answers",
-            "0",
         ]
         .iter()
         .chain(extra)
@@ -615,17 +613,7 @@ async fn the_oldest_kept_conversation_makes_room_and_the_one_going_back_is_kept(
     let serve = |limit: String| {
         let model = model.clone();
         async move {
-            Server::start_raw(&[
-                "--model",
-                &model,
-                "--parallel",
-                "1",
-                "--reread-answers",
-                "0",
-                "--cache-ram",
-                &limit,
-            ])
-            .await
+            Server::start_raw(&["--model", &model, "--parallel", "1", "--cache-ram", &limit]).await
         }
     };
     // About 300 tokens each (7 MB of SmolLM2's rows), sharing only the template's first.
