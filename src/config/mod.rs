@@ -527,7 +527,7 @@ impl Config {
             mmap: !args.no_mmap && raw.server.mmap.unwrap_or(true),
             mlock: args.mlock || raw.server.mlock.unwrap_or(false),
             speculate,
-            cache_ram: cache_ram_mib as usize * MIB,
+            cache_ram: (cache_ram_mib as usize).saturating_mul(MIB),
             reread_answers,
             exact_reuse,
         };

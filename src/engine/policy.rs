@@ -1694,6 +1694,29 @@ mod tests {
         );
     }
 
+    /// What a request of `prompt` (one segment) gets back from `stashed` after its placement
+    /// among `slots`: the placement and the entry.
+    fn restored(
+        slots: &[CachedSlot<'_, i32>],
+        stashed: &[CachedSlot<'_, i32>],
+        prompt: &[i32],
+        reuse: Reuse,
+        window: Option<Window>,
+    ) -> Option<(Placement, usize)> {
+        let layout = whole(prompt);
+        let placed = place(slots, prompt, layout, reuse, FLASH_GRAIN, window, false)?;
+        restore(
+            placed,
+            slots,
+            stashed,
+            prompt,
+            layout,
+            reuse,
+            FLASH_GRAIN,
+            window,
+        )
+    }
+
     #[test]
     fn a_kept_cache_sharing_much_more_goes_back_into_the_least_valuable_free_slot() {
         let prompt = tokens(1..=300);
@@ -1706,28 +1729,18 @@ mod tests {
                 ..slot(2, &[7], 1, 0)
             },
         ];
-        let fast = |stashed: &[CachedSlot<'_, i32>]| {
-            let placed = place(
-                &slots,
-                &prompt,
-                whole(&prompt),
-                Reuse::Fast,
-                FLASH_GRAIN,
-                None,
-                false,
-            )?;
-            assert_eq!((placed.slot, placed.reuse), (0, 70));
-            restore(
-                placed,
-                &slots,
-                stashed,
-                &prompt,
-                whole(&prompt),
-                Reuse::Fast,
-                FLASH_GRAIN,
-                None,
-            )
-        };
+        let placed = place(
+            &slots,
+            &prompt,
+            whole(&prompt),
+            Reuse::Fast,
+            FLASH_GRAIN,
+            None,
+            false,
+        );
+        assert_eq!(placed.map(|p| (p.slot, p.reuse)), Some((0, 70)));
+        let fast =
+            |stashed: &[CachedSlot<'_, i32>]| restored(&slots, stashed, &prompt, Reuse::Fast, None);
         // The conversation's 260 tokens are kept: they go back into slot 1 (which spares
         // nothing), not slot 0 (whose 70 tokens a later request may still use).
         let kept = [
@@ -1748,27 +1761,7 @@ mod tests {
         assert_eq!(fast(&[]), None);
         assert_eq!(fast(&[slot(0, &other, 201, 0)]), None);
         // A cold request reuses nothing, kept or not.
-        let placed = place(
-            &slots,
-            &prompt,
-            whole(&prompt),
-            Reuse::Cold,
-            FLASH_GRAIN,
-            None,
-            false,
-        )
-        .unwrap();
-        let cold = restore(
-            placed,
-            &slots,
-            &kept,
-            &prompt,
-            whole(&prompt),
-            Reuse::Cold,
-            FLASH_GRAIN,
-            None,
-        );
-        assert_eq!(cold, None);
+        assert_eq!(restored(&slots, &kept, &prompt, Reuse::Cold, None), None);
     }
 
     #[test]
@@ -1805,26 +1798,7 @@ mod tests {
         }];
         let empty = [slot(0, &[], 0, 0)];
         let spared = |prompt: &[i32], reuse| {
-            let placed = place(
-                &empty,
-                prompt,
-                whole(prompt),
-                reuse,
-                FLASH_GRAIN,
-                window,
-                false,
-            )?;
-            restore(
-                placed,
-                &empty,
-                &kept,
-                prompt,
-                whole(prompt),
-                reuse,
-                FLASH_GRAIN,
-                window,
-            )
-            .map(|(p, _)| p.reuse)
+            restored(&empty, &kept, prompt, reuse, window).map(|(p, _)| p.reuse)
         };
         // The next turn reads on from the whole history.
         let next = tokens(1..=1050);
@@ -1835,27 +1809,6 @@ mod tests {
         let edited: Vec<i32> = (1..=900).chain(5000..=5100).collect();
         assert_eq!(spared(&edited, Reuse::Fast), None);
         // With --swa-full (no window kept), the window's cells are still left out.
-        let full = |prompt: &[i32]| {
-            let placed = place(
-                &empty,
-                prompt,
-                whole(prompt),
-                Reuse::Fast,
-                FLASH_GRAIN,
-                None,
-                false,
-            )?;
-            restore(
-                placed,
-                &empty,
-                &kept,
-                prompt,
-                whole(prompt),
-                Reuse::Fast,
-                FLASH_GRAIN,
-                None,
-            )
-        };
-        assert_eq!(full(&next), None);
+        assert_eq!(restored(&empty, &kept, &next, Reuse::Fast, None), None);
     }
 }

@@ -130,6 +130,7 @@ pub(crate) fn engine_worker(
         mmap = options.mmap,
         mlock = options.mlock,
         speculate = if can_draft(&model) { options.speculate } else { 0 },
+        cache_ram_mib = if can_draft(&model) { options.cache_ram >> 20 } else { 0 },
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
