@@ -1729,16 +1729,7 @@ mod tests {
                 ..slot(2, &[7], 1, 0)
             },
         ];
-        let placed = place(
-            &slots,
-            &prompt,
-            whole(&prompt),
-            Reuse::Fast,
-            FLASH_GRAIN,
-            None,
-            false,
-        );
-        assert_eq!(placed.map(|p| (p.slot, p.reuse)), Some((0, 70)));
+        assert_eq!(at(&slots, &prompt, Reuse::Fast), Some((0, 70)));
         let fast =
             |stashed: &[CachedSlot<'_, i32>]| restored(&slots, stashed, &prompt, Reuse::Fast, None);
         // The conversation's 260 tokens are kept: they go back into slot 1 (which spares
