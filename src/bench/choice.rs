@@ -594,9 +594,10 @@ fn tokenize(model: &LlamaModel, task: &Task, number: usize) -> Result<Scored, St
                 .iter()
                 .map(|c| tokens(format!("{first}{c}")).len())
                 .collect();
-            let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
             let mut scored = Scored::of(seqs, number)?;
             let shared = scored.shared;
+            // Each sentence's length, which `of` scores to.
+            let lens = scored.to.clone();
             let after = lens.iter().all(|&n| n - shared > MIN_TRAILING);
             for k in 0..lens.len() {
                 // The tokens after the choice when both go on long enough; otherwise from

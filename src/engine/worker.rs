@@ -151,10 +151,7 @@ fn can_draft(model: &LlamaModel) -> bool {
 /// A slot's conversation kept in host memory (`--cache-ram`, see [`super::stash`]): its
 /// sequence's rows as llama.cpp wrote them out, and what the slot knew of them.
 struct Stashed {
-    cached: Vec<LlamaToken>,
-    exact: usize,
-    segments: Segments,
-    end: Option<PromptEnd>,
+    known: Known,
     /// What its sequence holds once copied back ([`restored_held`]).
     held: Held,
     state: SeqState,
@@ -163,10 +160,21 @@ struct Stashed {
 impl Stashed {
     /// Whether it holds all `other` holds, as well read.
     fn covers(&self, other: &Stashed) -> bool {
-        other.cached.len() <= self.cached.len()
-            && other.exact <= self.exact
-            && self.cached.starts_with(&other.cached)
+        let (this, other) = (&self.known, &other.known);
+        other.cached.len() <= this.cached.len()
+            && other.exact <= this.exact
+            && this.cached.starts_with(&other.cached)
     }
+}
+
+/// What a slot knows of the rows its sequence holds, which goes with them when they are
+/// copied (to another slot, into host memory and back): see [`Slot`]'s fields of these names.
+#[derive(Clone)]
+struct Known {
+    cached: Vec<LlamaToken>,
+    exact: usize,
+    segments: Segments,
+    end: Option<PromptEnd>,
 }
 
 /// A request whose prompt is tokenized and waits for a slot.
@@ -236,6 +244,25 @@ impl Segments {
 }
 
 impl Slot {
+    fn known(&self) -> Known {
+        Known {
+            cached: self.cached.clone(),
+            exact: self.exact,
+            segments: self.segments.clone(),
+            end: self.end.clone(),
+        }
+    }
+
+    /// Takes what is known of rows just copied into its sequence, and whether their
+    /// sliding-window cells sit where a cold read puts them.
+    fn learn(&mut self, known: Known, ordered: bool) {
+        self.cached = known.cached;
+        self.exact = known.exact;
+        self.segments = known.segments;
+        self.end = known.end;
+        self.ordered = ordered;
+    }
+
     /// Forgets all but the first `n` cached tokens.
     fn truncate(&mut self, n: usize) {
         self.cached.truncate(n);
@@ -938,10 +965,10 @@ impl<'m> Worker<'m> {
                     .enumerate()
                     .map(|(index, e)| CachedSlot {
                         index,
-                        cached: &e.cached,
-                        exact: e.exact,
-                        layout: e.segments.layout(),
-                        end: e.end.as_ref().map(|end| (end.len, end.exact)),
+                        cached: &e.known.cached,
+                        exact: e.known.exact,
+                        layout: e.known.segments.layout(),
+                        end: e.known.end.as_ref().map(|end| (end.len, end.exact)),
                         held: e.held,
                         last_used: 0,
                         busy: false,
@@ -975,20 +1002,8 @@ impl<'m> Worker<'m> {
             tracing::warn!(model = %self.name, src, dst, error = %e, "could not copy KV sequence");
             return false;
         }
-        let s = &self.slots[from];
-        let (cached, exact, segments, end, ordered) = (
-            s.cached.clone(),
-            s.exact,
-            s.segments.clone(),
-            s.end.clone(),
-            s.ordered,
-        );
-        let slot = &mut self.slots[to];
-        slot.cached = cached;
-        slot.exact = exact;
-        slot.segments = segments;
-        slot.end = end;
-        slot.ordered = ordered;
+        let (known, ordered) = (self.slots[from].known(), self.slots[from].ordered);
+        self.slots[to].learn(known, ordered);
         true
     }
 
@@ -1024,14 +1039,11 @@ impl<'m> Worker<'m> {
             + (slot.cached.len() + logits) * std::mem::size_of::<f32>()
             + slot.segments.starts.len() * std::mem::size_of::<usize>();
         let entry = Stashed {
-            cached: slot.cached.clone(),
-            exact: slot.exact,
-            segments: slot.segments.clone(),
-            end: slot.end.clone(),
+            known: slot.known(),
             held,
             state,
         };
-        let tokens = entry.cached.len();
+        let tokens = entry.known.cached.len();
         let outcome = self.stash.keep(entry, bytes, Stashed::covers);
         if outcome.kept {
             self.metrics.cache_ram_saves.increment(1);
@@ -1052,29 +1064,25 @@ impl<'m> Worker<'m> {
         let seq = self.slots[index].seq;
         let copied = self.ctx.state_seq_set(&e.state, seq);
         let held = self.held(&self.slots[index]);
-        if copied.is_err() || held.end != e.cached.len() {
+        if copied.is_err() || held.end != e.known.cached.len() {
             tracing::warn!(
                 model = %self.name,
                 seq,
                 error = ?copied.err(),
                 positions = held.end,
-                tokens = e.cached.len(),
+                tokens = e.known.cached.len(),
                 "could not copy a KV sequence back"
             );
             self.clear_seq(index);
             self.slots[index].truncate(0);
             return false;
         }
-        let slot = &mut self.slots[index];
-        slot.cached = e.cached;
-        slot.exact = e.exact;
-        slot.segments = e.segments;
-        slot.end = e.end;
         // Where the cells went is as predicted, or no reproducible request reuses them.
-        slot.ordered = e.held.ordered && (held.first, held.end) == (e.held.first, e.held.end);
+        let ordered = e.held.ordered && (held.first, held.end) == (e.held.first, e.held.end);
         self.metrics
             .cache_ram_restored_tokens
-            .increment(slot.cached.len() as u64);
+            .increment(e.known.cached.len() as u64);
+        self.slots[index].learn(e.known, ordered);
         true
     }
 
