@@ -656,6 +656,41 @@ async fn the_oldest_kept_conversation_makes_room_and_the_one_going_back_is_kept(
     assert_eq!(answer(&b2), answer(&cold));
 }
 
+/// A Gemma 3 conversation past its 512-token window comes back from host memory without the
+/// positions the window no longer sees, its sliding-window cells out of a cold read's order:
+/// a greedy follow-up reads it afresh and answers as a cold read does; a sampled one that
+/// reads on from all of it (here, from the greedy turn, kept in its turn) reuses it.
+#[tokio::test]
+async fn a_gemma_conversation_kept_past_its_window_serves_only_a_sampled_follow_up() {
+    let model = format!("gemma={}", common::gemma3().display());
+    let s = Server::start_raw(&["--model", &model, "--parallel", "1"]).await;
+    let first = json!([{"role": "user", "content": format!("{}\nSummarize my notes.", lighthouse_notes(250))}]);
+    let r1 = s.chat(gemma_chat(&first, 0.8, true, 8)).await;
+    let first_prompt = r1["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(first_prompt > 700, "{r1}");
+    let other = json!([{"role": "user", "content": "Name three fruits."}]);
+    s.chat(gemma_chat(&other, 0.0, true, 8)).await;
+    let follow = json!([
+        first[0],
+        {"role": "assistant", "content": answer(&r1)},
+        {"role": "user", "content": "Now give them a title."}
+    ]);
+    let greedy = s.chat(gemma_chat(&follow, 0.0, true, 8)).await;
+    assert!(cached(&greedy) < 16, "{greedy}");
+    let cold = s.chat(gemma_chat(&follow, 0.0, false, 8)).await;
+    assert_eq!(answer(&greedy), answer(&cold));
+    // The cold read kept the greedy turn's conversation; another takes the slot again.
+    s.chat(gemma_chat(&other, 0.0, true, 8)).await;
+    let next = json!([
+        follow[0], follow[1], follow[2],
+        {"role": "assistant", "content": answer(&cold)},
+        {"role": "user", "content": "And a subtitle?"}
+    ]);
+    let sampled = s.chat(gemma_chat(&next, 0.8, true, 8)).await;
+    let greedy_prompt = greedy["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(cached(&sampled) + 16 >= greedy_prompt, "{sampled}");
+}
+
 #[tokio::test]
 async fn conversations_beyond_the_slots_keep_their_cache_in_host_memory() {
     conversations_beyond_the_slots_keep_their_cache("smollm2", &common::smollm2(), false).await;
