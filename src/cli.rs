@@ -819,11 +819,11 @@ pub struct ServeArgs {
     /// measured on this machine and the answer's recent hits make worth it [default: 0, off].
     #[arg(long, env = "BACKSTOP_SPECULATE", value_name = "N")]
     pub speculate: Option<u32>,
-    /// Host memory per model for conversations the slots gave up: when a request takes a
-    /// slot from another conversation, that one's KV cache is copied into RAM, and its next
-    /// turn copies it back instead of reading its history again, so more conversations than
-    /// slots each keep their cache (the oldest dropped past this size). 0 turns it off
-    /// [default: 8192, as llama-server's --cache-ram].
+    /// Host memory for conversations the slots gave up, one limit for all loaded models:
+    /// when a request takes a slot from another conversation, that one's KV cache is copied
+    /// into RAM, and its next turn copies it back instead of reading its history again, so
+    /// more conversations than slots each keep their cache (the oldest of any model's
+    /// dropped past this size). 0 turns it off [default: 8192, as llama-server's --cache-ram].
     #[arg(long, env = "BACKSTOP_CACHE_RAM", value_name = "MIB")]
     pub cache_ram: Option<u32>,
     /// While every model is idle and no other program is using the cores, the answer of a

@@ -656,6 +656,84 @@ async fn the_oldest_kept_conversation_makes_room_and_the_one_going_back_is_kept(
     assert_eq!(answer(&b2), answer(&cold));
 }
 
+/// `--cache-ram` bounds the process, not each model: two models (one file under two names)
+/// with room for one conversation between them. Twin's kept conversation drops smollm2's,
+/// the older, and the one going back is copied back; a model that unloads frees what it
+/// kept. With a limit per model, smollm2's would have stayed.
+#[tokio::test]
+async fn models_share_one_host_memory_limit_and_the_oldest_of_either_makes_room() {
+    let (one, two) = (
+        format!("smollm2={}", common::smollm2().display()),
+        format!("twin={}", common::smollm2().display()),
+    );
+    let serve = |limit: String| {
+        let (one, two) = (one.clone(), two.clone());
+        async move {
+            let args = ["--model", &one, "--model", &two, "--parallel", "1"];
+            Server::start_raw(&[&args[..], &["--cache-ram", &limit]].concat()).await
+        }
+    };
+    let turn = |model: &str, name: &str| {
+        let notes = format!("{name} wrote this. {}", lighthouse_notes(100));
+        json!({"model": model, "temperature": 0, "max_tokens": 24, "messages": [
+            {"role": "system", "content": notes},
+            {"role": "user", "content": "Who wrote the notes?"}]})
+    };
+    let short = |model: &str| {
+        json!({"model": model, "temperature": 0, "max_tokens": 4,
+               "messages": [{"role": "user", "content": "Hi"}]})
+    };
+    let bytes = |model: &str| format!("backstop_prompt_cache_bytes{{model=\"{model}:latest\"}}");
+    let roomy = serve("8192".into()).await;
+    roomy.chat(turn("smollm2", "Ada")).await;
+    roomy.chat(short("smollm2")).await;
+    let one_kept = roomy.metric(&bytes("smollm2")).await;
+    assert!(one_kept > f64::from(5 << 20), "{one_kept}");
+    drop(roomy);
+
+    // Room for one and a half.
+    let mib = (one_kept * 1.5 / f64::from(1 << 20)).ceil() as u64;
+    let s = serve(mib.to_string()).await;
+    let ada = answer(&s.chat(turn("smollm2", "Ada")).await);
+    s.chat(short("smollm2")).await;
+    assert!(s.metric(&bytes("smollm2")).await > 0.0);
+    let bob = answer(&s.chat(turn("twin", "Bob")).await);
+    s.chat(short("twin")).await;
+    assert_eq!(
+        s.metric(&bytes("smollm2")).await,
+        0.0,
+        "smollm2's was dropped"
+    );
+    let twin_kept = s.metric(&bytes("twin")).await;
+    assert!(
+        twin_kept > 0.0 && twin_kept <= (mib << 20) as f64,
+        "{twin_kept}"
+    );
+    let next = |mut body: Value, said: &str| {
+        let messages = body["messages"].as_array_mut().unwrap();
+        messages.push(json!({"role": "assistant", "content": said}));
+        messages.push(json!({"role": "user", "content": "Now give them a title."}));
+        body
+    };
+    let b2 = s.chat(next(turn("twin", "Bob"), &bob)).await;
+    assert!(cached(&b2) >= 256, "{b2}");
+    let a2 = s.chat(next(turn("smollm2", "Ada"), &ada)).await;
+    assert!(cached(&a2) < 16, "Ada's was dropped for Bob's: {a2}");
+    // Another chat takes twin's slot, which keeps Bob's in host memory; twin unloads and
+    // frees it.
+    s.chat(short("twin")).await;
+    assert!(s.metric(&bytes("twin")).await > 0.0);
+    let (status, r) = s
+        .post("/api/generate", &json!({"model": "twin", "keep_alive": 0}))
+        .await;
+    assert_eq!(
+        (status, r["done_reason"].as_str()),
+        (200, Some("unload")),
+        "{r}"
+    );
+    assert_eq!(s.metric(&bytes("twin")).await, 0.0);
+}
+
 /// A Gemma 3 conversation past its 512-token window comes back from host memory without the
 /// positions the window no longer sees, its sliding-window cells out of a cold read's order:
 /// a greedy follow-up reads it afresh and answers as a cold read does; a sampled one that

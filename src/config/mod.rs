@@ -130,7 +130,8 @@ pub struct EngineDefaults {
     pub mlock: bool,
     /// Most tokens a generating sequence drafts by prompt lookup per step (0: off).
     pub speculate: u32,
-    /// Bytes of host memory per model for conversations the slots gave up.
+    /// Bytes of host memory for conversations the slots gave up, shared by every loaded
+    /// model (see [`crate::engine::PromptCache`]).
     pub cache_ram: usize,
     /// Greedy and seeded answers are read again while idle, for the next turn to reuse.
     pub reread_answers: bool,
@@ -157,7 +158,6 @@ impl EngineDefaults {
             mmap: self.mmap,
             mlock: self.mlock,
             speculate: self.speculate,
-            cache_ram: self.cache_ram,
             reread_answers: self.reread_answers,
             exact_reuse: self.exact_reuse,
         }
@@ -1090,7 +1090,8 @@ mod tests {
     #[test]
     fn host_memory_for_given_up_conversations_is_8_gib_unless_the_flag_or_the_server_says() {
         let model = "[models.a]\npath = \"model.gguf\"\n";
-        let bytes = |cfg: Config| cfg.models[0].engine.cache_ram;
+        // One limit for the process: the models' own options hold none.
+        let bytes = |cfg: Config| cfg.engine.cache_ram;
         assert_eq!(bytes(load_toml(model).unwrap()), 8 << 30);
         let file = format!("[server]\ncache_ram = 512\n{model}");
         assert_eq!(bytes(load_toml(&file).unwrap()), 512 << 20);

@@ -63,7 +63,7 @@ pub(crate) struct RawServer {
     pub(crate) mlock: Option<bool>,
     /// Most tokens drafted by prompt lookup per step (0: off).
     pub(crate) speculate: Option<u32>,
-    /// MiB of host memory per model for conversations the slots gave up (0: none).
+    /// MiB of host memory for conversations the slots gave up, all models together (0: none).
     pub(crate) cache_ram: Option<u32>,
     /// Greedy and seeded answers are read again while idle, for the next turn to reuse.
     pub(crate) reread_answers: Option<bool>,

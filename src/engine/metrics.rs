@@ -32,7 +32,8 @@ pub(crate) struct EngineMetrics {
     /// Answer tokens read again while idle, for the next turn to reuse (not in `steps` or
     /// `prompt_tokens`).
     pub(crate) reread_tokens: Counter,
-    /// Bytes of the conversations kept in host memory (`--cache-ram`).
+    /// Bytes of the model's conversations kept in host memory (`--cache-ram`): see
+    /// [`Charge`].
     pub(crate) cache_ram_bytes: Gauge,
     /// Conversations a slot gave up that were copied into host memory.
     pub(crate) cache_ram_saves: Counter,
@@ -67,5 +68,30 @@ impl EngineMetrics {
                 labels
             ),
         }
+    }
+}
+
+/// Counts an entry's bytes in a gauge for as long as the entry lives: the conversations kept
+/// in host memory are one stash for every model, and another model's worker may drop this
+/// model's to make room, so the count goes down wherever the entry is dropped.
+pub(crate) struct Charge {
+    gauge: Gauge,
+    bytes: f64,
+}
+
+impl Charge {
+    pub(crate) fn new(gauge: &Gauge, bytes: usize) -> Self {
+        let bytes = bytes as f64;
+        gauge.increment(bytes);
+        Self {
+            gauge: gauge.clone(),
+            bytes,
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.gauge.decrement(self.bytes);
     }
 }

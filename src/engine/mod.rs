@@ -35,6 +35,7 @@ pub use request::{
     SamplingParams, Timings, TokenEvent, Usage,
 };
 pub use template::{fallback_for, ChatMessage, ChatTemplate, Role, TemplateSource};
+pub use worker::PromptCache;
 
 /// Room for this many undelivered events per request. A generating sequence whose client
 /// lets this fill up skips decode steps until it reads again.
@@ -78,10 +79,6 @@ pub struct EngineOptions {
     /// Most tokens a generating sequence drafts by prompt lookup per step (0: off; see
     /// [`lookup`]).
     pub speculate: u32,
-    /// Bytes of host memory for the conversations the slots gave up, kept so their next turn
-    /// copies its cache back instead of reading its history again (0: none; see
-    /// `stash`).
-    pub cache_ram: usize,
     /// While every model is idle, the answer of a greedy or seeded request is read again as a
     /// cold read of its conversation reads it, so the next turn reuses it (see
     /// `worker::Worker::reread_step`).
@@ -200,14 +197,15 @@ impl Generation {
 
 impl Engine {
     /// Starts the engine thread, loads the model there and waits until it is ready to serve.
-    pub async fn load(options: EngineOptions) -> Result<Engine, LoadError> {
+    /// The conversations its slots give up are kept in `cache`, which every model shares.
+    pub async fn load(options: EngineOptions, cache: PromptCache) -> Result<Engine, LoadError> {
         let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
         let slots = options.slots as usize;
         let max_queue = options.max_queue;
         let worker = std::thread::Builder::new()
             .name(format!("engine_worker:{}", options.name))
-            .spawn(move || worker::engine_worker(options, jobs_rx, ready_tx))
+            .spawn(move || worker::engine_worker(options, cache, jobs_rx, ready_tx))
             .map_err(|_| LoadError::Thread)?;
         let info = ready_rx.await.map_err(|_| LoadError::Thread)??;
         Ok(Engine {

@@ -7,8 +7,15 @@
 //! default); this one is written for the worker's slots, whose reuse rules (exact reuse, the
 //! sliding window) the restored rows must keep.
 //!
+//! One limit holds for the whole process, as llama-server's does for its one model: every
+//! loaded model's worker is a [`Tenant`] of one [`Shared`] stash, sees only its own entries,
+//! and makes room by dropping the oldest of anyone's (host memory is freed on any thread).
+//! With a limit per model, three resident models would each keep 8 GiB by default.
+//!
 //! This module holds the bookkeeping only (what is kept, its size, which goes first), so it
 //! is tested without a model; the worker copies the rows.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// Kept caches, the oldest dropped first once they would take more than `limit` bytes.
 pub(crate) struct Stash<E> {
@@ -50,12 +57,9 @@ impl<E> Stash<E> {
         self.limit > 0
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.kept.is_empty()
-    }
-
     /// Bytes its entries take.
-    pub(crate) fn used(&self) -> usize {
+    #[cfg(test)]
+    fn used(&self) -> usize {
         self.used
     }
 
@@ -64,9 +68,10 @@ impl<E> Stash<E> {
         bytes <= self.limit
     }
 
-    /// The entries, by index.
-    pub(crate) fn entries(&self) -> impl Iterator<Item = &E> {
-        self.kept.iter().map(|k| &k.entry)
+    /// The entries, each with its id: ids are never reused, so one read here still names
+    /// the same entry (or none) after others come and go.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (u64, &E)> {
+        self.kept.iter().map(|k| (k.stamp, &k.entry))
     }
 
     /// Keeps `entry`, which takes `bytes`: first the entries it holds all of (`covers(entry,
@@ -107,14 +112,153 @@ impl<E> Stash<E> {
         }
     }
 
-    /// Takes entry `index` out (its rows are going back into a slot).
-    pub(crate) fn take(&mut self, index: usize) -> Option<E> {
-        if index >= self.kept.len() {
-            return None;
-        }
+    /// Takes the entry of id `id` out (its rows are going back into a slot); `None` if it
+    /// was dropped meanwhile.
+    pub(crate) fn take(&mut self, id: u64) -> Option<E> {
+        let index = self.kept.iter().position(|k| k.stamp == id)?;
         let k = self.kept.swap_remove(index);
         self.used -= k.bytes;
         Some(k.entry)
+    }
+
+    /// Drops the entries `drop` picks.
+    fn drop_where(&mut self, drop: impl Fn(&E) -> bool) {
+        self.kept.retain(|k| !drop(&k.entry));
+        self.used = self.kept.iter().map(|k| k.bytes).sum();
+    }
+}
+
+/// The process's one stash, which every loaded model's worker holds a [`Tenant`] of.
+pub(crate) struct Shared<E> {
+    inner: Arc<Mutex<Inner<E>>>,
+}
+
+impl<E> Clone for Shared<E> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+struct Inner<E> {
+    stash: Stash<Owned<E>>,
+    tenants: u64,
+}
+
+/// An entry and the tenant that kept it.
+struct Owned<E> {
+    tenant: u64,
+    entry: E,
+}
+
+impl<E> Shared<E> {
+    /// An empty stash for the process that holds at most `limit` bytes (0: nothing).
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                stash: Stash::new(limit),
+                tenants: 0,
+            })),
+        }
+    }
+
+    /// The bytes it may hold.
+    pub(crate) fn limit(&self) -> usize {
+        lock(&self.inner).stash.limit
+    }
+
+    /// A new tenant (a model's worker); one not `enabled` keeps nothing (a model whose
+    /// cache cannot be cut back to a prefix).
+    pub(crate) fn tenant(&self, enabled: bool) -> Tenant<E> {
+        let mut inner = lock(&self.inner);
+        inner.tenants += 1;
+        Tenant {
+            inner: Arc::clone(&self.inner),
+            id: inner.tenants,
+            enabled: enabled && inner.stash.enabled(),
+        }
+    }
+}
+
+/// The stash as one model's worker sees it: its own entries only. Its entries are dropped
+/// with it (the model unloads).
+pub(crate) struct Tenant<E> {
+    inner: Arc<Mutex<Inner<E>>>,
+    id: u64,
+    enabled: bool,
+}
+
+/// A panic on another engine thread while it held the lock leaves the bookkeeping whole
+/// (each change is made under the lock in full), so the poison is ignored.
+fn lock<E>(inner: &Mutex<Inner<E>>) -> MutexGuard<'_, Inner<E>> {
+    inner.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<E> Tenant<E> {
+    /// Whether it keeps anything at all.
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Bytes its own entries take.
+    #[cfg(test)]
+    fn used(&self) -> usize {
+        let inner = lock(&self.inner);
+        inner
+            .stash
+            .kept
+            .iter()
+            .filter(|k| k.entry.tenant == self.id)
+            .map(|k| k.bytes)
+            .sum()
+    }
+
+    /// `f` of its own entries with their ids ([`Stash::entries`]), read under the lock.
+    pub(crate) fn with_entries<R>(&self, f: impl FnOnce(&[(u64, &E)]) -> R) -> R {
+        let inner = lock(&self.inner);
+        let own: Vec<(u64, &E)> = inner
+            .stash
+            .entries()
+            .filter(|(_, o)| o.tenant == self.id)
+            .map(|(id, o)| (id, &o.entry))
+            .collect();
+        f(&own)
+    }
+
+    /// [`Stash::keep`], where `covers` is asked of its own entries only, and the oldest of
+    /// any tenant's make room.
+    pub(crate) fn keep(&self, entry: E, bytes: usize, covers: impl Fn(&E, &E) -> bool) -> Outcome {
+        if !self.enabled {
+            return Outcome {
+                kept: false,
+                dropped: 0,
+            };
+        }
+        let entry = Owned {
+            tenant: self.id,
+            entry,
+        };
+        lock(&self.inner).stash.keep(entry, bytes, |new, old| {
+            old.tenant == new.tenant && covers(&new.entry, &old.entry)
+        })
+    }
+
+    /// [`Stash::take`] of one of its own entries.
+    pub(crate) fn take(&self, id: u64) -> Option<E> {
+        let mut inner = lock(&self.inner);
+        let own = inner
+            .stash
+            .entries()
+            .any(|(i, o)| i == id && o.tenant == self.id);
+        own.then(|| inner.stash.take(id)).flatten().map(|o| o.entry)
+    }
+}
+
+impl<E> Drop for Tenant<E> {
+    fn drop(&mut self) {
+        let id = self.id;
+        lock(&self.inner).stash.drop_where(|o| o.tenant == id);
     }
 }
 
@@ -123,7 +267,13 @@ mod tests {
     use super::*;
 
     fn words(stash: &Stash<&'static str>) -> Vec<&'static str> {
-        let mut w: Vec<_> = stash.entries().copied().collect();
+        let mut w: Vec<_> = stash.entries().map(|(_, e)| *e).collect();
+        w.sort_unstable();
+        w
+    }
+
+    fn own(tenant: &Tenant<&'static str>) -> Vec<&'static str> {
+        let mut w = tenant.with_entries(|e| e.iter().map(|(_, e)| **e).collect::<Vec<_>>());
         w.sort_unstable();
         w
     }
@@ -131,7 +281,7 @@ mod tests {
     #[test]
     fn the_oldest_entries_make_room_and_one_larger_than_the_limit_is_not_kept() {
         let mut stash = Stash::new(100);
-        assert!(stash.enabled() && stash.is_empty());
+        assert!(stash.enabled() && stash.entries().next().is_none());
         let none = |_: &&str, _: &&str| false;
         assert_eq!(stash.keep("a", 40, none).dropped, 0);
         assert_eq!(stash.keep("b", 40, none).dropped, 0);
@@ -170,9 +320,12 @@ mod tests {
         assert_eq!(kept.dropped, 1);
         assert_eq!(words(&stash), ["abc", "xy"]);
         assert_eq!(stash.used(), 50);
-        let i = stash.entries().position(|e| *e == "xy").unwrap();
-        assert_eq!(stash.take(i), Some("xy"));
-        assert_eq!(stash.take(5), None);
+        let id = |stash: &Stash<&str>, word| stash.entries().find(|e| *e.1 == word).unwrap().0;
+        let (abc, xy) = (id(&stash, "abc"), id(&stash, "xy"));
+        assert_eq!(stash.take(xy), Some("xy"));
+        assert_eq!(stash.take(xy), None);
+        // Ids stay with their entries whatever moves.
+        assert_eq!(id(&stash, "abc"), abc);
         assert_eq!((words(&stash), stash.used()), (vec!["abc"], 30));
         // Recency is when an entry was kept: "abc" is now the oldest.
         stash.keep("p", 500, |_, _| false);
@@ -185,6 +338,42 @@ mod tests {
         let mut stash = Stash::new(0);
         assert!(!stash.enabled());
         assert!(!stash.keep("a", 1, |_, _| false).kept);
-        assert!(stash.is_empty());
+        assert_eq!(stash.entries().count(), 0);
+    }
+
+    #[test]
+    fn models_share_one_limit_and_see_only_their_own_entries() {
+        let shared = Shared::new(100);
+        assert_eq!(shared.limit(), 100);
+        let (a, b) = (shared.tenant(true), shared.tenant(true));
+        let none = |_: &&str, _: &&str| false;
+        a.keep("a1", 40, none);
+        a.keep("a2", 30, none);
+        b.keep("b1", 20, none);
+        assert_eq!((own(&a), own(&b)), (vec!["a1", "a2"], vec!["b1"]));
+        assert_eq!((a.used(), b.used()), (70, 20));
+        // b's 30 more make room by dropping a1, the oldest of either's.
+        assert_eq!(b.keep("b2", 30, none).dropped, 1);
+        assert_eq!((own(&a), own(&b)), (vec!["a2"], vec!["b1", "b2"]));
+        // An entry of b covers only b's: a's of the same word stays.
+        a.keep("x", 10, none);
+        let same = |new: &&str, old: &&str| new == old;
+        assert_eq!(b.keep("x", 10, same).dropped, 0);
+        assert_eq!(b.keep("x", 10, same).dropped, 1);
+        assert_eq!((own(&a), own(&b)), (vec!["a2", "x"], vec!["b1", "b2", "x"]));
+        // Neither takes the other's.
+        let a2 = a.with_entries(|e| e.iter().find(|e| *e.1 == "a2").unwrap().0);
+        assert_eq!(b.take(a2), None);
+        assert_eq!(a.take(a2), Some("a2"));
+        // A model that unloads frees what it kept.
+        drop(b);
+        assert_eq!((own(&a), a.used()), (vec!["x"], 10));
+        let c = shared.tenant(true);
+        assert_eq!(c.keep("c", 90, none).dropped, 0);
+        // A tenant that keeps nothing, and a stash of no bytes.
+        let off = shared.tenant(false);
+        assert!(!off.enabled() && !off.keep("d", 1, none).kept);
+        let nothing = Shared::<&str>::new(0).tenant(true);
+        assert!(!nothing.enabled() && !nothing.keep("e", 1, none).kept);
     }
 }

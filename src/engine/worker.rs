@@ -20,6 +20,7 @@ use super::embed::{self, EmbedJob, EmbedShape, EmbedTask, Embedder, Pooling};
 use super::graphs;
 use super::loader::{self, ModelInfo};
 use super::lookup::{self, Record, RowCosts, Shadow};
+use super::metrics::Charge;
 use super::metrics::EngineMetrics;
 use super::policy::{
     join_segments, place, plan_step, restore, restored_held, segment_starts, shared_prefix, Budget,
@@ -28,7 +29,7 @@ use super::policy::{
 };
 use super::request::truncate;
 use super::spare::Spare;
-use super::stash::Stash;
+use super::stash::{Shared, Tenant};
 use super::text::{StopMatcher, StopScan, Utf8Stream};
 use super::{
     sampler, EngineError, EngineOptions, FinishReason, GenerateRequest, Job, LoadError, Overflow,
@@ -59,6 +60,7 @@ const REREAD_CHUNK_SECS: f64 = 0.025;
 /// handle is dropped and the remaining work is done.
 pub(crate) fn engine_worker(
     options: EngineOptions,
+    cache: PromptCache,
     jobs: mpsc::UnboundedReceiver<Work>,
     ready: oneshot::Sender<Result<ModelInfo, LoadError>>,
 ) {
@@ -130,7 +132,7 @@ pub(crate) fn engine_worker(
         mmap = options.mmap,
         mlock = options.mlock,
         speculate = if can_draft(&model) { options.speculate } else { 0 },
-        cache_ram_mib = if can_draft(&model) { options.cache_ram >> 20 } else { 0 },
+        cache_ram_mib = if can_draft(&model) { cache.0.limit() >> 20 } else { 0 },
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
@@ -138,7 +140,8 @@ pub(crate) fn engine_worker(
     if ready.send(Ok(info)).is_err() {
         return;
     }
-    Worker::new(backend, &model, ctx, &options, fa, bos_text, grain).run(jobs);
+    let stash = cache.0.tenant(can_draft(&model));
+    Worker::new(backend, &model, ctx, &options, fa, bos_text, grain, stash).run(jobs);
     tracing::info!(model = %options.name, "engine stopped");
 }
 
@@ -148,13 +151,27 @@ fn can_draft(model: &LlamaModel) -> bool {
     !model.is_recurrent() && !model.is_hybrid()
 }
 
-/// A slot's conversation kept in host memory (`--cache-ram`, see [`super::stash`]): its
-/// sequence's rows as llama.cpp wrote them out, and what the slot knew of them.
+/// The prompt cache in host memory (`--cache-ram`, see [`super::stash`]), one for the whole
+/// process: every model loaded with it keeps the conversations its slots give up there.
+#[derive(Clone)]
+pub struct PromptCache(Shared<Stashed>);
+
+impl PromptCache {
+    /// A cache that holds at most `bytes` (0: nothing is kept).
+    pub fn new(bytes: usize) -> Self {
+        Self(Shared::new(bytes))
+    }
+}
+
+/// A slot's conversation kept in host memory: its sequence's rows as llama.cpp wrote them
+/// out, and what the slot knew of them.
 struct Stashed {
     known: Known,
     /// What its sequence holds once copied back ([`restored_held`]).
     held: Held,
     state: SeqState,
+    /// Its bytes in the model's gauge while it is kept.
+    _charge: Charge,
 }
 
 impl Stashed {
@@ -394,7 +411,7 @@ struct Worker<'m> {
     /// The answer being read again, between chunks.
     reread: Option<Reread>,
     /// Conversations the slots gave up, kept in host memory (`--cache-ram`).
-    stash: Stash<Stashed>,
+    stash: Tenant<Stashed>,
     /// The model's sliding window, whether or not its cache keeps only the window: a
     /// sequence copied out leaves out what is past it ([`restored_held`]).
     swa: Option<usize>,
@@ -408,6 +425,9 @@ struct Worker<'m> {
 }
 
 impl<'m> Worker<'m> {
+    // What the load resolved, each once (a struct of them would be built only to be taken
+    // apart here).
+    #[allow(clippy::too_many_arguments)]
     fn new(
         backend: &'static LlamaBackend,
         model: &'m LlamaModel,
@@ -416,6 +436,7 @@ impl<'m> Worker<'m> {
         fa: llama_cpp_sys_2::llama_flash_attn_type,
         bos_text: String,
         grain: Grain,
+        stash: Tenant<Stashed>,
     ) -> Self {
         // What llama.cpp gave each slot (it may round the context it was asked for).
         let ctx_per_slot = ctx.n_ctx() / options.slots.max(1);
@@ -474,13 +495,7 @@ impl<'m> Worker<'m> {
             },
             bos_text,
             reread: None,
-            // Recurrent and hybrid models keep a state that cannot be cut back to a prefix, so
-            // a kept one would serve only the very same conversation; they keep none.
-            stash: Stash::new(if can_draft(model) {
-                options.cache_ram
-            } else {
-                0
-            }),
+            stash,
             swa: loader::sliding_window(model),
             spare: Spare::new(options.threads),
             admissions: 0,
@@ -956,14 +971,11 @@ impl<'m> Worker<'m> {
             ) else {
                 break;
             };
-            let restored = if self.stash.is_empty() {
-                None
-            } else {
-                let stashed: Vec<CachedSlot<'_, LlamaToken>> = self
-                    .stash
-                    .entries()
+            let restored = self.stash.with_entries(|entries| {
+                let stashed: Vec<CachedSlot<'_, LlamaToken>> = entries
+                    .iter()
                     .enumerate()
-                    .map(|(index, e)| CachedSlot {
+                    .map(|(index, (_, e))| CachedSlot {
                         index,
                         cached: &e.known.cached,
                         exact: e.known.exact,
@@ -975,7 +987,7 @@ impl<'m> Worker<'m> {
                         reading: None,
                     })
                     .collect();
-                restore(
+                let (placement, index) = restore(
                     placement,
                     &slots,
                     &stashed,
@@ -984,8 +996,9 @@ impl<'m> Worker<'m> {
                     reuse,
                     self.budget.grain,
                     self.window,
-                )
-            };
+                )?;
+                Some((placement, entries[index].0))
+            });
             let (placement, kept) =
                 restored.map_or((placement, None), |(p, entry)| (p, Some(entry)));
             if let Some(pending) = self.waiting.pop_front() {
@@ -1042,6 +1055,7 @@ impl<'m> Worker<'m> {
             known: slot.known(),
             held,
             state,
+            _charge: Charge::new(&self.metrics.cache_ram_bytes, bytes),
         };
         let tokens = entry.known.cached.len();
         let outcome = self.stash.keep(entry, bytes, Stashed::covers);
@@ -1090,7 +1104,7 @@ impl<'m> Worker<'m> {
     /// busy slot's cache, or one kept in host memory, copied in first, if placement says so;
     /// what the slot held kept in host memory first, if worth it). When the whole prompt is
     /// cached with its last logits, the first token is sampled at once.
-    fn start(&mut self, placement: Placement, kept: Option<usize>, pending: Pending) {
+    fn start(&mut self, placement: Placement, kept: Option<u64>, pending: Pending) {
         let Placement {
             slot: index,
             reuse,
@@ -1104,7 +1118,6 @@ impl<'m> Worker<'m> {
         // Taken out first: keeping the slot's conversation may drop entries and move others.
         let restored = kept.and_then(|entry| self.stash.take(entry));
         self.stash_slot(index, &pending.tokens);
-        self.metrics.cache_ram_bytes.set(self.stash.used() as f64);
         if let Some(e) = restored {
             if !self.restore_slot(e, index) {
                 keep = 0;

@@ -16,7 +16,7 @@ use super::gguf::{self, GgufHeader};
 use super::name::{ModelName, NameError};
 use super::store::{Digest, Store, StoredModel};
 use crate::config::{Config, EngineDefaults, KeepAlive, Lifecycle, ModelConfig, ModelDefaults};
-use crate::engine::{Engine, EngineError, EngineOptions, GenerateRequest, Generation};
+use crate::engine::{Engine, EngineError, EngineOptions, GenerateRequest, Generation, PromptCache};
 
 /// How long a request waits for a loaded model to become idle so that its own can load.
 const CAPACITY_WAIT: Duration = Duration::from_secs(300);
@@ -311,6 +311,8 @@ pub struct Models {
     names: HashMap<String, usize>,
     store: Store,
     engine_defaults: EngineDefaults,
+    /// The conversations every model's slots gave up, kept in host memory (`--cache-ram`).
+    prompt_cache: PromptCache,
     lifecycle: Lifecycle,
     resident: Mutex<HashMap<String, Resident>>,
     changed: Arc<Notify>,
@@ -336,6 +338,7 @@ impl Models {
             store: Store::new(config.store_dir.clone())
                 .with_check(crate::engine::probe::store_check(config.engine.gpu_layers)),
             engine_defaults: config.engine.clone(),
+            prompt_cache: PromptCache::new(config.engine.cache_ram),
             lifecycle: config.lifecycle.clone(),
             resident: Mutex::new(HashMap::new()),
             changed: Arc::new(Notify::new()),
@@ -638,7 +641,7 @@ impl Models {
             unload(v).await;
         }
         let started = Instant::now();
-        let result = Engine::load(spec.engine.clone()).await;
+        let result = Engine::load(spec.engine.clone(), self.prompt_cache.clone()).await;
         let outcome = {
             let mut resident = self.resident();
             match result {
