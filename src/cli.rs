@@ -823,7 +823,8 @@ pub struct ServeArgs {
     /// when a request takes a slot from another conversation, that one's KV cache is copied
     /// into RAM, and its next turn copies it back instead of reading its history again, so
     /// more conversations than slots each keep their cache (the oldest of any model's
-    /// dropped past this size). 0 turns it off [default: 8192, as llama-server's --cache-ram].
+    /// dropped past this size). 0 turns it off [default: 8192, as llama-server's --cache-ram,
+    /// or a quarter of the memory the machine or its container has, where that is less].
     #[arg(long, env = "BACKSTOP_CACHE_RAM", value_name = "MIB")]
     pub cache_ram: Option<u32>,
     /// While every model is idle and no other program is using the cores, the answer of a

@@ -3,6 +3,7 @@
 //! was expected, and is reported before any port is bound.
 
 mod duration;
+mod memory;
 mod raw;
 pub mod router;
 pub mod security;
@@ -34,9 +35,6 @@ pub const DEFAULT_BATCH: u32 = 512;
 /// (see [`EngineDefaults::prefill_chunk`]).
 pub const DEFAULT_PREFILL_CHUNK: u32 = 128;
 const DEFAULT_MAX_BODY: usize = 8 * 1024 * 1024;
-/// Host memory per model for conversations the slots gave up, in MiB: llama.cpp's server's
-/// `--cache-ram` default. It is only used as conversations outnumber the slots.
-const DEFAULT_CACHE_RAM_MIB: u32 = 8192;
 const MIB: usize = 1024 * 1024;
 /// Ollama's default for CPU machines (three models resident).
 const DEFAULT_MAX_LOADED: usize = 3;
@@ -506,7 +504,9 @@ impl Config {
         let cache_ram_mib = args
             .cache_ram
             .or(raw.server.cache_ram)
-            .unwrap_or(DEFAULT_CACHE_RAM_MIB);
+            // Host memory for conversations the slots gave up: only used as they outnumber
+            // the slots.
+            .unwrap_or_else(|| memory::default_cache_ram_mib(memory::usable()));
         let reread_answers = switch(args.reread_answers.as_deref(), FLAGS, "reread-answers")?
             .or(raw.server.reread_answers)
             .unwrap_or(true);
@@ -1088,11 +1088,15 @@ mod tests {
     }
 
     #[test]
-    fn host_memory_for_given_up_conversations_is_8_gib_unless_the_flag_or_the_server_says() {
+    fn host_memory_for_given_up_conversations_is_8_gib_at_most_unless_the_flag_or_the_server_says()
+    {
         let model = "[models.a]\npath = \"model.gguf\"\n";
         // One limit for the process: the models' own options hold none.
         let bytes = |cfg: Config| cfg.engine.cache_ram;
-        assert_eq!(bytes(load_toml(model).unwrap()), 8 << 30);
+        // 8 GiB, or a quarter of the memory where that is less (the rule's own test).
+        let default = memory::default_cache_ram_mib(memory::usable()) as usize;
+        assert!(default > 0 && default <= 8192, "{default}");
+        assert_eq!(bytes(load_toml(model).unwrap()), default << 20);
         let file = format!("[server]\ncache_ram = 512\n{model}");
         assert_eq!(bytes(load_toml(&file).unwrap()), 512 << 20);
         let off = ServeArgs {
