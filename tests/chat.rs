@@ -658,10 +658,10 @@ async fn the_oldest_kept_conversation_makes_room_and_the_one_going_back_is_kept(
 
 /// `--cache-ram` bounds the process, not each model: two models (one file under two names)
 /// with room for one conversation between them. Twin's kept conversation drops smollm2's,
-/// the older, and the one going back is copied back; a model that unloads frees what it
-/// kept. With a limit per model, smollm2's would have stayed.
+/// the older, and the one going back is copied back (with a limit per model, smollm2's
+/// would have stayed). A model that unloads keeps its slots' conversations for its next load.
 #[tokio::test]
-async fn models_share_one_host_memory_limit_and_the_oldest_of_either_makes_room() {
+async fn models_share_one_host_memory_limit_and_one_that_unloads_keeps_its_conversations() {
     let (one, two) = (
         format!("smollm2={}", common::smollm2().display()),
         format!("twin={}", common::smollm2().display()),
@@ -719,10 +719,8 @@ async fn models_share_one_host_memory_limit_and_the_oldest_of_either_makes_room(
     assert!(cached(&b2) >= 256, "{b2}");
     let a2 = s.chat(next(turn("smollm2", "Ada"), &ada)).await;
     assert!(cached(&a2) < 16, "Ada's was dropped for Bob's: {a2}");
-    // Another chat takes twin's slot, which keeps Bob's in host memory; twin unloads and
-    // frees it.
-    s.chat(short("twin")).await;
-    assert!(s.metric(&bytes("twin")).await > 0.0);
+    // Twin unloads, keeping what its slot held (Bob's, to its title); when it loads again,
+    // Bob's next turn copies that back, and answers as a cold read does.
     let (status, r) = s
         .post("/api/generate", &json!({"model": "twin", "keep_alive": 0}))
         .await;
@@ -731,7 +729,19 @@ async fn models_share_one_host_memory_limit_and_the_oldest_of_either_makes_room(
         (200, Some("unload")),
         "{r}"
     );
-    assert_eq!(s.metric(&bytes("twin")).await, 0.0);
+    assert!(s.running().await.iter().all(|m| !m.starts_with("twin")));
+    assert!(s.metric(&bytes("twin")).await > 0.0);
+    let mut third = next(turn("twin", "Bob"), &bob);
+    let messages = third["messages"].as_array_mut().unwrap();
+    messages.push(json!({"role": "assistant", "content": answer(&b2)}));
+    messages.push(json!({"role": "user", "content": "And a subtitle?"}));
+    let b3 = s.chat(third.clone()).await;
+    let b2_prompt = b2["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(cached(&b3) >= b2_prompt, "{b3}");
+    third["cache_prompt"] = json!(false);
+    let cold = s.chat(third).await;
+    assert_eq!(cached(&cold), 0);
+    assert_eq!(answer(&b3), answer(&cold));
 }
 
 /// A Gemma 3 conversation past its 512-token window comes back from host memory without the

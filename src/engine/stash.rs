@@ -8,9 +8,15 @@
 //! sliding window) the restored rows must keep.
 //!
 //! One limit holds for the whole process, as llama-server's does for its one model: every
-//! loaded model's worker is a [`Tenant`] of one [`Shared`] stash, sees only its own entries,
-//! and makes room by dropping the oldest of anyone's (host memory is freed on any thread).
-//! With a limit per model, three resident models would each keep 8 GiB by default.
+//! loaded model's worker is a [`Tenant`] of one [`Shared`] stash, sees only its own model's
+//! entries, and makes room by dropping the oldest of anyone's (host memory is freed on any
+//! thread). With a limit per model, three resident models would each keep 8 GiB by default.
+//!
+//! A model's entries outlive its worker: one that unloads (its keep-alive ran out, or another
+//! model needed its place) keeps its slots' conversations here too, and when it loads again
+//! with the same file and settings (its *family*, see `worker::family`), its next turns copy
+//! them back instead of reading their history again. They take their turn to be dropped like
+//! any others.
 //!
 //! This module holds the bookkeeping only (what is kept, its size, which goes first), so it
 //! is tested without a model; the worker copies the rows.
@@ -120,12 +126,6 @@ impl<E> Stash<E> {
         self.used -= k.bytes;
         Some(k.entry)
     }
-
-    /// Drops the entries `drop` picks.
-    fn drop_where(&mut self, drop: impl Fn(&E) -> bool) {
-        self.kept.retain(|k| !drop(&k.entry));
-        self.used = self.kept.iter().map(|k| k.bytes).sum();
-    }
 }
 
 /// The process's one stash, which every loaded model's worker holds a [`Tenant`] of.
@@ -143,12 +143,13 @@ impl<E> Clone for Shared<E> {
 
 struct Inner<E> {
     stash: Stash<Owned<E>>,
-    tenants: u64,
+    /// The process is stopping: nothing more is kept.
+    closed: bool,
 }
 
-/// An entry and the tenant that kept it.
+/// An entry and the family of the model that kept it.
 struct Owned<E> {
-    tenant: u64,
+    family: Arc<str>,
     entry: E,
 }
 
@@ -158,7 +159,7 @@ impl<E> Shared<E> {
         Self {
             inner: Arc::new(Mutex::new(Inner {
                 stash: Stash::new(limit),
-                tenants: 0,
+                closed: false,
             })),
         }
     }
@@ -168,24 +169,29 @@ impl<E> Shared<E> {
         lock(&self.inner).stash.limit
     }
 
-    /// A new tenant (a model's worker); one not `enabled` keeps nothing (a model whose
-    /// cache cannot be cut back to a prefix).
-    pub(crate) fn tenant(&self, enabled: bool) -> Tenant<E> {
-        let mut inner = lock(&self.inner);
-        inner.tenants += 1;
+    /// A tenant (a model's worker) that sees the entries of `family`, the model's file and
+    /// the settings its rows depend on; one not `enabled` keeps nothing (a model whose cache
+    /// cannot be cut back to a prefix).
+    pub(crate) fn tenant(&self, family: &str, enabled: bool) -> Tenant<E> {
+        let inner = lock(&self.inner);
         Tenant {
             inner: Arc::clone(&self.inner),
-            id: inner.tenants,
+            family: family.into(),
             enabled: enabled && inner.stash.enabled(),
         }
     }
+
+    /// Keeps nothing more: the process is stopping, and the models that stop with it need not
+    /// copy their slots out.
+    pub(crate) fn close(&self) {
+        lock(&self.inner).closed = true;
+    }
 }
 
-/// The stash as one model's worker sees it: its own entries only. Its entries are dropped
-/// with it (the model unloads).
+/// The stash as one model's worker sees it: its family's entries only.
 pub(crate) struct Tenant<E> {
     inner: Arc<Mutex<Inner<E>>>,
-    id: u64,
+    family: Arc<str>,
     enabled: bool,
 }
 
@@ -196,12 +202,12 @@ fn lock<E>(inner: &Mutex<Inner<E>>) -> MutexGuard<'_, Inner<E>> {
 }
 
 impl<E> Tenant<E> {
-    /// Whether it keeps anything at all.
+    /// Whether it keeps anything: it may, and the process is not stopping.
     pub(crate) fn enabled(&self) -> bool {
-        self.enabled
+        self.enabled && !lock(&self.inner).closed
     }
 
-    /// Bytes its own entries take.
+    /// Bytes its family's entries take.
     #[cfg(test)]
     fn used(&self) -> usize {
         let inner = lock(&self.inner);
@@ -209,56 +215,50 @@ impl<E> Tenant<E> {
             .stash
             .kept
             .iter()
-            .filter(|k| k.entry.tenant == self.id)
+            .filter(|k| k.entry.family == self.family)
             .map(|k| k.bytes)
             .sum()
     }
 
-    /// `f` of its own entries with their ids ([`Stash::entries`]), read under the lock.
+    /// `f` of its family's entries with their ids ([`Stash::entries`]), read under the lock.
     pub(crate) fn with_entries<R>(&self, f: impl FnOnce(&[(u64, &E)]) -> R) -> R {
         let inner = lock(&self.inner);
         let own: Vec<(u64, &E)> = inner
             .stash
             .entries()
-            .filter(|(_, o)| o.tenant == self.id)
+            .filter(|(_, o)| o.family == self.family)
             .map(|(id, o)| (id, &o.entry))
             .collect();
         f(&own)
     }
 
-    /// [`Stash::keep`], where `covers` is asked of its own entries only, and the oldest of
-    /// any tenant's make room.
+    /// [`Stash::keep`], where `covers` is asked of its family's entries only, and the oldest
+    /// of any family's make room.
     pub(crate) fn keep(&self, entry: E, bytes: usize, covers: impl Fn(&E, &E) -> bool) -> Outcome {
-        if !self.enabled {
+        let mut inner = lock(&self.inner);
+        if !self.enabled || inner.closed {
             return Outcome {
                 kept: false,
                 dropped: 0,
             };
         }
         let entry = Owned {
-            tenant: self.id,
+            family: Arc::clone(&self.family),
             entry,
         };
-        lock(&self.inner).stash.keep(entry, bytes, |new, old| {
-            old.tenant == new.tenant && covers(&new.entry, &old.entry)
+        inner.stash.keep(entry, bytes, |new, old| {
+            old.family == new.family && covers(&new.entry, &old.entry)
         })
     }
 
-    /// [`Stash::take`] of one of its own entries.
+    /// [`Stash::take`] of one of its family's entries.
     pub(crate) fn take(&self, id: u64) -> Option<E> {
         let mut inner = lock(&self.inner);
         let own = inner
             .stash
             .entries()
-            .any(|(i, o)| i == id && o.tenant == self.id);
+            .any(|(i, o)| i == id && o.family == self.family);
         own.then(|| inner.stash.take(id)).flatten().map(|o| o.entry)
-    }
-}
-
-impl<E> Drop for Tenant<E> {
-    fn drop(&mut self) {
-        let id = self.id;
-        lock(&self.inner).stash.drop_where(|o| o.tenant == id);
     }
 }
 
@@ -345,7 +345,7 @@ mod tests {
     fn models_share_one_limit_and_see_only_their_own_entries() {
         let shared = Shared::new(100);
         assert_eq!(shared.limit(), 100);
-        let (a, b) = (shared.tenant(true), shared.tenant(true));
+        let (a, b) = (shared.tenant("a", true), shared.tenant("b", true));
         let none = |_: &&str, _: &&str| false;
         a.keep("a1", 40, none);
         a.keep("a2", 30, none);
@@ -365,15 +365,18 @@ mod tests {
         let a2 = a.with_entries(|e| e.iter().find(|e| *e.1 == "a2").unwrap().0);
         assert_eq!(b.take(a2), None);
         assert_eq!(a.take(a2), Some("a2"));
-        // A model that unloads frees what it kept.
+        // A model that unloads leaves its entries to the next load of its family.
         drop(b);
-        assert_eq!((own(&a), a.used()), (vec!["x"], 10));
-        let c = shared.tenant(true);
-        assert_eq!(c.keep("c", 90, none).dropped, 0);
+        let again = shared.tenant("b", true);
+        assert_eq!(own(&again), ["b1", "b2", "x"]);
         // A tenant that keeps nothing, and a stash of no bytes.
-        let off = shared.tenant(false);
+        let off = shared.tenant("c", false);
         assert!(!off.enabled() && !off.keep("d", 1, none).kept);
-        let nothing = Shared::<&str>::new(0).tenant(true);
+        let nothing = Shared::<&str>::new(0).tenant("a", true);
         assert!(!nothing.enabled() && !nothing.keep("e", 1, none).kept);
+        // A stopping process keeps nothing more, and still serves what it has.
+        shared.close();
+        assert!(!a.enabled() && !a.keep("f", 1, none).kept);
+        assert_eq!(own(&a), ["x"]);
     }
 }

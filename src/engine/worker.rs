@@ -140,9 +140,38 @@ pub(crate) fn engine_worker(
     if ready.send(Ok(info)).is_err() {
         return;
     }
-    let stash = cache.0.tenant(can_draft(&model));
+    let family = family(&options, size, fa, grain, &ctx);
+    let stash = cache.0.tenant(&family, can_draft(&model));
     Worker::new(backend, &model, ctx, &options, fa, bos_text, grain, stash).run(jobs);
     tracing::info!(model = %options.name, "engine stopped");
+}
+
+/// What a model's conversations kept in host memory are good for: its file (by path, length
+/// and modification time) and every setting that the rows, or what a slot knows of them,
+/// depend on. A model that loads again in the same family takes back what it kept before it
+/// unloaded; a changed file or setting starts afresh (its old entries age out).
+fn family(
+    options: &EngineOptions,
+    size: u64,
+    fa: llama_cpp_sys_2::llama_flash_attn_type,
+    grain: Grain,
+    ctx: &LlamaContext<'_>,
+) -> String {
+    let modified = std::fs::metadata(&options.path)
+        .and_then(|m| m.modified())
+        .ok();
+    format!(
+        "{path}|{size}|{modified:?}|kv={kv}|swa_full={swa}|threads={threads}|gpu={gpu:?}|fa={fa}|{grain:?}|ctx={ctx_len}/{slots}|batch={batch}/{ubatch}",
+        path = options.path.display(),
+        kv = options.kv_cache_type.as_str(),
+        swa = options.swa_full,
+        threads = options.threads,
+        gpu = options.gpu_layers,
+        ctx_len = ctx.n_ctx(),
+        slots = options.slots,
+        batch = ctx.n_batch(),
+        ubatch = ctx.n_ubatch(),
+    )
 }
 
 /// Whether a model's cache can drop a rejected draft: recurrent and hybrid models keep a
@@ -160,6 +189,12 @@ impl PromptCache {
     /// A cache that holds at most `bytes` (0: nothing is kept).
     pub fn new(bytes: usize) -> Self {
         Self(Shared::new(bytes))
+    }
+
+    /// Keeps nothing more: the process is stopping, so the models stopping with it do not
+    /// copy their slots out.
+    pub fn close(&self) {
+        self.0.close();
     }
 }
 
@@ -569,6 +604,10 @@ impl<'m> Worker<'m> {
                 continue;
             }
             self.step(plan);
+        }
+        // The model unloads: what its slots hold is kept for its next load.
+        for index in 0..self.slots.len() {
+            self.stash_slot(index, &[]);
         }
     }
 

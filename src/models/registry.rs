@@ -826,6 +826,7 @@ impl Models {
 
     /// Stops every engine, letting each finish its work. Blocks: call from a blocking context.
     pub fn shutdown(&self) {
+        self.prompt_cache.close();
         let all: Vec<Arc<Loaded>> = self
             .resident()
             .drain()
