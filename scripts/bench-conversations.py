@@ -23,9 +23,14 @@ before each request, as a person reading (backstop reads a greedy answer again w
 each follow-up (turns 2 on), the median over conversations, turns and repetitions; the
 ratio is per repetition, against llama-server with its prompt cache.
 
+With --unload, each backstop server unloads its model before every follow-up (Ollama's
+`keep_alive: 0`, what a keep-alive that ran out does), so each follow-up loads it again
+first: backstop keeps an unloading model's conversations in its host-memory cache for the
+next load. llama-server has no unload; it keeps its model loaded throughout.
+
     ~/.cache/backstop/venv/bin/python scripts/bench-conversations.py [--model PATH] [--reps 5]
         [--conversations 4] [--parallel 2] [--history 1000] [--pause 0.5] [--max-tokens 32]
-        [--also "backstop --exact-reuse 0"]
+        [--also "backstop --exact-reuse 0"] [--unload]
 
 Writes bench-results/conversations-<time>.json.
 """
@@ -40,6 +45,7 @@ import pathlib
 import statistics
 import sys
 import time
+import urllib.request
 
 spec = importlib.util.spec_from_file_location("bench_peers", pathlib.Path(__file__).with_name("bench-peers.py"))
 peers = importlib.util.module_from_spec(spec)
@@ -60,6 +66,8 @@ def main() -> int:
     ap.add_argument("--pause", type=float, default=0.5, help="seconds before each request")
     ap.add_argument("--also", action="append", default=[], metavar="KIND",
                     help='another server beside the four, e.g. "backstop --exact-reuse 0" (repeatable)')
+    ap.add_argument("--unload", action="store_true",
+                    help="backstop unloads its model before every follow-up (keep_alive 0)")
     args = ap.parse_args()
     kinds = SERVERS + [k for k in args.also if k not in SERVERS]
     if args.conversations <= args.parallel:
@@ -82,6 +90,8 @@ def main() -> int:
                 if turn:
                     messages.append({"role": "user", "content": FOLLOW_UPS[turn - 1]})
                 time.sleep(args.pause)
+                if turn and args.unload and kind.startswith("backstop"):
+                    unload(url)
                 out = peers.stream(url, messages, args.max_tokens)
                 messages.append({"role": "assistant", "content": out["text"]})
                 (follow if turn else first).append(out["ttft_ms"])
@@ -115,6 +125,7 @@ def main() -> int:
     print(f"\nmachine: {machine['nproc']} cores, {machine['cpu']}; threads {args.threads}; model {model.name}; "
           f"{args.conversations} conversations on {args.parallel} slots, ~{args.history}-token history, "
           f"{TURNS} turns of {args.max_tokens} tokens (greedy), {args.pause} s before each request; "
+          f"{'backstop unloads its model before each follow-up; ' if args.unload else ''}"
           f"median of {args.reps} rotated runs; llama-server {peer_version}\n")
     print("| server | first turn TTFT ms | follow-up TTFT ms | follow-up vs llama-server (min-max per run) |")
     print("| --- | --- | --- | --- |")
@@ -128,10 +139,20 @@ def main() -> int:
     path.write_text(json.dumps({"machine": machine, "model": str(model), "peer_version": peer_version,
                                 "conversations": args.conversations, "parallel": args.parallel,
                                 "history": args.history, "pause_s": args.pause, "max_tokens": args.max_tokens,
-                                "reps": args.reps, "follow_ups": FOLLOW_UPS, "median_ttft_ms": fig,
+                                "reps": args.reps, "unload": args.unload, "follow_ups": FOLLOW_UPS, "median_ttft_ms": fig,
                                 "ratio_vs_llama_server": ratios, "runs": runs}, indent=1))
     print(f"\n{path}")
     return 0
+
+
+def unload(url: str) -> None:
+    """Unloads backstop's model (Ollama's `keep_alive: 0`); returns once it is out."""
+    body = json.dumps({"model": "m", "keep_alive": 0}).encode()
+    req = urllib.request.Request(url + "/api/generate", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        reply = json.loads(r.read())
+    if reply.get("done_reason") != "unload":
+        raise RuntimeError(f"{url}: not unloaded: {reply}")
 
 
 if __name__ == "__main__":
