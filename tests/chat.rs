@@ -709,6 +709,8 @@ async fn models_share_one_host_memory_limit_and_one_that_unloads_keeps_its_conve
         twin_kept > 0.0 && twin_kept <= (mib << 20) as f64,
         "{twin_kept}"
     );
+    let limit = s.metric("backstop_prompt_cache_limit_bytes").await;
+    assert_eq!(limit, (mib << 20) as f64);
     let next = |mut body: Value, said: &str| {
         let messages = body["messages"].as_array_mut().unwrap();
         messages.push(json!({"role": "assistant", "content": said}));
@@ -731,6 +733,11 @@ async fn models_share_one_host_memory_limit_and_one_that_unloads_keeps_its_conve
     );
     assert!(s.running().await.iter().all(|m| !m.starts_with("twin")));
     assert!(s.metric(&bytes("twin")).await > 0.0);
+    s.wait_log(&[
+        "conversations=1",
+        "kept in host memory for the model's next load",
+    ])
+    .await;
     let mut third = next(turn("twin", "Bob"), &bob);
     let messages = third["messages"].as_array_mut().unwrap();
     messages.push(json!({"role": "assistant", "content": answer(&b2)}));

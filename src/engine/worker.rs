@@ -20,8 +20,7 @@ use super::embed::{self, EmbedJob, EmbedShape, EmbedTask, Embedder, Pooling};
 use super::graphs;
 use super::loader::{self, ModelInfo};
 use super::lookup::{self, Record, RowCosts, Shadow};
-use super::metrics::Charge;
-use super::metrics::EngineMetrics;
+use super::metrics::{Charge, EngineMetrics};
 use super::policy::{
     join_segments, place, plan_step, restore, restored_held, segment_starts, shared_prefix, Budget,
     CachedSlot, Grain, Held, Layout, Pace, Placement, Reuse, SlotState, StepPlan, Window,
@@ -140,8 +139,11 @@ pub(crate) fn engine_worker(
     if ready.send(Ok(info)).is_err() {
         return;
     }
-    let family = family(&options, size, fa, grain, &ctx);
-    let stash = cache.0.tenant(&family, can_draft(&model));
+    // Recurrent and hybrid models keep a state that cannot be cut back to a prefix, so a kept
+    // one would serve only the very same conversation; they keep none.
+    let stash = cache
+        .0
+        .tenant(&family(&options, size, fa, grain, &ctx), can_draft(&model));
     Worker::new(backend, &model, ctx, &options, fa, bos_text, grain, stash).run(jobs);
     tracing::info!(model = %options.name, "engine stopped");
 }
@@ -186,8 +188,10 @@ fn can_draft(model: &LlamaModel) -> bool {
 pub struct PromptCache(Shared<Stashed>);
 
 impl PromptCache {
-    /// A cache that holds at most `bytes` (0: nothing is kept).
+    /// A cache that holds at most `bytes` (0: nothing is kept), published as the
+    /// `backstop_prompt_cache_limit_bytes` gauge.
     pub fn new(bytes: usize) -> Self {
+        metrics::gauge!("backstop_prompt_cache_limit_bytes").set(bytes as f64);
         Self(Shared::new(bytes))
     }
 
@@ -606,8 +610,11 @@ impl<'m> Worker<'m> {
             self.step(plan);
         }
         // The model unloads: what its slots hold is kept for its next load.
-        for index in 0..self.slots.len() {
-            self.stash_slot(index, &[]);
+        let kept = (0..self.slots.len())
+            .filter(|&index| self.stash_slot(index, &[]))
+            .count();
+        if kept > 0 {
+            tracing::info!(model = %self.name, conversations = kept, "the slots' conversations kept in host memory for the model's next load");
         }
     }
 
@@ -1061,20 +1068,20 @@ impl<'m> Worker<'m> {
 
     /// Keeps slot `index`'s conversation in host memory before a request that parts from it
     /// at least [`COPY_GAIN`] tokens before its end takes the slot, if the stash is on and a
-    /// request could reuse the conversation once it is copied back.
-    fn stash_slot(&mut self, index: usize, prompt: &[LlamaToken]) {
+    /// request could reuse the conversation once it is copied back; whether it was kept.
+    fn stash_slot(&mut self, index: usize, prompt: &[LlamaToken]) -> bool {
         if !self.stash.enabled() {
-            return;
+            return false;
         }
         let slot = &self.slots[index];
         let shared = shared_prefix(&slot.cached, prompt);
         if slot.cached.len() < shared + COPY_GAIN {
-            return;
+            return false;
         }
         let held = restored_held(self.held(slot), self.swa);
         if held.end != slot.cached.len() || !Window::holds(self.window, held, held.end, Reuse::Fast)
         {
-            return;
+            return false;
         }
         let state = match self
             .ctx
@@ -1083,7 +1090,7 @@ impl<'m> Worker<'m> {
             Ok(state) => state,
             Err(e) => {
                 tracing::warn!(model = %self.name, seq = slot.seq, error = %e, "could not copy a KV sequence out");
-                return;
+                return false;
             }
         };
         let logits = slot.end.as_ref().map_or(0, |e| e.logits.len());
@@ -1109,6 +1116,7 @@ impl<'m> Worker<'m> {
             dropped = outcome.dropped,
             "a slot's conversation copied into host memory"
         );
+        outcome.kept
     }
 
     /// Copies kept conversation `e` back into slot `index`'s sequence; false if llama.cpp
@@ -1154,7 +1162,8 @@ impl<'m> Worker<'m> {
         }
         let mode = reuse_for(&pending.job.request, self.options.exact_reuse);
         let mut keep = reuse;
-        // Taken out first: keeping the slot's conversation may drop entries and move others.
+        // Taken out first: keeping the slot's conversation may drop entries, this one among
+        // them.
         let restored = kept.and_then(|entry| self.stash.take(entry));
         self.stash_slot(index, &pending.tokens);
         if let Some(e) = restored {
