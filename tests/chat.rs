@@ -751,6 +751,39 @@ async fn models_share_one_host_memory_limit_and_one_that_unloads_keeps_its_conve
     assert_eq!(answer(&b3), answer(&cold));
 }
 
+/// A model unloaded to make room for another (`--max-loaded 1`) keeps its slot's
+/// conversation in host memory: when it is loaded again, that conversation's next turn reads
+/// only its own part, and answers as a cold read does.
+#[tokio::test]
+async fn a_model_unloaded_for_another_takes_its_conversations_back_when_it_loads_again() {
+    let (one, two) = (
+        format!("smollm2={}", common::smollm2().display()),
+        format!("twin={}", common::smollm2().display()),
+    );
+    let s = Server::start_raw(&["--model", &one, "--model", &two, "--max-loaded", "1"]).await;
+    let notes = format!("Ada wrote this. {}", lighthouse_notes(100));
+    let mut body = json!({"model": "smollm2", "temperature": 0, "max_tokens": 24, "messages": [
+        {"role": "system", "content": notes},
+        {"role": "user", "content": "Who wrote the notes?"}]});
+    let first = s.chat(body.clone()).await;
+    s.chat(
+        json!({"model": "twin", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}),
+    )
+    .await;
+    assert_eq!(s.running().await.len(), 1);
+    assert!(s.running().await[0].starts_with("twin"));
+    let messages = body["messages"].as_array_mut().unwrap();
+    messages.push(json!({"role": "assistant", "content": answer(&first)}));
+    messages.push(json!({"role": "user", "content": "Now give them a title."}));
+    let next = s.chat(body.clone()).await;
+    let first_prompt = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(cached(&next) >= first_prompt, "{next}");
+    body["cache_prompt"] = json!(false);
+    let cold = s.chat(body).await;
+    assert_eq!(cached(&cold), 0);
+    assert_eq!(answer(&next), answer(&cold));
+}
+
 /// A Gemma 3 conversation past its 512-token window comes back from host memory without the
 /// positions the window no longer sees, its sliding-window cells out of a cold read's order:
 /// a greedy follow-up reads it afresh and answers as a cold read does; a sampled one that
