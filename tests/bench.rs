@@ -2170,6 +2170,48 @@ fn task_score<'v>(result: &'v Value, kind: &str) -> &'v Value {
     h
 }
 
+/// Winogrande's partial scoring, told apart from scoring every token from where the two
+/// sentences part: a count broken off at the blank, whose choices are the count going on
+/// (six predictable tokens) or a code word, which the sentence then says again. Scored from
+/// the choice on, the count's own tokens win, and SmolLM2 picks it in all six tasks; scored
+/// after the choice, as llama-perplexity does when both sentences go on for more than three
+/// tokens, only the repeat counts, and it picks the code word in all six, as that tool does.
+#[test]
+fn winogrande_scores_only_what_follows_the_choice_when_both_sentences_go_on() {
+    let _cores = one_at_a_time();
+    let dir = common::temp_dir("winogrande-partial");
+    let _cleanup = Cleanup(dir.clone());
+    let words = [
+        "zqx", "vlp", "kord", "mibe", "trask", "yoln", "pefk", "gugo",
+    ];
+    let numbers = "one two three four five six seven eight nine ten eleven twelve thirteen \
+                   fourteen fifteen sixteen";
+    let numbers: Vec<&str> = numbers.split_whitespace().collect();
+    let mut lines = vec!["index,sentence,option1,option2,answer".to_owned()];
+    for i in 0..6 {
+        let code = format!("{} {}", words[i], words[i + 2]);
+        lines.push(format!(
+            "{i},\"Count: {} _. I repeat, the code word is {code} and nothing else.\",{},{code},2",
+            numbers[i..i + 5].join(" "),
+            numbers[i + 5..i + 11].join(" "),
+        ));
+    }
+    let file = dir.join("partial.csv");
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let smol = common::smollm2();
+    let out = bench_json(&[
+        "--winogrande",
+        file.to_str().unwrap(),
+        "-p",
+        "0",
+        "-n",
+        "0",
+        smol.to_str().unwrap(),
+    ]);
+    let w = task_score(&out["results"][0], "winogrande");
+    assert_eq!((&w["tasks"], &w["correct"]), (&json!(6), &json!(6)), "{w}");
+}
+
 #[test]
 fn tasks_are_scored_and_each_models_picks_set_against_the_first() {
     let _cores = one_at_a_time();
