@@ -662,10 +662,7 @@ async fn the_oldest_kept_conversation_makes_room_and_the_one_going_back_is_kept(
 /// would have stayed). A model that unloads keeps its slots' conversations for its next load.
 #[tokio::test]
 async fn models_share_one_host_memory_limit_and_one_that_unloads_keeps_its_conversations() {
-    let (one, two) = (
-        format!("smollm2={}", common::smollm2().display()),
-        format!("twin={}", common::smollm2().display()),
-    );
+    let (one, two) = twins();
     let serve = |limit: String| {
         let (one, two) = (one.clone(), two.clone());
         async move {
@@ -711,12 +708,7 @@ async fn models_share_one_host_memory_limit_and_one_that_unloads_keeps_its_conve
     );
     let limit = s.metric("backstop_prompt_cache_limit_bytes").await;
     assert_eq!(limit, (mib << 20) as f64);
-    let next = |mut body: Value, said: &str| {
-        let messages = body["messages"].as_array_mut().unwrap();
-        messages.push(json!({"role": "assistant", "content": said}));
-        messages.push(json!({"role": "user", "content": "Now give them a title."}));
-        body
-    };
+    let next = |body: Value, said: &str| continued(body, said, "Now give them a title.");
     let b2 = s.chat(next(turn("twin", "Bob"), &bob)).await;
     assert!(cached(&b2) >= 256, "{b2}");
     let a2 = s.chat(next(turn("smollm2", "Ada"), &ada)).await;
@@ -738,17 +730,41 @@ async fn models_share_one_host_memory_limit_and_one_that_unloads_keeps_its_conve
         "kept in host memory for the model's next load",
     ])
     .await;
-    let mut third = next(turn("twin", "Bob"), &bob);
-    let messages = third["messages"].as_array_mut().unwrap();
-    messages.push(json!({"role": "assistant", "content": answer(&b2)}));
-    messages.push(json!({"role": "user", "content": "And a subtitle?"}));
-    let b3 = s.chat(third.clone()).await;
-    let b2_prompt = b2["usage"]["prompt_tokens"].as_u64().unwrap();
-    assert!(cached(&b3) >= b2_prompt, "{b3}");
-    third["cache_prompt"] = json!(false);
-    let cold = s.chat(third).await;
+    let third = continued(
+        next(turn("twin", "Bob"), &bob),
+        &answer(&b2),
+        "And a subtitle?",
+    );
+    reused_and_answered_as_cold(&s, third, &b2).await;
+}
+
+/// SmolLM2's file under two names, `smollm2` and `twin`: two models to the server.
+fn twins() -> (String, String) {
+    let path = common::smollm2();
+    (
+        format!("smollm2={}", path.display()),
+        format!("twin={}", path.display()),
+    )
+}
+
+/// `body` with the assistant's `said` and then the user's `ask` added to its messages.
+fn continued(mut body: Value, said: &str, ask: &str) -> Value {
+    let messages = body["messages"].as_array_mut().unwrap();
+    messages.push(json!({"role": "assistant", "content": said}));
+    messages.push(json!({"role": "user", "content": ask}));
+    body
+}
+
+/// Sends `body`, the turn after `before`, and checks that it reuses at least `before`'s whole
+/// prompt and answers as the same request read cold does.
+async fn reused_and_answered_as_cold(s: &Server, mut body: Value, before: &Value) {
+    let warm = s.chat(body.clone()).await;
+    let earlier = before["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(cached(&warm) >= earlier, "{warm}");
+    body["cache_prompt"] = json!(false);
+    let cold = s.chat(body).await;
     assert_eq!(cached(&cold), 0);
-    assert_eq!(answer(&b3), answer(&cold));
+    assert_eq!(answer(&warm), answer(&cold));
 }
 
 /// A model unloaded to make room for another (`--max-loaded 1`) keeps its slot's
@@ -756,13 +772,10 @@ async fn models_share_one_host_memory_limit_and_one_that_unloads_keeps_its_conve
 /// only its own part, and answers as a cold read does.
 #[tokio::test]
 async fn a_model_unloaded_for_another_takes_its_conversations_back_when_it_loads_again() {
-    let (one, two) = (
-        format!("smollm2={}", common::smollm2().display()),
-        format!("twin={}", common::smollm2().display()),
-    );
+    let (one, two) = twins();
     let s = Server::start_raw(&["--model", &one, "--model", &two, "--max-loaded", "1"]).await;
     let notes = format!("Ada wrote this. {}", lighthouse_notes(100));
-    let mut body = json!({"model": "smollm2", "temperature": 0, "max_tokens": 24, "messages": [
+    let body = json!({"model": "smollm2", "temperature": 0, "max_tokens": 24, "messages": [
         {"role": "system", "content": notes},
         {"role": "user", "content": "Who wrote the notes?"}]});
     let first = s.chat(body.clone()).await;
@@ -772,16 +785,8 @@ async fn a_model_unloaded_for_another_takes_its_conversations_back_when_it_loads
     .await;
     assert_eq!(s.running().await.len(), 1);
     assert!(s.running().await[0].starts_with("twin"));
-    let messages = body["messages"].as_array_mut().unwrap();
-    messages.push(json!({"role": "assistant", "content": answer(&first)}));
-    messages.push(json!({"role": "user", "content": "Now give them a title."}));
-    let next = s.chat(body.clone()).await;
-    let first_prompt = first["usage"]["prompt_tokens"].as_u64().unwrap();
-    assert!(cached(&next) >= first_prompt, "{next}");
-    body["cache_prompt"] = json!(false);
-    let cold = s.chat(body).await;
-    assert_eq!(cached(&cold), 0);
-    assert_eq!(answer(&next), answer(&cold));
+    let next = continued(body, &answer(&first), "Now give them a title.");
+    reused_and_answered_as_cold(&s, next, &first).await;
 }
 
 /// A Gemma 3 conversation past its 512-token window comes back from host memory without the
