@@ -617,12 +617,7 @@ async fn the_oldest_kept_conversation_makes_room_and_the_one_going_back_is_kept(
         }
     };
     // About 300 tokens each (7 MB of SmolLM2's rows), sharing only the template's first.
-    let turns = ["Ada", "Bob", "Cyd", "Dee"].map(|name| {
-        let notes = format!("{name} wrote this. {}", lighthouse_notes(100));
-        json!({"model": "smollm2", "temperature": 0, "max_tokens": 24, "messages": [
-            {"role": "system", "content": notes},
-            {"role": "user", "content": "Who wrote the notes?"}]})
-    });
+    let turns = ["Ada", "Bob", "Cyd", "Dee"].map(|name| who_wrote("smollm2", name));
     let bytes = "backstop_prompt_cache_bytes{model=\"smollm2:latest\"}";
     let roomy = serve("8192".into()).await;
     for turn in &turns[..3] {
@@ -639,10 +634,7 @@ async fn the_oldest_kept_conversation_makes_room_and_the_one_going_back_is_kept(
         answers.push(answer(&s.chat(turn.clone()).await));
     }
     let next = |i: usize, cache: bool| {
-        let mut body = turns[i].clone();
-        let messages = body["messages"].as_array_mut().unwrap();
-        messages.push(json!({"role": "assistant", "content": answers[i]}));
-        messages.push(json!({"role": "user", "content": "Now give them a title."}));
+        let mut body = continued(turns[i].clone(), &answers[i], "Now give them a title.");
         body["cache_prompt"] = json!(cache);
         body
     };
@@ -670,19 +662,13 @@ async fn models_share_one_host_memory_limit_and_one_that_unloads_keeps_its_conve
             Server::start_raw(&[&args[..], &["--cache-ram", &limit]].concat()).await
         }
     };
-    let turn = |model: &str, name: &str| {
-        let notes = format!("{name} wrote this. {}", lighthouse_notes(100));
-        json!({"model": model, "temperature": 0, "max_tokens": 24, "messages": [
-            {"role": "system", "content": notes},
-            {"role": "user", "content": "Who wrote the notes?"}]})
-    };
     let short = |model: &str| {
         json!({"model": model, "temperature": 0, "max_tokens": 4,
                "messages": [{"role": "user", "content": "Hi"}]})
     };
     let bytes = |model: &str| format!("backstop_prompt_cache_bytes{{model=\"{model}:latest\"}}");
     let roomy = serve("8192".into()).await;
-    roomy.chat(turn("smollm2", "Ada")).await;
+    roomy.chat(who_wrote("smollm2", "Ada")).await;
     roomy.chat(short("smollm2")).await;
     let one_kept = roomy.metric(&bytes("smollm2")).await;
     assert!(one_kept > f64::from(5 << 20), "{one_kept}");
@@ -691,10 +677,10 @@ async fn models_share_one_host_memory_limit_and_one_that_unloads_keeps_its_conve
     // Room for one and a half.
     let mib = (one_kept * 1.5 / f64::from(1 << 20)).ceil() as u64;
     let s = serve(mib.to_string()).await;
-    let ada = answer(&s.chat(turn("smollm2", "Ada")).await);
+    let ada = answer(&s.chat(who_wrote("smollm2", "Ada")).await);
     s.chat(short("smollm2")).await;
     assert!(s.metric(&bytes("smollm2")).await > 0.0);
-    let bob = answer(&s.chat(turn("twin", "Bob")).await);
+    let bob = answer(&s.chat(who_wrote("twin", "Bob")).await);
     s.chat(short("twin")).await;
     assert_eq!(
         s.metric(&bytes("smollm2")).await,
@@ -709,9 +695,9 @@ async fn models_share_one_host_memory_limit_and_one_that_unloads_keeps_its_conve
     let limit = s.metric("backstop_prompt_cache_limit_bytes").await;
     assert_eq!(limit, (mib << 20) as f64);
     let next = |body: Value, said: &str| continued(body, said, "Now give them a title.");
-    let b2 = s.chat(next(turn("twin", "Bob"), &bob)).await;
+    let b2 = s.chat(next(who_wrote("twin", "Bob"), &bob)).await;
     assert!(cached(&b2) >= 256, "{b2}");
-    let a2 = s.chat(next(turn("smollm2", "Ada"), &ada)).await;
+    let a2 = s.chat(next(who_wrote("smollm2", "Ada"), &ada)).await;
     assert!(cached(&a2) < 16, "Ada's was dropped for Bob's: {a2}");
     // Twin unloads, keeping what its slot held (Bob's, to its title); when it loads again,
     // Bob's next turn copies that back, and answers as a cold read does.
@@ -731,11 +717,20 @@ async fn models_share_one_host_memory_limit_and_one_that_unloads_keeps_its_conve
     ])
     .await;
     let third = continued(
-        next(turn("twin", "Bob"), &bob),
+        next(who_wrote("twin", "Bob"), &bob),
         &answer(&b2),
         "And a subtitle?",
     );
     reused_and_answered_as_cold(&s, third, &b2).await;
+}
+
+/// A greedy chat with `model` whose system prompt is about 300 tokens of notes that `name`
+/// wrote, asking who wrote them: conversations of one size whose answers tell them apart.
+fn who_wrote(model: &str, name: &str) -> Value {
+    let notes = format!("{name} wrote this. {}", lighthouse_notes(100));
+    json!({"model": model, "temperature": 0, "max_tokens": 24, "messages": [
+        {"role": "system", "content": notes},
+        {"role": "user", "content": "Who wrote the notes?"}]})
 }
 
 /// SmolLM2's file under two names, `smollm2` and `twin`: two models to the server.
@@ -774,10 +769,7 @@ async fn reused_and_answered_as_cold(s: &Server, mut body: Value, before: &Value
 async fn a_model_unloaded_for_another_takes_its_conversations_back_when_it_loads_again() {
     let (one, two) = twins();
     let s = Server::start_raw(&["--model", &one, "--model", &two, "--max-loaded", "1"]).await;
-    let notes = format!("Ada wrote this. {}", lighthouse_notes(100));
-    let body = json!({"model": "smollm2", "temperature": 0, "max_tokens": 24, "messages": [
-        {"role": "system", "content": notes},
-        {"role": "user", "content": "Who wrote the notes?"}]});
+    let body = who_wrote("smollm2", "Ada");
     let first = s.chat(body.clone()).await;
     s.chat(
         json!({"model": "twin", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}),

@@ -69,11 +69,6 @@ impl<E> Stash<E> {
         self.used
     }
 
-    /// Whether an entry of `bytes` bytes could be kept.
-    pub(crate) fn fits(&self, bytes: usize) -> bool {
-        bytes <= self.limit
-    }
-
     /// The entries, each with its id: ids are never reused, so one read here still names
     /// the same entry (or none) after others come and go.
     pub(crate) fn entries(&self) -> impl Iterator<Item = (u64, &E)> {
@@ -89,7 +84,7 @@ impl<E> Stash<E> {
         bytes: usize,
         covers: impl Fn(&E, &E) -> bool,
     ) -> Outcome {
-        if !self.fits(bytes) {
+        if bytes > self.limit {
             return Outcome {
                 kept: false,
                 dropped: 0,
@@ -118,10 +113,13 @@ impl<E> Stash<E> {
         }
     }
 
-    /// Takes the entry of id `id` out (its rows are going back into a slot); `None` if it
-    /// was dropped meanwhile.
-    pub(crate) fn take(&mut self, id: u64) -> Option<E> {
-        let index = self.kept.iter().position(|k| k.stamp == id)?;
+    /// Takes the entry of id `id` out (its rows are going back into a slot) if `mine` says it
+    /// may; `None` if it was dropped meanwhile.
+    fn take(&mut self, id: u64, mine: impl Fn(&E) -> bool) -> Option<E> {
+        let index = self
+            .kept
+            .iter()
+            .position(|k| k.stamp == id && mine(&k.entry))?;
         let k = self.kept.swap_remove(index);
         self.used -= k.bytes;
         Some(k.entry)
@@ -253,12 +251,10 @@ impl<E> Tenant<E> {
 
     /// [`Stash::take`] of one of its family's entries.
     pub(crate) fn take(&self, id: u64) -> Option<E> {
-        let mut inner = lock(&self.inner);
-        let own = inner
+        lock(&self.inner)
             .stash
-            .entries()
-            .any(|(i, o)| i == id && o.family == self.family);
-        own.then(|| inner.stash.take(id)).flatten().map(|o| o.entry)
+            .take(id, |o| o.family == self.family)
+            .map(|o| o.entry)
     }
 }
 
@@ -322,8 +318,8 @@ mod tests {
         assert_eq!(stash.used(), 50);
         let id = |stash: &Stash<&str>, word| stash.entries().find(|e| *e.1 == word).unwrap().0;
         let (abc, xy) = (id(&stash, "abc"), id(&stash, "xy"));
-        assert_eq!(stash.take(xy), Some("xy"));
-        assert_eq!(stash.take(xy), None);
+        assert_eq!(stash.take(xy, |_| true), Some("xy"));
+        assert_eq!(stash.take(xy, |_| true), None);
         // Ids stay with their entries whatever moves.
         assert_eq!(id(&stash, "abc"), abc);
         assert_eq!((words(&stash), stash.used()), (vec!["abc"], 30));
