@@ -827,6 +827,14 @@ pub struct ServeArgs {
     /// or a quarter of the memory the machine or its container has, where that is less].
     #[arg(long, env = "BACKSTOP_CACHE_RAM", value_name = "MIB")]
     pub cache_ram: Option<u32>,
+    /// A folder the prompt cache outlives a restart in: a stopping server writes the
+    /// conversations its loaded models keep (their slots' and those in --cache-ram) there, and
+    /// the next start reads them back, so a conversation's next turn copies its history back
+    /// instead of reading it again. A file is good for the build that wrote it and the same
+    /// model file and settings; they count against --cache-ram, and go once read back
+    /// [default: none, nothing outlives the process].
+    #[arg(long, env = "BACKSTOP_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
     /// While every model is idle and no other program is using the cores, the answer of a
     /// greedy or seeded request is read again the way a cold read of the whole conversation
     /// reads it, a short chunk at a time, so the next

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::engine::PromptCache;
 use crate::models::Models;
 use crate::ops;
 use crate::security::{listener, Security};
@@ -33,6 +34,14 @@ pub enum ServeError {
     /// The TLS files could not be used.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The prompt cache's folder (`--cache-dir`) could not be made or read.
+    #[error("cache folder {}: {source}", .dir.display())]
+    CacheDir {
+        /// The folder.
+        dir: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The router could not be set up.
     #[error("router: {0}")]
     Router(String),
@@ -91,7 +100,16 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     }
     let housekeeping = tokio::spawn(Arc::clone(&security).housekeeping_task());
 
-    let models = Models::new(&config);
+    let cache = match &config.engine.cache_dir {
+        Some(dir) => PromptCache::with_dir(config.engine.cache_ram, dir).map_err(|source| {
+            ServeError::CacheDir {
+                dir: dir.clone(),
+                source,
+            }
+        })?,
+        None => PromptCache::new(config.engine.cache_ram),
+    };
+    let models = Models::new(&config, cache);
     tracing::info!(store = %models.store().root().display(), max_loaded = config.lifecycle.max_loaded, "model store");
     let reaper = tokio::spawn(Arc::clone(&models).reaper_task());
     let router = Arc::new(crate::router::Router::new(&config.router).map_err(ServeError::Router)?);

@@ -781,6 +781,160 @@ async fn a_model_unloaded_for_another_takes_its_conversations_back_when_it_loads
     reused_and_answered_as_cold(&s, next, &first).await;
 }
 
+/// The files a server keeps its conversations in, in its cache folder: rows and what is known
+/// of them, a pair each.
+fn kept_files(dir: &std::path::Path) -> (usize, usize) {
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|f| f.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let count = |ext: &str| names.iter().filter(|n| n.ends_with(ext)).count();
+    (count(".seq"), count(".json"))
+}
+
+/// Stops a server as systemd would and waits for it to exit cleanly.
+async fn stop(mut s: Server) -> String {
+    s.terminate();
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(60)).await,
+        Some(0),
+        "{}",
+        s.log()
+    );
+    s.log()
+}
+
+/// With `--cache-dir`, a server that stops writes the conversations it keeps into the folder
+/// and the next start reads them back: a conversation's next turn after the restart copies its
+/// history back instead of reading it again, and answers as a cold read does. The files go
+/// once its rows are back in a slot. They count against `--cache-ram`: started with room for
+/// one, the server drops the older conversation, and its files with it.
+#[tokio::test]
+async fn conversations_outlive_a_restart_in_the_cache_folder_as_far_as_the_cache_has_room() {
+    let dir = common::temp_dir("cache-dir").join("kept");
+    let folder = dir.to_str().unwrap();
+    let s = Server::start(&["--parallel", "2", "--cache-dir", folder]).await;
+    let (ada, bob) = (who_wrote("smollm2", "Ada"), who_wrote("smollm2", "Bob"));
+    let a1 = s.chat(ada.clone()).await;
+    let b1 = s.chat(bob.clone()).await;
+    let log = stop(s).await;
+    assert!(
+        log.contains("written for the next start") && log.contains("conversations=2"),
+        "{log}"
+    );
+    assert_eq!(kept_files(&dir), (2, 2));
+
+    // Room for one and a half: Ada's, written first, is dropped.
+    let biggest = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|f| f.unwrap().metadata().unwrap().len())
+        .max()
+        .unwrap();
+    let room = (biggest * 3 / 2).div_ceil(1 << 20).to_string();
+    let s = Server::start(&[
+        "--parallel",
+        "2",
+        "--cache-dir",
+        folder,
+        "--cache-ram",
+        &room,
+    ])
+    .await;
+    let log = s.log();
+    assert!(
+        log.contains("read back") && log.contains("conversations=1 dropped=1"),
+        "{log}"
+    );
+    assert_eq!(kept_files(&dir), (1, 1));
+    let next = continued(bob, &answer(&b1), "Now give them a title.");
+    reused_and_answered_as_cold(&s, next, &b1).await;
+    assert_eq!(kept_files(&dir), (0, 0), "taken back, its files are gone");
+    let mut next = continued(ada, &answer(&a1), "Now give them a title.");
+    let warm = s.chat(next.clone()).await;
+    assert!(cached(&warm) < 16, "{warm}");
+    next["cache_prompt"] = json!(false);
+    assert_eq!(answer(&warm), answer(&s.chat(next).await));
+}
+
+/// A cache folder that cannot be made stops the server before it listens, naming it.
+#[tokio::test]
+async fn a_cache_folder_that_cannot_be_made_is_refused_at_start() {
+    let dir = common::temp_dir("cache-dir-file");
+    let file = dir.join("a-file");
+    std::fs::write(&file, "not a folder").unwrap();
+    let model = format!("smollm2={}", common::smollm2().display());
+    let folder = file.join("kept");
+    let exit = common::run_to_exit(
+        &[
+            "serve",
+            "--host",
+            "127.0.0.1:0",
+            "--model",
+            &model,
+            "--cache-dir",
+            folder.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert_ne!(exit.code, Some(0));
+    assert!(
+        exit.stderr.contains("cache folder") && exit.stderr.contains("a-file/kept"),
+        "{}",
+        exit.stderr
+    );
+}
+
+/// Files in the cache folder that cannot be used are removed with a warning, and the
+/// conversation is read afresh, answering as a cold read does: rows cut short, and another
+/// build's file (the binary after an upgrade). A file the server did not write stays.
+#[tokio::test]
+async fn cache_folder_files_that_cannot_be_used_are_removed_and_the_turn_read_afresh() {
+    let dir = common::temp_dir("cache-dir-bad");
+    let args = ["--parallel", "2", "--cache-dir", dir.to_str().unwrap()];
+    let s = Server::start(&args).await;
+    let ada = who_wrote("smollm2", "Ada");
+    let bob = who_wrote("smollm2", "Bob");
+    let a1 = s.chat(ada.clone()).await;
+    let b1 = s.chat(bob.clone()).await;
+    stop(s).await;
+    assert_eq!(kept_files(&dir), (2, 2));
+    let mut names: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .collect();
+    names.sort();
+    // One's rows are cut short; the other's say another build wrote them.
+    let rows = names
+        .iter()
+        .find(|p| p.extension().unwrap() == "seq")
+        .unwrap();
+    let bytes = std::fs::read(rows).unwrap();
+    std::fs::write(rows, &bytes[..bytes.len() / 2]).unwrap();
+    let meta = names
+        .iter()
+        .filter(|p| p.extension().unwrap() == "json")
+        .nth(1)
+        .unwrap();
+    let mut m: Value = serde_json::from_slice(&std::fs::read(meta).unwrap()).unwrap();
+    m["build"] = json!("0.0.1|an older backstop");
+    std::fs::write(meta, serde_json::to_vec(&m).unwrap()).unwrap();
+    std::fs::write(dir.join("notes.txt"), "the operator's own file").unwrap();
+
+    let s = Server::start(&args).await;
+    let log = s.log();
+    assert!(log.contains("cannot be read removed"), "{log}");
+    assert_eq!(kept_files(&dir), (0, 0));
+    assert!(dir.join("notes.txt").exists());
+    for (body, first, ask) in [(ada, a1, "A title?"), (bob, b1, "A subtitle?")] {
+        let mut next = continued(body, &answer(&first), ask);
+        let warm = s.chat(next.clone()).await;
+        // At most the chat template's first tokens, shared with the other conversation.
+        assert!(cached(&warm) < 16, "{warm}");
+        next["cache_prompt"] = json!(false);
+        assert_eq!(answer(&warm), answer(&s.chat(next).await));
+    }
+}
+
 /// A Gemma 3 conversation past its 512-token window comes back from host memory without the
 /// positions the window no longer sees, its sliding-window cells out of a cold read's order:
 /// a greedy follow-up reads it afresh and answers as a cold read does; a sampled one that

@@ -131,6 +131,9 @@ pub struct EngineDefaults {
     /// Bytes of host memory for conversations the slots gave up, shared by every loaded
     /// model (see [`crate::engine::PromptCache`]).
     pub cache_ram: usize,
+    /// The folder the prompt cache outlives the process in (`--cache-dir`): a stopping server
+    /// writes its models' kept conversations there and the next start reads them back.
+    pub cache_dir: Option<PathBuf>,
     /// Greedy and seeded answers are read again while idle, for the next turn to reuse.
     pub reread_answers: bool,
     /// Greedy and seeded requests reuse only rows a cold read computes alike.
@@ -528,6 +531,11 @@ impl Config {
             mlock: args.mlock || raw.server.mlock.unwrap_or(false),
             speculate,
             cache_ram: (cache_ram_mib as usize).saturating_mul(MIB),
+            cache_dir: match (&args.cache_dir, &raw.server.cache_dir) {
+                (Some(d), _) => Some(resolve_path(&d.to_string_lossy(), Path::new("."))),
+                (None, Some(d)) => Some(resolve_path(d, &base)),
+                (None, None) => None,
+            },
             reread_answers,
             exact_reuse,
         };
@@ -869,6 +877,7 @@ pub(crate) fn for_tests(path: &str) -> Config {
         mlock: false,
         speculate: 0,
         cache_ram: 0,
+        cache_dir: None,
         reread_answers: true,
         exact_reuse: true,
     };
@@ -1108,6 +1117,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("cache_ram"), "{err}");
+    }
+
+    #[test]
+    fn the_cache_folder_is_none_unless_named_and_resolves_as_other_paths_do() {
+        let model = "[models.a]\npath = \"model.gguf\"\n";
+        let folder = |cfg: Config| cfg.engine.cache_dir;
+        assert_eq!(folder(load_toml(model).unwrap()), None);
+        // Relative to models.toml, which the test writes into a folder of its own.
+        let file = format!("[server]\ncache_dir = \"prompts\"\n{model}");
+        let dir = folder(load_toml(&file).unwrap()).unwrap();
+        assert!(
+            dir.is_absolute() && dir.ends_with("prompts"),
+            "{}",
+            dir.display()
+        );
+        assert!(dir
+            .parent()
+            .unwrap()
+            .to_string_lossy()
+            .contains("backstop-cfg-"));
+        let flag = ServeArgs {
+            cache_dir: Some("/var/cache/backstop".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            folder(load_toml_with(&file, flag).unwrap()),
+            Some(PathBuf::from("/var/cache/backstop"))
+        );
+        let err = load_toml(&format!("[server]\ncache_dir = 3\n{model}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cache_dir"), "{err}");
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub(crate) struct RawServer {
     pub(crate) speculate: Option<u32>,
     /// MiB of host memory for conversations the slots gave up, all models together (0: none).
     pub(crate) cache_ram: Option<u32>,
+    /// The folder the prompt cache outlives the process in.
+    pub(crate) cache_dir: Option<String>,
     /// Greedy and seeded answers are read again while idle, for the next turn to reuse.
     pub(crate) reread_answers: Option<bool>,
     /// Greedy and seeded requests reuse only rows a cold read computes alike.

@@ -8,6 +8,7 @@ mod graphs;
 mod loader;
 mod lookup;
 mod metrics;
+mod persist;
 mod policy;
 pub mod probe;
 mod request;

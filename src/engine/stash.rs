@@ -179,6 +179,17 @@ impl<E> Shared<E> {
         }
     }
 
+    /// Keeps `entry`, which takes `bytes`, as one of `family`'s: a conversation read back
+    /// from the folder a stopped process wrote ([`super::persist`]). The oldest of any
+    /// family's make room, as for [`Tenant::keep`].
+    pub(crate) fn adopt(&self, family: &str, entry: E, bytes: usize) -> Outcome {
+        let entry = Owned {
+            family: family.into(),
+            entry,
+        };
+        lock(&self.inner).stash.keep(entry, bytes, |_, _| false)
+    }
+
     /// Keeps nothing more: the process is stopping, and the models that stop with it need not
     /// copy their slots out.
     pub(crate) fn close(&self) {
@@ -200,6 +211,11 @@ fn lock<E>(inner: &Mutex<Inner<E>>) -> MutexGuard<'_, Inner<E>> {
 }
 
 impl<E> Tenant<E> {
+    /// The family whose entries it sees.
+    pub(crate) fn family(&self) -> &str {
+        &self.family
+    }
+
     /// Whether it keeps anything: it may, and the process is not stopping.
     pub(crate) fn enabled(&self) -> bool {
         self.enabled && !lock(&self.inner).closed

@@ -4,6 +4,8 @@
 //! [`super::lookup`]), then a chunk of each pending prompt, then samples and streams.
 
 use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::session::{LlamaStateSeqFlags, SeqState};
@@ -21,6 +23,7 @@ use super::graphs;
 use super::loader::{self, ModelInfo};
 use super::lookup::{self, Record, RowCosts, Shadow};
 use super::metrics::{Charge, EngineMetrics};
+use super::persist::{Dir, Meta, Saved};
 use super::policy::{
     join_segments, place, plan_step, restore, restored_held, segment_starts, shared_prefix, Budget,
     CachedSlot, Grain, Held, Layout, Pace, Placement, Reuse, SlotState, StepPlan, Window,
@@ -131,7 +134,7 @@ pub(crate) fn engine_worker(
         mmap = options.mmap,
         mlock = options.mlock,
         speculate = if can_draft(&model) { options.speculate } else { 0 },
-        cache_ram_mib = if can_draft(&model) { cache.0.limit() >> 20 } else { 0 },
+        cache_ram_mib = if can_draft(&model) { cache.stash.limit() >> 20 } else { 0 },
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
@@ -142,9 +145,11 @@ pub(crate) fn engine_worker(
     // Recurrent and hybrid models keep a state that cannot be cut back to a prefix, so a kept
     // one would serve only the very same conversation; they keep none.
     let stash = cache
-        .0
+        .stash
         .tenant(&family(&options, size, fa, grain, &ctx), can_draft(&model));
-    Worker::new(backend, &model, ctx, &options, fa, bos_text, grain, stash).run(jobs);
+    let mut worker = Worker::new(backend, &model, ctx, &options, fa, bos_text, grain, stash);
+    worker.dir = cache.dir.clone();
+    worker.run(jobs);
     tracing::info!(model = %options.name, "engine stopped");
 }
 
@@ -183,37 +188,140 @@ fn can_draft(model: &LlamaModel) -> bool {
 }
 
 /// The prompt cache in host memory (`--cache-ram`, see [`super::stash`]), one for the whole
-/// process: every model loaded with it keeps the conversations its slots give up there.
+/// process: every model loaded with it keeps the conversations its slots give up there; with
+/// a folder (`--cache-dir`, see [`super::persist`]) they also outlive the process.
 #[derive(Clone)]
-pub struct PromptCache(Shared<Stashed>);
+pub struct PromptCache {
+    stash: Shared<Stashed>,
+    dir: Option<Arc<Dir>>,
+}
 
 impl PromptCache {
     /// A cache that holds at most `bytes` (0: nothing is kept), published as the
     /// `backstop_prompt_cache_limit_bytes` gauge.
     pub fn new(bytes: usize) -> Self {
         metrics::gauge!("backstop_prompt_cache_limit_bytes").set(bytes as f64);
-        Self(Shared::new(bytes))
+        Self {
+            stash: Shared::new(bytes),
+            dir: None,
+        }
     }
 
-    /// Keeps nothing more: the process is stopping, so the models stopping with it do not
-    /// copy their slots out.
-    pub fn close(&self) {
-        self.0.close();
+    /// [`Self::new`], with the conversations a stopped process wrote into `dir` read back
+    /// (the oldest dropped first past `bytes`, their files with them), and the models that
+    /// stop with this process writing theirs there. The folder is made if it is missing. With
+    /// `bytes` 0 nothing is kept and the folder is not touched.
+    pub fn with_dir(bytes: usize, dir: &Path) -> std::io::Result<Self> {
+        let mut cache = Self::new(bytes);
+        if bytes == 0 {
+            tracing::warn!(dir = %dir.display(), "--cache-dir keeps nothing with --cache-ram 0");
+            return Ok(cache);
+        }
+        let opened = Dir::open(dir)?;
+        // The cache is empty: what one drops to make room is one read before it.
+        let (mut read, mut held) = (0, 0);
+        for (meta, saved) in opened.read() {
+            read += 1;
+            let family = meta.family.clone();
+            let (entry, bytes) = Stashed::from_file(meta, saved);
+            let outcome = cache.stash.adopt(&family, entry, bytes);
+            held = held + usize::from(outcome.kept) - outcome.dropped;
+        }
+        tracing::info!(dir = %dir.display(), conversations = held, dropped = read - held,
+            "prompt cache: conversations written by the last process read back");
+        cache.dir = Some(opened);
+        Ok(cache)
+    }
+
+    /// The process is stopping. With a folder, the models that stop with it write the
+    /// conversations they keep there; without one they keep nothing, and so do not copy their
+    /// slots out.
+    pub fn stop(&self) {
+        match &self.dir {
+            Some(dir) => dir.stop(),
+            None => self.stash.close(),
+        }
+    }
+
+    /// Every model has stopped: the folder's files stay for the next start.
+    pub fn stopped(&self) {
+        if let Some(dir) = &self.dir {
+            dir.stopped();
+        }
+        self.stash.close();
     }
 }
 
-/// A slot's conversation kept in host memory: its sequence's rows as llama.cpp wrote them
-/// out, and what the slot knew of them.
+/// A slot's conversation kept for a later turn: its sequence's rows, and what the slot knew
+/// of them.
 struct Stashed {
     known: Known,
     /// What its sequence holds once copied back ([`restored_held`]).
     held: Held,
-    state: SeqState,
-    /// Its bytes in the model's gauge while it is kept.
-    _charge: Charge,
+    rows: Rows,
+}
+
+/// Where a kept conversation's rows are.
+enum Rows {
+    /// In host memory, as llama.cpp wrote them out; their bytes are in the model's gauge
+    /// while they are kept.
+    Memory(SeqState, Charge),
+    /// In the cache folder, written by a process that stopped.
+    File(Saved),
+}
+
+/// Bytes a kept conversation takes beside its rows: its tokens and what is known of them.
+fn known_bytes(known: &Known) -> usize {
+    let logits = known.end.as_ref().map_or(0, |e| e.logits.len());
+    (known.cached.len() + logits) * std::mem::size_of::<f32>()
+        + known.segments.starts.len() * std::mem::size_of::<usize>()
 }
 
 impl Stashed {
+    /// A conversation read back from the cache folder, and the bytes it counts for: its
+    /// rows' file, so the folder holds at most what the cache may.
+    fn from_file(meta: Meta, saved: Saved) -> (Self, usize) {
+        let known = Known {
+            cached: meta.tokens.into_iter().map(LlamaToken::new).collect(),
+            exact: meta.exact,
+            segments: Segments {
+                starts: meta.starts,
+                len: meta.segments,
+            },
+            end: None,
+        };
+        let bytes = usize::try_from(saved.bytes()).unwrap_or(usize::MAX);
+        let entry = Stashed {
+            held: Held {
+                first: meta.first,
+                end: meta.end,
+                ordered: meta.ordered,
+            },
+            rows: Rows::File(saved),
+            known,
+        };
+        let total = bytes.saturating_add(known_bytes(&entry.known));
+        (entry, total)
+    }
+
+    /// What is written beside its rows in the cache folder.
+    fn meta(&self, family: &str, model: &str) -> Meta {
+        Meta {
+            format: 0,
+            build: String::new(),
+            family: family.to_owned(),
+            model: model.to_owned(),
+            tokens: self.known.cached.iter().map(|t| t.0).collect(),
+            exact: self.known.exact,
+            starts: self.known.segments.starts.clone(),
+            segments: self.known.segments.len,
+            first: self.held.first,
+            end: self.held.end,
+            ordered: self.held.ordered,
+            bytes: 0,
+        }
+    }
+
     /// Whether it holds all `other` holds, as well read.
     fn covers(&self, other: &Stashed) -> bool {
         let (this, other) = (&self.known, &other.known);
@@ -451,6 +559,9 @@ struct Worker<'m> {
     reread: Option<Reread>,
     /// Conversations the slots gave up, kept in host memory (`--cache-ram`).
     stash: Tenant<Stashed>,
+    /// The cache folder the model writes its kept conversations into when the process stops
+    /// (`--cache-dir`).
+    dir: Option<Arc<Dir>>,
     /// The model's sliding window, whether or not its cache keeps only the window: a
     /// sequence copied out leaves out what is past it ([`restored_held`]).
     swa: Option<usize>,
@@ -535,6 +646,7 @@ impl<'m> Worker<'m> {
             bos_text,
             reread: None,
             stash,
+            dir: None,
             swa: loader::sliding_window(model),
             spare: Spare::new(options.threads),
             admissions: 0,
@@ -613,9 +725,70 @@ impl<'m> Worker<'m> {
         let kept = (0..self.slots.len())
             .filter(|&index| self.stash_slot(index, &[]))
             .count();
-        if kept > 0 {
+        if let Some(dir) = self.dir.clone().filter(|d| d.stopping()) {
+            let written = self.write_out(&dir);
+            tracing::info!(model = %self.name, conversations = written, dir = %dir.path().display(), "the model's conversations written for the next start");
+        } else if kept > 0 {
             tracing::info!(model = %self.name, conversations = kept, "the slots' conversations kept in host memory for the model's next load");
         }
+    }
+
+    /// Writes the model's conversations kept in host memory (its slots' among them, just
+    /// kept) into the cache folder as the process stops: each one's rows go back into the
+    /// first slot's sequence, and llama.cpp writes the sequence from there. Those written stay
+    /// in the cache as files; how many.
+    fn write_out(&mut self, dir: &Arc<Dir>) -> usize {
+        let Some(seq) = self.slots.first().map(|s| s.seq) else {
+            return 0;
+        };
+        let ids: Vec<u64> = self.stash.with_entries(|entries| {
+            entries
+                .iter()
+                .filter(|(_, e)| matches!(e.rows, Rows::Memory(..)))
+                .map(|&(id, _)| id)
+                .collect()
+        });
+        let mut written = 0;
+        for id in ids {
+            let Some(e) = self.stash.take(id) else {
+                continue;
+            };
+            let meta = e.meta(self.stash.family(), &self.name);
+            let Stashed { known, held, rows } = e;
+            let Rows::Memory(state, _charge) = rows else {
+                continue;
+            };
+            self.clear_seq(0);
+            let ctx = &mut self.ctx;
+            let saved = ctx
+                .state_seq_set(&state, seq)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    dir.write(meta, |path| {
+                        ctx.state_seq_save_file(path, seq, &known.cached)
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    })
+                });
+            match saved {
+                Ok(saved) => {
+                    let bytes = usize::try_from(saved.bytes()).unwrap_or(usize::MAX);
+                    let entry = Stashed {
+                        known: Known { end: None, ..known },
+                        held,
+                        rows: Rows::File(saved),
+                    };
+                    let bytes = bytes.saturating_add(known_bytes(&entry.known));
+                    written += usize::from(self.stash.keep(entry, bytes, Stashed::covers).kept);
+                }
+                Err(error) => {
+                    tracing::warn!(model = %self.name, dir = %dir.path().display(), error, "could not write a conversation into the cache folder");
+                }
+            }
+        }
+        self.clear_seq(0);
+        self.slots[0].truncate(0);
+        written
     }
 
     /// Tokenizes and checks every input of an embedding request before any of them is
@@ -1093,15 +1266,12 @@ impl<'m> Worker<'m> {
                 return false;
             }
         };
-        let logits = slot.end.as_ref().map_or(0, |e| e.logits.len());
-        let bytes = state.byte_len()
-            + (slot.cached.len() + logits) * std::mem::size_of::<f32>()
-            + slot.segments.starts.len() * std::mem::size_of::<usize>();
+        let known = slot.known();
+        let bytes = state.byte_len() + known_bytes(&known);
         let entry = Stashed {
-            known: slot.known(),
+            known,
             held,
-            state,
-            _charge: Charge::new(&self.metrics.cache_ram_bytes, bytes),
+            rows: Rows::Memory(state, Charge::new(&self.metrics.cache_ram_bytes, bytes)),
         };
         let tokens = entry.known.cached.len();
         let outcome = self.stash.keep(entry, bytes, Stashed::covers);
@@ -1119,11 +1289,26 @@ impl<'m> Worker<'m> {
         outcome.kept
     }
 
-    /// Copies kept conversation `e` back into slot `index`'s sequence; false if llama.cpp
-    /// refused (the slot is then empty).
+    /// Copies kept conversation `e` back into slot `index`'s sequence (from host memory, or
+    /// from its file, which goes once read); false if llama.cpp refused (the slot is then
+    /// empty).
     fn restore_slot(&mut self, e: Stashed, index: usize) -> bool {
         let seq = self.slots[index].seq;
-        let copied = self.ctx.state_seq_set(&e.state, seq);
+        let copied = match &e.rows {
+            Rows::Memory(state, _) => self
+                .ctx
+                .state_seq_set(state, seq)
+                .map_err(|e| e.to_string()),
+            Rows::File(saved) => self
+                .ctx
+                .state_seq_load_file(saved.rows(), seq, e.known.cached.len())
+                .map_err(|e| e.to_string())
+                .and_then(|(tokens, _)| {
+                    (tokens == e.known.cached)
+                        .then_some(())
+                        .ok_or_else(|| "its file holds other tokens".to_owned())
+                }),
+        };
         let held = self.held(&self.slots[index]);
         if copied.is_err() || held.end != e.known.cached.len() {
             tracing::warn!(

@@ -322,7 +322,7 @@ pub struct Models {
 
 impl Models {
     /// The catalogue of a configuration; nothing is loaded yet.
-    pub fn new(config: &Config) -> Arc<Models> {
+    pub fn new(config: &Config, prompt_cache: PromptCache) -> Arc<Models> {
         let mut configured = Vec::with_capacity(config.models.len());
         let mut names = HashMap::new();
         for (i, m) in config.models.iter().enumerate() {
@@ -338,7 +338,7 @@ impl Models {
             store: Store::new(config.store_dir.clone())
                 .with_check(crate::engine::probe::store_check(config.engine.gpu_layers)),
             engine_defaults: config.engine.clone(),
-            prompt_cache: PromptCache::new(config.engine.cache_ram),
+            prompt_cache,
             lifecycle: config.lifecycle.clone(),
             resident: Mutex::new(HashMap::new()),
             changed: Arc::new(Notify::new()),
@@ -826,7 +826,7 @@ impl Models {
 
     /// Stops every engine, letting each finish its work. Blocks: call from a blocking context.
     pub fn shutdown(&self) {
-        self.prompt_cache.close();
+        self.prompt_cache.stop();
         let all: Vec<Arc<Loaded>> = self
             .resident()
             .drain()
@@ -838,6 +838,7 @@ impl Models {
         for l in all {
             l.engine.shutdown();
         }
+        self.prompt_cache.stopped();
     }
 }
 
@@ -875,7 +876,10 @@ mod tests {
     /// failed, and the name is free for the next request to load again.
     #[tokio::test]
     async fn a_load_that_ends_without_an_outcome_fails_its_waiters_and_frees_the_name() {
-        let models = Models::new(&crate::config::for_tests("/nonexistent.gguf"));
+        let models = Models::new(
+            &crate::config::for_tests("/nonexistent.gguf"),
+            PromptCache::new(0),
+        );
         let (guard, mut rx) = loading(&models);
         let task = tokio::spawn(async move {
             let _guard = guard;

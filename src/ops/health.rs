@@ -77,7 +77,10 @@ mod tests {
     #[tokio::test]
     async fn readiness_is_503_until_the_models_are_preloaded_and_a_broken_model_is_a_500() {
         let state = AppState {
-            models: Models::new(&config("/nonexistent.gguf")),
+            models: Models::new(
+                &config("/nonexistent.gguf"),
+                crate::engine::PromptCache::new(0),
+            ),
             metrics: None,
             started_at: 0,
             router: std::sync::Arc::new(crate::router::Router::new(&Default::default()).unwrap()),
