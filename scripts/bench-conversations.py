@@ -28,9 +28,16 @@ With --unload, each backstop server unloads its model before every follow-up (Ol
 first: backstop keeps an unloading model's conversations in its host-memory cache for the
 next load. llama-server has no unload; it keeps its model loaded throughout.
 
+With --restart, every server is stopped (SIGTERM) and started again before every follow-up,
+as an upgrade or a reboot does, and the follow-up is sent once it is ready (its model
+loaded): backstop with a `--cache-dir` of its own (a fresh temporary folder per server),
+into which it writes its conversations as it stops and from which the next start reads them.
+llama-server keeps nothing across a restart (its `--slot-save-path` saves one slot at a time,
+when a client asks).
+
     ~/.cache/backstop/venv/bin/python scripts/bench-conversations.py [--model PATH] [--reps 5]
         [--conversations 4] [--parallel 2] [--history 1000] [--pause 0.5] [--max-tokens 32]
-        [--also "backstop --exact-reuse 0"] [--unload]
+        [--also "backstop --exact-reuse 0"] [--unload | --restart]
 
 Writes bench-results/conversations-<time>.json.
 """
@@ -42,8 +49,10 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -68,19 +77,28 @@ def main() -> int:
                     help='another server beside the four, e.g. "backstop --exact-reuse 0" (repeatable)')
     ap.add_argument("--unload", action="store_true",
                     help="backstop unloads its model before every follow-up (keep_alive 0)")
+    ap.add_argument("--restart", action="store_true",
+                    help="every server restarts before every follow-up; backstop with a --cache-dir")
     args = ap.parse_args()
+    if args.unload and args.restart:
+        ap.error("--unload and --restart are two different runs")
     kinds = SERVERS + [k for k in args.also if k not in SERVERS]
     if args.conversations <= args.parallel:
         ap.error("--conversations must be more than --parallel, or every conversation keeps a slot")
     model = pathlib.Path(args.model)
     backstop, llama_server, peer_version, template = peers.backstop_and_llama_server(model)
 
+    folders = pathlib.Path(tempfile.mkdtemp(prefix="bench-conversations-"))
+
     def start(kind: str) -> peers.Server:
         binary = backstop if kind.startswith("backstop") else llama_server
+        extra = kind.split()[1:]
+        if args.restart and kind.startswith("backstop"):
+            extra += ["--cache-dir", str(folders / kind.replace(" ", ""))]
         return peers.serve_side_by_side(kind, binary, model, args.threads, args.parallel, args.ctx, template,
-                                        kind.split()[1:])
+                                        extra)
 
-    def run(kind: str, url: str, tag: str) -> dict[str, list[float]]:
+    def run(kind: str, tag: str) -> dict[str, list[float]]:
         """Every conversation's turns, round the conversations: first-turn and follow-up TTFTs."""
         chats = [[{"role": "user", "content": peers.history(args.history, f"{tag} {c} {os.urandom(3).hex()}")
                    + "\nSummarize my notes."}] for c in range(args.conversations)]
@@ -91,29 +109,33 @@ def main() -> int:
                     messages.append({"role": "user", "content": FOLLOW_UPS[turn - 1]})
                 time.sleep(args.pause)
                 if turn and args.unload and kind.startswith("backstop"):
-                    unload(url)
-                out = peers.stream(url, messages, args.max_tokens)
+                    unload(servers[kind].url)
+                if turn and args.restart:
+                    servers[kind].stop()
+                    servers[kind] = start(kind)
+                out = peers.stream(servers[kind].url, messages, args.max_tokens)
                 messages.append({"role": "assistant", "content": out["text"]})
                 (follow if turn else first).append(out["ttft_ms"])
         if kind.startswith("backstop"):
-            peers.settle(url)
+            peers.settle(servers[kind].url)
         return {"first": first, "follow": follow}
 
     runs: dict[str, list[dict[str, list[float]]]] = {k: [] for k in kinds}
     peers.log(f"==> starting the {len(kinds)} servers")
     servers = {kind: start(kind) for kind in kinds}
     try:
-        for kind, s in servers.items():
+        for kind in kinds:
             peers.log(f"==> warm-up: {kind}")
-            run(kind, s.url, "warm-up")
+            run(kind, "warm-up")
         for rep in range(args.reps):
             order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
             peers.log(f"==> rep {rep + 1}/{args.reps}")
             for kind in order:
-                runs[kind].append(run(kind, servers[kind].url, str(rep)))
+                runs[kind].append(run(kind, str(rep)))
     finally:
         for s in servers.values():
             s.stop()
+        shutil.rmtree(folders, ignore_errors=True)
 
     def median(kind: str, what: str) -> float:
         return statistics.median(t for rep in runs[kind] for t in rep[what])
@@ -126,6 +148,7 @@ def main() -> int:
           f"{args.conversations} conversations on {args.parallel} slots, ~{args.history}-token history, "
           f"{TURNS} turns of {args.max_tokens} tokens (greedy), {args.pause} s before each request; "
           f"{'backstop unloads its model before each follow-up; ' if args.unload else ''}"
+          f"{'every server restarts before each follow-up (backstop with --cache-dir); ' if args.restart else ''}"
           f"median of {args.reps} rotated runs; llama-server {peer_version}\n")
     print("| server | first turn TTFT ms | follow-up TTFT ms | follow-up vs llama-server (min-max per run) |")
     print("| --- | --- | --- | --- |")
@@ -139,7 +162,7 @@ def main() -> int:
     path.write_text(json.dumps({"machine": machine, "model": str(model), "peer_version": peer_version,
                                 "conversations": args.conversations, "parallel": args.parallel,
                                 "history": args.history, "pause_s": args.pause, "max_tokens": args.max_tokens,
-                                "reps": args.reps, "unload": args.unload, "follow_ups": FOLLOW_UPS, "median_ttft_ms": fig,
+                                "reps": args.reps, "unload": args.unload, "restart": args.restart, "follow_ups": FOLLOW_UPS, "median_ttft_ms": fig,
                                 "ratio_vs_llama_server": ratios, "runs": runs}, indent=1))
     print(f"\n{path}")
     return 0
