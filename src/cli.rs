@@ -827,9 +827,9 @@ pub struct ServeArgs {
     /// or a quarter of the memory the machine or its container has, where that is less].
     #[arg(long, env = "BACKSTOP_CACHE_RAM", value_name = "MIB")]
     pub cache_ram: Option<u32>,
-    /// A folder the prompt cache outlives a restart in: a stopping server writes the
-    /// conversations its loaded models keep (their slots' and those in --cache-ram) there, and
-    /// the next start reads them back, so a conversation's next turn copies its history back
+    /// A folder the prompt cache outlives a restart in: a model that stops (it unloads, or the
+    /// server stops) writes the conversations it keeps (its slots' and those in --cache-ram)
+    /// there, and its next load or the next start reads them back, so a conversation's next turn copies its history back
     /// instead of reading it again. A file is good for the build that wrote it and the same
     /// model file and settings; they count against --cache-ram, and go once read back
     /// [default: none, nothing outlives the process].

@@ -819,7 +819,7 @@ async fn conversations_outlive_a_restart_in_the_cache_folder_as_far_as_the_cache
     let b1 = s.chat(bob.clone()).await;
     let log = stop(s).await;
     assert!(
-        log.contains("written for the next start") && log.contains("conversations=2"),
+        log.contains("written to the cache folder") && log.contains("conversations=2"),
         "{log}"
     );
     assert_eq!(kept_files(&dir), (2, 2));
@@ -846,14 +846,51 @@ async fn conversations_outlive_a_restart_in_the_cache_folder_as_far_as_the_cache
         "{log}"
     );
     assert_eq!(kept_files(&dir), (1, 1));
+    let file_bytes = "backstop_prompt_cache_file_bytes{model=\"smollm2:latest\"}";
+    assert!(s.metric(file_bytes).await >= (biggest * 9 / 10) as f64);
     let next = continued(bob, &answer(&b1), "Now give them a title.");
     reused_and_answered_as_cold(&s, next, &b1).await;
     assert_eq!(kept_files(&dir), (0, 0), "taken back, its files are gone");
+    assert_eq!(s.metric(file_bytes).await, 0.0);
     let mut next = continued(ada, &answer(&a1), "Now give them a title.");
     let warm = s.chat(next.clone()).await;
     assert!(cached(&warm) < 16, "{warm}");
     next["cache_prompt"] = json!(false);
     assert_eq!(answer(&warm), answer(&s.chat(next).await));
+}
+
+/// With `--cache-dir`, a model that unloads writes what it keeps into the folder (its host
+/// memory freed), and its next load reads it back from there: the conversation's next turn
+/// reuses its history and answers as a cold read does.
+#[tokio::test]
+async fn an_unloading_model_writes_its_conversations_to_the_cache_folder_and_reads_them_back() {
+    let dir = common::temp_dir("cache-dir-unload");
+    let s = Server::start(&["--parallel", "1", "--cache-dir", dir.to_str().unwrap()]).await;
+    let body = who_wrote("smollm2", "Ada");
+    let first = s.chat(body.clone()).await;
+    let (status, r) = s
+        .post(
+            "/api/generate",
+            &json!({"model": "smollm2", "keep_alive": 0}),
+        )
+        .await;
+    assert_eq!(
+        (status, r["done_reason"].as_str()),
+        (200, Some("unload")),
+        "{r}"
+    );
+    assert_eq!(kept_files(&dir), (1, 1));
+    let gauge = |name: &str| format!("backstop_prompt_cache_{name}{{model=\"smollm2:latest\"}}");
+    assert_eq!(
+        s.metric(&gauge("bytes")).await,
+        0.0,
+        "nothing left in host memory"
+    );
+    assert!(s.metric(&gauge("file_bytes")).await > 0.0);
+    let next = continued(body, &answer(&first), "Now give them a title.");
+    reused_and_answered_as_cold(&s, next, &first).await;
+    assert_eq!(kept_files(&dir), (0, 0), "read back, its files are gone");
+    assert_eq!(s.metric(&gauge("file_bytes")).await, 0.0);
 }
 
 /// A cache folder that cannot be made stops the server before it listens, naming it.

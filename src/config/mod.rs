@@ -131,8 +131,9 @@ pub struct EngineDefaults {
     /// Bytes of host memory for conversations the slots gave up, shared by every loaded
     /// model (see [`crate::engine::PromptCache`]).
     pub cache_ram: usize,
-    /// The folder the prompt cache outlives the process in (`--cache-dir`): a stopping server
-    /// writes its models' kept conversations there and the next start reads them back.
+    /// The folder the prompt cache outlives the process in (`--cache-dir`): a model that stops
+    /// (it unloads, or the server stops) writes its kept conversations there, and its next
+    /// load or the next start reads them back.
     pub cache_dir: Option<PathBuf>,
     /// Greedy and seeded answers are read again while idle, for the next turn to reuse.
     pub reread_answers: bool,

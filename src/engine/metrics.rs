@@ -35,6 +35,9 @@ pub(crate) struct EngineMetrics {
     /// Bytes of the model's conversations kept in host memory (`--cache-ram`): see
     /// [`Charge`].
     pub(crate) cache_ram_bytes: Gauge,
+    /// Bytes of the model's conversations kept in the cache folder (`--cache-dir`), read
+    /// back at start or written as the process stops: see [`Charge`].
+    pub(crate) cache_file_bytes: Gauge,
     /// Conversations a slot gave up that were copied into host memory.
     pub(crate) cache_ram_saves: Counter,
     /// Tokens whose KV rows were copied back from host memory instead of read again.
@@ -62,6 +65,7 @@ impl EngineMetrics {
             draft_accepted: counter!("backstop_draft_accepted_tokens_total", labels),
             reread_tokens: counter!("backstop_reread_tokens_total", labels),
             cache_ram_bytes: gauge!("backstop_prompt_cache_bytes", labels),
+            cache_file_bytes: gauge!("backstop_prompt_cache_file_bytes", labels),
             cache_ram_saves: counter!("backstop_prompt_cache_saves_total", labels),
             cache_ram_restored_tokens: counter!(
                 "backstop_prompt_cache_restored_tokens_total",

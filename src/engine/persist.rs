@@ -1,8 +1,10 @@
-//! The prompt cache across a restart (`--cache-dir`): a stopping process writes the
-//! conversations its loaded models keep (their slots' and those in host memory) into a folder,
-//! and the next start reads the list back, so a conversation's next turn after a restart (an
-//! upgrade, a reboot, a crash once they were written) copies its rows back instead of reading
-//! its history again. llama.cpp's server saves and restores one slot at a time on request
+//! The prompt cache across a restart (`--cache-dir`): a model that stops (it unloads, or the
+//! process stops) writes the conversations it keeps (its slots' and those in host memory) into
+//! a folder, and the next start reads the list back, so a conversation's next turn after a
+//! restart (an upgrade, a reboot, a crash once they were written) copies its rows back instead
+//! of reading its history again. An unloading model writes too, since once it is unloaded it
+//! could not write them as the process stops (only a model's own context can: llama.cpp's
+//! rows are opaque); its next load reads them back from the folder. llama.cpp's server saves and restores one slot at a time on request
 //! (`--slot-save-path`); Ollama keeps nothing.
 //!
 //! Each conversation is two files with one name: `NAME.seq`, its rows and tokens as llama.cpp
@@ -35,8 +37,6 @@ const PART: &str = "part";
 /// The folder, shared by every entry read from or written to it.
 pub(crate) struct Dir {
     path: PathBuf,
-    /// The process is stopping: its models write what they keep here as they stop.
-    stopping: AtomicBool,
     /// The process has stopped: entries dropped from now on keep their files.
     stopped: AtomicBool,
     /// Names written by this process, after the time.
@@ -51,7 +51,7 @@ pub(crate) struct Meta {
     pub(crate) build: String,
     /// The model family it belongs to (`worker::family`).
     pub(crate) family: String,
-    /// The model's name when it was written, for the log.
+    /// The model's name when it was written, for whoever looks into the folder.
     pub(crate) model: String,
     pub(crate) tokens: Vec<i32>,
     /// Leading tokens read as a cold read reads them.
@@ -90,9 +90,14 @@ pub(crate) fn build() -> &'static str {
 }
 
 impl Dir {
-    /// The folder at `path`, made if it is missing; files left half written are removed.
+    /// The folder at `path`, made if it is missing (readable by this user only: the files
+    /// hold the conversations' tokens, so their text); files left half written are removed.
     pub(crate) fn open(path: &Path) -> io::Result<Arc<Dir>> {
-        fs::create_dir_all(path)?;
+        let mut builder = fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(path)?;
         for file in fs::read_dir(path)? {
             let name = file?.file_name();
             if ours(&name.to_string_lossy()).is_some_and(|(_, ext)| ext.ends_with(PART)) {
@@ -101,7 +106,6 @@ impl Dir {
         }
         Ok(Arc::new(Dir {
             path: path.to_path_buf(),
-            stopping: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             written: AtomicU64::new(0),
         }))
@@ -227,15 +231,6 @@ impl Dir {
         Ok(saved)
     }
 
-    /// The process is stopping: its models write their conversations as they stop.
-    pub(crate) fn stop(&self) {
-        self.stopping.store(true, Ordering::Release);
-    }
-
-    pub(crate) fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
-    }
-
     /// Every model has stopped: what is in the folder now stays for the next start.
     pub(crate) fn stopped(&self) {
         self.stopped.store(true, Ordering::Release);
@@ -347,11 +342,16 @@ mod tests {
     fn conversations_written_by_a_stopped_process_are_read_back_oldest_first() {
         let path = folder("round");
         let dir = Dir::open(&path).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+        }
         let a = dir.write(meta(&[1, 2, 3]), rows(b"rows of a")).unwrap();
         let b = dir.write(meta(&[4, 5]), rows(b"b")).unwrap();
         assert_eq!((a.bytes(), b.bytes()), (9, 1));
         assert_eq!(fs::read(a.rows()).unwrap(), b"rows of a");
-        dir.stop();
         dir.stopped();
         drop((a, b));
         assert_eq!(files(&path).len(), 4, "a stopped process leaves its files");

@@ -234,12 +234,11 @@ impl PromptCache {
     }
 
     /// The process is stopping. With a folder, the models that stop with it write the
-    /// conversations they keep there; without one they keep nothing, and so do not copy their
-    /// slots out.
+    /// conversations they keep there, as an unloading model does; without one they keep
+    /// nothing, and so do not copy their slots out.
     pub fn stop(&self) {
-        match &self.dir {
-            Some(dir) => dir.stop(),
-            None => self.stash.close(),
+        if self.dir.is_none() {
+            self.stash.close();
         }
     }
 
@@ -259,14 +258,15 @@ struct Stashed {
     /// What its sequence holds once copied back ([`restored_held`]).
     held: Held,
     rows: Rows,
+    /// Its bytes in the model's gauge of where its rows are, while it is kept.
+    _charge: Charge,
 }
 
 /// Where a kept conversation's rows are.
 enum Rows {
-    /// In host memory, as llama.cpp wrote them out; their bytes are in the model's gauge
-    /// while they are kept.
-    Memory(SeqState, Charge),
-    /// In the cache folder, written by a process that stopped.
+    /// In host memory, as llama.cpp wrote them out.
+    Memory(SeqState),
+    /// In the cache folder.
     File(Saved),
 }
 
@@ -279,8 +279,11 @@ fn known_bytes(known: &Known) -> usize {
 
 impl Stashed {
     /// A conversation read back from the cache folder, and the bytes it counts for: its
-    /// rows' file, so the folder holds at most what the cache may.
+    /// rows' file, so the folder holds at most what the cache may. Its bytes are counted in
+    /// the file gauge of the model that wrote it.
     fn from_file(meta: Meta, saved: Saved) -> (Self, usize) {
+        let gauge =
+            metrics::gauge!("backstop_prompt_cache_file_bytes", "model" => meta.model.clone());
         let known = Known {
             cached: meta.tokens.into_iter().map(LlamaToken::new).collect(),
             exact: meta.exact,
@@ -290,7 +293,9 @@ impl Stashed {
             },
             end: None,
         };
-        let bytes = usize::try_from(saved.bytes()).unwrap_or(usize::MAX);
+        let bytes = usize::try_from(saved.bytes())
+            .unwrap_or(usize::MAX)
+            .saturating_add(known_bytes(&known));
         let entry = Stashed {
             held: Held {
                 first: meta.first,
@@ -298,10 +303,10 @@ impl Stashed {
                 ordered: meta.ordered,
             },
             rows: Rows::File(saved),
+            _charge: Charge::new(&gauge, bytes),
             known,
         };
-        let total = bytes.saturating_add(known_bytes(&entry.known));
-        (entry, total)
+        (entry, bytes)
     }
 
     /// What is written beside its rows in the cache folder.
@@ -721,22 +726,27 @@ impl<'m> Worker<'m> {
             }
             self.step(plan);
         }
-        // The model unloads: what its slots hold is kept for its next load.
+        // The model unloads, or the process stops: what its slots hold is kept for its next
+        // load. With a cache folder, all it keeps goes there, for its next load or the next
+        // start (once unloaded, the model could not write its conversations as the process
+        // stops).
         let kept = (0..self.slots.len())
             .filter(|&index| self.stash_slot(index, &[]))
             .count();
-        if let Some(dir) = self.dir.clone().filter(|d| d.stopping()) {
+        if let Some(dir) = self.dir.clone() {
             let written = self.write_out(&dir);
-            tracing::info!(model = %self.name, conversations = written, dir = %dir.path().display(), "the model's conversations written for the next start");
+            tracing::info!(model = %self.name, conversations = written, dir = %dir.path().display(), "the model's conversations written to the cache folder, for its next load or the next start");
         } else if kept > 0 {
             tracing::info!(model = %self.name, conversations = kept, "the slots' conversations kept in host memory for the model's next load");
         }
     }
 
     /// Writes the model's conversations kept in host memory (its slots' among them, just
-    /// kept) into the cache folder as the process stops: each one's rows go back into the
-    /// first slot's sequence, and llama.cpp writes the sequence from there. Those written stay
-    /// in the cache as files; how many.
+    /// kept) into the cache folder as the model stops: each one's rows go back into the first
+    /// slot's sequence, and llama.cpp writes the sequence from there. Those written stay in
+    /// the cache as files, and their host memory is freed; how many.
+    /// The process may go on (the model unloads) or be stopping; either way the model
+    /// cannot write them later.
     fn write_out(&mut self, dir: &Arc<Dir>) -> usize {
         let Some(seq) = self.slots.first().map(|s| s.seq) else {
             return 0;
@@ -744,7 +754,7 @@ impl<'m> Worker<'m> {
         let ids: Vec<u64> = self.stash.with_entries(|entries| {
             entries
                 .iter()
-                .filter(|(_, e)| matches!(e.rows, Rows::Memory(..)))
+                .filter(|(_, e)| matches!(e.rows, Rows::Memory(_)))
                 .map(|&(id, _)| id)
                 .collect()
         });
@@ -754,8 +764,10 @@ impl<'m> Worker<'m> {
                 continue;
             };
             let meta = e.meta(self.stash.family(), &self.name);
-            let Stashed { known, held, rows } = e;
-            let Rows::Memory(state, _charge) = rows else {
+            let Stashed {
+                known, held, rows, ..
+            } = e;
+            let Rows::Memory(state) = rows else {
                 continue;
             };
             self.clear_seq(0);
@@ -772,13 +784,16 @@ impl<'m> Worker<'m> {
                 });
             match saved {
                 Ok(saved) => {
-                    let bytes = usize::try_from(saved.bytes()).unwrap_or(usize::MAX);
+                    let known = Known { end: None, ..known };
+                    let bytes = usize::try_from(saved.bytes())
+                        .unwrap_or(usize::MAX)
+                        .saturating_add(known_bytes(&known));
                     let entry = Stashed {
-                        known: Known { end: None, ..known },
+                        known,
                         held,
                         rows: Rows::File(saved),
+                        _charge: Charge::new(&self.metrics.cache_file_bytes, bytes),
                     };
-                    let bytes = bytes.saturating_add(known_bytes(&entry.known));
                     written += usize::from(self.stash.keep(entry, bytes, Stashed::covers).kept);
                 }
                 Err(error) => {
@@ -1271,7 +1286,8 @@ impl<'m> Worker<'m> {
         let entry = Stashed {
             known,
             held,
-            rows: Rows::Memory(state, Charge::new(&self.metrics.cache_ram_bytes, bytes)),
+            rows: Rows::Memory(state),
+            _charge: Charge::new(&self.metrics.cache_ram_bytes, bytes),
         };
         let tokens = entry.known.cached.len();
         let outcome = self.stash.keep(entry, bytes, Stashed::covers);
@@ -1295,7 +1311,7 @@ impl<'m> Worker<'m> {
     fn restore_slot(&mut self, e: Stashed, index: usize) -> bool {
         let seq = self.slots[index].seq;
         let copied = match &e.rows {
-            Rows::Memory(state, _) => self
+            Rows::Memory(state) => self
                 .ctx
                 .state_seq_set(state, seq)
                 .map_err(|e| e.to_string()),
