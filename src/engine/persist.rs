@@ -4,8 +4,8 @@
 //! restart (an upgrade, a reboot, a crash once they were written) copies its rows back instead
 //! of reading its history again. An unloading model writes too, since once it is unloaded it
 //! could not write them as the process stops (only a model's own context can: llama.cpp's
-//! rows are opaque); its next load reads them back from the folder. llama.cpp's server saves and restores one slot at a time on request
-//! (`--slot-save-path`); Ollama keeps nothing.
+//! rows are opaque); its next load reads them back from the folder. llama.cpp's server saves
+//! and restores one slot at a time on request (`--slot-save-path`); Ollama keeps nothing.
 //!
 //! Each conversation is two files with one name: `NAME.seq`, its rows and tokens as llama.cpp
 //! writes a sequence (`llama_state_seq_save_file`), and `NAME.json`, what the worker knows of
@@ -67,7 +67,8 @@ pub(crate) struct Meta {
     pub(crate) bytes: u64,
 }
 
-/// A conversation in the folder: removed when dropped, unless the process has stopped.
+/// A conversation in the folder: removed when dropped (taken back into a slot, or dropped by
+/// the cache), unless the process has stopped or is ending.
 pub(crate) struct Saved {
     dir: Arc<Dir>,
     name: String,

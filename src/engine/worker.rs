@@ -192,8 +192,21 @@ fn can_draft(model: &LlamaModel) -> bool {
 /// a folder (`--cache-dir`, see [`super::persist`]) they also outlive the process.
 #[derive(Clone)]
 pub struct PromptCache {
+    /// Dropped with the last clone, before the stash (fields are dropped in order): the
+    /// process is ending, cleanly or not (an error before it served, a panic), and the
+    /// folder's files stay for the next start, whatever drops their entries now.
+    _ending: Option<Arc<Ending>>,
     stash: Shared<Stashed>,
     dir: Option<Arc<Dir>>,
+}
+
+/// See [`PromptCache`]'s first field.
+struct Ending(Arc<Dir>);
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        self.0.stopped();
+    }
 }
 
 impl PromptCache {
@@ -202,6 +215,7 @@ impl PromptCache {
     pub fn new(bytes: usize) -> Self {
         metrics::gauge!("backstop_prompt_cache_limit_bytes").set(bytes as f64);
         Self {
+            _ending: None,
             stash: Shared::new(bytes),
             dir: None,
         }
@@ -229,6 +243,7 @@ impl PromptCache {
         }
         tracing::info!(dir = %dir.display(), conversations = held, dropped = read - held,
             "prompt cache: conversations written by the last process read back");
+        cache._ending = Some(Arc::new(Ending(Arc::clone(&opened))));
         cache.dir = Some(opened);
         Ok(cache)
     }
@@ -2044,6 +2059,59 @@ fn prefill_chunk(configured: Option<u32>, on_gpu: bool, batch_size: usize) -> us
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A conversation as a stopped process left it in `dir`: `rows` bytes of rows.
+    fn written(dir: &Path, tokens: i32, rows: usize) {
+        let opened = Dir::open(dir).unwrap();
+        let meta = Meta {
+            format: 0,
+            build: String::new(),
+            family: "m.gguf|f16".into(),
+            model: "m".into(),
+            tokens: (0..tokens).collect(),
+            exact: 0,
+            starts: vec![0],
+            segments: 0,
+            first: 0,
+            end: tokens as usize,
+            ordered: true,
+            bytes: 0,
+        };
+        let saved = opened
+            .write(meta, |p| {
+                std::fs::write(p, vec![0u8; rows]).map_err(|e| e.to_string())
+            })
+            .unwrap();
+        opened.stopped();
+        drop(saved);
+    }
+
+    fn files(dir: &Path) -> usize {
+        std::fs::read_dir(dir).unwrap().count()
+    }
+
+    #[test]
+    fn a_cache_folder_keeps_its_files_when_the_process_ends_however_it_ends() {
+        let dir = std::env::temp_dir().join(format!("backstop-ending-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        written(&dir, 8, 1000);
+        written(&dir, 8, 1000);
+        assert_eq!(files(&dir), 4);
+        // Ended without a clean stop (an error before it served, a panic): the files stay.
+        let cache = PromptCache::with_dir(1 << 20, &dir).unwrap();
+        let clone = cache.clone();
+        drop(cache);
+        drop(clone);
+        assert_eq!(files(&dir), 4);
+        // While it runs, the limit drops the older conversation, and its files with it.
+        let cache = PromptCache::with_dir(1500, &dir).unwrap();
+        assert_eq!(files(&dir), 2);
+        cache.stop();
+        cache.stopped();
+        drop(cache);
+        assert_eq!(files(&dir), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn the_chunk_cap_is_the_configured_one_else_the_batch_on_a_gpu_and_128_on_a_cpu() {

@@ -321,7 +321,8 @@ pub struct Models {
 }
 
 impl Models {
-    /// The catalogue of a configuration; nothing is loaded yet.
+    /// The catalogue of a configuration, whose models keep their conversations in
+    /// `prompt_cache`; nothing is loaded yet.
     pub fn new(config: &Config, prompt_cache: PromptCache) -> Arc<Models> {
         let mut configured = Vec::with_capacity(config.models.len());
         let mut names = HashMap::new();
