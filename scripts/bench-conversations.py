@@ -94,7 +94,7 @@ def main() -> int:
         binary = backstop if kind.startswith("backstop") else llama_server
         extra = kind.split()[1:]
         if args.restart and kind.startswith("backstop"):
-            extra += ["--cache-dir", str(folders / kind.replace(" ", ""))]
+            extra += ["--cache-dir", str(folders / kind.replace(" ", "").replace("/", "_"))]
         return peers.serve_side_by_side(kind, binary, model, args.threads, args.parallel, args.ctx, template,
                                         extra)
 

@@ -347,7 +347,7 @@ def serve_side_by_side(kind: str, binary: pathlib.Path, model: pathlib.Path, thr
     same threads, slots, per-slot context and chat template, flash attention as backstop's CPU
     default (off; BACKSTOP_FLASH_ATTENTION=1 turns it on for both), plus `extra` arguments."""
     port = free_port()
-    name = kind.replace(" ", "")
+    name = kind.replace(" ", "").replace("/", "_")  # a name for its log file, whatever paths it has
     if kind.startswith("backstop"):
         argv = [str(binary), "serve", "--host", f"127.0.0.1:{port}", "--model", f"m={model}",
                 "--threads", str(threads), "--parallel", str(parallel), "--ctx", str(ctx), *extra]
