@@ -762,6 +762,16 @@ async fn reused_and_answered_as_cold(s: &Server, mut body: Value, before: &Value
     assert_eq!(answer(&warm), answer(&cold));
 }
 
+/// Sends `body`, a conversation's next turn, and checks that it reads the conversation afresh
+/// (reusing at most the chat template's first tokens, which any conversation shares) and
+/// answers as the same request read cold does.
+async fn read_afresh_and_answered_as_cold(s: &Server, mut body: Value) {
+    let warm = s.chat(body.clone()).await;
+    assert!(cached(&warm) < 16, "{warm}");
+    body["cache_prompt"] = json!(false);
+    assert_eq!(answer(&warm), answer(&s.chat(body).await));
+}
+
 /// A model unloaded to make room for another (`--max-loaded 1`) keeps its slot's
 /// conversation in host memory: when it is loaded again, that conversation's next turn reads
 /// only its own part, and answers as a cold read does.
@@ -852,11 +862,8 @@ async fn conversations_outlive_a_restart_in_the_cache_folder_as_far_as_the_cache
     reused_and_answered_as_cold(&s, next, &b1).await;
     assert_eq!(kept_files(&dir), (0, 0), "taken back, its files are gone");
     assert_eq!(s.metric(file_bytes).await, 0.0);
-    let mut next = continued(ada, &answer(&a1), "Now give them a title.");
-    let warm = s.chat(next.clone()).await;
-    assert!(cached(&warm) < 16, "{warm}");
-    next["cache_prompt"] = json!(false);
-    assert_eq!(answer(&warm), answer(&s.chat(next).await));
+    let next = continued(ada, &answer(&a1), "Now give them a title.");
+    read_afresh_and_answered_as_cold(&s, next).await;
 }
 
 /// With `--cache-dir`, a model that unloads writes what it keeps into the folder (its host
@@ -963,12 +970,7 @@ async fn cache_folder_files_that_cannot_be_used_are_removed_and_the_turn_read_af
     assert_eq!(kept_files(&dir), (0, 0));
     assert!(dir.join("notes.txt").exists());
     for (body, first, ask) in [(ada, a1, "A title?"), (bob, b1, "A subtitle?")] {
-        let mut next = continued(body, &answer(&first), ask);
-        let warm = s.chat(next.clone()).await;
-        // At most the chat template's first tokens, shared with the other conversation.
-        assert!(cached(&warm) < 16, "{warm}");
-        next["cache_prompt"] = json!(false);
-        assert_eq!(answer(&warm), answer(&s.chat(next).await));
+        read_afresh_and_answered_as_cold(&s, continued(body, &answer(&first), ask)).await;
     }
 }
 
