@@ -900,7 +900,8 @@ async fn an_unloading_model_writes_its_conversations_to_the_cache_folder_and_rea
     assert_eq!(s.metric(&gauge("file_bytes")).await, 0.0);
 }
 
-/// A cache folder that cannot be made stops the server before it listens, naming it.
+/// A cache folder that cannot be made stops the server at start, before it serves anything,
+/// naming it.
 #[tokio::test]
 async fn a_cache_folder_that_cannot_be_made_is_refused_at_start() {
     let dir = common::temp_dir("cache-dir-file");
