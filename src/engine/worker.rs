@@ -761,7 +761,10 @@ impl<'m> Worker<'m> {
     /// slot's sequence, and llama.cpp writes the sequence from there. Those written stay in
     /// the cache as files, and their host memory is freed; how many.
     /// The process may go on (the model unloads) or be stopping; either way the model
-    /// cannot write them later.
+    /// cannot write them later. The slots' conversations go through host memory too, though
+    /// llama.cpp could write them straight from their sequences: the folder is read back
+    /// oldest first, and those kept in memory are older, so they must be written first, which
+    /// takes a sequence, and every slot's holds a conversation not yet written.
     fn write_out(&mut self, dir: &Arc<Dir>) -> usize {
         let Some(seq) = self.slots.first().map(|s| s.seq) else {
             return 0;
