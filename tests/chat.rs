@@ -975,39 +975,105 @@ async fn cache_folder_files_that_cannot_be_used_are_removed_and_the_turn_read_af
     }
 }
 
-/// A Gemma 3 conversation past its 512-token window comes back from host memory without the
-/// positions the window no longer sees, its sliding-window cells out of a cold read's order:
-/// a greedy follow-up reads it afresh and answers as a cold read does; a sampled one that
-/// reads on from all of it (here, from the greedy turn, kept in its turn) reuses it.
+/// The server's log with each prompt's last logits in it (a digest of their bits).
+const LOGITS_LOG: (&str, &str) = (
+    "BACKSTOP_LOG",
+    "info,llama-cpp-2=warn,backstop::engine::worker=debug",
+);
+
+/// The digests of the last logits of each prompt of `tokens` tokens in `log`, in order.
+fn logits_of(log: &str, tokens: u64) -> Vec<String> {
+    let prompt = format!(" prompt={tokens} ");
+    log.lines()
+        .filter(|l| l.contains("a prompt's last logits") && l.contains(&prompt))
+        .filter_map(|l| l.split(" logits=").nth(1))
+        .map(|d| d.split_whitespace().next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// A Gemma 3 chat: `who`'s notes of `n` phrases and a request for a summary.
+fn gemma_notes(who: &str, n: usize) -> Value {
+    let notes = lighthouse_notes(n);
+    json!([{"role": "user", "content": format!("{who} wrote this. {notes}\nSummarize my notes.")}])
+}
+
+/// `first` (the chat that `r1` answered) with that answer and a question after it.
+fn gemma_follow_up(first: &Value, r1: &Value, ask: &str) -> Value {
+    json!([first[0], {"role": "assistant", "content": answer(r1)}, {"role": "user", "content": ask}])
+}
+
+/// Sends greedy `follow` on Gemma 3, the next turn of the chat `r1` answered, and checks that
+/// it reuses that chat (all but the few tokens of its last segment that a cold read of the
+/// follow-up reads otherwise) and that its prompt's last logits are, to the bit, those of the
+/// same request read cold.
+async fn gemma_reused_to_the_bit(s: &Server, follow: &Value, r1: &Value) {
+    let warm = s.chat(gemma_chat(follow, 0.0, true, 8)).await;
+    let earlier = r1["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(cached(&warm) + 16 >= earlier, "{warm}");
+    let cold = s.chat(gemma_chat(follow, 0.0, false, 8)).await;
+    assert_eq!(cached(&cold), 0);
+    assert_eq!(answer(&warm), answer(&cold));
+    let digests = logits_of(&s.log(), warm["usage"]["prompt_tokens"].as_u64().unwrap());
+    let [.., w, c] = &digests[..] else {
+        panic!("no logits logged: {}", s.log());
+    };
+    assert_eq!(
+        w, c,
+        "the reused read's last logits differ from the cold read's"
+    );
+}
+
+/// A Gemma 3 conversation past its 512-token window comes back from host memory with every
+/// cell where a cold read puts it, those the window no longer sees included (llama.cpp leaves
+/// them out of a sequence it writes out): a greedy follow-up reuses it and its last logits are
+/// a cold read's to the bit, both before the window's 1,024 cells lap (about 760 tokens) and
+/// after (about 1,800, its oldest cells written over).
 #[tokio::test]
-async fn a_gemma_conversation_kept_past_its_window_serves_only_a_sampled_follow_up() {
+async fn a_gemma_conversation_kept_past_its_window_comes_back_cell_for_cell() {
     let model = format!("gemma={}", common::gemma3().display());
-    let s = Server::start_raw(&["--model", &model, "--parallel", "1"]).await;
-    let first = json!([{"role": "user", "content": format!("{}\nSummarize my notes.", lighthouse_notes(250))}]);
-    let r1 = s.chat(gemma_chat(&first, 0.8, true, 8)).await;
-    let first_prompt = r1["usage"]["prompt_tokens"].as_u64().unwrap();
-    assert!(first_prompt > 700, "{r1}");
-    let other = json!([{"role": "user", "content": "Name three fruits."}]);
-    s.chat(gemma_chat(&other, 0.0, true, 8)).await;
-    let follow = json!([
-        first[0],
-        {"role": "assistant", "content": answer(&r1)},
-        {"role": "user", "content": "Now give them a title."}
-    ]);
-    let greedy = s.chat(gemma_chat(&follow, 0.0, true, 8)).await;
-    assert!(cached(&greedy) < 16, "{greedy}");
-    let cold = s.chat(gemma_chat(&follow, 0.0, false, 8)).await;
-    assert_eq!(answer(&greedy), answer(&cold));
-    // The cold read kept the greedy turn's conversation; another takes the slot again.
-    s.chat(gemma_chat(&other, 0.0, true, 8)).await;
-    let next = json!([
-        follow[0], follow[1], follow[2],
-        {"role": "assistant", "content": answer(&cold)},
-        {"role": "user", "content": "And a subtitle?"}
-    ]);
-    let sampled = s.chat(gemma_chat(&next, 0.8, true, 8)).await;
-    let greedy_prompt = greedy["usage"]["prompt_tokens"].as_u64().unwrap();
-    assert!(cached(&sampled) + 16 >= greedy_prompt, "{sampled}");
+    let s = Server::start_with_env(&["--model", &model, "--parallel", "1"], &[LOGITS_LOG]).await;
+    for (notes, least) in [(250, 700), (600, 1_700)] {
+        let first = gemma_notes("Ada", notes);
+        let r1 = s.chat(gemma_chat(&first, 0.0, true, 8)).await;
+        assert!(
+            r1["usage"]["prompt_tokens"].as_u64().unwrap() > least,
+            "{r1}"
+        );
+        let other = json!([{"role": "user", "content": "Name three fruits."}]);
+        s.chat(gemma_chat(&other, 0.0, true, 8)).await;
+        let follow = gemma_follow_up(&first, &r1, "Now give them a title.");
+        gemma_reused_to_the_bit(&s, &follow, &r1).await;
+    }
+}
+
+/// The same after a restart, from the cache folder: both conversations' next turns reuse them
+/// with every cell where a cold read puts it.
+#[tokio::test]
+async fn gemma_conversations_past_their_window_outlive_a_restart_cell_for_cell() {
+    let dir = common::temp_dir("cache-dir-gemma");
+    let model = format!("gemma={}", common::gemma3().display());
+    let args = [
+        "--model",
+        &model,
+        "--parallel",
+        "2",
+        "--cache-dir",
+        dir.to_str().unwrap(),
+    ];
+    let s = Server::start_with_env(&args, &[LOGITS_LOG]).await;
+    let firsts = [gemma_notes("Ada", 250), gemma_notes("Bob", 600)];
+    let mut answered = Vec::new();
+    for first in &firsts {
+        answered.push(s.chat(gemma_chat(first, 0.0, true, 8)).await);
+    }
+    stop(s).await;
+    assert_eq!(kept_files(&dir), (2, 2));
+    let s = Server::start_with_env(&args, &[LOGITS_LOG]).await;
+    for (first, r1) in firsts.iter().zip(&answered) {
+        let follow = gemma_follow_up(first, r1, "Now give them a title.");
+        gemma_reused_to_the_bit(&s, &follow, r1).await;
+    }
+    assert_eq!(kept_files(&dir), (0, 0));
 }
 
 #[tokio::test]

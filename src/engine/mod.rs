@@ -12,6 +12,7 @@ mod persist;
 mod policy;
 pub mod probe;
 mod request;
+mod rows;
 mod sampler;
 mod spare;
 mod stash;

@@ -7,11 +7,13 @@
 //! rows are opaque); its next load reads them back from the folder. llama.cpp's server saves
 //! and restores one slot at a time on request (`--slot-save-path`); Ollama keeps nothing.
 //!
-//! Each conversation is two files with one name: `NAME.seq`, its rows and tokens as llama.cpp
-//! writes a sequence (`llama_state_seq_save_file`), and `NAME.json`, what the worker knows of
-//! them ([`Meta`]). A file is good only for the build that wrote it (llama.cpp's row format,
-//! and what this build's reuse rules say of the rows) and for the model family it names; one
-//! for another build, or that cannot be read, is removed when the folder is read. Entries read
+//! Each conversation is two files with one name: `NAME.seq`, its rows as llama.cpp writes a
+//! sequence out (`llama_state_seq_get_data`; a sliding-window model's put together into one
+//! that holds every cell, see `rows`), and `NAME.json`, what the worker knows of them
+//! ([`Meta`]: its tokens among them). A file is good only for the build that wrote it
+//! (llama.cpp's row format, and what this build's reuse rules say of the rows) and for the
+//! model family it names; one for another build, or that cannot be read, is removed when the
+//! folder is read. Entries read
 //! back stay files until a request takes one (its files go once its rows are back in a slot)
 //! or the cache drops it (its files go with it); when the process stops they stay for the
 //! next start. Names are the time of writing, so the oldest come first when they are read.
@@ -25,8 +27,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-/// The layout of [`Meta`]; a file of another is not read.
-const FORMAT: u32 = 1;
+/// The layout of [`Meta`] and of the rows beside it; a file of another is not read.
+const FORMAT: u32 = 2;
 /// The rows, as llama.cpp writes them.
 const ROWS: &str = "seq";
 /// What the worker knows of them.

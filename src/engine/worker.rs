@@ -8,7 +8,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use llama_cpp_2::context::session::{LlamaStateSeqFlags, SeqState};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -30,6 +29,7 @@ use super::policy::{
     COPY_GAIN,
 };
 use super::request::truncate;
+use super::rows::SeqRows;
 use super::spare::Spare;
 use super::stash::{Shared, Tenant};
 use super::text::{StopMatcher, StopScan, Utf8Stream};
@@ -279,10 +279,18 @@ struct Stashed {
 
 /// Where a kept conversation's rows are.
 enum Rows {
-    /// In host memory, as llama.cpp wrote them out.
-    Memory(SeqState),
+    /// In host memory.
+    Memory(SeqRows),
     /// In the cache folder.
     File(Saved),
+}
+
+/// A digest of every bit of `logits`, for logs that compare two reads of one prompt.
+fn digest(logits: &[f32]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    logits.iter().for_each(|l| l.to_bits().hash(&mut h));
+    format!("{:016x}", h.finish())
 }
 
 /// Bytes a kept conversation takes beside its rows: its tokens and what is known of them.
@@ -746,7 +754,7 @@ impl<'m> Worker<'m> {
         // start (once unloaded, the model could not write its conversations as the process
         // stops).
         let kept = (0..self.slots.len())
-            .filter(|&index| self.stash_slot(index, &[]))
+            .filter(|&index| self.stash_slot(index, &[], 0))
             .count();
         if let Some(dir) = self.dir.clone() {
             let written = self.write_out(&dir);
@@ -757,18 +765,11 @@ impl<'m> Worker<'m> {
     }
 
     /// Writes the model's conversations kept in host memory (its slots' among them, just
-    /// kept) into the cache folder as the model stops: each one's rows go back into the first
-    /// slot's sequence, and llama.cpp writes the sequence from there. Those written stay in
-    /// the cache as files, and their host memory is freed; how many.
-    /// The process may go on (the model unloads) or be stopping; either way the model
-    /// cannot write them later. The slots' conversations go through host memory too, though
-    /// llama.cpp could write them straight from their sequences: the folder is read back
-    /// oldest first, and those kept in memory are older, so they must be written first, which
-    /// takes a sequence, and every slot's holds a conversation not yet written.
+    /// kept) into the cache folder as the model stops, oldest first, since the folder is read
+    /// back oldest first. Those written stay in the cache as files, and their host memory is
+    /// freed; how many. The process may go on (the model unloads) or be stopping; either way
+    /// the model could not copy its conversations out later.
     fn write_out(&mut self, dir: &Arc<Dir>) -> usize {
-        let Some(seq) = self.slots.first().map(|s| s.seq) else {
-            return 0;
-        };
         let ids: Vec<u64> = self.stash.with_entries(|entries| {
             entries
                 .iter()
@@ -785,21 +786,10 @@ impl<'m> Worker<'m> {
             let Stashed {
                 known, held, rows, ..
             } = e;
-            let Rows::Memory(state) = rows else {
+            let Rows::Memory(rows) = rows else {
                 continue;
             };
-            self.clear_seq(0);
-            let ctx = &mut self.ctx;
-            let saved = ctx
-                .state_seq_set(&state, seq)
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    dir.write(meta, |path| {
-                        ctx.state_seq_save_file(path, seq, &known.cached)
-                            .map(drop)
-                            .map_err(|e| e.to_string())
-                    })
-                });
+            let saved = dir.write(meta, |path| rows.write(path).map_err(|e| e.to_string()));
             match saved {
                 Ok(saved) => {
                     let known = Known { end: None, ..known };
@@ -819,8 +809,6 @@ impl<'m> Worker<'m> {
                 }
             }
         }
-        self.clear_seq(0);
-        self.slots[0].truncate(0);
         written
     }
 
@@ -1275,7 +1263,8 @@ impl<'m> Worker<'m> {
     /// Keeps slot `index`'s conversation in host memory before a request that parts from it
     /// at least [`COPY_GAIN`] tokens before its end takes the slot, if the stash is on and a
     /// request could reuse the conversation once it is copied back; whether it was kept.
-    fn stash_slot(&mut self, index: usize, prompt: &[LlamaToken]) -> bool {
+    /// The request keeps `keep` of the slot's rows (it cuts the slot back to them next).
+    fn stash_slot(&mut self, index: usize, prompt: &[LlamaToken], keep: usize) -> bool {
         if !self.stash.enabled() {
             return false;
         }
@@ -1284,27 +1273,24 @@ impl<'m> Worker<'m> {
         if slot.cached.len() < shared + COPY_GAIN {
             return false;
         }
-        let held = restored_held(self.held(slot), self.swa);
-        if held.end != slot.cached.len() || !Window::holds(self.window, held, held.end, Reuse::Fast)
-        {
+        let held = self.held(slot);
+        let out = restored_held(held, self.swa);
+        if out.end != slot.cached.len() || !Window::holds(self.window, out, out.end, Reuse::Fast) {
             return false;
         }
-        let state = match self
-            .ctx
-            .state_seq_get(slot.seq, LlamaStateSeqFlags::empty())
-        {
-            Ok(state) => state,
-            Err(e) => {
-                tracing::warn!(model = %self.name, seq = slot.seq, error = %e, "could not copy a KV sequence out");
+        let known = slot.known();
+        let (rows, held) = match self.copy_out(index, held, keep) {
+            Ok(copied) => copied,
+            Err(error) => {
+                tracing::warn!(model = %self.name, seq = self.slots[index].seq, error, "could not copy a KV sequence out");
                 return false;
             }
         };
-        let known = slot.known();
-        let bytes = state.byte_len() + known_bytes(&known);
+        let bytes = rows.byte_len() + known_bytes(&known);
         let entry = Stashed {
             known,
             held,
-            rows: Rows::Memory(state),
+            rows: Rows::Memory(rows),
             _charge: Charge::new(&self.metrics.cache_ram_bytes, bytes),
         };
         let tokens = entry.known.cached.len();
@@ -1323,25 +1309,67 @@ impl<'m> Worker<'m> {
         outcome.kept
     }
 
+    /// Slot `index`'s rows, which hold `held`, copied out, and what its sequence holds once
+    /// they are copied back. llama.cpp leaves out the cells a sliding window no longer
+    /// attends to; the slot is then cut back and written out again, until what those writes
+    /// hold together covers every cell ([`SeqRows::assemble`]), as far as the request taking
+    /// the slot, which keeps `keep` of its rows, lets it be cut.
+    fn copy_out(
+        &mut self,
+        index: usize,
+        held: Held,
+        keep: usize,
+    ) -> Result<(SeqRows, Held), String> {
+        let seq = self.slots[index].seq;
+        let whole = SeqRows::get(&self.ctx, seq)?;
+        let Some(span) = self
+            .swa
+            .filter(|&span| held.ordered && held.end > span + held.first)
+        else {
+            return Ok((SeqRows::new(whole), restored_held(held, self.swa)));
+        };
+        let mut parts = vec![whole];
+        // Each write holds the `span` positions before the sequence's end.
+        let mut low = held.end - span;
+        while low > held.first {
+            let cut = if held.first + span >= low {
+                held.first + span
+            } else {
+                low
+            };
+            if cut < keep || !self.trim(index, cut) {
+                break;
+            }
+            self.slots[index].truncate(cut);
+            match SeqRows::get(&self.ctx, seq) {
+                Ok(part) => parts.push(part),
+                Err(_) => break,
+            }
+            low = cut.saturating_sub(span).max(held.first);
+        }
+        let cells = self.window.map(|w| w.cells);
+        Ok(
+            match SeqRows::assemble(&parts, (held.first, held.end), span, cells) {
+                Some(assembled) => assembled,
+                None => (
+                    SeqRows::new(parts.swap_remove(0)),
+                    restored_held(held, self.swa),
+                ),
+            },
+        )
+    }
+
     /// Copies kept conversation `e` back into slot `index`'s sequence (from host memory, or
     /// from its file, which goes once read); false if llama.cpp refused (the slot is then
     /// empty).
     fn restore_slot(&mut self, e: Stashed, index: usize) -> bool {
         let seq = self.slots[index].seq;
+        let end = e.known.cached.len();
         let copied = match &e.rows {
-            Rows::Memory(state) => self
-                .ctx
-                .state_seq_set(state, seq)
-                .map_err(|e| e.to_string()),
-            Rows::File(saved) => self
-                .ctx
-                .state_seq_load_file(saved.rows(), seq, e.known.cached.len())
+            Rows::Memory(rows) => rows.set(&mut self.ctx, seq, end),
+            Rows::File(saved) => std::fs::read(saved.rows())
                 .map_err(|e| e.to_string())
-                .and_then(|(tokens, _)| {
-                    (tokens == e.known.cached)
-                        .then_some(())
-                        .ok_or_else(|| "its file holds other tokens".to_owned())
-                }),
+                .and_then(|bytes| SeqRows::new(bytes).set(&mut self.ctx, seq, end)),
         };
         let held = self.held(&self.slots[index]);
         if copied.is_err() || held.end != e.known.cached.len() {
@@ -1384,7 +1412,12 @@ impl<'m> Worker<'m> {
         // Taken out first: keeping the slot's conversation may drop entries, this one among
         // them.
         let restored = kept.and_then(|entry| self.stash.take(entry));
-        self.stash_slot(index, &pending.tokens);
+        let keeps = if kept.is_some() || copy_from.is_some() {
+            0
+        } else {
+            reuse
+        };
+        self.stash_slot(index, &pending.tokens, keeps);
         if let Some(e) = restored {
             if !self.restore_slot(e, index) {
                 keep = 0;
@@ -1901,6 +1934,9 @@ impl<'m> Worker<'m> {
                 let mut logits = slot.end.take().map(|e| e.logits).unwrap_or_default();
                 logits.clear();
                 logits.extend_from_slice(self.ctx.get_logits_ith(idx));
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    tracing::debug!(model = %self.name, slot = i, prompt = active.prompt.len(), logits = %digest(&logits), "a prompt's last logits");
+                }
                 slot.end = Some(PromptEnd {
                     len: active.prompt.len(),
                     logits,
