@@ -799,7 +799,8 @@ pub(crate) fn restore<T: PartialEq>(
     ))
 }
 
-/// What a sequence of `held` holds once copied out and back in. llama.cpp
+/// What a sequence of `held` holds once copied out and back in as llama.cpp writes it out
+/// (where `rows::SeqRows::assemble` cannot put every cell back). llama.cpp
 /// (`state_write` in `llama-kv-cache.cpp`, at the pinned version) leaves out the cells a
 /// sliding window of `swa` positions no longer attends to (those `swa` or more before the
 /// newest) and puts the rest back into the lowest cells in order: past the window the

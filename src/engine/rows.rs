@@ -5,13 +5,13 @@
 //! and reads the rest back into the lowest free cells, in order (`state_write` and
 //! `state_read_meta` in `llama-kv-cache.cpp`, at the pinned version). Past the window that
 //! moves every cell, and attention sums the cells in cell order, so a greedy or seeded
-//! answer could change in its last bits, and the cells left out are the ones a turn that
-//! reads on from before the end needs: such a copy could serve only a sampled request that
-//! reads on from its very end ([`super::policy::restored_held`]). So the sequence is written out again
-//! after cutting it back (each write holds the window before its end), and the writes are
-//! put together into one that holds every cell, in the order a cold read leaves them; cells a
-//! cold read leaves free go back with stray positions, removed once the rows are in, so that
-//! llama.cpp goes on from the cell a cold read goes on from.
+//! answer could change in its last bits; and the cells left out are the ones a turn needs
+//! that reads on from before the end. Such a copy could serve only a sampled request that
+//! reads on from its very end ([`super::policy::restored_held`]). So the sequence is written
+//! out again after cutting it back (each write holds the window before its end), and the
+//! writes are put together into one that holds every cell, in the order a cold read leaves
+//! them; cells a cold read leaves free go back with stray positions, removed once the rows
+//! are in, so that llama.cpp goes on from the cell a cold read goes on from.
 //!
 //! Hand-rolled: llama.cpp offers no way to say where cells go, so this reads the state layout
 //! of the pinned llama.cpp (`state_write_meta` and `state_write_data`). Rows it does not
@@ -63,7 +63,6 @@ impl SeqRows {
     pub(crate) fn write(&self, path: &Path) -> std::io::Result<()> {
         std::fs::write(path, &self.bytes)
     }
-
     /// One sequence's rows from `parts`, llama.cpp's writes of it as it held positions
     /// `first..end` in cells where a cold read puts them, and then cut back, each write
     /// holding the `span` positions before its end (the first, all of it; the others, the
@@ -165,7 +164,9 @@ impl SeqRows {
         end: usize,
     ) -> Result<(), String> {
         // SAFETY: the bytes are llama.cpp's own, or put together from its own in its layout
-        // (`lay`), and llama.cpp checks every read against their length.
+        // (`lay`), kept in memory or in a file of the cache folder backstop made (its user's
+        // only, its length checked as the folder was read); llama.cpp checks every read
+        // against their length.
         let read =
             unsafe { ctx.state_seq_set_data_ext(&self.bytes, seq, LlamaStateSeqFlags::empty()) };
         if !read {

@@ -270,7 +270,8 @@ impl PromptCache {
 /// of them.
 struct Stashed {
     known: Known,
-    /// What its sequence holds once copied back ([`restored_held`]).
+    /// What its sequence holds once copied back ([`SeqRows::assemble`], or [`restored_held`]
+    /// where the cells could not all be put back).
     held: Held,
     rows: Rows,
     /// Its bytes in the model's gauge of where its rows are, while it is kept.
@@ -590,8 +591,8 @@ struct Worker<'m> {
     /// The cache folder the model writes its kept conversations into when the process stops
     /// (`--cache-dir`).
     dir: Option<Arc<Dir>>,
-    /// The model's sliding window, whether or not its cache keeps only the window: a
-    /// sequence copied out leaves out what is past it ([`restored_held`]).
+    /// The model's sliding window, whether or not its cache keeps only the window: llama.cpp
+    /// writes a sequence out without what is past it ([`Worker::copy_out`]).
     swa: Option<usize>,
     /// Whether other processes leave the cores free for it.
     spare: Spare,
@@ -1329,14 +1330,12 @@ impl<'m> Worker<'m> {
             return Ok((SeqRows::new(whole), restored_held(held, self.swa)));
         };
         let mut parts = vec![whole];
-        // Each write holds the `span` positions before the sequence's end.
+        // Each write holds the `span` positions before the sequence's end: the writes so far
+        // hold those from `low` on, and the next cuts back to the highest point from which it
+        // reaches the first position, or else to `low`, keeping the most for the request.
         let mut low = held.end - span;
         while low > held.first {
-            let cut = if held.first + span >= low {
-                held.first + span
-            } else {
-                low
-            };
+            let cut = (held.first + span).max(low);
             if cut < keep || !self.trim(index, cut) {
                 break;
             }
