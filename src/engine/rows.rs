@@ -63,6 +63,7 @@ impl SeqRows {
     pub(crate) fn write(&self, path: &Path) -> std::io::Result<()> {
         std::fs::write(path, &self.bytes)
     }
+
     /// One sequence's rows from `parts`, llama.cpp's writes of it as it held positions
     /// `first..end` in cells where a cold read puts them, and then cut back, each write
     /// holding the `span` positions before its end (the first, all of it; the others, the
@@ -73,10 +74,10 @@ impl SeqRows {
     /// A cold read puts position p in cell p mod `cells` ([`super::policy::Window::holds`]).
     /// llama.cpp reads cells back from the first cell on, so every cell a cold read filled
     /// goes back in order, and a free one (its position removed) with a stray position past
-    /// the sequence's end ([`SeqRows::set`] removes them). That frees those cells, and llama.cpp goes on from the lowest
-    /// cell freed, where a cold read goes on. A sequence that lapped its cells and has none
-    /// free goes on in the cell its oldest position holds, which goes back as a stray for
-    /// that, so the sequence then starts a position later.
+    /// the sequence's end ([`SeqRows::set`] removes them). That frees those cells, and
+    /// llama.cpp goes on from the lowest cell freed, where a cold read goes on. A sequence
+    /// that lapped its cells and has none free goes on in the cell its oldest position holds,
+    /// which goes back as a stray for that, so the sequence then starts a position later.
     pub(crate) fn assemble(
         parts: &[Vec<u8>],
         (first, end): (usize, usize),
