@@ -94,9 +94,11 @@ impl SeqRows {
             _ if first == 0 && cells.is_none_or(|c| end <= c) => end,
             _ => return None,
         };
+        // The cell a cold read puts position `p` in.
+        let cell_of = |p: usize| cells.map_or(p, |c| p % c);
         let mut at = vec![None; filled];
         for p in first..end {
-            at[cells.map_or(p, |c| p % c)] = Some(p);
+            at[cell_of(p)] = Some(p);
         }
         let free: Vec<usize> = (0..filled).filter(|&c| at[c].is_none()).collect();
         if free.windows(2).any(|w| w[1] != w[0] + 1) {
@@ -121,7 +123,7 @@ impl SeqRows {
             let p = usize::try_from(p)
                 .ok()
                 .filter(|p| (first..end).contains(p))?;
-            Some(cells.map_or(p, |c| p % c))
+            Some(cell_of(p))
         };
         let mut found = HashMap::new();
         for (part, s) in streams.iter().enumerate() {

@@ -1323,11 +1323,12 @@ impl<'m> Worker<'m> {
     ) -> Result<(SeqRows, Held), String> {
         let seq = self.slots[index].seq;
         let whole = SeqRows::get(&self.ctx, seq)?;
+        let as_written = restored_held(held, self.swa);
         let Some(span) = self
             .swa
             .filter(|&span| held.ordered && held.end > span + held.first)
         else {
-            return Ok((SeqRows::new(whole), restored_held(held, self.swa)));
+            return Ok((SeqRows::new(whole), as_written));
         };
         let mut parts = vec![whole];
         // Each write holds the `span` positions before the sequence's end: the writes so far
@@ -1350,10 +1351,7 @@ impl<'m> Worker<'m> {
         Ok(
             match SeqRows::assemble(&parts, (held.first, held.end), span, cells) {
                 Some(assembled) => assembled,
-                None => (
-                    SeqRows::new(parts.swap_remove(0)),
-                    restored_held(held, self.swa),
-                ),
+                None => (SeqRows::new(parts.swap_remove(0)), as_written),
             },
         )
     }
