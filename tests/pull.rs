@@ -744,6 +744,59 @@ async fn a_kept_part_is_checked_again_and_a_bad_one_downloaded_again() {
     assert_eq!(tmp.files_under("blobs"), Vec::<String>::new());
 }
 
+/// A listing without sizes (a mirror that ignores `blobs=true`) does not skip the room check:
+/// the size comes from the hub's answer to the probe hf-hub makes before downloading. With the
+/// file's true size there, the same pull goes through.
+#[tokio::test]
+async fn a_file_the_listing_gives_no_size_for_is_still_checked_for_room() {
+    let fake = FakeHub::start().await;
+    let bytes = tiny_gguf(1000);
+    let digest = fake.add("o/one", "m-Q4_K_M.gguf", bytes.clone());
+    // 1 EB: more than any disk the tests run on.
+    const HUGE: u64 = 1_000_000_000_000_000_000;
+    fake.unlist_sizes();
+    fake.claim_size(HUGE);
+    let tmp = TempStore::new();
+
+    let spec = PullSpec::from_model("hf.co/o/one").unwrap();
+    let err = pull_events(&tmp.store, &spec, &hub(&fake))
+        .await
+        .0
+        .unwrap_err();
+    assert!(
+        matches!(err, PullError::NoSpace { needed, .. } if needed == HUGE),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with("downloading m-Q4_K_M.gguf needs 1000000 TB free in"),
+        "{err}"
+    );
+    assert!(
+        fake.body_bytes() <= 1,
+        "only the probe: {} bytes",
+        fake.body_bytes()
+    );
+
+    fake.heal();
+    fake.unlist_sizes();
+    let (result, events) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
+    let model = result.unwrap();
+    assert_eq!(model.size, bytes.len() as u64);
+    assert_eq!(model.model_digest.hex(), digest);
+    let last = events.iter().rev().find_map(|e| match e {
+        PullEvent::Progress {
+            total, completed, ..
+        } => Some((*total, *completed)),
+        _ => None,
+    });
+    assert_eq!(
+        last,
+        Some((bytes.len() as u64, bytes.len() as u64)),
+        "the progress is sized by the probe"
+    );
+}
+
 /// A model the store's disk cannot hold is refused before a byte of it is downloaded, saying
 /// how much room it needs; a split model needs room for its parts and for the file they are
 /// joined into.

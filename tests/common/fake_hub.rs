@@ -68,6 +68,10 @@ struct Faults {
     etag_text: Option<String>,
     /// The listing claims every file is this many bytes.
     listed_size: Option<u64>,
+    /// The listing gives no sizes, as without `blobs=true`.
+    unlisted: bool,
+    /// A range answer's `Content-Range` claims the file is this many bytes.
+    claimed_size: Option<u64>,
 }
 
 struct Hub {
@@ -262,6 +266,17 @@ impl FakeHub {
         self.state.faults.lock().unwrap().listed_size = Some(bytes);
     }
 
+    /// Lists files without their sizes or sha256, as a mirror that ignores `blobs=true` does.
+    pub fn unlist_sizes(&self) {
+        self.state.faults.lock().unwrap().unlisted = true;
+    }
+
+    /// Says in every range answer's `Content-Range` that the file is this many bytes (a file
+    /// larger than any disk); the bytes served stay what they are.
+    pub fn claim_size(&self, bytes: u64) {
+        self.state.faults.lock().unwrap().claimed_size = Some(bytes);
+    }
+
     /// Answers every request with this status.
     pub fn answer_with(&self, status: u16) {
         self.state.faults.lock().unwrap().answer = Some(StatusCode::from_u16(status).unwrap());
@@ -378,11 +393,14 @@ async fn listing(
     let blobs = uri
         .query()
         .is_some_and(|q| q.split('&').any(|p| p == "blobs=true"));
-    let listed_size = hub.faults.lock().unwrap().listed_size;
+    let (listed_size, unlisted) = {
+        let faults = hub.faults.lock().unwrap();
+        (faults.listed_size, faults.unlisted)
+    };
     let siblings: Vec<serde_json::Value> = files
         .iter()
         .map(|f| {
-            if !blobs {
+            if !blobs || unlisted {
                 return serde_json::json!({ "rfilename": f.path });
             }
             let size = listed_size.unwrap_or(f.bytes.len() as u64);
@@ -570,6 +588,7 @@ fn serve(hub: &Arc<Hub>, file: &FakeFile, headers: &HeaderMap) -> Response {
                 .unwrap()
         }
     };
+    let claimed = hub.faults.lock().unwrap().claimed_size;
     let mut slice = file.bytes.slice(start as usize..=end as usize);
     if hub.faults.lock().unwrap().corrupt {
         let middle = len / 2;
@@ -620,7 +639,11 @@ fn serve(hub: &Arc<Hub>, file: &FakeFile, headers: &HeaderMap) -> Response {
         .header(header::CONTENT_LENGTH, body_len)
         .header(header::ACCEPT_RANGES, "bytes");
     if status == StatusCode::PARTIAL_CONTENT {
-        builder = builder.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"));
+        let total = claimed.unwrap_or(len);
+        builder = builder.header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{end}/{total}"),
+        );
     }
     builder.body(Body::from_stream(pieces)).unwrap()
 }

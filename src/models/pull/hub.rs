@@ -267,23 +267,28 @@ impl Site<'_> {
             .blob_path(etag)
     }
 
-    /// Bytes of the file still to download, as the listing sizes it: none once an earlier
-    /// pull finished it, less what hf-hub's partial file says it committed (its last 8 bytes,
-    /// little-endian, after the file's full length). What is on disk is found by the
-    /// listing's sha256, which is the hub's etag for files stored with LFS; `None` where the
-    /// listing gives no size.
+    /// Bytes of the file still to download, as the listing sizes it ([`Site::left`]). What
+    /// is on disk is found by the listing's sha256, which is the hub's etag for files stored
+    /// with LFS; `None` where the listing gives no size.
     fn to_fetch(&self, file: &str) -> Option<u64> {
         let size = self.size(file)?;
         let Some(digest) = self.listed(file) else {
             return Some(size);
         };
-        let finished = self.cached(digest.hex());
+        Some(self.left(digest.hex(), size))
+    }
+
+    /// Bytes of a `size`-byte file whose etag is `etag` still to download: none once an
+    /// earlier pull finished it, less what hf-hub's partial file says it committed (its last
+    /// 8 bytes, little-endian, after the file's full length).
+    fn left(&self, etag: &str, size: u64) -> u64 {
+        let finished = self.cached(etag);
         if finished.is_file() {
-            return Some(0);
+            return 0;
         }
         let mut partial = finished.into_os_string();
         partial.push(".sync.part");
-        Some(size.saturating_sub(committed(Path::new(&partial), size).unwrap_or(0)))
+        size.saturating_sub(committed(Path::new(&partial), size).unwrap_or(0))
     }
 }
 
@@ -315,14 +320,20 @@ async fn fetch(
     agree(&claims, file)?;
     let mut files = HfFiles::new(site.cache_dir, site.repo, &probe.commit, file);
     files.remove_stale_pointer();
-    let size = site.size(file);
+    // A listing without sizes (a mirror that ignores `blobs=true`) leaves the size the probe
+    // read from the hub's answer to a one-byte range request.
+    let probed = (probe.size > 0).then_some(probe.size);
+    let size = site.size(file).or(probed);
     let label = claims
         .first()
         .map_or_else(|| "sha256:pending".to_owned(), Digest::to_string);
     if let Some(found) = finished_before(site, &probe, file, &claims, &label, on).await {
         return Ok((files, found.0, found.1));
     }
-    if let Some(needed) = site.to_fetch(file) {
+    let needed = site
+        .to_fetch(file)
+        .or_else(|| probed.map(|size| site.left(&probe.etag, size)));
+    if let Some(needed) = needed {
         room_for(site.store, || format!("downloading {file}"), needed)?;
     }
     let downloaded = download(&repo_api, site.src, site.hub, file, &label, size, on).await;
@@ -472,6 +483,13 @@ async fn pull_parts(
             }
         }
     }
+    // Without sizes in the listing, the parts on disk give them.
+    let whole = whole.or_else(|| {
+        fetched
+            .iter()
+            .map(|(_, blob)| std::fs::metadata(blob).ok().map(|m| m.len()))
+            .sum()
+    });
     if let Some(whole) = whole {
         room_for(
             site.store,
@@ -754,6 +772,8 @@ struct Probe {
     etag: String,
     /// The sha256 the hub claims (`x-linked-etag`), for files stored with LFS.
     sha256: Option<Digest>,
+    /// The file's size in bytes (the total of the range answer's `Content-Range`).
+    size: u64,
 }
 
 /// Asks for the file's metadata as hf-hub will, and refuses an etag or commit that is not
@@ -791,6 +811,7 @@ async fn probe(
         sha256: (meta.etag().len() == 64)
             .then(|| Digest::parse(meta.etag()).ok())
             .flatten(),
+        size: u64::try_from(meta.size()).unwrap_or(u64::MAX),
     })
 }
 
