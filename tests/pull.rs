@@ -744,6 +744,9 @@ async fn a_kept_part_is_checked_again_and_a_bad_one_downloaded_again() {
     assert_eq!(tmp.files_under("blobs"), Vec::<String>::new());
 }
 
+/// 1 EB: more than any disk the tests run on.
+const HUGE: u64 = 1_000_000_000_000_000_000;
+
 /// A listing without sizes (a mirror that ignores `blobs=true`) does not skip the room check:
 /// the size comes from the hub's answer to the probe hf-hub makes before downloading. With the
 /// file's true size there, the same pull goes through.
@@ -752,8 +755,6 @@ async fn a_file_the_listing_gives_no_size_for_is_still_checked_for_room() {
     let fake = FakeHub::start().await;
     let bytes = tiny_gguf(1000);
     let digest = fake.add("o/one", "m-Q4_K_M.gguf", bytes.clone());
-    // 1 EB: more than any disk the tests run on.
-    const HUGE: u64 = 1_000_000_000_000_000_000;
     fake.unlist_sizes();
     fake.claim_size(HUGE);
     let tmp = TempStore::new();
@@ -805,8 +806,6 @@ async fn a_model_the_disk_has_no_room_for_is_refused_before_downloading() {
     let fake = FakeHub::start().await;
     publish_split(&fake);
     fake.add("o/one", "m-Q4_K_M.gguf", tiny_gguf(1000));
-    // 1 EB: more than any disk the tests run on.
-    const HUGE: u64 = 1_000_000_000_000_000_000;
     fake.list_size(HUGE);
     let tmp = TempStore::new();
 
