@@ -32,8 +32,9 @@ use super::policy::Held;
 /// VM (Linux 6.18, ext4), an 85 MB conversation went into the page cache in 16 ms in 1 MiB
 /// writes and in about 200 ms in one write (or in 4 MiB ones), which made a stop that writes
 /// four of them into the cache folder take twice as long as llama.cpp's own writer (one write
-/// per layer). Likely the kernel's largest page-cache folios, which only writes of 2 MiB and
-/// more ask for, are the slow ones to come by there. Smaller pieces (64 KiB) were as fast.
+/// per layer); 64 KiB pieces were as fast as 1 MiB ones. Why is not settled: outside the
+/// server one 85 MB write took 17 ms (a small program) and a 30 MB one 5 ms (`backstop
+/// quantize`).
 const WRITE_PIECE: usize = 1 << 20;
 
 /// A sequence's rows in llama.cpp's layout, in host memory.
