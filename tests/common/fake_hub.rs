@@ -588,9 +588,12 @@ fn serve(hub: &Arc<Hub>, file: &FakeFile, headers: &HeaderMap) -> Response {
                 .unwrap()
         }
     };
-    let claimed = hub.faults.lock().unwrap().claimed_size;
+    let (claimed, corrupt) = {
+        let faults = hub.faults.lock().unwrap();
+        (faults.claimed_size, faults.corrupt)
+    };
     let mut slice = file.bytes.slice(start as usize..=end as usize);
-    if hub.faults.lock().unwrap().corrupt {
+    if corrupt {
         let middle = len / 2;
         if (start..=end).contains(&middle) {
             let mut v = slice.to_vec();
