@@ -850,11 +850,8 @@ async fn conversations_outlive_a_restart_in_the_cache_folder_as_far_as_the_cache
         &room,
     ])
     .await;
-    let log = s.log();
-    assert!(
-        log.contains("read back") && log.contains("conversations=1 dropped=1"),
-        "{log}"
-    );
+    s.wait_log(&["read back", "conversations=1 dropped=1"])
+        .await;
     assert_eq!(kept_files(&dir), (1, 1));
     let file_bytes = "backstop_prompt_cache_file_bytes{model=\"smollm2:latest\"}";
     assert!(s.metric(file_bytes).await >= (biggest * 9 / 10) as f64);
@@ -966,8 +963,7 @@ async fn cache_folder_files_that_cannot_be_used_are_removed_and_the_turn_read_af
     std::fs::write(dir.join("notes.txt"), "the operator's own file").unwrap();
 
     let s = Server::start(&args).await;
-    let log = s.log();
-    assert!(log.contains("cannot be read removed"), "{log}");
+    s.wait_log(&["cannot be read removed"]).await;
     assert_eq!(kept_files(&dir), (0, 0));
     assert!(dir.join("notes.txt").exists());
     for (body, first, ask) in [(ada, a1, "A title?"), (bob, b1, "A subtitle?")] {
@@ -989,6 +985,19 @@ fn logits_of(log: &str, tokens: u64) -> Vec<String> {
         .filter_map(|l| l.split(" logits=").nth(1))
         .map(|d| d.split_whitespace().next().unwrap_or_default().to_owned())
         .collect()
+}
+
+/// The digests [`logits_of`] finds for prompts as long as `answer`'s, once the log holds at
+/// least `least` of them: a line may still be in the pipe when the answer arrives.
+async fn logged_logits(s: &Server, answer: &Value, least: usize) -> Vec<String> {
+    let tokens = answer["usage"]["prompt_tokens"].as_u64().unwrap();
+    let log = s
+        .wait_log_for(
+            |log| logits_of(log, tokens).len() >= least,
+            format!("{least} logits lines for a prompt of {tokens}"),
+        )
+        .await;
+    logits_of(&log, tokens)
 }
 
 /// A Gemma 3 chat: `who`'s notes of `n` phrases and a request for a summary.
@@ -1013,9 +1022,9 @@ async fn gemma_reused_to_the_bit(s: &Server, follow: &Value, r1: &Value) {
     let cold = s.chat(gemma_chat(follow, 0.0, false, 8)).await;
     assert_eq!(cached(&cold), 0);
     assert_eq!(answer(&warm), answer(&cold));
-    let digests = logits_of(&s.log(), warm["usage"]["prompt_tokens"].as_u64().unwrap());
+    let digests = logged_logits(s, &warm, 2).await;
     let [.., w, c] = &digests[..] else {
-        panic!("no logits logged: {}", s.log());
+        unreachable!("two digests waited for");
     };
     assert_eq!(
         w, c,
@@ -1116,7 +1125,7 @@ async fn a_lapped_gemma_conversation_read_on_from_its_end_goes_on_in_the_cell_it
             let text = r1["choices"][0]["text"].as_str().unwrap();
             let warm = gemma_complete(&s, &format!("{prompt}{text}{tail}")).await;
             assert_eq!(cached(&warm), held, "{warm}");
-            let digests = logits_of(&s.log(), warm["usage"]["prompt_tokens"].as_u64().unwrap());
+            let digests = logged_logits(&s, &warm, 1).await;
             let digest = digests
                 .last()
                 .cloned()

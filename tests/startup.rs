@@ -352,16 +352,18 @@ async fn model_files_are_mapped_or_read_and_locked_as_asked() {
     let ask = serde_json::json!({"model": "smollm2", "max_tokens": 16, "temperature": 0,
                                  "messages": [{"role": "user", "content": "Name a colour."}]});
 
+    // The load's line may still be in the pipe when the server answers ready, so each server's
+    // log is waited for before anything about its loaded model is checked.
     let s = common::Server::start_raw(&["--model", &model]).await;
+    s.wait_log(&["model loaded", "mmap=true mlock=false"]).await;
     assert!(mapped(s.pid()));
     assert_eq!(status_kib(s.pid(), "VmLck:"), 0);
-    assert!(s.log().contains("mmap=true mlock=false"), "{}", s.log());
     let mapped_answer = common::answer(&s.chat(ask.clone()).await);
     drop(s);
 
     let s = common::Server::start_raw(&["--model", &model, "--no-mmap", "--mlock"]).await;
+    let log = s.wait_log(&["model loaded", "mmap=false mlock=true"]).await;
     assert!(!mapped(s.pid()), "--no-mmap still maps the file");
-    assert!(s.log().contains("mmap=false mlock=true"), "{}", s.log());
     assert_eq!(common::answer(&s.chat(ask.clone()).await), mapped_answer);
     // Root may lock past the limit; anyone else up to `ulimit -l`.
     let limit = std::fs::read_to_string("/proc/self/limits").unwrap();
@@ -374,22 +376,23 @@ async fn model_files_are_mapped_or_read_and_locked_as_asked() {
             "locked {} kB of a {file_kib} kB file",
             status_kib(s.pid(), "VmLck:")
         );
-        assert!(!s.log().contains("--mlock locked"), "{}", s.log());
+        // The warning comes before the load's line, which is in.
+        assert!(!log.contains("--mlock locked"), "{log}");
     } else {
-        assert!(s.log().contains("--mlock locked"), "{}", s.log());
+        assert!(log.contains("--mlock locked"), "{log}");
     }
     drop(s);
 
     let s = common::Server::start_locking_at_most(&["--model", &model, "--mlock"], 1 << 20).await;
     assert!(!can_lock_past_limit(&s.pid().to_string()));
     assert!(status_kib(s.pid(), "VmLck:") <= 1024);
-    for says in [
+    s.wait_log(&[
+        "model loaded",
         "--mlock locked 0.0 MiB of the weights' ",
         "(`ulimit -l` allows 1.0 MiB): the rest can be paged out",
         "CAP_IPC_LOCK",
-    ] {
-        assert!(s.log().contains(says), "{says}: {}", s.log());
-    }
+    ])
+    .await;
     assert_eq!(common::answer(&s.chat(ask).await), mapped_answer);
 }
 

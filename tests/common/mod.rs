@@ -9,6 +9,7 @@ pub mod fake_hub;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -215,6 +216,9 @@ pub struct Server {
     /// `http://127.0.0.1:PORT`
     pub base: String,
     log: Arc<Mutex<String>>,
+    /// Whether the reader of the log is done: the process closed its stderr (it exited) or
+    /// the test closed the pipe.
+    log_read: Arc<AtomicBool>,
     pub client: reqwest::Client,
     /// The server's own model store (removed on drop), unless the test gave one.
     pub store: Option<PathBuf>,
@@ -433,9 +437,11 @@ impl Server {
             .expect("spawn backstop");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
+        let log_read = Arc::new(AtomicBool::new(false));
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         {
             let log = Arc::clone(&log);
+            let log_read = Arc::clone(&log_read);
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     // `listening on http://ADDR` (or https:// with TLS).
@@ -453,6 +459,7 @@ impl Server {
                     l.push_str(&line);
                     l.push('\n');
                 }
+                log_read.store(true, Ordering::Release);
             });
         }
         let addr = match addr_rx.recv_timeout(Duration::from_secs(30)) {
@@ -466,6 +473,7 @@ impl Server {
             child,
             base: addr,
             log,
+            log_read,
             client: reqwest::Client::new(),
             store,
         };
@@ -513,12 +521,13 @@ impl Server {
         assert!(status.success());
     }
 
-    /// Waits for the process to exit and returns its exit code.
+    /// Waits for the process to exit and returns its exit code, and for the log to hold all
+    /// the process wrote: its last lines may still be in the pipe when it exits.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;
-        loop {
+        let code = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
+                break status.code();
             }
             assert!(
                 Instant::now() < deadline,
@@ -526,7 +535,16 @@ impl Server {
                 self.log()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        while !self.log_read.load(Ordering::Acquire) {
+            assert!(
+                Instant::now() < deadline,
+                "the exited server's log was never read to its end:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        code
     }
 
     /// The server's process id.
