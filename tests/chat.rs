@@ -863,6 +863,59 @@ async fn conversations_outlive_a_restart_in_the_cache_folder_as_far_as_the_cache
     read_afresh_and_answered_as_cold(&s, next).await;
 }
 
+/// A stopping server copies each slot's conversation into the memory of the one it wrote into
+/// the folder before it: three conversations, each shorter than the one before, all come back
+/// after a restart, each one's next turn reusing its whole history and answering as a cold
+/// read does.
+#[tokio::test]
+async fn conversations_of_every_length_written_as_a_server_stops_all_come_back() {
+    let dir = common::temp_dir("cache-dir-lengths").join("kept");
+    let args = ["--parallel", "3", "--cache-dir", dir.to_str().unwrap()];
+    let s = Server::start(&args).await;
+    let mut firsts = Vec::new();
+    for (who, notes) in [("Ada", 150), ("Bob", 90), ("Cy", 40)] {
+        let notes = format!("{who} wrote this. {}", lighthouse_notes(notes));
+        let body = json!({"model": "smollm2", "temperature": 0, "max_tokens": 16, "messages": [
+            {"role": "system", "content": notes},
+            {"role": "user", "content": "Who wrote the notes?"}]});
+        let r = s.chat(body.clone()).await;
+        firsts.push((body, r));
+    }
+    let lengths: Vec<u64> = firsts
+        .iter()
+        .map(|(_, r)| r["usage"]["total_tokens"].as_u64().unwrap())
+        .collect();
+    assert!(lengths.windows(2).all(|w| w[0] > w[1]), "{lengths:?}");
+    let log = stop(s).await;
+    assert!(log.contains("conversations=3"), "{log}");
+    assert_eq!(kept_files(&dir), (3, 3));
+    // Each file holds its own conversation's rows and nothing more: the same bytes a token
+    // (the files' names sort oldest first, as they were written).
+    let mut seqs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .filter(|p| p.extension().unwrap() == "seq")
+        .collect();
+    seqs.sort();
+    let per_token: Vec<f64> = seqs
+        .iter()
+        .zip(&lengths)
+        .map(|(seq, &n)| std::fs::metadata(seq).unwrap().len() as f64 / (n - 1) as f64)
+        .collect();
+    let (least, most) = per_token
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(l, m), &b| (l.min(b), m.max(b)));
+    assert!(most / least < 1.02, "bytes a token: {per_token:?}");
+
+    let s = Server::start(&args).await;
+    s.wait_log(&["read back", "conversations=3"]).await;
+    for (body, first) in firsts {
+        let next = continued(body, &answer(&first), "Now give them a title.");
+        reused_and_answered_as_cold(&s, next, &first).await;
+    }
+    assert_eq!(kept_files(&dir), (0, 0), "taken back, their files are gone");
+}
+
 /// With `--cache-dir`, a model that unloads writes what it keeps into the folder (its host
 /// memory freed), and its next load reads it back from there: the conversation's next turn
 /// reuses its history and answers as a cold read does.

@@ -43,20 +43,31 @@ pub(crate) struct SeqRows {
 }
 
 impl SeqRows {
-    /// Sequence `seq`'s rows as llama.cpp writes them out.
-    pub(crate) fn get(ctx: &LlamaContext<'_>, seq: i32) -> Result<Vec<u8>, String> {
+    /// Sequence `seq`'s rows as llama.cpp writes them out, into `reuse` where it has room
+    /// for them (memory already touched, so the copy meets no page faults).
+    pub(crate) fn get(
+        ctx: &LlamaContext<'_>,
+        seq: i32,
+        reuse: Option<Vec<u8>>,
+    ) -> Result<Vec<u8>, String> {
         let flags = LlamaStateSeqFlags::empty();
         let size = ctx.state_seq_get_size_ext(seq, flags);
         if size == 0 {
             return Err("llama.cpp wrote no rows".to_owned());
         }
-        let mut bytes = vec![0u8; size];
-        // SAFETY: `bytes` holds the size llama.cpp just gave for this sequence, and nothing
-        // runs on the context between the two calls (the decode thread owns it).
+        let mut bytes = reuse
+            .filter(|b| b.capacity() >= size)
+            .unwrap_or_else(|| Vec::with_capacity(size));
+        bytes.clear();
+        // SAFETY: `bytes` has room for the size llama.cpp just gave for this sequence, and
+        // nothing runs on the context between the two calls (the decode thread owns it).
         let written = unsafe { ctx.state_seq_get_data_ext(bytes.as_mut_ptr(), seq, flags) };
         if written != size {
             return Err(format!("llama.cpp wrote {written} bytes of {size}"));
         }
+        // SAFETY: llama.cpp wrote every one of the `size` bytes, front to back (it returns
+        // how many it wrote, and writes nothing past the size it gave).
+        unsafe { bytes.set_len(size) };
         Ok(bytes)
     }
 
@@ -68,6 +79,11 @@ impl SeqRows {
 
     pub(crate) fn byte_len(&self) -> usize {
         self.bytes.len()
+    }
+
+    /// The memory the rows are in, for another sequence's ([`SeqRows::get`]).
+    pub(crate) fn into_bytes(self) -> Vec<u8> {
+        self.bytes
     }
 
     /// Writes the rows into file `path`, as they are, [`WRITE_PIECE`] bytes at a time.
