@@ -33,7 +33,8 @@ as an upgrade or a reboot does, and the follow-up is sent once it is ready (its 
 loaded): backstop with a `--cache-dir` of its own (a fresh temporary folder per server),
 into which it writes its conversations as it stops and from which the next start reads them.
 llama-server keeps nothing across a restart (its `--slot-save-path` saves one slot at a time,
-when a client asks).
+when a client asks). The table then shows what each stop cost too: SIGTERM to exit, the median
+over the stops (backstop's writes its conversations into the folder).
 
     ~/.cache/backstop/venv/bin/python scripts/bench-conversations.py [--model PATH] [--reps 5]
         [--conversations 4] [--parallel 2] [--history 1000] [--pause 0.5] [--max-tokens 32]
@@ -99,10 +100,11 @@ def main() -> int:
                                         extra)
 
     def run(kind: str, tag: str) -> dict[str, list[float]]:
-        """Every conversation's turns, round the conversations: first-turn and follow-up TTFTs."""
+        """Every conversation's turns, round the conversations: first-turn and follow-up TTFTs,
+        and with --restart how long each stop took."""
         chats = [[{"role": "user", "content": peers.history(args.history, f"{tag} {c} {os.urandom(3).hex()}")
                    + "\nSummarize my notes."}] for c in range(args.conversations)]
-        first, follow = [], []
+        first, follow, stops = [], [], []
         for turn in range(TURNS):
             for messages in chats:
                 if turn:
@@ -111,14 +113,16 @@ def main() -> int:
                 if turn and args.unload and kind.startswith("backstop"):
                     unload(servers[kind].url)
                 if turn and args.restart:
+                    began = time.perf_counter()
                     servers[kind].stop()
+                    stops.append((time.perf_counter() - began) * 1000)
                     servers[kind] = start(kind)
                 out = peers.stream(servers[kind].url, messages, args.max_tokens)
                 messages.append({"role": "assistant", "content": out["text"]})
                 (follow if turn else first).append(out["ttft_ms"])
         if kind.startswith("backstop"):
             peers.settle(servers[kind].url)
-        return {"first": first, "follow": follow}
+        return {"first": first, "follow": follow, "stop": stops}
 
     runs: dict[str, list[dict[str, list[float]]]] = {k: [] for k in kinds}
     peers.log(f"==> starting the {len(kinds)} servers")
@@ -141,6 +145,9 @@ def main() -> int:
         return statistics.median(t for rep in runs[kind] for t in rep[what])
 
     fig = {k: {"first": median(k, "first"), "follow": median(k, "follow")} for k in kinds}
+    if args.restart:
+        for k in kinds:
+            fig[k]["stop"] = median(k, "stop")
     ratios = {k: [statistics.median(a["follow"]) / statistics.median(b["follow"])
                   for a, b in zip(runs[k], runs["llama-server"])] for k in kinds}
     machine = {"nproc": os.cpu_count(), "cpu": peers.cpu_model(), "threads": args.threads}
@@ -150,12 +157,15 @@ def main() -> int:
           f"{'backstop unloads its model before each follow-up; ' if args.unload else ''}"
           f"{'every server restarts before each follow-up (backstop with --cache-dir); ' if args.restart else ''}"
           f"median of {args.reps} rotated runs; llama-server {peer_version}\n")
-    print("| server | first turn TTFT ms | follow-up TTFT ms | follow-up vs llama-server (min-max per run) |")
-    print("| --- | --- | --- | --- |")
+    stop_head, stop_rule = (" stop ms (SIGTERM to exit) |", " --- |") if args.restart else ("", "")
+    print(f"| server | first turn TTFT ms | follow-up TTFT ms | follow-up vs llama-server (min-max per run) |"
+          f"{stop_head}")
+    print(f"| --- | --- | --- | --- |{stop_rule}")
     for k in kinds:
         r = ratios[k]
+        stop = f" {fig[k]['stop']:.0f} |" if args.restart else ""
         print(f"| {k} | {fig[k]['first']:.0f} | {fig[k]['follow']:.0f} | "
-              f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}) |")
+              f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}) |{stop}")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / time.strftime("conversations-%Y%m%d-%H%M%S.json")
