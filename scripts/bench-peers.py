@@ -124,7 +124,9 @@ class Server:
     def stop(self) -> None:
         """SIGTERM, and back as soon as the process exits (SIGKILL after 20 s). A timed
         `Popen.wait` polls, up to 50 ms apart, so the exit is awaited on a pidfd instead:
-        bench-conversations.py times stops."""
+        bench-conversations.py times stops. A process already gone (and reaped) is left."""
+        if self.proc.poll() is not None:
+            return
         self.proc.terminate()
         fd = os.pidfd_open(self.proc.pid)
         try:
