@@ -727,7 +727,12 @@ async fn models_share_one_host_memory_limit_and_one_that_unloads_keeps_its_conve
 /// A greedy chat with `model` whose system prompt is about 300 tokens of notes that `name`
 /// wrote, asking who wrote them: conversations of one size whose answers tell them apart.
 fn who_wrote(model: &str, name: &str) -> Value {
-    let notes = format!("{name} wrote this. {}", lighthouse_notes(100));
+    who_wrote_notes(model, name, 100)
+}
+
+/// [`who_wrote`] with `notes` phrases of notes.
+fn who_wrote_notes(model: &str, name: &str, notes: usize) -> Value {
+    let notes = format!("{name} wrote this. {}", lighthouse_notes(notes));
     json!({"model": model, "temperature": 0, "max_tokens": 24, "messages": [
         {"role": "system", "content": notes},
         {"role": "user", "content": "Who wrote the notes?"}]})
@@ -874,10 +879,7 @@ async fn conversations_of_every_length_written_as_a_server_stops_all_come_back()
     let s = Server::start(&args).await;
     let mut firsts = Vec::new();
     for (who, notes) in [("Ada", 150), ("Bob", 90), ("Cy", 40)] {
-        let notes = format!("{who} wrote this. {}", lighthouse_notes(notes));
-        let body = json!({"model": "smollm2", "temperature": 0, "max_tokens": 16, "messages": [
-            {"role": "system", "content": notes},
-            {"role": "user", "content": "Who wrote the notes?"}]});
+        let body = who_wrote_notes("smollm2", who, notes);
         let r = s.chat(body.clone()).await;
         firsts.push((body, r));
     }
@@ -1178,11 +1180,10 @@ async fn a_lapped_gemma_conversation_read_on_from_its_end_goes_on_in_the_cell_it
             let text = r1["choices"][0]["text"].as_str().unwrap();
             let warm = gemma_complete(&s, &format!("{prompt}{text}{tail}")).await;
             assert_eq!(cached(&warm), held, "{warm}");
-            let digests = logged_logits(&s, &warm, 1).await;
-            let digest = digests
-                .last()
-                .cloned()
-                .expect("the follow-up's logits logged");
+            let digest = logged_logits(&s, &warm, 1)
+                .await
+                .pop()
+                .expect("one digest waited for");
             seen.push((held, digest, warm["choices"][0]["text"].clone()));
         }
         assert_eq!(
