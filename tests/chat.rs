@@ -918,6 +918,46 @@ async fn conversations_of_every_length_written_as_a_server_stops_all_come_back()
     assert_eq!(kept_files(&dir), (0, 0), "taken back, their files are gone");
 }
 
+/// After a restart, a conversation's next turn that comes while another stream decodes waits
+/// for its rows to be read from the cache folder on a thread of their own, the stream going on
+/// meanwhile: the turn still reuses its whole history and answers as a cold read does, and
+/// the stream answers in full.
+#[tokio::test]
+async fn a_turn_coming_while_a_stream_decodes_has_its_rows_read_back_aside() {
+    let dir = common::temp_dir("cache-dir-aside").join("kept");
+    let args = ["--parallel", "2", "--cache-dir", dir.to_str().unwrap()];
+    let s = Server::start(&args).await;
+    let body = who_wrote("smollm2", "Ada");
+    let first = s.chat(body.clone()).await;
+    stop(s).await;
+
+    let s = Server::start(&args).await;
+    s.wait_log(&["read back", "conversations=1"]).await;
+    let mut stream = s
+        .stream(
+            "/v1/chat/completions",
+            &json!({"model": "smollm2", "stream": true, "max_tokens": 300, "ignore_eos": true,
+                    "temperature": 0, "stream_options": {"include_usage": true},
+                    "messages": [{"role": "user", "content": "Tell me a story."}]}),
+        )
+        .await;
+    assert!(stream.first_text().await);
+    let next = continued(body, &answer(&first), "Now give them a title.");
+    reused_and_answered_as_cold(&s, next, &first).await;
+    let log = s
+        .wait_log(&["a conversation's rows read back from the cache folder"])
+        .await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("rows read back from the cache folder"))
+        .unwrap();
+    assert!(line.contains("aside=true"), "{line}");
+    let rest = stream.collect().await;
+    let usage: Value = serde_json::from_str(&rest[rest.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 300, "{usage}");
+    assert_eq!(kept_files(&dir), (0, 0), "taken back, its files are gone");
+}
+
 /// With `--cache-dir`, a model that unloads writes what it keeps into the folder (its host
 /// memory freed), and its next load reads it back from there: the conversation's next turn
 /// reuses its history and answers as a cold read does.

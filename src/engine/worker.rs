@@ -4,7 +4,8 @@
 //! [`super::lookup`]), then a chunk of each pending prompt, then samples and streams.
 
 use std::collections::VecDeque;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,7 @@ use super::policy::{
     COPY_GAIN,
 };
 use super::request::truncate;
-use super::rows::SeqRows;
+use super::rows::{FileRows, SeqRows};
 use super::spare::Spare;
 use super::stash::{Shared, Tenant};
 use super::text::{StopMatcher, StopScan, Utf8Stream};
@@ -284,6 +285,69 @@ enum Rows {
     Memory(SeqRows),
     /// In the cache folder.
     File(Saved),
+}
+
+/// A kept conversation's rows being read from the cache folder on a thread of their own, so
+/// that the model's streams go on decoding meanwhile ([`Worker::rows_at_hand`]).
+struct Reading {
+    /// The kept conversation's id in the stash.
+    entry: u64,
+    rows: Receiver<Result<FileRows, String>>,
+    /// What the thread read, once it has.
+    done: Option<Result<FileRows, String>>,
+    since: Instant,
+    /// How long the rows took to read, as seen between decode steps.
+    took: Duration,
+    /// The decode step it started at; once read, the steps the model took meanwhile.
+    steps: u64,
+}
+
+impl Reading {
+    /// Starts reading file `path`, the `bytes` of rows of kept conversation `entry`, on a new
+    /// thread (read here if no thread can be made), at decode step `step`.
+    fn start(entry: u64, (path, bytes): (PathBuf, u64), step: u64) -> Self {
+        let read = move |path: &Path| FileRows::open(path, bytes);
+        let (tx, rows) = sync_channel(1);
+        let mut done = None;
+        let spawned = std::thread::Builder::new()
+            .name("backstop-rows".to_owned())
+            .spawn({
+                let path = path.clone();
+                // The worker may have moved on (its request cancelled, the model stopped):
+                // nobody then takes the rows.
+                move || drop(tx.send(read(&path)))
+            });
+        if spawned.is_err() {
+            done = Some(read(&path));
+        }
+        Self {
+            entry,
+            rows,
+            done,
+            since: Instant::now(),
+            took: Duration::ZERO,
+            steps: step,
+        }
+    }
+
+    /// Whether the rows are read, waiting up to `wait` for them; `step` is the model's decode
+    /// step now.
+    fn ready(&mut self, wait: Duration, step: u64) -> bool {
+        if self.done.is_none() {
+            self.done = match self.rows.recv_timeout(wait) {
+                Ok(read) => Some(read),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    Some(Err("the reading thread ended".to_owned()))
+                }
+            };
+            if self.done.is_some() {
+                self.took = self.since.elapsed();
+                self.steps = step - self.steps;
+            }
+        }
+        self.done.is_some()
+    }
 }
 
 /// A digest of every bit of `logits`, for logs that compare two reads of one prompt.
@@ -594,6 +658,9 @@ struct Worker<'m> {
     /// As the model stops, the memory of the conversation last written into the cache
     /// folder, which the next slot's is copied into ([`Worker::write_out`]).
     written_rows: Option<Vec<u8>>,
+    /// The rows of the kept conversation the next request is to continue, being read from
+    /// the cache folder while the model's streams decode.
+    reading: Option<Reading>,
     /// The model's sliding window, whether or not its cache keeps only the window: llama.cpp
     /// writes a sequence out without what is past it ([`Worker::copy_out`]).
     swa: Option<usize>,
@@ -680,6 +747,7 @@ impl<'m> Worker<'m> {
             stash,
             dir: None,
             written_rows: None,
+            reading: None,
             swa: loader::sliding_window(model),
             spare: Spare::new(options.threads),
             admissions: 0,
@@ -748,7 +816,14 @@ impl<'m> Worker<'m> {
             let plan = plan_step(&self.slot_states(), budget);
             if plan.is_empty() {
                 if !embedded && !self.is_idle() {
-                    std::thread::sleep(STALLED_POLL);
+                    let step = self.step_no;
+                    match self.reading.as_mut() {
+                        // Woken as soon as the rows the next request waits for are read.
+                        Some(r) if r.done.is_none() => {
+                            r.ready(STALLED_POLL, step);
+                        }
+                        _ => std::thread::sleep(STALLED_POLL),
+                    }
                 }
                 continue;
             }
@@ -1262,9 +1337,48 @@ impl<'m> Worker<'m> {
             });
             let (placement, kept) =
                 restored.map_or((placement, None), |(p, entry)| (p, Some(entry)));
+            if kept.is_some_and(|entry| !self.rows_at_hand(entry)) {
+                // Requests start in arrival order: those behind it wait with it.
+                break;
+            }
             if let Some(pending) = self.waiting.pop_front() {
                 self.start(placement, kept, pending);
             }
+        }
+        if self.waiting.is_empty() {
+            // Its request was cancelled: nobody waits for the rows any more.
+            self.reading = None;
+        }
+    }
+
+    /// Whether kept conversation `entry`'s rows can be copied back into a slot now. Rows in
+    /// the cache folder are read on a thread of their own while any of the model's streams
+    /// or embeddings decode, so that those go on while the disk is read (on the 2-core VM, an
+    /// 85 MB file took about 60 ms from the page cache, most of it faulting in fresh memory,
+    /// which stalled every stream for as long); the request then starts at the first step
+    /// after the rows are in. With nothing decoding, nothing waits on the read, so the
+    /// rows are read as they are copied back.
+    fn rows_at_hand(&mut self, entry: u64) -> bool {
+        let step = self.step_no;
+        if let Some(r) = self.reading.as_mut().filter(|r| r.entry == entry) {
+            return r.ready(Duration::ZERO, step);
+        }
+        let file = self.stash.with_entries(|entries| {
+            entries
+                .iter()
+                .find(|(id, _)| *id == entry)
+                .and_then(|(_, e)| match &e.rows {
+                    Rows::File(saved) => Some((saved.rows(), saved.bytes())),
+                    Rows::Memory(_) => None,
+                })
+        });
+        let decoding = self.slots.iter().any(|s| s.active.is_some()) || !self.embeds.is_empty();
+        match file {
+            Some(file) if decoding => {
+                self.reading = Some(Reading::start(entry, file, step));
+                false
+            }
+            _ => true,
         }
     }
 
@@ -1377,16 +1491,42 @@ impl<'m> Worker<'m> {
     }
 
     /// Copies kept conversation `e` back into slot `index`'s sequence (from host memory, or
-    /// from its file, which goes once read); false if llama.cpp refused (the slot is then
-    /// empty).
-    fn restore_slot(&mut self, e: Stashed, index: usize) -> bool {
+    /// from its file, which goes once read: `read` if its rows were read while the streams
+    /// decoded, else read now); false if llama.cpp refused (the slot is then empty).
+    fn restore_slot(&mut self, e: Stashed, index: usize, read: Option<Reading>) -> bool {
         let seq = self.slots[index].seq;
         let end = e.known.cached.len();
         let copied = match &e.rows {
             Rows::Memory(rows) => rows.set(&mut self.ctx, seq, end),
-            Rows::File(saved) => std::fs::read(saved.rows())
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| SeqRows::new(bytes).set(&mut self.ctx, seq, end)),
+            Rows::File(saved) => {
+                let (rows, took, aside) = match read {
+                    Some(Reading {
+                        done: Some(rows),
+                        took,
+                        steps,
+                        ..
+                    }) => (rows, took, Some(steps)),
+                    _ => {
+                        let started = Instant::now();
+                        let rows = FileRows::open(&saved.rows(), saved.bytes());
+                        (rows, started.elapsed(), None)
+                    }
+                };
+                let started = Instant::now();
+                let copied = rows.and_then(|rows| rows.set(&mut self.ctx, seq, end));
+                tracing::info!(
+                    model = %self.name,
+                    slot = index,
+                    tokens = end,
+                    bytes = saved.bytes(),
+                    read_ms = took.as_millis(),
+                    copy_ms = started.elapsed().as_millis(),
+                    aside = aside.is_some(),
+                    steps_meanwhile = aside.unwrap_or(0),
+                    "a conversation's rows read back from the cache folder"
+                );
+                copied
+            }
         };
         let held = self.held(&self.slots[index]);
         if copied.is_err() || held.end != e.known.cached.len() {
@@ -1429,6 +1569,11 @@ impl<'m> Worker<'m> {
         // Taken out first: keeping the slot's conversation may drop entries, this one among
         // them.
         let restored = kept.and_then(|entry| self.stash.take(entry));
+        // Rows read for this request, the front one; read for another placement, they go.
+        let read = self
+            .reading
+            .take()
+            .filter(|r| Some(r.entry) == kept && r.done.is_some());
         let keeps = if kept.is_some() || copy_from.is_some() {
             0
         } else {
@@ -1436,7 +1581,7 @@ impl<'m> Worker<'m> {
         };
         self.stash_slot(index, &pending.tokens, keeps);
         if let Some(e) = restored {
-            if !self.restore_slot(e, index) {
+            if !self.restore_slot(e, index, read) {
                 keep = 0;
             }
         } else if kept.is_some() {
