@@ -36,9 +36,15 @@ llama-server keeps nothing across a restart (its `--slot-save-path` saves one sl
 when a client asks). The table then shows what each stop cost too: SIGTERM to exit, the median
 over the stops (backstop's writes its conversations into the folder).
 
+With --streams N, N other streams decode throughout every follow-up: each follow-up is sent
+once N streams (a short prompt each, greedy, ignore_eos) have begun, and they are cut off once
+it is answered. The table then shows what the follow-up cost them: their worst inter-token gap
+from the follow-up's request to its last token, beside their median gap before it (medians
+over the follow-ups). They take N of the --parallel slots.
+
     ~/.cache/backstop/venv/bin/python scripts/bench-conversations.py [--model PATH] [--reps 5]
         [--conversations 4] [--parallel 2] [--history 1000] [--pause 0.5] [--max-tokens 32]
-        [--also "backstop --exact-reuse 0"] [--unload | --restart]
+        [--also "backstop --exact-reuse 0"] [--unload | --restart] [--streams N]
 
 Writes bench-results/conversations-<time>.json.
 """
@@ -54,6 +60,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -80,7 +87,11 @@ def main() -> int:
                     help="backstop unloads its model before every follow-up (keep_alive 0)")
     ap.add_argument("--restart", action="store_true",
                     help="every server restarts before every follow-up; backstop with a --cache-dir")
+    ap.add_argument("--streams", type=int, default=0,
+                    help="other streams decoding throughout every follow-up (they take slots)")
     args = ap.parse_args()
+    if args.streams and args.streams >= args.parallel:
+        ap.error("--streams must be fewer than --parallel, or no slot is left for the follow-ups")
     if args.unload and args.restart:
         ap.error("--unload and --restart are two different runs")
     kinds = SERVERS + [k for k in args.also if k not in SERVERS]
@@ -101,10 +112,11 @@ def main() -> int:
 
     def run(kind: str, tag: str) -> dict[str, list[float]]:
         """Every conversation's turns, round the conversations: first-turn and follow-up TTFTs,
-        and with --restart how long each stop took."""
+        with --restart how long each stop took, and with --streams the other streams' worst and
+        median gaps."""
         chats = [[{"role": "user", "content": peers.history(args.history, f"{tag} {c} {os.urandom(3).hex()}")
                    + "\nSummarize my notes."}] for c in range(args.conversations)]
-        first, follow, stops = [], [], []
+        first, follow, stops, worst, usual = [], [], [], [], []
         for turn in range(TURNS):
             for messages in chats:
                 if turn:
@@ -117,12 +129,17 @@ def main() -> int:
                     servers[kind].stop()
                     stops.append((time.perf_counter() - began) * 1000)
                     servers[kind] = start(kind)
+                others = Others(servers[kind].url, args.streams, args.ctx, tag) if turn and args.streams else None
                 out = peers.stream(servers[kind].url, messages, args.max_tokens)
                 messages.append({"role": "assistant", "content": out["text"]})
                 (follow if turn else first).append(out["ttft_ms"])
+                if others is not None:
+                    gaps = others.cut_off(out["t0"], out["times"][-1])
+                    worst.append(gaps[0])
+                    usual.append(gaps[1])
         if kind.startswith("backstop"):
             peers.settle(servers[kind].url)
-        return {"first": first, "follow": follow, "stop": stops}
+        return {"first": first, "follow": follow, "stop": stops, "worst_gap": worst, "median_gap": usual}
 
     runs: dict[str, list[dict[str, list[float]]]] = {k: [] for k in kinds}
     peers.log(f"==> starting the {len(kinds)} servers")
@@ -148,6 +165,10 @@ def main() -> int:
     if args.restart:
         for k in kinds:
             fig[k]["stop"] = median(k, "stop")
+    if args.streams:
+        for k in kinds:
+            fig[k]["worst_gap"] = median(k, "worst_gap")
+            fig[k]["median_gap"] = median(k, "median_gap")
     ratios = {k: [statistics.median(a["follow"]) / statistics.median(b["follow"])
                   for a, b in zip(runs[k], runs["llama-server"])] for k in kinds}
     machine = {"nproc": os.cpu_count(), "cpu": peers.cpu_model(), "threads": args.threads}
@@ -156,14 +177,20 @@ def main() -> int:
           f"{TURNS} turns of {args.max_tokens} tokens (greedy), {args.pause} s before each request; "
           f"{'backstop unloads its model before each follow-up; ' if args.unload else ''}"
           f"{'every server restarts before each follow-up (backstop with --cache-dir); ' if args.restart else ''}"
+          f"{f'{args.streams} other streams decode throughout each follow-up; ' if args.streams else ''}"
           f"median of {args.reps} rotated runs; llama-server {peer_version}\n")
     stop_head, stop_rule = (" stop ms (SIGTERM to exit) |", " --- |") if args.restart else ("", "")
+    if args.streams:
+        stop_head += " other streams' worst gap ms (their median gap) |"
+        stop_rule += " --- |"
     print(f"| server | first turn TTFT ms | follow-up TTFT ms | follow-up vs llama-server (min-max per run) |"
           f"{stop_head}")
     print(f"| --- | --- | --- | --- |{stop_rule}")
     for k in kinds:
         r = ratios[k]
         stop = f" {fig[k]['stop']:.0f} |" if args.restart else ""
+        if args.streams:
+            stop += f" {fig[k]['worst_gap']:.0f} ({fig[k]['median_gap']:.0f}) |"
         print(f"| {k} | {fig[k]['first']:.0f} | {fig[k]['follow']:.0f} | "
               f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}) |{stop}")
     out = pathlib.Path(args.out)
@@ -172,10 +199,49 @@ def main() -> int:
     path.write_text(json.dumps({"machine": machine, "model": str(model), "peer_version": peer_version,
                                 "conversations": args.conversations, "parallel": args.parallel,
                                 "history": args.history, "pause_s": args.pause, "max_tokens": args.max_tokens,
-                                "reps": args.reps, "unload": args.unload, "restart": args.restart, "follow_ups": FOLLOW_UPS, "median_ttft_ms": fig,
+                                "reps": args.reps, "unload": args.unload, "restart": args.restart,
+                                "streams": args.streams, "follow_ups": FOLLOW_UPS, "median_ttft_ms": fig,
                                 "ratio_vs_llama_server": ratios, "runs": runs}, indent=1))
     print(f"\n{path}")
     return 0
+
+
+class Others:
+    """Streams decoding beside a follow-up: started, and begun, when made."""
+
+    def __init__(self, url: str, n: int, ctx: int, tag: str):
+        self.stop = threading.Event()
+        self.outs: list[dict] = [{} for _ in range(n)]
+        self.threads = []
+        for i in range(n):
+            started = threading.Event()
+            messages = [{"role": "user", "content": f"Tell me a long story, number {i} ({tag} {os.urandom(3).hex()})."}]
+
+            def run(i=i, messages=messages, started=started):
+                self.outs[i] = peers.stream(url, messages, ctx - 64, started, stop=self.stop)
+                started.set()  # a stream that ended early lets the follow-up go
+
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            self.threads.append((thread, started))
+        for _, started in self.threads:
+            started.wait(300)
+
+    def cut_off(self, since: float, until: float) -> tuple[float, float]:
+        """Stops the streams; their worst inter-token gap that ends after `since` and starts
+        before `until`, and their median gap before `since`, in ms."""
+        self.stop.set()
+        for thread, _ in self.threads:
+            thread.join(300)
+        during, before = [], []
+        for out in self.outs:
+            times = out.get("times", [])
+            for a, b in zip(times, times[1:]):
+                if b >= since and a <= until:
+                    during.append(b - a)
+                elif b < since:
+                    before.append(b - a)
+        return max(during, default=0.0) * 1e3, (statistics.median(before) if before else 0.0) * 1e3
 
 
 def unload(url: str) -> None:

@@ -170,9 +170,10 @@ def connect(url: str, timeout: float) -> http.client.HTTPConnection:
 
 
 def stream(url: str, messages: list[dict], max_tokens: int, started: threading.Event | None = None,
-           model: str = "m") -> dict:
+           model: str = "m", stop: threading.Event | None = None) -> dict:
     """One streamed greedy chat request to `model`; the time of every content delta
-    (perf_counter seconds)."""
+    (perf_counter seconds). `started` is set at the second delta; once `stop` is set, the
+    next delta closes the connection (the server then cancels the request)."""
     conn = connect(url, 300)
     body = json.dumps({"model": model, "messages": messages, "stream": True, "temperature": 0,
                        "max_tokens": max_tokens, "ignore_eos": True})
@@ -193,6 +194,8 @@ def stream(url: str, messages: list[dict], max_tokens: int, started: threading.E
                 text.append(piece)
                 if started is not None and len(times) == 2:
                     started.set()
+        if stop is not None and stop.is_set():
+            break
     conn.close()
     return {"t0": t0, "times": times, "text": "".join(text),
             "ttft_ms": (times[0] - t0) * 1e3 if times else None}
