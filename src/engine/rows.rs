@@ -189,15 +189,9 @@ impl SeqRows {
         Some((Self { bytes }, held))
     }
 
-    /// Puts the rows back into sequence `seq`, which then holds positions before `end`:
-    /// stray ones past it ([`SeqRows::assemble`]) are removed.
-    pub(crate) fn set(
-        &self,
-        ctx: &mut LlamaContext<'_>,
-        seq: i32,
-        end: usize,
-    ) -> Result<(), String> {
-        set_rows(&self.bytes, ctx, seq, end)
+    /// The rows, to go back into a sequence ([`set_rows`]).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
     }
 }
 
@@ -228,19 +222,20 @@ impl FileRows {
         Ok(Self(map))
     }
 
-    /// Copies the rows into sequence `seq`, as [`SeqRows::set`] does.
-    pub(crate) fn set(
-        &self,
-        ctx: &mut LlamaContext<'_>,
-        seq: i32,
-        end: usize,
-    ) -> Result<(), String> {
-        set_rows(&self.0, ctx, seq, end)
+    /// The rows, to go back into a sequence ([`set_rows`]).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
     }
 }
 
-/// Copies rows `bytes` into sequence `seq`, which then holds the positions before `end`.
-fn set_rows(bytes: &[u8], ctx: &mut LlamaContext<'_>, seq: i32, end: usize) -> Result<(), String> {
+/// Puts rows `bytes` (a [`SeqRows`] or [`FileRows`]) back into sequence `seq`, which then
+/// holds the positions before `end`: stray ones past it ([`SeqRows::assemble`]) are removed.
+pub(crate) fn set_rows(
+    bytes: &[u8],
+    ctx: &mut LlamaContext<'_>,
+    seq: i32,
+    end: usize,
+) -> Result<(), String> {
     // SAFETY: the bytes are llama.cpp's own, or put together from its own in its layout
     // (`lay`), kept in memory or in a file of the cache folder backstop made (its user's
     // only, its length checked as the folder was read and as it was mapped); llama.cpp checks
@@ -559,9 +554,9 @@ mod tests {
         let back = FileRows::open(&path, len).unwrap();
         std::fs::remove_file(&path).unwrap();
         assert!(
-            *back.0 == bytes[..],
+            back.bytes() == &bytes[..],
             "{} bytes back of {}",
-            back.0.len(),
+            back.bytes().len(),
             bytes.len()
         );
         assert_eq!(

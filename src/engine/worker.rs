@@ -30,7 +30,7 @@ use super::policy::{
     COPY_GAIN,
 };
 use super::request::truncate;
-use super::rows::{FileRows, SeqRows};
+use super::rows::{set_rows, FileRows, SeqRows};
 use super::spare::Spare;
 use super::stash::{Shared, Tenant};
 use super::text::{StopMatcher, StopScan, Utf8Stream};
@@ -1497,7 +1497,7 @@ impl<'m> Worker<'m> {
         let seq = self.slots[index].seq;
         let end = e.known.cached.len();
         let copied = match &e.rows {
-            Rows::Memory(rows) => rows.set(&mut self.ctx, seq, end),
+            Rows::Memory(rows) => set_rows(rows.bytes(), &mut self.ctx, seq, end),
             Rows::File(saved) => {
                 let (rows, took, aside) = match read {
                     Some(Reading {
@@ -1513,7 +1513,7 @@ impl<'m> Worker<'m> {
                     }
                 };
                 let started = Instant::now();
-                let copied = rows.and_then(|rows| rows.set(&mut self.ctx, seq, end));
+                let copied = rows.and_then(|rows| set_rows(rows.bytes(), &mut self.ctx, seq, end));
                 tracing::info!(
                     model = %self.name,
                     slot = index,
