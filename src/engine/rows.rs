@@ -198,8 +198,8 @@ impl SeqRows {
 /// A sequence's rows in a file of the cache folder ([`SeqRows::write`]), mapped into memory
 /// with every page already mapped in (`MAP_POPULATE`): the rows then go from the page cache
 /// straight into the KV cache. Read into fresh memory instead, each page was first faulted
-/// in and cleared: an 85 MB file took about 55 ms to read from the page cache on the 2-core
-/// AMD EPYC VM, where mapping it took 8 ms and the copy out of it about as long.
+/// in and cleared: a 76 MB file took 46-60 ms to read from the page cache on the 2-core AMD
+/// EPYC VM, where mapping it took 6-8 ms and a copy of it about as long.
 pub(crate) struct FileRows(memmap2::Mmap);
 
 impl FileRows {

@@ -1353,10 +1353,10 @@ impl<'m> Worker<'m> {
 
     /// Whether kept conversation `entry`'s rows can be copied back into a slot now. Rows in
     /// the cache folder are read on a thread of their own while any of the model's streams
-    /// or embeddings decode, so that those go on while the disk is read (on the 2-core VM, an
-    /// 85 MB file took about 60 ms from the page cache, most of it faulting in fresh memory,
-    /// which stalled every stream for as long); the request then starts at the first step
-    /// after the rows are in. With nothing decoding, nothing waits on the read, so the
+    /// or embeddings decode, so that those go on while the disk is read (on the 2-core VM, a
+    /// 76 MB file took 2-4 ms to map from the page cache but 28-75 ms from the disk, and read
+    /// in place it would stall every stream for as long); the request then starts at the first
+    /// step after the rows are in. With nothing decoding, nothing waits on the read, so the
     /// rows are read as they are copied back.
     fn rows_at_hand(&mut self, entry: u64) -> bool {
         let step = self.step_no;
@@ -1514,17 +1514,19 @@ impl<'m> Worker<'m> {
                 };
                 let started = Instant::now();
                 let copied = rows.and_then(|rows| set_rows(rows.bytes(), &mut self.ctx, seq, end));
-                tracing::info!(
-                    model = %self.name,
-                    slot = index,
-                    tokens = end,
-                    bytes = saved.bytes(),
-                    read_ms = took.as_millis(),
-                    copy_ms = started.elapsed().as_millis(),
-                    aside = aside.is_some(),
-                    steps_meanwhile = aside.unwrap_or(0),
-                    "a conversation's rows read back from the cache folder"
-                );
+                if copied.is_ok() {
+                    tracing::info!(
+                        model = %self.name,
+                        slot = index,
+                        tokens = end,
+                        bytes = saved.bytes(),
+                        read_ms = took.as_millis(),
+                        copy_ms = started.elapsed().as_millis(),
+                        aside = aside.is_some(),
+                        steps_meanwhile = aside.unwrap_or(0),
+                        "a conversation's rows read back from the cache folder"
+                    );
+                }
                 copied
             }
         };
