@@ -71,8 +71,8 @@ impl SeqRows {
         Ok(bytes)
     }
 
-    /// Rows as llama.cpp wrote them, or as written into a file (`write`), to go back as they
-    /// are.
+    /// Rows as llama.cpp wrote them ([`SeqRows::get`]), to go back as they are (a file's come
+    /// back as [`FileRows`]).
     pub(crate) fn new(bytes: Vec<u8>) -> Self {
         Self { bytes }
     }

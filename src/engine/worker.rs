@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self as std_mpsc, sync_channel, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -295,11 +295,10 @@ struct Reading {
     rows: Receiver<Result<FileRows, String>>,
     /// What the thread read, once it has.
     done: Option<Result<FileRows, String>>,
+    /// When it started.
     since: Instant,
-    /// How long the rows took to read, as seen between decode steps.
-    took: Duration,
-    /// The decode step it started at; once read, the steps the model took meanwhile.
-    steps: u64,
+    /// The model's decode step when it started.
+    step: u64,
 }
 
 impl Reading {
@@ -325,26 +324,20 @@ impl Reading {
             rows,
             done,
             since: Instant::now(),
-            took: Duration::ZERO,
-            steps: step,
+            step,
         }
     }
 
-    /// Whether the rows are read, waiting up to `wait` for them; `step` is the model's decode
-    /// step now.
-    fn ready(&mut self, wait: Duration, step: u64) -> bool {
+    /// Whether the rows are read.
+    fn ready(&mut self) -> bool {
         if self.done.is_none() {
-            self.done = match self.rows.recv_timeout(wait) {
+            self.done = match self.rows.try_recv() {
                 Ok(read) => Some(read),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => {
+                Err(std_mpsc::TryRecvError::Empty) => None,
+                Err(std_mpsc::TryRecvError::Disconnected) => {
                     Some(Err("the reading thread ended".to_owned()))
                 }
             };
-            if self.done.is_some() {
-                self.took = self.since.elapsed();
-                self.steps = step - self.steps;
-            }
         }
         self.done.is_some()
     }
@@ -816,14 +809,7 @@ impl<'m> Worker<'m> {
             let plan = plan_step(&self.slot_states(), budget);
             if plan.is_empty() {
                 if !embedded && !self.is_idle() {
-                    let step = self.step_no;
-                    match self.reading.as_mut() {
-                        // Woken as soon as the rows the next request waits for are read.
-                        Some(r) if r.done.is_none() => {
-                            r.ready(STALLED_POLL, step);
-                        }
-                        _ => std::thread::sleep(STALLED_POLL),
-                    }
+                    std::thread::sleep(STALLED_POLL);
                 }
                 continue;
             }
@@ -1333,11 +1319,18 @@ impl<'m> Worker<'m> {
                     self.budget.grain,
                     self.window,
                 )?;
-                Some((placement, entries[index].0))
+                let (id, e) = entries[index];
+                let file = match &e.rows {
+                    Rows::File(saved) => Some((saved.rows(), saved.bytes())),
+                    Rows::Memory(_) => None,
+                };
+                Some((placement, id, file))
             });
-            let (placement, kept) =
-                restored.map_or((placement, None), |(p, entry)| (p, Some(entry)));
-            if kept.is_some_and(|entry| !self.rows_at_hand(entry)) {
+            let (placement, kept, file) = restored
+                .map_or((placement, None, None), |(p, entry, file)| {
+                    (p, Some(entry), file)
+                });
+            if kept.is_some_and(|entry| !self.rows_at_hand(entry, file)) {
                 // Requests start in arrival order: those behind it wait with it.
                 break;
             }
@@ -1351,31 +1344,21 @@ impl<'m> Worker<'m> {
         }
     }
 
-    /// Whether kept conversation `entry`'s rows can be copied back into a slot now. Rows in
-    /// the cache folder are read on a thread of their own while any of the model's streams
-    /// or embeddings decode, so that those go on while the disk is read (on the 2-core VM, a
-    /// 76 MB file took 2-4 ms to map from the page cache but 28-75 ms from the disk, and read
-    /// in place it would stall every stream for as long); the request then starts at the first
-    /// step after the rows are in. With nothing decoding, nothing waits on the read, so the
-    /// rows are read as they are copied back.
-    fn rows_at_hand(&mut self, entry: u64) -> bool {
-        let step = self.step_no;
+    /// Whether kept conversation `entry`'s rows (in `file`, of its length, if in the cache
+    /// folder) can be copied back into a slot now. Rows in the cache folder are read on a
+    /// thread of their own while any of the model's streams or embeddings decode, so that those
+    /// go on while the disk is read (on the 2-core VM, a 76 MB file took 2-4 ms to map from the
+    /// page cache but 28-75 ms from the disk, and read in place it would stall every stream for
+    /// as long); the request then starts at the first step after the rows are in. With nothing
+    /// decoding, nothing waits on the read, so the rows are read as they are copied back.
+    fn rows_at_hand(&mut self, entry: u64, file: Option<(PathBuf, u64)>) -> bool {
         if let Some(r) = self.reading.as_mut().filter(|r| r.entry == entry) {
-            return r.ready(Duration::ZERO, step);
+            return r.ready();
         }
-        let file = self.stash.with_entries(|entries| {
-            entries
-                .iter()
-                .find(|(id, _)| *id == entry)
-                .and_then(|(_, e)| match &e.rows {
-                    Rows::File(saved) => Some((saved.rows(), saved.bytes())),
-                    Rows::Memory(_) => None,
-                })
-        });
         let decoding = self.slots.iter().any(|s| s.active.is_some()) || !self.embeds.is_empty();
         match file {
             Some(file) if decoding => {
-                self.reading = Some(Reading::start(entry, file, step));
+                self.reading = Some(Reading::start(entry, file, self.step_no));
                 false
             }
             _ => true,
@@ -1502,10 +1485,10 @@ impl<'m> Worker<'m> {
                 let (rows, took, aside) = match read {
                     Some(Reading {
                         done: Some(rows),
-                        took,
-                        steps,
+                        since,
+                        step,
                         ..
-                    }) => (rows, took, Some(steps)),
+                    }) => (rows, since.elapsed(), Some(self.step_no - step)),
                     _ => {
                         let started = Instant::now();
                         let rows = FileRows::open(&saved.rows(), saved.bytes());
@@ -1572,10 +1555,7 @@ impl<'m> Worker<'m> {
         // them.
         let restored = kept.and_then(|entry| self.stash.take(entry));
         // Rows read for this request, the front one; read for another placement, they go.
-        let read = self
-            .reading
-            .take()
-            .filter(|r| Some(r.entry) == kept && r.done.is_some());
+        let read = self.reading.take().filter(|r| Some(r.entry) == kept);
         let keeps = if kept.is_some() || copy_from.is_some() {
             0
         } else {
