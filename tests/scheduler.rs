@@ -216,6 +216,82 @@ async fn a_long_prompt_is_read_in_chunks_while_another_stream_keeps_generating()
     reader.abort();
 }
 
+/// The text of a completion: its `choices[0].text`, or every streamed chunk's joined.
+fn completion_text(body: &Value) -> String {
+    body["choices"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_deep_conversation_decodes_apart_from_short_answers_and_each_answers_as_alone() {
+    let s = Server::start(&["--parallel", "3"]).await;
+    let deep = |stream: bool| {
+        json!({
+            "model": "smollm2",
+            "prompt": "The history of the world is long and full of surprises. ".repeat(90),
+            "temperature": 0,
+            "max_tokens": 48,
+            "ignore_eos": true,
+            "stream": stream,
+        })
+    };
+    let short = |i: usize| {
+        let mut body = long_completion(24, false);
+        body["prompt"] = json!(format!("Story number {i}. Once upon a time,"));
+        body
+    };
+    // Each alone first.
+    let (status, alone) = s.post("/v1/completions", &deep(false)).await;
+    assert_eq!(status, 200, "{alone}");
+    let prompt_tokens = alone["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 900, "{prompt_tokens}");
+    let mut shorts_alone = Vec::new();
+    for i in 0..2 {
+        let (status, body) = s.post("/v1/completions", &short(i)).await;
+        assert_eq!(status, 200, "{body}");
+        shorts_alone.push(completion_text(&body));
+    }
+    let split = format!("backstop_decode_split_steps_total{MODEL}");
+    assert_eq!(
+        s.metric(&split).await,
+        0.0,
+        "nothing decoded beside anything yet"
+    );
+
+    // Then together: the two short answers start while the deep one generates, so all three
+    // decode in the same steps, the short ones over 256 cells and the deep one over 1,024 or
+    // more; two calls are tried at least once (and kept where faster).
+    let mut stream = s.stream("/v1/completions", &deep(true)).await;
+    let mut deep_text = String::new();
+    while deep_text.is_empty() {
+        let Some(d) = stream.next_data().await else {
+            panic!("the deep stream ended before its first token");
+        };
+        deep_text.push_str(&common::chunk_text(&d).unwrap_or_default());
+    }
+    let bodies: Vec<Value> = (0..2).map(short).collect();
+    let shorts =
+        futures_util::future::join_all(bodies.iter().map(|b| s.post("/v1/completions", b)));
+    let rest = async {
+        let mut text = String::new();
+        while let Some(d) = stream.next_data().await {
+            text.push_str(&common::chunk_text(&d).unwrap_or_default());
+        }
+        text
+    };
+    let (shorts, rest) = tokio::join!(shorts, rest);
+    deep_text.push_str(&rest);
+    for (i, (status, body)) in shorts.into_iter().enumerate() {
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(completion_text(&body), shorts_alone[i], "short answer {i}");
+    }
+    assert_eq!(deep_text, completion_text(&alone), "the deep answer");
+    let steps = s.metric(&split).await;
+    assert!(steps >= 1.0, "no step decoded the deep sequence apart");
+}
+
 #[tokio::test]
 async fn sigterm_lets_a_running_stream_finish_then_exits_cleanly() {
     let mut s = Server::start(&[]).await;

@@ -9,6 +9,9 @@ pub(crate) struct EngineMetrics {
     pub(crate) steps: Counter,
     /// Sequences evaluated per decode call: the proof of continuous batching.
     pub(crate) batch_sequences: Histogram,
+    /// Steps whose generating sequences decoded in two calls, split by depth
+    /// ([`crate::engine::depths`]).
+    pub(crate) split_steps: Counter,
     /// Prompt tokens evaluated (reused prefix tokens are not counted).
     pub(crate) prompt_tokens: Counter,
     /// Tokens generated.
@@ -53,6 +56,7 @@ impl EngineMetrics {
         Self {
             steps: counter!("backstop_decode_steps_total", labels),
             batch_sequences: histogram!("backstop_decode_batch_sequences", labels),
+            split_steps: counter!("backstop_decode_split_steps_total", labels),
             prompt_tokens: counter!("backstop_prompt_tokens_evaluated_total", labels),
             completion_tokens: counter!("backstop_completion_tokens_total", labels),
             busy_slots: gauge!("backstop_slots_busy", labels),

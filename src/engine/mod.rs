@@ -2,6 +2,7 @@
 //! runs the decode loop; async handlers talk to it only through channels.
 
 mod compute;
+mod depths;
 mod embed;
 mod error;
 mod graphs;

@@ -18,6 +18,7 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 use tokio::sync::{mpsc, oneshot};
 
+use super::depths::{self, DepthSplit};
 use super::embed::{self, EmbedJob, EmbedShape, EmbedTask, Embedder, Pooling};
 use super::graphs;
 use super::loader::{self, ModelInfo};
@@ -628,6 +629,10 @@ struct Worker<'m> {
     budget: Budget,
     /// Measured step costs that size prompt chunks while others generate.
     pace: Pace,
+    /// Whether generating sequences decode in one call or two split by depth, as measured.
+    depth_split: DepthSplit,
+    /// The decode calls of the step under way.
+    step_decode: StepDecode,
     ctx_per_slot: usize,
     /// Whether the model can draft at all ([`can_draft`]).
     can_draft: bool,
@@ -720,6 +725,8 @@ impl<'m> Worker<'m> {
             slots,
             waiting: VecDeque::new(),
             pace: Pace::default(),
+            depth_split: DepthSplit::default(),
+            step_decode: StepDecode::default(),
             budget: Budget {
                 batch: batch_size,
                 prefill_chunk: prefill_chunk(options.prefill_chunk, on_gpu, batch_size),
@@ -1745,10 +1752,7 @@ impl<'m> Worker<'m> {
         let fresh = decode.is_empty();
         let used: usize = prefill.iter().map(|p| p.1).sum();
         if !decode.is_empty() {
-            self.evaluate_and_sample(&StepPlan {
-                decode,
-                prefill: vec![],
-            });
+            self.decode_generating(decode);
         }
         self.read_chunks(prefill);
         let left = self.budget.batch.saturating_sub(used);
@@ -1774,6 +1778,46 @@ impl<'m> Worker<'m> {
             ..self.budget
         };
         self.read_chunks(plan_step(&states, budget).prefill);
+    }
+
+    /// Decodes the generating sequences' next tokens: in one call, or in two split by depth
+    /// (the shallower first) where that has been measured to be faster ([`DepthSplit`]).
+    fn decode_generating(&mut self, decode: Vec<usize>) {
+        let seqs: Vec<(usize, usize)> = decode
+            .iter()
+            .map(|&i| (i, self.slots[i].cached.len() + 1))
+            .collect();
+        let deep = self.depth_split.choose(&decode, depths::deep_group(&seqs));
+        self.step_decode = StepDecode::default();
+        match deep {
+            Some(deep) => {
+                self.metrics.split_steps.increment(1);
+                let (deep, shallow): (Vec<usize>, Vec<usize>) =
+                    decode.into_iter().partition(|i| deep.contains(i));
+                for group in [shallow, deep] {
+                    self.evaluate_and_sample(&StepPlan {
+                        decode: group,
+                        prefill: vec![],
+                    });
+                }
+            }
+            None => self.evaluate_and_sample(&StepPlan {
+                decode,
+                prefill: vec![],
+            }),
+        }
+        let StepDecode {
+            decoded,
+            drafted,
+            secs,
+        } = std::mem::take(&mut self.step_decode);
+        if decoded > 0 {
+            // The pace keeps plain decode steps' cost; drafts are paid for by what they yield.
+            if drafted == 0 {
+                self.pace.record(decoded, 0, secs);
+            }
+            self.depth_split.record(secs);
+        }
     }
 
     /// Evaluates prompt chunks one `llama_decode` call each, in order.
@@ -1924,8 +1968,13 @@ impl<'m> Worker<'m> {
             let decoded = undo.iter().filter(|u| u.2.is_some()).count();
             let rows = self.batch.n_tokens() as usize;
             let prompt = rows.saturating_sub(decoded + drafted);
-            // The pace keeps plain decode steps' cost; drafts are paid for by what they yield.
-            if drafted == 0 {
+            if prompt == 0 {
+                // The step's generating sequences may take two calls: the pace and the depth
+                // split learn from the step ([`Worker::decode_generating`]).
+                self.step_decode.decoded += decoded;
+                self.step_decode.drafted += drafted;
+                self.step_decode.secs += took.as_secs_f64();
+            } else {
                 self.pace.record(decoded, prompt, took.as_secs_f64());
             }
             if self.can_draft {
@@ -2230,6 +2279,14 @@ impl<'m> Worker<'m> {
 
 /// The prompt-chunk cap: the `configured` one, else [`crate::config::DEFAULT_PREFILL_CHUNK`]
 /// on a CPU and the whole batch for a model that runs on a GPU; never above the batch.
+/// What the decode calls of one step did: sequences decoded, tokens drafted, seconds.
+#[derive(Debug, Default)]
+struct StepDecode {
+    decoded: usize,
+    drafted: usize,
+    secs: f64,
+}
+
 fn prefill_chunk(configured: Option<u32>, on_gpu: bool, batch_size: usize) -> usize {
     let chunk = match configured {
         Some(n) => n as usize,

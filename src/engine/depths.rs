@@ -1,0 +1,215 @@
+//! Generating sequences at very different depths decode in two `llama_decode` calls, when
+//! that is measured to be faster than one.
+//!
+//! With a KV cache per sequence (`kv_unified = false`, as the server makes its contexts),
+//! llama.cpp builds one attention for every sequence of a call over as many cells as the
+//! deepest of them uses: `get_n_kv` in `llama-kv-cache.cpp` (at the pinned version) takes
+//! the most any stream of the ubatch uses, padded to 256, and every sequence's query is
+//! multiplied by that many keys and values, the cells it does not hold masked after the
+//! product. So three short answers decoding beside a 3,000-token conversation each pay for
+//! 3,072 cells. On the 2-core EPYC VM (SmolLM2 Q4_1, 2 threads) a step of those four took
+//! 56-71 ms in one call; the three short ones alone took 28-31 ms and the long one alone
+//! 20 ms, so in two calls a step took about 50.
+//!
+//! Two calls are not always faster. On a CPU a decode row costs about as much alone as
+//! beside others (2 threads compute, they do not wait on memory), so a second call costs
+//! little; on a GPU a call has a fixed cost of a millisecond or two that a small model's
+//! attention rarely makes up. Rather than model each machine, the worker measures: while
+//! the same sequences generate with the same deep group, a step is decoded both ways and
+//! then the faster way is kept, the other measured again every [`RETRY_EVERY`] steps, as
+//! depths move and the machine's load with them.
+
+/// llama.cpp's padding of the cells a call attends to (`n_pad_cur` in `get_n_kv`).
+const PAD: usize = 256;
+
+/// The share of the cells one call would attend to that two calls must save before they are
+/// tried at all: below it, what could be saved is within the noise of a step's time.
+const MIN_SAVED: f64 = 0.25;
+
+/// Steps between measurements of the way not taken.
+pub(crate) const RETRY_EVERY: u32 = 32;
+
+/// Weight of the newest step's time in each way's moving average.
+const SMOOTHING: f64 = 0.3;
+
+/// The cells llama.cpp attends to for a sequence that holds `used` cells.
+fn padded(used: usize) -> usize {
+    used.div_ceil(PAD).max(1) * PAD
+}
+
+/// The deeper of two groups to decode `seqs` (each a slot and the cells its sequence holds
+/// once this step's token is in) in, when two calls would attend to at least
+/// [`MIN_SAVED`] fewer cells than one: the cut in depth order that saves the most. `None`
+/// when no cut saves that much (sequences of like depth, or a single one).
+pub(crate) fn deep_group(seqs: &[(usize, usize)]) -> Option<Vec<usize>> {
+    let mut sorted = seqs.to_vec();
+    sorted.sort_by_key(|&(slot, used)| (padded(used), slot));
+    let deepest = padded(sorted.last()?.1);
+    let one = sorted.len() * deepest;
+    // Cutting after the k shallowest: they attend to the k-th's cells, the rest to the deepest's.
+    let (cut, two) = (1..sorted.len())
+        .map(|k| {
+            (
+                k,
+                k * padded(sorted[k - 1].1) + (sorted.len() - k) * deepest,
+            )
+        })
+        .min_by_key(|&(_, cells)| cells)?;
+    if ((one - two) as f64) < MIN_SAVED * one as f64 {
+        return None;
+    }
+    let mut deep: Vec<usize> = sorted[cut..].iter().map(|&(slot, _)| slot).collect();
+    deep.sort_unstable();
+    Some(deep)
+}
+
+/// Which way the generating sequences of a step decode, one call or two split by depth,
+/// and what each way has cost while the same sequences generate with the same deep group.
+#[derive(Debug, Default)]
+pub(crate) struct DepthSplit {
+    /// The generating slots and the deep group measured.
+    mix: (Vec<usize>, Vec<usize>),
+    /// Seconds a step took in one call, and in two (moving averages).
+    one: Option<f64>,
+    two: Option<f64>,
+    /// Steps since the way not taken was last measured.
+    since_other: u32,
+    /// The way of the step being measured (two calls or not) and whether it is the way not
+    /// taken, measured again; `None` when there is no choice.
+    taken: Option<(bool, bool)>,
+}
+
+impl DepthSplit {
+    /// The deep group to decode in a second call this step, or `None` for one call.
+    /// `decode` are the generating slots (in slot order) and `deep` their [`deep_group`].
+    pub(crate) fn choose(
+        &mut self,
+        decode: &[usize],
+        deep: Option<Vec<usize>>,
+    ) -> Option<Vec<usize>> {
+        let Some(deep) = deep else {
+            self.taken = None;
+            return None;
+        };
+        if self.mix.0 != decode || self.mix.1 != deep {
+            *self = Self {
+                mix: (decode.to_vec(), deep.clone()),
+                ..Self::default()
+            };
+        }
+        let (two, retry) = match (self.one, self.two) {
+            (None, _) => (false, false),
+            (Some(_), None) => (true, false),
+            (Some(one), Some(two)) => {
+                self.since_other += 1;
+                let retry = self.since_other >= RETRY_EVERY;
+                if retry {
+                    self.since_other = 0;
+                }
+                ((two < one) != retry, retry)
+            }
+        };
+        self.taken = Some((two, retry));
+        two.then_some(deep)
+    }
+
+    /// Learns that the step [`DepthSplit::choose`] chose for took `secs` to decode. The way
+    /// not taken, measured again, takes the new time as it is: its old one is
+    /// [`RETRY_EVERY`] steps stale, from shallower sequences.
+    pub(crate) fn record(&mut self, secs: f64) {
+        let Some((two, retry)) = self.taken.take() else {
+            return;
+        };
+        let way = if two { &mut self.two } else { &mut self.one };
+        *way = Some(match *way {
+            Some(old) if !retry => old + SMOOTHING * (secs - old),
+            _ => secs,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deep_sequence_beside_shallow_ones_is_cut_off_where_it_saves_the_most_cells() {
+        // Three short answers beside a 3,000-token conversation: 4 x 3,072 cells in one call,
+        // 3 x 256 + 3,072 in two.
+        assert_eq!(
+            deep_group(&[(0, 40), (1, 3000), (2, 90), (3, 200)]),
+            Some(vec![1])
+        );
+        // Two deep ones go together; the cut falls at the widest gap.
+        assert_eq!(
+            deep_group(&[(0, 3000), (1, 40), (2, 2900), (3, 90)]),
+            Some(vec![0, 2])
+        );
+        // A middle depth goes with whichever side saves more.
+        assert_eq!(deep_group(&[(0, 100), (1, 600), (2, 4000)]), Some(vec![2]));
+        assert_eq!(
+            deep_group(&[(0, 100), (1, 3500), (2, 4000)]),
+            Some(vec![1, 2])
+        );
+    }
+
+    #[test]
+    fn sequences_of_like_depth_or_one_alone_stay_in_one_call() {
+        assert_eq!(deep_group(&[]), None);
+        assert_eq!(deep_group(&[(0, 3000)]), None);
+        // Within one 256-cell pad every sequence attends to the same cells anyway.
+        assert_eq!(deep_group(&[(0, 10), (1, 250)]), None);
+        // 2 x 512 against 256 + 512 saves a quarter: just enough; 4 x 512 against
+        // 256 + 3 x 512 saves an eighth: not.
+        assert_eq!(deep_group(&[(0, 10), (1, 300)]), Some(vec![1]));
+        assert_eq!(deep_group(&[(0, 10), (1, 300), (2, 400), (3, 500)]), None);
+    }
+
+    /// Runs `steps` steps of one mix whose one call takes `one` seconds and two calls `two`;
+    /// how many were decoded in two calls.
+    fn run(split: &mut DepthSplit, steps: u32, one: f64, two: f64) -> u32 {
+        let mut split_steps = 0;
+        for _ in 0..steps {
+            let chosen = split.choose(&[0, 1, 2], Some(vec![1]));
+            if let Some(deep) = &chosen {
+                assert_eq!(deep, &[1]);
+                split_steps += 1;
+            }
+            split.record(if chosen.is_some() { two } else { one });
+        }
+        split_steps
+    }
+
+    #[test]
+    fn both_ways_are_measured_and_the_faster_kept_with_the_other_tried_again_now_and_then() {
+        let steps = 2 + 4 * RETRY_EVERY;
+        // Two calls faster (a CPU): all but the first step and one in RETRY_EVERY.
+        let mut split = DepthSplit::default();
+        assert_eq!(run(&mut split, steps, 0.060, 0.045), steps - 1 - 4);
+        // One call faster (a GPU's fixed cost per call): the one measurement of two calls,
+        // and one in RETRY_EVERY.
+        let mut split = DepthSplit::default();
+        assert_eq!(run(&mut split, steps, 0.002, 0.0035), 1 + 4);
+        // The machine changes its mind: what was faster and is measured slower is left.
+        let mut split = DepthSplit::default();
+        run(&mut split, 2, 0.060, 0.045);
+        // Two calls until one is measured again, then one call but for the retries of two.
+        let later = run(&mut split, 4 * RETRY_EVERY, 0.030, 0.045);
+        assert_eq!(later, RETRY_EVERY - 1 + 3);
+    }
+
+    #[test]
+    fn a_new_mix_is_measured_afresh_and_no_choice_leaves_nothing_to_learn() {
+        let mut split = DepthSplit::default();
+        run(&mut split, 10, 0.060, 0.045);
+        // A slot joins: one call is measured again first.
+        assert_eq!(split.choose(&[0, 1, 2, 3], Some(vec![1])), None);
+        split.record(0.070);
+        assert_eq!(split.choose(&[0, 1, 2, 3], Some(vec![1])), Some(vec![1]));
+        split.record(0.050);
+        // Like depths: one call, and its time is not taken for either way.
+        assert_eq!(split.choose(&[0, 1, 2, 3], None), None);
+        split.record(1.0);
+        assert_eq!(split.choose(&[0, 1, 2, 3], Some(vec![1])), Some(vec![1]));
+    }
+}
