@@ -11,10 +11,15 @@
 //! 56-71 ms in one call; the three short ones alone took 28-31 ms and the long one alone
 //! 20 ms, so in two calls a step took about 50.
 //!
-//! Two calls are not always faster. On a CPU a decode row costs about as much alone as
-//! beside others (2 threads compute, they do not wait on memory), so a second call costs
-//! little; on a GPU a call has a fixed cost of a millisecond or two that a small model's
-//! attention rarely makes up. Rather than model each machine, the worker measures: while
+//! (llama.cpp also decodes sequences whose streams are not consecutive in ubatches of their
+//! own, its `split_equal` taking a sequence into a ubatch only after the one before it, so a
+//! group of slots 0 and 2 is two passes over the weights: one more reason to measure.)
+//!
+//! Two calls are not always faster: the second is one more pass over the weights. On the CPU
+//! above that costs less than the widened attention; on a GPU a call has a fixed cost of a
+//! millisecond or two that a small model's attention rarely makes up, and a model with
+//! sliding-window layers (Gemma 3: five layers of six see 512 cells) widens only the others.
+//! Rather than model each machine and model, the worker measures: while
 //! the same sequences generate with the same deep group, a step is decoded both ways and
 //! then the faster way is kept, the other measured again every [`RETRY_EVERY`] steps, as
 //! depths move and the machine's load with them.
