@@ -21,8 +21,10 @@
 //! sliding-window layers (Gemma 3: five layers of six see 512 cells) widens only the others.
 //! Rather than model each machine and model, the worker measures: while
 //! the same sequences generate with the same deep group, a step is decoded both ways and
-//! then the faster way is kept, the other measured again every [`RETRY_EVERY`] steps, as
-//! depths move and the machine's load with them.
+//! then the faster way is kept, the other measured again after [`RETRY_EVERY`] steps, as
+//! depths move and the machine's load with them; each time it is still the slower, twice as
+//! many steps pass before the next (up to [`RETRY_MOST`]), so a way that loses by far (three
+//! ubatches on a GPU where one call takes 1.6 ms) costs a step in hundreds, not one in 32.
 
 /// llama.cpp's padding of the cells a call attends to (`n_pad_cur` in `get_n_kv`).
 const PAD: usize = 256;
@@ -31,8 +33,11 @@ const PAD: usize = 256;
 /// tried at all: below it, what could be saved is within the noise of a step's time.
 const MIN_SAVED: f64 = 0.25;
 
-/// Steps between measurements of the way not taken.
+/// Steps before the way not taken is first measured again.
 pub(crate) const RETRY_EVERY: u32 = 32;
+
+/// The most steps between measurements of the way not taken.
+pub(crate) const RETRY_MOST: u32 = 512;
 
 /// Weight of the newest step's time in each way's moving average.
 const SMOOTHING: f64 = 0.3;
@@ -70,18 +75,33 @@ pub(crate) fn deep_group(seqs: &[(usize, usize)]) -> Option<Vec<usize>> {
 
 /// Which way the generating sequences of a step decode, one call or two split by depth,
 /// and what each way has cost while the same sequences generate with the same deep group.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct DepthSplit {
     /// The generating slots and the deep group measured.
     mix: (Vec<usize>, Vec<usize>),
     /// Seconds a step took in one call, and in two (moving averages).
     one: Option<f64>,
     two: Option<f64>,
-    /// Steps since the way not taken was last measured.
+    /// Steps since the way not taken was last measured, and how many are to pass before it is
+    /// measured again.
     since_other: u32,
+    retry_after: u32,
     /// The way of the step being measured (two calls or not) and whether it is the way not
     /// taken, measured again; `None` when there is no choice.
     taken: Option<(bool, bool)>,
+}
+
+impl Default for DepthSplit {
+    fn default() -> Self {
+        Self {
+            mix: Default::default(),
+            one: None,
+            two: None,
+            since_other: 0,
+            retry_after: RETRY_EVERY,
+            taken: None,
+        }
+    }
 }
 
 impl DepthSplit {
@@ -107,7 +127,7 @@ impl DepthSplit {
             (Some(_), None) => (true, false),
             (Some(one), Some(two)) => {
                 self.since_other += 1;
-                let retry = self.since_other >= RETRY_EVERY;
+                let retry = self.since_other >= self.retry_after;
                 if retry {
                     self.since_other = 0;
                 }
@@ -119,17 +139,29 @@ impl DepthSplit {
     }
 
     /// Learns that the step [`DepthSplit::choose`] chose for took `secs` to decode. The way
-    /// not taken, measured again, takes the new time as it is: its old one is
-    /// [`RETRY_EVERY`] steps stale, from shallower sequences.
+    /// not taken, measured again, takes the new time as it is (its old one is many steps
+    /// stale, from shallower sequences), and is next measured twice as many steps later if
+    /// it is still the slower, or [`RETRY_EVERY`] steps later if it is now the faster.
     pub(crate) fn record(&mut self, secs: f64) {
         let Some((two, retry)) = self.taken.take() else {
             return;
         };
-        let way = if two { &mut self.two } else { &mut self.one };
+        let (way, other) = if two {
+            (&mut self.two, self.one)
+        } else {
+            (&mut self.one, self.two)
+        };
         *way = Some(match *way {
             Some(old) if !retry => old + SMOOTHING * (secs - old),
             _ => secs,
         });
+        if retry {
+            self.retry_after = if other.is_some_and(|other| secs >= other) {
+                (self.retry_after * 2).min(RETRY_MOST)
+            } else {
+                RETRY_EVERY
+            };
+        }
     }
 }
 
@@ -186,21 +218,24 @@ mod tests {
     }
 
     #[test]
-    fn both_ways_are_measured_and_the_faster_kept_with_the_other_tried_again_now_and_then() {
-        let steps = 2 + 4 * RETRY_EVERY;
-        // Two calls faster (a CPU): all but the first step and one in RETRY_EVERY.
+    fn both_ways_are_measured_and_the_faster_kept_with_the_other_tried_again_ever_less_often() {
+        // After the first two steps, the way not taken is measured again after 32, 64, 128,
+        // 256, 512, 512, ... steps: 6 times in 2,000.
+        let steps = 2 + 2000;
+        // Two calls faster (a CPU): all but the first step and the 6 retries of one call.
         let mut split = DepthSplit::default();
-        assert_eq!(run(&mut split, steps, 0.060, 0.045), steps - 1 - 4);
+        assert_eq!(run(&mut split, steps, 0.060, 0.045), steps - 1 - 6);
         // One call faster (a GPU's fixed cost per call): the one measurement of two calls,
-        // and one in RETRY_EVERY.
+        // and its 6 retries.
         let mut split = DepthSplit::default();
-        assert_eq!(run(&mut split, steps, 0.002, 0.0035), 1 + 4);
+        assert_eq!(run(&mut split, steps, 0.002, 0.0035), 1 + 6);
         // The machine changes its mind: what was faster and is measured slower is left.
+        // Two calls until one is measured again (31 steps); then one call, and two measured
+        // again 32 steps after that (the interval starts afresh), then 64 steps later.
         let mut split = DepthSplit::default();
         run(&mut split, 2, 0.060, 0.045);
-        // Two calls until one is measured again, then one call but for the retries of two.
         let later = run(&mut split, 4 * RETRY_EVERY, 0.030, 0.045);
-        assert_eq!(later, RETRY_EVERY - 1 + 3);
+        assert_eq!(later, RETRY_EVERY - 1 + 2);
     }
 
     #[test]
