@@ -2277,8 +2277,6 @@ impl<'m> Worker<'m> {
     }
 }
 
-/// The prompt-chunk cap: the `configured` one, else [`crate::config::DEFAULT_PREFILL_CHUNK`]
-/// on a CPU and the whole batch for a model that runs on a GPU; never above the batch.
 /// What the decode calls of one step did: sequences decoded, tokens drafted, seconds.
 #[derive(Debug, Default)]
 struct StepDecode {
@@ -2287,6 +2285,8 @@ struct StepDecode {
     secs: f64,
 }
 
+/// The prompt-chunk cap: the `configured` one, else [`crate::config::DEFAULT_PREFILL_CHUNK`]
+/// on a CPU and the whole batch for a model that runs on a GPU; never above the batch.
 fn prefill_chunk(configured: Option<u32>, on_gpu: bool, batch_size: usize) -> usize {
     let chunk = match configured {
         Some(n) => n as usize,
