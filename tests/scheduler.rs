@@ -224,23 +224,32 @@ fn completion_text(body: &Value) -> String {
         .to_owned()
 }
 
-#[tokio::test]
-async fn a_deep_conversation_decodes_apart_from_short_answers_and_each_answers_as_alone() {
-    let s = Server::start(&["--parallel", "3"]).await;
+/// Asks a ~1,000-token prompt and two short ones alone, then again with the short ones
+/// starting while the long one's answer generates, so that all three decode in the same
+/// steps, the short ones over 256 cells and the deep one over 1,024 or more: each answers as
+/// it did alone, and at least one step decoded the deep sequence in a call of its own (two
+/// calls are tried at least once, and kept where faster). `extra` goes into every request.
+async fn deep_beside_short(s: &Server, extra: &Value) {
+    let with_extra = |mut body: Value| {
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        body
+    };
     let deep = |stream: bool| {
-        json!({
+        with_extra(json!({
             "model": "smollm2",
             "prompt": "The history of the world is long and full of surprises. ".repeat(90),
             "temperature": 0,
             "max_tokens": 48,
             "ignore_eos": true,
             "stream": stream,
-        })
+        }))
     };
     let short = |i: usize| {
         let mut body = long_completion(24, false);
         body["prompt"] = json!(format!("Story number {i}. Once upon a time,"));
-        body
+        with_extra(body)
     };
     // Each alone first.
     let (status, alone) = s.post("/v1/completions", &deep(false)).await;
@@ -260,9 +269,7 @@ async fn a_deep_conversation_decodes_apart_from_short_answers_and_each_answers_a
         "nothing decoded beside anything yet"
     );
 
-    // Then together: the two short answers start while the deep one generates, so all three
-    // decode in the same steps, the short ones over 256 cells and the deep one over 1,024 or
-    // more; two calls are tried at least once (and kept where faster).
+    // Then together.
     let mut stream = s.stream("/v1/completions", &deep(true)).await;
     let mut deep_text = String::new();
     while deep_text.is_empty() {
@@ -290,6 +297,25 @@ async fn a_deep_conversation_decodes_apart_from_short_answers_and_each_answers_a
     assert_eq!(deep_text, completion_text(&alone), "the deep answer");
     let steps = s.metric(&split).await;
     assert!(steps >= 1.0, "no step decoded the deep sequence apart");
+}
+
+#[tokio::test]
+async fn a_deep_conversation_decodes_apart_from_short_answers_and_each_answers_as_alone() {
+    let s = Server::start(&["--parallel", "3"]).await;
+    deep_beside_short(&s, &json!({})).await;
+}
+
+#[tokio::test]
+async fn drafts_beside_a_deep_conversation_decoded_apart_answer_as_alone() {
+    // The deep prompt repeats one sentence, and so does its answer: prompt lookup drafts it,
+    // at least two tokens a step wherever a draft is found.
+    let s = Server::start(&["--parallel", "3", "--speculate", "8"]).await;
+    deep_beside_short(&s, &json!({"speculative.n_min": 2})).await;
+    let [taken, checked, _] = draft_counts(&s).await;
+    assert!(
+        checked > 0.0 && taken > 0.0,
+        "drafted {checked}, taken {taken}"
+    );
 }
 
 #[tokio::test]
