@@ -230,26 +230,23 @@ fn completion_text(body: &Value) -> String {
 /// it did alone, and at least one step decoded the deep sequence in a call of its own (two
 /// calls are tried at least once, and kept where faster). `extra` goes into every request.
 async fn deep_beside_short(s: &Server, extra: &Value) {
-    let with_extra = |mut body: Value| {
-        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
-            body.extend(extra.clone());
-        }
-        body
-    };
     let deep = |stream: bool| {
-        with_extra(json!({
-            "model": "smollm2",
-            "prompt": "The history of the world is long and full of surprises. ".repeat(90),
-            "temperature": 0,
-            "max_tokens": 48,
-            "ignore_eos": true,
-            "stream": stream,
-        }))
+        with_fields(
+            json!({
+                "model": "smollm2",
+                "prompt": "The history of the world is long and full of surprises. ".repeat(90),
+                "temperature": 0,
+                "max_tokens": 48,
+                "ignore_eos": true,
+                "stream": stream,
+            }),
+            extra,
+        )
     };
     let short = |i: usize| {
         let mut body = long_completion(24, false);
         body["prompt"] = json!(format!("Story number {i}. Once upon a time,"));
-        with_extra(body)
+        with_fields(body, extra)
     };
     // Each alone first.
     let (status, alone) = s.post("/v1/completions", &deep(false)).await;
@@ -380,18 +377,23 @@ async fn loaded_models_share_one_pool_of_compute_threads_and_answer_as_alone() {
     assert_eq!(count(&|n| n.starts_with("engine_worker")), 2, "{names:?}");
 }
 
+/// `body` with the fields of `extra` set on it.
+fn with_fields(mut body: Value, extra: &Value) -> Value {
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        body.extend(extra.clone());
+    }
+    body
+}
+
 /// What a greedy chat answered, with its token count and why it ended.
 async fn greedy_chat(s: &Server, prompt: &str, extra: Value) -> (String, u64, String) {
-    let mut body = json!({
+    let body = json!({
         "model": "smollm2",
         "messages": [{"role": "user", "content": prompt}],
         "temperature": 0,
         "max_tokens": 120,
     });
-    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
-        body.extend(extra.clone());
-    }
-    let resp = s.chat(body).await;
+    let resp = s.chat(with_fields(body, &extra)).await;
     let tokens = resp["usage"]["completion_tokens"].as_u64().unwrap();
     let finish = resp["choices"][0]["finish_reason"]
         .as_str()

@@ -52,6 +52,9 @@ fn padded(used: usize) -> usize {
 /// [`MIN_SAVED`] fewer cells than one: the cut in depth order that saves the most. `None`
 /// when no cut saves that much (sequences of like depth, or a single one).
 pub(crate) fn deep_group(seqs: &[(usize, usize)]) -> Option<Vec<usize>> {
+    if seqs.len() < 2 {
+        return None; // a single stream, each step: nothing to sort
+    }
     let mut sorted = seqs.to_vec();
     sorted.sort_by_key(|&(slot, used)| (padded(used), slot));
     let deepest = padded(sorted.last()?.1);

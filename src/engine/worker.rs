@@ -631,8 +631,6 @@ struct Worker<'m> {
     pace: Pace,
     /// Whether generating sequences decode in one call or two split by depth, as measured.
     depth_split: DepthSplit,
-    /// The decode calls of the step under way.
-    step_decode: StepDecode,
     ctx_per_slot: usize,
     /// Whether the model can draft at all ([`can_draft`]).
     can_draft: bool,
@@ -726,7 +724,6 @@ impl<'m> Worker<'m> {
             waiting: VecDeque::new(),
             pace: Pace::default(),
             depth_split: DepthSplit::default(),
-            step_decode: StepDecode::default(),
             budget: Budget {
                 batch: batch_size,
                 prefill_chunk: prefill_chunk(options.prefill_chunk, on_gpu, batch_size),
@@ -1787,30 +1784,27 @@ impl<'m> Worker<'m> {
             .iter()
             .map(|&i| (i, self.slots[i].cached.len() + 1))
             .collect();
-        let deep = self.depth_split.choose(&decode, depths::deep_group(&seqs));
-        self.step_decode = StepDecode::default();
-        match deep {
+        let groups = match self.depth_split.choose(&decode, depths::deep_group(&seqs)) {
             Some(deep) => {
                 self.metrics.split_steps.increment(1);
                 let (deep, shallow): (Vec<usize>, Vec<usize>) =
                     decode.into_iter().partition(|i| deep.contains(i));
-                for group in [shallow, deep] {
-                    self.evaluate_and_sample(&StepPlan {
-                        decode: group,
-                        prefill: vec![],
-                    });
-                }
+                vec![shallow, deep]
             }
-            None => self.evaluate_and_sample(&StepPlan {
-                decode,
+            None => vec![decode],
+        };
+        let mut step = StepDecode::default();
+        for group in groups {
+            step.add(self.evaluate_and_sample(&StepPlan {
+                decode: group,
                 prefill: vec![],
-            }),
+            }));
         }
         let StepDecode {
             decoded,
             drafted,
             secs,
-        } = std::mem::take(&mut self.step_decode);
+        } = step;
         if decoded > 0 {
             // The pace keeps plain decode steps' cost; drafts are paid for by what they yield.
             if drafted == 0 {
@@ -1831,10 +1825,15 @@ impl<'m> Worker<'m> {
     }
 
     /// Evaluates one batch and samples from it. If llama.cpp rejects a batch of several
-    /// sequences, each is retried alone so only the one at fault fails.
-    fn evaluate_and_sample(&mut self, plan: &StepPlan) {
+    /// sequences, each is retried alone so only the one at fault fails. What the calls that
+    /// went through decoded of generating sequences ([`Worker::evaluate`]).
+    fn evaluate_and_sample(&mut self, plan: &StepPlan) -> StepDecode {
+        let mut decoded = StepDecode::default();
         match self.evaluate(plan) {
-            Ok(()) => self.sample(plan),
+            Ok(d) => {
+                decoded = d;
+                self.sample(plan);
+            }
             Err(e) if plan.decode.len() + plan.prefill.len() > 1 => {
                 tracing::warn!(model = %self.name, error = %e, "batch failed; retrying each sequence alone");
                 let singles = plan
@@ -1850,18 +1849,24 @@ impl<'m> Worker<'m> {
                     }));
                 for single in singles.collect::<Vec<_>>() {
                     match self.evaluate(&single) {
-                        Ok(()) => self.sample(&single),
+                        Ok(d) => {
+                            decoded.add(d);
+                            self.sample(&single);
+                        }
                         Err(e) => self.fail(&single, e),
                     }
                 }
             }
             Err(e) => self.fail(plan, e),
         }
+        decoded
     }
 
     /// Fills the batch from the plan and runs `llama_decode`; on failure the slots are left
-    /// exactly as before.
-    fn evaluate(&mut self, plan: &StepPlan) -> Result<(), EngineError> {
+    /// exactly as before. A call with no prompt rows returns what it decoded and how long it
+    /// took, for the step to learn from ([`Worker::decode_generating`]); a prompt call
+    /// teaches the pace itself.
+    fn evaluate(&mut self, plan: &StepPlan) -> Result<StepDecode, EngineError> {
         self.batch.clear();
         let mut undo: Vec<Undo> = Vec::with_capacity(plan.decode.len() + plan.prefill.len());
         let shared_step = plan.decode.len() + plan.prefill.len() > 1;
@@ -1957,23 +1962,24 @@ impl<'m> Worker<'m> {
             self.metrics.prompt_tokens.increment((end - start) as u64);
         }
         if self.batch.n_tokens() == 0 {
-            return Ok(()); // every slot of the plan was released meanwhile
+            return Ok(StepDecode::default()); // every slot of the plan was released meanwhile
         }
         self.metrics.steps.increment(1);
         self.metrics.batch_sequences.record(undo.len() as f64);
         let started = Instant::now();
         // The pace counts the decode alone, not a wait for another model's turn.
         let (result, took) = graphs::decode_timed(&mut self.ctx, &mut self.batch);
+        let mut generated = StepDecode::default();
         if result.is_ok() {
             let decoded = undo.iter().filter(|u| u.2.is_some()).count();
             let rows = self.batch.n_tokens() as usize;
             let prompt = rows.saturating_sub(decoded + drafted);
             if prompt == 0 {
-                // The step's generating sequences may take two calls: the pace and the depth
-                // split learn from the step ([`Worker::decode_generating`]).
-                self.step_decode.decoded += decoded;
-                self.step_decode.drafted += drafted;
-                self.step_decode.secs += took.as_secs_f64();
+                generated = StepDecode {
+                    decoded,
+                    drafted,
+                    secs: took.as_secs_f64(),
+                };
             } else {
                 self.pace.record(decoded, prompt, took.as_secs_f64());
             }
@@ -1991,7 +1997,7 @@ impl<'m> Worker<'m> {
             "step"
         );
         match result {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(generated),
             Err(e) => {
                 self.metrics.decode_errors.increment(1);
                 for (i, len, next) in undo {
@@ -2283,6 +2289,14 @@ struct StepDecode {
     decoded: usize,
     drafted: usize,
     secs: f64,
+}
+
+impl StepDecode {
+    fn add(&mut self, other: StepDecode) {
+        self.decoded += other.decoded;
+        self.drafted += other.drafted;
+        self.secs += other.secs;
+    }
 }
 
 /// The prompt-chunk cap: the `configured` one, else [`crate::config::DEFAULT_PREFILL_CHUNK`]
