@@ -831,7 +831,8 @@ pub struct ServeArgs {
     /// server stops) writes the conversations it keeps (its slots' and those in --cache-ram)
     /// there, and its next load or the next start reads them back, so a conversation's next turn copies its history back
     /// instead of reading it again. A file is good for the build that wrote it and the same
-    /// model file and settings; they count against --cache-ram, and go once read back
+    /// model file and settings; they count against --cache-ram, and go once read back. One
+    /// server uses a folder at a time: another given it refuses to start
     /// [default: none, nothing outlives the process].
     #[arg(long, env = "BACKSTOP_CACHE_DIR", value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,

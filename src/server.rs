@@ -76,6 +76,16 @@ async fn signal() {
 /// Serves until a shutdown signal, or until a model fails to load.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
     let metrics = ops::metrics::install();
+    // Before binding: a folder another server holds is refused before anything listens.
+    let cache = match &config.engine.cache_dir {
+        Some(dir) => PromptCache::with_dir(config.engine.cache_ram, dir).map_err(|source| {
+            ServeError::CacheDir {
+                dir: dir.clone(),
+                source,
+            }
+        })?,
+        None => PromptCache::new(config.engine.cache_ram),
+    };
     let addr = config.server.listen;
     let listener = TcpListener::bind(addr)
         .await
@@ -100,15 +110,6 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     }
     let housekeeping = tokio::spawn(Arc::clone(&security).housekeeping_task());
 
-    let cache = match &config.engine.cache_dir {
-        Some(dir) => PromptCache::with_dir(config.engine.cache_ram, dir).map_err(|source| {
-            ServeError::CacheDir {
-                dir: dir.clone(),
-                source,
-            }
-        })?,
-        None => PromptCache::new(config.engine.cache_ram),
-    };
     let models = Models::new(&config, cache);
     tracing::info!(store = %models.store().root().display(), max_loaded = config.lifecycle.max_loaded, "model store");
     let reaper = tokio::spawn(Arc::clone(&models).reaper_task());

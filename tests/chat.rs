@@ -868,6 +868,65 @@ async fn conversations_outlive_a_restart_in_the_cache_folder_as_far_as_the_cache
     read_afresh_and_answered_as_cold(&s, next).await;
 }
 
+/// One server uses a cache folder at a time. A second one given the folder of a running server
+/// refuses to start, naming the first's pid, before it listens; the first serves on, and the
+/// conversation it read back from the folder (its files there the whole time) still comes back
+/// into a slot. A server killed outright leaves nothing that keeps the next one out.
+#[tokio::test]
+async fn a_second_server_is_refused_the_cache_folder_a_running_one_uses() {
+    let dir = common::temp_dir("cache-dir-held").join("kept");
+    let folder = dir.to_str().unwrap().to_owned();
+    let s = Server::start(&["--cache-dir", &folder]).await;
+    let ada = who_wrote("smollm2", "Ada");
+    let a1 = s.chat(ada.clone()).await;
+    stop(s).await;
+    let s = Server::start(&["--cache-dir", &folder]).await;
+    s.wait_log(&["read back", "conversations=1"]).await;
+    assert_eq!(kept_files(&dir), (1, 1));
+
+    let model = format!("smollm2={}", common::smollm2().display());
+    let second = {
+        let folder = folder.clone();
+        tokio::task::spawn_blocking(move || {
+            let args = [
+                "serve",
+                "--host",
+                "127.0.0.1:0",
+                "--model",
+                &model,
+                "--cache-dir",
+                &folder,
+            ];
+            common::run_to_exit(&args, Duration::from_secs(60))
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(second.code, Some(1), "{}", second.stderr);
+    let holder = format!(
+        "cache folder {folder}: another backstop (pid {}) is using it",
+        s.pid()
+    );
+    assert!(second.stderr.contains(&holder), "{}", second.stderr);
+    assert!(!second.stderr.contains("listening on"), "{}", second.stderr);
+    assert_eq!(
+        kept_files(&dir),
+        (1, 1),
+        "the second server removed nothing"
+    );
+
+    let next = continued(ada, &answer(&a1), "Now give them a title.");
+    reused_and_answered_as_cold(&s, next, &a1).await;
+    assert_eq!(
+        kept_files(&dir),
+        (0, 0),
+        "taken back once, its files are gone"
+    );
+    drop(s);
+    let s = Server::start(&["--cache-dir", &folder]).await;
+    s.wait_log(&["read back", "conversations=0"]).await;
+}
+
 /// A stopping server copies each slot's conversation into the memory of the one it wrote into
 /// the folder before it: three conversations, each shorter than the one before, all come back
 /// after a restart, each one's next turn reusing its whole history and answering as a cold

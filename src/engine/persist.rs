@@ -17,6 +17,13 @@
 //! back stay files until a request takes one (its files go once its rows are back in a slot)
 //! or the cache drops it (its files go with it); when the process stops they stay for the
 //! next start. Names are the time of writing, so the oldest come first when they are read.
+//!
+//! One process uses a folder at a time: it holds an exclusive lock on the folder's `lock` file
+//! (which names its pid) for as long as it runs, and another server given the same folder
+//! refuses to start. Two processes in one folder would each read the other's conversations
+//! as their own, remove files the other still counts on (and the half-written files of its
+//! stop), and take one conversation back twice. The kernel drops the lock when the process
+//! ends, however it ends, so a crash leaves nothing to clean up.
 
 use std::fs;
 use std::io;
@@ -35,6 +42,8 @@ const ROWS: &str = "seq";
 const META: &str = "json";
 /// A file being written: renamed once whole, so a crash leaves no half a file that reads.
 const PART: &str = "part";
+/// The file a process holds locked while it uses the folder, with its pid in it.
+const LOCK: &str = "lock";
 
 /// The folder, shared by every entry read from or written to it.
 pub(crate) struct Dir {
@@ -43,6 +52,8 @@ pub(crate) struct Dir {
     stopped: AtomicBool,
     /// Names written by this process, after the time.
     written: AtomicU64,
+    /// The folder's lock, held while this lives (`None` where the file system has no locks).
+    _lock: Option<fs::File>,
 }
 
 /// What the worker knows of a conversation's rows, beside them.
@@ -94,13 +105,15 @@ pub(crate) fn build() -> &'static str {
 
 impl Dir {
     /// The folder at `path`, made if it is missing (readable by this user only: the files
-    /// hold the conversations' tokens, so their text); files left half written are removed.
+    /// hold the conversations' tokens, so their text), and locked for this process: an error
+    /// if another process holds it. Files left half written are removed.
     pub(crate) fn open(path: &Path) -> io::Result<Arc<Dir>> {
         let mut builder = fs::DirBuilder::new();
         builder.recursive(true);
         #[cfg(unix)]
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
         builder.create(path)?;
+        let lock = lock(&path.join(LOCK))?;
         for file in fs::read_dir(path)? {
             let name = file?.file_name();
             if ours(&name.to_string_lossy()).is_some_and(|(_, ext)| ext.ends_with(PART)) {
@@ -111,6 +124,7 @@ impl Dir {
             path: path.to_path_buf(),
             stopped: AtomicBool::new(false),
             written: AtomicU64::new(0),
+            _lock: lock,
         }))
     }
 
@@ -277,6 +291,43 @@ impl Drop for Saved {
     }
 }
 
+/// The folder's lock file at `path`, locked for this process and naming its pid; an error
+/// naming the other's pid if another process (or another `Dir` of this one) holds it. Where the
+/// file system cannot lock, the folder is used unlocked, with a warning.
+fn lock(path: &Path) -> io::Result<Option<fs::File>> {
+    use std::io::{Read, Seek, Write};
+    // Not truncated before the lock is ours: the pid in it may be the holder's.
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let holder = match file.read_to_string(&mut pid) {
+                Ok(_) if !pid.trim().is_empty() => format!("another backstop (pid {})", pid.trim()),
+                _ => "another backstop".to_owned(),
+            };
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!("{holder} is using it; give each server a folder of its own"),
+            ));
+        }
+        Err(fs::TryLockError::Error(e)) => {
+            tracing::warn!(file = %path.display(), error = %e,
+                "cannot lock the cache folder: nothing stops another server from using it too");
+            return Ok(None);
+        }
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(Some(file))
+}
+
 /// The name and extension of a file this module names: `NAME.seq`, `NAME.json`, or either
 /// with `.part`, where NAME is the time it was written, in nanoseconds (24 digits), and a
 /// count (6).
@@ -356,8 +407,8 @@ mod tests {
         assert_eq!((a.bytes(), b.bytes()), (9, 1));
         assert_eq!(fs::read(a.rows()).unwrap(), b"rows of a");
         dir.stopped();
-        drop((a, b));
-        assert_eq!(files(&path).len(), 4, "a stopped process leaves its files");
+        drop((a, b, dir));
+        assert_eq!(files(&path).len(), 5, "a stopped process leaves its files");
 
         let again = Dir::open(&path).unwrap();
         let read = again.read();
@@ -367,7 +418,7 @@ mod tests {
         assert_eq!(read[0].1.bytes(), 9);
         // Taken (or dropped by the cache) while the process runs: its files go.
         drop(read);
-        assert!(files(&path).is_empty(), "{:?}", files(&path));
+        assert_eq!(files(&path), ["lock"]);
         fs::remove_dir_all(&path).unwrap();
     }
 
@@ -394,7 +445,7 @@ mod tests {
         fs::write(named(4, "json.part"), b"half").unwrap();
         fs::write(path.join("notes.json"), b"a file of the user's").unwrap();
         let good_name = good.name.clone();
-        drop((good, short, other, lying));
+        drop((good, short, other, lying, dir));
 
         let again = Dir::open(&path).unwrap();
         let read = again.read();
@@ -405,6 +456,7 @@ mod tests {
             [
                 format!("{good_name}.json"),
                 format!("{good_name}.seq"),
+                "lock".into(),
                 "notes.json".into()
             ]
         );
@@ -446,7 +498,41 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.contains("could not write"), "{err}");
-        assert!(files(&path).is_empty(), "{:?}", files(&path));
+        assert_eq!(files(&path), ["lock"]);
+        fs::remove_dir_all(&path).unwrap();
+    }
+
+    #[test]
+    fn one_user_of_a_folder_at_a_time_and_its_half_written_files_are_left_to_it() {
+        let path = folder("locked");
+        let dir = Dir::open(&path).unwrap();
+        let pid = std::process::id().to_string();
+        assert_eq!(fs::read_to_string(path.join(LOCK)).unwrap().trim(), pid);
+        let half = path.join(format!("{:024}-000000.seq.part", 1));
+        fs::write(&half, b"being written").unwrap();
+
+        let err = Dir::open(&path).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::ResourceBusy);
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("another backstop (pid {pid}) is using it")),
+            "{msg}"
+        );
+        assert!(
+            half.exists(),
+            "the holder's half-written file is left alone"
+        );
+        assert_eq!(fs::read_to_string(path.join(LOCK)).unwrap().trim(), pid);
+
+        // Its holder gone (a process that ends, however it ends, drops its lock), it opens.
+        drop(dir);
+        let again = Dir::open(&path).unwrap();
+        assert!(
+            !half.exists(),
+            "left half written by a process that has ended"
+        );
+        assert!(again.read().is_empty());
+        drop(again);
         fs::remove_dir_all(&path).unwrap();
     }
 }
