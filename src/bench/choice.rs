@@ -181,7 +181,7 @@ fn parse_hellaswag(text: &str) -> Result<Vec<Task>, String> {
     if lines.is_empty() {
         return Err("no tasks".into());
     }
-    if lines.len() % LINES != 0 {
+    if !lines.len().is_multiple_of(LINES) {
         return Err(format!(
             "{} lines, not a whole number of tasks: each is {LINES} lines (the context, the \
              number of the right ending from 0 to 3, and the four endings)",

@@ -96,7 +96,7 @@ impl EmbedShape {
         let tokens = ctx_per_slot.min(batch).max(1);
         let seqs = (1..=MAX_SEQS.min(tokens))
             .rev()
-            .find(|s| tokens % s == 0)
+            .find(|s| tokens.is_multiple_of(*s))
             .unwrap_or(1);
         EmbedShape { tokens, seqs }
     }

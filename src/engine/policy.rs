@@ -301,8 +301,8 @@ impl Grain {
         let rows = end.saturating_sub(start);
         let whole = start == s && end == e;
         end <= e
-            && (start - s) % self.align == 0
-            && (end == e || (end - s) % self.align == 0)
+            && (start - s).is_multiple_of(self.align)
+            && (end == e || (end - s).is_multiple_of(self.align))
             && (rows >= self.least(e - s) || whole)
     }
 }
