@@ -302,16 +302,54 @@ async fn a_deep_conversation_decodes_apart_from_short_answers_and_each_answers_a
     deep_beside_short(&s, &json!({})).await;
 }
 
+/// Drafted steps split by depth answer as alone too; and the steps timed to choose between
+/// one call and two draft nothing (a drafted row at the deep sequence's depth would weigh on
+/// one way's time only), while the others, split ones among them, go on drafting.
 #[tokio::test]
 async fn drafts_beside_a_deep_conversation_decoded_apart_answer_as_alone() {
     // The deep prompt repeats one sentence, and so does its answer: prompt lookup drafts it,
     // at least two tokens a step wherever a draft is found.
-    let s = Server::start(&["--parallel", "3", "--speculate", "8"]).await;
+    let model = format!("smollm2={}", common::smollm2().display());
+    let args = ["--model", &model, "--parallel", "3", "--speculate", "8"];
+    let log = [("BACKSTOP_LOG", "info,backstop::engine::worker=trace")];
+    let s = Server::start_with_env(&args, &log).await;
     deep_beside_short(&s, &json!({"speculative.n_min": 2})).await;
     let [taken, checked, _] = draft_counts(&s).await;
     assert!(
         checked > 0.0 && taken > 0.0,
         "drafted {checked}, taken {taken}"
+    );
+    // Each generating step's calls, whether it was timed, and its drafted tokens.
+    let steps = |log: &str| -> Vec<(u32, bool, u32)> {
+        log.lines()
+            .filter(|l| l.contains("generating step"))
+            .map(|l| {
+                let field = |k: &str| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+                        .unwrap_or_else(|| panic!("no {k} in {l}"))
+                };
+                let n = |k: &str| field(k).parse::<u32>().unwrap();
+                (n("calls"), field("timed") == "true", n("drafted"))
+            })
+            .collect()
+    };
+    let log = s
+        .wait_log_for(
+            |log| {
+                steps(log)
+                    .iter()
+                    .any(|&(calls, _, drafted)| calls == 2 && drafted > 0)
+            },
+            "a step in two calls that drafted",
+        )
+        .await;
+    let steps = steps(&log);
+    let timed: Vec<_> = steps.iter().filter(|s| s.1).collect();
+    assert!(timed.len() >= 2, "each way timed at least once: {steps:?}");
+    assert!(
+        timed.iter().all(|s| s.2 == 0),
+        "a timed step drafted: {steps:?}"
     );
 }
 

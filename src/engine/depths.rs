@@ -25,6 +25,13 @@
 //! depths move and the machine's load with them; each time it is still the slower, twice as
 //! many steps pass before the next (up to [`RETRY_MOST`]), so a way that loses by far (three
 //! ubatches on a GPU where one call takes 1.6 ms) costs a step in hundreds, not one in 32.
+//!
+//! Only steps without drafts (`--speculate`) are compared: a drafted token is one more row
+//! at the sequence's depth (a few milliseconds at 3,000 cells on that CPU, as much as a
+//! whole step of short answers), so a step that drafts would weigh on one way's time and not
+//! the other's. A step that is to be timed, the first of each way or the way not taken
+//! measured again, decodes without drafts ([`DepthSplit::measuring`]); another step that
+//! drafted teaches nothing ([`DepthSplit::skip`]).
 
 /// llama.cpp's padding of the cells a call attends to (`n_pad_cur` in `get_n_kv`).
 const PAD: usize = 256;
@@ -141,7 +148,27 @@ impl DepthSplit {
         two.then_some(deep)
     }
 
-    /// Learns that the step [`DepthSplit::choose`] chose for took `secs` to decode. The way
+    /// Whether the step [`DepthSplit::choose`] just chose for is to be timed for the choice
+    /// (the first of its way, or the way not taken measured again), and so decodes without
+    /// drafts.
+    pub(crate) fn measuring(&self) -> bool {
+        match self.taken {
+            Some((_, retry)) => retry || self.one.is_none() || self.two.is_none(),
+            None => false,
+        }
+    }
+
+    /// The step [`DepthSplit::choose`] chose for drafted (or decoded nothing): its time says
+    /// nothing of its way. A way not taken that it was to measure again is measured at the
+    /// next step instead.
+    pub(crate) fn skip(&mut self) {
+        if let Some((_, true)) = self.taken.take() {
+            self.since_other = self.retry_after;
+        }
+    }
+
+    /// Learns that the step [`DepthSplit::choose`] chose for took `secs` to decode, with no
+    /// drafts. The way
     /// not taken, measured again, takes the new time as it is (its old one is many steps
     /// stale, from shallower sequences), and is next measured twice as many steps later if
     /// it is still the slower, or [`RETRY_EVERY`] steps later if it is now the faster.
@@ -239,6 +266,43 @@ mod tests {
         run(&mut split, 2, 0.060, 0.045);
         let later = run(&mut split, 4 * RETRY_EVERY, 0.030, 0.045);
         assert_eq!(later, RETRY_EVERY - 1 + 2);
+    }
+
+    #[test]
+    fn steps_timed_for_the_choice_decode_without_drafts_and_drafted_steps_teach_nothing() {
+        let (slots, deep) = ([0, 1, 2], Some(vec![1]));
+        let mut split = DepthSplit::default();
+        assert_eq!(split.choose(&slots, deep.clone()), None);
+        assert!(split.measuring(), "one call's first step is timed");
+        split.record(0.060);
+        assert_eq!(split.choose(&slots, deep.clone()), Some(vec![1]));
+        assert!(split.measuring(), "two calls' first step is timed");
+        split.record(0.045);
+        // Two calls kept; their steps may draft, and the drafted ones are not timed: had their
+        // 0.2 s counted, one call would have been measured again as the faster.
+        for _ in 1..RETRY_EVERY {
+            assert_eq!(split.choose(&slots, deep.clone()), Some(vec![1]));
+            assert!(!split.measuring());
+            split.skip();
+        }
+        assert_eq!(split.choose(&slots, deep.clone()), None);
+        assert!(split.measuring(), "one call measured again is timed");
+        // That step decoded nothing (its requests were cancelled): the next one measures.
+        split.skip();
+        assert_eq!(split.choose(&slots, deep.clone()), None);
+        assert!(split.measuring());
+        split.record(0.070);
+        assert_eq!(split.choose(&slots, deep.clone()), Some(vec![1]));
+        assert!(!split.measuring());
+        // A first measurement skipped is made at the next step of its way.
+        let mut split = DepthSplit::default();
+        assert_eq!(split.choose(&slots, deep.clone()), None);
+        split.skip();
+        assert_eq!(split.choose(&slots, deep.clone()), None);
+        assert!(split.measuring());
+        // No choice: nothing to time.
+        assert_eq!(split.choose(&slots, None), None);
+        assert!(!split.measuring());
     }
 
     #[test]

@@ -404,6 +404,9 @@ pub(crate) struct StepPlan {
     /// Slots that evaluate this many more prompt tokens, oldest admission first; a slot
     /// appears once per segment it reads this step, in order.
     pub(crate) prefill: Vec<(usize, usize)>,
+    /// The decoding slots draft nothing (`--speculate`): a step timed to choose how they
+    /// decode ([`crate::engine::depths::DepthSplit::measuring`]).
+    pub(crate) plain: bool,
 }
 
 impl StepPlan {

@@ -1745,7 +1745,9 @@ impl<'m> Worker<'m> {
     /// long system prompt read it once and all start generating together.
     fn step(&mut self, plan: StepPlan) {
         self.step_no += 1;
-        let StepPlan { decode, prefill } = plan;
+        let StepPlan {
+            decode, prefill, ..
+        } = plan;
         let fresh = decode.is_empty();
         let used: usize = prefill.iter().map(|p| p.1).sum();
         if !decode.is_empty() {
@@ -1784,7 +1786,9 @@ impl<'m> Worker<'m> {
             .iter()
             .map(|&i| (i, self.slots[i].cached.len() + 1))
             .collect();
-        let groups = match self.depth_split.choose(&decode, depths::deep_group(&seqs)) {
+        let chosen = self.depth_split.choose(&decode, depths::deep_group(&seqs));
+        let plain = self.depth_split.measuring();
+        let groups = match chosen {
             Some(deep) => {
                 self.metrics.split_steps.increment(1);
                 let (deep, shallow): (Vec<usize>, Vec<usize>) =
@@ -1793,11 +1797,13 @@ impl<'m> Worker<'m> {
             }
             None => vec![decode],
         };
+        let calls = groups.len();
         let mut step = StepDecode::default();
         for group in groups {
             step.add(self.evaluate_and_sample(&StepPlan {
                 decode: group,
                 prefill: vec![],
+                plain,
             }));
         }
         let StepDecode {
@@ -1805,12 +1811,20 @@ impl<'m> Worker<'m> {
             drafted,
             secs,
         } = step;
-        if decoded > 0 {
-            // The pace keeps plain decode steps' cost; drafts are paid for by what they yield.
-            if drafted == 0 {
-                self.pace.record(decoded, 0, secs);
-            }
+        tracing::trace!(
+            calls,
+            timed = plain,
+            decoded,
+            drafted,
+            ms = secs * 1e3,
+            "generating step"
+        );
+        if decoded > 0 && drafted == 0 {
+            // Both keep plain decode steps' cost; drafts are paid for by what they yield.
+            self.pace.record(decoded, 0, secs);
             self.depth_split.record(secs);
+        } else {
+            self.depth_split.skip();
         }
     }
 
@@ -1818,8 +1832,8 @@ impl<'m> Worker<'m> {
     fn read_chunks(&mut self, chunks: Vec<(usize, usize)>) {
         for chunk in chunks {
             self.evaluate_and_sample(&StepPlan {
-                decode: vec![],
                 prefill: vec![chunk],
+                ..StepPlan::default()
             });
         }
     }
@@ -1842,10 +1856,11 @@ impl<'m> Worker<'m> {
                     .map(|&i| StepPlan {
                         decode: vec![i],
                         prefill: vec![],
+                        plain: plan.plain,
                     })
                     .chain(plan.prefill.iter().map(|&p| StepPlan {
-                        decode: vec![],
                         prefill: vec![p],
+                        ..StepPlan::default()
                     }));
                 for single in singles.collect::<Vec<_>>() {
                     match self.evaluate(&single) {
@@ -1889,7 +1904,11 @@ impl<'m> Worker<'m> {
                 .map_err(|e| EngineError::Decode(e.to_string()))?;
             slot.cached.push(token);
             active.logits_at = Some(self.batch.n_tokens() - 1);
-            let room = self.draft_room(i, rows);
+            let room = if plan.plain {
+                0
+            } else {
+                self.draft_room(i, rows)
+            };
             let slot = &mut self.slots[i];
             let Some(active) = slot.active.as_mut() else {
                 continue;
@@ -2100,7 +2119,7 @@ impl<'m> Worker<'m> {
     fn fail_one(&mut self, i: usize, what: &str) {
         let plan = StepPlan {
             decode: vec![i],
-            prefill: vec![],
+            ..StepPlan::default()
         };
         self.fail(&plan, EngineError::Decode(what.into()));
     }
