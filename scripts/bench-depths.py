@@ -19,9 +19,10 @@ are the tokens per second of all the streams together in it, and each kind of st
 median inter-token gap in it. Ratios are per repetition, against llama-server.
 
     ~/.cache/backstop/venv/bin/python scripts/bench-depths.py [--model PATH] [--reps 5]
-        [--short 3] [--history 3000] [--max-tokens 96] [--before BINARY]
+        [--short 3] [--history 3000] [--max-tokens 96] [--before BINARY] [--speculate N]
 
---before BINARY adds an earlier backstop build as a third server. Writes
+--before BINARY adds an earlier backstop build as a third server. --speculate N serves the
+backstop builds with prompt-lookup drafts (`serve --speculate N`); llama-server stays plain. Writes
 bench-results/depths-<time>.json.
 """
 
@@ -89,6 +90,7 @@ def main() -> int:
     ap.add_argument("--short", type=int, default=3, help="short streams beside the long conversation")
     ap.add_argument("--history", type=int, default=3000, help="tokens of notes the long conversation holds")
     ap.add_argument("--before", type=pathlib.Path, help="an earlier backstop build, measured beside")
+    ap.add_argument("--speculate", type=int, help="backstop drafts up to N tokens a step by prompt lookup")
     args = ap.parse_args()
     if args.history + 3 * args.max_tokens > args.ctx:
         ap.error("--history and twice --max-tokens must fit --ctx")
@@ -98,8 +100,10 @@ def main() -> int:
     if args.before:
         binaries["backstop (before)"] = args.before
     kinds = list(binaries)
+    drafts = ["--speculate", str(args.speculate)] if args.speculate else []
     servers = {k: peers.serve_side_by_side(k, binaries[k], model, args.threads, args.short + 1, args.ctx,
-                                           template, []) for k in kinds}
+                                           template, drafts if k.startswith("backstop") else [])
+               for k in kinds}
     history = peers.history(args.history, "depths")
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     try:
@@ -115,7 +119,8 @@ def main() -> int:
 
     peer = runs["llama-server"]
     print(f"\n{args.short} short streams beside a {args.history}-token conversation, {model.name}, "
-          f"{args.threads} threads, {args.reps} reps ({peers.cpu_model()}; llama-server {peer_version})\n")
+          f"{args.threads} threads, {args.reps} reps ({peers.cpu_model()}; llama-server {peer_version})"
+          + (f"; backstop --speculate {args.speculate}" if args.speculate else "") + "\n")
     print("| server | tok/s, all streams together | vs llama-server | short streams' median gap ms "
           "| vs llama-server | long stream's median gap ms | vs llama-server |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -132,7 +137,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"depths-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"model": str(model), "threads": args.threads, "short": args.short,
-                                "history": args.history, "max_tokens": args.max_tokens, "cpu": peers.cpu_model(),
+                                "history": args.history, "max_tokens": args.max_tokens, "speculate": args.speculate, "cpu": peers.cpu_model(),
                                 "llama_server": peer_version, "figures": figures}, indent=1))
     print(f"\nwrote {path}")
     return 0

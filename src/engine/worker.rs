@@ -1817,6 +1817,7 @@ impl<'m> Worker<'m> {
             decoded,
             drafted,
             ms = secs * 1e3,
+            slots_cells = ?seqs,
             "generating step"
         );
         if decoded > 0 && drafted == 0 {
