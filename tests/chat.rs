@@ -517,6 +517,41 @@ const HARBOUR: &str = "You are the harbour master's assistant in a small fishing
     answer questions about tides, moorings, fuel and the weather at sea, briefly and exactly, and \
     you always remind skippers to check the latest forecast before they sail.";
 
+/// A new conversation that shares only the chat template's first tokens with a free slot's
+/// conversation takes an empty slot rather than give that conversation up: with nothing kept
+/// in host memory (`--cache-ram 0`) and two slots, A's first turn, then B's (another system
+/// prompt), then A's follow-up, which reuses A's whole first turn where it was left.
+#[tokio::test]
+async fn a_new_conversation_takes_an_empty_slot_rather_than_give_up_another() {
+    let s = Server::start(&["--parallel", "2", "--cache-ram", "0"]).await;
+    let chat = |system: &str, turns: &[(&str, &str)]| {
+        let mut messages = vec![json!({"role": "system", "content": system})];
+        for (role, content) in turns {
+            messages.push(json!({"role": role, "content": content}));
+        }
+        json!({"model": "smollm2", "messages": messages, "temperature": 0, "max_tokens": 24})
+    };
+    let a1 = s
+        .chat(chat(GARDEN, &[("user", "Name three fruits.")]))
+        .await;
+    let b1 = s
+        .chat(chat(HARBOUR, &[("user", "When is high tide today?")]))
+        .await;
+    assert!(cached(&b1) < 8, "B shares only the template's start: {b1}");
+    let a2 = s
+        .chat(chat(
+            GARDEN,
+            &[
+                ("user", "Name three fruits."),
+                ("assistant", &answer(&a1)),
+                ("user", "Which of them is sweetest?"),
+            ],
+        ))
+        .await;
+    let first = a1["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(cached(&a2) >= first, "A's first turn was given up: {a2}");
+}
+
 /// Conversations beyond the slots keep their cache in host memory (`--cache-ram`): with one
 /// slot, conversation A's first turn, then B's, then A's follow-up. The follow-up copies A's
 /// rows back and reuses as much as it would had A kept a slot of its own (a two-slot server),

@@ -666,7 +666,9 @@ pub(crate) fn shared_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
 
 /// Places a prompt. Among free slots, the one whose cache spares the most of it (multi-turn
 /// chats and shared system prompts skip re-reading that prefix); without any, the least
-/// recently used, so recent conversations keep their cache. If a busy slot spares at least
+/// recently used, so recent conversations keep their cache. A slot whose conversation the
+/// prompt parts from [`COPY_GAIN`] or more tokens before its end counts [`COPY_GAIN`] less:
+/// a conversation is given up only for that much more than a slot that gives up nothing. If a busy slot spares at least
 /// [`COPY_GAIN`] more (concurrent requests with the same system prompt or the same
 /// question), its cache is copied into the free slot whose cache is worth least.
 /// Without a whole-prompt hit at least one prompt token is left to read, for fresh logits.
@@ -711,13 +713,26 @@ pub(crate) fn place<T: PartialEq>(
         })
         .collect();
     let free = || scored.iter().filter(|(s, _, _)| !s.busy);
+    // Taking a slot whose conversation parts from the prompt COPY_GAIN or more tokens before
+    // its end gives that conversation up (into host memory at best, as `stash_slot` keeps
+    // it): worth it only where that slot spares at least COPY_GAIN more of the prompt than
+    // one that gives up nothing or less (an empty slot, the conversation's own next turn).
+    let worth = |s: &CachedSlot<'_, T>, n: usize, shared: usize| {
+        let gives_up = s.cached.len() >= shared + COPY_GAIN;
+        if gives_up {
+            n
+        } else {
+            n + COPY_GAIN
+        }
+    };
     let (best_free, n_free, _) = free().max_by(|(a, na, sa), (b, nb, sb)| {
         let closer = if compact {
             span(b.index).cmp(&span(a.index))
         } else {
             std::cmp::Ordering::Equal
         };
-        na.cmp(nb)
+        worth(a, *na, *sa)
+            .cmp(&worth(b, *nb, *sb))
             .then(sa.cmp(sb))
             .then(closer)
             .then(b.last_used.cmp(&a.last_used))
@@ -1267,6 +1282,34 @@ mod tests {
         short[59] = 77;
         assert_eq!(exact(&short), Some((0, 0)));
         assert_eq!(fast(&short), Some((0, 59)));
+    }
+
+    #[test]
+    fn a_conversation_is_given_up_only_for_copy_gain_more_than_a_slot_giving_up_nothing() {
+        // Slot 0 holds a conversation, slot 1 nothing (and was used more recently).
+        let conv = tokens(1..=200);
+        let empty: &[i32] = &[];
+        let free = [slot(0, &conv, conv.len(), 1), slot(1, empty, 0, 5)];
+        let prompt =
+            |shared: i32| -> Vec<i32> { tokens(1..=shared).into_iter().chain(500..540).collect() };
+        // Sharing the template's first tokens: the empty slot; the conversation stays.
+        assert_eq!(at(&free, &prompt(3), Reuse::Fast), Some((1, 0)));
+        assert_eq!(at(&free, &prompt(3), Reuse::Exact), Some((1, 0)));
+        let gain = COPY_GAIN as i32;
+        assert_eq!(at(&free, &prompt(gain - 1), Reuse::Fast), Some((1, 0)));
+        // Sparing COPY_GAIN more than the empty slot: worth giving the conversation up.
+        assert_eq!(at(&free, &prompt(gain), Reuse::Fast), Some((0, COPY_GAIN)));
+        // Its own next turn gives nothing up, nor does a prompt it parts from near its end.
+        let next: Vec<i32> = conv.iter().copied().chain(600..610).collect();
+        assert_eq!(at(&free, &next, Reuse::Fast), Some((0, 200)));
+        assert_eq!(at(&free, &prompt(180), Reuse::Fast), Some((0, 180)));
+        // Every free slot gives a conversation up: the one sparing the most, as before.
+        let other = tokens(300..=400);
+        let full = [
+            slot(0, &conv, conv.len(), 1),
+            slot(1, &other, other.len(), 5),
+        ];
+        assert_eq!(at(&full, &prompt(3), Reuse::Fast), Some((0, 3)));
     }
 
     #[test]
