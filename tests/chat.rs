@@ -517,13 +517,15 @@ const HARBOUR: &str = "You are the harbour master's assistant in a small fishing
     answer questions about tides, moorings, fuel and the weather at sea, briefly and exactly, and \
     you always remind skippers to check the latest forecast before they sail.";
 
-/// A new conversation that shares only the chat template's first tokens with a free slot's
-/// conversation takes an empty slot rather than give that conversation up: with nothing kept
-/// in host memory (`--cache-ram 0`) and two slots, A's first turn, then B's (another system
-/// prompt), then A's follow-up, which reuses A's whole first turn where it was left.
+/// A new conversation takes an empty slot rather than give up a kept one for less than that
+/// one would lose. With nothing kept in host memory (`--cache-ram 0`) and three slots: A's
+/// first turn (the garden's system prompt and a long message); B's, under another system
+/// prompt (sharing only the template's first tokens with A); C's, under A's system prompt
+/// (which A's slot would spare, at the cost of the ~250 tokens A holds past it); then A's
+/// follow-up, which reuses A's whole first turn where it was left.
 #[tokio::test]
 async fn a_new_conversation_takes_an_empty_slot_rather_than_give_up_another() {
-    let s = Server::start(&["--parallel", "2", "--cache-ram", "0"]).await;
+    let s = Server::start(&["--parallel", "3", "--cache-ram", "0"]).await;
     let chat = |system: &str, turns: &[(&str, &str)]| {
         let mut messages = vec![json!({"role": "system", "content": system})];
         for (role, content) in turns {
@@ -531,20 +533,24 @@ async fn a_new_conversation_takes_an_empty_slot_rather_than_give_up_another() {
         }
         json!({"model": "smollm2", "messages": messages, "temperature": 0, "max_tokens": 24})
     };
-    let a1 = s
-        .chat(chat(GARDEN, &[("user", "Name three fruits.")]))
-        .await;
+    let notes = format!(
+        "{} Which fruit should I plant next?",
+        "My garden has apple, pear and plum trees, and a bed of strawberries. ".repeat(12)
+    );
+    let a1 = s.chat(chat(GARDEN, &[("user", &notes)])).await;
     let b1 = s
         .chat(chat(HARBOUR, &[("user", "When is high tide today?")]))
         .await;
     assert!(cached(&b1) < 8, "B shares only the template's start: {b1}");
+    let c1 = s.chat(chat(GARDEN, &[("user", "What is a rose?")])).await;
+    assert_eq!(cached(&c1), 0, "C read the system prompt afresh: {c1}");
     let a2 = s
         .chat(chat(
             GARDEN,
             &[
-                ("user", "Name three fruits."),
+                ("user", &notes),
                 ("assistant", &answer(&a1)),
-                ("user", "Which of them is sweetest?"),
+                ("user", "And which one needs the least water?"),
             ],
         ))
         .await;

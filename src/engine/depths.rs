@@ -168,10 +168,10 @@ impl DepthSplit {
     }
 
     /// Learns that the step [`DepthSplit::choose`] chose for took `secs` to decode, with no
-    /// drafts. The way
-    /// not taken, measured again, takes the new time as it is (its old one is many steps
-    /// stale, from shallower sequences), and is next measured twice as many steps later if
-    /// it is still the slower, or [`RETRY_EVERY`] steps later if it is now the faster.
+    /// drafts. The way not taken, measured again, takes the new time as it is (its old one is
+    /// many steps stale, from shallower sequences), and is next measured twice as many steps
+    /// later if it is still the slower, or [`RETRY_EVERY`] steps later if it is now the
+    /// faster.
     pub(crate) fn record(&mut self, secs: f64) {
         let Some((two, retry)) = self.taken.take() else {
             return;

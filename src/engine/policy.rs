@@ -596,6 +596,9 @@ pub(crate) struct CachedSlot<'a, T> {
     pub(crate) held: Held,
     /// Serving a request: not a place for a new one, but its cache can still be copied.
     pub(crate) busy: bool,
+    /// Its conversation, given up to a request, is kept in host memory (`--cache-ram`)
+    /// rather than lost.
+    pub(crate) kept: bool,
     /// The whole prompt a busy slot is still reading, while every row it has read so far
     /// was read as a cold read reads it (so, chunk by chunk, the rest will be too).
     pub(crate) reading: Option<&'a [T]>,
@@ -659,6 +662,13 @@ fn reusable<T: PartialEq>(
     (n, shared)
 }
 
+/// Whether a prompt sharing `shared` leading tokens with a slot's `cached` ones parts from
+/// them [`COPY_GAIN`] or more tokens before their end: a request taking the slot would give
+/// up another conversation, not read on from its own.
+pub(crate) fn parts_early(cached: usize, shared: usize) -> bool {
+    cached >= shared + COPY_GAIN
+}
+
 /// How many leading tokens `a` and `b` have in common.
 pub(crate) fn shared_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
     a.iter().zip(b).take_while(|(a, b)| a == b).count()
@@ -667,8 +677,9 @@ pub(crate) fn shared_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
 /// Places a prompt. Among free slots, the one whose cache spares the most of it (multi-turn
 /// chats and shared system prompts skip re-reading that prefix); without any, the least
 /// recently used, so recent conversations keep their cache. A slot whose conversation the
-/// prompt parts from [`COPY_GAIN`] or more tokens before its end counts [`COPY_GAIN`] less:
-/// a conversation is given up only for that much more than a slot that gives up nothing. If a busy slot spares at least
+/// prompt [`parts_early`] from is taken only where it spares as much more than a slot that
+/// gives up nothing as the conversation loses ([`COPY_GAIN`] where host memory keeps it,
+/// else every row past the shared prefix). If a busy slot spares at least
 /// [`COPY_GAIN`] more (concurrent requests with the same system prompt or the same
 /// question), its cache is copied into the free slot whose cache is worth least.
 /// Without a whole-prompt hit at least one prompt token is left to read, for fresh logits.
@@ -713,30 +724,37 @@ pub(crate) fn place<T: PartialEq>(
         })
         .collect();
     let free = || scored.iter().filter(|(s, _, _)| !s.busy);
-    // Taking a slot whose conversation parts from the prompt COPY_GAIN or more tokens before
-    // its end gives that conversation up (into host memory at best, as `stash_slot` keeps
-    // it): worth it only where that slot spares at least COPY_GAIN more of the prompt than
-    // one that gives up nothing or less (an empty slot, the conversation's own next turn).
-    let worth = |s: &CachedSlot<'_, T>, n: usize, shared: usize| {
-        let gives_up = s.cached.len() >= shared + COPY_GAIN;
-        if gives_up {
-            n
-        } else {
-            n + COPY_GAIN
-        }
-    };
-    let (best_free, n_free, _) = free().max_by(|(a, na, sa), (b, nb, sb)| {
+    let rank = |(a, na, sa): &&(&CachedSlot<'_, T>, usize, usize),
+                (b, nb, sb): &&(&CachedSlot<'_, T>, usize, usize)| {
         let closer = if compact {
             span(b.index).cmp(&span(a.index))
         } else {
             std::cmp::Ordering::Equal
         };
-        worth(a, *na, *sa)
-            .cmp(&worth(b, *nb, *sb))
+        na.cmp(nb)
             .then(sa.cmp(sb))
             .then(closer)
             .then(b.last_used.cmp(&a.last_used))
-    })?;
+    };
+    // Taking a slot whose conversation the prompt parts early from gives that conversation
+    // up: worth it only where that slot spares as much more of the prompt than a slot that
+    // gives up nothing (an empty one, a conversation's own next turn) as the conversation
+    // loses: a copy into host memory and back (COPY_GAIN tokens' worth) where it is kept,
+    // every row it holds past the shared prefix (its next turn reads them again) where not.
+    let (giving, clean): (Vec<_>, Vec<_>) =
+        free().partition(|(s, _, shared)| parts_early(s.cached.len(), *shared));
+    let loses = |(s, _, shared): &(&CachedSlot<'_, T>, usize, usize)| {
+        if s.kept {
+            COPY_GAIN
+        } else {
+            s.cached.len() - shared
+        }
+    };
+    let (best_free, n_free, _) = match (clean.iter().max_by(rank), giving.iter().max_by(rank)) {
+        (Some(clean), Some(giving)) if giving.1 >= clean.1 + loses(giving) => giving,
+        (Some(clean), _) => clean,
+        (None, giving) => giving?,
+    };
     let busy = scored
         .iter()
         .filter(|(s, _, _)| s.busy)
@@ -1059,6 +1077,7 @@ mod tests {
             held: Held::default(),
             last_used,
             busy: false,
+            kept: true,
             reading: None,
         }
     }
@@ -1285,8 +1304,9 @@ mod tests {
     }
 
     #[test]
-    fn a_conversation_is_given_up_only_for_copy_gain_more_than_a_slot_giving_up_nothing() {
-        // Slot 0 holds a conversation, slot 1 nothing (and was used more recently).
+    fn a_conversation_is_given_up_only_for_more_than_it_loses() {
+        // Slot 0 holds a conversation, slot 1 nothing (and was used more recently). Given up,
+        // the conversation is kept in host memory (`slot`'s default, the server's).
         let conv = tokens(1..=200);
         let empty: &[i32] = &[];
         let free = [slot(0, &conv, conv.len(), 1), slot(1, empty, 0, 5)];
@@ -1303,6 +1323,18 @@ mod tests {
         let next: Vec<i32> = conv.iter().copied().chain(600..610).collect();
         assert_eq!(at(&free, &next, Reuse::Fast), Some((0, 200)));
         assert_eq!(at(&free, &prompt(180), Reuse::Fast), Some((0, 180)));
+        // Nothing kept in host memory (`--cache-ram 0`): a conversation is given up only for
+        // as many tokens as it loses: 160 past 40 shared ones, 101 past 99, 100 past 100.
+        let lost = [
+            CachedSlot {
+                kept: false,
+                ..slot(0, &conv, conv.len(), 1)
+            },
+            slot(1, empty, 0, 5),
+        ];
+        assert_eq!(at(&lost, &prompt(40), Reuse::Fast), Some((1, 0)));
+        assert_eq!(at(&lost, &prompt(99), Reuse::Fast), Some((1, 0)));
+        assert_eq!(at(&lost, &prompt(100), Reuse::Fast), Some((0, 100)));
         // Every free slot gives a conversation up: the one sparing the most, as before.
         let other = tokens(300..=400);
         let full = [

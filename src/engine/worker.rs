@@ -26,9 +26,9 @@ use super::lookup::{self, Record, RowCosts, Shadow};
 use super::metrics::{Charge, EngineMetrics};
 use super::persist::{Dir, Meta, Saved};
 use super::policy::{
-    join_segments, place, plan_step, restore, restored_held, segment_starts, shared_prefix, Budget,
-    CachedSlot, Grain, Held, Layout, Pace, Placement, Reuse, SlotState, StepPlan, Window,
-    COPY_GAIN,
+    join_segments, parts_early, place, plan_step, restore, restored_held, segment_starts,
+    shared_prefix, Budget, CachedSlot, Grain, Held, Layout, Pace, Placement, Reuse, SlotState,
+    StepPlan, Window,
 };
 use super::request::truncate;
 use super::rows::{set_rows, FileRows, SeqRows};
@@ -1277,6 +1277,7 @@ impl<'m> Worker<'m> {
                     held: self.held(s),
                     last_used: s.last_used,
                     busy: s.active.is_some(),
+                    kept: self.stash.enabled(),
                     reading: s
                         .active
                         .as_ref()
@@ -1310,6 +1311,7 @@ impl<'m> Worker<'m> {
                         held: e.held,
                         last_used: 0,
                         busy: false,
+                        kept: true,
                         reading: None,
                     })
                     .collect();
@@ -1383,8 +1385,8 @@ impl<'m> Worker<'m> {
     }
 
     /// Keeps slot `index`'s conversation in host memory before a request that parts from it
-    /// at least [`COPY_GAIN`] tokens before its end takes the slot, if the stash is on and a
-    /// request could reuse the conversation once it is copied back; whether it was kept.
+    /// early ([`parts_early`]) takes the slot, if the stash is on and a request could reuse
+    /// the conversation once it is copied back; whether it was kept.
     /// The request keeps `keep` of the slot's rows (it cuts the slot back to them next).
     fn stash_slot(&mut self, index: usize, prompt: &[LlamaToken], keep: usize) -> bool {
         if !self.stash.enabled() {
@@ -1392,7 +1394,7 @@ impl<'m> Worker<'m> {
         }
         let slot = &self.slots[index];
         let shared = shared_prefix(&slot.cached, prompt);
-        if slot.cached.len() < shared + COPY_GAIN {
+        if !parts_early(slot.cached.len(), shared) {
             return false;
         }
         let held = self.held(slot);
