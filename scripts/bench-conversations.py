@@ -4,6 +4,8 @@ llama-server, in one run, on one model.
 
 A server with P slots keeps the KV cache of P conversations. A team sharing one server, or
 an agent running several threads, has more: each turn of one takes a slot from another.
+(With no more conversations than slots, every one can keep a slot of its own: the run then
+shows whether a new conversation takes a free slot or another conversation's.)
 Without a prompt cache in host memory, a conversation whose slot was taken reads its whole
 history again before its next first token; with one (backstop's and llama-server's
 `--cache-ram`, 8 GiB by default in both), the slot's cache is copied into RAM when another
@@ -95,8 +97,6 @@ def main() -> int:
     if args.unload and args.restart:
         ap.error("--unload and --restart are two different runs")
     kinds = SERVERS + [k for k in args.also if k not in SERVERS]
-    if args.conversations <= args.parallel:
-        ap.error("--conversations must be more than --parallel, or every conversation keeps a slot")
     model = pathlib.Path(args.model)
     backstop, llama_server, peer_version, template = peers.backstop_and_llama_server(model)
 
