@@ -677,11 +677,11 @@ pub(crate) fn shared_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
 /// Places a prompt. Among free slots, the one whose cache spares the most of it (multi-turn
 /// chats and shared system prompts skip re-reading that prefix); without any, the least
 /// recently used, so recent conversations keep their cache. A slot whose conversation the
-/// prompt [`parts_early`] from is taken only where it spares as much more than a slot that
-/// gives up nothing as the conversation loses ([`COPY_GAIN`] where host memory keeps it,
-/// else every row past the shared prefix). If a busy slot spares at least
-/// [`COPY_GAIN`] more (concurrent requests with the same system prompt or the same
-/// question), its cache is copied into the free slot whose cache is worth least.
+/// prompt [`parts_early`] from spares only what it spares beyond what the conversation loses
+/// ([`COPY_GAIN`] where host memory keeps it, else every row past the shared prefix). If a
+/// busy slot spares at least [`COPY_GAIN`] more (concurrent requests with the same system
+/// prompt or the same question), its cache is copied into the free slot whose cache is worth
+/// least.
 /// Without a whole-prompt hit at least one prompt token is left to read, for fresh logits.
 ///
 /// `None` when no slot is free, and also while a busy slot is still reading a prompt that
@@ -724,37 +724,37 @@ pub(crate) fn place<T: PartialEq>(
         })
         .collect();
     let free = || scored.iter().filter(|(s, _, _)| !s.busy);
-    let rank = |(a, na, sa): &&(&CachedSlot<'_, T>, usize, usize),
-                (b, nb, sb): &&(&CachedSlot<'_, T>, usize, usize)| {
+    // Taking a slot whose conversation the prompt parts early from gives that conversation
+    // up, and what the slot spares is worth only what it spares beyond what the conversation
+    // loses: a copy into host memory and back (COPY_GAIN tokens' worth) where it is kept, or
+    // every row it holds past the shared prefix (its next turn reads them again). Between
+    // slots that spare as much on balance, one that gives up nothing comes first, the one
+    // holding more of the prompt first among those; what a slot whose conversation would be
+    // given up shares beyond that is no reason to take it over the least recently used.
+    let net = |(s, n, shared): &(&CachedSlot<'_, T>, usize, usize)| {
+        let loses = match (parts_early(s.cached.len(), *shared), s.kept) {
+            (false, _) => 0,
+            (true, true) => COPY_GAIN,
+            (true, false) => s.cached.len() - shared,
+        };
+        let clean = loses == 0;
+        (
+            n.saturating_sub(loses),
+            clean,
+            if clean { *shared } else { 0 },
+        )
+    };
+    let (best_free, n_free, _) = free().max_by(|a, b| {
         let closer = if compact {
-            span(b.index).cmp(&span(a.index))
+            span(b.0.index).cmp(&span(a.0.index))
         } else {
             std::cmp::Ordering::Equal
         };
-        na.cmp(nb)
-            .then(sa.cmp(sb))
+        net(a)
+            .cmp(&net(b))
             .then(closer)
-            .then(b.last_used.cmp(&a.last_used))
-    };
-    // Taking a slot whose conversation the prompt parts early from gives that conversation
-    // up: worth it only where that slot spares as much more of the prompt than a slot that
-    // gives up nothing (an empty one, a conversation's own next turn) as the conversation
-    // loses: a copy into host memory and back (COPY_GAIN tokens' worth) where it is kept,
-    // every row it holds past the shared prefix (its next turn reads them again) where not.
-    let (giving, clean): (Vec<_>, Vec<_>) =
-        free().partition(|(s, _, shared)| parts_early(s.cached.len(), *shared));
-    let loses = |(s, _, shared): &(&CachedSlot<'_, T>, usize, usize)| {
-        if s.kept {
-            COPY_GAIN
-        } else {
-            s.cached.len() - shared
-        }
-    };
-    let (best_free, n_free, _) = match (clean.iter().max_by(rank), giving.iter().max_by(rank)) {
-        (Some(clean), Some(giving)) if giving.1 >= clean.1 + loses(giving) => giving,
-        (Some(clean), _) => clean,
-        (None, giving) => giving?,
-    };
+            .then(b.0.last_used.cmp(&a.0.last_used))
+    })?;
     let busy = scored
         .iter()
         .filter(|(s, _, _)| s.busy)
@@ -1315,16 +1315,19 @@ mod tests {
         // Sharing the template's first tokens: the empty slot; the conversation stays.
         assert_eq!(at(&free, &prompt(3), Reuse::Fast), Some((1, 0)));
         assert_eq!(at(&free, &prompt(3), Reuse::Exact), Some((1, 0)));
+        // Sparing more than the copy out and back: worth giving the conversation up.
         let gain = COPY_GAIN as i32;
-        assert_eq!(at(&free, &prompt(gain - 1), Reuse::Fast), Some((1, 0)));
-        // Sparing COPY_GAIN more than the empty slot: worth giving the conversation up.
-        assert_eq!(at(&free, &prompt(gain), Reuse::Fast), Some((0, COPY_GAIN)));
+        assert_eq!(at(&free, &prompt(gain), Reuse::Fast), Some((1, 0)));
+        assert_eq!(
+            at(&free, &prompt(gain + 1), Reuse::Fast),
+            Some((0, COPY_GAIN + 1))
+        );
         // Its own next turn gives nothing up, nor does a prompt it parts from near its end.
         let next: Vec<i32> = conv.iter().copied().chain(600..610).collect();
         assert_eq!(at(&free, &next, Reuse::Fast), Some((0, 200)));
         assert_eq!(at(&free, &prompt(180), Reuse::Fast), Some((0, 180)));
         // Nothing kept in host memory (`--cache-ram 0`): a conversation is given up only for
-        // as many tokens as it loses: 160 past 40 shared ones, 101 past 99, 100 past 100.
+        // more tokens than it loses: 160 past 40 shared ones, 100 past 100, 99 past 101.
         let lost = [
             CachedSlot {
                 kept: false,
@@ -1333,15 +1336,18 @@ mod tests {
             slot(1, empty, 0, 5),
         ];
         assert_eq!(at(&lost, &prompt(40), Reuse::Fast), Some((1, 0)));
-        assert_eq!(at(&lost, &prompt(99), Reuse::Fast), Some((1, 0)));
-        assert_eq!(at(&lost, &prompt(100), Reuse::Fast), Some((0, 100)));
-        // Every free slot gives a conversation up: the one sparing the most, as before.
+        assert_eq!(at(&lost, &prompt(100), Reuse::Fast), Some((1, 0)));
+        assert_eq!(at(&lost, &prompt(101), Reuse::Fast), Some((0, 101)));
+        // Every free slot gives a conversation up. Sharing the template's first tokens with
+        // the more recent one (slot 0) spares nothing on balance: the least recently used is
+        // taken, as with nothing shared. Sharing more than the copy is worth it.
         let other = tokens(300..=400);
         let full = [
-            slot(0, &conv, conv.len(), 1),
-            slot(1, &other, other.len(), 5),
+            slot(0, &conv, conv.len(), 5),
+            slot(1, &other, other.len(), 1),
         ];
-        assert_eq!(at(&full, &prompt(3), Reuse::Fast), Some((0, 3)));
+        assert_eq!(at(&full, &prompt(3), Reuse::Fast), Some((1, 0)));
+        assert_eq!(at(&full, &prompt(100), Reuse::Fast), Some((0, 100)));
     }
 
     #[test]
