@@ -996,7 +996,7 @@ async fn conversations_of_every_length_written_as_a_server_stops_all_come_back()
     let mut seqs: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|f| f.unwrap().path())
-        .filter(|p| p.extension().unwrap() == "seq")
+        .filter(|p| p.extension().is_some_and(|e| e == "seq"))
         .collect();
     seqs.sort();
     let per_token: Vec<f64> = seqs
@@ -1143,13 +1143,13 @@ async fn cache_folder_files_that_cannot_be_used_are_removed_and_the_turn_read_af
     // One's rows are cut short; the other's say another build wrote them.
     let rows = names
         .iter()
-        .find(|p| p.extension().unwrap() == "seq")
+        .find(|p| p.extension().is_some_and(|e| e == "seq"))
         .unwrap();
     let bytes = std::fs::read(rows).unwrap();
     std::fs::write(rows, &bytes[..bytes.len() / 2]).unwrap();
     let meta = names
         .iter()
-        .filter(|p| p.extension().unwrap() == "json")
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .nth(1)
         .unwrap();
     let mut m: Value = serde_json::from_slice(&std::fs::read(meta).unwrap()).unwrap();
