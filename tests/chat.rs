@@ -909,6 +909,27 @@ async fn conversations_outlive_a_restart_in_the_cache_folder_as_far_as_the_cache
     read_afresh_and_answered_as_cold(&s, next).await;
 }
 
+/// `backstop serve` on SmolLM2 with the cache folder `folder`, run to its exit off the async
+/// runtime: for a start that is to be refused.
+async fn serve_to_exit_with_folder(folder: &str) -> common::Exit {
+    let model = format!("smollm2={}", common::smollm2().display());
+    let folder = folder.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let args = [
+            "serve",
+            "--host",
+            "127.0.0.1:0",
+            "--model",
+            &model,
+            "--cache-dir",
+            &folder,
+        ];
+        common::run_to_exit(&args, Duration::from_secs(60))
+    })
+    .await
+    .unwrap()
+}
+
 /// One server uses a cache folder at a time. A second one given the folder of a running server
 /// refuses to start, naming the first's pid, before it listens; the first serves on, and the
 /// conversation it read back from the folder (its files there the whole time) still comes back
@@ -925,24 +946,7 @@ async fn a_second_server_is_refused_the_cache_folder_a_running_one_uses() {
     s.wait_log(&["read back", "conversations=1"]).await;
     assert_eq!(kept_files(&dir), (1, 1));
 
-    let model = format!("smollm2={}", common::smollm2().display());
-    let second = {
-        let folder = folder.clone();
-        tokio::task::spawn_blocking(move || {
-            let args = [
-                "serve",
-                "--host",
-                "127.0.0.1:0",
-                "--model",
-                &model,
-                "--cache-dir",
-                &folder,
-            ];
-            common::run_to_exit(&args, Duration::from_secs(60))
-        })
-        .await
-        .unwrap()
-    };
+    let second = serve_to_exit_with_folder(&folder).await;
     assert_eq!(second.code, Some(1), "{}", second.stderr);
     let holder = format!(
         "cache folder {folder}: another backstop (pid {}) is using it",
@@ -1099,20 +1103,7 @@ async fn a_cache_folder_that_cannot_be_made_is_refused_at_start() {
     let dir = common::temp_dir("cache-dir-file");
     let file = dir.join("a-file");
     std::fs::write(&file, "not a folder").unwrap();
-    let model = format!("smollm2={}", common::smollm2().display());
-    let folder = file.join("kept");
-    let exit = common::run_to_exit(
-        &[
-            "serve",
-            "--host",
-            "127.0.0.1:0",
-            "--model",
-            &model,
-            "--cache-dir",
-            folder.to_str().unwrap(),
-        ],
-        Duration::from_secs(30),
-    );
+    let exit = serve_to_exit_with_folder(file.join("kept").to_str().unwrap()).await;
     assert_ne!(exit.code, Some(0));
     assert!(
         exit.stderr.contains("cache folder") && exit.stderr.contains("a-file/kept"),
