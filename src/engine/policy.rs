@@ -676,10 +676,10 @@ pub(crate) fn shared_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
 
 /// Places a prompt. Among free slots, the one whose cache spares the most of it (multi-turn
 /// chats and shared system prompts skip re-reading that prefix); without any, the least
-/// recently used, so recent conversations keep their cache. A slot whose conversation the
-/// prompt [`parts_early`] from spares only what it spares beyond what the conversation loses
-/// ([`COPY_GAIN`] where host memory keeps it, else every row past the shared prefix). If a
-/// busy slot spares at least [`COPY_GAIN`] more (concurrent requests with the same system
+/// recently used, so recent conversations keep their cache. Without host memory to keep it,
+/// a slot whose conversation the prompt [`parts_early`] from spares only what it spares
+/// beyond the rows that conversation loses; a slot that gives up nothing comes before one
+/// that spares as much and does. If a busy slot spares at least [`COPY_GAIN`] more (concurrent requests with the same system
 /// prompt or the same question), its cache is copied into the free slot whose cache is worth
 /// least.
 /// Without a whole-prompt hit at least one prompt token is left to read, for fresh logits.
@@ -725,23 +725,23 @@ pub(crate) fn place<T: PartialEq>(
         .collect();
     let free = || scored.iter().filter(|(s, _, _)| !s.busy);
     // Taking a slot whose conversation the prompt parts early from gives that conversation
-    // up, and what the slot spares is worth only what it spares beyond what the conversation
-    // loses: a copy into host memory and back (COPY_GAIN tokens' worth) where it is kept, or
-    // every row it holds past the shared prefix (its next turn reads them again). Between
-    // slots that spare as much on balance, one that gives up nothing comes first, the one
-    // holding more of the prompt first among those; what a slot whose conversation would be
-    // given up shares beyond that is no reason to take it over the least recently used.
+    // up. Host memory (`--cache-ram`) keeps it: copying it out and back costs less than
+    // reading even a few tokens. Without, every row it holds past the shared prefix is lost
+    // (its next turn reads them again), and what the slot spares counts only beyond that.
+    // Between slots that spare as much, one that gives up nothing comes first, the one
+    // holding more of the prompt first among those; what a conversation that would be given
+    // up shares beyond what it spares is no reason to take it over the least recently used.
     let net = |(s, n, shared): &(&CachedSlot<'_, T>, usize, usize)| {
-        let loses = match (parts_early(s.cached.len(), *shared), s.kept) {
-            (false, _) => 0,
-            (true, true) => COPY_GAIN,
-            (true, false) => s.cached.len() - shared,
+        let gives_up = parts_early(s.cached.len(), *shared);
+        let loses = if gives_up && !s.kept {
+            s.cached.len() - shared
+        } else {
+            0
         };
-        let clean = loses == 0;
         (
             n.saturating_sub(loses),
-            clean,
-            if clean { *shared } else { 0 },
+            !gives_up,
+            if gives_up { 0 } else { *shared },
         )
     };
     let (best_free, n_free, _) = free().max_by(|a, b| {
@@ -1306,28 +1306,22 @@ mod tests {
     #[test]
     fn a_conversation_is_given_up_only_for_more_than_it_loses() {
         // Slot 0 holds a conversation, slot 1 nothing (and was used more recently). Given up,
-        // the conversation is kept in host memory (`slot`'s default, the server's).
+        // the conversation is kept in host memory (`slot`'s default, the server's): it is
+        // given up for any reuse, but not for none.
         let conv = tokens(1..=200);
         let empty: &[i32] = &[];
         let free = [slot(0, &conv, conv.len(), 1), slot(1, empty, 0, 5)];
         let prompt =
             |shared: i32| -> Vec<i32> { tokens(1..=shared).into_iter().chain(500..540).collect() };
-        // Sharing the template's first tokens: the empty slot; the conversation stays.
-        assert_eq!(at(&free, &prompt(3), Reuse::Fast), Some((1, 0)));
+        assert_eq!(at(&free, &prompt(3), Reuse::Fast), Some((0, 3)));
+        // Exact reuse spares nothing of 3 shared tokens: the empty slot.
         assert_eq!(at(&free, &prompt(3), Reuse::Exact), Some((1, 0)));
-        // Sparing more than the copy out and back: worth giving the conversation up.
-        let gain = COPY_GAIN as i32;
-        assert_eq!(at(&free, &prompt(gain), Reuse::Fast), Some((1, 0)));
-        assert_eq!(
-            at(&free, &prompt(gain + 1), Reuse::Fast),
-            Some((0, COPY_GAIN + 1))
-        );
         // Its own next turn gives nothing up, nor does a prompt it parts from near its end.
         let next: Vec<i32> = conv.iter().copied().chain(600..610).collect();
         assert_eq!(at(&free, &next, Reuse::Fast), Some((0, 200)));
         assert_eq!(at(&free, &prompt(180), Reuse::Fast), Some((0, 180)));
         // Nothing kept in host memory (`--cache-ram 0`): a conversation is given up only for
-        // more tokens than it loses: 160 past 40 shared ones, 100 past 100, 99 past 101.
+        // more tokens than it loses: 197 past 3 shared ones, 100 past 100, 99 past 101.
         let lost = [
             CachedSlot {
                 kept: false,
@@ -1335,19 +1329,24 @@ mod tests {
             },
             slot(1, empty, 0, 5),
         ];
-        assert_eq!(at(&lost, &prompt(40), Reuse::Fast), Some((1, 0)));
+        assert_eq!(at(&lost, &prompt(3), Reuse::Fast), Some((1, 0)));
         assert_eq!(at(&lost, &prompt(100), Reuse::Fast), Some((1, 0)));
         assert_eq!(at(&lost, &prompt(101), Reuse::Fast), Some((0, 101)));
-        // Every free slot gives a conversation up. Sharing the template's first tokens with
-        // the more recent one (slot 0) spares nothing on balance: the least recently used is
-        // taken, as with nothing shared. Sharing more than the copy is worth it.
+        // Every free slot gives a conversation up that nothing keeps. Sharing the template's
+        // first tokens with the more recent one (slot 0) spares nothing on balance: the least
+        // recently used is taken, as with nothing shared.
         let other = tokens(300..=400);
         let full = [
-            slot(0, &conv, conv.len(), 5),
-            slot(1, &other, other.len(), 1),
+            CachedSlot {
+                kept: false,
+                ..slot(0, &conv, conv.len(), 5)
+            },
+            CachedSlot {
+                kept: false,
+                ..slot(1, &other, other.len(), 1)
+            },
         ];
         assert_eq!(at(&full, &prompt(3), Reuse::Fast), Some((1, 0)));
-        assert_eq!(at(&full, &prompt(100), Reuse::Fast), Some((0, 100)));
     }
 
     #[test]
