@@ -304,7 +304,7 @@ async fn a_deep_conversation_decodes_apart_from_short_answers_and_each_answers_a
 
 /// Drafted steps split by depth answer as alone too; and the steps timed to choose between
 /// one call and two draft nothing (a drafted row at the deep sequence's depth would weigh on
-/// one way's time only), while the others, split ones among them, go on drafting.
+/// one way's time only).
 #[tokio::test]
 async fn drafts_beside_a_deep_conversation_decoded_apart_answer_as_alone() {
     // The deep prompt repeats one sentence, and so does its answer: prompt lookup drafts it,
@@ -334,14 +334,12 @@ async fn drafts_beside_a_deep_conversation_decoded_apart_answer_as_alone() {
             })
             .collect()
     };
+    // The first step of each way is timed; which way is faster after that depends on the
+    // machine's load, so whether later split steps draft is not asserted.
     let log = s
         .wait_log_for(
-            |log| {
-                steps(log)
-                    .iter()
-                    .any(|&(calls, _, drafted)| calls == 2 && drafted > 0)
-            },
-            "a step in two calls that drafted",
+            |log| steps(log).iter().filter(|s| s.1).count() >= 2,
+            "a timed step of each way",
         )
         .await;
     let steps = steps(&log);
