@@ -597,7 +597,8 @@ pub(crate) struct CachedSlot<'a, T> {
     /// Serving a request: not a place for a new one, but its cache can still be copied.
     pub(crate) busy: bool,
     /// Its conversation, given up to a request, is kept in host memory (`--cache-ram`)
-    /// rather than lost.
+    /// rather than lost. The server sets it alike for every slot (whether the stash is on);
+    /// a field rather than an argument of [`place`] so the tests can mix the two.
     pub(crate) kept: bool,
     /// The whole prompt a busy slot is still reading, while every row it has read so far
     /// was read as a cold read reads it (so, chunk by chunk, the rest will be too).
@@ -679,9 +680,9 @@ pub(crate) fn shared_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
 /// recently used, so recent conversations keep their cache. Without host memory to keep it,
 /// a slot whose conversation the prompt [`parts_early`] from spares only what it spares
 /// beyond the rows that conversation loses; a slot that gives up nothing comes before one
-/// that spares as much and does. If a busy slot spares at least [`COPY_GAIN`] more (concurrent requests with the same system
-/// prompt or the same question), its cache is copied into the free slot whose cache is worth
-/// least.
+/// that spares as much and does. If a busy slot spares at least [`COPY_GAIN`] more
+/// (concurrent requests with the same system prompt or the same question), its cache is
+/// copied into the free slot whose cache is worth least.
 /// Without a whole-prompt hit at least one prompt token is left to read, for fresh logits.
 ///
 /// `None` when no slot is free, and also while a busy slot is still reading a prompt that
