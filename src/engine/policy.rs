@@ -682,7 +682,7 @@ pub(crate) fn shared_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
 /// beyond the rows that conversation loses; a slot that gives up nothing comes before one
 /// that spares as much and does. If a busy slot spares at least [`COPY_GAIN`] more
 /// (concurrent requests with the same system prompt or the same question), its cache is
-/// copied into the free slot whose cache is worth least.
+/// copied into the free slot whose cache is worth least ([`worth`]).
 /// Without a whole-prompt hit at least one prompt token is left to read, for fresh logits.
 ///
 /// `None` when no slot is free, and also while a busy slot is still reading a prompt that
@@ -784,7 +784,7 @@ pub(crate) fn place<T: PartialEq>(
         return None;
     }
     if let Some((source, n, _)) = copy {
-        let (victim, _, _) = free().min_by_key(|(s, n, _)| (*n, s.last_used))?;
+        let (victim, _, _) = free().min_by_key(|(s, n, shared)| worth(s, *n, *shared))?;
         return Some(Placement {
             slot: victim.index,
             reuse: *n,
@@ -798,13 +798,21 @@ pub(crate) fn place<T: PartialEq>(
     })
 }
 
+/// What a free slot is worth when another's cache is copied over it, lowest first: one whose
+/// conversation the prompt does not part early from (an empty slot, one holding a prefix of
+/// the prompt) gives nothing up, so it goes before one whose conversation would be given up
+/// (lost without host memory, copied out with it); then the one that spares the least of
+/// the prompt, then the least recently used, as [`place`] ranks conversations it gives up.
+fn worth<T>(s: &CachedSlot<'_, T>, spared: usize, shared: usize) -> (bool, usize, u64) {
+    (parts_early(s.cached.len(), shared), spared, s.last_used)
+}
+
 /// Where a waiting request goes when a cache kept in host memory (`--cache-ram`, see
 /// `stash`) spares at least [`COPY_GAIN`] more of its prompt than `placed`, the placement
 /// among the slots: that cache's index in `stashed`, and the placement that copies it back
-/// into the free slot whose cache is worth least to the request (the least recently used of
-/// those). Copying a cache back costs about what copying a slot does. `stashed` are seen as
-/// free slots whose `held` is what their sequence will hold once restored
-/// ([`restored_held`]).
+/// into the free slot whose cache is worth least ([`worth`]). Copying a cache back costs
+/// about what copying a slot does. `stashed` are seen as free slots whose `held` is what
+/// their sequence will hold once restored ([`restored_held`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn restore<T: PartialEq>(
     placed: Placement,
@@ -822,10 +830,10 @@ pub(crate) fn restore<T: PartialEq>(
         .map(|s| (s.index, spared(s)))
         .filter(|&(_, n)| n >= placed.reuse + COPY_GAIN)
         .max_by_key(|&(index, n)| (n, std::cmp::Reverse(index)))?;
-    let victim = slots
-        .iter()
-        .filter(|s| !s.busy)
-        .min_by_key(|s| (spared(s), s.last_used))?;
+    let victim = slots.iter().filter(|s| !s.busy).min_by_key(|s| {
+        let (n, shared) = reusable(s, prompt, layout, reuse, grain, window);
+        worth(s, n, shared)
+    })?;
     Some((
         Placement {
             slot: victim.index,
@@ -1479,6 +1487,61 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_goes_into_an_emptied_slot_rather_than_over_another_conversation() {
+        // Slot 0 held a conversation long ago; slot 1 was emptied since (its request
+        // failed). A busy slot shares much of the prompt: its rows go into the empty slot,
+        // and the old conversation stays (or, kept in host memory, is not copied out).
+        let prompt = tokens(1..=300);
+        let old = tokens(500..=700);
+        let busy = CachedSlot {
+            busy: true,
+            ..slot(2, &prompt[..260], 256, 0)
+        };
+        for kept in [false, true] {
+            let conversation = CachedSlot {
+                kept,
+                ..slot(0, &old, 201, 1)
+            };
+            let emptied = CachedSlot {
+                kept,
+                ..slot(1, &[], 0, 9)
+            };
+            let placed = place(
+                &[conversation, emptied, busy],
+                &prompt,
+                whole(&prompt),
+                Reuse::Exact,
+                FLASH_GRAIN,
+                None,
+                false,
+            );
+            assert_eq!(
+                placed,
+                Some(Placement {
+                    slot: 1,
+                    reuse: 224,
+                    copy_from: Some(2)
+                }),
+                "kept in host memory: {kept}"
+            );
+            // Likewise for a conversation copied back from host memory.
+            let stashed = [slot(0, &prompt[..200], 200, 0)];
+            assert_eq!(
+                restored(
+                    &[conversation, emptied],
+                    &stashed,
+                    &prompt,
+                    Reuse::Fast,
+                    None
+                )
+                .map(|(p, _)| p.slot),
+                Some(1),
+                "kept in host memory: {kept}"
+            );
+        }
+    }
+
+    #[test]
     fn a_prompt_waits_for_a_busy_slot_still_reading_what_it_shares_then_copies_it() {
         // Two requests arrive together on an idle server; both start with the same 60
         // tokens. The first is being read: 10 rows so far, all exact.
@@ -1817,18 +1880,26 @@ mod tests {
         assert_eq!(at(&slots, &prompt, Reuse::Fast), Some((0, 70)));
         let fast =
             |stashed: &[CachedSlot<'_, i32>]| restored(&slots, stashed, &prompt, Reuse::Fast, None);
-        // The conversation's 260 tokens are kept: they go back into slot 1 (which spares
-        // nothing), not slot 0 (whose 70 tokens a later request may still use).
+        // The conversation's 260 tokens are kept: they go back into slot 0, whose 70 they
+        // hold again, rather than give up slot 1's other conversation.
         let kept = [
             slot(0, &other[..50], 50, 0),
             slot(1, &prompt[..260], 260, 0),
         ];
         let back = Placement {
-            slot: 1,
+            slot: 0,
             reuse: 260,
             copy_from: None,
         };
         assert_eq!(fast(&kept), Some((back, 1)));
+        // Between slots that would both be given up, the one sparing less goes: slot 1
+        // (nothing) rather than slot 0, whose 40 tokens of the prompt precede 100 others.
+        let branch: Vec<i32> = (1..=40).chain(900..=999).collect();
+        let given_up = [slot(0, &branch, 140, 5), slot(1, &other, 201, 1), slots[2]];
+        assert_eq!(
+            restored(&given_up, &kept, &prompt, Reuse::Fast, None).map(|(p, _)| p.slot),
+            Some(1)
+        );
         // 31 tokens more than the slot is not worth the copy; 32 is.
         assert_eq!(fast(&[slot(0, &prompt[..101], 101, 0)]), None);
         let gain = fast(&[slot(0, &prompt[..102], 102, 0)]);
