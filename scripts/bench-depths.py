@@ -19,10 +19,12 @@ are the tokens per second of all the streams together in it, and each kind of st
 median inter-token gap in it. Ratios are per repetition, against llama-server.
 
     ~/.cache/backstop/venv/bin/python scripts/bench-depths.py [--model PATH] [--reps 5]
-        [--short 3] [--history 3000] [--max-tokens 96] [--before BINARY] [--speculate N]
+        [--short 3] [--history 3000] [--max-tokens 96] [--before BINARY] [--speculate N] [--ways]
 
 --before BINARY adds an earlier backstop build as a third server. --speculate N serves the
-backstop builds with prompt-lookup drafts (`serve --speculate N`); llama-server stays plain. Writes
+backstop builds with prompt-lookup drafts (`serve --speculate N`); llama-server stays plain.
+--ways adds this build twice more, told which way to decode (`serve --depth-split on` and
+`off`), to show how near the measured choice comes to the better way. Writes
 bench-results/depths-<time>.json.
 """
 
@@ -91,6 +93,7 @@ def main() -> int:
     ap.add_argument("--history", type=int, default=3000, help="tokens of notes the long conversation holds")
     ap.add_argument("--before", type=pathlib.Path, help="an earlier backstop build, measured beside")
     ap.add_argument("--speculate", type=int, help="backstop drafts up to N tokens a step by prompt lookup")
+    ap.add_argument("--ways", action="store_true", help="also serve backstop with --depth-split on and off")
     args = ap.parse_args()
     if args.history + 3 * args.max_tokens > args.ctx:
         ap.error("--history and twice --max-tokens must fit --ctx")
@@ -99,10 +102,16 @@ def main() -> int:
     binaries = {"backstop": backstop, "llama-server": llama_server}
     if args.before:
         binaries["backstop (before)"] = args.before
-    kinds = list(binaries)
     drafts = ["--speculate", str(args.speculate)] if args.speculate else []
+    extra = {k: drafts for k in binaries if k.startswith("backstop")}
+    if args.ways:
+        for way in ("on", "off"):
+            k = f"backstop --depth-split {way}"
+            binaries[k] = backstop
+            extra[k] = drafts + ["--depth-split", way]
+    kinds = list(binaries)
     servers = {k: peers.serve_side_by_side(k, binaries[k], model, args.threads, args.short + 1, args.ctx,
-                                           template, drafts if k.startswith("backstop") else [])
+                                           template, extra.get(k, []))
                for k in kinds}
     history = peers.history(args.history, "depths")
     runs: dict[str, list[dict]] = {k: [] for k in kinds}

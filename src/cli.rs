@@ -851,6 +851,13 @@ pub struct ServeArgs {
     /// [default: true].
     #[arg(long, env = "BACKSTOP_EXACT_REUSE", value_name = "BOOL")]
     pub exact_reuse: Option<String>,
+    /// Streams at very different depths (short answers beside a long conversation) decode in
+    /// two llama.cpp calls, the deep ones apart, so the short ones do not attend over the long
+    /// one's cells: `auto` measures both ways while the same streams generate and keeps the
+    /// faster; `on` splits wherever it would attend to a quarter fewer cells; `off` never
+    /// [default: auto].
+    #[arg(long, env = "BACKSTOP_DEPTH_SPLIT", value_name = "auto|on|off")]
+    pub depth_split: Option<String>,
     /// Extra browser origins allowed to call the API, comma separated [also OLLAMA_ORIGINS].
     #[arg(long, env = "BACKSTOP_ORIGINS", value_name = "ORIGINS")]
     pub origins: Option<String>,

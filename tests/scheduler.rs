@@ -319,36 +319,75 @@ async fn drafts_beside_a_deep_conversation_decoded_apart_answer_as_alone() {
         checked > 0.0 && taken > 0.0,
         "drafted {checked}, taken {taken}"
     );
-    // Each generating step's calls, whether it was timed, and its drafted tokens.
-    let steps = |log: &str| -> Vec<(u32, bool, u32)> {
-        log.lines()
-            .filter(|l| l.contains("generating step"))
-            .map(|l| {
-                let field = |k: &str| {
-                    l.split_whitespace()
-                        .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
-                        .unwrap_or_else(|| panic!("no {k} in {l}"))
-                };
-                let n = |k: &str| field(k).parse::<u32>().unwrap();
-                (n("calls"), field("timed") == "true", n("drafted"))
-            })
-            .collect()
-    };
     // The first step of each way is timed; which way is faster after that depends on the
-    // machine's load, so whether later split steps draft is not asserted.
+    // machine's load, so whether later split steps draft is not asserted here (the next test
+    // tells the server to split).
     let log = s
         .wait_log_for(
-            |log| steps(log).iter().filter(|s| s.1).count() >= 2,
+            |log| generating_steps(log).iter().filter(|s| s.1).count() >= 2,
             "a timed step of each way",
         )
         .await;
-    let steps = steps(&log);
+    let steps = generating_steps(&log);
     let timed: Vec<_> = steps.iter().filter(|s| s.1).collect();
     assert!(timed.len() >= 2, "each way timed at least once: {steps:?}");
     assert!(
         timed.iter().all(|s| s.2 == 0),
         "a timed step drafted: {steps:?}"
     );
+}
+
+/// Told to split (`--depth-split on`), every step of the deep sequence beside the short ones
+/// decodes in two calls, none is timed, and the deep sequence's drafts are checked in its
+/// call of its own: each answers as alone.
+#[tokio::test]
+async fn told_to_split_the_deep_conversation_drafts_in_a_call_of_its_own_and_answers_as_alone() {
+    let model = format!("smollm2={}", common::smollm2().display());
+    let args = [
+        "--model",
+        &model,
+        "--parallel",
+        "3",
+        "--speculate",
+        "8",
+        "--depth-split",
+        "on",
+    ];
+    let log = [("BACKSTOP_LOG", "info,backstop::engine::worker=trace")];
+    let s = Server::start_with_env(&args, &log).await;
+    deep_beside_short(&s, &json!({"speculative.n_min": 2})).await;
+    let log = s
+        .wait_log_for(
+            |log| generating_steps(log).iter().any(|s| s.0 == 2),
+            "a step in two calls",
+        )
+        .await;
+    let steps = generating_steps(&log);
+    assert!(
+        steps.iter().all(|s| !s.1),
+        "told to split, a step was timed: {steps:?}"
+    );
+    assert!(
+        steps.iter().any(|s| s.0 == 2 && s.2 > 0),
+        "no step in two calls drafted: {steps:?}"
+    );
+}
+
+/// Each generating step the worker's trace logged: its calls, whether it was timed for the
+/// depth split's choice, and the tokens it drafted.
+fn generating_steps(log: &str) -> Vec<(u32, bool, u32)> {
+    log.lines()
+        .filter(|l| l.contains("generating step"))
+        .map(|l| {
+            let field = |k: &str| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+                    .unwrap_or_else(|| panic!("no {k} in {l}"))
+            };
+            let n = |k: &str| field(k).parse::<u32>().unwrap();
+            (n("calls"), field("timed") == "true", n("drafted"))
+        })
+        .collect()
 }
 
 #[tokio::test]

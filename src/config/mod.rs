@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use crate::cli::ServeArgs;
-use crate::engine::{self, EngineOptions, KvCacheType, SamplingOverrides};
+use crate::engine::{self, EngineOptions, KvCacheType, SamplingOverrides, SplitMode};
 use crate::models::{Digest, ModelName};
 pub use duration::{parse_go_duration, parse_timeout, KeepAlive};
 use raw::{RawConfig, RawDuration, RawModel};
@@ -139,6 +139,9 @@ pub struct EngineDefaults {
     pub reread_answers: bool,
     /// Greedy and seeded requests reuse only rows a cold read computes alike.
     pub exact_reuse: bool,
+    /// Generating sequences at very different depths decode in two calls as measured faster,
+    /// always, or never.
+    pub depth_split: SplitMode,
 }
 
 impl EngineDefaults {
@@ -162,6 +165,7 @@ impl EngineDefaults {
             speculate: self.speculate,
             reread_answers: self.reread_answers,
             exact_reuse: self.exact_reuse,
+            depth_split: self.depth_split,
         }
     }
 }
@@ -517,6 +521,17 @@ impl Config {
         let exact_reuse = switch(args.exact_reuse.as_deref(), FLAGS, "exact-reuse")?
             .or(raw.server.exact_reuse)
             .unwrap_or(true);
+        let depth_split = match (&args.depth_split, &raw.server.depth_split) {
+            (Some(text), _) => Some((text, FLAGS, "depth-split")),
+            (None, Some(text)) => Some((text, origin.as_str(), "server.depth_split")),
+            (None, None) => None,
+        }
+        .map(|(text, from, key)| {
+            SplitMode::parse(text)
+                .ok_or_else(|| invalid(from, key, format!("`{text}` is not one of auto, on, off")))
+        })
+        .transpose()?
+        .unwrap_or_default();
         let engine_defaults = EngineDefaults {
             slots: slots.unwrap_or(DEFAULT_PARALLEL),
             ctx_per_slot: ctx,
@@ -539,6 +554,7 @@ impl Config {
             },
             reread_answers,
             exact_reuse,
+            depth_split,
         };
 
         // Lifecycle.
@@ -881,6 +897,7 @@ pub(crate) fn for_tests(path: &str) -> Config {
         cache_dir: None,
         reread_answers: true,
         exact_reuse: true,
+        depth_split: SplitMode::Auto,
     };
     let name = ModelName::parse("m").unwrap();
     Config {
@@ -1150,6 +1167,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("cache_dir"), "{err}");
+    }
+
+    #[test]
+    fn the_depth_split_is_measured_unless_the_flag_or_the_server_says_on_or_off() {
+        let model = "[models.a]\npath = \"model.gguf\"\n";
+        let mode = |cfg: Config| cfg.models[0].engine.depth_split;
+        let flag = |v: &str| ServeArgs {
+            depth_split: Some(v.into()),
+            ..Default::default()
+        };
+        assert_eq!(mode(load_toml(model).unwrap()), SplitMode::Auto);
+        let on = format!("[server]\ndepth_split = \"on\"\n{model}");
+        assert_eq!(mode(load_toml(&on).unwrap()), SplitMode::On);
+        assert_eq!(
+            mode(load_toml_with(&on, flag("off")).unwrap()),
+            SplitMode::Off
+        );
+        let err = load_toml_with(model, flag("sometimes"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("depth-split") && err.contains("`sometimes` is not one of auto, on, off"),
+            "{err}"
+        );
+        let err = load_toml(&format!("[server]\ndepth_split = \"both\"\n{model}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server.depth_split") && err.contains("both"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub(crate) struct RawServer {
     pub(crate) reread_answers: Option<bool>,
     /// Greedy and seeded requests reuse only rows a cold read computes alike.
     pub(crate) exact_reuse: Option<bool>,
+    /// Two calls for sequences at very different depths: `auto`, `on` or `off`.
+    pub(crate) depth_split: Option<String>,
     /// Extra browser origins allowed by CORS, like OLLAMA_ORIGINS.
     pub(crate) origins: Option<Vec<String>>,
     /// PEM certificate chain for TLS.

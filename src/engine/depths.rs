@@ -32,6 +32,9 @@
 //! the other's. A step that is to be timed, the first of each way or the way not taken
 //! measured again, decodes without drafts ([`DepthSplit::measuring`]); another step that
 //! drafted teaches nothing ([`DepthSplit::skip`]).
+//!
+//! `--depth-split on` or `off` ([`SplitMode`]) takes the choice away from the measurement:
+//! for a benchmark that compares the two ways, or a machine where one is known to win.
 
 /// llama.cpp's padding of the cells a call attends to (`n_pad_cur` in `get_n_kv`).
 const PAD: usize = 256;
@@ -83,10 +86,37 @@ pub(crate) fn deep_group(seqs: &[(usize, usize)]) -> Option<Vec<usize>> {
     Some(deep)
 }
 
+/// How the generating sequences of a step choose between one call and two split by depth
+/// (`--depth-split`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SplitMode {
+    /// Both ways are measured while the same sequences generate, and the faster kept.
+    #[default]
+    Auto,
+    /// Two calls wherever a [`deep_group`] is cut off; nothing is measured.
+    On,
+    /// Always one call.
+    Off,
+}
+
+impl SplitMode {
+    /// `auto`, `on` or `off` (as `--depth-split` takes them).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.to_ascii_lowercase().as_str() {
+            "auto" => Some(Self::Auto),
+            "on" => Some(Self::On),
+            "off" => Some(Self::Off),
+            _ => None,
+        }
+    }
+}
+
 /// Which way the generating sequences of a step decode, one call or two split by depth,
 /// and what each way has cost while the same sequences generate with the same deep group.
 #[derive(Debug)]
 pub(crate) struct DepthSplit {
+    /// Measured, or decided by the server's settings.
+    mode: SplitMode,
     /// The generating slots and the deep group measured.
     mix: (Vec<usize>, Vec<usize>),
     /// Seconds a step took in one call, and in two (moving averages).
@@ -103,7 +133,14 @@ pub(crate) struct DepthSplit {
 
 impl Default for DepthSplit {
     fn default() -> Self {
+        Self::new(SplitMode::Auto)
+    }
+}
+
+impl DepthSplit {
+    pub(crate) fn new(mode: SplitMode) -> Self {
         Self {
+            mode,
             mix: Default::default(),
             one: None,
             two: None,
@@ -112,9 +149,7 @@ impl Default for DepthSplit {
             taken: None,
         }
     }
-}
 
-impl DepthSplit {
     /// The deep group to decode in a second call this step, or `None` for one call.
     /// `decode` are the generating slots (in slot order) and `deep` their [`deep_group`].
     pub(crate) fn choose(
@@ -122,14 +157,16 @@ impl DepthSplit {
         decode: &[usize],
         deep: Option<Vec<usize>>,
     ) -> Option<Vec<usize>> {
-        let Some(deep) = deep else {
-            self.taken = None;
-            return None;
+        self.taken = None;
+        let deep = match self.mode {
+            SplitMode::Auto => deep?,
+            SplitMode::On => return deep,
+            SplitMode::Off => return None,
         };
         if self.mix.0 != decode || self.mix.1 != deep {
             *self = Self {
                 mix: (decode.to_vec(), deep.clone()),
-                ..Self::default()
+                ..Self::new(self.mode)
             };
         }
         let (two, retry) = match (self.one, self.two) {
@@ -303,6 +340,27 @@ mod tests {
         // No choice: nothing to time.
         assert_eq!(split.choose(&slots, None), None);
         assert!(!split.measuring());
+    }
+
+    #[test]
+    fn told_on_or_off_the_split_follows_the_depths_or_never_comes_and_nothing_is_timed() {
+        let (slots, deep) = ([0, 1, 2], Some(vec![1]));
+        let mut on = DepthSplit::new(SplitMode::On);
+        let mut off = DepthSplit::new(SplitMode::Off);
+        for _ in 0..2 * RETRY_EVERY {
+            assert_eq!(on.choose(&slots, deep.clone()), Some(vec![1]));
+            assert!(!on.measuring());
+            // Two calls measured slower change nothing.
+            on.record(1.0);
+            assert_eq!(off.choose(&slots, deep.clone()), None);
+            assert!(!off.measuring());
+            off.record(1.0);
+        }
+        assert_eq!(on.choose(&slots, None), None, "like depths: one call");
+        assert_eq!(SplitMode::parse("ON"), Some(SplitMode::On));
+        assert_eq!(SplitMode::parse("auto"), Some(SplitMode::Auto));
+        assert_eq!(SplitMode::parse("off"), Some(SplitMode::Off));
+        assert_eq!(SplitMode::parse("sometimes"), None);
     }
 
     #[test]

@@ -29,6 +29,7 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 pub use compute::{compute, Compute, Device};
+pub use depths::SplitMode;
 pub use embed::{l2_normalize, shorten, EmbedShape, Embeddings};
 pub use error::{EngineError, LoadError};
 pub(crate) use loader::{backend, context_params, resolve_flash_attention, sliding_window};
@@ -90,6 +91,9 @@ pub struct EngineOptions {
     /// its answer is the one a cold server gives; false: it reuses all it shares, as a
     /// sampled one does (`policy::Reuse`).
     pub exact_reuse: bool,
+    /// Whether generating sequences at very different depths decode in two calls: as
+    /// measured faster, always, or never (see `depths`).
+    pub depth_split: SplitMode,
     /// The model file is mapped (llama.cpp's `use_mmap`), not read into memory.
     pub mmap: bool,
     /// The model's weights are locked in RAM (llama.cpp's `use_mlock`).

@@ -723,7 +723,7 @@ impl<'m> Worker<'m> {
             slots,
             waiting: VecDeque::new(),
             pace: Pace::default(),
-            depth_split: DepthSplit::default(),
+            depth_split: DepthSplit::new(options.depth_split),
             budget: Budget {
                 batch: batch_size,
                 prefill_chunk: prefill_chunk(options.prefill_chunk, on_gpu, batch_size),
