@@ -521,17 +521,15 @@ impl Config {
         let exact_reuse = switch(args.exact_reuse.as_deref(), FLAGS, "exact-reuse")?
             .or(raw.server.exact_reuse)
             .unwrap_or(true);
-        let depth_split = match (&args.depth_split, &raw.server.depth_split) {
-            (Some(text), _) => Some((text, FLAGS, "depth-split")),
-            (None, Some(text)) => Some((text, origin.as_str(), "server.depth_split")),
-            (None, None) => None,
-        }
-        .map(|(text, from, key)| {
+        let split_mode = |text: &str, from: &str, key: &str| {
             SplitMode::parse(text)
                 .ok_or_else(|| invalid(from, key, format!("`{text}` is not one of auto, on, off")))
-        })
-        .transpose()?
-        .unwrap_or_default();
+        };
+        let depth_split = match (&args.depth_split, &raw.server.depth_split) {
+            (Some(text), _) => split_mode(text, FLAGS, "depth-split")?,
+            (None, Some(text)) => split_mode(text, &origin, "server.depth_split")?,
+            (None, None) => SplitMode::Auto,
+        };
         let engine_defaults = EngineDefaults {
             slots: slots.unwrap_or(DEFAULT_PARALLEL),
             ctx_per_slot: ctx,
@@ -763,6 +761,9 @@ impl Config {
                 if let Some(n) = draft_most(m.speculate, &key("speculate"), &from)? {
                     engine.speculate = n;
                 }
+            }
+            if let (None, Some(text)) = (&args.depth_split, &m.depth_split) {
+                engine.depth_split = split_mode(text, &from, &key("depth_split"))?;
             }
             if engine.kv_cache_type != KvCacheType::F16 && engine.flash_attention == Some(false) {
                 return Err(invalid(&from, &key("flash_attention"), NEEDS_FLASH.into()));
@@ -1184,6 +1185,17 @@ mod tests {
             mode(load_toml_with(&on, flag("off")).unwrap()),
             SplitMode::Off
         );
+        // A model's own entry over the server's; the flag over both.
+        let own = format!("{on}depth_split = \"off\"\n");
+        assert_eq!(mode(load_toml(&own).unwrap()), SplitMode::Off);
+        assert_eq!(
+            mode(load_toml_with(&own, flag("auto")).unwrap()),
+            SplitMode::Auto
+        );
+        let err = load_toml(&format!("{model}depth_split = \"half\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("depth_split") && err.contains("half"), "{err}");
         let err = load_toml_with(model, flag("sometimes"))
             .unwrap_err()
             .to_string();

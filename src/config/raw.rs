@@ -105,6 +105,8 @@ pub(crate) struct RawModel {
     pub(crate) flash_attention: Option<bool>,
     /// Most tokens drafted by prompt lookup per step for this model, over `[server]`'s.
     pub(crate) speculate: Option<u32>,
+    /// Two calls for streams at very different depths, for this model, over `[server]`'s.
+    pub(crate) depth_split: Option<String>,
     /// This model's file mapped or read, over `[server]`'s (`--no-mmap` beats both).
     pub(crate) mmap: Option<bool>,
     /// This model's weights locked in RAM, over `[server]`'s (`--mlock` beats both).
