@@ -24,8 +24,9 @@ median inter-token gap in it. Ratios are per repetition, against llama-server.
 --before BINARY adds an earlier backstop build as a third server. --speculate N serves the
 backstop builds with prompt-lookup drafts (`serve --speculate N`); llama-server stays plain.
 --ways adds this build twice more, told which way to decode (`serve --depth-split on` and
-`off`), to show how near the measured choice comes to the better way. Writes
-bench-results/depths-<time>.json.
+`off`), to show how near the measured choice comes to the better way. The table's last column
+counts each backstop's steps decoded in two calls in a round (its whole round, median).
+Writes bench-results/depths-<time>.json.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ import statistics
 import sys
 import threading
 import time
+
+# Steps a backstop server decoded in two calls split by depth.
+SPLIT_STEPS = "backstop_decode_split_steps_total"
 
 spec = importlib.util.spec_from_file_location("bench_peers", pathlib.Path(__file__).with_name("bench-peers.py"))
 peers = importlib.util.module_from_spec(spec)
@@ -118,7 +122,11 @@ def main() -> int:
     try:
         for rep in range(args.reps):
             for k in kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]:
-                r = one_round(servers[k].url, history, args.short, args.max_tokens, f"{rep}-{time.time()}")
+                url = servers[k].url
+                split = (lambda: peers.counter(url, SPLIT_STEPS)) if k.startswith("backstop") else (lambda: 0.0)
+                before = split()
+                r = one_round(url, history, args.short, args.max_tokens, f"{rep}-{time.time()}")
+                r["split_steps"] = split() - before
                 runs[k].append(r)
                 peers.log(f"rep {rep + 1}/{args.reps} {k}: {r['aggregate']:.1f} tok/s together, "
                           f"short gap {r['short_gap_ms']:.1f} ms, long gap {r['long_gap_ms']:.1f} ms")
@@ -131,8 +139,8 @@ def main() -> int:
           f"{args.threads} threads, {args.reps} reps ({peers.cpu_model()}; llama-server {peer_version})"
           + (f"; backstop --speculate {args.speculate}" if args.speculate else "") + "\n")
     print("| server | tok/s, all streams together | vs llama-server | short streams' median gap ms "
-          "| vs llama-server | long stream's median gap ms | vs llama-server |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          "| vs llama-server | long stream's median gap ms | vs llama-server | steps in two calls a round |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     figures = {}
     for k in kinds:
         rs = runs[k]
@@ -140,8 +148,9 @@ def main() -> int:
         ratios = {what: peers.paired_ratio([r[what] for r in rs], [p[what] for p in peer])
                   for what in ("aggregate", "short_gap_ms", "long_gap_ms")}
         figures[k] = {"median": row, "vs_llama_server": ratios, "runs": rs}
+        split = f"{statistics.median(r['split_steps'] for r in rs):.0f}" if k.startswith("backstop") else "-"
         print(f"| {k} | {row['aggregate']:.1f} | {ratios['aggregate']} | {row['short_gap_ms']:.1f} | "
-              f"{ratios['short_gap_ms']} | {row['long_gap_ms']:.1f} | {ratios['long_gap_ms']} |")
+              f"{ratios['short_gap_ms']} | {row['long_gap_ms']:.1f} | {ratios['long_gap_ms']} | {split} |")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"depths-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -201,13 +201,19 @@ def stream(url: str, messages: list[dict], max_tokens: int, started: threading.E
             "ttft_ms": (times[0] - t0) * 1e3 if times else None}
 
 
-def reread_tokens(url: str, model: str | None = None) -> float:
-    """Answer tokens a backstop server has read again while idle (`--reread-answers`), for
-    one model (its name as /metrics labels it, e.g. `m:latest`) or all."""
+def counter(url: str, name: str, model: str | None = None) -> float:
+    """A backstop server's counter `name` (from /metrics), for one model (its name as /metrics
+    labels it, e.g. `m:latest`) or all."""
     with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
         text = r.read().decode()
-    series = "backstop_reread_tokens_total" + (f'{{model="{model}"}}' if model else "")
+    series = name + (f'{{model="{model}"}}' if model else "")
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series))
+
+
+def reread_tokens(url: str, model: str | None = None) -> float:
+    """Answer tokens a backstop server has read again while idle (`--reread-answers`), for
+    one model or all."""
+    return counter(url, "backstop_reread_tokens_total", model)
 
 
 def settle(url: str) -> None:
