@@ -307,13 +307,7 @@ async fn a_deep_conversation_decodes_apart_from_short_answers_and_each_answers_a
 /// one way's time only).
 #[tokio::test]
 async fn drafts_beside_a_deep_conversation_decoded_apart_answer_as_alone() {
-    // The deep prompt repeats one sentence, and so does its answer: prompt lookup drafts it,
-    // at least two tokens a step wherever a draft is found.
-    let model = format!("smollm2={}", common::smollm2().display());
-    let args = ["--model", &model, "--parallel", "3", "--speculate", "8"];
-    let log = [("BACKSTOP_LOG", "info,backstop::engine::worker=trace")];
-    let s = Server::start_with_env(&args, &log).await;
-    deep_beside_short(&s, &json!({"speculative.n_min": 2})).await;
+    let s = drafting_deep_beside_short(&[]).await;
     let [taken, checked, _] = draft_counts(&s).await;
     assert!(
         checked > 0.0 && taken > 0.0,
@@ -342,20 +336,7 @@ async fn drafts_beside_a_deep_conversation_decoded_apart_answer_as_alone() {
 /// call of its own: each answers as alone.
 #[tokio::test]
 async fn told_to_split_the_deep_conversation_drafts_in_a_call_of_its_own_and_answers_as_alone() {
-    let model = format!("smollm2={}", common::smollm2().display());
-    let args = [
-        "--model",
-        &model,
-        "--parallel",
-        "3",
-        "--speculate",
-        "8",
-        "--depth-split",
-        "on",
-    ];
-    let log = [("BACKSTOP_LOG", "info,backstop::engine::worker=trace")];
-    let s = Server::start_with_env(&args, &log).await;
-    deep_beside_short(&s, &json!({"speculative.n_min": 2})).await;
+    let s = drafting_deep_beside_short(&["--depth-split", "on"]).await;
     let log = s
         .wait_log_for(
             |log| generating_steps(log).iter().any(|s| s.0 == 2),
@@ -371,6 +352,19 @@ async fn told_to_split_the_deep_conversation_drafts_in_a_call_of_its_own_and_ans
         steps.iter().any(|s| s.0 == 2 && s.2 > 0),
         "no step in two calls drafted: {steps:?}"
     );
+}
+
+/// A server on SmolLM2 with 3 slots, `--speculate 8`, `extra` and the worker's trace, once
+/// [`deep_beside_short`] has run on it with drafts of at least two tokens: the deep prompt
+/// repeats one sentence, and so does its answer, so prompt lookup drafts it.
+async fn drafting_deep_beside_short(extra: &[&str]) -> Server {
+    let model = format!("smollm2={}", common::smollm2().display());
+    let mut args = vec!["--model", &model, "--parallel", "3", "--speculate", "8"];
+    args.extend_from_slice(extra);
+    let log = [("BACKSTOP_LOG", "info,backstop::engine::worker=trace")];
+    let s = Server::start_with_env(&args, &log).await;
+    deep_beside_short(&s, &json!({"speculative.n_min": 2})).await;
+    s
 }
 
 /// Each generating step the worker's trace logged: its calls, whether it was timed for the

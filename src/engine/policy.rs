@@ -824,14 +824,14 @@ pub(crate) fn restore<T: PartialEq>(
     grain: Grain,
     window: Option<Window>,
 ) -> Option<(Placement, usize)> {
-    let spared = |s: &CachedSlot<'_, T>| reusable(s, prompt, layout, reuse, grain, window).0;
+    let read = |s: &CachedSlot<'_, T>| reusable(s, prompt, layout, reuse, grain, window);
     let (entry, n) = stashed
         .iter()
-        .map(|s| (s.index, spared(s)))
+        .map(|s| (s.index, read(s).0))
         .filter(|&(_, n)| n >= placed.reuse + COPY_GAIN)
         .max_by_key(|&(index, n)| (n, std::cmp::Reverse(index)))?;
     let victim = slots.iter().filter(|s| !s.busy).min_by_key(|s| {
-        let (n, shared) = reusable(s, prompt, layout, reuse, grain, window);
+        let (n, shared) = read(s);
         worth(s, n, shared)
     })?;
     Some((
