@@ -227,7 +227,7 @@ pub struct BenchArgs {
     /// Repetitions after one warm-up.
     #[arg(short = 'r', long, visible_alias = "repetitions", default_value_t = 5)]
     pub reps: usize,
-    /// CPU threads, or several to compare, e.g. 1,2,4 [default: physical cores].
+    /// CPU threads, or several to compare, e.g. 1,2,4 [default: the physical cores it may use].
     #[arg(short = 't', long, value_delimiter = ',', value_name = "N,...",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Vec<u32>,
@@ -393,7 +393,7 @@ pub struct QuantizeArgs {
     /// llama.cpp's quantizer works it out without quantizing.
     #[arg(long)]
     pub dry_run: bool,
-    /// CPU threads [default: physical cores].
+    /// CPU threads [default: the physical cores it may use].
     #[arg(short = 't', long, value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Option<u32>,
     /// An importance matrix (from `backstop imatrix`, or llama.cpp's llama-imatrix in its GGUF
@@ -518,7 +518,7 @@ pub struct ImatrixArgs {
     /// --show-statistics does, and write nothing; MODEL, if given, is checked against.
     #[arg(long, requires = "in_files", conflicts_with = "text")]
     pub show_statistics: bool,
-    /// CPU threads [default: physical cores].
+    /// CPU threads [default: the physical cores it may use].
     #[arg(short = 't', long, value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Option<u32>,
 }
@@ -746,7 +746,7 @@ pub struct ServeArgs {
     /// Context tokens per slot (prompt plus answer) [default: 4096, at most the model's].
     #[arg(long, env = "BACKSTOP_CONTEXT_LENGTH", value_name = "N")]
     pub ctx: Option<u32>,
-    /// CPU threads per model [default: physical cores].
+    /// CPU threads per model [default: the physical cores it may use].
     #[arg(long, env = "BACKSTOP_THREADS", value_name = "N")]
     pub threads: Option<u32>,
     /// Layers per model to offload to the GPU in a GPU build (0: none) [default: all].

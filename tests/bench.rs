@@ -3607,3 +3607,40 @@ fn a_split_model_is_measured_whole_and_quantized_into_one_file_or_its_parts() {
     refused(&[first, y.to_str().unwrap(), "Q8_0"], &third);
     assert!(!y.exists());
 }
+
+/// Without `-t`, a process held to one CPU (as `taskset -c 0` or a container's cpuset holds
+/// it) computes with one thread, not one per core of the machine, and its machine line says
+/// what it could use: more threads than cores spin against each other at every barrier.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_process_held_to_one_cpu_benchmarks_with_one_thread() {
+    let _cores = one_at_a_time();
+    let model = common::smollm2();
+    let model = model.to_str().unwrap().to_owned();
+    // A child inherits the CPU mask of the thread that starts it.
+    let o = std::thread::spawn(move || {
+        // SAFETY: an empty set is all zeroes; CPU 0 is below CPU_SETSIZE; pid 0 is this
+        // thread, and the set outlives the call.
+        let rc = unsafe {
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut one);
+            libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one)
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        backstop(&[
+            "bench", "-p", "8", "-n", "4", "-r", "1", "--format", "json", &model,
+        ])
+    })
+    .join()
+    .expect("pinned thread");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let report: Value = serde_json::from_slice(&o.stdout).expect("bench JSON");
+    let machine = &report["machine"];
+    assert!(
+        machine["cores"] == 1 && machine["logical"] == 1,
+        "{machine}"
+    );
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{report}");
+    assert_eq!(results[0]["threads"], 1, "{report}");
+}

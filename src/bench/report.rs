@@ -206,9 +206,10 @@ pub struct Machine {
     /// The processor, as the system names it (`/proc/cpuinfo`'s `model name` on Linux), or
     /// the architecture where it does not.
     pub cpu: String,
-    /// Physical cores.
+    /// Physical cores this process could use (all of the machine's unless a CPU mask or
+    /// quota held it to fewer: `crate::config::cores`).
     pub cores: usize,
-    /// Logical processors.
+    /// Logical processors this process could use.
     pub logical: usize,
     /// What llama.cpp can compute on: every CPU and GPU device, with its memory.
     pub devices: Vec<crate::engine::Device>,
@@ -229,10 +230,11 @@ impl Machine {
             })
             .filter(|name| !name.is_empty())
             .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
+        let usable = crate::config::cores::usable();
         Machine {
             cpu,
-            cores: num_cpus::get_physical(),
-            logical: num_cpus::get(),
+            cores: usable.physical,
+            logical: usable.logical,
             devices,
             backstop: env!("CARGO_PKG_VERSION").to_owned(),
         }
@@ -240,8 +242,9 @@ impl Machine {
 
     /// One line for under the table: the processor, and each GPU with its memory.
     pub fn line(&self) -> String {
+        let plural = if self.cores == 1 { "" } else { "s" };
         let mut line = format!(
-            "{} ({} cores, {} logical)",
+            "{} ({} core{plural}, {} logical)",
             self.cpu, self.cores, self.logical
         );
         for d in self.devices.iter().filter(|d| d.kind != "cpu") {
@@ -330,6 +333,7 @@ impl Knob {
     fn said(self, s: &Setting) -> Option<String> {
         let value = self.cell(s)?;
         match self {
+            Knob::Threads if s.threads == 1 => Some("1 thread".into()),
             Knob::Threads => Some(format!("{value} threads")),
             Knob::GpuLayers => Some(format!("{value} GPU layers")),
             Knob::FlashAttention => Some(format!("flash attention {value}")),
@@ -1056,6 +1060,10 @@ mod tests {
             "{t}"
         );
         assert!(t.ends_with("\n2 threads, 1 repetition\n"), "{t}");
+        let mut one = base.clone();
+        one.setting.threads = 1;
+        let t = table(&[one], &[0], 1);
+        assert!(t.ends_with("\n1 thread, 1 repetition\n"), "{t}");
         let c = csv_of(&[cpu, gpu]);
         assert!(
             c.contains("\nm.gguf,Q4_0,1048576,1.00M,CUDA,2,0,true,q8_0,512,pp,512,1,0,"),

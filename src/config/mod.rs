@@ -2,6 +2,7 @@
 //! validated [`Config`]. Every error names where the bad value came from, the key, and what
 //! was expected, and is reported before any port is bound.
 
+pub mod cores;
 mod duration;
 mod memory;
 mod raw;
@@ -236,10 +237,10 @@ pub fn fetched_models_dir() -> PathBuf {
         .unwrap_or_else(|| cache_dir().join("models"))
 }
 
-/// llama.cpp threads when none are asked for: the physical cores (llama.cpp's own default is
-/// 4 whatever the machine).
+/// llama.cpp threads when none are asked for: the physical cores this process may use, within
+/// its CPU mask and quota ([`cores`]; llama.cpp's own default is 4 whatever the machine).
 pub fn default_threads() -> u32 {
-    u32::try_from(num_cpus::get_physical()).unwrap_or(1).max(1)
+    u32::try_from(cores::usable().physical).unwrap_or(1).max(1)
 }
 
 /// The model store: `BACKSTOP_MODELS`, else `OLLAMA_MODELS` (so an existing Ollama store is
