@@ -1,10 +1,12 @@
 //! How much memory this process may use, for the prompt cache's default size: the machine's
-//! (`MemTotal` in `/proc/meminfo`), or less where a container's memory controller says so
-//! (cgroup v2's `memory.max`, v1's `memory.limit_in_bytes`). Linux only; elsewhere unknown.
-//! Three small files of numbers are parsed here rather than through a crate that reads all
-//! of `/proc` (procfs, sysinfo).
+//! (`MemTotal` in `/proc/meminfo`), or less where a memory controller says so (cgroup v2's
+//! `memory.max`, v1's `memory.limit_in_bytes`): a container's, seen at the root of its
+//! hierarchy, or a systemd unit's `MemoryMax=`, in the unit's own group, which
+//! `/proc/self/cgroup` names (and every group above it, whose limit holds it too). Linux only;
+//! elsewhere unknown. These small files of numbers are parsed here rather than through a
+//! crate that reads all of `/proc` (procfs, sysinfo).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// llama-server's `--cache-ram` default, in MiB.
 const LLAMA_SERVER_CACHE_RAM_MIB: u32 = 8192;
@@ -26,18 +28,59 @@ pub(crate) fn default_cache_ram_mib(memory: Option<u64>) -> u32 {
 pub(crate) fn usable() -> Option<u64> {
     let read = |path: &str| std::fs::read_to_string(Path::new(path)).ok();
     let total = read("/proc/meminfo").as_deref().and_then(mem_total);
-    let limits = [
-        "/sys/fs/cgroup/memory.max",
-        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-    ];
-    let limit = limits
+    let own = read("/proc/self/cgroup").unwrap_or_default();
+    let limit = limit_files(Path::new("/sys/fs/cgroup"), &own)
         .iter()
-        .filter_map(|path| read(path).as_deref().and_then(cgroup_limit))
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .filter_map(|text| cgroup_limit(&text))
         .min();
     match (total, limit) {
         (Some(t), Some(l)) => Some(t.min(l)),
         (t, l) => t.or(l),
     }
+}
+
+/// The files that may hold a memory limit on this process, under the cgroup mount `root`,
+/// given `/proc/self/cgroup`'s text (`ID:CONTROLLERS:PATH` a line; v2's line has no
+/// controllers): the limit of the process's own group and of each group above it, up to the
+/// hierarchy's root, in v2 (`memory.max`) and in v1's memory hierarchy
+/// (`memory.limit_in_bytes`). The roots are always among them: inside a container the
+/// hierarchy's root is the container's group, whatever the path says.
+fn limit_files(root: &Path, own: &str) -> Vec<PathBuf> {
+    let v2 = (root.to_owned(), "memory.max");
+    let v1 = (root.join("memory"), "memory.limit_in_bytes");
+    let mut files = vec![v2.0.join(v2.1), v1.0.join(v1.1)];
+    for line in own.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let (mount, file) = if controllers.is_empty() {
+            &v2
+        } else if controllers.split(',').any(|c| c == "memory") {
+            &v1
+        } else {
+            continue;
+        };
+        // Only a path within the hierarchy: no `..` that would climb out of it.
+        let relative = Path::new(path.trim_start_matches('/'));
+        if relative
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            continue;
+        }
+        let mut group = mount.join(relative);
+        while group != *mount {
+            files.push(group.join(file));
+            if !group.pop() {
+                break;
+            }
+        }
+    }
+    files
 }
 
 /// `MemTotal` of `/proc/meminfo`'s text, in bytes (the file counts kB, of 1024 bytes).
@@ -83,6 +126,34 @@ mod tests {
             cgroup_limit("9223372036854771712\n"),
             Some(9_223_372_036_854_771_712)
         );
+        // A systemd unit's group, with a limit on its slice too, in v2 on a hybrid machine
+        // whose v1 memory hierarchy puts the process elsewhere.
+        let root = std::env::temp_dir().join(format!("backstop-cgroup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let unit = root.join("system.slice/backstop.service");
+        let v1 = root.join("memory/user/session");
+        std::fs::create_dir_all(&unit).unwrap();
+        std::fs::create_dir_all(&v1).unwrap();
+        std::fs::write(unit.join("memory.max"), "max\n").unwrap();
+        std::fs::write(
+            root.join("system.slice/memory.max"),
+            format!("{}\n", 3 * GIB),
+        )
+        .unwrap();
+        std::fs::write(root.join("memory.max"), "max\n").unwrap();
+        std::fs::write(v1.join("memory.limit_in_bytes"), format!("{}\n", 5 * GIB)).unwrap();
+        let own = "12:memory:/user/session\n3:cpu,cpuacct:/\n0::/system.slice/backstop.service\n";
+        let limits: Vec<u64> = limit_files(&root, own)
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .filter_map(|t| cgroup_limit(&t))
+            .collect();
+        assert_eq!(limits.iter().min(), Some(&(3 * GIB)), "{limits:?}");
+        assert!(limits.contains(&(5 * GIB)), "{limits:?}");
+        // Nothing outside the hierarchy is read, whatever the path says.
+        let files = limit_files(&root, "0::/../../etc\n");
+        assert!(files.iter().all(|f| f.starts_with(&root)), "{files:?}");
+        std::fs::remove_dir_all(&root).unwrap();
         // This machine's, whatever it is: Linux has a /proc/meminfo.
         let here = usable().expect("the memory of a Linux machine");
         assert!(here > 64 << 20, "{here}");
