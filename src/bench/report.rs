@@ -206,8 +206,9 @@ pub struct Machine {
     /// The processor, as the system names it (`/proc/cpuinfo`'s `model name` on Linux), or
     /// the architecture where it does not.
     pub cpu: String,
-    /// Physical cores this process could use (all of the machine's unless a CPU mask or
-    /// quota held it to fewer: `crate::config::cores`).
+    /// Physical cores this process could use, as `--threads` counts them by default (all of
+    /// the machine's unless a CPU mask or quota held it to fewer, the fast ones alone on a
+    /// CPU of two kinds: `crate::config::cores`).
     pub cores: usize,
     /// Logical processors this process could use.
     pub logical: usize,

@@ -11,13 +11,16 @@
 //! away time the quota then takes from the others.
 //!
 //! Counted here: the physical cores among the CPUs this thread may run on (each core once,
-//! however many hardware threads it has, as llama.cpp's own default counts), and no more than
-//! the standard library's [`std::thread::available_parallelism`], which reads the CPU mask and
-//! the cgroup quota. The core of each CPU is read from sysfs, a line per CPU: num_cpus counts
-//! every core of the machine and core_affinity lists CPUs without their cores, and hwloc
-//! would bring a C library for two small files.
+//! however many hardware threads it has, as llama.cpp's own default counts), only the fast
+//! ones on a CPU of two kinds (as llama.cpp leaves out Intel's E-cores), and no more than the
+//! standard library's [`std::thread::available_parallelism`], which reads the CPU mask and
+//! the cgroup quota. Each CPU's core and speed class are read from sysfs, a short file each:
+//! num_cpus counts every core of the machine, core_affinity lists CPUs without their cores,
+//! and hwloc would bring a C library for a few small files.
 
+use std::collections::HashSet;
 use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
 
 /// The cores and hardware threads this process may compute on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,21 +52,81 @@ fn physical_in_mask() -> Option<usize> {
     if rc != 0 {
         return None;
     }
-    let cpus = (0..libc::CPU_SETSIZE as usize)
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
         // SAFETY: `cpu` is below CPU_SETSIZE, the set's size in bits.
-        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) });
-    count_cores(cpus, |cpu| {
-        let topology = format!("/sys/devices/system/cpu/cpu{cpu}/topology");
-        // `core_cpus_list` since Linux 5.4; `thread_siblings_list`, the same list, before.
-        ["core_cpus_list", "thread_siblings_list"]
-            .iter()
-            .find_map(|file| std::fs::read_to_string(format!("{topology}/{file}")).ok())
-    })
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect();
+    fast_cores(Path::new("/sys"), &cpus)
 }
 
 #[cfg(not(target_os = "linux"))]
 fn physical_in_mask() -> Option<usize> {
     None
+}
+
+/// The physical cores of `cpus` built for speed, given the sysfs mount `sys`: on a CPU of two
+/// kinds (Intel's P- and E-cores from Alder Lake on, ARM's big.LITTLE) the fast ones alone,
+/// as llama.cpp counts on Intel's. A thread on a slow core finishes its share of every
+/// operation last while the others spin at the barrier after it. Where the mask holds slow
+/// cores only, those are counted.
+fn fast_cores(sys: &Path, cpus: &[usize]) -> Option<usize> {
+    let slow = slow_cpus(sys, cpus);
+    let fast: Vec<usize> = cpus.iter().copied().filter(|c| !slow.contains(c)).collect();
+    let counted = if fast.is_empty() { cpus } else { &fast };
+    count_cores(counted.iter().copied(), |cpu| {
+        let topology = sys.join(format!("devices/system/cpu/cpu{cpu}/topology"));
+        // `core_cpus_list` since Linux 5.4; `thread_siblings_list`, the same list, before.
+        ["core_cpus_list", "thread_siblings_list"]
+            .iter()
+            .find_map(|file| std::fs::read_to_string(topology.join(file)).ok())
+    })
+}
+
+/// Which of `cpus` the kernel says compute slower than the machine's fastest: those with a
+/// `cpu_capacity` below the largest (ARM's big.LITTLE, and x86 hybrids on recent kernels),
+/// and those listed under Intel's E-core performance counters (`devices/cpu_atom/cpus`,
+/// there on a hybrid Intel CPU whatever the kernel's age).
+fn slow_cpus(sys: &Path, cpus: &[usize]) -> HashSet<usize> {
+    let read = |path: PathBuf| std::fs::read_to_string(path).ok();
+    let mut slow: HashSet<usize> = read(sys.join("devices/cpu_atom/cpus"))
+        .and_then(|list| parse_cpu_list(&list))
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let capacity: Vec<(usize, u64)> = cpus
+        .iter()
+        .filter_map(|&cpu| {
+            let file = sys.join(format!("devices/system/cpu/cpu{cpu}/cpu_capacity"));
+            Some((cpu, read(file)?.trim().parse().ok()?))
+        })
+        .collect();
+    if let Some(most) = capacity.iter().map(|&(_, c)| c).max() {
+        slow.extend(
+            capacity
+                .iter()
+                .filter(|&&(_, c)| c < most)
+                .map(|&(cpu, _)| cpu),
+        );
+    }
+    slow
+}
+
+/// A kernel CPU list (`0-3,8,10-11`); `None` if it is not one.
+fn parse_cpu_list(text: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((first, last)) => {
+                let (first, last): (usize, usize) = (first.parse().ok()?, last.parse().ok()?);
+                if last < first || last - first >= 1 << 16 {
+                    return None;
+                }
+                cpus.extend(first..=last);
+            }
+            None => cpus.push(part.parse().ok()?),
+        }
+    }
+    Some(cpus)
 }
 
 /// How many cores `cpus` are on, given each CPU's core as the list of CPUs that share it
@@ -73,7 +136,7 @@ fn count_cores(
     cpus: impl Iterator<Item = usize>,
     core_of: impl Fn(usize) -> Option<String>,
 ) -> Option<usize> {
-    let mut cores = std::collections::HashSet::new();
+    let mut cores = HashSet::new();
     for cpu in cpus {
         cores.insert(core_of(cpu)?.trim().to_owned());
     }
@@ -104,6 +167,81 @@ mod tests {
         // One CPU whose core cannot be read: no count, rather than a short one.
         let unknown = |cpu: usize| (cpu != 3).then(|| format!("{cpu}"));
         assert_eq!(count_cores(0..4, unknown), None);
+    }
+
+    #[test]
+    fn cpu_lists_read_as_the_kernel_writes_them() {
+        assert_eq!(
+            parse_cpu_list("0-3,8,10-11\n"),
+            Some(vec![0, 1, 2, 3, 8, 10, 11])
+        );
+        assert_eq!(parse_cpu_list("5"), Some(vec![5]));
+        assert_eq!(parse_cpu_list("\n"), Some(vec![]));
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list("a-b"), None);
+        assert_eq!(parse_cpu_list("0-99999999"), None);
+    }
+
+    /// A fake sysfs under a temporary folder: `cores` lists each core's CPUs; `capacity`
+    /// gives each CPU's `cpu_capacity` where it has one; `atom`, Intel's E-core list.
+    fn sysfs(name: &str, cores: &[&[usize]], capacity: &[u64], atom: Option<&str>) -> PathBuf {
+        let sys =
+            std::env::temp_dir().join(format!("backstop-sysfs-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&sys);
+        for core in cores {
+            let list = core
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            for &cpu in *core {
+                let dir = sys.join(format!("devices/system/cpu/cpu{cpu}"));
+                std::fs::create_dir_all(dir.join("topology")).unwrap();
+                std::fs::write(dir.join("topology/core_cpus_list"), format!("{list}\n")).unwrap();
+                if let Some(c) = capacity.get(cpu) {
+                    std::fs::write(dir.join("cpu_capacity"), format!("{c}\n")).unwrap();
+                }
+            }
+        }
+        if let Some(atom) = atom {
+            std::fs::create_dir_all(sys.join("devices/cpu_atom")).unwrap();
+            std::fs::write(sys.join("devices/cpu_atom/cpus"), atom).unwrap();
+        }
+        sys
+    }
+
+    #[test]
+    fn on_a_cpu_of_two_kinds_only_the_fast_cores_count() {
+        // An Intel hybrid on an older kernel: 2 P-cores with two threads each (CPUs 0-3),
+        // 4 E-cores (CPUs 4-7), told apart by the E-cores' performance counters.
+        let p_and_e: Vec<&[usize]> = vec![&[0, 1], &[2, 3], &[4], &[5], &[6], &[7]];
+        let sys = sysfs("atom", &p_and_e, &[], Some("4-7\n"));
+        let all: Vec<usize> = (0..8).collect();
+        assert_eq!(fast_cores(&sys, &all), Some(2));
+        // Held to E-cores alone, those are what it has.
+        assert_eq!(fast_cores(&sys, &[5, 6, 7]), Some(3));
+        assert_eq!(fast_cores(&sys, &[1, 2, 7]), Some(2));
+        std::fs::remove_dir_all(&sys).unwrap();
+        // ARM big.LITTLE (or a recent kernel on x86): 4 big cores at 1024, 4 little at 446.
+        let big_little: Vec<&[usize]> = (0..8).map(|c| &[0, 1, 2, 3, 4, 5, 6, 7][c..=c]).collect();
+        let sys = sysfs(
+            "capacity",
+            &big_little,
+            &[446, 446, 446, 446, 1024, 1024, 1024, 1024],
+            None,
+        );
+        assert_eq!(fast_cores(&sys, &all), Some(4));
+        assert_eq!(fast_cores(&sys, &[0, 1, 2]), Some(3));
+        std::fs::remove_dir_all(&sys).unwrap();
+        // One kind of core, all at the same capacity: every core counts once.
+        let sys = sysfs(
+            "alike",
+            &[&[0, 4], &[1, 5], &[2, 6], &[3, 7]],
+            &[1024; 8],
+            None,
+        );
+        assert_eq!(fast_cores(&sys, &all), Some(4));
+        std::fs::remove_dir_all(&sys).unwrap();
     }
 
     /// A thread held to one CPU, as `taskset -c 0` holds a process, may use one core whatever
