@@ -519,6 +519,16 @@ async fn create_copy_and_delete_go_through_the_store() {
     let store = s.store.clone().unwrap();
     let file = std::fs::read(common::smollm2()).unwrap();
     let digest = format!("sha256:{}", sha256_hex(&file));
+    // Half an upload by a server that is gone (no process has an id past 4194304), and one
+    // by a process that runs (this test's): the next upload removes the first.
+    let blobs = backstop::models::Store::new(store.clone());
+    let dead = blobs.partial_path("upload_99999999_0123").unwrap();
+    let running = blobs
+        .partial_path(&format!("upload_{}_0123", std::process::id()))
+        .unwrap();
+    for half in [&dead, &running] {
+        std::fs::write(half, &file[..1000]).unwrap();
+    }
     let head = s
         .client
         .head(s.url(&format!("/api/blobs/{digest}")))
@@ -534,6 +544,8 @@ async fn create_copy_and_delete_go_through_the_store() {
         .await
         .unwrap();
     assert_eq!(up.status(), 201);
+    assert!(!dead.exists() && running.exists());
+    std::fs::remove_file(&running).unwrap();
     let head = s
         .client
         .head(s.url(&format!("/api/blobs/{digest}")))

@@ -514,14 +514,17 @@ async fn a_split_model_is_pulled_part_by_part_and_joined_into_one_blob() {
     fake.add(repo, "SmolLM2-Q8_0.gguf", tiny_gguf(1000));
     let tmp = TempStore::new();
     let spec = PullSpec::from_model(&format!("hf.co/{repo}:Q4_1")).unwrap();
-    // What a join cut short by a crash left (no process has an id past 4194304): removed.
-    let blobs = tmp.root().join("blobs");
-    std::fs::create_dir_all(&blobs).unwrap();
-    std::fs::write(
-        blobs.join(".sha256-joined-0123-partial.partial-99999999"),
-        b"half a model",
-    )
-    .unwrap();
+    // What a join cut short by a crash left, named as a join names it (no process has an id
+    // past 4194304): the file it was writing and its folder of links to the parts. Removed.
+    let writing =
+        backstop::bench::quantize::writing(&tmp.store.partial_path("joined_0123").unwrap());
+    let name = writing.file_name().unwrap().to_str().unwrap();
+    let own = format!(".partial-{}", std::process::id());
+    let half = writing.with_file_name(name.replace(&own, ".partial-99999999"));
+    std::fs::write(&half, b"half a model").unwrap();
+    let links = tmp.store.partial_path("parts_99999999_0123").unwrap();
+    std::fs::create_dir_all(&links).unwrap();
+    std::os::unix::fs::symlink(&parts[0], links.join("SmolLM2-Q4_1-00001-of-00003.gguf")).unwrap();
 
     let (model, events) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
 
@@ -562,6 +565,14 @@ async fn a_split_model_is_pulled_part_by_part_and_joined_into_one_blob() {
     assert!(joined.parts.is_empty() && joined.uint("split.count").is_none());
     assert_eq!(joined.tensor_count, whole.tensor_count);
     assert!(common::tensor_bytes(&model.model_path) == common::tensor_bytes(&smol));
+    assert!(
+        !half.exists() && !links.exists(),
+        "the crashed join's leftovers"
+    );
+    assert!(
+        parts[0].exists(),
+        "a link's removal leaves what it points to"
+    );
     // The joined model, its config and the record of the parts: no parts, no hf-hub cache.
     let blobs = tmp.files_under("blobs");
     assert_eq!(blobs.len(), 3, "{blobs:?}");

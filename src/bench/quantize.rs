@@ -458,19 +458,10 @@ pub fn remove_stale(dir: &Path, output: impl Fn(&str) -> bool) {
             continue;
         };
         let pid: String = pid.chars().take_while(char::is_ascii_digit).collect();
-        if output(name) && !pid.is_empty() && !running(&pid) {
+        if output(name) && !pid.is_empty() && !crate::models::store::running(&pid) {
             tracing::info!(path = %entry.path().display(), "removing what an interrupted quantizer left");
             let _ = std::fs::remove_file(entry.path());
         }
-    }
-}
-
-/// Whether a process with this id runs (false where that cannot be told: nothing is removed).
-fn running(pid: &str) -> bool {
-    if cfg!(target_os = "linux") {
-        Path::new("/proc").join(pid).exists()
-    } else {
-        true
     }
 }
 

@@ -311,6 +311,49 @@ impl Store {
         Ok(dir.join(format!("sha256-{safe}-partial")))
     }
 
+    /// A temporary path for work of `kind` (letters and digits) by this process, as
+    /// [`Store::partial_path`]: named with the process's id, so that
+    /// [`Store::remove_dead_work`] can tell what a process that is gone left (a crash, a kill)
+    /// from work in progress, this server's or another's on the same store.
+    pub fn work_path(&self, kind: &str) -> Result<PathBuf, StoreError> {
+        let id = uuid::Uuid::new_v4().simple();
+        self.partial_path(&format!("{kind}_{}_{id}", std::process::id()))
+    }
+
+    /// Removes what work of `kind` ([`Store::work_path`]) by processes now gone left in the
+    /// blob folder: a half-copied file, or a folder and what it holds (links are removed,
+    /// never what they point to).
+    pub fn remove_dead_work(&self, kind: &str) {
+        let Ok(entries) = std::fs::read_dir(self.blobs()) else {
+            return;
+        };
+        let prefix = format!("sha256-{kind}_");
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.ends_with("-partial"))
+                .and_then(|n| n.strip_prefix(&prefix)?.split_once('_'))
+                .map(|(pid, _)| pid)
+                .filter(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            if running(pid) {
+                continue;
+            }
+            let path = entry.path();
+            tracing::info!(path = %path.display(), "removing what work cut short left");
+            let removed = match entry.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+                _ => std::fs::remove_file(&path),
+            };
+            if let Err(e) = removed {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove what work cut short left");
+            }
+        }
+    }
+
     fn manifest_path(&self, name: &ModelName) -> PathBuf {
         let [host, namespace, model] = name.parts();
         self.manifests()
@@ -655,6 +698,15 @@ impl Store {
     }
 }
 
+/// Whether a process with this id runs (true where that cannot be told: nothing is removed).
+pub(crate) fn running(pid: &str) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid).exists()
+    } else {
+        true
+    }
+}
+
 /// Writes a whole file under a temporary name in the same folder, then renames it.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -735,6 +787,48 @@ mod tests {
 
     fn name(s: &str) -> ModelName {
         ModelName::parse(s).unwrap()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn what_dead_work_left_is_removed_and_work_in_progress_kept() {
+        let store = temp_store();
+        let part = store.partial_path("part").unwrap();
+        std::fs::write(&part, b"a part").unwrap();
+        // Beyond the largest process id Linux gives (2^22): never a running process.
+        let dead = |kind: &str| {
+            store
+                .partial_path(&format!("{kind}_99999999_0123"))
+                .unwrap()
+        };
+        let (dead_file, dead_folder, other_kind) = (dead("copy"), dead("links"), dead("other"));
+        std::fs::write(&dead_file, b"half a copy").unwrap();
+        std::fs::write(&other_kind, b"half of something else").unwrap();
+        std::fs::create_dir(&dead_folder).unwrap();
+        std::os::unix::fs::symlink(&part, dead_folder.join("part.gguf")).unwrap();
+        let mine = store.work_path("copy").unwrap();
+        std::fs::write(&mine, b"a copy at work").unwrap();
+        let named = mine.file_name().unwrap().to_str().unwrap();
+        assert!(
+            named.starts_with(&format!("sha256-copy_{}_", std::process::id()))
+                && named.ends_with("-partial"),
+            "{named}"
+        );
+        let no_id = store.partial_path("copy_x1_0123").unwrap();
+        std::fs::write(&no_id, b"not work's").unwrap();
+
+        store.remove_dead_work("copy");
+        assert!(!dead_file.exists(), "a dead process's copy");
+        assert!(mine.exists() && no_id.exists() && dead_folder.exists());
+        store.remove_dead_work("links");
+        assert!(!dead_folder.exists(), "a dead process's folder of links");
+        assert_eq!(
+            std::fs::read(&part).unwrap(),
+            b"a part",
+            "what a link points to stays"
+        );
+        assert!(other_kind.exists(), "another kind of work is not swept");
+        std::fs::remove_dir_all(store.root()).unwrap();
     }
 
     #[cfg(target_os = "linux")]

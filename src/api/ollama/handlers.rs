@@ -390,12 +390,18 @@ fn blob_of(models: &Models, spec: &ModelSpec) -> Result<Digest, OllamaError> {
     import_file(store, spec.path())
 }
 
+/// The kinds of work ([`crate::models::Store::work_path`]) a GGUF file copied into the store
+/// and an upload are: what one cut short leaves is removed before the next.
+const IMPORT: &str = "import";
+const UPLOAD: &str = "upload";
+
 /// Copies a GGUF file into the store as a blob (temporary name, hashed, renamed).
 fn import_file(
     store: &crate::models::Store,
     path: &std::path::Path,
 ) -> Result<Digest, OllamaError> {
-    let temp = store.partial_path(&format!("import-{}", uuid::Uuid::new_v4().simple()))?;
+    store.remove_dead_work(IMPORT);
+    let temp = store.work_path(IMPORT)?;
     if let Err(e) = std::fs::copy(path, &temp) {
         std::fs::remove_file(&temp).ok();
         return Err(OllamaError::bad_request(format!(
@@ -624,7 +630,9 @@ pub(crate) async fn blob_upload(
     if store.has_blob(&expected) {
         return Ok(StatusCode::OK);
     }
-    let temp = store.partial_path(&format!("upload-{}", uuid::Uuid::new_v4().simple()))?;
+    let sweep = store.clone();
+    let _ = tokio::task::spawn_blocking(move || sweep.remove_dead_work(UPLOAD)).await;
+    let temp = store.work_path(UPLOAD)?;
     let result = async {
         let mut file = tokio::fs::File::create(&temp)
             .await

@@ -498,12 +498,15 @@ async fn pull_parts(
         )?;
     }
     let blobs: Vec<PathBuf> = fetched.iter().map(|(_, b)| b.clone()).collect();
-    let links = store.partial_path(&format!("parts-{}", uuid::Uuid::new_v4().simple()))?;
-    let temp = store.partial_path(&format!("joined-{}", uuid::Uuid::new_v4().simple()))?;
-    // What a join cut short by a crash left (each join has a name of its own).
+    let links = store.work_path(LINKS)?;
+    let temp = store.partial_path(&format!("{JOINED}{}", uuid::Uuid::new_v4().simple()))?;
+    // What a join cut short by a crash left (each join has a name of its own): the file the
+    // quantizer was writing, and the folder of links.
     if let Some(blobs) = temp.parent() {
-        crate::bench::quantize::remove_stale(blobs, |stale| stale.starts_with("sha256-joined-"));
+        let joined = format!("sha256-{JOINED}");
+        crate::bench::quantize::remove_stale(blobs, |stale| stale.starts_with(&joined));
     }
+    store.remove_dead_work(LINKS);
     let joined = join(&links, parts, blobs, &temp, on).await;
     if let Err(e) = std::fs::remove_dir_all(&links) {
         tracing::warn!(path = %links.display(), error = %e, "could not remove a download leftover");
@@ -621,6 +624,13 @@ fn link_parts(dir: &Path, parts: &[String], blobs: &[PathBuf]) -> Result<PathBuf
     }
     Ok(first)
 }
+
+/// How the file a join writes is named in the blob folder, after `sha256-`: then a name of its
+/// own and `-partial` ([`Store::partial_path`] keeps letters, digits and `_` of a label).
+const JOINED: &str = "joined_";
+
+/// The kind of work ([`Store::work_path`]) a join's folder of links to the parts is.
+const LINKS: &str = "parts";
 
 /// Where the blob joined from parts with these digests is recorded:
 /// `blobs/.joined/<sha256 of the parts' digests>`.
