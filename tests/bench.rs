@@ -3610,7 +3610,8 @@ fn a_split_model_is_measured_whole_and_quantized_into_one_file_or_its_parts() {
 
 /// Without `-t`, a process held to one CPU (as `taskset -c 0` or a container's cpuset holds
 /// it) computes with one thread, not one per core of the machine, and its machine line says
-/// what it could use: more threads than cores spin against each other at every barrier.
+/// what it could use: more threads than cores spin against each other at every barrier. Told
+/// more, it measures them and says so.
 #[cfg(target_os = "linux")]
 #[test]
 fn a_process_held_to_one_cpu_benchmarks_with_one_thread() {
@@ -3618,7 +3619,7 @@ fn a_process_held_to_one_cpu_benchmarks_with_one_thread() {
     let model = common::smollm2();
     let model = model.to_str().unwrap().to_owned();
     // A child inherits the CPU mask of the thread that starts it.
-    let o = std::thread::spawn(move || {
+    let (o, two) = std::thread::spawn(move || {
         // SAFETY: an empty set is all zeroes; CPU 0 is below CPU_SETSIZE; pid 0 is this
         // thread, and the set outlives the call.
         let rc = unsafe {
@@ -3627,13 +3628,32 @@ fn a_process_held_to_one_cpu_benchmarks_with_one_thread() {
             libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one)
         };
         assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-        backstop(&[
-            "bench", "-p", "8", "-n", "4", "-r", "1", "--format", "json", &model,
-        ])
+        let args = ["bench", "-p", "8", "-n", "4", "-r", "1", "--format", "json"];
+        (
+            backstop(&[&args[..], &[&model]].concat()),
+            backstop(&[&args[..], &["-t", "2", &model]].concat()),
+        )
     })
     .join()
     .expect("pinned thread");
     assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        !text(&o.stderr).contains("threads on the"),
+        "{}",
+        text(&o.stderr)
+    );
+    // Told two threads there, it measures them, and says that one would be faster.
+    assert!(two.status.success(), "{}", text(&two.stderr));
+    let two_report: Value = serde_json::from_slice(&two.stdout).expect("bench JSON");
+    assert_eq!(two_report["results"][0]["threads"], 2, "{two_report}");
+    assert!(
+        text(&two.stderr).contains(
+            "note: 2 threads on the 1 CPU this process may use: threads beyond it wait their \
+             turn while the others spin; 1, the default, is faster"
+        ),
+        "{}",
+        text(&two.stderr)
+    );
     let report: Value = serde_json::from_slice(&o.stdout).expect("bench JSON");
     let machine = &report["machine"];
     assert!(

@@ -270,6 +270,13 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     for pair in &skipped {
         eprintln!("skipping {pair}: a quantized KV cache needs flash attention");
     }
+    let threads: Vec<u32> = distinct(settings.iter().map(|s| s.threads));
+    for crowded in threads
+        .into_iter()
+        .filter_map(crate::config::cores::too_many)
+    {
+        eprintln!("note: {crowded}");
+    }
     let depths: Vec<usize> = each(&args.depth)
         .into_iter()
         .map(|d| d.unwrap_or(0))

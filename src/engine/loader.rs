@@ -140,6 +140,9 @@ pub(crate) fn load_model(
             path: options.path.clone(),
         }
     })?;
+    if let Some(crowded) = crate::config::cores::too_many(options.threads) {
+        tracing::warn!(model = %options.name, "{crowded}");
+    }
     if options.mlock {
         // llama.cpp only logs a failed lock and goes on; said here in the server's own words.
         let locked = locked_bytes()
