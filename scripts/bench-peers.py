@@ -359,22 +359,24 @@ def side_by_side_args(ap: argparse.ArgumentParser, max_tokens: int) -> None:
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
 
 
-def serve_side_by_side(kind: str, binary: pathlib.Path, model: pathlib.Path, threads: int, parallel: int,
-                       ctx: int, template: str, extra: list[str]) -> Server:
+def serve_side_by_side(kind: str, binary: pathlib.Path, model: pathlib.Path, threads: int | None, parallel: int,
+                       ctx: int, template: str, extra: list[str], wrap: list[str] | None = None) -> Server:
     """Starts backstop (a `kind` starting with "backstop") or llama-server on `model` with the
-    same threads, slots, per-slot context and chat template, flash attention as backstop's CPU
-    default (off; BACKSTOP_FLASH_ATTENTION=1 turns it on for both), plus `extra` arguments."""
+    same threads (each its own default with None), slots, per-slot context and chat template,
+    flash attention as backstop's CPU default (off; BACKSTOP_FLASH_ATTENTION=1 turns it on for
+    both), plus `extra` arguments; `wrap` goes before the command (`taskset -c 0`, say)."""
     port = free_port()
     name = kind.replace(" ", "").replace("/", "_")  # a name for its log file, whatever paths it has
+    told = [] if threads is None else [str(threads)]
     if kind.startswith("backstop"):
         argv = [str(binary), "serve", "--host", f"127.0.0.1:{port}", "--model", f"m={model}",
-                "--threads", str(threads), "--parallel", str(parallel), "--ctx", str(ctx), *extra]
-        return Server(name, argv, port, ready="/health/ready")
+                *(["--threads"] + told if told else []), "--parallel", str(parallel), "--ctx", str(ctx), *extra]
+        return Server(name, (wrap or []) + argv, port, ready="/health/ready")
     fa = os.environ.get("BACKSTOP_FLASH_ATTENTION", "0").lower() in ("1", "true", "on")
-    argv = [str(binary), "-m", str(model), "-t", str(threads), "-np", str(parallel), "-c", str(ctx * parallel),
-            "--host", "127.0.0.1", "--port", str(port), "--alias", "m", "--flash-attn", "on" if fa else "off",
-            *peer_template_args("llama-server", template), *extra]
-    return Server(name, argv, port)
+    argv = [str(binary), "-m", str(model), *(["-t"] + told if told else []), "-np", str(parallel),
+            "-c", str(ctx * parallel), "--host", "127.0.0.1", "--port", str(port), "--alias", "m",
+            "--flash-attn", "on" if fa else "off", *peer_template_args("llama-server", template), *extra]
+    return Server(name, (wrap or []) + argv, port)
 
 
 PY_PEER = CACHE / "peers" / "llama-cpp-python-venv"
