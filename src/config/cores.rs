@@ -85,7 +85,7 @@ fn physical_in_mask() -> Option<usize> {
 
 /// The physical cores of `cpus` built for speed, given the sysfs mount `sys`: on a CPU of two
 /// kinds (Intel's P- and E-cores from Alder Lake on, ARM's big.LITTLE) the fast ones alone,
-/// as llama.cpp counts on Intel's. A thread on a slow core finishes its share of every
+/// as llama.cpp counts on Intel's ([`slow_cpus`]). A thread on a slow core finishes its share of every
 /// operation last while the others spin at the barrier after it. Where the mask holds slow
 /// cores only, those are counted.
 fn fast_cores(sys: &Path, cpus: &[usize]) -> Option<usize> {
@@ -101,10 +101,11 @@ fn fast_cores(sys: &Path, cpus: &[usize]) -> Option<usize> {
     })
 }
 
-/// Which of `cpus` the kernel says compute slower than the machine's fastest: those with a
-/// `cpu_capacity` below the largest (ARM's big.LITTLE, and x86 hybrids on recent kernels),
-/// and those listed under Intel's E-core performance counters (`devices/cpu_atom/cpus`,
-/// there on a hybrid Intel CPU whatever the kernel's age).
+/// Which of `cpus` the kernel says compute far slower than the fastest of them: those with a
+/// `cpu_capacity` under half the largest (ARM's little cores, about 40% of its big ones; the
+/// middle tier of a chip of three, at 70-90% of its one prime core, stays in), and those
+/// listed under Intel's E-core performance counters (`devices/cpu_atom/cpus`, there on a
+/// hybrid Intel CPU whatever the kernel's age).
 fn slow_cpus(sys: &Path, cpus: &[usize]) -> HashSet<usize> {
     let read = |path: PathBuf| std::fs::read_to_string(path).ok();
     let mut slow: HashSet<usize> = read(sys.join("devices/cpu_atom/cpus"))
@@ -123,7 +124,7 @@ fn slow_cpus(sys: &Path, cpus: &[usize]) -> HashSet<usize> {
         slow.extend(
             capacity
                 .iter()
-                .filter(|&&(_, c)| c < most)
+                .filter(|&&(_, c)| c.saturating_mul(2) < most)
                 .map(|&(cpu, _)| cpu),
         );
     }
@@ -276,6 +277,11 @@ mod tests {
         );
         assert_eq!(fast_cores(&sys, &all), Some(4));
         assert_eq!(fast_cores(&sys, &[0, 1, 2]), Some(3));
+        std::fs::remove_dir_all(&sys).unwrap();
+        // Three tiers: one prime core, three big ones near it, four little ones.
+        let tiers = [1024, 870, 870, 870, 400, 400, 400, 400];
+        let sys = sysfs("tiers", &big_little, &tiers, None);
+        assert_eq!(fast_cores(&sys, &all), Some(4));
         std::fs::remove_dir_all(&sys).unwrap();
         // One kind of core, all at the same capacity: every core counts once.
         let sys = sysfs(
