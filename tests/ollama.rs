@@ -526,8 +526,15 @@ async fn create_copy_and_delete_go_through_the_store() {
     let running = blobs
         .partial_path(&format!("upload_{}_0123", std::process::id()))
         .unwrap();
+    // Both untouched long enough to be taken for abandoned.
+    let then = std::time::SystemTime::now() - backstop::models::store::ABANDONED * 2;
     for half in [&dead, &running] {
         std::fs::write(half, &file[..1000]).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(half)
+            .and_then(|f| f.set_modified(then))
+            .unwrap();
     }
     let head = s
         .client

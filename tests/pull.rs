@@ -522,9 +522,17 @@ async fn a_split_model_is_pulled_part_by_part_and_joined_into_one_blob() {
     let own = format!(".partial-{}", std::process::id());
     let half = writing.with_file_name(name.replace(&own, ".partial-99999999"));
     std::fs::write(&half, b"half a model").unwrap();
+    // Both untouched long enough to be taken for abandoned (what another container's server
+    // writes has a process id not seen here, and is fresh).
+    let then = std::time::SystemTime::now() - backstop::models::store::ABANDONED * 2;
     let links = tmp.store.partial_path("parts_99999999_0123").unwrap();
     std::fs::create_dir_all(&links).unwrap();
     std::os::unix::fs::symlink(&parts[0], links.join("SmolLM2-Q4_1-00001-of-00003.gguf")).unwrap();
+    for left in [&half, &links] {
+        std::fs::File::open(left)
+            .and_then(|f| f.set_modified(then))
+            .unwrap();
+    }
 
     let (model, events) = pull_events(&tmp.store, &spec, &hub(&fake)).await;
 

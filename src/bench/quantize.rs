@@ -357,7 +357,7 @@ pub fn quantize(
         );
     }
     // A dead quantizer's files first: their room counts as free.
-    remove_stale(dir, |stale| stale == name);
+    remove_stale(dir, std::time::Duration::ZERO, |stale| stale == name);
     let size = check_room(
         input,
         &header,
@@ -443,8 +443,9 @@ pub fn remove_unfinished() {
 
 /// Removes what quantizers that were killed before they could tidy up left in `dir`: the
 /// `.NAME.partial-PID` files (with `--keep-split`'s part suffixes) of outputs whose NAME
-/// `output` accepts, whose process is gone.
-pub fn remove_stale(dir: &Path, output: impl Fn(&str) -> bool) {
+/// `output` accepts, whose process is gone, unchanged for at least `idle` (a folder that
+/// servers in other containers share: their process ids are not seen here).
+pub fn remove_stale(dir: &Path, idle: std::time::Duration, output: impl Fn(&str) -> bool) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -458,7 +459,16 @@ pub fn remove_stale(dir: &Path, output: impl Fn(&str) -> bool) {
             continue;
         };
         let pid: String = pid.chars().take_while(char::is_ascii_digit).collect();
-        if output(name) && !pid.is_empty() && !crate::models::store::running(&pid) {
+        let unchanged = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if output(name)
+            && !pid.is_empty()
+            && !crate::models::store::running(&pid)
+            && (idle.is_zero() || unchanged.is_some_and(|u| u >= idle))
+        {
             tracing::info!(path = %entry.path().display(), "removing what an interrupted quantizer left");
             let _ = std::fs::remove_file(entry.path());
         }

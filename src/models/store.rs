@@ -322,7 +322,9 @@ impl Store {
 
     /// Removes what work of `kind` ([`Store::work_path`]) by processes now gone left in the
     /// blob folder: a half-copied file, or a folder and what it holds (links are removed,
-    /// never what they point to).
+    /// never what they point to). Only what has not changed for [`ABANDONED`]: a server in
+    /// another container sharing the store has process ids this one cannot see, and its
+    /// work in progress is being written.
     pub fn remove_dead_work(&self, kind: &str) {
         let Ok(entries) = std::fs::read_dir(self.blobs()) else {
             return;
@@ -339,7 +341,12 @@ impl Store {
             else {
                 continue;
             };
-            if running(pid) {
+            let idle = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok());
+            if running(pid) || idle.is_none_or(|idle| idle < ABANDONED) {
                 continue;
             }
             let path = entry.path();
@@ -698,6 +705,10 @@ impl Store {
     }
 }
 
+/// How long work's files must have gone unchanged before [`Store::remove_dead_work`] takes
+/// them for abandoned.
+pub const ABANDONED: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
 /// Whether a process with this id runs (true where that cannot be told: nothing is removed).
 pub(crate) fn running(pid: &str) -> bool {
     if cfg!(target_os = "linux") {
@@ -816,10 +827,20 @@ mod tests {
         );
         let no_id = store.partial_path("copy_x1_0123").unwrap();
         std::fs::write(&no_id, b"not work's").unwrap();
+        let abandoned = SystemTime::now() - ABANDONED - std::time::Duration::from_secs(60);
+        for path in [&dead_file, &dead_folder, &other_kind, &mine, &no_id] {
+            std::fs::File::open(path)
+                .and_then(|f| f.set_modified(abandoned))
+                .unwrap();
+        }
+        // Written a moment ago by a process not seen here (another container's server on the
+        // same store): at work, kept.
+        let unseen = store.partial_path("copy_99999998_0123").unwrap();
+        std::fs::write(&unseen, b"a copy elsewhere").unwrap();
 
         store.remove_dead_work("copy");
         assert!(!dead_file.exists(), "a dead process's copy");
-        assert!(mine.exists() && no_id.exists() && dead_folder.exists());
+        assert!(mine.exists() && no_id.exists() && dead_folder.exists() && unseen.exists());
         store.remove_dead_work("links");
         assert!(!dead_folder.exists(), "a dead process's folder of links");
         assert_eq!(

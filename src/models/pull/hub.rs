@@ -504,7 +504,8 @@ async fn pull_parts(
     // quantizer was writing, and the folder of links.
     if let Some(blobs) = temp.parent() {
         let joined = format!("sha256-{JOINED}");
-        crate::bench::quantize::remove_stale(blobs, |stale| stale.starts_with(&joined));
+        let idle = crate::models::store::ABANDONED;
+        crate::bench::quantize::remove_stale(blobs, idle, |stale| stale.starts_with(&joined));
     }
     store.remove_dead_work(LINKS);
     let joined = join(&links, parts, blobs, &temp, on).await;
