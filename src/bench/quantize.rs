@@ -459,16 +459,7 @@ pub fn remove_stale(dir: &Path, idle: std::time::Duration, output: impl Fn(&str)
             continue;
         };
         let pid: String = pid.chars().take_while(char::is_ascii_digit).collect();
-        let unchanged = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok());
-        if output(name)
-            && !pid.is_empty()
-            && !crate::models::store::running(&pid)
-            && (idle.is_zero() || unchanged.is_some_and(|u| u >= idle))
-        {
+        if output(name) && crate::models::store::abandoned(&pid, &entry, idle) {
             tracing::info!(path = %entry.path().display(), "removing what an interrupted quantizer left");
             let _ = std::fs::remove_file(entry.path());
         }

@@ -29,15 +29,20 @@ pub(crate) fn usable() -> Option<u64> {
     let read = |path: &str| std::fs::read_to_string(Path::new(path)).ok();
     let total = read("/proc/meminfo").as_deref().and_then(mem_total);
     let own = read("/proc/self/cgroup").unwrap_or_default();
-    let limit = limit_files(Path::new("/sys/fs/cgroup"), &own)
-        .iter()
-        .filter_map(|path| std::fs::read_to_string(path).ok())
-        .filter_map(|text| cgroup_limit(&text))
-        .min();
+    let limit = least_limit(Path::new("/sys/fs/cgroup"), &own);
     match (total, limit) {
         (Some(t), Some(l)) => Some(t.min(l)),
         (t, l) => t.or(l),
     }
+}
+
+/// The least of the memory limits [`limit_files`] names that are set.
+fn least_limit(root: &Path, own: &str) -> Option<u64> {
+    limit_files(root, own)
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .filter_map(|text| cgroup_limit(&text))
+        .min()
 }
 
 /// The files that may hold a memory limit on this process, under the cgroup mount `root`,

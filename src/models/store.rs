@@ -332,21 +332,14 @@ impl Store {
         let prefix = format!("sha256-{kind}_");
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let Some(pid) = name
+            let Some((pid, _)) = name
                 .to_str()
                 .filter(|n| n.ends_with("-partial"))
                 .and_then(|n| n.strip_prefix(&prefix)?.split_once('_'))
-                .map(|(pid, _)| pid)
-                .filter(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
             else {
                 continue;
             };
-            let idle = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok());
-            if running(pid) || idle.is_none_or(|idle| idle < ABANDONED) {
+            if !abandoned(pid, &entry, ABANDONED) {
                 continue;
             }
             let path = entry.path();
@@ -709,8 +702,23 @@ impl Store {
 /// them for abandoned.
 pub const ABANDONED: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 
+/// Whether `entry`, left by the process whose id is `pid`, is abandoned: `pid` is a process
+/// id, that process is gone, and the entry has gone unchanged for at least `idle` (zero: it
+/// need not have). What the store's and the quantizer's sweeps remove.
+pub(crate) fn abandoned(pid: &str, entry: &std::fs::DirEntry, idle: std::time::Duration) -> bool {
+    let id = !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+    id && !running(pid)
+        && (idle.is_zero()
+            || entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|unchanged| unchanged >= idle))
+}
+
 /// Whether a process with this id runs (true where that cannot be told: nothing is removed).
-pub(crate) fn running(pid: &str) -> bool {
+fn running(pid: &str) -> bool {
     if cfg!(target_os = "linux") {
         Path::new("/proc").join(pid).exists()
     } else {
