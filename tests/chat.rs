@@ -1517,17 +1517,45 @@ fn burn_cores(
     stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Vec<std::thread::JoinHandle<()>> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    (0..cores)
-        .map(|_| {
-            let stop = std::sync::Arc::clone(stop);
-            std::thread::spawn(move || {
-                let mut x = 1u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
-                }
-            })
-        })
-        .collect()
+    (0..cores).map(|_| burn(stop, None)).collect()
+}
+
+/// A thread of this process that keeps a core busy (CPU `cpu`, or any) until the flag is
+/// lowered.
+fn burn(
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cpu: Option<usize>,
+) -> std::thread::JoinHandle<()> {
+    let stop = std::sync::Arc::clone(stop);
+    std::thread::spawn(move || {
+        if let Some(cpu) = cpu {
+            // SAFETY: an empty set is all zeroes; `cpu` is one this process may run on, below
+            // CPU_SETSIZE; pid 0 is this thread, and the set outlives the call.
+            let rc = unsafe {
+                let mut one: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut one);
+                libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one)
+            };
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        }
+        let mut x = 1u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+    })
+}
+
+/// The first CPU this process may run on.
+fn first_cpu() -> usize {
+    // SAFETY: cpu_set_t is a plain bit array, for which all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is valid for writes of the size given; pid 0 names this thread.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below CPU_SETSIZE, the set's size in bits.
+        .find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .expect("a CPU to run on")
 }
 
 /// Reading an answer again also waits while other processes keep the cores busy: llama.cpp's
@@ -1555,6 +1583,34 @@ async fn an_answer_is_read_again_only_once_other_processes_leave_the_cores_free(
     assert_eq!(
         during, 0.0,
         "the answer was read again while other threads kept every core busy"
+    );
+    reread_settles(&s, "smollm2", 0.0, 39.0).await;
+}
+
+/// What counts is the CPUs the server may run on, not the whole machine: held to one CPU
+/// (`taskset`, a container's cpuset), with another program busy on that CPU alone, the
+/// answer is not read again though the machine's other CPUs are free; once that CPU is free,
+/// it is.
+#[tokio::test]
+async fn an_answer_is_read_again_only_once_the_cpus_the_server_may_use_are_free() {
+    let cpu = first_cpu();
+    let s = Server::start_on_cpu(&["--reread-answers", "1"], cpu).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let burner = burn(&stop, Some(cpu));
+    let said = s
+        .chat(
+            json!({"model": "smollm2", "max_tokens": 40, "ignore_eos": true, "temperature": 0,
+                     "messages": garden(&[("user", "Name three fruits.")])}),
+        )
+        .await;
+    assert_eq!(said["usage"]["completion_tokens"], 40, "{said}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = reread_tokens(&s, "smollm2").await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    burner.join().expect("burner thread");
+    assert_eq!(
+        during, 0.0,
+        "the answer was read again while another thread kept the server's one CPU busy"
     );
     reread_settles(&s, "smollm2", 0.0, 39.0).await;
 }

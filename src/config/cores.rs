@@ -62,8 +62,14 @@ fn crowded(threads: u32, cores: Cores) -> Option<String> {
 
 /// The physical cores among the CPUs the calling thread may run on, where the kernel says
 /// which core each CPU is (Linux); `None` elsewhere or when it cannot be read.
-#[cfg(target_os = "linux")]
 fn physical_in_mask() -> Option<usize> {
+    fast_cores(Path::new("/sys"), &allowed_cpus()?)
+}
+
+/// The CPUs the calling thread (and the threads it starts) may run on, by the kernel's
+/// numbers (Linux); `None` elsewhere or when the mask cannot be read.
+#[cfg(target_os = "linux")]
+pub fn allowed_cpus() -> Option<Vec<usize>> {
     // SAFETY: cpu_set_t is a plain bit array, for which all zeroes is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is valid for writes of the size given; pid 0 names the calling thread.
@@ -75,11 +81,11 @@ fn physical_in_mask() -> Option<usize> {
         // SAFETY: `cpu` is below CPU_SETSIZE, the set's size in bits.
         .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
         .collect();
-    fast_cores(Path::new("/sys"), &cpus)
+    Some(cpus)
 }
 
 #[cfg(not(target_os = "linux"))]
-fn physical_in_mask() -> Option<usize> {
+pub fn allowed_cpus() -> Option<Vec<usize>> {
     None
 }
 

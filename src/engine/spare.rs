@@ -14,10 +14,15 @@
 //! The kernel's counts in `/proc/stat` say how long the CPUs spent idle, in clock ticks (10 ms);
 //! this process's own time (`/proc/self/stat`, in the same ticks) counts as free, since it is
 //! this process's to give. Idle, this project's VM shows every tick of a 100 ms window idle.
-//! The two lines are parsed here: a crate that reads all of `/proc` (procfs, sysinfo) is far
-//! more than two lines of numbers need. In a container `/proc/stat` may count the host's CPUs:
-//! the re-read then waits only for a host that is busy all over, as before this check it
-//! never waited.
+//! Only the CPUs this process may run on count (its CPU mask: `taskset`, a container's
+//! cpuset): a neighbour busy on those stalls the work however idle the rest of the host is,
+//! and one busy elsewhere does not. Held to CPU 0 of the 2-core machine, with another program
+//! busy on CPU 0 alone, the whole machine's count showed a free core and the re-read went on.
+//! The files are parsed here: a crate that reads all of `/proc` (procfs, sysinfo) is far more
+//! than a few lines of numbers need. Where `/proc/stat` names none of the mask's CPUs (a
+//! container whose `/proc/stat` is rewritten to number its own CPUs from 0, as LXCFS does),
+//! every CPU line counts; under a CPU quota without a cpuset, `/proc/stat` counts the host's
+//! CPUs, and the re-read waits only for a host that is busy all over.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -48,27 +53,45 @@ pub(crate) struct Counts {
     own: u64,
 }
 
-/// The idle and total ticks of every CPU, and how many CPUs there are, from `/proc/stat`.
-fn parse_stat(text: &str) -> Option<(u64, u64, u64)> {
+/// The idle and total ticks of the CPUs in `mask` (every CPU without one, or where none of
+/// its CPUs has a line), and how many CPUs they are, from `/proc/stat`.
+fn parse_stat(text: &str, mask: Option<&[usize]>) -> Option<(u64, u64, u64)> {
     let mut lines = text.lines();
-    // cpu  user nice system idle iowait irq softirq steal guest guest_nice; the guests are
+    let all = ticks(lines.next()?.strip_prefix("cpu ")?)?;
+    let per_cpu: Vec<(usize, (u64, u64))> = lines
+        .filter_map(|l| {
+            let (n, rest) = l.strip_prefix("cpu")?.split_once(' ')?;
+            Some((n.parse().ok()?, ticks(rest)?))
+        })
+        .collect();
+    let masked: Vec<(u64, u64)> = per_cpu
+        .iter()
+        .filter(|(n, _)| mask.is_some_and(|m| m.contains(n)))
+        .map(|&(_, t)| t)
+        .collect();
+    if masked.is_empty() {
+        let cpus = per_cpu.len() as u64;
+        (cpus > 0).then_some((all.0, all.1, cpus))
+    } else {
+        let (idle, total) = masked
+            .iter()
+            .fold((0, 0), |(i, t), &(idle, total)| (i + idle, t + total));
+        Some((idle, total, masked.len() as u64))
+    }
+}
+
+/// The idle and total ticks of one line of `/proc/stat`, after its `cpu` or `cpuN` label.
+fn ticks(fields: &str) -> Option<(u64, u64)> {
+    // user nice system idle iowait irq softirq steal guest guest_nice; the guests are
     // counted in user and nice already. Time stolen by the hypervisor for other machines
     // counts as free: the work would take it from no process here.
-    let ticks: Vec<u64> = lines
-        .next()?
-        .strip_prefix("cpu ")?
+    let ticks: Vec<u64> = fields
         .split_whitespace()
         .take(8)
         .map(|f| f.parse().ok())
         .collect::<Option<_>>()?;
     let idle = ticks.get(3)? + ticks.get(4)? + ticks.get(7).unwrap_or(&0);
-    let cpus = lines
-        .filter(|l| {
-            l.strip_prefix("cpu")
-                .is_some_and(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-        })
-        .count() as u64;
-    (cpus > 0).then(|| (idle, ticks.iter().sum(), cpus))
+    Some((idle, ticks.iter().sum()))
 }
 
 /// This process's user and system ticks, from `/proc/self/stat`: the 14th and 15th fields,
@@ -81,8 +104,8 @@ fn parse_own(text: &str) -> Option<u64> {
     Some(user + system)
 }
 
-fn read() -> Option<Counts> {
-    let (idle, total, cpus) = parse_stat(&std::fs::read_to_string("/proc/stat").ok()?)?;
+fn read(mask: Option<&[usize]>) -> Option<Counts> {
+    let (idle, total, cpus) = parse_stat(&std::fs::read_to_string("/proc/stat").ok()?, mask)?;
     let own = parse_own(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
     Some(Counts {
         idle,
@@ -93,7 +116,8 @@ fn read() -> Option<Counts> {
 }
 
 /// The cores the other processes left free between two readings: the CPUs' idle time and this
-/// process's own, over the time that passed on each CPU. `None` if no tick passed.
+/// process's own (all of it spent on those CPUs), over the time that passed on each CPU.
+/// `None` if no tick passed.
 fn spare_cores(before: Counts, after: Counts) -> Option<f64> {
     let total = after.total.checked_sub(before.total).filter(|&t| t > 0)?;
     let free = after.idle.saturating_sub(before.idle) + after.own.saturating_sub(before.own);
@@ -106,6 +130,8 @@ fn spare_cores(before: Counts, after: Counts) -> Option<f64> {
 pub(crate) struct Spare {
     /// The cores the work decodes with.
     threads: f64,
+    /// The CPUs this process may run on, read once.
+    mask: Option<Vec<usize>>,
     /// Readings of the last two windows at most, oldest first.
     readings: VecDeque<(Instant, Counts)>,
 }
@@ -114,6 +140,7 @@ impl Spare {
     pub(crate) fn new(threads: u32) -> Self {
         Self {
             threads: f64::from(threads.max(1)),
+            mask: crate::config::cores::allowed_cpus(),
             readings: VecDeque::new(),
         }
     }
@@ -122,7 +149,7 @@ impl Spare {
     /// processes left the cores free (or the system does not say); otherwise how long to wait
     /// before asking again.
     pub(crate) fn wait(&mut self) -> Option<Duration> {
-        let now = read()?;
+        let now = read(self.mask.as_deref())?;
         self.verdict(Instant::now(), now)
     }
 
@@ -175,7 +202,7 @@ mod tests {
 
     #[test]
     fn the_stat_line_gives_idle_and_total_ticks_and_the_cpu_lines_their_count() {
-        let (idle, total, cpus) = parse_stat(STAT).expect("parsed");
+        let (idle, total, cpus) = parse_stat(STAT, None).expect("parsed");
         assert_eq!(
             idle,
             46828483 + 16683 + 812,
@@ -187,13 +214,31 @@ mod tests {
             "guest time is in user time already"
         );
         assert_eq!(cpus, 2);
-        assert_eq!(parse_stat("intr 1 2\n"), None);
+        assert_eq!(parse_stat("intr 1 2\n", None), None);
         assert_eq!(
-            parse_stat("cpu  1 2 3\ncpu0 1 2 3\n"),
+            parse_stat("cpu  1 2 3\ncpu0 1 2 3\n", None),
             None,
             "too few fields"
         );
-        assert_eq!(parse_stat("cpu  1 2 3 4 5 6 7 8\n"), None, "no CPU lines");
+        assert_eq!(
+            parse_stat("cpu  1 2 3 4 5 6 7 8\n", None),
+            None,
+            "no CPU lines"
+        );
+    }
+
+    #[test]
+    fn only_the_cpus_the_process_may_run_on_count() {
+        assert_eq!(
+            parse_stat(STAT, Some(&[1])),
+            Some((
+                13369745 + 3536,
+                1335992 + 30233 + 501519 + 13369745 + 3536 + 2384,
+                1
+            ))
+        );
+        // A mask of CPUs that /proc/stat does not name (renumbered in a container): all.
+        assert_eq!(parse_stat(STAT, Some(&[4, 5])), parse_stat(STAT, None));
     }
 
     #[test]

@@ -332,6 +332,15 @@ pub fn run_to_exit_with_env(args: &[&str], envs: &[(&str, &str)], timeout: Durat
     }
 }
 
+/// What a test server's process is held to, set between fork and exec.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Confine {
+    /// The most bytes it may lock in RAM, without the capability to pass that.
+    lock_limit: Option<u64>,
+    /// The one CPU it may run on.
+    cpu: Option<usize>,
+}
+
 impl Server {
     /// `backstop serve --host 127.0.0.1:0 --model smollm2=... EXTRA`, ready to serve.
     pub async fn start(extra: &[&str]) -> Server {
@@ -350,7 +359,7 @@ impl Server {
 
     /// Like [`Server::start_raw`], with extra environment variables.
     pub async fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Server {
-        Self::spawn(args, envs, false, None).await
+        Self::spawn(args, envs, false, Confine::default()).await
     }
 
     /// Like [`Server::start`], but the log pipe is closed as soon as the address is read, as
@@ -359,39 +368,65 @@ impl Server {
         let model = format!("smollm2={}", smollm2().display());
         let mut args = vec!["--model", model.as_str()];
         args.extend_from_slice(extra);
-        Self::spawn(&args, &[], true, None).await
+        Self::spawn(&args, &[], true, Confine::default()).await
     }
 
     /// Like [`Server::start_raw`], for a process that may lock at most `bytes` in RAM
     /// (`RLIMIT_MEMLOCK`) and cannot pass that limit: without CAP_IPC_LOCK, which root has
     /// (dropped from the bounding set before it runs, so not regained at exec).
     pub async fn start_locking_at_most(args: &[&str], bytes: u64) -> Server {
-        Self::spawn(args, &[], false, Some(bytes)).await
+        let confine = Confine {
+            lock_limit: Some(bytes),
+            ..Confine::default()
+        };
+        Self::spawn(args, &[], false, confine).await
+    }
+
+    /// Like [`Server::start`], for a process that may run on CPU `cpu` alone (as `taskset -c`
+    /// or a container's cpuset holds it).
+    pub async fn start_on_cpu(extra: &[&str], cpu: usize) -> Server {
+        let model = format!("smollm2={}", smollm2().display());
+        let mut args = vec!["--model", model.as_str()];
+        args.extend_from_slice(extra);
+        let confine = Confine {
+            cpu: Some(cpu),
+            ..Confine::default()
+        };
+        Self::spawn(&args, &[], false, confine).await
     }
 
     async fn spawn(
         args: &[&str],
         envs: &[(&str, &str)],
         close_log: bool,
-        lock_limit: Option<u64>,
+        confine: Confine,
     ) -> Server {
         let mut cmd = backstop_command();
-        if let Some(bytes) = lock_limit {
+        if confine != Confine::default() {
             use std::os::unix::process::CommandExt;
             /// linux/capability.h
             const CAP_IPC_LOCK: libc::c_ulong = 14;
-            // SAFETY: between fork and exec the child makes two system calls and allocates
-            // nothing. Dropping the capability fails without CAP_SETPCAP, where the process
-            // has no CAP_IPC_LOCK to drop; the test checks the child's capabilities.
+            // SAFETY: between fork and exec the child makes system calls on its own memory and
+            // allocates nothing. Dropping the capability fails without CAP_SETPCAP, where the
+            // process has no CAP_IPC_LOCK to drop; the test checks the child's capabilities.
             unsafe {
                 cmd.pre_exec(move || {
-                    libc::prctl(libc::PR_CAPBSET_DROP, CAP_IPC_LOCK, 0, 0, 0);
-                    let limit = libc::rlimit {
-                        rlim_cur: bytes,
-                        rlim_max: bytes,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) != 0 {
-                        return Err(std::io::Error::last_os_error());
+                    if let Some(bytes) = confine.lock_limit {
+                        libc::prctl(libc::PR_CAPBSET_DROP, CAP_IPC_LOCK, 0, 0, 0);
+                        let limit = libc::rlimit {
+                            rlim_cur: bytes,
+                            rlim_max: bytes,
+                        };
+                        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    if let Some(cpu) = confine.cpu {
+                        let mut set: libc::cpu_set_t = std::mem::zeroed();
+                        libc::CPU_SET(cpu, &mut set);
+                        if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
                     }
                     Ok(())
                 });
