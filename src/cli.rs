@@ -749,6 +749,11 @@ pub struct ServeArgs {
     /// CPU threads per model [default: the physical cores it may use].
     #[arg(long, env = "BACKSTOP_THREADS", value_name = "N")]
     pub threads: Option<u32>,
+    /// CPU threads per model for reading prompts and for steps of several tokens (llama.cpp's
+    /// n_threads_batch): on a CPU with two hardware threads a core, prompts may read faster
+    /// on all of them, where one token a step does not [default: --threads].
+    #[arg(long, env = "BACKSTOP_THREADS_BATCH", value_name = "N")]
+    pub threads_batch: Option<u32>,
     /// Layers per model to offload to the GPU in a GPU build (0: none) [default: all].
     #[arg(long, env = "BACKSTOP_GPU_LAYERS", value_name = "N")]
     pub gpu_layers: Option<u32>,

@@ -446,6 +446,29 @@ async fn loaded_models_share_one_pool_of_compute_threads_and_answer_as_alone() {
     assert_eq!(count(&|n| n.starts_with("engine_worker")), 2, "{names:?}");
 }
 
+/// `--threads-batch` sets the threads that read prompts apart from those that generate: told
+/// 1 and 3, a server reads its first prompt on the graph thread and two OpenMP threads, where
+/// told 1 alone it reads on the graph thread only.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn prompts_are_read_on_the_batch_threads() {
+    let ask = json!({"model": "smollm2", "temperature": 0, "max_tokens": 4,
+                     "messages": [{"role": "user", "content": "Name three rivers of Europe."}]});
+    for (extra, graph_threads) in [(&["--threads-batch", "3"][..], 3), (&[][..], 1)] {
+        let s = Server::start(extra).await;
+        let said = s.chat(ask.clone()).await;
+        assert_eq!(said["usage"]["completion_tokens"], 4, "{said}");
+        s.wait_log(&[&format!("threads=1 threads_batch={graph_threads} ")])
+            .await;
+        let names = s.thread_names();
+        assert_eq!(
+            names.iter().filter(|n| *n == "llama-graphs").count(),
+            graph_threads,
+            "{extra:?}: {names:?}"
+        );
+    }
+}
+
 /// `body` with the fields of `extra` set on it.
 fn with_fields(mut body: Value, extra: &Value) -> Value {
     if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {

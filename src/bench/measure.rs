@@ -66,6 +66,7 @@ impl Setting {
     pub(crate) fn context_params(&self) -> LlamaContextParams {
         crate::engine::context_params(
             self.threads,
+            self.threads,
             crate::engine::resolve_flash_attention(
                 self.flash_attention,
                 self.kv_cache_type,

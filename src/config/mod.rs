@@ -104,6 +104,8 @@ pub struct EngineDefaults {
     pub ctx_per_slot: Option<u32>,
     /// CPU threads.
     pub threads: u32,
+    /// CPU threads for prompts and steps of several tokens; `None`: [`Self::threads`].
+    pub threads_batch: Option<u32>,
     /// Layers offloaded to the GPU; `None` = llama.cpp's default, all of them.
     pub gpu_layers: Option<u32>,
     /// Tokens per decode call.
@@ -154,6 +156,7 @@ impl EngineDefaults {
             slots: self.slots,
             ctx_per_slot: ctx.or(self.ctx_per_slot),
             threads: self.threads,
+            threads_batch: self.threads_batch.unwrap_or(self.threads),
             batch: self.batch,
             prefill_chunk: self.prefill_chunk,
             max_queue: self.max_queue,
@@ -439,6 +442,11 @@ impl Config {
             "server.threads",
             &origin,
         )?);
+        let threads_batch = positive(args.threads_batch, "threads-batch", FLAGS)?.or(positive(
+            raw.server.threads_batch,
+            "server.threads_batch",
+            &origin,
+        )?);
         // 0 is a setting here (no layer on the GPU), so not `positive`.
         let gpu_layers = args.gpu_layers.or(raw.server.gpu_layers);
         let batch = positive(args.batch, "batch", FLAGS)?
@@ -535,6 +543,7 @@ impl Config {
             slots: slots.unwrap_or(DEFAULT_PARALLEL),
             ctx_per_slot: ctx,
             threads: threads.unwrap_or_else(default_threads),
+            threads_batch,
             gpu_layers,
             batch,
             prefill_chunk,
@@ -744,6 +753,15 @@ impl Config {
             if args.threads.is_none() {
                 if let Some(t) = positive(m.threads, &key("threads"), &from)? {
                     engine.threads = t;
+                    // Batch threads follow unless set somewhere.
+                    if engine_defaults.threads_batch.is_none() {
+                        engine.threads_batch = t;
+                    }
+                }
+            }
+            if args.threads_batch.is_none() {
+                if let Some(t) = positive(m.threads_batch, &key("threads_batch"), &from)? {
+                    engine.threads_batch = t;
                 }
             }
             if args.gpu_layers.is_none() {
@@ -885,6 +903,7 @@ pub(crate) fn for_tests(path: &str) -> Config {
         slots: 1,
         ctx_per_slot: None,
         threads: 1,
+        threads_batch: None,
         gpu_layers: None,
         batch: 512,
         prefill_chunk: None,
@@ -1341,6 +1360,55 @@ mod tests {
         assert!(
             err.contains("models.a.flash_attention") && err.contains("needs flash attention"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn batch_threads_follow_the_threads_unless_the_flag_the_model_or_the_server_says() {
+        let both = |cfg: &Config| -> Vec<(u32, u32)> {
+            cfg.models
+                .iter()
+                .map(|m| (m.engine.threads, m.engine.threads_batch))
+                .collect()
+        };
+        let models = "[models.a]\npath = \"model.gguf\"\n[models.b]\npath = \"model.gguf\"\n";
+        let t = default_threads();
+        assert_eq!(both(&load_toml(models).unwrap()), [(t, t), (t, t)]);
+        // A model's own threads carry its batch threads with them.
+        let toml = format!("[server]\nthreads = 3\n{models}")
+            .replace("[models.b]", "threads = 5\n[models.b]");
+        assert_eq!(both(&load_toml(&toml).unwrap()), [(5, 5), (3, 3)]);
+        // Batch threads set for every model stay set whatever a model's threads.
+        let server = toml.replace("threads = 3\n", "threads = 3\nthreads_batch = 4\n");
+        assert_eq!(both(&load_toml(&server).unwrap()), [(5, 4), (3, 4)]);
+        let own = server.replace("threads = 5\n", "threads = 5\nthreads_batch = 6\n");
+        assert_eq!(both(&load_toml(&own).unwrap()), [(5, 6), (3, 4)]);
+        let flag = |threads, threads_batch| ServeArgs {
+            threads,
+            threads_batch,
+            ..Default::default()
+        };
+        assert_eq!(
+            both(&load_toml_with(&own, flag(None, Some(8))).unwrap()),
+            [(5, 8), (3, 8)]
+        );
+        assert_eq!(
+            both(&load_toml_with(&toml, flag(Some(2), None)).unwrap()),
+            [(2, 2), (2, 2)]
+        );
+        // Zero is refused wherever it is set, naming where.
+        let refused = |r: Result<Config, ConfigError>, key: &str| {
+            let err = r.unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("at least 1"), "{err}");
+        };
+        refused(load_toml_with(models, flag(None, Some(0))), "threads-batch");
+        refused(
+            load_toml(&format!("[server]\nthreads_batch = 0\n{models}")),
+            "server.threads_batch",
+        );
+        refused(
+            load_toml(&own.replace("threads_batch = 6", "threads_batch = 0")),
+            "models.a.threads_batch",
         );
     }
 

@@ -37,6 +37,8 @@ pub(crate) struct RawServer {
     pub(crate) parallel: Option<u32>,
     pub(crate) ctx: Option<u32>,
     pub(crate) threads: Option<u32>,
+    /// Threads for prompts and steps of several tokens (absent: `threads`).
+    pub(crate) threads_batch: Option<u32>,
     /// Layers per model offloaded to the GPU (0: none; absent: all).
     pub(crate) gpu_layers: Option<u32>,
     pub(crate) max_queue: Option<usize>,
@@ -100,6 +102,7 @@ pub(crate) struct RawModel {
     pub(crate) parallel: Option<u32>,
     pub(crate) ctx: Option<u32>,
     pub(crate) threads: Option<u32>,
+    pub(crate) threads_batch: Option<u32>,
     pub(crate) gpu_layers: Option<u32>,
     /// Flash attention for this model, over `[server]`'s (a flag or variable beats both).
     pub(crate) flash_attention: Option<bool>,

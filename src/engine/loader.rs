@@ -140,7 +140,9 @@ pub(crate) fn load_model(
             path: options.path.clone(),
         }
     })?;
-    if let Some(crowded) = crate::config::cores::too_many(options.threads) {
+    if let Some(crowded) =
+        crate::config::cores::too_many(options.threads.max(options.threads_batch))
+    {
         tracing::warn!(model = %options.name, "{crowded}");
     }
     if options.mlock {
@@ -300,7 +302,12 @@ pub(crate) fn shared_params(
     options: &EngineOptions,
     fa: llama_cpp_sys_2::llama_flash_attn_type,
 ) -> LlamaContextParams {
-    context_params(options.threads, fa, options.kv_cache_type)
+    context_params(
+        options.threads,
+        options.threads_batch,
+        fa,
+        options.kv_cache_type,
+    )
 }
 
 /// [`flash_attention`] for a model's settings (`serve`'s and `bench`'s alike) on this machine:
@@ -327,10 +334,12 @@ pub(crate) fn flash_attention_name(fa: llama_cpp_sys_2::llama_flash_attn_type) -
 /// same, so it measures what serving runs.
 pub(crate) fn context_params(
     threads: u32,
+    threads_batch: u32,
     flash: llama_cpp_sys_2::llama_flash_attn_type,
     kv_cache_type: KvCacheType,
 ) -> LlamaContextParams {
     let threads = i32::try_from(threads).unwrap_or(i32::MAX);
+    let threads_batch = i32::try_from(threads_batch).unwrap_or(i32::MAX);
     let kv = match kv_cache_type {
         KvCacheType::F16 => llama_cpp_2::context::params::KvCacheType::F16,
         KvCacheType::Q8_0 => llama_cpp_2::context::params::KvCacheType::Q8_0,
@@ -341,7 +350,7 @@ pub(crate) fn context_params(
         .with_type_k(kv)
         .with_type_v(kv)
         .with_n_threads(threads)
-        .with_n_threads_batch(threads)
+        .with_n_threads_batch(threads_batch)
 }
 
 /// Whether a GPU is there for llama.cpp to use, as [`super::Compute::has_gpu`] reports it (a

@@ -60,8 +60,10 @@ pub struct EngineOptions {
     pub slots: u32,
     /// Context tokens per slot; `None` uses 4096, capped at the model's training context.
     pub ctx_per_slot: Option<u32>,
-    /// CPU threads for decoding and prompt processing.
+    /// CPU threads for steps of one token.
     pub threads: u32,
+    /// CPU threads for prompts and steps of several tokens.
+    pub threads_batch: u32,
     /// Most tokens evaluated in one step (`n_batch`).
     pub batch: u32,
     /// Most prompt tokens per step while other slots are generating; `None`:

@@ -132,6 +132,7 @@ pub(crate) fn engine_worker(
         slots = options.slots,
         ctx_per_slot = per_slot,
         threads = options.threads,
+        threads_batch = options.threads_batch,
         flash_attention = %loader::flash_attention_name(fa),
         mmap = options.mmap,
         mlock = options.mlock,
@@ -174,7 +175,12 @@ fn family(
         path = options.path.display(),
         kv = options.kv_cache_type.as_str(),
         swa = options.swa_full,
-        threads = options.threads,
+        // Written as before where both counts are one (files kept by an older build match).
+        threads = if options.threads_batch == options.threads {
+            options.threads.to_string()
+        } else {
+            format!("{}/{}", options.threads, options.threads_batch)
+        },
         gpu = options.gpu_layers,
         ctx_len = ctx.n_ctx(),
         slots = options.slots,
@@ -746,7 +752,8 @@ impl<'m> Worker<'m> {
             written_rows: None,
             reading: None,
             swa: loader::sliding_window(model),
-            spare: Spare::new(options.threads),
+            // A re-read is a prompt's read, on the batch threads.
+            spare: Spare::new(options.threads_batch),
             admissions: 0,
             step_no: 0,
             piece: Vec::with_capacity(32),
