@@ -64,6 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prompt_gen: Vec::new(),
         reps: args.reps,
         threads: args.threads.into_iter().collect(),
+        threads_batch: Vec::new(),
         parallel: args.parallel,
         gpu_layers: Vec::new(),
         ctx: None,

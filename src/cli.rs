@@ -231,6 +231,11 @@ pub struct BenchArgs {
     #[arg(short = 't', long, value_delimiter = ',', value_name = "N,...",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Vec<u32>,
+    /// CPU threads that read the prompt (`serve --threads-batch`, llama-server's -tb), or
+    /// several to compare, e.g. 2,4 [default: --threads].
+    #[arg(long, value_delimiter = ',', value_name = "N,...",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub threads_batch: Vec<u32>,
     /// Most tokens in one decode (llama.cpp's n_batch and n_ubatch, `serve --batch`), or
     /// several to compare, e.g. 64,128,512: the prompt is read in pieces this long, as a
     /// server reads one with --prefill-chunk while others generate [default: 512, as `serve`].

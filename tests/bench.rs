@@ -3619,7 +3619,7 @@ fn a_process_held_to_one_cpu_benchmarks_with_one_thread() {
     let model = common::smollm2();
     let model = model.to_str().unwrap().to_owned();
     // A child inherits the CPU mask of the thread that starts it.
-    let (o, two) = std::thread::spawn(move || {
+    let (o, two, prompts) = std::thread::spawn(move || {
         // SAFETY: an empty set is all zeroes; CPU 0 is below CPU_SETSIZE; pid 0 is this
         // thread, and the set outlives the call.
         let rc = unsafe {
@@ -3632,6 +3632,7 @@ fn a_process_held_to_one_cpu_benchmarks_with_one_thread() {
         (
             backstop(&[&args[..], &[&model]].concat()),
             backstop(&[&args[..], &["-t", "2", &model]].concat()),
+            backstop(&[&args[..], &["--threads-batch", "2", &model]].concat()),
         )
     })
     .join()
@@ -3663,4 +3664,18 @@ fn a_process_held_to_one_cpu_benchmarks_with_one_thread() {
     let results = report["results"].as_array().unwrap();
     assert_eq!(results.len(), 1, "{report}");
     assert_eq!(results[0]["threads"], 1, "{report}");
+    assert!(results[0]["threads_batch"].is_null(), "{report}");
+    // Two threads for the prompt only: measured, and said to be more than the CPU.
+    assert!(prompts.status.success(), "{}", text(&prompts.stderr));
+    let report: Value = serde_json::from_slice(&prompts.stdout).expect("bench JSON");
+    let result = &report["results"][0];
+    assert!(
+        result["threads"] == 1 && result["threads_batch"] == 2,
+        "{report}"
+    );
+    assert!(
+        text(&prompts.stderr).contains("note: 2 threads on the 1 CPU"),
+        "{}",
+        text(&prompts.stderr)
+    );
 }

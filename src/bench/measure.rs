@@ -49,6 +49,9 @@ pub struct Plan {
 pub struct Setting {
     /// CPU threads.
     pub threads: u32,
+    /// CPU threads for prompts and steps of several tokens (`None`: [`Self::threads`]).
+    #[serde(default)]
+    pub threads_batch: Option<u32>,
     /// Layers to offload to a GPU (`None`: llama.cpp's default, all when there is a GPU).
     pub gpu_layers: Option<u32>,
     /// Flash attention on or off (`None`: the server's default for this machine).
@@ -61,12 +64,17 @@ pub struct Setting {
 }
 
 impl Setting {
+    /// The threads that read prompts.
+    pub(crate) fn batch_threads(&self) -> u32 {
+        self.threads_batch.unwrap_or(self.threads)
+    }
+
     /// A context's parameters for this setting: threads, KV cache type, and flash attention as
     /// `serve` resolves it (so a default measures what serving runs).
     pub(crate) fn context_params(&self) -> LlamaContextParams {
         crate::engine::context_params(
             self.threads,
-            self.threads,
+            self.batch_threads(),
             crate::engine::resolve_flash_attention(
                 self.flash_attention,
                 self.kv_cache_type,

@@ -158,6 +158,7 @@ fn settings(args: &BenchArgs) -> Result<(Vec<Setting>, Vec<String>), String> {
         .map(|k| k.unwrap_or(KvCacheType::F16))
         .collect();
     let (gpu_layers, flash) = (each(&args.gpu_layers), each(&args.flash_attention));
+    let threads_batch = each(&args.threads_batch);
     let mut runnable = Vec::new();
     let mut skipped = Vec::new();
     for &gpu_layers in &gpu_layers {
@@ -174,13 +175,16 @@ fn settings(args: &BenchArgs) -> Result<(Vec<Setting>, Vec<String>), String> {
                     continue;
                 }
                 for &batch in &batches {
-                    runnable.extend(threads.iter().map(|&threads| Setting {
-                        threads,
-                        gpu_layers,
-                        flash_attention,
-                        kv_cache_type,
-                        batch,
-                    }));
+                    for &threads_batch in &threads_batch {
+                        runnable.extend(threads.iter().map(|&threads| Setting {
+                            threads,
+                            threads_batch,
+                            gpu_layers,
+                            flash_attention,
+                            kv_cache_type,
+                            batch,
+                        }));
+                    }
                 }
             }
         }
@@ -270,7 +274,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     for pair in &skipped {
         eprintln!("skipping {pair}: a quantized KV cache needs flash attention");
     }
-    let threads: Vec<u32> = distinct(settings.iter().map(|s| s.threads));
+    let threads: Vec<u32> = distinct(settings.iter().map(|s| s.threads.max(s.batch_threads())));
     for crowded in threads
         .into_iter()
         .filter_map(crate::config::cores::too_many)
@@ -572,6 +576,7 @@ mod tests {
     fn row(threads: u32, gpu: Option<u32>, fa: Option<bool>, kv: KvCacheType) -> Setting {
         Setting {
             threads,
+            threads_batch: None,
             gpu_layers: gpu,
             flash_attention: fa,
             kv_cache_type: kv,
@@ -607,6 +612,19 @@ mod tests {
         assert_eq!(
             one,
             [row(crate::config::default_threads(), None, None, f16)]
+        );
+    }
+
+    #[test]
+    fn threads_for_prompts_are_swept_outside_the_threads() {
+        let (all, _) = settings(&args(&["-t", "1,2", "--threads-batch", "2,4"])).unwrap();
+        let tb = |threads, batch| Setting {
+            threads_batch: Some(batch),
+            ..row(threads, None, None, KvCacheType::F16)
+        };
+        assert_eq!(all, [tb(1, 2), tb(2, 2), tb(1, 4), tb(2, 4)]);
+        assert!(
+            Cli::try_parse_from(["backstop", "bench", "--threads-batch", "0", "m.gguf"]).is_err()
         );
     }
 

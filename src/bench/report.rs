@@ -281,6 +281,7 @@ fn mib(bytes: u64) -> String {
 #[derive(Clone, Copy)]
 enum Knob {
     Threads,
+    ThreadsBatch,
     GpuLayers,
     FlashAttention,
     KvCache,
@@ -288,8 +289,9 @@ enum Knob {
 }
 
 impl Knob {
-    const ALL: [Knob; 5] = [
+    const ALL: [Knob; 6] = [
         Knob::Threads,
+        Knob::ThreadsBatch,
         Knob::GpuLayers,
         Knob::FlashAttention,
         Knob::KvCache,
@@ -299,6 +301,7 @@ impl Knob {
     fn head(self) -> &'static str {
         match self {
             Knob::Threads => "threads",
+            Knob::ThreadsBatch => "batch threads",
             Knob::GpuLayers => "ngl",
             Knob::FlashAttention => "fa",
             Knob::KvCache => "kv cache",
@@ -310,6 +313,7 @@ impl Knob {
     fn key(self) -> &'static str {
         match self {
             Knob::Threads => "t",
+            Knob::ThreadsBatch => "tb",
             Knob::GpuLayers => "ngl",
             Knob::FlashAttention => "fa",
             Knob::KvCache => "kv",
@@ -321,6 +325,7 @@ impl Knob {
     fn cell(self, s: &Setting) -> Option<String> {
         match self {
             Knob::Threads => Some(s.threads.to_string()),
+            Knob::ThreadsBatch => s.threads_batch.map(|n| n.to_string()),
             Knob::GpuLayers => s.gpu_layers.map(|n| n.to_string()),
             Knob::FlashAttention => s
                 .flash_attention
@@ -336,6 +341,8 @@ impl Knob {
         match self {
             Knob::Threads if s.threads == 1 => Some("1 thread".into()),
             Knob::Threads => Some(format!("{value} threads")),
+            Knob::ThreadsBatch if value == "1" => Some("1 thread for prompts".into()),
+            Knob::ThreadsBatch => Some(format!("{value} threads for prompts")),
             Knob::GpuLayers => Some(format!("{value} GPU layers")),
             Knob::FlashAttention => Some(format!("flash attention {value}")),
             Knob::KvCache => (s.kv_cache_type != crate::engine::KvCacheType::F16)
@@ -729,8 +736,8 @@ pub fn json_line(
 /// with the baseline's median and this run's over it (empty where the baseline has none).
 pub fn csv(results: &[ModelResult], compared: bool) -> String {
     let mut out = String::from(
-        "file,quantization,size,parameters,backend,threads,gpu_layers,flash_attention,kv_cache_type,\
-         batch,figure,tokens,sequences,depth,median,min,max",
+        "file,quantization,size,parameters,backend,threads,threads_batch,gpu_layers,flash_attention,\
+         kv_cache_type,batch,figure,tokens,sequences,depth,median,min,max",
     );
     out.push_str(if compared {
         ",baseline_median,ratio\n"
@@ -744,13 +751,14 @@ pub fn csv(results: &[ModelResult], compared: bool) -> String {
         // A setting left to llama.cpp's default is an empty field.
         let s = &r.setting;
         let lead = format!(
-            "{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{}",
             r.file,
             r.quantization,
             r.size,
             r.parameters,
             r.backend,
             s.threads,
+            s.batch_threads(),
             s.gpu_layers.map(|n| n.to_string()).unwrap_or_default(),
             s.flash_attention
                 .map(|on| on.to_string())
@@ -861,6 +869,7 @@ mod tests {
             backend: "CPU".into(),
             setting: Setting {
                 threads: 2,
+                threads_batch: None,
                 gpu_layers: None,
                 flash_attention: None,
                 kv_cache_type: KvCacheType::F16,
@@ -931,11 +940,12 @@ mod tests {
         let c = csv_of(&[at_1024]);
         assert_eq!(c.lines().count(), 4);
         assert!(c.starts_with(
-            "file,quantization,size,parameters,backend,threads,gpu_layers,flash_attention,\
-             kv_cache_type,batch,figure,tokens,sequences,depth,median,min,max\n"
+            "file,quantization,size,parameters,backend,threads,threads_batch,gpu_layers,\
+             flash_attention,kv_cache_type,batch,figure,tokens,sequences,depth,median,min,max\n"
         ));
         assert!(c.contains(
-            "m.gguf,Q4_0,1048576,1.00M,CPU,2,,,f16,512,tg_aggregate,128,4,1024,30.000,30.000,30.000"
+            "m.gguf,Q4_0,1048576,1.00M,CPU,2,2,,,f16,512,tg_aggregate,128,4,1024,30.000,30.000,\
+             30.000"
         ));
     }
 
@@ -1063,20 +1073,38 @@ mod tests {
         assert!(t.ends_with("\n2 threads, 1 repetition\n"), "{t}");
         let mut one = base.clone();
         one.setting.threads = 1;
-        let t = table(&[one], &[0], 1);
+        let t = table(&[one.clone()], &[0], 1);
         assert!(t.ends_with("\n1 thread, 1 repetition\n"), "{t}");
+        // Threads for prompts: said where set, a column where they differ.
+        one.setting.threads_batch = Some(2);
+        let t = table(&[one.clone()], &[0], 1);
+        assert!(
+            t.ends_with("\n1 thread, 2 threads for prompts, 1 repetition\n"),
+            "{t}"
+        );
+        let mut four = one.clone();
+        four.setting.threads_batch = Some(4);
+        let t = table(&[one, four], &[0], 1);
+        assert!(
+            t.contains("| backend | batch threads | pp512 tok/s |")
+                && t.contains("| CPU | 2 | 100.0")
+                && t.contains("| CPU | 4 | 100.0")
+                && t.ends_with("\n1 thread, 1 repetition\n"),
+            "{t}"
+        );
         let c = csv_of(&[cpu, gpu]);
         assert!(
-            c.contains("\nm.gguf,Q4_0,1048576,1.00M,CUDA,2,0,true,q8_0,512,pp,512,1,0,"),
+            c.contains("\nm.gguf,Q4_0,1048576,1.00M,CUDA,2,2,0,true,q8_0,512,pp,512,1,0,"),
             "{c}"
         );
         assert!(
-            c.contains("\nm.gguf,Q4_0,1048576,1.00M,CUDA,2,99,true,q8_0,512,pp,512,1,0,"),
+            c.contains("\nm.gguf,Q4_0,1048576,1.00M,CUDA,2,2,99,true,q8_0,512,pp,512,1,0,"),
             "{c}"
         );
         let json = serde_json::to_value(&base).unwrap();
         assert!(
             json["threads"] == 2
+                && json["threads_batch"].is_null()
                 && json["gpu_layers"].is_null()
                 && json["flash_attention"].is_null()
                 && json["kv_cache_type"] == "f16"
