@@ -1847,7 +1847,7 @@ fn a_batch_sweep_makes_each_context_with_its_batch() {
     let csv = text(&o.stdout);
     assert!(
         csv.starts_with(
-            "file,quantization,size,parameters,backend,threads,gpu_layers,\
+            "file,quantization,size,parameters,backend,threads,threads_batch,gpu_layers,\
                          flash_attention,kv_cache_type,batch,figure,"
         ) && csv.lines().nth(1).unwrap().contains(",f16,64,pp,16,1,0,"),
         "{csv}"
