@@ -70,6 +70,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ctx: None,
         flash_attention: Vec::new(),
         kv_cache_type: Vec::new(),
+        numa: None,
         batch: Vec::new(),
         quantize: Vec::new(),
         quantize_dir: None,

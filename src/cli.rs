@@ -340,6 +340,10 @@ pub struct BenchArgs {
     /// KV cache element type: f16, q8_0 or q4_0, or several to compare [default: f16].
     #[arg(long, value_delimiter = ',', value_name = "TYPE,...", value_parser = parse_kv_type)]
     pub kv_cache_type: Vec<crate::engine::KvCacheType>,
+    /// Where llama.cpp's threads run on a machine of several NUMA nodes, as `serve --numa`
+    /// (one placement a run: llama.cpp places its threads once) [default: off].
+    #[arg(long, value_name = "off|distribute|isolate|numactl", value_parser = parse_numa)]
+    pub numa: Option<crate::engine::numa::Numa>,
     /// Output format.
     #[arg(short = 'o', long, visible_alias = "output", value_enum,
           default_value_t = BenchFormat::Table)]
@@ -374,6 +378,11 @@ fn parse_prompt_gen(text: &str) -> Result<(usize, usize), String> {
             "`{text}` is not P,N: prompt tokens, then tokens generated"
         )),
     }
+}
+
+fn parse_numa(text: &str) -> Result<crate::engine::numa::Numa, String> {
+    crate::engine::numa::Numa::parse(text)
+        .ok_or_else(|| format!("`{text}` is not off, distribute, isolate or numactl"))
 }
 
 fn parse_kv_type(text: &str) -> Result<crate::engine::KvCacheType, String> {
@@ -868,6 +877,16 @@ pub struct ServeArgs {
     /// [default: auto].
     #[arg(long, env = "BACKSTOP_DEPTH_SPLIT", value_name = "auto|on|off")]
     pub depth_split: Option<String>,
+    /// Where llama.cpp's threads run on a machine of several NUMA nodes (sockets), as
+    /// llama-server's --numa: `distribute` spreads them over every node, `isolate` keeps them
+    /// on the node the process started on, `numactl` on the CPUs numactl gave it; drop the
+    /// page cache once before the first run with one [default: off].
+    #[arg(
+        long,
+        env = "BACKSTOP_NUMA",
+        value_name = "off|distribute|isolate|numactl"
+    )]
+    pub numa: Option<String>,
     /// Extra browser origins allowed to call the API, comma separated [also OLLAMA_ORIGINS].
     #[arg(long, env = "BACKSTOP_ORIGINS", value_name = "ORIGINS")]
     pub origins: Option<String>,

@@ -123,6 +123,7 @@ pub fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
     }
     if let Command::Serve(args) = cli.command {
         let config = config::Config::load(&args)?;
+        engine::numa::choose(config.engine.numa);
         // HTTP work yields to the engines' threads, which put themselves back (src/sched.rs).
         sched::background();
         let runtime = tokio::runtime::Builder::new_multi_thread()

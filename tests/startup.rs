@@ -396,6 +396,42 @@ async fn model_files_are_mapped_or_read_and_locked_as_asked() {
     assert_eq!(common::answer(&s.chat(ask).await), mapped_answer);
 }
 
+/// `--numa` takes one of llama.cpp's placements and refuses any other word before anything
+/// binds. Where the machine has one NUMA node, a placement is taken, said to change nothing,
+/// and the server answers as it does without one.
+#[tokio::test]
+async fn a_numa_placement_is_taken_or_refused() {
+    let model = format!("m={}", common::smollm2().display());
+    let out = serve(&["--numa", "mirror", "--model", &model]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("`mirror` is not one of off, distribute, isolate, numactl"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("listening on"), "{}", out.stderr);
+    let ask = serde_json::json!({"model": "smollm2", "max_tokens": 24, "temperature": 0,
+                                 "messages": [{"role": "user", "content": "Name three rivers."}]});
+    let mut answers = Vec::new();
+    for numa in ["off", "distribute"] {
+        let s = common::Server::start(&["--numa", numa]).await;
+        let r = s.chat(ask.clone()).await;
+        answers.push(r["choices"][0]["message"]["content"].clone());
+        let one_node = !std::path::Path::new("/sys/devices/system/node/node1").exists();
+        if numa == "distribute" && one_node {
+            s.wait_log(&["--numa distribute: this machine"]).await;
+        } else {
+            assert!(!s.log().contains("--numa"), "{}", s.log());
+        }
+    }
+    assert!(
+        answers[0].as_str().is_some_and(|a| !a.is_empty()),
+        "{answers:?}"
+    );
+    assert_eq!(answers[0], answers[1]);
+}
+
 /// `backstop serve` with nothing given serves the default model the setup step fetched.
 #[tokio::test]
 async fn with_nothing_given_the_fetched_default_model_is_served() {

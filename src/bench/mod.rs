@@ -208,6 +208,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     let parallel = check_args(args)?;
     let (settings, skipped) = settings(args)?;
+    crate::engine::numa::choose(args.numa.unwrap_or_default());
     let imatrix = args
         .imatrix
         .as_deref()

@@ -13,6 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use crate::cli::ServeArgs;
+use crate::engine::numa::Numa;
 use crate::engine::{self, EngineOptions, KvCacheType, SamplingOverrides, SplitMode};
 use crate::models::{Digest, ModelName};
 pub use duration::{parse_go_duration, parse_timeout, KeepAlive};
@@ -145,6 +146,8 @@ pub struct EngineDefaults {
     /// Generating sequences at very different depths decode in two calls as measured faster,
     /// always, or never.
     pub depth_split: SplitMode,
+    /// Where llama.cpp's threads run over NUMA nodes, for the whole process.
+    pub numa: Numa,
 }
 
 impl EngineDefaults {
@@ -539,6 +542,20 @@ impl Config {
             (None, Some(text)) => split_mode(text, &origin, "server.depth_split")?,
             (None, None) => SplitMode::Auto,
         };
+        let numa_of = |text: &str, from: &str, key: &str| {
+            Numa::parse(text).ok_or_else(|| {
+                invalid(
+                    from,
+                    key,
+                    format!("`{text}` is not one of off, distribute, isolate, numactl"),
+                )
+            })
+        };
+        let numa = match (&args.numa, &raw.server.numa) {
+            (Some(text), _) => numa_of(text, FLAGS, "numa")?,
+            (None, Some(text)) => numa_of(text, &origin, "server.numa")?,
+            (None, None) => Numa::Off,
+        };
         let engine_defaults = EngineDefaults {
             slots: slots.unwrap_or(DEFAULT_PARALLEL),
             ctx_per_slot: ctx,
@@ -563,6 +580,7 @@ impl Config {
             reread_answers,
             exact_reuse,
             depth_split,
+            numa,
         };
 
         // Lifecycle.
@@ -919,6 +937,7 @@ pub(crate) fn for_tests(path: &str) -> Config {
         reread_answers: true,
         exact_reuse: true,
         depth_split: SplitMode::Auto,
+        numa: Numa::Off,
     };
     let name = ModelName::parse("m").unwrap();
     Config {
@@ -1228,6 +1247,38 @@ mod tests {
             .to_string();
         assert!(
             err.contains("server.depth_split") && err.contains("both"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_numa_placement_is_off_unless_the_flag_or_the_server_names_one() {
+        let model = "[models.a]\npath = \"model.gguf\"\n";
+        let numa = |cfg: Config| cfg.engine.numa;
+        let flag = |v: &str| ServeArgs {
+            numa: Some(v.into()),
+            ..Default::default()
+        };
+        assert_eq!(numa(load_toml(model).unwrap()), Numa::Off);
+        let server = format!("[server]\nnuma = \"distribute\"\n{model}");
+        assert_eq!(numa(load_toml(&server).unwrap()), Numa::Distribute);
+        assert_eq!(
+            numa(load_toml_with(&server, flag("isolate")).unwrap()),
+            Numa::Isolate
+        );
+        let err = load_toml_with(model, flag("mirror"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("numa")
+                && err.contains("`mirror` is not one of off, distribute, isolate, numactl"),
+            "{err}"
+        );
+        let err = load_toml(&format!("[server]\nnuma = \"spread\"\n{model}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server.numa") && err.contains("spread"),
             "{err}"
         );
     }

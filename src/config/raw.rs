@@ -75,6 +75,8 @@ pub(crate) struct RawServer {
     pub(crate) exact_reuse: Option<bool>,
     /// Two calls for sequences at very different depths: `auto`, `on` or `off`.
     pub(crate) depth_split: Option<String>,
+    /// Where llama.cpp's threads run over NUMA nodes: `distribute`, `isolate`, `numactl`.
+    pub(crate) numa: Option<String>,
     /// Extra browser origins allowed by CORS, like OLLAMA_ORIGINS.
     pub(crate) origins: Option<Vec<String>>,
     /// PEM certificate chain for TLS.

@@ -77,7 +77,15 @@ pub(crate) fn backend() -> Result<&'static LlamaBackend, LoadError> {
     BACKEND
         .get_or_init(|| {
             llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
-            match LlamaBackend::init() {
+            let numa = super::numa::chosen();
+            if let Some(note) = super::numa::idle_note(numa, Path::new("/sys")) {
+                tracing::warn!("{note}");
+            }
+            let init = match numa.strategy() {
+                Some(strategy) => LlamaBackend::init_numa(strategy),
+                None => LlamaBackend::init(),
+            };
+            match init {
                 Ok(b) => Some(b),
                 Err(e) => {
                     tracing::error!(error = %e, "llama.cpp backend failed to initialise");

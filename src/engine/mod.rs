@@ -9,6 +9,7 @@ mod graphs;
 mod loader;
 mod lookup;
 mod metrics;
+pub mod numa;
 mod persist;
 mod policy;
 pub mod probe;
