@@ -1564,9 +1564,21 @@ fn first_cpu() -> usize {
 #[tokio::test]
 async fn an_answer_is_read_again_only_once_other_processes_leave_the_cores_free() {
     let s = Server::start(&["--reread-answers", "1"]).await;
+    read_again_once_burners_stop(&s, burn_cores, "every core").await;
+}
+
+/// Asks `s` for a greedy answer while the threads `burners` starts keep cores busy (from
+/// before the answer ends, so that every window the server reads after it is busy), checks
+/// that none of it is read again meanwhile, then stops them and waits for the re-read.
+async fn read_again_once_burners_stop(
+    s: &Server,
+    burners: impl FnOnce(
+        &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Vec<std::thread::JoinHandle<()>>,
+    busy: &str,
+) {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Busy before the answer ends, so that every window the server reads after it is busy.
-    let burners = burn_cores(&stop);
+    let burners = burners(&stop);
     let said = s
         .chat(
             json!({"model": "smollm2", "max_tokens": 40, "ignore_eos": true, "temperature": 0,
@@ -1575,16 +1587,16 @@ async fn an_answer_is_read_again_only_once_other_processes_leave_the_cores_free(
         .await;
     assert_eq!(said["usage"]["completion_tokens"], 40, "{said}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let during = reread_tokens(&s, "smollm2").await;
+    let during = reread_tokens(s, "smollm2").await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for b in burners {
         b.join().expect("burner thread");
     }
     assert_eq!(
         during, 0.0,
-        "the answer was read again while other threads kept every core busy"
+        "the answer was read again while other threads kept {busy} busy"
     );
-    reread_settles(&s, "smollm2", 0.0, 39.0).await;
+    reread_settles(s, "smollm2", 0.0, 39.0).await;
 }
 
 /// What counts is the CPUs the server may run on, not the whole machine: held to one CPU
@@ -1595,24 +1607,8 @@ async fn an_answer_is_read_again_only_once_other_processes_leave_the_cores_free(
 async fn an_answer_is_read_again_only_once_the_cpus_the_server_may_use_are_free() {
     let cpu = first_cpu();
     let s = Server::start_on_cpu(&["--reread-answers", "1"], cpu).await;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let burner = burn(&stop, Some(cpu));
-    let said = s
-        .chat(
-            json!({"model": "smollm2", "max_tokens": 40, "ignore_eos": true, "temperature": 0,
-                     "messages": garden(&[("user", "Name three fruits.")])}),
-        )
-        .await;
-    assert_eq!(said["usage"]["completion_tokens"], 40, "{said}");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let during = reread_tokens(&s, "smollm2").await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    burner.join().expect("burner thread");
-    assert_eq!(
-        during, 0.0,
-        "the answer was read again while another thread kept the server's one CPU busy"
-    );
-    reread_settles(&s, "smollm2", 0.0, 39.0).await;
+    let one = |stop: &_| vec![burn(stop, Some(cpu))];
+    read_again_once_burners_stop(&s, one, "the server's one CPU").await;
 }
 
 /// With `--exact-reuse 0` a greedy follow-up that comes at once reuses the whole

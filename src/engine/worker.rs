@@ -175,7 +175,8 @@ fn family(
         path = options.path.display(),
         kv = options.kv_cache_type.as_str(),
         swa = options.swa_full,
-        // Written as before where both counts are one (files kept by an older build match).
+        // Written as before where the two counts are the same, so that what an older build
+        // kept in the cache folder still matches.
         threads = if options.threads_batch == options.threads {
             options.threads.to_string()
         } else {
