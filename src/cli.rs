@@ -179,7 +179,8 @@ pub struct BenchArgs {
     /// client and each --parallel count of concurrent clients. Give it again to compare
     /// servers side by side, each against the first.
     #[arg(long, value_name = "URL", conflicts_with_all = [
-        "threads", "gpu_layers", "ctx", "flash_attention", "quantize", "kv_cache_type", "depth",
+        "threads", "threads_batch", "numa", "gpu_layers", "ctx", "flash_attention", "quantize",
+        "kv_cache_type", "depth",
         "quality", "quality_text", "quality_save", "quality_base", "quality_chunk", "batch",
         "hellaswag", "hellaswag_tasks", "winogrande", "winogrande_tasks", "multiple_choice",
         "multiple_choice_tasks",

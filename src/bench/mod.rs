@@ -627,6 +627,15 @@ mod tests {
         assert!(
             Cli::try_parse_from(["backstop", "bench", "--threads-batch", "0", "m.gguf"]).is_err()
         );
+        // A running server's threads and placement are its own.
+        for flag in [["--threads-batch", "2"], ["--numa", "isolate"]] {
+            let argv = [
+                &["backstop", "bench", "--server", "http://127.0.0.1:1"],
+                &flag[..],
+                &["m"],
+            ];
+            assert!(Cli::try_parse_from(argv.concat()).is_err(), "{flag:?}");
+        }
     }
 
     #[test]
