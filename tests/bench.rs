@@ -3620,14 +3620,7 @@ fn a_process_held_to_one_cpu_benchmarks_with_one_thread() {
     let model = model.to_str().unwrap().to_owned();
     // A child inherits the CPU mask of the thread that starts it.
     let (o, two, prompts) = std::thread::spawn(move || {
-        // SAFETY: an empty set is all zeroes; CPU 0 is below CPU_SETSIZE; pid 0 is this
-        // thread, and the set outlives the call.
-        let rc = unsafe {
-            let mut one: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut one);
-            libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one)
-        };
-        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        common::pin_to_cpu(0).expect("held to CPU 0");
         let args = ["bench", "-p", "8", "-n", "4", "-r", "1", "--format", "json"];
         (
             backstop(&[&args[..], &[&model]].concat()),

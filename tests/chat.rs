@@ -1529,14 +1529,7 @@ fn burn(
     let stop = std::sync::Arc::clone(stop);
     std::thread::spawn(move || {
         if let Some(cpu) = cpu {
-            // SAFETY: an empty set is all zeroes; `cpu` is one this process may run on, below
-            // CPU_SETSIZE; pid 0 is this thread, and the set outlives the call.
-            let rc = unsafe {
-                let mut one: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(cpu, &mut one);
-                libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one)
-            };
-            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            common::pin_to_cpu(cpu).expect("held to one CPU");
         }
         let mut x = 1u64;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -1547,14 +1540,8 @@ fn burn(
 
 /// The first CPU this process may run on.
 fn first_cpu() -> usize {
-    // SAFETY: cpu_set_t is a plain bit array, for which all zeroes is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is valid for writes of the size given; pid 0 names this thread.
-    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
-    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-    (0..libc::CPU_SETSIZE as usize)
-        // SAFETY: `cpu` is below CPU_SETSIZE, the set's size in bits.
-        .find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+    backstop::config::cores::allowed_cpus()
+        .and_then(|cpus| cpus.first().copied())
         .expect("a CPU to run on")
 }
 

@@ -379,6 +379,22 @@ fn layered<T>(
     }
 }
 
+/// `text` as `parse` reads it, or the error naming where it was given (`from`, `key`) and the
+/// `words` it may be.
+fn one_of<T>(
+    text: &str,
+    parse: fn(&str) -> Option<T>,
+    words: &str,
+    from: &str,
+    key: &str,
+) -> Result<T, ConfigError> {
+    parse(text).ok_or_else(|| ConfigError::Invalid {
+        origin: from.to_owned(),
+        key: key.to_owned(),
+        message: format!("`{text}` is not one of {words}"),
+    })
+}
+
 impl Config {
     /// Builds the configuration for `serve` from flags/environment and the optional file.
     pub fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
@@ -534,26 +550,25 @@ impl Config {
             .or(raw.server.exact_reuse)
             .unwrap_or(true);
         let split_mode = |text: &str, from: &str, key: &str| {
-            SplitMode::parse(text)
-                .ok_or_else(|| invalid(from, key, format!("`{text}` is not one of auto, on, off")))
+            one_of(text, SplitMode::parse, "auto, on, off", from, key)
         };
         let depth_split = match (&args.depth_split, &raw.server.depth_split) {
             (Some(text), _) => split_mode(text, FLAGS, "depth-split")?,
             (None, Some(text)) => split_mode(text, &origin, "server.depth_split")?,
             (None, None) => SplitMode::Auto,
         };
-        let numa_of = |text: &str, from: &str, key: &str| {
-            Numa::parse(text).ok_or_else(|| {
-                invalid(
-                    from,
-                    key,
-                    format!("`{text}` is not one of off, distribute, isolate, numactl"),
-                )
-            })
+        let numa = |text: &str, from: &str, key: &str| {
+            one_of(
+                text,
+                Numa::parse,
+                "off, distribute, isolate, numactl",
+                from,
+                key,
+            )
         };
         let numa = match (&args.numa, &raw.server.numa) {
-            (Some(text), _) => numa_of(text, FLAGS, "numa")?,
-            (None, Some(text)) => numa_of(text, &origin, "server.numa")?,
+            (Some(text), _) => numa(text, FLAGS, "numa")?,
+            (None, Some(text)) => numa(text, &origin, "server.numa")?,
             (None, None) => Numa::Off,
         };
         let engine_defaults = EngineDefaults {

@@ -86,8 +86,8 @@ pub(crate) fn idle_note(numa: Numa, sys: &std::path::Path) -> Option<String> {
         .count();
     (nodes < 2).then(|| {
         let listed = match nodes {
-            0 => "lists no NUMA node".to_owned(),
-            _ => "has one NUMA node".to_owned(),
+            0 => "lists no NUMA node",
+            _ => "has one NUMA node",
         };
         format!(
             "--numa {}: this machine {listed}, so the threads stay where the kernel puts them",

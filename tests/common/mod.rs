@@ -332,6 +332,25 @@ pub fn run_to_exit_with_env(args: &[&str], envs: &[(&str, &str)], timeout: Durat
     }
 }
 
+/// Holds the calling thread, and the threads and processes it starts, to CPU `cpu` alone, as
+/// `taskset -c` does: one system call on a set on the stack, nothing allocated, so it may run
+/// between fork and exec. `cpu` must be below CPU_SETSIZE (one the process may run on is).
+pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is a plain bit array, for which all zeroes is the empty set; `cpu` is
+    // below CPU_SETSIZE, its size in bits; pid 0 names this thread, and the set outlives the
+    // call.
+    let rc = unsafe {
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut one);
+        libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// What a test server's process is held to, set between fork and exec.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Confine {
@@ -421,14 +440,7 @@ impl Server {
                             return Err(std::io::Error::last_os_error());
                         }
                     }
-                    if let Some(cpu) = confine.cpu {
-                        let mut set: libc::cpu_set_t = std::mem::zeroed();
-                        libc::CPU_SET(cpu, &mut set);
-                        if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Ok(())
+                    confine.cpu.map_or(Ok(()), pin_to_cpu)
                 });
             }
         }
