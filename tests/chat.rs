@@ -1581,7 +1581,7 @@ async fn read_again_once_burners_stop(
     }
     assert_eq!(
         during, 0.0,
-        "the answer was read again while other threads kept {busy} busy"
+        "the answer was read again while other work kept {busy} busy"
     );
     reread_settles(s, "smollm2", 0.0, 39.0).await;
 }
@@ -1596,6 +1596,36 @@ async fn an_answer_is_read_again_only_once_the_cpus_the_server_may_use_are_free(
     let s = Server::start_on_cpu(&["--reread-answers", "1"], cpu).await;
     let one = |stop: &_| vec![burn(stop, Some(cpu))];
     read_again_once_burners_stop(&s, one, "the server's one CPU").await;
+}
+
+/// Under a CPU quota (`docker --cpus 1`) what counts is the quota, not the idle CPUs: with
+/// another program of the server's group taking the whole quota, the answer is not read
+/// again though a CPU of the machine is free; once the program stops, it is. Needs a
+/// writable cgroup file system (root), as CI's has.
+#[tokio::test]
+async fn an_answer_is_read_again_only_once_the_cpu_quota_of_its_group_is_free() {
+    let Some(quota) = common::CpuQuota::new(1.0).map(std::sync::Arc::new) else {
+        eprintln!("skipped: no writable cgroup file system with the cpu controller (not root)");
+        return;
+    };
+    // Declared after the group, so the server has exited when the group is removed.
+    let s = Server::start_in(&["--reread-answers", "1"], &quota).await;
+    let in_group = |stop: &std::sync::Arc<std::sync::atomic::AtomicBool>| {
+        let stop = std::sync::Arc::clone(stop);
+        let quota = std::sync::Arc::clone(&quota);
+        vec![std::thread::spawn(move || {
+            let mut cmd = std::process::Command::new("sh");
+            cmd.args(["-c", "while :; do :; done"]);
+            quota.hold(&mut cmd);
+            let mut busy = cmd.spawn().expect("a busy shell in the group");
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            busy.kill().expect("stop the busy shell");
+            busy.wait().expect("reap the busy shell");
+        })]
+    };
+    read_again_once_burners_stop(&s, in_group, "the server's CPU quota").await;
 }
 
 /// With `--exact-reuse 0` a greedy follow-up that comes at once reuses the whole

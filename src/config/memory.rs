@@ -2,9 +2,8 @@
 //! (`MemTotal` in `/proc/meminfo`), or less where a memory controller says so (cgroup v2's
 //! `memory.max`, v1's `memory.limit_in_bytes`): a container's, seen at the root of its
 //! hierarchy, or a systemd unit's `MemoryMax=`, in the unit's own group, which
-//! `/proc/self/cgroup` names (and every group above it, whose limit holds it too). Linux only;
-//! elsewhere unknown. These small files of numbers are parsed here rather than through a
-//! crate that reads all of `/proc` (procfs, sysinfo).
+//! `/proc/self/cgroup` names (and every group above it, whose limit holds it too:
+//! [`super::cgroup`]). Linux only; elsewhere unknown.
 
 use std::path::{Path, PathBuf};
 
@@ -28,8 +27,7 @@ pub(crate) fn default_cache_ram_mib(memory: Option<u64>) -> u32 {
 pub(crate) fn usable() -> Option<u64> {
     let read = |path: &str| std::fs::read_to_string(Path::new(path)).ok();
     let total = read("/proc/meminfo").as_deref().and_then(mem_total);
-    let own = read("/proc/self/cgroup").unwrap_or_default();
-    let limit = least_limit(Path::new("/sys/fs/cgroup"), &own);
+    let limit = least_limit(Path::new(super::cgroup::ROOT), &super::cgroup::own());
     match (total, limit) {
         (Some(t), Some(l)) => Some(t.min(l)),
         (t, l) => t.or(l),
@@ -46,46 +44,21 @@ fn least_limit(root: &Path, own: &str) -> Option<u64> {
 }
 
 /// The files that may hold a memory limit on this process, under the cgroup mount `root`,
-/// given `/proc/self/cgroup`'s text (`ID:CONTROLLERS:PATH` a line; v2's line has no
-/// controllers): the limit of the process's own group and of each group above it, up to the
-/// hierarchy's root, in v2 (`memory.max`) and in v1's memory hierarchy
-/// (`memory.limit_in_bytes`). The roots are always among them: inside a container the
-/// hierarchy's root is the container's group, whatever the path says.
+/// given `/proc/self/cgroup`'s text: the limit of each group that holds it
+/// ([`super::cgroup::holding`]), in v2 (`memory.max`) and in v1's memory hierarchy
+/// (`memory.limit_in_bytes`).
 fn limit_files(root: &Path, own: &str) -> Vec<PathBuf> {
-    let v2 = (root.to_owned(), "memory.max");
-    let v1 = (root.join("memory"), "memory.limit_in_bytes");
-    let mut files = vec![v2.0.join(v2.1), v1.0.join(v1.1)];
-    for line in own.lines() {
-        let mut fields = line.splitn(3, ':');
-        let (Some(_), Some(controllers), Some(path)) =
-            (fields.next(), fields.next(), fields.next())
-        else {
-            continue;
-        };
-        let (mount, file) = if controllers.is_empty() {
-            &v2
-        } else if controllers.split(',').any(|c| c == "memory") {
-            &v1
-        } else {
-            continue;
-        };
-        // Only a path within the hierarchy: no `..` that would climb out of it.
-        let relative = Path::new(path.trim_start_matches('/'));
-        if relative
-            .components()
-            .any(|c| !matches!(c, std::path::Component::Normal(_)))
-        {
-            continue;
-        }
-        let mut group = mount.join(relative);
-        while group != *mount {
-            files.push(group.join(file));
-            if !group.pop() {
-                break;
-            }
-        }
-    }
-    files
+    super::cgroup::holding(root, own, "memory")
+        .into_iter()
+        .map(|group| {
+            let file = if group.v2 {
+                "memory.max"
+            } else {
+                "memory.limit_in_bytes"
+            };
+            group.dir.join(file)
+        })
+        .collect()
 }
 
 /// `MemTotal` of `/proc/meminfo`'s text, in bytes (the file counts kB, of 1024 bytes).

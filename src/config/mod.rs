@@ -2,6 +2,7 @@
 //! validated [`Config`]. Every error names where the bad value came from, the key, and what
 //! was expected, and is reported before any port is bound.
 
+pub(crate) mod cgroup;
 pub mod cores;
 mod duration;
 mod memory;

@@ -21,11 +21,21 @@
 //! The files are parsed here: a crate that reads all of `/proc` (procfs, sysinfo) is far more
 //! than a few lines of numbers need. Where `/proc/stat` names none of the mask's CPUs (a
 //! container whose `/proc/stat` is rewritten to number its own CPUs from 0, as LXCFS does),
-//! every CPU line counts; under a CPU quota without a cpuset, `/proc/stat` counts the host's
-//! CPUs, and the re-read waits only for a host that is busy all over.
+//! every CPU line counts.
+//!
+//! Under a CPU quota (`docker --cpus`, a pod's CPU limit, systemd's `CPUQuota=`), the
+//! processes of the quota's group share its time however idle the CPUs are: another program
+//! in the container may take the whole quota while `/proc/stat` shows a CPU free, and the
+//! re-read then halves what both get. So where a quota binds ([`cgroup::cpu_quota`]) the
+//! group's own count of CPU time is read too, and what the other processes of the group
+//! took of the quota must leave the work's threads free as well. Held to a quota of one CPU
+//! on the 2-core machine, with a program in the same group busy on one CPU, `/proc/stat`
+//! showed the other CPU free and the re-read went on.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+use crate::config::cgroup::{self, Quota};
 
 /// How far back the machine's idle time is read: ten ticks on each CPU, so that another
 /// process that has run for the last tenth of it shows.
@@ -51,6 +61,9 @@ pub(crate) struct Counts {
     cpus: u64,
     /// This process's time, user and system.
     own: u64,
+    /// Under a CPU quota, the CPU time of every process of the quota's group and this
+    /// process's, in nanoseconds.
+    group: Option<(u64, u64)>,
 }
 
 /// The idle and total ticks of the CPUs in `mask` (every CPU without one, or where none of
@@ -104,14 +117,32 @@ fn parse_own(text: &str) -> Option<u64> {
     Some(user + system)
 }
 
-fn read(mask: Option<&[usize]>) -> Option<Counts> {
+/// This process's CPU time in nanoseconds, every thread's (`CLOCK_PROCESS_CPUTIME_ID`).
+fn own_cpu_ns() -> Option<u64> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is valid for writes; the clock is one every Linux process has.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) };
+    if rc != 0 {
+        return None;
+    }
+    let secs = u64::try_from(now.tv_sec).ok()?;
+    let nanos = u64::try_from(now.tv_nsec).ok()?;
+    secs.checked_mul(1_000_000_000)?.checked_add(nanos)
+}
+
+fn read(mask: Option<&[usize]>, quota: Option<&Quota>) -> Option<Counts> {
     let (idle, total, cpus) = parse_stat(&std::fs::read_to_string("/proc/stat").ok()?, mask)?;
     let own = parse_own(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
+    let group = quota.and_then(|q| Some((q.used_ns()?, own_cpu_ns()?)));
     Some(Counts {
         idle,
         total,
         cpus,
         own,
+        group,
     })
 }
 
@@ -125,6 +156,17 @@ fn spare_cores(before: Counts, after: Counts) -> Option<f64> {
     Some((free as f64 / per_cpu).min(after.cpus as f64))
 }
 
+/// The CPUs' worth of a quota of `cores` the group's other processes left over `elapsed`
+/// between two readings; `None` where either reading lacks the group's time.
+fn spare_quota(cores: f64, before: Counts, after: Counts, elapsed: Duration) -> Option<f64> {
+    let ((used_before, own_before), (used_after, own_after)) = (before.group?, after.group?);
+    let others = used_after
+        .saturating_sub(used_before)
+        .saturating_sub(own_after.saturating_sub(own_before));
+    let elapsed = elapsed.as_nanos() as f64;
+    (elapsed > 0.0).then(|| (cores - others as f64 / elapsed).max(0.0))
+}
+
 /// Readings of the machine's idle time, taken as a model waits with work nobody waits for.
 #[derive(Debug)]
 pub(crate) struct Spare {
@@ -132,6 +174,8 @@ pub(crate) struct Spare {
     threads: f64,
     /// The CPUs this process may run on, read once.
     mask: Option<Vec<usize>>,
+    /// The CPU quota on this process, read once.
+    quota: Option<Quota>,
     /// Readings of the last two windows at most, oldest first.
     readings: VecDeque<(Instant, Counts)>,
 }
@@ -141,6 +185,7 @@ impl Spare {
         Self {
             threads: f64::from(threads.max(1)),
             mask: crate::config::cores::allowed_cpus(),
+            quota: cgroup::cpu_quota(),
             readings: VecDeque::new(),
         }
     }
@@ -149,7 +194,7 @@ impl Spare {
     /// processes left the cores free (or the system does not say); otherwise how long to wait
     /// before asking again.
     pub(crate) fn wait(&mut self) -> Option<Duration> {
-        let now = read(self.mask.as_deref())?;
+        let now = read(self.mask.as_deref(), self.quota.as_ref())?;
         self.verdict(Instant::now(), now)
     }
 
@@ -163,8 +208,16 @@ impl Spare {
         let verdict = match base {
             Some(k) if at.saturating_duration_since(self.readings[k].0) <= 2 * WINDOW => {
                 self.readings.drain(..k);
-                let need = self.threads.min(now.cpus as f64) - SLACK;
-                spare_cores(self.readings[0].1, now).map(|spare| spare >= need)
+                let (then, before) = self.readings[0];
+                let cores = self.quota.as_ref().map_or(f64::INFINITY, |q| q.cores);
+                let work = self.threads.min(now.cpus as f64).min(cores);
+                // A quota under one CPU leaves less than SLACK to take from.
+                let need = work - SLACK.min(work / 2.0);
+                let in_quota = self.quota.as_ref().and_then(|q| {
+                    spare_quota(q.cores, before, now, at.saturating_duration_since(then))
+                });
+                spare_cores(before, now)
+                    .map(|spare| spare.min(in_quota.unwrap_or(f64::INFINITY)) >= need)
             }
             Some(_) => {
                 self.readings.clear();
@@ -254,6 +307,7 @@ mod tests {
             total,
             cpus: 2,
             own,
+            group: None,
         }
     }
 
@@ -307,5 +361,48 @@ mod tests {
         let mut many = Spare::new(8);
         many.verdict(t0, counts(0, 0, 0));
         assert_eq!(many.verdict(ms(100), counts(20, 20, 0)), None);
+    }
+
+    #[test]
+    fn under_a_quota_the_work_waits_while_others_in_its_group_take_the_quota() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        // Both CPUs idle by /proc/stat throughout; the group's time and this process's, in ns.
+        let at = |n: u64, used: u64, own: u64| Counts {
+            group: Some((used, own)),
+            ..counts(2 * n / 10, 2 * n / 10, 0)
+        };
+        let quota = |cores| Quota {
+            cores,
+            usage: "/nowhere".into(),
+        };
+        let mut spare = Spare::new(2);
+        spare.quota = Some(quota(1.0));
+        spare.verdict(t0, at(0, 0, 0));
+        // Another process of the group took the whole quota of one CPU for the window.
+        assert_eq!(
+            spare.verdict(ms(100), at(100, 100_000_000, 0)),
+            Some(RECHECK)
+        );
+        // Then 0.3 of a CPU: enough for the one CPU's worth the two threads may have.
+        assert_eq!(spare.verdict(ms(200), at(200, 130_000_000, 0)), None);
+        // This process's own time counts as free.
+        assert_eq!(
+            spare.verdict(ms(300), at(300, 230_000_000, 100_000_000)),
+            None
+        );
+        // Without the group's time, /proc/stat alone decides.
+        assert_eq!(spare.verdict(ms(400), counts(80, 80, 0)), None);
+        // A quota of half a CPU: others' tenth of a CPU passes, their half does not.
+        let mut half = Spare::new(1);
+        half.quota = Some(quota(0.5));
+        half.verdict(t0, at(0, 0, 0));
+        assert_eq!(half.verdict(ms(100), at(100, 10_000_000, 0)), None);
+        assert_eq!(half.verdict(ms(200), at(200, 60_000_000, 0)), Some(RECHECK));
+        assert_eq!(
+            spare_quota(1.0, at(0, 0, 0), at(100, 300_000_000, 0), WINDOW),
+            Some(0.0),
+            "more than the quota (a late count) leaves nothing, not less"
+        );
     }
 }

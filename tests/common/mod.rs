@@ -351,13 +351,129 @@ pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
     }
 }
 
+/// A cgroup with a CPU quota, as `docker --cpus` makes one: v2's where the cpu controller can
+/// be had, else v1's cpu hierarchy (and cpuacct's, where it is mounted apart, so that the
+/// group's CPU time is counted too); removed when dropped.
+pub struct CpuQuota {
+    /// The group's directories, one a hierarchy.
+    dirs: Vec<PathBuf>,
+    /// The files a process joins them through.
+    procs: Vec<std::ffi::CString>,
+}
+
+impl CpuQuota {
+    /// A group of its own whose processes together get `cpus` CPUs' worth of time; `None`
+    /// where no cgroup file system with the cpu controller is writable (not root).
+    pub fn new(cpus: f64) -> Option<CpuQuota> {
+        const PERIOD: u64 = 100_000;
+        let quota = (cpus * PERIOD as f64) as u64;
+        let root = Path::new("/sys/fs/cgroup");
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let name = format!("backstop-test-{}-{n}", std::process::id());
+        let controllers = std::fs::read_to_string(root.join("cgroup.controllers"));
+        let mut made = CpuQuota {
+            dirs: Vec::new(),
+            procs: Vec::new(),
+        };
+        let mut make = |dir: PathBuf, settings: &[(&str, String)]| -> Option<()> {
+            std::fs::create_dir(&dir).ok()?;
+            made.dirs.push(dir.clone());
+            for (file, value) in settings {
+                std::fs::write(dir.join(file), value).ok()?;
+            }
+            let procs = dir
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes();
+            made.procs.push(std::ffi::CString::new(procs).ok()?);
+            Some(())
+        };
+        if controllers.is_ok_and(|c| c.split_whitespace().any(|c| c == "cpu")) {
+            let subtree = root.join("cgroup.subtree_control");
+            let enabled = std::fs::read_to_string(&subtree).ok()?;
+            if !enabled.split_whitespace().any(|c| c == "cpu") {
+                std::fs::write(&subtree, "+cpu").ok()?;
+            }
+            make(
+                root.join(&name),
+                &[("cpu.max", format!("{quota} {PERIOD}"))],
+            )?;
+        } else {
+            let cpu = root.join("cpu");
+            make(
+                cpu.join(&name),
+                &[
+                    ("cpu.cfs_period_us", PERIOD.to_string()),
+                    ("cpu.cfs_quota_us", quota.to_string()),
+                ],
+            )?;
+            let cpuacct = root.join("cpuacct");
+            let apart = cpuacct.canonicalize().ok()? != cpu.canonicalize().ok()?;
+            if apart {
+                make(cpuacct.join(&name), &[])?;
+            }
+        }
+        Some(made)
+    }
+
+    /// Has `cmd`'s process join the group before it runs.
+    pub fn hold(&self, cmd: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        let procs = self.procs.clone();
+        // SAFETY: between fork and exec the child only opens, writes and closes files.
+        unsafe {
+            cmd.pre_exec(move || join_groups(&procs));
+        }
+    }
+}
+
+impl Drop for CpuQuota {
+    fn drop(&mut self) {
+        // A group is removed once its processes have exited, which the kernel may see a
+        // moment after they are reaped.
+        for dir in self.dirs.iter().rev() {
+            for _ in 0..50 {
+                if std::fs::remove_dir(dir).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Moves the calling process into the groups whose `cgroup.procs` files are named (writing 0
+/// names the writer). Only system calls on memory the caller owns: safe between fork and exec.
+fn join_groups(procs: &[std::ffi::CString]) -> std::io::Result<()> {
+    for file in procs {
+        // SAFETY: `file` is a NUL-terminated path that outlives the calls; the buffer written
+        // is one byte long.
+        let written = unsafe {
+            let fd = libc::open(file.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            n
+        };
+        if written != 1 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// What a test server's process is held to, set between fork and exec.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Confine {
     /// The most bytes it may lock in RAM, without the capability to pass that.
     lock_limit: Option<u64>,
     /// The one CPU it may run on.
     cpu: Option<usize>,
+    /// The `cgroup.procs` files of the groups it runs in ([`CpuQuota`]).
+    groups: Vec<std::ffi::CString>,
 }
 
 impl Server {
@@ -404,13 +520,27 @@ impl Server {
     /// Like [`Server::start`], for a process that may run on CPU `cpu` alone (as `taskset -c`
     /// or a container's cpuset holds it).
     pub async fn start_on_cpu(extra: &[&str], cpu: usize) -> Server {
-        let model = format!("smollm2={}", smollm2().display());
-        let mut args = vec!["--model", model.as_str()];
-        args.extend_from_slice(extra);
         let confine = Confine {
             cpu: Some(cpu),
             ..Confine::default()
         };
+        Self::start_confined(extra, confine).await
+    }
+
+    /// Like [`Server::start`], for a process in the group of `quota`.
+    pub async fn start_in(extra: &[&str], quota: &CpuQuota) -> Server {
+        let confine = Confine {
+            groups: quota.procs.clone(),
+            ..Confine::default()
+        };
+        Self::start_confined(extra, confine).await
+    }
+
+    /// [`Server::start`] for a process held as `confine` says.
+    async fn start_confined(extra: &[&str], confine: Confine) -> Server {
+        let model = format!("smollm2={}", smollm2().display());
+        let mut args = vec!["--model", model.as_str()];
+        args.extend_from_slice(extra);
         Self::spawn(&args, &[], false, confine).await
     }
 
@@ -440,6 +570,7 @@ impl Server {
                             return Err(std::io::Error::last_os_error());
                         }
                     }
+                    join_groups(&confine.groups)?;
                     confine.cpu.map_or(Ok(()), pin_to_cpu)
                 });
             }
