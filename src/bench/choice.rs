@@ -705,7 +705,7 @@ pub fn score(
     let all: Vec<i32> = (0..n_seqs as i32).collect();
     let mut picks = Vec::with_capacity(scored.len());
     for t in &scored {
-        ctx.clear_kv_cache();
+        crate::engine::forget_all(&mut ctx);
         let mut sums = vec![0.0f64; t.seqs.len()];
         let cells = cells(t);
         for part in cells.chunks(n_batch as usize) {

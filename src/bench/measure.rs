@@ -284,7 +284,7 @@ fn fill(
     batch: &mut LlamaBatch<'_>,
     start: &Start<'_>,
 ) -> Result<(), BenchError> {
-    ctx.clear_kv_cache();
+    crate::engine::forget_all(ctx);
     if start.tokens.is_empty() {
         return Ok(());
     }

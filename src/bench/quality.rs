@@ -439,7 +439,7 @@ pub fn score(
     };
     let mut scratch = Vec::new();
     for chunk in tokens.chunks_exact(len) {
-        ctx.clear_kv_cache();
+        crate::engine::forget_all(&mut ctx);
         // The first half is context only; then the positions whose next token is scored,
         // each with its row of logits.
         let spans = (0..first)

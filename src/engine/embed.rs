@@ -273,7 +273,7 @@ impl<'m> Embedder<'m> {
         }
         // Positions restart at 0 for every input: llama.cpp requires each sequence's
         // positions to follow on from what its cache holds.
-        self.ctx.clear_kv_cache();
+        loader::forget_all(&mut self.ctx);
         self.batch.clear();
         let decode_err = |e: &dyn std::fmt::Display| EngineError::Decode(e.to_string());
         for (seq, tokens) in inputs.iter().enumerate() {
@@ -295,7 +295,6 @@ impl<'m> Embedder<'m> {
                 })
                 .collect()
         });
-        self.ctx.clear_kv_cache();
         vectors
     }
 }

@@ -467,6 +467,16 @@ pub(crate) fn rows_stand_alone(tensor_types: &BTreeSet<u32>) -> bool {
         && tensor_types.iter().all(|t| !REPACKED_ON_X86.contains(t))
 }
 
+/// Empties a context's KV cache: every sequence's cells are freed, and the memory behind them
+/// is left as it is, as llama.cpp's server leaves it between requests. The crate's
+/// `clear_kv_cache` also writes zeroes over the whole cache, which nothing reads again: in an
+/// embedding context of 512 cells that was 12 MB for SmolLM2 before and after every decode,
+/// 5 of the 50 ms a 12-token query took on the 2-core machine.
+pub(crate) fn forget_all(ctx: &mut LlamaContext<'_>) {
+    // Without a sequence or positions nothing is converted, so this cannot fail.
+    let _ = ctx.clear_kv_cache_seq(None, None, None);
+}
+
 /// Evaluates one token and forgets it, as llama.cpp's own server does at start: the weights
 /// are paged in and the compute buffers allocated now, so the first request does not pay
 /// for it. A failure here is harmless (the first request will simply be slower).
@@ -483,7 +493,7 @@ pub(crate) fn warm_up(model: &LlamaModel, ctx: &mut LlamaContext<'_>) {
     if !ok {
         tracing::debug!("warm-up decode failed");
     }
-    ctx.clear_kv_cache();
+    forget_all(ctx);
 }
 
 /// Reads the template and metadata clients will see.

@@ -33,7 +33,9 @@ pub use compute::{compute, Compute, Device};
 pub use depths::SplitMode;
 pub use embed::{l2_normalize, shorten, EmbedShape, Embeddings};
 pub use error::{EngineError, LoadError};
-pub(crate) use loader::{backend, context_params, resolve_flash_attention, sliding_window};
+pub(crate) use loader::{
+    backend, context_params, forget_all, resolve_flash_attention, sliding_window,
+};
 pub use loader::{Fim, ModelInfo};
 pub use request::{
     Drafts, FinishReason, GenerateRequest, InvalidField, Overflow, SamplingOverrides,
