@@ -104,6 +104,35 @@ async fn embeddings_are_deterministic_and_unit_length() {
     assert!(max_diff(&openai, &first) < 1e-6, "both APIs agree");
 }
 
+/// On a CPU the generating context leaves flash attention off by default, and the embedding
+/// context turns it on (an empty cache and whole inputs: where its kernel is the faster one);
+/// an operator's `--flash-attention 0` holds for both. Either way the vectors are the same
+/// but for rounding.
+#[tokio::test]
+async fn embeddings_take_flash_attention_unless_the_operator_turned_it_off() {
+    let mut vectors = Vec::new();
+    for (args, embedding) in [
+        (&[][..], "flash_attention=on"),
+        (&["--flash-attention", "0"][..], "flash_attention=off"),
+    ] {
+        let s = Server::start(args).await;
+        let v = ollama_embed(&s, json!(["The quick brown fox"])).await;
+        let log = s.wait_log(&["embedding context created", embedding]).await;
+        let loaded = log
+            .lines()
+            .find(|l| l.contains("model loaded"))
+            .expect("a load line");
+        assert!(loaded.contains("flash_attention=off"), "{loaded}");
+        vectors.extend(v);
+    }
+    let same = cosine(&vectors[0], &vectors[1]);
+    assert!(same > 0.999, "cosine {same}");
+    assert!(
+        max_diff(&vectors[0], &vectors[1]) > 0.0,
+        "two kernels, two roundings"
+    );
+}
+
 #[tokio::test]
 async fn similar_texts_are_closer_than_unrelated_ones() {
     let s = Server::start(&[]).await;
