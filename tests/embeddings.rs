@@ -153,6 +153,55 @@ async fn similar_texts_are_closer_than_unrelated_ones() {
     );
 }
 
+/// Requests of one input each from several clients at once share a decode, as llama.cpp's
+/// server puts its slots' inputs in one batch, and each still gets its own text's vector.
+#[tokio::test]
+async fn concurrent_requests_share_a_decode_and_keep_their_own_vectors() {
+    let s = Server::start_with_env(
+        &[
+            "--model",
+            &format!("smollm2={}", common::smollm2().display()),
+        ],
+        &[("BACKSTOP_LOG", "info,backstop::engine::worker=trace")],
+    )
+    .await;
+    let texts: Vec<String> = (0..4)
+        .map(|i| {
+            format!(
+                "Query {i}: where does the river {} meet the sea?",
+                "slowly ".repeat(i)
+            )
+        })
+        .collect();
+    let mut alone = Vec::new();
+    for text in &texts {
+        alone.push(ollama_embed(&s, json!(text)).await.remove(0));
+    }
+    // Four at once; the first may be decoded before the others arrive, so this is asked
+    // again until a decode has taken inputs of two requests or more.
+    let shared = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("embedding step"))
+            .any(|l| !l.contains(" requests=1 "))
+    };
+    for round in 0.. {
+        let together =
+            futures_util::future::join_all(texts.iter().map(|t| ollama_embed(&s, json!(t)))).await;
+        for (i, (mut got, own)) in together.into_iter().zip(&alone).enumerate() {
+            let same = cosine(&got.remove(0), own);
+            assert!(same > 0.9999, "round {round}, query {i}: cosine {same}");
+        }
+        if shared(&s.log()) {
+            break;
+        }
+        assert!(
+            round < 20,
+            "no decode took two requests' inputs:\n{}",
+            s.log()
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_batch_gives_the_same_vectors_as_one_by_one() {
     let s = Server::start(&[]).await;

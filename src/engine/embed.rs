@@ -178,7 +178,10 @@ pub(crate) fn fit<T>(
 /// How many inputs from `start` go into the next decode: as many whole inputs as fit in
 /// `budget` tokens (at most the shape's) and `seqs` sequences, and always at least one
 /// (each input alone fits the shape, see [`fit`]). The worker passes a smaller budget while
-/// generations run, so that they wait for one long input at most, never for many.
+/// generations run, so that they wait for one long input at most, never for many. `lens` are
+/// the inputs of every waiting request in turn, the oldest's first, so that requests of a few
+/// inputs each (one query from each of several clients) share a decode, as llama.cpp's server
+/// puts its slots' inputs in one batch; the oldest never waits for a later one.
 pub(crate) fn next_batch(lens: &[usize], start: usize, shape: EmbedShape, budget: usize) -> usize {
     let (max_tokens, max_seqs) = (budget.min(shape.tokens as usize), shape.seqs as usize);
     let mut used = 0;
@@ -282,13 +285,13 @@ impl<'m> Embedder<'m> {
     /// context was built for, so no caller can reach one of llama.cpp's assertions.
     pub(crate) fn decode(
         &mut self,
-        inputs: &[Vec<llama_cpp_2::token::LlamaToken>],
+        inputs: &[&[llama_cpp_2::token::LlamaToken]],
     ) -> Result<Vec<Vec<f32>>, EngineError> {
-        let total: usize = inputs.iter().map(Vec::len).sum();
+        let total: usize = inputs.iter().map(|i| i.len()).sum();
         if inputs.is_empty()
             || inputs.len() > self.shape.seqs as usize
             || total > self.shape.tokens as usize
-            || inputs.iter().any(Vec::is_empty)
+            || inputs.iter().any(|i| i.is_empty())
         {
             return Err(EngineError::Embeddings(format!(
                 "refusing a batch of {} inputs and {total} tokens outside the context's shape {:?}",

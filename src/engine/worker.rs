@@ -953,13 +953,14 @@ impl<'m> Worker<'m> {
         self.embeds.push_back(task);
     }
 
-    /// Evaluates the next batch of inputs of the oldest embedding request; true if a decode
-    /// ran. Requests whose client is gone are dropped first.
+    /// Evaluates the next batch of inputs: the oldest embedding request's next ones, and those
+    /// of the requests after it where they fit ([`embed::next_batch`]); true if a decode ran.
+    /// Requests whose client is gone are dropped first.
     fn embed_step(&mut self) -> bool {
         self.embeds.retain(|t| !t.reply.is_closed());
-        let Some(task) = self.embeds.front_mut() else {
+        if self.embeds.is_empty() {
             return false;
-        };
+        }
         if self.embedder.is_none() {
             match Embedder::new(
                 self.backend,
@@ -972,7 +973,7 @@ impl<'m> Worker<'m> {
                 Ok(e) => self.embedder = Some(e),
                 Err(e) => {
                     tracing::error!(model = %self.name, error = %e, "no embedding context");
-                    self.answer_embed(Err(e));
+                    self.fail_embeds(1, &e);
                     return false;
                 }
             }
@@ -988,36 +989,66 @@ impl<'m> Worker<'m> {
         } else {
             self.embed_shape.tokens as usize
         };
-        let lens: Vec<usize> = task.tokens.iter().map(Vec::len).collect();
-        let start = task.vectors.len();
-        let end = start + embed::next_batch(&lens, start, self.embed_shape, budget);
+        let waiting = || {
+            self.embeds
+                .iter()
+                .flat_map(|t| t.tokens[t.vectors.len()..].iter().map(Vec::as_slice))
+        };
+        let lens: Vec<usize> = waiting().map(<[_]>::len).collect();
+        let n = embed::next_batch(&lens, 0, self.embed_shape, budget);
+        let inputs: Vec<&[llama_cpp_2::token::LlamaToken]> = waiting().take(n).collect();
+        // The requests the batch takes inputs from: the oldest, and any after it.
+        let mut requests = 0;
+        let mut left = n;
+        for task in &self.embeds {
+            if left == 0 {
+                break;
+            }
+            left = left.saturating_sub(task.tokens.len() - task.vectors.len());
+            requests += 1;
+        }
         let started = Instant::now();
-        let result = embedder.decode(&task.tokens[start..end]);
+        let result = embedder.decode(&inputs);
         tracing::trace!(
-            inputs = end - start,
-            tokens = lens[start..end].iter().sum::<usize>(),
+            inputs = n,
+            requests,
+            tokens = lens[..n].iter().sum::<usize>(),
             ms = started.elapsed().as_secs_f64() * 1e3,
             "embedding step"
         );
         match result {
             Ok(vectors) => {
-                task.vectors.extend(vectors);
-                if let Some(done) = task.result() {
-                    self.answer_embed(Ok(done));
+                let mut vectors = vectors.into_iter();
+                for task in self.embeds.iter_mut().take(requests) {
+                    let wanted = task.tokens.len() - task.vectors.len();
+                    task.vectors.extend(vectors.by_ref().take(wanted));
+                }
+                let done = self
+                    .embeds
+                    .iter()
+                    .take_while(|t| t.vectors.len() == t.tokens.len())
+                    .count();
+                for mut task in self.embeds.drain(..done) {
+                    if let Some(answer) = task.result() {
+                        if task.reply.send(Ok(answer)).is_err() {
+                            tracing::debug!("embedding client gone before its answer");
+                        }
+                    }
                 }
             }
             Err(e) => {
                 tracing::error!(model = %self.name, error = %e, "embedding decode failed");
-                self.answer_embed(Err(e));
+                self.fail_embeds(requests, &e);
             }
         }
         true
     }
 
-    /// Sends the oldest embedding request its answer and forgets it.
-    fn answer_embed(&mut self, answer: Result<embed::Embeddings, EngineError>) {
-        if let Some(task) = self.embeds.pop_front() {
-            if task.reply.send(answer).is_err() {
+    /// Sends the `count` oldest embedding requests `error` and forgets them.
+    fn fail_embeds(&mut self, count: usize, error: &EngineError) {
+        let count = count.min(self.embeds.len());
+        for task in self.embeds.drain(..count) {
+            if task.reply.send(Err(error.clone())).is_err() {
                 tracing::debug!("embedding client gone before its answer");
             }
         }
