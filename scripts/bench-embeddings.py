@@ -89,6 +89,8 @@ def cosine(a: list[float], b: list[float]) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     peers.side_by_side_args(ap, max_tokens=0)
+    # Nothing is generated here: the shared --max-tokens is taken and not shown.
+    next(a for a in ap._actions if a.dest == "max_tokens").help = argparse.SUPPRESS
     ap.add_argument("--clients", type=int, default=1, help="clients asking at once")
     ap.add_argument("--requests", type=int, default=4, help="requests of each workload a repetition")
     ap.add_argument("--backstop-args", default="", help="extra `backstop serve` arguments")

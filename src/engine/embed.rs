@@ -175,18 +175,19 @@ pub(crate) fn fit<T>(
     Ok(inputs)
 }
 
-/// How many inputs from `start` go into the next decode: as many whole inputs as fit in
-/// `budget` tokens (at most the shape's) and `seqs` sequences, and always at least one
-/// (each input alone fits the shape, see [`fit`]). The worker passes a smaller budget while
-/// generations run, so that they wait for one long input at most, never for many. `lens` are
-/// the inputs of every waiting request in turn, the oldest's first, so that requests of a few
-/// inputs each (one query from each of several clients) share a decode, as llama.cpp's server
-/// puts its slots' inputs in one batch; the oldest never waits for a later one.
-pub(crate) fn next_batch(lens: &[usize], start: usize, shape: EmbedShape, budget: usize) -> usize {
+/// How many of the waiting inputs, of lengths `lens`, go into the next decode: as many whole
+/// inputs as fit in `budget` tokens (at most the shape's) and `seqs` sequences, and always at
+/// least one (each input alone fits the shape, see [`fit`]). The worker passes a smaller
+/// budget while generations run, so that they wait for one long input at most, never for
+/// many. The inputs are those of every waiting request in turn, the oldest's first, so that
+/// requests of a few inputs each (one query from each of several clients) share a decode, as
+/// llama.cpp's server puts its slots' inputs in one batch; the oldest never waits for a later
+/// one.
+pub(crate) fn next_batch(lens: &[usize], shape: EmbedShape, budget: usize) -> usize {
     let (max_tokens, max_seqs) = (budget.min(shape.tokens as usize), shape.seqs as usize);
     let mut used = 0;
     let mut n = 0;
-    for &len in lens.iter().skip(start) {
+    for &len in lens {
         if n == max_seqs || (n > 0 && used + len > max_tokens) {
             break;
         }
@@ -434,25 +435,25 @@ mod tests {
             seqs: 2,
         };
         let lens = [4, 4, 4, 10, 1];
-        assert_eq!(next_batch(&lens, 0, shape, 10), 2);
+        assert_eq!(next_batch(&lens, shape, 10), 2);
         assert_eq!(
-            next_batch(&lens, 2, shape, 10),
+            next_batch(&lens[2..], shape, 10),
             1,
             "4 + 10 exceeds 10 tokens"
         );
-        assert_eq!(next_batch(&lens, 3, shape, 10), 1);
-        assert_eq!(next_batch(&lens, 4, shape, 10), 1);
-        assert_eq!(next_batch(&lens, 5, shape, 10), 0);
+        assert_eq!(next_batch(&lens[3..], shape, 10), 1);
+        assert_eq!(next_batch(&lens[4..], shape, 10), 1);
+        assert_eq!(next_batch(&lens[5..], shape, 10), 0);
         let one = EmbedShape {
             tokens: 10,
             seqs: 1,
         };
-        assert_eq!(next_batch(&[1, 1, 1], 0, one, 10), 1);
+        assert_eq!(next_batch(&[1, 1, 1], one, 10), 1);
         // A smaller budget packs fewer inputs but still takes one that exceeds it alone;
         // a larger one cannot stretch the shape.
-        assert_eq!(next_batch(&lens, 0, shape, 5), 1);
-        assert_eq!(next_batch(&lens, 3, shape, 5), 1);
-        assert_eq!(next_batch(&[6, 6], 0, shape, 100), 1);
+        assert_eq!(next_batch(&lens, shape, 5), 1);
+        assert_eq!(next_batch(&lens[3..], shape, 5), 1);
+        assert_eq!(next_batch(&[6, 6], shape, 100), 1);
     }
 
     #[test]

@@ -995,7 +995,7 @@ impl<'m> Worker<'m> {
                 .flat_map(|t| t.tokens[t.vectors.len()..].iter().map(Vec::as_slice))
         };
         let lens: Vec<usize> = waiting().map(<[_]>::len).collect();
-        let n = embed::next_batch(&lens, 0, self.embed_shape, budget);
+        let n = embed::next_batch(&lens, self.embed_shape, budget);
         let inputs: Vec<&[llama_cpp_2::token::LlamaToken]> = waiting().take(n).collect();
         // The requests the batch takes inputs from: the oldest, and any after it.
         let mut requests = 0;
