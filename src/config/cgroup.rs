@@ -130,12 +130,10 @@ fn least_quota(root: &Path, own: &str) -> Option<Quota> {
 /// v2's `cpu.max`: `QUOTA PERIOD` in microseconds, or `max PERIOD` for none.
 fn quota_v2(text: &str) -> Option<f64> {
     let mut fields = text.split_whitespace();
-    let quota: f64 = fields.next()?.parse().ok()?;
-    let period: f64 = fields.next()?.parse().ok()?;
-    (quota > 0.0 && period > 0.0).then(|| quota / period)
+    quota_v1(fields.next()?, fields.next()?)
 }
 
-/// v1's `cpu.cfs_quota_us` (-1 for none) and `cpu.cfs_period_us`.
+/// v1's `cpu.cfs_quota_us` (-1 for none) and `cpu.cfs_period_us`, as CPUs.
 fn quota_v1(quota: &str, period: &str) -> Option<f64> {
     let quota: f64 = quota.trim().parse().ok()?;
     let period: f64 = period.trim().parse().ok()?;

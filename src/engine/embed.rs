@@ -207,8 +207,20 @@ pub(crate) struct EmbedTask<T> {
 }
 
 impl<T> EmbedTask<T> {
+    /// Sends the result once every input has its vector (a client that has gone is noted);
+    /// the task back while inputs are left.
+    pub(crate) fn answer(mut self) -> Option<Self> {
+        let Some(done) = self.result() else {
+            return Some(self);
+        };
+        if self.reply.send(Ok(done)).is_err() {
+            tracing::debug!("embedding client gone before its answer");
+        }
+        None
+    }
+
     /// The result, once every input has its vector.
-    pub(crate) fn result(&mut self) -> Option<Embeddings> {
+    fn result(&mut self) -> Option<Embeddings> {
         (self.vectors.len() == self.tokens.len()).then(|| Embeddings {
             vectors: std::mem::take(&mut self.vectors),
             prompt_tokens: self.tokens.iter().map(Vec::len).sum::<usize>() as u32,

@@ -931,7 +931,7 @@ impl<'m> Worker<'m> {
                 truncate,
             ),
         };
-        let mut task = match tokens {
+        let task = match tokens {
             Ok(tokens) => EmbedTask {
                 vectors: Vec::with_capacity(tokens.len()),
                 tokens,
@@ -944,13 +944,7 @@ impl<'m> Worker<'m> {
                 return;
             }
         };
-        if let Some(done) = task.result() {
-            if task.reply.send(Ok(done)).is_err() {
-                tracing::debug!("embedding client gone before its answer");
-            }
-            return;
-        }
-        self.embeds.push_back(task);
+        self.embeds.extend(task.answer());
     }
 
     /// Evaluates the next batch of inputs: the oldest embedding request's next ones, and those
@@ -1028,12 +1022,8 @@ impl<'m> Worker<'m> {
                     .iter()
                     .take_while(|t| t.vectors.len() == t.tokens.len())
                     .count();
-                for mut task in self.embeds.drain(..done) {
-                    if let Some(answer) = task.result() {
-                        if task.reply.send(Ok(answer)).is_err() {
-                            tracing::debug!("embedding client gone before its answer");
-                        }
-                    }
+                for task in self.embeds.drain(..done) {
+                    task.answer();
                 }
             }
             Err(e) => {
