@@ -202,6 +202,56 @@ async fn concurrent_requests_share_a_decode_and_keep_their_own_vectors() {
     }
 }
 
+/// An embedding decode leaves out the model's output layer, whose logits pooling never reads
+/// (for Gemma 3's 262,144-token vocabulary, most of the work): every decode's trace says
+/// so, and the vectors are those of a decode that computes it, to the bit, for both test
+/// models' architectures. `BACKSTOP_EMBED_OUTPUT_LAYER=1` computes it, as llama.cpp does.
+#[tokio::test]
+async fn embeddings_skip_the_output_layer_and_keep_their_vectors_to_the_bit() {
+    let texts = json!([
+        "a cat",
+        "The quick brown fox jumps over the lazy dog.",
+        "Rivers carry water from the hills to the sea, and the sea gives it back as rain."
+    ]);
+    for (name, path) in [("smollm2", common::smollm2()), ("gemma", common::gemma3())] {
+        let mut vectors = Vec::new();
+        for (env, said) in [
+            (&[][..], "output_layer=skipped"),
+            (
+                &[("BACKSTOP_EMBED_OUTPUT_LAYER", "1")][..],
+                "output_layer=computed",
+            ),
+        ] {
+            let mut envs = vec![("BACKSTOP_LOG", "info,backstop::engine::worker=trace")];
+            envs.extend_from_slice(env);
+            let model = format!("{name}={}", path.display());
+            let s = Server::start_with_env(&["--model", &model], &envs).await;
+            let (status, body) = s
+                .post("/api/embed", &json!({"model": name, "input": texts}))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            let got: Vec<Vec<f32>> = body["embeddings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(floats)
+                .collect();
+            assert_eq!(got.len(), 3);
+            let log = s.wait_log(&["embedding context created", said]).await;
+            let steps: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("embedding step"))
+                .collect();
+            assert!(!steps.is_empty(), "{log}");
+            for step in steps {
+                assert!(step.contains(said), "{name}: {step}");
+            }
+            vectors.push(got);
+        }
+        assert_eq!(vectors[0], vectors[1], "{name}: the same vectors");
+    }
+}
+
 #[tokio::test]
 async fn a_batch_gives_the_same_vectors_as_one_by_one() {
     let s = Server::start(&[]).await;

@@ -45,13 +45,28 @@
 //! Flash attention is on in this context wherever the operator did not choose, also on a CPU
 //! where the generating context leaves it off ([`flash_attention`]).
 //!
+//! # The output layer is skipped
+//!
+//! llama.cpp builds a language model's graph with its output layer (the product of the
+//! final hidden states with the vocabulary's matrix) and, in an embedding context, marks
+//! every token an output, so it computes logits for every input token that nobody reads:
+//! pooling takes the hidden states before that layer. For Gemma 3 270M, whose vocabulary
+//! of 262,144 tokens makes that matrix 168M of its 268M weights, it was most of an
+//! embedding decode's work. No setting of llama.cpp's API leaves it out, so the context's
+//! graph callback ([`skip_output_layer`]), asked about each node before the graph is
+//! computed, turns the product that reads the final norm's output (`result_norm`) into a
+//! no-op; everything pooling reads is computed as before, so the vectors are the same to
+//! the bit. `BACKSTOP_EMBED_OUTPUT_LAYER=1` computes it as llama.cpp would, to compare.
+//!
 //! `T` is the configured batch rather than the whole slot context on purpose: an embedding
-//! context of a causal language model still computes logits for every token, so its
-//! compute and output buffers grow with `T x n_vocab` (4096 tokens of Gemma 3's 262k
-//! vocabulary would be over 4 GB); the batch size is what the operator already sized that
-//! cost for in the generating context.
+//! context of a causal language model still holds logits for every token, so its compute
+//! and output buffers grow with `T x n_vocab` (4096 tokens of Gemma 3's 262k vocabulary
+//! would be over 4 GB); the batch size is what the operator already sized that cost for in
+//! the generating context.
 
+use std::ffi::{c_void, CStr};
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use llama_cpp_2::context::params::LlamaPoolingType;
 use llama_cpp_2::context::LlamaContext;
@@ -248,11 +263,52 @@ fn flash_attention(
     }
 }
 
+/// The name llama.cpp's graphs give the final norm's output, the hidden states that pooling
+/// reads and the output layer multiplies.
+const FINAL_NORM: &[u8] = b"result_norm";
+
+/// The embedding context's graph callback (see the module documentation): asked about each
+/// node before the graph is computed, it makes the output layer's product (a matrix product
+/// whose second operand is the final norm's output) a no-op and counts it in `skipped` (an
+/// [`AtomicU32`]). It never asks to see a node, so llama.cpp computes the graph in one piece
+/// as without a callback.
+unsafe extern "C" fn skip_output_layer(
+    t: *mut llama_cpp_sys_2::ggml_tensor,
+    ask: bool,
+    skipped: *mut c_void,
+) -> bool {
+    if !ask || t.is_null() {
+        return true;
+    }
+    // SAFETY: a node of the graph about to be computed, on the thread that computes it and
+    // before it does; its sources are live tensors with NUL-terminated names.
+    let t = unsafe { &mut *t };
+    let product = t.op == llama_cpp_sys_2::GGML_OP_MUL_MAT
+        // A graph llama.cpp reuses keeps the no-op made at its first decode.
+        || t.op == llama_cpp_sys_2::GGML_OP_NONE;
+    if product
+        && !t.src[1].is_null()
+        && unsafe { CStr::from_ptr((*t.src[1]).name.as_ptr()) }.to_bytes() == FINAL_NORM
+    {
+        t.op = llama_cpp_sys_2::GGML_OP_NONE;
+        if !skipped.is_null() {
+            // SAFETY: the embedder's counter, which outlives its context.
+            unsafe { &*skipped.cast::<AtomicU32>() }.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    false
+}
+
 /// The embedding context of one model.
 pub(crate) struct Embedder<'m> {
+    // Declared before `skipped`, so dropped before the counter its callback writes.
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
     shape: EmbedShape,
+    /// Output layers [`skip_output_layer`] made no-ops; `None` where it is not set.
+    skipped: Option<Box<AtomicU32>>,
+    /// Whether the last decode skipped its output layer.
+    skipped_last: bool,
 }
 
 impl<'m> Embedder<'m> {
@@ -267,7 +323,7 @@ impl<'m> Embedder<'m> {
         pooling: Pooling,
     ) -> Result<Embedder<'m>, EngineError> {
         let fa = flash_attention(options.flash_attention, fa);
-        let params = loader::shared_params(options, fa)
+        let mut params = loader::shared_params(options, fa)
             .with_embeddings(true)
             .with_pooling_type(pooling.llama())
             .with_n_ctx(NonZeroU32::new(shape.tokens))
@@ -275,6 +331,20 @@ impl<'m> Embedder<'m> {
             .with_n_ubatch(shape.tokens)
             .with_n_seq_max(shape.seqs)
             .with_kv_unified(true);
+        let skipped = (std::env::var_os("BACKSTOP_EMBED_OUTPUT_LAYER").as_deref()
+            != Some("1".as_ref()))
+        .then(|| Box::new(AtomicU32::new(0)));
+        if let Some(counter) = &skipped {
+            // SAFETY: the callback reads nothing but its node and the counter, which the
+            // embedder keeps (boxed, so it does not move) until after the context.
+            params = unsafe {
+                loader::with_eval_callback(
+                    params,
+                    Some(skip_output_layer),
+                    std::ptr::from_ref::<AtomicU32>(counter).cast_mut().cast(),
+                )
+            };
+        }
         let ctx = model
             .new_context(backend, params)
             .map_err(|e| EngineError::Embeddings(format!("cannot create the context: {e}")))?;
@@ -284,13 +354,21 @@ impl<'m> Embedder<'m> {
             seqs = shape.seqs,
             ?pooling,
             flash_attention = %loader::flash_attention_name(fa),
+            output_layer = %if skipped.is_some() { "skipped" } else { "computed" },
             "embedding context created"
         );
         Ok(Embedder {
             ctx,
             batch: LlamaBatch::new(shape.tokens as usize, 1),
             shape,
+            skipped,
+            skipped_last: false,
         })
+    }
+
+    /// Whether the last decode left out the output layer (see the module documentation).
+    pub(crate) fn skipped_output_layer(&self) -> bool {
+        self.skipped_last
     }
 
     /// Evaluates `inputs` as one batch of separate sequences and returns their pooled
@@ -324,8 +402,10 @@ impl<'m> Embedder<'m> {
                     .map_err(|e| decode_err(&e))?;
             }
         }
+        let before = self.skipped.as_ref().map(|c| c.load(Ordering::Relaxed));
         let decoded =
             super::graphs::decode(&mut self.ctx, &mut self.batch).map_err(|e| decode_err(&e));
+        self.skipped_last = before != self.skipped.as_ref().map(|c| c.load(Ordering::Relaxed));
         let vectors = decoded.and_then(|()| {
             (0..inputs.len())
                 .map(|seq| {

@@ -361,6 +361,26 @@ pub(crate) fn context_params(
         .with_n_threads_batch(threads_batch)
 }
 
+/// `params` with llama.cpp's graph callback (`cb_eval`) set, which the crate's wrapper has no
+/// setter for: the wrapper holds the raw parameters as its only field, so the two have one
+/// layout (the sizes are checked here when built, the fields by a test).
+///
+/// # Safety
+/// `data` must stay valid, and `callback` safe to call with it from the decoding thread, for
+/// as long as a context made from the result lives.
+pub(crate) unsafe fn with_eval_callback(
+    params: LlamaContextParams,
+    callback: llama_cpp_sys_2::ggml_backend_sched_eval_callback,
+    data: *mut std::ffi::c_void,
+) -> LlamaContextParams {
+    // SAFETY: the same bytes, per the layout above; the transmute refuses a size change.
+    let mut raw: llama_cpp_sys_2::llama_context_params = unsafe { std::mem::transmute(params) };
+    raw.cb_eval = callback;
+    raw.cb_eval_user_data = data;
+    // SAFETY: as above, back again.
+    unsafe { std::mem::transmute::<llama_cpp_sys_2::llama_context_params, LlamaContextParams>(raw) }
+}
+
 /// Whether a GPU is there for llama.cpp to use, as [`super::Compute::has_gpu`] reports it (a
 /// CUDA build on a machine without one, or with `CUDA_VISIBLE_DEVICES=` empty, has none).
 pub(crate) fn has_gpu() -> bool {
@@ -585,6 +605,36 @@ pub(crate) fn describe(
 mod tests {
     use super::*;
     use llama_cpp_sys_2::{GGML_TYPE_F32, GGML_TYPE_Q4_1, GGML_TYPE_Q4_K, GGML_TYPE_Q6_K};
+
+    #[test]
+    fn an_eval_callback_joins_the_parameters_and_leaves_the_others_alone() {
+        unsafe extern "C" fn callback(
+            _: *mut llama_cpp_sys_2::ggml_tensor,
+            _: bool,
+            _: *mut std::ffi::c_void,
+        ) -> bool {
+            false
+        }
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(1234))
+            .with_n_batch(77)
+            .with_n_threads(3)
+            .with_embeddings(true);
+        let mut data = 5u8;
+        // SAFETY: the parameters make no context here.
+        let params = unsafe {
+            with_eval_callback(params, Some(callback), std::ptr::from_mut(&mut data).cast())
+        };
+        assert_eq!(params.n_ctx(), NonZeroU32::new(1234));
+        assert_eq!(params.n_batch(), 77);
+        assert_eq!(params.n_threads(), 3);
+        assert!(params.embeddings());
+        // SAFETY: the layout `with_eval_callback` relies on, read back.
+        let raw: llama_cpp_sys_2::llama_context_params = unsafe { std::mem::transmute(params) };
+        assert!(raw.cb_eval.is_some());
+        assert_eq!(raw.cb_eval_user_data, std::ptr::from_mut(&mut data).cast());
+        assert_eq!((raw.n_ctx, raw.n_batch, raw.n_threads), (1234, 77, 3));
+    }
 
     #[test]
     fn a_lock_short_of_the_weights_says_so_and_how_to_lift_the_limit() {

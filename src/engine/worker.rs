@@ -1008,6 +1008,7 @@ impl<'m> Worker<'m> {
             requests,
             tokens = lens[..n].iter().sum::<usize>(),
             ms = started.elapsed().as_secs_f64() * 1e3,
+            output_layer = %if embedder.skipped_output_layer() { "skipped" } else { "computed" },
             "embedding step"
         );
         match result {
