@@ -2751,18 +2751,19 @@ fn imatrix_runs_resume_combine_and_save_as_they_go() {
     let readme = common::checkout().join("README.md");
     let (smol_s, readme_s) = (smol.to_str().unwrap(), readme.to_str().unwrap());
     let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
-    let run = |extra: &[&str]| {
+    let run_logged = |extra: &[&str]| {
         let o = backstop(&[&["imatrix", smol_s, "--chunk", "128", "-t", "2"][..], extra].concat());
         assert!(o.status.success(), "{extra:?}: {}", text(&o.stderr));
-        text(&o.stdout)
+        (text(&o.stdout), text(&o.stderr))
     };
+    let run = |extra: &[&str]| run_logged(extra).0;
     let read =
         |name: &str| backstop::bench::imatrix::Imatrix::read(Path::new(&path(name))).unwrap();
 
     // The whole: four chunks in one run, saved after each, with a copy kept every second,
     // and without the perplexity.
     let whole_s = path("whole.gguf");
-    let said = run(&[
+    let (said, log) = run_logged(&[
         "-f",
         readme_s,
         "--chunks",
@@ -2780,6 +2781,8 @@ fn imatrix_runs_resume_combine_and_save_as_they_go() {
         "{said}"
     );
     assert!(!said.contains("perplexity"), "{said}");
+    // Nothing reads the logits, so the output layer is left out.
+    assert!(log.contains("output_layer=skipped"), "{log}");
     let whole = read("whole.gguf");
     assert_eq!((whole.chunk_count, whole.datasets.len()), (4, 1));
     // The copy kept after two chunks holds two chunks' rows; none is kept at the end.
@@ -2790,8 +2793,9 @@ fn imatrix_runs_resume_combine_and_save_as_they_go() {
 
     // The same chunks as two runs; the second starts where the first stopped.
     let first_s = path("first.gguf");
-    let said = run(&["-f", readme_s, "--chunks", "2", "-o", &first_s]);
+    let (said, log) = run_logged(&["-f", readme_s, "--chunks", "2", "-o", &first_s]);
     assert!(said.contains("(perplexity "), "{said}");
+    assert!(log.contains("output_layer=computed"), "{log}");
     let second_s = path("second.gguf");
     run(&[
         "-f",
@@ -2819,7 +2823,8 @@ fn imatrix_runs_resume_combine_and_save_as_they_go() {
             }
         }
     };
-    // The first run's matrix equals the whole's copy at two chunks.
+    // The first run's matrix (its output layer computed, for the perplexity) equals the
+    // whole's copy at two chunks (left out).
     assert_eq!(read("first.gguf").entries, at_2.entries);
 
     // Combined without a text: no model is run, only checked against.

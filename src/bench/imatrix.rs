@@ -512,6 +512,11 @@ struct Sums {
 struct Collector {
     /// Whether `output.weight` is gathered too.
     process_output: bool,
+    /// Whether the output layer's product is left out (no perplexity wanted, so nothing reads
+    /// the logits): [`crate::engine::skip_output_product`].
+    skip_output: bool,
+    /// Output layers left out.
+    skipped: u64,
     weights: BTreeMap<String, Sums>,
     /// Activations copied from a device's memory.
     scratch: Vec<u8>,
@@ -752,7 +757,11 @@ unsafe extern "C" fn observe(
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // SAFETY: `data` is the collector `compute` made for this context, used only from
         // the decoding thread, and `t` a node of the graph being computed.
-        let (collector, t) = unsafe { (&mut *data.cast::<Collector>(), &*t) };
+        let (collector, t) = unsafe { (&mut *data.cast::<Collector>(), &mut *t) };
+        // SAFETY: asked before `t` is computed.
+        if ask && collector.skip_output && unsafe { crate::engine::skip_output_product(t) } {
+            collector.skipped += 1;
+        }
         let Some(name) = (unsafe { collector.wants(t) }) else {
             return !ask;
         };
@@ -909,8 +918,13 @@ pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
         )));
     }
     let chunks = plan.chunks.map_or(left, |n| n.min(left));
+    // Without the perplexity nothing reads the logits, and the output layer's product is
+    // left out (for Gemma 3's 262,144-token vocabulary, most of a chunk's work); kept where
+    // its input is gathered, which the product's no-op would leave as it is, but which no test
+    // model can show (theirs is their token embeddings).
     let collector = Box::into_raw(Box::new(Collector {
         process_output: plan.process_output,
+        skip_output: !plan.perplexity && !plan.process_output,
         ..Collector::default()
     }));
     // Owned again whatever happens below, and only after the context is gone.
@@ -1079,6 +1093,7 @@ pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
         chunks = read,
         tokens = read * chunk,
         tok_s = (read * chunk) as f64 / seconds.max(1e-9),
+        output_layer = %if gathered.skipped > 0 { "skipped" } else { "computed" },
         "read the calibration text"
     );
     if read == 0 && stopping() {

@@ -267,11 +267,32 @@ fn flash_attention(
 /// reads and the output layer multiplies.
 const FINAL_NORM: &[u8] = b"result_norm";
 
+/// Makes `t` a no-op if it is the output layer's product (a matrix product whose second
+/// operand is the final norm's output), for a graph callback to call on each node before the
+/// graph is computed; whether it was. Its operand is computed as before, so a callback that
+/// reads the product's input still can.
+///
+/// # Safety
+/// `t` must be a node of the graph about to be computed, not yet computed, on the thread
+/// that computes it.
+pub(crate) unsafe fn skip_output_product(t: &mut llama_cpp_sys_2::ggml_tensor) -> bool {
+    let product = t.op == llama_cpp_sys_2::GGML_OP_MUL_MAT
+        // A graph llama.cpp reuses keeps the no-op made at its first decode.
+        || t.op == llama_cpp_sys_2::GGML_OP_NONE;
+    // SAFETY: the sources of a live node are live tensors with NUL-terminated names.
+    let skip = product
+        && !t.src[1].is_null()
+        && unsafe { CStr::from_ptr((*t.src[1]).name.as_ptr()) }.to_bytes() == FINAL_NORM;
+    if skip {
+        t.op = llama_cpp_sys_2::GGML_OP_NONE;
+    }
+    skip
+}
+
 /// The embedding context's graph callback (see the module documentation): asked about each
-/// node before the graph is computed, it makes the output layer's product (a matrix product
-/// whose second operand is the final norm's output) a no-op and counts it in `skipped` (an
-/// [`AtomicU32`]). It never asks to see a node, so llama.cpp computes the graph in one piece
-/// as without a callback.
+/// node before the graph is computed, it skips the output layer's product
+/// ([`skip_output_product`]) and counts it in `skipped` (an [`AtomicU32`]). It never asks to
+/// see a node, so llama.cpp computes the graph in one piece as without a callback.
 unsafe extern "C" fn skip_output_layer(
     t: *mut llama_cpp_sys_2::ggml_tensor,
     ask: bool,
@@ -281,20 +302,10 @@ unsafe extern "C" fn skip_output_layer(
         return true;
     }
     // SAFETY: a node of the graph about to be computed, on the thread that computes it and
-    // before it does; its sources are live tensors with NUL-terminated names.
-    let t = unsafe { &mut *t };
-    let product = t.op == llama_cpp_sys_2::GGML_OP_MUL_MAT
-        // A graph llama.cpp reuses keeps the no-op made at its first decode.
-        || t.op == llama_cpp_sys_2::GGML_OP_NONE;
-    if product
-        && !t.src[1].is_null()
-        && unsafe { CStr::from_ptr((*t.src[1]).name.as_ptr()) }.to_bytes() == FINAL_NORM
-    {
-        t.op = llama_cpp_sys_2::GGML_OP_NONE;
-        if !skipped.is_null() {
-            // SAFETY: the embedder's counter, which outlives its context.
-            unsafe { &*skipped.cast::<AtomicU32>() }.fetch_add(1, Ordering::Relaxed);
-        }
+    // before it does.
+    if unsafe { skip_output_product(&mut *t) } && !skipped.is_null() {
+        // SAFETY: the embedder's counter, which outlives its context.
+        unsafe { &*skipped.cast::<AtomicU32>() }.fetch_add(1, Ordering::Relaxed);
     }
     false
 }

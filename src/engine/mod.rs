@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 pub use compute::{compute, Compute, Device};
 pub use depths::SplitMode;
+pub(crate) use embed::skip_output_product;
 pub use embed::{l2_normalize, shorten, EmbedShape, Embeddings};
 pub use error::{EngineError, LoadError};
 pub(crate) use loader::{
