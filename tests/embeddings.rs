@@ -237,13 +237,20 @@ async fn embeddings_skip_the_output_layer_and_keep_their_vectors_to_the_bit() {
                 .map(floats)
                 .collect();
             assert_eq!(got.len(), 3);
-            let log = s.wait_log(&["embedding context created", said]).await;
-            let steps: Vec<&str> = log
+            // The step's line may still be on its way when the answer arrives.
+            let step = |l: &str| l.contains("embedding step");
+            let log = s
+                .wait_log_for(
+                    |log| log.contains("embedding context created") && log.lines().any(step),
+                    "the context and an embedding step",
+                )
+                .await;
+            let created = log
                 .lines()
-                .filter(|l| l.contains("embedding step"))
-                .collect();
-            assert!(!steps.is_empty(), "{log}");
-            for step in steps {
+                .find(|l| l.contains("embedding context created"))
+                .unwrap_or_default();
+            assert!(created.contains(said), "{name}: {created}");
+            for step in log.lines().filter(|l| step(l)) {
                 assert!(step.contains(said), "{name}: {step}");
             }
             vectors.push(got);
