@@ -42,8 +42,13 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// `/api/embed` vectors of `input`; panics unless 200.
 async fn ollama_embed(s: &Server, input: Value) -> Vec<Vec<f32>> {
+    ollama_embed_with(s, "smollm2", input).await
+}
+
+/// `/api/embed` vectors of `input` from `model`; panics unless 200.
+async fn ollama_embed_with(s: &Server, model: &str, input: Value) -> Vec<Vec<f32>> {
     let (status, body) = s
-        .post("/api/embed", &json!({"model": "smollm2", "input": input}))
+        .post("/api/embed", &json!({"model": model, "input": input}))
         .await;
     assert_eq!(status, 200, "{body}");
     body["embeddings"]
@@ -226,16 +231,7 @@ async fn embeddings_skip_the_output_layer_and_keep_their_vectors_to_the_bit() {
             envs.extend_from_slice(env);
             let model = format!("{name}={}", path.display());
             let s = Server::start_with_env(&["--model", &model], &envs).await;
-            let (status, body) = s
-                .post("/api/embed", &json!({"model": name, "input": texts}))
-                .await;
-            assert_eq!(status, 200, "{body}");
-            let got: Vec<Vec<f32>> = body["embeddings"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(floats)
-                .collect();
+            let got = ollama_embed_with(&s, name, texts.clone()).await;
             assert_eq!(got.len(), 3);
             // The step's line may still be on its way when the answer arrives.
             let step = |l: &str| l.contains("embedding step");

@@ -1093,7 +1093,7 @@ pub fn compute(plan: &Plan<'_>) -> Result<Computed, ImatrixError> {
         chunks = read,
         tokens = read * chunk,
         tok_s = (read * chunk) as f64 / seconds.max(1e-9),
-        output_layer = %if gathered.skipped > 0 { "skipped" } else { "computed" },
+        output_layer = %crate::engine::output_layer_name(gathered.skipped > 0),
         "read the calibration text"
     );
     if read == 0 && stopping() {

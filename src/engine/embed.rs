@@ -289,6 +289,15 @@ pub(crate) unsafe fn skip_output_product(t: &mut llama_cpp_sys_2::ggml_tensor) -
     skip
 }
 
+/// How the logs name whether the output layer was left out (`output_layer=...`).
+pub(crate) fn output_layer_name(skipped: bool) -> &'static str {
+    if skipped {
+        "skipped"
+    } else {
+        "computed"
+    }
+}
+
 /// The embedding context's graph callback (see the module documentation): asked about each
 /// node before the graph is computed, it skips the output layer's product
 /// ([`skip_output_product`]) and counts it in `skipped` (an [`AtomicU32`]). It never asks to
@@ -365,7 +374,7 @@ impl<'m> Embedder<'m> {
             seqs = shape.seqs,
             ?pooling,
             flash_attention = %loader::flash_attention_name(fa),
-            output_layer = %if skipped.is_some() { "skipped" } else { "computed" },
+            output_layer = %output_layer_name(skipped.is_some()),
             "embedding context created"
         );
         Ok(Embedder {

@@ -31,8 +31,8 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 pub use compute::{compute, Compute, Device};
 pub use depths::SplitMode;
-pub(crate) use embed::skip_output_product;
 pub use embed::{l2_normalize, shorten, EmbedShape, Embeddings};
+pub(crate) use embed::{output_layer_name, skip_output_product};
 pub use error::{EngineError, LoadError};
 pub(crate) use loader::{
     backend, context_params, forget_all, resolve_flash_attention, sliding_window,

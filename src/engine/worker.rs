@@ -988,7 +988,11 @@ impl<'m> Worker<'m> {
                 .iter()
                 .flat_map(|t| t.tokens[t.vectors.len()..].iter().map(Vec::as_slice))
         };
-        let lens: Vec<usize> = waiting().map(<[_]>::len).collect();
+        // A decode takes at most `seqs` inputs: the lengths of the rest are not needed.
+        let lens: Vec<usize> = waiting()
+            .map(<[_]>::len)
+            .take(self.embed_shape.seqs as usize)
+            .collect();
         let n = embed::next_batch(&lens, self.embed_shape, budget);
         let inputs: Vec<&[llama_cpp_2::token::LlamaToken]> = waiting().take(n).collect();
         // The requests the batch takes inputs from: the oldest, and any after it.
@@ -1008,7 +1012,7 @@ impl<'m> Worker<'m> {
             requests,
             tokens = lens[..n].iter().sum::<usize>(),
             ms = started.elapsed().as_secs_f64() * 1e3,
-            output_layer = %if embedder.skipped_output_layer() { "skipped" } else { "computed" },
+            output_layer = %embed::output_layer_name(embedder.skipped_output_layer()),
             "embedding step"
         );
         match result {
