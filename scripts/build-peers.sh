@@ -57,10 +57,11 @@ case "$arch" in
   ''|*[!0-9a-z]*) echo "--arch: a CUDA architecture number such as 80, 89, 90 or 120a" >&2; exit 2 ;;
 esac
 
-# Built as backstop's llama.cpp is, without Intel AMX (cmake/no-amx.cmake says why); the stamp
-# says so, so that peers built with it before are built again.
-no_amx="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/cmake/no-amx.cmake"
-want_stamp="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION, without AMX"
+# Built as backstop's llama.cpp is, with Intel AMX where the CPU has it and GCC's tile
+# configuration intrinsic wrapped (cmake/amx.cmake says why); the stamp says so, so that peers
+# built before (without AMX) are built again.
+amx_include="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/cmake/amx.cmake"
+want_stamp="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION, AMX with whole tile configs"
 
 # llama-cpp-python's server, from the cached sdist, in its own venv (idempotent through a stamp).
 python_peer() {
@@ -73,7 +74,7 @@ python_peer() {
   echo "install llama-cpp-python[server] from $sdist into $venv (about 8 minutes)"
   rm -rf "$venv"
   python3 -m venv "$venv"
-  CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_PROJECT_INCLUDE=$no_amx -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+  CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_PROJECT_INCLUDE=$amx_include -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$sdist[server]"
   "$venv/bin/python" -c "import llama_cpp.server" || { echo "error: llama_cpp.server does not import" >&2; exit 1; }
   echo "$want_stamp" >"$venv/STAMP"
@@ -97,7 +98,7 @@ cuda_peers() {
     -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_INSTALL_RPATH='$ORIGIN' \
     -DCMAKE_EXE_LINKER_FLAGS="-Wl,-rpath-link,$toolkit/lib" \
     -DGGML_NATIVE=OFF -DCMAKE_C_FLAGS=-march=x86-64-v3 -DCMAKE_CXX_FLAGS=-march=x86-64-v3 \
-    -DCMAKE_PROJECT_INCLUDE="$no_amx" \
+    -DCMAKE_PROJECT_INCLUDE="$amx_include" \
     -DGGML_CUDA=ON -DGGML_CUDA_NO_VMM=ON \
     -DCMAKE_CUDA_COMPILER="$toolkit/bin/nvcc" -DCMAKE_CUDA_ARCHITECTURES="$arch-real" \
     -DCUDAToolkit_ROOT="$toolkit" \
@@ -207,7 +208,7 @@ cmake -S "$llama" -B "$build" \
   -DCMAKE_BUILD_TYPE=Release \
   -DBUILD_SHARED_LIBS=OFF \
   -DGGML_NATIVE=ON \
-  -DCMAKE_PROJECT_INCLUDE="$no_amx" \
+  -DCMAKE_PROJECT_INCLUDE="$amx_include" \
   -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF \
   -DLLAMA_CURL=OFF \
   -DLLAMA_OPENSSL=OFF \

@@ -141,13 +141,17 @@ gpu_toolchain() {
 build() {
   step "building${features:+ with $features} (first build compiles llama.cpp: about 8 minutes on 2 cores)"
   cargo build --release --locked "${cargo_features[@]}"
-  # A build cache from before cmake/no-amx.cmake can hold a llama.cpp built with Intel AMX,
-  # which crashes on the first prompt. Cargo cannot see that the CMake setting changed
-  # (llama-cpp-sys-2 does not watch CMAKE_* variables), so llama.cpp is built again, once.
-  # (grep reads all of nm's output: with -q it would leave at the first match, and pipefail
-  # would count nm's broken pipe as a failure.)
-  if nm "$CARGO_TARGET_DIR/release/backstop" 2>/dev/null | grep ggml_backend_amx_mul_mat >/dev/null; then
-    step "this build cache holds llama.cpp built with Intel AMX (see cmake/no-amx.cmake): building it again"
+  # A build cache from before cmake/amx.cmake holds a llama.cpp built without Intel AMX (the
+  # include before it left AMX out), or one built with GCC's own tile intrinsic if the include
+  # was bypassed, which crashes on the first prompt on a CPU with AMX. Cargo cannot see that
+  # the CMake setting changed (llama-cpp-sys-2 does not watch CMAKE_* variables), so llama.cpp
+  # is built again, once, when the newest llama.cpp CMake cache lacks the include's mark.
+  local cache="" c
+  for c in "$CARGO_TARGET_DIR"/release/build/llama-cpp-sys-2-*/out/build/CMakeCache.txt; do
+    if [ -f "$c" ] && { [ -z "$cache" ] || [ "$c" -nt "$cache" ]; }; then cache="$c"; fi
+  done
+  if [ -n "$cache" ] && ! grep -q "^BACKSTOP_AMX_INCLUDE:INTERNAL=gcc-tilecfg$" "$cache"; then
+    step "this build cache holds llama.cpp built before cmake/amx.cmake: building it again"
     cargo clean --release --locked -p llama-cpp-sys-2
     cargo build --release --locked "${cargo_features[@]}"
   fi

@@ -135,14 +135,38 @@ pub(crate) fn load_model(
     backend: &LlamaBackend,
     options: &EngineOptions,
 ) -> Result<LlamaModel, LoadError> {
-    let mut params = LlamaModelParams::default()
-        .with_use_mmap(options.mmap)
-        .with_use_mlock(options.mlock);
-    if let Some(n) = options.gpu_layers {
-        params = params.with_n_gpu_layers(n);
-    }
     let locked_before = locked_bytes();
-    let model = LlamaModel::load_from_file(backend, &options.path, &params).map_err(|e| {
+    // Where llama.cpp copies weights into a layout of its own as it loads (the AMX buffer's
+    // conversion), it does so in an OpenMP region started by the loading thread, and libgomp
+    // keeps a pool of threads for every thread that starts one. On the engine thread that pool
+    // would stay for the model's life beside the graph thread's, and libgomp, counting more
+    // threads than cores, would throttle the spin at every barrier of every decode
+    // (graphs.rs). So the load runs on a thread of its own, whose pool ends with it.
+    let load = || {
+        // Made where it is used: the parameters hold raw pointers, which no thread may share.
+        let mut params = LlamaModelParams::default()
+            .with_use_mmap(options.mmap)
+            .with_use_mlock(options.mlock);
+        if let Some(n) = options.gpu_layers {
+            params = params.with_n_gpu_layers(n);
+        }
+        LlamaModel::load_from_file(backend, &options.path, &params)
+    };
+    let loaded = std::thread::scope(|s| {
+        match std::thread::Builder::new()
+            .name("model-load".to_owned())
+            .spawn_scoped(s, load)
+        {
+            Ok(thread) => thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            Err(e) => {
+                tracing::debug!(error = %e, "no thread to load on: loading on the engine thread");
+                load()
+            }
+        }
+    });
+    let model = loaded.map_err(|e| {
         tracing::debug!(error = %e, "llama_model_load_from_file failed");
         LoadError::Rejected {
             path: options.path.clone(),

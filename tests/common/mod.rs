@@ -20,6 +20,16 @@ use serde_json::Value;
 /// when it builds one; the runtime value wins, because a test binary built in another copy of
 /// the checkout sharing the build cache (the setup script keeps it outside the checkout) is
 /// not rebuilt, and would otherwise look for files where that copy was.
+/// Whether this CPU has Intel AMX tiles (Linux names the flag `amx_tile`), which llama.cpp's
+/// CPU backend then multiplies with.
+pub fn cpu_has_amx() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+        info.lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|f| f == "amx_tile"))
+    })
+}
+
 pub fn checkout() -> PathBuf {
     std::env::var_os("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
