@@ -396,6 +396,49 @@ async fn model_files_are_mapped_or_read_and_locked_as_asked() {
     assert_eq!(common::answer(&s.chat(ask).await), mapped_answer);
 }
 
+/// Where llama.cpp copies the weights out of the file's mapping as it loads (into the AMX buffer,
+/// on a CPU with Intel AMX), the mapping's pages are handed back: the process keeps the copy
+/// resident and not the file beside it, and answers as a server that keeps them
+/// (`BACKSTOP_KEEP_MAPPED_WEIGHTS=1`). Elsewhere nothing is handed back.
+#[tokio::test]
+async fn weights_copied_out_of_the_mapping_leave_its_pages_resident_no_more() {
+    let smol = std::fs::canonicalize(common::smollm2()).unwrap();
+    let model = format!("smollm2={}", smol.display());
+    let file_kib = std::fs::metadata(&smol).unwrap().len() / 1024;
+    let ask = serde_json::json!({"model": "smollm2", "max_tokens": 16, "temperature": 0,
+                                 "messages": [{"role": "user", "content": "Name a colour."}]});
+    let said = "the file's mapped pages are handed back";
+    let mut runs = Vec::new();
+    for keep in [false, true] {
+        let env: &[(&str, &str)] = if keep {
+            &[("BACKSTOP_KEEP_MAPPED_WEIGHTS", "1")]
+        } else {
+            &[]
+        };
+        let s = common::Server::start_with_env(&["--model", &model], env).await;
+        // Said while loading, before the load's own line.
+        let log = s.wait_log(&["model loaded"]).await;
+        let answer = common::answer(&s.chat(ask.clone()).await);
+        runs.push((log, answer, status_kib(s.pid(), "RssFile:")));
+    }
+    let ((log, answer, file_resident), (kept_log, kept_answer, kept_resident)) =
+        (&runs[0], &runs[1]);
+    assert_eq!(answer, kept_answer);
+    assert!(!kept_log.contains(said), "{kept_log}");
+    if common::cpu_has_amx() {
+        assert!(log.contains(said), "{log}");
+        // The file's pages that the copy replaced are gone from the resident set; those still
+        // read (the token embeddings' rows, the norms) came back as the answer was made.
+        assert!(
+            file_resident + file_kib / 2 <= *kept_resident,
+            "{file_resident} kB file-backed resident against {kept_resident} kB kept, of a \
+             {file_kib} kB file"
+        );
+    } else {
+        assert!(!log.contains(said), "{log}");
+    }
+}
+
 /// `--numa` takes one of llama.cpp's placements and refuses any other word before anything
 /// binds. Where the machine has one NUMA node, a placement is taken, said to change nothing,
 /// and the server answers as it does without one.
