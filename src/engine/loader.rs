@@ -130,12 +130,14 @@ pub(crate) fn check_file(
 }
 
 /// Loads the model weights, mapped or read as `options.mmap` says, and locked in RAM with
-/// `options.mlock`. Call [`check_file`] first.
+/// `options.mlock`; `parts` are a split model's other files (the header's
+/// [`GgufHeader::parts`](crate::models::GgufHeader::parts)). Call [`check_file`] first.
 pub(crate) fn load_model(
     backend: &LlamaBackend,
     options: &EngineOptions,
+    parts: &[PathBuf],
 ) -> Result<LlamaModel, LoadError> {
-    let locked_before = locked_bytes();
+    let locked_before = status_bytes("VmLck");
     let copies = copies_weights();
     let maps_before = if options.mlock && copies {
         std::fs::read_to_string("/proc/self/maps").ok()
@@ -188,7 +190,7 @@ pub(crate) fn load_model(
     }
     if options.mlock {
         // llama.cpp only logs a failed lock and goes on; said here in the server's own words.
-        let locked = locked_bytes()
+        let locked = status_bytes("VmLck")
             .zip(locked_before)
             .map(|(after, before)| after.saturating_sub(before));
         if let Some(short) = mlock_shortfall(locked, model.size(), memlock_limit()) {
@@ -197,7 +199,10 @@ pub(crate) fn load_model(
     }
     let keep = std::env::var_os("BACKSTOP_KEEP_MAPPED_WEIGHTS").is_some_and(|v| v == "1");
     if options.mmap && !options.mlock && copies && !keep {
-        release_copied_weights(&options.name, &options.path);
+        let files: Vec<&Path> = std::iter::once(options.path.as_path())
+            .chain(parts.iter().map(PathBuf::as_path))
+            .collect();
+        release_copied_weights(&options.name, &files);
     }
     Ok(model)
 }
@@ -205,7 +210,7 @@ pub(crate) fn load_model(
 /// The CPU backend's buffer types that hold weights in a layout of their own, e.g. `AMX` on a
 /// Xeon with Intel AMX, `CPU_REPACK` (llama.cpp copies the weights it can multiply faster so
 /// into them as it loads); empty where llama.cpp does not say.
-pub(crate) fn cpu_weight_layouts() -> Vec<String> {
+fn cpu_weight_layouts() -> Vec<String> {
     use llama_cpp_sys_2 as sys;
     type ExtraBufts =
         unsafe extern "C" fn(sys::ggml_backend_dev_t) -> *mut sys::ggml_backend_buffer_type_t;
@@ -283,16 +288,14 @@ fn lock_copied_weights(name: &str, before: &str) {
 /// process's page-table entries: what llama.cpp still reads from the mapping (the rows of the
 /// token embeddings, the norms, a type the copy does not take) faults back in from the page
 /// cache when read, starting with the warm-up decode.
-fn release_copied_weights(name: &str, path: &Path) {
-    let Ok(file) = path.canonicalize() else {
-        return;
-    };
+fn release_copied_weights(name: &str, files: &[&Path]) {
+    let files: Vec<PathBuf> = files.iter().filter_map(|f| f.canonicalize().ok()).collect();
     let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
         return;
     };
-    let before = resident_file_bytes();
+    let before = status_bytes("RssFile");
     let mut released = 0usize;
-    for (start, end) in mapped_ranges(&maps, &file) {
+    for (start, end) in mapped_ranges(&maps, &files) {
         // SAFETY: a range /proc lists for a read-only mapping of the model's file (page
         // aligned, whole); dropping its pages from this process's tables loses nothing, as
         // every byte is the file's and is read back from it.
@@ -307,7 +310,7 @@ fn release_copied_weights(name: &str, path: &Path) {
     }
     const MIB: f64 = 1024.0 * 1024.0;
     let freed = before
-        .zip(resident_file_bytes())
+        .zip(status_bytes("RssFile"))
         .map_or(0.0, |(b, a)| b.saturating_sub(a) as f64 / MIB);
     tracing::info!(
         model = %name,
@@ -315,14 +318,6 @@ fn release_copied_weights(name: &str, path: &Path) {
         resident_freed_mib = format_args!("{freed:.1}"),
         "weights copied into the AMX buffer: the file's mapped pages are handed back (read again from the page cache where still used)"
     );
-}
-
-/// This process's resident file-backed memory (`RssFile`), in bytes.
-fn resident_file_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("RssFile:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// One line of `/proc/self/maps`: an address range, its permissions (`r--s`, `rw-p`, ...) and
@@ -358,14 +353,12 @@ fn mappings(maps: &str) -> impl Iterator<Item = Mapping<'_>> {
     })
 }
 
-/// The address ranges of `maps` that map `file` read-only, or a part of the same split model
-/// (llama.cpp names the parts `PREFIX-00001-of-00003.gguf`, ...).
-fn mapped_ranges(maps: &str, file: &Path) -> Vec<(usize, usize)> {
-    let part_of = split_prefix(file);
+/// The address ranges of `maps` that map one of `files` (a model's file, or each part of a
+/// split model) read-only.
+fn mapped_ranges(maps: &str, files: &[PathBuf]) -> Vec<(usize, usize)> {
     mappings(maps)
         .filter(|m| {
-            let mapped = Path::new(m.path);
-            (mapped == file || (part_of.is_some() && part_of == split_prefix(mapped)))
+            files.iter().any(|f| f.as_path() == Path::new(m.path))
                 && m.perms.starts_with('r')
                 && !m.perms.contains('w')
         })
@@ -384,27 +377,14 @@ fn new_anonymous_ranges(before: &str, after: &str) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// `PREFIX-of-COUNT` of a split model's part (`/dir/PREFIX-00002-of-COUNT.gguf`), with its
-/// folder; `None` for a file that is not one.
-fn split_prefix(file: &Path) -> Option<(PathBuf, String, String)> {
-    let name = file.file_name()?.to_str()?.strip_suffix(".gguf")?;
-    let (head, count) = name.rsplit_once("-of-")?;
-    let (prefix, index) = head.rsplit_once('-')?;
-    let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(index) || !digits(count) {
-        return None;
-    }
-    Some((
-        file.parent()?.to_owned(),
-        prefix.to_owned(),
-        count.to_owned(),
-    ))
-}
-
-/// Bytes of this process's memory locked in RAM (`VmLck`); `None` where /proc does not say.
-fn locked_bytes() -> Option<u64> {
+/// A size from this process's `/proc/self/status` in bytes, e.g. `VmLck` (memory locked in
+/// RAM) or `RssFile` (resident file-backed memory); `None` where /proc does not say.
+fn status_bytes(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmLck:"))?;
+    let line = status.lines().find(|l| {
+        l.strip_prefix(key)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
@@ -855,22 +835,24 @@ mod tests {
 7f000b000000-7f000b100000 r--s 00000000 fd:01 3004 /n/big-00002-of-00002.gguf
 7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
 ";
+        let files = |names: &[&str]| names.iter().map(PathBuf::from).collect::<Vec<_>>();
         // Read-only only (a writable range may hold private copies), a path with a space whole.
         assert_eq!(
-            mapped_ranges(maps, Path::new("/models/my model.gguf")),
+            mapped_ranges(maps, &files(&["/models/my model.gguf"])),
             [(0x7f00_0000_0000, 0x7f00_05dc_6000)]
         );
-        // Every part of the same split model in the same folder, not another count or folder.
+        // Every part of the split model given, not another count or folder.
         assert_eq!(
-            mapped_ranges(maps, Path::new("/m/big-00001-of-00002.gguf")),
+            mapped_ranges(
+                maps,
+                &files(&["/m/big-00001-of-00002.gguf", "/m/big-00002-of-00002.gguf"])
+            ),
             [
                 (0x7f00_0800_0000, 0x7f00_0840_0000),
                 (0x7f00_0900_0000, 0x7f00_0920_0000)
             ]
         );
-        assert!(mapped_ranges(maps, Path::new("/models/absent.gguf")).is_empty());
-        assert_eq!(split_prefix(Path::new("/m/big-1-of-2.gguf")), None);
-        assert_eq!(split_prefix(Path::new("/m/big.gguf")), None);
+        assert!(mapped_ranges(maps, &files(&["/models/absent.gguf"])).is_empty());
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub(crate) fn engine_worker(
             options.gpu_layers,
             &header.odd_tensors,
         )?;
-        let model = loader::load_model(backend, &options)?;
+        let model = loader::load_model(backend, &options, &header.parts)?;
         Ok((backend, model, size, header.tensor_types))
     });
     let (backend, model, size, tensor_types) = match loaded {
